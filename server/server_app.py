@@ -1,0 +1,62 @@
+"""Flower ServerApp: coordinates the nodes and aggregates the global recommender.
+
+``flwr run .`` reads the settings from ``[tool.flwr.app.config]`` (overridable with
+``--run-config``); ``fedrec simulate`` builds the same app with :func:`make_server_app`.
+With no dataset configured, the embedded synthetic marketplace is generated under OUT/data.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import run_federation
+from shared.config import RunConfig
+
+log = logging.getLogger("fedrec.server")
+
+
+def embedded_dataset(out: Path) -> Path:
+    """The default dataset: a small synthetic marketplace, generated once under ``out``."""
+    from simulations.synth import SynthConfig, generate
+    from shared.convert import write_dataset
+
+    directory = out / "data"
+    if not (directory / "items.csv.gz").exists():
+        interactions, items = generate(SynthConfig())
+        write_dataset(directory, interactions, items, force=True)
+    return directory
+
+
+def main_with(grid: Grid, config: RunConfig, show_progress: bool = False) -> None:
+    out = Path(config.out)
+    data = Path(config.data) if config.data else embedded_dataset(out)
+    nodes = len(list(grid.get_node_ids()))
+    if nodes and nodes != config.clients:
+        log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
+        config.clients = nodes
+    metrics = run_federation(grid, config, data, out, show_progress=show_progress)
+    log.info("test ndcg@10 %.4f; outputs in %s", metrics["test"]["ndcg@10"], out)
+
+
+def make_server_app(config: RunConfig, show_progress: bool = True) -> ServerApp:
+    """A ServerApp running the federation with an explicit configuration."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        main_with(grid, config, show_progress)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: settings from the run config."""
+    main_with(grid, RunConfig.from_flat(dict(context.run_config)))

@@ -1,0 +1,102 @@
+"""The federation strategy: Flower's FedAvg node sampling, with fedrec's own aggregation.
+
+Flower's built-in strategies average whole arrays; fedrec's item tables travel row-sparse and
+must be averaged row by row over the nodes that sent each row (server/aggregation.py), so
+``aggregate_train`` is replaced. Every reply is validated (shape, dtype, finite, norm) and a
+reply that fails is logged with its node and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from server.aggregation import NodeUpdate, ServerOptimizer, aggregate
+from shared.config import RunConfig
+from shared.wire import decode
+
+log = logging.getLogger("fedrec.server")
+
+STRATEGIES = {  # name -> (aggregation, server optimiser)
+    "fedavg": ("mean", "sgd"),
+    "fedprox": ("mean", "sgd"),
+    "fedadam": ("mean", "adam"),
+    "median": ("median", "sgd"),
+    "trimmed": ("trimmed", "sgd"),
+}
+
+
+class FedRecStrategy(FedAvg):
+    """FedAvg's sampling and evaluation averaging; row-aware robust aggregation."""
+
+    def __init__(self, config: RunConfig, max_update_norm: float = 1e4):
+        if config.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {config.strategy!r}")
+        super().__init__(fraction_train=config.fraction_train, fraction_evaluate=1.0,
+                         min_train_nodes=config.min_nodes, min_evaluate_nodes=config.min_nodes,
+                         min_available_nodes=config.min_nodes)
+        self.method, kind = STRATEGIES[config.strategy]
+        self.trim = config.trim_fraction
+        self.optimizer = ServerOptimizer(kind, config.server_lr)
+        self.max_update_norm = max_update_norm
+
+    def node_updates(self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]
+                     ) -> tuple[list[NodeUpdate], list[str]]:
+        """Decode and validate the replies that carry weights; returns updates and rejections."""
+        updates, rejected = [], []
+        for reply in replies:
+            if reply.has_error() or "arrays" not in reply.content:
+                continue
+            node = str(reply.content["privacy"]["node"]) if "privacy" in reply.content else str(
+                reply.metadata.src_node_id)
+            arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+            try:
+                tensors, rows = decode(arrays, global_state)
+                norm = _update_norm(tensors, rows, global_state)
+                if norm > self.max_update_norm:
+                    raise ValueError(f"update norm {norm:.3g} exceeds {self.max_update_norm:g}")
+            except ValueError as error:
+                log.warning("rejected the update of node %s: %s", node, error)
+                rejected.append(f"{node}: {error}")
+                continue
+            weight = float(reply.content["metrics"]["num-examples"])
+            updates.append(NodeUpdate(node, max(weight, 1.0), tensors, rows))
+        return updates, rejected
+
+    def apply(self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]
+              ) -> dict[str, torch.Tensor]:
+        """The new global weights from the accepted updates."""
+        delta = aggregate(global_state, updates, self.method, self.trim)
+        return self.optimizer.step(global_state, delta)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Weighted average of the nodes' metrics (nodes with no evaluation users are skipped)."""
+        totals, weight = {}, 0.0
+        for reply in replies:
+            if reply.has_error():
+                continue
+            metrics = dict(reply.content["metrics"])
+            n = float(metrics.pop("num-examples", 0))
+            weight += n
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + n * float(value)
+        return MetricRecord({k: v / weight for k, v in totals.items()}) if weight else None
+
+
+def _update_norm(tensors: dict[str, torch.Tensor], rows: dict[str, np.ndarray],
+                 global_state: dict[str, torch.Tensor]) -> float:
+    from shared.wire import ITEM_TABLES
+
+    total = 0.0
+    for name, value in tensors.items():
+        reference = global_state[name]
+        if name in rows:
+            reference = reference[torch.as_tensor(rows[name] + ITEM_TABLES[name])]
+        total += float(((value - reference.float()) ** 2).sum())
+    return total ** 0.5

@@ -1,0 +1,106 @@
+"""All run settings in one place.
+
+:class:`RunConfig` is flat so that it maps one-to-one onto Flower's run config
+(``[tool.flwr.app.config]`` in pyproject.toml, keys in kebab-case) and onto the CLI options;
+a test checks that pyproject.toml carries exactly these defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from shared.model import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    """Model, training, privacy and federation settings of one run."""
+
+    # where: the dataset ("" = the embedded synthetic marketplace) and the run's outputs
+    data: str = ""
+    out: str = "runs/flwr-default"
+    # model (see shared.model.ModelConfig)
+    text_model: str = "minilm"
+    dim: int = ModelConfig.dim
+    max_len: int = ModelConfig.max_len
+    layers: int = ModelConfig.layers
+    heads: int = ModelConfig.heads
+    dropout: float = ModelConfig.dropout
+    fusion: str = ModelConfig.fusion
+    variant: str = ModelConfig.variant
+    recency: float = ModelConfig.recency
+    logit_scale: float = ModelConfig.logit_scale
+    # training
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    patience: int = 2
+    refit: bool = True  # the final model also trains on the validation targets (see docs)
+    seed: int = 0
+    device: str = "auto"
+    # differential privacy (one sample = one customer's history at a node)
+    dp: bool = False
+    target_epsilon: float = 8.0
+    delta: float = 0.0  # 0 = 1 / (10 * customers at the node)
+    max_grad_norm: float = 1.0
+    dp_batch_size: int = 512  # expected Poisson batch (customers per step)
+    dp_lr: float = 6e-3
+    dp_max_len: int = 20
+    dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
+    # federation
+    clients: int = 5
+    rounds: int = 3
+    local_epochs: int = 1
+    partition: str = "regional"
+    dirichlet_alpha: float = 0.0  # 0 = IID customers; >0 skews regions by dominant category
+    strategy: str = "fedavg"
+    server_lr: float = 1.0
+    proximal_mu: float = 0.0
+    trim_fraction: float = 0.2
+    fraction_train: float = 1.0
+    min_nodes: int = 1
+    wire_dtype: str = "float32"  # float16 halves what travels
+
+    def model_config(self, num_items: int, text_dim: int) -> ModelConfig:
+        names = {f.name for f in fields(ModelConfig)}
+        values = {k: v for k, v in asdict(self).items() if k in names}
+        if self.dp:
+            values["max_len"], values["dim"] = self.dp_max_len, self.dp_dim
+        return ModelConfig(num_items=num_items, text_dim=text_dim, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from kebab- or snake-case keys (Flower run config, JSON); unknown keys fail."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown setting {key!r}; known: {sorted(known)}")
+            kwargs[name] = _coerce(value, type(getattr(cls, name)), key)
+        return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: type, key: str) -> Any:
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"setting {key!r} expects true/false, got {value!r}")
+        return value.lower() in ("true", "1")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {key!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` means CUDA when present, else CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

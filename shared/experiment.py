@@ -1,0 +1,115 @@
+"""One experiment's inputs and outputs: the dataset, its split, the item text embeddings, and
+the CONTRACT §4 outputs of a finished run. Used by ``fedrec train``, ``fedrec simulate`` and the
+benchmarks, so that every run is evaluated and written the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.artifacts import model_card, save_model, write_json
+from shared.config import RunConfig, resolve_device
+from shared.data import Dataset, Split, leave_one_out, load_dataset
+from shared.metrics import evaluate, write_recs
+from shared.model import FusionRecommender, fill_cold_items, init_seed
+from shared.text import embed_items
+
+
+@dataclass
+class Experiment:
+    """A dataset prepared for training and evaluation."""
+
+    dataset: Dataset
+    split: Split
+    text: torch.Tensor
+    config: RunConfig
+    cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @classmethod
+    def prepare(cls, data_dir: str | Path, config: RunConfig, cold_fraction: float = 0.0,
+                show_progress: bool = True) -> Experiment:
+        """Load and split the data, embed the item text (cached), optionally hold out items."""
+        dataset = load_dataset(data_dir)
+        split = leave_one_out(dataset)
+        device = resolve_device(config.device)
+        text = torch.from_numpy(embed_items(dataset.items, config.text_model, device=device,
+                                            show_progress=show_progress))
+        cold = np.zeros(0, dtype=np.int64)
+        if cold_fraction > 0:
+            rng = np.random.default_rng(config.seed)
+            cold = np.sort(rng.choice(dataset.num_items, int(cold_fraction * dataset.num_items),
+                                      replace=False))
+        return cls(dataset, split, text, config, cold)
+
+    @property
+    def device(self) -> str:
+        return resolve_device(self.config.device)
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        return self.dataset.items["item_id"].to_numpy()
+
+    def train_histories(self, refit: bool = False) -> list[np.ndarray]:
+        """Training histories (``refit``: with validation targets), cold items removed."""
+        histories = self.split.training_histories(refit)
+        if len(self.cold_items):
+            histories = [h[~np.isin(h, self.cold_items)] for h in histories]
+        return histories
+
+    def trained_items(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """Which items occur in ``histories`` (the rest have untrained ID vectors)."""
+        mask = torch.zeros(self.dataset.num_items, dtype=torch.bool)
+        if histories:
+            mask[torch.from_numpy(np.concatenate(histories))] = True
+        return mask
+
+    def new_model(self) -> FusionRecommender:
+        init_seed(self.config.seed)
+        model_config = self.config.model_config(self.dataset.num_items, self.text.shape[1])
+        return FusionRecommender(model_config, self.text).to(self.device)
+
+    def score_fn(self, model: FusionRecommender):
+        def score(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
+            model.eval()
+            return model.scores(model.user_states(histories))
+
+        return score
+
+    def evaluate(self, model: FusionRecommender, stage: str) -> tuple[dict, np.ndarray]:
+        return evaluate(self.score_fn(model), self.split, stage,
+                        cold_items=self.cold_items if len(self.cold_items) else None)
+
+    def finish(self, out: Path, model: FusionRecommender, *, trained: torch.Tensor,
+               timing: dict, privacy: dict | None = None, extra: dict | None = None,
+               valid: dict | None = None, title: str = "fedrec global recommender") -> dict:
+        """Fill untrained items from text, evaluate, and write metrics.json, recs.csv, model/.
+
+        ``valid``: validation metrics measured before a refit on the validation targets (the
+        refit model's own would be optimistic).
+        """
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        filled = fill_cold_items(model, trained.to(model.text.device))
+        start = time.time()
+        if valid is None:
+            valid, _ = self.evaluate(model, "valid")
+        test, top = self.evaluate(model, "test")
+        timing = {**timing, "evaluate_s": round(time.time() - start, 2)}
+        write_recs(out / "recs.csv", self.split, self.item_ids, top)
+        metrics = {"test": test, "valid": valid, "config": self.config.to_dict(), "timing": timing,
+                   "cold_filled_items": filled, **(extra or {})}
+        if privacy:
+            metrics["privacy"] = privacy
+        write_json(out / "metrics.json", metrics)
+        data = {"dataset": str(self.dataset.report.interactions_file).rsplit("/", 2)[-2],
+                "customers": self.dataset.num_users, "products": self.dataset.num_items,
+                "events": self.dataset.report.num_rows}
+        card = model_card(title=title, data=data, metrics=metrics, config=self.config.to_dict(),
+                          privacy=privacy)
+        save_model(out / "model", model, self.item_ids, self.config.text_model, card)
+        return metrics

@@ -1,0 +1,175 @@
+"""Training loops: plain (full-catalog softmax) and private (Opacus DP-SGD, one sample = one
+customer). Both the centralized reference run and every federated node use these.
+
+A training example is one customer: the model reads their history and predicts each next item
+over the whole catalog; the customer's loss is the sum over their positions, so under DP a
+customer influences exactly one clipped gradient per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.model import FusionRecommender, pad_histories
+from shared.progress import progress_bar
+
+
+def training_tensors(histories: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (item index + 1, right-aligned) and next-item targets (-1 = no target)."""
+    usable = [h for h in histories if len(h) >= 2]
+    inputs = pad_histories([h[:-1] for h in usable], max_len)
+    targets = pad_histories([h[1:] for h in usable], max_len) - 1
+    return inputs, targets
+
+
+def trim(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding for every row of the batch."""
+    filled = (inputs > 0).any(0).nonzero()
+    start = int(filled.min()) if len(filled) else inputs.shape[1] - 1
+    return inputs[:, start:].contiguous(), targets[:, start:].contiguous()
+
+
+class CustomerLoss(nn.Module):
+    """Cross-entropy summed over one customer's positions; ``reduction`` as Opacus expects."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_position = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).clamp(min=0),
+            reduction="none",
+        ).view(targets.shape)
+        per_customer = (per_position * (targets >= 0)).sum(1)
+        if self.reduction == "none":
+            return per_customer
+        return per_customer.sum() if self.reduction == "sum" else per_customer.mean()
+
+
+def train_epoch(
+    model: FusionRecommender, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+    targets: torch.Tensor, batch_size: int, device: str,
+    proximal: Callable[[], torch.Tensor] | None = None, show_progress: bool = False,
+    columns: torch.Tensor | None = None,
+) -> float:
+    """One non-private epoch (fast fused scoring); returns the mean loss per position.
+
+    ``columns`` restricts the softmax to part of the catalog (a merchant's own products);
+    ``targets`` are then positions in ``columns``.
+    """
+    model.train()
+    order = torch.randperm(len(inputs))
+    total, count = 0.0, 0
+    batches = range(0, len(inputs), batch_size)
+    for start in progress_bar(batches, "training", disable=not show_progress):
+        x, y = trim(inputs[order[start : start + batch_size]], targets[order[start : start + batch_size]])
+        x, y = x.to(device), y.to(device)
+        valid = y >= 0
+        logits = model.scores(model.encode(x)[valid])
+        if columns is not None:
+            logits = logits[:, columns]
+        loss = F.cross_entropy(logits, y[valid])
+        if proximal is not None:
+            loss = loss + proximal()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + float(loss) * int(valid.sum()), count + int(valid.sum())
+    return total / max(count, 1)
+
+
+@dataclass
+class PrivateRound:
+    """What one private training session spent and did."""
+
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    epsilon: float
+    loss: float
+    accountant_state: dict = field(repr=False, default_factory=dict)
+
+
+def new_accountant(state: dict | None = None):
+    """Opacus's PRV accountant, restored from a saved ``state_dict`` (the node's whole history)."""
+    from opacus.accountants import PRVAccountant
+
+    accountant = PRVAccountant()
+    if state:  # a deep copy: the caller's saved state must never change behind its back
+        accountant.load_state_dict(copy.deepcopy(state))
+        accountant.history = [tuple(entry) for entry in accountant.history]
+    return accountant
+
+
+def steps_per_epoch(num_customers: int, expected_batch: int) -> tuple[int, float]:
+    """Poisson sampling: rate q = batch / customers, and 1/q steps make one epoch."""
+    sample_rate = min(1.0, expected_batch / max(num_customers, 1))
+    return int(np.ceil(1.0 / sample_rate)), sample_rate
+
+
+def train_private(
+    model: FusionRecommender, inputs: torch.Tensor, targets: torch.Tensor, *, epochs: int,
+    expected_batch: int, noise_multiplier: float, max_grad_norm: float, lr: float, delta: float,
+    device: str, accountant_state: dict | None = None, show_progress: bool = False,
+) -> PrivateRound:
+    """DP-SGD with Opacus ghost clipping and Poisson sampling of customers.
+
+    The accountant is restored from ``accountant_state`` and its new state is returned: one
+    accountant per node for the whole federation, never a fresh one per round.
+    """
+    from opacus import GradSampleModule  # noqa: F401  (import check: opacus present)
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    steps, sample_rate = steps_per_epoch(len(inputs), expected_batch)
+    accountant = new_accountant(accountant_state)
+    model.to(device).train()
+    module = GradSampleModuleFastGradientClipping(
+        model, max_grad_norm=max_grad_norm, use_ghost_clipping=True, loss_reduction="mean"
+    )
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.Adam(model.parameters(), lr=lr), noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, expected_batch_size=expected_batch, loss_reduction="mean",
+    )
+    criterion = DPLossFastGradientClipping(module, optimizer, CustomerLoss("mean"), "mean")
+    generator = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    losses = []
+    for _ in progress_bar(range(epochs * steps), "private training", disable=not show_progress):
+        chosen = torch.rand(len(inputs), generator=generator) < sample_rate  # Poisson sampling
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+        if not chosen.any():  # nothing released this step; it is still accounted above
+            continue
+        x, y = trim(inputs[chosen], targets[chosen])
+        loss = criterion(module(x.to(device)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.item()) / max(int((y >= 0).sum()), 1) * len(x))
+    module.to_standard_module()
+    return PrivateRound(
+        steps=epochs * steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, epsilon=float(accountant.get_epsilon(delta)),
+        loss=float(np.mean(losses)) if losses else float("nan"),
+        accountant_state=accountant.state_dict(),
+    )
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest noise multiplier whose PRV epsilon after ``steps`` is at most the target."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+        accountant="prv", epsilon_tolerance=0.005,
+    ))

@@ -1,0 +1,100 @@
+"""Split one dataset into per-node dataset directories, as a federation would hold them.
+
+- ``regional``: customers are split across nodes, IID or (``alpha`` > 0) skewed by a Dirichlet
+  over each customer's dominant top-level category; a node holds its customers' whole histories.
+- ``merchant``: products belong to merchants (``merchant_id`` when the items table has it, else
+  derived from the top-level category); node k holds every event on merchant k's products.
+
+Every node directory is a complete dataset directory (CONTRACT §1) with the full, public catalog
+plus ``node.json`` naming the node and its own catalog (all items, or its merchant's). A node
+reads only its own directory, in simulation exactly as in deployment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.data import Dataset
+
+SCHEMES = ("regional", "merchant")
+
+
+def item_merchants(items: pd.DataFrame, num_nodes: int) -> np.ndarray:
+    """Node index of each item: by ``merchant_id`` if present, else by top-level category."""
+    if "merchant_id" in items and items["merchant_id"].astype(str).str.strip().ne("").all():
+        keys = items["merchant_id"].astype(str)
+    else:
+        keys = items["categories"].astype(str).str.split("|").str[:2].str.join("|")
+    # largest groups first, each to the currently smallest node: balanced and deterministic
+    sizes = keys.value_counts()
+    load, owner = np.zeros(num_nodes), {}
+    for key, size in sizes.items():
+        node = int(np.argmin(load))
+        owner[key], load[node] = node, load[node] + size
+    return keys.map(owner).to_numpy()
+
+
+def user_nodes(dataset: Dataset, num_nodes: int, alpha: float, seed: int) -> dict[str, int]:
+    """Node of each customer: IID, or Dirichlet(alpha)-skewed by dominant top-level category."""
+    rng = np.random.default_rng(seed)
+    users = dataset.interactions["user_id"].unique()
+    if alpha <= 0:
+        return dict(zip(users, rng.permutation(len(users)) % num_nodes))
+    top = dataset.items["categories"].astype(str).str.split("|").str[:2].str.join("|").to_numpy()
+    events = dataset.interactions.assign(top=top[dataset.interactions["item_idx"].to_numpy()])
+    dominant = events.groupby("user_id")["top"].agg(lambda s: s.value_counts().index[0])
+    assignment = {}
+    for _, group in dominant.groupby(dominant):
+        shares = rng.dirichlet(np.full(num_nodes, alpha))
+        nodes = rng.choice(num_nodes, size=len(group), p=shares)
+        assignment.update(zip(group.index, nodes))
+    return assignment
+
+
+def write_partitions(dataset: Dataset, out: Path, num_nodes: int, scheme: str = "regional",
+                     alpha: float = 0.0, seed: int = 0) -> list[Path]:
+    """Write ``out/node-<k>/`` for k in 0..num_nodes-1; returns the directories."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"partition must be one of {SCHEMES}, got {scheme!r}")
+    if num_nodes < 1:
+        raise ValueError("a federation needs at least one node")
+    events = dataset.interactions.sort_values("row", kind="stable")
+    items = dataset.items
+    if scheme == "regional":
+        node_of_user = user_nodes(dataset, num_nodes, alpha, seed)
+        node_of_event = events["user_id"].map(node_of_user).to_numpy()
+        catalogs = [None] * num_nodes
+    else:
+        owner = item_merchants(items, num_nodes)
+        node_of_event = owner[events["item_idx"].to_numpy()]
+        catalogs = [items["item_id"].to_numpy()[owner == k].tolist() for k in range(num_nodes)]
+    columns = [c for c in ("user_id", "item_id", "timestamp", "event", "merchant_id", "region")
+               if c in events]
+    directories = []
+    for node in range(num_nodes):
+        directory = Path(out) / f"node-{node}"
+        directory.mkdir(parents=True, exist_ok=True)
+        events[node_of_event == node][columns].to_csv(directory / "interactions.csv.gz",
+                                                       index=False)
+        items.to_csv(directory / "items.csv.gz", index=False)
+        (directory / "node.json").write_text(json.dumps({
+            "node": f"{scheme}-{node}", "partition": scheme, "catalog": catalogs[node],
+        }))
+        directories.append(directory)
+    return directories
+
+
+def node_catalog(directory: Path, items: pd.DataFrame) -> np.ndarray | None:
+    """Item indices this node sells (None = the whole catalog), from its public ``node.json``."""
+    info = json.loads((Path(directory) / "node.json").read_text())
+    if info.get("catalog") is None:
+        return None
+    return np.flatnonzero(items["item_id"].isin(set(info["catalog"])).to_numpy())
+
+
+def node_name(directory: Path) -> str:
+    return json.loads((Path(directory) / "node.json").read_text())["node"]

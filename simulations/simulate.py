@@ -1,0 +1,77 @@
+"""``fedrec simulate``: a federated run on Flower's simulation engine (Ray), the same ServerApp
+and ClientApp that ``flwr run .`` uses, with settings from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from simulations.centralized import add_run_config_arguments, run_config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset directory (CONTRACT §1); default: the embedded synthetic "
+                             "marketplace, generated under OUT/data")
+    parser.add_argument("--out", type=Path, default=Path("runs/simulate"),
+                        help="output directory (default runs/simulate); an interrupted run there "
+                             "resumes")
+    parser.add_argument("--clients", type=int, default=None, help="number of nodes (default 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default 3)")
+    parser.add_argument("--partition", choices=("regional", "merchant"), default=None,
+                        help="regional: customers split across nodes; merchant: each node "
+                             "holds the events on its own products")
+    parser.add_argument("--strategy", default=None,
+                        help="fedavg (default), fedprox, fedadam, median or trimmed")
+    parser.add_argument("--local-epochs", type=int, default=None, help="local epochs per round")
+    parser.add_argument("--dp", action="store_true",
+                        help="DP-SGD at every node (unit: one customer's history at a node)")
+    parser.add_argument("--target-epsilon", type=float, default=None,
+                        help="each node's budget (default 8)")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="DP delta (default 1/(10 x customers at the node))")
+    add_run_config_arguments(parser)
+
+
+def backend_config(clients: int, device: str) -> dict:
+    """One CPU per simulated node (each node's torch uses one thread), a GPU share on CUDA."""
+    import torch
+
+    cpus = os.cpu_count() or 1
+    gpus = 0.0
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        gpus = 1.0 / min(clients, cpus)
+    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False}}
+
+
+def run(args: argparse.Namespace) -> int:
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.server_app import make_server_app
+
+    config = run_config_from_args(
+        args, data=str(args.data) if args.data else None, out=str(args.out), clients=args.clients, rounds=args.rounds,
+        partition=args.partition, strategy=args.strategy, local_epochs=args.local_epochs,
+        dp=args.dp or None, target_epsilon=args.target_epsilon, delta=args.delta)
+    if args.data is not None and not args.data.is_dir():
+        raise SystemExit(f"fedrec: {args.data}: not a dataset directory")
+    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # run_simulation is marked deprecated in flwr 1.42 in favour of `flwr run`, which needs a
+    # SuperLink process and reads settings only from pyproject/--run-config; it is the only
+    # in-process engine that takes an explicit ServerApp and ClientApp, which this command needs.
+    run_simulation(
+        server_app=make_server_app(config, show_progress=not args.quiet),
+        client_app=client_app, num_supernodes=config.clients,
+        backend_config=backend_config(config.clients, config.device),
+    )
+    metrics_path = Path(config.out) / "metrics.json"
+    if not metrics_path.exists():
+        print(f"fedrec: the federation did not finish; see the log above ({config.out})")
+        return 1
+    print(f"wrote {config.out}/metrics.json, recs.csv, model/, ledger.jsonl, rounds.png")
+    return 0

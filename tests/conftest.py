@@ -1,0 +1,31 @@
+"""Shared test fixtures. Keep each one small and fast; name it after what it provides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic marketplace dataset (600 users, 300 items, seed 0), written once."""
+    from shared.convert import write_dataset
+    from simulations.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth") / "dataset"
+    interactions, items = generate(SynthConfig(users=600, items=300, seed=0))
+    return write_dataset(out, interactions, items)
+
+
+@pytest.fixture(scope="session")
+def synth_item_text(synth_dataset_dir: Path):
+    """The MiniLM text embeddings (items, 384) of ``synth_dataset_dir``'s catalog, as a float32
+    tensor. Encoded once per machine (~10 s on a slow CPU), then read from the fedrec cache."""
+    import torch
+
+    from shared.data import load_dataset
+    from shared.text import embed_items
+
+    items = load_dataset(synth_dataset_dir).items
+    return torch.from_numpy(embed_items(items, show_progress=False))

@@ -1,0 +1,60 @@
+"""Clipping is only as true as the per-sample gradients: Opacus's ghost norms against brute force.
+
+One customer = one sample. For each customer we backpropagate their loss alone (float64) and
+compare the gradient norm over every trainable weight with what Opacus computes for clipping.
+"""
+
+import numpy as np
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+from shared.model import FusionRecommender, ModelConfig
+from shared.training import CustomerLoss, training_tensors, trim
+
+
+def tiny_model(fusion: str, variant: str = "fusion") -> FusionRecommender:
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(40, 16), dim=1)
+    config = ModelConfig(num_items=40, text_dim=16, dim=8, max_len=6, layers=1, heads=2,
+                         dropout=0.0, fusion=fusion, variant=variant)
+    model = FusionRecommender(config, text)
+    with torch.no_grad():  # move off the zero initialisation so every path carries gradient
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model.double()
+
+
+def customers() -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(1)
+    histories = [rng.integers(0, 40, size=n) for n in (2, 3, 5, 7, 9, 4)]
+    histories.append(np.array([3, 3, 3]))  # repeated items: the same table rows twice
+    return trim(*training_tensors(histories, max_len=6))
+
+
+def brute_force_norms(model: FusionRecommender, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss_fn = CustomerLoss("sum")
+    norms = []
+    for i in range(len(x)):
+        model.zero_grad()
+        loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
+        squared = sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)
+        norms.append(squared.sqrt())
+    return torch.stack(norms)
+
+
+@pytest.mark.parametrize("fusion", ["gated", "sum", "concat"])
+@pytest.mark.parametrize("variant", ["fusion", "text", "id"])
+def test_ghost_norms_match_brute_force(fusion: str, variant: str) -> None:
+    model = tiny_model(fusion, variant)
+    x, y = customers()
+    expected = brute_force_norms(model, x, y)
+    module = GradSampleModuleFastGradientClipping(
+        model, max_grad_norm=1.0, use_ghost_clipping=True, loss_reduction="mean"
+    )
+    per_customer = CustomerLoss("none")(module(x), y)
+    per_customer.mean().backward()
+    measured = module.get_norm_sample().double()
+    module.to_standard_module()
+    assert torch.all(expected > 0)
+    torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-8)
