@@ -134,7 +134,7 @@ def train_node(node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]
             def proximal() -> torch.Tensor:  # FedProx: stay near the global model
                 return config.proximal_mu / 2 * sum(
                     ((p - anchor[k]) ** 2).sum() for k, p in model.named_parameters())
-        losses = [train_epoch(model, optimizer, inputs, targets, config.batch_size, device,
+        losses = [train_epoch(model, optimizer, inputs, targets, config.local_batch_size, device,
                               proximal, columns=None if trainee is None else trainee.columns)
                   for _ in range(config.local_epochs)]
         report["loss"] = float(np.mean(losses))

@@ -53,6 +53,7 @@ class RunConfig:
     clients: int = 5
     rounds: int = 3
     local_epochs: int = 1
+    local_batch_size: int = 32  # smaller steps at the nodes: more progress per round
     partition: str = "regional"
     dirichlet_alpha: float = 0.0  # 0 = IID customers; >0 skews regions by dominant category
     strategy: str = "fedavg"

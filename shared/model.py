@@ -263,7 +263,7 @@ def fill_cold_items(model: FusionRecommender, trained: torch.Tensor, ridge: floa
     fitted on the trained items, is applied to the untrained ones, so a new product competes
     with established ones on what its text says about the ID space. Returns how many were filled.
     """
-    if not model.config.use_id or trained.all() or not trained.any():
+    if not (model.config.use_id and model.config.use_text) or trained.all() or not trained.any():
         return 0
     text = model.text
     targets = torch.cat([model.id_in.weight[1:], model.id_scores.weight,

@@ -22,7 +22,8 @@ from shared.model import FusionRecommender, pad_histories
 from shared.progress import progress_bar
 
 
-def training_tensors(histories: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def training_tensors(histories: list[np.ndarray], max_len: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (item index + 1, right-aligned) and next-item targets (-1 = no target)."""
     usable = [h for h in histories if len(h) >= 2]
     inputs = pad_histories([h[:-1] for h in usable], max_len)
@@ -71,7 +72,8 @@ def train_epoch(
     total, count = 0.0, 0
     batches = range(0, len(inputs), batch_size)
     for start in progress_bar(batches, "training", disable=not show_progress):
-        x, y = trim(inputs[order[start : start + batch_size]], targets[order[start : start + batch_size]])
+        batch = order[start : start + batch_size]
+        x, y = trim(inputs[batch], targets[batch])
         x, y = x.to(device), y.to(device)
         valid = y >= 0
         logits = model.scores(model.encode(x)[valid])
@@ -83,7 +85,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total, count = total + float(loss) * int(valid.sum()), count + int(valid.sum())
+        positions = int(valid.sum())
+        total, count = total + loss.item() * positions, count + positions
     return total / max(count, 1)
 
 
@@ -127,7 +130,6 @@ def train_private(
     The accountant is restored from ``accountant_state`` and its new state is returned: one
     accountant per node for the whole federation, never a fresh one per round.
     """
-    from opacus import GradSampleModule  # noqa: F401  (import check: opacus present)
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping

@@ -84,15 +84,30 @@ def simulate_args(args: argparse.Namespace, variant: str, epsilon: float | None,
     return parser.parse_args(argv)
 
 
+def check_settings(metrics: dict, run_args: argparse.Namespace) -> None:
+    """Refuse to reuse a finished run made with other settings than this benchmark's (settings
+    the run resolves itself, a default delta, and settings newer than the run are not compared)."""
+    wanted = simulate.config_from_args(run_args).to_dict()
+    skip = {"data", "out"} | ({"delta"} if not wanted["delta"] else set())
+    stored = metrics["config"]
+    differ = [k for k in wanted if k not in skip and k in stored and stored[k] != wanted[k]]
+    if differ:
+        raise SystemExit(f"fedrec: {run_args.out} holds a run with other settings ({differ}); "
+                         "use another --out or remove that run")
+
+
 def run_point(args: argparse.Namespace, variant: str, epsilon: float | None) -> dict:
     """One federated run (or the one already in its directory) and what the curve needs."""
     out = args.out / variant / f"eps-{epsilon_label(epsilon)}"
+    run_args = simulate_args(args, variant, epsilon, out)
     metrics_path = out / "metrics.json"
     reused = metrics_path.exists()
-    if not reused and simulate.run(simulate_args(args, variant, epsilon, out)) != 0:
+    if not reused and simulate.run(run_args) != 0:
         return {"variant": variant, "target_epsilon": epsilon, "dir": str(out),
                 "error": "the federation did not finish; see its log"}
     metrics = json.loads(metrics_path.read_text())
+    if reused:
+        check_settings(metrics, run_args)
     privacy = metrics.get("privacy") or {}
     federation = privacy.get("federation") or {}
     return {
@@ -105,7 +120,7 @@ def run_point(args: argparse.Namespace, variant: str, epsilon: float | None) -> 
 
 def untrained_baseline(args: argparse.Namespace) -> dict:
     """Test metrics of the model at initialisation (the text-only baseline every run starts
-    from), at the private runs' history length."""
+    from), with the private runs' model settings (``dp_max_len``, ``dp_dim``)."""
     config = run_config_from_args(args, variant="text", dp=True)
     experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
     test, _ = experiment.evaluate(experiment.new_model(), "test")

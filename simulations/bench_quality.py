@@ -101,6 +101,8 @@ def tables(results: dict) -> list[Table]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.cold_items < 1:
+        raise SystemExit(f"fedrec: --cold-items must be in [0, 1), got {args.cold_items}")
     config = run_config_from_args(args)
     console = Console()
     experiment = Experiment.prepare(args.data, config, args.cold_items,

@@ -43,7 +43,7 @@ def user_nodes(dataset: Dataset, num_nodes: int, alpha: float, seed: int) -> dic
     rng = np.random.default_rng(seed)
     users = dataset.interactions["user_id"].unique()
     if alpha <= 0:
-        return dict(zip(users, rng.permutation(len(users)) % num_nodes))
+        return dict(zip(users, rng.permutation(len(users)) % num_nodes, strict=True))
     top = dataset.items["categories"].astype(str).str.split("|").str[:2].str.join("|").to_numpy()
     events = dataset.interactions.assign(top=top[dataset.interactions["item_idx"].to_numpy()])
     dominant = events.groupby("user_id")["top"].agg(lambda s: s.value_counts().index[0])
@@ -51,7 +51,7 @@ def user_nodes(dataset: Dataset, num_nodes: int, alpha: float, seed: int) -> dic
     for _, group in dominant.groupby(dominant):
         shares = rng.dirichlet(np.full(num_nodes, alpha))
         nodes = rng.choice(num_nodes, size=len(group), p=shares)
-        assignment.update(zip(group.index, nodes))
+        assignment.update(zip(group.index, nodes, strict=True))
     return assignment
 
 

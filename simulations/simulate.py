@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from shared.config import RunConfig
 from simulations.centralized import add_run_config_arguments, run_config_from_args
 
 
@@ -47,16 +48,22 @@ def backend_config(clients: int, device: str) -> dict:
             "init_args": {"num_cpus": cpus, "include_dashboard": False}}
 
 
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's settings: defaults, then ``--set`` overrides, then the named options."""
+    return run_config_from_args(
+        args, data=str(args.data) if args.data else None, out=str(args.out), clients=args.clients,
+        rounds=args.rounds, partition=args.partition, strategy=args.strategy,
+        local_epochs=args.local_epochs, dp=args.dp or None, target_epsilon=args.target_epsilon,
+        delta=args.delta)
+
+
 def run(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
     from server.server_app import make_server_app
 
-    config = run_config_from_args(
-        args, data=str(args.data) if args.data else None, out=str(args.out), clients=args.clients, rounds=args.rounds,
-        partition=args.partition, strategy=args.strategy, local_epochs=args.local_epochs,
-        dp=args.dp or None, target_epsilon=args.target_epsilon, delta=args.delta)
+    config = config_from_args(args)
     if args.data is not None and not args.data.is_dir():
         raise SystemExit(f"fedrec: {args.data}: not a dataset directory")
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING)

@@ -29,3 +29,15 @@ def synth_item_text(synth_dataset_dir: Path):
 
     items = load_dataset(synth_dataset_dir).items
     return torch.from_numpy(embed_items(items, show_progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic dataset for end-to-end runs: 160 users on the same 300-item catalog as
+    ``synth_dataset_dir`` (seed 0), so its item text is already in the embedding cache."""
+    from shared.convert import write_dataset
+    from simulations.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("tiny-synth") / "dataset"
+    interactions, items = generate(SynthConfig(users=160, items=300, seed=0))
+    return write_dataset(out, interactions, items)

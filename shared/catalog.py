@@ -1,0 +1,109 @@
+"""A live catalog for a trained model: products added or changed after training.
+
+A new product is known only by its text. :class:`TextToId` is the online form of
+:func:`shared.model.fill_cold_items`: the same ridge regression from text embedding to the
+item's ID parameters (history vector, candidate vector, bias), fitted once on the catalog, then
+applied to each new product in microseconds. :func:`set_items` writes a product's text and ID
+parameters into the model, growing its tables in place, so that both the candidate side
+(:func:`table_rows`) and the history side (``model.user_states``) know it at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.model import FusionRecommender
+
+
+class TextToId:
+    """Ridge map text embedding -> (id_in row, id_scores row, bias), fitted on known items."""
+
+    def __init__(self, model: FusionRecommender, ridge: float = 1.0, sample: int = 50_000):
+        self.dim = model.config.dim
+        self.solution: torch.Tensor | None = None
+        if not model.config.use_id:
+            return
+        with torch.no_grad():
+            targets = torch.cat([model.id_in.weight[1:], model.id_scores.weight,
+                                 model.id_scores.bias[:, None]], dim=1)
+            known = torch.nonzero(targets.abs().sum(1) > 0)[:, 0]  # all-zero: never trained
+            if len(known) > sample:  # 385 unknowns need nowhere near a million equations
+                order = torch.randperm(len(known), generator=torch.Generator().manual_seed(0))
+                known = known[order[:sample]]
+            targets = targets[known].double()
+            design = self._design(model.text[known])
+            gram = design.T @ design + ridge * torch.eye(design.shape[1], dtype=design.dtype)
+            self.solution = torch.linalg.solve(gram, design.T @ targets)
+
+    @staticmethod
+    def _design(text: torch.Tensor) -> torch.Tensor:
+        return torch.cat([text.double(), torch.ones(len(text), 1, dtype=torch.double)], dim=1)
+
+    def __call__(self, text: torch.Tensor) -> torch.Tensor:
+        """Predicted ``(n, 2 * dim + 1)`` ID parameters for text embeddings ``(n, text_dim)``."""
+        if self.solution is None:
+            return torch.zeros(len(text), 2 * self.dim + 1)
+        return (self._design(text) @ self.solution).float()
+
+
+@torch.no_grad()
+def set_items(model: FusionRecommender, rows: np.ndarray, text: torch.Tensor,
+              ids: torch.Tensor | None) -> None:
+    """Write products ``rows`` (existing, or appended as ``num_items``, ``num_items + 1``...).
+
+    ``text``: their embeddings; ``ids``: their ID parameters as :class:`TextToId` returns them,
+    or ``None`` to keep the learned ones (every row must then exist already).
+    """
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    new = int((rows >= model.config.num_items).sum())
+    if new:
+        grow(model, new)
+    model.text[rows] = text.to(model.text.dtype)
+    if ids is not None and model.config.use_id:
+        dim = model.config.dim
+        model.id_in.weight[rows + 1] = ids[:, :dim]
+        model.id_scores.weight[rows] = ids[:, dim : 2 * dim]
+        model.id_scores.bias[rows] = ids[:, -1]
+
+
+@torch.no_grad()
+def grow(model: FusionRecommender, count: int) -> None:
+    """Append ``count`` zero rows to the model's per-item tensors (text, ID tables, bias)."""
+    model.config.num_items += count
+    model.text = _extended(model.text, count)
+    if model.config.use_id:
+        model.id_in.weight = nn.Parameter(_extended(model.id_in.weight, count))
+        model.id_scores.weight = nn.Parameter(_extended(model.id_scores.weight, count))
+        model.id_scores.bias = nn.Parameter(_extended(model.id_scores.bias, count))
+        model.id_in.num_embeddings += count
+        model.id_scores.out_features += count
+
+
+def _extended(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    out = tensor.new_zeros(len(tensor) + count, *tensor.shape[1:])
+    out[: len(tensor)] = tensor
+    return out
+
+
+@torch.no_grad()
+def table_rows(model: FusionRecommender, rows: np.ndarray) -> np.ndarray:
+    """Rows of ``[item_table | bias]`` for ``rows``: what :meth:`FusionRecommender.item_table`
+    computes for the whole catalog, for a few items (a test checks they agree)."""
+    c, rows = model.config, torch.as_tensor(rows, dtype=torch.long)
+    table = torch.zeros(len(rows), c.dim)
+    bias = torch.zeros(len(rows))
+    if c.use_text:
+        table += c.logit_scale * (model.text[rows] @ model.query_to_text.weight)
+    if c.use_id:
+        table += model.id_scores.weight[rows]
+        bias = model.id_scores.bias[rows]
+    return torch.cat([table, bias[:, None]], dim=1).numpy()
+
+
+@torch.no_grad()
+def full_table(model: FusionRecommender) -> np.ndarray:
+    """``[item_table | bias]`` (num_items, dim + 1): the vectors a customer state scores against."""
+    table, bias = model.item_table()
+    return torch.cat([table, bias[:, None]], dim=1).cpu().numpy()

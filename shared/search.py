@@ -1,0 +1,300 @@
+"""Personalised product search and recommendation over a live catalog, with reasons.
+
+**Recommend**: the customer state from the ordered history (the model's ``user_states``) is
+scored against every product, ``[state, 1] . [item_table, bias]``, history excluded, exactly or
+through an ANN index (:mod:`shared.index`).
+
+**Search** fuses three signals over a pool of candidates (the top ``pool`` products of each):
+
+- *lexical*: BM25 of the query over the product texts (:mod:`shared.lexical`);
+- *dense*: cosine of the query's text-tower embedding with the products' (``model.text``);
+- *preference*: the recommender's score for the history (only when there is one).
+
+Each signal is z-normalised over the pool and the fused score is their weighted sum. With no
+history the preference term is absent: plain relevance. The weights are tuned on the validation
+split by ``fedrec bench search`` and stored next to the model as ``search.json``.
+
+**Reasons**: a recommendation names the history product whose candidate-side vector (text and
+ID fused) is most similar to it; a search result names the query words it matched, or its text
+similarity, and the supporting history product when its preference score is above the
+pool's mean.
+
+**New products** (:meth:`SearchEngine.upsert`) get a text embedding, ID parameters predicted from
+it (:class:`shared.catalog.TextToId`), a row in both vector indexes and in BM25, at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from shared.artifacts import load_model, read_item_ids
+from shared.catalog import TextToId, full_table, set_items, table_rows
+from shared.data import DataError, find_table, load_items
+from shared.index import ANN_THRESHOLD, VectorIndex, top_k
+from shared.lexical import Lexical
+from shared.model import FusionRecommender
+from shared.text import TextEncoder, embed_items, item_texts
+
+PRODUCT_FIELDS = ("item_id", "title", "categories", "brand", "description")
+SIGNALS = ("lexical", "dense", "preference")
+WEIGHTS_FILE = "search.json"
+
+# Text embeddings for a batch of texts: (n, text_dim), L2-normalised, same tower as the catalog.
+Encode = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class FusionWeights:
+    """Weights of the z-normalised search signals and the candidate pool per signal."""
+
+    lexical: float = 1.0
+    dense: float = 1.0
+    preference: float = 1.0
+    pool: int = 200
+
+    def vector(self, personal: bool) -> np.ndarray:
+        return np.array([self.lexical, self.dense, self.preference if personal else 0.0])
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> FusionWeights:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+@dataclass
+class Hit:
+    """One ranked product: its catalog row, score and why it is there."""
+
+    row: int
+    score: float
+    reason: str
+    because: int | None = None  # the history product (row) that supports it
+    matched: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pool:
+    """The candidates of one query and their raw signals, one row per :data:`SIGNALS`."""
+
+    rows: np.ndarray
+    signals: np.ndarray  # (3, len(rows)); preference is 0 without history
+
+
+class UnknownItems(KeyError):
+    """Item ids that are not in the catalog."""
+
+    def __init__(self, item_ids: list[str]):
+        super().__init__(item_ids)
+        self.item_ids = item_ids
+
+
+def zscore(values: np.ndarray) -> np.ndarray:
+    """Standardise along the last axis; a constant signal becomes 0."""
+    std = values.std(axis=-1, keepdims=True)
+    return np.where(std > 0, (values - values.mean(axis=-1, keepdims=True)) / np.where(
+        std > 0, std, 1.0), 0.0)
+
+
+class SearchEngine:
+    """Recommendation and personalised search over a catalog that can change while serving."""
+
+    def __init__(self, model: FusionRecommender, items: pd.DataFrame, encode: Encode,
+                 weights: FusionWeights | None = None, ann_threshold: int = ANN_THRESHOLD,
+                 nprobe: int = 16):
+        if len(items) != model.config.num_items:
+            raise ValueError(f"{len(items)} products for a model of {model.config.num_items}")
+        self.model = model.cpu().eval()
+        self.items = items[list(PRODUCT_FIELDS)].astype(str).reset_index(drop=True)
+        self.row_of = {item_id: row for row, item_id in enumerate(self.items["item_id"])}
+        self.encode = encode
+        self.weights = weights or FusionWeights()
+        self.text_index = VectorIndex(model.text.cpu().numpy(), ann_threshold, nprobe)
+        self.model.text = torch.from_numpy(self.text_index.vectors)  # one copy, shared
+        self.preference_index = VectorIndex(full_table(self.model), ann_threshold, nprobe)
+        self.lexical = Lexical(item_texts(self.items))
+        self.text_to_id = TextToId(self.model)
+        self.predicted = np.zeros(len(self.items), dtype=bool)  # ID parameters from text only
+        self.lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def retrieval(self) -> str:
+        return self.preference_index.kind
+
+    # --- catalog -------------------------------------------------------------------------
+
+    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Catalog rows of ``item_ids``; raises :class:`UnknownItems` naming any unknown."""
+        unknown = [i for i in dict.fromkeys(item_ids) if i not in self.row_of]
+        if unknown:
+            raise UnknownItems(unknown)
+        return np.array([self.row_of[i] for i in item_ids], dtype=np.int64)
+
+    def product(self, row: int) -> dict[str, str]:
+        return self.items.iloc[row].to_dict()
+
+    def title(self, row: int) -> str:
+        return self.items.at[row, "title"] or self.items.at[row, "item_id"]
+
+    def upsert(self, products: pd.DataFrame) -> list[bool]:
+        """Add or replace products (columns :data:`PRODUCT_FIELDS`); True where one is new.
+
+        A replaced product keeps the ID parameters it learned from behaviour; a product with
+        none (added here) gets them predicted from its new text.
+        """
+        products = products.reindex(columns=list(PRODUCT_FIELDS), fill_value="").astype(str)
+        products = products.drop_duplicates("item_id", keep="last").reset_index(drop=True)
+        with self.lock:
+            created = [i not in self.row_of for i in products["item_id"]]
+            rows = np.array([self.row_of.get(i, -1) for i in products["item_id"]])
+            rows[np.array(created, dtype=bool)] = len(self.items) + np.arange(sum(created))
+            texts = item_texts(products)
+            text = torch.from_numpy(np.asarray(self.encode(texts), dtype=np.float32))
+            predicted = np.append(self.predicted, np.ones(sum(created), dtype=bool))[rows]
+            learned = ~predicted
+            set_items(self.model, rows[learned], text[learned], None)
+            set_items(self.model, rows[predicted], text[predicted],
+                      self.text_to_id(text[predicted]))
+            self.text_index.set_rows(rows, text.numpy())
+            self.model.text = torch.from_numpy(self.text_index.vectors)
+            self.preference_index.set_rows(rows, table_rows(self.model, rows))
+            self.lexical.set_docs(rows, texts)
+            self.predicted = np.append(self.predicted, np.ones(sum(created), dtype=bool))
+            self.items = pd.concat([self.items, products[created]], ignore_index=True)
+            self.items.loc[rows, list(PRODUCT_FIELDS)] = products.to_numpy()
+            self.row_of.update({i: int(r) for i, r in zip(products["item_id"], rows, strict=True)})
+        return created
+
+    # --- scoring -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def states(self, histories: list[np.ndarray]) -> np.ndarray:
+        """``[state, 1]`` per history (n, dim + 1): the query side of the preference index."""
+        states = self.model.user_states(histories).numpy()
+        return np.concatenate([states, np.ones((len(states), 1), np.float32)], axis=1)
+
+    def recommend(self, history: np.ndarray, k: int) -> list[Hit]:
+        """The ``k`` best products for a history (catalog rows, oldest first), history excluded."""
+        with self.lock:
+            state = self.states([history])[0]
+            rows, scores = self.preference_index.search(state, k, exclude=history)
+            because = self.because(history, rows)
+            return [Hit(int(r), float(s), self._recommend_reason(b), b)
+                    for r, s, b in zip(rows, scores, because, strict=True)]
+
+    def candidates(self, query: str, query_vector: np.ndarray, history: np.ndarray,
+                   state: np.ndarray | None) -> Pool:
+        """The pool for a query: top ``pool`` by each signal, history excluded, all signals."""
+        pool = self.weights.pool
+        lexical = self.lexical.scores(query)
+        found = [self.lexical.top(lexical, pool, history),
+                 self.text_index.search(query_vector, pool, history)[0]]
+        if state is not None:
+            found.append(self.preference_index.search(state, pool, history)[0])
+        rows = np.unique(np.concatenate(found))
+        preference = (self.preference_index.vectors[rows] @ state if state is not None
+                      else np.zeros(len(rows), np.float32))
+        dense = self.text_index.vectors[rows] @ query_vector
+        return Pool(rows, np.stack([lexical[rows], dense, preference]))
+
+    def fuse(self, pool: Pool, personal: bool, weights: FusionWeights | None = None) -> np.ndarray:
+        """Fused score of each pool candidate."""
+        weights = weights or self.weights
+        return weights.vector(personal) @ zscore(pool.signals)
+
+    def search(self, query: str, history: np.ndarray, k: int) -> list[Hit]:
+        """The ``k`` best products for a free-text query, personalised by ``history``."""
+        query_vector = np.asarray(self.encode([query])[0], dtype=np.float32)
+        with self.lock:
+            personal = len(history) > 0
+            state = self.states([history])[0] if personal else None
+            pool = self.candidates(query, query_vector, history, state)
+            fused = self.fuse(pool, personal)
+            best = top_k(fused, k)
+            z = zscore(pool.signals)
+            because = self.because(history, pool.rows[best]) if personal else [None] * len(best)
+            hits = []
+            for index, support in zip(best, because, strict=True):
+                row = int(pool.rows[index])
+                matched = self.lexical.matched_terms(query, row)
+                lifted = personal and z[2, index] > 0  # preference above the pool's mean
+                reason = self._search_reason(matched, float(pool.signals[1, index]),
+                                             support if lifted else None)
+                hits.append(Hit(row, float(fused[index]), reason,
+                                support if lifted else None, matched))
+            return hits
+
+    # --- reasons -------------------------------------------------------------------------
+
+    def because(self, history: np.ndarray, rows: np.ndarray) -> list[int | None]:
+        """For each of ``rows``, the history product most similar to it (cosine of the
+        candidate-side vectors, which fuse text and ID), or None without history."""
+        if len(history) == 0:
+            return [None] * len(rows)
+        history = np.unique(history)
+        table = self.preference_index.vectors[:, :-1]
+        past, candidates = table[history], table[rows]
+        past = past / np.maximum(np.linalg.norm(past, axis=1, keepdims=True), 1e-9)
+        candidates = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True),
+                                             1e-9)
+        return [int(history[i]) for i in (candidates @ past.T).argmax(1)]
+
+    def _recommend_reason(self, because: int | None) -> str:
+        if because is None:
+            return "popular with customers (no history given)"
+        return f"because you bought {self.title(because)}"
+
+    def _search_reason(self, matched: list[str], similarity: float, because: int | None) -> str:
+        if matched:
+            reason = "matches " + ", ".join(f"'{w}'" for w in matched)
+        else:
+            reason = f"close in meaning to your query (text similarity {similarity:.2f})"
+        if because is not None:
+            reason += f"; suits your history: you bought {self.title(because)}"
+        return reason
+
+
+def load_engine(model_dir: Path, data_dir: Path, encode: Encode | None = None,
+                **options) -> SearchEngine:
+    """The engine for a run's ``model/`` and the dataset's product table.
+
+    Products of the dataset the model has never seen are added from their text. ``encode``
+    defaults to the model's own text tower (catalog embeddings come from the shared cache).
+    Fusion weights come from ``model_dir/search.json`` when present.
+    """
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    items_path = find_table(data_dir, "items")
+    items = load_items(items_path).set_index("item_id", drop=False)
+    item_ids = read_item_ids(model_dir)
+    missing = [i for i in item_ids if i not in items.index]
+    if missing:
+        raise DataError(items_path, f"{len(missing)} product(s) of the model are not in this "
+                                    f"table, e.g. {missing[:5]}: is it the model's dataset?")
+    catalog = items.loc[item_ids].reset_index(drop=True)
+    if encode is None:
+        text_model = json.loads((model_dir / "config.json").read_text())["text_model"]
+        text = embed_items(catalog, text_model, show_progress=False)
+        encode = partial(TextEncoder(text_model).encode, show_progress=False)
+    else:
+        text = encode(item_texts(catalog))
+    model = load_model(model_dir, torch.from_numpy(np.asarray(text, dtype=np.float32)))
+    weights_path = model_dir / WEIGHTS_FILE
+    weights = FusionWeights.load(weights_path) if weights_path.exists() else None
+    engine = SearchEngine(model, catalog, encode, weights, **options)
+    new = items[~items.index.isin(item_ids)]
+    if len(new):
+        engine.upsert(new.reset_index(drop=True))
+    return engine

@@ -1,0 +1,254 @@
+"""``fedrec bench serve``: latency of /recommend and /search, in-process and over HTTP.
+
+Two catalogs: the dataset's own (exact scoring) and a synthetic one of ``--items`` products
+(default 1,000,000) served through the ANN indexes. The synthetic products are variants of the
+real ones: text embedding = the real product's, plus Gaussian noise of norm ``--noise``, then
+re-normalised (cosine about 0.7 to the original at the default 1.0); ID parameters = the real
+product's plus noise of the same relative size; title = the real title plus a colour and a size
+word. Isotropic random vectors would have no neighbourhood structure for any index to exploit;
+real catalogs are full of near-duplicates and variants. Requests replay real customers'
+histories (mapped to random variants at the large scale) and the category + title queries of
+``fedrec bench search``. Query encoding by the text tower is inside the /search timings. HTTP
+runs uvicorn in a thread of this process (httpx client, one request at a time); ANN recall@10
+is measured against exact scoring on both indexes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from server.service import (
+    Limits,
+    RecommendRequest,
+    SearchRequest,
+    build_app,
+    recommend,
+    search,
+    set_threads,
+)
+from shared.artifacts import write_json
+from shared.catalog import grow, set_items
+from shared.data import leave_one_out, load_dataset
+from shared.index import ANN_THRESHOLD, recall_at_k
+from shared.search import SearchEngine
+from simulations.bench_search import build_engine, title_query
+
+COLOURS = ("red", "black", "white", "pink", "blue", "nude", "coral", "gold", "silver", "green")
+SIZES = ("mini", "travel size", "1 oz", "2 oz", "4 oz", "8 oz", "value pack", "refill")
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2), "requests": len(ms)}
+
+
+def workload(engine: SearchEngine, args: argparse.Namespace) -> list[tuple[list[str], str]]:
+    """(history item ids, query) pairs from real customers' test-time histories and targets."""
+    dataset = load_dataset(args.data)
+    split = leave_one_out(dataset)
+    rng = np.random.default_rng(args.seed)
+    users = rng.choice(split.test_users, args.requests,
+                       replace=len(split.test_users) < args.requests)
+    ids, items = dataset.items["item_id"].to_numpy(), dataset.items
+    out = []
+    for user in users:
+        target = split.test_target[user]
+        history = ids[split.history(user, "test")][-args.max_history:].tolist()
+        out.append((history, title_query(items.at[target, "categories"], items.at[target, "title"],
+                                         2)))
+    return out
+
+
+def time_in_process(engine: SearchEngine, requests: list[tuple[list[str], str]],
+                    limits: Limits) -> dict:
+    """The service functions the HTTP handlers call, without HTTP."""
+    for history, query in requests[:5]:  # warm-up
+        recommend(engine, limits, RecommendRequest(history=history, k=10))
+        search(engine, limits, SearchRequest(query=query, history=history, k=10))
+    times: dict[str, list[float]] = {"recommend": [], "search": [], "encode": []}
+    for history, query in requests:
+        start = time.perf_counter()
+        recommend(engine, limits, RecommendRequest(history=history, k=10))
+        times["recommend"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        search(engine, limits, SearchRequest(query=query, history=history, k=10))
+        times["search"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        engine.encode([query])
+        times["encode"].append(time.perf_counter() - start)
+    return {name: percentiles(values) for name, values in times.items()}
+
+
+def time_http(engine: SearchEngine, requests: list[tuple[list[str], str]], limits: Limits,
+              port: int) -> dict:
+    """The same requests through uvicorn on 127.0.0.1 and an httpx client."""
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, limits), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    times: dict[str, list[float]] = {"recommend": [], "search": []}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for i, (history, query) in enumerate(requests):
+                for name, body in (("recommend", {"history": history, "k": 10}),
+                                   ("search", {"query": query, "history": history, "k": 10})):
+                    start = time.perf_counter()
+                    client.post(f"/{name}", json=body).raise_for_status()
+                    if i >= 5:  # the first few warm up the connection
+                        times[name].append(time.perf_counter() - start)
+    finally:
+        server.should_exit = True
+        thread.join()
+    return {name: percentiles(values) for name, values in times.items()}
+
+
+def grow_synthetic(engine: SearchEngine, total: int, noise: float,
+                   seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Grow the engine's model to ``total`` products with variants of its own. Returns the full
+    product table and each product's original row (the caller rebuilds the engine).
+
+    Noise vectors are drawn from a pool of 65,536 Gaussian vectors (fast, and as good here).
+    """
+    model, base_count = engine.model, len(engine)
+    count = total - base_count
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.from_numpy(rng.integers(0, base_count, count))
+    text_dim = model.text.shape[1]
+    text_noise = noise * torch.randn(65_536, text_dim, generator=generator) / text_dim**0.5
+    with torch.no_grad():
+        learned = (torch.cat([model.id_in.weight[1:], model.id_scores.weight,
+                              model.id_scores.bias[:, None]], dim=1).clone()
+                   if model.config.use_id else None)
+    if learned is not None:
+        id_noise = noise * learned.std(0) * torch.randn(65_536, learned.shape[1],
+                                                        generator=generator)
+    grow(model, count)
+    for start in range(0, count, 100_000):
+        rows = base[start : start + 100_000]
+        pick = torch.randint(0, 65_536, (len(rows),), generator=generator)
+        text = torch.nn.functional.normalize(model.text[rows] + text_noise[pick], dim=1)
+        ids = learned[rows] + id_noise[pick] if learned is not None else None
+        set_items(model, np.arange(base_count + start, base_count + start + len(rows)), text, ids)
+    base = base.numpy()
+    items = engine.items.iloc[base].reset_index(drop=True)
+    items["item_id"] = [f"synthetic-{i:07d}" for i in range(count)]
+    colours = np.asarray(COLOURS)[rng.integers(0, len(COLOURS), count)]
+    sizes = np.asarray(SIZES)[rng.integers(0, len(SIZES), count)]
+    items["title"] = items["title"] + " " + colours + " " + sizes
+    catalog = pd.concat([engine.items, items], ignore_index=True)
+    return catalog, np.concatenate([np.arange(base_count), base])
+
+
+def variant_requests(requests: list[tuple[list[str], str]], base_of: np.ndarray,
+                     catalog: pd.DataFrame, engine_rows: dict[str, int],
+                     seed: int) -> list[tuple[list[str], str]]:
+    """Replace each history product by a random variant of it (or itself)."""
+    rng = np.random.default_rng(seed)
+    variants = pd.Series(np.arange(len(base_of))).groupby(base_of).apply(np.asarray).to_dict()
+    ids = catalog["item_id"].to_numpy()
+    return [([ids[rng.choice(variants[engine_rows[i]])] for i in history], query)
+            for history, query in requests]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="dataset directory")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a run's model/ directory (default: the untrained text baseline)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-serve.json"),
+                        help="JSON results file (default runs/bench-serve.json)")
+    parser.add_argument("--requests", type=int, default=200,
+                        help="timed requests per endpoint and setting (default 200)")
+    parser.add_argument("--items", type=int, default=1_000_000,
+                        help="size of the synthetic catalog (0 skips it; default 1,000,000)")
+    parser.add_argument("--noise", type=float, default=1.0,
+                        help="norm of the noise that makes a variant (default 1.0)")
+    parser.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query")
+    parser.add_argument("--max-history", type=int, default=50,
+                        help="most recent history items sent per request (default 50)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/faiss threads per request, as fedrec serve (default 1)")
+    parser.add_argument("--port", type=int, default=8765, help="port for the HTTP timings")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    limits = Limits(max_history=max(Limits().max_history, args.max_history))
+    engine, model_name = build_engine(args)
+    requests = workload(engine, args)
+    result: dict = {"data": str(args.data), "model": model_name, "k": 10,
+                    "threads": args.threads, "settings": {}}
+    print(f"{len(engine)} products ({engine.retrieval}): timing {args.requests} requests ...",
+          flush=True)
+    set_threads(args.threads)
+    result["settings"]["dataset"] = {
+        "products": len(engine), "retrieval": engine.retrieval,
+        "in_process": time_in_process(engine, requests, limits),
+        "http": time_http(engine, requests, limits, args.port)}
+    if args.items > len(engine):
+        started = time.time()
+        print(f"growing to {args.items:,} synthetic products ...", flush=True)
+        set_threads(os.cpu_count() or 1)  # building is batch work
+        catalog, base_of = grow_synthetic(engine, args.items, args.noise, args.seed)
+        rows = dict(engine.row_of)
+        model, encode, weights = engine.model, engine.encode, engine.weights
+        del engine
+        gc.collect()
+        engine = SearchEngine(model, catalog, encode, weights,
+                              ann_threshold=min(ANN_THRESHOLD, args.items), nprobe=args.nprobe)
+        build_s = round(time.time() - started, 1)
+        set_threads(args.threads)
+        large = variant_requests(requests, base_of, catalog, rows, args.seed)
+        print(f"built in {build_s} s; measuring recall and timing ...", flush=True)
+        history_rows = [engine.rows(h) for h, _ in large[:100]]
+        states = engine.states(history_rows)
+        queries = engine.encode([q for _, q in large[:100]])
+        result["settings"]["synthetic"] = {
+            "products": len(engine), "retrieval": engine.retrieval, "build_s": build_s,
+            "nprobe": args.nprobe, "noise": args.noise,
+            "recall@10": {"preference": recall_at_k(engine.preference_index, states),
+                          "text": recall_at_k(engine.text_index, queries)},
+            "in_process": time_in_process(engine, large, limits),
+            "http": time_http(engine, large, limits, args.port + 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    print_table(result)
+    print(f"results in {args.out}")
+    return 0
+
+
+def print_table(result: dict) -> None:
+    table = Table(title=f"serving latency, k = 10, model: {result['model']}")
+    for column in ("catalog", "retrieval", "endpoint", "in-process p50 / p99 ms",
+                   "HTTP p50 / p99 ms", "recall@10"):
+        table.add_column(column, justify="right" if "ms" in column else "left")
+    for setting in result["settings"].values():
+        recall = setting.get("recall@10", {})
+        for endpoint in ("recommend", "search", "encode"):
+            inner = setting["in_process"][endpoint]
+            http = setting["http"].get(endpoint)
+            table.add_row(f"{setting['products']:,}", setting["retrieval"],
+                          "query encoding" if endpoint == "encode" else f"/{endpoint}",
+                          f"{inner['p50_ms']:.1f} / {inner['p99_ms']:.1f}",
+                          f"{http['p50_ms']:.1f} / {http['p99_ms']:.1f}" if http else "",
+                          (f"{recall['preference' if endpoint == 'recommend' else 'text']:.3f}"
+                           if recall and endpoint != "encode" else ""))
+    Console().print(table)

@@ -1,0 +1,129 @@
+"""The benchmarks: the baselines (simulations/baselines.py), ``fedrec bench quality`` and
+``fedrec bench privacy`` on the small synthetic marketplace."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared.cli import main
+from shared.config import RunConfig
+from shared.experiment import Experiment
+from shared.metrics import METRICS, evaluate
+from simulations.baselines import baselines, text_only
+from simulations.bench_privacy import parse_epsilons
+
+BASELINES = {"popularity", "als", "itemknn", "text", "late_fusion"}
+
+
+@pytest.fixture(scope="module")
+def experiment(synth_dataset_dir: Path) -> Experiment:
+    return Experiment.prepare(synth_dataset_dir, RunConfig(), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def fitted(experiment: Experiment) -> dict:
+    """name -> (test-stage score_fn, chosen settings)."""
+    return {name: (fn, params) for name, fn, params in baselines(experiment)}
+
+
+def ndcg(score_fn, split, stage: str = "test") -> float:
+    return evaluate(score_fn, split, stage)[0]["ndcg@10"]
+
+
+def test_every_baseline_beats_random_ranking(experiment, fitted):
+    generator = torch.Generator().manual_seed(0)
+
+    def random_scores(users, histories):
+        return torch.rand(len(histories), experiment.split.num_items, generator=generator)
+
+    chance = ndcg(random_scores, experiment.split)
+    assert set(fitted) == BASELINES
+    for name, (score_fn, _) in fitted.items():
+        assert ndcg(score_fn, experiment.split) > 1.5 * chance, name
+
+
+def test_text_baseline_ranks_like_the_untrained_model(experiment, fitted):
+    recency = fitted["text"][1]["recency"]
+    model_run = dataclasses.replace(
+        experiment, config=dataclasses.replace(experiment.config, recency=recency))
+    _, model_top = model_run.evaluate(model_run.new_model(), "test")
+    _, text_top = evaluate(text_only(experiment.text, recency), experiment.split, "test")
+    agreement = np.mean([len(set(a[:10]) & set(b[:10])) / 10
+                         for a, b in zip(model_top, text_top, strict=True)])
+    assert agreement > 0.9  # the model keeps the catalog's top `dim` text directions
+
+
+def test_settings_are_chosen_without_reading_test_targets(experiment, fitted):
+    split = experiment.split
+    rng = np.random.default_rng(1)
+    scrambled = np.where(split.test_target >= 0,
+                         rng.integers(0, split.num_items, len(split.test_target)), -1)
+    patched = dataclasses.replace(experiment,
+                                  split=dataclasses.replace(split, test_target=scrambled))
+    chosen = {name: params for name, _, params in baselines(patched)}
+    assert chosen == {name: params for name, (_, params) in fitted.items()}
+    assert {"weight", "recency"} <= set(chosen["late_fusion"])
+    # the patch did change what the test split says
+    late_fusion = fitted["late_fusion"][0]
+    assert ndcg(late_fusion, patched.split) < ndcg(late_fusion, split)
+
+
+def test_bench_quality_reports_every_method_and_metric(synth_dataset_dir, tmp_path):
+    out = tmp_path / "quality.json"
+    assert main(["bench", "quality", "--data", str(synth_dataset_dir), "--out", str(out),
+                 "--skip-model", "--quiet"]) == 0
+    methods = json.loads(out.read_text())["methods"]
+    assert set(methods) == BASELINES
+    for result in methods.values():
+        assert set(METRICS) <= set(result["test"])
+        assert result["wall_s"] >= 0
+        assert "cold" not in result["test"]
+
+
+def test_bench_quality_cold_items_reports_cold_and_warm_views(synth_dataset_dir, tmp_path):
+    out = tmp_path / "cold.json"
+    assert main(["bench", "quality", "--data", str(synth_dataset_dir), "--out", str(out),
+                 "--skip-model", "--cold-items", "0.2", "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["cold_items"] == 60
+    for result in report["methods"].values():
+        test = result["test"]
+        assert test["cold"]["users"] > 0
+        assert test["cold"]["users"] + test["warm"]["users"] == test["users"]
+        assert set(METRICS) <= set(test["cold"]) & set(test["warm"])
+    methods = report["methods"]
+    assert methods["als"]["test"]["cold"]["hr@20"] == pytest.approx(0.0, abs=0.01)
+    assert methods["als"]["test"]["warm"]["ndcg@10"] > 0.02
+    assert methods["text"]["test"]["cold"]["ndcg@10"] > 0.05  # text needs no interactions
+
+
+def test_parse_epsilons():
+    assert parse_epsilons("1, 2.5,none") == [1.0, 2.5, None]
+    with pytest.raises(argparse.ArgumentTypeError, match="positive"):
+        parse_epsilons("0")
+
+
+def test_bench_privacy_writes_the_curve_and_reuses_runs(synth_dataset_dir, tmp_path):
+    args = ["bench", "privacy", "--data", str(synth_dataset_dir), "--out", str(tmp_path),
+            "--epsilons", "4", "--variants", "text", "--clients", "2", "--rounds", "1",
+            "--set", "dim=16", "--set", "dp_dim=16", "--set", "layers=1", "--set", "max_len=10",
+            "--set", "dp_max_len=10", "--quiet"]
+    assert main(args) == 0
+    curve = json.loads((tmp_path / "privacy_curve.json").read_text())
+    (point,) = curve["points"]
+    assert point["variant"] == "text" and point["target_epsilon"] == 4.0
+    assert 0 < point["epsilon"] <= 4.0 + 1e-6
+    assert set(METRICS) <= set(point["test"]) and not point["reused"]
+    assert 0 < curve["untrained_text"]["ndcg@10"] < 1
+    assert (tmp_path / "privacy_curve.png").stat().st_size > 1000
+    assert main(args) == 0  # a second invocation reuses the finished run
+    assert json.loads((tmp_path / "privacy_curve.json").read_text())["points"][0]["reused"]
+    with pytest.raises(SystemExit, match="other settings"):  # but not one made differently
+        main([*args, "--set", "dp_lr=0.01"])

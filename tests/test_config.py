@@ -1,0 +1,145 @@
+"""Run settings (shared/config.py): pyproject.toml's Flower run config, string coercion, and the
+command-line help of ``fedrec train`` and ``fedrec simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from shared.cli import build_parser, main
+from shared.config import RunConfig, _coerce
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def test_pyproject_run_config_mirrors_run_config() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    flower = pyproject["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig()
+    assert list(flower) == [kebab(f.name) for f in fields(RunConfig)]  # same keys, same order
+    for field in fields(RunConfig):
+        value = flower[kebab(field.name)]
+        expected = getattr(defaults, field.name)
+        assert type(value) is type(expected), field.name
+        assert value == expected, field.name
+    # and Flower's run config, as the ServerApp receives it, builds the default RunConfig
+    assert RunConfig.from_flat(flower) == defaults
+
+
+def test_from_flat_coerces_strings() -> None:
+    config = RunConfig.from_flat({"dp": "true", "refit": "0", "layers": "3", "dropout": "0.5",
+                                  "target-epsilon": "2", "fusion": "concat",
+                                  "logit_scale": "10"})
+    assert config.dp is True and config.refit is False
+    assert config.layers == 3 and isinstance(config.layers, int)
+    assert config.dropout == 0.5 and config.target_epsilon == 2.0
+    assert isinstance(config.target_epsilon, float) and isinstance(config.logit_scale, float)
+    assert config.fusion == "concat"
+    assert RunConfig.from_flat({"dp": "False", "refit": "TRUE"}).refit is True
+    assert RunConfig.from_flat({}) == RunConfig()
+    # a config round-trips through its dict (what metrics.json and the checkpoint store)
+    assert RunConfig.from_flat(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(("values", "key"), [
+    ({"dimension": "3"}, "dimension"),
+    ({"target_epsilonn": 1.0}, "target_epsilonn"),
+    ({"layers": "two"}, "layers"),
+    ({"layers": "1.5"}, "layers"),
+    ({"dropout": "high"}, "dropout"),
+    ({"dp": "maybe"}, "dp"),
+    ({"max-grad-norm": ""}, "max-grad-norm"),
+])
+def test_from_flat_rejects_unknown_keys_and_bad_values(values: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(key))):
+        RunConfig.from_flat(values)
+
+
+def test_coerce_names_the_key() -> None:
+    with pytest.raises(ValueError, match="'rounds' expects int"):
+        _coerce("three", int, "rounds")
+
+
+def test_model_config_uses_the_dp_shape_under_dp() -> None:
+    config = RunConfig(max_len=30, dp_max_len=12, dim=24, dp_dim=40)
+    assert config.model_config(10, 8).max_len == 30
+    private = RunConfig(max_len=30, dp_max_len=12, dim=24, dp_dim=40, dp=True)
+    assert (private.model_config(10, 8).max_len, private.model_config(10, 8).dim) == (12, 40)
+    model = config.model_config(10, 8)
+    assert (model.num_items, model.text_dim, model.dim) == (10, 8, 24)
+
+
+def documented_settings() -> dict[str, str]:
+    """setting -> default, from the table of docs/configuration.md."""
+    settings = {}
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`([a-z0-9-]+)`", cells[0])
+        defaults = [d.strip().strip("`") for d in cells[1].split(",")]
+        if len(defaults) != len(names):
+            defaults = [cells[1].strip("`")] * len(names)
+        settings.update(zip(names, defaults, strict=True))
+    return settings
+
+
+def test_configuration_doc_lists_every_setting_with_its_default() -> None:
+    documented = documented_settings()
+    assert set(documented) == {kebab(f.name) for f in fields(RunConfig)}
+    defaults = RunConfig()
+    for field in fields(RunConfig):
+        text = documented[kebab(field.name)].replace('""', "")
+        expected = getattr(defaults, field.name)
+        assert _coerce(text, type(expected), field.name) == expected, field.name
+
+
+# --- command-line help ----------------------------------------------------------------------
+
+
+def options_of(command: list[str]) -> list[argparse.Action]:
+    parser = build_parser(command)
+    sub = parser
+    for name in command:
+        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)
+                   ).choices[name]
+    return [a for a in sub._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    (["train"], {"--data", "--out", "--epochs", "--dp", "--target-epsilon", "--delta", "--set",
+                 "--device", "--quiet"}),
+    (["simulate"], {"--data", "--out", "--clients", "--rounds", "--partition", "--strategy",
+                    "--local-epochs", "--dp", "--target-epsilon", "--delta", "--set", "--device",
+                    "--quiet"}),
+])
+def test_help_explains_every_option(command: list[str], expected: set[str], capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    actions = options_of(command)
+    assert expected <= {o for a in actions for o in a.option_strings}  # CONTRACT §3's options
+    for action in actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        assert any(re.search(re.escape(o) + r"\b", text) for o in action.option_strings)
+    assert "docs/configuration.md" in text  # where --set's settings are listed
+
+
+def test_bad_set_is_refused_with_the_key(capsys, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="'layers'"):
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+              "--set", "layers=two"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "layers"])
+    with pytest.raises(SystemExit, match="'colour'"):
+        main(["simulate", "--out", str(tmp_path / "o"), "--set", "colour=blue"])

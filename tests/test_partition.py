@@ -1,0 +1,137 @@
+"""Splitting one dataset into node directories (simulations/partition.py)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shared.data import Dataset, load_dataset
+from simulations.partition import node_catalog, node_name, write_partitions
+
+NODES = 3
+
+
+@pytest.fixture(scope="module")
+def dataset(synth_dataset_dir: Path) -> Dataset:
+    return load_dataset(synth_dataset_dir)
+
+
+def events(frame: pd.DataFrame) -> Counter:
+    return Counter(zip(frame["user_id"], frame["item_id"], frame["timestamp"], frame["event"],
+                       strict=True))
+
+
+def load_nodes(directories: list[Path]) -> list[Dataset]:
+    return [load_dataset(d) for d in directories]
+
+
+def check_complete(dataset: Dataset, nodes: list[Dataset]) -> None:
+    """Every event at exactly one node; every node the full catalog in the same order."""
+    union = Counter()
+    for node in nodes:
+        union += events(node.interactions)
+        pd.testing.assert_frame_equal(node.items, dataset.items)
+    assert union == events(dataset.interactions)
+    assert sum(len(n.interactions) for n in nodes) == len(dataset.interactions)
+
+
+def category_mix(node: Dataset) -> pd.Series:
+    top = node.items["categories"].str.split("|").str[0].to_numpy()
+    return pd.Series(top[node.interactions["item_idx"].to_numpy()]).value_counts(normalize=True)
+
+
+def largest_mix_difference(nodes: list[Dataset]) -> float:
+    """The largest total-variation distance between two nodes' department mixes."""
+    mixes = pd.concat([category_mix(n) for n in nodes], axis=1).fillna(0.0).to_numpy().T
+    return max(0.5 * np.abs(a - b).sum() for i, a in enumerate(mixes) for b in mixes[i + 1:])
+
+
+def test_regional_iid_covers_every_customer_exactly_once(dataset: Dataset,
+                                                         tmp_path: Path) -> None:
+    directories = write_partitions(dataset, tmp_path, NODES, "regional", 0.0, seed=0)
+    assert directories == [tmp_path / f"node-{k}" for k in range(NODES)]
+    nodes = load_nodes(directories)
+    check_complete(dataset, nodes)
+    customers = [set(n.interactions["user_id"]) for n in nodes]
+    assert set().union(*customers) == set(dataset.interactions["user_id"])
+    assert sum(len(c) for c in customers) == dataset.num_users  # disjoint
+    sizes = np.array([len(c) for c in customers])
+    assert sizes.min() >= dataset.num_users // NODES - 1  # IID: as balanced as can be
+    for k, directory in enumerate(directories):
+        assert node_name(directory) == f"regional-{k}"
+        assert node_catalog(directory, dataset.items) is None  # sells the whole catalog
+        info = json.loads((directory / "node.json").read_text())
+        assert info["partition"] == "regional"
+    # a node holds its customers' whole histories, in order
+    node = nodes[1]
+    for user, frame in list(node.interactions.groupby("user_id"))[:20]:
+        full = dataset.interactions[dataset.interactions["user_id"] == user]
+        assert frame["item_id"].tolist() == full["item_id"].tolist()
+
+
+def test_regional_partition_is_deterministic(dataset: Dataset, tmp_path: Path) -> None:
+    first = write_partitions(dataset, tmp_path / "a", 2, "regional", 0.0, seed=7)
+    second = write_partitions(dataset, tmp_path / "b", 2, "regional", 0.0, seed=7)
+    other = write_partitions(dataset, tmp_path / "c", 2, "regional", 0.0, seed=8)
+    users = [set(load_dataset(d).interactions["user_id"]) for d in (first[0], second[0], other[0])]
+    assert users[0] == users[1] != users[2]
+
+
+def test_dirichlet_skew_makes_node_mixes_differ(dataset: Dataset, tmp_path: Path) -> None:
+    iid = load_nodes(write_partitions(dataset, tmp_path / "iid", NODES, "regional", 0.0, seed=0))
+    skewed = load_nodes(write_partitions(dataset, tmp_path / "skew", NODES, "regional", 0.1,
+                                         seed=0))
+    check_complete(dataset, skewed)
+    customers = [set(n.interactions["user_id"]) for n in skewed]
+    assert sum(len(c) for c in customers) == len(set().union(*customers)) == dataset.num_users
+    iid_gap, skew_gap = largest_mix_difference(iid), largest_mix_difference(skewed)
+    assert iid_gap < 0.15  # IID nodes all look like the whole
+    assert skew_gap > 0.2 and skew_gap > 3 * iid_gap
+
+
+def test_merchant_nodes_hold_only_their_own_products(dataset: Dataset, tmp_path: Path) -> None:
+    directories = write_partitions(dataset, tmp_path, NODES, "merchant")
+    nodes = load_nodes(directories)
+    check_complete(dataset, nodes)
+    catalogs = [node_catalog(d, dataset.items) for d in directories]
+    assert all(c is not None and len(c) for c in catalogs)
+    # the catalogs split the items: disjoint and together every item
+    assert sorted(np.concatenate(catalogs).tolist()) == list(range(dataset.num_items))
+    for k, (node, catalog) in enumerate(zip(nodes, catalogs, strict=True)):
+        assert np.isin(node.interactions["item_idx"].to_numpy(), catalog).all()
+        assert node_name(directories[k]) == f"merchant-{k}"
+        # a merchant is never split: its items are all at one node
+        merchants = set(dataset.items["merchant_id"].to_numpy()[catalog])
+        others = set(dataset.items["merchant_id"].to_numpy()[np.setdiff1d(
+            np.arange(dataset.num_items), catalog)])
+        assert not merchants & others
+    # every event on an item lands at the node whose catalog has the item
+    owner = np.empty(dataset.num_items, dtype=int)
+    for k, catalog in enumerate(catalogs):
+        owner[catalog] = k
+    per_node = np.bincount(owner[dataset.interactions["item_idx"].to_numpy()], minlength=NODES)
+    assert per_node.tolist() == [len(n.interactions) for n in nodes]
+
+
+def test_merchant_partition_without_merchant_ids_uses_categories(dataset: Dataset,
+                                                                 tmp_path: Path) -> None:
+    items = dataset.items.drop(columns=["merchant_id"])
+    stripped = Dataset(dataset.interactions, items, dataset.report)
+    directories = write_partitions(stripped, tmp_path, 2, "merchant")
+    catalogs = [node_catalog(d, items) for d in directories]
+    assert sorted(np.concatenate(catalogs).tolist()) == list(range(dataset.num_items))
+    department = items["categories"].str.split("|").str[:2].str.join("|").to_numpy()
+    assert not set(department[catalogs[0]]) & set(department[catalogs[1]])
+    check_complete(stripped, load_nodes(directories))
+
+
+def test_bad_partition_arguments(dataset: Dataset, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="partition"):
+        write_partitions(dataset, tmp_path, 2, "by-weather")
+    with pytest.raises(ValueError, match="at least one node"):
+        write_partitions(dataset, tmp_path, 0)

@@ -1,0 +1,312 @@
+"""Personalised search, recommendations with reasons, the live catalog, the ANN index, and the
+HTTP service (FastAPI TestClient; the web page in headless Chromium when it is installed).
+
+Everything runs on a 24-product catalog with a deterministic bag-of-words "text tower", so the
+expected rankings follow from the product texts alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from server.service import Limits, build_app, create_app
+from shared.artifacts import save_model
+from shared.catalog import full_table
+from shared.index import VectorIndex, recall_at_k, top_k
+from shared.lexical import tokenize
+from shared.model import FusionRecommender, ModelConfig
+from shared.search import load_engine
+from shared.text import item_texts
+
+TEXT_DIM = 64
+PRODUCTS = [  # item_id, title, categories
+    ("tent1", "Summit Dome Tent for two", "Outdoor|Camping|Tents"),
+    ("tent2", "Ridgeline Backpacking Tent", "Outdoor|Camping|Tents"),
+    ("tent3", "Basecamp Family Tent", "Outdoor|Camping|Tents"),
+    ("tent4", "Alpine Storm Tent", "Outdoor|Camping|Tents"),
+    ("campgift", "Camping Gift Set with Lantern and Mug", "Outdoor|Camping|Gear"),
+    ("lip1", "Velvet Matte Red Lipstick", "Beauty|Makeup|Lips"),
+    ("lip2", "Rosewood Satin Lipstick", "Beauty|Makeup|Lips"),
+    ("lip3", "Coral Gloss Lipstick", "Beauty|Makeup|Lips"),
+    ("lipgift", "Lipstick Gift Set with Three Shades", "Beauty|Makeup|Lips"),
+    ("bell", "Zephyr Cast Iron Kettlebell", "Sports|Fitness|Weights"),
+    ("dumbbell", "Iron Dumbbell Pair", "Sports|Fitness|Weights"),
+    ("bench", "Adjustable Weight Bench", "Sports|Fitness|Weights"),
+    ("pan1", "Copper Saute Pan", "Home|Kitchen|Cookware"),
+    ("pan2", "Nonstick Frying Pan", "Home|Kitchen|Cookware"),
+    ("pot", "Stainless Stock Pot", "Home|Kitchen|Cookware"),
+    ("cream", "Hydrating Face Cream", "Beauty|Skin Care|Face"),
+    ("serum", "Vitamin C Serum", "Beauty|Skin Care|Face"),
+    ("cleanser", "Gentle Foaming Cleanser", "Beauty|Skin Care|Face"),
+    ("buds", "Wireless Earbuds", "Electronics|Audio"),
+    ("speaker", "Bluetooth Speaker", "Electronics|Audio"),
+    ("phones", "Noise Cancelling Headphones", "Electronics|Audio"),
+    ("mug", "Enamel Camp Mug", "Outdoor|Camping|Gear"),
+    ("lantern", "LED Camp Lantern", "Outdoor|Camping|Gear"),
+    ("brush", "Lip Liner Brush", "Beauty|Makeup|Lips"),
+]
+
+
+def fake_encode(texts: list[str]) -> np.ndarray:
+    """A deterministic bag-of-words text tower: the normalised sum of one random vector per word."""
+    out = np.zeros((len(texts), TEXT_DIM), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in tokenize(text):
+            out[row] += np.random.default_rng(zlib.crc32(word.encode())).standard_normal(TEXT_DIM)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+@pytest.fixture(scope="session")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model dir, dataset dir): a tiny untrained fusion model with small random ID vectors."""
+    root = tmp_path_factory.mktemp("service")
+    items = pd.DataFrame(PRODUCTS, columns=["item_id", "title", "categories"])
+    items["brand"], items["description"] = "", ""
+    (root / "data").mkdir()
+    items.to_csv(root / "data" / "items.csv", index=False)
+    torch.manual_seed(0)
+    config = ModelConfig(num_items=len(items), text_dim=TEXT_DIM, dim=8, layers=1, max_len=10)
+    model = FusionRecommender(config, torch.from_numpy(fake_encode(item_texts(items))))
+    with torch.no_grad():  # learned-looking ID parameters, small next to the text score
+        model.id_in.weight[1:] = 0.01 * torch.randn(len(items), 8)
+        model.id_scores.weight.copy_(0.01 * torch.randn(len(items), 8))
+        model.id_scores.bias.copy_(0.01 * torch.randn(len(items)))
+    save_model(root / "model", model, items["item_id"].to_numpy(), "fake", "# test model\n")
+    return root / "model", root / "data"
+
+
+LIMITS = Limits(max_k=20, max_history=5, max_query_chars=60, max_body_bytes=2000)
+
+
+@pytest.fixture
+def client(dirs: tuple[Path, Path]) -> TestClient:
+    """A fresh service per test (tests add products)."""
+    return TestClient(create_app(*dirs, limits=LIMITS, encode=fake_encode))
+
+
+def ids(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [r["item_id"] for r in response.json()["results"]]
+
+
+# --- search ---------------------------------------------------------------------------------
+
+def test_distinctive_query_ranks_its_product_first(client: TestClient):
+    response = client.post("/search", json={"query": "zephyr kettlebell", "k": 5})
+    assert ids(response)[0] == "bell"
+    first = response.json()["results"][0]
+    assert "'zephyr'" in first["reason"] and first["matched_terms"] == ["zephyr", "kettlebell"]
+
+
+def test_no_history_falls_back_to_relevance(client: TestClient):
+    response = client.post("/search", json={"query": "gift set", "k": 3})
+    assert set(ids(response)[:2]) == {"campgift", "lipgift"}  # the two texts that match
+    assert all(r["because"] is None for r in response.json()["results"])
+
+
+def test_history_personalises_the_ranking(client: TestClient):
+    camper = ids(client.post("/search", json={"query": "gift set", "history": ["tent1", "tent2"]}))
+    wearer = ids(client.post("/search", json={"query": "gift set", "history": ["lip1", "lip2"]}))
+    assert camper[0] == "campgift" and wearer[0] == "lipgift"
+    assert not {"tent1", "tent2"} & set(camper)  # history is excluded
+
+
+def test_search_reason_names_the_supporting_history_product(client: TestClient):
+    results = client.post("/search", json={"query": "gift set", "history": ["tent1"]}).json()
+    top = results["results"][0]
+    assert top["because"] == "tent1" and "you bought Summit Dome Tent for two" in top["reason"]
+
+
+# --- recommend --------------------------------------------------------------------------------
+
+def test_recommendations_follow_the_history_and_say_why(client: TestClient):
+    results = client.post("/recommend", json={"history": ["tent1", "tent2"], "k": 3}).json()
+    top = results["results"]
+    assert {r["item_id"] for r in top} <= {"tent3", "tent4", "campgift", "mug", "lantern"}
+    titles = {"tent1": "Summit Dome Tent for two", "tent2": "Ridgeline Backpacking Tent"}
+    for result in top:
+        assert result["because"] in titles
+        assert result["reason"] == f"because you bought {titles[result['because']]}"
+
+
+def test_a_new_event_changes_the_next_answer(client: TestClient):
+    before = ids(client.post("/recommend", json={"history": ["tent1"], "k": 3}))
+    after = ids(client.post("/recommend", json={"history": ["tent1", "lip1", "lip2"], "k": 3}))
+    assert before != after and any(i.startswith("lip") for i in after)
+
+
+# --- the live catalog ---------------------------------------------------------------------
+
+NEW_TENT = {"item_id": "nebula", "title": "Nebula Ultralight Backpacking Tent",
+            "categories": "Outdoor|Camping|Tents", "brand": "Nebula", "description": ""}
+
+
+def test_added_product_is_searchable_and_recommendable_at_once(client: TestClient):
+    response = client.post("/items", json=NEW_TENT)
+    assert response.status_code == 201 and response.json()["created"] is True
+    assert client.get("/items/nebula").json()["title"] == NEW_TENT["title"]
+    assert ids(client.post("/search", json={"query": "nebula ultralight", "k": 3}))[0] == "nebula"
+    recommended = ids(client.post("/recommend", json={"history": ["tent1", "tent2"], "k": 5}))
+    assert "nebula" in recommended
+    # and it can be part of a history itself (the model's history side grew too)
+    assert ids(client.post("/recommend", json={"history": ["nebula"], "k": 3}))
+    assert client.get("/health").json()["products"] == len(PRODUCTS) + 1
+
+
+def test_replacing_a_product_updates_text_and_keeps_one_row(client: TestClient):
+    changed = {"item_id": "pot", "title": "Stainless Stock Pot with Glass Lid",
+               "categories": "Home|Kitchen|Cookware"}
+    response = client.post("/items", json=changed)
+    assert response.status_code == 200 and response.json()["created"] is False
+    assert ids(client.post("/search", json={"query": "glass lid", "k": 1})) == ["pot"]
+    assert client.get("/health").json()["products"] == len(PRODUCTS)
+
+
+def test_incremental_rows_equal_the_model_item_table(dirs: tuple[Path, Path]):
+    engine = load_engine(*dirs, encode=fake_encode)
+    engine.upsert(pd.DataFrame([NEW_TENT, {"item_id": "lip1", "title": "Velvet Matte Lipstick"}]))
+    np.testing.assert_allclose(engine.preference_index.vectors, full_table(engine.model),
+                               rtol=1e-5, atol=1e-5)
+    assert engine.predicted.tolist() == [False] * len(PRODUCTS) + [True]
+    # a product added later gets ID parameters predicted from its text, not zeros
+    assert engine.model.id_scores.weight[-1].abs().sum() > 0
+
+
+# --- errors and limits ----------------------------------------------------------------------
+
+def test_health_docs_and_page(client: TestClient):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["retrieval"] == "exact"
+    assert health["limits"]["max_k"] == 20
+    assert client.get("/docs").status_code == 200
+    assert {"/recommend", "/search", "/items", "/items/{item_id}", "/health"} <= set(
+        client.get("/openapi.json").json()["paths"])
+    page = client.get("/")
+    assert page.status_code == 200 and "<script>" in page.text and "/search" in page.text
+
+
+@pytest.mark.parametrize(("path", "body", "field", "message"), [
+    ("/recommend", {"history": ["tent1", "nope", "zilch"]}, "history",
+     "unknown item ids: nope, zilch"),
+    ("/search", {"query": "tent", "history": ["nope"]}, "history", "unknown item ids: nope"),
+    ("/recommend", {"history": [], "k": 0}, "k", "k must be between 1 and 20"),
+    ("/search", {"query": "tent", "k": 21}, "k", "k must be between 1 and 20"),
+    ("/recommend", {"history": ["tent1"] * 6}, "history", "the limit is 5"),
+    ("/search", {"query": "tent " * 13}, "query", "longer than 60 characters"),
+])
+def test_bad_requests_get_422_naming_the_problem(client: TestClient, path, body, field, message):
+    response = client.post(path, json=body)
+    assert response.status_code == 422
+    error = response.json()["detail"][0]
+    assert error["loc"] == ["body", field] and message in error["msg"]
+
+
+def test_empty_query_and_missing_fields_are_422(client: TestClient):
+    assert client.post("/search", json={"query": "   "}).status_code == 422
+    assert client.post("/search", json={"history": []}).status_code == 422
+    assert client.post("/items", json={"item_id": "x"}).status_code == 422  # no title
+    assert client.post("/recommend", json={"history": "tent1"}).status_code == 422
+
+
+def test_unknown_product_is_404(client: TestClient):
+    response = client.get("/items/nope")
+    assert response.status_code == 404 and "nope" in response.json()["detail"]
+
+
+def test_body_over_the_limit_is_413(client: TestClient):
+    big = {"query": "tent", "history": ["x" * 500] * 5}
+    assert client.post("/search", json=big).status_code == 413
+
+    def chunks():  # no Content-Length: the middleware counts what streams in
+        yield b'{"query": "tent", "history": ['
+        for _ in range(30):
+            yield b'"' + b"y" * 100 + b'",'
+        yield b'"tent1"]}'
+
+    response = client.post("/search", content=chunks(),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+# --- the ANN index ------------------------------------------------------------------------
+
+def clustered(count: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors around 200 random centres (cosine about 0.7 to their centre)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((200, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    noise = rng.standard_normal((count, dim)) / np.sqrt(dim)
+    vectors = centres[rng.integers(0, 200, count)] + noise
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_ann_recall_against_exact_and_history_exclusion():
+    vectors = clustered(20_000, 33, seed=0)
+    index = VectorIndex(vectors, ann_threshold=10_000, nprobe=16)
+    assert index.kind == "ann"
+    queries = clustered(100, 33, seed=1)
+    assert recall_at_k(index, queries, k=10) >= 0.95
+    exact = top_k(vectors @ queries[0], 10)
+    found, scores = index.search(queries[0], 10, exclude=exact[:5])
+    assert not set(exact[:5]) & set(found) and len(found) == 10
+    np.testing.assert_allclose(scores, vectors[found] @ queries[0], rtol=1e-5)  # exact scores
+    index.set_rows(np.array([3, len(vectors)]), np.stack([queries[0], queries[0]]))
+    assert set(index.search(queries[0], 2)[0]) == {3, len(vectors)}  # updated and appended
+
+
+def test_exact_index_excludes_and_orders():
+    vectors = clustered(500, 8, seed=2)
+    index = VectorIndex(vectors)
+    assert index.kind == "exact"
+    found, scores = index.search(vectors[7], 5, exclude=np.array([7]))
+    assert 7 not in found and np.all(np.diff(scores) <= 0)
+
+
+# --- the web page in a real browser -------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
+                                        else None)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_web_page_shows_ranked_results_in_chromium(dirs: tuple[Path, Path], tmp_path: Path):
+    import uvicorn
+
+    app = build_app(load_engine(*dirs, encode=fake_encode), LIMITS)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 10
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/?q=gift+set&history=tent1"
+        dom = subprocess.run(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=10000", "--dump-dom", url],
+            capture_output=True, text=True, timeout=60).stdout
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert 'class="result"' in dom, dom[-2000:]
+    first = dom.split('class="result"')[1]
+    assert "Camping Gift Set with Lantern and Mug" in first  # personalised: camper first
+    assert "you bought Summit Dome Tent for two" in first  # the reason is shown
+    assert "Summit Dome Tent for two (tent1)" in dom  # the history chip, with its title
