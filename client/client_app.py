@@ -19,9 +19,20 @@ from shared.wire import encode, nbytes
 
 app = ClientApp()
 
-PRIVACY_FIELDS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "max_grad_norm",
-                  "contribution_index", "accountant", "mechanism", "unit", "target_epsilon",
-                  "reason")
+PRIVACY_FIELDS = (
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "max_grad_norm",
+    "contribution_index",
+    "accountant",
+    "mechanism",
+    "unit",
+    "target_epsilon",
+    "reason",
+)
 
 
 def node_directory(msg: Message, context: Context) -> str:
@@ -33,8 +44,9 @@ def node_directory(msg: Message, context: Context) -> str:
 
 def _setup(msg: Message, context: Context):
     settings = dict(msg.content["config"])
-    config = RunConfig.from_flat({k: v for k, v in settings.items()
-                                  if k not in ("server-round", "partitions-dir")})
+    config = RunConfig.from_flat(
+        {k: v for k, v in settings.items() if k not in ("server-round", "partitions-dir")}
+    )
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     torch.set_flush_denormal(True)
     node = load_node(node_directory(msg, context), config.text_model)
@@ -48,10 +60,13 @@ def train(msg: Message, context: Context) -> Message:
     config, node, state, server_round = _setup(msg, context)
     report = train_node(node, config, state, server_round)
     privacy = {k: report[k] for k in PRIVACY_FIELDS if k in report}
-    content = RecordDict({
-        "privacy": ConfigRecord({"node": node.name, "declined": bool(report.get("declined")),
-                                 **privacy}),
-    })
+    content = RecordDict(
+        {
+            "privacy": ConfigRecord(
+                {"node": node.name, "declined": bool(report.get("declined")), **privacy}
+            ),
+        }
+    )
     metrics = {"num-examples": report["customers"]}
     if not report.get("declined"):
         arrays = encode(report["state"], report["rows"], dtype=config.wire_dtype)

@@ -54,12 +54,18 @@ def load_node(directory: str, text_model: str) -> NodeData:
     """Load (once per process) a node's data directory."""
     dataset = load_dataset(directory)
     text = torch.from_numpy(embed_items(dataset.items, text_model, show_progress=False))
-    return NodeData(node_name(Path(directory)), Path(directory), leave_one_out(dataset), text,
-                    node_catalog(Path(directory), dataset.items))
+    return NodeData(
+        node_name(Path(directory)),
+        Path(directory),
+        leave_one_out(dataset),
+        text,
+        node_catalog(Path(directory), dataset.items),
+    )
 
 
-def build_model(node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]
-                ) -> FusionRecommender:
+def build_model(
+    node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]
+) -> FusionRecommender:
     model_config = config.model_config(len(node.text), node.text.shape[1])
     model = FusionRecommender(model_config, node.text)
     model.load_state_dict(state)
@@ -78,7 +84,9 @@ class CatalogView(torch.nn.Module):
         return self.model(items)[..., self.columns]
 
 
-def _local_targets(targets: torch.Tensor, catalog: np.ndarray | None, num_items: int) -> torch.Tensor:
+def _local_targets(
+    targets: torch.Tensor, catalog: np.ndarray | None, num_items: int
+) -> torch.Tensor:
     if catalog is None:
         return targets
     position = torch.full((num_items,), -1, dtype=torch.long)
@@ -91,8 +99,11 @@ class NodePrivacy:
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / "privacy" / "accountant.json"
-        self.state = json.loads(self.path.read_text()) if self.path.exists() else {
-            "accountant": {}, "contributions": 0, "noise_multiplier": None}
+        self.state = (
+            json.loads(self.path.read_text())
+            if self.path.exists()
+            else {"accountant": {}, "contributions": 0, "noise_multiplier": None}
+        )
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +121,9 @@ class NodePrivacy:
         return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
 
 
-def train_node(node: NodeData, config: RunConfig, state: dict[str, torch.Tensor],
-               server_round: int) -> dict:
+def train_node(
+    node: NodeData, config: RunConfig, state: dict[str, torch.Tensor], server_round: int
+) -> dict:
     """Local training from the global ``state``; returns weights, rows and numbers to report."""
     device = resolve_device(config.device)
     model = build_model(node, config, state)
@@ -126,17 +138,33 @@ def train_node(node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]
             return report
     else:
         trainee = CatalogView(model, catalog) if node.catalog is not None else None
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                      weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
         anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
         proximal = None
         if config.strategy == "fedprox" and config.proximal_mu > 0:
+
             def proximal() -> torch.Tensor:  # FedProx: stay near the global model
-                return config.proximal_mu / 2 * sum(
-                    ((p - anchor[k]) ** 2).sum() for k, p in model.named_parameters())
-        losses = [train_epoch(model, optimizer, inputs, targets, config.local_batch_size, device,
-                              proximal, columns=None if trainee is None else trainee.columns)
-                  for _ in range(config.local_epochs)]
+                return (
+                    config.proximal_mu
+                    / 2
+                    * sum(((p - anchor[k]) ** 2).sum() for k, p in model.named_parameters())
+                )
+
+        losses = [
+            train_epoch(
+                model,
+                optimizer,
+                inputs,
+                targets,
+                config.local_batch_size,
+                device,
+                proximal,
+                columns=None if trainee is None else trainee.columns,
+            )
+            for _ in range(config.local_epochs)
+        ]
         report["loss"] = float(np.mean(losses))
     trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     report["state"] = trained
@@ -163,36 +191,62 @@ def _rows_to_send(trained: dict, before: dict, catalog: np.ndarray, changed_only
     return rows
 
 
-def _train_private(node: NodeData, config: RunConfig, model: FusionRecommender,
-                   inputs: torch.Tensor, targets: torch.Tensor, server_round: int,
-                   device: str) -> dict:
+def _train_private(
+    node: NodeData,
+    config: RunConfig,
+    model: FusionRecommender,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    server_round: int,
+    device: str,
+) -> dict:
     privacy = NodePrivacy(node.directory)
     delta = config.delta or 1.0 / (10 * max(len(inputs), 1))
     steps, sample_rate = steps_per_epoch(len(inputs), config.dp_batch_size)
     round_steps = steps * config.local_epochs
     if privacy.state["noise_multiplier"] is None:  # calibrated once, for the planned rounds
         privacy.state["noise_multiplier"] = calibrate_noise(
-            config.target_epsilon, delta, sample_rate, round_steps * config.rounds)
+            config.target_epsilon, delta, sample_rate, round_steps * config.rounds
+        )
     sigma = privacy.state["noise_multiplier"]
     projected = privacy.epsilon_after(delta, (sigma, sample_rate, round_steps))
     if projected > config.target_epsilon:
-        return {"declined": True, "epsilon": privacy.epsilon_after(delta), "delta": delta,
-                "reason": f"the next contribution would bring epsilon to {projected:.3f}, over "
-                          f"the budget {config.target_epsilon}"}
+        return {
+            "declined": True,
+            "epsilon": privacy.epsilon_after(delta),
+            "delta": delta,
+            "reason": f"the next contribution would bring epsilon to {projected:.3f}, over "
+            f"the budget {config.target_epsilon}",
+        }
     view = CatalogView(model, node.catalog) if node.catalog is not None else model
     spent = train_private(
-        view, inputs, targets, epochs=config.local_epochs, expected_batch=config.dp_batch_size,
-        noise_multiplier=sigma, max_grad_norm=config.max_grad_norm, lr=config.dp_lr, delta=delta,
-        device=device, accountant_state=privacy.state["accountant"] or None,
+        view,
+        inputs,
+        targets,
+        epochs=config.local_epochs,
+        expected_batch=config.dp_batch_size,
+        noise_multiplier=sigma,
+        max_grad_norm=config.max_grad_norm,
+        lr=config.dp_lr,
+        delta=delta,
+        device=device,
+        accountant_state=privacy.state["accountant"] or None,
     )
     privacy.state["accountant"] = spent.accountant_state
     privacy.state["contributions"] += 1
     privacy.save()  # before anything leaves the node
     return {
-        "loss": spent.loss, "epsilon": spent.epsilon, "delta": delta, "noise_multiplier": sigma,
-        "sample_rate": sample_rate, "steps": spent.steps, "max_grad_norm": config.max_grad_norm,
-        "contribution_index": privacy.state["contributions"] - 1, "accountant": "prv",
-        "mechanism": "poisson_subsampled_gaussian", "unit": PRIVACY_UNIT,
+        "loss": spent.loss,
+        "epsilon": spent.epsilon,
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "sample_rate": sample_rate,
+        "steps": spent.steps,
+        "max_grad_norm": config.max_grad_norm,
+        "contribution_index": privacy.state["contributions"] - 1,
+        "accountant": "prv",
+        "mechanism": "poisson_subsampled_gaussian",
+        "unit": PRIVACY_UNIT,
         "target_epsilon": config.target_epsilon,
     }
 

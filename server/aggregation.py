@@ -29,12 +29,14 @@ class NodeUpdate:
     rows: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _stack(name: str, reference: torch.Tensor, updates: list[NodeUpdate]
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack(
+    name: str, reference: torch.Tensor, updates: list[NodeUpdate]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deltas (nodes, *shape) and a presence mask (nodes, rows or 1)."""
     deltas = torch.zeros(len(updates), *reference.shape)
-    present = torch.zeros(len(updates), reference.shape[0] if reference.ndim else 1,
-                          dtype=torch.bool)
+    present = torch.zeros(
+        len(updates), reference.shape[0] if reference.ndim else 1, dtype=torch.bool
+    )
     for i, update in enumerate(updates):
         if name in update.rows:
             index = torch.as_tensor(update.rows[name] + ITEM_TABLES[name])
@@ -61,8 +63,12 @@ def _robust(deltas: torch.Tensor, present: torch.Tensor, method: str, trim: floa
     return kept.sum(0) / keep.sum(0).clamp(min=1)
 
 
-def aggregate(global_state: dict[str, torch.Tensor], updates: list[NodeUpdate],
-              method: str = "mean", trim: float = 0.2) -> dict[str, torch.Tensor]:
+def aggregate(
+    global_state: dict[str, torch.Tensor],
+    updates: list[NodeUpdate],
+    method: str = "mean",
+    trim: float = 0.2,
+) -> dict[str, torch.Tensor]:
     """The aggregate delta for every weight (mean weighted by node size, median or trimmed)."""
     if method not in METHODS:
         raise ValueError(f"aggregation must be one of {METHODS}, got {method!r}")
@@ -86,8 +92,9 @@ class ServerOptimizer:
         self.kind, self.lr, self.betas, self.eps = kind, lr, betas, eps
         self.state: dict[str, torch.Tensor] = {}
 
-    def step(self, global_state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
-             ) -> dict[str, torch.Tensor]:
+    def step(
+        self, global_state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         if self.kind == "sgd":
             return {k: v + self.lr * delta[k] for k, v in global_state.items()}
         beta1, beta2 = self.betas

@@ -21,8 +21,8 @@ log = logging.getLogger("fedrec.server")
 
 def embedded_dataset(out: Path) -> Path:
     """The default dataset: a small synthetic marketplace, generated once under ``out``."""
-    from simulations.synth import SynthConfig, generate
     from shared.convert import write_dataset
+    from simulations.synth import SynthConfig, generate
 
     directory = out / "data"
     if not (directory / "items.csv.gz").exists():
@@ -42,13 +42,21 @@ def main_with(grid: Grid, config: RunConfig, show_progress: bool = False) -> Non
     log.info("test ndcg@10 %.4f; outputs in %s", metrics["test"]["ndcg@10"], out)
 
 
-def make_server_app(config: RunConfig, show_progress: bool = True) -> ServerApp:
-    """A ServerApp running the federation with an explicit configuration."""
+def make_server_app(
+    config: RunConfig, show_progress: bool = True, errors: list[BaseException] | None = None
+) -> ServerApp:
+    """A ServerApp running the federation with an explicit configuration; an exception in it
+    is also appended to ``errors`` (the simulation engine only logs it)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        main_with(grid, config, show_progress)
+        try:
+            main_with(grid, config, show_progress)
+        except BaseException as error:
+            if errors is not None:
+                errors.append(error)
+            raise
 
     return server_app
 

@@ -119,7 +119,7 @@ def results(engine: SearchEngine, hits: list[Hit], started: float) -> Results:
     out = []
     for hit in hits:
         product = engine.product(hit.row)
-        because = None if hit.because is None else engine.product(hit.because)["item_id"]
+        because = None if hit.because is None else engine.fields["item_id"][hit.because]
         out.append(Result(item_id=product["item_id"], title=product["title"],
                           categories=product["categories"], brand=product["brand"],
                           score=round(hit.score, 4), reason=hit.reason, because=because,
@@ -221,13 +221,15 @@ def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
 
 
 def set_threads(threads: int) -> None:
-    """Intra-op threads of torch and faiss. One per request is the right default for serving:
-    a parallel team of threads spin-waits badly when the cores are busy (seen: 10x slower)."""
+    """Threads per operation in torch, faiss and numpy's BLAS. One per request is the right
+    default for serving: a team of threads spin-waits when the cores are busy (seen: 10x)."""
     import faiss
+    import threadpoolctl
     import torch
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
+    threadpoolctl.threadpool_limits(threads)
 
 
 def create_app(model_dir: Path, data_dir: Path, limits: Limits | None = None,

@@ -36,24 +36,34 @@ class FedRecStrategy(FedAvg):
 
     def __init__(self, config: RunConfig, max_update_norm: float = 1e4):
         if config.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {config.strategy!r}")
-        super().__init__(fraction_train=config.fraction_train, fraction_evaluate=1.0,
-                         min_train_nodes=config.min_nodes, min_evaluate_nodes=config.min_nodes,
-                         min_available_nodes=config.min_nodes)
+            raise ValueError(
+                f"strategy must be one of {sorted(STRATEGIES)}, got {config.strategy!r}"
+            )
+        super().__init__(
+            fraction_train=config.fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=config.min_nodes,
+            min_evaluate_nodes=config.min_nodes,
+            min_available_nodes=config.min_nodes,
+        )
         self.method, kind = STRATEGIES[config.strategy]
         self.trim = config.trim_fraction
         self.optimizer = ServerOptimizer(kind, config.server_lr)
         self.max_update_norm = max_update_norm
 
-    def node_updates(self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]
-                     ) -> tuple[list[NodeUpdate], list[str]]:
+    def node_updates(
+        self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]
+    ) -> tuple[list[NodeUpdate], list[str]]:
         """Decode and validate the replies that carry weights; returns updates and rejections."""
         updates, rejected = [], []
         for reply in replies:
             if reply.has_error() or "arrays" not in reply.content:
                 continue
-            node = str(reply.content["privacy"]["node"]) if "privacy" in reply.content else str(
-                reply.metadata.src_node_id)
+            node = (
+                str(reply.content["privacy"]["node"])
+                if "privacy" in reply.content
+                else str(reply.metadata.src_node_id)
+            )
             arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
             try:
                 tensors, rows = decode(arrays, global_state)
@@ -68,14 +78,16 @@ class FedRecStrategy(FedAvg):
             updates.append(NodeUpdate(node, max(weight, 1.0), tensors, rows))
         return updates, rejected
 
-    def apply(self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]
-              ) -> dict[str, torch.Tensor]:
+    def apply(
+        self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]
+    ) -> dict[str, torch.Tensor]:
         """The new global weights from the accepted updates."""
         delta = aggregate(global_state, updates, self.method, self.trim)
         return self.optimizer.step(global_state, delta)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Weighted average of the nodes' metrics (nodes with no evaluation users are skipped)."""
         totals, weight = {}, 0.0
         for reply in replies:
@@ -89,8 +101,11 @@ class FedRecStrategy(FedAvg):
         return MetricRecord({k: v / weight for k, v in totals.items()}) if weight else None
 
 
-def _update_norm(tensors: dict[str, torch.Tensor], rows: dict[str, np.ndarray],
-                 global_state: dict[str, torch.Tensor]) -> float:
+def _update_norm(
+    tensors: dict[str, torch.Tensor],
+    rows: dict[str, np.ndarray],
+    global_state: dict[str, torch.Tensor],
+) -> float:
     from shared.wire import ITEM_TABLES
 
     total = 0.0
@@ -99,4 +114,4 @@ def _update_norm(tensors: dict[str, torch.Tensor], rows: dict[str, np.ndarray],
         if name in rows:
             reference = reference[torch.as_tensor(rows[name] + ITEM_TABLES[name])]
         total += float(((value - reference.float()) ** 2).sum())
-    return total ** 0.5
+    return total**0.5

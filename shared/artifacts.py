@@ -33,8 +33,9 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-def save_model(directory: Path, model: FusionRecommender, item_ids: np.ndarray, text_model: str,
-               card: str) -> None:
+def save_model(
+    directory: Path, model: FusionRecommender, item_ids: np.ndarray, text_model: str, card: str
+) -> None:
     """Save weights (safetensors), config, catalog ids and the model card."""
     from safetensors.torch import save_file
 
@@ -42,18 +43,22 @@ def save_model(directory: Path, model: FusionRecommender, item_ids: np.ndarray, 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"))
-    write_json(directory / "config.json", {"model": model.config.to_dict(), "text_model": text_model})
+    write_json(
+        directory / "config.json", {"model": model.config.to_dict(), "text_model": text_model}
+    )
     (directory / "item_ids.txt").write_text("\n".join(map(str, item_ids)) + "\n")
     (directory / "README.md").write_text(card)
 
 
 def load_model(directory: Path, text: torch.Tensor, device: str = "cpu") -> FusionRecommender:
-    """Rebuild a saved model around the catalog's text embeddings (catalog order of item_ids.txt)."""
+    """Rebuild a saved model around the catalog's text embeddings (in item_ids.txt order)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     if not (directory / "model.safetensors").exists():
-        raise FileNotFoundError(f"{directory}: no model.safetensors (is this a run's model/ folder?)")
+        raise FileNotFoundError(
+            f"{directory}: no model.safetensors (is this a run's model/ folder?)"
+        )
     config = json.loads((directory / "config.json").read_text())
     model = FusionRecommender(ModelConfig(**config["model"]), text)
     model.load_state_dict(load_file(str(directory / "model.safetensors"), device="cpu"))
@@ -83,8 +88,7 @@ def model_card(*, title: str, data: dict, metrics: dict, config: dict, privacy: 
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {name} | {value:.4f} |" for name, value in test.items()
-          if isinstance(value, float)],
+        *[f"| {name} | {value:.4f} |" for name, value in test.items() if isinstance(value, float)],
         "",
         "## Privacy",
         "",
@@ -97,5 +101,13 @@ def model_card(*, title: str, data: dict, metrics: dict, config: dict, privacy: 
             "guarantee: its weights may reveal information about the customers whose data "
             "trained it. Do not share it outside the parties allowed to see that data."
         ]
-    lines += ["", "## Training configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
+    lines += [
+        "",
+        "## Training configuration",
+        "",
+        "```json",
+        json.dumps(config, indent=2),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

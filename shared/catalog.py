@@ -90,7 +90,7 @@ def _extended(tensor: torch.Tensor, count: int) -> torch.Tensor:
 @torch.no_grad()
 def table_rows(model: FusionRecommender, rows: np.ndarray) -> np.ndarray:
     """Rows of ``[item_table | bias]`` for ``rows``: what :meth:`FusionRecommender.item_table`
-    computes for the whole catalog, for a few items (a test checks they agree)."""
+    computes for the whole catalog, for some items (a test checks that they agree)."""
     c, rows = model.config, torch.as_tensor(rows, dtype=torch.long)
     table = torch.zeros(len(rows), c.dim)
     bias = torch.zeros(len(rows))
@@ -102,8 +102,9 @@ def table_rows(model: FusionRecommender, rows: np.ndarray) -> np.ndarray:
     return torch.cat([table, bias[:, None]], dim=1).numpy()
 
 
-@torch.no_grad()
-def full_table(model: FusionRecommender) -> np.ndarray:
-    """``[item_table | bias]`` (num_items, dim + 1): the vectors a customer state scores against."""
-    table, bias = model.item_table()
-    return torch.cat([table, bias[:, None]], dim=1).cpu().numpy()
+def full_table(model: FusionRecommender, chunk: int = 100_000) -> np.ndarray:
+    """``[item_table | bias]`` (num_items, dim + 1): the vectors a customer state scores against
+    (in chunks: a million products never need more than one extra chunk of memory)."""
+    return np.concatenate([table_rows(model, np.arange(start, min(start + chunk,
+                                                                   model.config.num_items)))
+                           for start in range(0, model.config.num_items, chunk)])

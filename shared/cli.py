@@ -21,11 +21,13 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("simulate",), "simulations.simulate", "a federated run on Flower's simulation engine"),
     (("audit",), "server.audit", "audit the privacy ledger of a run"),
     (("serve",), "server.service", "serve the global recommender over HTTP"),
-    (("bench", "quality"), "simulations.bench_quality",
-     "baselines, ablations and fusion side by side"),
+    (
+        ("bench", "quality"),
+        "simulations.bench_quality",
+        "baselines, ablations and fusion side by side",
+    ),
     (("bench", "privacy"), "simulations.bench_privacy", "the federated privacy-utility curve"),
-    (("bench", "dp-cost"), "simulations.bench_dp_cost",
-     "DP-SGD time and memory against non-DP"),
+    (("bench", "dp-cost"), "simulations.bench_dp_cost", "DP-SGD time and memory against non-DP"),
     (("bench", "search"), "simulations.bench_search", "search quality: BM25, dense, fusion"),
     (("bench", "serve"), "simulations.bench_serve", "latency of the service, exact and ANN"),
 ]

@@ -63,6 +63,7 @@ class RunConfig:
     fraction_train: float = 1.0
     min_nodes: int = 1
     wire_dtype: str = "float32"  # float16 halves what travels
+    canaries: int = 0  # empirical privacy audit: random canary customers (simulation only)
 
     def model_config(self, num_items: int, text_dim: int) -> ModelConfig:
         names = {f.name for f in fields(ModelConfig)}

@@ -231,8 +231,10 @@ class Split:
         targets, once the validation split has served its purpose. Test targets never."""
         if not refit:
             return list(self.train)
-        return [self.history(u, "test") if self.test_target[u] >= 0 else self.train[u]
-                for u in range(len(self.train))]
+        return [
+            self.history(u, "test") if self.test_target[u] >= 0 else self.train[u]
+            for u in range(len(self.train))
+        ]
 
     def target(self, stage: str) -> np.ndarray:
         return self.valid_target if stage == "valid" else self.test_target

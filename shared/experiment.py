@@ -31,19 +31,28 @@ class Experiment:
     cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
-    def prepare(cls, data_dir: str | Path, config: RunConfig, cold_fraction: float = 0.0,
-                show_progress: bool = True) -> Experiment:
+    def prepare(
+        cls,
+        data_dir: str | Path,
+        config: RunConfig,
+        cold_fraction: float = 0.0,
+        show_progress: bool = True,
+    ) -> Experiment:
         """Load and split the data, embed the item text (cached), optionally hold out items."""
         dataset = load_dataset(data_dir)
         split = leave_one_out(dataset)
         device = resolve_device(config.device)
-        text = torch.from_numpy(embed_items(dataset.items, config.text_model, device=device,
-                                            show_progress=show_progress))
+        text = torch.from_numpy(
+            embed_items(
+                dataset.items, config.text_model, device=device, show_progress=show_progress
+            )
+        )
         cold = np.zeros(0, dtype=np.int64)
         if cold_fraction > 0:
             rng = np.random.default_rng(config.seed)
-            cold = np.sort(rng.choice(dataset.num_items, int(cold_fraction * dataset.num_items),
-                                      replace=False))
+            cold = np.sort(
+                rng.choice(dataset.num_items, int(cold_fraction * dataset.num_items), replace=False)
+            )
         return cls(dataset, split, text, config, cold)
 
     @property
@@ -81,12 +90,25 @@ class Experiment:
         return score
 
     def evaluate(self, model: FusionRecommender, stage: str) -> tuple[dict, np.ndarray]:
-        return evaluate(self.score_fn(model), self.split, stage,
-                        cold_items=self.cold_items if len(self.cold_items) else None)
+        return evaluate(
+            self.score_fn(model),
+            self.split,
+            stage,
+            cold_items=self.cold_items if len(self.cold_items) else None,
+        )
 
-    def finish(self, out: Path, model: FusionRecommender, *, trained: torch.Tensor,
-               timing: dict, privacy: dict | None = None, extra: dict | None = None,
-               valid: dict | None = None, title: str = "fedrec global recommender") -> dict:
+    def finish(
+        self,
+        out: Path,
+        model: FusionRecommender,
+        *,
+        trained: torch.Tensor,
+        timing: dict,
+        privacy: dict | None = None,
+        extra: dict | None = None,
+        valid: dict | None = None,
+        title: str = "fedrec global recommender",
+    ) -> dict:
         """Fill untrained items from text, evaluate, and write metrics.json, recs.csv, model/.
 
         ``valid``: validation metrics measured before a refit on the validation targets (the
@@ -101,15 +123,25 @@ class Experiment:
         test, top = self.evaluate(model, "test")
         timing = {**timing, "evaluate_s": round(time.time() - start, 2)}
         write_recs(out / "recs.csv", self.split, self.item_ids, top)
-        metrics = {"test": test, "valid": valid, "config": self.config.to_dict(), "timing": timing,
-                   "cold_filled_items": filled, **(extra or {})}
+        metrics = {
+            "test": test,
+            "valid": valid,
+            "config": self.config.to_dict(),
+            "timing": timing,
+            "cold_filled_items": filled,
+            **(extra or {}),
+        }
         if privacy:
             metrics["privacy"] = privacy
         write_json(out / "metrics.json", metrics)
-        data = {"dataset": str(self.dataset.report.interactions_file).rsplit("/", 2)[-2],
-                "customers": self.dataset.num_users, "products": self.dataset.num_items,
-                "events": self.dataset.report.num_rows}
-        card = model_card(title=title, data=data, metrics=metrics, config=self.config.to_dict(),
-                          privacy=privacy)
+        data = {
+            "dataset": str(self.dataset.report.interactions_file).rsplit("/", 2)[-2],
+            "customers": self.dataset.num_users,
+            "products": self.dataset.num_items,
+            "events": self.dataset.report.num_rows,
+        }
+        card = model_card(
+            title=title, data=data, metrics=metrics, config=self.config.to_dict(), privacy=privacy
+        )
         save_model(out / "model", model, self.item_ids, self.config.text_model, card)
         return metrics

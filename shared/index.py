@@ -11,6 +11,7 @@ quantised lists (a quarter of the memory of the vectors) answers in about a mill
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
@@ -33,11 +34,24 @@ class VectorIndex:
     def __init__(self, vectors: np.ndarray, ann_threshold: int = ANN_THRESHOLD,
                  nprobe: int = 16, seed: int = 0):
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.nprobe, self.seed = nprobe, seed
+        self._nprobe, self.seed = nprobe, seed
         self.mean = np.zeros(self.vectors.shape[1], dtype=np.float32)  # of the rows, for IVF
         self.ann: faiss.Index | None = None
         if len(self.vectors) >= ann_threshold:
             self.ann = self._build_ann()
+            self.nprobe = nprobe
+
+    @property
+    def nprobe(self) -> int:
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        """IVF lists probed per query (more: higher recall, slower)."""
+        self._nprobe = value
+        if self.ann is not None:
+            faiss.ParameterSpace().set_index_parameters(
+                self.ann, f"nprobe={value},quantizer_efSearch={max(64, 2 * value)}")
 
     @property
     def kind(self) -> str:
@@ -62,8 +76,6 @@ class VectorIndex:
         for start in range(0, n, 100_000):  # centred in chunks: bounded extra memory
             rows = np.arange(start, min(n, start + 100_000))
             index.add_with_ids(self.vectors[rows] - self.mean, rows)
-        faiss.ParameterSpace().set_index_parameters(
-            index, f"nprobe={self.nprobe},quantizer_efSearch={max(64, 2 * self.nprobe)}")
         return index
 
     def search(self, query: np.ndarray, k: int,
@@ -99,11 +111,16 @@ class VectorIndex:
             self.ann.add_with_ids(vectors - self.mean, rows)
 
 
-def recall_at_k(index: VectorIndex, queries: np.ndarray, k: int = 10) -> float:
-    """Mean fraction of the exact top-``k`` that ``index`` returns (1.0 for an exact index)."""
-    hits = 0
-    for query in queries:
-        exact = top_k(index.vectors @ query, k)
-        found, _ = index.search(query, k)
-        hits += len(np.intersect1d(exact, found))
-    return hits / (k * len(queries))
+def recall_at_k(index: VectorIndex, queries: np.ndarray, k: int = 10,
+                nprobes: Sequence[int] = ()) -> dict[int, float]:
+    """Mean fraction of the exact top-``k`` that ``index`` returns, for each of ``nprobes``
+    (default: its current setting; an exact index scores 1.0)."""
+    exact = [top_k(index.vectors @ query, k) for query in queries]
+    current, out = index.nprobe, {}
+    for nprobe in nprobes or [current]:
+        index.nprobe = nprobe
+        hits = sum(len(np.intersect1d(truth, index.search(query, k)[0]))
+                   for query, truth in zip(queries, exact, strict=True))
+        out[nprobe] = hits / (k * len(queries))
+    index.nprobe = current
+    return out

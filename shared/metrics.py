@@ -30,15 +30,23 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     for k in (10, 20):
         within = hit & (ranks <= k)
         out[f"hr@{k}"] = float(within.mean()) if len(ranks) else 0.0
-        gain = np.where(within, 1.0 / np.log2(ranks + 1.0, where=within, out=np.ones(len(ranks))), 0)
+        gain = np.where(
+            within, 1.0 / np.log2(ranks + 1.0, where=within, out=np.ones(len(ranks))), 0
+        )
         out[f"ndcg@{k}"] = float(gain.mean()) if len(ranks) else 0.0
-    out["mrr@20"] = float(np.where(hit, 1.0 / np.maximum(ranks, 1), 0.0).mean()) if len(ranks) else 0.0
+    out["mrr@20"] = (
+        float(np.where(hit, 1.0 / np.maximum(ranks, 1), 0.0).mean()) if len(ranks) else 0.0
+    )
     return {name: out[name] for name in METRICS}
 
 
 def rank_users(
-    score_fn: ScoreFn, split: Split, stage: str, users: np.ndarray | None = None,
-    batch_size: int = 512, k: int = TOP_K,
+    score_fn: ScoreFn,
+    split: Split,
+    stage: str,
+    users: np.ndarray | None = None,
+    batch_size: int = 512,
+    k: int = TOP_K,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` items per user (history excluded) and the 1-based rank of each target."""
     users = split.test_users if users is None else np.asarray(users)
@@ -59,7 +67,10 @@ def rank_users(
 
 
 def evaluate(
-    score_fn: ScoreFn, split: Split, stage: str, users: np.ndarray | None = None,
+    score_fn: ScoreFn,
+    split: Split,
+    stage: str,
+    users: np.ndarray | None = None,
     cold_items: np.ndarray | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """CONTRACT metrics at ``stage`` plus coverage and, if given, the cold-item view."""
@@ -75,23 +86,31 @@ def evaluate(
     return result, top
 
 
-def write_recs(path: Path, split: Split, item_ids: np.ndarray, top: np.ndarray,
-               users: np.ndarray | None = None) -> None:
+def write_recs(
+    path: Path, split: Split, item_ids: np.ndarray, top: np.ndarray, users: np.ndarray | None = None
+) -> None:
     """``user_id,rank,item_id`` for the top-20 of each test user."""
     users = split.test_users if users is None else users
     k = top.shape[1]
-    pd.DataFrame({
-        "user_id": np.repeat(split.user_ids[users], k),
-        "rank": np.tile(np.arange(1, k + 1), len(users)),
-        "item_id": np.asarray(item_ids)[top.reshape(-1)],
-    }).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "user_id": np.repeat(split.user_ids[users], k),
+            "rank": np.tile(np.arange(1, k + 1), len(users)),
+            "item_id": np.asarray(item_ids)[top.reshape(-1)],
+        }
+    ).to_csv(path, index=False)
 
 
 def metrics_from_recs(recs_path: Path, split: Split, item_ids: np.ndarray) -> dict[str, float]:
     """Recompute the test metrics from ``recs.csv`` and the dataset alone (an independent check)."""
     recs = pd.read_csv(recs_path, dtype={"user_id": str, "item_id": str})
-    target_of = dict(zip(split.user_ids[split.test_users],
-                         np.asarray(item_ids)[split.test_target[split.test_users]]))
+    target_of = dict(
+        zip(
+            split.user_ids[split.test_users],
+            np.asarray(item_ids)[split.test_target[split.test_users]],
+            strict=True,
+        )
+    )
     recs = recs[recs["rank"] <= TOP_K]
     recs = recs.assign(hit=recs["item_id"].to_numpy() == recs["user_id"].map(target_of).to_numpy())
     first_hit = recs[recs["hit"]].groupby("user_id")["rank"].min()

@@ -101,10 +101,14 @@ class Block(nn.Module):
         attended = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
-        x = x + F.dropout(self.attn_out(attended.transpose(1, 2).reshape(batch, length, dim)),
-                          self.dropout, self.training)
-        return x + F.dropout(self.ff_out(F.gelu(self.ff_in(self.norm2(x)))), self.dropout,
-                             self.training)
+        x = x + F.dropout(
+            self.attn_out(attended.transpose(1, 2).reshape(batch, length, dim)),
+            self.dropout,
+            self.training,
+        )
+        return x + F.dropout(
+            self.ff_out(F.gelu(self.ff_in(self.norm2(x)))), self.dropout, self.training
+        )
 
 
 class FusionRecommender(nn.Module):
@@ -114,7 +118,9 @@ class FusionRecommender(nn.Module):
         super().__init__()
         self.config = c = config
         if text.shape != (c.num_items, c.text_dim):
-            raise ValueError(f"text embeddings {tuple(text.shape)} != ({c.num_items}, {c.text_dim})")
+            raise ValueError(
+                f"text embeddings {tuple(text.shape)} != ({c.num_items}, {c.text_dim})"
+            )
         self.register_buffer("text", text.float().contiguous(), persistent=False)
         projection = text_projection(self.text, c.dim)  # (dim, text_dim)
         # history side (item index 0 is padding, item i is row i + 1) and candidate side:
@@ -242,7 +248,7 @@ def pad_histories(histories: list[np.ndarray], max_len: int) -> torch.Tensor:
     for row, history in enumerate(histories):
         tail = np.asarray(history[-max_len:], dtype=np.int64)
         if len(tail):
-            out[row, max_len - len(tail):] = torch.from_numpy(tail + 1)
+            out[row, max_len - len(tail) :] = torch.from_numpy(tail + 1)
     return out
 
 
@@ -266,8 +272,9 @@ def fill_cold_items(model: FusionRecommender, trained: torch.Tensor, ridge: floa
     if not (model.config.use_id and model.config.use_text) or trained.all() or not trained.any():
         return 0
     text = model.text
-    targets = torch.cat([model.id_in.weight[1:], model.id_scores.weight,
-                         model.id_scores.bias[:, None]], dim=1)
+    targets = torch.cat(
+        [model.id_in.weight[1:], model.id_scores.weight, model.id_scores.bias[:, None]], dim=1
+    )
     design = torch.cat([text, torch.ones(len(text), 1, device=text.device)], dim=1).double()
     known = design[trained]
     solution = torch.linalg.solve(

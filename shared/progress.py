@@ -16,8 +16,12 @@ def progress_bar(items: Iterable[T], description: str, disable: bool = False) ->
     if disable:
         yield from items
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         total = len(items) if hasattr(items, "__len__") else None
         yield from progress.track(items, total=total, description=description)

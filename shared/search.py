@@ -115,20 +115,21 @@ class SearchEngine:
         if len(items) != model.config.num_items:
             raise ValueError(f"{len(items)} products for a model of {model.config.num_items}")
         self.model = model.cpu().eval()
-        self.items = items[list(PRODUCT_FIELDS)].astype(str).reset_index(drop=True)
-        self.row_of = {item_id: row for row, item_id in enumerate(self.items["item_id"])}
+        # product fields as object arrays: a row is read in microseconds (pandas: ~0.3 ms)
+        self.fields = {f: items[f].astype(str).to_numpy(dtype=object) for f in PRODUCT_FIELDS}
+        self.row_of = {item_id: row for row, item_id in enumerate(self.fields["item_id"])}
         self.encode = encode
         self.weights = weights or FusionWeights()
         self.text_index = VectorIndex(model.text.cpu().numpy(), ann_threshold, nprobe)
         self.model.text = torch.from_numpy(self.text_index.vectors)  # one copy, shared
         self.preference_index = VectorIndex(full_table(self.model), ann_threshold, nprobe)
-        self.lexical = Lexical(item_texts(self.items))
+        self.lexical = Lexical(item_texts(pd.DataFrame(self.fields)))
         self.text_to_id = TextToId(self.model)
-        self.predicted = np.zeros(len(self.items), dtype=bool)  # ID parameters from text only
+        self.predicted = np.zeros(len(self), dtype=bool)  # ID parameters from text only
         self.lock = threading.RLock()
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.fields["item_id"])
 
     @property
     def retrieval(self) -> str:
@@ -144,10 +145,10 @@ class SearchEngine:
         return np.array([self.row_of[i] for i in item_ids], dtype=np.int64)
 
     def product(self, row: int) -> dict[str, str]:
-        return self.items.iloc[row].to_dict()
+        return {f: values[row] for f, values in self.fields.items()}
 
     def title(self, row: int) -> str:
-        return self.items.at[row, "title"] or self.items.at[row, "item_id"]
+        return self.fields["title"][row] or self.fields["item_id"][row]
 
     def upsert(self, products: pd.DataFrame) -> list[bool]:
         """Add or replace products (columns :data:`PRODUCT_FIELDS`); True where one is new.
@@ -160,7 +161,7 @@ class SearchEngine:
         with self.lock:
             created = [i not in self.row_of for i in products["item_id"]]
             rows = np.array([self.row_of.get(i, -1) for i in products["item_id"]])
-            rows[np.array(created, dtype=bool)] = len(self.items) + np.arange(sum(created))
+            rows[np.array(created, dtype=bool)] = len(self) + np.arange(sum(created))
             texts = item_texts(products)
             text = torch.from_numpy(np.asarray(self.encode(texts), dtype=np.float32))
             predicted = np.append(self.predicted, np.ones(sum(created), dtype=bool))[rows]
@@ -173,8 +174,10 @@ class SearchEngine:
             self.preference_index.set_rows(rows, table_rows(self.model, rows))
             self.lexical.set_docs(rows, texts)
             self.predicted = np.append(self.predicted, np.ones(sum(created), dtype=bool))
-            self.items = pd.concat([self.items, products[created]], ignore_index=True)
-            self.items.loc[rows, list(PRODUCT_FIELDS)] = products.to_numpy()
+            for f, values in self.fields.items():
+                grown = np.concatenate([values, np.empty(sum(created), dtype=object)])
+                grown[rows] = products[f].to_numpy(dtype=object)
+                self.fields[f] = grown
             self.row_of.update({i: int(r) for i, r in zip(products["item_id"], rows, strict=True)})
         return created
 

@@ -75,7 +75,9 @@ def item_texts(items: pd.DataFrame) -> list[str]:
 class TextEncoder:
     """Mean-pooled, L2-normalised sentence embeddings from a local BERT checkpoint."""
 
-    def __init__(self, name_or_path: str = DEFAULT_MODEL, device: str = "cpu", max_length: int = 96):
+    def __init__(
+        self, name_or_path: str = DEFAULT_MODEL, device: str = "cpu", max_length: int = 96
+    ):
         from transformers import AutoModel, AutoTokenizer
 
         self.path = resolve_model_path(name_or_path)
@@ -87,7 +89,9 @@ class TextEncoder:
         self.dim = int(self.model.config.hidden_size)
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = True
+    ) -> np.ndarray:
         """Encode texts (sorted by length for speed; order is restored)."""
         order = np.argsort([len(t) for t in texts])
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -95,8 +99,11 @@ class TextEncoder:
         for start in progress_bar(batches, "encoding item text", disable=not show_progress):
             index = order[start : start + batch_size]
             batch = self.tokenizer(
-                [texts[i] for i in index], padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
+                [texts[i] for i in index],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             ).to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -139,7 +146,10 @@ class EmbeddingCache:
         return found
 
     def put(self, model: str, texts: Sequence[str], vectors: np.ndarray) -> None:
-        rows = [(model, self.key(t), v.astype(np.float32).tobytes()) for t, v in zip(texts, vectors)]
+        rows = [
+            (model, self.key(t), v.astype(np.float32).tobytes())
+            for t, v in zip(texts, vectors, strict=True)
+        ]
         with self._connect() as db:
             db.executemany("INSERT OR REPLACE INTO embedding VALUES (?, ?, ?)", rows)
 
@@ -160,11 +170,12 @@ def embed_texts(
         encoder = TextEncoder(model, device=device)
         vectors = encoder.encode(missing, show_progress=show_progress)
         cache.put(fingerprint, missing, vectors)
-        found.update({cache.key(t): v for t, v in zip(missing, vectors)})
+        found.update({cache.key(t): v for t, v in zip(missing, vectors, strict=True)})
     return np.stack([found[cache.key(t)] for t in texts]).astype(np.float32)
 
 
-def embed_items(items: pd.DataFrame, model: str = DEFAULT_MODEL, device: str = "cpu",
-                show_progress: bool = True) -> np.ndarray:
+def embed_items(
+    items: pd.DataFrame, model: str = DEFAULT_MODEL, device: str = "cpu", show_progress: bool = True
+) -> np.ndarray:
     """Cached text embeddings of every item, in catalog order."""
     return embed_texts(item_texts(items), model=model, device=device, show_progress=show_progress)

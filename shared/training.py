@@ -22,8 +22,9 @@ from shared.model import FusionRecommender, pad_histories
 from shared.progress import progress_bar
 
 
-def training_tensors(histories: list[np.ndarray], max_len: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def training_tensors(
+    histories: list[np.ndarray], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (item index + 1, right-aligned) and next-item targets (-1 = no target)."""
     usable = [h for h in histories if len(h) >= 2]
     inputs = pad_histories([h[:-1] for h in usable], max_len)
@@ -47,7 +48,8 @@ class CustomerLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per_position = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).clamp(min=0),
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1).clamp(min=0),
             reduction="none",
         ).view(targets.shape)
         per_customer = (per_position * (targets >= 0)).sum(1)
@@ -57,9 +59,14 @@ class CustomerLoss(nn.Module):
 
 
 def train_epoch(
-    model: FusionRecommender, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-    targets: torch.Tensor, batch_size: int, device: str,
-    proximal: Callable[[], torch.Tensor] | None = None, show_progress: bool = False,
+    model: FusionRecommender,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    device: str,
+    proximal: Callable[[], torch.Tensor] | None = None,
+    show_progress: bool = False,
     columns: torch.Tensor | None = None,
 ) -> float:
     """One non-private epoch (fast fused scoring); returns the mean loss per position.
@@ -121,9 +128,19 @@ def steps_per_epoch(num_customers: int, expected_batch: int) -> tuple[int, float
 
 
 def train_private(
-    model: FusionRecommender, inputs: torch.Tensor, targets: torch.Tensor, *, epochs: int,
-    expected_batch: int, noise_multiplier: float, max_grad_norm: float, lr: float, delta: float,
-    device: str, accountant_state: dict | None = None, show_progress: bool = False,
+    model: FusionRecommender,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    epochs: int,
+    expected_batch: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    lr: float,
+    delta: float,
+    device: str,
+    accountant_state: dict | None = None,
+    show_progress: bool = False,
 ) -> PrivateRound:
     """DP-SGD with Opacus ghost clipping and Poisson sampling of customers.
 
@@ -141,8 +158,11 @@ def train_private(
         model, max_grad_norm=max_grad_norm, use_ghost_clipping=True, loss_reduction="mean"
     )
     optimizer = DPOptimizerFastGradientClipping(
-        torch.optim.Adam(model.parameters(), lr=lr), noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, expected_batch_size=expected_batch, loss_reduction="mean",
+        torch.optim.Adam(model.parameters(), lr=lr),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch,
+        loss_reduction="mean",
     )
     criterion = DPLossFastGradientClipping(module, optimizer, CustomerLoss("mean"), "mean")
     generator = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
@@ -160,8 +180,11 @@ def train_private(
         losses.append(float(loss.item()) / max(int((y >= 0).sum()), 1) * len(x))
     module.to_standard_module()
     return PrivateRound(
-        steps=epochs * steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, epsilon=float(accountant.get_epsilon(delta)),
+        steps=epochs * steps,
+        sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        epsilon=float(accountant.get_epsilon(delta)),
         loss=float(np.mean(losses)) if losses else float("nan"),
         accountant_state=accountant.state_dict(),
     )
@@ -171,7 +194,13 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     """The smallest noise multiplier whose PRV epsilon after ``steps`` is at most the target."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-        accountant="prv", epsilon_tolerance=0.005,
-    ))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="prv",
+            epsilon_tolerance=0.005,
+        )
+    )

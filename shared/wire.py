@@ -21,8 +21,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def encode(state: dict[str, torch.Tensor], rows: dict[str, np.ndarray] | None = None,
-           dtype: str = "float32") -> dict[str, np.ndarray]:
+def encode(
+    state: dict[str, torch.Tensor],
+    rows: dict[str, np.ndarray] | None = None,
+    dtype: str = "float32",
+) -> dict[str, np.ndarray]:
     """Arrays for an ArrayRecord; ``rows`` limits item tables to those item indices."""
     out = {}
     for name, tensor in state.items():
@@ -35,24 +38,27 @@ def encode(state: dict[str, torch.Tensor], rows: dict[str, np.ndarray] | None = 
     return out
 
 
-def decode(arrays: dict[str, np.ndarray], reference: dict[str, torch.Tensor]
-           ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+def decode(
+    arrays: dict[str, np.ndarray], reference: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
     """Validate arrays against the global model; returns float32 tensors and the row indices.
 
     Raises ValueError naming the first array that is missing, unexpected, of the wrong shape or
     dtype, or not finite: an update from a node is never trusted blindly.
     """
     tensors, rows = {}, {}
-    expected = set(reference)
-    names = {k for k in arrays if not k.endswith(ROWS)}
-    if names != expected:
-        raise ValueError(f"arrays {sorted(names ^ expected)} missing or unexpected")
+    expected = set(reference) | {n + ROWS for n in ITEM_TABLES if n in reference}
+    names = set(arrays)
+    if not names <= expected or not set(reference) <= names:
+        unexpected, missing = sorted(names - expected), sorted(set(reference) - names)
+        raise ValueError(f"unexpected arrays {unexpected}, missing arrays {missing}")
     for name, ref in reference.items():
         array = np.asarray(arrays[name])
         shape = tuple(ref.shape)
         if name + ROWS in arrays:
             index = np.asarray(arrays[name + ROWS])
-            if index.dtype.kind not in "iu" or index.ndim != 1 or len(np.unique(index)) != len(index):
+            unique = index.ndim == 1 and len(np.unique(index)) == len(index)
+            if index.dtype.kind not in "iu" or not unique:
                 raise ValueError(f"{name}{ROWS}: expected unique integer row indices")
             if len(index) and (index.min() < 0 or index.max() + ITEM_TABLES[name] >= shape[0]):
                 raise ValueError(f"{name}{ROWS}: row index out of range")

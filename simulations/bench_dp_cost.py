@@ -20,8 +20,9 @@ from simulations.centralized import add_run_config_arguments, run_config_from_ar
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset directory")
-    parser.add_argument("--customers", type=int, default=4096,
-                        help="customers in the measured epoch (default 4096)")
+    parser.add_argument(
+        "--customers", type=int, default=4096, help="customers in the measured epoch (default 4096)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_dp_cost.json"), help="JSON output")
     parser.add_argument("--mode", choices=("plain", "dp"), default=None, help=argparse.SUPPRESS)
     add_run_config_arguments(parser)
@@ -42,21 +43,36 @@ def measure(args: argparse.Namespace) -> dict:
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
     if args.mode == "dp":
-        train_private(model, inputs, targets, epochs=1, expected_batch=config.dp_batch_size,
-                      noise_multiplier=1.0, max_grad_norm=config.max_grad_norm, lr=config.dp_lr,
-                      delta=1e-5, device=experiment.device)
+        train_private(
+            model,
+            inputs,
+            targets,
+            epochs=1,
+            expected_batch=config.dp_batch_size,
+            noise_multiplier=1.0,
+            max_grad_norm=config.max_grad_norm,
+            lr=config.dp_lr,
+            delta=1e-5,
+            device=experiment.device,
+        )
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.dp_lr)
         train_epoch(model, optimizer, inputs, targets, config.dp_batch_size, experiment.device)
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"mode": args.mode, "customers": len(inputs), "epoch_s": round(seconds, 2),
-            "peak_rss_mb": round(peak / 1024, 1),
-            "training_rss_mb": round((peak - baseline_rss) / 1024, 1),
-            "dim": model.config.dim, "max_len": model.config.max_len,
-            "parameters": int(sum(p.numel() for p in model.parameters())),
-            "threads": torch.get_num_threads(), "batch": config.dp_batch_size,
-            "device": experiment.device}
+    return {
+        "mode": args.mode,
+        "customers": len(inputs),
+        "epoch_s": round(seconds, 2),
+        "peak_rss_mb": round(peak / 1024, 1),
+        "training_rss_mb": round((peak - baseline_rss) / 1024, 1),
+        "dim": model.config.dim,
+        "max_len": model.config.max_len,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "threads": torch.get_num_threads(),
+        "batch": config.dp_batch_size,
+        "device": experiment.device,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,20 +81,36 @@ def run(args: argparse.Namespace) -> int:
         return 0
     results = {}
     for mode in ("plain", "dp"):
-        command = [sys.executable, "-m", "shared.cli", "bench", "dp-cost", "--data", str(args.data),
-                   "--customers", str(args.customers), "--mode", mode,
-                   *[f"--set={o}" for o in args.overrides]]
+        command = [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "bench",
+            "dp-cost",
+            "--data",
+            str(args.data),
+            "--customers",
+            str(args.customers),
+            "--mode",
+            mode,
+            *[f"--set={o}" for o in args.overrides],
+        ]
         print(f"measuring {mode} training ...", flush=True)
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
     results["time_ratio"] = round(results["dp"]["epoch_s"] / results["plain"]["epoch_s"], 2)
-    results["memory_ratio"] = round(results["dp"]["training_rss_mb"]
-                                    / max(results["plain"]["training_rss_mb"], 1.0), 2)
+    results["memory_ratio"] = round(
+        results["dp"]["training_rss_mb"] / max(results["plain"]["training_rss_mb"], 1.0), 2
+    )
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     for mode in ("plain", "dp"):
         r = results[mode]
-        print(f"{mode:>5}: {r['epoch_s']:7.1f} s/epoch, training memory {r['training_rss_mb']} MB "
-              f"(peak RSS {r['peak_rss_mb']} MB)")
-    print(f"DP / non-DP: {results['time_ratio']}x time, {results['memory_ratio']}x memory "
-          f"-> {args.out}")
+        print(
+            f"{mode:>5}: {r['epoch_s']:7.1f} s/epoch, training memory {r['training_rss_mb']} MB "
+            f"(peak RSS {r['peak_rss_mb']} MB)"
+        )
+    print(
+        f"DP / non-DP: {results['time_ratio']}x time, {results['memory_ratio']}x memory "
+        f"-> {args.out}"
+    )
     return 0

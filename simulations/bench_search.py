@@ -116,8 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"the tuned weights are written there as {WEIGHTS_FILE}")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-search.json"),
                         help="JSON results file (default runs/bench-search.json)")
-    parser.add_argument("--users", type=int, default=2000,
-                        help="customers sampled for validation and for test (default 2000)")
+    parser.add_argument("--users", type=int, default=1000,
+                        help="customers sampled for validation and for test (default 1000)")
     parser.add_argument("--title-words", type=int, default=2,
                         help="title words added in the second query set (default 2)")
     parser.add_argument("--pool", type=int, default=FusionWeights.pool,

@@ -45,6 +45,7 @@ from shared.search import SearchEngine
 from simulations.bench_search import build_engine, title_query
 
 COLOURS = ("red", "black", "white", "pink", "blue", "nude", "coral", "gold", "silver", "green")
+NPROBES = (4, 8, 16, 32, 64)  # recall@10 is reported for each
 SIZES = ("mini", "travel size", "1 oz", "2 oz", "4 oz", "8 oz", "value pack", "refill")
 
 
@@ -147,14 +148,13 @@ def grow_synthetic(engine: SearchEngine, total: int, noise: float,
         text = torch.nn.functional.normalize(model.text[rows] + text_noise[pick], dim=1)
         ids = learned[rows] + id_noise[pick] if learned is not None else None
         set_items(model, np.arange(base_count + start, base_count + start + len(rows)), text, ids)
-    base = base.numpy()
-    items = engine.items.iloc[base].reset_index(drop=True)
-    items["item_id"] = [f"synthetic-{i:07d}" for i in range(count)]
-    colours = np.asarray(COLOURS)[rng.integers(0, len(COLOURS), count)]
-    sizes = np.asarray(SIZES)[rng.integers(0, len(SIZES), count)]
-    items["title"] = items["title"] + " " + colours + " " + sizes
-    catalog = pd.concat([engine.items, items], ignore_index=True)
-    return catalog, np.concatenate([np.arange(base_count), base])
+    base = np.concatenate([np.arange(base_count), base.numpy()])
+    catalog = pd.DataFrame({f: values[base] for f, values in engine.fields.items()})
+    catalog.loc[base_count:, "item_id"] = [f"synthetic-{i:07d}" for i in range(count)]
+    colours = np.asarray(COLOURS, dtype=object)[rng.integers(0, len(COLOURS), count)]
+    sizes = np.asarray(SIZES, dtype=object)[rng.integers(0, len(SIZES), count)]
+    catalog.loc[base_count:, "title"] = catalog["title"][base_count:] + " " + colours + " " + sizes
+    return catalog, base
 
 
 def variant_requests(requests: list[tuple[list[str], str]], base_of: np.ndarray,
@@ -224,8 +224,8 @@ def run(args: argparse.Namespace) -> int:
         result["settings"]["synthetic"] = {
             "products": len(engine), "retrieval": engine.retrieval, "build_s": build_s,
             "nprobe": args.nprobe, "noise": args.noise,
-            "recall@10": {"preference": recall_at_k(engine.preference_index, states),
-                          "text": recall_at_k(engine.text_index, queries)},
+            "recall@10": {"preference": recall_at_k(engine.preference_index, states, 10, NPROBES),
+                          "text": recall_at_k(engine.text_index, queries, 10, NPROBES)},
             "in_process": time_in_process(engine, large, limits),
             "http": time_http(engine, large, limits, args.port + 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,17 +238,17 @@ def run(args: argparse.Namespace) -> int:
 def print_table(result: dict) -> None:
     table = Table(title=f"serving latency, k = 10, model: {result['model']}")
     for column in ("catalog", "retrieval", "endpoint", "in-process p50 / p99 ms",
-                   "HTTP p50 / p99 ms", "recall@10"):
+                   "HTTP p50 / p99 ms", "ANN recall@10"):
         table.add_column(column, justify="right" if "ms" in column else "left")
     for setting in result["settings"].values():
-        recall = setting.get("recall@10", {})
+        recall = {endpoint: setting["recall@10"][index][setting["nprobe"]]
+                  for endpoint, index in (("recommend", "preference"), ("search", "text"))
+                  } if "recall@10" in setting else {}
         for endpoint in ("recommend", "search", "encode"):
-            inner = setting["in_process"][endpoint]
-            http = setting["http"].get(endpoint)
+            inner, http = setting["in_process"][endpoint], setting["http"].get(endpoint)
             table.add_row(f"{setting['products']:,}", setting["retrieval"],
                           "query encoding" if endpoint == "encode" else f"/{endpoint}",
                           f"{inner['p50_ms']:.1f} / {inner['p99_ms']:.1f}",
                           f"{http['p50_ms']:.1f} / {http['p99_ms']:.1f}" if http else "",
-                          (f"{recall['preference' if endpoint == 'recommend' else 'text']:.3f}"
-                           if recall and endpoint != "encode" else ""))
+                          f"{recall[endpoint]:.3f}" if endpoint in recall else "")
     Console().print(table)

@@ -23,9 +23,15 @@ from shared.training import (
 
 def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--set key=value`` overrides for any RunConfig setting (shared by train and simulate)."""
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any run setting, e.g. --set dim=64 --set fusion=concat "
-                             "(see docs/configuration.md for the full list)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any run setting, e.g. --set dim=64 --set fusion=concat "
+        "(see docs/configuration.md for the full list)",
+    )
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -50,11 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset directory (CONTRACT §1)")
     parser.add_argument("--out", required=True, type=Path, help="output directory for the run")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
-    parser.add_argument("--dp", action="store_true",
-                        help="train with DP-SGD (unit: one customer's whole history)")
+    parser.add_argument(
+        "--dp", action="store_true", help="train with DP-SGD (unit: one customer's whole history)"
+    )
     parser.add_argument("--target-epsilon", type=float, default=None, help="DP budget (default 8)")
-    parser.add_argument("--delta", type=float, default=None,
-                        help="DP delta (default 1/(10 x customers))")
+    parser.add_argument(
+        "--delta", type=float, default=None, help="DP delta (default 1/(10 x customers))"
+    )
     add_run_config_arguments(parser)
 
 
@@ -66,8 +74,9 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     started = time.time()
     if config.dp:
         return _train_private(experiment, show_progress) | {"train_s": time.time() - started}
-    model, history = _fit(experiment, experiment.train_histories(), config.epochs, True,
-                          show_progress)
+    model, history = _fit(
+        experiment, experiment.train_histories(), config.epochs, True, show_progress
+    )
     result = {"model": model, "history": history, "privacy": None, "valid": None}
     best_epoch = max(history, key=lambda h: h["valid_ndcg@10"])["epoch"]
     if config.refit:  # validation has chosen the epochs; now learn from those events too
@@ -75,26 +84,39 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
         result["valid_test"], _ = experiment.evaluate(model, "test")
         if show_progress:
             print(f"refit on training + validation events for {best_epoch} epoch(s)", flush=True)
-        result["model"], _ = _fit(experiment, experiment.train_histories(refit=True), best_epoch,
-                                  False, show_progress)
-    result["timing"] = {"train_s": round(time.time() - started, 1), "best_epoch": best_epoch,
-                        "epoch_s": round(float(np.mean([h["epoch_s"] for h in history])), 1)}
+        result["model"], _ = _fit(
+            experiment, experiment.train_histories(refit=True), best_epoch, False, show_progress
+        )
+    result["timing"] = {
+        "train_s": round(time.time() - started, 1),
+        "best_epoch": best_epoch,
+        "epoch_s": round(float(np.mean([h["epoch_s"] for h in history])), 1),
+    }
     return result
 
 
-def _fit(experiment: Experiment, histories: list, epochs: int, select: bool,
-         show_progress: bool) -> tuple:
+def _fit(
+    experiment: Experiment, histories: list, epochs: int, select: bool, show_progress: bool
+) -> tuple:
     """Adam over full-catalog softmax; with ``select``, early stopping on validation NDCG@10."""
     config = experiment.config
     model = experiment.new_model()
     inputs, targets = training_tensors(histories, model.config.max_len)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     best, best_state, stale, history = -1.0, None, 0, []
     for epoch in range(1, epochs + 1):
         epoch_start = time.time()
-        loss = train_epoch(model, optimizer, inputs, targets, config.batch_size,
-                           experiment.device, show_progress=show_progress)
+        loss = train_epoch(
+            model,
+            optimizer,
+            inputs,
+            targets,
+            config.batch_size,
+            experiment.device,
+            show_progress=show_progress,
+        )
         record = {"epoch": epoch, "loss": loss, "epoch_s": round(time.time() - epoch_start, 1)}
         history.append(record)
         if not select:
@@ -102,8 +124,11 @@ def _fit(experiment: Experiment, histories: list, epochs: int, select: bool,
         valid, _ = experiment.evaluate(model, "valid")
         record["valid_ndcg@10"] = valid["ndcg@10"]
         if show_progress:
-            print(f"epoch {epoch}: loss {loss:.4f}  valid ndcg@10 {valid['ndcg@10']:.4f}  "
-                  f"({record['epoch_s']} s)", flush=True)
+            print(
+                f"epoch {epoch}: loss {loss:.4f}  valid ndcg@10 {valid['ndcg@10']:.4f}  "
+                f"({record['epoch_s']} s)",
+                flush=True,
+            )
         if valid["ndcg@10"] > best:
             best, best_state, stale = valid["ndcg@10"], copy.deepcopy(model.state_dict()), 0
         else:
@@ -119,45 +144,72 @@ def _train_private(experiment: Experiment, show_progress: bool) -> dict:
     """DP-SGD for a fixed number of epochs: no model selection on private validation data."""
     config = experiment.config
     model = experiment.new_model()
-    inputs, targets = training_tensors(experiment.train_histories(config.refit),
-                                       model.config.max_len)
+    inputs, targets = training_tensors(
+        experiment.train_histories(config.refit), model.config.max_len
+    )
     delta = config.delta or 1.0 / (10 * len(inputs))
     steps, sample_rate = steps_per_epoch(len(inputs), config.dp_batch_size)
     sigma = calibrate_noise(config.target_epsilon, delta, sample_rate, steps * config.epochs)
     spent = train_private(
-        model, inputs, targets, epochs=config.epochs, expected_batch=config.dp_batch_size,
-        noise_multiplier=sigma, max_grad_norm=config.max_grad_norm, lr=config.dp_lr,
-        delta=delta, device=experiment.device, show_progress=show_progress,
+        model,
+        inputs,
+        targets,
+        epochs=config.epochs,
+        expected_batch=config.dp_batch_size,
+        noise_multiplier=sigma,
+        max_grad_norm=config.max_grad_norm,
+        lr=config.dp_lr,
+        delta=delta,
+        device=experiment.device,
+        show_progress=show_progress,
     )
     privacy = {
         "unit": "one customer's entire history (every event of one customer)",
-        "epsilon": spent.epsilon, "delta": delta, "accountant": "prv (opacus)",
-        "noise_multiplier": sigma, "sample_rate": sample_rate, "steps": spent.steps,
-        "max_grad_norm": config.max_grad_norm, "sampling": "poisson",
+        "epsilon": spent.epsilon,
+        "delta": delta,
+        "accountant": "prv (opacus)",
+        "noise_multiplier": sigma,
+        "sample_rate": sample_rate,
+        "steps": spent.steps,
+        "max_grad_norm": config.max_grad_norm,
+        "sampling": "poisson",
         "statement": (
             f"Trained with DP-SGD: ({spent.epsilon:.3f}, {delta:.2e})-differential privacy "
             "for each customer, covering everything that customer did in the training data. "
             "No decision was taken on validation data (fixed epochs)."
         ),
     }
-    return {"model": model, "history": [{"epoch": config.epochs, "loss": spent.loss}],
-            "privacy": privacy, "valid": None, "timing": {}}
+    return {
+        "model": model,
+        "history": [{"epoch": config.epochs, "loss": spent.loss}],
+        "privacy": privacy,
+        "valid": None,
+        "timing": {},
+    }
 
 
 def run(args: argparse.Namespace) -> int:
-    config = run_config_from_args(args, epochs=args.epochs, dp=args.dp or None,
-                                  target_epsilon=args.target_epsilon, delta=args.delta)
+    config = run_config_from_args(
+        args,
+        epochs=args.epochs,
+        dp=args.dp or None,
+        target_epsilon=args.target_epsilon,
+        delta=args.delta,
+    )
     experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
     result = train_centralized(experiment, not args.quiet)
     extra = {"history": result["history"]}
     if result.get("valid_test"):
         extra["test_before_refit"] = result["valid_test"]
     metrics = experiment.finish(
-        args.out, result["model"],
+        args.out,
+        result["model"],
         trained=experiment.trained_items(experiment.train_histories(config.refit)),
-        timing=result["timing"] | ({"train_s": round(result["train_s"], 1)}
-                                   if "train_s" in result else {}),
-        privacy=result["privacy"], extra=extra, valid=result["valid"],
+        timing=result["timing"]
+        | ({"train_s": round(result["train_s"], 1)} if "train_s" in result else {}),
+        privacy=result["privacy"],
+        extra=extra,
+        valid=result["valid"],
         title="fedrec centralized reference model",
     )
     test = metrics["test"]

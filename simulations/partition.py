@@ -55,8 +55,14 @@ def user_nodes(dataset: Dataset, num_nodes: int, alpha: float, seed: int) -> dic
     return assignment
 
 
-def write_partitions(dataset: Dataset, out: Path, num_nodes: int, scheme: str = "regional",
-                     alpha: float = 0.0, seed: int = 0) -> list[Path]:
+def write_partitions(
+    dataset: Dataset,
+    out: Path,
+    num_nodes: int,
+    scheme: str = "regional",
+    alpha: float = 0.0,
+    seed: int = 0,
+) -> list[Path]:
     """Write ``out/node-<k>/`` for k in 0..num_nodes-1; returns the directories."""
     if scheme not in SCHEMES:
         raise ValueError(f"partition must be one of {SCHEMES}, got {scheme!r}")
@@ -72,18 +78,28 @@ def write_partitions(dataset: Dataset, out: Path, num_nodes: int, scheme: str = 
         owner = item_merchants(items, num_nodes)
         node_of_event = owner[events["item_idx"].to_numpy()]
         catalogs = [items["item_id"].to_numpy()[owner == k].tolist() for k in range(num_nodes)]
-    columns = [c for c in ("user_id", "item_id", "timestamp", "event", "merchant_id", "region")
-               if c in events]
+    columns = [
+        c
+        for c in ("user_id", "item_id", "timestamp", "event", "merchant_id", "region")
+        if c in events
+    ]
     directories = []
     for node in range(num_nodes):
         directory = Path(out) / f"node-{node}"
         directory.mkdir(parents=True, exist_ok=True)
-        events[node_of_event == node][columns].to_csv(directory / "interactions.csv.gz",
-                                                       index=False)
+        events[node_of_event == node][columns].to_csv(
+            directory / "interactions.csv.gz", index=False
+        )
         items.to_csv(directory / "items.csv.gz", index=False)
-        (directory / "node.json").write_text(json.dumps({
-            "node": f"{scheme}-{node}", "partition": scheme, "catalog": catalogs[node],
-        }))
+        (directory / "node.json").write_text(
+            json.dumps(
+                {
+                    "node": f"{scheme}-{node}",
+                    "partition": scheme,
+                    "catalog": catalogs[node],
+                }
+            )
+        )
         directories.append(directory)
     return directories
 

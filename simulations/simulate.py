@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from shared.config import RunConfig
@@ -13,26 +14,55 @@ from simulations.centralized import add_run_config_arguments, run_config_from_ar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, default=None,
-                        help="dataset directory (CONTRACT §1); default: the embedded synthetic "
-                             "marketplace, generated under OUT/data")
-    parser.add_argument("--out", type=Path, default=Path("runs/simulate"),
-                        help="output directory (default runs/simulate); an interrupted run there "
-                             "resumes")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="dataset directory (CONTRACT §1); default: the embedded synthetic "
+        "marketplace, generated under OUT/data",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/simulate"),
+        help="output directory (default runs/simulate); an interrupted run there resumes",
+    )
     parser.add_argument("--clients", type=int, default=None, help="number of nodes (default 5)")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default 3)")
-    parser.add_argument("--partition", choices=("regional", "merchant"), default=None,
-                        help="regional: customers split across nodes; merchant: each node "
-                             "holds the events on its own products")
-    parser.add_argument("--strategy", default=None,
-                        help="fedavg (default), fedprox, fedadam, median or trimmed")
+    parser.add_argument(
+        "--partition",
+        choices=("regional", "merchant"),
+        default=None,
+        help="regional: customers split across nodes; merchant: each node "
+        "holds the events on its own products",
+    )
+    parser.add_argument(
+        "--strategy", default=None, help="fedavg (default), fedprox, fedadam, median or trimmed"
+    )
     parser.add_argument("--local-epochs", type=int, default=None, help="local epochs per round")
-    parser.add_argument("--dp", action="store_true",
-                        help="DP-SGD at every node (unit: one customer's history at a node)")
-    parser.add_argument("--target-epsilon", type=float, default=None,
-                        help="each node's budget (default 8)")
-    parser.add_argument("--delta", type=float, default=None,
-                        help="DP delta (default 1/(10 x customers at the node))")
+    parser.add_argument(
+        "--dp",
+        action="store_true",
+        help="DP-SGD at every node (unit: one customer's history at a node)",
+    )
+    parser.add_argument(
+        "--target-epsilon", type=float, default=None, help="each node's budget (default 8)"
+    )
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=None,
+        help="DP delta (default 1/(10 x customers at the node))",
+    )
+    parser.add_argument(
+        "--canaries",
+        type=int,
+        default=None,
+        metavar="M",
+        help="empirical privacy audit: M random canary customers, each put "
+        "into a random node's data by a fair coin and scored after "
+        "training (OUT/canaries.json, docs/privacy-audit.md)",
+    )
     add_run_config_arguments(parser)
 
 
@@ -44,17 +74,28 @@ def backend_config(clients: int, device: str) -> dict:
     gpus = 0.0
     if device in ("auto", "cuda") and torch.cuda.is_available():
         gpus = 1.0 / min(clients, cpus)
-    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False}}
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+    }
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's settings: defaults, then ``--set`` overrides, then the named options."""
     return run_config_from_args(
-        args, data=str(args.data) if args.data else None, out=str(args.out), clients=args.clients,
-        rounds=args.rounds, partition=args.partition, strategy=args.strategy,
-        local_epochs=args.local_epochs, dp=args.dp or None, target_epsilon=args.target_epsilon,
-        delta=args.delta)
+        args,
+        data=str(args.data) if args.data else None,
+        out=str(args.out),
+        clients=args.clients,
+        rounds=args.rounds,
+        partition=args.partition,
+        strategy=args.strategy,
+        local_epochs=args.local_epochs,
+        dp=args.dp or None,
+        target_epsilon=args.target_epsilon,
+        delta=args.delta,
+        canaries=args.canaries,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,14 +112,15 @@ def run(args: argparse.Namespace) -> int:
     # run_simulation is marked deprecated in flwr 1.42 in favour of `flwr run`, which needs a
     # SuperLink process and reads settings only from pyproject/--run-config; it is the only
     # in-process engine that takes an explicit ServerApp and ClientApp, which this command needs.
+    errors: list[BaseException] = []
     run_simulation(
-        server_app=make_server_app(config, show_progress=not args.quiet),
-        client_app=client_app, num_supernodes=config.clients,
+        server_app=make_server_app(config, show_progress=not args.quiet, errors=errors),
+        client_app=client_app,
+        num_supernodes=config.clients,
         backend_config=backend_config(config.clients, config.device),
     )
-    metrics_path = Path(config.out) / "metrics.json"
-    if not metrics_path.exists():
-        print(f"fedrec: the federation did not finish; see the log above ({config.out})")
+    if errors:
+        print(f"fedrec: the federation failed: {errors[0]}", file=sys.stderr)
         return 1
     print(f"wrote {config.out}/metrics.json, recs.csv, model/, ledger.jsonl, rounds.png")
     return 0

@@ -119,11 +119,6 @@ def test_a_crashed_run_resumes_after_its_last_checkpoint(resumed_run: dict) -> N
     assert (out / "recs.csv").exists() and set(METRICS) <= set(metrics["test"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "simulations/simulate.py run: success is judged by OUT/metrics.json existing, so when the "
-    "ServerApp refuses OUT (run_federation's SystemExit 'holds a run with other settings') the "
-    "stale metrics.json of the earlier run makes `fedrec simulate` print 'wrote ...' and exit 0; "
-    "the refusal's message is never shown"))
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_changed_config_is_refused_in_the_same_out(resumed_run: dict, capsys) -> None:
     out = resumed_run["resumed"]

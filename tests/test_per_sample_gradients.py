@@ -38,7 +38,8 @@ def brute_force_norms(model: FusionRecommender, x: torch.Tensor, y: torch.Tensor
     for i in range(len(x)):
         model.zero_grad()
         loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
-        squared = sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)
+        grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
+        squared = sum((g**2).sum() for g in grads)
         norms.append(squared.sqrt())
     return torch.stack(norms)
 
