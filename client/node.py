@@ -231,6 +231,7 @@ def _train_private(
         delta=delta,
         device=device,
         accountant_state=privacy.state["accountant"] or None,
+        trainable=config.dp_train,
     )
     privacy.state["accountant"] = spent.accountant_state
     privacy.state["contributions"] += 1

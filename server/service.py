@@ -233,11 +233,10 @@ def set_threads(threads: int) -> None:
 
 
 def create_app(model_dir: Path, data_dir: Path, limits: Limits | None = None,
-               encode: Encode | None = None, ann_threshold: int = ANN_THRESHOLD,
-               nprobe: int = 16) -> FastAPI:
-    """The app for a run's ``model/`` and a dataset's products (``encode``: tests only)."""
-    engine = load_engine(model_dir, data_dir, encode, ann_threshold=ann_threshold,
-                         nprobe=nprobe)
+               encode: Encode | None = None, **index_options) -> FastAPI:
+    """The app for a run's ``model/`` and a dataset's products (``encode``: tests only;
+    ``index_options``: ``ann_threshold``, ``nprobe``, ``text_nprobe`` of the engine)."""
+    engine = load_engine(model_dir, data_dir, encode, **index_options)
     return build_app(engine, limits)
 
 
@@ -257,7 +256,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body accepted; larger ones get 413")
     parser.add_argument("--ann-threshold", type=int, default=ANN_THRESHOLD,
                         help="catalog size from which an ANN index replaces exact scoring")
-    parser.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query")
+    parser.add_argument("--nprobe", type=int, default=16,
+                        help="IVF lists probed per recommendation (ANN only; default 16)")
+    parser.add_argument("--text-nprobe", type=int, default=64,
+                        help="IVF lists probed per dense text search (ANN only; default 64)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/faiss threads per request (default 1)")
 
@@ -269,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     print(f"loading {args.model} with the products of {args.data} ...", flush=True)
     app = create_app(args.model, args.data, limits, ann_threshold=args.ann_threshold,
-                     nprobe=args.nprobe)
+                     nprobe=args.nprobe, text_nprobe=args.text_nprobe)
     engine = app.state.engine
     print(f"{len(engine)} products, {engine.retrieval} retrieval; "
           f"open http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)

@@ -25,17 +25,16 @@ class TextToId:
         self.solution: torch.Tensor | None = None
         if not model.config.use_id:
             return
+        rows = torch.arange(model.config.num_items)
+        if len(rows) > sample:  # 385 unknowns need nowhere near a million equations
+            rows = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:sample]
         with torch.no_grad():
-            targets = torch.cat([model.id_in.weight[1:], model.id_scores.weight,
-                                 model.id_scores.bias[:, None]], dim=1)
-            known = torch.nonzero(targets.abs().sum(1) > 0)[:, 0]  # all-zero: never trained
-            if len(known) > sample:  # 385 unknowns need nowhere near a million equations
-                order = torch.randperm(len(known), generator=torch.Generator().manual_seed(0))
-                known = known[order[:sample]]
-            targets = targets[known].double()
-            design = self._design(model.text[known])
+            targets = torch.cat([model.id_in.weight[rows + 1], model.id_scores.weight[rows],
+                                 model.id_scores.bias[rows, None]], dim=1).double()
+            known = targets.abs().sum(1) > 0  # all-zero: never trained
+            design = self._design(model.text[rows[known]])
             gram = design.T @ design + ridge * torch.eye(design.shape[1], dtype=design.dtype)
-            self.solution = torch.linalg.solve(gram, design.T @ targets)
+            self.solution = torch.linalg.solve(gram, design.T @ targets[known])
 
     @staticmethod
     def _design(text: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,8 @@ class RunConfig:
     delta: float = 0.0  # 0 = 1 / (10 * customers at the node)
     max_grad_norm: float = 1.0
     dp_batch_size: int = 512  # expected Poisson batch (customers per step)
-    dp_lr: float = 6e-3
+    dp_lr: float = 2.0  # plain SGD on the mean clipped gradient
+    dp_train: str = "bias"  # what learns under DP: bias (item popularity), id, all
     dp_max_len: int = 20
     dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
     # federation

@@ -101,9 +101,13 @@ class UnknownItems(KeyError):
 
 def zscore(values: np.ndarray) -> np.ndarray:
     """Standardise along the last axis; a constant signal becomes 0."""
+    centred = values - values.mean(axis=-1, keepdims=True)
     std = values.std(axis=-1, keepdims=True)
-    return np.where(std > 0, (values - values.mean(axis=-1, keepdims=True)) / np.where(
-        std > 0, std, 1.0), 0.0)
+    return np.divide(centred, std, out=np.zeros_like(centred), where=std > 0)
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
 
 
 class SearchEngine:
@@ -111,7 +115,7 @@ class SearchEngine:
 
     def __init__(self, model: FusionRecommender, items: pd.DataFrame, encode: Encode,
                  weights: FusionWeights | None = None, ann_threshold: int = ANN_THRESHOLD,
-                 nprobe: int = 16):
+                 nprobe: int = 16, text_nprobe: int = 64):
         if len(items) != model.config.num_items:
             raise ValueError(f"{len(items)} products for a model of {model.config.num_items}")
         self.model = model.cpu().eval()
@@ -120,7 +124,9 @@ class SearchEngine:
         self.row_of = {item_id: row for row, item_id in enumerate(self.fields["item_id"])}
         self.encode = encode
         self.weights = weights or FusionWeights()
-        self.text_index = VectorIndex(model.text.cpu().numpy(), ann_threshold, nprobe)
+        # query embeddings lie further from the products than customer states do: the text
+        # index needs more lists probed for the same recall (see docs/serving.md)
+        self.text_index = VectorIndex(model.text.cpu().numpy(), ann_threshold, text_nprobe)
         self.model.text = torch.from_numpy(self.text_index.vectors)  # one copy, shared
         self.preference_index = VectorIndex(full_table(self.model), ann_threshold, nprobe)
         self.lexical = Lexical(item_texts(pd.DataFrame(self.fields)))
@@ -213,11 +219,6 @@ class SearchEngine:
         dense = self.text_index.vectors[rows] @ query_vector
         return Pool(rows, np.stack([lexical[rows], dense, preference]))
 
-    def fuse(self, pool: Pool, personal: bool, weights: FusionWeights | None = None) -> np.ndarray:
-        """Fused score of each pool candidate."""
-        weights = weights or self.weights
-        return weights.vector(personal) @ zscore(pool.signals)
-
     def search(self, query: str, history: np.ndarray, k: int) -> list[Hit]:
         """The ``k`` best products for a free-text query, personalised by ``history``."""
         query_vector = np.asarray(self.encode([query])[0], dtype=np.float32)
@@ -225,19 +226,17 @@ class SearchEngine:
             personal = len(history) > 0
             state = self.states([history])[0] if personal else None
             pool = self.candidates(query, query_vector, history, state)
-            fused = self.fuse(pool, personal)
-            best = top_k(fused, k)
             z = zscore(pool.signals)
-            because = self.because(history, pool.rows[best]) if personal else [None] * len(best)
+            fused = self.weights.vector(personal) @ z
+            best = top_k(fused, k)
+            because = self.because(history, pool.rows[best])
             hits = []
             for index, support in zip(best, because, strict=True):
                 row = int(pool.rows[index])
                 matched = self.lexical.matched_terms(query, row)
-                lifted = personal and z[2, index] > 0  # preference above the pool's mean
-                reason = self._search_reason(matched, float(pool.signals[1, index]),
-                                             support if lifted else None)
-                hits.append(Hit(row, float(fused[index]), reason,
-                                support if lifted else None, matched))
+                support = support if z[2, index] > 0 else None  # preference above pool mean
+                reason = self._search_reason(matched, float(pool.signals[1, index]), support)
+                hits.append(Hit(row, float(fused[index]), reason, support, matched))
             return hits
 
     # --- reasons -------------------------------------------------------------------------
@@ -249,11 +248,8 @@ class SearchEngine:
             return [None] * len(rows)
         history = np.unique(history)
         table = self.preference_index.vectors[:, :-1]
-        past, candidates = table[history], table[rows]
-        past = past / np.maximum(np.linalg.norm(past, axis=1, keepdims=True), 1e-9)
-        candidates = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True),
-                                             1e-9)
-        return [int(history[i]) for i in (candidates @ past.T).argmax(1)]
+        similarity = unit(table[rows]) @ unit(table[history]).T
+        return [int(history[i]) for i in similarity.argmax(1)]
 
     def _recommend_reason(self, because: int | None) -> str:
         if because is None:

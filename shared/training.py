@@ -140,12 +140,15 @@ def train_private(
     delta: float,
     device: str,
     accountant_state: dict | None = None,
+    trainable: str = "bias",
     show_progress: bool = False,
 ) -> PrivateRound:
-    """DP-SGD with Opacus ghost clipping and Poisson sampling of customers.
+    """DP-SGD (plain SGD) with Opacus ghost clipping and Poisson sampling of customers.
 
-    The accountant is restored from ``accountant_state`` and its new state is returned: one
-    accountant per node for the whole federation, never a fresh one per round.
+    Only the ``trainable`` part learns (see :data:`DP_TRAINABLE`): the fewer the weights, the
+    less of the noise lands where there is no signal. The accountant is restored from
+    ``accountant_state`` and its new state is returned: one accountant per node for the whole
+    federation, never a fresh one per round.
     """
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
@@ -154,11 +157,12 @@ def train_private(
     steps, sample_rate = steps_per_epoch(len(inputs), expected_batch)
     accountant = new_accountant(accountant_state)
     model.to(device).train()
+    parameters = select_trainable(model, trainable)
     module = GradSampleModuleFastGradientClipping(
         model, max_grad_norm=max_grad_norm, use_ghost_clipping=True, loss_reduction="mean"
     )
     optimizer = DPOptimizerFastGradientClipping(
-        torch.optim.Adam(model.parameters(), lr=lr),
+        torch.optim.SGD(parameters, lr=lr),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch,
@@ -188,6 +192,28 @@ def train_private(
         loss=float(np.mean(losses)) if losses else float("nan"),
         accountant_state=accountant.state_dict(),
     )
+
+
+DP_TRAINABLE = {  # what learns under DP: parameter names containing one of these
+    "bias": ("id_scores.bias",),  # item popularity on top of the public text model
+    "id": ("id_in.", "id_scores.", "gate."),  # the collaborative part
+    "all": ("",),
+}
+
+
+def select_trainable(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """Freeze every parameter outside ``DP_TRAINABLE[trainable]``; returns the trainable ones."""
+    if trainable not in DP_TRAINABLE:
+        raise ValueError(f"dp_train must be one of {sorted(DP_TRAINABLE)}, got {trainable!r}")
+    keys = DP_TRAINABLE[trainable]
+    chosen = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(key in name for key in keys))
+        if parameter.requires_grad:
+            chosen.append(parameter)
+    if not chosen:
+        raise ValueError(f"dp_train={trainable!r} leaves nothing to train in this model variant")
+    return chosen
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

@@ -19,6 +19,7 @@ from shared.experiment import Experiment
 from shared.metrics import ScoreFn, evaluate
 
 ALS_FACTORS = 128
+ALS_GRID = tuple((reg, alpha) for reg in (0.01, 0.1, 1.0) for alpha in (1.0, 10.0, 40.0))
 RECENCY_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # text-only: weight (1 - recency)^age
 FUSION_GRID = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)  # late fusion: z(ALS) + weight * z(text)
 
@@ -51,13 +52,16 @@ def popularity(histories: list[np.ndarray], num_items: int) -> ScoreFn:
     return score
 
 
-def als(histories: list[np.ndarray], num_items: int, seed: int = 0) -> ScoreFn:
-    """implicit's ALS (128 factors, defaults otherwise) on the binary matrix; a customer's vector
-    is the exact least-squares fold-in of the history given at scoring time."""
+def als(histories: list[np.ndarray], num_items: int, seed: int = 0,
+        params: tuple[float, float] = (0.01, 1.0)) -> ScoreFn:
+    """implicit's ALS (128 factors; ``params`` = regularization, alpha) on the binary matrix; a
+    customer's vector is the exact least-squares fold-in of the history given at scoring time."""
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    model = AlternatingLeastSquares(factors=ALS_FACTORS, random_state=seed)
+    regularization, alpha = params
+    model = AlternatingLeastSquares(factors=ALS_FACTORS, regularization=regularization,
+                                    alpha=alpha, random_state=seed)
     with threadpool_limits(1, "blas"):  # implicit's advice: BLAS threads fight its own
         model.fit(interaction_matrix(histories, num_items), show_progress=False)
     items = torch.from_numpy(np.asarray(model.item_factors))  # an untrained item's vector is 0
@@ -110,7 +114,7 @@ def late_fusion(first: ScoreFn, second: ScoreFn, weight: float) -> ScoreFn:
     return score
 
 
-def choose(candidates: dict[float, ScoreFn], split: Split, users: np.ndarray) -> float:
+def choose(candidates: dict, split: Split, users: np.ndarray):
     """The setting whose scorer has the best validation NDCG@10 on ``users`` (first on ties)."""
     quality = {key: evaluate(fn, split, "valid", users)[0]["ndcg@10"]
                for key, fn in candidates.items()}
@@ -136,12 +140,14 @@ def baselines(experiment: Experiment) -> Iterator[tuple[str, ScoreFn, dict]]:
     final = experiment.train_histories(config.refit)
     users = tuning_users(experiment)
     yield "popularity", popularity(final, num_items), {}
-    als_final = als(final, num_items, config.seed)
-    yield "als", als_final, {"factors": ALS_FACTORS}
+    params = choose({p: als(train, num_items, config.seed, p) for p in ALS_GRID}, split, users)
+    als_final = als(final, num_items, config.seed, params)
+    yield "als", als_final, {"factors": ALS_FACTORS, "regularization": params[0],
+                             "alpha": params[1]}
     yield "itemknn", item_knn(final, num_items), {}
     recency = choose({r: text_only(text, r) for r in RECENCY_GRID}, split, users)
     yield "text", text_only(text, recency), {"recency": recency}
-    als_train = als(train, num_items, config.seed) if config.refit else als_final
+    als_train = als(train, num_items, config.seed, params) if config.refit else als_final
     weight = choose({w: late_fusion(als_train, text_only(text, recency), w) for w in FUSION_GRID},
                     split, users)
     yield "late_fusion", late_fusion(als_final, text_only(text, recency), weight), {

@@ -161,6 +161,7 @@ def _train_private(experiment: Experiment, show_progress: bool) -> dict:
         lr=config.dp_lr,
         delta=delta,
         device=experiment.device,
+        trainable=config.dp_train,
         show_progress=show_progress,
     )
     privacy = {

@@ -10,7 +10,7 @@ import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
 from shared.model import FusionRecommender, ModelConfig
-from shared.training import CustomerLoss, training_tensors, trim
+from shared.training import CustomerLoss, select_trainable, training_tensors, trim
 
 
 def tiny_model(fusion: str, variant: str = "fusion") -> FusionRecommender:
@@ -55,6 +55,23 @@ def test_ghost_norms_match_brute_force(fusion: str, variant: str) -> None:
     )
     per_customer = CustomerLoss("none")(module(x), y)
     per_customer.mean().backward()
+    measured = module.get_norm_sample().double()
+    module.to_standard_module()
+    assert torch.all(expected > 0)
+    torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("trainable", ["bias", "id"])
+def test_ghost_norms_match_brute_force_when_part_is_frozen(trainable: str) -> None:
+    """Under DP only part of the model learns; the norms must cover exactly that part."""
+    model = tiny_model("gated")
+    select_trainable(model, trainable)
+    x, y = customers()
+    expected = brute_force_norms(model, x, y)
+    module = GradSampleModuleFastGradientClipping(
+        model, max_grad_norm=1.0, use_ghost_clipping=True, loss_reduction="mean"
+    )
+    CustomerLoss("none")(module(x), y).mean().backward()
     measured = module.get_norm_sample().double()
     module.to_standard_module()
     assert torch.all(expected > 0)
