@@ -128,8 +128,13 @@ def tuning_users(experiment: Experiment) -> np.ndarray:
     return users[~np.isin(experiment.split.valid_target[users], experiment.cold_items)]
 
 
-def baselines(experiment: Experiment) -> Iterator[tuple[str, ScoreFn, dict]]:
-    """Each baseline's test-stage scorer and the settings validation chose, fitted as iterated.
+BASELINES = ("popularity", "als", "itemknn", "text", "late_fusion")
+
+
+def baselines(experiment: Experiment, names: tuple[str, ...] = BASELINES
+              ) -> Iterator[tuple[str, ScoreFn, dict]]:
+    """Each named baseline's test-stage scorer and the settings validation chose, fitted as
+    iterated.
 
     Test-stage scorers are fitted on ``train_histories(config.refit)`` as the model is: with
     ``refit``, the validation targets join the training data once validation has chosen.
@@ -139,16 +144,24 @@ def baselines(experiment: Experiment) -> Iterator[tuple[str, ScoreFn, dict]]:
     train = experiment.train_histories()
     final = experiment.train_histories(config.refit)
     users = tuning_users(experiment)
-    yield "popularity", popularity(final, num_items), {}
-    params = choose({p: als(train, num_items, config.seed, p) for p in ALS_GRID}, split, users)
-    als_final = als(final, num_items, config.seed, params)
-    yield "als", als_final, {"factors": ALS_FACTORS, "regularization": params[0],
-                             "alpha": params[1]}
-    yield "itemknn", item_knn(final, num_items), {}
-    recency = choose({r: text_only(text, r) for r in RECENCY_GRID}, split, users)
-    yield "text", text_only(text, recency), {"recency": recency}
-    als_train = als(train, num_items, config.seed, params) if config.refit else als_final
-    weight = choose({w: late_fusion(als_train, text_only(text, recency), w) for w in FUSION_GRID},
-                    split, users)
-    yield "late_fusion", late_fusion(als_final, text_only(text, recency), weight), {
-        "weight": weight, "recency": recency}
+    if "popularity" in names:
+        yield "popularity", popularity(final, num_items), {}
+    if {"als", "late_fusion"} & set(names):
+        params = choose({p: als(train, num_items, config.seed, p) for p in ALS_GRID}, split,
+                        users)
+        als_final = als(final, num_items, config.seed, params)
+    if "als" in names:
+        yield "als", als_final, {"factors": ALS_FACTORS, "regularization": params[0],
+                                 "alpha": params[1]}
+    if "itemknn" in names:
+        yield "itemknn", item_knn(final, num_items), {}
+    if {"text", "late_fusion"} & set(names):
+        recency = choose({r: text_only(text, r) for r in RECENCY_GRID}, split, users)
+    if "text" in names:
+        yield "text", text_only(text, recency), {"recency": recency}
+    if "late_fusion" in names:
+        als_train = als(train, num_items, config.seed, params) if config.refit else als_final
+        weight = choose({w: late_fusion(als_train, text_only(text, recency), w)
+                         for w in FUSION_GRID}, split, users)
+        yield "late_fusion", late_fusion(als_final, text_only(text, recency), weight), {
+            "weight": weight, "recency": recency}

@@ -23,7 +23,7 @@ from shared.artifacts import write_json
 from shared.experiment import Experiment
 from shared.metrics import METRICS, ScoreFn, evaluate
 from shared.model import fill_cold_items
-from simulations.baselines import baselines
+from simulations.baselines import BASELINES, baselines
 from simulations.centralized import (
     add_run_config_arguments,
     run_config_from_args,
@@ -42,14 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cold-target and warm-target customers apart (default 0: none)")
     parser.add_argument("--skip-model", action="store_true",
                         help="baselines only: do not train the model and its ablations")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="model variants to train (default id,text,fusion)")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="baselines to run (default popularity,als,itemknn,text,late_fusion)")
     add_run_config_arguments(parser)
 
 
-def model_variants(experiment: Experiment,
-                   show_progress: bool) -> Iterator[tuple[str, ScoreFn, dict]]:
+def model_variants(experiment: Experiment, show_progress: bool,
+                   variants: tuple[str, ...] = VARIANTS) -> Iterator[tuple[str, ScoreFn, dict]]:
     """The model and its ablations, trained centrally on the same split with the same settings;
     items no customer trained on get text-predicted ID vectors, as every run's outputs do."""
-    for variant in VARIANTS:
+    for variant in variants:
         config = dataclasses.replace(experiment.config, variant=variant)
         run = dataclasses.replace(experiment, config=config)
         result = train_centralized(run, show_progress)
@@ -59,14 +63,15 @@ def model_variants(experiment: Experiment,
         yield f"model:{variant}", run.score_fn(model), {"variant": variant, **result["timing"]}
 
 
-def benchmark(experiment: Experiment, skip_model: bool, console: Console | None) -> dict:
+def benchmark(experiment: Experiment, skip_model: bool, console: Console | None,
+              variants: tuple[str, ...] = VARIANTS, names: tuple[str, ...] = BASELINES) -> dict:
     """Every method's test metrics (with cold/warm views when items are held out) and wall time:
     fitting, choosing on validation, training and evaluating."""
     cold = experiment.cold_items if len(experiment.cold_items) else None
-    methods = [baselines(experiment)]
+    methods = [baselines(experiment, names)]
     if not skip_model:
-        methods.append(model_variants(experiment, console is not None))
-    total = 5 + (0 if skip_model else len(VARIANTS))
+        methods.append(model_variants(experiment, console is not None, variants))
+    total = len(names) + (0 if skip_model else len(variants))
     results, index = {}, 0
     for group in methods:
         started = time.time()
@@ -107,7 +112,13 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     experiment = Experiment.prepare(args.data, config, args.cold_items,
                                     show_progress=not args.quiet)
-    results = benchmark(experiment, args.skip_model, None if args.quiet else console)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    names = tuple(b for b in args.baselines.split(",") if b)
+    unknown = set(variants) - set(VARIANTS) | set(names) - set(BASELINES)
+    if unknown:
+        raise SystemExit(f"fedrec: unknown variants or baselines {sorted(unknown)}")
+    results = benchmark(experiment, args.skip_model, None if args.quiet else console, variants,
+                        names)
     for table in tables(results):
         console.print(table)
     report = {

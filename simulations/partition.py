@@ -27,8 +27,12 @@ def item_merchants(items: pd.DataFrame, num_nodes: int) -> np.ndarray:
     """Node index of each item: by ``merchant_id`` if present, else by top-level category."""
     if "merchant_id" in items and items["merchant_id"].astype(str).str.strip().ne("").all():
         keys = items["merchant_id"].astype(str)
-    else:
-        keys = items["categories"].astype(str).str.split("|").str[:2].str.join("|")
+    else:  # the shallowest category level with at least one group per node
+        path = items["categories"].astype(str).str.split("|")
+        for depth in range(2, 6):
+            keys = path.str[:depth].str.join("|")
+            if keys.nunique() >= num_nodes:
+                break
     # largest groups first, each to the currently smallest node: balanced and deterministic
     sizes = keys.value_counts()
     load, owner = np.zeros(num_nodes), {}
