@@ -39,8 +39,9 @@ PRIVACY_UNIT = "one customer's entire history at this node (every event of one c
 
 @dataclass
 class NodeData:
-    """One node's local dataset, split leave-one-out locally: each customer's last event stays
-    a local holdout (and the second-to-last too unless the run refits)."""
+    """One node's local dataset. The node trains on all of it (in simulation the server has
+    already kept the evaluation events out of the partitions); ``split`` is its local
+    leave-one-out view, used only for federated evaluation."""
 
     name: str
     directory: Path
@@ -127,7 +128,7 @@ def train_node(
     """Local training from the global ``state``; returns weights, rows and numbers to report."""
     device = resolve_device(config.device)
     model = build_model(node, config, state)
-    histories = [h for h in node.split.training_histories(config.refit) if len(h) >= 2]
+    histories = [np.asarray(h) for h in node.split.sequences() if len(h) >= 2]
     inputs, targets = training_tensors(histories, model.config.max_len)
     targets = _local_targets(targets, node.catalog, model.config.num_items)
     catalog = node.catalog if node.catalog is not None else np.arange(model.config.num_items)
@@ -253,8 +254,9 @@ def _train_private(
 
 
 def evaluate_node(node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]) -> dict:
-    """Federated evaluation: the global model on this node's local holdout (its customers' last
-    event when the nodes refit on validation targets, else the second-to-last)."""
+    """Federated evaluation: the global model on each local customer's last event from the
+    earlier ones (events the node also trains on: optimistic; for deployments without a
+    server-side holdout)."""
     model = build_model(node, config, state).eval()
 
     def score(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
@@ -263,5 +265,5 @@ def evaluate_node(node: NodeData, config: RunConfig, state: dict[str, torch.Tens
     users = node.split.test_users
     if not len(users):
         return {"customers": 0}
-    metrics, _ = evaluate(score, node.split, "test" if config.refit else "valid", users=users)
+    metrics, _ = evaluate(score, node.split, "test", users=users)
     return {"customers": len(users), **{k: v for k, v in metrics.items() if "@" in k}}

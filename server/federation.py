@@ -26,7 +26,7 @@ from shared.config import RunConfig
 from shared.experiment import Experiment
 from shared.wire import encode, nbytes, trainable_state
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
-from simulations.partition import node_catalog, write_partitions
+from simulations.partition import holdout_rows, node_catalog, write_partitions
 
 log = logging.getLogger("fedrec.server")
 NODE_UNIT = "one customer's entire history at one node (every event of one customer there)"
@@ -104,13 +104,10 @@ def run_federation(
     if not partitions.exists():  # built aside, then renamed: never left half-written
         staging = out / "partitions.partial"
         shutil.rmtree(staging, ignore_errors=True)
+        held = holdout_rows(experiment.dataset, experiment.split, config.refit)
         directories = write_partitions(
-            experiment.dataset,
-            staging,
-            config.clients,
-            config.partition,
-            config.dirichlet_alpha,
-            config.seed,
+            experiment.dataset, staging, config.clients, config.partition,
+            config.dirichlet_alpha, config.seed, held,
         )
         if config.canaries:
             items = experiment.dataset.items

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.data import Dataset
+from shared.data import Dataset, Split
 
 SCHEMES = ("regional", "merchant")
 
@@ -59,6 +59,17 @@ def user_nodes(dataset: Dataset, num_nodes: int, alpha: float, seed: int) -> dic
     return assignment
 
 
+def holdout_rows(dataset: Dataset, split: Split, refit: bool) -> np.ndarray:
+    """File rows of the events the simulation's server keeps for evaluation: every customer's
+    test event, and the validation event unless the run refits on it. Nodes never see them."""
+    rows = dataset.interactions.groupby("user_id", sort=True)["row"].agg(list)
+    held = []
+    for u, user_rows in enumerate(rows.reindex(split.user_ids)):
+        if split.test_target[u] >= 0:
+            held.extend(user_rows[-1:] if refit else user_rows[-2:])
+    return np.asarray(held, dtype=np.int64)
+
+
 def write_partitions(
     dataset: Dataset,
     out: Path,
@@ -66,13 +77,17 @@ def write_partitions(
     scheme: str = "regional",
     alpha: float = 0.0,
     seed: int = 0,
+    holdout: np.ndarray | None = None,
 ) -> list[Path]:
-    """Write ``out/node-<k>/`` for k in 0..num_nodes-1; returns the directories."""
+    """Write ``out/node-<k>/`` for k in 0..num_nodes-1, without the ``holdout`` file rows (the
+    server's evaluation events); returns the directories."""
     if scheme not in SCHEMES:
         raise ValueError(f"partition must be one of {SCHEMES}, got {scheme!r}")
     if num_nodes < 1:
         raise ValueError("a federation needs at least one node")
     events = dataset.interactions.sort_values("row", kind="stable")
+    if holdout is not None:
+        events = events[~events["row"].isin(holdout)]
     items = dataset.items
     if scheme == "regional":
         node_of_user = user_nodes(dataset, num_nodes, alpha, seed)
