@@ -256,12 +256,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body accepted; larger ones get 413")
     parser.add_argument("--ann-threshold", type=int, default=ANN_THRESHOLD,
                         help="catalog size from which an ANN index replaces exact scoring")
-    parser.add_argument("--nprobe", type=int, default=16,
-                        help="IVF lists probed per recommendation (ANN only; default 16)")
-    parser.add_argument("--text-nprobe", type=int, default=64,
-                        help="IVF lists probed per dense text search (ANN only; default 64)")
+    parser.add_argument("--nprobe", type=int, default=512,
+                        help="IVF lists probed per recommendation (ANN only; default 512)")
+    parser.add_argument("--text-nprobe", type=int, default=128,
+                        help="IVF lists probed per dense text search (ANN only; default 128)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch/faiss threads per request (default 1)")
+                        help="torch, faiss and BLAS threads per request (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@ Both answer the same question, the ``k`` rows with the largest ``<query, row>`` 
 excluded set (the customer's history), and both return exact scores: the ANN index only
 proposes candidates (over-fetching by the size of the excluded set), which are then re-scored
 against the float32 vectors kept here. Below ``ann_threshold`` rows the exact matmul is fast
-enough and is used; above it, an IVF index with a small HNSW coarse quantizer and 8-bit scalar
-quantised lists (a quarter of the memory of the vectors) answers in about a millisecond.
+enough and is used; above it, an IVF index (4 sqrt(n) lists, an HNSW coarse quantizer, vectors
+stored as float16: half the memory of the originals, as fast to scan) answers in a few
+milliseconds at a million rows.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class VectorIndex:
     """Maximum-inner-product search over the rows of ``vectors`` (n, d), exact or IVF."""
 
     def __init__(self, vectors: np.ndarray, ann_threshold: int = ANN_THRESHOLD,
-                 nprobe: int = 16, seed: int = 0):
+                 nprobe: int = 256, seed: int = 0):
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self._nprobe, self.seed = nprobe, seed
         self.mean = np.zeros(self.vectors.shape[1], dtype=np.float32)  # of the rows, for IVF
@@ -61,17 +62,18 @@ class VectorIndex:
         return len(self.vectors)
 
     def _build_ann(self) -> faiss.Index:
-        """IVF over inner product: sqrt(n) lists, trained on a sample of 40 rows per list.
+        """IVF over inner product: 4 sqrt(n) lists, k-means on a sample of 20 rows per list.
 
         The rows are indexed minus their mean: that shifts every score of a query by the same
         amount (the ranking is unchanged) and removes the common direction that would otherwise
         pull most rows into a few lists.
         """
         n, dim = self.vectors.shape
-        nlist = max(1, int(math.sqrt(n)))
+        nlist = max(1, int(4 * math.sqrt(n)))
         self.mean = self.vectors.mean(0)
-        index = faiss.index_factory(dim, f"IVF{nlist}_HNSW32,SQ8", faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(self.seed).choice(n, min(n, 40 * nlist), replace=False)
+        index = faiss.index_factory(dim, f"IVF{nlist}_HNSW32,SQfp16", faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(index).cp.min_points_per_centroid = 20
+        sample = np.random.default_rng(self.seed).choice(n, min(n, 20 * nlist), replace=False)
         index.train(self.vectors[np.sort(sample)] - self.mean)
         for start in range(0, n, 100_000):  # centred in chunks: bounded extra memory
             rows = np.arange(start, min(n, start + 100_000))

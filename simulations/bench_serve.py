@@ -46,7 +46,7 @@ from shared.search import SearchEngine
 from simulations.bench_search import build_engine, title_query
 
 COLOURS = ("red", "black", "white", "pink", "blue", "nude", "coral", "gold", "silver", "green")
-NPROBES = (4, 8, 16, 32, 64)  # recall@10 is reported for each
+NPROBES = (32, 64, 128, 256, 512)  # recall@10 is reported for each
 SIZES = ("mini", "travel size", "1 oz", "2 oz", "4 oz", "8 oz", "value pack", "refill")
 
 
@@ -190,10 +190,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size of the synthetic catalog (0 skips it; default 1,000,000)")
     parser.add_argument("--noise", type=float, default=1.0,
                         help="norm of the noise that makes a variant (default 1.0)")
-    parser.add_argument("--nprobe", type=int, default=16,
-                        help="IVF lists probed per recommendation (default 16)")
-    parser.add_argument("--text-nprobe", type=int, default=64,
-                        help="IVF lists probed per dense text search (default 64)")
+    parser.add_argument("--nprobe", type=int, default=512,
+                        help="IVF lists probed per recommendation, as fedrec serve (default 512)")
+    parser.add_argument("--text-nprobe", type=int, default=128,
+                        help="IVF lists probed per dense text search (default 128)")
     parser.add_argument("--max-history", type=int, default=50,
                         help="most recent history items sent per request (default 50)")
     parser.add_argument("--threads", type=int, default=1,

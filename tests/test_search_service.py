@@ -243,22 +243,23 @@ def test_body_over_the_limit_is_413(client: TestClient):
 # --- the ANN index ------------------------------------------------------------------------
 
 def variants(products: int, per_product: int, dim: int, seed: int) -> np.ndarray:
-    """Unit vectors for ``per_product`` variants of random products (cosine about 0.9 to the
+    """Unit vectors for ``per_product`` variants of random products (cosine about 0.8 to the
     product): the near-duplicate structure of real catalogs. Isotropic vectors have none."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((products, dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    noise = 0.5 * rng.standard_normal((products * per_product, dim)) / np.sqrt(dim)
+    noise = 0.7 * rng.standard_normal((products * per_product, dim)) / np.sqrt(dim)
     vectors = np.repeat(centres, per_product, axis=0) + noise
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
 def test_ann_recall_against_exact_and_history_exclusion():
     vectors = variants(2000, 10, 64, seed=0)
-    index = VectorIndex(vectors, ann_threshold=10_000, nprobe=16)
+    index = VectorIndex(vectors, ann_threshold=10_000, nprobe=64)  # 64 of 565 lists
     assert index.kind == "ann"
-    queries = variants(2000, 10, 64, seed=0)[::200] + variants(100, 1, 64, seed=1) * 0.3
-    assert recall_at_k(index, queries, k=10)[16] >= 0.95
+    queries = vectors[::200] + variants(100, 1, 64, seed=1) * 0.3
+    recall = recall_at_k(index, queries, k=10, nprobes=(8, 64))
+    assert recall[64] >= 0.95 and recall[8] < recall[64]
     exact = top_k(vectors @ queries[0], 10)
     found, scores = index.search(queries[0], 10, exclude=exact[:5])
     assert not set(exact[:5]) & set(found) and len(found) == 10
