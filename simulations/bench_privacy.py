@@ -73,6 +73,8 @@ def simulate_args(args: argparse.Namespace, variant: str, epsilon: float | None,
                   out: Path) -> argparse.Namespace:
     """The arguments ``fedrec simulate`` would parse for this run."""
     argv = ["--data", str(args.data), "--out", str(out), "--set", f"variant={variant}"]
+    if variant == "text":  # no item biases to train under DP: the text part learns instead
+        argv += ["--set", "dp_train=all"]
     argv += ["--clients", str(args.clients)] if args.clients is not None else []
     argv += ["--rounds", str(args.rounds)] if args.rounds is not None else []
     argv += ["--dp", "--target-epsilon", str(epsilon)] if epsilon is not None else []
