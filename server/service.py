@@ -20,7 +20,7 @@ from fastapi import FastAPI, HTTPException, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, StringConstraints
 
-from shared.index import ANN_THRESHOLD
+from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE
 from shared.search import Encode, Hit, SearchEngine, UnknownItems, load_engine
 
 PAGE = Path(__file__).with_name("web.html")
@@ -256,9 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body accepted; larger ones get 413")
     parser.add_argument("--ann-threshold", type=int, default=ANN_THRESHOLD,
                         help="catalog size from which an ANN index replaces exact scoring")
-    parser.add_argument("--nprobe", type=int, default=512,
+    parser.add_argument("--nprobe", type=int, default=NPROBE,
                         help="IVF lists probed per recommendation (ANN only; default 512)")
-    parser.add_argument("--text-nprobe", type=int, default=128,
+    parser.add_argument("--text-nprobe", type=int, default=TEXT_NPROBE,
                         help="IVF lists probed per dense text search (ANN only; default 128)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch, faiss and BLAS threads per request (default 1)")

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.aggregation import NodeUpdate, ServerOptimizer, aggregate
 from shared.config import RunConfig
-from shared.wire import decode
+from shared.wire import ITEM_TABLES, decode
 
 log = logging.getLogger("fedrec.server")
 
@@ -106,8 +106,6 @@ def _update_norm(
     rows: dict[str, np.ndarray],
     global_state: dict[str, torch.Tensor],
 ) -> float:
-    from shared.wire import ITEM_TABLES
-
     total = 0.0
     for name, value in tensors.items():
         reference = global_state[name]

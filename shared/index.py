@@ -18,6 +18,8 @@ import faiss
 import numpy as np
 
 ANN_THRESHOLD = 200_000
+NPROBE = 512  # IVF lists probed per recommendation (recall 0.98 at 1M items)
+TEXT_NPROBE = 128  # IVF lists probed per dense text search
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -41,7 +41,7 @@ from server.service import (
 from shared.artifacts import write_json
 from shared.catalog import grow, set_items
 from shared.data import leave_one_out, load_dataset
-from shared.index import ANN_THRESHOLD, recall_at_k
+from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE, recall_at_k
 from shared.search import SearchEngine
 from simulations.bench_search import build_engine, title_query
 
@@ -190,9 +190,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size of the synthetic catalog (0 skips it; default 1,000,000)")
     parser.add_argument("--noise", type=float, default=1.0,
                         help="norm of the noise that makes a variant (default 1.0)")
-    parser.add_argument("--nprobe", type=int, default=512,
+    parser.add_argument("--nprobe", type=int, default=NPROBE,
                         help="IVF lists probed per recommendation, as fedrec serve (default 512)")
-    parser.add_argument("--text-nprobe", type=int, default=128,
+    parser.add_argument("--text-nprobe", type=int, default=TEXT_NPROBE,
                         help="IVF lists probed per dense text search (default 128)")
     parser.add_argument("--max-history", type=int, default=50,
                         help="most recent history items sent per request (default 50)")
