@@ -39,7 +39,7 @@ import torch
 from shared.artifacts import load_model, read_item_ids
 from shared.catalog import TextToId, full_table, set_items, table_rows
 from shared.data import DataError, find_table, load_items
-from shared.index import ANN_THRESHOLD, VectorIndex, top_k
+from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE, VectorIndex, top_k
 from shared.lexical import Lexical
 from shared.model import FusionRecommender
 from shared.text import TextEncoder, embed_items, item_texts
@@ -115,7 +115,7 @@ class SearchEngine:
 
     def __init__(self, model: FusionRecommender, items: pd.DataFrame, encode: Encode,
                  weights: FusionWeights | None = None, ann_threshold: int = ANN_THRESHOLD,
-                 nprobe: int = 512, text_nprobe: int = 128):
+                 nprobe: int = NPROBE, text_nprobe: int = TEXT_NPROBE):
         if len(items) != model.config.num_items:
             raise ValueError(f"{len(items)} products for a model of {model.config.num_items}")
         self.model = model.cpu().eval()
