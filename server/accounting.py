@@ -143,15 +143,20 @@ def rdp_epsilon(contributions: list[dict], delta: float) -> float:
 def federation_guarantee(contributions: list[dict], delta: float, partition: str) -> dict:
     """The customer-level guarantee of the whole federation at ``delta``, both ways.
 
-    ``one_node``: max over nodes (a customer at one node only); ``all_nodes``: every node's
-    contributions composed (a customer who may shop at all nodes). ``applies`` names the one
+    ``one_node``: max over nodes (a customer at one node only), each node's epsilon the larger
+    of its reported and its recomputed one; ``all_nodes``: every node's contributions composed
+    (a customer who may shop at all nodes). ``applies`` names the one
     for ``partition``: ``one_node`` for "regional", ``all_nodes`` for anything else (the safe side).
     """
     by_node: dict[str, list[dict]] = defaultdict(list)
     for c in contributions:
         by_node[str(c["node"])].append(c)
     node_plds = {node: _composed_pld(cs) for node, cs in by_node.items()}
-    per_node = {node: _epsilon(p, delta) for node, p in node_plds.items()}
+    # never below what the node itself reported: the larger of its accountant's and the PLD's
+    per_node = {
+        node: max(_epsilon(p, delta), *(float(c.get("epsilon") or 0.0) for c in by_node[node]))
+        for node, p in node_plds.items()
+    }
     worst = max(per_node, key=per_node.get, default=None)
     composed = functools.reduce(_compose, node_plds.values(), None)
     applies = "one_node" if partition == "regional" else "all_nodes"

@@ -96,6 +96,11 @@ def run_federation(
     grid: Grid, config: RunConfig, data_dir: Path, out: Path, show_progress: bool = True
 ) -> dict:
     """Run (or resume) the federation and write the CONTRACT §4 outputs to ``out``."""
+    if config.text_finetune_layers:
+        raise ValueError(
+            "text-finetune-layers is for centralized runs (fedrec train) only: in a federation "
+            "the encoder would be trained on pooled data; set it to 0"
+        )
     out.mkdir(parents=True, exist_ok=True)
     experiment = Experiment.prepare(data_dir, config, show_progress=show_progress)
     if config.dp and not config.delta:  # one delta for the whole federation, below 1/customers

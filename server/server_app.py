@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from threadpoolctl import threadpool_limits
 
 from server.federation import run_federation
 from shared.config import RunConfig
@@ -32,6 +33,13 @@ def embedded_dataset(out: Path) -> Path:
 
 
 def main_with(grid: Grid, config: RunConfig, show_progress: bool = False) -> None:
+    # one BLAS thread: in Flower's simulation process (Ray running, the app in a thread of its
+    # own) OpenBLAS's thread pool was seen spinning for minutes on small numpy matmuls
+    with threadpool_limits(1, "blas"):
+        _run(grid, config, show_progress)
+
+
+def _run(grid: Grid, config: RunConfig, show_progress: bool) -> None:
     out = Path(config.out)
     data = Path(config.data) if config.data else embedded_dataset(out)
     nodes = len(list(grid.get_node_ids()))
@@ -67,4 +75,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: settings from the run config."""
-    main_with(grid, RunConfig.from_flat(dict(context.run_config)))
+    main_with(grid, RunConfig.from_flat(dict(context.run_config)), show_progress=True)

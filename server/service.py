@@ -3,7 +3,8 @@
 The customer's history travels with each request (the model has no per-customer state), so a
 new event changes the very next answer. Endpoints: ``POST /recommend``, ``POST /search``,
 ``POST /items`` (add or replace a product), ``GET /items/{item_id}``, ``GET /health``, the
-OpenAPI docs at ``/docs`` and a small web page at ``/``. See docs/serving.md.
+OpenAPI docs at ``/docs`` (Swagger UI) and ``/redoc``, served from local files (no CDN: they
+work offline), and a small web page at ``/``. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Response
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, StringConstraints
 
 from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE
@@ -38,8 +40,11 @@ class Limits:
 
 # --- request and response bodies ---------------------------------------------------------
 
-History = Field(default_factory=list, description="item ids the customer bought, oldest first",
-                examples=[["B004756YJA", "B0020YLEYK"]])
+History = Field(
+    default_factory=list,
+    description="item ids the customer bought, oldest first",
+    examples=[["B004756YJA", "B0020YLEYK"]],
+)
 
 
 class RecommendRequest(BaseModel):
@@ -49,17 +54,18 @@ class RecommendRequest(BaseModel):
 
 class SearchRequest(BaseModel):
     query: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] = Field(
-        description="free text, e.g. 'red nail polish'", examples=["red nail polish"])
+        description="free text, e.g. 'red nail polish'", examples=["red nail polish"]
+    )
     history: list[str] = History
     k: int = Field(10, description="how many results (1 to the server's max_k)")
 
 
 class Product(BaseModel):
-    item_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                              max_length=200)]
+    item_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-    categories: str = Field("", description="'|'-joined category path",
-                            examples=["Beauty|Makeup|Nails|Nail Polish"])
+    categories: str = Field(
+        "", description="'|'-joined category path", examples=["Beauty|Makeup|Nails|Nail Polish"]
+    )
     brand: str = ""
     description: str = ""
 
@@ -96,23 +102,31 @@ class Health(BaseModel):
 
 # --- the service functions (the HTTP handlers call these; so does the benchmark) -----------
 
+
 def invalid(field: str, message: str, value: object) -> HTTPException:
     """A 422 shaped like FastAPI's own validation errors."""
-    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message,
-                                       "type": "value_error", "input": value}])
+    return HTTPException(
+        422,
+        detail=[{"loc": ["body", field], "msg": message, "type": "value_error", "input": value}],
+    )
 
 
 def history_rows(engine: SearchEngine, limits: Limits, history: list[str], k: int) -> np.ndarray:
     if not 1 <= k <= limits.max_k:
         raise invalid("k", f"k must be between 1 and {limits.max_k}", k)
     if len(history) > limits.max_history:
-        raise invalid("history", f"history holds {len(history)} items; the limit is "
-                                 f"{limits.max_history} (send the most recent ones)", len(history))
+        raise invalid(
+            "history",
+            f"history holds {len(history)} items; the limit is "
+            f"{limits.max_history} (send the most recent ones)",
+            len(history),
+        )
     try:
         return engine.rows(history)
     except UnknownItems as error:
-        raise invalid("history", f"unknown item ids: {', '.join(error.item_ids[:20])}",
-                      error.item_ids) from None
+        raise invalid(
+            "history", f"unknown item ids: {', '.join(error.item_ids[:20])}", error.item_ids
+        ) from None
 
 
 def results(engine: SearchEngine, hits: list[Hit], started: float) -> Results:
@@ -120,12 +134,23 @@ def results(engine: SearchEngine, hits: list[Hit], started: float) -> Results:
     for hit in hits:
         product = engine.product(hit.row)
         because = None if hit.because is None else engine.fields["item_id"][hit.because]
-        out.append(Result(item_id=product["item_id"], title=product["title"],
-                          categories=product["categories"], brand=product["brand"],
-                          score=round(hit.score, 4), reason=hit.reason, because=because,
-                          matched_terms=hit.matched))
-    return Results(results=out, retrieval=engine.retrieval,
-                   took_ms=round(1000 * (time.perf_counter() - started), 2))
+        out.append(
+            Result(
+                item_id=product["item_id"],
+                title=product["title"],
+                categories=product["categories"],
+                brand=product["brand"],
+                score=round(hit.score, 4),
+                reason=hit.reason,
+                because=because,
+                matched_terms=hit.matched,
+            )
+        )
+    return Results(
+        results=out,
+        retrieval=engine.retrieval,
+        took_ms=round(1000 * (time.perf_counter() - started), 2),
+    )
 
 
 def recommend(engine: SearchEngine, limits: Limits, request: RecommendRequest) -> Results:
@@ -137,13 +162,17 @@ def recommend(engine: SearchEngine, limits: Limits, request: RecommendRequest) -
 def search(engine: SearchEngine, limits: Limits, request: SearchRequest) -> Results:
     started = time.perf_counter()
     if len(request.query) > limits.max_query_chars:
-        raise invalid("query", f"the query is longer than {limits.max_query_chars} characters",
-                      len(request.query))
+        raise invalid(
+            "query",
+            f"the query is longer than {limits.max_query_chars} characters",
+            len(request.query),
+        )
     rows = history_rows(engine, limits, request.history, request.k)
     return results(engine, engine.search(request.query, rows, request.k), started)
 
 
 # --- the app -------------------------------------------------------------------------------
+
 
 class BodySizeLimit:
     """ASGI middleware: 413 for a request body over ``max_bytes`` (declared or streamed)."""
@@ -174,9 +203,13 @@ class BodySizeLimit:
 def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
     """The FastAPI app around a ready engine."""
     limits = limits or Limits()
-    app = FastAPI(title="fedrec", version="0.1.0",
-                  description="Recommendations and personalised product search from the "
-                              "federated global model. The history travels with each request.")
+    app = FastAPIOffline(
+        title="fedrec",
+        version="0.1.0",
+        description="Recommendations and personalised product search from the "
+        "federated global model. The history travels with each "
+        "request.",
+    )
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.state.engine, app.state.limits = engine, limits
 
@@ -190,16 +223,23 @@ def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
         """Free-text product search, personalised when a history is given."""
         return search(engine, limits, body)
 
-    @app.post("/items", response_model=ProductSaved, status_code=201,
-              responses={200: {"model": ProductSaved, "description": "product replaced"}})
+    @app.post(
+        "/items",
+        response_model=ProductSaved,
+        status_code=201,
+        responses={200: {"model": ProductSaved, "description": "product replaced"}},
+    )
     def post_item(body: Product, response: Response) -> ProductSaved:
         """Add a product (201) or replace one (200): searchable and recommendable at once."""
         created = engine.upsert(pd.DataFrame([body.model_dump()]))[0]
         response.status_code = 201 if created else 200
         return ProductSaved(created=created, product=body)
 
-    @app.get("/items/{item_id}", response_model=Product,
-             responses={404: {"description": "no such product"}})
+    @app.get(
+        "/items/{item_id}",
+        response_model=Product,
+        responses={404: {"description": "no such product"}},
+    )
     def get_item(item_id: str) -> Product:
         """One product of the catalog."""
         row = engine.row_of.get(item_id)
@@ -210,8 +250,13 @@ def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
     @app.get("/health", response_model=Health)
     def health() -> Health:
         """Liveness, catalog size, retrieval mode, limits and search fusion weights."""
-        return Health(status="ok", products=len(engine), retrieval=engine.retrieval,
-                      limits=asdict(limits), fusion=asdict(engine.weights))
+        return Health(
+            status="ok",
+            products=len(engine),
+            retrieval=engine.retrieval,
+            limits=asdict(limits),
+            fusion=asdict(engine.weights),
+        )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -232,8 +277,13 @@ def set_threads(threads: int) -> None:
     threadpoolctl.threadpool_limits(threads)
 
 
-def create_app(model_dir: Path, data_dir: Path, limits: Limits | None = None,
-               encode: Encode | None = None, **index_options) -> FastAPI:
+def create_app(
+    model_dir: Path,
+    data_dir: Path,
+    limits: Limits | None = None,
+    encode: Encode | None = None,
+    **index_options,
+) -> FastAPI:
     """The app for a run's ``model/`` and a dataset's products (``encode``: tests only;
     ``index_options``: ``ann_threshold``, ``nprobe``, ``text_nprobe`` of the engine)."""
     engine = load_engine(model_dir, data_dir, encode, **index_options)
@@ -243,25 +293,57 @@ def create_app(model_dir: Path, data_dir: Path, limits: Limits | None = None,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Limits()
     parser.add_argument("--model", required=True, type=Path, help="a run's model/ directory")
-    parser.add_argument("--data", required=True, type=Path,
-                        help="dataset directory whose items table holds the products")
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="dataset directory whose items table holds the products",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-k", type=int, default=defaults.max_k, help="largest k accepted")
-    parser.add_argument("--max-history", type=int, default=defaults.max_history,
-                        help="longest history accepted (items)")
-    parser.add_argument("--max-query-chars", type=int, default=defaults.max_query_chars,
-                        help="longest query accepted (characters)")
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
-                        help="largest request body accepted; larger ones get 413")
-    parser.add_argument("--ann-threshold", type=int, default=ANN_THRESHOLD,
-                        help="catalog size from which an ANN index replaces exact scoring")
-    parser.add_argument("--nprobe", type=int, default=NPROBE,
-                        help="IVF lists probed per recommendation (ANN only; default 512)")
-    parser.add_argument("--text-nprobe", type=int, default=TEXT_NPROBE,
-                        help="IVF lists probed per dense text search (ANN only; default 128)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch, faiss and BLAS threads per request (default 1)")
+    parser.add_argument(
+        "--max-history",
+        type=int,
+        default=defaults.max_history,
+        help="longest history accepted (items)",
+    )
+    parser.add_argument(
+        "--max-query-chars",
+        type=int,
+        default=defaults.max_query_chars,
+        help="longest query accepted (characters)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help="largest request body accepted; larger ones get 413",
+    )
+    parser.add_argument(
+        "--ann-threshold",
+        type=int,
+        default=ANN_THRESHOLD,
+        help="catalog size from which an ANN index replaces exact scoring",
+    )
+    parser.add_argument(
+        "--nprobe",
+        type=int,
+        default=NPROBE,
+        help="IVF lists probed per recommendation (ANN only; default 512)",
+    )
+    parser.add_argument(
+        "--text-nprobe",
+        type=int,
+        default=TEXT_NPROBE,
+        help="IVF lists probed per dense text search (ANN only; default 128)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch, faiss and BLAS threads per request (default 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -270,10 +352,19 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(args.max_k, args.max_history, args.max_query_chars, args.max_body_bytes)
     set_threads(args.threads)
     print(f"loading {args.model} with the products of {args.data} ...", flush=True)
-    app = create_app(args.model, args.data, limits, ann_threshold=args.ann_threshold,
-                     nprobe=args.nprobe, text_nprobe=args.text_nprobe)
+    app = create_app(
+        args.model,
+        args.data,
+        limits,
+        ann_threshold=args.ann_threshold,
+        nprobe=args.nprobe,
+        text_nprobe=args.text_nprobe,
+    )
     engine = app.state.engine
-    print(f"{len(engine)} products, {engine.retrieval} retrieval; "
-          f"open http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
+    print(
+        f"{len(engine)} products, {engine.retrieval} retrieval; "
+        f"open http://{args.host}:{args.port}/ (API docs at /docs)",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -1,13 +1,15 @@
 """What every run writes (CONTRACT §4): ``metrics.json``, ``recs.csv`` and ``model/``.
 
 ``model/`` holds ``model.safetensors`` (the trainable weights), ``config.json`` (architecture,
-text model and catalog), ``item_ids.txt`` and ``README.md``, the model card.
+text model and catalog), ``item_ids.txt`` and ``README.md``, the model card; a fine-tuned text
+encoder is copied into ``model/text-encoder/`` so that the folder is complete on its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ import numpy as np
 import torch
 
 from shared.model import FusionRecommender, ModelConfig
+
+TEXT_ENCODER_DIR = "text-encoder"
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -43,6 +47,9 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"))
+    if text_model != "minilm" and (Path(text_model) / "finetune.json").exists():
+        shutil.copytree(text_model, directory / TEXT_ENCODER_DIR, dirs_exist_ok=True)
+        text_model = TEXT_ENCODER_DIR
     write_json(
         directory / "config.json", {"model": model.config.to_dict(), "text_model": text_model}
     )
@@ -63,6 +70,12 @@ def load_model(directory: Path, text: torch.Tensor, device: str = "cpu") -> Fusi
     model = FusionRecommender(ModelConfig(**config["model"]), text)
     model.load_state_dict(load_file(str(directory / "model.safetensors"), device="cpu"))
     return model.to(device).eval()
+
+
+def read_text_model(directory: Path) -> str:
+    """The text encoder a saved model was trained with (its own copy when fine-tuned)."""
+    text_model = json.loads((Path(directory) / "config.json").read_text())["text_model"]
+    return str(Path(directory) / text_model) if text_model == TEXT_ENCODER_DIR else text_model
 
 
 def read_item_ids(directory: Path) -> list[str]:

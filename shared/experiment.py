@@ -29,6 +29,7 @@ class Experiment:
     text: torch.Tensor
     config: RunConfig
     cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    text_model: str = ""  # the encoder that embedded the catalog (a tuned one, if fine-tuned)
 
     @classmethod
     def prepare(
@@ -38,22 +39,38 @@ class Experiment:
         cold_fraction: float = 0.0,
         show_progress: bool = True,
     ) -> Experiment:
-        """Load and split the data, embed the item text (cached), optionally hold out items."""
+        """Load and split the data, optionally hold out items, fine-tune the encoder if asked,
+        and embed the item text (cached)."""
         dataset = load_dataset(data_dir)
         split = leave_one_out(dataset)
         device = resolve_device(config.device)
-        text = torch.from_numpy(
-            embed_items(
-                dataset.items, config.text_model, device=device, show_progress=show_progress
-            )
-        )
         cold = np.zeros(0, dtype=np.int64)
         if cold_fraction > 0:
             rng = np.random.default_rng(config.seed)
             cold = np.sort(
                 rng.choice(dataset.num_items, int(cold_fraction * dataset.num_items), replace=False)
             )
-        return cls(dataset, split, text, config, cold)
+        text_model = config.text_model
+        if config.text_finetune_layers:
+            from shared.finetune import finetune_encoder
+
+            histories = [h[~np.isin(h, cold)] for h in split.training_histories()]
+            text_model = str(
+                finetune_encoder(
+                    dataset.items,
+                    histories,
+                    config.text_model,
+                    config.text_finetune_layers,
+                    config.text_finetune_steps,
+                    config.seed,
+                    device,
+                    show_progress,
+                )
+            )
+        text = torch.from_numpy(
+            embed_items(dataset.items, text_model, device=device, show_progress=show_progress)
+        )
+        return cls(dataset, split, text, config, cold, text_model)
 
     @property
     def device(self) -> str:
@@ -143,5 +160,5 @@ class Experiment:
         card = model_card(
             title=title, data=data, metrics=metrics, config=self.config.to_dict(), privacy=privacy
         )
-        save_model(out / "model", model, self.item_ids, self.config.text_model, card)
+        save_model(out / "model", model, self.item_ids, self.text_model, card)
         return metrics

@@ -18,6 +18,7 @@ from bm25s.stopwords import STOPWORDS_EN
 from shared.index import top_k
 
 STOPWORDS = frozenset(STOPWORDS_EN)
+BLOCK = 256  # documents per block of the pre-filter of Lexical.top
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -51,19 +52,38 @@ class Lexical:
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every document for ``query`` (zeros when no query word is known).
 
-        Words in more than half of the documents are skipped: their idf is about zero (under
-        1e-4 for a word in every document), and their long posting lists would dominate the
-        time of a query on a large catalog ("beauty" is in every product of Amazon Beauty).
+        The sum of the words' precomputed BM25 terms, as ``bm25s.BM25.get_scores_from_ids``
+        (same floats), one vectorised add per word: that is 10 to 20 times faster than its
+        ``np.add.at`` (numba, its fast path, is not a dependency here). Words in more than half
+        of the documents are skipped: their idf is about zero (under 1e-4 for a word in every
+        document), and their long posting lists would dominate the time of a query on a large
+        catalog ("beauty" is in every product of Amazon Beauty).
         """
-        ids = [self.vocab[w] for w in tokenize(query)
-               if w in self.vocab and self.doc_freq[self.vocab[w]] <= len(self.docs) / 2]
-        if not ids:
-            return np.zeros(len(self.docs), dtype=np.float32)
-        return self.bm25.get_scores_from_ids(ids)
+        matrix = self.bm25.scores  # word -> (documents, their BM25 term): a CSC matrix
+        scores = np.zeros(len(self.docs), dtype=np.float32)
+        for word in tokenize(query):
+            index = self.vocab.get(word)
+            if index is None or self.doc_freq[index] > len(self.docs) / 2:
+                continue
+            start, end = matrix["indptr"][index], matrix["indptr"][index + 1]
+            scores[matrix["indices"][start:end]] += matrix["data"][start:end]
+        return scores
 
     def top(self, scores: np.ndarray, k: int, exclude: np.ndarray) -> np.ndarray:
-        """The ``k`` best-scoring documents with a positive score, outside ``exclude``."""
-        matched = np.flatnonzero(scores > 0)
+        """The ``k`` best-scoring documents with a positive score, outside ``exclude``.
+
+        On a large catalog most documents match some query word (400,000 of a million for a
+        typical query here); only those that can be among the ``k + len(exclude)`` best are
+        ranked: the ones scoring at least as many-th best of the maxima of blocks of
+        :data:`BLOCK` documents (each of those blocks holds such a score). On a catalog of
+        fewer blocks than that, every matching document is ranked.
+        """
+        wanted = k + len(exclude)
+        floor = 0.0
+        if len(scores) > wanted * BLOCK:
+            maxima = np.maximum.reduceat(scores, np.arange(0, len(scores), BLOCK))
+            floor = np.partition(maxima, -wanted)[-wanted]
+        matched = np.flatnonzero(scores >= floor if floor > 0 else scores > 0)
         matched = matched[~np.isin(matched, exclude)]
         return matched[top_k(scores[matched], k)]
 

@@ -7,7 +7,8 @@ through an ANN index (:mod:`shared.index`).
 **Search** fuses three signals over a pool of candidates (the top ``pool`` products of each):
 
 - *lexical*: BM25 of the query over the product texts (:mod:`shared.lexical`);
-- *dense*: cosine of the query's text-tower embedding with the products' (``model.text``);
+- *dense*: cosine of the query's text-tower embedding with the products' (``model.text``; the
+  embeddings of the :data:`QUERY_CACHE` most recent queries are kept);
 - *preference*: the recommender's score for the history (only when there is one).
 
 Each signal is z-normalised over the pool and the fused score is their weighted sum. With no
@@ -29,14 +30,14 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from shared.artifacts import load_model, read_item_ids
+from shared.artifacts import load_model, read_item_ids, read_text_model
 from shared.catalog import TextToId, full_table, set_items, table_rows
 from shared.data import DataError, find_table, load_items
 from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE, VectorIndex, top_k
@@ -45,6 +46,7 @@ from shared.model import FusionRecommender
 from shared.text import TextEncoder, embed_items, item_texts
 
 PRODUCT_FIELDS = ("item_id", "title", "categories", "brand", "description")
+QUERY_CACHE = 4096  # query embeddings kept, most recently used (1.5 kB each for MiniLM)
 SIGNALS = ("lexical", "dense", "preference")
 WEIGHTS_FILE = "search.json"
 
@@ -123,6 +125,7 @@ class SearchEngine:
         self.fields = {f: items[f].astype(str).to_numpy(dtype=object) for f in PRODUCT_FIELDS}
         self.row_of = {item_id: row for row, item_id in enumerate(self.fields["item_id"])}
         self.encode = encode
+        self.query_vector = lru_cache(maxsize=QUERY_CACHE)(self._query_vector)
         self.weights = weights or FusionWeights()
         # ANN lists probed: customer states need more than query embeddings for the same
         # recall@10 (0.98 and 0.97 at the defaults, 1M products; docs/serving.md)
@@ -204,6 +207,12 @@ class SearchEngine:
             return [Hit(int(r), float(s), self._recommend_reason(b), b)
                     for r, s, b in zip(rows, scores, because, strict=True)]
 
+    def _query_vector(self, query: str) -> np.ndarray:
+        """The text tower's embedding of ``query`` (read-only: the cache shares it)."""
+        vector = np.asarray(self.encode([query])[0], dtype=np.float32)
+        vector.flags.writeable = False
+        return vector
+
     def candidates(self, query: str, query_vector: np.ndarray, history: np.ndarray,
                    state: np.ndarray | None) -> Pool:
         """The pool for a query: top ``pool`` by each signal, history excluded, all signals."""
@@ -221,7 +230,7 @@ class SearchEngine:
 
     def search(self, query: str, history: np.ndarray, k: int) -> list[Hit]:
         """The ``k`` best products for a free-text query, personalised by ``history``."""
-        query_vector = np.asarray(self.encode([query])[0], dtype=np.float32)
+        query_vector = self.query_vector(query)
         with self.lock:
             personal = len(history) > 0
             state = self.states([history])[0] if personal else None
@@ -284,7 +293,7 @@ def load_engine(model_dir: Path, data_dir: Path, encode: Encode | None = None,
                                     f"table, e.g. {missing[:5]}: is it the model's dataset?")
     catalog = items.loc[item_ids].reset_index(drop=True)
     if encode is None:
-        text_model = json.loads((model_dir / "config.json").read_text())["text_model"]
+        text_model = read_text_model(model_dir)
         text = embed_items(catalog, text_model, show_progress=False)
         encode = partial(TextEncoder(text_model).encode, show_progress=False)
     else:

@@ -98,18 +98,22 @@ class TextEncoder:
         batches = range(0, len(texts), batch_size)
         for start in progress_bar(batches, "encoding item text", disable=not show_progress):
             index = order[start : start + batch_size]
-            batch = self.tokenizer(
-                [texts[i] for i in index],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            out[index] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+            out[index] = self.embed([texts[i] for i in index]).float().cpu().numpy()
         return out
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """One batch of embeddings as a tensor (differentiable outside inference mode)."""
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return torch.nn.functional.normalize(pooled, dim=-1)
 
 
 class EmbeddingCache:

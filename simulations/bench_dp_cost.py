@@ -1,8 +1,10 @@
 """``fedrec bench dp-cost``: what DP-SGD costs against non-private training of the same model.
 
-Both modes train the same model (the DP settings: ``dp_dim``, ``dp_max_len``) on the same
-customers with the same batch size for one epoch, each in a fresh process so that peak memory
-(max RSS) is its own. Reported: seconds per epoch and peak memory, and their DP / non-DP ratios.
+Both modes train the same model (the DP settings: ``dp_dim``, ``dp_max_len``) and the same
+weights (``dp_train``: ``bias``, the default, or ``all`` for the full per-sample cost) on the
+same customers with the same batch size for one epoch, each in a fresh process so that peak
+memory (max RSS) is its own. Reported: seconds per epoch and peak memory, and their DP / non-DP
+ratios.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     from shared.experiment import Experiment
-    from shared.training import train_epoch, train_private, training_tensors
+    from shared.training import select_trainable, train_epoch, train_private, training_tensors
 
     config = run_config_from_args(args, dp=True)
     experiment = Experiment.prepare(args.data, config, show_progress=False)
@@ -54,9 +56,10 @@ def measure(args: argparse.Namespace) -> dict:
             lr=config.dp_lr,
             delta=1e-5,
             device=experiment.device,
+            trainable=config.dp_train,
         )
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.dp_lr)
+        optimizer = torch.optim.Adam(select_trainable(model, config.dp_train), lr=config.dp_lr)
         train_epoch(model, optimizer, inputs, targets, config.dp_batch_size, experiment.device)
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -68,7 +71,8 @@ def measure(args: argparse.Namespace) -> dict:
         "training_rss_mb": round((peak - baseline_rss) / 1024, 1),
         "dim": model.config.dim,
         "max_len": model.config.max_len,
-        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "trained_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "dp_train": config.dp_train,
         "threads": torch.get_num_threads(),
         "batch": config.dp_batch_size,
         "device": experiment.device,

@@ -197,6 +197,11 @@ def run(args: argparse.Namespace) -> int:
         target_epsilon=args.target_epsilon,
         delta=args.delta,
     )
+    if config.dp and config.text_finetune_layers:
+        raise SystemExit(
+            "fedrec: text-finetune-layers trains the encoder without DP; it cannot be combined "
+            "with --dp (set text-finetune-layers=0)"
+        )
     experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
     result = train_centralized(experiment, not args.quiet)
     extra = {"history": result["history"]}

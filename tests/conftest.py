@@ -41,3 +41,21 @@ def tiny_synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-synth") / "dataset"
     interactions, items = generate(SynthConfig(users=160, items=300, seed=0))
     return write_dataset(out, interactions, items)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer BERT checkpoint (hidden size 32) with MiniLM's tokenizer,
+    built from a ``BertConfig``: a fast stand-in for any local BERT checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from shared.text import resolve_model_path
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_model_path(), local_files_only=True).save_pretrained(out)
+    return out

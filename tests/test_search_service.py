@@ -7,6 +7,7 @@ expected rankings follow from the product texts alone.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import time
 import zlib
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,7 +27,7 @@ from server.service import Limits, build_app, create_app
 from shared.artifacts import save_model
 from shared.catalog import full_table
 from shared.index import VectorIndex, recall_at_k, top_k
-from shared.lexical import tokenize
+from shared.lexical import Lexical, tokenize
 from shared.model import FusionRecommender, ModelConfig
 from shared.search import load_engine
 from shared.text import item_texts
@@ -103,6 +105,7 @@ def ids(response) -> list[str]:
 
 # --- search ---------------------------------------------------------------------------------
 
+
 def test_distinctive_query_ranks_its_product_first(client: TestClient):
     response = client.post("/search", json={"query": "zephyr kettlebell", "k": 5})
     assert ids(response)[0] == "bell"
@@ -123,13 +126,39 @@ def test_history_personalises_the_ranking(client: TestClient):
     assert not {"tent1", "tent2"} & set(camper)  # history is excluded
 
 
+def test_query_embeddings_are_cached(dirs: tuple[Path, Path]):
+    encoded: list[str] = []
+    engine = load_engine(*dirs, encode=lambda texts: encoded.extend(texts) or fake_encode(texts))
+    encoded.clear()  # the catalog's texts
+    first = engine.search("gift set", np.array([0]), 3)
+    assert engine.search("gift set", np.array([0]), 3) == first and encoded == ["gift set"]
+    cached = engine.query_vector("gift set")
+    np.testing.assert_array_equal(cached, fake_encode(["gift set"])[0])
+    assert not cached.flags.writeable  # shared by every request for that query
+
+
 def test_search_reason_names_the_supporting_history_product(client: TestClient):
     results = client.post("/search", json={"query": "gift set", "history": ["tent1"]}).json()
     top = results["results"][0]
     assert top["because"] == "tent1" and "you bought Summit Dome Tent for two" in top["reason"]
 
 
+def test_bm25_scores_and_pre_filtered_top_equal_the_full_computation():
+    rng = np.random.default_rng(4)
+    words = [f"w{i}" for i in range(40)]
+    lexical = Lexical([" ".join(rng.choice(words, rng.integers(3, 12))) for _ in range(3000)])
+    scores = lexical.scores("w1 w7 w7 unknown")
+    ids = [lexical.vocab[w] for w in ("w1", "w7", "w7")]
+    np.testing.assert_array_equal(scores, lexical.bm25.get_scores_from_ids(ids))
+    exclude = top_k(scores, 3)
+    found = lexical.top(scores, 5, exclude)  # 3,000 documents > (5 + 3) blocks: pre-filtered
+    rest = np.setdiff1d(np.flatnonzero(scores > 0), exclude)
+    np.testing.assert_array_equal(scores[found], np.sort(scores[rest])[::-1][:5])
+    assert not set(found) & set(exclude)
+
+
 # --- recommend --------------------------------------------------------------------------------
+
 
 def test_recommendations_follow_the_history_and_say_why(client: TestClient):
     results = client.post("/recommend", json={"history": ["tent1", "tent2"], "k": 3}).json()
@@ -149,8 +178,13 @@ def test_a_new_event_changes_the_next_answer(client: TestClient):
 
 # --- the live catalog ---------------------------------------------------------------------
 
-NEW_TENT = {"item_id": "nebula", "title": "Nebula Ultralight Backpacking Tent",
-            "categories": "Outdoor|Camping|Tents", "brand": "Nebula", "description": ""}
+NEW_TENT = {
+    "item_id": "nebula",
+    "title": "Nebula Ultralight Backpacking Tent",
+    "categories": "Outdoor|Camping|Tents",
+    "brand": "Nebula",
+    "description": "",
+}
 
 
 def test_added_product_is_searchable_and_recommendable_at_once(client: TestClient):
@@ -166,8 +200,11 @@ def test_added_product_is_searchable_and_recommendable_at_once(client: TestClien
 
 
 def test_replacing_a_product_updates_text_and_keeps_one_row(client: TestClient):
-    changed = {"item_id": "pot", "title": "Stainless Stock Pot with Glass Lid",
-               "categories": "Home|Kitchen|Cookware"}
+    changed = {
+        "item_id": "pot",
+        "title": "Stainless Stock Pot with Glass Lid",
+        "categories": "Home|Kitchen|Cookware",
+    }
     response = client.post("/items", json=changed)
     assert response.status_code == 200 and response.json()["created"] is False
     assert ids(client.post("/search", json={"query": "glass lid", "k": 1})) == ["pot"]
@@ -177,8 +214,9 @@ def test_replacing_a_product_updates_text_and_keeps_one_row(client: TestClient):
 def test_incremental_rows_equal_the_model_item_table(dirs: tuple[Path, Path]):
     engine = load_engine(*dirs, encode=fake_encode)
     engine.upsert(pd.DataFrame([NEW_TENT, {"item_id": "lip1", "title": "Velvet Matte Lipstick"}]))
-    np.testing.assert_allclose(engine.preference_index.vectors, full_table(engine.model),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        engine.preference_index.vectors, full_table(engine.model), rtol=1e-5, atol=1e-5
+    )
     assert engine.predicted.tolist() == [False] * len(PRODUCTS) + [True]
     # a product added later gets ID parameters predicted from its text, not zeros
     assert engine.model.id_scores.weight[-1].abs().sum() > 0
@@ -186,26 +224,45 @@ def test_incremental_rows_equal_the_model_item_table(dirs: tuple[Path, Path]):
 
 # --- errors and limits ----------------------------------------------------------------------
 
+
 def test_health_docs_and_page(client: TestClient):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["retrieval"] == "exact"
     assert health["limits"]["max_k"] == 20
     assert client.get("/docs").status_code == 200
     assert {"/recommend", "/search", "/items", "/items/{item_id}", "/health"} <= set(
-        client.get("/openapi.json").json()["paths"])
+        client.get("/openapi.json").json()["paths"]
+    )
     page = client.get("/")
     assert page.status_code == 200 and "<script>" in page.text and "/search" in page.text
 
 
-@pytest.mark.parametrize(("path", "body", "field", "message"), [
-    ("/recommend", {"history": ["tent1", "nope", "zilch"]}, "history",
-     "unknown item ids: nope, zilch"),
-    ("/search", {"query": "tent", "history": ["nope"]}, "history", "unknown item ids: nope"),
-    ("/recommend", {"history": [], "k": 0}, "k", "k must be between 1 and 20"),
-    ("/search", {"query": "tent", "k": 21}, "k", "k must be between 1 and 20"),
-    ("/recommend", {"history": ["tent1"] * 6}, "history", "the limit is 5"),
-    ("/search", {"query": "tent " * 13}, "query", "longer than 60 characters"),
-])
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+def test_api_docs_load_their_assets_from_the_service(client: TestClient, path: str):
+    page = client.get(path)
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert page.status_code == 200 and any(a.endswith(".js") for a in assets)
+    for asset in assets:  # no CDN: every script, style sheet and icon is served here
+        assert asset.startswith("/"), asset
+        assert client.get(asset).status_code == 200, asset
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field", "message"),
+    [
+        (
+            "/recommend",
+            {"history": ["tent1", "nope", "zilch"]},
+            "history",
+            "unknown item ids: nope, zilch",
+        ),
+        ("/search", {"query": "tent", "history": ["nope"]}, "history", "unknown item ids: nope"),
+        ("/recommend", {"history": [], "k": 0}, "k", "k must be between 1 and 20"),
+        ("/search", {"query": "tent", "k": 21}, "k", "k must be between 1 and 20"),
+        ("/recommend", {"history": ["tent1"] * 6}, "history", "the limit is 5"),
+        ("/search", {"query": "tent " * 13}, "query", "longer than 60 characters"),
+    ],
+)
 def test_bad_requests_get_422_naming_the_problem(client: TestClient, path, body, field, message):
     response = client.post(path, json=body)
     assert response.status_code == 422
@@ -235,12 +292,14 @@ def test_body_over_the_limit_is_413(client: TestClient):
             yield b'"' + b"y" * 100 + b'",'
         yield b'"tent1"]}'
 
-    response = client.post("/search", content=chunks(),
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/search", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
 
 
 # --- the ANN index ------------------------------------------------------------------------
+
 
 def variants(products: int, per_product: int, dim: int, seed: int) -> np.ndarray:
     """Unit vectors for ``per_product`` variants of random products (cosine about 0.8 to the
@@ -268,6 +327,19 @@ def test_ann_recall_against_exact_and_history_exclusion():
     assert set(index.search(queries[0], 2)[0]) == {3, len(vectors)}  # updated and appended
 
 
+def test_ann_probing_every_list_equals_exact():
+    vectors = variants(500, 10, 33, seed=3)  # an odd dimension: the codes pad it
+    index = VectorIndex(vectors, ann_threshold=1000)
+    exact = VectorIndex(vectors)
+    index.nprobe = faiss.extract_index_ivf(index.ann).nlist
+    for query in vectors[::500] + 0.1:
+        history = top_k(vectors @ query, 3)
+        for found, expected in zip(
+            index.search(query, 10, history), exact.search(query, 10, history), strict=True
+        ):
+            np.testing.assert_array_equal(found, expected)
+
+
 def test_exact_index_excludes_and_orders():
     vectors = variants(100, 5, 8, seed=2)
     index = VectorIndex(vectors)
@@ -278,17 +350,29 @@ def test_exact_index_excludes_and_orders():
 
 # --- the web page in a real browser -------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
-                                        else None)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]  # offline: no other host
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (apt-get install chromium)"
+)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
-def test_web_page_shows_ranked_results_in_chromium(dirs: tuple[Path, Path], tmp_path: Path):
+def rendered(app, path: str, tmp_path: Path) -> str:
+    """The DOM of ``path`` after headless Chromium ran its scripts, ``app`` served by uvicorn."""
     import uvicorn
 
-    app = build_app(load_engine(*dirs, encode=fake_encode), LIMITS)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -299,16 +383,37 @@ def test_web_page_shows_ranked_results_in_chromium(dirs: tuple[Path, Path], tmp_
         deadline = time.time() + 10
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}/?q=gift+set&history=tent1"
-        dom = subprocess.run(
-            [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=10000", "--dump-dom", url],
-            capture_output=True, text=True, timeout=60).stdout
+        return subprocess.run(
+            [
+                CHROMIUM,
+                *FLAGS,
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                f"http://127.0.0.1:{port}{path}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@needs_chromium
+def test_web_page_shows_ranked_results_in_chromium(dirs: tuple[Path, Path], tmp_path: Path):
+    app = build_app(load_engine(*dirs, encode=fake_encode), LIMITS)
+    dom = rendered(app, "/?q=gift+set&history=tent1", tmp_path)
     assert 'class="result"' in dom, dom[-2000:]
     first = dom.split('class="result"')[1]
     assert "Camping Gift Set with Lantern and Mug" in first  # personalised: camper first
     assert "you bought Summit Dome Tent for two" in first  # the reason is shown
     assert "Summit Dome Tent for two (tent1)" in dom  # the history chip, with its title
+
+
+@needs_chromium
+def test_swagger_ui_renders_offline_in_chromium(dirs: tuple[Path, Path], tmp_path: Path):
+    dom = rendered(build_app(load_engine(*dirs, encode=fake_encode), LIMITS), "/docs", tmp_path)
+    paths = re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom)
+    assert {"/recommend", "/search", "/items"} <= set(paths), dom[-2000:]

@@ -1,0 +1,124 @@
+"""Fine-tuning the text tower's top layers (shared/finetune.py): pairs, loss, what changes, the
+cache, and the run outputs that carry the tuned encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel
+
+from shared.artifacts import read_text_model
+from shared.cli import main
+from shared.data import leave_one_out, load_dataset
+from shared.finetune import consecutive_pairs, contrastive_loss, finetune_encoder
+from shared.text import TextEncoder, item_texts
+
+
+def test_pairs_are_consecutive_distinct_products() -> None:
+    pairs = consecutive_pairs([np.array([1, 2, 2, 3]), np.array([7]), np.array([4, 5])])
+    assert pairs.tolist() == [[1, 2], [2, 3], [4, 5]]
+
+
+def test_loss_rewards_matching_pairs_and_ignores_repeated_products() -> None:
+    torch.manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    pairs = np.array([[0, 10], [1, 11], [2, 12], [3, 13], [4, 14], [5, 15]])
+    matched = contrastive_loss(vectors, vectors, pairs)
+    shuffled = contrastive_loss(vectors, vectors.roll(1, 0), pairs)
+    assert matched < shuffled
+    # the same positive twice: its copy must not count as a negative
+    repeated = np.array([[0, 10], [1, 10], [2, 12], [3, 13], [4, 14], [5, 15]])
+    twice = torch.cat([vectors[:1], vectors[:1], vectors[2:]])
+    masked = contrastive_loss(twice, twice, repeated)
+    unmasked = torch.nn.functional.cross_entropy(twice @ twice.T / 0.05, torch.arange(6))
+    assert torch.isfinite(masked) and masked < unmasked
+
+
+def test_only_the_top_layers_change_and_the_result_is_cached(
+    tiny_bert_dir: Path, synth_dataset_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    dataset = load_dataset(synth_dataset_dir)
+    histories = leave_one_out(dataset).training_histories()
+    tuned = finetune_encoder(
+        dataset.items, histories, str(tiny_bert_dir), layers=1, steps=4, show_progress=False
+    )
+    report = json.loads((tuned / "finetune.json").read_text())
+    assert report["layers"] == 1 and report["steps"] == 4 and report["seconds_per_step"] > 0
+    before = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+    after = AutoModel.from_pretrained(tuned).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("encoder.layer.1.") for k in changed)
+    texts = item_texts(dataset.items.head(8))
+    assert not np.allclose(
+        TextEncoder(str(tiny_bert_dir)).encode(texts, show_progress=False),
+        TextEncoder(str(tuned)).encode(texts, show_progress=False),
+    )
+    stamp = (tuned / "model.safetensors").stat().st_mtime_ns
+    again = finetune_encoder(
+        dataset.items, histories, str(tiny_bert_dir), layers=1, steps=4, show_progress=False
+    )
+    assert again == tuned and (tuned / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        finetune_encoder(
+            dataset.items, histories, str(tiny_bert_dir), layers=3, steps=1, show_progress=False
+        )
+
+
+def test_train_ships_the_tuned_encoder_with_the_model(
+    tiny_bert_dir: Path, tiny_synth_dataset_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    settings = [
+        "--set",
+        f"text_model={tiny_bert_dir}",
+        "--set",
+        "text_finetune_layers=1",
+        "--set",
+        "text_finetune_steps=3",
+        "--set",
+        "dim=16",
+        "--set",
+        "layers=1",
+        "--set",
+        "max_len=10",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_synth_dataset_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                *settings,
+            ]
+        )
+        == 0
+    )
+    encoder = read_text_model(out / "model")
+    assert Path(encoder) == out / "model" / "text-encoder"
+    assert (Path(encoder) / "finetune.json").exists()
+    assert TextEncoder(encoder).dim == 32
+    with pytest.raises(SystemExit, match="cannot be combined with --dp"):
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_synth_dataset_dir),
+                "--out",
+                str(tmp_path / "dp"),
+                "--dp",
+                *settings,
+            ]
+        )
