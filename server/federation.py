@@ -21,14 +21,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.ledger import PrivacyLedger
+from server.node_privacy import NodeLevelDP, add_node_level
+from server.recovery import record_lost_contributions
 from server.strategy import FedRecStrategy
 from shared.config import RunConfig
+from shared.data import Dataset, Split
 from shared.experiment import Experiment
+from shared.node_dp import check_node_dp
 from shared.wire import encode, nbytes, trainable_state
+from simulations.attacks import check_attack
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
-from simulations.partition import holdout_rows, node_catalog, write_partitions
+from simulations.partition import SCHEMES, holdout_rows, node_catalog, write_partitions
 
 log = logging.getLogger("fedrec.server")
+WIRE_DTYPES = ("float32", "float16")
 NODE_UNIT = "one customer's entire history at one node (every event of one customer there)"
 
 
@@ -64,17 +70,24 @@ def settings_record(config: RunConfig, partitions: Path) -> ConfigRecord:
     return ConfigRecord({**config.to_dict(), "partitions-dir": str(partitions.resolve())})
 
 
+def privacy_reports(replies: list[Message]) -> list[dict]:
+    """Each replying node's privacy report, with its number of customers."""
+    return [
+        {**reply.content["privacy"], "customers": reply.content["metrics"]["num-examples"]}
+        for reply in replies
+        if not reply.has_error() and "privacy" in reply.content
+    ]
+
+
 def record_privacy(
-    ledger: PrivacyLedger, server_round: int, replies: list[Message], config: RunConfig
+    ledger: PrivacyLedger, server_round: int, reports: list[dict], config: RunConfig
 ) -> list[dict]:
     """Append each node's contribution or refusal to the ledger; returns the contributions."""
     contributions = []
-    for reply in replies:
-        if reply.has_error() or "privacy" not in reply.content:
-            continue
-        privacy = dict(reply.content["privacy"])
+    for report in reports:
+        privacy = dict(report)
         node = str(privacy.pop("node"))
-        customers = int(reply.content["metrics"]["num-examples"])
+        customers = int(privacy.pop("customers"))
         if privacy.pop("declined"):
             ledger.append(
                 "declined",
@@ -85,6 +98,7 @@ def record_privacy(
             )
             log.info("node %s declined round %d: %s", node, server_round, privacy["reason"])
         elif config.dp:
+            record_lost_contributions(ledger, server_round, node, customers, privacy)
             entry = ledger.append(
                 "contribution", round=server_round, node=node, num_customers=customers, **privacy
             )
@@ -92,37 +106,66 @@ def record_privacy(
     return contributions
 
 
-def run_federation(
-    grid: Grid, config: RunConfig, data_dir: Path, out: Path, show_progress: bool = True
-) -> dict:
-    """Run (or resume) the federation and write the CONTRACT §4 outputs to ``out``."""
+def check_settings(config: RunConfig) -> None:
+    """Refuse settings a federation cannot run (ValueError saying which), before any output."""
     if config.text_finetune_layers:
         raise ValueError(
             "text-finetune-layers is for centralized runs (fedrec train) only: in a federation "
             "the encoder would be trained on pooled data; set it to 0"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    experiment = Experiment.prepare(data_dir, config, show_progress=show_progress)
-    if config.dp and not config.delta:  # one delta for the whole federation, below 1/customers
-        config.delta = 1.0 / (10 * experiment.dataset.num_users)
+    check_node_dp(config)
+    check_attack(config)
+    FedRecStrategy(config)  # the strategy's name
+    config.model_config(num_items=1, text_dim=1)  # fusion, variant
+    if config.partition not in SCHEMES:
+        raise ValueError(f"partition must be one of {SCHEMES}, got {config.partition!r}")
+    if config.wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}, got {config.wire_dtype!r}")
+    for name in ("clients", "rounds", "local_epochs", "local_batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+    if config.round_timeout < 0:
+        raise ValueError("round-timeout must be 0 (no limit) or positive")
+
+
+def ensure_partitions(dataset: Dataset, split: Split, config: RunConfig, out: Path) -> Path:
+    """``out/partitions/node-<k>/``: each node's data without the server's evaluation events
+    (and with the canaries, if any); written once, kept as they are by a resumed run."""
     partitions = out / "partitions"
     if not partitions.exists():  # built aside, then renamed: never left half-written
         staging = out / "partitions.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        held = holdout_rows(experiment.dataset, experiment.split, config.refit)
+        held = holdout_rows(dataset, split, config.refit)
         directories = write_partitions(
-            experiment.dataset, staging, config.clients, config.partition,
-            config.dirichlet_alpha, config.seed, held,
+            dataset,
+            staging,
+            config.clients,
+            config.partition,
+            config.dirichlet_alpha,
+            config.seed,
+            held,
         )
         if config.canaries:
-            items = experiment.dataset.items
-            catalogs = [node_catalog(d, items) for d in directories]
+            catalogs = [node_catalog(d, dataset.items) for d in directories]
             insert_canaries(
                 staging,
-                make_canaries(items, config.canaries, seed=config.seed, catalogs=catalogs),
-                items,
+                make_canaries(dataset.items, config.canaries, seed=config.seed, catalogs=catalogs),
+                dataset.items,
             )
         staging.rename(partitions)
+    return partitions
+
+
+def run_federation(
+    grid: Grid, config: RunConfig, data_dir: Path, out: Path, show_progress: bool = True
+) -> dict:
+    """Run (or resume) the federation and write the CONTRACT §4 outputs to ``out``."""
+    check_settings(config)
+    experiment = Experiment.prepare(data_dir, config, show_progress=show_progress)
+    out.mkdir(parents=True, exist_ok=True)  # only once the settings and the data are valid
+    if config.dp and not config.delta:  # one delta for the whole federation, below 1/customers
+        config.delta = 1.0 / (10 * experiment.dataset.num_users)
+    partitions = ensure_partitions(experiment.dataset, experiment.split, config, out)
     canaries = load_canaries(partitions) if config.canaries else None
     strategy = FedRecStrategy(config)
     model = experiment.new_model()
@@ -144,23 +187,55 @@ def run_federation(
         )
     reason = "all rounds completed"
     monitor = "test" if config.refit else "valid"
+    node_dp = NodeLevelDP(config, ledger) if config.node_dp else None
+    secure = None
+    if config.secagg:  # the legacy path, only for SecAgg+ rounds (server/secagg.py)
+        from server.secagg import SecureAggregation
+
+        secure = SecureAggregation(grid, config, settings_record(config, partitions))
     for server_round in range(done + 1, config.rounds + 1):
         started = time.time()
-        arrays = encode(state)
-        messages = strategy.configure_train(
-            server_round,
-            ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            settings_record(config, partitions),
-            grid,
-        )
-        replies = list(grid.send_and_receive(messages))
-        record_privacy(ledger, server_round, replies, config)
-        updates, rejected = strategy.node_updates(replies, state)
-        if not updates:
-            reason = "no node could train (budgets spent or no valid update)"
+        if node_dp is not None and (refusal := node_dp.refusal()):
+            reason = refusal
             log.warning("round %d: %s", server_round, reason)
             break
-        state = strategy.apply(state, updates)
+        arrays = encode(state)
+        replies, updates, rejected = [], [], []
+        if secure is not None:  # the server sees the sum of the clipped updates only
+            total, reports, sampled = secure.train_round(server_round, state)
+            record_privacy(ledger, server_round, reports, config)
+            contributed = 0 if total is None else sum(not r["declined"] for r in reports)
+        else:
+            messages = list(
+                strategy.configure_train(
+                    server_round,
+                    ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                    settings_record(config, partitions),
+                    grid,
+                )
+            )
+            replies = list(grid.send_and_receive(messages, timeout=config.round_timeout or None))
+            record_privacy(ledger, server_round, privacy_reports(replies), config)
+            updates, rejected = strategy.node_updates(replies, state)
+            sampled, contributed = len(messages), len(updates)
+            if node_dp is not None and updates:
+                total = node_dp.total(state, updates)
+        if contributed < max(1, config.min_nodes):
+            reason = (
+                f"{contributed} valid update(s) in round {server_round}, fewer than min-nodes "
+                f"{config.min_nodes} (nodes lost, budgets spent or updates rejected)"
+                if contributed
+                else "no node could train (budgets spent or no valid update)"
+            )
+            log.warning("round %d: %s", server_round, reason)
+            break
+        if node_dp is not None:  # the noisy uniform mean, in the ledger before it is used
+            state = strategy.optimizer.step(
+                state, node_dp.release(server_round, total, sampled, contributed)
+            )
+            trained_rows[:] = True
+        else:
+            state = strategy.apply(state, updates)
         for update in updates:
             if "id_scores.weight" in update.rows:
                 trained_rows[update.rows["id_scores.weight"]] = True
@@ -174,7 +249,7 @@ def run_federation(
             {
                 "round": server_round,
                 monitor: {k: v for k, v in valid.items() if "@" in k},
-                "nodes": len(updates),
+                "nodes": contributed,
                 "rejected": rejected,
                 "round_s": round(time.time() - started, 1),
                 "bytes_down_per_node": nbytes(arrays),
@@ -202,7 +277,7 @@ def run_federation(
         if show_progress:
             print(
                 f"round {server_round}/{config.rounds}: {monitor} ndcg@10 {valid['ndcg@10']:.4f}, "
-                f"{len(updates)} nodes, {history[-1]['round_s']} s",
+                f"{contributed} nodes, {history[-1]['round_s']} s",
                 flush=True,
             )
     ledger.append("run_end", rounds_completed=len(history), reason=reason)
@@ -212,6 +287,8 @@ def run_federation(
         "round_s": round(float(np.mean([h["round_s"] for h in history])), 1) if history else 0.0,
     }
     privacy = federation_privacy(ledger, config) if config.dp else None
+    if config.node_dp:
+        privacy = add_node_level(privacy, ledger, config)
     metrics = experiment.finish(
         out,
         model,

@@ -43,7 +43,9 @@ def _run(grid: Grid, config: RunConfig, show_progress: bool) -> None:
     out = Path(config.out)
     data = Path(config.data) if config.data else embedded_dataset(out)
     nodes = len(list(grid.get_node_ids()))
-    if nodes and nodes != config.clients:
+    # once written, the partitions fix the federation's size: a node down at a restart must
+    # not change the run's settings (the checkpoint would no longer match them)
+    if nodes and nodes != config.clients and not (out / "partitions").exists():
         log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
         config.clients = nodes
     metrics = run_federation(grid, config, data, out, show_progress=show_progress)
@@ -60,6 +62,10 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
+            if config.malicious_nodes or config.attack != "none":  # robustness measurement
+                from simulations.attacks import AttackGrid
+
+                grid = AttackGrid(grid, config)
             main_with(grid, config, show_progress)
         except BaseException as error:
             if errors is not None:
@@ -75,4 +81,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: settings from the run config."""
-    main_with(grid, RunConfig.from_flat(dict(context.run_config)), show_progress=True)
+    config = RunConfig.from_flat(dict(context.run_config))
+    if config.malicious_nodes or config.attack != "none":
+        raise ValueError(
+            "malicious-nodes and attack are for simulations only (fedrec simulate, fedrec bench "
+            "robust): a deployment's nodes are what they are"
+        )
+    main_with(grid, config, show_progress=True)

@@ -50,6 +50,7 @@ class FedRecStrategy(FedAvg):
         self.trim = config.trim_fraction
         self.optimizer = ServerOptimizer(kind, config.server_lr)
         self.max_update_norm = max_update_norm
+        self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
 
     def node_updates(
         self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]
@@ -67,6 +68,8 @@ class FedRecStrategy(FedAvg):
             arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
             try:
                 tensors, rows = decode(arrays, global_state)
+                if self.dense and rows:
+                    raise ValueError("a row-sparse update under node-dp (it must be dense)")
                 norm = _update_norm(tensors, rows, global_state)
                 if norm > self.max_update_norm:
                     raise ValueError(f"update norm {norm:.3g} exceeds {self.max_update_norm:g}")

@@ -19,6 +19,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("data", "convert"), "shared.convert", "convert Amazon or MovieLens raw files"),
     (("train",), "simulations.centralized", "centralized training: the reference run"),
     (("simulate",), "simulations.simulate", "a federated run on Flower's simulation engine"),
+    (
+        ("deploy", "local"),
+        "simulations.deploy",
+        "a real SuperLink and SuperNodes on this machine (TLS, node authentication)",
+    ),
     (("audit",), "server.audit", "audit the privacy ledger of a run"),
     (("serve",), "server.service", "serve the global recommender over HTTP"),
     (
@@ -30,6 +35,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "dp-cost"), "simulations.bench_dp_cost", "DP-SGD time and memory against non-DP"),
     (("bench", "search"), "simulations.bench_search", "search quality: BM25, dense, fusion"),
     (("bench", "serve"), "simulations.bench_serve", "latency of the service, exact and ANN"),
+    (("bench", "robust"), "simulations.bench_robust", "robust aggregation against attackers"),
 ]
 
 

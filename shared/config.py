@@ -52,6 +52,12 @@ class RunConfig:
     dp_train: str = "bias"  # what learns under DP: bias (item popularity), id, all
     dp_max_len: int = 20
     dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
+    # node-level DP (one sample = one node's whole update) and secure aggregation, docs/privacy.md
+    node_dp: bool = False
+    node_clip_norm: float = 1.0  # L2 bound on each node's update (delta from the global model)
+    node_target_epsilon: float = 8.0  # node-level budget; the noise is calibrated for `rounds`
+    node_delta: float = 1e-5
+    secagg: bool = False  # Flower SecAgg+: the server sees only the sum (needs node_dp)
     # federation
     clients: int = 5
     rounds: int = 3
@@ -67,6 +73,12 @@ class RunConfig:
     min_nodes: int = 1
     wire_dtype: str = "float32"  # float16 halves what travels
     canaries: int = 0  # empirical privacy audit: random canary customers (simulation only)
+    round_timeout: float = 0.0  # seconds a round waits for replies; 0 = until each arrives or
+    # Flower reports its node unavailable (about a minute after the node stops responding)
+    # robustness measurement (simulation only): these nodes' replies are replaced by attacks
+    malicious_nodes: int = 0
+    attack: str = "none"  # none, scale, sign-flip or random (simulations/attacks.py)
+    attack_scale: float = 10.0  # the attack's factor on the node's own update
 
     def model_config(self, num_items: int, text_dim: int) -> ModelConfig:
         names = {f.name for f in fields(ModelConfig)}

@@ -102,11 +102,16 @@ def run(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
+    from server.federation import check_settings
     from server.server_app import make_server_app
 
     config = config_from_args(args)
     if args.data is not None and not args.data.is_dir():
         raise SystemExit(f"fedrec: {args.data}: not a dataset directory")
+    try:  # before Flower starts and anything is written
+        check_settings(config)
+    except ValueError as error:
+        raise SystemExit(f"fedrec: {error}") from None
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     # run_simulation is marked deprecated in flwr 1.42 in favour of `flwr run`, which needs a

@@ -1,0 +1,50 @@
+"""Spending whose reply never reached the ledger: recorded when the node next contributes.
+
+A node writes its accountant to disk before its update leaves it, so a server stopped mid-round
+can lose a reply whose privacy was already spent. The node's next contribution then shows a gap
+in its ``contribution_index``. Each missing contribution is appended before that next one, with
+its parameters (fixed for a node within a run: its noise multiplier is calibrated once, its
+sample rate and steps follow from its data and the run's settings, which a resumed run may not
+change) and the cumulative epsilon they compose to, marked ``recovered``. The ledger then never
+holds less spending than the nodes' accountants, and the audit's index check still holds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from server.accounting import epsilon_curve
+from server.ledger import PrivacyLedger
+
+log = logging.getLogger("fedrec.server")
+
+RECOVERED = (
+    "spent by the node but never recorded here (its reply lost when the server stopped "
+    "mid-round, or an earlier federation on the same data); parameters from its next contribution"
+)
+
+
+def record_lost_contributions(
+    ledger: PrivacyLedger, server_round: int, node: str, customers: int, privacy: dict
+) -> list[dict]:
+    """Append the contributions ``node`` made before ``privacy`` (its report) that the ledger
+    lacks; returns them."""
+    mine = [e for e in ledger.entries if e["kind"] == "contribution" and e["node"] == node]
+    expected = mine[-1]["contribution_index"] + 1 if mine else 0
+    recovered = []
+    for index in range(expected, int(privacy["contribution_index"])):
+        entry = {**privacy, "contribution_index": index}
+        entry["epsilon"] = epsilon_curve([*mine, entry])[-1]
+        log.warning("node %s: contribution %d was never recorded; recording it", node, index)
+        mine.append(
+            ledger.append(
+                "contribution",
+                round=server_round,
+                node=node,
+                num_customers=customers,
+                recovered=RECOVERED,
+                **entry,
+            )
+        )
+        recovered.append(mine[-1])
+    return recovered

@@ -1,0 +1,288 @@
+"""Node-level DP and SecAgg+ (shared/node_dp.py, server/node_privacy.py, server/secagg.py):
+clipping, the noise's scale, the ledger entries the audit recomputes, the refused combinations,
+and short simulated federations (2 nodes, tiny model) with node-level DP, with and without
+SecAgg+."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, node_reply
+
+from server.audit import audit
+from server.ledger import PrivacyLedger, entry_hash, read_ledger
+from server.node_privacy import NodeLevelDP
+from server.strategy import FedRecStrategy
+from shared.cli import main
+from shared.config import RunConfig
+from shared.node_dp import check_node_dp, clipped_update
+
+NODE_DP = ["--set", "node_dp=true", "--set", "node_target_epsilon=20"]
+
+
+def state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "id_scores.bias": scale * torch.randn(300, generator=generator),
+        "blocks.0.qkv.weight": scale * torch.randn(48, 16, generator=generator),
+    }
+
+
+def norm(update: dict) -> float:
+    return float(
+        np.sqrt(sum((np.asarray(v, dtype=np.float64) ** 2).sum() for v in update.values()))
+    )
+
+
+def test_clipping_bounds_every_node_update() -> None:
+    before = state(0)
+    for clip in (0.01, 1.0, 5.0):
+        config = RunConfig(node_dp=True, node_clip_norm=clip)
+        for seed in range(1, 6):
+            after = {
+                k: v + w
+                for (k, v), w in zip(before.items(), state(seed, 3.0).values(), strict=True)
+            }
+            update = clipped_update(after, before, config)
+            assert norm(update) <= clip * (1 + 1e-5)
+            assert set(update) == set(before) and all(
+                v.dtype == np.float32 for v in update.values()
+            )
+    small = {k: v + 1e-3 for k, v in before.items()}  # within the bound: sent as it is
+    update = clipped_update(small, before, RunConfig(node_dp=True))
+    assert all(np.allclose(update[k], 1e-3, atol=1e-6) for k in before)
+    # no change: a zero update, not a division by zero
+    assert norm(clipped_update(before, before, RunConfig(node_dp=True))) == 0.0
+    # under customer DP only the weights dp-train trains can move: the rest is zero, exactly
+    moved = {k: v + 1.0 for k, v in before.items()}
+    update = clipped_update(moved, before, RunConfig(node_dp=True, dp=True, dp_train="bias"))
+    assert not update["blocks.0.qkv.weight"].any() and update["id_scores.bias"].any()
+
+
+def test_noise_has_the_right_std_and_only_where_weights_can_learn(tmp_path: Path) -> None:
+    config = RunConfig(
+        node_dp=True, dp=True, dp_train="bias", node_clip_norm=2.0, clients=4, rounds=3
+    )
+    node_dp = NodeLevelDP(config, PrivacyLedger(tmp_path / "ledger.jsonl"))
+    total = {
+        "id_scores.bias": np.zeros(200_000, np.float32),
+        "blocks.0.qkv.weight": np.zeros((48, 16), np.float32),
+    }
+    np.random.seed(0)  # Flower's noise helper draws from numpy's global generator
+    mean = node_dp.release(1, total, sampled=4, aggregated=4)
+    noise = mean["id_scores.bias"].numpy().astype(np.float64)
+    expected = node_dp.sigma * 2.0 / 4  # sigma C / n on the mean
+    assert noise.std() == pytest.approx(expected, rel=0.01)
+    assert abs(noise.mean()) < 4 * expected / np.sqrt(noise.size)
+    assert not mean["blocks.0.qkv.weight"].any()  # frozen under dp-train=bias: never noised
+    # the mean divides the (re-clipped) sum by the nodes sampled, whoever answered
+    from server.aggregation import NodeUpdate
+
+    base = state(0)
+    updates = [NodeUpdate(str(i), 1.0, {k: v + 10.0 for k, v in base.items()}) for i in range(3)]
+    summed = node_dp.total(base, updates)
+    assert norm(summed) == pytest.approx(3 * 2.0, rel=1e-5)  # each re-clipped to C = 2
+    assert not summed["blocks.0.qkv.weight"].any()
+
+
+def release_rounds(out: Path, config: RunConfig, rounds: int) -> NodeLevelDP:
+    ledger = PrivacyLedger(out / "ledger.jsonl")
+    ledger.append("run_start", config=config.to_dict(), unit="u")
+    node_dp = NodeLevelDP(config, ledger)
+    for r in range(1, rounds + 1):
+        node_dp.release(r, {"id_scores.bias": np.zeros(3, np.float32)}, 2, 2)
+    return node_dp
+
+
+def test_node_level_ledger_is_recomputed_by_the_audit(tmp_path: Path) -> None:
+    config = RunConfig(node_dp=True, node_target_epsilon=4.0, rounds=3, clients=2)
+    node_dp = release_rounds(tmp_path, config, 3)
+    assert node_dp.refusal() is not None  # calibrated for 3 rounds: a 4th would pass the budget
+    resumed = NodeLevelDP(config, PrivacyLedger(tmp_path / "ledger.jsonl"))
+    assert resumed.accountant.num_releases == 3 and resumed.refusal() is not None
+    report = audit(tmp_path)
+    assert report["passed"], report["checks"]
+    entries = read_ledger(tmp_path / "ledger.jsonl")
+    assert report["node_level"]["rounds"] == 3
+    assert entries[-1]["epsilon"] >= report["node_level"]["epsilon"]  # RDP >= PLD
+    assert report["node_level"]["epsilon"] <= 4.0 and "one node" in report["node_level"]["unit"]
+
+    # an epsilon lowered and re-hashed (so the chain alone would not show it) fails the audit
+    entries[2]["epsilon"] *= 0.5
+    for i in range(2, len(entries)):
+        entries[i]["prev_hash"] = entries[i - 1]["hash"]
+        entries[i]["hash"] = entry_hash(entries[i])
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    report = audit(tmp_path)
+    failed = [c["name"] for c in report["checks"] if not c["passed"]]
+    assert failed == ["node_level"], report["checks"]
+
+
+def test_spending_past_the_node_level_budget_fails_the_audit(tmp_path: Path) -> None:
+    planned = RunConfig(node_dp=True, node_target_epsilon=4.0, rounds=2, clients=2)
+    release_rounds(tmp_path, planned, 4)  # twice the rounds the noise was calibrated for
+    report = audit(tmp_path)
+    node_level = next(c for c in report["checks"] if c["name"] == "node_level")
+    assert not node_level["passed"] and "budget" in node_level["problems"][0]
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"node_dp": True, "strategy": "median"}, "median"),
+        ({"node_dp": True, "strategy": "trimmed"}, "trimmed"),
+        ({"node_dp": True, "strategy": "fedadam"}, "fedadam"),
+        ({"node_dp": True, "secagg": True, "strategy": "median"}, "never sees single updates"),
+        ({"secagg": True}, "secagg=true needs node-dp=true"),
+        ({"node_dp": True, "secagg": True, "clients": 1}, "at least 2 nodes"),
+        ({"node_dp": True, "wire_dtype": "float16"}, "float32"),
+        ({"node_dp": True, "node_clip_norm": 0.0}, "node-clip-norm"),
+        ({"node_dp": True, "node_delta": 1.0}, "node-delta"),
+    ],
+)
+def test_incompatible_combinations_are_refused(settings: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        check_node_dp(RunConfig(**settings))
+
+
+def test_a_row_sparse_update_is_rejected_under_node_dp() -> None:
+
+    base = state(0)
+    arrays = {
+        "id_scores.bias": np.ones(2, np.float32),
+        "id_scores.bias@rows": np.array([0, 1]),
+        "blocks.0.qkv.weight": base["blocks.0.qkv.weight"].numpy(),
+    }
+    reply = node_reply("regional-0", arrays, customers=5)
+    updates, rejected = FedRecStrategy(RunConfig(node_dp=True)).node_updates([reply], base)
+    assert not updates and "row-sparse" in rejected[0]
+
+
+# --- simulated federations --------------------------------------------------------------------
+
+
+def simulate(data: Path, out: Path, *extra: str) -> dict:
+    assert (
+        main(
+            [
+                "simulate",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--clients",
+                "2",
+                "--rounds",
+                "2",
+                "--dp",
+                "--target-epsilon",
+                "3",
+                *TINY,
+                *NODE_DP,
+                *extra,
+            ]
+        )
+        == 0
+    )
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("secagg", [False, True], ids=["plain", "secagg"])
+def test_a_federation_states_both_guarantees(
+    tiny_synth_dataset_dir: Path, tmp_path: Path, secagg: bool
+) -> None:
+    out = tmp_path / "run"
+    metrics = simulate(tiny_synth_dataset_dir, out, "--set", f"secagg={str(secagg).lower()}")
+    privacy = metrics["privacy"]
+    assert "one customer" in privacy["unit"] and 0 < privacy["epsilon"] <= 3 + 1e-6
+    node_level = privacy["node_level"]
+    assert "one node" in node_level["unit"] and 0 < node_level["epsilon"] <= 20
+    assert node_level["releases"] == 2 and node_level["secure_aggregation"] is secagg
+    assert "one node" in privacy["statement"] and "each customer" in privacy["statement"]
+    assert [h["nodes"] for h in metrics["rounds"]] == [2, 2]
+    entries = read_ledger(out / "ledger.jsonl")
+    kinds = [e["kind"] for e in entries]
+    assert kinds.count("contribution") == 4 and kinds.count("node_level") == 2
+    # each round's node-level release comes after that round's customer-level contributions
+    assert kinds == [
+        "run_start",
+        "contribution",
+        "contribution",
+        "node_level",
+        "contribution",
+        "contribution",
+        "node_level",
+        "run_end",
+    ]
+    assert all(e["secure_aggregation"] is secagg for e in entries if e["kind"] == "node_level")
+    assert main(["audit", str(out)]) == 0
+
+
+class FixedUpdate:
+    """A stand-in node for the SecAgg+ check: a known update per node, clipped as fedrec's."""
+
+    @staticmethod
+    def update(partition: int) -> dict[str, np.ndarray]:
+        base = state(0)
+        moved = {
+            k: v + torch.randn(v.shape, generator=torch.Generator().manual_seed(partition))
+            for k, v in base.items()
+        }
+        return clipped_update(moved, base, RunConfig(node_dp=True, node_clip_norm=3.0))
+
+    @staticmethod
+    def app():  # noqa: ANN205
+        from flwr.client import NumPyClient
+        from flwr.client.mod import secaggplus_mod
+        from flwr.clientapp import ClientApp
+
+        class Node(NumPyClient):
+            def __init__(self, partition: int):
+                self.partition = partition
+
+            def fit(self, parameters, config):  # noqa: ANN001, ANN201
+                update = FixedUpdate.update(self.partition)
+                return [update[n] for n in str(config["state-names"]).split(",")], 1, {}
+
+        return ClientApp(
+            client_fn=lambda context: Node(int(context.node_config["partition-id"])).to_client(),
+            mods=[secaggplus_mod],
+        )
+
+
+def test_secagg_sum_equals_the_plain_sum(tmp_path: Path) -> None:
+    import ray.cloudpickle
+    from flwr.app import ConfigRecord
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from server.secagg import SecureAggregation
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers lack tests/
+    nodes, found = 3, {}
+    config = RunConfig(
+        node_dp=True, secagg=True, node_clip_norm=3.0, clients=nodes, min_nodes=nodes
+    )
+    server = ServerApp()
+
+    @server.main()
+    def _(grid, context) -> None:  # noqa: ANN001
+        secure = SecureAggregation(grid, config, ConfigRecord({}))
+        found["total"], found["reports"], found["sampled"] = secure.train_round(1, state(0))
+
+    run_simulation(
+        server_app=server,
+        client_app=FixedUpdate.app(),
+        num_supernodes=nodes,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    assert found["sampled"] == nodes and len(found["reports"]) == nodes
+    expected = {k: sum(FixedUpdate.update(p)[k] for p in range(nodes)) for k in state(0)}
+    step = 2 * 3.0 / 2**22  # one quantisation level over [-C, C]
+    for name, value in expected.items():
+        assert np.abs(found["total"][name] - value).max() <= nodes * step

@@ -1,0 +1,123 @@
+"""Nothing private on the wire: every message a node sends (client/client_app.py, the train and
+evaluate replies, with and without DP) carries the model's weights and aggregate numbers only:
+no customer id, history or data row, in any key or value of any record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from helpers import TINY_SETTINGS
+
+from client.client_app import app
+from client.node import load_node
+from server.federation import settings_record
+from shared.config import RunConfig
+from shared.convert import write_dataset
+from shared.data import load_dataset
+from shared.metrics import METRICS
+from shared.model import FusionRecommender
+from shared.wire import ITEM_TABLES, ROWS, encode, trainable_state
+from simulations.partition import write_partitions
+
+ALLOWED_METRICS = {"num-examples", "bytes-up", "loss", "coverage@20", *METRICS}
+
+
+@pytest.fixture(scope="module")
+def node_dir(tiny_synth_dataset_dir: Path, tmp_path_factory) -> Path:
+    """A node's partition whose customer ids are long and distinctive, so that any copy of one
+    in a message would be found."""
+    source = load_dataset(tiny_synth_dataset_dir)
+    interactions = pd.read_csv(source.report.interactions_file, dtype=str)
+    interactions["user_id"] = "customer-" + interactions["user_id"] + "-private"
+    items = pd.read_csv(next(tiny_synth_dataset_dir.glob("items.*")), dtype=str)
+    data = write_dataset(tmp_path_factory.mktemp("wire") / "data", interactions, items)
+    return write_partitions(load_dataset(data), tmp_path_factory.mktemp("parts"), 2)[0]
+
+
+def sent_bytes(record: object) -> list[bytes]:
+    """Every key and value of a record, as bytes."""
+    if isinstance(record, ArrayRecord):
+        return [k.encode() for k in record] + [a.data for a in record.values()]
+    return [f"{k}={v!r}".encode() for k, v in record.items()]
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["no-dp", "dp"])
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_a_node_sends_weights_and_aggregates_only(
+    node_dir: Path, tiny_bert_dir: Path, dp: bool, kind: str, monkeypatch
+) -> None:
+    for field in ("_run_id", "_node_id", "_task_id"):  # as in the process Flower starts
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    config = RunConfig(**TINY_SETTINGS, device="cpu", dp=dp, text_model=str(tiny_bert_dir))
+    node = load_node(str(node_dir), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    state = trainable_state(model)
+    settings = settings_record(config, node_dir.parent)
+    settings["server-round"] = 1
+    message = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v) for k, v in encode(state).items()}),
+                "config": settings,
+            }
+        ),
+        dst_node_id=1,
+        message_type=kind,
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-dir": str(node_dir)},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = app(message, context)
+    assert not reply.has_error(), reply.error
+
+    customers = pd.read_csv(node_dir / "interactions.csv.gz", dtype=str)["user_id"].unique()
+    assert len(customers) > 10
+    wire = b"".join(part for record in reply.content.values() for part in sent_bytes(record))
+    leaked = [c for c in customers if c.encode() in wire]
+    assert leaked == [] and b"customer-" not in wire and b"private" not in wire
+
+    content = reply.content
+    assert set(content) <= {"arrays", "metrics", "privacy"}
+    assert set(content["metrics"]) <= ALLOWED_METRICS  # aggregates: one number each
+    assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
+    if "privacy" in content:  # the node's name and its privacy spending, nothing else
+        for key, value in content["privacy"].items():
+            assert isinstance(value, (bool, int, float)) or key in {
+                "node",
+                "accountant",
+                "mechanism",
+                "unit",
+                "reason",
+            }, key
+        assert content["privacy"]["node"] == "regional-0"
+    if kind == "evaluate":
+        assert "arrays" not in content
+        return
+    arrays = {k: a.numpy() for k, a in content["arrays"].items()}
+    for name, array in arrays.items():  # the model's own tensors: no table of data rows
+        if name.endswith(ROWS):
+            table = name[: -len(ROWS)]
+            assert table in ITEM_TABLES and array.dtype.kind in "iu"
+            assert array.max(initial=0) < len(node.text)  # item rows, not customers
+            continue
+        assert array.dtype.kind == "f"
+        expected = tuple(state[name].shape)
+        if name + ROWS in arrays:
+            expected = (len(arrays[name + ROWS]), *expected[1:])
+        assert array.shape == expected, name
+    assert set(name for name in arrays if not name.endswith(ROWS)) == set(state)
+    assert all(
+        torch.isfinite(torch.from_numpy(np.asarray(a, dtype=np.float32))).all()
+        for n, a in arrays.items()
+        if not n.endswith(ROWS)
+    )
