@@ -82,7 +82,8 @@ def _pld(mechanism: str, sigma: float, q: float, steps: int) -> Any:
             value_discretization_interval=VALUE_DISCRETIZATION,
         )
     return pld.from_gaussian_mechanism(
-        standard_deviation=sigma, sampling_prob=q,
+        standard_deviation=sigma,
+        sampling_prob=q,
         value_discretization_interval=VALUE_DISCRETIZATION,
     ).self_compose(steps)
 

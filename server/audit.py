@@ -36,18 +36,20 @@ class AuditInputError(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="the run's output directory (holds ledger.jsonl)")
     parser.add_argument(
-        "--tolerance", type=float, default=DEFAULT_TOLERANCE,
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
         help="relative numerical tolerance: a reported epsilon may fall below the PLD "
         f"recomputation by this fraction before it is flagged (default {DEFAULT_TOLERANCE})",
     )
-    parser.add_argument("--json", action="store_true",
-                        help="print the audit as JSON instead of the table")
+    parser.add_argument(
+        "--json", action="store_true", help="print the audit as JSON instead of the table"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.tolerance < 1:
-        print(f"fedrec audit: --tolerance must be in [0, 1), got {args.tolerance}",
-              file=sys.stderr)
+        print(f"fedrec audit: --tolerance must be in [0, 1), got {args.tolerance}", file=sys.stderr)
         return 2
     try:
         report = audit(args.out, args.tolerance)
@@ -68,9 +70,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(name: str, title: str, problems: list[str], ok: str) -> dict:
-    return {"name": name, "title": title, "passed": not problems,
-            "message": ok if not problems else f"{len(problems)} problem(s)",
-            "problems": problems}
+    return {
+        "name": name,
+        "title": title,
+        "passed": not problems,
+        "message": ok if not problems else f"{len(problems)} problem(s)",
+        "problems": problems,
+    }
 
 
 def _is_number(x: Any) -> bool:
@@ -88,9 +94,20 @@ def audit(out: Path, tolerance: float = DEFAULT_TOLERANCE) -> dict:
     if not path.is_file():
         raise AuditInputError(f"{path}: no privacy ledger (is {out} a federated run's output?)")
     report: dict[str, Any] = {
-        "out": str(out), "ledger": str(path), "tolerance": tolerance, "checks": [],
-        "nodes": [], "declined": [], "notes": [], "federation": None, "node_level": None,
-        "empirical": None, "config": {}, "dp": None, "entries": 0, "head_hash": None,
+        "out": str(out),
+        "ledger": str(path),
+        "tolerance": tolerance,
+        "checks": [],
+        "nodes": [],
+        "declined": [],
+        "notes": [],
+        "federation": None,
+        "node_level": None,
+        "empirical": None,
+        "config": {},
+        "dp": None,
+        "entries": 0,
+        "head_hash": None,
     }
     try:
         entries = read_ledger(path)
@@ -102,12 +119,27 @@ def audit(out: Path, tolerance: float = DEFAULT_TOLERANCE) -> dict:
         raise AuditInputError(f"{path}: the ledger is empty")
     report["entries"], report["head_hash"] = len(entries), entries[-1].get("hash")
     checks = report["checks"]
-    checks.append(_check("chain", "hash chain", verify_chain(entries),
-                         f"{len(entries)} entries chained; head hash {entries[-1].get('hash')}"))
-    incomplete = [f"line {n}: {e.get('kind', '?')} entry lacks {', '.join(missing_fields(e))}"
-                  for n, e in enumerate(entries, start=1) if missing_fields(e)]
-    checks.append(_check("fields", "entries carry the required fields", incomplete,
-                         "every entry has its kind's fields"))
+    checks.append(
+        _check(
+            "chain",
+            "hash chain",
+            verify_chain(entries),
+            f"{len(entries)} entries chained; head hash {entries[-1].get('hash')}",
+        )
+    )
+    incomplete = [
+        f"line {n}: {e.get('kind', '?')} entry lacks {', '.join(missing_fields(e))}"
+        for n, e in enumerate(entries, start=1)
+        if missing_fields(e)
+    ]
+    checks.append(
+        _check(
+            "fields",
+            "entries carry the required fields",
+            incomplete,
+            "every entry has its kind's fields",
+        )
+    )
     lines = {id(e): n for n, e in enumerate(entries, start=1)}
     complete = [e for e in entries if not missing_fields(e)]
 
@@ -116,26 +148,37 @@ def audit(out: Path, tolerance: float = DEFAULT_TOLERANCE) -> dict:
     report["config"], report["dp"] = config, bool(config.get("dp", False))
     report["unit"] = starts[0]["unit"] if starts else None
     for later in starts[1:]:
-        changed = sorted(k for k in ("dp", "delta", "target_epsilon", "partition", "num_nodes")
-                         if later["config"].get(k) != config.get(k))
-        report["notes"].append(f"resumed at line {lines[id(later)]}"
-                               + (f"; config changed: {', '.join(changed)}" if changed else ""))
+        changed = sorted(
+            k
+            for k in ("dp", "delta", "target_epsilon", "partition", "num_nodes")
+            if later["config"].get(k) != config.get(k)
+        )
+        report["notes"].append(
+            f"resumed at line {lines[id(later)]}"
+            + (f"; config changed: {', '.join(changed)}" if changed else "")
+        )
     if not any(e["kind"] == "run_end" for e in complete):
-        report["notes"].append("no run_end entry: the run is still going, crashed, or the end of "
-                               "the ledger was cut off (the chain cannot tell)")
+        report["notes"].append(
+            "no run_end entry: the run is still going, crashed, or the end of "
+            "the ledger was cut off (the chain cannot tell)"
+        )
 
     contributions = [e for e in complete if e["kind"] == "contribution"]
-    report["declined"] = [{"line": lines[id(e)], "round": e["round"], "node": str(e["node"]),
-                           "reason": e["reason"]} for e in complete if e["kind"] == "declined"]
+    report["declined"] = [
+        {"line": lines[id(e)], "round": e["round"], "node": str(e["node"]), "reason": e["reason"]}
+        for e in complete
+        if e["kind"] == "declined"
+    ]
     if not report["dp"] and not contributions:
-        report["guarantee"] = ("no formal guarantee: differential privacy was off for this run "
-                               "(run_start config dp is false); only the chain is checked")
+        report["guarantee"] = (
+            "no formal guarantee: differential privacy was off for this run "
+            "(run_start config dp is false); only the chain is checked"
+        )
     else:
         _audit_contributions(report, contributions, config, lines, tolerance)
         if any(e.get("kind") == "contribution" and missing_fields(e) for e in entries):
             report["guarantee"] += " (understated: incomplete contributions were left out)"
-    _audit_node_level(report, [e for e in complete if e["kind"] == "node_level"], lines,
-                      tolerance)
+    _audit_node_level(report, [e for e in complete if e["kind"] == "node_level"], lines, tolerance)
     if (out / "canaries.json").is_file():
         _audit_canaries(report, out / "canaries.json", config)
     if (out / "metrics.json").is_file():
@@ -144,8 +187,9 @@ def audit(out: Path, tolerance: float = DEFAULT_TOLERANCE) -> dict:
     return report
 
 
-def _audit_contributions(report: dict, contributions: list[dict], config: dict,
-                         lines: dict[int, int], tolerance: float) -> None:
+def _audit_contributions(
+    report: dict, contributions: list[dict], config: dict, lines: dict[int, int], tolerance: float
+) -> None:
     """Checks (b) indices, (c) recomputed epsilon, (d) budget, (e) delta; the node table and
     the federation guarantee."""
     target = config.get("target_epsilon")
@@ -158,15 +202,21 @@ def _audit_contributions(report: dict, contributions: list[dict], config: dict,
         cs = by_node[node]
         for prev, c in zip([None, *cs], cs, strict=False):
             if not all(isinstance(x["contribution_index"], int) for x in (prev or c, c)):
-                gaps.append(f"node {node}: line {lines[id(c)]}: contribution_index is not an "
-                            "integer")
+                gaps.append(
+                    f"node {node}: line {lines[id(c)]}: contribution_index is not an integer"
+                )
                 continue
             want = 0 if prev is None else prev["contribution_index"] + 1
             if c["contribution_index"] != want:
-                gaps.append(f"node {node}: contribution_index {c['contribution_index']} at line "
-                            f"{lines[id(c)]}, expected {want}: "
-                            + ("a contribution is missing" if c["contribution_index"] > want
-                               else "a contribution is repeated or out of order"))
+                gaps.append(
+                    f"node {node}: contribution_index {c['contribution_index']} at line "
+                    f"{lines[id(c)]}, expected {want}: "
+                    + (
+                        "a contribution is missing"
+                        if c["contribution_index"] > want
+                        else "a contribution is repeated or out of order"
+                    )
+                )
         bad = [f"node {node}, line {lines[id(c)]}: {p}" for c in cs if (p := _entry_problem(c))]
         if bad:
             below.extend(bad)
@@ -176,68 +226,131 @@ def _audit_contributions(report: dict, contributions: list[dict], config: dict,
         points = []
         for c, recomputed in zip(cs, curve, strict=True):
             rel = (c["epsilon"] - recomputed) / recomputed if recomputed > 0 else 0.0
-            points.append({"line": lines[id(c)], "round": c["round"], "reported": c["epsilon"],
-                           "recomputed": recomputed, "rel_diff": rel})
+            points.append(
+                {
+                    "line": lines[id(c)],
+                    "round": c["round"],
+                    "reported": c["epsilon"],
+                    "recomputed": recomputed,
+                    "rel_diff": rel,
+                }
+            )
             if c["epsilon"] < recomputed * (1 - tolerance):
-                below.append(f"node {node}, round {c['round']} (line {lines[id(c)]}): reported "
-                             f"epsilon {c['epsilon']:.4f} is below the PLD recomputation "
-                             f"{recomputed:.4f} ({rel:+.1%}, tolerance {tolerance:.1%})")
+                below.append(
+                    f"node {node}, round {c['round']} (line {lines[id(c)]}): reported "
+                    f"epsilon {c['epsilon']:.4f} is below the PLD recomputation "
+                    f"{recomputed:.4f} ({rel:+.1%}, tolerance {tolerance:.1%})"
+                )
             if _is_number(config_delta) and c["delta"] > config_delta:
-                deltas.append(f"node {node}, line {lines[id(c)]}: delta {c['delta']:g} exceeds "
-                              f"the configured {config_delta:g}")
+                deltas.append(
+                    f"node {node}, line {lines[id(c)]}: delta {c['delta']:g} exceeds "
+                    f"the configured {config_delta:g}"
+                )
         last = cs[-1]
         if _is_number(last["num_customers"]) and last["delta"] * last["num_customers"] >= 1:
-            notes.append(f"node {node}: delta {last['delta']:g} >= 1 / {last['num_customers']} "
-                         "customers: a weak guarantee (take delta well below 1 / customers)")
+            notes.append(
+                f"node {node}: delta {last['delta']:g} >= 1 / {last['num_customers']} "
+                "customers: a weak guarantee (take delta well below 1 / customers)"
+            )
         budget = target if _is_number(target) else last["target_epsilon"]
         if last["target_epsilon"] != budget:
-            notes.append(f"node {node}: contributions state target_epsilon "
-                         f"{last['target_epsilon']} but the run was configured with {budget}")
+            notes.append(
+                f"node {node}: contributions state target_epsilon "
+                f"{last['target_epsilon']} but the run was configured with {budget}"
+            )
         final = max(last["epsilon"], curve[-1])
         declined = [d["round"] for d in report["declined"] if d["node"] == node]
         if not _is_number(budget):
             over.append(f"node {node}: no numeric target_epsilon to check against")
         elif final > budget:
             over.append(f"node {node}: final epsilon {final:.4f} exceeds its budget {budget:g}")
-        status = [s for s, failed in (
-            ("index gap", any(g.startswith(f"node {node}:") for g in gaps)),
-            ("ε too low", any(b.startswith(f"node {node},") for b in below)),
-            ("over budget", any(o.startswith(f"node {node}:") for o in over)),
-        ) if failed]
-        report["nodes"].append({
-            "node": node, "contributions": len(cs), "rounds": [c["round"] for c in cs],
-            "reported_epsilon": last["epsilon"], "pld_epsilon": curve[-1],
-            "rdp_epsilon": accounting.rdp_epsilon(cs, last["delta"]),
-            "rel_diff": min(p["rel_diff"] for p in points), "delta": last["delta"],
-            "target_epsilon": budget, "declined_rounds": declined,
-            "status": ", ".join(status) or "ok", "curve": points,
-        })
+        status = [
+            s
+            for s, failed in (
+                ("index gap", any(g.startswith(f"node {node}:") for g in gaps)),
+                ("ε too low", any(b.startswith(f"node {node},") for b in below)),
+                ("over budget", any(o.startswith(f"node {node}:") for o in over)),
+            )
+            if failed
+        ]
+        report["nodes"].append(
+            {
+                "node": node,
+                "contributions": len(cs),
+                "rounds": [c["round"] for c in cs],
+                "reported_epsilon": last["epsilon"],
+                "pld_epsilon": curve[-1],
+                "rdp_epsilon": accounting.rdp_epsilon(cs, last["delta"]),
+                "rel_diff": min(p["rel_diff"] for p in points),
+                "delta": last["delta"],
+                "target_epsilon": budget,
+                "declined_rounds": declined,
+                "status": ", ".join(status) or "ok",
+                "curve": points,
+            }
+        )
     for d in report["declined"]:
         if d["node"] not in by_node:
-            report["nodes"].append({"node": d["node"], "contributions": 0, "rounds": [],
-                                    "declined_rounds": [d["round"]], "status": "declined only"})
+            report["nodes"].append(
+                {
+                    "node": d["node"],
+                    "contributions": 0,
+                    "rounds": [],
+                    "declined_rounds": [d["round"]],
+                    "status": "declined only",
+                }
+            )
     checks = report["checks"]
-    checks.append(_check("contribution_index", "no gaps in contribution_index per node", gaps,
-                         f"{len(contributions)} contributions from {len(by_node)} nodes, "
-                         "indices contiguous"))
-    checks.append(_check("recomputed", "reported epsilon >= PLD recomputation x (1 - tolerance)",
-                         below, "every reported epsilon holds against dp-accounting PLD"))
-    declined_note = (f"; {len(report['declined'])} contribution(s) declined to stay in budget"
-                     if report["declined"] else "")
-    checks.append(_check("budget", "every node within its target epsilon", over,
-                         f"every node within budget{declined_note}"))
+    checks.append(
+        _check(
+            "contribution_index",
+            "no gaps in contribution_index per node",
+            gaps,
+            f"{len(contributions)} contributions from {len(by_node)} nodes, indices contiguous",
+        )
+    )
+    checks.append(
+        _check(
+            "recomputed",
+            "reported epsilon >= PLD recomputation x (1 - tolerance)",
+            below,
+            "every reported epsilon holds against dp-accounting PLD",
+        )
+    )
+    declined_note = (
+        f"; {len(report['declined'])} contribution(s) declined to stay in budget"
+        if report["declined"]
+        else ""
+    )
+    checks.append(
+        _check(
+            "budget",
+            "every node within its target epsilon",
+            over,
+            f"every node within budget{declined_note}",
+        )
+    )
     if not _is_number(config_delta):
         deltas.append("run_start config has no numeric delta to check against")
-    checks.append(_check("delta", "ledger delta <= configured delta", deltas,
-                         f"every contribution's delta <= {config_delta}"))
+    checks.append(
+        _check(
+            "delta",
+            "ledger delta <= configured delta",
+            deltas,
+            f"every contribution's delta <= {config_delta}",
+        )
+    )
     if any(_entry_problem(c) for c in contributions):
         report["guarantee"] = "not established: some contributions cannot be recomputed"
     elif _is_number(config_delta) and 0 < config_delta < 1:
         report["federation"] = accounting.federation_guarantee(
-            contributions, config_delta, str(config.get("partition", "")))
+            contributions, config_delta, str(config.get("partition", ""))
+        )
         fed = report["federation"]
-        report["guarantee"] = (f"({fed['epsilon']:.3f}, {config_delta:g})-DP for "
-                               f"{fed['unit']} ({fed[fed['applies']]['how']})")
+        report["guarantee"] = (
+            f"({fed['epsilon']:.3f}, {config_delta:g})-DP for "
+            f"{fed['unit']} ({fed[fed['applies']]['how']})"
+        )
     else:
         report["guarantee"] = "no federation guarantee: the configured delta is unusable"
 
@@ -255,8 +368,9 @@ def _entry_problem(e: dict) -> str | None:
     return None
 
 
-def _audit_node_level(report: dict, entries: list[dict], lines: dict[int, int],
-                      tolerance: float) -> None:
+def _audit_node_level(
+    report: dict, entries: list[dict], lines: dict[int, int], tolerance: float
+) -> None:
     """Node-level DP (server-side clipping and noise): reported vs recomputed, and its guarantee."""
     if not entries:
         return
@@ -265,18 +379,29 @@ def _audit_node_level(report: dict, entries: list[dict], lines: dict[int, int],
         curve = accounting.epsilon_curve(entries)
         for e, recomputed in zip(entries, curve, strict=True):
             if e["epsilon"] < recomputed * (1 - tolerance):
-                problems.append(f"round {e['round']} (line {lines[id(e)]}): reported node-level "
-                                f"epsilon {e['epsilon']:.4f} is below the PLD recomputation "
-                                f"{recomputed:.4f}")
+                problems.append(
+                    f"round {e['round']} (line {lines[id(e)]}): reported node-level "
+                    f"epsilon {e['epsilon']:.4f} is below the PLD recomputation "
+                    f"{recomputed:.4f}"
+                )
         last = entries[-1]
         report["node_level"] = {
-            "epsilon": curve[-1], "reported_epsilon": last["epsilon"], "delta": last["delta"],
-            "rounds": len(entries), "unit": last["unit"],
+            "epsilon": curve[-1],
+            "reported_epsilon": last["epsilon"],
+            "delta": last["delta"],
+            "rounds": len(entries),
+            "unit": last["unit"],
             "rdp_epsilon": accounting.rdp_epsilon(entries, last["delta"]),
             "statement": f"({curve[-1]:.3f}, {last['delta']:g})-DP for {last['unit']}",
         }
-    report["checks"].append(_check("node_level", "node-level epsilon >= PLD recomputation",
-                                   problems, f"{len(entries)} node-level rounds hold"))
+    report["checks"].append(
+        _check(
+            "node_level",
+            "node-level epsilon >= PLD recomputation",
+            problems,
+            f"{len(entries)} node-level rounds hold",
+        )
+    )
 
 
 def _audit_canaries(report: dict, path: Path, config: dict) -> None:
@@ -299,17 +424,29 @@ def _audit_canaries(report: dict, path: Path, config: dict) -> None:
     bound["formal_epsilon"], bound["compared_with"] = formal, against
     report["empirical"] = bound
     if formal is None:
-        report["notes"].append(f"empirical lower bound {bound['epsilon_lower_bound']:.3f} "
-                               "(no formal guarantee to compare with)")
+        report["notes"].append(
+            f"empirical lower bound {bound['epsilon_lower_bound']:.3f} "
+            "(no formal guarantee to compare with)"
+        )
         return
-    problems = [] if bound["epsilon_lower_bound"] <= formal else [
-        f"the empirical lower bound {bound['epsilon_lower_bound']:.3f} exceeds {against} "
-        f"{formal:.3f}: the training leaks more than its accounting claims (or a "
-        f"{1 - bound['confidence']:.0%} false alarm)"]
-    report["checks"].append(_check(
-        "empirical", "empirical lower bound <= formal epsilon", problems,
-        f"lower bound {bound['epsilon_lower_bound']:.3f} <= {against} {formal:.3f} "
-        f"({bound['confidence']:.0%} confidence, {bound['num_canaries']} canaries)"))
+    problems = (
+        []
+        if bound["epsilon_lower_bound"] <= formal
+        else [
+            f"the empirical lower bound {bound['epsilon_lower_bound']:.3f} exceeds {against} "
+            f"{formal:.3f}: the training leaks more than its accounting claims (or a "
+            f"{1 - bound['confidence']:.0%} false alarm)"
+        ]
+    )
+    report["checks"].append(
+        _check(
+            "empirical",
+            "empirical lower bound <= formal epsilon",
+            problems,
+            f"lower bound {bound['epsilon_lower_bound']:.3f} <= {against} {formal:.3f} "
+            f"({bound['confidence']:.0%} confidence, {bound['num_canaries']} canaries)",
+        )
+    )
 
 
 def _audit_metrics(report: dict, path: Path, tolerance: float) -> None:
@@ -317,26 +454,39 @@ def _audit_metrics(report: dict, path: Path, tolerance: float) -> None:
     try:
         privacy = json.loads(path.read_text(encoding="utf-8")).get("privacy") or {}
     except (json.JSONDecodeError, AttributeError) as error:
-        report["checks"].append(_check("metrics", "metrics.json privacy statement",
-                                       [f"{path}: unreadable ({error})"], ""))
+        report["checks"].append(
+            _check(
+                "metrics", "metrics.json privacy statement", [f"{path}: unreadable ({error})"], ""
+            )
+        )
         return
     problems = []
     fed = report["federation"]
     claimed = privacy.get("epsilon")
     if fed and _is_number(claimed) and claimed < fed["epsilon"] * (1 - tolerance):
-        problems.append(f"metrics.json claims epsilon {claimed:.4f}, below the recomputed "
-                        f"federation guarantee {fed['epsilon']:.4f}")
+        problems.append(
+            f"metrics.json claims epsilon {claimed:.4f}, below the recomputed "
+            f"federation guarantee {fed['epsilon']:.4f}"
+        )
     ledger_final = {n["node"]: n.get("reported_epsilon") for n in report["nodes"]}
     per_node = privacy.get("per_node")
     for node, value in (per_node if isinstance(per_node, dict) else {}).items():
         value = value.get("epsilon") if isinstance(value, dict) else value
         final = ledger_final.get(str(node))
         if _is_number(value) and _is_number(final) and abs(value - final) > tolerance * final:
-            problems.append(f"node {node}: metrics.json states epsilon {value:.4f}, the ledger's "
-                            f"last contribution {final:.4f} (a cut-off ledger?)")
+            problems.append(
+                f"node {node}: metrics.json states epsilon {value:.4f}, the ledger's "
+                f"last contribution {final:.4f} (a cut-off ledger?)"
+            )
     if fed and (_is_number(claimed) or isinstance(per_node, dict)):
-        report["checks"].append(_check("metrics", "metrics.json agrees with the ledger", problems,
-                                       "the privacy statement in metrics.json holds"))
+        report["checks"].append(
+            _check(
+                "metrics",
+                "metrics.json agrees with the ledger",
+                problems,
+                "the privacy statement in metrics.json holds",
+            )
+        )
 
 
 def _jsonable(x: Any) -> Any:
@@ -363,14 +513,30 @@ def _rounds(rounds: list[int]) -> str:
 
 
 def _node_row(n: dict) -> list[str]:
-    return [n["node"], str(n["contributions"]), _rounds(n.get("rounds", [])),
-            _fmt(n.get("reported_epsilon")), _fmt(n.get("pld_epsilon")),
-            _fmt(n.get("rdp_epsilon")), _fmt(n.get("rel_diff"), "+.2%"),
-            _fmt(n.get("target_epsilon"), "g"), n["status"]]
+    return [
+        n["node"],
+        str(n["contributions"]),
+        _rounds(n.get("rounds", [])),
+        _fmt(n.get("reported_epsilon")),
+        _fmt(n.get("pld_epsilon")),
+        _fmt(n.get("rdp_epsilon")),
+        _fmt(n.get("rel_diff"), "+.2%"),
+        _fmt(n.get("target_epsilon"), "g"),
+        n["status"],
+    ]
 
 
-NODE_COLUMNS = ["node", "n", "rounds", "reported ε", "PLD ε", "RDP ε", "rel. diff",
-                "budget", "status"]
+NODE_COLUMNS = [
+    "node",
+    "n",
+    "rounds",
+    "reported ε",
+    "PLD ε",
+    "RDP ε",
+    "rel. diff",
+    "budget",
+    "status",
+]
 
 
 def print_summary(report: dict) -> None:
@@ -380,11 +546,14 @@ def print_summary(report: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]privacy audit[/bold] of {report['ledger']} "
-                  f"({report['entries']} entries)")
+    console.print(f"[bold]privacy audit[/bold] of {report['ledger']} ({report['entries']} entries)")
     if report["nodes"]:
-        table = Table(title="per node (customer level, ε at the ledger's δ)",
-                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        table = Table(
+            title="per node (customer level, ε at the ledger's δ)",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
         for column in NODE_COLUMNS:
             table.add_column(column, no_wrap=True)
         for n in report["nodes"]:
@@ -399,30 +568,40 @@ def print_summary(report: dict) -> None:
         if len(c["problems"]) > 20:
             console.print(f"     ... {len(c['problems']) - 20} more in audit.json")
     for d in report["declined"]:
-        console.print(f"declined: node {d['node']}, round {d['round']}: {d['reason']}",
-                      highlight=False)
+        console.print(
+            f"declined: node {d['node']}, round {d['round']}: {d['reason']}", highlight=False
+        )
     console.print(f"[bold]guarantee:[/bold] {report.get('guarantee', '-')}", highlight=False)
     fed = report["federation"]
     if fed:
         for key in ("one_node", "all_nodes"):
             g = fed[key]
             here = " (this run's partition)" if fed["applies"] == key else ""
-            console.print(f"  {g['unit']}{here}: ε = {_fmt(g['epsilon'])} at δ = {g['delta']:g}"
-                          f", {g['how']}", highlight=False)
+            console.print(
+                f"  {g['unit']}{here}: ε = {_fmt(g['epsilon'])} at δ = {g['delta']:g}, {g['how']}",
+                highlight=False,
+            )
     if report["node_level"]:
-        console.print(f"[bold]node level:[/bold] {report['node_level']['statement']}",
-                      highlight=False)
+        console.print(
+            f"[bold]node level:[/bold] {report['node_level']['statement']}", highlight=False
+        )
     if report["empirical"]:
         e = report["empirical"]
-        console.print(f"[bold]empirical:[/bold] ε ≥ {e['epsilon_lower_bound']:.3f} with "
-                      f"{e['confidence']:.0%} confidence ({e['num_canaries']} canaries, "
-                      f"{e['correct']}/{e['guesses']} guesses right)", highlight=False)
+        console.print(
+            f"[bold]empirical:[/bold] ε ≥ {e['epsilon_lower_bound']:.3f} with "
+            f"{e['confidence']:.0%} confidence ({e['num_canaries']} canaries, "
+            f"{e['correct']}/{e['guesses']} guesses right)",
+            highlight=False,
+        )
     for note in report["notes"]:
         console.print(f"note: {note}", highlight=False)
     failed = [c for c in report["checks"] if not c["passed"]]
     if failed:
-        console.print("[red bold]audit FAILED[/red bold]: " + "; ".join(
-            f"{c['name']} ({c['problems'][0]})" for c in failed), highlight=False)
+        console.print(
+            "[red bold]audit FAILED[/red bold]: "
+            + "; ".join(f"{c['name']} ({c['problems'][0]})" for c in failed),
+            highlight=False,
+        )
     else:
         console.print("[green bold]audit passed[/green bold]: every check holds")
 
@@ -446,22 +625,27 @@ def plot_epsilon(report: dict) -> str | None:
     for k, n in enumerate(nodes):
         color = f"C{k % 10}"
         rounds = [p["round"] for p in n["curve"]]
-        ax.plot(rounds, [p["reported"] for p in n["curve"]], "-", color=color,
-                label=f"node {n['node']}")
-        ax.plot(rounds, [p["recomputed"] for p in n["curve"]], "o", color=color,
-                fillstyle="none")
+        ax.plot(
+            rounds, [p["reported"] for p in n["curve"]], "-", color=color, label=f"node {n['node']}"
+        )
+        ax.plot(rounds, [p["recomputed"] for p in n["curve"]], "o", color=color, fillstyle="none")
     for budget in sorted({n["target_epsilon"] for n in nodes}):
         ax.axhline(budget, linestyle="--", color="black", linewidth=1)
-        ax.annotate(f"budget ε = {budget:g}", (0, budget), xycoords=("axes fraction", "data"),
-                    xytext=(4, 3), textcoords="offset points", fontsize=8)
+        ax.annotate(
+            f"budget ε = {budget:g}",
+            (0, budget),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 3),
+            textcoords="offset points",
+            fontsize=8,
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε (customer level)")
     ax.set_title("ε per node: reported (lines) vs dp-accounting PLD (circles)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=max(1, len(nodes) // 12), loc="upper left",
-              bbox_to_anchor=(1.01, 1))
+    ax.legend(fontsize=8, ncol=max(1, len(nodes) // 12), loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(fig)
 
 
@@ -494,13 +678,20 @@ text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:
 def write_html(report: dict, path: Path) -> None:
     """A self-contained HTML page of the audit: inline CSS, plots embedded as base64 PNG."""
     e = html.escape
-    verdict = ("<div class='banner ok'>Audit passed: every check holds.</div>" if report["passed"]
-               else "<div class='banner bad'>Audit FAILED: " + e(", ".join(
-                   c["title"] for c in report["checks"] if not c["passed"])) + "</div>")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fedrec privacy audit"
-             f"</title><style>{CSS}</style></head><body>",
-             f"<h1>Privacy audit of <code>{e(report['out'])}</code></h1>", verdict,
-             f"<p><b>Guarantee:</b> {e(report.get('guarantee', '-'))}</p>"]
+    verdict = (
+        "<div class='banner ok'>Audit passed: every check holds.</div>"
+        if report["passed"]
+        else "<div class='banner bad'>Audit FAILED: "
+        + e(", ".join(c["title"] for c in report["checks"] if not c["passed"]))
+        + "</div>"
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>fedrec privacy audit"
+        f"</title><style>{CSS}</style></head><body>",
+        f"<h1>Privacy audit of <code>{e(report['out'])}</code></h1>",
+        verdict,
+        f"<p><b>Guarantee:</b> {e(report.get('guarantee', '-'))}</p>",
+    ]
     fed = report["federation"]
     if fed:
         parts.append("<h2>Federation level</h2><ul>")
@@ -510,62 +701,87 @@ def write_html(report: dict, path: Path) -> None:
             extra = ""
             if key == "all_nodes":
                 b = g["basic_composition"]
-                extra = (f"; basic composition of the node statements: ε = "
-                         f"{_fmt(b['epsilon'])}, δ = {b['delta']:g}")
-            parts.append(f"<li>{e(g['unit'])}{here}: ε = {_fmt(g['epsilon'])} at δ = "
-                         f"{g['delta']:g} ({e(g['how'])}{extra})</li>")
+                extra = (
+                    f"; basic composition of the node statements: ε = "
+                    f"{_fmt(b['epsilon'])}, δ = {b['delta']:g}"
+                )
+            parts.append(
+                f"<li>{e(g['unit'])}{here}: ε = {_fmt(g['epsilon'])} at δ = "
+                f"{g['delta']:g} ({e(g['how'])}{extra})</li>"
+            )
         parts.append("</ul>")
     if report["node_level"]:
         nl = report["node_level"]
-        parts.append(f"<h2>Node level</h2><p>{e(nl['statement'])} (reported "
-                     f"{_fmt(nl['reported_epsilon'])}, RDP {_fmt(nl['rdp_epsilon'])}, "
-                     f"{nl['rounds']} rounds)</p>")
+        parts.append(
+            f"<h2>Node level</h2><p>{e(nl['statement'])} (reported "
+            f"{_fmt(nl['reported_epsilon'])}, RDP {_fmt(nl['rdp_epsilon'])}, "
+            f"{nl['rounds']} rounds)</p>"
+        )
     parts.append("<h2>Checks</h2><table><tr><th>check</th><th>status</th><th>details</th></tr>")
     for c in report["checks"]:
-        status = "<span class='pass'>pass</span>" if c["passed"] else (
-            "<span class='fail'>FAIL</span>")
+        status = (
+            "<span class='pass'>pass</span>" if c["passed"] else ("<span class='fail'>FAIL</span>")
+        )
         details = e(c["message"]) + "".join(f"<br>{e(p)}" for p in c["problems"])
-        parts.append(f"<tr><td>{e(c['title'])}</td><td>{status}</td>"
-                     f"<td style='text-align:left'>{details}</td></tr>")
+        parts.append(
+            f"<tr><td>{e(c['title'])}</td><td>{status}</td>"
+            f"<td style='text-align:left'>{details}</td></tr>"
+        )
     parts.append("</table>")
     if report["nodes"]:
-        parts.append("<h2>Per node</h2><p class='muted'>Customer level: one customer's data at "
-                     "one node. Reported ε is the node's accountant (Opacus PRV); recomputed is "
-                     "dp-accounting PLD; rel. diff = (reported − recomputed) / recomputed, the "
-                     "smallest over the node's contributions.</p><table><tr>"
-                     + "".join(f"<th>{e('contributions' if h == 'n' else h)}</th>"
-                               for h in NODE_COLUMNS) + "</tr>")
+        parts.append(
+            "<h2>Per node</h2><p class='muted'>Customer level: one customer's data at "
+            "one node. Reported ε is the node's accountant (Opacus PRV); recomputed is "
+            "dp-accounting PLD; rel. diff = (reported − recomputed) / recomputed, the "
+            "smallest over the node's contributions.</p><table><tr>"
+            + "".join(f"<th>{e('contributions' if h == 'n' else h)}</th>" for h in NODE_COLUMNS)
+            + "</tr>"
+        )
         for n in report["nodes"]:
             cls = "" if n["status"] == "ok" else " class='fail'"
-            parts.append(f"<tr{cls}>" + "".join(f"<td>{e(x)}</td>" for x in _node_row(n))
-                         + "</tr>")
+            parts.append(f"<tr{cls}>" + "".join(f"<td>{e(x)}</td>" for x in _node_row(n)) + "</tr>")
         parts.append("</table>")
     plot = plot_epsilon(report)
     if plot:
-        parts.append(f"<img alt='epsilon over rounds per node' src='data:image/png;base64,"
-                     f"{plot}'>")
+        parts.append(f"<img alt='epsilon over rounds per node' src='data:image/png;base64,{plot}'>")
     if report["declined"]:
-        parts.append("<h2>Declined contributions</h2><ul>" + "".join(
-            f"<li>node {e(d['node'])}, round {d['round']} (line {d['line']}): "
-            f"{e(str(d['reason']))}</li>" for d in report["declined"]) + "</ul>")
+        parts.append(
+            "<h2>Declined contributions</h2><ul>"
+            + "".join(
+                f"<li>node {e(d['node'])}, round {d['round']} (line {d['line']}): "
+                f"{e(str(d['reason']))}</li>"
+                for d in report["declined"]
+            )
+            + "</ul>"
+        )
     if report["empirical"]:
         parts.append(_empirical_html(report["empirical"], Path(report["out"])))
     if report["notes"]:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in report["notes"])
-                     + "</ul>")
-    parts.append(f"<p class='muted'>{report['entries']} ledger entries; head hash "
-                 f"<code>{e(str(report['head_hash']))}</code> (record it elsewhere to pin the "
-                 f"ledger's end). Tolerance {report['tolerance']:.1%}. How to recompute by hand: "
-                 "docs/privacy-audit.md.</p></body></html>")
+        parts.append(
+            "<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in report["notes"]) + "</ul>"
+        )
+    parts.append(
+        f"<p class='muted'>{report['entries']} ledger entries; head hash "
+        f"<code>{e(str(report['head_hash']))}</code> (record it elsewhere to pin the "
+        f"ledger's end). Tolerance {report['tolerance']:.1%}. How to recompute by hand: "
+        "docs/privacy-audit.md.</p></body></html>"
+    )
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
 def _empirical_html(emp: dict, out: Path) -> str:
     e = html.escape
-    against = (f" The formal guarantee it is compared with ({e(emp['compared_with'])}) is "
-               f"ε = {_fmt(emp['formal_epsilon'])}." if emp["formal_epsilon"] is not None else "")
-    rows = "".join(f"<tr><td>{t['k_plus']}</td><td>{t['k_minus']}</td><td>{t['correct']}/"
-                   f"{t['guesses']}</td><td>{_fmt(t['epsilon'])}</td></tr>" for t in emp["tries"])
+    against = (
+        f" The formal guarantee it is compared with ({e(emp['compared_with'])}) is "
+        f"ε = {_fmt(emp['formal_epsilon'])}."
+        if emp["formal_epsilon"] is not None
+        else ""
+    )
+    rows = "".join(
+        f"<tr><td>{t['k_plus']}</td><td>{t['k_minus']}</td><td>{t['correct']}/"
+        f"{t['guesses']}</td><td>{_fmt(t['epsilon'])}</td></tr>"
+        for t in emp["tries"]
+    )
     data = read_canaries(out / "canaries.json")
     plot = plot_canaries(emp, data["scores"], data["included"])
     return (

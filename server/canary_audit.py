@@ -96,21 +96,34 @@ def epsilon_lower_bound(
     for k_plus, k_minus in pairs:
         if k_plus < 0 or k_minus < 0 or k_plus + k_minus > m:
             raise ValueError(f"bad (k+, k-) = ({k_plus}, {k_minus}) for {m} canaries")
-        v = int(ranked[:k_plus].sum() + (1 - ranked[m - k_minus:]).sum())
+        v = int(ranked[:k_plus].sum() + (1 - ranked[m - k_minus :]).sum())
         r = k_plus + k_minus
-        tries.append({"k_plus": k_plus, "k_minus": k_minus, "guesses": r, "correct": v,
-                      "epsilon": epsilon_from_guesses(m, r, v, beta, delta)})
+        tries.append(
+            {
+                "k_plus": k_plus,
+                "k_minus": k_minus,
+                "guesses": r,
+                "correct": v,
+                "epsilon": epsilon_from_guesses(m, r, v, beta, delta),
+            }
+        )
     best = max(tries, key=lambda t: t["epsilon"])
     return {
-        "epsilon_lower_bound": best["epsilon"], "confidence": confidence, "delta": delta,
-        "num_canaries": m, "num_included": int(included.sum()), "k_plus": best["k_plus"],
-        "k_minus": best["k_minus"], "guesses": best["guesses"], "correct": best["correct"],
-        "bonferroni_tries": len(pairs), "tries": tries,
+        "epsilon_lower_bound": best["epsilon"],
+        "confidence": confidence,
+        "delta": delta,
+        "num_canaries": m,
+        "num_included": int(included.sum()),
+        "k_plus": best["k_plus"],
+        "k_minus": best["k_minus"],
+        "guesses": best["guesses"],
+        "correct": best["correct"],
+        "bonferroni_tries": len(pairs),
+        "tries": tries,
     }
 
 
-def write_canaries(path: str | Path, scores: list[float], included: list[int],
-                   score: str) -> None:
+def write_canaries(path: str | Path, scores: list[float], included: list[int], score: str) -> None:
     """Write ``canaries.json``: the scores, the inclusion flags and what the score measures."""
     scores, included = [float(s) for s in scores], [int(i) for i in included]
     if len(scores) != len(included):

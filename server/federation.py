@@ -111,8 +111,13 @@ def run_federation(
         shutil.rmtree(staging, ignore_errors=True)
         held = holdout_rows(experiment.dataset, experiment.split, config.refit)
         directories = write_partitions(
-            experiment.dataset, staging, config.clients, config.partition,
-            config.dirichlet_alpha, config.seed, held,
+            experiment.dataset,
+            staging,
+            config.clients,
+            config.partition,
+            config.dirichlet_alpha,
+            config.seed,
+            held,
         )
         if config.canaries:
             items = experiment.dataset.items

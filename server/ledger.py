@@ -28,14 +28,33 @@ RESERVED = ("seq", "kind", "time", "prev_hash", "hash")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "run_start": ("config", "unit"),
     "contribution": (
-        "round", "node", "contribution_index", "mechanism", "noise_multiplier", "sample_rate",
-        "steps", "max_grad_norm", "delta", "epsilon", "accountant", "unit", "target_epsilon",
+        "round",
+        "node",
+        "contribution_index",
+        "mechanism",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "max_grad_norm",
+        "delta",
+        "epsilon",
+        "accountant",
+        "unit",
+        "target_epsilon",
         "num_customers",
     ),
     "declined": ("round", "node", "reason"),
     "node_level": (
-        "round", "mechanism", "noise_multiplier", "sample_rate", "steps", "clipping_norm",
-        "delta", "epsilon", "accountant", "unit",
+        "round",
+        "mechanism",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "clipping_norm",
+        "delta",
+        "epsilon",
+        "accountant",
+        "unit",
     ),
     "run_end": ("rounds_completed", "reason"),
 }
@@ -96,7 +115,9 @@ def _follows(prev: dict | None, entry: dict) -> bool:
         return entry.get("seq") == 0 and entry.get("prev_hash") == GENESIS
     seq, prev_seq = entry.get("seq"), prev.get("seq")
     return (
-        isinstance(seq, int) and isinstance(prev_seq, int) and seq == prev_seq + 1
+        isinstance(seq, int)
+        and isinstance(prev_seq, int)
+        and seq == prev_seq + 1
         and entry.get("prev_hash") == prev.get("hash")
     )
 
@@ -115,8 +136,10 @@ def verify_chain(entries: list[dict]) -> list[str]:
         prev = work[i - 1] if i else None
         hash_linked = work[i].get("prev_hash") == (GENESIS if prev is None else prev.get("hash"))
         # An edited line's seq may be what was edited: its hash link alone decides.
-        if _follows(prev, work[i]) or hash_linked and (
-            lines[i] in edited or (i and lines[i - 1] in edited)
+        if (
+            _follows(prev, work[i])
+            or hash_linked
+            and (lines[i] in edited or (i and lines[i - 1] in edited))
         ):
             i += 1
             continue
@@ -125,7 +148,7 @@ def verify_chain(entries: list[dict]) -> list[str]:
         for j in range(i + 1, len(work)):
             if not _follows(prev, work[j]):
                 continue
-            trial = work[:i] + [work[j]] + work[i + 1:j] + [work[i]] + work[j + 1:]
+            trial = work[:i] + [work[j]] + work[i + 1 : j] + [work[i]] + work[j + 1 :]
             spots = [k for k in (i + 1, j, j + 1) if k < len(trial)]
             if all(_follows(trial[k - 1], trial[k]) for k in spots):
                 problems.append(f"lines {lines[i]} and {lines[j]} swapped")
@@ -138,13 +161,16 @@ def verify_chain(entries: list[dict]) -> list[str]:
         # An inserted line: the chain runs past it.
         if i + 1 < len(work) and _follows(prev, work[i + 1]):
             start = "the start" if prev is None else f"line {lines[i - 1]}"
-            problems.append(f"line {lines[i]}: inserted (line {lines[i + 1]} continues the "
-                            f"chain from {start})")
+            problems.append(
+                f"line {lines[i]}: inserted (line {lines[i + 1]} continues the chain from {start})"
+            )
             del work[i], lines[i]
             continue
         if i >= 2 and _follows(work[i - 2], work[i]):
-            problems.append(f"line {lines[i - 1]}: inserted (line {lines[i]} continues the "
-                            f"chain from line {lines[i - 2]})")
+            problems.append(
+                f"line {lines[i - 1]}: inserted (line {lines[i]} continues the "
+                f"chain from line {lines[i - 2]})"
+            )
             del work[i - 1], lines[i - 1]
             continue
         seq = work[i].get("seq")
@@ -155,15 +181,17 @@ def verify_chain(entries: list[dict]) -> list[str]:
             gone = seq - prev_seq - 1
             what = "1 entry was" if gone == 1 else f"{gone} entries were"
             after = "the start" if prev is None else str(prev_seq)
-            problems.append(f"line {lines[i]}: seq {seq} follows {after}: {what} removed "
-                            "before it")
+            problems.append(f"line {lines[i]}: seq {seq} follows {after}: {what} removed before it")
         elif seq == prev_seq + 1:
             before = "the genesis hash" if prev is None else f"line {lines[i - 1]}'s hash"
-            problems.append(f"line {lines[i]}: prev_hash does not match {before}: the line "
-                            "before it was replaced, or edited and re-hashed")
+            problems.append(
+                f"line {lines[i]}: prev_hash does not match {before}: the line "
+                "before it was replaced, or edited and re-hashed"
+            )
         else:
-            problems.append(f"line {lines[i]}: seq {seq} follows {prev_seq}: entries duplicated "
-                            "or reordered")
+            problems.append(
+                f"line {lines[i]}: seq {seq} follows {prev_seq}: entries duplicated or reordered"
+            )
         i += 1
     return problems
 

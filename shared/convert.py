@@ -39,9 +39,25 @@ MOVIELENS_LAYOUTS = (  # (ratings file, movies file, flavour)
     ("u.data", "u.item", "100k"),
 )
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-    "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 ITEM_OUTPUT_COLUMNS = ("item_id", "title", "categories", "brand", "description", "price")
 
@@ -175,8 +191,9 @@ def read_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     count = 0
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
-            lines = progress_bar(handle, f"reading {path.name}",
-                                 disable=path.stat().st_size < LARGE_FILE)
+            lines = progress_bar(
+                handle, f"reading {path.name}", disable=path.stat().st_size < LARGE_FILE
+            )
             for row, line in enumerate(lines, start=1):
                 if line.strip():
                     count += 1
@@ -210,13 +227,15 @@ def read_amazon_reviews(path: Path) -> pd.DataFrame:
     if bad is not None:
         raise DataError(path, f"no usable review time ({stamps.iloc[bad]!r})", row=rows[bad])
     seconds = (dated - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    return pd.DataFrame({
-        "user_id": users,
-        "item_id": items,
-        "timestamp": unix.fillna(seconds).astype(np.int64),
-        "event": "purchase",
-        "rating": ratings,
-    })
+    return pd.DataFrame(
+        {
+            "user_id": users,
+            "item_id": items,
+            "timestamp": unix.fillna(seconds).astype(np.int64),
+            "event": "purchase",
+            "rating": ratings,
+        }
+    )
 
 
 def _amazon_categories(record: dict) -> str:
@@ -293,9 +312,15 @@ def _read_delimited(
         text, sep = text.replace("::", "\t"), "\t"
     try:
         frame = pd.read_csv(
-            io.StringIO(text), sep=sep, header=None if names else 0, names=names, dtype=str,
-            keep_default_na=False, quoting=csv.QUOTE_NONE if names else csv.QUOTE_MINIMAL,
-            index_col=False, skip_blank_lines=True,
+            io.StringIO(text),
+            sep=sep,
+            header=None if names else 0,
+            names=names,
+            dtype=str,
+            keep_default_na=False,
+            quoting=csv.QUOTE_NONE if names else csv.QUOTE_MINIMAL,
+            index_col=False,
+            skip_blank_lines=True,
         )
     except (pd.errors.ParserError, ValueError) as error:
         raise DataError(path, f"cannot be parsed: {str(error).strip()}") from None
@@ -318,18 +343,23 @@ def _check_columns(frame: pd.DataFrame, path: Path, rows: np.ndarray, columns: l
 
 
 def _movielens_ratings(path: Path, flavour: str) -> pd.DataFrame:
-    names = {"csv": None, "dat": ["userId", "movieId", "rating", "timestamp"],
-             "100k": ["userId", "movieId", "rating", "timestamp"]}[flavour]
+    names = {
+        "csv": None,
+        "dat": ["userId", "movieId", "rating", "timestamp"],
+        "100k": ["userId", "movieId", "rating", "timestamp"],
+    }[flavour]
     sep = {"csv": ",", "dat": "::", "100k": "\t"}[flavour]
     frame, rows = _read_delimited(path, sep, names, "utf-8" if flavour == "csv" else "latin-1")
     _check_columns(frame, path, rows, ["userId", "movieId", "timestamp"])
-    return pd.DataFrame({
-        "user_id": frame["userId"].str.strip(),
-        "item_id": frame["movieId"].str.strip(),
-        "timestamp": _unix_seconds(frame["timestamp"], path, rows),
-        "event": "purchase",
-        "rating": frame.get("rating", ""),
-    })
+    return pd.DataFrame(
+        {
+            "user_id": frame["userId"].str.strip(),
+            "item_id": frame["movieId"].str.strip(),
+            "timestamp": _unix_seconds(frame["timestamp"], path, rows),
+            "event": "purchase",
+            "rating": frame.get("rating", ""),
+        }
+    )
 
 
 def _movielens_movies(path: Path, flavour: str) -> pd.DataFrame:
@@ -349,11 +379,13 @@ def _movielens_movies(path: Path, flavour: str) -> pd.DataFrame:
     if duplicated is not None:
         movie = frame["movieId"].iloc[duplicated]
         raise DataError(path, f"movieId {movie!r} appears twice", row=int(rows[duplicated]))
-    return pd.DataFrame({
-        "item_id": frame["movieId"].str.strip(),
-        "title": frame["title"].fillna("").str.strip(),
-        "categories": genres,
-    })
+    return pd.DataFrame(
+        {
+            "item_id": frame["movieId"].str.strip(),
+            "title": frame["title"].fillna("").str.strip(),
+            "categories": genres,
+        }
+    )
 
 
 def convert_movielens(src: Path) -> Conversion:
@@ -372,12 +404,16 @@ CONVERTERS = {"amazon": convert_amazon, "movielens": convert_movielens}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", choices=sorted(CONVERTERS), help="the raw format")
     parser.add_argument(
-        "src", type=Path,
+        "src",
+        type=Path,
         help="directory of the raw download: Amazon reviews_*.json[.gz] + meta*.json[.gz]; "
-             "MovieLens ratings.csv+movies.csv, ratings.dat+movies.dat or u.data+u.item",
+        "MovieLens ratings.csv+movies.csv, ratings.dat+movies.dat or u.data+u.item",
     )
-    parser.add_argument("out", type=Path, help="dataset directory to write (must not exist or "
-                                               "be empty, unless --force)")
+    parser.add_argument(
+        "out",
+        type=Path,
+        help="dataset directory to write (must not exist or be empty, unless --force)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
 
 

@@ -238,8 +238,12 @@ class Split:
 
     def sequences(self) -> list[np.ndarray]:
         """Every customer's whole ordered sequence (training history and both targets)."""
-        return [self.history(u, "test").tolist() + [self.test_target[u]]
-                if self.test_target[u] >= 0 else self.train[u] for u in range(len(self.train))]
+        return [
+            self.history(u, "test").tolist() + [self.test_target[u]]
+            if self.test_target[u] >= 0
+            else self.train[u]
+            for u in range(len(self.train))
+        ]
 
     def target(self, stage: str) -> np.ndarray:
         return self.valid_target if stage == "valid" else self.test_target

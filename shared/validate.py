@@ -75,19 +75,28 @@ def _rows(summary: dict) -> list[tuple[str, str]]:
         ("users", f"{summary['users']:,}"),
         ("items", f"{summary['items']:,}"),
         ("interactions", f"{summary['interactions']:,}"),
-        *((f"  {name}", f"{count:,} ({count / total:.0%})")
-          for name, count in summary["events"].items() if count),
-        ("time span", f"{summary['first_day']} .. {summary['last_day']} "
-                      f"({summary['span_days']:,} days)"),
+        *(
+            (f"  {name}", f"{count:,} ({count / total:.0%})")
+            for name, count in summary["events"].items()
+            if count
+        ),
+        (
+            "time span",
+            f"{summary['first_day']} .. {summary['last_day']} ({summary['span_days']:,} days)",
+        ),
     ]
-    rows += [(key, f"{summary[key]:,}") for key in ("merchants", "regions")
-             if summary[key] is not None]
+    rows += [
+        (key, f"{summary[key]:,}") for key in ("merchants", "regions") if summary[key] is not None
+    ]
     rows += [
         ("exact duplicate rows", f"{summary['duplicate_rows']:,} (kept)"),
         ("untouched items", f"{summary['untouched_items']:,} (kept)"),
         ("items without text", f"{summary['empty_text_items']:,}"),
-        ("events per user", f"min {length['min']}, median {length['median']:g}, "
-                            f"mean {length['mean']:g}, max {length['max']}"),
+        (
+            "events per user",
+            f"min {length['min']}, median {length['median']:g}, "
+            f"mean {length['mean']:g}, max {length['max']}",
+        ),
         ("test users (>= 3 events)", f"{summary['test_users']:,}"),
         ("density (user-item pairs)", f"{summary['density']:.3%}"),
     ]

@@ -24,8 +24,9 @@ RECENCY_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # text-only: weight (1 - rec
 FUSION_GRID = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)  # late fusion: z(ALS) + weight * z(text)
 
 
-def interaction_matrix(histories: list[np.ndarray], num_items: int,
-                       recency: float | None = None) -> sp.csr_matrix:
+def interaction_matrix(
+    histories: list[np.ndarray], num_items: int, recency: float | None = None
+) -> sp.csr_matrix:
     """(len(histories), num_items) matrix: 1 where the history holds the item or, with
     ``recency``, the summed weights ``(1 - recency)^age`` of its occurrences (age 0 = latest)."""
     rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
@@ -35,8 +36,9 @@ def interaction_matrix(histories: list[np.ndarray], num_items: int,
     else:
         values = np.concatenate([np.arange(len(h) - 1, -1, -1) for h in histories] or [[]])
         values = (1.0 - recency) ** values
-    matrix = sp.csr_matrix((values.astype(np.float32), (rows, columns)),
-                           shape=(len(histories), num_items))
+    matrix = sp.csr_matrix(
+        (values.astype(np.float32), (rows, columns)), shape=(len(histories), num_items)
+    )
     if recency is None:
         matrix.data[:] = 1.0  # repeated items count once
     return matrix
@@ -52,16 +54,21 @@ def popularity(histories: list[np.ndarray], num_items: int) -> ScoreFn:
     return score
 
 
-def als(histories: list[np.ndarray], num_items: int, seed: int = 0,
-        params: tuple[float, float] = (0.01, 1.0)) -> ScoreFn:
+def als(
+    histories: list[np.ndarray],
+    num_items: int,
+    seed: int = 0,
+    params: tuple[float, float] = (0.01, 1.0),
+) -> ScoreFn:
     """implicit's ALS (128 factors; ``params`` = regularization, alpha) on the binary matrix; a
     customer's vector is the exact least-squares fold-in of the history given at scoring time."""
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
     regularization, alpha = params
-    model = AlternatingLeastSquares(factors=ALS_FACTORS, regularization=regularization,
-                                    alpha=alpha, random_state=seed)
+    model = AlternatingLeastSquares(
+        factors=ALS_FACTORS, regularization=regularization, alpha=alpha, random_state=seed
+    )
     with threadpool_limits(1, "blas"):  # implicit's advice: BLAS threads fight its own
         model.fit(interaction_matrix(histories, num_items), show_progress=False)
     items = torch.from_numpy(np.asarray(model.item_factors))  # an untrained item's vector is 0
@@ -116,8 +123,9 @@ def late_fusion(first: ScoreFn, second: ScoreFn, weight: float) -> ScoreFn:
 
 def choose(candidates: dict, split: Split, users: np.ndarray):
     """The setting whose scorer has the best validation NDCG@10 on ``users`` (first on ties)."""
-    quality = {key: evaluate(fn, split, "valid", users)[0]["ndcg@10"]
-               for key, fn in candidates.items()}
+    quality = {
+        key: evaluate(fn, split, "valid", users)[0]["ndcg@10"] for key, fn in candidates.items()
+    }
     return max(quality, key=quality.get)
 
 
@@ -131,8 +139,9 @@ def tuning_users(experiment: Experiment) -> np.ndarray:
 BASELINES = ("popularity", "als", "itemknn", "text", "late_fusion")
 
 
-def baselines(experiment: Experiment, names: tuple[str, ...] = BASELINES
-              ) -> Iterator[tuple[str, ScoreFn, dict]]:
+def baselines(
+    experiment: Experiment, names: tuple[str, ...] = BASELINES
+) -> Iterator[tuple[str, ScoreFn, dict]]:
     """Each named baseline's test-stage scorer and the settings validation chose, fitted as
     iterated.
 
@@ -147,12 +156,14 @@ def baselines(experiment: Experiment, names: tuple[str, ...] = BASELINES
     if "popularity" in names:
         yield "popularity", popularity(final, num_items), {}
     if {"als", "late_fusion"} & set(names):
-        params = choose({p: als(train, num_items, config.seed, p) for p in ALS_GRID}, split,
-                        users)
+        params = choose({p: als(train, num_items, config.seed, p) for p in ALS_GRID}, split, users)
         als_final = als(final, num_items, config.seed, params)
     if "als" in names:
-        yield "als", als_final, {"factors": ALS_FACTORS, "regularization": params[0],
-                                 "alpha": params[1]}
+        yield (
+            "als",
+            als_final,
+            {"factors": ALS_FACTORS, "regularization": params[0], "alpha": params[1]},
+        )
     if "itemknn" in names:
         yield "itemknn", item_knn(final, num_items), {}
     if {"text", "late_fusion"} & set(names):
@@ -161,7 +172,13 @@ def baselines(experiment: Experiment, names: tuple[str, ...] = BASELINES
         yield "text", text_only(text, recency), {"recency": recency}
     if "late_fusion" in names:
         als_train = als(train, num_items, config.seed, params) if config.refit else als_final
-        weight = choose({w: late_fusion(als_train, text_only(text, recency), w)
-                         for w in FUSION_GRID}, split, users)
-        yield "late_fusion", late_fusion(als_final, text_only(text, recency), weight), {
-            "weight": weight, "recency": recency}
+        weight = choose(
+            {w: late_fusion(als_train, text_only(text, recency), w) for w in FUSION_GRID},
+            split,
+            users,
+        )
+        yield (
+            "late_fusion",
+            late_fusion(als_final, text_only(text, recency), weight),
+            {"weight": weight, "recency": recency},
+        )

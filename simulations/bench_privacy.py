@@ -24,14 +24,25 @@ NO_DP = "none"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset directory (CONTRACT §1)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-privacy"),
-                        help="directory for the runs, privacy_curve.json and privacy_curve.png "
-                             "(default runs/bench-privacy); runs already there are reused")
-    parser.add_argument("--epsilons", type=parse_epsilons, default=parse_epsilons("1,2,4,8,none"),
-                        help="comma-separated per-node budgets; 'none' = no DP (default "
-                             "1,2,4,8,none)")
-    parser.add_argument("--variants", type=parse_variants, default=["text", "id", "fusion"],
-                        help="comma-separated model variants (default text,id,fusion)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench-privacy"),
+        help="directory for the runs, privacy_curve.json and privacy_curve.png "
+        "(default runs/bench-privacy); runs already there are reused",
+    )
+    parser.add_argument(
+        "--epsilons",
+        type=parse_epsilons,
+        default=parse_epsilons("1,2,4,8,none"),
+        help="comma-separated per-node budgets; 'none' = no DP (default 1,2,4,8,none)",
+    )
+    parser.add_argument(
+        "--variants",
+        type=parse_variants,
+        default=["text", "id", "fusion"],
+        help="comma-separated model variants (default text,id,fusion)",
+    )
     parser.add_argument("--clients", type=int, default=None, help="nodes per run (default 5)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 3)")
     add_run_config_arguments(parser)
@@ -69,8 +80,9 @@ def epsilon_label(epsilon: float | None) -> str:
     return NO_DP if epsilon is None else f"{epsilon:g}"
 
 
-def simulate_args(args: argparse.Namespace, variant: str, epsilon: float | None,
-                  out: Path) -> argparse.Namespace:
+def simulate_args(
+    args: argparse.Namespace, variant: str, epsilon: float | None, out: Path
+) -> argparse.Namespace:
     """The arguments ``fedrec simulate`` would parse for this run."""
     argv = ["--data", str(args.data), "--out", str(out), "--set", f"variant={variant}"]
     if variant == "text":  # no item biases to train under DP: the text part learns instead
@@ -94,8 +106,10 @@ def check_settings(metrics: dict, run_args: argparse.Namespace) -> None:
     stored = metrics["config"]
     differ = [k for k in wanted if k not in skip and k in stored and stored[k] != wanted[k]]
     if differ:
-        raise SystemExit(f"fedrec: {run_args.out} holds a run with other settings ({differ}); "
-                         "use another --out or remove that run")
+        raise SystemExit(
+            f"fedrec: {run_args.out} holds a run with other settings ({differ}); "
+            "use another --out or remove that run"
+        )
 
 
 def run_point(args: argparse.Namespace, variant: str, epsilon: float | None) -> dict:
@@ -105,18 +119,26 @@ def run_point(args: argparse.Namespace, variant: str, epsilon: float | None) -> 
     metrics_path = out / "metrics.json"
     reused = metrics_path.exists()
     if not reused and simulate.run(run_args) != 0:
-        return {"variant": variant, "target_epsilon": epsilon, "dir": str(out),
-                "error": "the federation did not finish; see its log"}
+        return {
+            "variant": variant,
+            "target_epsilon": epsilon,
+            "dir": str(out),
+            "error": "the federation did not finish; see its log",
+        }
     metrics = json.loads(metrics_path.read_text())
     if reused:
         check_settings(metrics, run_args)
     privacy = metrics.get("privacy") or {}
     federation = privacy.get("federation") or {}
     return {
-        "variant": variant, "target_epsilon": epsilon,
+        "variant": variant,
+        "target_epsilon": epsilon,
         "epsilon": federation.get("epsilon", privacy.get("epsilon")),
-        "delta": privacy.get("delta"), "test": metrics["test"],
-        "rounds": metrics["timing"].get("rounds"), "dir": str(out), "reused": reused,
+        "delta": privacy.get("delta"),
+        "test": metrics["test"],
+        "rounds": metrics["timing"].get("rounds"),
+        "dir": str(out),
+        "reused": reused,
     }
 
 
@@ -142,14 +164,24 @@ def plot_curve(points: list[dict], baseline: float, path: Path) -> None:
     for index, variant in enumerate(dict.fromkeys(p["variant"] for p in points)):
         color = f"C{index}"
         mine = [p for p in points if p["variant"] == variant and "error" not in p]
-        private = sorted((p["epsilon"] or p["target_epsilon"], p["test"]["ndcg@10"])
-                         for p in mine if p["target_epsilon"] is not None)
+        private = sorted(
+            (p["epsilon"] or p["target_epsilon"], p["test"]["ndcg@10"])
+            for p in mine
+            if p["target_epsilon"] is not None
+        )
         if private:
             ax.plot(*zip(*private, strict=True), marker="o", color=color, label=variant)
         for p in mine:
             if p["target_epsilon"] is None:
-                ax.plot(no_dp_x, p["test"]["ndcg@10"], marker="*", markersize=12, color=color,
-                        linestyle="none", label=None if private else variant)
+                ax.plot(
+                    no_dp_x,
+                    p["test"]["ndcg@10"],
+                    marker="*",
+                    markersize=12,
+                    color=color,
+                    linestyle="none",
+                    label=None if private else variant,
+                )
     ax.axhline(baseline, color="gray", linestyle="--", label="untrained text model (init)")
     ax.set_xscale("log")
     ticks = {t: f"{t:g}" for t in finite}
@@ -176,16 +208,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{index}/{len(plan)}] {variant}, epsilon {epsilon_label(epsilon)}", flush=True)
         point = run_point(args, variant, epsilon)
         points.append(point)
-        summary = point.get("error") or (f"test ndcg@10 {point['test']['ndcg@10']:.4f}"
-                                         + (" (reused)" if point["reused"] else ""))
-        print(f"[{index}/{len(plan)}] {variant}, epsilon {epsilon_label(epsilon)}: {summary}",
-              flush=True)
-    write_json(args.out / "privacy_curve.json", {
-        "data": str(args.data),
-        "config": run_config_from_args(args, clients=args.clients, rounds=args.rounds).to_dict(),
-        "untrained_text": baseline,
-        "points": points,
-    })
+        summary = point.get("error") or (
+            f"test ndcg@10 {point['test']['ndcg@10']:.4f}"
+            + (" (reused)" if point["reused"] else "")
+        )
+        print(
+            f"[{index}/{len(plan)}] {variant}, epsilon {epsilon_label(epsilon)}: {summary}",
+            flush=True,
+        )
+    write_json(
+        args.out / "privacy_curve.json",
+        {
+            "data": str(args.data),
+            "config": run_config_from_args(
+                args, clients=args.clients, rounds=args.rounds
+            ).to_dict(),
+            "untrained_text": baseline,
+            "points": points,
+        },
+    )
     plot_curve(points, baseline["ndcg@10"], args.out / "privacy_curve.png")
     print(f"wrote {args.out}/privacy_curve.json, privacy_curve.png")
     return 1 if any("error" in p for p in points) else 0

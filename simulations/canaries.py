@@ -37,8 +37,10 @@ from shared.training import training_tensors, trim
 PREFIX = "canary-"
 DEFINITIONS = "canaries.json"  # in the partitions directory: the auditor's secret
 START = 1_672_531_200  # 2023-01-01T00:00:00Z; a canary buys one product a day from then on
-SCORE = ("log-likelihood of the canary's sequence under the final global model (sum over its "
-         "positions of log-softmax of the next item over the full catalog)")
+SCORE = (
+    "log-likelihood of the canary's sequence under the final global model (sum over its "
+    "positions of log-softmax of the next item over the full catalog)"
+)
 SCORE_REFERENCE = SCORE + ", minus the same under the untrained model (the text-only baseline)"
 
 
@@ -55,8 +57,9 @@ class Canaries:
         """Write the definitions as JSON (atomically)."""
         data = {
             "note": "the auditor's secret: the canaries and their coins; it must not reach the "
-                    "nodes or the server before training ends",
-            "user_ids": self.user_ids, "included": [int(i) for i in self.included],
+            "nodes or the server before training ends",
+            "user_ids": self.user_ids,
+            "included": [int(i) for i in self.included],
             "node": [int(n) for n in self.node],
             "histories": [[int(i) for i in h] for h in self.histories],
         }
@@ -67,21 +70,31 @@ class Canaries:
     @classmethod
     def load(cls, path: Path) -> Canaries:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls([np.asarray(h, dtype=np.int64) for h in data["histories"]],
-                   np.asarray(data["included"], dtype=np.int64),
-                   np.asarray(data["node"], dtype=np.int64), list(data["user_ids"]))
+        return cls(
+            [np.asarray(h, dtype=np.int64) for h in data["histories"]],
+            np.asarray(data["included"], dtype=np.int64),
+            np.asarray(data["node"], dtype=np.int64),
+            list(data["user_ids"]),
+        )
 
 
-def make_canaries(items: pd.DataFrame, num_canaries: int, length: int = 12, seed: int = 0,
-                  catalogs: list[np.ndarray | None] | None = None) -> Canaries:
+def make_canaries(
+    items: pd.DataFrame,
+    num_canaries: int,
+    length: int = 12,
+    seed: int = 0,
+    catalogs: list[np.ndarray | None] | None = None,
+) -> Canaries:
     """``num_canaries`` random customers of ``length`` products each, over the nodes whose
     catalogs (item indices; None = every item) are given (default: one node, every item)."""
     if num_canaries < 1 or length < 2:
-        raise ValueError(f"need at least 1 canary of 2 or more events, got {num_canaries} "
-                         f"of {length}")
+        raise ValueError(
+            f"need at least 1 canary of 2 or more events, got {num_canaries} of {length}"
+        )
     catalogs = catalogs if catalogs is not None else [None]
-    pools = [np.arange(len(items)) if c is None else np.asarray(c, dtype=np.int64)
-             for c in catalogs]
+    pools = [
+        np.arange(len(items)) if c is None else np.asarray(c, dtype=np.int64) for c in catalogs
+    ]
     usable = np.flatnonzero([len(p) > 0 for p in pools])  # a merchant may sell nothing
     if not len(usable):
         raise ValueError("no node has products to build canaries from")
@@ -90,8 +103,9 @@ def make_canaries(items: pd.DataFrame, num_canaries: int, length: int = 12, seed
     node = rng.choice(usable, num_canaries)
     histories = [rng.choice(pools[n], length, replace=len(pools[n]) < length) for n in node]
     width = len(str(num_canaries - 1))
-    return Canaries(histories, included, node, [f"{PREFIX}{i:0{width}d}"
-                                                for i in range(num_canaries)])
+    return Canaries(
+        histories, included, node, [f"{PREFIX}{i:0{width}d}" for i in range(num_canaries)]
+    )
 
 
 def insert_canaries(partitions_dir: Path, canaries: Canaries, items: pd.DataFrame) -> None:
@@ -105,21 +119,26 @@ def insert_canaries(partitions_dir: Path, canaries: Canaries, items: pd.DataFram
         mine = [c for c in chosen if canaries.node[c] == node]
         clash = set(frame["user_id"]) & {canaries.user_ids[c] for c in mine}
         if clash:
-            raise ValueError(f"{path}: already has customer(s) {sorted(clash)[:3]}: canaries "
-                             "inserted twice, or real ids that collide with theirs")
-        events = pd.DataFrame({
-            "user_id": np.repeat([canaries.user_ids[c] for c in mine],
-                                 [len(canaries.histories[c]) for c in mine]),
-            "item_id": item_ids[np.concatenate([canaries.histories[c] for c in mine])],
-            "timestamp": np.concatenate([START + 86_400 * np.arange(len(canaries.histories[c]))
-                                         for c in mine]).astype(str),
-        })
+            raise ValueError(
+                f"{path}: already has customer(s) {sorted(clash)[:3]}: canaries "
+                "inserted twice, or real ids that collide with theirs"
+            )
+        events = pd.DataFrame(
+            {
+                "user_id": np.repeat(
+                    [canaries.user_ids[c] for c in mine], [len(canaries.histories[c]) for c in mine]
+                ),
+                "item_id": item_ids[np.concatenate([canaries.histories[c] for c in mine])],
+                "timestamp": np.concatenate(
+                    [START + 86_400 * np.arange(len(canaries.histories[c])) for c in mine]
+                ).astype(str),
+            }
+        )
         events = events.reindex(columns=frame.columns, fill_value="")
         if "event" in events:
             events["event"] = "purchase"
         tmp = path.with_name(path.name + ".tmp")
-        pd.concat([frame, events], ignore_index=True).to_csv(tmp, index=False,
-                                                             compression="gzip")
+        pd.concat([frame, events], ignore_index=True).to_csv(tmp, index=False, compression="gzip")
         os.replace(tmp, path)
     canaries.save(Path(partitions_dir) / DEFINITIONS)
 
@@ -128,14 +147,17 @@ def load_canaries(partitions_dir: Path) -> Canaries:
     """The canaries :func:`insert_canaries` put into ``partitions_dir`` (to resume a run)."""
     path = Path(partitions_dir) / DEFINITIONS
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: these partitions hold no canaries (written by a run "
-                                "without them?); use another output directory")
+        raise FileNotFoundError(
+            f"{path}: these partitions hold no canaries (written by a run "
+            "without them?); use another output directory"
+        )
     return Canaries.load(path)
 
 
 @torch.no_grad()
-def log_likelihoods(model: FusionRecommender, histories: list[np.ndarray],
-                    batch_size: int = 256) -> np.ndarray:
+def log_likelihoods(
+    model: FusionRecommender, histories: list[np.ndarray], batch_size: int = 256
+) -> np.ndarray:
     """Each history's log-likelihood: sum over positions of log p(next item | prefix), full
     catalog softmax, in eval mode (the last ``model.config.max_len`` positions, as in training)."""
     training = model.training
@@ -155,8 +177,9 @@ def log_likelihoods(model: FusionRecommender, histories: list[np.ndarray],
     return torch.cat(out).numpy()
 
 
-def canary_scores(model: FusionRecommender, canaries: Canaries,
-                  reference: FusionRecommender | None = None) -> np.ndarray:
+def canary_scores(
+    model: FusionRecommender, canaries: Canaries, reference: FusionRecommender | None = None
+) -> np.ndarray:
     """Membership scores, higher = more likely trained on: the log-likelihood of each canary
     under ``model``, minus that under ``reference`` (e.g. the untrained model) if given."""
     scores = log_likelihoods(model, canaries.histories)
@@ -165,12 +188,21 @@ def canary_scores(model: FusionRecommender, canaries: Canaries,
     return scores
 
 
-def audit_canaries(model: FusionRecommender, canaries: Canaries, out: Path,
-                   reference: FusionRecommender | None = None, delta: float = 0.0) -> dict:
+def audit_canaries(
+    model: FusionRecommender,
+    canaries: Canaries,
+    out: Path,
+    reference: FusionRecommender | None = None,
+    delta: float = 0.0,
+) -> dict:
     """Score the canaries, write ``out/canaries.json`` for ``fedrec audit`` and return the
     95%-confidence epsilon lower bound at ``delta`` (use the run's delta)."""
     scores = canary_scores(model, canaries, reference)
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_canaries(Path(out) / "canaries.json", scores.tolist(), canaries.included.tolist(),
-                   SCORE if reference is None else SCORE_REFERENCE)
+    write_canaries(
+        Path(out) / "canaries.json",
+        scores.tolist(),
+        canaries.included.tolist(),
+        SCORE if reference is None else SCORE_REFERENCE,
+    )
     return epsilon_lower_bound(scores, canaries.included, delta=delta)

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise DataError(args.data, str(error)) from None
     write_dataset(args.out, kept, kept_items, force=args.force)
-    print(f"sampled {args.customers:,} customers of {args.data} -> {args.out}: "
-          f"{len(kept_items):,} products, {len(kept):,} events")
+    print(
+        f"sampled {args.customers:,} customers of {args.data} -> {args.out}: "
+        f"{len(kept_items):,} products, {len(kept):,} events"
+    )
     return 0

@@ -61,12 +61,38 @@ DEPARTMENTS = (
             "Hair Care|Conditioner": ("Conditioner", "Hair Mask", "Leave-In Spray"),
             "Fragrance|Women": ("Eau de Parfum", "Body Mist"),
         },
-        ("Hydrating", "Vitamin C", "Hyaluronic", "Matte", "Radiant", "Gentle", "Firming",
-         "Niacinamide", "Rose", "Charcoal", "Oil-Free", "Sensitive"),
-        ("for all skin types", "dermatologist tested", "fragrance free", "vegan formula",
-         "long lasting", "cruelty free"),
-        ("Hydra Boost", "Pure Glow", "Daily Calm", "Velvet", "Bright Start", "Night Repair",
-         "Botanica", "Clear Skin"),
+        (
+            "Hydrating",
+            "Vitamin C",
+            "Hyaluronic",
+            "Matte",
+            "Radiant",
+            "Gentle",
+            "Firming",
+            "Niacinamide",
+            "Rose",
+            "Charcoal",
+            "Oil-Free",
+            "Sensitive",
+        ),
+        (
+            "for all skin types",
+            "dermatologist tested",
+            "fragrance free",
+            "vegan formula",
+            "long lasting",
+            "cruelty free",
+        ),
+        (
+            "Hydra Boost",
+            "Pure Glow",
+            "Daily Calm",
+            "Velvet",
+            "Bright Start",
+            "Night Repair",
+            "Botanica",
+            "Clear Skin",
+        ),
         ("Lumiere", "Aurelle", "Mira", "Dermalab", "Petalia", "Kosmo", "Solene", "Verda"),
         18.0,
     ),
@@ -81,10 +107,26 @@ DEPARTMENTS = (
             "Bedding|Sheets": ("Sheet Set", "Duvet Cover", "Pillowcases"),
             "Bath|Towels": ("Bath Towel Set", "Hand Towels", "Bath Mat"),
         },
-        ("Nonstick", "Stainless", "Ceramic", "Cast Iron", "Organic Cotton", "Bamboo", "Compact",
-         "Premium", "Matte Black", "Copper"),
-        ("dishwasher safe", "oven safe to 260 C", "machine washable", "lifetime warranty",
-         "easy to clean", "induction ready"),
+        (
+            "Nonstick",
+            "Stainless",
+            "Ceramic",
+            "Cast Iron",
+            "Organic Cotton",
+            "Bamboo",
+            "Compact",
+            "Premium",
+            "Matte Black",
+            "Copper",
+        ),
+        (
+            "dishwasher safe",
+            "oven safe to 260 C",
+            "machine washable",
+            "lifetime warranty",
+            "easy to clean",
+            "induction ready",
+        ),
         ("Chef Series", "Everyday", "Pro Line", "Heritage", "Nordic", "Artisan", "Urban"),
         ("Casa Fina", "Hearthly", "Kochwerk", "Maple & Co", "Ironleaf", "Linenhaus", "Tidy Nest"),
         45.0,
@@ -101,10 +143,25 @@ DEPARTMENTS = (
             "Outdoor|Camping|Sleeping Bags": ("Sleeping Bag", "Sleeping Pad"),
             "Outdoor|Hydration": ("Water Bottle", "Hydration Pack"),
         },
-        ("Lightweight", "Breathable", "Waterproof", "Non-Slip", "Recycled", "Insulated",
-         "Reflective", "Ultralight", "Quick-Dry"),
-        ("for training and travel", "tested in the Alps", "made from recycled fibres",
-         "packs small", "all-season", "sweat wicking"),
+        (
+            "Lightweight",
+            "Breathable",
+            "Waterproof",
+            "Non-Slip",
+            "Recycled",
+            "Insulated",
+            "Reflective",
+            "Ultralight",
+            "Quick-Dry",
+        ),
+        (
+            "for training and travel",
+            "tested in the Alps",
+            "made from recycled fibres",
+            "packs small",
+            "all-season",
+            "sweat wicking",
+        ),
         ("Summit", "Flow", "Endure", "Trail Pro", "Core", "Basecamp", "Stride"),
         ("Peakform", "Zenflex", "Stridely", "Northbound", "Aquila", "Kinetiq", "Ridgeway"),
         40.0,
@@ -119,10 +176,25 @@ DEPARTMENTS = (
             "Computer Accessories|Keyboards": ("Mechanical Keyboard", "Wireless Keyboard"),
             "Computer Accessories|Mice": ("Wireless Mouse", "Trackball", "Mouse Pad"),
         },
-        ("Noise-Cancelling", "Fast-Charging", "Slim", "Rugged", "Ergonomic", "RGB", "Compact",
-         "Long-Battery", "Low-Latency"),
-        ("with a two-year warranty", "30-hour battery", "USB-C", "works with iOS and Android",
-         "splash resistant", "multi-device pairing"),
+        (
+            "Noise-Cancelling",
+            "Fast-Charging",
+            "Slim",
+            "Rugged",
+            "Ergonomic",
+            "RGB",
+            "Compact",
+            "Long-Battery",
+            "Low-Latency",
+        ),
+        (
+            "with a two-year warranty",
+            "30-hour battery",
+            "USB-C",
+            "works with iOS and Android",
+            "splash resistant",
+            "multi-device pairing",
+        ),
         ("Pulse", "Nova", "Volt", "Aero", "Orbit", "Echo", "Flux"),
         ("Sonora", "Voltix", "Klarsound", "Bytewell", "Arcus", "Nimbus Tech", "Gridline"),
         35.0,
@@ -176,8 +248,11 @@ def _pick(rng: np.random.Generator, sizes: np.ndarray) -> np.ndarray:
 
 def make_catalog(config: SynthConfig, rng: np.random.Generator) -> Catalog:
     """Draw the catalog: category, brand, line, text, price, merchant and hidden factors."""
-    leaves = [(d, path, types) for d, dept in enumerate(DEPARTMENTS)
-              for path, types in dept.leaves.items()]
+    leaves = [
+        (d, path, types)
+        for d, dept in enumerate(DEPARTMENTS)
+        for path, types in dept.leaves.items()
+    ]
     leaf_department = np.array([d for d, _, _ in leaves])
     leaf = rng.choice(len(leaves), size=config.items, p=rng.dirichlet(np.full(len(leaves), 5.0)))
     department = leaf_department[leaf]
@@ -194,29 +269,35 @@ def make_catalog(config: SynthConfig, rng: np.random.Generator) -> Catalog:
     brand = brand_start[department] + _pick(rng, np.diff(brand_start)[department])
     line = np.array([brand_lines[b][rng.integers(len(brand_lines[b]))] for b in brand])
 
-    texts = [_item_text(rng, leaves[leaf[i]], brands[brand[i]][1], lines[line[i]][1])
-             for i in range(config.items)]
+    texts = [
+        _item_text(rng, leaves[leaf[i]], brands[brand[i]][1], lines[line[i]][1])
+        for i in range(config.items)
+    ]
     base_price = np.array([DEPARTMENTS[d].price for d in department])
     price = np.floor(base_price * rng.lognormal(0.0, 0.45, config.items)) + 0.99
 
     # merchants own contiguous clusters of leaves; 15% of items sold by someone else
     home = (np.arange(len(leaves)) * config.merchants) // len(leaves)
-    merchant = np.where(rng.random(config.items) < 0.85, home[leaf],
-                        rng.integers(0, config.merchants, config.items))
+    merchant = np.where(
+        rng.random(config.items) < 0.85, home[leaf], rng.integers(0, config.merchants, config.items)
+    )
     style = rng.normal(size=(config.items, STYLE_DIM))
     style /= np.linalg.norm(style, axis=1, keepdims=True)
-    items = pd.DataFrame({
-        "item_id": _ids("p", config.items),
-        "title": [t[0] for t in texts],
-        "categories": [f"{DEPARTMENTS[leaves[k][0]].name}|{leaves[k][1]}" for k in leaf],
-        "brand": [brands[b][1] for b in brand],
-        "description": [t[1] for t in texts],
-        "price": np.round(price, 2),
-        "merchant_id": _ids("m", config.merchants)[merchant],
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": _ids("p", config.items),
+            "title": [t[0] for t in texts],
+            "categories": [f"{DEPARTMENTS[leaves[k][0]].name}|{leaves[k][1]}" for k in leaf],
+            "brand": [brands[b][1] for b in brand],
+            "description": [t[1] for t in texts],
+            "price": np.round(price, 2),
+            "merchant_id": _ids("m", config.merchants)[merchant],
+        }
+    )
     members = [np.flatnonzero(line == k) for k in range(len(lines))]
-    return Catalog(items, leaf, leaf_department, line, members, style,
-                   rng.normal(0.0, 0.8, config.items))
+    return Catalog(
+        items, leaf, leaf_department, line, members, style, rng.normal(0.0, 0.8, config.items)
+    )
 
 
 def _item_text(
@@ -228,8 +309,9 @@ def _item_text(
     first, second = rng.choice(dept.attributes, size=2, replace=False)
     benefit = dept.benefits[rng.integers(len(dept.benefits))]
     title = f"{brand} {line} {first} {kind}"
-    description = (f"{kind} from the {brand} {line} collection. "
-                   f"{first} and {second.lower()}, {benefit}.")
+    description = (
+        f"{kind} from the {brand} {line} collection. {first} and {second.lower()}, {benefit}."
+    )
     return title, description
 
 
@@ -240,8 +322,7 @@ def _event_counts(config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     return np.minimum(counts, config.items)
 
 
-def _complement(rng: np.random.Generator, catalog: Catalog, previous: int,
-                seen: np.ndarray) -> int:
+def _complement(rng: np.random.Generator, catalog: Catalog, previous: int, seen: np.ndarray) -> int:
     """An unseen item of the previous item's line, preferring another category; -1 if none."""
     members = catalog.line_members[catalog.line[previous]]
     members = members[~seen[members]]
@@ -251,8 +332,12 @@ def _complement(rng: np.random.Generator, catalog: Catalog, previous: int,
 
 
 def _simulate_chunk(
-    config: SynthConfig, catalog: Catalog, rng: np.random.Generator,
-    taste: np.ndarray, style: np.ndarray, counts: np.ndarray,
+    config: SynthConfig,
+    catalog: Catalog,
+    rng: np.random.Generator,
+    taste: np.ndarray,
+    style: np.ndarray,
+    counts: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
     """Walk a chunk of customers forward event by event; returns (user, step, item, depth, gap)."""
     users, num_items = len(counts), len(catalog.popularity)
@@ -261,8 +346,9 @@ def _simulate_chunk(
     out: list[tuple[np.ndarray, ...]] = []
     for step in range(int(counts.max())):
         active = np.flatnonzero(counts > step)
-        scores = (taste[active][:, catalog.leaf] + style[active] @ catalog.style.T
-                  + catalog.popularity)
+        scores = (
+            taste[active][:, catalog.leaf] + style[active] @ catalog.style.T + catalog.popularity
+        )
         spread = (scores.mean(axis=1), scores.std(axis=1) + 1e-9)
         open_scores = np.where(seen[active], -np.inf, scores)
         weights = np.exp(open_scores - open_scores.max(axis=1, keepdims=True))
@@ -277,9 +363,11 @@ def _simulate_chunk(
         fit = (scores[np.arange(len(active)), chosen] - spread[0]) / spread[1]
         deeper = rng.random((len(active), 3)) < 1.0 / (1.0 + np.exp(FUNNEL - 0.5 * fit[:, None]))
         depth = np.cumprod(deeper, axis=1).sum(axis=1)
-        gap = np.where(habit | (rng.random(len(active)) < 0.4),
-                       20 + rng.exponential(300.0, len(active)),  # same session
-                       3600 + rng.exponential(3 * 86400.0, len(active)))  # a later visit
+        gap = np.where(
+            habit | (rng.random(len(active)) < 0.4),
+            20 + rng.exponential(300.0, len(active)),  # same session
+            3600 + rng.exponential(3 * 86400.0, len(active)),
+        )  # a later visit
         out.append((active, np.full(len(active), step), chosen, depth, gap.astype(np.int64)))
         seen[active, chosen] = True
         previous[active] = chosen
@@ -294,11 +382,13 @@ def generate(config: SynthConfig = SynthConfig()) -> tuple[pd.DataFrame, pd.Data
     catalog = make_catalog(config, rng)
     num_leaves = len(catalog.leaf_department)
     region_bias = rng.normal(0.0, 0.7, (config.regions, num_leaves))
-    region = rng.choice(config.regions, config.users,
-                        p=rng.dirichlet(np.full(config.regions, 4.0)))
+    region = rng.choice(config.regions, config.users, p=rng.dirichlet(np.full(config.regions, 4.0)))
     department_taste = rng.normal(0.0, 1.5, (config.users, len(DEPARTMENTS)))
-    taste = (department_taste[:, catalog.leaf_department] + region_bias[region]
-             + rng.normal(0.0, 1.0, (config.users, num_leaves)))
+    taste = (
+        department_taste[:, catalog.leaf_department]
+        + region_bias[region]
+        + rng.normal(0.0, 1.0, (config.users, num_leaves))
+    )
     style = rng.normal(size=(config.users, STYLE_DIM))
     style *= config.style_strength / np.linalg.norm(style, axis=1, keepdims=True)
     counts = _event_counts(config, rng)
@@ -310,7 +400,8 @@ def generate(config: SynthConfig = SynthConfig()) -> tuple[pd.DataFrame, pd.Data
     for lo in progress_bar(bounds, "synthesising customers", disable=len(bounds) < 2):
         span = slice(lo, lo + chunk)
         user, step, item, depth, gap = _simulate_chunk(
-            config, catalog, rng, taste[span], style[span], counts[span])
+            config, catalog, rng, taste[span], style[span], counts[span]
+        )
         parts.append((user + lo, step, item, depth, gap))
     user, step, item, depth, gap = (np.concatenate(p) for p in zip(*parts, strict=True))
 
@@ -321,21 +412,24 @@ def generate(config: SynthConfig = SynthConfig()) -> tuple[pd.DataFrame, pd.Data
     elapsed = np.cumsum(gap)
     timestamp = start[user] + elapsed - elapsed[first]
     items = catalog.items
-    interactions = pd.DataFrame({
-        "user_id": _ids("u", config.users)[user],
-        "item_id": items["item_id"].to_numpy()[item],
-        "timestamp": timestamp,
-        "event": EVENT_NAMES[depth],
-        "merchant_id": items["merchant_id"].to_numpy()[item],
-        "region": region_names(config.regions)[region[user]],
-    })
+    interactions = pd.DataFrame(
+        {
+            "user_id": _ids("u", config.users)[user],
+            "item_id": items["item_id"].to_numpy()[item],
+            "timestamp": timestamp,
+            "event": EVENT_NAMES[depth],
+            "merchant_id": items["merchant_id"].to_numpy()[item],
+            "region": region_names(config.regions)[region[user]],
+        }
+    )
     return interactions, items
 
 
 def region_names(count: int) -> np.ndarray:
     """Readable region names; beyond the named ones, ``region-9`` and so on."""
-    return np.array([REGION_NAMES[r] if r < len(REGION_NAMES) else f"region-{r + 1}"
-                     for r in range(count)])
+    return np.array(
+        [REGION_NAMES[r] if r < len(REGION_NAMES) else f"region-{r + 1}" for r in range(count)]
+    )
 
 
 def _positive(kind: type) -> Callable[[str], int | float]:
@@ -351,34 +445,63 @@ def _positive(kind: type) -> Callable[[str], int | float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SynthConfig()
     parser.add_argument("out", type=Path, help="dataset directory to write")
-    parser.add_argument("--users", type=_positive(int), default=defaults.users,
-                        help="number of customers (default %(default)s)")
-    parser.add_argument("--items", type=_positive(int), default=defaults.items,
-                        help="number of products (default %(default)s)")
-    parser.add_argument("--merchants", type=_positive(int), default=defaults.merchants,
-                        help="number of merchants owning the products (default %(default)s)")
-    parser.add_argument("--regions", type=_positive(int), default=defaults.regions,
-                        help="number of customer home regions (default %(default)s)")
-    parser.add_argument("--events-per-user", type=_positive(float),
-                        default=defaults.events_per_user,
-                        help="mean events per customer (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="random seed; the same seed writes the same files (default "
-                             "%(default)s)")
+    parser.add_argument(
+        "--users",
+        type=_positive(int),
+        default=defaults.users,
+        help="number of customers (default %(default)s)",
+    )
+    parser.add_argument(
+        "--items",
+        type=_positive(int),
+        default=defaults.items,
+        help="number of products (default %(default)s)",
+    )
+    parser.add_argument(
+        "--merchants",
+        type=_positive(int),
+        default=defaults.merchants,
+        help="number of merchants owning the products (default %(default)s)",
+    )
+    parser.add_argument(
+        "--regions",
+        type=_positive(int),
+        default=defaults.regions,
+        help="number of customer home regions (default %(default)s)",
+    )
+    parser.add_argument(
+        "--events-per-user",
+        type=_positive(float),
+        default=defaults.events_per_user,
+        help="mean events per customer (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="random seed; the same seed writes the same files (default %(default)s)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
 
 
 def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
-    config = SynthConfig(users=args.users, items=args.items, merchants=args.merchants,
-                         regions=args.regions, events_per_user=args.events_per_user,
-                         seed=args.seed)
+    config = SynthConfig(
+        users=args.users,
+        items=args.items,
+        merchants=args.merchants,
+        regions=args.regions,
+        events_per_user=args.events_per_user,
+        seed=args.seed,
+    )
     interactions, items = generate(config)
     write_dataset(args.out, interactions, items, force=args.force)
     events = interactions["event"].value_counts()
     funnel = ", ".join(f"{name} {events.get(name, 0):,}" for name in EVENT_NAMES)
-    print(f"wrote {args.out}: {config.users:,} users, {config.items:,} items, "
-          f"{len(interactions):,} events ({funnel}), {config.merchants} merchants, "
-          f"{config.regions} regions, seed {config.seed}, "
-          f"{time.perf_counter() - began:.1f} s")
+    print(
+        f"wrote {args.out}: {config.users:,} users, {config.items:,} items, "
+        f"{len(interactions):,} events ({funnel}), {config.merchants} merchants, "
+        f"{config.regions} regions, seed {config.seed}, "
+        f"{time.perf_counter() - began:.1f} s"
+    )
     return 0

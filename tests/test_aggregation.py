@@ -30,8 +30,9 @@ def global_state() -> dict[str, torch.Tensor]:
     }
 
 
-def sparse_update(node: str, weight: float, rows: list[int], value: float,
-                  dense: float) -> NodeUpdate:
+def sparse_update(
+    node: str, weight: float, rows: list[int], value: float, dense: float
+) -> NodeUpdate:
     """A node that sends the item rows ``rows`` (all set to ``value``) and a dense weight."""
     index = np.array(rows, dtype=np.int64)
     arrays = {
@@ -44,8 +45,9 @@ def sparse_update(node: str, weight: float, rows: list[int], value: float,
 
 
 def dense_update(node: str, weight: float, value: float) -> NodeUpdate:
-    return NodeUpdate(node, weight, {k: torch.full_like(v, value)
-                                     for k, v in global_state().items()})
+    return NodeUpdate(
+        node, weight, {k: torch.full_like(v, value) for k, v in global_state().items()}
+    )
 
 
 def apply_mean(updates: list[NodeUpdate], method: str = "mean") -> dict[str, torch.Tensor]:
@@ -60,12 +62,16 @@ def test_weighted_mean_is_row_aware() -> None:
     a = sparse_update("a", 1.0, [0, 1], value=1.0, dense=2.0)
     b = sparse_update("b", 3.0, [1, 2], value=5.0, dense=4.0)
     new = apply_mean([a, b])
-    expected_rows = torch.tensor([
-        1.0,  # row 0: only a sent it -> a's value, not diluted by b
-        (1 * 1.0 + 3 * 5.0) / 4,  # row 1: both, weighted by node size
-        5.0,  # row 2: only b
-        0.0, 0.0, 0.0,  # rows nobody sent keep the global value
-    ])
+    expected_rows = torch.tensor(
+        [
+            1.0,  # row 0: only a sent it -> a's value, not diluted by b
+            (1 * 1.0 + 3 * 5.0) / 4,  # row 1: both, weighted by node size
+            5.0,  # row 2: only b
+            0.0,
+            0.0,
+            0.0,  # rows nobody sent keep the global value
+        ]
+    )
     torch.testing.assert_close(new["id_scores.bias"], expected_rows)
     torch.testing.assert_close(new["id_scores.weight"], expected_rows[:, None].expand(ITEMS, 2))
     # id_in has the padding row first: item i is row i + 1, and the padding row is untouched
@@ -78,17 +84,24 @@ def test_weighted_mean_is_row_aware() -> None:
 def test_rows_nobody_sent_keep_a_non_zero_global_value() -> None:
     state = global_state()
     state["id_scores.bias"] = torch.arange(ITEMS, dtype=torch.float32)
-    update = NodeUpdate("a", 5.0, {**{k: v.clone() for k, v in state.items()},
-                                   "id_scores.bias": torch.tensor([10.0])},
-                        {"id_scores.bias": np.array([4])})
+    update = NodeUpdate(
+        "a",
+        5.0,
+        {**{k: v.clone() for k, v in state.items()}, "id_scores.bias": torch.tensor([10.0])},
+        {"id_scores.bias": np.array([4])},
+    )
     delta = aggregate(state, [update])
     assert delta["id_scores.bias"].tolist() == [0, 0, 0, 0, 6, 0]
     assert all(torch.all(delta[k] == 0) for k in state if k != "id_scores.bias")
 
 
 def test_empty_row_update_changes_no_row() -> None:
-    new = apply_mean([sparse_update("a", 1.0, [], value=9.0, dense=1.0),
-                      sparse_update("b", 1.0, [3], value=2.0, dense=1.0)])
+    new = apply_mean(
+        [
+            sparse_update("a", 1.0, [], value=9.0, dense=1.0),
+            sparse_update("b", 1.0, [3], value=2.0, dense=1.0),
+        ]
+    )
     assert new["id_scores.bias"].tolist() == [0, 0, 0, 2, 0, 0]
 
 
@@ -108,18 +121,21 @@ def test_robust_methods_resist_one_absurd_node(method: str) -> None:
         value = state[name] + delta
         assert value.min() >= 0.9 - 1e-6 and value.max() <= 1.1 + 1e-6, (name, value)
     if method == "trimmed":  # drops the lowest and the highest of five, averages the rest
-        torch.testing.assert_close(state["norm.weight"] + robust["norm.weight"],
-                                   torch.full((3,), (1.0 + 1.05 + 1.1) / 3))
+        torch.testing.assert_close(
+            state["norm.weight"] + robust["norm.weight"], torch.full((3,), (1.0 + 1.05 + 1.1) / 3)
+        )
 
 
 @pytest.mark.parametrize("method", ["median", "trimmed"])
 def test_robust_methods_are_row_aware(method: str) -> None:
     """Rows are aggregated over the nodes that sent them: absent nodes are not zeros."""
-    updates = [sparse_update("a", 1.0, [0, 1], value=2.0, dense=1.0),
-               sparse_update("b", 1.0, [0, 1], value=2.0, dense=1.0),
-               sparse_update("c", 1.0, [1], value=2.0, dense=1.0),
-               sparse_update("d", 1.0, [1], value=2.0, dense=1.0),
-               sparse_update("e", 1.0, [1], value=1e6, dense=1.0)]
+    updates = [
+        sparse_update("a", 1.0, [0, 1], value=2.0, dense=1.0),
+        sparse_update("b", 1.0, [0, 1], value=2.0, dense=1.0),
+        sparse_update("c", 1.0, [1], value=2.0, dense=1.0),
+        sparse_update("d", 1.0, [1], value=2.0, dense=1.0),
+        sparse_update("e", 1.0, [1], value=1e6, dense=1.0),
+    ]
     new = apply_mean(updates, method)
     bias = new["id_scores.bias"]
     assert bias[0] == pytest.approx(2.0)  # two of five sent it: the three others are not zeros
@@ -139,11 +155,13 @@ def test_unknown_aggregation_is_refused() -> None:
 def test_sgd_with_lr_one_is_weighted_averaging() -> None:
     generator = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=generator) for k, v in global_state().items()}
-    nodes = [{k: torch.randn(v.shape, generator=generator) for k, v in state.items()}
-             for _ in range(3)]
+    nodes = [
+        {k: torch.randn(v.shape, generator=generator) for k, v in state.items()} for _ in range(3)
+    ]
     weights = [10.0, 30.0, 60.0]
-    updates = [NodeUpdate(str(i), w, n) for i, (w, n) in enumerate(zip(weights, nodes,
-                                                                       strict=True))]
+    updates = [
+        NodeUpdate(str(i), w, n) for i, (w, n) in enumerate(zip(weights, nodes, strict=True))
+    ]
     new = ServerOptimizer("sgd", 1.0).step(state, aggregate(state, updates))
     for name in state:
         average = sum(w * n[name] for w, n in zip(weights, nodes, strict=True)) / sum(weights)
@@ -166,8 +184,9 @@ def test_fedadam_moves_in_the_direction_of_the_delta() -> None:
         assert moved.abs().max() <= 0.01 + 1e-6  # Adam's step is bounded by the learning rate
     assert optimizer.state  # moments kept for the next round
     again = optimizer.step(new, delta)
-    assert torch.all(torch.sign(again["norm.weight"] - new["norm.weight"])
-                     == torch.sign(delta["norm.weight"]))
+    assert torch.all(
+        torch.sign(again["norm.weight"] - new["norm.weight"]) == torch.sign(delta["norm.weight"])
+    )
 
 
 # --- the wire format ------------------------------------------------------------------------
@@ -214,21 +233,42 @@ def bad(arrays: dict, name: str, value) -> dict:
     return {**arrays, name: value}
 
 
-@pytest.mark.parametrize("case", [
-    "shape", "int dtype", "bool dtype", "nan", "inf", "row out of range", "negative row",
-    "duplicate rows", "float rows", "rows and values disagree",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "shape",
+        "int dtype",
+        "bool dtype",
+        "nan",
+        "inf",
+        "row out of range",
+        "negative row",
+        "duplicate rows",
+        "float rows",
+        "rows and values disagree",
+    ],
+)
 def test_decode_rejects_a_bad_array_naming_it(model_state, case: str) -> None:
     arrays = encode(model_state, dict.fromkeys(ITEM_TABLES, np.array([0, 2])))
-    name = {"shape": "position.weight", "int dtype": "norm.weight", "bool dtype": "norm.bias",
-            "nan": "residual.weight", "inf": "id_in.weight"}.get(case, "id_scores.weight")
+    name = {
+        "shape": "position.weight",
+        "int dtype": "norm.weight",
+        "bool dtype": "norm.bias",
+        "nan": "residual.weight",
+        "inf": "id_in.weight",
+    }.get(case, "id_scores.weight")
     value = arrays[name]
     arrays = {
         "shape": lambda: bad(arrays, name, value[:-1]),
         "int dtype": lambda: bad(arrays, name, value.astype(np.int64)),
         "bool dtype": lambda: bad(arrays, name, value > 0),
-        "nan": lambda: bad(arrays, name, np.where(np.arange(value.size).reshape(value.shape) == 3,
-                                                  np.nan, value).astype(np.float32)),
+        "nan": lambda: bad(
+            arrays,
+            name,
+            np.where(np.arange(value.size).reshape(value.shape) == 3, np.nan, value).astype(
+                np.float32
+            ),
+        ),
         "inf": lambda: bad(arrays, name, np.full_like(value, np.inf)),
         "row out of range": lambda: bad(arrays, name + "@rows", np.array([0, ITEMS])),
         "negative row": lambda: bad(arrays, name + "@rows", np.array([-1, 2])),
@@ -272,23 +312,36 @@ def test_decode_rejects_rows_of_an_unknown_array(model_state) -> None:
 # --- the strategy validates every reply -----------------------------------------------------
 
 
-def reply(node: str, arrays: dict[str, np.ndarray] | None, customers: int,
-          declined: bool = False) -> Message:
-    content = RecordDict({
-        "privacy": ConfigRecord({"node": node, "declined": declined}),
-        "metrics": MetricRecord({"num-examples": customers}),
-    })
+def reply(
+    node: str, arrays: dict[str, np.ndarray] | None, customers: int, declined: bool = False
+) -> Message:
+    content = RecordDict(
+        {
+            "privacy": ConfigRecord({"node": node, "declined": declined}),
+            "metrics": MetricRecord({"num-examples": customers}),
+        }
+    )
     if arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v))
-                                         for k, v in arrays.items()})
-    metadata = Metadata(run_id=1, message_id="", src_node_id=len(node), dst_node_id=0,
-                        reply_to_message_id="m", group_id="1", created_at=time.time(),
-                        ttl=60.0, message_type="train")
+        content["arrays"] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        )
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=len(node),
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=metadata)
 
 
-def shifted(state: dict[str, torch.Tensor], amount: float, rows=None,
-            dtype: str = "float32") -> dict[str, np.ndarray]:
+def shifted(
+    state: dict[str, torch.Tensor], amount: float, rows=None, dtype: str = "float32"
+) -> dict[str, np.ndarray]:
     return encode({k: v + amount for k, v in state.items()}, rows, dtype)
 
 
@@ -299,25 +352,27 @@ def test_node_updates_reject_an_absurd_norm_and_keep_the_others(model_state) -> 
         reply("good-dense", shifted(model_state, 0.01), 40),
         reply("absurd", shifted(model_state, 1e5), 50),
         reply("good-sparse", shifted(model_state, -0.01, rows, "float16"), 10),
-        reply("nan", {**shifted(model_state, 0.0), "norm.weight": np.full(4, np.nan, np.float32)},
-              5),
+        reply(
+            "nan", {**shifted(model_state, 0.0), "norm.weight": np.full(4, np.nan, np.float32)}, 5
+        ),
         reply("declined", None, 0, declined=True),
     ]
     updates, rejected = strategy.node_updates(replies, model_state)
     assert [u.node for u in updates] == ["good-dense", "good-sparse"]
     assert [u.weight for u in updates] == [40.0, 10.0]
-    assert {k: v.tolist() for k, v in updates[1].rows.items()} == dict.fromkeys(ITEM_TABLES,
-                                                                                 [1, 3])
+    assert {k: v.tolist() for k, v in updates[1].rows.items()} == dict.fromkeys(ITEM_TABLES, [1, 3])
     assert len(rejected) == 2
     assert rejected[0].startswith("absurd:") and "norm" in rejected[0]
     assert rejected[1].startswith("nan:") and "norm.weight" in rejected[1]
     # the accepted updates aggregate into a new global model that moved by their deltas
     new = strategy.apply(model_state, updates)
     assert torch.all(torch.isfinite(new["position.weight"]))
-    torch.testing.assert_close(new["position.weight"] - model_state["position.weight"],
-                               torch.full_like(model_state["position.weight"],
-                                               (40 * 0.01 - 10 * 0.01) / 50),
-                               rtol=0, atol=1e-3)  # the second node sent float16
+    torch.testing.assert_close(
+        new["position.weight"] - model_state["position.weight"],
+        torch.full_like(model_state["position.weight"], (40 * 0.01 - 10 * 0.01) / 50),
+        rtol=0,
+        atol=1e-3,
+    )  # the second node sent float16
 
 
 def test_node_updates_survive_rows_for_a_dense_array(model_state) -> None:
@@ -326,6 +381,7 @@ def test_node_updates_survive_rows_for_a_dense_array(model_state) -> None:
     crafted["position.weight"] = crafted["position.weight"][:1]
     crafted["position.weight@rows"] = np.array([0])
     updates, rejected = strategy.node_updates(
-        [reply("crafted", crafted, 5), reply("good", shifted(model_state, 0.01), 5)], model_state)
+        [reply("crafted", crafted, 5), reply("good", shifted(model_state, 0.01), 5)], model_state
+    )
     assert [u.node for u in updates] == ["good"]
     assert len(rejected) == 1 and rejected[0].startswith("crafted:")

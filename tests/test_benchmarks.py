@@ -52,21 +52,25 @@ def test_every_baseline_beats_random_ranking(experiment, fitted):
 def test_text_baseline_ranks_like_the_untrained_model(experiment, fitted):
     recency = fitted["text"][1]["recency"]
     model_run = dataclasses.replace(
-        experiment, config=dataclasses.replace(experiment.config, recency=recency))
+        experiment, config=dataclasses.replace(experiment.config, recency=recency)
+    )
     _, model_top = model_run.evaluate(model_run.new_model(), "test")
     _, text_top = evaluate(text_only(experiment.text, recency), experiment.split, "test")
-    agreement = np.mean([len(set(a[:10]) & set(b[:10])) / 10
-                         for a, b in zip(model_top, text_top, strict=True)])
+    agreement = np.mean(
+        [len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(model_top, text_top, strict=True)]
+    )
     assert agreement > 0.9  # the model keeps the catalog's top `dim` text directions
 
 
 def test_settings_are_chosen_without_reading_test_targets(experiment, fitted):
     split = experiment.split
     rng = np.random.default_rng(1)
-    scrambled = np.where(split.test_target >= 0,
-                         rng.integers(0, split.num_items, len(split.test_target)), -1)
-    patched = dataclasses.replace(experiment,
-                                  split=dataclasses.replace(split, test_target=scrambled))
+    scrambled = np.where(
+        split.test_target >= 0, rng.integers(0, split.num_items, len(split.test_target)), -1
+    )
+    patched = dataclasses.replace(
+        experiment, split=dataclasses.replace(split, test_target=scrambled)
+    )
     chosen = {name: params for name, _, params in baselines(patched)}
     assert chosen == {name: params for name, (_, params) in fitted.items()}
     assert {"weight", "recency"} <= set(chosen["late_fusion"])
@@ -77,8 +81,21 @@ def test_settings_are_chosen_without_reading_test_targets(experiment, fitted):
 
 def test_bench_quality_reports_every_method_and_metric(synth_dataset_dir, tmp_path):
     out = tmp_path / "quality.json"
-    assert main(["bench", "quality", "--data", str(synth_dataset_dir), "--out", str(out),
-                 "--skip-model", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "quality",
+                "--data",
+                str(synth_dataset_dir),
+                "--out",
+                str(out),
+                "--skip-model",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     methods = json.loads(out.read_text())["methods"]
     assert set(methods) == BASELINES
     for result in methods.values():
@@ -89,8 +106,23 @@ def test_bench_quality_reports_every_method_and_metric(synth_dataset_dir, tmp_pa
 
 def test_bench_quality_cold_items_reports_cold_and_warm_views(synth_dataset_dir, tmp_path):
     out = tmp_path / "cold.json"
-    assert main(["bench", "quality", "--data", str(synth_dataset_dir), "--out", str(out),
-                 "--skip-model", "--cold-items", "0.2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "quality",
+                "--data",
+                str(synth_dataset_dir),
+                "--out",
+                str(out),
+                "--skip-model",
+                "--cold-items",
+                "0.2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["cold_items"] == 60
     for result in report["methods"].values():
@@ -106,10 +138,36 @@ def test_bench_quality_cold_items_reports_cold_and_warm_views(synth_dataset_dir,
 
 def test_bench_quality_new_item_boosts_trade_warm_for_cold(synth_dataset_dir, tmp_path):
     out = tmp_path / "boost.json"
-    assert main(["bench", "quality", "--data", str(synth_dataset_dir), "--out", str(out),
-                 "--cold-items", "0.2", "--variants", "fusion", "--baselines", "",
-                 "--new-item-boosts", "8", "--set", "epochs=2", "--set", "dim=16",
-                 "--set", "layers=1", "--set", "max_len=10", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "quality",
+                "--data",
+                str(synth_dataset_dir),
+                "--out",
+                str(out),
+                "--cold-items",
+                "0.2",
+                "--variants",
+                "fusion",
+                "--baselines",
+                "",
+                "--new-item-boosts",
+                "8",
+                "--set",
+                "epochs=2",
+                "--set",
+                "dim=16",
+                "--set",
+                "layers=1",
+                "--set",
+                "max_len=10",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     methods = json.loads(out.read_text())["methods"]
     plain, boosted = methods["model:fusion"], methods["model:fusion boost 8"]
     assert plain["params"]["new_item_boost"] == 0 and boosted["params"]["new_item_boost"] == 8
@@ -120,8 +178,20 @@ def test_bench_quality_new_item_boosts_trade_warm_for_cold(synth_dataset_dir, tm
 
 def test_new_item_boosts_need_held_out_items(synth_dataset_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="needs --cold-items"):
-        main(["bench", "quality", "--data", str(synth_dataset_dir), "--out",
-              str(tmp_path / "x.json"), "--skip-model", "--new-item-boosts", "1", "--quiet"])
+        main(
+            [
+                "bench",
+                "quality",
+                "--data",
+                str(synth_dataset_dir),
+                "--out",
+                str(tmp_path / "x.json"),
+                "--skip-model",
+                "--new-item-boosts",
+                "1",
+                "--quiet",
+            ]
+        )
     assert not (tmp_path / "x.json").exists()
 
 
@@ -132,10 +202,33 @@ def test_parse_epsilons():
 
 
 def test_bench_privacy_writes_the_curve_and_reuses_runs(synth_dataset_dir, tmp_path):
-    args = ["bench", "privacy", "--data", str(synth_dataset_dir), "--out", str(tmp_path),
-            "--epsilons", "4", "--variants", "text", "--clients", "2", "--rounds", "1",
-            "--set", "dim=16", "--set", "dp_dim=16", "--set", "layers=1", "--set", "max_len=10",
-            "--set", "dp_max_len=10", "--quiet"]
+    args = [
+        "bench",
+        "privacy",
+        "--data",
+        str(synth_dataset_dir),
+        "--out",
+        str(tmp_path),
+        "--epsilons",
+        "4",
+        "--variants",
+        "text",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--set",
+        "dim=16",
+        "--set",
+        "dp_dim=16",
+        "--set",
+        "layers=1",
+        "--set",
+        "max_len=10",
+        "--set",
+        "dp_max_len=10",
+        "--quiet",
+    ]
     assert main(args) == 0
     curve = json.loads((tmp_path / "privacy_curve.json").read_text())
     (point,) = curve["points"]

@@ -32,8 +32,9 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     from simulations.synth import SynthConfig, generate
 
     interactions, items = generate(SynthConfig(users=400, items=200, seed=0))
-    return load_dataset(write_dataset(tmp_path_factory.mktemp("canary") / "data", interactions,
-                                      items))
+    return load_dataset(
+        write_dataset(tmp_path_factory.mktemp("canary") / "data", interactions, items)
+    )
 
 
 def auc(scores: np.ndarray, included: np.ndarray) -> float:
@@ -68,8 +69,7 @@ def test_merchant_canaries_buy_from_their_node(dataset: Dataset, tmp_path: Path)
         assert set(history) <= set(catalogs[node])
 
 
-def test_insertion_appends_exactly_the_included_canaries(dataset: Dataset,
-                                                         tmp_path: Path) -> None:
+def test_insertion_appends_exactly_the_included_canaries(dataset: Dataset, tmp_path: Path) -> None:
     directories = write_partitions(dataset, tmp_path, 3, "regional", seed=1)
     before = [load_dataset(d).interactions for d in directories]
     canaries = make_canaries(dataset.items, 40, 12, seed=0, catalogs=[None] * 3)
@@ -88,13 +88,15 @@ def test_insertion_appends_exactly_the_included_canaries(dataset: Dataset,
         real = after[~after["user_id"].str.startswith("canary-")]
         pd.testing.assert_frame_equal(
             real[["user_id", "item_id", "timestamp"]].reset_index(drop=True),
-            before[node][["user_id", "item_id", "timestamp"]].reset_index(drop=True))
+            before[node][["user_id", "item_id", "timestamp"]].reset_index(drop=True),
+        )
     loaded = load_canaries(tmp_path)
     assert loaded.user_ids == canaries.user_ids
     assert np.array_equal(loaded.included, canaries.included)
     assert np.array_equal(loaded.node, canaries.node)
-    assert all(np.array_equal(a, b) for a, b in zip(loaded.histories, canaries.histories,
-                                                    strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(loaded.histories, canaries.histories, strict=True)
+    )
     with pytest.raises(ValueError, match="inserted twice"):
         insert_canaries(tmp_path, canaries, dataset.items)
     with pytest.raises(FileNotFoundError, match="no canaries"):
@@ -104,8 +106,9 @@ def test_insertion_appends_exactly_the_included_canaries(dataset: Dataset,
 def tiny_model(num_items: int) -> FusionRecommender:
     torch.manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(num_items, 24), dim=1)
-    config = ModelConfig(num_items=num_items, text_dim=24, dim=32, max_len=16, layers=1,
-                         heads=2, dropout=0.0)
+    config = ModelConfig(
+        num_items=num_items, text_dim=24, dim=32, max_len=16, layers=1, heads=2, dropout=0.0
+    )
     return FusionRecommender(config, text)
 
 

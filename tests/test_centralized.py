@@ -15,15 +15,41 @@ from shared.cli import main
 from shared.data import leave_one_out, load_dataset
 from shared.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
 
-TINY = ["--set", "dim=16", "--set", "layers=1", "--set", "max_len=10", "--set", "dp_dim=16",
-        "--set", "dp_max_len=10", "--device", "cpu", "--quiet"]
+TINY = [
+    "--set",
+    "dim=16",
+    "--set",
+    "layers=1",
+    "--set",
+    "max_len=10",
+    "--set",
+    "dp_dim=16",
+    "--set",
+    "dp_max_len=10",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_synth_dataset_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("centralized") / "run"
-    assert main(["train", "--data", str(tiny_synth_dataset_dir), "--out", str(out),
-                 "--epochs", "2", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_synth_dataset_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -38,8 +64,9 @@ def test_train_writes_the_outputs(trained: Path, tiny_synth_dataset_dir: Path) -
     split = leave_one_out(dataset)
     recs = pd.read_csv(trained / "recs.csv", dtype={"user_id": str, "item_id": str})
     assert len(recs) == TOP_K * len(split.test_users)
-    assert metrics_from_recs(trained / "recs.csv", split, dataset.items["item_id"].to_numpy()
-                             ) == {m: metrics["test"][m] for m in METRICS}
+    assert metrics_from_recs(trained / "recs.csv", split, dataset.items["item_id"].to_numpy()) == {
+        m: metrics["test"][m] for m in METRICS
+    }
     for name in ("model.safetensors", "config.json", "README.md"):
         assert (trained / "model" / name).stat().st_size > 0
 
@@ -48,8 +75,9 @@ def test_trained_model_beats_popularity(trained: Path, tiny_synth_dataset_dir: P
     """Popularity over the same training events (history excluded, as for the model)."""
     test = json.loads((trained / "metrics.json").read_text())["test"]
     split = leave_one_out(load_dataset(tiny_synth_dataset_dir))
-    counts = torch.from_numpy(np.bincount(np.concatenate(split.training_histories(refit=True)),
-                                          minlength=split.num_items)).float()
+    counts = torch.from_numpy(
+        np.bincount(np.concatenate(split.training_histories(refit=True)), minlength=split.num_items)
+    ).float()
 
     def popularity(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
         return counts.repeat(len(users), 1)
@@ -62,14 +90,34 @@ def test_trained_model_beats_popularity(trained: Path, tiny_synth_dataset_dir: P
 
 def test_dp_training_states_its_guarantee(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "dp"
-    assert main(["train", "--data", str(tiny_synth_dataset_dir), "--out", str(out), "--epochs",
-                 "1", "--dp", "--target-epsilon", "2", "--set", "dp_batch_size=70", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_synth_dataset_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--dp",
+                "--target-epsilon",
+                "2",
+                "--set",
+                "dp_batch_size=70",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     privacy = metrics["privacy"]
     assert 0 < privacy["epsilon"] <= 2.0 + 1e-6
     assert "customer" in privacy["unit"]
-    customers = sum(len(h) >= 2 for h in leave_one_out(load_dataset(tiny_synth_dataset_dir))
-                    .training_histories(refit=True))
+    customers = sum(
+        len(h) >= 2
+        for h in leave_one_out(load_dataset(tiny_synth_dataset_dir)).training_histories(refit=True)
+    )
     assert privacy["delta"] == pytest.approx(1 / (10 * customers))  # the documented default
     assert privacy["accountant"].startswith("prv")
     assert privacy["noise_multiplier"] > 0 and privacy["steps"] >= 1

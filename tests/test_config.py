@@ -36,9 +36,17 @@ def test_pyproject_run_config_mirrors_run_config() -> None:
 
 
 def test_from_flat_coerces_strings() -> None:
-    config = RunConfig.from_flat({"dp": "true", "refit": "0", "layers": "3", "dropout": "0.5",
-                                  "target-epsilon": "2", "fusion": "concat",
-                                  "logit_scale": "10"})
+    config = RunConfig.from_flat(
+        {
+            "dp": "true",
+            "refit": "0",
+            "layers": "3",
+            "dropout": "0.5",
+            "target-epsilon": "2",
+            "fusion": "concat",
+            "logit_scale": "10",
+        }
+    )
     assert config.dp is True and config.refit is False
     assert config.layers == 3 and isinstance(config.layers, int)
     assert config.dropout == 0.5 and config.target_epsilon == 2.0
@@ -50,15 +58,18 @@ def test_from_flat_coerces_strings() -> None:
     assert RunConfig.from_flat(config.to_dict()) == config
 
 
-@pytest.mark.parametrize(("values", "key"), [
-    ({"dimension": "3"}, "dimension"),
-    ({"target_epsilonn": 1.0}, "target_epsilonn"),
-    ({"layers": "two"}, "layers"),
-    ({"layers": "1.5"}, "layers"),
-    ({"dropout": "high"}, "dropout"),
-    ({"dp": "maybe"}, "dp"),
-    ({"max-grad-norm": ""}, "max-grad-norm"),
-])
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"dimension": "3"}, "dimension"),
+        ({"target_epsilonn": 1.0}, "target_epsilonn"),
+        ({"layers": "two"}, "layers"),
+        ({"layers": "1.5"}, "layers"),
+        ({"dropout": "high"}, "dropout"),
+        ({"dp": "maybe"}, "dp"),
+        ({"max-grad-norm": ""}, "max-grad-norm"),
+    ],
+)
 def test_from_flat_rejects_unknown_keys_and_bad_values(values: dict, key: str) -> None:
     with pytest.raises(ValueError, match=re.escape(repr(key))):
         RunConfig.from_flat(values)
@@ -110,18 +121,49 @@ def options_of(command: list[str]) -> list[argparse.Action]:
     parser = build_parser(command)
     sub = parser
     for name in command:
-        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)
-                   ).choices[name]
+        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[
+            name
+        ]
     return [a for a in sub._actions if a.option_strings and a.dest != "help"]
 
 
-@pytest.mark.parametrize(("command", "expected"), [
-    (["train"], {"--data", "--out", "--epochs", "--dp", "--target-epsilon", "--delta", "--set",
-                 "--device", "--quiet"}),
-    (["simulate"], {"--data", "--out", "--clients", "--rounds", "--partition", "--strategy",
-                    "--local-epochs", "--dp", "--target-epsilon", "--delta", "--set", "--device",
-                    "--quiet"}),
-])
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            ["train"],
+            {
+                "--data",
+                "--out",
+                "--epochs",
+                "--dp",
+                "--target-epsilon",
+                "--delta",
+                "--set",
+                "--device",
+                "--quiet",
+            },
+        ),
+        (
+            ["simulate"],
+            {
+                "--data",
+                "--out",
+                "--clients",
+                "--rounds",
+                "--partition",
+                "--strategy",
+                "--local-epochs",
+                "--dp",
+                "--target-epsilon",
+                "--delta",
+                "--set",
+                "--device",
+                "--quiet",
+            },
+        ),
+    ],
+)
 def test_help_explains_every_option(command: list[str], expected: set[str], capsys) -> None:
     with pytest.raises(SystemExit) as stopped:
         main([*command, "--help"])
@@ -137,8 +179,9 @@ def test_help_explains_every_option(command: list[str], expected: set[str], caps
 
 def test_bad_set_is_refused_with_the_key(capsys, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="'layers'"):
-        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-              "--set", "layers=two"])
+        main(
+            ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "layers=two"]
+        )
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "layers"])
     with pytest.raises(SystemExit, match="'colour'"):

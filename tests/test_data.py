@@ -16,10 +16,7 @@ from shared.data import DataError, Dataset, leave_one_out, load_dataset
 from simulations.synth import SynthConfig, generate, make_catalog
 
 ITEMS = (
-    "item_id,title,categories\n"
-    "a,Rose Serum,Beauty|Skin Care\n"
-    "b,Pan,Home|Kitchen\n"
-    "c,Mat,Sports\n"
+    "item_id,title,categories\na,Rose Serum,Beauty|Skin Care\nb,Pan,Home|Kitchen\nc,Mat,Sports\n"
 )
 INTERACTIONS = (
     "user_id,item_id,timestamp,event\n"
@@ -51,16 +48,36 @@ def load_error(path: Path) -> DataError:
     ("table", "text", "file", "row", "problem"),
     [
         ("interactions", "user_id,item_id\nu1,a\n", "interactions.csv", None, "timestamp"),
-        ("interactions", INTERACTIONS.replace("200", "yesterday"), "interactions.csv", 2,
-         "unparseable timestamp 'yesterday'"),
-        ("interactions", INTERACTIONS.replace("u2,a", "u2,zz"), "interactions.csv", 3,
-         "'zz' is not in the items table"),
+        (
+            "interactions",
+            INTERACTIONS.replace("200", "yesterday"),
+            "interactions.csv",
+            2,
+            "unparseable timestamp 'yesterday'",
+        ),
+        (
+            "interactions",
+            INTERACTIONS.replace("u2,a", "u2,zz"),
+            "interactions.csv",
+            3,
+            "'zz' is not in the items table",
+        ),
         ("interactions", "", "interactions.csv", None, "empty"),
         ("interactions", "user_id,item_id,timestamp\n", "interactions.csv", None, "no rows"),
-        ("interactions", INTERACTIONS.replace("cart", "wishlist"), "interactions.csv", 4,
-         "unknown event 'wishlist'"),
-        ("interactions", INTERACTIONS.replace("u2,a,150", "u2,,150"), "interactions.csv", 3,
-         "empty item_id"),
+        (
+            "interactions",
+            INTERACTIONS.replace("cart", "wishlist"),
+            "interactions.csv",
+            4,
+            "unknown event 'wishlist'",
+        ),
+        (
+            "interactions",
+            INTERACTIONS.replace("u2,a,150", "u2,,150"),
+            "interactions.csv",
+            3,
+            "empty item_id",
+        ),
         ("items", ITEMS + "b,Another Pan,Home\n", "items.csv", 4, "'b' appears twice"),
         ("items", "item_id,categories\na,Beauty\n", "items.csv", None, "title"),
         ("items", "", "items.csv", None, "empty"),
@@ -105,8 +122,10 @@ def test_event_defaults_to_purchase(tmp_path: Path) -> None:
 
 def test_csv_csv_gz_and_parquet_load_identically(tmp_path: Path) -> None:
     source = load_dataset(write_dir(tmp_path / "csv"))
-    raw = {name: pd.read_csv(tmp_path / "csv" / f"{name}.csv", dtype=str)
-           for name in ("interactions", "items")}
+    raw = {
+        name: pd.read_csv(tmp_path / "csv" / f"{name}.csv", dtype=str)
+        for name in ("interactions", "items")
+    }
     for suffix in ("csv.gz", "parquet"):
         directory = tmp_path / suffix.replace(".", "_")
         directory.mkdir()
@@ -128,8 +147,9 @@ def test_iso_and_unix_timestamps_agree(tmp_path: Path) -> None:
 
 def test_parquet_datetime_column_is_unix_seconds(tmp_path: Path) -> None:
     pd.DataFrame({"item_id": ["a"], "title": ["x"]}).to_parquet(tmp_path / "items.parquet")
-    events = pd.DataFrame({"user_id": ["u"], "item_id": ["a"],
-                           "timestamp": pd.to_datetime(["2020-01-01T00:00:00"])})
+    events = pd.DataFrame(
+        {"user_id": ["u"], "item_id": ["a"], "timestamp": pd.to_datetime(["2020-01-01T00:00:00"])}
+    )
     events.to_parquet(tmp_path / "interactions.parquet")
     assert load_dataset(tmp_path).interactions["timestamp"].tolist() == [1577836800]
 
@@ -154,7 +174,10 @@ def test_leave_one_out(tmp_path: Path) -> None:
     assert split.train[u2].tolist() == [b, c]  # fewer than 3 events: only trains
     assert (split.valid_target[u2], split.test_target[u2]) == (-1, -1)
     assert (split.train[u3].tolist(), split.valid_target[u3], split.test_target[u3]) == (
-        [a], b, c)  # ordered by time, not by file
+        [a],
+        b,
+        c,
+    )  # ordered by time, not by file
     assert sorted(split.test_users.tolist()) == sorted([u1, u3])
 
 
@@ -181,11 +204,21 @@ def test_synth_passes_the_loader_with_every_field(synth_dataset_dir: Path) -> No
 
 def test_synth_is_deterministic(tmp_path: Path) -> None:
     def synth(out: str, seed: int) -> list[bytes]:
-        args = ["data", "synth", str(tmp_path / out), "--users", "80", "--items", "60",
-                "--seed", str(seed)]
+        args = [
+            "data",
+            "synth",
+            str(tmp_path / out),
+            "--users",
+            "80",
+            "--items",
+            "60",
+            "--seed",
+            str(seed),
+        ]
         assert main(args) == 0
-        return [(tmp_path / out / f"{name}.csv.gz").read_bytes() for name in ("interactions",
-                                                                              "items")]
+        return [
+            (tmp_path / out / f"{name}.csv.gz").read_bytes() for name in ("interactions", "items")
+        ]
 
     assert synth("a", 3) == synth("b", 3)
     different = synth("c", 4)
@@ -282,8 +315,7 @@ def write_lines(path: Path, records: list, literal: bool = False) -> None:
 
 def review(user: str, asin: str, when: int | str, rating: float = 5.0) -> dict:
     time_field = {"unixReviewTime": when} if isinstance(when, int) else {"reviewTime": when}
-    return {"reviewerID": user, "asin": asin, "overall": rating, "reviewText": "ok",
-            **time_field}
+    return {"reviewerID": user, "asin": asin, "overall": rating, "reviewText": "ok", **time_field}
 
 
 def convert(source: str, src: Path, out: Path) -> Dataset:
@@ -301,17 +333,36 @@ def convert_error(source: str, src: Path, out: Path, capsys) -> str:
 def test_convert_amazon_2014(tmp_path: Path, capsys) -> None:
     src = tmp_path / "raw"
     src.mkdir()
-    write_lines(src / "reviews_Beauty_5.json.gz", [
-        review("A1", "B01", 1391040000), review("A1", "B02", 1391040000),
-        review("A2", "B01", 1300000000), review("A1", "B04", 1400000000, 3.0),
-    ])
-    write_lines(src / "meta_Beauty.json.gz", [
-        {"asin": "B01", "title": "Rose Serum", "categories": [["Beauty", "Skin Care"], ["Gifts"]],
-         "brand": "Luma", "price": 12.5, "salesRank": {"Beauty": 10}},
-        {"asin": "B02", "title": "Pan", "categories": [["Home", "Kitchen"]],
-         "description": "A pan.\nNonstick."},
-        {"asin": "B03", "title": "Nobody bought me", "categories": [["Beauty"]]},
-    ], literal=True)
+    write_lines(
+        src / "reviews_Beauty_5.json.gz",
+        [
+            review("A1", "B01", 1391040000),
+            review("A1", "B02", 1391040000),
+            review("A2", "B01", 1300000000),
+            review("A1", "B04", 1400000000, 3.0),
+        ],
+    )
+    write_lines(
+        src / "meta_Beauty.json.gz",
+        [
+            {
+                "asin": "B01",
+                "title": "Rose Serum",
+                "categories": [["Beauty", "Skin Care"], ["Gifts"]],
+                "brand": "Luma",
+                "price": 12.5,
+                "salesRank": {"Beauty": 10},
+            },
+            {
+                "asin": "B02",
+                "title": "Pan",
+                "categories": [["Home", "Kitchen"]],
+                "description": "A pan.\nNonstick.",
+            },
+            {"asin": "B03", "title": "Nobody bought me", "categories": [["Beauty"]]},
+        ],
+        literal=True,
+    )
     dataset = convert("amazon", src, tmp_path / "out")
     assert (dataset.num_users, dataset.num_items, len(dataset.interactions)) == (2, 3, 4)
     items = dataset.items.set_index("item_id")
@@ -327,12 +378,22 @@ def test_convert_amazon_2014(tmp_path: Path, capsys) -> None:
 def test_convert_amazon_2018(tmp_path: Path) -> None:
     src = tmp_path / "raw"
     src.mkdir()
-    write_lines(src / "All_Beauty.json", [
-        review("A1", "B01", "01 30, 2014"), review("A1", "B02", "2 1, 2014"),
-        review("A2", "B02", "12 31, 2013"),
-    ])
-    meta = {"asin": "B01", "title": "Serum", "category": ["Beauty", "Face"],
-            "description": ["Light.", "Daily."], "price": "$9.99", "brand": "Luma"}
+    write_lines(
+        src / "All_Beauty.json",
+        [
+            review("A1", "B01", "01 30, 2014"),
+            review("A1", "B02", "2 1, 2014"),
+            review("A2", "B02", "12 31, 2013"),
+        ],
+    )
+    meta = {
+        "asin": "B01",
+        "title": "Serum",
+        "category": ["Beauty", "Face"],
+        "description": ["Light.", "Daily."],
+        "price": "$9.99",
+        "brand": "Luma",
+    }
     write_lines(src / "meta_All_Beauty.json", [meta, meta, {"asin": "B02", "title": "Oil"}])
     dataset = convert("amazon", src, tmp_path / "out")
     items = dataset.items.set_index("item_id")
@@ -369,10 +430,12 @@ def test_convert_movielens_csv(tmp_path: Path) -> None:
     src.mkdir()
     (src / "ratings.csv").write_text(
         "userId,movieId,rating,timestamp\n1,10,4.0,964982703\n1,20,5.0,964981247\n"
-        "2,10,3.5,964983815\n")
+        "2,10,3.5,964983815\n"
+    )
     (src / "movies.csv").write_text(
         'movieId,title,genres\n10,"Shawshank Redemption, The (1994)",Crime|Drama\n'
-        "20,Heat (1995),Action|Crime|Thriller\n30,Unrated (2000),(no genres listed)\n")
+        "20,Heat (1995),Action|Crime|Thriller\n30,Unrated (2000),(no genres listed)\n"
+    )
     dataset = convert("movielens", src, tmp_path / "out")
     assert (dataset.num_users, dataset.num_items, len(dataset.interactions)) == (2, 2, 3)
     items = dataset.items.set_index("item_id")
@@ -383,10 +446,13 @@ def test_convert_movielens_csv(tmp_path: Path) -> None:
 def test_convert_movielens_dat(tmp_path: Path) -> None:
     src = tmp_path / "ml-1m"
     src.mkdir()
-    (src / "ratings.dat").write_text("1::1193::5::978300760\n1::661::3::978302109\n"
-                                     "2::1193::4::978298413\n", encoding="latin-1")
-    (src / "movies.dat").write_text("1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
-                                    "661::Amélie (2001)::Comedy|Romance\n", encoding="latin-1")
+    (src / "ratings.dat").write_text(
+        "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n", encoding="latin-1"
+    )
+    (src / "movies.dat").write_text(
+        "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n661::Amélie (2001)::Comedy|Romance\n",
+        encoding="latin-1",
+    )
     dataset = convert("movielens", src, tmp_path / "out")
     assert (dataset.num_users, dataset.num_items, len(dataset.interactions)) == (2, 2, 3)
     assert dataset.items.set_index("item_id").loc["661", "title"] == "Amélie (2001)"
@@ -395,13 +461,16 @@ def test_convert_movielens_dat(tmp_path: Path) -> None:
 def test_convert_movielens_100k(tmp_path: Path) -> None:
     src = tmp_path / "ml-100k"
     src.mkdir()
-    (src / "u.data").write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n"
-                                "196\t302\t1\t878887116\n")
+    (src / "u.data").write_text(
+        "196\t242\t3\t881250949\n186\t302\t3\t891717742\n196\t302\t1\t878887116\n"
+    )
     flags = ["0"] * 19
     comedy = flags.copy()
     comedy[5] = comedy[14] = "1"  # Comedy, Romance
-    rows = [f"242|Kolya (1996)|24-Jan-1997||http://x|{'|'.join(comedy)}",
-            f"302|L.A. Confidential (1997)|01-Jan-1997||http://y|{'|'.join(flags)}"]
+    rows = [
+        f"242|Kolya (1996)|24-Jan-1997||http://x|{'|'.join(comedy)}",
+        f"302|L.A. Confidential (1997)|01-Jan-1997||http://y|{'|'.join(flags)}",
+    ]
     (src / "u.item").write_text("\n".join(rows) + "\n", encoding="latin-1")
     dataset = convert("movielens", src, tmp_path / "out")
     assert (dataset.num_users, dataset.num_items, len(dataset.interactions)) == (2, 2, 3)
@@ -470,8 +539,18 @@ def test_sample_keeps_whole_histories_of_the_chosen_customers(
 
     original = read_table(find_table(synth_dataset_dir, "interactions"))
     out = tmp_path / "sample"
-    argv = ["data", "sample", "--data", str(synth_dataset_dir), "--out", str(out),
-            "--customers", "40", "--seed", "3"]
+    argv = [
+        "data",
+        "sample",
+        "--data",
+        str(synth_dataset_dir),
+        "--out",
+        str(out),
+        "--customers",
+        "40",
+        "--seed",
+        "3",
+    ]
     assert main(argv) == 0 and "sampled 40 customers" in capsys.readouterr().out
     sample = read_table(find_table(out, "interactions"))
     users = set(sample["user_id"])
@@ -487,10 +566,19 @@ def test_sample_keeps_whole_histories_of_the_chosen_customers(
     assert read_table(find_table(again, "interactions")).equals(sample)  # seeded
 
 
-def test_sample_refuses_more_customers_than_there_are(synth_dataset_dir: Path,
-                                                      tmp_path: Path, capsys) -> None:
-    argv = ["data", "sample", "--data", str(synth_dataset_dir), "--out", str(tmp_path / "s"),
-            "--customers", "10000000"]
+def test_sample_refuses_more_customers_than_there_are(
+    synth_dataset_dir: Path, tmp_path: Path, capsys
+) -> None:
+    argv = [
+        "data",
+        "sample",
+        "--data",
+        str(synth_dataset_dir),
+        "--out",
+        str(tmp_path / "s"),
+        "--customers",
+        "10000000",
+    ]
     assert main(argv) != 0
     assert "--customers must be in 1..600" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

@@ -29,16 +29,44 @@ from shared.text import embed_items
 from shared.wire import trainable_state
 from simulations.partition import node_name, write_partitions
 
-TINY = ["--set", "dim=16", "--set", "layers=1", "--set", "max_len=10", "--set", "dp_dim=16",
-        "--set", "dp_max_len=10", "--set", "dp_batch_size=40", "--device", "cpu", "--quiet"]
-CONTRIBUTION_FIELDS = ("round", "node", "mechanism", "noise_multiplier", "sample_rate", "steps",
-                       "max_grad_norm", "delta", "epsilon", "accountant", "unit")
+TINY = [
+    "--set",
+    "dim=16",
+    "--set",
+    "layers=1",
+    "--set",
+    "max_len=10",
+    "--set",
+    "dp_dim=16",
+    "--set",
+    "dp_max_len=10",
+    "--set",
+    "dp_batch_size=40",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+CONTRIBUTION_FIELDS = (
+    "round",
+    "node",
+    "mechanism",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "max_grad_norm",
+    "delta",
+    "epsilon",
+    "accountant",
+    "unit",
+)
 TARGET = 3.0
 
 
 def simulate(data: Path, out: Path, *extra: str) -> None:
-    assert main(["simulate", "--data", str(data), "--out", str(out), "--clients", "2",
-                 *TINY, *extra]) == 0
+    assert (
+        main(["simulate", "--data", str(data), "--out", str(out), "--clients", "2", *TINY, *extra])
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +103,12 @@ def test_simulate_writes_every_output(resumed_run: dict) -> None:
     assert list(recs.columns) == ["user_id", "rank", "item_id"]
     assert len(recs) == TOP_K * len(split.test_users)
     assert set(recs["user_id"]) == set(split.user_ids[split.test_users])
-    assert (recs.groupby("user_id")["rank"].apply(sorted).map(tuple)
-            == tuple(range(1, TOP_K + 1))).all()
+    assert (
+        recs.groupby("user_id")["rank"].apply(sorted).map(tuple) == tuple(range(1, TOP_K + 1))
+    ).all()
     assert metrics_from_recs(out / "recs.csv", split, item_ids) == {
-        m: metrics["test"][m] for m in METRICS}
+        m: metrics["test"][m] for m in METRICS
+    }
 
     model_dir = out / "model"
     for name in ("model.safetensors", "config.json", "README.md"):
@@ -94,8 +124,9 @@ def test_simulate_writes_every_output(resumed_run: dict) -> None:
         return model.scores(model.user_states(histories))
 
     again, _ = evaluate(score, split, "test")
-    assert {m: again[m] for m in METRICS} == pytest.approx({m: metrics["test"][m]
-                                                            for m in METRICS}, abs=1e-9)
+    assert {m: again[m] for m in METRICS} == pytest.approx(
+        {m: metrics["test"][m] for m in METRICS}, abs=1e-9
+    )
 
     assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Checkpoint(out / "checkpoint.safetensors").load()[2]["round"] == 2
@@ -125,8 +156,22 @@ def test_a_changed_config_is_refused_in_the_same_out(resumed_run: dict, capsys) 
     before = {name: (out / name).read_bytes() for name in ("ledger.jsonl", "metrics.json")}
     capsys.readouterr()
     try:
-        code = main(["simulate", "--data", str(resumed_run["data"]), "--out", str(out),
-                     "--clients", "2", "--rounds", "2", *TINY, "--set", "lr=0.01"])
+        code = main(
+            [
+                "simulate",
+                "--data",
+                str(resumed_run["data"]),
+                "--out",
+                str(out),
+                "--clients",
+                "2",
+                "--rounds",
+                "2",
+                *TINY,
+                "--set",
+                "lr=0.01",
+            ]
+        )
     except SystemExit as stopped:
         code = stopped.code
     # nothing of the earlier run is touched
@@ -143,8 +188,7 @@ def test_a_changed_config_is_refused_in_the_same_out(resumed_run: dict, capsys) 
 @pytest.fixture(scope="module")
 def private_run(tiny_synth_dataset_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("private") / "run"
-    simulate(tiny_synth_dataset_dir, out, "--rounds", "2", "--dp", "--target-epsilon",
-             str(TARGET))
+    simulate(tiny_synth_dataset_dir, out, "--rounds", "2", "--dp", "--target-epsilon", str(TARGET))
     return out
 
 
@@ -156,7 +200,8 @@ def test_dp_run_ledger_records_every_contribution(private_run: Path) -> None:
     assert nodes == {"regional-0", "regional-1"}
     for server_round in (1, 2):  # one entry per node per round
         assert sorted(e["node"] for e in contributions if e["round"] == server_round) == sorted(
-            nodes)
+            nodes
+        )
     assert len(contributions) == 4
     for entry in contributions:
         missing = [f for f in CONTRIBUTION_FIELDS if entry.get(f) in (None, "")]
@@ -200,16 +245,29 @@ def test_dp_run_states_its_guarantee(private_run: Path) -> None:
     assert main(["audit", str(private_run)]) == 0
 
 
-def test_a_node_whose_budget_is_spent_declines(tiny_synth_dataset_dir: Path,
-                                               tmp_path: Path) -> None:
+def test_a_node_whose_budget_is_spent_declines(
+    tiny_synth_dataset_dir: Path, tmp_path: Path
+) -> None:
     directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
-    config = RunConfig(dp=True, target_epsilon=TARGET, rounds=2, dim=16, layers=1, dp_dim=16,
-                       dp_max_len=10, dp_batch_size=40, device="cpu")
+    config = RunConfig(
+        dp=True,
+        target_epsilon=TARGET,
+        rounds=2,
+        dim=16,
+        layers=1,
+        dp_dim=16,
+        dp_max_len=10,
+        dp_batch_size=40,
+        device="cpu",
+    )
     node = load_node(str(directory), config.text_model)
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
     privacy = NodePrivacy(directory)
-    privacy.state = {"accountant": {"history": [[0.6, 0.5, 40]], "mechanism": "prv"},
-                     "contributions": 7, "noise_multiplier": 0.6}
+    privacy.state = {
+        "accountant": {"history": [[0.6, 0.5, 40]], "mechanism": "prv"},
+        "contributions": 7,
+        "noise_multiplier": 0.6,
+    }
     privacy.save()
     saved = privacy.path.read_bytes()
 

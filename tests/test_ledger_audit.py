@@ -34,14 +34,26 @@ def prv_epsilon(history: list[tuple[float, float, int]], delta: float = DELTA) -
         return accountant.get_epsilon(delta)
 
 
-def write_run(out: Path, nodes=("0", "1", "2"), rounds: int = 3, target: float = 8.0,
-              partition: str = "regional", scale: dict | None = None,
-              dp: bool = True) -> Path:
+def write_run(
+    out: Path,
+    nodes=("0", "1", "2"),
+    rounds: int = 3,
+    target: float = 8.0,
+    partition: str = "regional",
+    scale: dict | None = None,
+    dp: bool = True,
+) -> Path:
     """An honest federated run's ledger: every node contributes each round, epsilon from PRV;
     ``scale[node]`` multiplies that node's reported epsilon (a dishonest ledger)."""
     ledger = PrivacyLedger(out / "ledger.jsonl")
-    config = {"target_epsilon": target, "delta": DELTA, "num_nodes": len(nodes),
-              "rounds": rounds, "partition": partition, "dp": dp}
+    config = {
+        "target_epsilon": target,
+        "delta": DELTA,
+        "num_nodes": len(nodes),
+        "rounds": rounds,
+        "partition": partition,
+        "dp": dp,
+    }
     ledger.append("run_start", config=config, unit="one customer's data at one node")
     history: dict[str, list] = {n: [] for n in nodes}
     for r in range(1, rounds + 1 if dp else 1):
@@ -49,11 +61,21 @@ def write_run(out: Path, nodes=("0", "1", "2"), rounds: int = 3, target: float =
             history[node].append((SIGMA, RATE, STEPS))
             epsilon = prv_epsilon(history[node]) * (scale or {}).get(node, 1.0)
             ledger.append(
-                "contribution", round=r, node=node, contribution_index=r - 1,
-                mechanism="poisson_subsampled_gaussian", noise_multiplier=SIGMA,
-                sample_rate=RATE, steps=STEPS, max_grad_norm=1.0, delta=DELTA,
-                epsilon=epsilon, accountant="prv", unit="one customer's data at one node",
-                target_epsilon=target, num_customers=500,
+                "contribution",
+                round=r,
+                node=node,
+                contribution_index=r - 1,
+                mechanism="poisson_subsampled_gaussian",
+                noise_multiplier=SIGMA,
+                sample_rate=RATE,
+                steps=STEPS,
+                max_grad_norm=1.0,
+                delta=DELTA,
+                epsilon=epsilon,
+                accountant="prv",
+                unit="one customer's data at one node",
+                target_epsilon=target,
+                num_customers=500,
             )
     ledger.append("run_end", rounds_completed=rounds, reason="done")
     return out
@@ -87,7 +109,8 @@ def test_chain_names_an_edited_line(honest):
     entries[4]["hash"] = entry_hash(entries[4])  # a forger who re-hashes the edited line
     assert verify_chain(entries) == [
         "line 6: prev_hash does not match line 5's hash: the line before it was replaced, "
-        "or edited and re-hashed"]
+        "or edited and re-hashed"
+    ]
 
 
 def test_chain_names_a_removed_line(honest):
@@ -100,9 +123,11 @@ def test_chain_names_an_inserted_line(honest):
     forged = dict(honest[4], epsilon=0.01)
     forged["hash"] = entry_hash(forged)
     assert verify_chain(honest[:4] + [forged] + honest[4:]) == [
-        "line 5: inserted (line 6 continues the chain from line 4)"]
+        "line 5: inserted (line 6 continues the chain from line 4)"
+    ]
     assert verify_chain(honest[:8] + [honest[2]] + honest[8:]) == [
-        "line 9: inserted (line 10 continues the chain from line 8)"]
+        "line 9: inserted (line 10 continues the chain from line 8)"
+    ]
 
 
 def test_chain_names_two_swapped_lines(honest):
@@ -130,7 +155,7 @@ def test_resume_refuses_a_broken_chain(tmp_path, honest):
     out = copy_run(honest[:3] + honest[4:], tmp_path)
     with pytest.raises(LedgerError, match="refusing to append.*line 4.*removed"):
         PrivacyLedger(out / "ledger.jsonl")
-    (out / "ledger.jsonl").write_text(json.dumps(honest[0]) + "\n{\"seq\": 1, \n")
+    (out / "ledger.jsonl").write_text(json.dumps(honest[0]) + '\n{"seq": 1, \n')
     with pytest.raises(LedgerError, match="line 2: not valid JSON"):
         PrivacyLedger(out / "ledger.jsonl")
 
@@ -147,11 +172,16 @@ def test_append_refuses_incomplete_entries(tmp_path):
 # --- accounting ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sigma, rate, steps", [(1.0, 0.01, 1000), (0.8, 0.05, 200),
-                                                (2.0, 0.2, 50), (1.0, 0.02, 250)])
+@pytest.mark.parametrize(
+    "sigma, rate, steps", [(1.0, 0.01, 1000), (0.8, 0.05, 200), (2.0, 0.2, 50), (1.0, 0.02, 250)]
+)
 def test_pld_recomputation_agrees_with_opacus_prv(sigma, rate, steps):
-    contribution = {"mechanism": "poisson_subsampled_gaussian", "noise_multiplier": sigma,
-                    "sample_rate": rate, "steps": steps}
+    contribution = {
+        "mechanism": "poisson_subsampled_gaussian",
+        "noise_multiplier": sigma,
+        "sample_rate": rate,
+        "steps": steps,
+    }
     pld = recompute_epsilon([contribution], DELTA)
     prv = prv_epsilon([(sigma, rate, steps)])
     assert abs(prv - pld) / pld < 0.05
@@ -161,8 +191,15 @@ def test_pld_recomputation_agrees_with_opacus_prv(sigma, rate, steps):
 def test_recompute_equals_dp_accounting_pld_accountant():
     from dp_accounting.pld import PLDAccountant
 
-    cs = [{"mechanism": "poisson_subsampled_gaussian", "noise_multiplier": s, "sample_rate": q,
-           "steps": n} for s, q, n in [(1.0, 0.02, 50), (1.2, 0.05, 20), (1.0, 0.02, 50)]]
+    cs = [
+        {
+            "mechanism": "poisson_subsampled_gaussian",
+            "noise_multiplier": s,
+            "sample_rate": q,
+            "steps": n,
+        }
+        for s, q, n in [(1.0, 0.02, 50), (1.2, 0.05, 20), (1.0, 0.02, 50)]
+    ]
     accountant = PLDAccountant(value_discretization_interval=1e-4)
     accountant.compose(contributions_to_dp_event(cs))
     assert recompute_epsilon(cs, DELTA) == pytest.approx(accountant.get_epsilon(DELTA), rel=1e-9)
@@ -218,14 +255,16 @@ def test_audit_flags_tampering_gaps_and_a_large_delta(tmp_path, honest):
     dropped = entries[:5] + entries[6:]  # removes node 1's round-2 contribution
     out = copy_run(dropped, tmp_path / "gap")
     assert main(["audit", str(out)]) == 1
-    failed = {c["name"] for c in json.loads((out / "audit.json").read_text())["checks"]
-              if not c["passed"]}
+    failed = {
+        c["name"] for c in json.loads((out / "audit.json").read_text())["checks"] if not c["passed"]
+    }
     assert failed == {"chain", "contribution_index"}
 
     ledger = PrivacyLedger(tmp_path / "delta" / "ledger.jsonl")
     for e in honest[:-1]:
-        fields = {k: v for k, v in e.items() if k not in ("seq", "kind", "time", "prev_hash",
-                                                            "hash")}
+        fields = {
+            k: v for k, v in e.items() if k not in ("seq", "kind", "time", "prev_hash", "hash")
+        }
         if e["kind"] == "contribution" and e["node"] == "2":
             fields["delta"] = 1e-3
         ledger.append(e["kind"], **fields)
@@ -274,8 +313,9 @@ def randomized_response(seed: int, epsilon: float = 1.0, m: int = 2000):
 def test_bound_never_exceeds_a_true_epsilon_dp_mechanism():
     assert epsilon_lower_bound(*randomized_response(0))["epsilon_lower_bound"] <= 1.0
     # 95% confidence: over 100 runs it may exceed epsilon about 5 times, not more
-    bounds = [epsilon_lower_bound(*randomized_response(s))["epsilon_lower_bound"]
-              for s in range(100)]
+    bounds = [
+        epsilon_lower_bound(*randomized_response(s))["epsilon_lower_bound"] for s in range(100)
+    ]
     assert sum(b > 1.0 for b in bounds) <= 10 and np.median(bounds) > 0.5
 
 
@@ -314,10 +354,19 @@ def test_node_level_epsilon_claiming_amplification_is_flagged(tmp_path, honest):
         ledger = PrivacyLedger(out / "ledger.jsonl")
         ledger.append("run_start", config={"dp": False, "delta": DELTA}, unit="u")
         for r in range(1, 4):
-            ledger.append("node_level", round=r, mechanism="gaussian", noise_multiplier=2.0,
-                          sample_rate=0.5, steps=1, clipping_norm=1.0, delta=DELTA,
-                          epsilon=epsilon_of(r), accountant="rdp",
-                          unit="one node's participation")
+            ledger.append(
+                "node_level",
+                round=r,
+                mechanism="gaussian",
+                noise_multiplier=2.0,
+                sample_rate=0.5,
+                steps=1,
+                clipping_norm=1.0,
+                delta=DELTA,
+                epsilon=epsilon_of(r),
+                accountant="rdp",
+                unit="one node's participation",
+            )
         return out
 
     def rdp(r: int) -> float:  # no amplification: what fixed-size node sampling allows

@@ -24,7 +24,12 @@ from shared.metrics import (
 
 def test_metrics_of_single_ranks() -> None:
     assert metrics_from_ranks(np.array([1])) == {
-        "hr@10": 1.0, "ndcg@10": 1.0, "hr@20": 1.0, "ndcg@20": 1.0, "mrr@20": 1.0}
+        "hr@10": 1.0,
+        "ndcg@10": 1.0,
+        "hr@20": 1.0,
+        "ndcg@20": 1.0,
+        "mrr@20": 1.0,
+    }
     three = metrics_from_ranks(np.array([3]))
     assert three["ndcg@10"] == pytest.approx(1 / math.log2(4)) == pytest.approx(0.5)
     assert three["mrr@20"] == pytest.approx(1 / 3)
@@ -112,8 +117,9 @@ def synth_split(synth_dataset_dir: Path) -> tuple[Split, np.ndarray]:
 def test_recs_csv_reproduces_the_metrics(synth_split, tmp_path: Path) -> None:
     split, item_ids = synth_split
     generator = torch.Generator().manual_seed(0)
-    popular = torch.from_numpy(np.bincount(np.concatenate(split.train), minlength=split.num_items)
-                               ).float()
+    popular = torch.from_numpy(
+        np.bincount(np.concatenate(split.train), minlength=split.num_items)
+    ).float()
 
     def score(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
         # popularity plus noise: some hits at every rank, some misses
@@ -129,16 +135,20 @@ def test_recs_csv_reproduces_the_metrics(synth_split, tmp_path: Path) -> None:
     recs = pd.read_csv(tmp_path / "recs.csv", dtype={"user_id": str, "item_id": str})
     assert list(recs.columns) == ["user_id", "rank", "item_id"]
     assert len(recs) == TOP_K * len(split.test_users)
-    assert all(ranks == list(range(1, TOP_K + 1))
-               for ranks in recs.groupby("user_id")["rank"].apply(list))
+    assert all(
+        ranks == list(range(1, TOP_K + 1)) for ranks in recs.groupby("user_id")["rank"].apply(list)
+    )
     assert set(recs["user_id"]) == set(split.user_ids[split.test_users])
     recomputed = metrics_from_recs(tmp_path / "recs.csv", split, item_ids)
     assert recomputed == {k: metrics[k] for k in METRICS}  # exactly, not approximately
     # and no history item is ever recommended
-    history_of = {split.user_ids[u]: set(item_ids[split.history(u, "test")])
-                  for u in split.test_users}
-    assert not any(item in history_of[user] for user, item in
-                   zip(recs["user_id"], recs["item_id"], strict=True))
+    history_of = {
+        split.user_ids[u]: set(item_ids[split.history(u, "test")]) for u in split.test_users
+    }
+    assert not any(
+        item in history_of[user]
+        for user, item in zip(recs["user_id"], recs["item_id"], strict=True)
+    )
 
 
 def test_recs_metrics_detect_a_changed_recommendation(synth_split, tmp_path: Path) -> None:
@@ -154,8 +164,9 @@ def test_recs_metrics_detect_a_changed_recommendation(synth_split, tmp_path: Pat
 
     metrics, top = evaluate(oracle, split, "test", users=users)
     assert metrics["ndcg@10"] == 1.0
-    write_recs(tmp_path / "recs.csv", split.subset(users), item_ids, top,
-               users=np.arange(len(users)))
+    write_recs(
+        tmp_path / "recs.csv", split.subset(users), item_ids, top, users=np.arange(len(users))
+    )
     assert metrics_from_recs(tmp_path / "recs.csv", split.subset(users), item_ids)["ndcg@10"] == 1
     recs = pd.read_csv(tmp_path / "recs.csv", dtype={"user_id": str, "item_id": str})
     recs.loc[recs["rank"] == 1, "rank"] = 3

@@ -17,8 +17,9 @@ FUSION_MODULES = ("gate", "mix")
 
 def random_text(num_items: int, text_dim: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(num_items, text_dim, generator=generator),
-                                         dim=1)
+    return torch.nn.functional.normalize(
+        torch.randn(num_items, text_dim, generator=generator), dim=1
+    )
 
 
 def random_histories(num_items: int, lengths, seed: int = 0) -> list[np.ndarray]:
@@ -36,21 +37,43 @@ def perturbed(model: FusionRecommender, scale: float = 0.1, seed: int = 0) -> Fu
     return model.eval()
 
 
-def small_model(variant: str = "fusion", fusion: str = "gated", *, num_items: int = 60,
-                text_dim: int = 24, dim: int = 16, max_len: int = 8,
-                recency: float = 0.3) -> FusionRecommender:
+def small_model(
+    variant: str = "fusion",
+    fusion: str = "gated",
+    *,
+    num_items: int = 60,
+    text_dim: int = 24,
+    dim: int = 16,
+    max_len: int = 8,
+    recency: float = 0.3,
+) -> FusionRecommender:
     torch.manual_seed(0)
-    config = ModelConfig(num_items=num_items, text_dim=text_dim, dim=dim, max_len=max_len,
-                         layers=1, heads=2, dropout=0.0, fusion=fusion, variant=variant,
-                         recency=recency)
+    config = ModelConfig(
+        num_items=num_items,
+        text_dim=text_dim,
+        dim=dim,
+        max_len=max_len,
+        layers=1,
+        heads=2,
+        dropout=0.0,
+        fusion=fusion,
+        variant=variant,
+        recency=recency,
+    )
     return FusionRecommender(config, random_text(num_items, text_dim))
 
 
 # --- at initialisation the model is the text baseline ---------------------------------------
 
 
-def baseline_scores(text: np.ndarray, histories: list[np.ndarray], dim: int, recency: float,
-                    max_len: int, scale: float) -> np.ndarray:
+def baseline_scores(
+    text: np.ndarray,
+    histories: list[np.ndarray],
+    dim: int,
+    recency: float,
+    max_len: int,
+    scale: float,
+) -> np.ndarray:
     """The text baseline, computed independently in float64 numpy: project the text onto the
     catalog's top ``dim`` principal directions, take the recency-weighted mean of the last
     ``max_len`` history items (weight (1 - recency)^age, age 0 = the latest) and score every
@@ -76,9 +99,17 @@ def initial_model(synth_item_text: torch.Tensor):
     def get(variant: str, dim: int) -> FusionRecommender:
         if (variant, dim) not in built:
             text = synth_item_text
-            config = ModelConfig(num_items=len(text), text_dim=text.shape[1], dim=dim,
-                                 max_len=10, layers=1, heads=2, dropout=0.3, variant=variant,
-                                 recency=0.3)
+            config = ModelConfig(
+                num_items=len(text),
+                text_dim=text.shape[1],
+                dim=dim,
+                max_len=10,
+                layers=1,
+                heads=2,
+                dropout=0.3,
+                variant=variant,
+                recency=0.3,
+            )
             torch.manual_seed(0)
             built[variant, dim] = FusionRecommender(config, text).eval()
         return built[variant, dim]
@@ -87,8 +118,9 @@ def initial_model(synth_item_text: torch.Tensor):
 
 
 @pytest.mark.parametrize(("variant", "dim"), [("fusion", 32), ("text", 384)])
-def test_initial_model_ranks_like_the_text_baseline(synth_item_text: torch.Tensor, initial_model,
-                                                    variant: str, dim: int) -> None:
+def test_initial_model_ranks_like_the_text_baseline(
+    synth_item_text: torch.Tensor, initial_model, variant: str, dim: int
+) -> None:
     text = synth_item_text
     model = initial_model(variant, dim)
     # lengths beyond max_len too: only the last max_len items count
@@ -99,9 +131,12 @@ def test_initial_model_ranks_like_the_text_baseline(synth_item_text: torch.Tenso
     # equal up to a constant per customer (which no ranking can see): with fewer items than
     # ``dim`` the model pads its projection with extra directions that only the catalog's mean
     # text reaches, adding the same amount to every item's score
-    np.testing.assert_allclose(scores - scores.mean(1, keepdims=True),
-                               expected - expected.mean(1, keepdims=True),
-                               rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        scores - scores.mean(1, keepdims=True),
+        expected - expected.mean(1, keepdims=True),
+        rtol=1e-4,
+        atol=1e-4 * np.abs(expected).max(),
+    )
     k = 10
     agree = 0
     for got, want in zip(scores, expected, strict=True):
@@ -114,7 +149,8 @@ def test_initial_model_ranks_like_the_text_baseline(synth_item_text: torch.Tenso
 
 
 def test_initial_scores_are_cosine_when_the_projection_keeps_every_dimension(
-        synth_item_text: torch.Tensor, initial_model) -> None:
+    synth_item_text: torch.Tensor, initial_model
+) -> None:
     """dim = text_dim: the projection keeps every direction the catalog spans, so a one-item
     history scores every item by logit_scale * cosine with that item (texts are unit vectors)."""
     text = synth_item_text
@@ -123,18 +159,28 @@ def test_initial_scores_are_cosine_when_the_projection_keeps_every_dimension(
         scores = model.scores(model.user_states([np.array([7]), np.array([123])]))
     cosine = model.config.logit_scale * text[[7, 123]] @ text.T
     # up to a constant per customer (see the test above)
-    torch.testing.assert_close(scores - scores.mean(1, keepdim=True),
-                               cosine - cosine.mean(1, keepdim=True), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        scores - scores.mean(1, keepdim=True),
+        cosine - cosine.mean(1, keepdim=True),
+        rtol=1e-4,
+        atol=1e-3,
+    )
     assert scores[0].argmax() == 7 and scores[1].argmax() == 123
 
 
 # --- the fused fast path equals the module path ---------------------------------------------
 
 
-@pytest.mark.parametrize(("variant", "fusion"), [
-    ("fusion", "gated"), ("fusion", "sum"), ("fusion", "concat"), ("text", "gated"),
-    ("id", "gated"),
-])
+@pytest.mark.parametrize(
+    ("variant", "fusion"),
+    [
+        ("fusion", "gated"),
+        ("fusion", "sum"),
+        ("fusion", "concat"),
+        ("text", "gated"),
+        ("id", "gated"),
+    ],
+)
 def test_scores_of_states_equal_forward(variant: str, fusion: str) -> None:
     model = perturbed(small_model(variant, fusion))
     histories = random_histories(60, [1, 3, 4, 8, 12], seed=2)
@@ -182,8 +228,7 @@ def test_id_ablation_has_no_text_modules() -> None:
         assert model(pad_histories([np.array([1, 2])], 8)).shape == (1, 8, 60)
 
 
-@pytest.mark.parametrize(("fusion", "extra"), [("gated", "gate"), ("concat", "mix"),
-                                               ("sum", None)])
+@pytest.mark.parametrize(("fusion", "extra"), [("gated", "gate"), ("concat", "mix"), ("sum", None)])
 def test_fusion_modules(fusion: str, extra: str | None) -> None:
     names = module_names(small_model("fusion", fusion))
     assert set(TEXT_MODULES + ID_MODULES) <= names
@@ -204,9 +249,11 @@ def test_bad_variant_and_fusion_are_refused() -> None:
 
 def item_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The item tables of a state dict, one row per item (id_in without its padding row)."""
-    return {"id_in.weight": state["id_in.weight"][1:],
-            "id_scores.weight": state["id_scores.weight"],
-            "id_scores.bias": state["id_scores.bias"]}
+    return {
+        "id_in.weight": state["id_in.weight"][1:],
+        "id_scores.weight": state["id_scores.weight"],
+        "id_scores.bias": state["id_scores.bias"],
+    }
 
 
 def test_fill_cold_items_fills_exactly_the_untrained_rows() -> None:
@@ -240,8 +287,9 @@ def test_fill_cold_items_fills_exactly_the_untrained_rows() -> None:
             assert torch.equal(after[name], value), name
 
     # a cold item whose text equals a trained item's gets (nearly) that item's vectors
-    filled = torch.cat([rows["id_in.weight"], rows["id_scores.weight"],
-                        rows["id_scores.bias"][:, None]], dim=1)
+    filled = torch.cat(
+        [rows["id_in.weight"], rows["id_scores.weight"], rows["id_scores.bias"][:, None]], dim=1
+    )
     twins, originals = filled[100:110], filled[:10]
     cosine = torch.nn.functional.cosine_similarity(twins, originals, dim=1)
     assert cosine.min() > 0.95, cosine
@@ -292,8 +340,9 @@ def test_user_states_do_not_depend_on_the_batch(variant: str) -> None:
             if width > model.config.max_len:
                 continue
             items = pad_histories([history], width)
-            torch.testing.assert_close(model.encode(items)[0, -1].detach(), state,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                model.encode(items)[0, -1].detach(), state, rtol=1e-5, atol=1e-5
+            )
 
 
 def test_padding_and_left_trim_do_not_change_a_state() -> None:

@@ -22,8 +22,9 @@ def dataset(synth_dataset_dir: Path) -> Dataset:
 
 
 def events(frame: pd.DataFrame) -> Counter:
-    return Counter(zip(frame["user_id"], frame["item_id"], frame["timestamp"], frame["event"],
-                       strict=True))
+    return Counter(
+        zip(frame["user_id"], frame["item_id"], frame["timestamp"], frame["event"], strict=True)
+    )
 
 
 def load_nodes(directories: list[Path]) -> list[Dataset]:
@@ -48,11 +49,10 @@ def category_mix(node: Dataset) -> pd.Series:
 def largest_mix_difference(nodes: list[Dataset]) -> float:
     """The largest total-variation distance between two nodes' department mixes."""
     mixes = pd.concat([category_mix(n) for n in nodes], axis=1).fillna(0.0).to_numpy().T
-    return max(0.5 * np.abs(a - b).sum() for i, a in enumerate(mixes) for b in mixes[i + 1:])
+    return max(0.5 * np.abs(a - b).sum() for i, a in enumerate(mixes) for b in mixes[i + 1 :])
 
 
-def test_regional_iid_covers_every_customer_exactly_once(dataset: Dataset,
-                                                         tmp_path: Path) -> None:
+def test_regional_iid_covers_every_customer_exactly_once(dataset: Dataset, tmp_path: Path) -> None:
     directories = write_partitions(dataset, tmp_path, NODES, "regional", 0.0, seed=0)
     assert directories == [tmp_path / f"node-{k}" for k in range(NODES)]
     nodes = load_nodes(directories)
@@ -84,8 +84,9 @@ def test_regional_partition_is_deterministic(dataset: Dataset, tmp_path: Path) -
 
 def test_dirichlet_skew_makes_node_mixes_differ(dataset: Dataset, tmp_path: Path) -> None:
     iid = load_nodes(write_partitions(dataset, tmp_path / "iid", NODES, "regional", 0.0, seed=0))
-    skewed = load_nodes(write_partitions(dataset, tmp_path / "skew", NODES, "regional", 0.1,
-                                         seed=0))
+    skewed = load_nodes(
+        write_partitions(dataset, tmp_path / "skew", NODES, "regional", 0.1, seed=0)
+    )
     check_complete(dataset, skewed)
     customers = [set(n.interactions["user_id"]) for n in skewed]
     assert sum(len(c) for c in customers) == len(set().union(*customers)) == dataset.num_users
@@ -107,8 +108,11 @@ def test_merchant_nodes_hold_only_their_own_products(dataset: Dataset, tmp_path:
         assert node_name(directories[k]) == f"merchant-{k}"
         # a merchant is never split: its items are all at one node
         merchants = set(dataset.items["merchant_id"].to_numpy()[catalog])
-        others = set(dataset.items["merchant_id"].to_numpy()[np.setdiff1d(
-            np.arange(dataset.num_items), catalog)])
+        others = set(
+            dataset.items["merchant_id"].to_numpy()[
+                np.setdiff1d(np.arange(dataset.num_items), catalog)
+            ]
+        )
         assert not merchants & others
     # every event on an item lands at the node whose catalog has the item
     owner = np.empty(dataset.num_items, dtype=int)
@@ -118,8 +122,9 @@ def test_merchant_nodes_hold_only_their_own_products(dataset: Dataset, tmp_path:
     assert per_node.tolist() == [len(n.interactions) for n in nodes]
 
 
-def test_merchant_partition_without_merchant_ids_uses_categories(dataset: Dataset,
-                                                                 tmp_path: Path) -> None:
+def test_merchant_partition_without_merchant_ids_uses_categories(
+    dataset: Dataset, tmp_path: Path
+) -> None:
     items = dataset.items.drop(columns=["merchant_id"])
     stripped = Dataset(dataset.interactions, items, dataset.report)
     directories = write_partitions(stripped, tmp_path, 2, "merchant")

@@ -16,8 +16,17 @@ from shared.training import CustomerLoss, select_trainable, training_tensors, tr
 def tiny_model(fusion: str, variant: str = "fusion") -> FusionRecommender:
     torch.manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(40, 16), dim=1)
-    config = ModelConfig(num_items=40, text_dim=16, dim=8, max_len=6, layers=1, heads=2,
-                         dropout=0.0, fusion=fusion, variant=variant)
+    config = ModelConfig(
+        num_items=40,
+        text_dim=16,
+        dim=8,
+        max_len=6,
+        layers=1,
+        heads=2,
+        dropout=0.0,
+        fusion=fusion,
+        variant=variant,
+    )
     model = FusionRecommender(config, text)
     with torch.no_grad():  # move off the zero initialisation so every path carries gradient
         for parameter in model.parameters():
