@@ -22,6 +22,7 @@ class TextToId:
 
     def __init__(self, model: FusionRecommender, ridge: float = 1.0, sample: int = 50_000):
         self.dim = model.config.dim
+        self.boost = model.config.new_item_boost
         self.solution: torch.Tensor | None = None
         if not model.config.use_id:
             return
@@ -29,8 +30,14 @@ class TextToId:
         if len(rows) > sample:  # 385 unknowns need nowhere near a million equations
             rows = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:sample]
         with torch.no_grad():
-            targets = torch.cat([model.id_in.weight[rows + 1], model.id_scores.weight[rows],
-                                 model.id_scores.bias[rows, None]], dim=1).double()
+            targets = torch.cat(
+                [
+                    model.id_in.weight[rows + 1],
+                    model.id_scores.weight[rows],
+                    model.id_scores.bias[rows, None],
+                ],
+                dim=1,
+            ).double()
             known = targets.abs().sum(1) > 0  # all-zero: never trained
             design = self._design(model.text[rows[known]])
             gram = design.T @ design + ridge * torch.eye(design.shape[1], dtype=design.dtype)
@@ -44,12 +51,15 @@ class TextToId:
         """Predicted ``(n, 2 * dim + 1)`` ID parameters for text embeddings ``(n, text_dim)``."""
         if self.solution is None:
             return torch.zeros(len(text), 2 * self.dim + 1)
-        return (self._design(text) @ self.solution).float()
+        predicted = (self._design(text) @ self.solution).float()
+        predicted[:, -1] += self.boost
+        return predicted
 
 
 @torch.no_grad()
-def set_items(model: FusionRecommender, rows: np.ndarray, text: torch.Tensor,
-              ids: torch.Tensor | None) -> None:
+def set_items(
+    model: FusionRecommender, rows: np.ndarray, text: torch.Tensor, ids: torch.Tensor | None
+) -> None:
     """Write products ``rows`` (existing, or appended as ``num_items``, ``num_items + 1``...).
 
     ``text``: their embeddings; ``ids``: their ID parameters as :class:`TextToId` returns them,
@@ -104,6 +114,9 @@ def table_rows(model: FusionRecommender, rows: np.ndarray) -> np.ndarray:
 def full_table(model: FusionRecommender, chunk: int = 100_000) -> np.ndarray:
     """``[item_table | bias]`` (num_items, dim + 1): the vectors a customer state scores against
     (in chunks: a million products never need more than one extra chunk of memory)."""
-    return np.concatenate([table_rows(model, np.arange(start, min(start + chunk,
-                                                                   model.config.num_items)))
-                           for start in range(0, model.config.num_items, chunk)])
+    return np.concatenate(
+        [
+            table_rows(model, np.arange(start, min(start + chunk, model.config.num_items)))
+            for start in range(0, model.config.num_items, chunk)
+        ]
+    )

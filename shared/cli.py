@@ -17,6 +17,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("data", "synth"), "simulations.synth", "write a synthetic marketplace dataset"),
     (("data", "validate"), "shared.validate", "check a dataset directory and summarise it"),
     (("data", "convert"), "shared.convert", "convert Amazon or MovieLens raw files"),
+    (("data", "sample"), "simulations.sample", "a random sample of a dataset's customers"),
     (("train",), "simulations.centralized", "centralized training: the reference run"),
     (("simulate",), "simulations.simulate", "a federated run on Flower's simulation engine"),
     (

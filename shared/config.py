@@ -33,6 +33,7 @@ class RunConfig:
     variant: str = ModelConfig.variant
     recency: float = ModelConfig.recency
     logit_scale: float = ModelConfig.logit_scale
+    new_item_boost: float = ModelConfig.new_item_boost
     # training
     epochs: int = 10
     batch_size: int = 128

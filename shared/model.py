@@ -49,6 +49,7 @@ class ModelConfig:
     variant: str = "fusion"  # "text" or "id" for the ablations
     recency: float = 0.7  # decay of the recency-weighted mean: weight (1 - recency)^age
     logit_scale: float = 20.0  # inverse temperature of the text (cosine-like) score
+    new_item_boost: float = 0.0  # logit added to products without behaviour (docs/evaluation.md)
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -267,7 +268,8 @@ def fill_cold_items(model: FusionRecommender, trained: torch.Tensor, ridge: floa
 
     A ridge regression from text embedding to (history ID vector, candidate ID vector, bias),
     fitted on the trained items, is applied to the untrained ones, so a new product competes
-    with established ones on what its text says about the ID space. Returns how many were filled.
+    with established ones on what its text says about the ID space; their bias then gets
+    ``config.new_item_boost``. Returns how many were filled.
     """
     if not (model.config.use_id and model.config.use_text) or trained.all() or not trained.any():
         return 0
@@ -285,5 +287,5 @@ def fill_cold_items(model: FusionRecommender, trained: torch.Tensor, ridge: floa
     dim = model.config.dim
     model.id_in.weight[1:][~trained] = predicted[:, :dim]
     model.id_scores.weight[~trained] = predicted[:, dim : 2 * dim]
-    model.id_scores.bias[~trained] = predicted[:, -1]
+    model.id_scores.bias[~trained] = predicted[:, -1] + model.config.new_item_boost
     return int((~trained).sum())

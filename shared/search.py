@@ -29,8 +29,9 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from shared.data import DataError, find_table, load_items
 from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE, VectorIndex, top_k
 from shared.lexical import Lexical
 from shared.model import FusionRecommender
-from shared.text import TextEncoder, embed_items, item_texts
+from shared.text import OnnxTextEncoder, embed_items, item_texts
 
 PRODUCT_FIELDS = ("item_id", "title", "categories", "brand", "description")
 QUERY_CACHE = 4096  # query embeddings kept, most recently used (1.5 kB each for MiniLM)
@@ -115,9 +116,16 @@ def unit(vectors: np.ndarray) -> np.ndarray:
 class SearchEngine:
     """Recommendation and personalised search over a catalog that can change while serving."""
 
-    def __init__(self, model: FusionRecommender, items: pd.DataFrame, encode: Encode,
-                 weights: FusionWeights | None = None, ann_threshold: int = ANN_THRESHOLD,
-                 nprobe: int = NPROBE, text_nprobe: int = TEXT_NPROBE):
+    def __init__(
+        self,
+        model: FusionRecommender,
+        items: pd.DataFrame,
+        encode: Encode,
+        weights: FusionWeights | None = None,
+        ann_threshold: int = ANN_THRESHOLD,
+        nprobe: int = NPROBE,
+        text_nprobe: int = TEXT_NPROBE,
+    ):
         if len(items) != model.config.num_items:
             raise ValueError(f"{len(items)} products for a model of {model.config.num_items}")
         self.model = model.cpu().eval()
@@ -126,6 +134,8 @@ class SearchEngine:
         self.row_of = {item_id: row for row, item_id in enumerate(self.fields["item_id"])}
         self.encode = encode
         self.query_vector = lru_cache(maxsize=QUERY_CACHE)(self._query_vector)
+        # a query is encoded on its own thread while lexical and preference scoring run
+        self.query_encoder = ThreadPoolExecutor(1, thread_name_prefix="fedrec-query-encoder")
         self.weights = weights or FusionWeights()
         # ANN lists probed: customer states need more than query embeddings for the same
         # recall@10 (0.98 and 0.97 at the defaults, 1M products; docs/serving.md)
@@ -176,8 +186,9 @@ class SearchEngine:
             predicted = np.append(self.predicted, np.ones(sum(created), dtype=bool))[rows]
             learned = ~predicted
             set_items(self.model, rows[learned], text[learned], None)
-            set_items(self.model, rows[predicted], text[predicted],
-                      self.text_to_id(text[predicted]))
+            set_items(
+                self.model, rows[predicted], text[predicted], self.text_to_id(text[predicted])
+            )
             self.text_index.set_rows(rows, text.numpy())
             self.model.text = torch.from_numpy(self.text_index.vectors)
             self.preference_index.set_rows(rows, table_rows(self.model, rows))
@@ -204,8 +215,10 @@ class SearchEngine:
             state = self.states([history])[0]
             rows, scores = self.preference_index.search(state, k, exclude=history)
             because = self.because(history, rows)
-            return [Hit(int(r), float(s), self._recommend_reason(b), b)
-                    for r, s, b in zip(rows, scores, because, strict=True)]
+            return [
+                Hit(int(r), float(s), self._recommend_reason(b), b)
+                for r, s, b in zip(rows, scores, because, strict=True)
+            ]
 
     def _query_vector(self, query: str) -> np.ndarray:
         """The text tower's embedding of ``query`` (read-only: the cache shares it)."""
@@ -213,24 +226,38 @@ class SearchEngine:
         vector.flags.writeable = False
         return vector
 
-    def candidates(self, query: str, query_vector: np.ndarray, history: np.ndarray,
-                   state: np.ndarray | None) -> Pool:
-        """The pool for a query: top ``pool`` by each signal, history excluded, all signals."""
+    def candidates(
+        self,
+        query: str,
+        query_vector: np.ndarray | Future[np.ndarray],
+        history: np.ndarray,
+        state: np.ndarray | None,
+    ) -> Pool:
+        """The pool for a query: top ``pool`` by each signal, history excluded, all signals.
+
+        ``query_vector`` may still be on its way (a future): it is awaited only once the
+        lexical and preference candidates are found.
+        """
         pool = self.weights.pool
         lexical = self.lexical.scores(query)
-        found = [self.lexical.top(lexical, pool, history),
-                 self.text_index.search(query_vector, pool, history)[0]]
+        found = [self.lexical.top(lexical, pool, history)]
         if state is not None:
             found.append(self.preference_index.search(state, pool, history)[0])
+        if isinstance(query_vector, Future):
+            query_vector = query_vector.result()
+        found.append(self.text_index.search(query_vector, pool, history)[0])
         rows = np.unique(np.concatenate(found))
-        preference = (self.preference_index.vectors[rows] @ state if state is not None
-                      else np.zeros(len(rows), np.float32))
+        preference = (
+            self.preference_index.vectors[rows] @ state
+            if state is not None
+            else np.zeros(len(rows), np.float32)
+        )
         dense = self.text_index.vectors[rows] @ query_vector
         return Pool(rows, np.stack([lexical[rows], dense, preference]))
 
     def search(self, query: str, history: np.ndarray, k: int) -> list[Hit]:
         """The ``k`` best products for a free-text query, personalised by ``history``."""
-        query_vector = self.query_vector(query)
+        query_vector = self.query_encoder.submit(self.query_vector, query)
         with self.lock:
             personal = len(history) > 0
             state = self.states([history])[0] if personal else None
@@ -275,12 +302,14 @@ class SearchEngine:
         return reason
 
 
-def load_engine(model_dir: Path, data_dir: Path, encode: Encode | None = None,
-                **options) -> SearchEngine:
+def load_engine(
+    model_dir: Path, data_dir: Path, encode: Encode | None = None, **options
+) -> SearchEngine:
     """The engine for a run's ``model/`` and the dataset's product table.
 
     Products of the dataset the model has never seen are added from their text. ``encode``
-    defaults to the model's own text tower (catalog embeddings come from the shared cache).
+    defaults to the model's own text tower run by ONNX Runtime (catalog embeddings come from
+    the shared cache).
     Fusion weights come from ``model_dir/search.json`` when present.
     """
     model_dir, data_dir = Path(model_dir), Path(data_dir)
@@ -289,13 +318,16 @@ def load_engine(model_dir: Path, data_dir: Path, encode: Encode | None = None,
     item_ids = read_item_ids(model_dir)
     missing = [i for i in item_ids if i not in items.index]
     if missing:
-        raise DataError(items_path, f"{len(missing)} product(s) of the model are not in this "
-                                    f"table, e.g. {missing[:5]}: is it the model's dataset?")
+        raise DataError(
+            items_path,
+            f"{len(missing)} product(s) of the model are not in this "
+            f"table, e.g. {missing[:5]}: is it the model's dataset?",
+        )
     catalog = items.loc[item_ids].reset_index(drop=True)
     if encode is None:
         text_model = read_text_model(model_dir)
         text = embed_items(catalog, text_model, show_progress=False)
-        encode = partial(TextEncoder(text_model).encode, show_progress=False)
+        encode = OnnxTextEncoder(text_model).encode
     else:
         text = encode(item_texts(catalog))
     model = load_model(model_dir, torch.from_numpy(np.asarray(text, dtype=np.float32)))

@@ -74,8 +74,15 @@ def build_engine(args: argparse.Namespace) -> tuple[SearchEngine, str]:
     return engine, "untrained text baseline (Experiment.new_model)"
 
 
-def make_pools(engine: SearchEngine, split: Split, rows_of: np.ndarray, users: np.ndarray,
-               stage: str, queries: list[str], quiet: bool) -> tuple[list[Pool], np.ndarray]:
+def make_pools(
+    engine: SearchEngine,
+    split: Split,
+    rows_of: np.ndarray,
+    users: np.ndarray,
+    stage: str,
+    queries: list[str],
+    quiet: bool,
+) -> tuple[list[Pool], np.ndarray]:
     """Each query's candidate pool and the target's position in it (-1: not in the pool)."""
     histories = [rows_of[split.history(u, stage)] for u in users]
     targets = rows_of[split.target(stage)[users]]
@@ -111,17 +118,34 @@ def summary(rank: np.ndarray) -> dict[str, float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset directory")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="a run's model/ directory (default: the untrained text baseline); "
-                             f"the tuned weights are written there as {WEIGHTS_FILE}")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-search.json"),
-                        help="JSON results file (default runs/bench-search.json)")
-    parser.add_argument("--users", type=int, default=1000,
-                        help="customers sampled for validation and for test (default 1000)")
-    parser.add_argument("--title-words", type=int, default=2,
-                        help="title words added in the second query set (default 2)")
-    parser.add_argument("--pool", type=int, default=FusionWeights.pool,
-                        help="candidates per signal (default 200)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a run's model/ directory (default: the untrained text baseline); "
+        f"the tuned weights are written there as {WEIGHTS_FILE}",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench-search.json"),
+        help="JSON results file (default runs/bench-search.json)",
+    )
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=1000,
+        help="customers sampled for validation and for test (default 1000)",
+    )
+    parser.add_argument(
+        "--title-words",
+        type=int,
+        default=2,
+        help="title words added in the second query set (default 2)",
+    )
+    parser.add_argument(
+        "--pool", type=int, default=FusionWeights.pool, help="candidates per signal (default 200)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -134,57 +158,75 @@ def run(args: argparse.Namespace) -> int:
     engine.weights = replace(engine.weights, pool=args.pool)
     rows_of = engine.rows(dataset.items["item_id"].tolist())
     rng = np.random.default_rng(args.seed)
-    users = np.sort(rng.choice(split.test_users, min(args.users, len(split.test_users)),
-                               replace=False))
+    users = np.sort(
+        rng.choice(split.test_users, min(args.users, len(split.test_users)), replace=False)
+    )
     items = dataset.items
     grid = np.array([w for w in itertools.product(GRID, repeat=3) if any(w)])
-    result: dict = {"data": str(args.data), "model": model_name, "users": len(users),
-                    "protocol": __doc__.split("Protocol ", 1)[1].strip(), "examples": {}}
+    result: dict = {
+        "data": str(args.data),
+        "model": model_name,
+        "users": len(users),
+        "protocol": __doc__.split("Protocol ", 1)[1].strip(),
+        "examples": {},
+    }
     scores: dict[str, dict[str, np.ndarray]] = {}
     for stage in ("valid", "test"):
         targets = split.target(stage)[users]
         for name in QUERY_SETS:
-            queries = [category_query(items.at[t, "categories"]) if name == "category" else
-                       title_query(items.at[t, "categories"], items.at[t, "title"],
-                                   args.title_words) for t in targets]
+            queries = [
+                category_query(items.at[t, "categories"])
+                if name == "category"
+                else title_query(items.at[t, "categories"], items.at[t, "title"], args.title_words)
+                for t in targets
+            ]
             result["examples"][name] = queries[:3]
-            pools, positions = make_pools(engine, split, rows_of, users, stage, queries,
-                                          args.quiet)
+            pools, positions = make_pools(engine, split, rows_of, users, stage, queries, args.quiet)
             scores.setdefault(stage, {})[name] = ranks(pools, positions, grid)
             result.setdefault("target_in_pool", {})[f"{stage}/{name}"] = float(
-                (positions >= 0).mean())
+                (positions >= 0).mean()
+            )
     valid = np.mean([[summary(r)["ndcg@10"] for r in scores["valid"][n]] for n in QUERY_SETS], 0)
     personal = int(np.argmax(valid))
     text_only = int(np.flatnonzero(grid[:, 2] == 0)[np.argmax(valid[grid[:, 2] == 0])])
-    chosen = {**{m: grid.tolist().index(list(w)) for m, w in METHODS.items()},
-              "bm25 + dense (tuned)": text_only, "personalised fusion (tuned)": personal}
+    chosen = {
+        **{m: grid.tolist().index(list(w)) for m, w in METHODS.items()},
+        "bm25 + dense (tuned)": text_only,
+        "personalised fusion (tuned)": personal,
+    }
     weights = FusionWeights(*grid[personal].tolist(), pool=args.pool)
     result["weights"] = asdict(weights)
-    result["methods"] = {m: dict(zip(SIGNALS, grid[i].tolist(), strict=True))
-                         for m, i in chosen.items()}
+    result["methods"] = {
+        m: dict(zip(SIGNALS, grid[i].tolist(), strict=True)) for m, i in chosen.items()
+    }
     for stage in ("valid", "test"):
-        result[stage] = {n: {m: summary(scores[stage][n][i]) for m, i in chosen.items()}
-                         for n in QUERY_SETS}
+        result[stage] = {
+            n: {m: summary(scores[stage][n][i]) for m, i in chosen.items()} for n in QUERY_SETS
+        }
     result["timing_s"] = round(time.time() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     if args.model:
         weights.save(args.model / WEIGHTS_FILE)
     print_table(result)
-    print(f"tuned weights {json.dumps(result['weights'])}; results in {args.out}"
-          + (f"; weights saved to {args.model / WEIGHTS_FILE}" if args.model else ""))
+    print(
+        f"tuned weights {json.dumps(result['weights'])}; results in {args.out}"
+        + (f"; weights saved to {args.model / WEIGHTS_FILE}" if args.model else "")
+    )
     return 0
 
 
 def print_table(result: dict) -> None:
-    table = Table(title=f"product search, test split, {result['users']} customers, "
-                        f"model: {result['model']}")
+    table = Table(
+        title=f"product search, test split, {result['users']} customers, model: {result['model']}"
+    )
     table.add_column("method")
     for name in QUERY_SETS:
         table.add_column(f"{name}\nNDCG@10", justify="right")
         table.add_column(f"{name}\nHR@10", justify="right")
     for method in result["methods"]:
-        cells = [f"{result['test'][n][method][m]:.4f}" for n in QUERY_SETS
-                 for m in ("ndcg@10", "hr@10")]
+        cells = [
+            f"{result['test'][n][method][m]:.4f}" for n in QUERY_SETS for m in ("ndcg@10", "hr@10")
+        ]
         table.add_row(method, *cells)
     Console().print(table)

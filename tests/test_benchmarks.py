@@ -136,6 +136,65 @@ def test_bench_quality_cold_items_reports_cold_and_warm_views(synth_dataset_dir,
     assert methods["text"]["test"]["cold"]["ndcg@10"] > 0.05  # text needs no interactions
 
 
+def test_bench_quality_new_item_boosts_trade_warm_for_cold(synth_dataset_dir, tmp_path):
+    out = tmp_path / "boost.json"
+    assert (
+        main(
+            [
+                "bench",
+                "quality",
+                "--data",
+                str(synth_dataset_dir),
+                "--out",
+                str(out),
+                "--cold-items",
+                "0.2",
+                "--variants",
+                "fusion",
+                "--baselines",
+                "",
+                "--new-item-boosts",
+                "8",
+                "--set",
+                "epochs=2",
+                "--set",
+                "dim=16",
+                "--set",
+                "layers=1",
+                "--set",
+                "max_len=10",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    methods = json.loads(out.read_text())["methods"]
+    plain, boosted = methods["model:fusion"], methods["model:fusion boost 8"]
+    assert plain["params"]["new_item_boost"] == 0 and boosted["params"]["new_item_boost"] == 8
+    # a large boost puts the held-out products first: more cold hits, fewer warm ones
+    assert boosted["test"]["cold"]["hr@20"] > plain["test"]["cold"]["hr@20"]
+    assert boosted["test"]["warm"]["hr@20"] < plain["test"]["warm"]["hr@20"]
+
+
+def test_new_item_boosts_need_held_out_items(synth_dataset_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="needs --cold-items"):
+        main(
+            [
+                "bench",
+                "quality",
+                "--data",
+                str(synth_dataset_dir),
+                "--out",
+                str(tmp_path / "x.json"),
+                "--skip-model",
+                "--new-item-boosts",
+                "1",
+                "--quiet",
+            ]
+        )
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_parse_epsilons():
     assert parse_epsilons("1, 2.5,none") == [1.0, 2.5, None]
     with pytest.raises(argparse.ArgumentTypeError, match="positive"):

@@ -530,3 +530,55 @@ def test_validate_bad_data_exits_2_naming_file_and_row(tmp_path: Path, capsys) -
     assert main(["data", "validate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "interactions.csv, row 3" in err and "unparseable timestamp" in err
+
+
+def test_sample_keeps_whole_histories_of_the_chosen_customers(
+    synth_dataset_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from shared.data import find_table, read_table
+
+    original = read_table(find_table(synth_dataset_dir, "interactions"))
+    out = tmp_path / "sample"
+    argv = [
+        "data",
+        "sample",
+        "--data",
+        str(synth_dataset_dir),
+        "--out",
+        str(out),
+        "--customers",
+        "40",
+        "--seed",
+        "3",
+    ]
+    assert main(argv) == 0 and "sampled 40 customers" in capsys.readouterr().out
+    sample = read_table(find_table(out, "interactions"))
+    users = set(sample["user_id"])
+    assert len(users) == 40
+    every_event = original[original["user_id"].isin(users)]
+    pd.testing.assert_frame_equal(sample.reset_index(drop=True), every_event.reset_index(drop=True))
+    items = read_table(find_table(out, "items"))
+    assert set(items["item_id"]) == set(sample["item_id"])
+    assert load_dataset(out).num_users == 40  # a valid dataset of its own
+
+    again = tmp_path / "again"
+    main([*argv[:4], "--out", str(again), *argv[6:]])
+    assert read_table(find_table(again, "interactions")).equals(sample)  # seeded
+
+
+def test_sample_refuses_more_customers_than_there_are(
+    synth_dataset_dir: Path, tmp_path: Path, capsys
+) -> None:
+    argv = [
+        "data",
+        "sample",
+        "--data",
+        str(synth_dataset_dir),
+        "--out",
+        str(tmp_path / "s"),
+        "--customers",
+        "10000000",
+    ]
+    assert main(argv) != 0
+    assert "--customers must be in 1..600" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

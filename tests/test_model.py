@@ -297,6 +297,18 @@ def test_fill_cold_items_fills_exactly_the_untrained_rows() -> None:
     assert torch.equal(nearest, torch.arange(10))
 
 
+def test_new_item_boost_raises_exactly_the_filled_biases() -> None:
+    trained = torch.arange(60) < 45
+    plain, boosted = perturbed(small_model()), perturbed(small_model())
+    boosted.config.new_item_boost = 1.5
+    fill_cold_items(plain, trained)
+    fill_cold_items(boosted, trained)
+    difference = boosted.id_scores.bias - plain.id_scores.bias
+    torch.testing.assert_close(difference[~trained], torch.full((15,), 1.5))
+    assert torch.equal(difference[trained], torch.zeros(45))
+    torch.testing.assert_close(boosted.id_scores.weight, plain.id_scores.weight)
+
+
 def test_fill_cold_items_is_a_no_op_without_cold_items_or_ids() -> None:
     model = perturbed(small_model())
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from server.service import Limits, build_app, create_app
 from shared.artifacts import save_model
-from shared.catalog import full_table
+from shared.catalog import TextToId, full_table
 from shared.index import VectorIndex, recall_at_k, top_k
 from shared.lexical import Lexical, tokenize
 from shared.model import FusionRecommender, ModelConfig
@@ -135,6 +135,28 @@ def test_query_embeddings_are_cached(dirs: tuple[Path, Path]):
     cached = engine.query_vector("gift set")
     np.testing.assert_array_equal(cached, fake_encode(["gift set"])[0])
     assert not cached.flags.writeable  # shared by every request for that query
+
+
+def test_a_pending_query_vector_gives_the_same_pool(dirs: tuple[Path, Path]):
+    engine = load_engine(*dirs, encode=fake_encode)
+    history = engine.rows(["tent1", "lip1"])
+    state = engine.states([history])[0]
+    vector = fake_encode(["camping gift"])[0]
+    pending = engine.query_encoder.submit(engine.query_vector, "camping gift")
+    ready = engine.candidates("camping gift", vector, history, state)
+    overlapped = engine.candidates("camping gift", pending, history, state)
+    np.testing.assert_array_equal(overlapped.rows, ready.rows)
+    np.testing.assert_allclose(overlapped.signals, ready.signals, rtol=1e-6)
+
+
+def test_new_products_get_the_models_new_item_boost(dirs: tuple[Path, Path]):
+    model = load_engine(*dirs, encode=fake_encode).model
+    text = torch.from_numpy(fake_encode(["Trail Camping Stove"]))
+    plain = TextToId(model)(text)
+    model.config.new_item_boost = 2.0
+    boosted = TextToId(model)(text)
+    torch.testing.assert_close(boosted[:, -1], plain[:, -1] + 2.0)
+    torch.testing.assert_close(boosted[:, :-1], plain[:, :-1])
 
 
 def test_search_reason_names_the_supporting_history_product(client: TestClient):
