@@ -45,10 +45,14 @@ class Service:
     log: Path
 
 
+def search_path() -> str:
+    """``PATH`` with this interpreter's environment first, where Flower's executables are."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def binary(name: str) -> str:
     """A Flower executable, from this interpreter's environment first."""
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    found = shutil.which(name, path=path)
+    found = shutil.which(name, path=search_path())
     if found is None:
         raise DeployError(f"{name} not found: install Flower in this environment (flwr>=1.42)")
     return found
@@ -150,6 +154,8 @@ class LocalFederation:
         """The environment of a Flower process whose Flower home is ``home``."""
         return {
             **os.environ,
+            # the SuperLink starts Flower executables of its own by name: find this environment's
+            "PATH": search_path(),
             "FLWR_HOME": str(home),
             # the fedrec environment is already complete, and there may be no internet
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
