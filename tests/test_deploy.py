@@ -70,7 +70,7 @@ def deployed(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory
             "--nodes",
             "3",
             "--rounds",
-            "1",
+            "2",
             "--timeout",
             "300",
             "--quiet",
@@ -83,7 +83,7 @@ def deployed(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory
 
 def test_deploy_local_runs_the_federation_over_tls_with_authenticated_nodes(deployed: Path) -> None:
     metrics = json.loads((deployed / "metrics.json").read_text())
-    assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 3)]
+    assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 3), (2, 3)]
     assert 0 <= metrics["test"]["ndcg@10"] <= 1 and (deployed / "recs.csv").exists()
     assert verify_chain(read_ledger(deployed / "ledger.jsonl")) == []
     link = (deployed / "logs" / "superlink.log").read_text()
