@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import sqlite3
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -138,17 +141,29 @@ def export_onnx(name_or_path: str = DEFAULT_MODEL) -> Path:
     example = encoder.tokenizer(["an example query", "two"], padding=True, return_tensors="pt")
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=encoder.max_length)
     staging = target.with_suffix(f".{os.getpid()}.tmp")
-    torch.onnx.export(
-        _LastHiddenState(encoder.model).eval(),
-        (example["input_ids"], example["attention_mask"]),
-        staging,
-        dynamo=True,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["last_hidden_state"],
-        dynamic_shapes={name: {0: batch, 1: length} for name in ("input_ids", "attention_mask")},
-        external_data=False,
-        verbose=False,
-    )
+    print(f"exporting the text encoder to ONNX, once per checkpoint: {target}", file=sys.stderr)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # the exporter's notes (shape names, torchvision ops
+            warnings.simplefilter("ignore")  # it skips) are not for fedrec's users
+            torch.onnx.export(
+                _LastHiddenState(encoder.model).eval(),
+                (example["input_ids"], example["attention_mask"]),
+                staging,
+                dynamo=True,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["last_hidden_state"],
+                dynamic_shapes={n: {0: batch, 1: length} for n in ("input_ids", "attention_mask")},
+                external_data=False,
+                verbose=False,
+            )
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    finally:
+        exporter_log.setLevel(level)
     staging.replace(target)  # atomic: a concurrent reader never sees half a file
     return target
 
