@@ -142,6 +142,7 @@ def train_private(
     accountant_state: dict | None = None,
     trainable: str = "bias",
     show_progress: bool = False,
+    physical_batches: int = 4,
 ) -> PrivateRound:
     """DP-SGD (plain SGD) with Opacus ghost clipping and Poisson sampling of customers.
 
@@ -149,6 +150,12 @@ def train_private(
     less of the noise lands where there is no signal. The accountant is restored from
     ``accountant_state`` and its new state is returned: one accountant per node for the whole
     federation, never a fresh one per round.
+
+    Each Poisson batch is run as ``physical_batches`` passes over customers of similar history
+    length, each trimmed to its own longest history (:func:`length_buckets`). Opacus sums their
+    clipped per-customer gradients and adds the noise once, at the end of the logical step
+    (``signal_skip_step``, the mechanism of its ``BatchMemoryManager``). The result is the same
+    as one pass, without the scores of padding positions.
     """
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
@@ -176,12 +183,14 @@ def train_private(
         accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
         if not chosen.any():  # nothing released this step; it is still accounted above
             continue
-        x, y = trim(inputs[chosen], targets[chosen])
-        loss = criterion(module(x.to(device)), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.item()) / max(int((y >= 0).sum()), 1) * len(x))
+        parts = length_buckets(inputs[chosen], targets[chosen], physical_batches)
+        for index, (x, y) in enumerate(parts):
+            loss = criterion(module(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)  # keeps the step's clipped sum so far
+            loss.backward()
+            optimizer.signal_skip_step(do_skip=index < len(parts) - 1)  # noise once, at the end
+            optimizer.step()
+            losses.append(float(loss.item()) / max(int((y >= 0).sum()), 1) * len(x))
     module.to_standard_module()
     return PrivateRound(
         steps=epochs * steps,
@@ -192,6 +201,18 @@ def train_private(
         loss=float(np.mean(losses)) if losses else float("nan"),
         accountant_state=accountant.state_dict(),
     )
+
+
+def length_buckets(
+    inputs: torch.Tensor, targets: torch.Tensor, parts: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Split a batch into up to ``parts`` groups of customers of similar history length, each
+    trimmed (:func:`trim`), so short histories are not padded to the longest one."""
+    lengths = (inputs > 0).sum(1)
+    order = torch.argsort(lengths, stable=True)
+    return [
+        trim(inputs[group], targets[group]) for group in order.tensor_split(parts) if len(group)
+    ]
 
 
 DP_TRAINABLE = {  # what learns under DP: parameter names containing one of these

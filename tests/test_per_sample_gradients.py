@@ -10,7 +10,13 @@ import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
 from shared.model import FusionRecommender, ModelConfig
-from shared.training import CustomerLoss, select_trainable, training_tensors, trim
+from shared.training import (
+    CustomerLoss,
+    select_trainable,
+    train_private,
+    training_tensors,
+    trim,
+)
 
 
 def tiny_model(fusion: str, variant: str = "fusion") -> FusionRecommender:
@@ -85,3 +91,49 @@ def test_ghost_norms_match_brute_force_when_part_is_frozen(trainable: str) -> No
     module.to_standard_module()
     assert torch.all(expected > 0)
     torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("physical_batches", [1, 3])
+def test_a_private_step_is_the_mean_clipped_gradient_however_the_batch_is_split(
+    physical_batches: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no noise and every customer sampled, one DP-SGD step moves the weights by exactly
+    -lr x (sum of per-customer gradients, each clipped to C) / batch, computed one customer at a
+    time here, also when the batch runs as several length-sorted passes."""
+
+    class NoiselessAccountant:  # without noise there is no finite epsilon to compute
+        def step(self, **_) -> None: ...
+        def get_epsilon(self, delta: float) -> float:
+            return float("inf")
+
+        def state_dict(self) -> dict:
+            return {}
+
+    monkeypatch.setattr("shared.training.new_accountant", lambda state: NoiselessAccountant())
+    model, (x, y) = tiny_model("gated"), customers()
+    clip, lr = 0.05, 0.5
+    clipped_sum = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(len(x)):  # brute force: each customer's own gradient, clipped
+        model.zero_grad()
+        CustomerLoss("sum")(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        for total, g in zip(clipped_sum, grads, strict=True):
+            total += g * min(1.0, clip / float(norm))
+    before = [p.detach().clone() for p in model.parameters()]
+    train_private(
+        model,
+        x,
+        y,
+        epochs=1,
+        expected_batch=len(x),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        lr=lr,
+        delta=1e-5,
+        device="cpu",
+        trainable="all",
+        physical_batches=physical_batches,
+    )
+    for after, start, total in zip(model.parameters(), before, clipped_sum, strict=True):
+        torch.testing.assert_close(after.detach() - start, -lr * total / len(x))
