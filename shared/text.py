@@ -15,7 +15,7 @@ import os
 import sqlite3
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +96,7 @@ class TextEncoder:
         self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = True
     ) -> np.ndarray:
         """Encode texts (sorted by length for speed; order is restored)."""
-        order = np.argsort([len(t) for t in texts])
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        batches = range(0, len(texts), batch_size)
-        for start in progress_bar(batches, "encoding item text", disable=not show_progress):
-            index = order[start : start + batch_size]
-            out[index] = self.embed([texts[i] for i in index]).float().cpu().numpy()
-        return out
+        return encode_in_batches(self.embed, texts, self.dim, batch_size, show_progress)
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """One batch of embeddings as a tensor (differentiable outside inference mode)."""
@@ -113,10 +107,31 @@ class TextEncoder:
             max_length=self.max_length,
             return_tensors="pt",
         ).to(self.device)
-        hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return mean_pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The sentence embedding: the mean of the tokens' last hidden states, L2-normalised."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def encode_in_batches(
+    embed: Callable[[list[str]], torch.Tensor],
+    texts: Sequence[str],
+    dim: int,
+    batch_size: int,
+    show_progress: bool,
+) -> np.ndarray:
+    """``embed`` over batches of texts of similar length (less padding), in the original order."""
+    order = np.argsort([len(t) for t in texts])
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    batches = range(0, len(texts), batch_size)
+    for start in progress_bar(batches, "encoding item text", disable=not show_progress):
+        index = order[start : start + batch_size]
+        out[index] = embed([texts[i] for i in index]).float().cpu().numpy()
+    return out
 
 
 class _LastHiddenState(torch.nn.Module):
@@ -188,25 +203,26 @@ class OnnxTextEncoder:
         self.session = onnxruntime.InferenceSession(
             str(export_onnx(name_or_path)), options, providers=["CPUExecutionProvider"]
         )
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Mean-pooled, L2-normalised embeddings (n, dim), in the order of ``texts``."""
-        out = []
-        for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="np",
-            )
-            mask = batch["attention_mask"].astype(np.int64)
-            (hidden,) = self.session.run(
-                None, {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": mask}
-            )
-            pooled = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
-            out.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
-        return np.concatenate(out).astype(np.float32)
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False
+    ) -> np.ndarray:
+        """Embeddings (n, dim) of ``texts``, as :meth:`TextEncoder.encode` gives them."""
+        return encode_in_batches(self.embed, texts, self.dim, batch_size, show_progress)
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """One batch of embeddings as a tensor."""
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="np",
+        )
+        inputs = {name: batch[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+        (hidden,) = self.session.run(None, inputs)
+        return mean_pool(torch.from_numpy(hidden), torch.from_numpy(inputs["attention_mask"]))
 
 
 class EmbeddingCache:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY
 
 from shared.cli import main
 from shared.config import RunConfig
@@ -155,15 +156,9 @@ def test_bench_quality_new_item_boosts_trade_warm_for_cold(synth_dataset_dir, tm
                 "",
                 "--new-item-boosts",
                 "8",
+                *TINY,
                 "--set",
                 "epochs=2",
-                "--set",
-                "dim=16",
-                "--set",
-                "layers=1",
-                "--set",
-                "max_len=10",
-                "--quiet",
             ]
         )
         == 0

@@ -10,26 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import TINY
 
 from shared.cli import main
 from shared.data import leave_one_out, load_dataset
 from shared.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
-
-TINY = [
-    "--set",
-    "dim=16",
-    "--set",
-    "layers=1",
-    "--set",
-    "max_len=10",
-    "--set",
-    "dp_dim=16",
-    "--set",
-    "dp_max_len=10",
-    "--device",
-    "cpu",
-    "--quiet",
-]
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +88,9 @@ def test_dp_training_states_its_guarantee(tiny_synth_dataset_dir: Path, tmp_path
                 "--dp",
                 "--target-epsilon",
                 "2",
+                *TINY,
                 "--set",
                 "dp_batch_size=70",
-                *TINY,
             ]
         )
         == 0

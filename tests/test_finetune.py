@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, cli_settings
 from transformers import AutoModel
 
 from shared.artifacts import read_text_model
@@ -75,21 +76,10 @@ def test_train_ships_the_tuned_encoder_with_the_model(
     monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     settings = [
-        "--set",
-        f"text_model={tiny_bert_dir}",
-        "--set",
-        "text_finetune_layers=1",
-        "--set",
-        "text_finetune_steps=3",
-        "--set",
-        "dim=16",
-        "--set",
-        "layers=1",
-        "--set",
-        "max_len=10",
-        "--device",
-        "cpu",
-        "--quiet",
+        *TINY,
+        *cli_settings(
+            {"text_model": tiny_bert_dir, "text_finetune_layers": 1, "text_finetune_steps": 3}
+        ),
     ]
     assert (
         main(
