@@ -100,14 +100,16 @@ class TextEncoder:
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """One batch of embeddings as a tensor (differentiable outside inference mode)."""
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(self.device)
+        batch = tokenize(self.tokenizer, texts, self.max_length, "pt").to(self.device)
         return mean_pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, tensors: str):
+    """Both encoders' one tokenisation: padded to the batch's longest text, cut at
+    ``max_length`` tokens (the same policy is what makes their vectors the same)."""
+    return tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors=tensors
+    )
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -153,7 +155,7 @@ def export_onnx(name_or_path: str = DEFAULT_MODEL) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     encoder = TextEncoder(name_or_path)
-    example = encoder.tokenizer(["an example query", "two"], padding=True, return_tensors="pt")
+    example = tokenize(encoder.tokenizer, ["an example query", "two"], encoder.max_length, "pt")
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=encoder.max_length)
     staging = target.with_suffix(f".{os.getpid()}.tmp")
     print(f"exporting the text encoder to ONNX, once per checkpoint: {target}", file=sys.stderr)
@@ -213,13 +215,7 @@ class OnnxTextEncoder:
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """One batch of embeddings as a tensor."""
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="np",
-        )
+        batch = tokenize(self.tokenizer, texts, self.max_length, "np")
         inputs = {name: batch[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
         (hidden,) = self.session.run(None, inputs)
         return mean_pool(torch.from_numpy(hidden), torch.from_numpy(inputs["attention_mask"]))
