@@ -27,6 +27,7 @@ from shared.training import (
     calibrate_noise,
     new_accountant,
     steps_per_epoch,
+    targets_within,
     train_epoch,
     train_private,
     training_tensors,
@@ -85,16 +86,6 @@ class CatalogView(torch.nn.Module):
         return self.model(items)[..., self.columns]
 
 
-def _local_targets(
-    targets: torch.Tensor, catalog: np.ndarray | None, num_items: int
-) -> torch.Tensor:
-    if catalog is None:
-        return targets
-    position = torch.full((num_items,), -1, dtype=torch.long)
-    position[torch.as_tensor(catalog)] = torch.arange(len(catalog))
-    return torch.where(targets >= 0, position[targets.clamp(min=0)], -1)
-
-
 class NodePrivacy:
     """The node's one accountant for all federations on its data, persisted as JSON."""
 
@@ -130,7 +121,8 @@ def train_node(
     model = build_model(node, config, state)
     histories = [np.asarray(h) for h in node.split.sequences() if len(h) >= 2]
     inputs, targets = training_tensors(histories, model.config.max_len)
-    targets = _local_targets(targets, node.catalog, model.config.num_items)
+    if node.catalog is not None:
+        targets = targets_within(targets, torch.as_tensor(node.catalog), model.config.num_items)
     catalog = node.catalog if node.catalog is not None else np.arange(model.config.num_items)
     report: dict = {"customers": len(inputs), "node": node.name}
     if config.dp:

@@ -35,8 +35,11 @@ class TlsFiles:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by its owner only (created so, never world-readable)."""
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+    """Write a secret readable by its owner only: created so, and an existing file's looser
+    permissions are narrowed before the secret is written into it."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
         handle.write(data)
 
 

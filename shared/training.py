@@ -32,6 +32,13 @@ def training_tensors(
     return inputs, targets
 
 
+def targets_within(targets: torch.Tensor, columns: torch.Tensor, num_items: int) -> torch.Tensor:
+    """``targets`` as positions in ``columns`` (part of the catalog); -1 stays -1."""
+    position = torch.full((num_items,), -1, dtype=torch.long)
+    position[columns] = torch.arange(len(columns))
+    return torch.where(targets >= 0, position[targets.clamp(min=0)], -1)
+
+
 def trim(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the leading columns that are padding for every row of the batch."""
     filled = (inputs > 0).any(0).nonzero()

@@ -15,6 +15,7 @@ from shared.experiment import Experiment
 from shared.training import (
     calibrate_noise,
     steps_per_epoch,
+    targets_within,
     train_epoch,
     train_private,
     training_tensors,
@@ -102,6 +103,11 @@ def _fit(
     config = experiment.config
     model = experiment.new_model()
     inputs, targets = training_tensors(histories, model.config.max_len)
+    columns = None
+    trained = experiment.trained_items(histories)
+    if not trained.all():  # products nobody has touched yet (held out: new) are not negatives
+        columns = trained.nonzero().squeeze(1)
+        targets = targets_within(targets, columns, len(trained))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -116,6 +122,7 @@ def _fit(
             config.batch_size,
             experiment.device,
             show_progress=show_progress,
+            columns=columns,
         )
         record = {"epoch": epoch, "loss": loss, "epoch_s": round(time.time() - epoch_start, 1)}
         history.append(record)

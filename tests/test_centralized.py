@@ -109,3 +109,23 @@ def test_dp_training_states_its_guarantee(tiny_synth_dataset_dir: Path, tmp_path
     assert set(METRICS) <= set(metrics["test"])
     card = (out / "model" / "README.md").read_text()
     assert "WITHOUT differential privacy" not in card and f"{privacy['epsilon']:.3f}" in card
+
+
+def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir: Path) -> None:
+    """Products with no training events did not exist for training: the softmax leaves them
+    out, so their ID rows keep their zero start (the full softmax would push them down)."""
+    from helpers import TINY_SETTINGS
+
+    from shared.config import RunConfig
+    from shared.experiment import Experiment
+    from simulations.centralized import train_centralized
+
+    config = RunConfig(**TINY_SETTINGS, epochs=1, device="cpu")
+    experiment = Experiment.prepare(tiny_synth_dataset_dir, config, 0.2, show_progress=False)
+    model = train_centralized(experiment, show_progress=False)["model"]
+    held_out = torch.as_tensor(experiment.cold_items)
+    assert len(held_out) > 0
+    assert torch.all(model.id_scores.bias[held_out] == 0)
+    assert torch.all(model.id_scores.weight[held_out] == 0)
+    trained = experiment.trained_items(experiment.train_histories(refit=True))
+    assert (model.id_scores.bias[trained] != 0).all()

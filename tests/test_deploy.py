@@ -209,3 +209,17 @@ def test_a_restarted_server_resumes_with_the_ledger_intact(faulted: dict) -> Non
         ]
         assert declined == ([4] if rerun else [])
     assert main(["audit", str(out)]) == 0
+
+
+def test_secrets_are_owner_only_even_over_a_world_readable_file(tmp_path: Path) -> None:
+    from server.credentials import write_node_key, write_tls
+
+    stale = tmp_path / "server.key"
+    stale.write_bytes(b"old")
+    stale.chmod(0o644)
+    files = write_tls(tmp_path)
+    private, public = write_node_key(tmp_path, "node-0")
+    assert files.key.stat().st_mode & 0o777 == 0o600
+    assert files.key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert public.read_bytes().startswith(b"ecdsa-sha2-nistp384 ")
