@@ -1,11 +1,11 @@
 """A live catalog for a trained model: products added or changed after training.
 
-A new product is known only by its text. :class:`TextToId` is the online form of
-:func:`shared.model.fill_cold_items`: the same ridge regression from text embedding to the
-item's ID parameters (history vector, candidate vector, bias), fitted once on the catalog, then
-applied to each new product in microseconds. :func:`set_items` writes a product's text and ID
-parameters into the model, growing its tables in place, so that both the candidate side
-(:func:`table_rows`) and the history side (``model.user_states``) know it at once.
+A new product is known only by its text. :class:`TextToId` is a ridge regression from text
+embedding to the item's ID parameters (history vector, candidate vector, bias), fitted once on
+the products with behaviour, then applied to each new product in microseconds. :func:`set_items`
+writes a product's text and ID parameters into the model, growing its tables in place, so that
+both the candidate side (:func:`table_rows`) and the history side (``model.user_states``) know
+it at once. :func:`fill_cold_items` does both, after training, for every product nobody trained.
 """
 
 from __future__ import annotations
@@ -18,17 +18,28 @@ from shared.model import FusionRecommender
 
 
 class TextToId:
-    """Ridge map text embedding -> (id_in row, id_scores row, bias), fitted on known items."""
+    """Ridge map text embedding -> (id_in row, id_scores row, bias), fitted on known items:
+    those in the ``known`` mask, or else every item whose ID parameters are not all zero."""
 
-    def __init__(self, model: FusionRecommender, ridge: float = 1.0, sample: int = 50_000):
+    def __init__(
+        self,
+        model: FusionRecommender,
+        ridge: float = 1.0,
+        sample: int = 50_000,
+        known: torch.Tensor | None = None,
+    ):
         self.dim = model.config.dim
         self.boost = model.config.new_item_boost
         self.solution: torch.Tensor | None = None
         if not model.config.use_id:
             return
-        rows = torch.arange(model.config.num_items)
+        device = model.text.device
+        rows = torch.arange(model.config.num_items, device=device)
+        if known is not None:
+            rows = rows[known.to(device)]
         if len(rows) > sample:  # 385 unknowns need nowhere near a million equations
-            rows = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:sample]
+            pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:sample]
+            rows = rows[pick.to(device)]
         with torch.no_grad():
             targets = torch.cat(
                 [
@@ -38,22 +49,41 @@ class TextToId:
                 ],
                 dim=1,
             ).double()
-            known = targets.abs().sum(1) > 0  # all-zero: never trained
-            design = self._design(model.text[rows[known]])
-            gram = design.T @ design + ridge * torch.eye(design.shape[1], dtype=design.dtype)
-            self.solution = torch.linalg.solve(gram, design.T @ targets[known])
+            if known is None:
+                trained = targets.abs().sum(1) > 0  # all-zero: never trained
+                rows, targets = rows[trained], targets[trained]
+            design = self._design(model.text[rows])
+            gram = design.T @ design + ridge * torch.eye(
+                design.shape[1], dtype=design.dtype, device=device
+            )
+            self.solution = torch.linalg.solve(gram, design.T @ targets)
 
     @staticmethod
     def _design(text: torch.Tensor) -> torch.Tensor:
-        return torch.cat([text.double(), torch.ones(len(text), 1, dtype=torch.double)], dim=1)
+        ones = torch.ones(len(text), 1, dtype=torch.double, device=text.device)
+        return torch.cat([text.double(), ones], dim=1)
 
     def __call__(self, text: torch.Tensor) -> torch.Tensor:
         """Predicted ``(n, 2 * dim + 1)`` ID parameters for text embeddings ``(n, text_dim)``."""
         if self.solution is None:
-            return torch.zeros(len(text), 2 * self.dim + 1)
-        predicted = (self._design(text) @ self.solution).float()
+            return torch.zeros(len(text), 2 * self.dim + 1, device=text.device)
+        predicted = (self._design(text) @ self.solution.to(text.device)).float()
         predicted[:, -1] += self.boost
         return predicted
+
+
+@torch.no_grad()
+def fill_cold_items(model: FusionRecommender, trained: torch.Tensor) -> int:
+    """Give the items no customer trained ID parameters predicted from their text
+    (:class:`TextToId` fitted on the ``trained`` ones), so a new product competes with
+    established ones on what its text says about the ID space; their bias gets
+    ``config.new_item_boost``. Returns how many were filled."""
+    if not (model.config.use_id and model.config.use_text) or trained.all() or not trained.any():
+        return 0
+    rows = (~trained).nonzero().squeeze(1).to(model.text.device)
+    text = model.text[rows]
+    set_items(model, rows, text, TextToId(model, known=trained)(text))
+    return len(rows)
 
 
 @torch.no_grad()
@@ -65,7 +95,7 @@ def set_items(
     ``text``: their embeddings; ``ids``: their ID parameters as :class:`TextToId` returns them,
     or ``None`` to keep the learned ones (every row must then exist already).
     """
-    rows = torch.as_tensor(rows, dtype=torch.long)
+    rows = torch.as_tensor(rows, dtype=torch.long, device=model.text.device)
     new = int((rows >= model.config.num_items).sum())
     if new:
         grow(model, new)

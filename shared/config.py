@@ -23,7 +23,7 @@ class RunConfig:
     # model (see shared.model.ModelConfig)
     text_model: str = "minilm"
     text_finetune_layers: int = 0  # >0: first fine-tune the encoder's top N layers (train only)
-    text_finetune_steps: int = 500
+    text_finetune_steps: int = 2000
     dim: int = ModelConfig.dim
     max_len: int = ModelConfig.max_len
     layers: int = ModelConfig.layers

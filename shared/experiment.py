@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from shared.artifacts import model_card, save_model, write_json
+from shared.catalog import fill_cold_items
 from shared.config import RunConfig, resolve_device
 from shared.data import Dataset, Split, leave_one_out, load_dataset
 from shared.metrics import evaluate, write_recs
-from shared.model import FusionRecommender, fill_cold_items, init_seed
+from shared.model import FusionRecommender, init_seed
 from shared.text import embed_items
 
 

@@ -7,6 +7,11 @@ customer's training history, a's embedding should be closer to b's than to the o
 of the batch (in-batch negatives, symmetric InfoNCE). The tuned encoder then re-encodes the
 whole catalog once, and the fusion model trains on those embeddings as usual.
 
+The frozen lower layers compute the same thing at every step, so they run once: the batches
+are drawn up front, the lower layers encode each product that occurs in them (a bounded set:
+at most ``steps x 64`` products, however large the catalog), and every step runs only the top
+layers on those stored token states (:class:`FrozenPrefix`).
+
 Centralized runs only (``fedrec train``): in a federation the encoder would have to be trained
 at the nodes and travel, and it is not trained under DP. The tuned checkpoint is cached under
 the fedrec cache directory, keyed by the base model, the training pairs and the settings, so a
@@ -21,6 +26,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from shared.progress import progress_bar
-from shared.text import TextEncoder, cache_dir, item_texts, model_fingerprint, resolve_model_path
+from shared.text import (
+    TextEncoder,
+    cache_dir,
+    item_texts,
+    mean_pool,
+    model_fingerprint,
+    resolve_model_path,
+    tokenize,
+)
 
 BATCH_PAIRS = 32  # consecutive-product pairs per step (64 texts through the encoder)
 LEARNING_RATE = 2e-5
@@ -59,6 +74,74 @@ def contrastive_loss(
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+class _StoredStates(torch.nn.Module):
+    """Stands in for the embedding layer: its input already is the frozen layers' output."""
+
+    def forward(self, inputs_embeds: torch.Tensor, **_) -> torch.Tensor:
+        return inputs_embeds
+
+
+@contextmanager
+def _running_only(model: torch.nn.Module, layers: torch.nn.ModuleList, stored: bool) -> Iterator:
+    """Run ``model`` through ``layers`` only (and, if ``stored``, from given token states
+    instead of its embedding layer); the model is whole again afterwards."""
+    whole, embeddings = model.encoder.layer, model.embeddings
+    model.encoder.layer = layers
+    if stored:
+        model.embeddings = _StoredStates()
+    try:
+        yield
+    finally:
+        model.encoder.layer, model.embeddings = whole, embeddings
+
+
+class FrozenPrefix:
+    """The token states after the encoder's frozen lower layers, computed once per product;
+    :meth:`embed` runs the trainable top ``layers`` on them."""
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        texts: list[str],
+        items: np.ndarray,
+        layers: int,
+        show_progress: bool = False,
+    ):
+        self.encoder = encoder
+        blocks = encoder.model.encoder.layer
+        self.lower, self.top = blocks[: len(blocks) - layers], blocks[len(blocks) - layers :]
+        self.states: dict[int, torch.Tensor] = {}
+        items = np.unique(items)
+        order = items[np.argsort([len(texts[i]) for i in items], kind="stable")]
+        chunks = range(0, len(order), 64)
+        was_training = encoder.model.training
+        encoder.model.eval()
+        with torch.no_grad(), _running_only(encoder.model, self.lower, stored=False):
+            for start in progress_bar(chunks, "frozen layers", disable=not show_progress):
+                chunk = order[start : start + 64]
+                batch = tokenize(
+                    encoder.tokenizer, [texts[i] for i in chunk], encoder.max_length, "pt"
+                ).to(encoder.device)
+                hidden = encoder.model(**batch).last_hidden_state.cpu()
+                for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+                    self.states[int(chunk[row])] = hidden[row, :length].clone()
+        encoder.model.train(was_training)
+
+    def embed(self, items: np.ndarray) -> torch.Tensor:
+        """Embeddings of ``items`` (each stored) through the top layers, as ``TextEncoder.embed``
+        computes them from the text."""
+        states = [self.states[int(i)] for i in items]
+        longest = max(len(state) for state in states)
+        hidden = torch.zeros(len(states), longest, states[0].shape[1])
+        mask = torch.zeros(len(states), longest, dtype=torch.long)
+        for row, state in enumerate(states):
+            hidden[row, : len(state)], mask[row, : len(state)] = state, 1
+        hidden, mask = hidden.to(self.encoder.device), mask.to(self.encoder.device)
+        with _running_only(self.encoder.model, self.top, stored=True):
+            out = self.encoder.model(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+        return mean_pool(out, mask)
+
+
 def finetune_encoder(
     items: pd.DataFrame,
     histories: list[np.ndarray],
@@ -85,6 +168,7 @@ def finetune_encoder(
         BATCH_PAIRS,
         LEARNING_RATE,
         TEMPERATURE,
+        "frozen-prefix",  # lower layers without dropout (FrozenPrefix)
     ):
         key.update(str(part).encode())
     key.update(pairs.tobytes())
@@ -106,13 +190,14 @@ def finetune_encoder(
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
+    started = time.time()
+    batches = [pairs[rng.integers(0, len(pairs), BATCH_PAIRS)] for _ in range(steps)]
+    prefix = FrozenPrefix(encoder, texts, np.concatenate(batches).ravel(), layers, show_progress)
+    prefix_s = time.time() - started
     encoder.model.train()
-    losses, started = [], time.time()
-    for _ in progress_bar(range(steps), "fine-tuning the text encoder", disable=not show_progress):
-        batch = pairs[rng.integers(0, len(pairs), BATCH_PAIRS)]
-        anchors = encoder.embed([texts[i] for i in batch[:, 0]])
-        positives = encoder.embed([texts[i] for i in batch[:, 1]])
-        loss = contrastive_loss(anchors, positives, batch)
+    losses = []
+    for batch in progress_bar(batches, "fine-tuning the text encoder", disable=not show_progress):
+        loss = contrastive_loss(prefix.embed(batch[:, 0]), prefix.embed(batch[:, 1]), batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -129,7 +214,9 @@ def finetune_encoder(
         "steps": steps,
         "pairs": len(pairs),
         "seconds": round(time.time() - started, 1),
-        "seconds_per_step": round((time.time() - started) / max(steps, 1), 3),
+        "frozen_layers_seconds": round(prefix_s, 1),
+        "stored_products": len(prefix.states),
+        "seconds_per_step": round((time.time() - started - prefix_s) / max(steps, 1), 3),
         "loss_first_50": float(np.mean(losses[:50])),
         "loss_last_50": float(np.mean(losses[-50:])),
     }

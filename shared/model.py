@@ -260,32 +260,3 @@ def parameter_count(model: nn.Module) -> int:
 def init_seed(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
-
-
-@torch.no_grad()
-def fill_cold_items(model: FusionRecommender, trained: torch.Tensor, ridge: float = 1.0) -> int:
-    """Give items no customer ever trained an ID vector predicted from their text.
-
-    A ridge regression from text embedding to (history ID vector, candidate ID vector, bias),
-    fitted on the trained items, is applied to the untrained ones, so a new product competes
-    with established ones on what its text says about the ID space; their bias then gets
-    ``config.new_item_boost``. Returns how many were filled.
-    """
-    if not (model.config.use_id and model.config.use_text) or trained.all() or not trained.any():
-        return 0
-    text = model.text
-    targets = torch.cat(
-        [model.id_in.weight[1:], model.id_scores.weight, model.id_scores.bias[:, None]], dim=1
-    )
-    design = torch.cat([text, torch.ones(len(text), 1, device=text.device)], dim=1).double()
-    known = design[trained]
-    solution = torch.linalg.solve(
-        known.T @ known + ridge * torch.eye(known.shape[1], device=text.device, dtype=known.dtype),
-        known.T @ targets[trained].double(),
-    )
-    predicted = (design[~trained] @ solution).to(targets.dtype)
-    dim = model.config.dim
-    model.id_in.weight[1:][~trained] = predicted[:, :dim]
-    model.id_scores.weight[~trained] = predicted[:, dim : 2 * dim]
-    model.id_scores.bias[~trained] = predicted[:, -1] + model.config.new_item_boost
-    return int((~trained).sum())

@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.artifacts import write_json
+from shared.catalog import fill_cold_items
 from shared.experiment import Experiment
 from shared.metrics import METRICS, ScoreFn, evaluate
-from shared.model import fill_cold_items
 from simulations.baselines import BASELINES, baselines
 from simulations.centralized import (
     add_run_config_arguments,

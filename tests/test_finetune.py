@@ -15,7 +15,7 @@ from transformers import AutoModel
 from shared.artifacts import read_text_model
 from shared.cli import main
 from shared.data import leave_one_out, load_dataset
-from shared.finetune import consecutive_pairs, contrastive_loss, finetune_encoder
+from shared.finetune import FrozenPrefix, consecutive_pairs, contrastive_loss, finetune_encoder
 from shared.text import TextEncoder, item_texts
 
 
@@ -37,6 +37,25 @@ def test_loss_rewards_matching_pairs_and_ignores_repeated_products() -> None:
     masked = contrastive_loss(twice, twice, repeated)
     unmasked = torch.nn.functional.cross_entropy(twice @ twice.T / 0.05, torch.arange(6))
     assert torch.isfinite(masked) and masked < unmasked
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_top_layers_on_stored_frozen_states_give_the_encoders_embeddings(
+    tiny_bert_dir: Path, synth_dataset_dir: Path, layers: int
+) -> None:
+    texts = item_texts(load_dataset(synth_dataset_dir).items.head(40))
+    encoder = TextEncoder(str(tiny_bert_dir))
+    items = np.array([3, 17, 3, 25, 0, 39, 8])
+    prefix = FrozenPrefix(encoder, texts, items, layers)
+    assert sorted(prefix.states) == [0, 3, 8, 17, 25, 39]
+    assert len(encoder.model.encoder.layer) == 2  # the model is whole again
+    with torch.no_grad():
+        expected = encoder.embed([texts[i] for i in items])
+        got = prefix.embed(items)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # a text of another length in the same batch changes nothing (padding is masked)
+    with torch.no_grad():
+        torch.testing.assert_close(prefix.embed(items[:2]), got[:2], atol=1e-5, rtol=1e-5)
 
 
 def test_only_the_top_layers_change_and_the_result_is_cached(

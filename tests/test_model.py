@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.model import FusionRecommender, ModelConfig, fill_cold_items, pad_histories
+from shared.catalog import fill_cold_items
+from shared.model import FusionRecommender, ModelConfig, pad_histories
 from shared.training import training_tensors, trim
 
 TEXT_MODULES = ("text_in", "query_to_text")
