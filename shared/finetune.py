@@ -117,7 +117,7 @@ class FrozenPrefix:
         was_training = encoder.model.training
         encoder.model.eval()
         with torch.no_grad(), _running_only(encoder.model, self.lower, stored=False):
-            for start in progress_bar(chunks, "frozen layers", disable=not show_progress):
+            for start in progress_bar(chunks, "frozen encoder layers", disable=not show_progress):
                 chunk = order[start : start + 64]
                 batch = tokenize(
                     encoder.tokenizer, [texts[i] for i in chunk], encoder.max_length, "pt"
