@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from shared.progress import progress_bar
 from shared.text import (
@@ -131,12 +132,9 @@ class FrozenPrefix:
         """Embeddings of ``items`` (each stored) through the top layers, as ``TextEncoder.embed``
         computes them from the text."""
         states = [self.states[int(i)] for i in items]
-        longest = max(len(state) for state in states)
-        hidden = torch.zeros(len(states), longest, states[0].shape[1])
-        mask = torch.zeros(len(states), longest, dtype=torch.long)
-        for row, state in enumerate(states):
-            hidden[row, : len(state)], mask[row, : len(state)] = state, 1
-        hidden, mask = hidden.to(self.encoder.device), mask.to(self.encoder.device)
+        hidden = pad_sequence(states, batch_first=True).to(self.encoder.device)
+        lengths = torch.tensor([len(state) for state in states], device=self.encoder.device)
+        mask = (torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]).long()
         with _running_only(self.encoder.model, self.top, stored=True):
             out = self.encoder.model(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
         return mean_pool(out, mask)
@@ -183,17 +181,17 @@ def finetune_encoder(
         raise ValueError(
             f"text_finetune_layers must be between 1 and {len(blocks)} for {base}, got {layers}"
         )
-    encoder.model.requires_grad_(False)
-    trainable = [p for block in blocks[-layers:] for p in block.parameters()]
-    for parameter in trainable:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     started = time.time()
     batches = [pairs[rng.integers(0, len(pairs), BATCH_PAIRS)] for _ in range(steps)]
     prefix = FrozenPrefix(encoder, texts, np.concatenate(batches).ravel(), layers, show_progress)
     prefix_s = time.time() - started
+    encoder.model.requires_grad_(False)
+    trainable = list(prefix.top.parameters())
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     encoder.model.train()
     losses = []
     for batch in progress_bar(batches, "fine-tuning the text encoder", disable=not show_progress):
