@@ -2,12 +2,18 @@
 
 Where the node's data is: ``data-dir`` in the node config (deployment:
 ``flower-supernode --node-config "data-dir=/path"``), else ``<partitions-dir>/node-<partition-id>``
-(simulation, where Flower sets ``partition-id``).
+(simulation, where Flower sets ``partition-id``). The node's privacy policy comes from its node
+config too (client/policy.py), never from the server's messages.
+
+Every privacy report a node sends is signed with its node key (``node-key`` in the node config,
+default ``<data dir>/privacy/node.key``), together with a digest of the update it carries, and
+kept in the node's own receipt log (``<data dir>/privacy/receipts.jsonl``) before it leaves.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,118 +29,163 @@ from flwr.clientapp.typing import ClientAppCallable
 
 # deprecated path; SecAgg+ exists nowhere else in flwr 1.42
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from shared.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
 
-from client.node import evaluate_node, load_node, train_node
+from client.node import NodeData, NodePrivacy, evaluate_node, load_node, train_node
+from client.policy import NodePolicy
 from shared.config import RunConfig
 from shared.node_dp import clipped_update
 from shared.wire import encode, nbytes
 
-app = ClientApp()
-
-PRIVACY_FIELDS = (
-    "epsilon",
-    "delta",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "max_grad_norm",
-    "contribution_index",
-    "accountant",
-    "mechanism",
-    "unit",
-    "target_epsilon",
-    "reason",
-)
+# what the server sends beside the run's settings
+NOT_SETTINGS = ("server-round", "partitions-dir", "state-names", "run-id")
 
 
-NOT_SETTINGS = ("server-round", "partitions-dir", "state-names")
-
-
-def node_directory(settings: dict, context: Context) -> str:
+def node_directory(settings: dict, node_config: dict) -> str:
     """This node's data: its ``data-dir`` (deployment) or its partition (simulation)."""
-    if "data-dir" in context.node_config:
-        return str(context.node_config["data-dir"])
+    if "data-dir" in node_config:
+        return str(node_config["data-dir"])
     partitions = settings["partitions-dir"]
-    return str(Path(partitions) / f"node-{context.node_config['partition-id']}")
+    return str(Path(partitions) / f"node-{node_config['partition-id']}")
 
 
-def _load(settings: dict, context: Context):
-    """The run's settings, the node's data and the round, from what the server sent."""
-    config = RunConfig.from_flat({k: v for k, v in settings.items() if k not in NOT_SETTINGS})
-    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
-    torch.set_flush_denormal(True)
-    node = load_node(node_directory(settings, context), config.text_model)
-    return config, node, int(settings.get("server-round", 0))
+class NodeRequest:
+    """One message from the server, read on the node's side: the run's settings, this node's
+    data, its own policy and key, and the round."""
+
+    def __init__(self, settings: dict, node_config: dict):
+        self.config = RunConfig.from_flat(
+            {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
+        )
+        torch.set_num_threads(max(1, int(node_config.get("num-threads", 1))))
+        torch.set_flush_denormal(True)
+        self.node: NodeData = load_node(
+            node_directory(settings, node_config), self.config.text_model
+        )
+        self.policy = NodePolicy.from_node_config(node_config)
+        self.round = int(settings.get("server-round", 0))
+        self.run_id = str(settings.get("run-id", ""))
+        key_path = node_config.get("node-key") or self.node.directory / "privacy" / "node.key"
+        self.key_path = Path(key_path)
+
+    def report(self, result: dict, arrays: dict[str, np.ndarray] | None) -> dict[str, Any]:
+        """The privacy report to send for ``result``: a refusal or a decline as it is; a
+        release signed with the node key over its fields and the digest of ``arrays``, and
+        kept in the node's receipt log first."""
+        if result.get("refused") or result.get("declined"):
+            return {
+                "node": self.node.name,
+                "refused": bool(result.get("refused")),
+                "declined": bool(result.get("declined")),
+                "reason": str(result["reason"]),
+                **({"epsilon": result["epsilon"]} if "epsilon" in result else {}),
+            }
+        if "mechanism" not in result:  # no DP: nothing was spent, nothing to sign
+            return {"node": self.node.name, "refused": False, "declined": False}
+        fields = {
+            **{k: result[k] for k in SIGNED_FIELDS if k in result},
+            "run_id": self.run_id,
+            "round": self.round,
+            "node": self.node.name,
+            "num_customers": int(result["customers"]),
+            "update_digest": digest_arrays(arrays) if arrays is not None else "",
+        }
+        key = NodeKey.load_or_create(self.key_path)
+        signed = append_receipt(NodePrivacy(self.node.directory).receipts, fields, key)
+        return {**signed, "public_key": key.public_pem, "refused": False, "declined": False}
 
 
-def _setup(msg: Message, context: Context):
-    config, node, server_round = _load(dict(msg.content["config"]), context)
-    return config, node, msg.content["arrays"].to_torch_state_dict(), server_round
+def make_client_app(node_config: dict | None = None) -> ClientApp:
+    """The ClientApp; ``node_config`` is added to each node's own config (how ``fedrec
+    simulate`` gives its simulated nodes the policy of ``--node-config``)."""
+    extra = dict(node_config or {})
+    app = ClientApp()
+
+    def request(settings: dict, context: Context) -> NodeRequest:
+        return NodeRequest(settings, {**context.node_config, **extra})
+
+    class SecureNode(NumPyClient):
+        """A node's side of a SecAgg+ round (server/secagg.py): it sends its clipped update (a
+        delta, dense), masked by ``secaggplus_mod``, and its privacy report in plain."""
+
+        def __init__(self, context: Context):
+            self.node_context = context
+
+        def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list, int, dict]:
+            names = str(config["state-names"]).split(",")
+            asked = request(dict(config), self.node_context)
+            state = {
+                name: torch.tensor(value) for name, value in zip(names, parameters, strict=True)
+            }
+            result = train_node(asked.node, asked.config, state, asked.round, asked.policy)
+            if result.get("refused") or result.get(
+                "declined"
+            ):  # a zero update, still in the protocol
+                update = {name: np.zeros(value.shape, np.float32) for name, value in state.items()}
+            else:
+                update = clipped_update(result["state"], state, asked.config)
+            metrics = asked.report(result, update)
+            metrics["customers"] = int(result.get("customers", 0))
+            return [update[name] for name in names], 1, metrics  # every node weighs 1
+
+    secure_app = ClientApp(
+        client_fn=lambda context: SecureNode(context).to_client(), mods=[secaggplus_mod]
+    )
+
+    def secure_rounds(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        """Hands the messages of a SecAgg+ round to ``secure_app``, every other one on."""
+        if RECORD_KEY_CONFIGS in msg.content.config_records:
+            return secure_app(msg, context)
+        return call_next(msg, context)
+
+    @app.train(mods=[secure_rounds])
+    def train(msg: Message, context: Context) -> Message:
+        """Train locally from the global weights; reply with weights, metrics and privacy spent."""
+        asked = request(dict(msg.content["config"]), context)
+        state = msg.content["arrays"].to_torch_state_dict()
+        result = train_node(asked.node, asked.config, state, asked.round, asked.policy)
+        metrics: dict[str, Any] = {}
+        arrays = None
+        if not (result.get("refused") or result.get("declined")):
+            config = asked.config
+            sent, rows = result["state"], result["rows"]
+            if (
+                config.node_dp
+            ):  # dense and clipped: which rows a node sends is private at node level
+                update = clipped_update(sent, state, config)
+                sent = {k: v.float() + torch.from_numpy(update[k]) for k, v in state.items()}
+                rows = None
+            arrays = encode(sent, rows, dtype=config.wire_dtype)
+            metrics = {"num-examples": int(result["customers"]), "bytes-up": nbytes(arrays)}
+            if not (config.dp or config.node_dp):  # under DP only the weights leave the node
+                metrics["loss"] = result["loss"]
+        content = RecordDict(
+            {
+                "privacy": ConfigRecord(asked.report(result, arrays)),
+                "metrics": MetricRecord(metrics),
+            }
+        )
+        if arrays is not None:
+            content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Federated evaluation of the global model on the node's local holdout: exact without
+        DP, noisy and charged to the node's accountant under DP."""
+        asked = request(dict(msg.content["config"]), context)
+        state = msg.content["arrays"].to_torch_state_dict()
+        result = evaluate_node(asked.node, asked.config, state, asked.policy)
+        privacy = asked.report(result, None)
+        metrics = {
+            k: v
+            for k, v in result.items()
+            if k == "customers" and "mechanism" not in result or k.startswith("noisy_") or "@" in k
+        }
+        content = RecordDict({"privacy": ConfigRecord(privacy), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    return app
 
 
-def _privacy_report(report: dict) -> dict:
-    privacy = {k: report[k] for k in PRIVACY_FIELDS if k in report}
-    return {"node": report["node"], "declined": bool(report.get("declined")), **privacy}
-
-
-class _SecureNode(NumPyClient):
-    """A node's side of a SecAgg+ round (server/secagg.py): it sends its clipped update (a
-    delta, dense), masked by ``secaggplus_mod``, and its privacy report in plain."""
-
-    def __init__(self, context: Context):
-        self.node_context = context
-
-    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list, int, dict]:
-        names = str(config["state-names"]).split(",")
-        run_config, node, server_round = _load(dict(config), self.node_context)
-        state = {name: torch.tensor(value) for name, value in zip(names, parameters, strict=True)}
-        report = train_node(node, run_config, state, server_round)
-        if report.get("declined"):  # still takes part in the protocol, with a zero update
-            update = {name: np.zeros(value.shape, np.float32) for name, value in state.items()}
-        else:
-            update = clipped_update(report["state"], state, run_config)
-        metrics = {**_privacy_report(report), "customers": report["customers"]}
-        return [update[name] for name in names], 1, metrics  # every node weighs 1
-
-
-secure_app = ClientApp(
-    client_fn=lambda context: _SecureNode(context).to_client(), mods=[secaggplus_mod]
-)
-
-
-def _secure_rounds(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Hands the messages of a SecAgg+ round to ``secure_app``, every other one on."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secure_app(msg, context)
-    return call_next(msg, context)
-
-
-@app.train(mods=[_secure_rounds])
-def train(msg: Message, context: Context) -> Message:
-    """Train locally from the global weights; reply with weights, metrics and privacy spent."""
-    config, node, state, server_round = _setup(msg, context)
-    report = train_node(node, config, state, server_round)
-    content = RecordDict({"privacy": ConfigRecord(_privacy_report(report))})
-    metrics = {"num-examples": report["customers"]}
-    if not report.get("declined"):
-        sent, rows = report["state"], report["rows"]
-        if config.node_dp:  # dense and clipped: which rows a node sends is private at node level
-            update = clipped_update(sent, state, config)
-            sent = {k: v.float() + torch.from_numpy(update[k]) for k, v in state.items()}
-            rows = None
-        arrays = encode(sent, rows, dtype=config.wire_dtype)
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-        metrics["bytes-up"] = nbytes(arrays)
-        if not (config.dp or config.node_dp):  # under DP only the weights leave the node
-            metrics["loss"] = report["loss"]
-    content["metrics"] = MetricRecord(metrics)
-    return Message(content=content, reply_to=msg)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Federated evaluation of the global model on the node's local holdout."""
-    config, node, state, _ = _setup(msg, context)
-    result = evaluate_node(node, config, state)
-    metrics = {"num-examples": result.pop("customers"), **result}
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+app = make_client_app()

@@ -1,4 +1,4 @@
-"""A node's private side: its data, its local training, and its privacy accountant.
+"""A node's private side: its data, its local training and evaluation, and its privacy accountant.
 
 The node's data directory never leaves the node. What the node returns is the trained weights
 (item tables limited to its own catalog) and aggregate numbers: customers, loss, and its privacy
@@ -17,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shared.secure_random import SecureRandom
 
+from client.policy import NodePolicy
 from shared.config import RunConfig, resolve_device
 from shared.data import Split, leave_one_out, load_dataset
-from shared.metrics import evaluate
+from shared.metrics import per_customer_metrics, rank_users
 from shared.model import FusionRecommender
+from shared.node_directory import NodeInfo
 from shared.text import embed_items
 from shared.training import (
     calibrate_noise,
@@ -33,7 +36,6 @@ from shared.training import (
     training_tensors,
 )
 from shared.wire import ITEM_TABLES
-from simulations.partition import node_catalog, node_name
 
 PRIVACY_UNIT = "one customer's entire history at this node (every event of one customer)"
 
@@ -49,19 +51,22 @@ class NodeData:
     split: Split
     text: torch.Tensor
     catalog: np.ndarray | None  # item indices this node sells; None = every item
+    declared_customers: int | None  # the public figure in node.json, if any
 
 
 @functools.lru_cache(maxsize=4)
 def load_node(directory: str, text_model: str) -> NodeData:
     """Load (once per process) a node's data directory."""
     dataset = load_dataset(directory)
+    info = NodeInfo.read(Path(directory))
     text = torch.from_numpy(embed_items(dataset.items, text_model, show_progress=False))
     return NodeData(
-        node_name(Path(directory)),
+        info.node,
         Path(directory),
         leave_one_out(dataset),
         text,
-        node_catalog(Path(directory), dataset.items),
+        info.catalog_indices(dataset.items),
+        info.customers,
     )
 
 
@@ -106,6 +111,11 @@ class NodePrivacy:
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
 
+    @property
+    def receipts(self) -> Path:
+        """The node's own log of the signed reports it sent (``fedrec audit --receipts``)."""
+        return self.path.parent / "receipts.jsonl"
+
     def epsilon_after(self, delta: float, extra: tuple[float, float, int] | None = None) -> float:
         accountant = new_accountant(self.state["accountant"] or None)
         if extra is not None:
@@ -114,9 +124,20 @@ class NodePrivacy:
 
 
 def train_node(
-    node: NodeData, config: RunConfig, state: dict[str, torch.Tensor], server_round: int
+    node: NodeData,
+    config: RunConfig,
+    state: dict[str, torch.Tensor],
+    server_round: int,
+    policy: NodePolicy | None = None,
 ) -> dict:
-    """Local training from the global ``state``; returns weights, rows and numbers to report."""
+    """Local training from the global ``state``; returns weights, rows and numbers to report.
+
+    ``policy`` is the node's own (default: a simulation node's, which accepts any request); a
+    request weaker than it is refused before anything is computed.
+    """
+    policy = policy or NodePolicy()
+    if reason := policy.refusal(config):
+        return {"node": node.name, "refused": True, "reason": reason}
     device = resolve_device(config.device)
     model = build_model(node, config, state)
     histories = [np.asarray(h) for h in node.split.sequences() if len(h) >= 2]
@@ -126,7 +147,10 @@ def train_node(
     catalog = node.catalog if node.catalog is not None else np.arange(model.config.num_items)
     report: dict = {"customers": len(inputs), "node": node.name}
     if config.dp:
-        report.update(_train_private(node, config, model, inputs, targets, server_round, device))
+        customers = public_customers(node, policy)
+        report["customers"] = customers  # the public figure, never the exact count
+        private = _train_private(node, config, policy, model, inputs, targets, customers, device)
+        report.update(private)
         if report.get("declined"):
             return report
     else:
@@ -184,32 +208,59 @@ def _rows_to_send(trained: dict, before: dict, catalog: np.ndarray, changed_only
     return rows
 
 
+def public_customers(node: NodeData, policy: NodePolicy) -> int:
+    """The node's customer figure that may leave it (:meth:`NodePolicy.customers`)."""
+    exact = sum(len(h) >= 2 for h in node.split.sequences())
+    return policy.customers(exact, node.declared_customers)
+
+
+def _privacy_plan(
+    config: RunConfig, policy: NodePolicy, customers: int
+) -> tuple[float, float, int, float]:
+    """(delta, sample rate, DP-SGD steps per round, budget) of this node for ``config``: all
+    from the node's public customer figure and its own policy."""
+    delta = policy.delta(config, customers)
+    steps, sample_rate = steps_per_epoch(customers, config.dp_batch_size)
+    return delta, sample_rate, steps * config.local_epochs, policy.budget(config)
+
+
+def _charge(
+    privacy: NodePrivacy, delta: float, budget: float, event: tuple[float, float, int]
+) -> str | None:
+    """Why ``event`` (noise multiplier, sample rate, steps) would pass the budget, or None."""
+    projected = privacy.epsilon_after(delta, event)
+    if projected <= budget:
+        return None
+    return f"the next release would bring epsilon to {projected:.3f}, over the budget {budget:g}"
+
+
 def _train_private(
     node: NodeData,
     config: RunConfig,
+    policy: NodePolicy,
     model: FusionRecommender,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    server_round: int,
+    customers: int,
     device: str,
 ) -> dict:
     privacy = NodePrivacy(node.directory)
-    delta = config.delta or 1.0 / (10 * max(len(inputs), 1))
-    steps, sample_rate = steps_per_epoch(len(inputs), config.dp_batch_size)
-    round_steps = steps * config.local_epochs
+    delta, sample_rate, round_steps, budget = _privacy_plan(config, policy, customers)
     if privacy.state["noise_multiplier"] is None:  # calibrated once, for the planned rounds
         privacy.state["noise_multiplier"] = calibrate_noise(
-            config.target_epsilon, delta, sample_rate, round_steps * config.rounds
+            budget,
+            delta,
+            sample_rate,
+            round_steps * config.rounds,
+            releases=((config.eval_noise_multiplier, config.rounds),),
         )
     sigma = privacy.state["noise_multiplier"]
-    projected = privacy.epsilon_after(delta, (sigma, sample_rate, round_steps))
-    if projected > config.target_epsilon:
+    if reason := _charge(privacy, delta, budget, (sigma, sample_rate, round_steps)):
         return {
             "declined": True,
             "epsilon": privacy.epsilon_after(delta),
             "delta": delta,
-            "reason": f"the next contribution would bring epsilon to {projected:.3f}, over "
-            f"the budget {config.target_epsilon}",
+            "reason": reason,
         }
     view = CatalogView(model, node.catalog) if node.catalog is not None else model
     spent = train_private(
@@ -225,6 +276,7 @@ def _train_private(
         device=device,
         accountant_state=privacy.state["accountant"] or None,
         trainable=config.dp_train,
+        population=customers,
     )
     privacy.state["accountant"] = spent.accountant_state
     privacy.state["contributions"] += 1
@@ -240,22 +292,96 @@ def _train_private(
         "contribution_index": privacy.state["contributions"] - 1,
         "accountant": "prv",
         "mechanism": "poisson_subsampled_gaussian",
+        "purpose": "training",
         "unit": PRIVACY_UNIT,
-        "target_epsilon": config.target_epsilon,
+        "target_epsilon": budget,
     }
 
 
-def evaluate_node(node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]) -> dict:
+EVALUATED = ("hr@10", "ndcg@10")  # what a private evaluation releases, beside the count
+
+
+def evaluate_node(
+    node: NodeData,
+    config: RunConfig,
+    state: dict[str, torch.Tensor],
+    policy: NodePolicy | None = None,
+) -> dict:
     """Federated evaluation: the global model on each local customer's last event from the
     earlier ones (events the node also trains on: optimistic; for deployments without a
-    server-side holdout)."""
+    server-side holdout).
+
+    Under DP (the request's or the node's policy) the answer is itself private and charged to
+    the node's accountant: noisy sums of (1, hr@10, ndcg@10) over the customers, each
+    customer's vector scaled to L2 norm <= 1, Gaussian noise of std ``eval-noise-multiplier``
+    (:func:`private_sums`). Without DP it is exact.
+    """
+    policy = policy or NodePolicy()
+    if reason := policy.refusal(config):
+        return {"node": node.name, "refused": True, "reason": reason}
     model = build_model(node, config, state).eval()
 
     def score(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
         return model.scores(model.user_states(histories))
 
     users = node.split.test_users
-    if not len(users):
-        return {"customers": 0}
-    metrics, _ = evaluate(score, node.split, "test", users=users)
-    return {"customers": len(users), **{k: v for k, v in metrics.items() if "@" in k}}
+    _, ranks = rank_users(score, node.split, "test", users=users)
+    per_customer = per_customer_metrics(ranks)
+    if not config.dp:
+        count = len(users)
+        means = {k: float(v.mean()) if count else 0.0 for k, v in per_customer.items()}
+        return {"node": node.name, "customers": count, **means}
+    return _evaluate_private(node, config, policy, per_customer)
+
+
+def private_sums(values: np.ndarray, noise_multiplier: float) -> np.ndarray:
+    """Noisy column sums of ``values`` (customers, k) with entries in [0, 1]: each row is
+    scaled by 1/sqrt(k) (L2 norm <= 1, the sensitivity of adding or removing a customer),
+    summed, noised with N(0, noise_multiplier^2) per column, then scaled back."""
+    scale = np.sqrt(values.shape[1])
+    total = values.sum(0) / scale
+    noise = SecureRandom().normal((values.shape[1],), noise_multiplier, dtype=torch.float64)
+    return (total + noise.numpy()) * scale
+
+
+def _evaluate_private(
+    node: NodeData, config: RunConfig, policy: NodePolicy, per_customer: dict[str, np.ndarray]
+) -> dict:
+    privacy = NodePrivacy(node.directory)
+    customers = public_customers(node, policy)
+    delta, _, _, budget = _privacy_plan(config, policy, customers)
+    sigma = config.eval_noise_multiplier
+    if reason := _charge(privacy, delta, budget, (sigma, 1.0, 1)):
+        return {
+            "node": node.name,
+            "declined": True,
+            "epsilon": privacy.epsilon_after(delta),
+            "delta": delta,
+            "reason": reason,
+        }
+    count = len(next(iter(per_customer.values())))
+    columns = [np.ones(count)] + [per_customer[k] for k in EVALUATED]
+    sums = private_sums(np.stack(columns, axis=1), sigma)
+    accountant = new_accountant(privacy.state["accountant"] or None)
+    accountant.history.append((sigma, 1.0, 1))
+    privacy.state["accountant"] = accountant.state_dict()
+    privacy.state["contributions"] += 1
+    privacy.save()  # before anything leaves the node
+    return {
+        "node": node.name,
+        "noisy_customers": float(sums[0]),
+        **{f"noisy_sum_{k}": float(v) for k, v in zip(EVALUATED, sums[1:], strict=True)},
+        "epsilon": float(accountant.get_epsilon(delta)),
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "sample_rate": 1.0,
+        "steps": 1,
+        "max_grad_norm": 1.0,
+        "contribution_index": privacy.state["contributions"] - 1,
+        "accountant": "prv",
+        "mechanism": "gaussian",
+        "purpose": "evaluation",
+        "unit": PRIVACY_UNIT,
+        "target_epsilon": budget,
+        "customers": customers,
+    }

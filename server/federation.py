@@ -19,19 +19,22 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from shared.signing import SIGNED_FIELDS
 
 from server.ledger import PrivacyLedger
+from server.node_keys import NodeKeys
 from server.node_privacy import NodeLevelDP, add_node_level
 from server.recovery import record_lost_contributions
 from server.strategy import FedRecStrategy
 from shared.config import RunConfig
 from shared.data import Dataset, Split
 from shared.experiment import Experiment
+from shared.node_directory import node_catalog
 from shared.node_dp import check_node_dp
 from shared.wire import encode, nbytes, trainable_state
 from simulations.attacks import check_attack
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
-from simulations.partition import SCHEMES, holdout_rows, node_catalog, write_partitions
+from simulations.partition import SCHEMES, holdout_rows, write_partitions
 
 log = logging.getLogger("fedrec.server")
 WIRE_DTYPES = ("float32", "float16")
@@ -66,44 +69,76 @@ class Checkpoint:
         return state, optimizer, progress
 
 
-def settings_record(config: RunConfig, partitions: Path) -> ConfigRecord:
-    return ConfigRecord({**config.to_dict(), "partitions-dir": str(partitions.resolve())})
+def node_target_epsilon(config: RunConfig) -> float:
+    """The budget each node is asked to keep: the whole budget when a customer is at one node
+    only (regional), else an equal share, so that the composition over all nodes stays within
+    ``target-epsilon`` (basic composition; the audit reports the tighter PLD composition)."""
+    if config.partition == "regional":
+        return config.target_epsilon
+    return config.target_epsilon / max(config.clients, 1)
 
 
-def privacy_reports(replies: list[Message]) -> list[dict]:
-    """Each replying node's privacy report, with its number of customers."""
-    return [
-        {**reply.content["privacy"], "customers": reply.content["metrics"]["num-examples"]}
-        for reply in replies
-        if not reply.has_error() and "privacy" in reply.content
-    ]
+def settings_record(config: RunConfig, partitions: Path, run_id: str) -> ConfigRecord:
+    """What the nodes are sent each round: the run's settings, with each node's share of the
+    budget, the run's id (the ledger's first entry, which nodes sign) and, in simulation,
+    where the partitions are."""
+    request = {**config.to_dict(), "target_epsilon": node_target_epsilon(config)}
+    return ConfigRecord({**request, "partitions-dir": str(partitions.resolve()), "run-id": run_id})
 
 
-def record_privacy(
-    ledger: PrivacyLedger, server_round: int, reports: list[dict], config: RunConfig
-) -> list[dict]:
-    """Append each node's contribution or refusal to the ledger; returns the contributions."""
+def privacy_reports(replies: list[Message], keys: NodeKeys) -> list[dict]:
+    """Each replying node's privacy report; a DP release is checked against the node's key
+    and the digest of the update it came with (``verified``: None, or why it failed)."""
+    reports = []
+    for reply in replies:
+        if reply.has_error() or "privacy" not in reply.content:
+            continue
+        report = dict(reply.content["privacy"])
+        if "mechanism" in report:
+            arrays = (
+                {k: a.numpy() for k, a in reply.content["arrays"].items()}
+                if "arrays" in reply.content
+                else None
+            )
+            report["verified"] = keys.check(report, arrays)
+        reports.append(report)
+    return reports
+
+
+def record_privacy(ledger: PrivacyLedger, server_round: int, reports: list[dict]) -> list[dict]:
+    """Append each node's refusal, decline or release to the ledger; returns the releases.
+
+    A release is recorded whatever its verification says: a node's spending is never
+    under-reported, and an update whose report does not verify is not used
+    (:func:`unverified_nodes`)."""
     contributions = []
     for report in reports:
-        privacy = dict(report)
-        node = str(privacy.pop("node"))
-        customers = int(privacy.pop("customers"))
-        if privacy.pop("declined"):
+        node = str(report["node"])
+        if report.get("refused"):
+            ledger.append("refused", round=server_round, node=node, reason=report["reason"])
+            log.warning("node %s refused round %d: %s", node, server_round, report["reason"])
+        elif report.get("declined"):
             ledger.append(
                 "declined",
                 round=server_round,
                 node=node,
-                reason=privacy["reason"],
-                epsilon=privacy.get("epsilon"),
+                reason=report["reason"],
+                epsilon=report.get("epsilon"),
             )
-            log.info("node %s declined round %d: %s", node, server_round, privacy["reason"])
-        elif config.dp:
-            record_lost_contributions(ledger, server_round, node, customers, privacy)
-            entry = ledger.append(
-                "contribution", round=server_round, node=node, num_customers=customers, **privacy
-            )
-            contributions.append(entry)
+            log.info("node %s declined round %d: %s", node, server_round, report["reason"])
+        elif "mechanism" in report:
+            if report["verified"]:
+                log.warning("node %s, round %d: %s", node, server_round, report["verified"])
+            release = {k: report[k] for k in (*SIGNED_FIELDS, "signature", "key_id")}
+            release["round"], release["node"] = server_round, node
+            record_lost_contributions(ledger, server_round, node, release)
+            contributions.append(ledger.append("contribution", **release))
     return contributions
+
+
+def unverified_nodes(reports: list[dict]) -> set[str]:
+    """Nodes whose privacy report did not verify: their updates are not used."""
+    return {str(r["node"]) for r in reports if r.get("verified")}
 
 
 def check_settings(config: RunConfig) -> None:
@@ -163,8 +198,6 @@ def run_federation(
     check_settings(config)
     experiment = Experiment.prepare(data_dir, config, show_progress=show_progress)
     out.mkdir(parents=True, exist_ok=True)  # only once the settings and the data are valid
-    if config.dp and not config.delta:  # one delta for the whole federation, below 1/customers
-        config.delta = 1.0 / (10 * experiment.dataset.num_users)
     partitions = ensure_partitions(experiment.dataset, experiment.split, config, out)
     canaries = load_canaries(partitions) if config.canaries else None
     strategy = FedRecStrategy(config)
@@ -185,6 +218,9 @@ def run_federation(
         ledger.append(
             "run_start", config={**config.to_dict(), "num_nodes": config.clients}, unit=NODE_UNIT
         )
+    run_id = ledger.entries[0]["hash"]  # what every node's signed report names
+    keys = NodeKeys(out / "node-keys")
+    settings = settings_record(config, partitions, run_id)
     reason = "all rounds completed"
     monitor = "test" if config.refit else "valid"
     node_dp = NodeLevelDP(config, ledger) if config.node_dp else None
@@ -192,7 +228,7 @@ def run_federation(
     if config.secagg:  # the legacy path, only for SecAgg+ rounds (server/secagg.py)
         from server.secagg import SecureAggregation
 
-        secure = SecureAggregation(grid, config, settings_record(config, partitions))
+        secure = SecureAggregation(grid, config, settings)
     for server_round in range(done + 1, config.rounds + 1):
         started = time.time()
         if node_dp is not None and (refusal := node_dp.refusal()):
@@ -203,20 +239,28 @@ def run_federation(
         replies, updates, rejected = [], [], []
         if secure is not None:  # the server sees the sum of the clipped updates only
             total, reports, sampled = secure.train_round(server_round, state)
-            record_privacy(ledger, server_round, reports, config)
-            contributed = 0 if total is None else sum(not r["declined"] for r in reports)
+            for report in reports:  # the masked update itself cannot be checked here
+                if "mechanism" in report:
+                    report["verified"] = keys.check(report, None)
+            record_privacy(ledger, server_round, reports)
+            contributed = (
+                0
+                if total is None
+                else sum(not (r.get("declined") or r.get("refused")) for r in reports)
+            )
         else:
             messages = list(
                 strategy.configure_train(
                     server_round,
                     ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                    settings_record(config, partitions),
+                    settings,
                     grid,
                 )
             )
             replies = list(grid.send_and_receive(messages, timeout=config.round_timeout or None))
-            record_privacy(ledger, server_round, privacy_reports(replies), config)
-            updates, rejected = strategy.node_updates(replies, state)
+            reports = privacy_reports(replies, keys)
+            record_privacy(ledger, server_round, reports)
+            updates, rejected = strategy.node_updates(replies, state, unverified_nodes(reports))
             sampled, contributed = len(messages), len(updates)
             if node_dp is not None and updates:
                 total = node_dp.total(state, updates)
@@ -225,7 +269,7 @@ def run_federation(
                 f"{contributed} valid update(s) in round {server_round}, fewer than min-nodes "
                 f"{config.min_nodes} (nodes lost, budgets spent or updates rejected)"
                 if contributed
-                else "no node could train (budgets spent or no valid update)"
+                else "no node could train (refused by policy, budgets spent or no valid update)"
             )
             log.warning("round %d: %s", server_round, reason)
             break
@@ -299,11 +343,12 @@ def run_federation(
         title="fedrec federated global recommender",
     )
     if canaries is not None:  # the released model: after finish() has filled cold items
-        audit = audit_canaries(model, canaries, out, delta=config.delta)
+        delta = privacy["delta"] if privacy and "delta" in privacy else 0.0
+        audit = audit_canaries(model, canaries, out, delta=delta)
         log.info(
             "canary audit: epsilon >= %.3f with 95%% confidence at delta %g",
             audit["epsilon_lower_bound"],
-            config.delta,
+            delta,
         )
     plot_rounds(history, monitor, out / "rounds.png")
     return metrics
@@ -319,7 +364,9 @@ def _mean_metric(replies: list[Message], key: str) -> float | None:
 
 
 def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
-    """The guarantee per node and for the federation, from the ledger's contributions."""
+    """The guarantee per node and for the federation, from the ledger's releases. The headline
+    ``epsilon`` is the federation's guarantee that applies to the partition (the worst node
+    when a customer is at one node only, the composition over every node otherwise)."""
     from server.accounting import federation_guarantee
 
     contributions = [e for e in ledger.entries if e["kind"] == "contribution"]
@@ -332,22 +379,20 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         }
     if not contributions:
         return {"unit": NODE_UNIT, "per_node": {}, "statement": "No node contributed."}
-    delta = max(e["delta"] for e in contributions)
-    federation = federation_guarantee(contributions, delta, config.partition)
-    worst = max(n["epsilon"] for n in nodes.values())
+    federation = federation_guarantee(contributions, config.partition)
+    epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
     return {
-        "unit": NODE_UNIT,
-        "accountant": "prv (opacus), per node",
+        "unit": federation["unit"],
+        "accountant": "prv (opacus) at each node; the federation by dp-accounting PLD",
         "delta": delta,
-        "epsilon": worst,
+        "epsilon": epsilon,
         "target_epsilon": config.target_epsilon,
         "per_node": nodes,
         "federation": federation,
         "statement": (
-            f"Every node trained with DP-SGD: at each node, ({worst:.3f}, {delta:.2e})-"
-            "differential privacy or better for each customer, covering everything that "
-            f"customer did at that node. Federation ({config.partition} partition): see "
-            "'federation' for a customer whose data is at several nodes."
+            f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
+            f"({epsilon:.3f}, {delta:.3g})-differential privacy for {federation['unit']}; "
+            "each node's own guarantee is in 'per_node'."
         ),
     }
 

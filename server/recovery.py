@@ -25,26 +25,22 @@ RECOVERED = (
 
 
 def record_lost_contributions(
-    ledger: PrivacyLedger, server_round: int, node: str, customers: int, privacy: dict
+    ledger: PrivacyLedger, server_round: int, node: str, release: dict
 ) -> list[dict]:
-    """Append the contributions ``node`` made before ``privacy`` (its report) that the ledger
-    lacks; returns them."""
+    """Append the contributions ``node`` made before ``release`` (its report) that the ledger
+    lacks; returns them. Each takes the parameters of the node's costliest known kind of
+    release (a training one when there is one), and no signature: it is the server's record,
+    which the node's receipt log can confirm."""
     mine = [e for e in ledger.entries if e["kind"] == "contribution" and e["node"] == node]
     expected = mine[-1]["contribution_index"] + 1 if mine else 0
+    training = [e for e in [*mine, release] if e.get("purpose", "training") == "training"]
+    template = {k: v for k, v in (training or [release])[-1].items() if k in release}
+    template = {k: v for k, v in template.items() if k not in ("signature", "key_id")}
     recovered = []
-    for index in range(expected, int(privacy["contribution_index"])):
-        entry = {**privacy, "contribution_index": index}
+    for index in range(expected, int(release["contribution_index"])):
+        entry = {**template, "round": server_round, "node": node, "contribution_index": index}
         entry["epsilon"] = epsilon_curve([*mine, entry])[-1]
         log.warning("node %s: contribution %d was never recorded; recording it", node, index)
-        mine.append(
-            ledger.append(
-                "contribution",
-                round=server_round,
-                node=node,
-                num_customers=customers,
-                recovered=RECOVERED,
-                **entry,
-            )
-        )
+        mine.append(ledger.append("contribution", recovered=RECOVERED, **entry))
         recovered.append(mine[-1])
     return recovered

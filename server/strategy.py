@@ -53,9 +53,13 @@ class FedRecStrategy(FedAvg):
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
 
     def node_updates(
-        self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]
+        self,
+        replies: Iterable[Message],
+        global_state: dict[str, torch.Tensor],
+        unverified: set[str] = frozenset(),
     ) -> tuple[list[NodeUpdate], list[str]]:
-        """Decode and validate the replies that carry weights; returns updates and rejections."""
+        """Decode and validate the replies that carry weights; returns updates and rejections.
+        The updates of ``unverified`` nodes (their privacy report did not verify) are rejected."""
         updates, rejected = [], []
         for reply in replies:
             if reply.has_error() or "arrays" not in reply.content:
@@ -67,6 +71,8 @@ class FedRecStrategy(FedAvg):
             )
             arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
             try:
+                if node in unverified:
+                    raise ValueError("its signed privacy report does not verify")
                 tensors, rows = decode(arrays, global_state)
                 if self.dense and rows:
                     raise ValueError("a row-sparse update under node-dp (it must be dense)")

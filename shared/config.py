@@ -46,13 +46,14 @@ class RunConfig:
     # differential privacy (one sample = one customer's history at a node)
     dp: bool = False
     target_epsilon: float = 8.0
-    delta: float = 0.0  # 0 = 1 / (10 * customers at the node)
+    delta: float = 0.0  # 0 = each node's own: 1 / (10 * its declared customers)
     max_grad_norm: float = 1.0
     dp_batch_size: int = 512  # expected Poisson batch (customers per step)
     dp_lr: float = 2.0  # plain SGD on the mean clipped gradient
     dp_train: str = "bias"  # what learns under DP: bias (item popularity), id, all
     dp_max_len: int = 20
     dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
+    eval_noise_multiplier: float = 10.0  # a node's private evaluation: noise std per customer
     # node-level DP (one sample = one node's whole update) and secure aggregation, docs/privacy.md
     node_dp: bool = False
     node_clip_norm: float = 1.0  # L2 bound on each node's update (delta from the global model)

@@ -22,22 +22,26 @@ METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@20")
 ScoreFn = Callable[[np.ndarray, list[np.ndarray]], torch.Tensor]
 
 
-def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
-    """Metrics from 1-based ranks of the target (0 = not in the top 20)."""
+def per_customer_metrics(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """Each customer's value of every metric in :data:`METRICS` (in [0, 1]), from 1-based
+    ranks of the target (0 = not in the top 20)."""
     ranks = np.asarray(ranks)
     hit = ranks > 0
     out = {}
     for k in (10, 20):
         within = hit & (ranks <= k)
-        out[f"hr@{k}"] = float(within.mean()) if len(ranks) else 0.0
-        gain = np.where(
-            within, 1.0 / np.log2(ranks + 1.0, where=within, out=np.ones(len(ranks))), 0
-        )
-        out[f"ndcg@{k}"] = float(gain.mean()) if len(ranks) else 0.0
-    out["mrr@20"] = (
-        float(np.where(hit, 1.0 / np.maximum(ranks, 1), 0.0).mean()) if len(ranks) else 0.0
-    )
+        out[f"hr@{k}"] = within.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(within, 1.0 / np.log2(np.maximum(ranks, 1) + 1.0), 0.0)
+    out["mrr@20"] = np.where(hit, 1.0 / np.maximum(ranks, 1), 0.0)
     return {name: out[name] for name in METRICS}
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    """Metrics from 1-based ranks of the target (0 = not in the top 20)."""
+    return {
+        name: float(values.mean()) if len(values) else 0.0
+        for name, values in per_customer_metrics(ranks).items()
+    }
 
 
 def rank_users(

@@ -150,6 +150,7 @@ def train_private(
     trainable: str = "bias",
     show_progress: bool = False,
     physical_batches: int = 4,
+    population: int | None = None,
 ) -> PrivateRound:
     """DP-SGD (plain SGD) with Opacus ghost clipping and Poisson sampling of customers.
 
@@ -163,12 +164,16 @@ def train_private(
     clipped per-customer gradients and adds the noise once, at the end of the logical step
     (``signal_skip_step``, the mechanism of its ``BatchMemoryManager``). The result is the same
     as one pass, without the scores of padding positions.
+
+    ``population``: the public customer figure that sets the sample rate (default: the exact
+    count, ``len(inputs)``); a node passes its declared figure so that nothing it sends
+    depends on its exact count.
     """
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-    steps, sample_rate = steps_per_epoch(len(inputs), expected_batch)
+    steps, sample_rate = steps_per_epoch(population or len(inputs), expected_batch)
     accountant = new_accountant(accountant_state)
     model.to(device).train()
     parameters = select_trainable(model, trainable)
@@ -244,17 +249,56 @@ def select_trainable(model: nn.Module, trainable: str) -> list[nn.Parameter]:
     return chosen
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest noise multiplier whose PRV epsilon after ``steps`` is at most the target."""
-    from opacus.accountants.utils import get_noise_multiplier
+def planned_epsilon(
+    noise_multiplier: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    releases: tuple[tuple[float, int], ...] = (),
+) -> float:
+    """PRV epsilon of ``steps`` DP-SGD steps at ``noise_multiplier`` and ``sample_rate``,
+    composed with ``releases``: (noise multiplier, count) Gaussian releases of sensitivity 1
+    (sample rate 1), e.g. private evaluations."""
+    accountant = new_accountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    accountant.history += [(sigma, 1.0, count) for sigma, count in releases if count]
+    return float(accountant.get_epsilon(delta))
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant="prv",
-            epsilon_tolerance=0.005,
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    releases: tuple[tuple[float, int], ...] = (),
+) -> float:
+    """The smallest noise multiplier (to 0.5%) whose plan (:func:`planned_epsilon`) spends at
+    most ``target_epsilon`` at ``delta`` by Opacus's PRV accountant."""
+    if not releases:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant="prv",
+                epsilon_tolerance=0.005,
+            )
         )
-    )
+    if planned_epsilon(1e4, delta, sample_rate, steps, releases) > target_epsilon:
+        raise ValueError(
+            f"target epsilon {target_epsilon:g} is spent by the planned releases alone "
+            f"({releases}); raise it or plan fewer"
+        )
+    low, high = 0.0, 1.0
+    while planned_epsilon(high, delta, sample_rate, steps, releases) > target_epsilon:
+        low, high = high, 2 * high
+    while high - low > 0.005 * high:  # invariant: ``high`` stays within the target
+        middle = (low + high) / 2
+        if planned_epsilon(middle, delta, sample_rate, steps, releases) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high

@@ -22,6 +22,7 @@ from shared.config import RunConfig
 from shared.data import leave_one_out, load_dataset
 from simulations.centralized import add_run_config_arguments, run_config_from_args
 from simulations.local_federation import CONNECTION, DeployError, LocalFederation
+from simulations.simulate import add_node_config_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="seconds the run may take before it is stopped (default: no limit)",
     )
+    add_node_config_argument(parser, deployed=True)
     add_run_config_arguments(parser)
 
 
@@ -113,7 +115,11 @@ def follow(federation: LocalFederation, run_id: int, config: RunConfig, timeout:
 
 
 def deploy(
-    config: RunConfig, secure: bool = True, port: int | None = None, timeout: float = 0
+    config: RunConfig,
+    secure: bool = True,
+    port: int | None = None,
+    timeout: float = 0,
+    node_config: dict | None = None,
 ) -> int:
     """Partitions, SuperLink, nodes, the run, and teardown; returns the exit code."""
     partitions = prepare_partitions(config)
@@ -125,7 +131,7 @@ def deploy(
         for node in range(config.clients):
             name = f"node-{node}"
             key = federation.node_key(name) if secure else None
-            federation.start_node(name, partitions / name, key)
+            federation.start_node(name, partitions / name, key, policy=node_config)
         federation.wait_for_nodes(config.clients)
         print(f"deploy: {config.clients} SuperNodes online", flush=True)
         run_id = federation.submit(config)
@@ -160,7 +166,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"fedrec: {error}") from None
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        return deploy(config, secure=not args.insecure, port=args.port, timeout=args.timeout)
+        return deploy(
+            config,
+            secure=not args.insecure,
+            port=args.port,
+            timeout=args.timeout,
+            node_config=args.node_config,
+        )
     except DeployError as error:
         print(f"fedrec: deploy failed: {error}", file=sys.stderr)
         return 1

@@ -267,13 +267,20 @@ class LocalFederation:
         return private
 
     def start_node(
-        self, name: str, data_dir: Path, key: Path | None = None, tls: bool | None = None
+        self,
+        name: str,
+        data_dir: Path,
+        key: Path | None = None,
+        tls: bool | None = None,
+        policy: dict | None = None,
     ) -> Service:
         """A SuperNode reading only ``data_dir``, authenticated with the private ``key``, over
-        TLS if the federation uses it (``tls`` False: a node that does not)."""
+        TLS if the federation uses it (``tls`` False: a node that does not), with its own
+        privacy ``policy`` (client/policy.py; default: a deployed node's)."""
         command = [binary("flower-supernode"), "--superlink", f"{HOST}:{self.port}"]
         command += ["--port", str(free_port())]
-        command += ["--node-config", f"data-dir={json.dumps(str(Path(data_dir).resolve()))}"]
+        settings = {"data-dir": str(Path(data_dir).resolve()), **(policy or {})}
+        command += ["--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())]
         if self.secure if tls is None else tls:
             command += ["--root-certificates", str(self.home / "certs" / "ca.crt")]
         else:

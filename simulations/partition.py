@@ -12,13 +12,13 @@ reads only its own directory, in simulation exactly as in deployment.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from shared.data import Dataset, Split
+from shared.node_directory import NodeInfo, round_down_2sf
 
 SCHEMES = ("regional", "merchant")
 
@@ -106,30 +106,14 @@ def write_partitions(
     for node in range(num_nodes):
         directory = Path(out) / f"node-{node}"
         directory.mkdir(parents=True, exist_ok=True)
-        events[node_of_event == node][columns].to_csv(
-            directory / "interactions.csv.gz", index=False
-        )
+        mine = events[node_of_event == node]
+        mine[columns].to_csv(directory / "interactions.csv.gz", index=False)
         items.to_csv(directory / "items.csv.gz", index=False)
-        (directory / "node.json").write_text(
-            json.dumps(
-                {
-                    "node": f"{scheme}-{node}",
-                    "partition": scheme,
-                    "catalog": catalogs[node],
-                }
-            )
-        )
+        NodeInfo(
+            node=f"{scheme}-{node}",
+            partition=scheme,
+            catalog=catalogs[node],
+            customers=round_down_2sf(int(mine["user_id"].nunique())),
+        ).write(directory)
         directories.append(directory)
     return directories
-
-
-def node_catalog(directory: Path, items: pd.DataFrame) -> np.ndarray | None:
-    """Item indices this node sells (None = the whole catalog), from its public ``node.json``."""
-    info = json.loads((Path(directory) / "node.json").read_text())
-    if info.get("catalog") is None:
-        return None
-    return np.flatnonzero(items["item_id"].isin(set(info["catalog"])).to_numpy())
-
-
-def node_name(directory: Path) -> str:
-    return json.loads((Path(directory) / "node.json").read_text())["node"]

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from client.policy import parse_node_config
 from shared.config import RunConfig
 from simulations.centralized import add_run_config_arguments, run_config_from_args
 
@@ -63,7 +64,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "into a random node's data by a fair coin and scored after "
         "training (OUT/canaries.json, docs/privacy-audit.md)",
     )
+    add_node_config_argument(parser, deployed=False)
     add_run_config_arguments(parser)
+
+
+def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) -> None:
+    """``--node-config``: every node's own privacy policy (client/policy.py)."""
+    default = "require-dp=true max-epsilon=8" if deployed else "none: the node accepts any request"
+    parser.add_argument(
+        "--node-config",
+        type=parse_node_config,
+        default={},
+        metavar='"KEY=VALUE ..."',
+        help="each node's own privacy policy, set on the node's side and never by the server: "
+        "require-dp (true/false), max-epsilon, max-delta, declared-customers; a node refuses "
+        f"a request weaker than its policy (default: {default}; docs/privacy.md)",
+    )
 
 
 def backend_config(clients: int, device: str) -> dict:
@@ -101,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def run(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
+    from client.client_app import make_client_app
     from server.federation import check_settings
     from server.server_app import make_server_app
 
@@ -120,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     errors: list[BaseException] = []
     run_simulation(
         server_app=make_server_app(config, show_progress=not args.quiet, errors=errors),
-        client_app=client_app,
+        client_app=make_client_app(args.node_config),
         num_supernodes=config.clients,
         backend_config=backend_config(config.clients, config.device),
     )

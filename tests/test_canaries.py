@@ -14,6 +14,7 @@ from scipy.stats import rankdata
 from server.canary_audit import read_canaries
 from shared.data import Dataset, leave_one_out, load_dataset
 from shared.model import FusionRecommender, ModelConfig
+from shared.node_directory import node_catalog
 from shared.training import train_epoch, training_tensors
 from simulations.canaries import (
     Canaries,
@@ -23,7 +24,7 @@ from simulations.canaries import (
     load_canaries,
     make_canaries,
 )
-from simulations.partition import node_catalog, write_partitions
+from simulations.partition import write_partitions
 
 
 @pytest.fixture(scope="module")

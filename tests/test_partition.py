@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from shared.data import Dataset, load_dataset
-from simulations.partition import node_catalog, node_name, write_partitions
+from shared.node_directory import node_catalog, node_name
+from simulations.partition import write_partitions
 
 NODES = 3
 

@@ -1,0 +1,141 @@
+"""A node's own privacy policy: set by the node's operator when its SuperNode starts, never by
+the server.
+
+Read from Flower's node config (``flower-supernode --node-config "require-dp=true
+max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--node-config``):
+
+- ``require-dp`` (true/false): train only under customer-level DP-SGD. Default true for a
+  deployed node (one started with a ``data-dir``), false in a simulation.
+- ``max-epsilon``: the most this node's customers may ever be charged, over every federation on
+  its data (its accountant persists). Default 8 for a deployed node, no cap in a simulation.
+- ``max-delta``: the largest delta the node accepts. The node picks its own delta in any case:
+  ``1 / (10 x declared customers)`` or smaller (see :meth:`NodePolicy.delta`).
+- ``declared-customers``: the node's customer figure made public in place of its exact count
+  (it sets the DP sample rate and is sent as the node's weight). Default: ``customers`` in the
+  node's ``node.json``, else the exact count rounded down to two significant figures.
+
+A request weaker than the policy is refused with a reason naming the policy
+(:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from shared.config import RunConfig
+from shared.node_directory import round_down_2sf
+
+DEPLOYED_MAX_EPSILON = 8.0
+POLICY_KEYS = ("require-dp", "max-epsilon", "max-delta", "declared-customers")
+
+
+class PolicyError(ValueError):
+    """A node config whose policy cannot be read; names the key and the value."""
+
+
+def _flag(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise PolicyError(f"node config {key}={value!r}: expected true or false")
+    return text in ("true", "1")
+
+
+def _positive(value: Any, key: str, upper: float = math.inf) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PolicyError(f"node config {key}={value!r}: expected a number") from None
+    if not 0 < number < upper:
+        bound = f" and below {upper:g}" if math.isfinite(upper) else ""
+        raise PolicyError(f"node config {key}={value!r}: must be above 0{bound}")
+    return number
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """What a node accepts; ``None`` means no limit of that kind."""
+
+    require_dp: bool = False
+    max_epsilon: float | None = None
+    max_delta: float | None = None
+    declared_customers: int | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
+        """The policy in a node config; a deployed node (``data-dir`` set) defaults to
+        ``require-dp=true max-epsilon=8``."""
+        deployed = "data-dir" in node_config
+        require = node_config.get("require-dp", deployed)
+        max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
+        max_delta = node_config.get("max-delta")
+        declared = node_config.get("declared-customers")
+        return cls(
+            require_dp=_flag(require, "require-dp"),
+            max_epsilon=None if max_epsilon is None else _positive(max_epsilon, "max-epsilon"),
+            max_delta=None if max_delta is None else _positive(max_delta, "max-delta", 1.0),
+            declared_customers=None
+            if declared is None
+            else int(_positive(declared, "declared-customers")),
+        )
+
+    def refusal(self, request: RunConfig) -> str | None:
+        """Why this node refuses to train for ``request`` (None: it accepts)."""
+        if self.require_dp and not request.dp:
+            return (
+                "this node's policy requires customer-level DP (require-dp=true); the request "
+                "has dp=false"
+            )
+        if not request.dp:
+            return None
+        if self.max_epsilon is not None and request.target_epsilon > self.max_epsilon:
+            return (
+                f"the request's target-epsilon {request.target_epsilon:g} is above this node's "
+                f"max-epsilon={self.max_epsilon:g}"
+            )
+        if self.max_delta is not None and request.delta > self.max_delta:
+            return (
+                f"the request's delta {request.delta:g} is above this node's "
+                f"max-delta={self.max_delta:g}"
+            )
+        return None
+
+    def budget(self, request: RunConfig) -> float:
+        """The epsilon this node may spend in total: the request's, capped by its own."""
+        if self.max_epsilon is None:
+            return request.target_epsilon
+        return min(request.target_epsilon, self.max_epsilon)
+
+    def delta(self, request: RunConfig, customers: int) -> float:
+        """The node's own delta: ``1 / (10 x customers)``, or the request's or the policy's
+        if smaller."""
+        candidates = [1.0 / (10 * max(customers, 1))]
+        candidates += [d for d in (request.delta, self.max_delta) if d]
+        return min(candidates)
+
+    def customers(self, exact: int, in_node_json: int | None) -> int:
+        """The public customer figure: declared in the node config, else in ``node.json``,
+        else ``exact`` rounded down to two significant figures."""
+        if self.declared_customers is not None:
+            return self.declared_customers
+        if in_node_json:
+            return int(in_node_json)
+        return round_down_2sf(exact)
+
+
+def parse_node_config(text: str) -> dict[str, Any]:
+    """``"require-dp=true max-epsilon=4"`` as a dict, keys checked against the policy's (and
+    ``data-dir``); the same syntax as Flower's ``--node-config``."""
+    values: dict[str, Any] = {}
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise PolicyError(f"node config {token!r}: expected key=value")
+        if key not in POLICY_KEYS:
+            raise PolicyError(f"node config: unknown key {key!r}; known: {', '.join(POLICY_KEYS)}")
+        values[key] = value.strip("\"'")
+    NodePolicy.from_node_config(values)  # every value checked now, not at the first round
+    return values

@@ -1,0 +1,70 @@
+"""A node's data directory: a dataset directory plus the node's public ``node.json``.
+
+``node.json`` says who the node is and what it makes public: ``node`` (its name), ``partition``
+(how the data was split, informational), ``catalog`` (the item ids it sells; null = all) and
+``customers`` (its declared customer figure, the public stand-in for its exact count; see
+client/policy.py). ``fedrec data split`` and the simulations write it; the node reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+NODE_FILE = "node.json"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """The public description of one node's data."""
+
+    node: str
+    partition: str = ""
+    catalog: list[str] | None = None
+    customers: int | None = None
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / NODE_FILE).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def read(cls, directory: Path) -> NodeInfo:
+        path = Path(directory) / NODE_FILE
+        try:
+            info = json.loads(path.read_text())
+            return cls(
+                node=str(info["node"]),
+                partition=str(info.get("partition", "")),
+                catalog=None if info.get("catalog") is None else [str(i) for i in info["catalog"]],
+                customers=None if info.get("customers") is None else int(info["customers"]),
+            )
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing (a node's data directory needs it)") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not a valid node description ({error})") from None
+
+    def catalog_indices(self, items: pd.DataFrame) -> np.ndarray | None:
+        """Item indices this node sells (None = the whole catalog)."""
+        if self.catalog is None:
+            return None
+        return np.flatnonzero(items["item_id"].astype(str).isin(set(self.catalog)).to_numpy())
+
+
+def round_down_2sf(count: int) -> int:
+    """``count`` rounded down to two significant figures (at least 1): 2,236 -> 2,200."""
+    if count < 100:
+        return max(count, 1)
+    scale = 10 ** (len(str(count)) - 2)
+    return count // scale * scale
+
+
+def node_catalog(directory: Path, items: pd.DataFrame) -> np.ndarray | None:
+    """Item indices the node in ``directory`` sells (None = the whole catalog)."""
+    return NodeInfo.read(directory).catalog_indices(items)
+
+
+def node_name(directory: Path) -> str:
+    return NodeInfo.read(directory).node
