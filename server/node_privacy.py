@@ -8,7 +8,8 @@ over the weights that can learn, with ``C = node-clip-norm`` and ``n`` the numbe
 sampled for the round (a fixed denominator: a node that drops out or declines adds a zero update,
 so no reply count changes the sensitivity). Adding or removing one node changes the sum by at
 most C, so one round is the Gaussian mechanism with noise multiplier sigma. The noise std on the
-mean is Flower's ``compute_stdv(sigma, C, n)`` and is drawn by its ``add_gaussian_noise_inplace``.
+mean is Flower's ``compute_stdv(sigma, C, n)``; the noise is drawn from
+:class:`shared.secure_random.SecureRandom`, never from a seeded generator.
 
 Accounting is Flower's ``RdpAccountant`` (flwr.serverapp) with no amplification by sampling, as
 Flower's accounted DP mode requires: Flower samples a fixed number of nodes, not Poisson. sigma
@@ -25,13 +26,14 @@ import math
 import numpy as np
 import torch
 from flwr.serverapp import GaussianPrivacyEvent, PrivacyConfig, RdpAccountant
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
+from flwr.supercore.differential_privacy import compute_stdv
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
 from server.aggregation import NodeUpdate
 from server.ledger import PrivacyLedger
 from shared.config import RunConfig
 from shared.node_dp import check_node_dp, clipped_update, learning_weights
+from shared.secure_random import SecureRandom
 
 NODE_LEVEL_UNIT = (
     "one node's whole participation: everything any one merchant or region contributes to "
@@ -116,7 +118,10 @@ class NodeLevelDP:
         mean = {k: v / sampled if k in names else np.zeros_like(v) for k, v in total.items()}
         clip = self.config.node_clip_norm
         std = compute_stdv(self.sigma, clip, sampled)  # sigma C / n on the mean
-        add_gaussian_noise_inplace([mean[k] for k in names], std)
+        noise = SecureRandom()
+        for name in names:
+            weights = torch.from_numpy(mean[name])
+            weights += noise.normal(weights.shape, std, dtype=weights.dtype)
         event = self._event(sampled)
         self.accountant.compose(event)
         self.ledger.append(

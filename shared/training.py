@@ -9,7 +9,6 @@ customer influences exactly one clipped gradient per step.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from shared.model import FusionRecommender, pad_histories
 from shared.progress import progress_bar
+from shared.secure_random import SecureRandom
 
 
 def training_tensors(
@@ -168,10 +168,14 @@ def train_private(
     ``population``: the public customer figure that sets the sample rate (default: the exact
     count, ``len(inputs)``); a node passes its declared figure so that nothing it sends
     depends on its exact count.
+
+    The Poisson sampling and the noise come from :class:`SecureRandom`, never from a seeded
+    generator.
     """
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
-    from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    from shared.dp_optimizer import SecureDPOptimizer
 
     steps, sample_rate = steps_per_epoch(population or len(inputs), expected_batch)
     accountant = new_accountant(accountant_state)
@@ -180,7 +184,7 @@ def train_private(
     module = GradSampleModuleFastGradientClipping(
         model, max_grad_norm=max_grad_norm, use_ghost_clipping=True, loss_reduction="mean"
     )
-    optimizer = DPOptimizerFastGradientClipping(
+    optimizer = SecureDPOptimizer(
         torch.optim.SGD(parameters, lr=lr),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -188,10 +192,10 @@ def train_private(
         loss_reduction="mean",
     )
     criterion = DPLossFastGradientClipping(module, optimizer, CustomerLoss("mean"), "mean")
-    generator = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    sampling = SecureRandom()
     losses = []
     for _ in progress_bar(range(epochs * steps), "private training", disable=not show_progress):
-        chosen = torch.rand(len(inputs), generator=generator) < sample_rate  # Poisson sampling
+        chosen = sampling.bernoulli(len(inputs), sample_rate)  # Poisson sampling
         accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
         if not chosen.any():  # nothing released this step; it is still accounted above
             continue

@@ -73,12 +73,11 @@ def test_noise_has_the_right_std_and_only_where_weights_can_learn(tmp_path: Path
         "id_scores.bias": np.zeros(200_000, np.float32),
         "blocks.0.qkv.weight": np.zeros((48, 16), np.float32),
     }
-    np.random.seed(0)  # Flower's noise helper draws from numpy's global generator
     mean = node_dp.release(1, total, sampled=4, aggregated=4)
     noise = mean["id_scores.bias"].numpy().astype(np.float64)
     expected = node_dp.sigma * 2.0 / 4  # sigma C / n on the mean
     assert noise.std() == pytest.approx(expected, rel=0.01)
-    assert abs(noise.mean()) < 4 * expected / np.sqrt(noise.size)
+    assert abs(noise.mean()) < 5 * expected / np.sqrt(noise.size)  # unseeded: 5 std of the mean
     assert not mean["blocks.0.qkv.weight"].any()  # frozen under dp-train=bias: never noised
     # the mean divides the (re-clipped) sum by the nodes sampled, whoever answered
     from server.aggregation import NodeUpdate
