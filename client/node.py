@@ -22,13 +22,14 @@ from shared.secure_random import SecureRandom
 from client.policy import NodePolicy
 from shared.config import RunConfig, resolve_device
 from shared.data import Split, leave_one_out, load_dataset
-from shared.metrics import per_customer_metrics, rank_users
+from shared.metrics import EVALUATED, per_customer_metrics, rank_users
 from shared.model import FusionRecommender
 from shared.node_directory import NodeInfo
 from shared.text import embed_items
 from shared.training import (
     calibrate_noise,
     new_accountant,
+    prv_epsilon,
     steps_per_epoch,
     targets_within,
     train_epoch,
@@ -120,7 +121,7 @@ class NodePrivacy:
         accountant = new_accountant(self.state["accountant"] or None)
         if extra is not None:
             accountant.history.append(extra)
-        return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
+        return prv_epsilon(accountant, delta) if accountant.history else 0.0
 
 
 def train_node(
@@ -231,7 +232,7 @@ def _charge(
     projected = privacy.epsilon_after(delta, event)
     if projected <= budget:
         return None
-    return f"the next release would bring epsilon to {projected:.3f}, over the budget {budget:g}"
+    return f"the next release would bring epsilon to {projected:.3f}, over the budget {budget}"
 
 
 def _train_private(
@@ -252,7 +253,7 @@ def _train_private(
             delta,
             sample_rate,
             round_steps * config.rounds,
-            releases=((config.eval_noise_multiplier, config.rounds),),
+            releases=((config.eval_noise_multiplier, config.rounds if config.federated_eval else 0),),
         )
     sigma = privacy.state["noise_multiplier"]
     if reason := _charge(privacy, delta, budget, (sigma, sample_rate, round_steps)):
@@ -298,9 +299,6 @@ def _train_private(
     }
 
 
-EVALUATED = ("hr@10", "ndcg@10")  # what a private evaluation releases, beside the count
-
-
 def evaluate_node(
     node: NodeData,
     config: RunConfig,
@@ -329,7 +327,7 @@ def evaluate_node(
     per_customer = per_customer_metrics(ranks)
     if not config.dp:
         count = len(users)
-        means = {k: float(v.mean()) if count else 0.0 for k, v in per_customer.items()}
+        means = {k: float(per_customer[k].mean()) if count else 0.0 for k in EVALUATED}
         return {"node": node.name, "customers": count, **means}
     return _evaluate_private(node, config, policy, per_customer)
 
@@ -371,7 +369,7 @@ def _evaluate_private(
         "node": node.name,
         "noisy_customers": float(sums[0]),
         **{f"noisy_sum_{k}": float(v) for k, v in zip(EVALUATED, sums[1:], strict=True)},
-        "epsilon": float(accountant.get_epsilon(delta)),
+        "epsilon": prv_epsilon(accountant, delta),
         "delta": delta,
         "noise_multiplier": sigma,
         "sample_rate": 1.0,

@@ -289,10 +289,16 @@ def run_federation(
         # monitoring only (rounds are fixed, nothing is chosen on it); with refit the nodes
         # train on the validation targets, so the held-out test events are what can show progress
         valid, _ = experiment.evaluate(model, monitor)
+        federated = None
+        if config.federated_eval:
+            federated = federated_evaluation(
+                grid, strategy, ledger, keys, server_round, state, settings, config.round_timeout
+            )
         history.append(
             {
                 "round": server_round,
                 monitor: {k: v for k, v in valid.items() if "@" in k},
+                "federated": federated,
                 "nodes": contributed,
                 "rejected": rejected,
                 "round_s": round(time.time() - started, 1),
@@ -333,13 +339,14 @@ def run_federation(
     privacy = federation_privacy(ledger, config) if config.dp else None
     if config.node_dp:
         privacy = add_node_level(privacy, ledger, config)
+    federated = [h["federated"] for h in history if h.get("federated")]
     metrics = experiment.finish(
         out,
         model,
         trained=torch.from_numpy(trained_rows),
         timing=timing,
         privacy=privacy,
-        extra={"rounds": history},
+        extra={"rounds": history, **({"federated_evaluation": federated} if federated else {})},
         title="fedrec federated global recommender",
     )
     if canaries is not None:  # the released model: after finish() has filled cold items
@@ -352,6 +359,33 @@ def run_federation(
         )
     plot_rounds(history, monitor, out / "rounds.png")
     return metrics
+
+
+def federated_evaluation(
+    grid: Grid,
+    strategy: FedRecStrategy,
+    ledger: PrivacyLedger,
+    keys: NodeKeys,
+    server_round: int,
+    state: dict[str, torch.Tensor],
+    settings: ConfigRecord,
+    timeout: float,
+) -> dict | None:
+    """The nodes evaluate the new global model on their own customers; their private answers
+    are recorded in the ledger like any release before they are aggregated."""
+    arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
+    messages = list(strategy.configure_evaluate(server_round, arrays, settings, grid))
+    replies = list(grid.send_and_receive(messages, timeout=timeout or None))
+    reports = privacy_reports(replies, keys)
+    record_privacy(ledger, server_round, reports)
+    unverified = unverified_nodes(reports)
+    trusted = [
+        r
+        for r in replies
+        if not r.has_error()
+        and ("privacy" not in r.content or str(r.content["privacy"]["node"]) not in unverified)
+    ]
+    return strategy.aggregate_evaluate(server_round, trusted)
 
 
 def _mean_metric(replies: list[Message], key: str) -> float | None:

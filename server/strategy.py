@@ -9,15 +9,17 @@ reply that fails is logged with its node and left out.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import numpy as np
 import torch
-from flwr.app import Message, MetricRecord
+from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
 from server.aggregation import NodeUpdate, ServerOptimizer, aggregate
 from shared.config import RunConfig
+from shared.metrics import EVALUATED
 from shared.wire import ITEM_TABLES, decode
 
 log = logging.getLogger("fedrec.server")
@@ -96,18 +98,35 @@ class FedRecStrategy(FedAvg):
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Weighted average of the nodes' metrics (nodes with no evaluation users are skipped)."""
-        totals, weight = {}, 0.0
+    ) -> dict[str, float | int | bool] | None:
+        """The nodes' evaluation of the global model over all their customers: exact means
+        weighted by customers, or, under DP, the sum of the nodes' noisy sums over the sum of
+        their noisy counts. A reply that is not a well-formed evaluation is left out."""
+        customers, sums, noisy, nodes = 0.0, dict.fromkeys(EVALUATED, 0.0), False, 0
         for reply in replies:
-            if reply.has_error():
+            if reply.has_error() or "metrics" not in reply.content:
                 continue
             metrics = dict(reply.content["metrics"])
-            n = float(metrics.pop("num-examples", 0))
-            weight += n
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + n * float(value)
-        return MetricRecord({k: v / weight for k, v in totals.items()}) if weight else None
+            private = "noisy_customers" in metrics
+            count_key = "noisy_customers" if private else "customers"
+            keys = [count_key, *(f"noisy_sum_{k}" if private else k for k in EVALUATED)]
+            values = [metrics.get(k) for k in keys]
+            if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+                log.warning("round %d: an evaluation reply without %s", server_round, keys)
+                continue
+            count, *rest = (float(v) for v in values)
+            if not private and (count < 0 or not all(0 <= v <= 1 for v in rest)):
+                log.warning("round %d: an evaluation reply out of range", server_round)
+                continue
+            customers += count
+            for name, value in zip(EVALUATED, rest, strict=True):
+                sums[name] += value if private else value * count
+            noisy, nodes = noisy or private, nodes + 1
+        if customers <= 0:
+            return None
+        means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
+        return {"round": server_round, "nodes": nodes, "customers": round(customers), "dp": noisy}
+        | means
 
 
 def _update_norm(

@@ -75,6 +75,7 @@ class RunConfig:
     min_nodes: int = 1
     wire_dtype: str = "float32"  # float16 halves what travels
     canaries: int = 0  # empirical privacy audit: random canary customers (simulation only)
+    federated_eval: bool = False  # the nodes evaluate each round (private under DP); deploy: on
     round_timeout: float = 0.0  # seconds a round waits for replies; 0 = until each arrives or
     # Flower reports its node unavailable (about a minute after the node stops responding)
     # robustness measurement (simulation only): these nodes' replies are replaced by attacks

@@ -17,6 +17,7 @@ from shared.data import Split
 
 TOP_K = 20
 METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@20")
+EVALUATED = ("hr@10", "ndcg@10")  # what federated evaluation reports (noisy sums under DP)
 
 # Scores a batch of users from their histories: (user indices, histories) -> (batch, items).
 ScoreFn = Callable[[np.ndarray, list[np.ndarray]], torch.Tensor]

@@ -128,6 +128,14 @@ def new_accountant(state: dict | None = None):
     return accountant
 
 
+def prv_epsilon(accountant, delta: float) -> float:
+    """The PRV accountant's epsilon at ``delta``. Opacus takes log(1 - q), log(0) for the
+    releases that are not subsampled (q = 1, a private evaluation): numpy warns about the
+    infinity, which the formula then handles correctly, so the warning is silenced here."""
+    with np.errstate(divide="ignore"):
+        return prv_epsilon(accountant, delta)
+
+
 def steps_per_epoch(num_customers: int, expected_batch: int) -> tuple[int, float]:
     """Poisson sampling: rate q = batch / customers, and 1/q steps make one epoch."""
     sample_rate = min(1.0, expected_batch / max(num_customers, 1))
@@ -213,7 +221,7 @@ def train_private(
         sample_rate=sample_rate,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        epsilon=float(accountant.get_epsilon(delta)),
+        epsilon=prv_epsilon(accountant, delta),
         loss=float(np.mean(losses)) if losses else float("nan"),
         accountant_state=accountant.state_dict(),
     )
@@ -266,7 +274,7 @@ def planned_epsilon(
     accountant = new_accountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
     accountant.history += [(sigma, 1.0, count) for sigma, count in releases if count]
-    return float(accountant.get_epsilon(delta))
+    return prv_epsilon(accountant, delta)
 
 
 def calibrate_noise(

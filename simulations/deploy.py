@@ -63,8 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's settings from ``fedrec deploy local``'s arguments (one partition per node)."""
     data = args.data.resolve() if args.data else None
+    # a deployment evaluates at the nodes (unless --set federated-eval=false comes later)
+    with_defaults = argparse.Namespace(
+        **{**vars(args), "overrides": ["federated-eval=true", *args.overrides]}
+    )
     return run_config_from_args(
-        args,
+        with_defaults,
         data=str(data) if data else None,
         out=str(args.out.resolve()),
         clients=args.nodes,

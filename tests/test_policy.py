@@ -1,0 +1,131 @@
+"""A node's own privacy policy (client/policy.py) and what a DP node lets out (client/node.py):
+requests weaker than the policy are refused with nothing spent, the node picks its own delta
+from its public customer figure, and its federated evaluation is noisy and charged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import TINY_SETTINGS
+
+from client.node import NodePrivacy, evaluate_node, load_node, private_sums, train_node
+from client.policy import NodePolicy, PolicyError, parse_node_config
+from shared.config import RunConfig
+from shared.data import load_dataset
+from shared.model import FusionRecommender
+from shared.node_directory import NodeInfo, round_down_2sf
+from shared.wire import trainable_state
+from simulations.partition import write_partitions
+
+
+def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -> None:
+    deployed = NodePolicy.from_node_config({"data-dir": "/data"})
+    assert deployed.require_dp and deployed.max_epsilon == 8.0
+    assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
+    relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
+    assert not relaxed.require_dp
+
+
+@pytest.mark.parametrize(
+    "request_settings, words",
+    [
+        ({"dp": False}, "require-dp=true"),
+        ({"dp": True, "target_epsilon": 8.0}, "max-epsilon=4"),
+        ({"dp": True, "target_epsilon": 4.0, "delta": 1e-3}, "max-delta=1e-05"),
+    ],
+)
+def test_a_request_weaker_than_the_policy_is_refused_naming_the_policy(
+    request_settings: dict, words: str
+) -> None:
+    policy = NodePolicy(require_dp=True, max_epsilon=4.0, max_delta=1e-5)
+    reason = policy.refusal(RunConfig(**request_settings))
+    assert reason is not None and words in reason
+    assert policy.refusal(RunConfig(dp=True, target_epsilon=4.0)) is None
+    assert policy.refusal(RunConfig(dp=True, target_epsilon=2.0, delta=1e-6)) is None
+
+
+def test_the_node_picks_its_own_delta_below_one_over_its_customers() -> None:
+    policy = NodePolicy()
+    assert policy.delta(RunConfig(dp=True), 2_000) == pytest.approx(1 / 20_000)
+    assert policy.delta(RunConfig(dp=True, delta=1e-7), 2_000) == 1e-7  # a stricter request
+    assert NodePolicy(max_delta=1e-6).delta(RunConfig(dp=True), 100) == 1e-6
+
+
+def test_the_public_customer_figure_never_is_the_exact_count() -> None:
+    assert [round_down_2sf(n) for n in (7, 99, 100, 2_236, 22_363)] == [7, 99, 100, 2_200, 22_000]
+    assert NodePolicy(declared_customers=5_000).customers(2_236, 2_200) == 5_000
+    assert NodePolicy().customers(2_236, 2_100) == 2_100  # node.json's
+    assert NodePolicy().customers(2_236, None) == 2_200
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("require-dp=maybe", "true or false"),
+        ("max-epsilon=-1", "above 0"),
+        ("max-delta=2", "below 1"),
+        ("max_epsilon=4", "unknown key"),
+        ("require-dp", "key=value"),
+    ],
+)
+def test_a_bad_node_config_is_refused_with_the_key_and_value(text: str, words: str) -> None:
+    with pytest.raises(PolicyError, match=words):
+        parse_node_config(text)
+
+
+@pytest.fixture()
+def node_setup(tiny_synth_dataset_dir: Path, tmp_path: Path):
+    directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
+    load_node.cache_clear()
+    config = RunConfig(**TINY_SETTINGS, device="cpu", dp=True, target_epsilon=4.0, rounds=2)
+    node = load_node(str(directory), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    return node, config, trainable_state(model)
+
+
+def test_a_refused_request_spends_nothing_and_sends_no_weights(node_setup) -> None:
+    node, config, state = node_setup
+    policy = NodePolicy(require_dp=True, max_epsilon=2.0)
+    for request in (RunConfig(**{**config.to_dict(), "dp": False}), config):
+        report = train_node(node, request, state, server_round=1, policy=policy)
+        assert report["refused"] is True
+        assert "require-dp=true" in report["reason"] or "max-epsilon=2" in report["reason"]
+        assert "state" not in report and "rows" not in report
+        assert not NodePrivacy(node.directory).path.exists()  # nothing spent, nothing written
+
+
+def test_a_dp_node_trains_on_its_public_figure_and_own_delta(node_setup) -> None:
+    node, config, state = node_setup
+    report = train_node(node, config, state, server_round=1, policy=NodePolicy(max_epsilon=4.0))
+    declared = NodeInfo.read(node.directory).customers
+    assert report["customers"] == declared
+    assert report["delta"] == pytest.approx(1 / (10 * declared))
+    assert report["sample_rate"] == pytest.approx(min(1.0, config.dp_batch_size / declared))
+    assert 0 < report["epsilon"] <= 4.0 and report["purpose"] == "training"
+
+
+def test_private_evaluation_is_noisy_charged_and_declined_past_the_budget(node_setup) -> None:
+    node, config, state = node_setup
+    first = evaluate_node(node, config, state)
+    second = evaluate_node(node, config, state)
+    assert first["mechanism"] == "gaussian" and first["purpose"] == "evaluation"
+    assert first["noise_multiplier"] == config.eval_noise_multiplier
+    assert first["noisy_customers"] != second["noisy_customers"]  # fresh noise each time
+    assert "hr@10" not in first and "ndcg@10" not in first  # no exact figure leaves
+    privacy = NodePrivacy(node.directory)
+    assert privacy.state["contributions"] == 2  # both charged to the node's accountant
+    assert second["epsilon"] > first["epsilon"] > 0
+    tight = RunConfig(**{**config.to_dict(), "target_epsilon": second["epsilon"] * 1.01})
+    third = evaluate_node(node, tight, state)
+    assert third["declined"] is True and "budget" in third["reason"]
+    assert NodePrivacy(node.directory).state["contributions"] == 2
+
+
+def test_private_sums_have_the_calibrated_noise() -> None:
+    values = np.zeros((10, 3))
+    draws = np.stack([private_sums(values, 10.0) for _ in range(400)])
+    # each column: N(0, 10^2) on the scaled sum, scaled back by sqrt(3)
+    assert draws.std() == pytest.approx(10.0 * np.sqrt(3), rel=0.1)
+    assert abs(draws.mean()) < 2.0
