@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from shared.signing import pkcs8_pem, write_private
 
 VALID_DAYS = 30
 
@@ -32,23 +33,6 @@ class TlsFiles:
     ca: Path
     certificate: Path
     key: Path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by its owner only: created so, and an existing file's looser
-    permissions are narrowed before the secret is written into it."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 def _certificate(
@@ -93,7 +77,7 @@ def write_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost
     files = TlsFiles(directory / "ca.crt", directory / "server.pem", directory / "server.key")
     files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.certificate.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_private(files.key, _pem_key(server_key))
+    write_private(files.key, pkcs8_pem(server_key))
     return files
 
 
@@ -102,7 +86,7 @@ def write_node_key(directory: Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / name, directory / f"{name}.pub"
-    _write_private(
+    write_private(
         private,
         key.private_bytes(
             serialization.Encoding.PEM,

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.signing import canonical_json  # also importable from here, as before
+
 GENESIS = "0" * 64
 RESERVED = ("seq", "kind", "time", "prev_hash", "hash")
 
@@ -44,6 +46,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
         "num_customers",
     ),
     "declined": ("round", "node", "reason"),
+    "refused": ("round", "node", "reason"),
     "node_level": (
         "round",
         "mechanism",
@@ -62,11 +65,6 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 
 class LedgerError(ValueError):
     """A ledger that cannot be read, or a chain that must not be extended."""
-
-
-def canonical_json(obj: Any) -> str:
-    """The one serialisation that hashes are computed over (non-finite numbers are refused)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def entry_hash(entry: dict) -> str:
