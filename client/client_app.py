@@ -29,12 +29,12 @@ from flwr.clientapp.typing import ClientAppCallable
 
 # deprecated path; SecAgg+ exists nowhere else in flwr 1.42
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from shared.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
 
 from client.node import NodeData, NodePrivacy, evaluate_node, load_node, train_node
 from client.policy import NodePolicy
 from shared.config import RunConfig
 from shared.node_dp import clipped_update
+from shared.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
 from shared.wire import encode, nbytes
 
 # what the server sends beside the run's settings

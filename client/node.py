@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from shared.secure_random import SecureRandom
 
 from client.policy import NodePolicy
 from shared.config import RunConfig, resolve_device
@@ -25,6 +24,7 @@ from shared.data import Split, leave_one_out, load_dataset
 from shared.metrics import EVALUATED, per_customer_metrics, rank_users
 from shared.model import FusionRecommender
 from shared.node_directory import NodeInfo
+from shared.secure_random import SecureRandom
 from shared.text import embed_items
 from shared.training import (
     calibrate_noise,
@@ -253,7 +253,9 @@ def _train_private(
             delta,
             sample_rate,
             round_steps * config.rounds,
-            releases=((config.eval_noise_multiplier, config.rounds if config.federated_eval else 0),),
+            releases=(
+                (config.eval_noise_multiplier, config.rounds if config.federated_eval else 0),
+            ),
         )
     sigma = privacy.state["noise_multiplier"]
     if reason := _charge(privacy, delta, budget, (sigma, sample_rate, round_steps)):

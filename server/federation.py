@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from shared.signing import SIGNED_FIELDS
 
 from server.ledger import PrivacyLedger
 from server.node_keys import NodeKeys
@@ -31,6 +30,7 @@ from shared.data import Dataset, Split
 from shared.experiment import Experiment
 from shared.node_directory import node_catalog
 from shared.node_dp import check_node_dp
+from shared.signing import SIGNED_FIELDS
 from shared.wire import encode, nbytes, trainable_state
 from simulations.attacks import check_attack
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+
 from shared.signing import digest_arrays, public_key_id, signed_payload, verify
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -125,8 +125,8 @@ class FedRecStrategy(FedAvg):
         if customers <= 0:
             return None
         means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
-        return {"round": server_round, "nodes": nodes, "customers": round(customers), "dp": noisy}
-        | means
+        summary = {"round": server_round, "nodes": nodes, "customers": round(customers)}
+        return {**summary, "dp": noisy, **means}
 
 
 def _update_norm(
