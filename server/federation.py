@@ -413,7 +413,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         }
     if not contributions:
         return {"unit": NODE_UNIT, "per_node": {}, "statement": "No node contributed."}
-    federation = federation_guarantee(contributions, config.partition)
+    federation = federation_guarantee(contributions, config.delta or None, config.partition)
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
     return {
         "unit": federation["unit"],

@@ -133,7 +133,7 @@ def prv_epsilon(accountant, delta: float) -> float:
     releases that are not subsampled (q = 1, a private evaluation): numpy warns about the
     infinity, which the formula then handles correctly, so the warning is silenced here."""
     with np.errstate(divide="ignore"):
-        return prv_epsilon(accountant, delta)
+        return float(accountant.get_epsilon(delta))
 
 
 def steps_per_epoch(num_customers: int, expected_batch: int) -> tuple[int, float]:
@@ -286,6 +286,7 @@ def calibrate_noise(
 ) -> float:
     """The smallest noise multiplier (to 0.5%) whose plan (:func:`planned_epsilon`) spends at
     most ``target_epsilon`` at ``delta`` by Opacus's PRV accountant."""
+    releases = tuple((sigma, count) for sigma, count in releases if count)
     if not releases:
         from opacus.accountants.utils import get_noise_multiplier
 

@@ -4,14 +4,17 @@ from its public customer figure, and its federated evaluation is noisy and charg
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_SETTINGS
+from helpers import TINY, TINY_SETTINGS
 
 from client.node import NodePrivacy, evaluate_node, load_node, private_sums, train_node
 from client.policy import NodePolicy, PolicyError, parse_node_config
+from server.ledger import read_ledger
+from shared.cli import main
 from shared.config import RunConfig
 from shared.data import load_dataset
 from shared.model import FusionRecommender
@@ -129,3 +132,67 @@ def test_private_sums_have_the_calibrated_noise() -> None:
     # each column: N(0, 10^2) on the scaled sum, scaled back by sqrt(3)
     assert draws.std() == pytest.approx(10.0 * np.sqrt(3), rel=0.1)
     assert abs(draws.mean()) < 2.0
+
+
+# --- end to end: the policy in a federation, and the headline of a merchant federation -------
+
+
+def simulate(data: Path, out: Path, *extra: str) -> int:
+    return main(
+        ["simulate", "--data", str(data), "--out", str(out), "--clients", "2", *TINY, *extra]
+    )
+
+
+def ledger_kinds(out: Path) -> list[str]:
+    return [e["kind"] for e in read_ledger(out / "ledger.jsonl")]
+
+
+@pytest.mark.e2e
+def test_nodes_refuse_what_their_policy_forbids_and_train_within_it(
+    tiny_synth_dataset_dir: Path, tmp_path: Path
+) -> None:
+    policy = ["--node-config", "require-dp=true max-epsilon=4", "--rounds", "1"]
+    for name, request in (("no-dp", []), ("eps8", ["--dp", "--target-epsilon", "8"])):
+        out = tmp_path / name
+        assert simulate(tiny_synth_dataset_dir, out, *policy, *request) == 0
+        ledger = read_ledger(out / "ledger.jsonl")
+        refused = [e for e in ledger if e["kind"] == "refused"]
+        assert len(refused) == 2 and "contribution" not in ledger_kinds(out)
+        words = "require-dp=true" if name == "no-dp" else "max-epsilon=4"
+        assert all(words in e["reason"] for e in refused)
+        assert "no node could train" in ledger[-1]["reason"]
+        assert not (out / "partitions" / "node-0" / "privacy" / "accountant.json").exists()
+    out = tmp_path / "eps4"
+    assert simulate(tiny_synth_dataset_dir, out, *policy, "--dp", "--target-epsilon", "4") == 0
+    contributions = [e for e in read_ledger(out / "ledger.jsonl") if e["kind"] == "contribution"]
+    assert len(contributions) == 2 and all(0 < e["epsilon"] <= 4 for e in contributions)
+    assert main(["audit", str(out)]) == 0
+
+
+@pytest.mark.e2e
+def test_a_merchant_dp_federation_states_the_composition_over_its_nodes(
+    tiny_synth_dataset_dir: Path, tmp_path: Path
+) -> None:
+    import dp_accounting as dpa
+    from dp_accounting.pld import pld_privacy_accountant
+
+    out = tmp_path / "merchant"
+    extra = ["--partition", "merchant", "--rounds", "2", "--dp", "--target-epsilon", "4"]
+    assert simulate(tiny_synth_dataset_dir, out, *extra) == 0
+    contributions = [e for e in read_ledger(out / "ledger.jsonl") if e["kind"] == "contribution"]
+    assert {e["node"] for e in contributions} == {"merchant-0", "merchant-1"}
+    # an independent recomputation: every release of every node composed, at the nodes'
+    # summed delta
+    accountant = pld_privacy_accountant.PLDAccountant()
+    for e in contributions:
+        step = dpa.PoissonSampledDpEvent(
+            e["sample_rate"], dpa.GaussianDpEvent(e["noise_multiplier"])
+        )
+        accountant.compose(dpa.SelfComposedDpEvent(step, e["steps"]))
+    deltas = {e["node"]: e["delta"] for e in contributions}
+    composed = accountant.get_epsilon(sum(deltas.values()))
+    privacy = json.loads((out / "metrics.json").read_text())["privacy"]
+    assert privacy["epsilon"] >= composed * (1 - 1e-3)
+    assert privacy["epsilon"] > max(e["epsilon"] for e in contributions)  # not the worst node
+    assert privacy["epsilon"] <= 4 + 1e-6  # the federation's budget holds
+    assert main(["audit", str(out)]) == 0

@@ -25,7 +25,16 @@ from shared.model import FusionRecommender
 from shared.wire import ITEM_TABLES, ROWS, encode, trainable_state
 from simulations.partition import write_partitions
 
-ALLOWED_METRICS = {"num-examples", "bytes-up", "loss", "coverage@20", *METRICS}
+ALLOWED_METRICS = {
+    "num-examples",
+    "customers",
+    "bytes-up",
+    "loss",
+    "coverage@20",
+    *METRICS,
+    *(f"noisy_sum_{m}" for m in METRICS),
+    "noisy_customers",
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +67,7 @@ def test_a_node_sends_weights_and_aggregates_only(
     node = load_node(str(node_dir), config.text_model)
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
     state = trainable_state(model)
-    settings = settings_record(config, node_dir.parent)
+    settings = settings_record(config, node_dir.parent, run_id="r" * 64)
     settings["server-round"] = 1
     message = Message(
         RecordDict(
@@ -73,7 +82,7 @@ def test_a_node_sends_weights_and_aggregates_only(
     context = Context(
         run_id=1,
         node_id=1,
-        node_config={"data-dir": str(node_dir)},
+        node_config={"data-dir": str(node_dir), "require-dp": dp},
         state=RecordDict(),
         run_config={},
     )
@@ -98,6 +107,12 @@ def test_a_node_sends_weights_and_aggregates_only(
                 "mechanism",
                 "unit",
                 "reason",
+                "purpose",
+                "run_id",
+                "update_digest",
+                "signature",
+                "key_id",
+                "public_key",
             }, key
         assert content["privacy"]["node"] == "regional-0"
     if kind == "evaluate":
