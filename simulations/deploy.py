@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from server.credentials import VALID_DAYS
 from server.federation import check_settings, ensure_partitions
 from shared.config import RunConfig
 from shared.data import leave_one_out, load_dataset
@@ -49,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--insecure",
         action="store_true",
         help="no TLS and no SuperNode authentication (debugging only)",
+    )
+    parser.add_argument(
+        "--cert-days",
+        type=int,
+        default=VALID_DAYS,
+        help="validity of the SuperLink's TLS certificate in days (the kept CA re-issues it)",
     )
     parser.add_argument(
         "--timeout",
@@ -124,11 +131,12 @@ def deploy(
     port: int | None = None,
     timeout: float = 0,
     node_config: dict | None = None,
+    cert_days: int = VALID_DAYS,
 ) -> int:
     """Partitions, SuperLink, nodes, the run, and teardown; returns the exit code."""
     partitions = prepare_partitions(config)
     out = Path(config.out)
-    with LocalFederation(out, secure=secure, port=port) as federation:
+    with LocalFederation(out, secure=secure, port=port, cert_days=cert_days) as federation:
         federation.start_superlink()
         mode = "TLS, SuperNode authentication" if secure else "INSECURE: no TLS, no auth"
         print(f"deploy: SuperLink on 127.0.0.1:{federation.port} ({mode})", flush=True)
@@ -176,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             port=args.port,
             timeout=args.timeout,
             node_config=args.node_config,
+            cert_days=args.cert_days,
         )
     except DeployError as error:
         print(f"fedrec: deploy failed: {error}", file=sys.stderr)

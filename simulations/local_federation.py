@@ -25,7 +25,7 @@ from pathlib import Path
 
 import tomli_w
 
-from server.credentials import TlsFiles, write_node_key, write_tls
+from server.credentials import VALID_DAYS, TlsFiles, write_node_key, write_tls
 from shared.config import RunConfig
 
 HOST = "127.0.0.1"
@@ -130,11 +130,14 @@ class LocalFederation:
     """A SuperLink and SuperNodes on loopback, TLS and node authentication on unless
     ``secure`` is False; use as a context manager so that every process is stopped."""
 
-    def __init__(self, out: Path, secure: bool = True, port: int | None = None):
+    def __init__(
+        self, out: Path, secure: bool = True, port: int | None = None, cert_days: int = VALID_DAYS
+    ):
         self.out = Path(out).resolve()
         self.home = self.out / "deploy"
         self.logs = self.out / "logs"
         self.secure = secure
+        self.cert_days = cert_days
         if port is not None:
             check_port(port)
         self.port = port or free_port()
@@ -206,7 +209,7 @@ class LocalFederation:
         command += ["--database", str(self.home / "superlink.db")]
         if self.secure:
             if self.tls is None:
-                self.tls = write_tls(self.home / "certs")
+                self.tls = write_tls(self.home / "certs", days=self.cert_days)
             command += ["--ssl-ca-certfile", str(self.tls.ca)]
             command += ["--ssl-certfile", str(self.tls.certificate)]
             command += ["--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
