@@ -1,12 +1,17 @@
 """What several test files build the same way: the tiny model the end-to-end tests train
-(seconds per round on 2 CPU cores) and a node's reply to a training round."""
+(seconds per round on 2 CPU cores), a node's reply to a training round, and the tiny model and
+customers the private-step tests train one customer at a time."""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+from shared.model import FusionRecommender, ModelConfig
+from shared.training import training_tensors, trim
 
 TINY_SETTINGS = {
     "dim": 16,
@@ -53,3 +58,47 @@ def node_reply(
         message_type="train",
     )
     return Message(content=content, metadata=metadata)
+
+
+def tiny_model(
+    fusion: str = "gated", variant: str = "fusion", dropout: float = 0.0, layers: int = 1
+) -> FusionRecommender:
+    """A float64 model over a 40-item catalog, every weight moved off its initialisation."""
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(40, 16), dim=1)
+    config = ModelConfig(
+        num_items=40,
+        text_dim=16,
+        dim=8,
+        max_len=6,
+        layers=layers,
+        heads=2,
+        dropout=dropout,
+        fusion=fusion,
+        variant=variant,
+    )
+    model = FusionRecommender(config, text)
+    with torch.no_grad():  # move off the zero initialisation so every path carries gradient
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model.double()
+
+
+def customers() -> tuple[torch.Tensor, torch.Tensor]:
+    """Seven customers of ``tiny_model``'s catalog, histories of 2 to 9 events, trimmed."""
+    rng = np.random.default_rng(1)
+    histories = [rng.integers(0, 40, size=n) for n in (2, 3, 5, 7, 9, 4)]
+    histories.append(np.array([3, 3, 3]))  # repeated items: the same table rows twice
+    return trim(*training_tensors(histories, max_len=6))
+
+
+class NoiselessAccountant:
+    """Stands in for ``new_accountant`` without noise, which has no finite epsilon."""
+
+    def step(self, **_) -> None: ...
+
+    def get_epsilon(self, delta: float) -> float:
+        return float("inf")
+
+    def state_dict(self) -> dict:
+        return {}

@@ -4,47 +4,20 @@ One customer = one sample. For each customer we backpropagate their loss alone (
 compare the gradient norm over every trainable weight with what Opacus computes for clipping.
 """
 
-import numpy as np
 import pytest
 import torch
+from helpers import NoiselessAccountant, customers, tiny_model
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-from shared.model import FusionRecommender, ModelConfig
+from client.node import CatalogView
+from shared.model import FusionRecommender
 from shared.training import (
     CustomerLoss,
+    length_buckets,
     select_trainable,
+    targets_within,
     train_private,
-    training_tensors,
-    trim,
 )
-
-
-def tiny_model(fusion: str, variant: str = "fusion") -> FusionRecommender:
-    torch.manual_seed(0)
-    text = torch.nn.functional.normalize(torch.randn(40, 16), dim=1)
-    config = ModelConfig(
-        num_items=40,
-        text_dim=16,
-        dim=8,
-        max_len=6,
-        layers=1,
-        heads=2,
-        dropout=0.0,
-        fusion=fusion,
-        variant=variant,
-    )
-    model = FusionRecommender(config, text)
-    with torch.no_grad():  # move off the zero initialisation so every path carries gradient
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    return model.double()
-
-
-def customers() -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(1)
-    histories = [rng.integers(0, 40, size=n) for n in (2, 3, 5, 7, 9, 4)]
-    histories.append(np.array([3, 3, 3]))  # repeated items: the same table rows twice
-    return trim(*training_tensors(histories, max_len=6))
 
 
 def brute_force_norms(model: FusionRecommender, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -101,14 +74,6 @@ def test_a_private_step_is_the_mean_clipped_gradient_however_the_batch_is_split(
     -lr x (sum of per-customer gradients, each clipped to C) / batch, computed one customer at a
     time here, also when the batch runs as several length-sorted passes."""
 
-    class NoiselessAccountant:  # without noise there is no finite epsilon to compute
-        def step(self, **_) -> None: ...
-        def get_epsilon(self, delta: float) -> float:
-            return float("inf")
-
-        def state_dict(self) -> dict:
-            return {}
-
     monkeypatch.setattr("shared.training.new_accountant", lambda state: NoiselessAccountant())
     model, (x, y) = tiny_model("gated"), customers()
     clip, lr = 0.05, 0.5
@@ -137,3 +102,110 @@ def test_a_private_step_is_the_mean_clipped_gradient_however_the_batch_is_split(
     )
     for after, start, total in zip(model.parameters(), before, clipped_sum, strict=True):
         torch.testing.assert_close(after.detach() - start, -lr * total / len(x))
+
+
+def batched_gradients(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> list[list[torch.Tensor]]:
+    """Each customer's gradient (of their summed loss, over the weights that learn), by autograd
+    through ONE forward pass of the whole batch. Customers do not interact in the model, so
+    this is each customer's own gradient; with dropout, it is the gradient under the masks that
+    pass drew. Run from the same RNG state and on the same batch (same shapes, same order) as
+    Opacus's forward, it sees the very masks Opacus saw: dropout draws its masks from torch's
+    generator in the order of the forward, whatever hooks Opacus adds."""
+    weights = [p for p in model.parameters() if p.requires_grad]
+    losses = CustomerLoss("none")(model(x), y)
+    grads = []
+    for loss in losses:
+        parts = torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        grads.append(
+            [torch.zeros_like(w) if g is None else g for g, w in zip(parts, weights, strict=True)]
+        )
+    return grads
+
+
+def grad_norm(grad: list[torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum((g**2).sum() for g in grad))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_ghost_norms_match_brute_force_with_dropout(dropout: float) -> None:
+    """Dropout masks are random, so the brute force must see Opacus's masks: both run the same
+    batch from the same seed (see :func:`batched_gradients`). Without dropout the batched brute
+    force equals the one-customer-at-a-time one, which makes it a fair stand-in; with dropout the
+    norms differ from the dropout-free ones, so the masks really acted."""
+    model, (x, y) = tiny_model("gated", dropout=dropout, layers=2), customers()
+    torch.manual_seed(3)
+    expected = torch.stack([grad_norm(g) for g in batched_gradients(model, x, y)])
+    module = GradSampleModuleFastGradientClipping(
+        model, max_grad_norm=1.0, use_ghost_clipping=True, loss_reduction="mean"
+    )
+    torch.manual_seed(3)
+    CustomerLoss("none")(module(x), y).mean().backward()
+    measured = module.get_norm_sample().double()
+    module.to_standard_module()
+    torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-8)
+    model.eval()  # dropout off
+    one_at_a_time = brute_force_norms(model, x, y)
+    if dropout:
+        assert not torch.allclose(expected, one_at_a_time, rtol=1e-3)
+    else:
+        torch.testing.assert_close(expected, one_at_a_time, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["dropout", "two layers", "merchant", "bias only"])
+def test_a_private_step_is_the_mean_clipped_gradient_in_every_setting(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One noise-free DP-SGD step (two length-sorted passes) against the brute-force sum of
+    clipped per-customer gradients: with dropout (the brute force runs the same passes from the
+    same seed, see :func:`batched_gradients`), with two transformer layers, on a merchant's part
+    of the catalog (``CatalogView`` and ``targets_within``, as client/node.py trains), and with
+    only the item biases learning (``trainable="bias"``, the default): frozen weights stay
+    exactly as they were."""
+    monkeypatch.setattr("shared.training.new_accountant", lambda state: NoiselessAccountant())
+    x, y = customers()
+    model: torch.nn.Module = tiny_model(
+        "gated", dropout=0.3 if case == "dropout" else 0.0, layers=2
+    )
+    if case == "merchant":
+        columns = torch.arange(0, 40, 2)  # the merchant sells the even items only
+        within = targets_within(y, columns, 40)
+        assert ((y >= 0) & (within == -1)).any() and (within >= 0).any()  # some targets leave
+        y, model = within, CatalogView(model, columns.numpy())
+    trainable = "bias" if case == "bias only" else "all"
+    select_trainable(model, trainable)
+    clip, lr, passes = 0.05, 0.5, 2
+    clipped_sum = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+    model.train()
+    torch.manual_seed(5)
+    for part in length_buckets(x, y, passes):  # the passes train_private runs, in its order
+        for grad in batched_gradients(model, *part):
+            scale = min(1.0, clip / max(float(grad_norm(grad)), 1e-12))  # 0 if no target
+            for total, g in zip(clipped_sum, grad, strict=True):
+                total += g * scale
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    torch.manual_seed(5)
+    train_private(
+        model,
+        x,
+        y,
+        epochs=1,
+        expected_batch=len(x),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        lr=lr,
+        delta=1e-5,
+        device="cpu",
+        trainable=trainable,
+        physical_batches=passes,
+    )
+    learning = [k for k, p in model.named_parameters() if p.requires_grad]
+    if case == "bias only":
+        assert learning == ["id_scores.bias"]
+    for name, total in zip(learning, clipped_sum, strict=True):
+        moved = model.get_parameter(name).detach() - before[name]
+        torch.testing.assert_close(moved, -lr * total / len(x))
+    for name, parameter in model.named_parameters():
+        if name not in learning:
+            assert torch.equal(parameter.detach(), before[name])
