@@ -34,6 +34,7 @@ from client.node import NodeData, NodePrivacy, evaluate_node, load_node, train_n
 from client.policy import NodePolicy
 from shared.config import RunConfig
 from shared.node_dp import clipped_update
+from shared.reports import NodeReport, Release
 from shared.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
 from shared.wire import encode, nbytes
 
@@ -68,31 +69,38 @@ class NodeRequest:
         key_path = node_config.get("node-key") or self.node.directory / "privacy" / "node.key"
         self.key_path = Path(key_path)
 
-    def report(self, result: dict, arrays: dict[str, np.ndarray] | None) -> dict[str, Any]:
-        """The privacy report to send for ``result``: a refusal or a decline as it is; a
-        release signed with the node key over its fields and the digest of ``arrays``, and
-        kept in the node's receipt log first."""
+    def report(self, result: dict, arrays: dict[str, np.ndarray] | None) -> NodeReport:
+        """The privacy report for ``result``: a refusal or a decline as it is; a DP release
+        signed with the node key over its fields and the digest of ``arrays``, and kept in
+        the node's receipt log before it leaves."""
+        name = self.node.name
         if result.get("refused") or result.get("declined"):
-            return {
-                "node": self.node.name,
-                "refused": bool(result.get("refused")),
-                "declined": bool(result.get("declined")),
-                "reason": str(result["reason"]),
-                **({"epsilon": result["epsilon"]} if "epsilon" in result else {}),
-            }
+            return NodeReport(
+                name,
+                refused=bool(result.get("refused")),
+                declined=bool(result.get("declined")),
+                reason=str(result["reason"]),
+                epsilon=result.get("epsilon"),
+            )
         if "mechanism" not in result:  # no DP: nothing was spent, nothing to sign
-            return {"node": self.node.name, "refused": False, "declined": False}
-        fields = {
+            return NodeReport(name)
+        release = Release(
             **{k: result[k] for k in SIGNED_FIELDS if k in result},
-            "run_id": self.run_id,
-            "round": self.round,
-            "node": self.node.name,
-            "num_customers": int(result["customers"]),
-            "update_digest": digest_arrays(arrays) if arrays is not None else "",
-        }
+            run_id=self.run_id,
+            round=self.round,
+            node=name,
+            num_customers=int(result["customers"]),
+            update_digest=digest_arrays(arrays) if arrays is not None else "",
+        )
         key = NodeKey.load_or_create(self.key_path)
-        signed = append_receipt(NodePrivacy(self.node.directory).receipts, fields, key)
-        return {**signed, "public_key": key.public_pem, "refused": False, "declined": False}
+        receipt = append_receipt(NodePrivacy(self.node.directory).receipts, release.as_dict(), key)
+        return NodeReport(
+            name,
+            release=release,
+            signature=receipt["signature"],
+            key_id=key.key_id,
+            public_key=key.public_pem,
+        )
 
 
 def make_client_app(node_config: dict | None = None) -> ClientApp:
@@ -124,8 +132,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
                 update = {name: np.zeros(value.shape, np.float32) for name, value in state.items()}
             else:
                 update = clipped_update(result["state"], state, asked.config)
-            metrics = asked.report(result, update)
-            metrics["customers"] = int(result.get("customers", 0))
+            metrics = asked.report(result, update).to_record()
             return [update[name] for name in names], 1, metrics  # every node weighs 1
 
     secure_app = ClientApp(
@@ -176,7 +183,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         asked = request(dict(msg.content["config"]), context)
         state = msg.content["arrays"].to_torch_state_dict()
         result = evaluate_node(asked.node, asked.config, state, asked.policy)
-        privacy = asked.report(result, None)
+        privacy = asked.report(result, None).to_record()
         metrics = {
             k: v
             for k, v in result.items()

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from shared.data import Dataset, Split
 from shared.experiment import Experiment
 from shared.node_directory import node_catalog
 from shared.node_dp import check_node_dp
-from shared.signing import SIGNED_FIELDS
+from shared.reports import NodeReport, ReportError, parse_report
 from shared.wire import encode, nbytes, trainable_state
 from simulations.attacks import check_attack
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
@@ -86,59 +87,94 @@ def settings_record(config: RunConfig, partitions: Path, run_id: str) -> ConfigR
     return ConfigRecord({**request, "partitions-dir": str(partitions.resolve()), "run-id": run_id})
 
 
-def privacy_reports(replies: list[Message], keys: NodeKeys) -> list[dict]:
-    """Each replying node's privacy report; a DP release is checked against the node's key
-    and the digest of the update it came with (``verified``: None, or why it failed)."""
-    reports = []
+@dataclass
+class Reports:
+    """The privacy reports of one exchange, parsed, and the nodes whose replies are not to be
+    used (a malformed report, or a release that does not verify), with why."""
+
+    reports: list[NodeReport] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def trusted(self, replies: list[Message]) -> list[Message]:
+        """The replies whose report parsed and verified (or that carry none)."""
+        return [r for r in replies if _sender(r) not in self.rejected]
+
+
+def _sender(reply: Message) -> str:
+    """The node a reply speaks for: its report's name, else Flower's node id."""
+    if "privacy" in reply.content:
+        name = reply.content["privacy"].get("node")
+        if isinstance(name, str):
+            return name
+    return str(reply.metadata.src_node_id)
+
+
+def privacy_reports(
+    replies: list[Message], keys: NodeKeys, run_id: str, server_round: int
+) -> Reports:
+    """Each reply's privacy report, parsed; a DP release is checked against the node's key,
+    this run and round, and the digest of the update it came with."""
+    received = Reports()
     for reply in replies:
         if reply.has_error() or "privacy" not in reply.content:
             continue
-        report = dict(reply.content["privacy"])
-        if "mechanism" in report:
+        try:
+            report = parse_report(dict(reply.content["privacy"]))
+        except ReportError as error:
+            received.rejected[_sender(reply)] = f"malformed privacy report: {error}"
+            log.warning("round %d, node %s: %s", server_round, _sender(reply), error)
+            continue
+        if report.release is not None:
             arrays = (
                 {k: a.numpy() for k, a in reply.content["arrays"].items()}
                 if "arrays" in reply.content
                 else None
             )
-            report["verified"] = keys.check(report, arrays)
-        reports.append(report)
-    return reports
+            problem = verify_release(report, keys, arrays, run_id, server_round)
+            if problem:
+                received.rejected[report.node] = problem
+                log.warning("round %d, node %s: %s", server_round, report.node, problem)
+        received.reports.append(report)
+    return received
 
 
-def record_privacy(ledger: PrivacyLedger, server_round: int, reports: list[dict]) -> list[dict]:
-    """Append each node's refusal, decline or release to the ledger; returns the releases.
+def verify_release(
+    report: NodeReport,
+    keys: NodeKeys,
+    arrays: dict[str, np.ndarray] | None,
+    run_id: str,
+    server_round: int,
+) -> str | None:
+    """Why a signed release must not be trusted (None: it verifies)."""
+    release = report.release
+    assert release is not None
+    if release.run_id != run_id or release.round != server_round:
+        return f"signed for run {release.run_id[:12]}, round {release.round}: not this one"
+    return keys.check(report, arrays)
 
-    A release is recorded whatever its verification says: a node's spending is never
-    under-reported, and an update whose report does not verify is not used
-    (:func:`unverified_nodes`)."""
-    contributions = []
+
+def record_privacy(ledger: PrivacyLedger, server_round: int, reports: list[NodeReport]) -> None:
+    """Append each node's refusal, decline or release to the ledger, before anything else is
+    done with its reply. A release is recorded even when it does not verify (its update is
+    then not used): a node's spending is never under-reported."""
     for report in reports:
-        node = str(report["node"])
-        if report.get("refused"):
-            ledger.append("refused", round=server_round, node=node, reason=report["reason"])
-            log.warning("node %s refused round %d: %s", node, server_round, report["reason"])
-        elif report.get("declined"):
+        node = report.node
+        if report.refused:
+            ledger.append("refused", round=server_round, node=node, reason=report.reason)
+            log.warning("node %s refused round %d: %s", node, server_round, report.reason)
+        elif report.declined:
             ledger.append(
                 "declined",
                 round=server_round,
                 node=node,
-                reason=report["reason"],
-                epsilon=report.get("epsilon"),
+                reason=report.reason,
+                epsilon=report.epsilon,
             )
-            log.info("node %s declined round %d: %s", node, server_round, report["reason"])
-        elif "mechanism" in report:
-            if report["verified"]:
-                log.warning("node %s, round %d: %s", node, server_round, report["verified"])
-            release = {k: report[k] for k in (*SIGNED_FIELDS, "signature", "key_id")}
-            release["round"], release["node"] = server_round, node
+            log.info("node %s declined round %d: %s", node, server_round, report.reason)
+        elif report.release is not None:
+            release = report.signed()
             record_lost_contributions(ledger, server_round, node, release)
-            contributions.append(ledger.append("contribution", **release))
-    return contributions
-
-
-def unverified_nodes(reports: list[dict]) -> set[str]:
-    """Nodes whose privacy report did not verify: their updates are not used."""
-    return {str(r["node"]) for r in reports if r.get("verified")}
+            ledger.append("contribution", **release)
 
 
 def check_settings(config: RunConfig) -> None:
@@ -238,15 +274,20 @@ def run_federation(
         arrays = encode(state)
         replies, updates, rejected = [], [], []
         if secure is not None:  # the server sees the sum of the clipped updates only
-            total, reports, sampled = secure.train_round(server_round, state)
-            for report in reports:  # the masked update itself cannot be checked here
-                if "mechanism" in report:
-                    report["verified"] = keys.check(report, None)
-            record_privacy(ledger, server_round, reports)
+            total, records, sampled = secure.train_round(server_round, state)
+            received = Reports()  # the masked updates themselves cannot be checked here
+            for record in records:
+                try:
+                    report = parse_report(record)
+                except ReportError as error:
+                    log.warning("round %d: a malformed privacy report: %s", server_round, error)
+                    continue
+                if report.release is not None:
+                    verify_release(report, keys, None, run_id, server_round)
+                received.reports.append(report)
+            record_privacy(ledger, server_round, received.reports)
             contributed = (
-                0
-                if total is None
-                else sum(not (r.get("declined") or r.get("refused")) for r in reports)
+                0 if total is None else sum(not (r.refused or r.declined) for r in received.reports)
             )
         else:
             messages = list(
@@ -258,9 +299,10 @@ def run_federation(
                 )
             )
             replies = list(grid.send_and_receive(messages, timeout=config.round_timeout or None))
-            reports = privacy_reports(replies, keys)
-            record_privacy(ledger, server_round, reports)
-            updates, rejected = strategy.node_updates(replies, state, unverified_nodes(reports))
+            received = privacy_reports(replies, keys, run_id, server_round)
+            record_privacy(ledger, server_round, received.reports)
+            updates, rejected = strategy.node_updates(received.trusted(replies), state)
+            rejected += [f"{node}: {why}" for node, why in received.rejected.items()]
             sampled, contributed = len(messages), len(updates)
             if node_dp is not None and updates:
                 total = node_dp.total(state, updates)
@@ -292,7 +334,15 @@ def run_federation(
         federated = None
         if config.federated_eval:
             federated = federated_evaluation(
-                grid, strategy, ledger, keys, server_round, state, settings, config.round_timeout
+                grid,
+                strategy,
+                ledger,
+                keys,
+                server_round,
+                state,
+                settings,
+                run_id,
+                config.round_timeout,
             )
         history.append(
             {
@@ -369,6 +419,7 @@ def federated_evaluation(
     server_round: int,
     state: dict[str, torch.Tensor],
     settings: ConfigRecord,
+    run_id: str,
     timeout: float,
 ) -> dict | None:
     """The nodes evaluate the new global model on their own customers; their private answers
@@ -376,16 +427,9 @@ def federated_evaluation(
     arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
     messages = list(strategy.configure_evaluate(server_round, arrays, settings, grid))
     replies = list(grid.send_and_receive(messages, timeout=timeout or None))
-    reports = privacy_reports(replies, keys)
-    record_privacy(ledger, server_round, reports)
-    unverified = unverified_nodes(reports)
-    trusted = [
-        r
-        for r in replies
-        if not r.has_error()
-        and ("privacy" not in r.content or str(r.content["privacy"]["node"]) not in unverified)
-    ]
-    return strategy.aggregate_evaluate(server_round, trusted)
+    received = privacy_reports(replies, keys, run_id, server_round)
+    record_privacy(ledger, server_round, received.reports)
+    return strategy.aggregate_evaluate(server_round, received.trusted(replies))
 
 
 def _mean_metric(replies: list[Message], key: str) -> float | None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.signing import digest_arrays, public_key_id, signed_payload, verify
+from shared.reports import NodeReport
+from shared.signing import digest_arrays, public_key_id, verify
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -25,16 +26,17 @@ class NodeKeys:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
 
-    def check(self, report: dict, arrays: dict[str, np.ndarray] | None) -> str | None:
+    def check(self, report: NodeReport, arrays: dict[str, np.ndarray] | None) -> str | None:
         """Why ``report`` (a signed DP release) must not be trusted, or None when it verifies:
         the node's key is the one on record (recorded now if it is the first), the signature
         holds over the signed fields, and ``arrays`` (when the server sees them) are the
         update the digest names."""
-        node = str(report.get("node", ""))
+        assert report.release is not None
+        node = report.node
         if not SAFE_NAME.match(node):
             return f"node name {node!r} is not a safe file name"
-        presented = report.get("public_key")
-        if not isinstance(presented, str) or not presented.strip():
+        presented = report.public_key
+        if not presented.strip():
             return "the report carries no public key"
         path = self.directory / f"{node}.pem"
         if path.exists():
@@ -45,16 +47,12 @@ class NodeKeys:
                 key_id = public_key_id(presented)
             except ValueError as error:
                 return f"its public key cannot be read ({error})"
-            if key_id != report.get("key_id"):
+            if key_id != report.key_id:
                 return "its key_id does not match its public key"
             self.directory.mkdir(parents=True, exist_ok=True)
             path.write_text(presented)
-        try:
-            payload = signed_payload(report)
-        except KeyError as error:
-            return f"the report lacks the signed field {error}"
-        if not verify(presented, payload, str(report.get("signature", ""))):
+        if not verify(presented, report.release.as_dict(), report.signature):
             return "its signature does not verify"
-        if arrays is not None and digest_arrays(arrays) != report.get("update_digest"):
+        if arrays is not None and digest_arrays(arrays) != report.release.update_digest:
             return "the update differs from the one its report signs (digest mismatch)"
         return None

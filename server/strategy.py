@@ -55,13 +55,9 @@ class FedRecStrategy(FedAvg):
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
 
     def node_updates(
-        self,
-        replies: Iterable[Message],
-        global_state: dict[str, torch.Tensor],
-        unverified: set[str] = frozenset(),
+        self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]
     ) -> tuple[list[NodeUpdate], list[str]]:
-        """Decode and validate the replies that carry weights; returns updates and rejections.
-        The updates of ``unverified`` nodes (their privacy report did not verify) are rejected."""
+        """Decode and validate the replies that carry weights; returns updates and rejections."""
         updates, rejected = [], []
         for reply in replies:
             if reply.has_error() or "arrays" not in reply.content:
@@ -73,8 +69,7 @@ class FedRecStrategy(FedAvg):
             )
             arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
             try:
-                if node in unverified:
-                    raise ValueError("its signed privacy report does not verify")
+                weight = _weight(reply)
                 tensors, rows = decode(arrays, global_state)
                 if self.dense and rows:
                     raise ValueError("a row-sparse update under node-dp (it must be dense)")
@@ -85,8 +80,7 @@ class FedRecStrategy(FedAvg):
                 log.warning("rejected the update of node %s: %s", node, error)
                 rejected.append(f"{node}: {error}")
                 continue
-            weight = float(reply.content["metrics"]["num-examples"])
-            updates.append(NodeUpdate(node, max(weight, 1.0), tensors, rows))
+            updates.append(NodeUpdate(node, weight, tensors, rows))
         return updates, rejected
 
     def apply(
@@ -127,6 +121,15 @@ class FedRecStrategy(FedAvg):
         means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
         summary = {"round": server_round, "nodes": nodes, "customers": round(customers)}
         return {**summary, "dp": noisy, **means}
+
+
+def _weight(reply: Message) -> float:
+    """The node's weight in the mean: its stated customers, which must be a finite number."""
+    metrics = reply.content.get("metrics", {})
+    value = metrics.get("num-examples")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"num-examples must be a finite number, got {value!r}")
+    return max(float(value), 1.0)
 
 
 def _update_norm(

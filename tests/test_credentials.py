@@ -44,10 +44,12 @@ def test_python_strict_tls_completes_a_handshake(tmp_path: Path) -> None:
 
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with client_context.wrap_socket(raw, server_hostname="localhost") as tls:
-                assert tls.version() in ("TLSv1.2", "TLSv1.3")
-                tls.sendall(b"x")
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client_context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+            tls.sendall(b"x")
         thread.join(timeout=10)
 
 
