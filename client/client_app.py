@@ -85,12 +85,14 @@ class NodeRequest:
         if "mechanism" not in result:  # no DP: nothing was spent, nothing to sign
             return NodeReport(name)
         release = Release(
-            **{k: result[k] for k in SIGNED_FIELDS if k in result},
-            run_id=self.run_id,
-            round=self.round,
-            node=name,
-            num_customers=int(result["customers"]),
-            update_digest=digest_arrays(arrays) if arrays is not None else "",
+            **{
+                **{k: result[k] for k in SIGNED_FIELDS if k in result},
+                "run_id": self.run_id,
+                "round": self.round,
+                "node": name,
+                "num_customers": int(result["customers"]),
+                "update_digest": digest_arrays(arrays) if arrays is not None else "",
+            }
         )
         key = NodeKey.load_or_create(self.key_path)
         receipt = append_receipt(NodePrivacy(self.node.directory).receipts, release.as_dict(), key)
@@ -156,9 +158,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         if not (result.get("refused") or result.get("declined")):
             config = asked.config
             sent, rows = result["state"], result["rows"]
-            if (
-                config.node_dp
-            ):  # dense and clipped: which rows a node sends is private at node level
+            if config.node_dp:  # dense and clipped: which rows it sends is private at node level
                 update = clipped_update(sent, state, config)
                 sent = {k: v.float() + torch.from_numpy(update[k]) for k, v in state.items()}
                 rows = None
@@ -168,7 +168,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
                 metrics["loss"] = result["loss"]
         content = RecordDict(
             {
-                "privacy": ConfigRecord(asked.report(result, arrays)),
+                "privacy": ConfigRecord(asked.report(result, arrays).to_record()),
                 "metrics": MetricRecord(metrics),
             }
         )

@@ -198,12 +198,13 @@ def test_a_lost_contribution_is_recovered_before_the_next(tmp_path: Path) -> Non
     }
     ledger.append("contribution", round=1, node="a", num_customers=9, **report)
     later = {**report, "contribution_index": 3}  # contributions 1 and 2 never arrived
-    recovered = record_lost_contributions(ledger, 3, "a", 9, later)
+    recovered = record_lost_contributions(ledger, 3, "a", {**later, "num_customers": 9})
     assert [e["contribution_index"] for e in recovered] == [1, 2]
     assert all("recovered" in e for e in recovered)
     curve = epsilon_curve([ledger.entries[0], *recovered])
     assert [e["epsilon"] for e in recovered] == curve[1:]
-    assert record_lost_contributions(ledger, 3, "b", 9, report) == []  # nothing missing
+    nothing = record_lost_contributions(ledger, 3, "b", {**report, "num_customers": 9})
+    assert nothing == []  # nothing missing
     assert verify_chain(ledger.entries) == []
 
 
