@@ -10,14 +10,18 @@ reports dp-accounting's RDP bound as a looser reference. A ledger contribution i
 steps)`` for ``mechanism == "gaussian"``: no amplification by sampling is claimed for it, so its
 ``sample_rate`` is informational (Flower samples a fixed number of nodes, not Poisson).
 
-Federation level, for a customer with the configured delta:
+Federation level, for a customer, at the configured delta (or, when each node chose its own
+delta, at the largest node delta for one node and at their sum for all nodes):
 - one node (regional partition): the customer's data lives at one node, the other nodes never see
   it, so the guarantee is that node's; over all customers, the max over nodes;
 - all nodes (merchant partition): adding or removing the customer adds or removes one record at
-  every node, so every contribution of every node composes (one PLD over all events). delta is
-  not multiplied: the composed PLD gives epsilon at the same delta. Composing the nodes'
-  statements instead (basic composition) gives (sum of epsilons, sum of deltas = nodes x delta),
-  reported beside it as a cross-check.
+  every node, so every contribution of every node composes (one PLD over all events). With one
+  configured delta it is not multiplied: the composed PLD gives epsilon at the same delta.
+  Composing the nodes' statements instead (basic composition) gives (sum of epsilons, sum of
+  deltas), reported beside it as a cross-check.
+
+The calibration check (:func:`plan_epsilon`, :func:`calibrate_noise`) redoes a node's choice of
+noise multiplier for its plan with PLD, independently of the node's Opacus calibration.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from collections import defaultdict
 from typing import Any
 
 VALUE_DISCRETIZATION = 1e-4  # PLD grid of privacy-loss values: epsilon accurate to about 1e-4
+# The calibration check's grid: 10x faster, epsilon within about 1e-3 above the fine grid's
+# (pessimistic discretisation: still an upper bound), far inside the check's 2% margin.
+PLAN_DISCRETIZATION = 1e-3
 MECHANISMS = ("poisson_subsampled_gaussian", "gaussian")
 UNIT_ONE_NODE = "one customer's whole history, the customer shopping at one node only"
 UNIT_ALL_NODES = "one customer's data at every node together"
@@ -67,7 +74,13 @@ def contributions_to_dp_event(contributions: list[dict]) -> Any:
 
 
 @functools.lru_cache(maxsize=512)
-def _pld(mechanism: str, sigma: float, q: float, steps: int) -> Any:
+def _pld(
+    mechanism: str,
+    sigma: float,
+    q: float,
+    steps: int,
+    discretization: float = VALUE_DISCRETIZATION,
+) -> Any:
     """The PLD of one contribution, built as ``PLDAccountant`` builds it (None: no privacy cost,
     ``math.inf``: no noise). Cached: a run repeats the same few (sigma, q, steps)."""
     from dp_accounting.pld import privacy_loss_distribution as pld
@@ -79,12 +92,12 @@ def _pld(mechanism: str, sigma: float, q: float, steps: int) -> Any:
     if mechanism == "gaussian":
         return pld.from_gaussian_mechanism(
             standard_deviation=sigma / math.sqrt(steps),
-            value_discretization_interval=VALUE_DISCRETIZATION,
+            value_discretization_interval=discretization,
         )
     return pld.from_gaussian_mechanism(
         standard_deviation=sigma,
         sampling_prob=q,
-        value_discretization_interval=VALUE_DISCRETIZATION,
+        value_discretization_interval=discretization,
     ).self_compose(steps)
 
 
@@ -141,21 +154,88 @@ def rdp_epsilon(contributions: list[dict], delta: float) -> float:
         absl.setLevel(level)
 
 
-def federation_guarantee(contributions: list[dict], delta: float, partition: str) -> dict:
-    """The customer-level guarantee of the whole federation at ``delta``, both ways.
+def plan_steps(dp_batch_size: int, num_customers: float, local_epochs: int) -> tuple[float, int]:
+    """(sample rate q, DP-SGD steps per round) a node with ``num_customers`` must use: q =
+    min(1, dp_batch_size / num_customers), steps = ceil(1 / q) x local_epochs, as
+    ``shared.training.steps_per_epoch`` computes them."""
+    q = min(1.0, dp_batch_size / max(num_customers, 1))
+    return q, math.ceil(1.0 / q) * local_epochs
+
+
+@functools.lru_cache(maxsize=256)
+def plan_epsilon(
+    sigma: float, q: float, steps: int, rounds: int, eval_sigma: float | None, delta: float
+) -> float:
+    """PLD epsilon at ``delta`` (grid :data:`PLAN_DISCRETIZATION`) of a node's plan: ``rounds``
+    x DP-SGD (``steps`` Poisson subsampled Gaussian steps at rate ``q``, noise ``sigma``)
+    composed with ``rounds`` x one Gaussian evaluation release of noise ``eval_sigma`` (None: no
+    evaluation releases)."""
+    grid = PLAN_DISCRETIZATION
+    plan = _pld("poisson_subsampled_gaussian", sigma, q, steps * rounds, grid)
+    if eval_sigma is not None:
+        plan = _compose(plan, _pld("gaussian", eval_sigma, 1.0, rounds, grid))
+    return _epsilon(plan, delta)
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    q: float,
+    steps: int,
+    rounds: int,
+    eval_sigma: float | None,
+    precision: float = 1e-3,
+) -> float:
+    """The audit's own calibration: the smallest noise multiplier (to ``precision``, relative)
+    whose plan (:func:`plan_epsilon`) spends at most ``target_epsilon`` at ``delta`` by PLD;
+    ``math.inf`` when no noise is enough (the evaluation releases alone exceed the target)."""
+
+    def fits(sigma: float) -> bool:
+        return plan_epsilon(sigma, q, steps, rounds, eval_sigma, delta) <= target_epsilon
+
+    low, high = 0.25, 1.0
+    while fits(low) and low > 1e-3:
+        low, high = low / 4, low
+    while not fits(high):
+        if high > 1e4:
+            return math.inf
+        low, high = high, high * 4
+    while high / low > 1 + precision:  # fits(high) and not fits(low), unless low is tiny
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
+def node_deltas(contributions: list[dict]) -> dict[str, float]:
+    """Each node's delta: the largest its contributions state."""
+    deltas: dict[str, float] = {}
+    for c in contributions:
+        deltas[str(c["node"])] = max(deltas.get(str(c["node"]), 0.0), float(c["delta"]))
+    return deltas
+
+
+def federation_guarantee(contributions: list[dict], delta: float | None, partition: str) -> dict:
+    """The customer-level guarantee of the whole federation, both ways.
 
     ``one_node``: max over nodes (a customer at one node only), each node's epsilon the larger
     of its reported and its recomputed one; ``all_nodes``: every node's contributions composed
-    (a customer who may shop at all nodes). ``applies`` names the one
-    for ``partition``: ``one_node`` for "regional", ``all_nodes`` for anything else (the safe side).
+    (a customer who may shop at all nodes). ``applies`` names the one for ``partition``:
+    ``one_node`` for "regional", ``all_nodes`` for anything else (the safe side).
+
+    ``delta``: one delta for the whole federation, or None when each node chose its own
+    (:func:`node_deltas`): then ``one_node`` is stated at the largest node delta and
+    ``all_nodes`` at the sum of the node deltas (docs/privacy-audit.md says why).
     """
     by_node: dict[str, list[dict]] = defaultdict(list)
     for c in contributions:
         by_node[str(c["node"])].append(c)
+    deltas = node_deltas(contributions)
+    one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
+    all_delta = delta if delta is not None else sum(deltas.values())
     node_plds = {node: _composed_pld(cs) for node, cs in by_node.items()}
     # never below what the node itself reported: the larger of its accountant's and the PLD's
     per_node = {
-        node: max(_epsilon(p, delta), *(float(c.get("epsilon") or 0.0) for c in by_node[node]))
+        node: max(_epsilon(p, one_delta), *(float(c.get("epsilon") or 0.0) for c in by_node[node]))
         for node, p in node_plds.items()
     }
     worst = max(per_node, key=per_node.get, default=None)
@@ -167,19 +247,19 @@ def federation_guarantee(contributions: list[dict], delta: float, partition: str
         "per_node": per_node,
         "one_node": {
             "epsilon": per_node[worst] if worst is not None else 0.0,
-            "delta": delta,
+            "delta": one_delta,
             "unit": UNIT_ONE_NODE,
             "how": "parallel composition: the worst node"
             + (f" ({worst})" if worst is not None else ""),
         },
         "all_nodes": {
-            "epsilon": _epsilon(composed, delta),
-            "delta": delta,
+            "epsilon": _epsilon(composed, all_delta),
+            "delta": all_delta,
             "unit": UNIT_ALL_NODES,
             "how": f"all {len(per_node)} nodes' contributions composed (one PLD)",
             "basic_composition": {
                 "epsilon": sum(per_node.values()),
-                "delta": delta * len(per_node),
+                "delta": delta * len(per_node) if delta is not None else all_delta,
             },
         },
         "applies": applies,

@@ -70,6 +70,41 @@ def default_k_values(m: int) -> list[tuple[int, int]]:
     return [pair for k in ks for pair in ((k, 0), (k, k))] or [(m // 2, m - m // 2)]
 
 
+def max_reachable(m: int, confidence: float = 0.95, delta: float = 0.0) -> float:
+    """The largest bound ``m`` canaries can give at all: every guess right, for the best of the
+    (k+, k-) pairs :func:`epsilon_lower_bound` tries, at the same confidence and delta."""
+    pairs = default_k_values(m)
+    beta = (1.0 - confidence) / len(pairs)
+    return max(epsilon_from_guesses(m, a + b, a + b, beta, delta) for a, b in pairs)
+
+
+MAX_CANARIES = 1 << 20  # the search for a conclusive canary count stops here
+
+
+def canaries_needed(
+    epsilon: float, confidence: float = 0.95, delta: float = 0.0, start: int = 100
+) -> int | None:
+    """The smallest canary count whose :func:`max_reachable` reaches ``epsilon`` (doubling from
+    ``start``, then bisection); None when none up to :data:`MAX_CANARIES` does, or when two
+    doublings in a row do not raise it (with delta > 0 the 2 m delta term caps the bound; the
+    (k+, k-) grid alone can hold it for one doubling)."""
+    low, high = 0, max(start, 2)
+    reach, best, stalled = max_reachable(high, confidence, delta), 0.0, 0
+    while reach < epsilon:
+        best, stalled = (reach, 0) if reach > best else (best, stalled + 1)
+        if high >= MAX_CANARIES or stalled == 2:
+            return None
+        low, high = high, 2 * high
+        reach = max_reachable(high, confidence, delta)
+    while high - low > 1:  # max_reachable(high) >= epsilon > max_reachable(low), or low = 0
+        middle = (low + high) // 2
+        if max_reachable(middle, confidence, delta) >= epsilon:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
 def epsilon_lower_bound(
     scores: list[float] | np.ndarray,
     included: list[int] | np.ndarray,
@@ -110,6 +145,7 @@ def epsilon_lower_bound(
     best = max(tries, key=lambda t: t["epsilon"])
     return {
         "epsilon_lower_bound": best["epsilon"],
+        "max_reachable": max_reachable(m, confidence, delta),
         "confidence": confidence,
         "delta": delta,
         "num_canaries": m,
