@@ -299,8 +299,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="dataset directory whose items table holds the products",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface")
+    parser.add_argument("--port", type=int, default=8000, help="port")
     parser.add_argument("--max-k", type=int, default=defaults.max_k, help="largest k accepted")
     parser.add_argument(
         "--max-history",
@@ -330,19 +330,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nprobe",
         type=int,
         default=NPROBE,
-        help="IVF lists probed per recommendation (ANN only; default 512)",
+        help="IVF lists probed per recommendation (ANN only)",
     )
     parser.add_argument(
         "--text-nprobe",
         type=int,
         default=TEXT_NPROBE,
-        help="IVF lists probed per dense text search (ANN only; default 128)",
+        help="IVF lists probed per dense text search (ANN only)",
     )
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch, faiss and BLAS threads per request (default 1)",
+        help="torch, faiss and BLAS threads per request",
     )
 
 

@@ -1,4 +1,5 @@
-"""``fedrec data convert``: public raw formats into the dataset directory (CONTRACT §1).
+"""``fedrec data convert``: public raw formats into the dataset directory
+(docs/data-and-evaluation.md).
 
 Amazon reviews (2014 and 2018 releases: a reviews file and a ``meta*`` file, JSON lines or the
 2014 Python-literal lines) and MovieLens (``ratings.csv``/``movies.csv``, ml-1m ``.dat``,

@@ -1,4 +1,5 @@
-"""The dataset directory (CONTRACT §1): loading, validation and the leave-one-out split (§2).
+"""The dataset directory: loading, validation and the leave-one-out split
+(both described in docs/data-and-evaluation.md).
 
 A dataset is a directory with ``interactions.*`` and ``items.*`` tables (``.csv``, ``.csv.gz``
 or ``.parquet``). Bad input raises :class:`DataError` naming the file, the row and the problem;
@@ -178,7 +179,7 @@ def load_interactions(path: Path, item_index: pd.Index) -> tuple[pd.DataFrame, i
 
 
 def load_dataset(directory: str | Path) -> Dataset:
-    """Load and validate a dataset directory (CONTRACT §1)."""
+    """Load and validate a dataset directory (docs/data-and-evaluation.md)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(directory, "not a directory")
@@ -203,7 +204,7 @@ def load_dataset(directory: str | Path) -> Dataset:
 
 @dataclass
 class Split:
-    """Leave-one-out temporal split (CONTRACT §2), as per-user item-index sequences.
+    """Leave-one-out temporal split (docs/data-and-evaluation.md), per-user item-index sequences.
 
     ``train[u]`` is user ``u``'s training history. ``valid_target[u]``/``test_target[u]`` are
     -1 for users with fewer than 3 events (they only train). The history used to rank for the

@@ -1,5 +1,5 @@
 """One experiment's inputs and outputs: the dataset, its split, the item text embeddings, and
-the CONTRACT §4 outputs of a finished run. Used by ``fedrec train``, ``fedrec simulate`` and the
+the outputs of a finished run. Used by ``fedrec train``, ``fedrec simulate`` and the
 benchmarks, so that every run is evaluated and written the same way.
 """
 

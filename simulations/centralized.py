@@ -33,7 +33,9 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override any run setting, e.g. --set dim=64 --set fusion=concat "
         "(see docs/configuration.md for the full list)",
     )
-    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    parser.add_argument(
+        "--device", default=None, help=f"auto, cpu or cuda (default: {RunConfig.device})"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -54,15 +56,24 @@ def run_config_from_args(args: argparse.Namespace, **explicit) -> RunConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="dataset directory (CONTRACT §1)")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="dataset directory (docs/data-and-evaluation.md)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory for the run")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"training epochs (default: {RunConfig.epochs})"
+    )
     parser.add_argument(
         "--dp", action="store_true", help="train with DP-SGD (unit: one customer's whole history)"
     )
-    parser.add_argument("--target-epsilon", type=float, default=None, help="DP budget (default 8)")
     parser.add_argument(
-        "--delta", type=float, default=None, help="DP delta (default 1/(10 x customers))"
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help=f"DP budget (default: {RunConfig.target_epsilon})",
+    )
+    parser.add_argument(
+        "--delta", type=float, default=None, help="DP delta (default: 1/(10 x customers))"
     )
     add_run_config_arguments(parser)
 

@@ -18,41 +18,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         type=Path,
         default=None,
-        help="dataset directory (CONTRACT §1); default: the embedded synthetic "
-        "marketplace, generated under OUT/data",
+        help="dataset directory (docs/data-and-evaluation.md) (default: the embedded "
+        "synthetic marketplace, generated under OUT/data)",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=Path("runs/simulate"),
-        help="output directory (default runs/simulate); an interrupted run there resumes",
+        help="output directory; an interrupted run there resumes, a finished one is not run again",
     )
-    parser.add_argument("--clients", type=int, default=None, help="number of nodes (default 5)")
-    parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default 3)")
+    parser.add_argument(
+        "--clients", type=int, default=None, help=f"number of nodes (default: {RunConfig.clients})"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help=f"federated rounds (default: {RunConfig.rounds})"
+    )
     parser.add_argument(
         "--partition",
         choices=("regional", "merchant"),
         default=None,
         help="regional: customers split across nodes; merchant: each node "
-        "holds the events on its own products",
+        f"holds the events on its own products (default: {RunConfig.partition})",
     )
     parser.add_argument(
-        "--strategy", default=None, help="fedavg (default), fedprox, fedadam, median or trimmed"
+        "--strategy",
+        default=None,
+        help=f"fedavg, fedprox, fedadam, median or trimmed (default: {RunConfig.strategy})",
     )
-    parser.add_argument("--local-epochs", type=int, default=None, help="local epochs per round")
+    parser.add_argument(
+        "--local-epochs",
+        type=int,
+        default=None,
+        help=f"local epochs per round (default: {RunConfig.local_epochs})",
+    )
     parser.add_argument(
         "--dp",
         action="store_true",
         help="DP-SGD at every node (unit: one customer's history at a node)",
     )
     parser.add_argument(
-        "--target-epsilon", type=float, default=None, help="each node's budget (default 8)"
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help=f"each node's budget (default: {RunConfig.target_epsilon})",
     )
     parser.add_argument(
         "--delta",
         type=float,
         default=None,
-        help="DP delta (default 1/(10 x customers at the node))",
+        help="DP delta (default: 1/(10 x customers at the node))",
     )
     parser.add_argument(
         "--canaries",
@@ -61,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="M",
         help="empirical privacy audit: M random canary customers, each put "
         "into a random node's data by a fair coin and scored after "
-        "training (OUT/canaries.json, docs/privacy-audit.md)",
+        f"training (OUT/canaries.json, docs/privacy-audit.md) (default: {RunConfig.canaries})",
     )
     add_run_config_arguments(parser)
 

@@ -170,7 +170,7 @@ def test_help_explains_every_option(command: list[str], expected: set[str], caps
     assert stopped.value.code == 0
     text = capsys.readouterr().out
     actions = options_of(command)
-    assert expected <= {o for a in actions for o in a.option_strings}  # CONTRACT §3's options
+    assert expected <= {o for a in actions for o in a.option_strings}  # options
     for action in actions:
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings
         assert any(re.search(re.escape(o) + r"\b", text) for o in action.option_strings)
