@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 from shared.config import RunConfig
-from simulations.centralized import add_run_config_arguments, run_config_from_args
+from shared.experiment import Experiment
+from shared.quiet import quiet_third_party, worker_environment
+from simulations.centralized import add_run_config_arguments, already_done, run_config_from_args
+from simulations.verdict import add_context, print_verdict, run_context
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +93,11 @@ def backend_config(clients: int, device: str) -> dict:
         gpus = 1.0 / min(clients, cpus)
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,  # Ray's own start-up messages
+        },
     }
 
 
@@ -126,8 +133,18 @@ def run(args: argparse.Namespace) -> int:
         check_settings(config)
     except ValueError as error:
         raise SystemExit(f"fedrec: {error}") from None
+    if already_done(args.out, config):
+        return 0
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_third_party()
+    os.environ.update(worker_environment())  # Ray's workers inherit it
+    if not args.quiet:
+        print(
+            f"starting the simulation engine (Ray) with {config.clients} nodes; "
+            "data, embeddings and partitions are prepared next",
+            flush=True,
+        )
     # run_simulation is marked deprecated in flwr 1.42 in favour of `flwr run`, which needs a
     # SuperLink process and reads settings only from pyproject/--run-config; it is the only
     # in-process engine that takes an explicit ServerApp and ClientApp, which this command needs.
@@ -142,4 +159,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedrec: the federation failed: {errors[0]}", file=sys.stderr)
         return 1
     print(f"wrote {config.out}/metrics.json, recs.csv, model/, ledger.jsonl, rounds.png")
+    print_verdict(add_context(args.out, federation_context(config)), args.out)
     return 0
+
+
+def federation_context(config: RunConfig) -> dict:
+    """The reference points of :func:`simulations.verdict.run_context` on the federation's
+    dataset and split (the server evaluated the model on the same ones)."""
+    from server.server_app import embedded_dataset
+
+    data = Path(config.data) if config.data else embedded_dataset(Path(config.out))
+    return run_context(Experiment.prepare(data, config, show_progress=False))
