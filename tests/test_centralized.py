@@ -73,6 +73,30 @@ def test_trained_model_beats_popularity(trained: Path, tiny_synth_dataset_dir: P
     assert test["hr@20"] > popular["hr@20"]
 
 
+def test_metrics_hold_the_reference_points(trained: Path, tiny_synth_dataset_dir: Path) -> None:
+    """context: popularity (as computed above) and the untrained text model, same split."""
+    metrics = json.loads((trained / "metrics.json").read_text())
+    split = leave_one_out(load_dataset(tiny_synth_dataset_dir))
+    counts = torch.from_numpy(
+        np.bincount(np.concatenate(split.training_histories(refit=True)), minlength=split.num_items)
+    ).float()
+    popular, _ = evaluate(lambda users, h: counts.repeat(len(users), 1), split, "test")
+    assert metrics["context"]["popularity"]["ndcg@10"] == pytest.approx(popular["ndcg@10"])
+    text = metrics["context"]["text_only"]
+    assert text["text_model"] == "minilm" and text["ndcg@10"] > popular["ndcg@10"]
+    assert "- dataset: dataset" in (trained / "model" / "README.md").read_text()
+
+
+def test_train_again_over_its_out(trained: Path, tiny_synth_dataset_dir: Path, capsys) -> None:
+    argv = ["train", "--data", str(tiny_synth_dataset_dir), "--out", str(trained), *TINY]
+    assert main([*argv, "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"nothing to do: run complete ({trained})" in printed
+    assert "test NDCG@10 / HR@10: model" in printed and "popularity" in printed
+    with pytest.raises(SystemExit, match=r"refused: .*\(epochs: 2 -> 3\)"):
+        main([*argv, "--epochs", "3"])
+
+
 def test_dp_training_states_its_guarantee(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "dp"
     assert (
