@@ -17,6 +17,14 @@ WARNING_FILTERS: tuple[tuple[str, type[Warning], str], ...] = (
     # the PRV accountant takes logs of zero on purpose at the edges of its grid
     ("divide by zero encountered in log", RuntimeWarning, "opacus.accountants.analysis.prv.prvs"),
     ("invalid value encountered", RuntimeWarning, "opacus.accountants.analysis.prv.prvs"),
+    # the RDP accountant's advice on its orders: fedrec's accountant settings are not options
+    ("Optimal order is the largest alpha", UserWarning, "opacus.accountants.analysis.rdp"),
+    # torch, about Opacus's ghost clipping hooks on layers whose inputs need no gradient
+    (
+        "Full backward hook is firing when gradients are computed with respect to module outputs",
+        UserWarning,
+        "opacus.utils.fast_gradient_clipping_utils",
+    ),
     # secure_mode is off, a documented assumption (docs/privacy.md)
     ("Secure RNG turned off", UserWarning, "opacus.privacy_engine"),
     ("Tip: In future versions of Ray", FutureWarning, "ray._private.worker"),
