@@ -4,6 +4,7 @@ tiny synthetic dataset: its outputs, its quality against popularity, and its DP 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,19 @@ def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir:
     assert torch.all(model.id_scores.weight[held_out] == 0)
     trained = experiment.trained_items(experiment.train_histories(refit=True))
     assert (model.id_scores.bias[trained] != 0).all()
+
+
+def test_model_card_names_the_dataset(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
+    """The directory's name, and for the embedded default (OUT/data) what it is."""
+    from shared.config import RunConfig
+    from shared.experiment import EMBEDDED_NAME, Experiment
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_synth_dataset_dir, out / "data")
+    embedded = load_dataset(out / "data")
+    named = load_dataset(tiny_synth_dataset_dir)
+    default = RunConfig(out=str(out))
+    assert Experiment(embedded, None, None, default).dataset_name == EMBEDDED_NAME
+    assert Experiment(named, None, None, default).dataset_name == tiny_synth_dataset_dir.name
+    given = RunConfig(out=str(out), data=str(out / "data"))
+    assert Experiment(embedded, None, None, given).dataset_name == "data"
