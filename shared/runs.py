@@ -21,10 +21,20 @@ class OtherSettings(ValueError):
 
 
 def stored_settings(out: Path) -> tuple[dict[str, Any], bool] | None:
-    """(settings, finished) of the run in ``out``, or None when it holds none."""
+    """(settings, finished) of the run in ``out``, or None when it holds none; raises
+    :class:`OtherSettings` for outputs whose settings cannot be read."""
     out = Path(out)
     if (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())["config"], True
+        try:
+            settings = json.loads((out / "metrics.json").read_text()).get("config")
+        except (json.JSONDecodeError, AttributeError):
+            settings = None
+        if not isinstance(settings, dict):
+            raise OtherSettings(
+                f"refused: {out} holds outputs without their settings (metrics.json); "
+                "use another --out"
+            )
+        return settings, True
     if (out / CHECKPOINT).exists():
         from safetensors import safe_open
 

@@ -80,3 +80,11 @@ def test_verdict_states_the_privacy_guarantee_and_the_audit(tmp_path: Path) -> N
     assert not any(line.startswith("below") for line in lines)
     assert lines[-1].startswith("privacy: (8.00, 1.0e-05)-differential privacy for one customer")
     assert f"fedrec audit {tmp_path}" in lines[-1]
+
+
+def test_outputs_without_settings_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"test": {}}')
+    with pytest.raises(SystemExit, match="refused: .* without their settings"):
+        main(simulate_args(out))
