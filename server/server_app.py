@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from server.federation import run_federation
 from shared.config import RunConfig
+from shared.runs import check_rerun
 
 log = logging.getLogger("fedrec.server")
 
@@ -27,6 +28,7 @@ def embedded_dataset(out: Path) -> Path:
 
     directory = out / "data"
     if not (directory / "items.csv.gz").exists():
+        log.info("generating the embedded synthetic marketplace in %s", directory)
         interactions, items = generate(SynthConfig())
         write_dataset(directory, interactions, items, force=True)
     return directory
@@ -48,6 +50,9 @@ def _run(grid: Grid, config: RunConfig, show_progress: bool) -> None:
     if nodes and nodes != config.clients and not (out / "partitions").exists():
         log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
         config.clients = nodes
+    if check_rerun(out, config.to_dict()):  # flwr run . again over a finished OUT
+        log.warning("nothing to do: run complete (%s); set out to a new directory", out)
+        return
     metrics = run_federation(grid, config, data, out, show_progress=show_progress)
     log.info("test ndcg@10 %.4f; outputs in %s", metrics["test"]["ndcg@10"], out)
 

@@ -2,30 +2,37 @@
 
 The customer's history travels with each request (the model has no per-customer state), so a
 new event changes the very next answer. Endpoints: ``POST /recommend``, ``POST /search``,
-``POST /items`` (add or replace a product), ``GET /items/{item_id}``, ``GET /health``, the
-OpenAPI docs at ``/docs`` (Swagger UI) and ``/redoc``, served from local files (no CDN: they
-work offline), and a small web page at ``/``. See docs/serving.md.
+``POST /items`` (add a product, or update the fields given of one), ``GET /items/{item_id}``,
+``GET /health``, the OpenAPI docs at ``/docs`` (Swagger UI) and ``/redoc``, served from local
+files (no CDN: they work offline), and a small web page at ``/``. Every request is logged on
+the ``fedrec.access`` logger (method, path, status, duration). See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
 
+from shared import __version__
+from shared.data import EVENTS
 from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE
 from shared.search import Encode, Hit, SearchEngine, UnknownItems, load_engine
 
 PAGE = Path(__file__).with_name("web.html")
+ACCESS_LOG = logging.getLogger("fedrec.access")
+# longest accepted product fields, in characters (longer ones get 422)
+FIELD_CHARS = {"item_id": 200, "title": 500, "categories": 500, "brand": 200, "description": 5000}
 
 
 @dataclass
@@ -40,15 +47,44 @@ class Limits:
 
 # --- request and response bodies ---------------------------------------------------------
 
+
+def _number_as_text(value: object) -> object:
+    """Item ids are text; a JSON number (MovieLens ids are numbers) is taken as its digits."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def text_field(name: str, min_length: int = 0) -> Any:
+    """A product text field, stripped and at most ``FIELD_CHARS[name]`` characters."""
+    return Annotated[
+        str,
+        StringConstraints(
+            strip_whitespace=True, min_length=min_length, max_length=FIELD_CHARS[name]
+        ),
+    ]
+
+
+ItemId = Annotated[text_field("item_id", 1), BeforeValidator(_number_as_text)]
+
+
+class HistoryEvent(BaseModel):
+    """One history item with what the customer did with it."""
+
+    item_id: ItemId
+    event: Literal[EVENTS] | None = Field(
+        None, description="what the customer did; default: the dataset's most common event"
+    )
+
+
 History = Field(
     default_factory=list,
-    description="item ids the customer bought, oldest first",
-    examples=[["B004756YJA", "B0020YLEYK"]],
+    description="the customer's history, oldest first: item ids (text or numbers), or objects "
+    "{item_id, event} where event is one of " + ", ".join(EVENTS),
+    examples=[["B004756YJA", {"item_id": "B0020YLEYK", "event": "view"}]],
 )
 
 
 class RecommendRequest(BaseModel):
-    history: list[str] = History
+    history: list[ItemId | HistoryEvent] = History
     k: int = Field(10, description="how many results (1 to the server's max_k)")
 
 
@@ -56,23 +92,35 @@ class SearchRequest(BaseModel):
     query: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] = Field(
         description="free text, e.g. 'red nail polish'", examples=["red nail polish"]
     )
-    history: list[str] = History
+    history: list[ItemId | HistoryEvent] = History
     k: int = Field(10, description="how many results (1 to the server's max_k)")
 
 
 class Product(BaseModel):
-    item_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-    categories: str = Field(
-        "", description="'|'-joined category path", examples=["Beauty|Makeup|Nails|Nail Polish"]
+    item_id: ItemId
+    title: text_field("title", 1)
+    categories: text_field("categories") = Field(
+        "", description="'|'-joined category path", examples=["Home|Kitchen|Cookware"]
     )
-    brand: str = ""
-    description: str = ""
+    brand: text_field("brand") = ""
+    description: text_field("description") = ""
+
+
+class ProductUpdate(BaseModel):
+    """A new product (``title`` required), or the fields to change of an existing one."""
+
+    item_id: ItemId
+    title: text_field("title", 1) | None = None
+    categories: text_field("categories") | None = Field(
+        None, description="'|'-joined category path", examples=["Home|Kitchen|Cookware"]
+    )
+    brand: text_field("brand") | None = None
+    description: text_field("description") | None = None
 
 
 class ProductSaved(BaseModel):
-    created: bool = Field(description="true if the product is new, false if it was replaced")
-    product: Product
+    created: bool = Field(description="true if the product is new, false if it was updated")
+    product: Product = Field(description="the product as stored now")
 
 
 class Result(BaseModel):
@@ -111,7 +159,10 @@ def invalid(field: str, message: str, value: object) -> HTTPException:
     )
 
 
-def history_rows(engine: SearchEngine, limits: Limits, history: list[str], k: int) -> np.ndarray:
+def history_rows(
+    engine: SearchEngine, limits: Limits, history: list[str | HistoryEvent], k: int
+) -> tuple[np.ndarray, list[str]]:
+    """Catalog rows and event types of a request's history (422 for a bad k or history)."""
     if not 1 <= k <= limits.max_k:
         raise invalid("k", f"k must be between 1 and {limits.max_k}", k)
     if len(history) > limits.max_history:
@@ -121,8 +172,12 @@ def history_rows(engine: SearchEngine, limits: Limits, history: list[str], k: in
             f"{limits.max_history} (send the most recent ones)",
             len(history),
         )
+    plain = [item if isinstance(item, str) else item.item_id for item in history]
+    events = [
+        getattr(item, "event", None) or engine.default_event for item in history
+    ]  # a plain id has no event of its own
     try:
-        return engine.rows(history)
+        return engine.rows(plain), events
     except UnknownItems as error:
         raise invalid(
             "history", f"unknown item ids: {', '.join(error.item_ids[:20])}", error.item_ids
@@ -155,8 +210,8 @@ def results(engine: SearchEngine, hits: list[Hit], started: float) -> Results:
 
 def recommend(engine: SearchEngine, limits: Limits, request: RecommendRequest) -> Results:
     started = time.perf_counter()
-    rows = history_rows(engine, limits, request.history, request.k)
-    return results(engine, engine.recommend(rows, request.k), started)
+    rows, events = history_rows(engine, limits, request.history, request.k)
+    return results(engine, engine.recommend(rows, request.k, events), started)
 
 
 def search(engine: SearchEngine, limits: Limits, request: SearchRequest) -> Results:
@@ -167,8 +222,20 @@ def search(engine: SearchEngine, limits: Limits, request: SearchRequest) -> Resu
             f"the query is longer than {limits.max_query_chars} characters",
             len(request.query),
         )
-    rows = history_rows(engine, limits, request.history, request.k)
-    return results(engine, engine.search(request.query, rows, request.k), started)
+    rows, events = history_rows(engine, limits, request.history, request.k)
+    return results(engine, engine.search(request.query, rows, request.k, events), started)
+
+
+def save_product(engine: SearchEngine, update: ProductUpdate) -> ProductSaved:
+    """Add a product, or merge the fields given into an existing one (the others are kept)."""
+    given = update.model_dump(exclude_none=True)
+    with engine.lock:
+        row = engine.row_of.get(update.item_id)
+        if row is None and "title" not in given:
+            raise invalid("title", "a new product needs a title", None)
+        product = Product(**({} if row is None else engine.product(row)) | given)
+        created = engine.upsert(pd.DataFrame([product.model_dump()]))[0]
+    return ProductSaved(created=created, product=product)
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -200,17 +267,57 @@ class BodySizeLimit:
         return await self.app(scope, counted, send)
 
 
+class AccessLog:
+    """ASGI middleware: one ``fedrec.access`` record per request: method, path, status and
+    duration (the path only: bodies, histories and queries are never logged)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def recorded(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recorded)
+        finally:
+            ACCESS_LOG.info(
+                "%s %s %d %.1f ms",
+                scope["method"],
+                scope["path"],
+                status,
+                1000 * (time.perf_counter() - started),
+            )
+
+
+def log_access(enabled: bool) -> None:
+    """Print the access log on stderr (``fedrec serve``'s default), or silence it."""
+    ACCESS_LOG.setLevel(logging.INFO if enabled else logging.WARNING)
+    if enabled and not ACCESS_LOG.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        ACCESS_LOG.addHandler(handler)
+
+
 def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
     """The FastAPI app around a ready engine."""
     limits = limits or Limits()
     app = FastAPIOffline(
         title="fedrec",
-        version="0.1.0",
+        version=__version__,
         description="Recommendations and personalised product search from the "
         "federated global model. The history travels with each "
         "request.",
     )
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(AccessLog)  # the outermost: refused bodies are logged too
     app.state.engine, app.state.limits = engine, limits
 
     @app.post("/recommend", response_model=Results)
@@ -227,13 +334,14 @@ def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
         "/items",
         response_model=ProductSaved,
         status_code=201,
-        responses={200: {"model": ProductSaved, "description": "product replaced"}},
+        responses={200: {"model": ProductSaved, "description": "product updated"}},
     )
-    def post_item(body: Product, response: Response) -> ProductSaved:
-        """Add a product (201) or replace one (200): searchable and recommendable at once."""
-        created = engine.upsert(pd.DataFrame([body.model_dump()]))[0]
-        response.status_code = 201 if created else 200
-        return ProductSaved(created=created, product=body)
+    def post_item(body: ProductUpdate, response: Response) -> ProductSaved:
+        """Add a product (201; ``title`` required) or update one (200): only the fields sent
+        change, the others keep their values. Searchable and recommendable at once."""
+        saved = save_product(engine, body)
+        response.status_code = 201 if saved.created else 200
+        return saved
 
     @app.get(
         "/items/{item_id}",
@@ -299,8 +407,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="dataset directory whose items table holds the products",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface")
+    parser.add_argument("--port", type=int, default=8000, help="port")
     parser.add_argument("--max-k", type=int, default=defaults.max_k, help="largest k accepted")
     parser.add_argument(
         "--max-history",
@@ -330,19 +438,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nprobe",
         type=int,
         default=NPROBE,
-        help="IVF lists probed per recommendation (ANN only; default 512)",
+        help="IVF lists probed per recommendation (ANN only)",
     )
     parser.add_argument(
         "--text-nprobe",
         type=int,
         default=TEXT_NPROBE,
-        help="IVF lists probed per dense text search (ANN only; default 128)",
+        help="IVF lists probed per dense text search (ANN only)",
+    )
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="do not print one line per request (method, path, status, duration) on stderr",
     )
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch, faiss and BLAS threads per request (default 1)",
+        help="torch, faiss and BLAS threads per request",
     )
 
 
@@ -351,6 +464,7 @@ def run(args: argparse.Namespace) -> int:
 
     limits = Limits(args.max_k, args.max_history, args.max_query_chars, args.max_body_bytes)
     set_threads(args.threads)
+    log_access(not args.no_access_log)
     print(f"loading {args.model} with the products of {args.data} ...", flush=True)
     app = create_app(
         args.model,

@@ -1,4 +1,4 @@
-"""What every run writes (CONTRACT §4): ``metrics.json``, ``recs.csv`` and ``model/``.
+"""What every run writes : ``metrics.json``, ``recs.csv`` and ``model/``.
 
 ``model/`` holds ``model.safetensors`` (the trainable weights), ``config.json`` (architecture,
 text model and catalog), ``item_ids.txt`` and ``README.md``, the model card; a fine-tuned text

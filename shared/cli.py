@@ -1,4 +1,4 @@
-"""The ``fedrec`` command line (CONTRACT §3).
+"""The ``fedrec`` command line.
 
 Each command lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them up, importing a module when its command runs.
@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from shared import __version__
 from shared.data import DataError
 
 # (command path, module, one-line help)
@@ -40,12 +41,23 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already states it or the
+    option has none to show (a flag that is off, an option whose default is a run setting)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default in (None, False, []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser; only the command named in ``argv`` imports its module for its options."""
     parser = argparse.ArgumentParser(
         prog="fedrec",
         description="Privacy-preserving federated search and recommendation.",
     )
+    parser.add_argument("--version", action="version", version=f"fedrec {__version__}")
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     }
@@ -54,12 +66,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             prefix = path[:depth]
             if prefix not in groups:
                 group_parser = groups[path[: depth - 1]].add_parser(
-                    prefix[-1], help=f"{prefix[-1]} commands"
+                    prefix[-1], help=f"{prefix[-1]} commands", formatter_class=HelpFormatter
                 )
                 groups[prefix] = group_parser.add_subparsers(
                     dest=f"{prefix[-1]}_command", required=True, metavar="COMMAND"
                 )
-        sub = groups[path[:-1]].add_parser(path[-1], help=help_text, description=help_text)
+        sub = groups[path[:-1]].add_parser(
+            path[-1], help=help_text, description=help_text, formatter_class=HelpFormatter
+        )
         sub.set_defaults(module=module)
         if list(path) == argv[: len(path)]:
             importlib.import_module(module).add_arguments(sub)

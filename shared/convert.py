@@ -1,10 +1,12 @@
-"""``fedrec data convert``: public raw formats into the dataset directory (CONTRACT §1).
+"""``fedrec data convert``: public raw formats into the dataset directory
+(docs/data-and-evaluation.md).
 
 Amazon reviews (2014 and 2018 releases: a reviews file and a ``meta*`` file, JSON lines or the
 2014 Python-literal lines) and MovieLens (``ratings.csv``/``movies.csv``, ml-1m ``.dat``,
-ml-100k ``u.data``/``u.item``). Every review or rating becomes a ``purchase`` event; the rating
-is kept as an extra ``rating`` column. Items nobody rated are dropped, rated items without
-metadata are kept with empty text; both are counted in the printed summary.
+ml-100k ``u.data``/``u.item``). Every Amazon review becomes a ``purchase`` event, every
+MovieLens rating a ``rating`` event (``--min-rating`` keeps only the ratings at or above a
+threshold); the rating is kept as an extra ``rating`` column. Items nobody rated are dropped,
+rated items without metadata are kept with empty text; both are counted in the printed summary.
 
 :func:`write_dataset` is the atomic writer shared with ``fedrec data synth``.
 """
@@ -356,7 +358,7 @@ def _movielens_ratings(path: Path, flavour: str) -> pd.DataFrame:
             "user_id": frame["userId"].str.strip(),
             "item_id": frame["movieId"].str.strip(),
             "timestamp": _unix_seconds(frame["timestamp"], path, rows),
-            "event": "purchase",
+            "event": "rating",
             "rating": frame.get("rating", ""),
         }
     )
@@ -388,12 +390,23 @@ def _movielens_movies(path: Path, flavour: str) -> pd.DataFrame:
     )
 
 
-def convert_movielens(src: Path) -> Conversion:
-    """Convert a MovieLens directory (ml-latest/20M/25M csv, ml-1m dat or ml-100k)."""
+def convert_movielens(src: Path, min_rating: float | None = None) -> Conversion:
+    """Convert a MovieLens directory (ml-latest/20M/25M csv, ml-1m dat or ml-100k); with
+    ``min_rating``, only the ratings at or above it are kept."""
     ratings_path, movies_path, flavour = find_movielens_files(src)
     interactions = _movielens_ratings(ratings_path, flavour)
+    kept = None
+    if min_rating is not None:
+        ratings = pd.to_numeric(interactions["rating"], errors="coerce")
+        kept = f"kept {int((ratings >= min_rating).sum()):,} of {len(ratings):,} ratings"
+        interactions = interactions[ratings >= min_rating]
+        if interactions.empty:
+            raise DataError(ratings_path, f"no rating is at least {min_rating:g}")
     items = _movielens_movies(movies_path, flavour)
-    return _assemble(interactions, items, "movies")
+    conversion = _assemble(interactions, items, "movies")
+    if kept:
+        conversion.notes.insert(0, f"{kept} (>= {min_rating:g})")
+    return conversion
 
 
 # ---------------------------------------------------------------- command
@@ -415,13 +428,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dataset directory to write (must not exist or be empty, unless --force)",
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument(
+        "--min-rating",
+        type=float,
+        default=None,
+        metavar="R",
+        help="movielens: keep only ratings >= R as events (e.g. 4: what a customer liked) "
+        "(default: every rating is kept, 1 star included)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     src: Path = args.src
     if not src.is_dir():
         raise DataError(src, "not a directory (give the folder holding the raw files)")
-    result = CONVERTERS[args.source](src)
+    if args.min_rating is None:
+        result = CONVERTERS[args.source](src)
+    elif args.source == "movielens":
+        result = convert_movielens(src, args.min_rating)
+    else:
+        raise SystemExit("fedrec: --min-rating is for movielens (Amazon reviews are purchases)")
     write_dataset(args.out, result.interactions, result.items, force=args.force)
     frame = result.interactions
     summary = (

@@ -1,4 +1,5 @@
-"""The dataset directory (CONTRACT §1): loading, validation and the leave-one-out split (§2).
+"""The dataset directory: loading, validation and the leave-one-out split
+(both described in docs/data-and-evaluation.md).
 
 A dataset is a directory with ``interactions.*`` and ``items.*`` tables (``.csv``, ``.csv.gz``
 or ``.parquet``). Bad input raises :class:`DataError` naming the file, the row and the problem;
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-EVENTS = ("view", "click", "cart", "purchase")
+EVENTS = ("view", "click", "cart", "purchase", "rating")  # rating: an explicit rating (MovieLens)
+DEFAULT_EVENT = "purchase"
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title")
 ITEM_TEXT_FIELDS = ("title", "categories", "brand", "description")
@@ -91,6 +93,28 @@ def read_table(path: Path) -> pd.DataFrame:
     return frame
 
 
+def usual_event(directory: Path) -> str:
+    """The most common event type of a dataset's interactions, read from that column alone;
+    :data:`DEFAULT_EVENT` when there is no interactions table or no ``event`` column."""
+    try:
+        path = find_table(Path(directory), "interactions")
+    except DataError:
+        return DEFAULT_EVENT
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        if "event" not in pq.read_schema(path).names:
+            return DEFAULT_EVENT
+        frame = pd.read_parquet(path, columns=["event"])
+    else:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda c: c == "event")
+    if "event" not in frame:
+        return DEFAULT_EVENT
+    events = frame["event"].astype(str).str.strip().str.lower().replace("", DEFAULT_EVENT)
+    events = events[events.isin(EVENTS)]
+    return str(events.value_counts().idxmax()) if len(events) else DEFAULT_EVENT
+
+
 def _require_columns(frame: pd.DataFrame, path: Path, required: tuple[str, ...]) -> None:
     missing = [c for c in required if c not in frame.columns]
     if missing:
@@ -156,14 +180,14 @@ def load_interactions(path: Path, item_index: pd.Index) -> tuple[pd.DataFrame, i
     frame["timestamp"] = parse_timestamps(frame["timestamp"], path)
     if "event" in frame:
         events = frame["event"].fillna("").astype(str).str.strip().str.lower()
-        frame["event"] = events.replace("", "purchase")
+        frame["event"] = events.replace("", DEFAULT_EVENT)
         bad = ~frame["event"].isin(EVENTS)
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             problem = f"unknown event {frame['event'].iloc[row]!r}; expected one of {EVENTS}"
             raise DataError(path, problem, row=row + 1)
     else:
-        frame["event"] = "purchase"
+        frame["event"] = DEFAULT_EVENT
     item_idx = item_index.get_indexer(frame["item_id"])
     if (item_idx < 0).any():
         row = int(np.flatnonzero(item_idx < 0)[0])
@@ -178,7 +202,7 @@ def load_interactions(path: Path, item_index: pd.Index) -> tuple[pd.DataFrame, i
 
 
 def load_dataset(directory: str | Path) -> Dataset:
-    """Load and validate a dataset directory (CONTRACT §1)."""
+    """Load and validate a dataset directory (docs/data-and-evaluation.md)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(directory, "not a directory")
@@ -203,7 +227,7 @@ def load_dataset(directory: str | Path) -> Dataset:
 
 @dataclass
 class Split:
-    """Leave-one-out temporal split (CONTRACT §2), as per-user item-index sequences.
+    """Leave-one-out temporal split (docs/data-and-evaluation.md), per-user item-index sequences.
 
     ``train[u]`` is user ``u``'s training history. ``valid_target[u]``/``test_target[u]`` are
     -1 for users with fewer than 3 events (they only train). The history used to rank for the

@@ -1,5 +1,5 @@
 """One experiment's inputs and outputs: the dataset, its split, the item text embeddings, and
-the CONTRACT §4 outputs of a finished run. Used by ``fedrec train``, ``fedrec simulate`` and the
+the outputs of a finished run. Used by ``fedrec train``, ``fedrec simulate`` and the
 benchmarks, so that every run is evaluated and written the same way.
 """
 
@@ -19,6 +19,8 @@ from shared.data import Dataset, Split, leave_one_out, load_dataset
 from shared.metrics import evaluate, write_recs
 from shared.model import FusionRecommender, init_seed
 from shared.text import embed_items
+
+EMBEDDED_NAME = "synthetic marketplace (embedded default)"
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Experiment:
     ) -> Experiment:
         """Load and split the data, optionally hold out items, fine-tune the encoder if asked,
         and embed the item text (cached)."""
+        if show_progress:
+            print(f"loading the dataset {data_dir} ...", flush=True)
         dataset = load_dataset(data_dir)
         split = leave_one_out(dataset)
         device = resolve_device(config.device)
@@ -68,6 +72,12 @@ class Experiment:
                     show_progress,
                 )
             )
+        if show_progress:
+            print(
+                f"embedding the catalog: {dataset.num_items:,} products with {text_model} "
+                "(cached for the next run)",
+                flush=True,
+            )
         text = torch.from_numpy(
             embed_items(dataset.items, text_model, device=device, show_progress=show_progress)
         )
@@ -76,6 +86,14 @@ class Experiment:
     @property
     def device(self) -> str:
         return resolve_device(self.config.device)
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset's directory name, or what the embedded default is (it lives in OUT/data)."""
+        directory = Path(self.dataset.report.interactions_file).resolve().parent
+        if not self.config.data and directory == (Path(self.config.out) / "data").resolve():
+            return EMBEDDED_NAME
+        return directory.name
 
     @property
     def item_ids(self) -> np.ndarray:
@@ -153,7 +171,7 @@ class Experiment:
             metrics["privacy"] = privacy
         write_json(out / "metrics.json", metrics)
         data = {
-            "dataset": str(self.dataset.report.interactions_file).rsplit("/", 2)[-2],
+            "dataset": self.dataset_name,
             "customers": self.dataset.num_users,
             "products": self.dataset.num_items,
             "events": self.dataset.report.num_rows,

@@ -1,4 +1,4 @@
-"""Full-catalog leave-one-out evaluation (CONTRACT §2) and ``recs.csv`` (CONTRACT §4).
+"""Full-catalog leave-one-out evaluation (docs/data-and-evaluation.md) and ``recs.csv``.
 
 Every test user is ranked against the whole catalog, minus the items already in their
 history; the metrics are recomputable from ``recs.csv`` alone with :func:`metrics_from_recs`.
@@ -78,7 +78,7 @@ def evaluate(
     users: np.ndarray | None = None,
     cold_items: np.ndarray | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """CONTRACT metrics at ``stage`` plus coverage and, if given, the cold-item view."""
+    """The protocol's metrics at ``stage`` plus coverage and, if given, the cold-item view."""
     users = split.test_users if users is None else np.asarray(users)
     top, ranks = rank_users(score_fn, split, stage, users)
     result = metrics_from_ranks(ranks)

@@ -16,9 +16,9 @@ history the preference term is absent: plain relevance. The weights are tuned on
 split by ``fedrec bench search`` and stored next to the model as ``search.json``.
 
 **Reasons**: a recommendation names the history product whose candidate-side vector (text and
-ID fused) is most similar to it; a search result names the query words it matched, or its text
-similarity, and the supporting history product when its preference score is above the
-pool's mean.
+ID fused) is most similar to it, with what the customer did with it (the event: viewed, bought,
+rated, ...); a search result names the query words it matched, or its text similarity, and the
+supporting history product when its preference score is above the pool's mean.
 
 **New products** (:meth:`SearchEngine.upsert`) get a text embedding, ID parameters predicted from
 it (:class:`shared.catalog.TextToId`), a row in both vector indexes and in BM25, at once.
@@ -40,7 +40,7 @@ import torch
 
 from shared.artifacts import load_model, read_item_ids, read_text_model
 from shared.catalog import TextToId, full_table, set_items, table_rows
-from shared.data import DataError, find_table, load_items
+from shared.data import DEFAULT_EVENT, DataError, find_table, load_items, usual_event
 from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE, VectorIndex, top_k
 from shared.lexical import Lexical
 from shared.model import FusionRecommender
@@ -50,6 +50,14 @@ PRODUCT_FIELDS = ("item_id", "title", "categories", "brand", "description")
 QUERY_CACHE = 4096  # query embeddings kept, most recently used (1.5 kB each for MiniLM)
 SIGNALS = ("lexical", "dense", "preference")
 WEIGHTS_FILE = "search.json"
+# what a reason says the customer did with a history product, by event type
+EVENT_VERBS = {
+    "view": "viewed",
+    "click": "clicked",
+    "cart": "added to cart",
+    "purchase": "bought",
+    "rating": "rated",
+}
 
 # Text embeddings for a batch of texts: (n, text_dim), L2-normalised, same tower as the catalog.
 Encode = Callable[[list[str]], np.ndarray]
@@ -125,6 +133,7 @@ class SearchEngine:
         ann_threshold: int = ANN_THRESHOLD,
         nprobe: int = NPROBE,
         text_nprobe: int = TEXT_NPROBE,
+        default_event: str = DEFAULT_EVENT,
     ):
         if len(items) != model.config.num_items:
             raise ValueError(f"{len(items)} products for a model of {model.config.num_items}")
@@ -146,6 +155,7 @@ class SearchEngine:
         self.text_to_id = TextToId(self.model)
         self.predicted = np.zeros(len(self), dtype=bool)  # ID parameters from text only
         self.lock = threading.RLock()
+        self.default_event = default_event  # a history item's event when none is given
 
     def __len__(self) -> int:
         return len(self.fields["item_id"])
@@ -209,14 +219,17 @@ class SearchEngine:
         states = self.model.user_states(histories).numpy()
         return np.concatenate([states, np.ones((len(states), 1), np.float32)], axis=1)
 
-    def recommend(self, history: np.ndarray, k: int) -> list[Hit]:
-        """The ``k`` best products for a history (catalog rows, oldest first), history excluded."""
+    def recommend(
+        self, history: np.ndarray, k: int, events: Sequence[str] | None = None
+    ) -> list[Hit]:
+        """The ``k`` best products for a history (catalog rows, oldest first; ``events``: each
+        one's event type, default :attr:`default_event`), history excluded."""
         with self.lock:
             state = self.states([history])[0]
             rows, scores = self.preference_index.search(state, k, exclude=history)
             because = self.because(history, rows)
             return [
-                Hit(int(r), float(s), self._recommend_reason(b), b)
+                Hit(int(r), float(s), self._recommend_reason(b, history, events), b)
                 for r, s, b in zip(rows, scores, because, strict=True)
             ]
 
@@ -255,8 +268,11 @@ class SearchEngine:
         dense = self.text_index.vectors[rows] @ query_vector
         return Pool(rows, np.stack([lexical[rows], dense, preference]))
 
-    def search(self, query: str, history: np.ndarray, k: int) -> list[Hit]:
-        """The ``k`` best products for a free-text query, personalised by ``history``."""
+    def search(
+        self, query: str, history: np.ndarray, k: int, events: Sequence[str] | None = None
+    ) -> list[Hit]:
+        """The ``k`` best products for a free-text query, personalised by ``history`` (with
+        ``events`` as in :meth:`recommend`)."""
         query_vector = self.query_encoder.submit(self.query_vector, query)
         with self.lock:
             personal = len(history) > 0
@@ -271,7 +287,9 @@ class SearchEngine:
                 row = int(pool.rows[index])
                 matched = self.lexical.matched_terms(query, row)
                 support = support if z[2, index] > 0 else None  # preference above pool mean
-                reason = self._search_reason(matched, float(pool.signals[1, index]), support)
+                reason = self._search_reason(
+                    matched, float(pool.signals[1, index]), support, history, events
+                )
                 hits.append(Hit(row, float(fused[index]), reason, support, matched))
             return hits
 
@@ -287,18 +305,35 @@ class SearchEngine:
         similarity = unit(table[rows]) @ unit(table[history]).T
         return [int(history[i]) for i in similarity.argmax(1)]
 
-    def _recommend_reason(self, because: int | None) -> str:
+    def did(self, row: int, history: np.ndarray, events: Sequence[str] | None) -> str:
+        """What the customer did with history product ``row`` (its latest event), as a verb."""
+        event = self.default_event
+        if events is not None:
+            event = events[int(np.flatnonzero(history == row)[-1])]
+        return EVENT_VERBS.get(event, EVENT_VERBS[DEFAULT_EVENT])
+
+    def _recommend_reason(
+        self, because: int | None, history: np.ndarray, events: Sequence[str] | None
+    ) -> str:
         if because is None:
             return "popular with customers (no history given)"
-        return f"because you bought {self.title(because)}"
+        return f"because you {self.did(because, history, events)} {self.title(because)}"
 
-    def _search_reason(self, matched: list[str], similarity: float, because: int | None) -> str:
+    def _search_reason(
+        self,
+        matched: list[str],
+        similarity: float,
+        because: int | None,
+        history: np.ndarray,
+        events: Sequence[str] | None,
+    ) -> str:
         if matched:
             reason = "matches " + ", ".join(f"'{w}'" for w in matched)
         else:
             reason = f"close in meaning to your query (text similarity {similarity:.2f})"
         if because is not None:
-            reason += f"; suits your history: you bought {self.title(because)}"
+            verb = self.did(because, history, events)
+            reason += f"; suits your history: you {verb} {self.title(because)}"
         return reason
 
 
@@ -307,7 +342,9 @@ def load_engine(
 ) -> SearchEngine:
     """The engine for a run's ``model/`` and the dataset's product table.
 
-    Products of the dataset the model has never seen are added from their text. ``encode``
+    Products of the dataset the model has never seen are added from their text; a history
+    item's event defaults to the dataset's most common one (:func:`shared.data.usual_event`).
+    ``encode``
     defaults to the model's own text tower run by ONNX Runtime (catalog embeddings come from
     the shared cache).
     Fusion weights come from ``model_dir/search.json`` when present.
@@ -333,7 +370,9 @@ def load_engine(
     model = load_model(model_dir, torch.from_numpy(np.asarray(text, dtype=np.float32)))
     weights_path = model_dir / WEIGHTS_FILE
     weights = FusionWeights.load(weights_path) if weights_path.exists() else None
-    engine = SearchEngine(model, catalog, encode, weights, **options)
+    engine = SearchEngine(
+        model, catalog, encode, weights, default_event=usual_event(data_dir), **options
+    )
     new = items[~items.index.isin(item_ids)]
     if len(new):
         engine.upsert(new.reset_index(drop=True))

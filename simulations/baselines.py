@@ -2,8 +2,8 @@
 
 A scorer is fitted on training histories only (held-out cold items are already removed from
 them) and scores a batch of customers from the history it is given at evaluation time, which
-for the test stage includes the validation target (CONTRACT §2). Every setting that is chosen
-is chosen on the validation targets, never on the test targets.
+for the test stage includes the validation target (docs/data-and-evaluation.md). Every
+setting that is chosen is chosen on the validation targets, never on the test targets.
 """
 
 from __future__ import annotations

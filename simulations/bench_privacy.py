@@ -24,7 +24,9 @@ TEXT_DP_LR = 0.1  # docs/evaluation.md: 0.0463 against 0.0459 at 0.01 and 0.0006
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="dataset directory (CONTRACT §1)")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="dataset directory (docs/data-and-evaluation.md)"
+    )
     parser.add_argument(
         "--out",
         type=Path,

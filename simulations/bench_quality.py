@@ -1,11 +1,11 @@
 """``fedrec bench quality``: baselines, the model's ablations and the fusion model, side by side.
 
-One split, the CONTRACT §2 protocol and metrics for every method: popularity, ALS, ItemKNN,
-text-only and late fusion (``simulations.baselines``), then the model with ``variant=id``,
-``variant=text`` and ``variant=fusion``, each trained by ``train_centralized`` with the same
-settings. With ``--cold-items F``, a fraction F of the items is held out of all training and
-every method is also reported on the customers whose test target is such a cold item, and on
-the rest.
+One split, the protocol and metrics of docs/data-and-evaluation.md for every method: popularity,
+ALS, ItemKNN, text-only and late fusion (``simulations.baselines``), then the model with
+``variant=id``, ``variant=text`` and ``variant=fusion``, each trained by ``train_centralized``
+with the same settings. With ``--cold-items F``, a fraction F of the items is held out of all
+training and every method is also reported on the customers whose test target is such a cold
+item, and on the rest.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ VARIANTS = ("id", "text", "fusion")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="dataset directory (CONTRACT §1)")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="dataset directory (docs/data-and-evaluation.md)"
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -189,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         "cold_fraction": args.cold_items,
         "cold_items": len(experiment.cold_items),
         "config": config.to_dict(),
-        "protocol": "CONTRACT §2: leave-one-out, full catalog, history excluded, test split; "
+        "protocol": "leave-one-out, full catalog, history excluded, test split; "
         "settings chosen on the validation targets only",
         "methods": results,
     }

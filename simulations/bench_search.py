@@ -1,14 +1,15 @@
 """``fedrec bench search``: product-search quality of BM25, dense text and personalised fusion.
 
-Protocol (after Ai et al., SIGIR 2017, "Learning a hierarchical embedding model for
-personalized product search"): a customer's held-out purchase is the product they were looking
-for, and the query is built from that product's category path: its words, lower-cased, split on
-non-alphanumerics, English stopwords and one-letter words removed, deduplicated in order
-("Beauty|Makeup|Nails|Nail Polish" -> "beauty makeup nails nail polish"). A second query set adds
-the first ``--title-words`` title words not already in the query (alphabetic words only), a
-closer stand-in for what people type. The split is CONTRACT §2's leave-one-out: the validation
-target with the training history tunes the fusion weights, the test target with the training +
-validation history measures them; ranking is over the full catalog minus the history items.
+Protocol (after Ai et al., SIGIR 2017, "Learning a hierarchical embedding model for personalized
+product search"): a customer's held-out purchase is the product they were looking for, and the
+query is built from that product's category path: its words, lower-cased, split on non-
+alphanumerics, English stopwords and one-letter words removed, deduplicated in order
+("Beauty|Makeup|Nails|Nail Polish" -> "beauty makeup nails nail polish"). A second query set
+adds the first ``--title-words`` title words not already in the query (alphabetic words only), a
+closer stand-in for what people type. The split is the leave-one-out of
+docs/data-and-evaluation.md: the validation target with the training history tunes the fusion
+weights, the test target with the training + validation history measures them; ranking is over
+the full catalog minus the history items.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 
 from shared.config import RunConfig
 from shared.experiment import Experiment
+from shared.quiet import quiet_third_party
+from shared.runs import OtherSettings, check_rerun
 from shared.training import (
     calibrate_noise,
     steps_per_epoch,
@@ -20,6 +23,7 @@ from shared.training import (
     train_private,
     training_tensors,
 )
+from simulations.verdict import print_verdict, run_context
 
 
 def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +37,9 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override any run setting, e.g. --set dim=64 --set fusion=concat "
         "(see docs/configuration.md for the full list)",
     )
-    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    parser.add_argument(
+        "--device", default=None, help=f"auto, cpu or cuda (default: {RunConfig.device})"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -54,15 +60,24 @@ def run_config_from_args(args: argparse.Namespace, **explicit) -> RunConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="dataset directory (CONTRACT §1)")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="dataset directory (docs/data-and-evaluation.md)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory for the run")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"training epochs (default: {RunConfig.epochs})"
+    )
     parser.add_argument(
         "--dp", action="store_true", help="train with DP-SGD (unit: one customer's whole history)"
     )
-    parser.add_argument("--target-epsilon", type=float, default=None, help="DP budget (default 8)")
     parser.add_argument(
-        "--delta", type=float, default=None, help="DP delta (default 1/(10 x customers))"
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help=f"DP budget (default: {RunConfig.target_epsilon})",
+    )
+    parser.add_argument(
+        "--delta", type=float, default=None, help="DP delta (default: 1/(10 x customers))"
     )
     add_run_config_arguments(parser)
 
@@ -199,6 +214,8 @@ def _train_private(experiment: Experiment, show_progress: bool) -> dict:
 def run(args: argparse.Namespace) -> int:
     config = run_config_from_args(
         args,
+        data=str(args.data),
+        out=str(args.out),
         epochs=args.epochs,
         dp=args.dp or None,
         target_epsilon=args.target_epsilon,
@@ -209,9 +226,12 @@ def run(args: argparse.Namespace) -> int:
             "fedrec: text-finetune-layers trains the encoder without DP; it cannot be combined "
             "with --dp (set text-finetune-layers=0)"
         )
+    if already_done(args.out, config):
+        return 0
+    quiet_third_party()
     experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
     result = train_centralized(experiment, not args.quiet)
-    extra = {"history": result["history"]}
+    extra = {"history": result["history"], "context": run_context(experiment)}
     if result.get("valid_test"):
         extra["test_before_refit"] = result["valid_test"]
     metrics = experiment.finish(
@@ -225,7 +245,19 @@ def run(args: argparse.Namespace) -> int:
         valid=result["valid"],
         title="fedrec centralized reference model",
     )
-    test = metrics["test"]
-    print("test: " + "  ".join(f"{k} {test[k]:.4f}" for k in ("hr@10", "ndcg@10", "ndcg@20")))
     print(f"wrote {args.out}/metrics.json, recs.csv, model/")
+    print_verdict(metrics, args.out)
     return 0
+
+
+def already_done(out: Path, config: RunConfig) -> bool:
+    """True (after saying so) when ``out`` holds this finished run; exits when it holds a run
+    with other settings. Shared by train and simulate, before anything starts."""
+    try:
+        complete = check_rerun(out, config.to_dict())
+    except OtherSettings as error:
+        raise SystemExit(f"fedrec: {error}") from None
+    if complete:
+        print(f"nothing to do: run complete ({out})")
+        print_verdict(json.loads((out / "metrics.json").read_text()), out)
+    return complete

@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         type=Path,
         default=None,
-        help="dataset directory (CONTRACT §1); default: the embedded synthetic marketplace, "
-        "generated under OUT/data",
+        help="dataset directory (docs/data-and-evaluation.md); default: the embedded "
+        "synthetic marketplace, generated under OUT/data",
     )
     parser.add_argument(
         "--out",

@@ -5,7 +5,8 @@
 - ``merchant``: products belong to merchants (``merchant_id`` when the items table has it, else
   derived from the top-level category); node k holds every event on merchant k's products.
 
-Every node directory is a complete dataset directory (CONTRACT §1) with the full, public catalog
+Every node directory is a complete dataset directory (docs/data-and-evaluation.md) with the full,
+public catalog
 plus ``node.json`` naming the node and its own catalog (all items, or its merchant's). A node
 reads only its own directory, in simulation exactly as in deployment.
 """

@@ -32,7 +32,9 @@ def sample_customers(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="dataset directory (CONTRACT §1)")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="dataset directory (docs/data-and-evaluation.md)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="dataset directory to write")
     parser.add_argument("--customers", required=True, type=int, help="how many customers to keep")
     parser.add_argument("--seed", type=int, default=0, help="which sample (default 0)")

@@ -11,7 +11,10 @@ from pathlib import Path
 
 from client.policy import parse_node_config
 from shared.config import RunConfig
-from simulations.centralized import add_run_config_arguments, run_config_from_args
+from shared.experiment import Experiment
+from shared.quiet import quiet_third_party, worker_environment
+from simulations.centralized import add_run_config_arguments, already_done, run_config_from_args
+from simulations.verdict import add_context, print_verdict, run_context
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,41 +22,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         type=Path,
         default=None,
-        help="dataset directory (CONTRACT §1); default: the embedded synthetic "
-        "marketplace, generated under OUT/data",
+        help="dataset directory (docs/data-and-evaluation.md) (default: the embedded "
+        "synthetic marketplace, generated under OUT/data)",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=Path("runs/simulate"),
-        help="output directory (default runs/simulate); an interrupted run there resumes",
+        help="output directory; an interrupted run there resumes, a finished one is not run again",
     )
-    parser.add_argument("--clients", type=int, default=None, help="number of nodes (default 5)")
-    parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default 3)")
+    parser.add_argument(
+        "--clients", type=int, default=None, help=f"number of nodes (default: {RunConfig.clients})"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help=f"federated rounds (default: {RunConfig.rounds})"
+    )
     parser.add_argument(
         "--partition",
         choices=("regional", "merchant"),
         default=None,
         help="regional: customers split across nodes; merchant: each node "
-        "holds the events on its own products",
+        f"holds the events on its own products (default: {RunConfig.partition})",
     )
     parser.add_argument(
-        "--strategy", default=None, help="fedavg (default), fedprox, fedadam, median or trimmed"
+        "--strategy",
+        default=None,
+        help=f"fedavg, fedprox, fedadam, median or trimmed (default: {RunConfig.strategy})",
     )
-    parser.add_argument("--local-epochs", type=int, default=None, help="local epochs per round")
+    parser.add_argument(
+        "--local-epochs",
+        type=int,
+        default=None,
+        help=f"local epochs per round (default: {RunConfig.local_epochs})",
+    )
     parser.add_argument(
         "--dp",
         action="store_true",
         help="DP-SGD at every node (unit: one customer's history at a node)",
     )
     parser.add_argument(
-        "--target-epsilon", type=float, default=None, help="each node's budget (default 8)"
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help=f"each node's budget (default: {RunConfig.target_epsilon})",
     )
     parser.add_argument(
         "--delta",
         type=float,
         default=None,
-        help="DP delta (default 1/(10 x customers at the node))",
+        help="DP delta (default: 1/(10 x customers at the node))",
     )
     parser.add_argument(
         "--canaries",
@@ -62,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="M",
         help="empirical privacy audit: M random canary customers, each put "
         "into a random node's data by a fair coin and scored after "
-        "training (OUT/canaries.json, docs/privacy-audit.md)",
+        f"training (OUT/canaries.json, docs/privacy-audit.md) (default: {RunConfig.canaries})",
     )
     add_node_config_argument(parser, deployed=False)
     add_run_config_arguments(parser)
@@ -92,7 +109,11 @@ def backend_config(clients: int, device: str) -> dict:
         gpus = 1.0 / min(clients, cpus)
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,  # Ray's own start-up messages
+        },
     }
 
 
@@ -128,8 +149,18 @@ def run(args: argparse.Namespace) -> int:
         check_settings(config)
     except ValueError as error:
         raise SystemExit(f"fedrec: {error}") from None
+    if already_done(args.out, config):
+        return 0
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_third_party()
+    os.environ.update(worker_environment())  # Ray's workers inherit it
+    if not args.quiet:
+        print(
+            f"starting the simulation engine (Ray) with {config.clients} nodes; "
+            "data, embeddings and partitions are prepared next",
+            flush=True,
+        )
     # run_simulation is marked deprecated in flwr 1.42 in favour of `flwr run`, which needs a
     # SuperLink process and reads settings only from pyproject/--run-config; it is the only
     # in-process engine that takes an explicit ServerApp and ClientApp, which this command needs.
@@ -144,4 +175,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedrec: the federation failed: {errors[0]}", file=sys.stderr)
         return 1
     print(f"wrote {config.out}/metrics.json, recs.csv, model/, ledger.jsonl, rounds.png")
+    print_verdict(add_context(args.out, federation_context(config)), args.out)
     return 0
+
+
+def federation_context(config: RunConfig) -> dict:
+    """The reference points of :func:`simulations.verdict.run_context` on the federation's
+    dataset and split (the server evaluated the model on the same ones)."""
+    from server.server_app import embedded_dataset
+
+    data = Path(config.data) if config.data else embedded_dataset(Path(config.out))
+    return run_context(Experiment.prepare(data, config, show_progress=False))

@@ -4,6 +4,7 @@ tiny synthetic dataset: its outputs, its quality against popularity, and its DP 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,30 @@ def test_trained_model_beats_popularity(trained: Path, tiny_synth_dataset_dir: P
     assert test["hr@20"] > popular["hr@20"]
 
 
+def test_metrics_hold_the_reference_points(trained: Path, tiny_synth_dataset_dir: Path) -> None:
+    """context: popularity (as computed above) and the untrained text model, same split."""
+    metrics = json.loads((trained / "metrics.json").read_text())
+    split = leave_one_out(load_dataset(tiny_synth_dataset_dir))
+    counts = torch.from_numpy(
+        np.bincount(np.concatenate(split.training_histories(refit=True)), minlength=split.num_items)
+    ).float()
+    popular, _ = evaluate(lambda users, h: counts.repeat(len(users), 1), split, "test")
+    assert metrics["context"]["popularity"]["ndcg@10"] == pytest.approx(popular["ndcg@10"])
+    text = metrics["context"]["text_only"]
+    assert text["text_model"] == "minilm" and text["ndcg@10"] > popular["ndcg@10"]
+    assert "- dataset: dataset" in (trained / "model" / "README.md").read_text()
+
+
+def test_train_again_over_its_out(trained: Path, tiny_synth_dataset_dir: Path, capsys) -> None:
+    argv = ["train", "--data", str(tiny_synth_dataset_dir), "--out", str(trained), *TINY]
+    assert main([*argv, "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"nothing to do: run complete ({trained})" in printed
+    assert "test NDCG@10 / HR@10: model" in printed and "popularity" in printed
+    with pytest.raises(SystemExit, match=r"refused: .*\(epochs: 2 -> 3\)"):
+        main([*argv, "--epochs", "3"])
+
+
 def test_dp_training_states_its_guarantee(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "dp"
     assert (
@@ -129,3 +154,19 @@ def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir:
     assert torch.all(model.id_scores.weight[held_out] == 0)
     trained = experiment.trained_items(experiment.train_histories(refit=True))
     assert (model.id_scores.bias[trained] != 0).all()
+
+
+def test_model_card_names_the_dataset(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
+    """The directory's name, and for the embedded default (OUT/data) what it is."""
+    from shared.config import RunConfig
+    from shared.experiment import EMBEDDED_NAME, Experiment
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_synth_dataset_dir, out / "data")
+    embedded = load_dataset(out / "data")
+    named = load_dataset(tiny_synth_dataset_dir)
+    default = RunConfig(out=str(out))
+    assert Experiment(embedded, None, None, default).dataset_name == EMBEDDED_NAME
+    assert Experiment(named, None, None, default).dataset_name == tiny_synth_dataset_dir.name
+    given = RunConfig(out=str(out), data=str(out / "data"))
+    assert Experiment(embedded, None, None, given).dataset_name == "data"

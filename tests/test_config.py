@@ -89,31 +89,6 @@ def test_model_config_uses_the_dp_shape_under_dp() -> None:
     assert (model.num_items, model.text_dim, model.dim) == (10, 8, 24)
 
 
-def documented_settings() -> dict[str, str]:
-    """setting -> default, from the table of docs/configuration.md."""
-    settings = {}
-    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 3 or not cells[0].startswith("`"):
-            continue
-        names = re.findall(r"`([a-z0-9-]+)`", cells[0])
-        defaults = [d.strip().strip("`") for d in cells[1].split(",")]
-        if len(defaults) != len(names):
-            defaults = [cells[1].strip("`")] * len(names)
-        settings.update(zip(names, defaults, strict=True))
-    return settings
-
-
-def test_configuration_doc_lists_every_setting_with_its_default() -> None:
-    documented = documented_settings()
-    assert set(documented) == {kebab(f.name) for f in fields(RunConfig)}
-    defaults = RunConfig()
-    for field in fields(RunConfig):
-        text = documented[kebab(field.name)].replace('""', "")
-        expected = getattr(defaults, field.name)
-        assert _coerce(text, type(expected), field.name) == expected, field.name
-
-
 # --- command-line help ----------------------------------------------------------------------
 
 
@@ -170,7 +145,7 @@ def test_help_explains_every_option(command: list[str], expected: set[str], caps
     assert stopped.value.code == 0
     text = capsys.readouterr().out
     actions = options_of(command)
-    assert expected <= {o for a in actions for o in a.option_strings}  # CONTRACT §3's options
+    assert expected <= {o for a in actions for o in a.option_strings}  # options
     for action in actions:
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings
         assert any(re.search(re.escape(o) + r"\b", text) for o in action.option_strings)

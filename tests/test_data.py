@@ -443,6 +443,27 @@ def test_convert_movielens_csv(tmp_path: Path) -> None:
     assert items.loc["20", "categories"] == "Action|Crime|Thriller"
 
 
+def test_convert_movielens_min_rating_keeps_the_liked_ones(tmp_path: Path, capsys) -> None:
+    """Every rating is a ``rating`` event (1 star included) unless --min-rating drops it."""
+    src = tmp_path / "ml"
+    src.mkdir()
+    (src / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n1,10,1.0,1\n1,20,4.0,2\n2,20,5.0,3\n2,10,4.5,4\n"
+    )
+    (src / "movies.csv").write_text("movieId,title,genres\n10,Heat (1995),Action\n20,Up,Drama\n")
+    everything = convert("movielens", src, tmp_path / "all")
+    assert len(everything.interactions) == 4
+    assert set(everything.interactions["event"]) == {"rating"}
+    capsys.readouterr()
+    argv = ["data", "convert", "movielens", str(src), str(tmp_path / "liked")]
+    assert main([*argv, "--min-rating", "4"]) == 0
+    assert "kept 3 of 4 ratings (>= 4)" in capsys.readouterr().out
+    liked = load_dataset(tmp_path / "liked").interactions
+    assert len(liked) == 3 and set(liked["event"]) == {"rating"}
+    with pytest.raises(SystemExit, match="--min-rating is for movielens"):
+        main(["data", "convert", "amazon", str(src), str(tmp_path / "a"), "--min-rating", "4"])
+
+
 def test_convert_movielens_dat(tmp_path: Path) -> None:
     src = tmp_path / "ml-1m"
     src.mkdir()

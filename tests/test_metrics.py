@@ -1,4 +1,5 @@
-"""Full-catalog leave-one-out metrics and recs.csv (shared/metrics.py, CONTRACT §2 and §4)."""
+"""Full-catalog leave-one-out metrics and recs.csv (shared/metrics.py,
+docs/data-and-evaluation.md)."""
 
 from __future__ import annotations
 

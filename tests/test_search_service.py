@@ -7,6 +7,7 @@ expected rankings follow from the product texts alone.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import socket
@@ -23,7 +24,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from server.service import Limits, build_app, create_app
+from server.service import Limits, build_app, create_app, log_access
 from shared.artifacts import save_model
 from shared.catalog import TextToId, full_table
 from shared.index import VectorIndex, recall_at_k, top_k
@@ -198,6 +199,39 @@ def test_a_new_event_changes_the_next_answer(client: TestClient):
     assert before != after and any(i.startswith("lip") for i in after)
 
 
+def test_reasons_say_what_the_customer_did(client: TestClient):
+    """A history item's own event, else the dataset's usual one (no interactions: purchase)."""
+    history = [{"item_id": "tent1", "event": "view"}, {"item_id": "lip1", "event": "cart"}, "tent2"]
+    results = client.post("/recommend", json={"history": history, "k": 10}).json()["results"]
+    verbs = {"tent1": "viewed", "lip1": "added to cart", "tent2": "bought"}
+    assert {r["because"] for r in results} == set(verbs)
+    for result in results:
+        assert result["reason"].startswith(f"because you {verbs[result['because']]} ")
+    found = client.post("/search", json={"query": "tent", "history": history[:1], "k": 3})
+    assert "you viewed Summit Dome Tent for two" in found.json()["results"][0]["reason"]
+    bad = client.post("/recommend", json={"history": [{"item_id": "tent1", "event": "liked"}]})
+    assert bad.status_code == 422
+
+
+def test_a_rated_catalog_says_rated(dirs: tuple[Path, Path], tmp_path: Path):
+    """A converted MovieLens dataset's events are ratings: its reasons say so."""
+    data = tmp_path / "data"
+    shutil.copytree(dirs[1], data)
+    (data / "interactions.csv").write_text(
+        "user_id,item_id,timestamp,event\nu,tent1,1,rating\nu,tent2,2,rating\n"
+    )
+    client = TestClient(create_app(dirs[0], data, limits=LIMITS, encode=fake_encode))
+    results = client.post("/recommend", json={"history": ["tent1"], "k": 2}).json()["results"]
+    assert all(r["reason"] == "because you rated Summit Dome Tent for two" for r in results)
+
+
+def test_numeric_item_ids_are_accepted(client: TestClient):
+    assert client.post("/items", json={"item_id": 1193, "title": "Heat (1995)"}).status_code == 201
+    assert client.get("/items/1193").json()["title"] == "Heat (1995)"
+    assert ids(client.post("/recommend", json={"history": [1193, "tent1"], "k": 3}))
+    assert ids(client.post("/search", json={"query": "tent", "history": [1193], "k": 3}))
+
+
 # --- the live catalog ---------------------------------------------------------------------
 
 NEW_TENT = {
@@ -233,6 +267,44 @@ def test_replacing_a_product_updates_text_and_keeps_one_row(client: TestClient):
     assert client.get("/health").json()["products"] == len(PRODUCTS)
 
 
+def test_updating_a_product_keeps_the_fields_not_sent(client: TestClient):
+    response = client.post("/items", json={"item_id": "pot", "brand": "Acme"})
+    assert response.status_code == 200
+    stored = client.get("/items/pot").json()
+    assert stored == response.json()["product"]
+    assert stored["title"] == "Stainless Stock Pot" and stored["brand"] == "Acme"
+    assert stored["categories"] == "Home|Kitchen|Cookware"
+    cleared = client.post("/items", json={"item_id": "pot", "brand": ""}).json()["product"]
+    assert cleared["brand"] == "" and cleared["title"] == "Stainless Stock Pot"
+    new = client.post("/items", json={"item_id": "fresh", "brand": "Acme"})
+    assert new.status_code == 422
+    assert new.json()["detail"][0]["msg"] == "a new product needs a title"
+
+
+def test_overlong_text_fields_are_422(client: TestClient):
+    response = client.post("/items", json={"item_id": "long", "title": "x" * 501})
+    assert response.status_code == 422
+    error = response.json()["detail"][0]
+    assert error["loc"] == ["body", "title"] and "at most 500 characters" in error["msg"]
+    assert client.get("/items/long").status_code == 404
+
+
+def test_every_request_is_in_the_access_log(client: TestClient, caplog):
+    caplog.set_level(logging.INFO, logger="fedrec.access")
+    client.get("/health")
+    client.post("/recommend", content=b"x" * 3000, headers={"content-type": "application/json"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedrec.access"]
+    assert re.fullmatch(r"GET /health 200 \d+\.\d ms", lines[0])
+    assert lines[1].startswith("POST /recommend 413 ")
+
+
+def test_access_log_switch():
+    log_access(True)
+    assert logging.getLogger("fedrec.access").isEnabledFor(logging.INFO)
+    log_access(False)
+    assert not logging.getLogger("fedrec.access").isEnabledFor(logging.INFO)
+
+
 def test_incremental_rows_equal_the_model_item_table(dirs: tuple[Path, Path]):
     engine = load_engine(*dirs, encode=fake_encode)
     engine.upsert(pd.DataFrame([NEW_TENT, {"item_id": "lip1", "title": "Velvet Matte Lipstick"}]))
@@ -257,6 +329,8 @@ def test_health_docs_and_page(client: TestClient):
     )
     page = client.get("/")
     assert page.status_code == 200 and "<script>" in page.text and "/search" in page.text
+    assert "nail polish" not in page.text  # a neutral placeholder, whatever the catalog
+    assert "Popular products" in page.text  # what it shows before any search
 
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc"])

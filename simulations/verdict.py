@@ -1,0 +1,101 @@
+"""The end of every training command: the model beside two reference points on the same split,
+said plainly, and where its privacy guarantee is written down.
+
+The reference points are the popularity baseline and the public text model (the untrained
+encoder: an item is its text embedding, a customer the recency-weighted mean of their
+history), both from :mod:`simulations.baselines`. They are cheap (two evaluations, nothing
+trained) and are stored in ``metrics.json`` under ``context``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from shared.experiment import Experiment
+from shared.metrics import evaluate
+from shared.text import embed_items
+from simulations.baselines import popularity, text_only
+
+REFERENCES = {"popularity": "popularity", "text_only": "public text model"}
+
+
+def run_context(experiment: Experiment) -> dict:
+    """Test metrics of the popularity baseline and of the public text model (recency: the
+    run's ``recency`` setting), fitted on what the model trained on."""
+    config, split = experiment.config, experiment.split
+    text = experiment.text
+    if experiment.text_model != config.text_model:  # the run fine-tuned it: use the public one
+        text = torch.from_numpy(
+            embed_items(experiment.dataset.items, config.text_model, show_progress=False)
+        )
+    cold = experiment.cold_items if len(experiment.cold_items) else None
+    histories = experiment.train_histories(config.refit)
+    scorers = {
+        "popularity": (popularity(histories, experiment.dataset.num_items), {}),
+        "text_only": (
+            text_only(text, config.recency),
+            {"text_model": config.text_model, "recency": config.recency},
+        ),
+    }
+    return {
+        name: evaluate(score, split, "test", cold_items=cold)[0] | settings
+        for name, (score, settings) in scorers.items()
+    }
+
+
+def add_context(out: Path, context: dict) -> dict:
+    """Store ``context`` in ``out/metrics.json``; returns the updated metrics."""
+    from shared.artifacts import write_json
+
+    path = Path(out) / "metrics.json"
+    metrics = json.loads(path.read_text()) | {"context": context}
+    write_json(path, metrics)
+    return metrics
+
+
+def verdict(metrics: dict, out: Path) -> list[str]:
+    """A few lines: test NDCG@10 / HR@10 of the model and of each reference, a plain sentence
+    when the model is below one, and the privacy guarantee when the run has one."""
+    test = metrics["test"]
+    figures = [f"model {test['ndcg@10']:.4f} / {test['hr@10']:.4f}"]
+    below = []
+    for key, label in REFERENCES.items():
+        reference = metrics.get("context", {}).get(key)
+        if reference is None:
+            continue
+        figures.append(f"{label} {reference['ndcg@10']:.4f} / {reference['hr@10']:.4f}")
+        if test["ndcg@10"] < reference["ndcg@10"]:
+            below.append(
+                f"below {label}: the model's test NDCG@10 {test['ndcg@10']:.4f} is under "
+                f"{label}'s {reference['ndcg@10']:.4f} on the same split"
+            )
+    lines = ["test NDCG@10 / HR@10: " + ", ".join(figures), *below]
+    if not below and len(figures) > 1:
+        lines.append("above every reference point")
+    if privacy := metrics.get("privacy"):
+        lines.append(privacy_line(privacy, Path(out)))
+    return lines
+
+
+def privacy_line(privacy: dict, out: Path) -> str:
+    """The guarantee (epsilon, delta, unit) and where to check it."""
+    guarantee = privacy if "epsilon" in privacy else privacy.get("node_level", {})
+    line = "privacy: "
+    if "epsilon" in guarantee:
+        line += (
+            f"({guarantee['epsilon']:.2f}, {guarantee['delta']:.1e})-differential privacy "
+            f"for {guarantee['unit']}"
+        )
+    if (out / "ledger.jsonl").exists():
+        line += f"; ledger {out / 'ledger.jsonl'}; check it with: fedrec audit {out}"
+    return line
+
+
+def print_verdict(metrics: dict, out: Path) -> None:
+    """Print :func:`verdict` under a rule."""
+    print("-" * 60)
+    for line in verdict(metrics, out):
+        print(line)

@@ -1,0 +1,90 @@
+"""The command line around the runs: ``--version``, and what ``fedrec simulate`` / ``fedrec
+train`` say when OUT already holds a run (decided before anything starts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from shared import __version__
+from shared.cli import build_parser, main
+from simulations.simulate import config_from_args
+from simulations.verdict import verdict
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fedrec {__version__}"
+
+
+def simulate_args(out: Path, *extra: str) -> list[str]:
+    return ["simulate", "--out", str(out), "--rounds", "2", "--device", "cpu", *extra]
+
+
+def finished_run(out: Path, argv: list[str]) -> None:
+    """A finished run's metrics.json in ``out``, with the settings ``argv`` asks for."""
+    config = config_from_args(build_parser(argv).parse_args(argv))
+    out.mkdir(parents=True)
+    test = {"ndcg@10": 0.01, "hr@10": 0.02}
+    context = {"popularity": {"ndcg@10": 0.05, "hr@10": 0.1}}
+    (out / "metrics.json").write_text(
+        json.dumps({"test": test, "config": config.to_dict(), "context": context})
+    )
+
+
+def test_finished_run_with_the_same_settings_is_not_run_again(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    finished_run(out, simulate_args(out))
+    assert main(simulate_args(out)) == 0
+    printed = capsys.readouterr().out
+    assert f"nothing to do: run complete ({out})" in printed
+    assert "below popularity" in printed  # the verdict, from the stored metrics
+
+
+def test_run_with_other_settings_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    finished_run(out, simulate_args(out))
+    with pytest.raises(SystemExit, match=r"refused: .* other settings \(rounds: 2 -> 3\)"):
+        main([*simulate_args(out), "--rounds", "3"])
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]  # nothing started
+
+
+def test_unfinished_run_with_other_settings_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    config = config_from_args(build_parser(simulate_args(out)).parse_args(simulate_args(out)))
+    progress = {"round": 1, "history": [], "config": config.to_dict(), "trained_rows": []}
+    save_file(
+        {"model/w": torch.zeros(1)},
+        str(out / "checkpoint.safetensors"),
+        metadata={"progress": json.dumps(progress)},
+    )
+    with pytest.raises(SystemExit, match=r"other settings \(clients: 5 -> 3\)"):
+        main([*simulate_args(out), "--clients", "3"])
+
+
+def test_verdict_states_the_privacy_guarantee_and_the_audit(tmp_path: Path) -> None:
+    (tmp_path / "ledger.jsonl").write_text("")
+    metrics = {
+        "test": {"ndcg@10": 0.2, "hr@10": 0.3},
+        "context": {"popularity": {"ndcg@10": 0.1, "hr@10": 0.2}},
+        "privacy": {"epsilon": 8.0, "delta": 1e-5, "unit": "one customer's entire history"},
+    }
+    lines = verdict(metrics, tmp_path)
+    assert not any(line.startswith("below") for line in lines)
+    assert lines[-1].startswith("privacy: (8.00, 1.0e-05)-differential privacy for one customer")
+    assert f"fedrec audit {tmp_path}" in lines[-1]
+
+
+def test_outputs_without_settings_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"test": {}}')
+    with pytest.raises(SystemExit, match="refused: .* without their settings"):
+        main(simulate_args(out))
