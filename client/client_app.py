@@ -34,6 +34,7 @@ from client.node import NodeData, NodePrivacy, evaluate_node, load_node, train_n
 from client.policy import NodePolicy
 from shared.config import RunConfig
 from shared.node_dp import clipped_update
+from shared.quiet import quiet_third_party
 from shared.reports import NodeReport, Release
 from shared.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
 from shared.wire import encode, nbytes
@@ -108,6 +109,7 @@ class NodeRequest:
 def make_client_app(node_config: dict | None = None) -> ClientApp:
     """The ClientApp; ``node_config`` is added to each node's own config (how ``fedrec
     simulate`` gives its simulated nodes the policy of ``--node-config``)."""
+    quiet_third_party()  # in Ray's workers too: Opacus's import sends Flower's logs to the root
     extra = dict(node_config or {})
     app = ClientApp()
 

@@ -1,4 +1,4 @@
-"""``fedrec audit OUT``: the privacy audit of a run (CONTRACT §3), see docs/privacy-audit.md.
+"""``fedrec audit OUT``: the privacy audit of a run, see docs/privacy-audit.md.
 
 Reads ``OUT/ledger.jsonl`` (and ``OUT/metrics.json``, ``OUT/canaries.json``, the node keys in
 ``OUT/node-keys/`` when present), recomputes every epsilon with dp-accounting's PLD accountant,

@@ -32,6 +32,7 @@ from shared.experiment import Experiment
 from shared.node_directory import node_catalog
 from shared.node_dp import check_node_dp
 from shared.reports import NodeReport, ReportError, parse_report
+from shared.runs import differences
 from shared.wire import encode, nbytes, trainable_state
 from simulations.attacks import check_attack
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
@@ -230,7 +231,7 @@ def ensure_partitions(dataset: Dataset, split: Split, config: RunConfig, out: Pa
 def run_federation(
     grid: Grid, config: RunConfig, data_dir: Path, out: Path, show_progress: bool = True
 ) -> dict:
-    """Run (or resume) the federation and write the CONTRACT §4 outputs to ``out``."""
+    """Run (or resume) the federation and write the run's outputs to ``out``."""
     check_settings(config)
     experiment = Experiment.prepare(data_dir, config, show_progress=show_progress)
     out.mkdir(parents=True, exist_ok=True)  # only once the settings and the data are valid
@@ -244,8 +245,10 @@ def run_federation(
     saved = checkpoint.load()
     if saved is not None:
         state, strategy.optimizer.state, progress = saved
-        if progress["config"] != config.to_dict():
-            raise SystemExit(f"{out} holds a run with other settings; use another --out")
+        if changed := differences(progress["config"], config.to_dict()):
+            raise SystemExit(
+                f"{out} holds a run with other settings ({'; '.join(changed)}); use another --out"
+            )
         history, done = progress["history"], progress["round"]
         trained_rows[progress["trained_rows"]] = True
         log.info("resuming after round %d of %d", done, config.rounds)
@@ -367,14 +370,15 @@ def run_federation(
                 "trained_rows": np.flatnonzero(trained_rows).tolist(),
             },
         )
-        log.info(
-            "round %d: %s ndcg@10 %.4f (%s s)",
-            server_round,
-            monitor,
-            valid["ndcg@10"],
-            history[-1]["round_s"],
-        )
-        if show_progress:
+        if not show_progress:  # one line per round: the log's, or the terminal's below
+            log.info(
+                "round %d: %s ndcg@10 %.4f (%s s)",
+                server_round,
+                monitor,
+                valid["ndcg@10"],
+                history[-1]["round_s"],
+            )
+        else:
             print(
                 f"round {server_round}/{config.rounds}: {monitor} ndcg@10 {valid['ndcg@10']:.4f}, "
                 f"{contributed} nodes, {history[-1]['round_s']} s",

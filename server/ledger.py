@@ -1,4 +1,4 @@
-"""The privacy ledger ``OUT/ledger.jsonl`` (CONTRACT §4): an append-only, hash-chained log.
+"""The privacy ledger ``OUT/ledger.jsonl``: an append-only, hash-chained log.
 
 Each line is one JSON object with ``seq`` (0, 1, 2, ...), ``kind``, ``time`` (unix seconds),
 ``prev_hash`` (the previous entry's ``hash``, ``"0" * 64`` for the first) and ``hash``: the sha256

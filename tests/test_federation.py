@@ -1,5 +1,5 @@
 """End to end: ``fedrec simulate`` on Flower's simulation engine (server/federation.py,
-client/node.py, client/client_app.py), its outputs (CONTRACT §4), resuming after a crash, the
+client/node.py, client/client_app.py), its outputs, resuming after a crash, the
 privacy ledger of a DP run, and a node that declines once its budget is spent.
 
 The expensive file: three small simulations (2 nodes, tiny model), each run once per session.
