@@ -19,6 +19,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("data", "validate"), "shared.validate", "check a dataset directory and summarise it"),
     (("data", "convert"), "shared.convert", "convert Amazon or MovieLens raw files"),
     (("data", "sample"), "simulations.sample", "a random sample of a dataset's customers"),
+    (("data", "split"), "simulations.split", "a pilot's data: the public catalog and each node's"),
     (("train",), "simulations.centralized", "centralized training: the reference run"),
     (("simulate",), "simulations.simulate", "a federated run on Flower's simulation engine"),
     (

@@ -164,6 +164,7 @@ class LocalFederation:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_LOG_LEVEL": "INFO",  # each process's log is its file under OUT/logs
         }
 
     def _start(self, name: str, command: list[str], home: Path) -> Service:

@@ -79,9 +79,11 @@ def write_partitions(
     alpha: float = 0.0,
     seed: int = 0,
     holdout: np.ndarray | None = None,
+    first: int = 0,
 ) -> list[Path]:
-    """Write ``out/node-<k>/`` for k in 0..num_nodes-1, without the ``holdout`` file rows (the
-    server's evaluation events); returns the directories."""
+    """Write ``out/node-<k>/`` for k in first..first+num_nodes-1 (Flower's simulation numbers
+    nodes from 0, a pilot's ``fedrec data split`` from 1), without the ``holdout`` file rows
+    (the server's evaluation events); returns the directories."""
     if scheme not in SCHEMES:
         raise ValueError(f"partition must be one of {SCHEMES}, got {scheme!r}")
     if num_nodes < 1:
@@ -105,13 +107,13 @@ def write_partitions(
     ]
     directories = []
     for node in range(num_nodes):
-        directory = Path(out) / f"node-{node}"
+        directory = Path(out) / f"node-{first + node}"
         directory.mkdir(parents=True, exist_ok=True)
         mine = events[node_of_event == node]
         mine[columns].to_csv(directory / "interactions.csv.gz", index=False)
         items.to_csv(directory / "items.csv.gz", index=False)
         NodeInfo(
-            node=f"{scheme}-{node}",
+            node=f"{scheme}-{first + node}",
             partition=scheme,
             catalog=catalogs[node],
             customers=round_down_2sf(int(mine["user_id"].nunique())),

@@ -4,9 +4,11 @@ and ClientApp that ``flwr run .`` uses, with settings from the command line."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from client.policy import parse_node_config
@@ -99,6 +101,22 @@ def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) ->
     )
 
 
+@contextlib.contextmanager
+def patched_environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` for the duration, restored afterwards (the variables are
+    for the engine's workers, not for whatever this process starts later)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def backend_config(clients: int, device: str) -> dict:
     """One CPU per simulated node (each node's torch uses one thread), a GPU share on CUDA."""
     import torch
@@ -154,7 +172,6 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     quiet_third_party()
-    os.environ.update(worker_environment())  # Ray's workers inherit it
     if not args.quiet:
         print(
             f"starting the simulation engine (Ray) with {config.clients} nodes; "
@@ -165,12 +182,13 @@ def run(args: argparse.Namespace) -> int:
     # SuperLink process and reads settings only from pyproject/--run-config; it is the only
     # in-process engine that takes an explicit ServerApp and ClientApp, which this command needs.
     errors: list[BaseException] = []
-    run_simulation(
-        server_app=make_server_app(config, show_progress=not args.quiet, errors=errors),
-        client_app=make_client_app(args.node_config),
-        num_supernodes=config.clients,
-        backend_config=backend_config(config.clients, config.device),
-    )
+    with patched_environment(worker_environment()):  # Ray's workers inherit it
+        run_simulation(
+            server_app=make_server_app(config, show_progress=not args.quiet, errors=errors),
+            client_app=make_client_app(args.node_config),
+            num_supernodes=config.clients,
+            backend_config=backend_config(config.clients, config.device),
+        )
     if errors:
         print(f"fedrec: the federation failed: {errors[0]}", file=sys.stderr)
         return 1
