@@ -40,7 +40,7 @@ from shared.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
 from shared.wire import encode, nbytes
 
 # what the server sends beside the run's settings
-NOT_SETTINGS = ("server-round", "partitions-dir", "state-names", "run-id")
+NOT_SETTINGS = ("server-round", "partitions-dir", "state-names", "run-id", "catalog-digest")
 
 
 def node_directory(settings: dict, node_config: dict) -> str:
@@ -67,8 +67,20 @@ class NodeRequest:
         self.policy = NodePolicy.from_node_config(node_config)
         self.round = int(settings.get("server-round", 0))
         self.run_id = str(settings.get("run-id", ""))
+        self.catalog_digest = str(settings.get("catalog-digest", ""))
         key_path = node_config.get("node-key") or self.node.directory / "privacy" / "node.key"
         self.key_path = Path(key_path)
+
+    def catalog_refusal(self) -> dict | None:
+        """A refusal when this node holds another catalog than the server's (the global
+        model's item tables would not mean the same products), else None."""
+        if not self.catalog_digest or self.catalog_digest == self.node.catalog_digest:
+            return None
+        reason = (
+            f"this node's catalog (sha256 {self.node.catalog_digest[:12]}) is not the "
+            f"server's ({self.catalog_digest[:12]}): every party must hold the same items table"
+        )
+        return {"node": self.node.name, "refused": True, "reason": reason}
 
     def report(self, result: dict, arrays: dict[str, np.ndarray] | None) -> NodeReport:
         """The privacy report for ``result``: a refusal or a decline as it is; a DP release
@@ -129,7 +141,9 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             state = {
                 name: torch.tensor(value) for name, value in zip(names, parameters, strict=True)
             }
-            result = train_node(asked.node, asked.config, state, asked.round, asked.policy)
+            result = asked.catalog_refusal() or train_node(
+                asked.node, asked.config, state, asked.round, asked.policy
+            )
             if result.get("refused") or result.get(
                 "declined"
             ):  # a zero update, still in the protocol
@@ -154,7 +168,9 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         """Train locally from the global weights; reply with weights, metrics and privacy spent."""
         asked = request(dict(msg.content["config"]), context)
         state = msg.content["arrays"].to_torch_state_dict()
-        result = train_node(asked.node, asked.config, state, asked.round, asked.policy)
+        result = asked.catalog_refusal() or train_node(
+            asked.node, asked.config, state, asked.round, asked.policy
+        )
         metrics: dict[str, Any] = {}
         arrays = None
         if not (result.get("refused") or result.get("declined")):
@@ -184,7 +200,9 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         DP, noisy and charged to the node's accountant under DP."""
         asked = request(dict(msg.content["config"]), context)
         state = msg.content["arrays"].to_torch_state_dict()
-        result = evaluate_node(asked.node, asked.config, state, asked.policy)
+        result = asked.catalog_refusal() or evaluate_node(
+            asked.node, asked.config, state, asked.policy
+        )
         privacy = asked.report(result, None).to_record()
         metrics = {
             k: v

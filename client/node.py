@@ -21,6 +21,7 @@ import torch
 from client.policy import NodePolicy
 from shared.config import RunConfig, resolve_device
 from shared.data import Split, leave_one_out, load_dataset
+from shared.experiment import catalog_digest
 from shared.metrics import EVALUATED, per_customer_metrics, rank_users
 from shared.model import FusionRecommender
 from shared.node_directory import NodeInfo
@@ -53,6 +54,7 @@ class NodeData:
     text: torch.Tensor
     catalog: np.ndarray | None  # item indices this node sells; None = every item
     declared_customers: int | None  # the public figure in node.json, if any
+    catalog_digest: str  # of the items table it holds (shared.experiment.catalog_digest)
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,6 +70,7 @@ def load_node(directory: str, text_model: str) -> NodeData:
         text,
         info.catalog_indices(dataset.items),
         info.customers,
+        catalog_digest(dataset.items),
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,22 +20,19 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from server.aggregation import NodeUpdate
 from server.ledger import PrivacyLedger
 from server.node_keys import NodeKeys
 from server.node_privacy import NodeLevelDP, add_node_level
 from server.recovery import record_lost_contributions
 from server.strategy import FedRecStrategy
 from shared.config import RunConfig
-from shared.data import Dataset, Split
-from shared.experiment import Experiment
-from shared.node_directory import node_catalog
+from shared.experiment import Catalog, Experiment
 from shared.node_dp import check_node_dp
+from shared.partition import SCHEMES
 from shared.reports import NodeReport, ReportError, parse_report
 from shared.runs import differences
 from shared.wire import encode, nbytes, trainable_state
-from simulations.attacks import check_attack
-from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
-from simulations.partition import SCHEMES, holdout_rows, write_partitions
 
 log = logging.getLogger("fedrec.server")
 WIRE_DTYPES = ("float32", "float16")
@@ -80,12 +76,18 @@ def node_target_epsilon(config: RunConfig) -> float:
     return config.target_epsilon / max(config.clients, 1)
 
 
-def settings_record(config: RunConfig, partitions: Path, run_id: str) -> ConfigRecord:
+def settings_record(
+    config: RunConfig, catalog_digest: str, partitions: Path | None
+) -> ConfigRecord:
     """What the nodes are sent each round: the run's settings, with each node's share of the
-    budget, the run's id (the ledger's first entry, which nodes sign) and, in simulation,
-    where the partitions are."""
+    budget, the digest of the catalog the global model is indexed by (a node holding another
+    refuses) and, in a simulation, where the partitions are. The run's id is added once the
+    ledger has started (:class:`Federation`)."""
     request = {**config.to_dict(), "target_epsilon": node_target_epsilon(config)}
-    return ConfigRecord({**request, "partitions-dir": str(partitions.resolve()), "run-id": run_id})
+    record = {**request, "catalog-digest": catalog_digest}
+    if partitions is not None:
+        record["partitions-dir"] = str(Path(partitions).resolve())
+    return ConfigRecord(record)
 
 
 @dataclass
@@ -186,7 +188,6 @@ def check_settings(config: RunConfig) -> None:
             "the encoder would be trained on pooled data; set it to 0"
         )
     check_node_dp(config)
-    check_attack(config)
     FedRecStrategy(config)  # the strategy's name
     config.model_config(num_items=1, text_dim=1)  # fusion, variant
     if config.partition not in SCHEMES:
@@ -200,48 +201,114 @@ def check_settings(config: RunConfig) -> None:
         raise ValueError("round-timeout must be 0 (no limit) or positive")
 
 
-def ensure_partitions(dataset: Dataset, split: Split, config: RunConfig, out: Path) -> Path:
-    """``out/partitions/node-<k>/``: each node's data without the server's evaluation events
-    (and with the canaries, if any); written once, kept as they are by a resumed run."""
-    partitions = out / "partitions"
-    if not partitions.exists():  # built aside, then renamed: never left half-written
-        staging = out / "partitions.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        held = holdout_rows(dataset, split, config.refit)
-        directories = write_partitions(
-            dataset,
-            staging,
-            config.clients,
-            config.partition,
-            config.dirichlet_alpha,
-            config.seed,
-            held,
-        )
-        if config.canaries:
-            catalogs = [node_catalog(d, dataset.items) for d in directories]
-            insert_canaries(
-                staging,
-                make_canaries(dataset.items, config.canaries, seed=config.seed, catalogs=catalogs),
-                dataset.items,
+@dataclass
+class RoundResult:
+    """What one training exchange gave: the updates to aggregate (or, under SecAgg+, their
+    sum), how many nodes were sampled and contributed, and what was rejected."""
+
+    updates: list[NodeUpdate]
+    total: dict[str, np.ndarray] | None
+    sampled: int
+    contributed: int
+    rejected: list[str]
+    replies: list[Message]
+
+
+class Federation:
+    """One run's round machinery: the grid, the strategy, the ledger and the nodes' keys."""
+
+    def __init__(self, grid: Grid, config: RunConfig, out: Path, settings: ConfigRecord):
+        self.grid, self.config = grid, config
+        self.strategy = FedRecStrategy(config)
+        self.ledger = PrivacyLedger(out / "ledger.jsonl")
+        if not self.ledger.entries:
+            self.ledger.append(
+                "run_start",
+                config={**config.to_dict(), "num_nodes": config.clients},
+                unit=NODE_UNIT,
             )
-        staging.rename(partitions)
-    return partitions
+        self.run_id = self.ledger.entries[0]["hash"]  # what every node's signed report names
+        self.settings = ConfigRecord({**dict(settings), "run-id": self.run_id})
+        self.keys = NodeKeys(out / "node-keys")
+        self.secure = None
+        if config.secagg:  # the legacy path, only for SecAgg+ rounds (server/secagg.py)
+            from server.secagg import SecureAggregation
+
+            self.secure = SecureAggregation(grid, config, self.settings)
+
+    def train(self, server_round: int, state: dict[str, torch.Tensor]) -> RoundResult:
+        """Send the global weights, record every node's privacy report as its reply arrives,
+        and keep the updates that pass validation."""
+        if self.secure is not None:  # the server sees the sum of the clipped updates only
+            total, records, sampled = self.secure.train_round(server_round, state)
+            received = Reports()  # the masked updates themselves cannot be checked here
+            for record in records:
+                try:
+                    report = parse_report(record)
+                except ReportError as error:
+                    log.warning("round %d: a malformed privacy report: %s", server_round, error)
+                    continue
+                if report.release is not None:
+                    verify_release(report, self.keys, None, self.run_id, server_round)
+                received.reports.append(report)
+            record_privacy(self.ledger, server_round, received.reports)
+            done = sum(not (r.refused or r.declined) for r in received.reports)
+            return RoundResult([], total, sampled, 0 if total is None else done, [], [])
+        arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
+        messages = list(
+            self.strategy.configure_train(server_round, arrays, self.settings, self.grid)
+        )
+        timeout = self.config.round_timeout or None
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        received = privacy_reports(replies, self.keys, self.run_id, server_round)
+        record_privacy(self.ledger, server_round, received.reports)
+        updates, rejected = self.strategy.node_updates(received.trusted(replies), state)
+        rejected += [f"{node}: {why}" for node, why in received.rejected.items()]
+        return RoundResult(updates, None, len(messages), len(updates), rejected, replies)
+
+    def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict | None:
+        """The nodes evaluate the global model on their own customers; their private answers
+        are recorded in the ledger like any release before they are aggregated."""
+        arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
+        messages = list(
+            self.strategy.configure_evaluate(server_round, arrays, self.settings, self.grid)
+        )
+        replies = list(
+            self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None)
+        )
+        received = privacy_reports(replies, self.keys, self.run_id, server_round)
+        record_privacy(self.ledger, server_round, received.reports)
+        return self.strategy.aggregate_evaluate(server_round, received.trusted(replies))
 
 
 def run_federation(
-    grid: Grid, config: RunConfig, data_dir: Path, out: Path, show_progress: bool = True
+    grid: Grid,
+    config: RunConfig,
+    out: Path,
+    catalog: Catalog,
+    evaluation: Experiment | None = None,
+    partitions: Path | None = None,
+    show_progress: bool = True,
 ) -> dict:
-    """Run (or resume) the federation and write the run's outputs to ``out``."""
+    """Run (or resume) the federation over ``catalog`` and write the run's outputs to ``out``.
+
+    A deployment's server holds the public catalog alone and the nodes evaluate the model
+    (``federated-eval``); a simulation also gives its ``evaluation`` split (the events its
+    nodes do not hold) and where its nodes' ``partitions`` are.
+    """
     check_settings(config)
-    experiment = Experiment.prepare(data_dir, config, show_progress=show_progress)
-    out.mkdir(parents=True, exist_ok=True)  # only once the settings and the data are valid
-    partitions = ensure_partitions(experiment.dataset, experiment.split, config, out)
-    canaries = load_canaries(partitions) if config.canaries else None
-    strategy = FedRecStrategy(config)
-    model = experiment.new_model()
+    if evaluation is None and not config.federated_eval:
+        raise ValueError(
+            "a server that holds only the catalog learns the model's quality from the nodes: "
+            "set federated-eval=true"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    model = catalog.new_model()
     state = trainable_state(model)
+    federation = Federation(grid, config, out, settings_record(config, catalog.digest, partitions))
+    strategy, ledger = federation.strategy, federation.ledger
     checkpoint = Checkpoint(out / "checkpoint.safetensors")
-    history, trained_rows, done = [], np.zeros(experiment.dataset.num_items, dtype=bool), 0
+    history, trained_rows, done = [], np.zeros(catalog.num_items, dtype=bool), 0
     saved = checkpoint.load()
     if saved is not None:
         state, strategy.optimizer.state, progress = saved
@@ -252,112 +319,57 @@ def run_federation(
         history, done = progress["history"], progress["round"]
         trained_rows[progress["trained_rows"]] = True
         log.info("resuming after round %d of %d", done, config.rounds)
-    ledger = PrivacyLedger(out / "ledger.jsonl")
-    if not ledger.entries:
-        ledger.append(
-            "run_start", config={**config.to_dict(), "num_nodes": config.clients}, unit=NODE_UNIT
-        )
-    run_id = ledger.entries[0]["hash"]  # what every node's signed report names
-    keys = NodeKeys(out / "node-keys")
-    settings = settings_record(config, partitions, run_id)
     reason = "all rounds completed"
     monitor = "test" if config.refit else "valid"
     node_dp = NodeLevelDP(config, ledger) if config.node_dp else None
-    secure = None
-    if config.secagg:  # the legacy path, only for SecAgg+ rounds (server/secagg.py)
-        from server.secagg import SecureAggregation
-
-        secure = SecureAggregation(grid, config, settings)
     for server_round in range(done + 1, config.rounds + 1):
         started = time.time()
         if node_dp is not None and (refusal := node_dp.refusal()):
             reason = refusal
             log.warning("round %d: %s", server_round, reason)
             break
-        arrays = encode(state)
-        replies, updates, rejected = [], [], []
-        if secure is not None:  # the server sees the sum of the clipped updates only
-            total, records, sampled = secure.train_round(server_round, state)
-            received = Reports()  # the masked updates themselves cannot be checked here
-            for record in records:
-                try:
-                    report = parse_report(record)
-                except ReportError as error:
-                    log.warning("round %d: a malformed privacy report: %s", server_round, error)
-                    continue
-                if report.release is not None:
-                    verify_release(report, keys, None, run_id, server_round)
-                received.reports.append(report)
-            record_privacy(ledger, server_round, received.reports)
-            contributed = (
-                0 if total is None else sum(not (r.refused or r.declined) for r in received.reports)
-            )
-        else:
-            messages = list(
-                strategy.configure_train(
-                    server_round,
-                    ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                    settings,
-                    grid,
-                )
-            )
-            replies = list(grid.send_and_receive(messages, timeout=config.round_timeout or None))
-            received = privacy_reports(replies, keys, run_id, server_round)
-            record_privacy(ledger, server_round, received.reports)
-            updates, rejected = strategy.node_updates(received.trusted(replies), state)
-            rejected += [f"{node}: {why}" for node, why in received.rejected.items()]
-            sampled, contributed = len(messages), len(updates)
-            if node_dp is not None and updates:
-                total = node_dp.total(state, updates)
-        if contributed < max(1, config.min_nodes):
+        result = federation.train(server_round, state)
+        if result.contributed < max(1, config.min_nodes):
             reason = (
-                f"{contributed} valid update(s) in round {server_round}, fewer than min-nodes "
-                f"{config.min_nodes} (nodes lost, budgets spent or updates rejected)"
-                if contributed
+                f"{result.contributed} valid update(s) in round {server_round}, fewer than "
+                f"min-nodes {config.min_nodes} (nodes lost, budgets spent or updates rejected)"
+                if result.contributed
                 else "no node could train (refused by policy, budgets spent or no valid update)"
             )
             log.warning("round %d: %s", server_round, reason)
             break
         if node_dp is not None:  # the noisy uniform mean, in the ledger before it is used
-            state = strategy.optimizer.step(
-                state, node_dp.release(server_round, total, sampled, contributed)
+            total = (
+                result.total if result.total is not None else node_dp.total(state, result.updates)
             )
+            mean = node_dp.release(server_round, total, result.sampled, result.contributed)
+            state = strategy.optimizer.step(state, mean)
             trained_rows[:] = True
         else:
-            state = strategy.apply(state, updates)
-        for update in updates:
+            state = strategy.apply(state, result.updates)
+        for update in result.updates:
             if "id_scores.weight" in update.rows:
                 trained_rows[update.rows["id_scores.weight"]] = True
             else:
                 trained_rows[:] = True
         model.load_state_dict(state)
-        # monitoring only (rounds are fixed, nothing is chosen on it); with refit the nodes
-        # train on the validation targets, so the held-out test events are what can show progress
-        valid, _ = experiment.evaluate(model, monitor)
-        federated = None
+        entry = {"round": server_round}
+        if evaluation is not None:
+            # monitoring only (rounds are fixed, nothing is chosen on it); with refit the nodes
+            # train on the validation targets, so the held-out test events show progress
+            valid, _ = evaluation.evaluate(model, monitor)
+            entry[monitor] = {k: v for k, v in valid.items() if "@" in k}
         if config.federated_eval:
-            federated = federated_evaluation(
-                grid,
-                strategy,
-                ledger,
-                keys,
-                server_round,
-                state,
-                settings,
-                run_id,
-                config.round_timeout,
-            )
+            entry["federated"] = federation.evaluate(server_round, state)
         history.append(
             {
-                "round": server_round,
-                monitor: {k: v for k, v in valid.items() if "@" in k},
-                "federated": federated,
-                "nodes": contributed,
-                "rejected": rejected,
+                **entry,
+                "nodes": result.contributed,
+                "rejected": result.rejected,
                 "round_s": round(time.time() - started, 1),
-                "bytes_down_per_node": nbytes(arrays),
-                "bytes_up_per_node": _mean_metric(replies, "bytes-up"),
-                "loss": _mean_metric(replies, "loss"),
+                "bytes_down_per_node": nbytes(encode(state)),
+                "bytes_up_per_node": _mean_metric(result.replies, "bytes-up"),
+                "loss": _mean_metric(result.replies, "loss"),
             }
         )
         checkpoint.save(
@@ -370,20 +382,7 @@ def run_federation(
                 "trained_rows": np.flatnonzero(trained_rows).tolist(),
             },
         )
-        if not show_progress:  # one line per round: the log's, or the terminal's below
-            log.info(
-                "round %d: %s ndcg@10 %.4f (%s s)",
-                server_round,
-                monitor,
-                valid["ndcg@10"],
-                history[-1]["round_s"],
-            )
-        else:
-            print(
-                f"round {server_round}/{config.rounds}: {monitor} ndcg@10 {valid['ndcg@10']:.4f}, "
-                f"{contributed} nodes, {history[-1]['round_s']} s",
-                flush=True,
-            )
+        report_round(history[-1], config.rounds, show_progress)
     ledger.append("run_end", rounds_completed=len(history), reason=reason)
     model.load_state_dict(state)
     timing = {
@@ -394,46 +393,40 @@ def run_federation(
     if config.node_dp:
         privacy = add_node_level(privacy, ledger, config)
     federated = [h["federated"] for h in history if h.get("federated")]
-    metrics = experiment.finish(
-        out,
-        model,
-        trained=torch.from_numpy(trained_rows),
-        timing=timing,
-        privacy=privacy,
-        extra={"rounds": history, **({"federated_evaluation": federated} if federated else {})},
-        title="fedrec federated global recommender",
-    )
-    if canaries is not None:  # the released model: after finish() has filled cold items
-        delta = privacy["delta"] if privacy and "delta" in privacy else 0.0
-        audit = audit_canaries(model, canaries, out, delta=delta)
-        log.info(
-            "canary audit: epsilon >= %.3f with 95%% confidence at delta %g",
-            audit["epsilon_lower_bound"],
-            delta,
+    extra = {"rounds": history, **({"federated_evaluation": federated} if federated else {})}
+    title = "fedrec federated global recommender"
+    trained = torch.from_numpy(trained_rows)
+    if evaluation is not None:
+        metrics = evaluation.finish(
+            out, model, trained=trained, timing=timing, privacy=privacy, extra=extra, title=title
         )
-    plot_rounds(history, monitor, out / "rounds.png")
+    else:
+        filled = catalog.fill_untrained(model, trained)
+        measured = {"timing": timing, "cold_filled_items": filled, **extra}
+        metrics = catalog.write(out, model, measured, privacy, title=title)
+    plot_rounds(history, out / "rounds.png")
     return metrics
 
 
-def federated_evaluation(
-    grid: Grid,
-    strategy: FedRecStrategy,
-    ledger: PrivacyLedger,
-    keys: NodeKeys,
-    server_round: int,
-    state: dict[str, torch.Tensor],
-    settings: ConfigRecord,
-    run_id: str,
-    timeout: float,
-) -> dict | None:
-    """The nodes evaluate the new global model on their own customers; their private answers
-    are recorded in the ledger like any release before they are aggregated."""
-    arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
-    messages = list(strategy.configure_evaluate(server_round, arrays, settings, grid))
-    replies = list(grid.send_and_receive(messages, timeout=timeout or None))
-    received = privacy_reports(replies, keys, run_id, server_round)
-    record_privacy(ledger, server_round, received.reports)
-    return strategy.aggregate_evaluate(server_round, received.trusted(replies))
+def round_quality(entry: dict) -> tuple[str, float] | None:
+    """The round's headline figure: the server's evaluation if it has one, else the nodes'."""
+    for stage in ("test", "valid"):
+        if stage in entry:
+            return f"{stage} ndcg@10", entry[stage]["ndcg@10"]
+    if entry.get("federated"):
+        return "federated ndcg@10", entry["federated"]["ndcg@10"]
+    return None
+
+
+def report_round(entry: dict, rounds: int, show_progress: bool) -> None:
+    """One line per round: on the terminal, or in the log when the terminal is quiet."""
+    quality = round_quality(entry)
+    figure = f"{quality[0]} {quality[1]:.4f}, " if quality else ""
+    line = f"round {entry['round']}/{rounds}: {figure}{entry['nodes']} nodes, {entry['round_s']} s"
+    if show_progress:
+        print(line, flush=True)
+    else:
+        log.info(line)
 
 
 def _mean_metric(replies: list[Message], key: str) -> float | None:
@@ -479,21 +472,27 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     }
 
 
-def plot_rounds(history: list[dict], stage: str, path: Path) -> None:
-    """Quality of the global model over rounds (PNG)."""
+def plot_rounds(history: list[dict], path: Path) -> None:
+    """Quality of the global model over rounds (PNG): the server's evaluation and the nodes'
+    (federated), whichever the run has."""
     if not history:
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    rounds = [h["round"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for metric in ("ndcg@10", "hr@10"):
-        ax.plot(rounds, [h[stage][metric] for h in history], marker="o", label=metric)
+    for source, label in (("test", "test"), ("valid", "valid"), ("federated", "federated")):
+        points = [(h["round"], h[source]) for h in history if h.get(source)]
+        for metric, style in (("ndcg@10", "o-"), ("hr@10", "s--")):
+            if points:
+                rounds, values = zip(*((r, v[metric]) for r, v in points), strict=True)
+                ax.plot(rounds, values, style, label=f"{label} {metric}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
-    ax.set_ylabel(f"{stage} split")
+    ax.set_ylabel("quality")
     ax.set_title("Global model quality over rounds")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,8 +1,12 @@
 """Flower ServerApp: coordinates the nodes and aggregates the global recommender.
 
 ``flwr run .`` reads the settings from ``[tool.flwr.app.config]`` (overridable with
-``--run-config``); ``fedrec simulate`` builds the same app with :func:`make_server_app`.
-With no dataset configured, the embedded synthetic marketplace is generated under OUT/data.
+``--run-config``); ``fedrec simulate`` wraps :func:`main_with` in an app of its own.
+
+With ``catalog`` set (a deployment), the server holds that public catalog and nothing else: the
+nodes evaluate the model. Otherwise it runs a simulation: the dataset ``data`` (with none set,
+the embedded synthetic marketplace, generated under OUT/data), split into the nodes'
+partitions, with the held-out events evaluated at the server.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from threadpoolctl import threadpool_limits
 
 from server.federation import run_federation
 from shared.config import RunConfig
+from shared.experiment import Catalog, Experiment
+from shared.partition import ensure_partitions
 from shared.runs import check_rerun
 
 log = logging.getLogger("fedrec.server")
@@ -24,7 +30,7 @@ log = logging.getLogger("fedrec.server")
 def embedded_dataset(out: Path) -> Path:
     """The default dataset: a small synthetic marketplace, generated once under ``out``."""
     from shared.convert import write_dataset
-    from simulations.synth import SynthConfig, generate
+    from shared.synth import SynthConfig, generate
 
     directory = out / "data"
     if not (directory / "items.csv.gz").exists():
@@ -43,6 +49,28 @@ def main_with(grid: Grid, config: RunConfig, show_progress: bool = False) -> Non
 
 def _run(grid: Grid, config: RunConfig, show_progress: bool) -> None:
     out = Path(config.out)
+    if check_rerun(out, config.to_dict()):  # flwr run . again over a finished OUT
+        log.warning("nothing to do: run complete (%s); set out to a new directory", out)
+        return
+    if config.catalog:  # a deployment: the operator holds the public catalog, nothing else
+        catalog = Catalog.load(config.catalog, config, show_progress=show_progress)
+        run_federation(grid, config, out, catalog, show_progress=show_progress)
+        log.info("outputs in %s", out)
+        return
+    experiment, partitions = prepare_simulation(grid, config, show_progress)
+    metrics = run_federation(
+        grid, config, out, experiment.catalog(), experiment, partitions, show_progress
+    )
+    log.info("test ndcg@10 %.4f; outputs in %s", metrics["test"]["ndcg@10"], out)
+
+
+def prepare_simulation(
+    grid: Grid, config: RunConfig, show_progress: bool
+) -> tuple[Experiment, Path]:
+    """A simulation's server side also plays its harness: the dataset (the embedded default if
+    none is set), its split, whose held-out events it evaluates on, and the nodes' partitions
+    (written once; canaries and attacks are ``fedrec simulate``'s, see simulations/)."""
+    out = Path(config.out)
     data = Path(config.data) if config.data else embedded_dataset(out)
     nodes = len(list(grid.get_node_ids()))
     # once written, the partitions fix the federation's size: a node down at a restart must
@@ -50,34 +78,9 @@ def _run(grid: Grid, config: RunConfig, show_progress: bool) -> None:
     if nodes and nodes != config.clients and not (out / "partitions").exists():
         log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
         config.clients = nodes
-    if check_rerun(out, config.to_dict()):  # flwr run . again over a finished OUT
-        log.warning("nothing to do: run complete (%s); set out to a new directory", out)
-        return
-    metrics = run_federation(grid, config, data, out, show_progress=show_progress)
-    log.info("test ndcg@10 %.4f; outputs in %s", metrics["test"]["ndcg@10"], out)
-
-
-def make_server_app(
-    config: RunConfig, show_progress: bool = True, errors: list[BaseException] | None = None
-) -> ServerApp:
-    """A ServerApp running the federation with an explicit configuration; an exception in it
-    is also appended to ``errors`` (the simulation engine only logs it)."""
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            if config.malicious_nodes or config.attack != "none":  # robustness measurement
-                from simulations.attacks import AttackGrid
-
-                grid = AttackGrid(grid, config)
-            main_with(grid, config, show_progress)
-        except BaseException as error:
-            if errors is not None:
-                errors.append(error)
-            raise
-
-    return server_app
+    experiment = Experiment.prepare(data, config, show_progress=show_progress)
+    out.mkdir(parents=True, exist_ok=True)
+    return experiment, ensure_partitions(experiment.dataset, experiment.split, config, out)
 
 
 app = ServerApp()
@@ -87,9 +90,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: settings from the run config."""
     config = RunConfig.from_flat(dict(context.run_config))
-    if config.malicious_nodes or config.attack != "none":
+    if config.malicious_nodes or config.attack != "none" or config.canaries:
         raise ValueError(
-            "malicious-nodes and attack are for simulations only (fedrec simulate, fedrec bench "
-            "robust): a deployment's nodes are what they are"
+            "malicious-nodes, attack and canaries are for fedrec simulate and fedrec bench "
+            "robust only: a deployment's nodes are what they are"
         )
     main_with(grid, config, show_progress=True)

@@ -15,7 +15,7 @@ from shared.data import DataError
 
 # (command path, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("data", "synth"), "simulations.synth", "write a synthetic marketplace dataset"),
+    (("data", "synth"), "shared.synth", "write a synthetic marketplace dataset"),
     (("data", "validate"), "shared.validate", "check a dataset directory and summarise it"),
     (("data", "convert"), "shared.convert", "convert Amazon or MovieLens raw files"),
     (("data", "sample"), "simulations.sample", "a random sample of a dataset's customers"),

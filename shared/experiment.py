@@ -1,26 +1,109 @@
-"""One experiment's inputs and outputs: the dataset, its split, the item text embeddings, and
-the outputs of a finished run. Used by ``fedrec train``, ``fedrec simulate`` and the
-benchmarks, so that every run is evaluated and written the same way.
+"""One run's inputs and outputs.
+
+:class:`Catalog` is the public part, all a federation's server holds in a deployment: the
+products, their text embeddings, the model built on them and the outputs written for it.
+:class:`Experiment` adds a dataset and its split, for what holds customer data: ``fedrec
+train``, the server side of a simulation and the benchmarks, so that every run is evaluated
+and written the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from shared.artifacts import model_card, save_model, write_json
 from shared.catalog import fill_cold_items
 from shared.config import RunConfig, resolve_device
-from shared.data import Dataset, Split, leave_one_out, load_dataset
+from shared.data import Dataset, Split, find_table, leave_one_out, load_dataset, load_items
 from shared.metrics import evaluate, write_recs
 from shared.model import FusionRecommender, init_seed
-from shared.text import embed_items
+from shared.text import embed_items, item_texts
 
 EMBEDDED_NAME = "synthetic marketplace (embedded default)"
+
+
+@dataclass
+class Catalog:
+    """The public catalog: products, their text embeddings, and the encoder that made them."""
+
+    items: pd.DataFrame
+    text: torch.Tensor
+    config: RunConfig
+    text_model: str
+    name: str
+
+    @classmethod
+    def load(cls, directory: str | Path, config: RunConfig, show_progress: bool = True) -> Catalog:
+        """The ``items`` table in ``directory`` (no events needed), embedded (cached)."""
+        items = load_items(find_table(Path(directory), "items"))
+        if show_progress:
+            print(f"embedding the catalog: {len(items):,} products with {config.text_model}")
+        device = resolve_device(config.device)
+        text = embed_items(items, config.text_model, device=device, show_progress=show_progress)
+        return cls(items, torch.from_numpy(text), config, config.text_model, Path(directory).name)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        return self.items["item_id"].to_numpy()
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the item ids and text fields, in order: every party checks it holds the
+        same catalog (the global model's item tables are indexed by it)."""
+        return catalog_digest(self.items)
+
+    def new_model(self) -> FusionRecommender:
+        init_seed(self.config.seed)
+        model_config = self.config.model_config(self.num_items, self.text.shape[1])
+        return FusionRecommender(model_config, self.text).to(resolve_device(self.config.device))
+
+    def fill_untrained(self, model: FusionRecommender, trained: torch.Tensor) -> int:
+        """Give the items no training touched ID vectors from their text; returns how many."""
+        return fill_cold_items(model, trained.to(model.text.device))
+
+    def write(
+        self,
+        out: Path,
+        model: FusionRecommender,
+        metrics: dict,
+        privacy: dict | None = None,
+        data: dict | None = None,
+        title: str = "fedrec global recommender",
+    ) -> dict:
+        """Write metrics.json (``metrics``, the settings and ``privacy``) and model/ with its
+        card (``data``: what the card says of the data; default: this catalog)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = {**metrics, "config": self.config.to_dict()}
+        if privacy:
+            metrics["privacy"] = privacy
+        write_json(out / "metrics.json", metrics)
+        data = data or {"catalog": self.name, "products": self.num_items}
+        card = model_card(
+            title=title, data=data, metrics=metrics, config=self.config.to_dict(), privacy=privacy
+        )
+        save_model(out / "model", model, self.item_ids, self.text_model, card)
+        return metrics
+
+
+def catalog_digest(items: pd.DataFrame) -> str:
+    """sha256 hex of the catalog as the model sees it: each item's id and embedded text
+    (:func:`shared.text.item_texts`), in order, as ``id<TAB>text<LF>`` in UTF-8."""
+    digest = hashlib.sha256()
+    for item_id, text in zip(items["item_id"].astype(str), item_texts(items), strict=True):
+        digest.update(f"{item_id}\t{text}\n".encode())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -113,10 +196,14 @@ class Experiment:
             mask[torch.from_numpy(np.concatenate(histories))] = True
         return mask
 
+    def catalog(self) -> Catalog:
+        """The public part of this experiment: what a federation's server may hold."""
+        return Catalog(
+            self.dataset.items, self.text, self.config, self.text_model, self.dataset_name
+        )
+
     def new_model(self) -> FusionRecommender:
-        init_seed(self.config.seed)
-        model_config = self.config.model_config(self.dataset.num_items, self.text.shape[1])
-        return FusionRecommender(model_config, self.text).to(self.device)
+        return self.catalog().new_model()
 
     def score_fn(self, model: FusionRecommender):
         def score(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
@@ -150,34 +237,26 @@ class Experiment:
         ``valid``: validation metrics measured before a refit on the validation targets (the
         refit model's own would be optimistic).
         """
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        filled = fill_cold_items(model, trained.to(model.text.device))
+        catalog = self.catalog()
+        filled = catalog.fill_untrained(model, trained)
         start = time.time()
         if valid is None:
             valid, _ = self.evaluate(model, "valid")
         test, top = self.evaluate(model, "test")
         timing = {**timing, "evaluate_s": round(time.time() - start, 2)}
-        write_recs(out / "recs.csv", self.split, self.item_ids, top)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_recs(Path(out) / "recs.csv", self.split, self.item_ids, top)
         metrics = {
             "test": test,
             "valid": valid,
-            "config": self.config.to_dict(),
             "timing": timing,
             "cold_filled_items": filled,
             **(extra or {}),
         }
-        if privacy:
-            metrics["privacy"] = privacy
-        write_json(out / "metrics.json", metrics)
         data = {
             "dataset": self.dataset_name,
             "customers": self.dataset.num_users,
             "products": self.dataset.num_items,
             "events": self.dataset.report.num_rows,
         }
-        card = model_card(
-            title=title, data=data, metrics=metrics, config=self.config.to_dict(), privacy=privacy
-        )
-        save_model(out / "model", model, self.item_ids, self.text_model, card)
-        return metrics
+        return catalog.write(out, model, metrics, privacy, data, title)

@@ -1,9 +1,12 @@
 """``fedrec deploy local``: the federation on Flower's deployment engine, all on this machine.
 
 A real SuperLink and N SuperNodes run as separate processes on loopback, with certificates made
-for the run (TLS) and every node's key registered (SuperNode authentication); each node reads
-only its own partition directory. The run goes through them with ``flwr run`` and everything is
-shut down at the end, on failure and on Ctrl-C too. It lives in ``simulations/`` because it
+for the run (TLS) and every node's key registered (SuperNode authentication). The server side is
+given the public catalog only (``--catalog``) and never reads events; each node reads only its
+own data directory (``--node-data``), with its own privacy policy (``--node-config``), and the
+nodes evaluate the model. ``--data`` is the convenience: ``fedrec data split`` into OUT/split
+first. The run goes through them with ``flwr run`` and everything is shut down at the end, on
+failure and on Ctrl-C too. It lives in ``simulations/`` because it
 plays every party on one machine, to try and test the deployment; across machines the parties
 run the same Flower commands (docs/deployment.md). Run again with the same OUT, it resumes.
 """
@@ -18,21 +21,37 @@ import time
 from pathlib import Path
 
 from server.credentials import VALID_DAYS
-from server.federation import check_settings, ensure_partitions
+from server.federation import check_settings
 from shared.config import RunConfig
-from shared.data import leave_one_out, load_dataset
 from simulations.centralized import add_run_config_arguments, run_config_from_args
 from simulations.local_federation import CONNECTION, DeployError, LocalFederation
 from simulations.simulate import add_node_config_argument
+from simulations.split import CATALOG, split_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--catalog",
+        type=Path,
+        default=None,
+        help="the public catalog the server is given (a directory with items.*, e.g. "
+        "fedrec data split's OUT/catalog); with --node-data",
+    )
+    parser.add_argument(
+        "--node-data",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="one data directory per node (fedrec data split's OUT/node-<k>), each read only by "
+        "its own SuperNode; with --catalog",
+    )
+    parser.add_argument(
         "--data",
         type=Path,
         default=None,
-        help="dataset directory (docs/data-and-evaluation.md); default: the embedded "
-        "synthetic marketplace, generated under OUT/data",
+        help="convenience instead of --catalog/--node-data: split this dataset into --nodes "
+        "nodes under OUT/split first (default: the embedded synthetic marketplace)",
     )
     parser.add_argument(
         "--out",
@@ -41,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="outputs (default runs/deploy): the run's results, partitions/, logs/ (one per "
         "process) and deploy/ (certificates, keys, Flower state); an interrupted run resumes",
     )
-    parser.add_argument("--nodes", type=int, default=3, help="SuperNodes to start (default 3)")
+    parser.add_argument("--nodes", type=int, default=3, help="with --data: how many nodes")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default 3)")
     parser.add_argument(
         "--port", type=int, default=None, help="the SuperLink's port (default: a free one)"
@@ -67,30 +86,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_config_arguments(parser)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run's settings from ``fedrec deploy local``'s arguments (one partition per node)."""
-    data = args.data.resolve() if args.data else None
-    # a deployment evaluates at the nodes (unless --set federated-eval=false comes later)
+def config_from_args(args: argparse.Namespace, catalog: Path, nodes: int) -> RunConfig:
+    """The run's settings from ``fedrec deploy local``'s arguments: the server is given the
+    ``catalog`` only, and evaluates through the nodes (``federated-eval``)."""
     with_defaults = argparse.Namespace(
         **{**vars(args), "overrides": ["federated-eval=true", *args.overrides]}
     )
     return run_config_from_args(
         with_defaults,
-        data=str(data) if data else None,
+        catalog=str(catalog.resolve()),
         out=str(args.out.resolve()),
-        clients=args.nodes,
+        clients=nodes,
         rounds=args.rounds,
     )
 
 
-def prepare_partitions(config: RunConfig) -> Path:
-    """The nodes' data directories under OUT/partitions (the server reuses them)."""
+def node_directories(args: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """The catalog and the nodes' data: given (``--catalog``, ``--node-data``), or split from
+    ``--data`` (or the embedded default) into OUT/split once (a resumed run reuses it)."""
+    if args.catalog is not None or args.node_data is not None:
+        if args.catalog is None or not args.node_data or args.data is not None:
+            raise SystemExit("fedrec: give --catalog with --node-data (and no --data)")
+        for directory in (args.catalog, *args.node_data):
+            if not directory.is_dir():
+                raise SystemExit(f"fedrec: {directory}: not a directory")
+        return args.catalog, list(args.node_data)
+    if args.nodes < 1:
+        raise SystemExit("fedrec: --nodes must be at least 1")
     from server.server_app import embedded_dataset
 
-    out = Path(config.out)
-    data = Path(config.data) if config.data else embedded_dataset(out)
-    dataset = load_dataset(data)
-    return ensure_partitions(dataset, leave_one_out(dataset), config, out)
+    out = args.out.resolve()
+    split = out / "split"
+    if split.is_dir():
+        return split / CATALOG, sorted(split.glob("node-*"), key=lambda d: int(d.name[5:]))
+    if args.data is not None and not args.data.is_dir():
+        raise SystemExit(f"fedrec: {args.data}: not a dataset directory")
+    data = args.data if args.data is not None else embedded_dataset(out)
+    settings = run_config_from_args(args)
+    return split_dataset(data, split, args.nodes, settings.partition, settings.seed)
 
 
 def completed_round(out: Path) -> int:
@@ -127,25 +160,25 @@ def follow(federation: LocalFederation, run_id: int, config: RunConfig, timeout:
 
 def deploy(
     config: RunConfig,
+    nodes: list[Path],
     secure: bool = True,
     port: int | None = None,
     timeout: float = 0,
     node_config: dict | None = None,
     cert_days: int = VALID_DAYS,
 ) -> int:
-    """Partitions, SuperLink, nodes, the run, and teardown; returns the exit code."""
-    partitions = prepare_partitions(config)
+    """SuperLink, one SuperNode per directory of ``nodes``, the run, and teardown; returns
+    the exit code."""
     out = Path(config.out)
     with LocalFederation(out, secure=secure, port=port, cert_days=cert_days) as federation:
         federation.start_superlink()
         mode = "TLS, SuperNode authentication" if secure else "INSECURE: no TLS, no auth"
         print(f"deploy: SuperLink on 127.0.0.1:{federation.port} ({mode})", flush=True)
-        for node in range(config.clients):
-            name = f"node-{node}"
-            key = federation.node_key(name) if secure else None
-            federation.start_node(name, partitions / name, key, policy=node_config)
-        federation.wait_for_nodes(config.clients)
-        print(f"deploy: {config.clients} SuperNodes online", flush=True)
+        for directory in nodes:
+            key = federation.node_key(directory.name) if secure else None
+            federation.start_node(directory.name, directory, key, policy=node_config)
+        federation.wait_for_nodes(len(nodes))
+        print(f"deploy: {len(nodes)} SuperNodes online", flush=True)
         run_id = federation.submit(config)
         status = follow(federation, run_id, config, timeout)
         log = federation.save_run_log(run_id)
@@ -153,10 +186,10 @@ def deploy(
         print(f"fedrec: the run ended {status}; see {log} and {out / 'logs'}", file=sys.stderr)
         return 1
     metrics = json.loads((out / "metrics.json").read_text())
-    print(
-        f"deploy: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; wrote {out}/metrics.json, "
-        f"recs.csv, model/, ledger.jsonl; logs in {out / 'logs'}"
-    )
+    evaluations = metrics.get("federated_evaluation") or [{}]
+    quality = evaluations[-1].get("ndcg@10")
+    figure = f"federated ndcg@10 {quality:.4f}; " if quality is not None else ""
+    print(f"deploy: {figure}wrote {out}/metrics.json, model/, ledger.jsonl; logs in {out / 'logs'}")
     return 0
 
 
@@ -165,21 +198,20 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.data is not None and not args.data.is_dir():
-        raise SystemExit(f"fedrec: {args.data}: not a dataset directory")
-    if args.nodes < 1:
-        raise SystemExit("fedrec: --nodes must be at least 1")
-    config = config_from_args(args)
-    if config.malicious_nodes or config.attack != "none":
-        raise SystemExit("fedrec: malicious-nodes and attack are for simulations only")
+    settings = run_config_from_args(args)  # checked before anything is written
+    if settings.malicious_nodes or settings.attack != "none" or settings.canaries:
+        raise SystemExit("fedrec: malicious-nodes, attack and canaries are for simulations only")
     try:
-        check_settings(config)
+        check_settings(settings)
     except ValueError as error:
         raise SystemExit(f"fedrec: {error}") from None
+    catalog, nodes = node_directories(args)
+    config = config_from_args(args, catalog, len(nodes))
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         return deploy(
             config,
+            nodes,
             secure=not args.insecure,
             port=args.port,
             timeout=args.timeout,

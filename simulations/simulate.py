@@ -5,18 +5,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
 from client.policy import parse_node_config
-from shared.config import RunConfig
+from shared.artifacts import load_model
+from shared.config import RunConfig, resolve_device
+from shared.data import leave_one_out, load_dataset
 from shared.experiment import Experiment
+from shared.node_directory import node_catalog
+from shared.partition import ensure_partitions
 from shared.quiet import quiet_third_party, worker_environment
+from simulations.attacks import AttackGrid, check_attack
+from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
 from simulations.centralized import add_run_config_arguments, already_done, run_config_from_args
 from simulations.verdict import add_context, print_verdict, run_context
+
+log = logging.getLogger("fedrec.simulate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,13 +170,13 @@ def run(args: argparse.Namespace) -> int:
 
     from client.client_app import make_client_app
     from server.federation import check_settings
-    from server.server_app import make_server_app
 
     config = config_from_args(args)
     if args.data is not None and not args.data.is_dir():
         raise SystemExit(f"fedrec: {args.data}: not a dataset directory")
     try:  # before Flower starts and anything is written
         check_settings(config)
+        check_attack(config)
     except ValueError as error:
         raise SystemExit(f"fedrec: {error}") from None
     if already_done(args.out, config):
@@ -192,9 +204,72 @@ def run(args: argparse.Namespace) -> int:
     if errors:
         print(f"fedrec: the federation failed: {errors[0]}", file=sys.stderr)
         return 1
+    if config.canaries:
+        audit_released_model(config)
     print(f"wrote {config.out}/metrics.json, recs.csv, model/, ledger.jsonl, rounds.png")
     print_verdict(add_context(args.out, federation_context(config)), args.out)
     return 0
+
+
+def make_server_app(
+    config: RunConfig, show_progress: bool = True, errors: list[BaseException] | None = None
+) -> ServerApp:
+    """The simulation's ServerApp: the federation's own (server/server_app.py), behind the
+    simulation's attackers if any, and with its canaries in the partitions first; an
+    exception in it is also appended to ``errors`` (the simulation engine only logs it)."""
+    from server.server_app import main_with
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            if config.canaries:
+                partitions_with_canaries(config)
+            if config.malicious_nodes or config.attack != "none":  # robustness measurement
+                grid = AttackGrid(grid, config)
+            main_with(grid, config, show_progress)
+        except BaseException as error:
+            if errors is not None:
+                errors.append(error)
+            raise
+
+    return server_app
+
+
+def partitions_with_canaries(config: RunConfig) -> Path:
+    """The partitions, canaries inserted before they are in place (empirical privacy audit,
+    docs/privacy-audit.md); a resumed run keeps the ones it has."""
+    from server.server_app import embedded_dataset
+
+    out = Path(config.out)
+    data = Path(config.data) if config.data else embedded_dataset(out)
+    dataset = load_dataset(data)
+
+    def insert(staging: Path, directories: list[Path]) -> None:
+        catalogs = [node_catalog(d, dataset.items) for d in directories]
+        canaries = make_canaries(
+            dataset.items, config.canaries, seed=config.seed, catalogs=catalogs
+        )
+        insert_canaries(staging, canaries, dataset.items)
+
+    return ensure_partitions(dataset, leave_one_out(dataset), config, out, prepare=insert)
+
+
+def audit_released_model(config: RunConfig) -> dict:
+    """Score the canaries on the released model (OUT/canaries.json, for fedrec audit)."""
+    out = Path(config.out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    delta = (metrics.get("privacy") or {}).get("delta", 0.0)
+    experiment = Experiment.prepare(config.data or (out / "data"), config, show_progress=False)
+    model = load_model(out / "model", experiment.text, resolve_device(config.device))
+    audit = audit_canaries(model, load_canaries(out / "partitions"), out, delta=delta)
+    log.info(
+        "canary audit: epsilon >= %.3f with 95%% confidence at delta %g",
+        audit["epsilon_lower_bound"],
+        delta,
+    )
+    return audit
 
 
 def federation_context(config: RunConfig) -> dict:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from shared.data import load_dataset
-from simulations.partition import SCHEMES, write_partitions
+from shared.partition import SCHEMES, write_partitions
 
 CATALOG = "catalog"
 

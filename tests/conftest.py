@@ -11,7 +11,7 @@ import pytest
 def synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic marketplace dataset (600 users, 300 items, seed 0), written once."""
     from shared.convert import write_dataset
-    from simulations.synth import SynthConfig, generate
+    from shared.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth") / "dataset"
     interactions, items = generate(SynthConfig(users=600, items=300, seed=0))
@@ -36,7 +36,7 @@ def tiny_synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic dataset for end-to-end runs: 160 users on the same 300-item catalog as
     ``synth_dataset_dir`` (seed 0), so its item text is already in the embedding cache."""
     from shared.convert import write_dataset
-    from simulations.synth import SynthConfig, generate
+    from shared.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("tiny-synth") / "dataset"
     interactions, items = generate(SynthConfig(users=160, items=300, seed=0))

@@ -15,6 +15,7 @@ from server.canary_audit import read_canaries
 from shared.data import Dataset, leave_one_out, load_dataset
 from shared.model import FusionRecommender, ModelConfig
 from shared.node_directory import node_catalog
+from shared.partition import write_partitions
 from shared.training import train_epoch, training_tensors
 from simulations.canaries import (
     Canaries,
@@ -24,13 +25,12 @@ from simulations.canaries import (
     load_canaries,
     make_canaries,
 )
-from simulations.partition import write_partitions
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     from shared.convert import write_dataset
-    from simulations.synth import SynthConfig, generate
+    from shared.synth import SynthConfig, generate
 
     interactions, items = generate(SynthConfig(users=400, items=200, seed=0))
     return load_dataset(

@@ -13,7 +13,7 @@ import pytest
 from shared.cli import main
 from shared.convert import write_dataset
 from shared.data import DataError, Dataset, leave_one_out, load_dataset
-from simulations.synth import SynthConfig, generate, make_catalog
+from shared.synth import SynthConfig, generate, make_catalog
 
 ITEMS = (
     "item_id,title,categories\na,Rose Serum,Beauty|Skin Care\nb,Pan,Home|Kitchen\nc,Mat,Sports\n"

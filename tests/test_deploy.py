@@ -30,7 +30,9 @@ from helpers import TINY_SETTINGS, cli_settings
 from server.ledger import read_ledger, verify_chain
 from shared.cli import main
 from shared.config import RunConfig
-from simulations.deploy import completed_round, prepare_partitions
+from shared.data import leave_one_out, load_dataset
+from shared.partition import ensure_partitions
+from simulations.deploy import completed_round
 from simulations.local_federation import LocalFederation
 
 TINY = {**TINY_SETTINGS, "device": "cpu"}
@@ -86,14 +88,18 @@ def deployed(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory
 def test_deploy_local_runs_the_federation_over_tls_with_authenticated_nodes(deployed: Path) -> None:
     metrics = json.loads((deployed / "metrics.json").read_text())
     assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 3), (2, 3)]
-    assert 0 <= metrics["test"]["ndcg@10"] <= 1 and (deployed / "recs.csv").exists()
+    # the server held the catalog only: the quality comes from the nodes, every round
+    assert metrics["config"]["data"] == "" and metrics["config"]["catalog"].endswith("catalog")
+    evaluations = metrics["federated_evaluation"]
+    assert [e["round"] for e in evaluations] == [1, 2] and all(e["nodes"] == 3 for e in evaluations)
+    assert all(0 <= e["ndcg@10"] <= 1 and e["customers"] > 0 for e in evaluations)
     assert verify_chain(read_ledger(deployed / "ledger.jsonl")) == []
     link = (deployed / "logs" / "superlink.log").read_text()
     assert "running on https://127.0.0.1" in link  # TLS
     assert "SuperNode authentication is disabled" not in link
     assert (deployed / "deploy" / "certs" / "ca.crt").exists()
     assert (deployed / "deploy" / "certs" / "server.key").stat().st_mode & 0o077 == 0
-    for node in range(3):  # each node was given its own partition, and only that
+    for node in range(1, 4):  # each node was given its own data directory, and only that
         log = (deployed / "logs" / f"node-{node}.log").read_text()
         assert "Start `flwr-clientapp` process" in log
     assert processes_mentioning(str(deployed)) == []  # everything was shut down
@@ -139,7 +145,8 @@ def faulted(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory)
         text_model=str(tiny_bert_dir),
         **TINY,
     )
-    partitions = prepare_partitions(config)
+    dataset = load_dataset(tiny_synth_dataset_dir)  # the server side holds the data here
+    partitions = ensure_partitions(dataset, leave_one_out(dataset), config, out)
     with LocalFederation(out) as federation:
         federation.start_superlink()
         for node in range(3):

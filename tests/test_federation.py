@@ -27,9 +27,9 @@ from shared.data import leave_one_out, load_dataset
 from shared.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
 from shared.model import FusionRecommender
 from shared.node_directory import node_name
+from shared.partition import write_partitions
 from shared.text import embed_items
 from shared.wire import trainable_state
-from simulations.partition import write_partitions
 
 CONTRIBUTION_FIELDS = (
     "round",

@@ -1,4 +1,4 @@
-"""Splitting one dataset into node directories (simulations/partition.py)."""
+"""Splitting one dataset into node directories (shared/partition.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from shared.data import Dataset, load_dataset
 from shared.node_directory import node_catalog, node_name
-from simulations.partition import write_partitions
+from shared.partition import write_partitions
 
 NODES = 3
 

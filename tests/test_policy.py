@@ -19,8 +19,8 @@ from shared.config import RunConfig
 from shared.data import load_dataset
 from shared.model import FusionRecommender
 from shared.node_directory import NodeInfo, round_down_2sf
+from shared.partition import write_partitions
 from shared.wire import trainable_state
-from simulations.partition import write_partitions
 
 
 def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -> None:

@@ -22,8 +22,8 @@ from shared.convert import write_dataset
 from shared.data import load_dataset
 from shared.metrics import METRICS
 from shared.model import FusionRecommender
+from shared.partition import write_partitions
 from shared.wire import ITEM_TABLES, ROWS, encode, trainable_state
-from simulations.partition import write_partitions
 
 ALLOWED_METRICS = {
     "num-examples",
@@ -67,7 +67,8 @@ def test_a_node_sends_weights_and_aggregates_only(
     node = load_node(str(node_dir), config.text_model)
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
     state = trainable_state(model)
-    settings = settings_record(config, node_dir.parent, run_id="r" * 64)
+    settings = settings_record(config, node.catalog_digest, node_dir.parent)
+    settings["run-id"] = "r" * 64
     settings["server-round"] = 1
     message = Message(
         RecordDict(

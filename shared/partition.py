@@ -13,11 +13,14 @@ reads only its own directory, in simulation exactly as in deployment.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from shared.config import RunConfig
 from shared.data import Dataset, Split
 from shared.node_directory import NodeInfo, round_down_2sf
 
@@ -120,3 +123,34 @@ def write_partitions(
         ).write(directory)
         directories.append(directory)
     return directories
+
+
+def ensure_partitions(
+    dataset: Dataset,
+    split: Split,
+    config: RunConfig,
+    out: Path,
+    prepare: Callable[[Path, list[Path]], None] | None = None,
+) -> Path:
+    """``out/partitions/node-<k>/``: a simulated federation's node directories, without the
+    events its server side keeps for evaluation; written once, kept as they are by a resumed
+    run. ``prepare(staging, directories)`` may add to them before they are in place (the
+    simulation's canaries)."""
+    partitions = out / "partitions"
+    if not partitions.exists():  # built aside, then renamed: never left half-written
+        staging = out / "partitions.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        held = holdout_rows(dataset, split, config.refit)
+        directories = write_partitions(
+            dataset,
+            staging,
+            config.clients,
+            config.partition,
+            config.dirichlet_alpha,
+            config.seed,
+            held,
+        )
+        if prepare is not None:
+            prepare(staging, directories)
+        staging.rename(partitions)
+    return partitions
