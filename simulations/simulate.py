@@ -101,15 +101,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) -> None:
     """``--node-config``: every node's own privacy policy (client/policy.py)."""
-    default = "require-dp=true max-epsilon=8" if deployed else "none: the node accepts any request"
+    empty = (
+        "a deployed node's policy is require-dp=true max-epsilon=8"
+        if deployed
+        else "a simulated node accepts any request"
+    )
     parser.add_argument(
         "--node-config",
         type=parse_node_config,
-        default={},
+        default="",
         metavar='"KEY=VALUE ..."',
         help="each node's own privacy policy, set on the node's side and never by the server: "
         "require-dp (true/false), max-epsilon, max-delta, declared-customers; a node refuses "
-        f"a request weaker than its policy (default: {default}; docs/privacy.md)",
+        f"a request weaker than its policy; empty: {empty} (docs/privacy.md)",
     )
 
 
