@@ -25,7 +25,7 @@ from server.ledger import PrivacyLedger
 from server.node_keys import NodeKeys
 from server.node_privacy import NodeLevelDP, add_node_level
 from server.recovery import record_lost_contributions
-from server.strategy import FedRecStrategy
+from server.strategy import FedRecStrategy, reply_sender
 from shared.config import RunConfig
 from shared.experiment import Catalog, Experiment
 from shared.node_dp import check_node_dp
@@ -100,16 +100,7 @@ class Reports:
 
     def trusted(self, replies: list[Message]) -> list[Message]:
         """The replies whose report parsed and verified (or that carry none)."""
-        return [r for r in replies if _sender(r) not in self.rejected]
-
-
-def _sender(reply: Message) -> str:
-    """The node a reply speaks for: its report's name, else Flower's node id."""
-    if "privacy" in reply.content:
-        name = reply.content["privacy"].get("node")
-        if isinstance(name, str):
-            return name
-    return str(reply.metadata.src_node_id)
+        return [r for r in replies if reply_sender(r) not in self.rejected]
 
 
 def privacy_reports(
@@ -119,13 +110,13 @@ def privacy_reports(
     this run and round, and the digest of the update it came with."""
     received = Reports()
     for reply in replies:
-        if reply.has_error() or "privacy" not in reply.content:
+        if reply.has_error() or not reply.has_content() or "privacy" not in reply.content:
             continue
         try:
             report = parse_report(dict(reply.content["privacy"]))
         except ReportError as error:
-            received.rejected[_sender(reply)] = f"malformed privacy report: {error}"
-            log.warning("round %d, node %s: %s", server_round, _sender(reply), error)
+            received.rejected[reply_sender(reply)] = f"malformed privacy report: {error}"
+            log.warning("round %d, node %s: %s", server_round, reply_sender(reply), error)
             continue
         if report.release is not None:
             arrays = (
@@ -433,7 +424,7 @@ def _mean_metric(replies: list[Message], key: str) -> float | None:
     values = [
         float(r.content["metrics"][key])
         for r in replies
-        if not r.has_error() and key in r.content["metrics"]
+        if not r.has_error() and key in r.content.get("metrics", {})
     ]
     return float(np.mean(values)) if values else None
 

@@ -62,11 +62,7 @@ class FedRecStrategy(FedAvg):
         for reply in replies:
             if reply.has_error() or "arrays" not in reply.content:
                 continue
-            node = (
-                str(reply.content["privacy"]["node"])
-                if "privacy" in reply.content
-                else str(reply.metadata.src_node_id)
-            )
+            node = reply_sender(reply)
             arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
             try:
                 weight = _weight(reply)
@@ -121,6 +117,15 @@ class FedRecStrategy(FedAvg):
         means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
         summary = {"round": server_round, "nodes": nodes, "customers": round(customers)}
         return {**summary, "dp": noisy, **means}
+
+
+def reply_sender(reply: Message) -> str:
+    """The node a reply speaks for: its report's name, else Flower's node id."""
+    if not reply.has_error() and reply.has_content() and "privacy" in reply.content:
+        name = reply.content["privacy"].get("node")
+        if isinstance(name, str):
+            return name
+    return str(reply.metadata.src_node_id)
 
 
 def _weight(reply: Message) -> float:
