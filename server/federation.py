@@ -25,7 +25,8 @@ from server.ledger import PrivacyLedger
 from server.node_keys import NodeKeys
 from server.node_privacy import NodeLevelDP, add_node_level
 from server.recovery import record_lost_contributions
-from server.strategy import FedRecStrategy, reply_sender
+from server.registry import Registry
+from server.strategy import FedRecStrategy
 from shared.config import RunConfig
 from shared.experiment import Catalog, Experiment
 from shared.node_dp import check_node_dp
@@ -98,25 +99,33 @@ class Reports:
     reports: list[NodeReport] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
 
-    def trusted(self, replies: list[Message]) -> list[Message]:
+    def trusted(self, replies: list[Message], strategy: FedRecStrategy) -> list[Message]:
         """The replies whose report parsed and verified (or that carry none)."""
-        return [r for r in replies if reply_sender(r) not in self.rejected]
+        return [r for r in replies if strategy.sender(r) not in self.rejected]
 
 
 def privacy_reports(
-    replies: list[Message], keys: NodeKeys, run_id: str, server_round: int
+    replies: list[Message],
+    keys: NodeKeys,
+    run_id: str,
+    server_round: int,
+    strategy: FedRecStrategy,
 ) -> Reports:
-    """Each reply's privacy report, parsed; a DP release is checked against the node's key,
-    this run and round, and the digest of the update it came with."""
+    """Each reply's privacy report, parsed; the sender checked against the registry (if any)
+    and a DP release against the node's key, this run and round, and the digest of the update
+    it came with."""
     received = Reports()
     for reply in replies:
         if reply.has_error() or not reply.has_content() or "privacy" not in reply.content:
             continue
+        sender = strategy.sender(reply)
         try:
+            if problem := strategy.identity_problem(reply):
+                raise ReportError(problem)
             report = parse_report(dict(reply.content["privacy"]))
         except ReportError as error:
-            received.rejected[reply_sender(reply)] = f"malformed privacy report: {error}"
-            log.warning("round %d, node %s: %s", server_round, reply_sender(reply), error)
+            received.rejected[sender] = f"privacy report refused: {error}"
+            log.warning("round %d, node %s: %s", server_round, sender, error)
             continue
         if report.release is not None:
             arrays = (
@@ -208,9 +217,13 @@ class RoundResult:
 class Federation:
     """One run's round machinery: the grid, the strategy, the ledger and the nodes' keys."""
 
-    def __init__(self, grid: Grid, config: RunConfig, out: Path, settings: ConfigRecord):
+    def __init__(
+        self, grid: Grid, config: RunConfig, out: Path, catalog: Catalog, partitions: Path | None
+    ):
         self.grid, self.config = grid, config
         self.strategy = FedRecStrategy(config)
+        if config.registry:  # a deployment: nodes are who the operator registered
+            self.strategy.registry = Registry.load(config.registry, catalog.items)
         self.ledger = PrivacyLedger(out / "ledger.jsonl")
         if not self.ledger.entries:
             self.ledger.append(
@@ -219,6 +232,7 @@ class Federation:
                 unit=NODE_UNIT,
             )
         self.run_id = self.ledger.entries[0]["hash"]  # what every node's signed report names
+        settings = settings_record(config, catalog.digest, partitions)
         self.settings = ConfigRecord({**dict(settings), "run-id": self.run_id})
         self.keys = NodeKeys(out / "node-keys")
         self.secure = None
@@ -251,9 +265,11 @@ class Federation:
         )
         timeout = self.config.round_timeout or None
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        received = privacy_reports(replies, self.keys, self.run_id, server_round)
+        received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
         record_privacy(self.ledger, server_round, received.reports)
-        updates, rejected = self.strategy.node_updates(received.trusted(replies), state)
+        updates, rejected = self.strategy.node_updates(
+            received.trusted(replies, self.strategy), state
+        )
         rejected += [f"{node}: {why}" for node, why in received.rejected.items()]
         return RoundResult(updates, None, len(messages), len(updates), rejected, replies)
 
@@ -267,9 +283,11 @@ class Federation:
         replies = list(
             self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None)
         )
-        received = privacy_reports(replies, self.keys, self.run_id, server_round)
+        received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
         record_privacy(self.ledger, server_round, received.reports)
-        return self.strategy.aggregate_evaluate(server_round, received.trusted(replies))
+        return self.strategy.aggregate_evaluate(
+            server_round, received.trusted(replies, self.strategy)
+        )
 
 
 def run_federation(
@@ -296,7 +314,7 @@ def run_federation(
     out.mkdir(parents=True, exist_ok=True)
     model = catalog.new_model()
     state = trainable_state(model)
-    federation = Federation(grid, config, out, settings_record(config, catalog.digest, partitions))
+    federation = Federation(grid, config, out, catalog, partitions)
     strategy, ledger = federation.strategy, federation.ledger
     checkpoint = Checkpoint(out / "checkpoint.safetensors")
     history, trained_rows, done = [], np.zeros(catalog.num_items, dtype=bool), 0
@@ -334,10 +352,20 @@ def run_federation(
                 result.total if result.total is not None else node_dp.total(state, result.updates)
             )
             mean = node_dp.release(server_round, total, result.sampled, result.contributed)
-            state = strategy.optimizer.step(state, mean)
-            trained_rows[:] = True
+            aggregated = strategy.optimizer.step(state, mean)
         else:
-            state = strategy.apply(state, result.updates)
+            aggregated = strategy.apply(state, result.updates)
+        if not all(torch.isfinite(value).all() for value in aggregated.values()):
+            # never used, never checkpointed: the round's model is the previous one
+            log.error(
+                "round %d: the aggregate is not finite; the round is not applied", server_round
+            )
+            result.rejected.append("aggregate: not finite, the round was not applied")
+            result.updates.clear()
+        else:
+            state = aggregated
+            if node_dp is not None:
+                trained_rows[:] = True
         for update in result.updates:
             if "id_scores.weight" in update.rows:
                 trained_rows[update.rows["id_scores.weight"]] = True

@@ -28,7 +28,8 @@ def record_lost_contributions(
     ledger: PrivacyLedger, server_round: int, node: str, release: dict
 ) -> list[dict]:
     """Append the contributions ``node`` made before ``release`` (its report) that the ledger
-    lacks; returns them. Each takes the parameters of the node's costliest known kind of
+    lacks (at most two per round run so far: a forged index must not fill the ledger);
+    returns them. Each takes the parameters of the node's costliest known kind of
     release (a training one when there is one), and no signature: it is the server's record,
     which the node's receipt log can confirm."""
     mine = [e for e in ledger.entries if e["kind"] == "contribution" and e["node"] == node]
@@ -37,6 +38,16 @@ def record_lost_contributions(
     template = {k: v for k, v in (training or [release])[-1].items() if k in release}
     template = {k: v for k, v in template.items() if k not in ("signature", "key_id")}
     recovered = []
+    missing = int(release["contribution_index"]) - expected
+    if missing > 2 * server_round:  # a training and an evaluation release per round at most
+        log.warning(
+            "node %s: contribution_index jumps by %d in round %d, more than this run's rounds "
+            "could lose; not recovered (the audit reports the gap)",
+            node,
+            missing,
+            server_round,
+        )
+        return []
     for index in range(expected, int(release["contribution_index"])):
         entry = {**template, "round": server_round, "node": node, "contribution_index": index}
         entry["epsilon"] = epsilon_curve([*mine, entry])[-1]

@@ -18,6 +18,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
 from server.aggregation import NodeUpdate, ServerOptimizer, aggregate
+from server.registry import Registry
 from shared.config import RunConfig
 from shared.metrics import EVALUATED
 from shared.wire import ITEM_TABLES, decode
@@ -53,6 +54,29 @@ class FedRecStrategy(FedAvg):
         self.optimizer = ServerOptimizer(kind, config.server_lr)
         self.max_update_norm = max_update_norm
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
+        self.registry: Registry | None = None  # set by the round loop in a deployment
+
+    def sender(self, reply: Message) -> str:
+        """The node a reply comes from: its registered name (by Flower's authenticated node
+        id) when there is a registry, else the name in its report, else the node id."""
+        if self.registry is not None:
+            registered = self.registry.lookup(reply.metadata.src_node_id)
+            if registered is not None:
+                return registered.name
+        return reply_sender(reply)
+
+    def identity_problem(self, reply: Message) -> str | None:
+        """Why a reply must not be used for who it is (None: nothing): with a registry, an
+        unregistered node id, or a report that speaks for another node."""
+        if self.registry is None:
+            return None
+        registered = self.registry.lookup(reply.metadata.src_node_id)
+        if registered is None:
+            return f"Flower node {reply.metadata.src_node_id} is not in the registry"
+        claimed = reply_sender(reply)
+        if claimed not in (registered.name, str(reply.metadata.src_node_id)):
+            return f"its report speaks for {claimed!r}, registered as {registered.name!r}"
+        return None
 
     def node_updates(
         self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]
@@ -62,13 +86,17 @@ class FedRecStrategy(FedAvg):
         for reply in replies:
             if reply.has_error() or "arrays" not in reply.content:
                 continue
-            node = reply_sender(reply)
+            node = self.sender(reply)
             arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
             try:
+                if problem := self.identity_problem(reply):
+                    raise ValueError(problem)
                 weight = _weight(reply)
                 tensors, rows = decode(arrays, global_state)
                 if self.dense and rows:
                     raise ValueError("a row-sparse update under node-dp (it must be dense)")
+                if self.registry is not None:
+                    weight = self._check_registered(reply, rows, weight)
                 norm = _update_norm(tensors, rows, global_state)
                 if norm > self.max_update_norm:
                     raise ValueError(f"update norm {norm:.3g} exceeds {self.max_update_norm:g}")
@@ -78,6 +106,26 @@ class FedRecStrategy(FedAvg):
                 continue
             updates.append(NodeUpdate(node, weight, tensors, rows))
         return updates, rejected
+
+    def _check_registered(
+        self, reply: Message, rows: dict[str, np.ndarray], weight: float
+    ) -> float:
+        """Rows only of the products the node is registered to sell, and a weight no larger
+        than its registered customers; returns the weight to use."""
+        registered = self.registry.lookup(reply.metadata.src_node_id)
+        if registered.rows is not None and not self.dense:
+            for name in ITEM_TABLES:
+                if name in rows:
+                    outside = np.setdiff1d(rows[name], registered.rows)
+                    if len(outside):
+                        raise ValueError(
+                            f"{name}: rows of {len(outside)} product(s) it does not sell"
+                        )
+                else:
+                    raise ValueError(f"{name}: a whole item table from a node that sells part")
+        if registered.customers is not None:
+            weight = min(weight, float(registered.customers))
+        return weight
 
     def apply(
         self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]

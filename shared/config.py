@@ -20,6 +20,7 @@ class RunConfig:
     # where: the dataset ("" = the embedded synthetic marketplace) and the run's outputs
     data: str = ""
     catalog: str = ""  # a deployment's server: the public catalog only (the nodes hold the data)
+    registry: str = ""  # a deployment's node registry: Flower node id -> name, catalog, customers
     out: str = "runs/flwr-default"
     # model (see shared.model.ModelConfig)
     text_model: str = "minilm"

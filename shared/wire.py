@@ -57,11 +57,16 @@ def decode(
         shape = tuple(ref.shape)
         if name + ROWS in arrays:
             index = np.asarray(arrays[name + ROWS])
-            unique = index.ndim == 1 and len(np.unique(index)) == len(index)
-            if index.dtype.kind not in "iu" or not unique:
-                raise ValueError(f"{name}{ROWS}: expected unique integer row indices")
-            if len(index) and (index.min() < 0 or index.max() + ITEM_TABLES[name] >= shape[0]):
+            if index.dtype.kind not in "iu" or index.ndim != 1:
+                raise ValueError(f"{name}{ROWS}: expected a vector of integer row indices")
+            # compared as Python ints: no unsigned wrap-around, no narrow-type overflow
+            if len(index) and (
+                int(index.min()) < 0 or int(index.max()) >= shape[0] - ITEM_TABLES[name]
+            ):
                 raise ValueError(f"{name}{ROWS}: row index out of range")
+            index = index.astype(np.int64)
+            if len(np.unique(index)) != len(index):
+                raise ValueError(f"{name}{ROWS}: row indices repeat")
             rows[name] = index
             shape = (len(index), *shape[1:])
         if array.shape != shape:

@@ -18,11 +18,14 @@ import json
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from server.credentials import VALID_DAYS
 from server.federation import check_settings
+from server.registry import write_registry
 from shared.config import RunConfig
+from shared.node_directory import NodeInfo
 from simulations.centralized import add_run_config_arguments, run_config_from_args
 from simulations.local_federation import CONNECTION, DeployError, LocalFederation
 from simulations.simulate import add_node_config_argument
@@ -177,6 +180,8 @@ def deploy(
         for directory in nodes:
             key = federation.node_key(directory.name) if secure else None
             federation.start_node(directory.name, directory, key, policy=node_config)
+        if secure:  # the operator registers what it knows of each node: its public node.json
+            config = replace(config, registry=str(register_nodes(federation, nodes)))
         federation.wait_for_nodes(len(nodes))
         print(f"deploy: {len(nodes)} SuperNodes online", flush=True)
         run_id = federation.submit(config)
@@ -191,6 +196,22 @@ def deploy(
     figure = f"federated ndcg@10 {quality:.4f}; " if quality is not None else ""
     print(f"deploy: {figure}wrote {out}/metrics.json, model/, ledger.jsonl; logs in {out / 'logs'}")
     return 0
+
+
+def register_nodes(federation: LocalFederation, nodes: list[Path]) -> Path:
+    """The node registry (server/registry.py): each registered key's Flower node id with the
+    public description of its node (``node.json``: name, catalog, declared customers)."""
+    entries = {}
+    for directory in nodes:
+        info = NodeInfo.read(directory)
+        entries[federation.node_ids[directory.name]] = {
+            "name": info.node,
+            "catalog": info.catalog,
+            "customers": info.customers,
+        }
+    path = federation.home / "registry.json"
+    write_registry(path, entries)
+    return path
 
 
 def _stop(signum: int, frame: object) -> None:

@@ -142,6 +142,7 @@ class LocalFederation:
             check_port(port)
         self.port = port or free_port()
         self.services: dict[str, Service] = {}
+        self.node_ids: dict[str, int] = {}  # Flower's id of each registered node, by name
         self.tls: TlsFiles | None = None
         self.app = app_directory()
 
@@ -267,7 +268,8 @@ class LocalFederation:
         False (an intruder's); returns the private key."""
         private, public = write_node_key(self.home / "keys", name)
         if register:
-            self.flwr("supernode", "register", str(public), CONNECTION)
+            registered = self.flwr("supernode", "register", str(public), CONNECTION)
+            self.node_ids[name] = int(registered["node-id"])
         return private
 
     def start_node(
