@@ -148,7 +148,13 @@ def _png(fig: Any) -> str:
 
 
 def plot_epsilon(report: dict) -> str | None:
-    """Epsilon over rounds per node (reported: lines, PLD: markers, budget: dashed), base64 PNG."""
+    """:func:`epsilon_figure` as a base64 PNG (None: no node has a curve)."""
+    fig = epsilon_figure(report)
+    return _png(fig) if fig is not None else None
+
+
+def epsilon_figure(report: dict) -> Any:
+    """Epsilon over rounds per node (reported: lines, PLD: markers, budget: dashed)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -184,7 +190,7 @@ def plot_epsilon(report: dict) -> str | None:
     ax.set_title("ε per node: reported (lines) vs dp-accounting PLD (circles)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=max(1, len(nodes) // 12), loc="upper left", bbox_to_anchor=(1.01, 1))
-    return _png(fig)
+    return fig
 
 
 def plot_canaries(empirical: dict, scores: list[float], included: list[int]) -> str:

@@ -54,10 +54,10 @@ def audit_signatures(
             pem = key_id = None
         for c in cs:
             where = f"node {node}, line {lines[id(c)]} (round {c['round']})"
-            if c.get("run_id") != run_id:
+            if "run_id" in c and c["run_id"] != run_id:
                 problems.append(
-                    f"{where}: run_id {c.get('run_id')!r} is not this ledger's {run_id!r}: "
-                    "an entry of another run, or an unsigned one"
+                    f"{where}: run_id {c['run_id']!r} is not this ledger's {run_id!r}: an "
+                    "entry of another run"
                 )
             if c.get("recovered"):
                 recovered.append(str(lines[id(c)]))
