@@ -210,7 +210,7 @@ def _federation(report: dict, contributions: list[dict], config: dict) -> None:
     if any(entry_problem(c) for c in contributions):
         report["guarantee"] = "not established: some contributions cannot be recomputed"
         return
-    if not (is_number(config_delta) and 0 <= config_delta < 1) or not contributions:
+    if not (is_number(config_delta) and 0 <= config_delta < 1):
         report["guarantee"] = "no federation guarantee: the configured delta is unusable"
         return
     fed = accounting.federation_guarantee(

@@ -8,10 +8,13 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.audit_checks import is_number
 from server.canary_audit import read_canaries
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def jsonable(x: Any) -> Any:
@@ -34,10 +37,9 @@ def _delta(x: Any) -> str:
     return _fmt(x, ".3g")
 
 
-def _other_statement(fed: dict) -> tuple[str, dict]:
-    """The federation statement that does not apply to the run's partition, and its name."""
-    key = "all_nodes" if fed["applies"] == "one_node" else "one_node"
-    return key, fed[key]
+def _other_statement(fed: dict) -> dict:
+    """The federation statement that does not apply to the run's partition."""
+    return fed["all_nodes" if fed["applies"] == "one_node" else "one_node"]
 
 
 def _rounds(rounds: list[int]) -> str:
@@ -109,7 +111,7 @@ def print_summary(report: dict) -> None:
             )
     console.print(f"[bold]guarantee:[/bold] {report.get('guarantee', '-')}", highlight=False)
     if report["federation"]:
-        _, g = _other_statement(report["federation"])
+        g = _other_statement(report["federation"])
         console.print(
             f"  (not this partition's: {g['unit']}: ε = {_fmt(g['epsilon'])} at "
             f"δ = {_delta(g['delta'])}, {g['how']})",
@@ -141,7 +143,7 @@ def print_summary(report: dict) -> None:
         )
 
 
-def _png(fig: Any) -> str:
+def _png(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -153,7 +155,7 @@ def plot_epsilon(report: dict) -> str | None:
     return _png(fig) if fig is not None else None
 
 
-def epsilon_figure(report: dict) -> Any:
+def epsilon_figure(report: dict) -> Figure | None:
     """Epsilon over rounds per node (reported: lines, PLD: markers, budget: dashed)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
