@@ -138,8 +138,9 @@ def print_summary(report: dict) -> None:
     else:
         open_checks = [c["name"] for c in report["checks"] if c["status"] == "inconclusive"]
         console.print(
-            "[green bold]audit passed[/green bold]: every check holds"
-            + (f" ({', '.join(open_checks)} inconclusive)" if open_checks else "")
+            "[green bold]audit passed[/green bold]: "
+            + (f"no check fails ({', '.join(open_checks)} inconclusive)" if open_checks else "")
+            + ("" if open_checks else "every check holds")
         )
 
 
@@ -226,9 +227,13 @@ def write_html(report: dict, path: Path) -> None:
     e = html.escape
     open_checks = [c["title"] for c in report["checks"] if c["status"] == "inconclusive"]
     verdict = (
-        "<div class='banner ok'>Audit passed: every check holds"
-        + (f" ({e(', '.join(open_checks))}: inconclusive)" if open_checks else "")
-        + ".</div>"
+        "<div class='banner ok'>Audit passed: "
+        + (
+            f"no check fails ({e(', '.join(open_checks))}: inconclusive)."
+            if open_checks
+            else "every check holds."
+        )
+        + "</div>"
         if report["passed"]
         else "<div class='banner bad'>Audit FAILED: "
         + e(", ".join(c["title"] for c in report["checks"] if c["status"] == "fail"))

@@ -93,7 +93,9 @@ def audit_signatures(
     report["checks"].append(
         check(
             "signatures",
-            "contributions signed by their node, for this run",
+            "contributions signed by their node, for this run"
+            if have_keys
+            else "contributions carry this run's id (no node keys: signatures not verified)",
             problems,
             f"{verified} signature(s) verified against {keys_dir}"
             if have_keys
