@@ -273,7 +273,8 @@ def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None
         lacking.append("eval_noise_multiplier")
     if not lacking:
         plan = {k: config[k] for k in PLAN_KEYS}
-        plan["eval_sigma"] = float(eval_sigma) if is_number(eval_sigma) else None
+        # older ledgers record no evaluation releases: their nodes planned training alone
+        plan["eval_sigma"] = float(eval_sigma) if new_format else None
         return plan, []
     text = f"run_start config lacks usable {', '.join(lacking)}: the noise calibration"
     if new_format:

@@ -754,3 +754,37 @@ def test_epsilon_plot_keeps_the_budget_label_inside_the_axes(unsigned, tmp_path)
     assert label.get_text() == "budget ε = 4"
     assert axes_box.y0 <= box.y0 and box.y1 <= axes_box.y1  # inside the axes
     assert not box.overlaps(ax.title.get_window_extent(renderer))
+
+
+def test_an_older_ledger_is_calibrated_for_training_alone(tmp_path):
+    """No ``purpose`` field: written before evaluation releases were charged, so the plan its
+    nodes calibrated for is training only, whatever the config says about evaluation."""
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    config = {"dp": True, "delta": 1e-4, "target_epsilon": 4.0, "rounds": 2, "partition": "x"}
+    config.update(dp_batch_size=64, local_epochs=1, eval_noise_multiplier=EVAL_SIGMA)
+    ledger.append("run_start", config=config, unit="u")
+    q, steps = plan_steps(64, 800, 1)
+    c = {
+        "mechanism": "poisson_subsampled_gaussian",
+        "noise_multiplier": calibrate_noise(4.0, 1e-4, q, steps, 2, None),
+        "sample_rate": q,
+        "steps": steps,
+    }
+    for r in (1, 2):
+        ledger.append(
+            "contribution",
+            round=r,
+            node="0",
+            contribution_index=r - 1,
+            max_grad_norm=1.0,
+            delta=1e-4,
+            epsilon=recompute_epsilon([c] * r, 1e-4),
+            accountant="prv",
+            unit="u",
+            target_epsilon=4.0,
+            num_customers=800,
+            **c,
+        )
+    assert main(["audit", str(tmp_path)]) == 0
+    checks = json.loads((tmp_path / "audit.json").read_text())["checks"]
+    assert next(c for c in checks if c["name"] == "calibration")["status"] == "pass"
