@@ -34,9 +34,10 @@ def audit_signatures(
     lines: dict[int, int],
     keys_dir: Path,
 ) -> None:
-    """Every contribution carries this ledger's run id and, when node keys are available,
-    its node's valid signature over :func:`signed_payload` with that key's id. Without keys, an
-    unsigned (older) ledger gets a note, not a failure."""
+    """A contribution's run id, where it has one, is this ledger's; with node keys, every
+    contribution but a server-recovered one carries its node's valid signature over
+    :func:`signed_payload` and that key's id. Without keys, an unsigned (older) ledger gets a
+    note, not a failure."""
     have_keys = keys_dir.is_dir() and any(keys_dir.glob("*.pem"))
     if not have_keys and not any("run_id" in c for c in contributions):
         if contributions:
