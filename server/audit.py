@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_TOLERANCE,
         help="relative numerical tolerance: a reported epsilon may fall below the PLD "
-        f"recomputation by this fraction before it is flagged (default {DEFAULT_TOLERANCE})",
+        "recomputation, and a node's plan may pass its target epsilon, by this fraction "
+        f"before it is flagged (default {DEFAULT_TOLERANCE})",
     )
     parser.add_argument(
         "--node-keys",

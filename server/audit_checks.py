@@ -210,7 +210,7 @@ def _federation(report: dict, contributions: list[dict], config: dict) -> None:
     if any(entry_problem(c) for c in contributions):
         report["guarantee"] = "not established: some contributions cannot be recomputed"
         return
-    if not (is_number(config_delta) and 0 <= config_delta < 1) or not contributions:
+    if not (is_number(config_delta) and 0 <= config_delta < 1):
         report["guarantee"] = "no federation guarantee: the configured delta is unusable"
         return
     fed = accounting.federation_guarantee(
@@ -229,6 +229,7 @@ def audit_delta(
     """Each contribution's delta is below 1 / its node's customers, and not above the
     configured delta unless that is 0 (each node its own)."""
     config_delta = config.get("delta")
+    fixed = is_number(config_delta) and config_delta > 0  # else each node chose its own
     problems = []
     if not is_number(config_delta):
         problems.append("run_start config has no numeric delta to check against")
@@ -242,18 +243,9 @@ def audit_delta(
                 f"{where}: delta {delta:.3g} >= 1 / {customers:g} customers: the mechanism "
                 "may reveal a customer outright (take delta well below 1 / customers)"
             )
-        if (
-            is_number(config_delta)
-            and config_delta > 0
-            and is_number(delta)
-            and (delta > config_delta)
-        ):
+        if fixed and is_number(delta) and delta > config_delta:
             problems.append(f"{where}: delta {delta:.3g} exceeds the configured {config_delta:.3g}")
-    configured = (
-        f" and <= the configured {config_delta:.3g}"
-        if is_number(config_delta) and config_delta > 0
-        else " (each node its own delta)"
-    )
+    configured = f" and <= the configured {config_delta:.3g}" if fixed else " (each node its own)"
     report["checks"].append(
         check(
             "delta",
@@ -273,8 +265,9 @@ def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None
         lacking.append("eval_noise_multiplier")
     if not lacking:
         plan = {k: config[k] for k in PLAN_KEYS}
-        # the nodes plan evaluation releases only when the run evaluates at the nodes
-        evaluates = config.get("federated_eval", True) and is_number(eval_sigma)
+        # the nodes plan evaluation releases only when the run evaluates at the nodes (older
+        # ledgers record none: their nodes planned training alone)
+        evaluates = new_format and config.get("federated_eval", False) and is_number(eval_sigma)
         plan["eval_sigma"] = float(eval_sigma) if evaluates else None
         return plan, []
     text = f"run_start config lacks usable {', '.join(lacking)}: the noise calibration"
@@ -303,25 +296,28 @@ def _training_problem(c: dict, plan: dict, tolerance: float) -> str | None:
     target, delta, sigma = c["target_epsilon"], c["delta"], c["noise_multiplier"]
     if not is_number(target):
         return None  # the budget check reports it
-    args = (q, steps, plan["rounds"], plan["eval_sigma"], delta)
-    spent = accounting.plan_epsilon(sigma, *args)
-    if spent <= target * (1 + tolerance):
-        low = accounting.plan_epsilon(sigma * (1 - INFLATION_MARGIN), *args)
-        if low > target:
-            return None
+    rounds, eval_sigma = plan["rounds"], plan["eval_sigma"]
+
+    def spent(s: float) -> float:
+        return accounting.plan_epsilon(s, q, steps, rounds, eval_sigma, delta)
+
+    if spent(sigma) > target * (1 + tolerance):
+        verdict = (
+            f"noise_multiplier {sigma:.4g} is too small: the plan spends ε = {spent(sigma):.3f} "
+            f"> target {target:g}"
+        )
+    elif spent(sigma * (1 - INFLATION_MARGIN)) <= target:
         verdict = (
             f"noise_multiplier {sigma:.4g} is inflated: at {1 - INFLATION_MARGIN:.0%} of it the "
-            f"plan still spends only ε = {low:.3f} <= target {target:g}"
+            f"plan still spends only ε = {spent(sigma * (1 - INFLATION_MARGIN)):.3f} <= target "
+            f"{target:g}"
         )
     else:
-        verdict = (
-            f"noise_multiplier {sigma:.4g} is too small: the plan spends ε = {spent:.3f} > "
-            f"target {target:g}"
-        )
-    calibrated = accounting.calibrate_noise(target, delta, *args[:4])
+        return None
+    calibrated = accounting.calibrate_noise(target, delta, q, steps, rounds, eval_sigma)
     return (
-        f"{verdict} (plan: {plan['rounds']} rounds x {steps} steps at q = {q:.4g}"
-        + (f" + {plan['rounds']} evaluations at σ {plan['eval_sigma']:g}" if args[3] else "")
+        f"{verdict} (plan: {rounds} rounds x {steps} steps at q = {q:.4g}"
+        + (f" + {rounds} evaluations at σ {eval_sigma:g}" if eval_sigma else "")
         + f", δ = {delta:.3g}; the audit's PLD calibration gives σ = {calibrated:.4g})"
     )
 

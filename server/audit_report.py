@@ -8,10 +8,13 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.audit_checks import is_number
 from server.canary_audit import read_canaries
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def jsonable(x: Any) -> Any:
@@ -34,10 +37,9 @@ def _delta(x: Any) -> str:
     return _fmt(x, ".3g")
 
 
-def _other_statement(fed: dict) -> tuple[str, dict]:
-    """The federation statement that does not apply to the run's partition, and its name."""
-    key = "all_nodes" if fed["applies"] == "one_node" else "one_node"
-    return key, fed[key]
+def _other_statement(fed: dict) -> dict:
+    """The federation statement that does not apply to the run's partition."""
+    return fed["all_nodes" if fed["applies"] == "one_node" else "one_node"]
 
 
 def _rounds(rounds: list[int]) -> str:
@@ -109,7 +111,7 @@ def print_summary(report: dict) -> None:
             )
     console.print(f"[bold]guarantee:[/bold] {report.get('guarantee', '-')}", highlight=False)
     if report["federation"]:
-        _, g = _other_statement(report["federation"])
+        g = _other_statement(report["federation"])
         console.print(
             f"  (not this partition's: {g['unit']}: ε = {_fmt(g['epsilon'])} at "
             f"δ = {_delta(g['delta'])}, {g['how']})",
@@ -136,19 +138,26 @@ def print_summary(report: dict) -> None:
     else:
         open_checks = [c["name"] for c in report["checks"] if c["status"] == "inconclusive"]
         console.print(
-            "[green bold]audit passed[/green bold]: every check holds"
-            + (f" ({', '.join(open_checks)} inconclusive)" if open_checks else "")
+            "[green bold]audit passed[/green bold]: "
+            + (f"no check fails ({', '.join(open_checks)} inconclusive)" if open_checks else "")
+            + ("" if open_checks else "every check holds")
         )
 
 
-def _png(fig: Any) -> str:
+def _png(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def plot_epsilon(report: dict) -> str | None:
-    """Epsilon over rounds per node (reported: lines, PLD: markers, budget: dashed), base64 PNG."""
+    """:func:`epsilon_figure` as a base64 PNG (None: no node has a curve)."""
+    fig = epsilon_figure(report)
+    return _png(fig) if fig is not None else None
+
+
+def epsilon_figure(report: dict) -> Figure | None:
+    """Epsilon over rounds per node (reported: lines, PLD: markers, budget: dashed)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -184,7 +193,7 @@ def plot_epsilon(report: dict) -> str | None:
     ax.set_title("ε per node: reported (lines) vs dp-accounting PLD (circles)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=max(1, len(nodes) // 12), loc="upper left", bbox_to_anchor=(1.01, 1))
-    return _png(fig)
+    return fig
 
 
 def plot_canaries(empirical: dict, scores: list[float], included: list[int]) -> str:
@@ -218,9 +227,13 @@ def write_html(report: dict, path: Path) -> None:
     e = html.escape
     open_checks = [c["title"] for c in report["checks"] if c["status"] == "inconclusive"]
     verdict = (
-        "<div class='banner ok'>Audit passed: every check holds"
-        + (f" ({e(', '.join(open_checks))}: inconclusive)" if open_checks else "")
-        + ".</div>"
+        "<div class='banner ok'>Audit passed: "
+        + (
+            f"no check fails ({e(', '.join(open_checks))}: inconclusive)."
+            if open_checks
+            else "every check holds."
+        )
+        + "</div>"
         if report["passed"]
         else "<div class='banner bad'>Audit FAILED: "
         + e(", ".join(c["title"] for c in report["checks"] if c["status"] == "fail"))

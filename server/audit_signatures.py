@@ -34,9 +34,10 @@ def audit_signatures(
     lines: dict[int, int],
     keys_dir: Path,
 ) -> None:
-    """Every contribution carries this ledger's run id and, when node keys are available,
-    its node's valid signature over :func:`signed_payload` with that key's id. Without keys, an
-    unsigned (older) ledger gets a note, not a failure."""
+    """A contribution's run id, where it has one, is this ledger's; with node keys, every
+    contribution but a server-recovered one carries its node's valid signature over
+    :func:`signed_payload` and that key's id. Without keys, an unsigned (older) ledger gets a
+    note, not a failure."""
     have_keys = keys_dir.is_dir() and any(keys_dir.glob("*.pem"))
     if not have_keys and not any("run_id" in c for c in contributions):
         if contributions:
@@ -54,10 +55,10 @@ def audit_signatures(
             pem = key_id = None
         for c in cs:
             where = f"node {node}, line {lines[id(c)]} (round {c['round']})"
-            if c.get("run_id") != run_id:
+            if "run_id" in c and c["run_id"] != run_id:
                 problems.append(
-                    f"{where}: run_id {c.get('run_id')!r} is not this ledger's {run_id!r}: "
-                    "an entry of another run, or an unsigned one"
+                    f"{where}: run_id {c['run_id']!r} is not this ledger's {run_id!r}: an "
+                    "entry of another run"
                 )
             if c.get("recovered"):
                 recovered.append(str(lines[id(c)]))
@@ -93,7 +94,9 @@ def audit_signatures(
     report["checks"].append(
         check(
             "signatures",
-            "contributions signed by their node, for this run",
+            "contributions signed by their node, for this run"
+            if have_keys
+            else "contributions carry this run's id (no node keys: signatures not verified)",
             problems,
             f"{verified} signature(s) verified against {keys_dir}"
             if have_keys

@@ -11,13 +11,30 @@ import numpy as np
 import pytest
 
 from server.accounting import (
+    calibrate_noise,
     contributions_to_dp_event,
     federation_guarantee,
+    plan_steps,
     recompute_epsilon,
 )
-from server.canary_audit import epsilon_lower_bound, write_canaries
-from server.ledger import LedgerError, PrivacyLedger, entry_hash, read_ledger, verify_chain
+from server.audit import audit
+from server.audit_report import epsilon_figure
+from server.canary_audit import (
+    canaries_needed,
+    epsilon_lower_bound,
+    max_reachable,
+    write_canaries,
+)
+from server.ledger import (
+    RESERVED,
+    LedgerError,
+    PrivacyLedger,
+    entry_hash,
+    read_ledger,
+    verify_chain,
+)
 from shared.cli import main
+from shared.signing import NodeKey, append_receipt, digest_arrays, signed_payload
 
 DELTA = 1e-5
 SIGMA, RATE, STEPS = 1.0, 0.02, 50
@@ -379,3 +396,395 @@ def test_node_level_epsilon_claiming_amplification_is_flagged(tmp_path, honest):
     assert json.loads((out / "audit.json").read_text())["node_level"]["rounds"] == 3
     out = node_level_run(tmp_path / "amplified", lambda r: rdp(r) * 0.5)
     assert main(["audit", str(out)]) == 1
+
+
+# --- signed, planned ledgers (issue 13) ------------------------------------------------------
+
+EVAL_SIGMA = 10.0
+
+
+def write_planned_run(
+    out: Path,
+    customers: dict[str, int],
+    rounds: int = 3,
+    target: float = 4.0,
+    partition: str = "regional",
+    keys: dict[str, NodeKey] | None = None,
+    receipts: Path | None = None,
+    batch: int = 64,
+) -> Path:
+    """An honest run in the new ledger format: each node's sigma calibrated for its plan
+    (training and evaluation), a training and an evaluation contribution per round, each
+    signed by its node's key when ``keys`` are given (public keys in OUT/node-keys, receipts
+    under ``receipts/<node>.jsonl``)."""
+    ledger = PrivacyLedger(out / "ledger.jsonl")
+    config = {
+        "target_epsilon": target,
+        "delta": 0.0,
+        "num_nodes": len(customers),
+        "rounds": rounds,
+        "partition": partition,
+        "dp": True,
+        "dp_batch_size": batch,
+        "local_epochs": 1,
+        "eval_noise_multiplier": EVAL_SIGMA,
+    }
+    run_id = ledger.append("run_start", config=config, unit="one customer's data at one node")[
+        "hash"
+    ]
+    for node, key in (keys or {}).items():
+        (out / "node-keys").mkdir(exist_ok=True)
+        (out / "node-keys" / f"{node}.pem").write_text(key.public_pem)
+    history: dict[str, list[dict]] = {node: [] for node in customers}
+    for r in range(1, rounds + 1):
+        for node, n in customers.items():
+            q, steps = plan_steps(batch, n, 1)
+            delta = 1 / (10 * n)
+            sigma = calibrate_noise(target, delta, q, steps, rounds, EVAL_SIGMA)
+            for purpose in ("training", "evaluation"):
+                training = purpose == "training"
+                fields = {
+                    "run_id": run_id,
+                    "round": r,
+                    "node": node,
+                    "purpose": purpose,
+                    "contribution_index": len(history[node]),
+                    "mechanism": "poisson_subsampled_gaussian" if training else "gaussian",
+                    "noise_multiplier": sigma if training else EVAL_SIGMA,
+                    "sample_rate": q if training else 1.0,
+                    "steps": steps if training else 1,
+                    "max_grad_norm": 1.0,
+                    "delta": delta,
+                    "accountant": "prv",
+                    "unit": "one customer's data at one node",
+                    "target_epsilon": target,
+                    "num_customers": n,
+                    "update_digest": digest_arrays({"w": np.full(3, r, np.float32)})
+                    if training
+                    else "",
+                }
+                history[node].append(fields)
+                fields["epsilon"] = recompute_epsilon(history[node], delta)
+                if keys and receipts:
+                    receipt = append_receipt(receipts / f"{node}.jsonl", fields, keys[node])
+                    fields.update(signature=receipt["signature"], key_id=receipt["key_id"])
+                elif keys:
+                    fields.update(
+                        signature=keys[node].sign(signed_payload(fields)),
+                        key_id=keys[node].key_id,
+                    )
+                else:
+                    fields.update(signature="", key_id="")
+                ledger.append("contribution", **fields)
+    ledger.append("run_end", rounds_completed=rounds, reason="done")
+    return out
+
+
+CUSTOMERS = {"0": 800, "1": 1000, "2": 800}
+
+
+@pytest.fixture(scope="module")
+def node_keys(tmp_path_factory) -> dict[str, NodeKey]:
+    where = tmp_path_factory.mktemp("keys")
+    return {node: NodeKey.load_or_create(where / f"{node}.pem") for node in CUSTOMERS}
+
+
+@pytest.fixture(scope="module")
+def unsigned(tmp_path_factory) -> list[dict]:
+    out = write_planned_run(tmp_path_factory.mktemp("unsigned"), CUSTOMERS)
+    return read_ledger(out / "ledger.jsonl")
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory, node_keys) -> Path:
+    out = tmp_path_factory.mktemp("signed")
+    return write_planned_run(out, CUSTOMERS, keys=node_keys, receipts=out / "receipts")
+
+
+def rechain(entries: list[dict]) -> list[dict]:
+    """What a forger with write access does after editing: re-hash the whole chain."""
+    for i, e in enumerate(entries):
+        e["prev_hash"] = entries[i - 1]["hash"] if i else "0" * 64
+        e["hash"] = entry_hash(e)
+    return entries
+
+
+def forge_sigma(entries: list[dict], node: str) -> list[dict]:
+    """``node``'s training noise multiplier doubled and its epsilons lowered to match."""
+    entries = [dict(e) for e in entries]
+    history = []
+    for e in entries:
+        if e["kind"] == "contribution" and e["node"] == node:
+            if e["purpose"] == "training":
+                e["noise_multiplier"] *= 2
+            history.append(e)
+            e["epsilon"] = recompute_epsilon(history, e["delta"])
+    return rechain(entries)
+
+
+def write_agreeing_metrics(out: Path) -> None:
+    """metrics.json edited to agree with the (forged) ledger in ``out``."""
+    cs = [e for e in read_ledger(out / "ledger.jsonl") if e["kind"] == "contribution"]
+    fed = federation_guarantee(cs, None, "regional")
+    per_node = {e["node"]: {"epsilon": e["epsilon"], "delta": e["delta"]} for e in cs}
+    privacy = {"epsilon": fed["epsilon"], "delta": fed["one_node"]["delta"], "per_node": per_node}
+    (out / "metrics.json").write_text(json.dumps({"privacy": privacy}))
+
+
+def failed_checks(out: Path, *args: str) -> dict[str, list[str]]:
+    """The failed checks' problems of ``fedrec audit OUT ARGS``, which must exit 1."""
+    assert main(["audit", str(out), *args]) == 1
+    checks = json.loads((out / "audit.json").read_text())["checks"]
+    return {c["name"]: c["problems"] for c in checks if c["status"] == "fail"}
+
+
+def test_an_honest_planned_run_passes_every_check(tmp_path, unsigned, signed, capsys):
+    out = copy_run(unsigned, tmp_path)
+    write_agreeing_metrics(out)
+    assert main(["audit", str(out)]) == 0
+    report = json.loads((out / "audit.json").read_text())
+    names = {c["name"]: c["status"] for c in report["checks"]}
+    assert names["calibration"] == names["signatures"] == names["delta"] == "pass"
+    assert any("signatures not verified" in n for n in report["notes"])
+    printed = capsys.readouterr().out
+    assert printed.count("guarantee:") == 1 and f"wrote {out / 'audit.json'}" in printed
+    assert "0.000125)-DP" in printed and "0.0001250000" not in printed  # 3 significant digits
+
+    receipts = [f"{node}={signed / 'receipts' / f'{node}.jsonl'}" for node in CUSTOMERS]
+    assert main(["audit", str(signed), *(f"--receipts={r}" for r in receipts)]) == 0
+    report = json.loads((signed / "audit.json").read_text())
+    statuses = {c["name"]: (c["status"], c["message"]) for c in report["checks"]}
+    assert statuses["signatures"] == (
+        "pass",
+        f"18 signature(s) verified against {signed}/node-keys",
+    )
+    assert statuses["receipts"][0] == "pass" and statuses["receipts"][1].startswith("18 receipt")
+
+
+def test_forged_sigma_fails_the_calibration_check_unsigned(tmp_path, unsigned):
+    out = copy_run(forge_sigma(unsigned, "1"), tmp_path)
+    write_agreeing_metrics(out)  # the old checks all agree with the forgery
+    failed = failed_checks(out)
+    assert list(failed) == ["calibration"]
+    lines = [n for n, e in enumerate(unsigned, 1) if e.get("node") == "1"]
+    training = [str(n) for n in lines if unsigned[n - 1]["purpose"] == "training"]
+    (problem,) = failed["calibration"]
+    assert problem.startswith(f"node 1, lines {', '.join(training)} (rounds 1, 2, 3)")
+    assert "is inflated" in problem and "PLD calibration gives σ" in problem
+
+
+def test_forged_sigma_fails_signatures_and_calibration_signed(tmp_path, signed):
+    out = copy_run(forge_sigma(read_ledger(signed / "ledger.jsonl"), "1"), tmp_path)
+    (out / "node-keys").mkdir()
+    for pem in (signed / "node-keys").iterdir():
+        (out / "node-keys" / pem.name).write_text(pem.read_text())
+    write_agreeing_metrics(out)
+    failed = failed_checks(out)
+    assert sorted(failed) == ["calibration", "signatures"]
+    assert all(p.startswith("node 1, line ") for p in failed["signatures"])
+    assert len(failed["signatures"]) == 6 and "does not verify" in failed["signatures"][0]
+
+
+def test_an_altered_signed_field_names_node_and_line(tmp_path, signed):
+    entries = read_ledger(signed / "ledger.jsonl")
+    entries[3]["update_digest"] = "0" * 64  # the server swapped node 1's update
+    out = copy_run(rechain(entries), tmp_path)
+    failed = failed_checks(out, "--node-keys", str(signed / "node-keys"))
+    assert failed == {
+        "signatures": [
+            f"node {entries[3]['node']}, line 4 (round 1): the signature does not verify: the "
+            "entry was altered after the node signed it, or forged"
+        ]
+    }
+    # an entry of another run, and a key that is not the node's
+    entries[3] = read_ledger(signed / "ledger.jsonl")[3]
+    entries[5]["run_id"] = "f" * 64
+    entries[7]["key_id"] = "0" * 16
+    out = copy_run(rechain(entries), tmp_path / "other")
+    problems = failed_checks(out, "--node-keys", str(signed / "node-keys"))["signatures"]
+    assert any("node 2, line 6 (round 1): run_id 'ffff" in p for p in problems)
+    assert any("line 8 (round 2): key_id '0000000000000000' is not" in p for p in problems)
+
+
+def test_an_unsigned_ledger_fails_only_when_node_keys_are_available(tmp_path, honest, signed):
+    out = copy_run(honest, tmp_path)
+    failed = failed_checks(out, "--node-keys", str(signed / "node-keys"))
+    assert list(failed) == ["signatures"] and len(failed["signatures"]) == 9
+    assert failed["signatures"][0] == "node 0, line 2 (round 1): unsigned"
+    assert main(["audit", str(out)]) == 0
+    notes = json.loads((out / "audit.json").read_text())["notes"]
+    assert any("signatures not checked: the contributions are unsigned" in n for n in notes)
+
+
+def test_receipts_that_disagree_with_the_ledger_fail(tmp_path, signed):
+    logs = tmp_path / "receipts"
+    logs.mkdir()
+    for node in ("0", "2"):
+        lines = (signed / "receipts" / f"{node}.jsonl").read_text().splitlines()
+        if node == "2":
+            del lines[4]  # round 3's training receipt: the ledger has an entry the node lacks
+            changed = json.loads(lines[1])
+            changed["epsilon"] = 0.5
+            lines[1] = json.dumps(changed)
+            lines.append(json.dumps({**changed, "run_id": "another run"}))  # ignored
+        (logs / f"{node}.jsonl").write_text("\n".join(lines) + "\n")
+    failed = failed_checks(
+        signed, "--receipts", f"0={logs / '0.jsonl'}", "--receipts", f"2={logs / '2.jsonl'}"
+    )
+    epsilon = next(
+        e["epsilon"]
+        for e in read_ledger(signed / "ledger.jsonl")
+        if e.get("node") == "2" and e.get("contribution_index") == 1
+    )
+    assert failed == {
+        "receipts": [
+            f"node 2, round 1 (line 7): epsilon: the receipt has 0.5, the ledger {epsilon!r}",
+            f"node 2, round 3 (line 18): not among the node's receipts ({logs / '2.jsonl'})",
+        ]
+    }
+
+
+def test_refused_entries_are_listed_and_do_not_fail(tmp_path, honest):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    with pytest.raises(ValueError, match="needs reason"):
+        ledger.append("refused", round=1, node="0")
+    for e in honest[:-1]:
+        ledger.append(e["kind"], **{k: v for k, v in e.items() if k not in RESERVED})
+    ledger.append("refused", round=4, node="1", reason="target_epsilon 20 > the node's 8")
+    ledger.append("refused", round=4, node="9", reason="delta 1e-3 > the node's 1e-5")
+    ledger.append("run_end", rounds_completed=4, reason="done")
+    assert main(["audit", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert [(d["node"], d["round"]) for d in report["refused"]] == [("1", 4), ("9", 4)]
+    assert {n["node"]: n["status"] for n in report["nodes"]}["9"] == "refused only"
+    budget = next(c for c in report["checks"] if c["name"] == "budget")
+    assert budget["message"] == "every node within budget; 2 contribution(s) refused"
+    assert "refused: node 1, round 4" in (tmp_path / "audit.html").read_text()
+
+
+def test_delta_at_or_above_one_over_customers_fails(tmp_path):
+    def run(out: Path, delta: float) -> Path:
+        ledger = PrivacyLedger(out / "ledger.jsonl")
+        ledger.append(
+            "run_start", config={"dp": True, "delta": 0.0, "target_epsilon": 8.0}, unit="u"
+        )
+        c = {
+            "mechanism": "poisson_subsampled_gaussian",
+            "noise_multiplier": SIGMA,
+            "sample_rate": RATE,
+            "steps": STEPS,
+        }
+        ledger.append(
+            "contribution",
+            round=1,
+            node="0",
+            contribution_index=0,
+            max_grad_norm=1.0,
+            delta=delta,
+            epsilon=recompute_epsilon([c], delta),
+            accountant="prv",
+            unit="u",
+            target_epsilon=8.0,
+            num_customers=500,
+            **c,
+        )
+        return out
+
+    assert main(["audit", str(run(tmp_path / "own", 1e-4))]) == 0  # each node its own delta
+    failed = failed_checks(run(tmp_path / "weak", 0.002))
+    assert failed == {
+        "delta": [
+            "node 0, line 2: delta 0.002 >= 1 / 500 customers: the mechanism may reveal a "
+            "customer outright (take delta well below 1 / customers)"
+        ]
+    }
+
+
+def test_one_thousand_canaries_cannot_confirm_epsilon_8():
+    assert max_reachable(1000, 0.95, 1e-8) < 8
+    needed = canaries_needed(8.0, 0.95, 1e-8)
+    assert max_reachable(needed, 0.95, 1e-8) >= 8 > max_reachable(needed - 1, 0.95, 1e-8)
+    assert canaries_needed(8.0, 0.95, 1e-5) is None  # the 2 m delta term caps the bound near 5
+    assert canaries_needed(2.0, 0.95, 1e-5) == 40
+
+
+def test_the_empirical_audit_is_inconclusive_not_passed(tmp_path):
+    out = write_planned_run(tmp_path, {"0": 10_000_000}, rounds=2, target=8.0, batch=100_000)
+    scores, included = randomized_response(0, epsilon=0.5, m=1000)
+    write_canaries(out / "canaries.json", scores.tolist(), included.tolist(), "minus the loss")
+    assert main(["audit", str(out)]) == 0
+    report = json.loads((out / "audit.json").read_text())
+    emp = report["empirical"]
+    assert 7.9 < emp["formal_epsilon"] <= 8 and emp["delta"] == pytest.approx(1e-8)
+    assert emp["status"] == "inconclusive" and emp["max_reachable"] < emp["formal_epsilon"]
+    assert emp["canaries_needed"] == 20_000  # the (k+, k-) grid adds k = 10,000 there
+    (check,) = [c for c in report["checks"] if c["name"] == "empirical"]
+    assert check["status"] == "inconclusive" and check["passed"] is None
+    assert f"needs {emp['canaries_needed']:,} canaries" in check["message"]
+    page = (out / "audit.html").read_text()
+    assert "inconclusive" in page and "Inconclusive: not a confirmation" in page
+
+
+def test_a_merchant_metrics_json_stating_the_worst_node_fails(tmp_path):
+    out = write_planned_run(tmp_path, CUSTOMERS, partition="merchant")
+    cs = [e for e in read_ledger(out / "ledger.jsonl") if e["kind"] == "contribution"]
+    worst = max(e["epsilon"] for e in cs)
+    per_node = {e["node"]: e["epsilon"] for e in cs}
+    privacy = {"epsilon": worst, "delta": max(e["delta"] for e in cs), "per_node": per_node}
+    (out / "metrics.json").write_text(json.dumps({"privacy": privacy}))
+    (problem,) = failed_checks(out)["metrics"]
+    fed = federation_guarantee(cs, None, "merchant")
+    assert fed["all_nodes"]["delta"] == pytest.approx(1 / 8000 + 1 / 10000 + 1 / 8000)
+    assert fed["epsilon"] > worst * 1.2
+    assert problem.startswith(f"metrics.json claims epsilon {worst:.4f}, below the recomputed")
+    assert "which applies to the merchant partition" in problem
+    privacy["epsilon"] = fed["epsilon"]
+    (out / "metrics.json").write_text(json.dumps({"privacy": privacy}))
+    assert main(["audit", str(out)]) == 0
+
+
+def test_epsilon_plot_keeps_the_budget_label_inside_the_axes(unsigned, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = epsilon_figure(audit(copy_run(unsigned, tmp_path)))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    (ax,) = fig.axes
+    (label,) = ax.texts
+    box, axes_box = label.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert label.get_text() == "budget ε = 4"
+    assert axes_box.y0 <= box.y0 and box.y1 <= axes_box.y1  # inside the axes
+    assert not box.overlaps(ax.title.get_window_extent(renderer))
+
+
+def test_an_older_ledger_is_calibrated_for_training_alone(tmp_path):
+    """No ``purpose`` field: written before evaluation releases were charged, so the plan its
+    nodes calibrated for is training only, whatever the config says about evaluation."""
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    config = {"dp": True, "delta": 1e-4, "target_epsilon": 4.0, "rounds": 2, "partition": "x"}
+    config.update(dp_batch_size=64, local_epochs=1, eval_noise_multiplier=EVAL_SIGMA)
+    ledger.append("run_start", config=config, unit="u")
+    q, steps = plan_steps(64, 800, 1)
+    c = {
+        "mechanism": "poisson_subsampled_gaussian",
+        "noise_multiplier": calibrate_noise(4.0, 1e-4, q, steps, 2, None),
+        "sample_rate": q,
+        "steps": steps,
+    }
+    for r in (1, 2):
+        ledger.append(
+            "contribution",
+            round=r,
+            node="0",
+            contribution_index=r - 1,
+            max_grad_norm=1.0,
+            delta=1e-4,
+            epsilon=recompute_epsilon([c] * r, 1e-4),
+            accountant="prv",
+            unit="u",
+            target_epsilon=4.0,
+            num_customers=800,
+            **c,
+        )
+    assert main(["audit", str(tmp_path)]) == 0
+    checks = json.loads((tmp_path / "audit.json").read_text())["checks"]
+    assert next(c for c in checks if c["name"] == "calibration")["status"] == "pass"
