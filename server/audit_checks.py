@@ -69,7 +69,9 @@ def _index_gaps(node: str, cs: list[dict], lines: dict[int, int]) -> list[str]:
         if not all(isinstance(x["contribution_index"], int) for x in (prev or c, c)):
             gaps.append(f"node {node}: line {lines[id(c)]}: contribution_index is not an integer")
             continue
-        want = 0 if prev is None else prev["contribution_index"] + 1
+        if prev is None:  # a node's earlier releases may belong to an earlier federation
+            continue  # on its data: its reported epsilon counts them (see the node's table)
+        want = prev["contribution_index"] + 1
         if c["contribution_index"] != want:
             gaps.append(
                 f"node {node}: contribution_index {c['contribution_index']} at line "
@@ -93,6 +95,13 @@ def audit_contributions(
     gaps, below, over, notes = [], [], [], report["notes"]
     for node, cs in nodes.items():
         gaps.extend(_index_gaps(node, cs, lines))
+        first = cs[0]["contribution_index"]
+        if isinstance(first, int) and first > 0:
+            notes.append(
+                f"node {node}: its first release here is its contribution {first}: the earlier "
+                "ones are not in this ledger (an earlier federation on its data); its reported "
+                "epsilon includes them"
+            )
         bad = [f"node {node}, line {lines[id(c)]}: {p}" for c in cs if (p := entry_problem(c))]
         if bad:
             below.extend(bad)

@@ -32,14 +32,21 @@ TINY = [*cli_settings(TINY_SETTINGS), "--device", "cpu", "--quiet"]
 
 
 def node_reply(
-    node: str, arrays: dict[str, np.ndarray] | None, customers: int = 10, declined: bool = False
+    node: str,
+    arrays: dict[str, np.ndarray] | None,
+    customers: float = 10,
+    declined: bool = False,
+    node_id: int | None = None,
+    privacy: dict | None = None,
+    metrics: dict | None = None,
 ) -> Message:
     """A node's reply to a training round, as the server receives it: its privacy report, its
-    number of customers and, unless None, the ``arrays`` it sends."""
+    number of customers and, unless None, the ``arrays`` it sends (``node_id``: Flower's id of
+    the sender; ``privacy``, ``metrics``: records sent instead of the honest ones)."""
     content = RecordDict(
         {
-            "privacy": ConfigRecord({"node": node, "declined": declined}),
-            "metrics": MetricRecord({"num-examples": customers}),
+            "privacy": ConfigRecord(privacy or {"node": node, "declined": declined}),
+            "metrics": MetricRecord({"num-examples": customers} if metrics is None else metrics),
         }
     )
     if arrays is not None:
@@ -49,7 +56,7 @@ def node_reply(
     metadata = Metadata(
         run_id=1,
         message_id="",
-        src_node_id=len(node),
+        src_node_id=len(node) if node_id is None else node_id,
         dst_node_id=0,
         reply_to_message_id="m",
         group_id="1",

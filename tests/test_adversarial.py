@@ -1,0 +1,196 @@
+"""A malicious node against the server (server/strategy.py, server/federation.py,
+server/registry.py, shared/reports.py, shared/wire.py): every hostile reply is rejected or
+survived, never a crash, and no single node can take over the global model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import node_reply
+
+from server.federation import privacy_reports, record_privacy
+from server.ledger import PrivacyLedger, verify_chain
+from server.node_keys import NodeKeys
+from server.recovery import record_lost_contributions
+from server.registry import Registry, RegistryError, write_registry
+from server.strategy import FedRecStrategy
+from shared.config import RunConfig
+from shared.model import FusionRecommender, ModelConfig
+from shared.reports import ReportError, parse_report
+from shared.wire import ITEM_TABLES, encode, trainable_state
+
+ITEMS = pd.DataFrame({"item_id": [f"p{i}" for i in range(8)], "title": ["t"] * 8})
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    config = ModelConfig(num_items=8, text_dim=8, dim=8, layers=1, heads=1, max_len=5)
+    return trainable_state(FusionRecommender(config, torch.randn(8, 8)))
+
+
+def moved(state: dict[str, torch.Tensor], amount: float, rows=None) -> dict[str, np.ndarray]:
+    return encode({k: v + amount for k, v in state.items()}, rows)
+
+
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, "many"])
+def test_a_weight_that_is_not_a_finite_number_is_rejected(state, weight) -> None:
+    reply = node_reply("evil", moved(state, 0.01), metrics={"num-examples": 1.0})
+    reply.content["metrics"]["num-examples"] = weight if weight != "many" else 1.0
+    if weight == "many":
+        del reply.content["metrics"]["num-examples"]  # no weight at all
+    good = node_reply("good", moved(state, 0.01), 10)
+    updates, rejected = FedRecStrategy(RunConfig()).node_updates([reply, good], state)
+    assert [u.node for u in updates] == ["good"]
+    assert rejected and rejected[0].startswith("evil:") and "num-examples" in rejected[0]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "uint8", "uint32", "uint64"])
+def test_row_indices_of_any_integer_width_are_handled(state, dtype) -> None:
+    rows = dict.fromkeys(ITEM_TABLES, np.array([1, 3]))
+    arrays = moved(state, 0.01, rows)
+    for name in ITEM_TABLES:
+        arrays[name + "@rows"] = arrays[name + "@rows"].astype(dtype)
+    updates, rejected = FedRecStrategy(RunConfig()).node_updates(
+        [node_reply("narrow", arrays, 10)], state
+    )
+    assert rejected == [] and updates[0].rows["id_scores.bias"].dtype == np.int64
+    FedRecStrategy(RunConfig()).apply(state, updates)  # aggregates without an error
+
+
+def test_row_indices_that_wrap_around_are_rejected(state) -> None:
+    rows = dict.fromkeys(ITEM_TABLES, np.array([1, 3]))
+    arrays = moved(state, 0.01, rows)
+    arrays["id_scores.bias@rows"] = np.array([1, 2**64 - 1], dtype=np.uint64)  # -1 wrapped
+    updates, rejected = FedRecStrategy(RunConfig()).node_updates(
+        [node_reply("wrap", arrays, 10)], state
+    )
+    assert updates == [] and "out of range" in rejected[0]
+
+
+def release(**changes) -> dict:
+    fields = {
+        "node": "n1",
+        "run_id": "r",
+        "round": 1,
+        "purpose": "training",
+        "contribution_index": 0,
+        "mechanism": "poisson_subsampled_gaussian",
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.5,
+        "steps": 2,
+        "max_grad_norm": 1.0,
+        "delta": 1e-5,
+        "epsilon": 1.0,
+        "accountant": "prv",
+        "unit": "u",
+        "target_epsilon": 8.0,
+        "num_customers": 100,
+        "update_digest": "d",
+        "signature": "s",
+        "key_id": "k",
+        "public_key": "p",
+        "refused": False,
+        "declined": False,
+    }
+    return {**fields, **changes}
+
+
+@pytest.mark.parametrize(
+    "record, words",
+    [
+        ({k: v for k, v in release().items() if k != "steps"}, "steps"),
+        (release(backdoor=1), "unknown field"),
+        (release(epsilon=math.nan), "epsilon"),
+        (release(epsilon=-1.0), "epsilon"),
+        (release(steps=2.5), "steps"),
+        (release(sample_rate=0.0), "sample_rate"),
+        (release(round="1"), "round"),
+        (release(purpose="fun"), "purpose"),
+        (release(unit="x" * 10_000), "unit"),
+        ({"node": 7}, "node"),
+    ],
+)
+def test_a_malformed_privacy_report_is_refused_naming_the_field(record, words) -> None:
+    with pytest.raises(ReportError, match=words):
+        parse_report(record)
+
+
+def test_malformed_reports_are_left_out_and_nothing_crashes(tmp_path: Path, state) -> None:
+    replies = [
+        node_reply("n1", moved(state, 0.01), privacy=release(epsilon=math.nan)),
+        node_reply("n2", moved(state, 0.01), privacy={"node": "n2", "declined": "yes"}),
+        node_reply("n3", moved(state, 0.01)),
+    ]
+    strategy = FedRecStrategy(RunConfig())
+    received = privacy_reports(replies, NodeKeys(tmp_path / "keys"), "r", 1, strategy)
+    assert set(received.rejected) == {"n1", "n2"}
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    record_privacy(ledger, 1, received.reports)
+    updates, _ = strategy.node_updates(received.trusted(replies, strategy), state)
+    assert [u.node for u in updates] == ["n3"]
+
+
+def test_a_forged_index_gap_adds_no_fake_spending(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    fields = {k: v for k, v in release().items() if k not in ("public_key", "refused", "declined")}
+    ledger.append("contribution", **fields)
+    forged = {**fields, "contribution_index": 10**9}
+    assert record_lost_contributions(ledger, 2, "n1", forged) == []  # at once, nothing added
+    assert len(ledger.entries) == 1 and verify_chain(ledger.entries) == []
+
+
+# --- a registry: nodes are who the operator registered -------------------------------------
+
+
+@pytest.fixture()
+def registered(tmp_path: Path) -> FedRecStrategy:
+    path = tmp_path / "registry.json"
+    write_registry(
+        path,
+        {
+            101: {"name": "merchant-a", "catalog": ["p1", "p3"], "customers": 100},
+            102: {"name": "merchant-b", "catalog": None, "customers": 50},
+        },
+    )
+    strategy = FedRecStrategy(RunConfig())
+    strategy.registry = Registry.load(path, ITEMS)
+    return strategy
+
+
+def test_an_unregistered_or_impersonating_node_is_refused(registered, state) -> None:
+    rows = dict.fromkeys(ITEM_TABLES, np.array([1, 3]))
+    replies = [
+        node_reply("merchant-a", moved(state, 0.01, rows), 10, node_id=999),  # unknown id
+        node_reply("merchant-a", moved(state, 0.01), 10, node_id=102),  # b claims to be a
+        node_reply("merchant-a", moved(state, 0.01, rows), 10, node_id=101),
+    ]
+    updates, rejected = registered.node_updates(replies, state)
+    assert [u.node for u in updates] == ["merchant-a"]
+    assert "not in the registry" in rejected[0] and "speaks for" in rejected[1]
+
+
+def test_rows_outside_the_registered_catalog_and_inflated_weights(registered, state) -> None:
+    outside = dict.fromkeys(ITEM_TABLES, np.array([1, 5]))  # p5 is not merchant-a's
+    inside = dict.fromkeys(ITEM_TABLES, np.array([1, 3]))
+    replies = [
+        node_reply("merchant-a", moved(state, 0.5, outside), 10, node_id=101),
+        node_reply("merchant-a", moved(state, 0.01), 10, node_id=101),  # a whole item table
+        node_reply("merchant-b", moved(state, 0.01, inside), 1e12, node_id=102),
+    ]
+    updates, rejected = registered.node_updates(replies, state)
+    assert "does not sell" in rejected[0] and "whole item table" in rejected[1]
+    assert [(u.node, u.weight) for u in updates] == [("merchant-b", 50.0)]  # capped
+
+
+def test_a_registry_that_names_unknown_products_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"7": {"name": "x", "catalog": ["nope"]}}))
+    with pytest.raises(RegistryError, match="node '7'"):
+        Registry.load(path, ITEMS)
