@@ -485,8 +485,8 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         "federation": federation,
         "statement": (
             f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
-            f"({epsilon:.3f}, {delta:.3g})-differential privacy for {federation['unit']}; "
-            "each node's own guarantee is in 'per_node'."
+            f"({epsilon:.3f}, {delta:.3g})-differential privacy for each customer, the unit "
+            f"being {federation['unit']}; each node's own guarantee is in 'per_node'."
         ),
     }
 
