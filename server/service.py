@@ -27,7 +27,7 @@ from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
 from shared import __version__
 from shared.data import EVENTS
 from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE
-from shared.search import Encode, Hit, SearchEngine, UnknownItems, load_engine
+from shared.search import Catalog, Encode, Hit, SearchEngine, UnknownItems, load_engine
 
 PAGE = Path(__file__).with_name("web.html")
 ACCESS_LOG = logging.getLogger("fedrec.access")
@@ -160,9 +160,14 @@ def invalid(field: str, message: str, value: object) -> HTTPException:
 
 
 def history_rows(
-    engine: SearchEngine, limits: Limits, history: list[str | HistoryEvent], k: int
+    engine: SearchEngine,
+    catalog: Catalog,
+    limits: Limits,
+    history: list[str | HistoryEvent],
+    k: int,
 ) -> tuple[np.ndarray, list[str]]:
-    """Catalog rows and event types of a request's history (422 for a bad k or history)."""
+    """Rows in ``catalog`` and event types of a request's history (422 for a bad k or
+    history)."""
     if not 1 <= k <= limits.max_k:
         raise invalid("k", f"k must be between 1 and {limits.max_k}", k)
     if len(history) > limits.max_history:
@@ -177,18 +182,18 @@ def history_rows(
         getattr(item, "event", None) or engine.default_event for item in history
     ]  # a plain id has no event of its own
     try:
-        return engine.rows(plain), events
+        return catalog.rows(plain), events
     except UnknownItems as error:
         raise invalid(
             "history", f"unknown item ids: {', '.join(error.item_ids[:20])}", error.item_ids
         ) from None
 
 
-def results(engine: SearchEngine, hits: list[Hit], started: float) -> Results:
+def results(catalog: Catalog, hits: list[Hit], started: float) -> Results:
     out = []
     for hit in hits:
-        product = engine.product(hit.row)
-        because = None if hit.because is None else engine.fields["item_id"][hit.because]
+        product = catalog.product(hit.row)
+        because = None if hit.because is None else catalog.fields["item_id"][hit.because]
         out.append(
             Result(
                 item_id=product["item_id"],
@@ -203,37 +208,42 @@ def results(engine: SearchEngine, hits: list[Hit], started: float) -> Results:
         )
     return Results(
         results=out,
-        retrieval=engine.retrieval,
+        retrieval=catalog.preference_index.kind,
         took_ms=round(1000 * (time.perf_counter() - started), 2),
     )
 
 
 def recommend(engine: SearchEngine, limits: Limits, request: RecommendRequest) -> Results:
-    started = time.perf_counter()
-    rows, events = history_rows(engine, limits, request.history, request.k)
-    return results(engine, engine.recommend(rows, request.k, events), started)
+    """One request reads one version of the catalog, even while a write replaces it."""
+    started, catalog = time.perf_counter(), engine.catalog
+    rows, events = history_rows(engine, catalog, limits, request.history, request.k)
+    return results(catalog, engine.recommend(rows, request.k, events, catalog), started)
 
 
 def search(engine: SearchEngine, limits: Limits, request: SearchRequest) -> Results:
-    started = time.perf_counter()
+    """As :func:`recommend`: one version of the catalog per request."""
+    started, catalog = time.perf_counter(), engine.catalog
     if len(request.query) > limits.max_query_chars:
         raise invalid(
             "query",
             f"the query is longer than {limits.max_query_chars} characters",
             len(request.query),
         )
-    rows, events = history_rows(engine, limits, request.history, request.k)
-    return results(engine, engine.search(request.query, rows, request.k, events), started)
+    rows, events = history_rows(engine, catalog, limits, request.history, request.k)
+    hits = engine.search(request.query, rows, request.k, events, catalog)
+    return results(catalog, hits, started)
 
 
 def save_product(engine: SearchEngine, update: ProductUpdate) -> ProductSaved:
-    """Add a product, or merge the fields given into an existing one (the others are kept)."""
+    """Add a product, or merge the fields given into an existing one (the others are kept).
+    Writes are one at a time; reads go on meanwhile (:meth:`SearchEngine.upsert`)."""
     given = update.model_dump(exclude_none=True)
-    with engine.lock:
-        row = engine.row_of.get(update.item_id)
+    with engine.write_lock:
+        catalog = engine.catalog
+        row = catalog.row_of.get(update.item_id)
         if row is None and "title" not in given:
             raise invalid("title", "a new product needs a title", None)
-        product = Product(**({} if row is None else engine.product(row)) | given)
+        product = Product(**({} if row is None else catalog.product(row)) | given)
         created = engine.upsert(pd.DataFrame([product.model_dump()]))[0]
     return ProductSaved(created=created, product=product)
 
@@ -350,10 +360,11 @@ def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
     )
     def get_item(item_id: str) -> Product:
         """One product of the catalog."""
-        row = engine.row_of.get(item_id)
+        catalog = engine.catalog
+        row = catalog.row_of.get(item_id)
         if row is None:
             raise HTTPException(404, f"no product {item_id!r}")
-        return Product(**engine.product(row))
+        return Product(**catalog.product(row))
 
     @app.get("/health", response_model=Health)
     def health() -> Health:

@@ -151,7 +151,7 @@ def test_a_pending_query_vector_gives_the_same_pool(dirs: tuple[Path, Path]):
 
 
 def test_new_products_get_the_models_new_item_boost(dirs: tuple[Path, Path]):
-    model = load_engine(*dirs, encode=fake_encode).model
+    model = load_engine(*dirs, encode=fake_encode).catalog.model
     text = torch.from_numpy(fake_encode(["Trail Camping Stove"]))
     plain = TextToId(model)(text)
     model.config.new_item_boost = 2.0
@@ -307,13 +307,22 @@ def test_access_log_switch():
 
 def test_incremental_rows_equal_the_model_item_table(dirs: tuple[Path, Path]):
     engine = load_engine(*dirs, encode=fake_encode)
+    before = engine.catalog
     engine.upsert(pd.DataFrame([NEW_TENT, {"item_id": "lip1", "title": "Velvet Matte Lipstick"}]))
+    catalog = engine.catalog
     np.testing.assert_allclose(
-        engine.preference_index.vectors, full_table(engine.model), rtol=1e-5, atol=1e-5
+        catalog.preference_index.vectors, full_table(catalog.model), rtol=1e-5, atol=1e-5
     )
-    assert engine.predicted.tolist() == [False] * len(PRODUCTS) + [True]
+    assert catalog.predicted.tolist() == [False] * len(PRODUCTS) + [True]
     # a product added later gets ID parameters predicted from its text, not zeros
-    assert engine.model.id_scores.weight[-1].abs().sum() > 0
+    assert catalog.model.id_scores.weight[-1].abs().sum() > 0
+    # copy-on-write: the catalog that readers held is as it was
+    assert len(before) == before.model.config.num_items == len(PRODUCTS)
+    assert before.model.text.shape[0] == before.model.id_scores.weight.shape[0] == len(PRODUCTS)
+    assert before.product(before.row_of["lip1"])["title"] == "Velvet Matte Red Lipstick"
+    np.testing.assert_allclose(
+        before.preference_index.vectors, full_table(before.model), rtol=1e-5, atol=1e-5
+    )
 
 
 # --- errors and limits ----------------------------------------------------------------------
@@ -419,8 +428,11 @@ def test_ann_recall_against_exact_and_history_exclusion():
     found, scores = index.search(queries[0], 10, exclude=exact[:5])
     assert not set(exact[:5]) & set(found) and len(found) == 10
     np.testing.assert_allclose(scores, vectors[found] @ queries[0], rtol=1e-5)  # exact scores
-    index.set_rows(np.array([3, len(vectors)]), np.stack([queries[0], queries[0]]))
-    assert set(index.search(queries[0], 2)[0]) == {3, len(vectors)}  # updated and appended
+    before = index.search(queries[0], 10)
+    changed = index.with_rows(np.array([3, len(vectors)]), np.stack([queries[0], queries[0]]))
+    assert set(changed.search(queries[0], 2)[0]) == {3, len(vectors)}  # updated and appended
+    for found, expected in zip(index.search(queries[0], 10), before, strict=True):
+        np.testing.assert_array_equal(found, expected)  # the old index is unchanged
 
 
 def test_ann_probing_every_list_equals_exact():
