@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -108,9 +109,8 @@ def time_http(
     import httpx
     import uvicorn
 
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(engine, limits), host="127.0.0.1", port=port, log_level="warning")
-    )
+    app = build_app(engine, limits, admin_token=secrets.token_urlsafe(32))  # no writes here
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
