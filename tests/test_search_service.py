@@ -420,6 +420,7 @@ def test_serve_prints_where_the_token_is_never_the_token(
     served_apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served_apps.append(app))
     monkeypatch.setattr(service, "create_app", partial(create_app, encode=fake_encode))
+    monkeypatch.setattr(service, "set_threads", lambda threads: None)  # process-wide
     monkeypatch.setenv("FEDREC_ADMIN_TOKEN_FILE", str(tmp_path / "token"))
     argv = ["serve", "--model", str(dirs[0]), "--data", str(dirs[1]), "--no-access-log"]
     assert service.run(build_parser(argv).parse_args(argv)) == 0
