@@ -5,34 +5,49 @@ new event changes the very next answer. Endpoints: ``POST /recommend``, ``POST /
 ``POST /items`` (add a product, or update the fields given of one), ``GET /items/{item_id}``,
 ``GET /health``, the OpenAPI docs at ``/docs`` (Swagger UI) and ``/redoc``, served from local
 files (no CDN: they work offline), and a small web page at ``/``. Every request is logged on
-the ``fedrec.access`` logger (method, path, status, duration). See docs/serving.md.
+the ``fedrec.access`` logger (method, path, status, duration). Writes need the admin token
+(``Authorization: Bearer``, kept in an owner-only file); reads are open. Requests for a ``Host``
+that is not served get 400 (DNS rebinding). A write never stalls reads: the engine builds the
+next catalog beside the one in use. See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Response
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
 
 from shared import __version__
-from shared.data import EVENTS
+from shared.data import EVENTS, DataError
 from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE
-from shared.search import Encode, Hit, SearchEngine, UnknownItems, load_engine
+from shared.search import Catalog, Encode, Hit, SearchEngine, UnknownItems, load_engine
+from shared.text import cache_dir
 
 PAGE = Path(__file__).with_name("web.html")
 ACCESS_LOG = logging.getLogger("fedrec.access")
+ADMIN = HTTPBearer(
+    auto_error=False,
+    description="the admin token: `fedrec serve` prints the file that holds it",
+)
 # longest accepted product fields, in characters (longer ones get 422)
 FIELD_CHARS = {"item_id": 200, "title": 500, "categories": 500, "brand": 200, "description": 5000}
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host names always served
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # --host values meaning every interface
+TOKEN_FILE_ENV = "FEDREC_ADMIN_TOKEN_FILE"
 
 
 @dataclass
@@ -160,9 +175,14 @@ def invalid(field: str, message: str, value: object) -> HTTPException:
 
 
 def history_rows(
-    engine: SearchEngine, limits: Limits, history: list[str | HistoryEvent], k: int
+    engine: SearchEngine,
+    catalog: Catalog,
+    limits: Limits,
+    history: list[str | HistoryEvent],
+    k: int,
 ) -> tuple[np.ndarray, list[str]]:
-    """Catalog rows and event types of a request's history (422 for a bad k or history)."""
+    """Rows in ``catalog`` and event types of a request's history (422 for a bad k or
+    history)."""
     if not 1 <= k <= limits.max_k:
         raise invalid("k", f"k must be between 1 and {limits.max_k}", k)
     if len(history) > limits.max_history:
@@ -177,18 +197,18 @@ def history_rows(
         getattr(item, "event", None) or engine.default_event for item in history
     ]  # a plain id has no event of its own
     try:
-        return engine.rows(plain), events
+        return catalog.rows(plain), events
     except UnknownItems as error:
         raise invalid(
             "history", f"unknown item ids: {', '.join(error.item_ids[:20])}", error.item_ids
         ) from None
 
 
-def results(engine: SearchEngine, hits: list[Hit], started: float) -> Results:
+def results(catalog: Catalog, hits: list[Hit], started: float) -> Results:
     out = []
     for hit in hits:
-        product = engine.product(hit.row)
-        because = None if hit.because is None else engine.fields["item_id"][hit.because]
+        product = catalog.product(hit.row)
+        because = None if hit.because is None else catalog.fields["item_id"][hit.because]
         out.append(
             Result(
                 item_id=product["item_id"],
@@ -203,39 +223,106 @@ def results(engine: SearchEngine, hits: list[Hit], started: float) -> Results:
         )
     return Results(
         results=out,
-        retrieval=engine.retrieval,
+        retrieval=catalog.preference_index.kind,
         took_ms=round(1000 * (time.perf_counter() - started), 2),
     )
 
 
 def recommend(engine: SearchEngine, limits: Limits, request: RecommendRequest) -> Results:
-    started = time.perf_counter()
-    rows, events = history_rows(engine, limits, request.history, request.k)
-    return results(engine, engine.recommend(rows, request.k, events), started)
+    """One request reads one version of the catalog, even while a write replaces it."""
+    started, catalog = time.perf_counter(), engine.catalog
+    rows, events = history_rows(engine, catalog, limits, request.history, request.k)
+    return results(catalog, engine.recommend(rows, request.k, events, catalog), started)
 
 
 def search(engine: SearchEngine, limits: Limits, request: SearchRequest) -> Results:
-    started = time.perf_counter()
+    """As :func:`recommend`: one version of the catalog per request."""
+    started, catalog = time.perf_counter(), engine.catalog
     if len(request.query) > limits.max_query_chars:
         raise invalid(
             "query",
             f"the query is longer than {limits.max_query_chars} characters",
             len(request.query),
         )
-    rows, events = history_rows(engine, limits, request.history, request.k)
-    return results(engine, engine.search(request.query, rows, request.k, events), started)
+    rows, events = history_rows(engine, catalog, limits, request.history, request.k)
+    hits = engine.search(request.query, rows, request.k, events, catalog)
+    return results(catalog, hits, started)
 
 
 def save_product(engine: SearchEngine, update: ProductUpdate) -> ProductSaved:
-    """Add a product, or merge the fields given into an existing one (the others are kept)."""
+    """Add a product, or merge the fields given into an existing one (the others are kept).
+    Writes are one at a time; reads go on meanwhile (:meth:`SearchEngine.upsert`)."""
     given = update.model_dump(exclude_none=True)
-    with engine.lock:
-        row = engine.row_of.get(update.item_id)
+    with engine.write_lock:
+        catalog = engine.catalog
+        row = catalog.row_of.get(update.item_id)
         if row is None and "title" not in given:
             raise invalid("title", "a new product needs a title", None)
-        product = Product(**({} if row is None else engine.product(row)) | given)
+        product = Product(**({} if row is None else catalog.product(row)) | given)
         created = engine.upsert(pd.DataFrame([product.model_dump()]))[0]
     return ProductSaved(created=created, product=product)
+
+
+# --- the admin token and the trusted hosts ----------------------------------------------------
+
+
+def default_token_file() -> Path:
+    """``$FEDREC_ADMIN_TOKEN_FILE``, else ``$FEDREC_CACHE/admin-token`` (per user, outside any
+    run folder that may be copied or shared)."""
+    return Path(os.environ.get(TOKEN_FILE_ENV) or cache_dir() / "admin-token")
+
+
+def admin_token(path: Path) -> str:
+    """The admin token stored in ``path``; a new one (``secrets.token_urlsafe(32)``) is written
+    there first when the file does not exist. The file is readable by its owner only (0600):
+    created so, and narrowed if it exists with a looser mode."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fd = os.open(path, os.O_RDONLY)
+        with os.fdopen(fd) as file:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+            token = file.read().strip()
+        if not token:
+            raise DataError(path, "holds no admin token (delete it to get a new one)") from None
+        return token
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
+
+
+def allowed_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The Host names served: :data:`LOCAL_HOSTS`, ``host`` unless it is a wildcard, and
+    ``extra`` (``--allowed-hosts``; ``*.example.com`` for subdomains, ``*`` for any)."""
+    bare_ipv6 = ":" in host and not host.startswith("[")
+    given = [] if host in WILDCARD_HOSTS else [f"[{host}]" if bare_ipv6 else host]
+    return list(dict.fromkeys(h.strip().lower() for h in [*LOCAL_HOSTS, *given, *extra]))
+
+
+def host_list(text: str) -> list[str]:
+    """``--allowed-hosts``: comma-separated names."""
+    return [name for name in text.split(",") if name.strip()]
+
+
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, lower-cased, without its port (``[::1]:8000`` ->
+    ``[::1]``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1]
+    return header.partition(":")[0]
+
+
+def host_allowed(name: str, hosts: Sequence[str]) -> bool:
+    """Whether Host name ``name`` matches one of ``hosts`` (exact, ``*.suffix`` or ``*``)."""
+    return bool(name) and any(
+        pattern in ("*", name) or (pattern.startswith("*.") and name.endswith(pattern[1:]))
+        for pattern in hosts
+    )
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -265,6 +352,25 @@ class BodySizeLimit:
             return message
 
         return await self.app(scope, counted, send)
+
+
+class TrustedHosts:
+    """ASGI middleware: 400 for a request whose ``Host`` is not served (a DNS-rebinding page
+    reaching a local service through a name of its own gets this)."""
+
+    def __init__(self, app, hosts: Sequence[str]):
+        self.app, self.hosts = app, list(hosts)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        name = host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
+        if not host_allowed(name, self.hosts):
+            refused = JSONResponse(
+                {"detail": f"host {name!r} is not served here (see --allowed-hosts)"}, 400
+            )
+            return await refused(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class AccessLog:
@@ -306,8 +412,15 @@ def log_access(enabled: bool) -> None:
         ACCESS_LOG.addHandler(handler)
 
 
-def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
-    """The FastAPI app around a ready engine."""
+def build_app(
+    engine: SearchEngine,
+    limits: Limits | None = None,
+    *,
+    admin_token: str,
+    hosts: Sequence[str] = LOCAL_HOSTS,
+) -> FastAPI:
+    """The FastAPI app around a ready engine. Writes need ``Authorization: Bearer
+    <admin_token>``; requests for a ``Host`` outside ``hosts`` get 400."""
     limits = limits or Limits()
     app = FastAPIOffline(
         title="fedrec",
@@ -317,8 +430,30 @@ def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
         "request.",
     )
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(AccessLog)  # the outermost: refused bodies are logged too
+    app.add_middleware(TrustedHosts, hosts=hosts)
+    app.add_middleware(AccessLog)  # the outermost: refused hosts and bodies are logged too
     app.state.engine, app.state.limits = engine, limits
+    expected = admin_token.encode()
+
+    def require_admin(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(ADMIN)],
+    ) -> None:
+        """401 unless the request carries the admin token (compared in constant time)."""
+        if credentials is None:
+            raise HTTPException(
+                401,
+                "this endpoint changes the catalog: send the admin token "
+                "as 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not secrets.compare_digest(credentials.credentials.encode(), expected):
+            raise HTTPException(401, "wrong admin token", headers={"WWW-Authenticate": "Bearer"})
+
+    # every endpoint that changes something goes on this router
+    writes = APIRouter(
+        dependencies=[Depends(require_admin)],
+        responses={401: {"description": "no admin token, or a wrong one"}},
+    )
 
     @app.post("/recommend", response_model=Results)
     def post_recommend(body: RecommendRequest) -> Results:
@@ -330,7 +465,7 @@ def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
         """Free-text product search, personalised when a history is given."""
         return search(engine, limits, body)
 
-    @app.post(
+    @writes.post(
         "/items",
         response_model=ProductSaved,
         status_code=201,
@@ -343,6 +478,8 @@ def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
         response.status_code = 201 if saved.created else 200
         return saved
 
+    app.include_router(writes)
+
     @app.get(
         "/items/{item_id}",
         response_model=Product,
@@ -350,10 +487,11 @@ def build_app(engine: SearchEngine, limits: Limits | None = None) -> FastAPI:
     )
     def get_item(item_id: str) -> Product:
         """One product of the catalog."""
-        row = engine.row_of.get(item_id)
+        catalog = engine.catalog
+        row = catalog.row_of.get(item_id)
         if row is None:
             raise HTTPException(404, f"no product {item_id!r}")
-        return Product(**engine.product(row))
+        return Product(**catalog.product(row))
 
     @app.get("/health", response_model=Health)
     def health() -> Health:
@@ -390,12 +528,16 @@ def create_app(
     data_dir: Path,
     limits: Limits | None = None,
     encode: Encode | None = None,
+    *,
+    admin_token: str,
+    hosts: Sequence[str] = LOCAL_HOSTS,
     **index_options,
 ) -> FastAPI:
     """The app for a run's ``model/`` and a dataset's products (``encode``: tests only;
-    ``index_options``: ``ann_threshold``, ``nprobe``, ``text_nprobe`` of the engine)."""
+    ``admin_token``, ``hosts``: as :func:`build_app`; ``index_options``: ``ann_threshold``,
+    ``nprobe``, ``text_nprobe`` of the engine)."""
     engine = load_engine(model_dir, data_dir, encode, **index_options)
-    return build_app(engine, limits)
+    return build_app(engine, limits, admin_token=admin_token, hosts=hosts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -409,6 +551,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface")
     parser.add_argument("--port", type=int, default=8000, help="port")
+    parser.add_argument(
+        "--allowed-hosts",
+        type=host_list,
+        default=[],
+        help="comma-separated Host names served besides "
+        + ", ".join(LOCAL_HOSTS)
+        + " and --host (unless a wildcard such as 0.0.0.0): the public name behind a proxy, "
+        "'*.example.com' for its subdomains, '*' for any (not recommended); other Hosts get 400",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        help="file holding the admin token that writes (POST /items) need; created with a new "
+        f"token, mode 0600, when missing (default: ${TOKEN_FILE_ENV}, else "
+        "$FEDREC_CACHE/admin-token, $FEDREC_CACHE defaulting to ~/.cache/fedrec)",
+    )
     parser.add_argument("--max-k", type=int, default=defaults.max_k, help="largest k accepted")
     parser.add_argument(
         "--max-history",
@@ -465,11 +624,16 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(args.max_k, args.max_history, args.max_query_chars, args.max_body_bytes)
     set_threads(args.threads)
     log_access(not args.no_access_log)
+    token_file = args.admin_token_file or default_token_file()
+    token = admin_token(token_file)
+    hosts = allowed_hosts(args.host, args.allowed_hosts)
     print(f"loading {args.model} with the products of {args.data} ...", flush=True)
     app = create_app(
         args.model,
         args.data,
         limits,
+        admin_token=token,
+        hosts=hosts,
         ann_threshold=args.ann_threshold,
         nprobe=args.nprobe,
         text_nprobe=args.text_nprobe,
@@ -477,7 +641,9 @@ def run(args: argparse.Namespace) -> int:
     engine = app.state.engine
     print(
         f"{len(engine)} products, {engine.retrieval} retrieval; "
-        f"open http://{args.host}:{args.port}/ (API docs at /docs)",
+        f"open http://{args.host}:{args.port}/ (API docs at /docs)\n"
+        f"writes (POST /items) need 'Authorization: Bearer <token>', the token in {token_file}; "
+        f"Host names served: {', '.join(hosts)}",
         flush=True,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -6,9 +6,14 @@ the products with behaviour, then applied to each new product in microseconds. :
 writes a product's text and ID parameters into the model, growing its tables in place, so that
 both the candidate side (:func:`table_rows`) and the history side (``model.user_states``) know
 it at once. :func:`fill_cold_items` does both, after training, for every product nobody trained.
+A service changes a copy instead (:func:`with_items`), so its readers never see a half-written
+model.
 """
 
 from __future__ import annotations
+
+import copy
+import dataclasses
 
 import numpy as np
 import torch
@@ -118,6 +123,36 @@ def grow(model: FusionRecommender, count: int) -> None:
         model.id_scores.bias = nn.Parameter(_extended(model.id_scores.bias, count))
         model.id_in.num_embeddings += count
         model.id_scores.out_features += count
+
+
+@torch.no_grad()
+def with_items(model: FusionRecommender, text: torch.Tensor) -> FusionRecommender:
+    """A model for a changed catalog that shares every weight of ``model`` but the per-item
+    ones: its text embeddings are ``text`` ((n, text_dim), n >= ``num_items``, used as given),
+    its ID tables copies grown with zero rows to n. :func:`set_items` on it (rows below n)
+    leaves ``model`` as it was, for the readers still using it (copy-on-write)."""
+    count = len(text) - model.config.num_items
+    out = copy.copy(model)  # shallow: the module, parameter and buffer dicts are shared ...
+    out._modules, out._buffers = dict(model._modules), dict(model._buffers)  # ... until here
+    out.config = dataclasses.replace(model.config, num_items=len(text))
+    out.text = text
+    if model.config.use_id:
+        out.id_in = _copied(model.id_in, weight=model.id_in.weight, count=count)
+        out.id_in.num_embeddings += count
+        out.id_scores = _copied(
+            model.id_scores, weight=model.id_scores.weight, bias=model.id_scores.bias, count=count
+        )
+        out.id_scores.out_features += count
+    return out
+
+
+def _copied(module: nn.Module, count: int, **tensors: torch.Tensor) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters ``tensors`` are copies grown by ``count``."""
+    out = copy.copy(module)
+    out._parameters = dict(module._parameters)
+    for name, tensor in tensors.items():
+        setattr(out, name, nn.Parameter(_extended(tensor, count)))
+    return out
 
 
 def _extended(tensor: torch.Tensor, count: int) -> torch.Tensor:

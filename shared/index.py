@@ -12,6 +12,7 @@ few milliseconds at a million rows.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -116,19 +117,23 @@ class VectorIndex:
         best = top_k(scores, k)
         return found[best], scores[best]
 
-    def set_rows(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        """Update existing rows and append new ones (``rows`` = len(self), len(self) + 1, ...)."""
+    def with_rows(self, rows: np.ndarray, vectors: np.ndarray) -> VectorIndex:
+        """A new index with existing rows updated and new ones appended (``rows`` = len(self),
+        len(self) + 1, ...); this one is left as it was, for the readers still using it."""
         rows = np.asarray(rows, dtype=np.int64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         count = len(self.vectors)
         new = rows >= count
         if not np.array_equal(rows[new], np.arange(count, count + new.sum())):
             raise ValueError("new rows must be appended in order")
-        self.vectors[rows[~new]] = vectors[~new]
-        self.vectors = np.concatenate([self.vectors, vectors[new]])
+        out = copy.copy(self)
+        out.vectors = np.concatenate([self.vectors, vectors[new]])
+        out.vectors[rows[~new]] = vectors[~new]
         if self.ann is not None:
-            self.ann.remove_ids(faiss.IDSelectorArray(rows[~new]))
-            self.ann.add_with_ids(self._coded(vectors), rows)
+            out.ann = faiss.clone_index(self.ann)  # keeps nprobe
+            out.ann.remove_ids(faiss.IDSelectorArray(rows[~new]))
+            out.ann.add_with_ids(self._coded(vectors), rows)
+        return out
 
 
 def recall_at_k(

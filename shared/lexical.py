@@ -2,12 +2,14 @@
 
 Texts are tokenised here (lower case, alphanumeric runs, English stopwords dropped), so the
 terms a result matched can be reported as its reason. ``bm25s`` has no incremental update, and
-BM25's statistics (idf, mean length) depend on the whole corpus, so a changed catalog rebuilds
-the index from the stored token ids (about 0.2 s for 12,000 products on a busy 2-core CPU).
+BM25's statistics (idf, mean length) depend on the whole corpus, so a changed catalog builds a
+new index from the stored token ids (about 0.2 s for 12,000 products on a busy 2-core CPU), while
+searches keep using the old one: an index never changes once built.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 
@@ -28,26 +30,34 @@ def tokenize(text: str) -> list[str]:
 
 
 class Lexical:
-    """A BM25 index over documents that can be replaced or appended."""
+    """A BM25 index over documents; a changed catalog gets a new index (:meth:`with_docs`)."""
 
     def __init__(self, texts: Sequence[str]):
         self.vocab: dict[str, int] = {}
-        self.docs: list[list[int]] = []
-        self.set_docs(np.arange(len(texts)), texts)
+        self.docs = [self._ids(text) for text in texts]
+        self._index()
 
     def _ids(self, text: str) -> list[int]:
         return [self.vocab.setdefault(word, len(self.vocab)) for word in tokenize(text)]
 
-    def set_docs(self, rows: np.ndarray, texts: Sequence[str]) -> None:
-        """Replace documents ``rows`` (or append them, in order, at the end) and rebuild."""
-        for row, text in zip(rows, texts, strict=True):
-            if row == len(self.docs):
-                self.docs.append(self._ids(text))
-            else:
-                self.docs[row] = self._ids(text)
+    def _index(self) -> None:
+        """Build BM25 from ``docs`` and ``vocab`` (the slow part of a change)."""
         self.bm25 = bm25s.BM25()
         self.bm25.index((self.docs, self.vocab), create_empty_token=False, show_progress=False)
         self.doc_freq = np.diff(self.bm25.scores["indptr"])  # documents holding each word
+
+    def with_docs(self, rows: np.ndarray, texts: Sequence[str]) -> Lexical:
+        """A new index with documents ``rows`` replaced (or appended, in order, at the end);
+        this one is left as it was, for the readers still using it (copy-on-write)."""
+        out = copy.copy(self)
+        out.vocab, out.docs = dict(self.vocab), list(self.docs)
+        for row, text in zip(rows, texts, strict=True):
+            if row == len(out.docs):
+                out.docs.append(out._ids(text))
+            else:
+                out.docs[row] = out._ids(text)
+        out._index()
+        return out
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every document for ``query`` (zeros when no query word is known).

@@ -21,7 +21,9 @@ rated, ...); a search result names the query words it matched, or its text simil
 supporting history product when its preference score is above the pool's mean.
 
 **New products** (:meth:`SearchEngine.upsert`) get a text embedding, ID parameters predicted from
-it (:class:`shared.catalog.TextToId`), a row in both vector indexes and in BM25, at once.
+it (:class:`shared.catalog.TextToId`), a row in both vector indexes and in BM25, at once. A write
+builds the next :class:`Catalog` (model tables, indexes, fields) beside the current one and swaps
+it in: searches never wait for it, and each reads one consistent version.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import pandas as pd
 import torch
 
 from shared.artifacts import load_model, read_item_ids, read_text_model
-from shared.catalog import TextToId, full_table, set_items, table_rows
+from shared.catalog import TextToId, full_table, set_items, table_rows, with_items
 from shared.data import DEFAULT_EVENT, DataError, find_table, load_items, usual_event
 from shared.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE, VectorIndex, top_k
 from shared.lexical import Lexical
@@ -121,50 +123,22 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
 
 
-class SearchEngine:
-    """Recommendation and personalised search over a catalog that can change while serving."""
+@dataclass(frozen=True)
+class Catalog:
+    """One version of the catalog: everything a read uses, never changed once published. A
+    write builds the next version beside it and swaps it in (:meth:`SearchEngine.upsert`), so a
+    request reads one consistent version and never waits for a write."""
 
-    def __init__(
-        self,
-        model: FusionRecommender,
-        items: pd.DataFrame,
-        encode: Encode,
-        weights: FusionWeights | None = None,
-        ann_threshold: int = ANN_THRESHOLD,
-        nprobe: int = NPROBE,
-        text_nprobe: int = TEXT_NPROBE,
-        default_event: str = DEFAULT_EVENT,
-    ):
-        if len(items) != model.config.num_items:
-            raise ValueError(f"{len(items)} products for a model of {model.config.num_items}")
-        self.model = model.cpu().eval()
-        # product fields as object arrays: a row is read in microseconds (pandas: ~0.3 ms)
-        self.fields = {f: items[f].astype(str).to_numpy(dtype=object) for f in PRODUCT_FIELDS}
-        self.row_of = {item_id: row for row, item_id in enumerate(self.fields["item_id"])}
-        self.encode = encode
-        self.query_vector = lru_cache(maxsize=QUERY_CACHE)(self._query_vector)
-        # a query is encoded on its own thread while lexical and preference scoring run
-        self.query_encoder = ThreadPoolExecutor(1, thread_name_prefix="fedrec-query-encoder")
-        self.weights = weights or FusionWeights()
-        # ANN lists probed: customer states need more than query embeddings for the same
-        # recall@10 (0.98 and 0.97 at the defaults, 1M products; docs/serving.md)
-        self.text_index = VectorIndex(model.text.cpu().numpy(), ann_threshold, text_nprobe)
-        self.model.text = torch.from_numpy(self.text_index.vectors)  # one copy, shared
-        self.preference_index = VectorIndex(full_table(self.model), ann_threshold, nprobe)
-        self.lexical = Lexical(item_texts(pd.DataFrame(self.fields)))
-        self.text_to_id = TextToId(self.model)
-        self.predicted = np.zeros(len(self), dtype=bool)  # ID parameters from text only
-        self.lock = threading.RLock()
-        self.default_event = default_event  # a history item's event when none is given
+    model: FusionRecommender
+    fields: dict[str, np.ndarray]  # product fields as object arrays: a row in microseconds
+    row_of: dict[str, int]
+    text_index: VectorIndex  # text embeddings (the same array as model.text)
+    preference_index: VectorIndex  # [item_table | bias]
+    lexical: Lexical
+    predicted: np.ndarray  # per row: ID parameters predicted from text (no behaviour)
 
     def __len__(self) -> int:
         return len(self.fields["item_id"])
-
-    @property
-    def retrieval(self) -> str:
-        return self.preference_index.kind
-
-    # --- catalog -------------------------------------------------------------------------
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
         """Catalog rows of ``item_ids``; raises :class:`UnknownItems` naming any unknown."""
@@ -179,59 +153,131 @@ class SearchEngine:
     def title(self, row: int) -> str:
         return self.fields["title"][row] or self.fields["item_id"][row]
 
+
+class SearchEngine:
+    """Recommendation and personalised search over a catalog that can change while serving.
+
+    Reads take no lock: each uses the :class:`Catalog` current when it starts (``catalog``, or
+    the one given). Writes (:meth:`upsert`) take :attr:`write_lock`, one at a time.
+    """
+
+    def __init__(
+        self,
+        model: FusionRecommender,
+        items: pd.DataFrame,
+        encode: Encode,
+        weights: FusionWeights | None = None,
+        ann_threshold: int = ANN_THRESHOLD,
+        nprobe: int = NPROBE,
+        text_nprobe: int = TEXT_NPROBE,
+        default_event: str = DEFAULT_EVENT,
+    ):
+        if len(items) != model.config.num_items:
+            raise ValueError(f"{len(items)} products for a model of {model.config.num_items}")
+        model = model.cpu().eval()
+        fields = {f: items[f].astype(str).to_numpy(dtype=object) for f in PRODUCT_FIELDS}
+        self.encode = encode
+        self.query_vector = lru_cache(maxsize=QUERY_CACHE)(self._query_vector)
+        # a query is encoded on its own thread while lexical and preference scoring run
+        self.query_encoder = ThreadPoolExecutor(1, thread_name_prefix="fedrec-query-encoder")
+        self.weights = weights or FusionWeights()
+        # ANN lists probed: customer states need more than query embeddings for the same
+        # recall@10 (0.98 and 0.97 at the defaults, 1M products; docs/serving.md)
+        text_index = VectorIndex(model.text.cpu().numpy(), ann_threshold, text_nprobe)
+        model.text = torch.from_numpy(text_index.vectors)  # one copy, shared
+        self.catalog = Catalog(
+            model=model,
+            fields=fields,
+            row_of={item_id: row for row, item_id in enumerate(fields["item_id"])},
+            text_index=text_index,
+            preference_index=VectorIndex(full_table(model), ann_threshold, nprobe),
+            lexical=Lexical(item_texts(pd.DataFrame(fields))),
+            predicted=np.zeros(len(items), dtype=bool),
+        )
+        self.text_to_id = TextToId(model)
+        # writes one at a time; re-entrant, so a caller can hold it around read-merge-write
+        self.write_lock = threading.RLock()
+        self.default_event = default_event  # a history item's event when none is given
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    @property
+    def retrieval(self) -> str:
+        return self.catalog.preference_index.kind
+
+    # --- catalog -------------------------------------------------------------------------
+
+    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Rows of ``item_ids`` in the current catalog (:meth:`Catalog.rows`)."""
+        return self.catalog.rows(item_ids)
+
     def upsert(self, products: pd.DataFrame) -> list[bool]:
         """Add or replace products (columns :data:`PRODUCT_FIELDS`); True where one is new.
 
         A replaced product keeps the ID parameters it learned from behaviour; a product with
-        none (added here) gets them predicted from its new text.
+        none (added here) gets them predicted from its new text. The next :class:`Catalog` is
+        built beside the current one (copies of its per-product arrays, a new BM25 index) and
+        swapped in at the end: reads meanwhile use the current one, unchanged.
         """
         products = products.reindex(columns=list(PRODUCT_FIELDS), fill_value="").astype(str)
         products = products.drop_duplicates("item_id", keep="last").reset_index(drop=True)
-        with self.lock:
-            created = [i not in self.row_of for i in products["item_id"]]
-            rows = np.array([self.row_of.get(i, -1) for i in products["item_id"]])
-            rows[np.array(created, dtype=bool)] = len(self) + np.arange(sum(created))
+        with self.write_lock:
+            old = self.catalog
+            created = [i not in old.row_of for i in products["item_id"]]
+            rows = np.array([old.row_of.get(i, -1) for i in products["item_id"]])
+            rows[np.array(created, dtype=bool)] = len(old) + np.arange(sum(created))
             texts = item_texts(products)
             text = torch.from_numpy(np.asarray(self.encode(texts), dtype=np.float32))
-            predicted = np.append(self.predicted, np.ones(sum(created), dtype=bool))[rows]
-            learned = ~predicted
-            set_items(self.model, rows[learned], text[learned], None)
-            set_items(
-                self.model, rows[predicted], text[predicted], self.text_to_id(text[predicted])
+            all_predicted = np.append(old.predicted, np.ones(sum(created), dtype=bool))
+            predicted = all_predicted[rows]
+            text_index = old.text_index.with_rows(rows, text.numpy())
+            model = with_items(old.model, torch.from_numpy(text_index.vectors))
+            set_items(model, rows[~predicted], text[~predicted], None)
+            set_items(model, rows[predicted], text[predicted], self.text_to_id(text[predicted]))
+            fields = {}
+            for f, values in old.fields.items():
+                fields[f] = np.concatenate([values, np.empty(sum(created), dtype=object)])
+                fields[f][rows] = products[f].to_numpy(dtype=object)
+            placed = zip(products["item_id"], rows.tolist(), strict=True)
+            self.catalog = Catalog(
+                model=model,
+                fields=fields,
+                row_of=old.row_of | dict(placed),
+                text_index=text_index,
+                preference_index=old.preference_index.with_rows(rows, table_rows(model, rows)),
+                lexical=old.lexical.with_docs(rows, texts),
+                predicted=all_predicted,
             )
-            self.text_index.set_rows(rows, text.numpy())
-            self.model.text = torch.from_numpy(self.text_index.vectors)
-            self.preference_index.set_rows(rows, table_rows(self.model, rows))
-            self.lexical.set_docs(rows, texts)
-            self.predicted = np.append(self.predicted, np.ones(sum(created), dtype=bool))
-            for f, values in self.fields.items():
-                grown = np.concatenate([values, np.empty(sum(created), dtype=object)])
-                grown[rows] = products[f].to_numpy(dtype=object)
-                self.fields[f] = grown
-            self.row_of.update({i: int(r) for i, r in zip(products["item_id"], rows, strict=True)})
         return created
 
     # --- scoring -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def states(self, histories: list[np.ndarray]) -> np.ndarray:
+    def states(self, histories: list[np.ndarray], catalog: Catalog | None = None) -> np.ndarray:
         """``[state, 1]`` per history (n, dim + 1): the query side of the preference index."""
-        states = self.model.user_states(histories).numpy()
+        model = (self.catalog if catalog is None else catalog).model
+        states = model.user_states(histories).numpy()
         return np.concatenate([states, np.ones((len(states), 1), np.float32)], axis=1)
 
     def recommend(
-        self, history: np.ndarray, k: int, events: Sequence[str] | None = None
+        self,
+        history: np.ndarray,
+        k: int,
+        events: Sequence[str] | None = None,
+        catalog: Catalog | None = None,
     ) -> list[Hit]:
-        """The ``k`` best products for a history (catalog rows, oldest first; ``events``: each
-        one's event type, default :attr:`default_event`), history excluded."""
-        with self.lock:
-            state = self.states([history])[0]
-            rows, scores = self.preference_index.search(state, k, exclude=history)
-            because = self.because(history, rows)
-            return [
-                Hit(int(r), float(s), self._recommend_reason(b, history, events), b)
-                for r, s, b in zip(rows, scores, because, strict=True)
-            ]
+        """The ``k`` best products for a history (rows of ``catalog``, default the current one,
+        oldest first; ``events``: each one's event type, default :attr:`default_event`),
+        history excluded."""
+        catalog = self.catalog if catalog is None else catalog
+        state = self.states([history], catalog)[0]
+        rows, scores = catalog.preference_index.search(state, k, exclude=history)
+        because = self.because(history, rows, catalog)
+        return [
+            Hit(int(r), float(s), self._recommend_reason(b, history, events, catalog), b)
+            for r, s, b in zip(rows, scores, because, strict=True)
+        ]
 
     def _query_vector(self, query: str) -> np.ndarray:
         """The text tower's embedding of ``query`` (read-only: the cache shares it)."""
@@ -245,63 +291,71 @@ class SearchEngine:
         query_vector: np.ndarray | Future[np.ndarray],
         history: np.ndarray,
         state: np.ndarray | None,
+        catalog: Catalog | None = None,
     ) -> Pool:
         """The pool for a query: top ``pool`` by each signal, history excluded, all signals.
 
         ``query_vector`` may still be on its way (a future): it is awaited only once the
         lexical and preference candidates are found.
         """
+        catalog = self.catalog if catalog is None else catalog
         pool = self.weights.pool
-        lexical = self.lexical.scores(query)
-        found = [self.lexical.top(lexical, pool, history)]
+        lexical = catalog.lexical.scores(query)
+        found = [catalog.lexical.top(lexical, pool, history)]
         if state is not None:
-            found.append(self.preference_index.search(state, pool, history)[0])
+            found.append(catalog.preference_index.search(state, pool, history)[0])
         if isinstance(query_vector, Future):
             query_vector = query_vector.result()
-        found.append(self.text_index.search(query_vector, pool, history)[0])
+        found.append(catalog.text_index.search(query_vector, pool, history)[0])
         rows = np.unique(np.concatenate(found))
         preference = (
-            self.preference_index.vectors[rows] @ state
+            catalog.preference_index.vectors[rows] @ state
             if state is not None
             else np.zeros(len(rows), np.float32)
         )
-        dense = self.text_index.vectors[rows] @ query_vector
+        dense = catalog.text_index.vectors[rows] @ query_vector
         return Pool(rows, np.stack([lexical[rows], dense, preference]))
 
     def search(
-        self, query: str, history: np.ndarray, k: int, events: Sequence[str] | None = None
+        self,
+        query: str,
+        history: np.ndarray,
+        k: int,
+        events: Sequence[str] | None = None,
+        catalog: Catalog | None = None,
     ) -> list[Hit]:
         """The ``k`` best products for a free-text query, personalised by ``history`` (with
-        ``events`` as in :meth:`recommend`)."""
+        ``events`` and ``catalog`` as in :meth:`recommend`)."""
         query_vector = self.query_encoder.submit(self.query_vector, query)
-        with self.lock:
-            personal = len(history) > 0
-            state = self.states([history])[0] if personal else None
-            pool = self.candidates(query, query_vector, history, state)
-            z = zscore(pool.signals)
-            fused = self.weights.vector(personal) @ z
-            best = top_k(fused, k)
-            because = self.because(history, pool.rows[best])
-            hits = []
-            for index, support in zip(best, because, strict=True):
-                row = int(pool.rows[index])
-                matched = self.lexical.matched_terms(query, row)
-                support = support if z[2, index] > 0 else None  # preference above pool mean
-                reason = self._search_reason(
-                    matched, float(pool.signals[1, index]), support, history, events
-                )
-                hits.append(Hit(row, float(fused[index]), reason, support, matched))
-            return hits
+        catalog = self.catalog if catalog is None else catalog
+        personal = len(history) > 0
+        state = self.states([history], catalog)[0] if personal else None
+        pool = self.candidates(query, query_vector, history, state, catalog)
+        z = zscore(pool.signals)
+        fused = self.weights.vector(personal) @ z
+        best = top_k(fused, k)
+        because = self.because(history, pool.rows[best], catalog)
+        hits = []
+        for index, support in zip(best, because, strict=True):
+            row = int(pool.rows[index])
+            matched = catalog.lexical.matched_terms(query, row)
+            support = support if z[2, index] > 0 else None  # preference above pool mean
+            reason = self._search_reason(
+                matched, float(pool.signals[1, index]), support, history, events, catalog
+            )
+            hits.append(Hit(row, float(fused[index]), reason, support, matched))
+        return hits
 
     # --- reasons -------------------------------------------------------------------------
 
-    def because(self, history: np.ndarray, rows: np.ndarray) -> list[int | None]:
+    @staticmethod
+    def because(history: np.ndarray, rows: np.ndarray, catalog: Catalog) -> list[int | None]:
         """For each of ``rows``, the history product most similar to it (cosine of the
         candidate-side vectors, which fuse text and ID), or None without history."""
         if len(history) == 0:
             return [None] * len(rows)
         history = np.unique(history)
-        table = self.preference_index.vectors[:, :-1]
+        table = catalog.preference_index.vectors[:, :-1]
         similarity = unit(table[rows]) @ unit(table[history]).T
         return [int(history[i]) for i in similarity.argmax(1)]
 
@@ -313,11 +367,15 @@ class SearchEngine:
         return EVENT_VERBS.get(event, EVENT_VERBS[DEFAULT_EVENT])
 
     def _recommend_reason(
-        self, because: int | None, history: np.ndarray, events: Sequence[str] | None
+        self,
+        because: int | None,
+        history: np.ndarray,
+        events: Sequence[str] | None,
+        catalog: Catalog,
     ) -> str:
         if because is None:
             return "popular with customers (no history given)"
-        return f"because you {self.did(because, history, events)} {self.title(because)}"
+        return f"because you {self.did(because, history, events)} {catalog.title(because)}"
 
     def _search_reason(
         self,
@@ -326,6 +384,7 @@ class SearchEngine:
         because: int | None,
         history: np.ndarray,
         events: Sequence[str] | None,
+        catalog: Catalog,
     ) -> str:
         if matched:
             reason = "matches " + ", ".join(f"'{w}'" for w in matched)
@@ -333,7 +392,7 @@ class SearchEngine:
             reason = f"close in meaning to your query (text similarity {similarity:.2f})"
         if because is not None:
             verb = self.did(because, history, events)
-            reason += f"; suits your history: you {verb} {self.title(because)}"
+            reason += f"; suits your history: you {verb} {catalog.title(because)}"
         return reason
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -108,9 +109,8 @@ def time_http(
     import httpx
     import uvicorn
 
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(engine, limits), host="127.0.0.1", port=port, log_level="warning")
-    )
+    app = build_app(engine, limits, admin_token=secrets.token_urlsafe(32))  # no writes here
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -147,7 +147,7 @@ def grow_synthetic(
     text term, and a variant would land nowhere near its original. Noise vectors come from a
     pool of 65,536 Gaussian vectors (fast, and as good here).
     """
-    model, base_count = engine.model, len(engine)
+    model, base_count = engine.catalog.model, len(engine)
     count = total - base_count
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -176,7 +176,7 @@ def grow_synthetic(
         )
         set_items(model, np.arange(base_count + start, base_count + start + len(rows)), text, ids)
     base = np.concatenate([np.arange(base_count), base.numpy()])
-    catalog = pd.DataFrame({f: values[base] for f, values in engine.fields.items()})
+    catalog = pd.DataFrame({f: values[base] for f, values in engine.catalog.fields.items()})
     catalog.loc[base_count:, "item_id"] = [f"synthetic-{i:07d}" for i in range(count)]
     colours = np.asarray(COLOURS, dtype=object)[rng.integers(0, len(COLOURS), count)]
     sizes = np.asarray(SIZES, dtype=object)[rng.integers(0, len(SIZES), count)]
@@ -195,7 +195,7 @@ def variant_requests(
     rng = np.random.default_rng(seed)
     order = np.argsort(base_of, kind="stable")
     starts = np.searchsorted(base_of[order], np.arange(base_of.max() + 2))
-    ids = engine.fields["item_id"]
+    ids = engine.catalog.fields["item_id"]
 
     def variant(item_id: str) -> str:
         row = base_rows[item_id]
@@ -292,8 +292,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"growing to {args.items:,} synthetic products ...", flush=True)
         set_threads(os.cpu_count() or 1)  # building is batch work
         catalog, base_of = grow_synthetic(engine, args.items, args.noise, args.seed)
-        rows = dict(engine.row_of)
-        model, encode, weights = engine.model, engine.encode, engine.weights
+        rows = dict(engine.catalog.row_of)
+        model, encode, weights = engine.catalog.model, engine.encode, engine.weights
         del engine
         gc.collect()
         engine = SearchEngine(
@@ -320,8 +320,8 @@ def run(args: argparse.Namespace) -> int:
             "nprobe": {"preference": args.nprobe, "text": args.text_nprobe},
             "noise": args.noise,
             "recall@10": {
-                "preference": recall_at_k(engine.preference_index, states, 10, NPROBES),
-                "text": recall_at_k(engine.text_index, queries, 10, NPROBES),
+                "preference": recall_at_k(engine.catalog.preference_index, states, 10, NPROBES),
+                "text": recall_at_k(engine.catalog.text_index, queries, 10, NPROBES),
             },
             "in_process": time_in_process(engine, large, limits),
             "http": time_http(engine, large, limits, args.port + 1),

@@ -11,10 +11,12 @@ import logging
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
 import zlib
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -24,9 +26,22 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from server.service import Limits, build_app, create_app, log_access
+from server import service
+from server.service import (
+    LOCAL_HOSTS,
+    Limits,
+    admin_token,
+    allowed_hosts,
+    build_app,
+    create_app,
+    default_token_file,
+    host_allowed,
+    log_access,
+)
 from shared.artifacts import save_model
 from shared.catalog import TextToId, full_table
+from shared.cli import build_parser
+from shared.data import DataError
 from shared.index import VectorIndex, recall_at_k, top_k
 from shared.lexical import Lexical, tokenize
 from shared.model import FusionRecommender, ModelConfig
@@ -91,12 +106,20 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 LIMITS = Limits(max_k=20, max_history=5, max_query_chars=60, max_body_bytes=2000)
+TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
 def client(dirs: tuple[Path, Path]) -> TestClient:
     """A fresh service per test (tests add products)."""
-    return TestClient(create_app(*dirs, limits=LIMITS, encode=fake_encode))
+    return served(create_app(*dirs, limits=LIMITS, encode=fake_encode, admin_token=TOKEN))
+
+
+def served(app) -> TestClient:
+    """A test client that sends ``Host: localhost`` (TestClient's own ``testserver`` is not
+    a served host)."""
+    return TestClient(app, base_url="http://localhost")
 
 
 def ids(response) -> list[str]:
@@ -151,7 +174,7 @@ def test_a_pending_query_vector_gives_the_same_pool(dirs: tuple[Path, Path]):
 
 
 def test_new_products_get_the_models_new_item_boost(dirs: tuple[Path, Path]):
-    model = load_engine(*dirs, encode=fake_encode).model
+    model = load_engine(*dirs, encode=fake_encode).catalog.model
     text = torch.from_numpy(fake_encode(["Trail Camping Stove"]))
     plain = TextToId(model)(text)
     model.config.new_item_boost = 2.0
@@ -220,13 +243,18 @@ def test_a_rated_catalog_says_rated(dirs: tuple[Path, Path], tmp_path: Path):
     (data / "interactions.csv").write_text(
         "user_id,item_id,timestamp,event\nu,tent1,1,rating\nu,tent2,2,rating\n"
     )
-    client = TestClient(create_app(dirs[0], data, limits=LIMITS, encode=fake_encode))
+    client = served(create_app(dirs[0], data, limits=LIMITS, encode=fake_encode, admin_token=TOKEN))
     results = client.post("/recommend", json={"history": ["tent1"], "k": 2}).json()["results"]
     assert all(r["reason"] == "because you rated Summit Dome Tent for two" for r in results)
 
 
 def test_numeric_item_ids_are_accepted(client: TestClient):
-    assert client.post("/items", json={"item_id": 1193, "title": "Heat (1995)"}).status_code == 201
+    assert (
+        client.post(
+            "/items", headers=ADMIN, json={"item_id": 1193, "title": "Heat (1995)"}
+        ).status_code
+        == 201
+    )
     assert client.get("/items/1193").json()["title"] == "Heat (1995)"
     assert ids(client.post("/recommend", json={"history": [1193, "tent1"], "k": 3}))
     assert ids(client.post("/search", json={"query": "tent", "history": [1193], "k": 3}))
@@ -244,7 +272,7 @@ NEW_TENT = {
 
 
 def test_added_product_is_searchable_and_recommendable_at_once(client: TestClient):
-    response = client.post("/items", json=NEW_TENT)
+    response = client.post("/items", headers=ADMIN, json=NEW_TENT)
     assert response.status_code == 201 and response.json()["created"] is True
     assert client.get("/items/nebula").json()["title"] == NEW_TENT["title"]
     assert ids(client.post("/search", json={"query": "nebula ultralight", "k": 3}))[0] == "nebula"
@@ -261,28 +289,30 @@ def test_replacing_a_product_updates_text_and_keeps_one_row(client: TestClient):
         "title": "Stainless Stock Pot with Glass Lid",
         "categories": "Home|Kitchen|Cookware",
     }
-    response = client.post("/items", json=changed)
+    response = client.post("/items", headers=ADMIN, json=changed)
     assert response.status_code == 200 and response.json()["created"] is False
     assert ids(client.post("/search", json={"query": "glass lid", "k": 1})) == ["pot"]
     assert client.get("/health").json()["products"] == len(PRODUCTS)
 
 
 def test_updating_a_product_keeps_the_fields_not_sent(client: TestClient):
-    response = client.post("/items", json={"item_id": "pot", "brand": "Acme"})
+    response = client.post("/items", headers=ADMIN, json={"item_id": "pot", "brand": "Acme"})
     assert response.status_code == 200
     stored = client.get("/items/pot").json()
     assert stored == response.json()["product"]
     assert stored["title"] == "Stainless Stock Pot" and stored["brand"] == "Acme"
     assert stored["categories"] == "Home|Kitchen|Cookware"
-    cleared = client.post("/items", json={"item_id": "pot", "brand": ""}).json()["product"]
+    cleared = client.post("/items", headers=ADMIN, json={"item_id": "pot", "brand": ""}).json()[
+        "product"
+    ]
     assert cleared["brand"] == "" and cleared["title"] == "Stainless Stock Pot"
-    new = client.post("/items", json={"item_id": "fresh", "brand": "Acme"})
+    new = client.post("/items", headers=ADMIN, json={"item_id": "fresh", "brand": "Acme"})
     assert new.status_code == 422
     assert new.json()["detail"][0]["msg"] == "a new product needs a title"
 
 
 def test_overlong_text_fields_are_422(client: TestClient):
-    response = client.post("/items", json={"item_id": "long", "title": "x" * 501})
+    response = client.post("/items", headers=ADMIN, json={"item_id": "long", "title": "x" * 501})
     assert response.status_code == 422
     error = response.json()["detail"][0]
     assert error["loc"] == ["body", "title"] and "at most 500 characters" in error["msg"]
@@ -307,13 +337,161 @@ def test_access_log_switch():
 
 def test_incremental_rows_equal_the_model_item_table(dirs: tuple[Path, Path]):
     engine = load_engine(*dirs, encode=fake_encode)
+    before = engine.catalog
     engine.upsert(pd.DataFrame([NEW_TENT, {"item_id": "lip1", "title": "Velvet Matte Lipstick"}]))
+    catalog = engine.catalog
     np.testing.assert_allclose(
-        engine.preference_index.vectors, full_table(engine.model), rtol=1e-5, atol=1e-5
+        catalog.preference_index.vectors, full_table(catalog.model), rtol=1e-5, atol=1e-5
     )
-    assert engine.predicted.tolist() == [False] * len(PRODUCTS) + [True]
+    assert catalog.predicted.tolist() == [False] * len(PRODUCTS) + [True]
     # a product added later gets ID parameters predicted from its text, not zeros
-    assert engine.model.id_scores.weight[-1].abs().sum() > 0
+    assert catalog.model.id_scores.weight[-1].abs().sum() > 0
+    # copy-on-write: the catalog that readers held is as it was
+    assert len(before) == before.model.config.num_items == len(PRODUCTS)
+    assert before.model.text.shape[0] == before.model.id_scores.weight.shape[0] == len(PRODUCTS)
+    assert before.product(before.row_of["lip1"])["title"] == "Velvet Matte Red Lipstick"
+    np.testing.assert_allclose(
+        before.preference_index.vectors, full_table(before.model), rtol=1e-5, atol=1e-5
+    )
+
+
+# --- who may write, which hosts, reads during writes ----------------------------------------
+
+
+def test_writes_need_the_admin_token(client: TestClient):
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {TOKEN}"}):
+        response = client.post("/items", headers=headers, json=NEW_TENT)
+        assert response.status_code == 401, headers
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer <token>" in client.post("/items", json=NEW_TENT).json()["detail"]
+    wrong = client.post("/items", headers={"Authorization": "Bearer nope"}, json=NEW_TENT)
+    assert wrong.json() == {"detail": "wrong admin token"}
+    assert client.get("/items/nebula").status_code == 404  # nothing was written
+    assert client.post("/items", headers=ADMIN, json=NEW_TENT).status_code == 201
+    assert ids(client.post("/search", json={"query": "nebula ultralight", "k": 1})) == ["nebula"]
+    # reads stay open
+    assert ids(client.post("/recommend", json={"history": ["nebula"], "k": 2}))
+    for path in ("/", "/docs", "/health", "/items/nebula", "/openapi.json"):
+        assert client.get(path).status_code == 200, path
+
+
+def test_every_write_endpoint_needs_the_token(client: TestClient):
+    reads = {"/recommend", "/search"}  # POST, but they change nothing
+    paths = client.get("/openapi.json").json()["paths"]
+    writes = [
+        (method, path, operation)
+        for path, operations in paths.items()
+        if path not in reads
+        for method, operation in operations.items()
+        if method != "get"
+    ]
+    assert [(method, path) for method, path, _ in writes] == [("post", "/items")]
+    for method, path, operation in writes:
+        assert client.request(method, path, json={}).status_code == 401, (method, path)
+        assert operation["security"] == [{"HTTPBearer": []}]  # Swagger UI's "Authorize"
+
+
+def test_admin_token_file_is_owner_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    made = tmp_path / "new" / "admin-token"
+    token = admin_token(made)
+    assert len(token) >= 43 and made.read_text().strip() == token  # token_urlsafe(32)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600
+    assert admin_token(made) == token  # read again at the next start
+    loose = tmp_path / "loose"
+    loose.write_text("given-token\n")
+    loose.chmod(0o644)
+    assert admin_token(loose) == "given-token"
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o600  # narrowed
+    (tmp_path / "empty").touch()
+    with pytest.raises(DataError, match="holds no admin token"):
+        admin_token(tmp_path / "empty")
+    monkeypatch.delenv("FEDREC_ADMIN_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    assert default_token_file() == tmp_path / "cache" / "admin-token"
+    monkeypatch.setenv("FEDREC_ADMIN_TOKEN_FILE", str(loose))
+    assert default_token_file() == loose
+
+
+def test_serve_prints_where_the_token_is_never_the_token(
+    dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    import uvicorn
+
+    served_apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served_apps.append(app))
+    monkeypatch.setattr(service, "create_app", partial(create_app, encode=fake_encode))
+    monkeypatch.setattr(service, "set_threads", lambda threads: None)  # process-wide
+    monkeypatch.setenv("FEDREC_ADMIN_TOKEN_FILE", str(tmp_path / "token"))
+    argv = ["serve", "--model", str(dirs[0]), "--data", str(dirs[1]), "--no-access-log"]
+    assert service.run(build_parser(argv).parse_args(argv)) == 0
+    token = (tmp_path / "token").read_text().strip()
+    printed = capsys.readouterr()
+    assert str(tmp_path / "token") in printed.out and token not in printed.out + printed.err
+    client = served(served_apps[0])
+    auth = {"Authorization": f"Bearer {token}"}
+    assert client.post("/items", headers=auth, json=NEW_TENT).status_code == 201
+
+
+def test_unknown_hosts_get_400(client: TestClient):
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LocalHost"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:8000", "localhost.evil.example", ""):
+        response = client.post("/search", headers={"Host": host}, json={"query": "tent", "k": 1})
+        assert response.status_code == 400, host
+        assert "is not served here" in response.json()["detail"]
+
+
+def test_allowed_hosts():
+    assert allowed_hosts("0.0.0.0") == allowed_hosts("::") == list(LOCAL_HOSTS)
+    assert allowed_hosts("192.168.1.5")[-1] == "192.168.1.5"
+    assert allowed_hosts("fe80::1")[-1] == "[fe80::1]"
+    hosts = allowed_hosts("0.0.0.0", ["Shop.Example.com", "*.cdn.example"])
+    assert host_allowed("shop.example.com", hosts) and host_allowed("a.cdn.example", hosts)
+    assert not host_allowed("cdn.example", hosts) and not host_allowed("evilcdn.example", hosts)
+    assert host_allowed("anything", ["*"]) and not host_allowed("", ["*"])
+
+
+def test_a_search_does_not_wait_for_a_rebuild(client: TestClient, monkeypatch):
+    """A bulk upsert rebuilds BM25 (made slow here) beside the catalog in use: a search
+    meanwhile answers at once, from the old catalog; afterwards the new products are found."""
+    engine, build, building = client.app.state.engine, Lexical._index, threading.Event()
+
+    def slow_build(self: Lexical) -> None:
+        building.set()
+        time.sleep(3.0)
+        build(self)
+
+    monkeypatch.setattr(Lexical, "_index", slow_build)
+    products = pd.DataFrame(
+        {
+            "item_id": [f"nebula{i}" for i in range(300)],
+            "title": [f"Nebula Ultralight Tent model{i}" for i in range(300)],
+        }
+    )
+    writer = threading.Thread(target=engine.upsert, args=(products,))
+    writer.start()
+    assert building.wait(10)
+    started = time.perf_counter()
+    during = client.post("/search", json={"query": "nebula ultralight tent", "k": 3})
+    took = time.perf_counter() - started
+    assert writer.is_alive() and took < 1.0, took  # the rebuild takes 3 s
+    assert set(ids(during)) <= {"tent1", "tent2", "tent3", "tent4"}  # the old catalog
+    writer.join()
+    after = ids(client.post("/search", json={"query": "nebula ultralight model7", "k": 1}))
+    assert after == ["nebula7"] and len(engine) == len(PRODUCTS) + 300
+
+
+def test_a_changed_lexical_index_equals_a_fresh_one_and_leaves_the_old_as_it_was():
+    texts = [" ".join(p[1:]) for p in PRODUCTS]
+    old = Lexical(texts)
+    before = old.scores("camping gift tent")
+    changed = old.with_docs(np.array([3, len(texts)]), ["Alpine Gift Box", "Gift Tent"])
+    fresh = Lexical([*texts[:3], "Alpine Gift Box", *texts[4:], "Gift Tent"])
+    np.testing.assert_allclose(
+        changed.scores("camping gift tent"), fresh.scores("camping gift tent"), rtol=1e-6
+    )
+    np.testing.assert_array_equal(old.scores("camping gift tent"), before)
+    assert len(old.docs) == len(texts) and "box" not in old.vocab
 
 
 # --- errors and limits ----------------------------------------------------------------------
@@ -369,7 +547,9 @@ def test_bad_requests_get_422_naming_the_problem(client: TestClient, path, body,
 def test_empty_query_and_missing_fields_are_422(client: TestClient):
     assert client.post("/search", json={"query": "   "}).status_code == 422
     assert client.post("/search", json={"history": []}).status_code == 422
-    assert client.post("/items", json={"item_id": "x"}).status_code == 422  # no title
+    assert (
+        client.post("/items", headers=ADMIN, json={"item_id": "x"}).status_code == 422
+    )  # no title
     assert client.post("/recommend", json={"history": "tent1"}).status_code == 422
 
 
@@ -419,8 +599,11 @@ def test_ann_recall_against_exact_and_history_exclusion():
     found, scores = index.search(queries[0], 10, exclude=exact[:5])
     assert not set(exact[:5]) & set(found) and len(found) == 10
     np.testing.assert_allclose(scores, vectors[found] @ queries[0], rtol=1e-5)  # exact scores
-    index.set_rows(np.array([3, len(vectors)]), np.stack([queries[0], queries[0]]))
-    assert set(index.search(queries[0], 2)[0]) == {3, len(vectors)}  # updated and appended
+    before = index.search(queries[0], 10)
+    changed = index.with_rows(np.array([3, len(vectors)]), np.stack([queries[0], queries[0]]))
+    assert set(changed.search(queries[0], 2)[0]) == {3, len(vectors)}  # updated and appended
+    for found, expected in zip(index.search(queries[0], 10), before, strict=True):
+        np.testing.assert_array_equal(found, expected)  # the old index is unchanged
 
 
 def test_ann_probing_every_list_equals_exact():
@@ -499,7 +682,7 @@ def rendered(app, path: str, tmp_path: Path) -> str:
 
 @needs_chromium
 def test_web_page_shows_ranked_results_in_chromium(dirs: tuple[Path, Path], tmp_path: Path):
-    app = build_app(load_engine(*dirs, encode=fake_encode), LIMITS)
+    app = build_app(load_engine(*dirs, encode=fake_encode), LIMITS, admin_token=TOKEN)
     dom = rendered(app, "/?q=gift+set&history=tent1", tmp_path)
     assert 'class="result"' in dom, dom[-2000:]
     first = dom.split('class="result"')[1]
@@ -510,6 +693,10 @@ def test_web_page_shows_ranked_results_in_chromium(dirs: tuple[Path, Path], tmp_
 
 @needs_chromium
 def test_swagger_ui_renders_offline_in_chromium(dirs: tuple[Path, Path], tmp_path: Path):
-    dom = rendered(build_app(load_engine(*dirs, encode=fake_encode), LIMITS), "/docs", tmp_path)
+    dom = rendered(
+        build_app(load_engine(*dirs, encode=fake_encode), LIMITS, admin_token=TOKEN),
+        "/docs",
+        tmp_path,
+    )
     paths = re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom)
     assert {"/recommend", "/search", "/items"} <= set(paths), dom[-2000:]
