@@ -22,11 +22,13 @@ LOCK_FILE = ".lock"
 
 
 def private_dir(path: Path) -> Path:
-    """``path`` (and missing parents) as a directory only its owner can enter: created 0700,
-    an existing one narrowed to 0700."""
+    """``path`` as a directory only its owner can enter: created 0700 (with its missing
+    parents), an existing one narrowed to 0700."""
     path = Path(path)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.chmod(0o700)  # mkdir's mode is masked by the umask, and an existing one keeps its own
+    for directory in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        directory.chmod(0o700)  # mkdir's mode is masked by the umask
+    path.chmod(0o700)  # an existing one keeps its own
     return path
 
 
