@@ -35,9 +35,12 @@ def stored_settings(out: Path) -> tuple[dict[str, Any], bool] | None:
                 "use another --out"
             )
         return settings, True
-    from server.checkpoint import Checkpoint
+    from server.checkpoint import Checkpoint, CheckpointError
 
-    progress = Checkpoint(out / CHECKPOINT).progress()
+    try:
+        progress = Checkpoint(out / CHECKPOINT).progress()
+    except CheckpointError as error:
+        raise OtherSettings(f"refused: {error}") from None
     return None if progress is None else (progress["config"], False)
 
 
