@@ -84,7 +84,9 @@ def repair(out: Path) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", type=Path, help="the run's output directory (holds ledger.jsonl)")
+    parser.add_argument(
+        "out", metavar="OUT", type=Path, help="the run's output directory (holds ledger.jsonl)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
