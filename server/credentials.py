@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from shared.durable import private_dir
 from shared.signing import pkcs8_pem, write_private
 
 VALID_DAYS = 365  # default validity of a server certificate; the CA's is ten times that
@@ -105,7 +106,7 @@ def write_tls(
     nodes keep trusting the ``ca.crt`` they have (rotation: docs/deployment.md)."""
     if days < 1:
         raise ValueError(f"certificate validity must be at least 1 day, got {days}")
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     ca_file, ca_key_file = directory / "ca.crt", directory / "ca.key"
     if ca_file.exists() and ca_key_file.exists():
         ca = x509.load_pem_x509_certificate(ca_file.read_bytes())
@@ -127,7 +128,7 @@ def write_tls(
 
 def write_node_key(directory: Path, name: str) -> tuple[Path, Path]:
     """A SuperNode's key pair ``directory/name`` (private) and ``name.pub``; returns both."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / name, directory / f"{name}.pub"
     write_private(

@@ -8,9 +8,7 @@ started again with the same OUT resumes after its last completed round.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.aggregation import NodeUpdate
+from server.checkpoint import Checkpoint
 from server.ledger import PrivacyLedger
 from server.node_keys import NodeKeys
 from server.node_privacy import NodeLevelDP, add_node_level
@@ -28,6 +27,7 @@ from server.recovery import record_lost_contributions
 from server.registry import Registry
 from server.strategy import FedRecStrategy
 from shared.config import RunConfig
+from shared.durable import RunLock, make_private
 from shared.experiment import Catalog, Experiment
 from shared.node_dp import check_node_dp
 from shared.partition import SCHEMES
@@ -38,34 +38,6 @@ from shared.wire import encode, nbytes, trainable_state
 log = logging.getLogger("fedrec.server")
 WIRE_DTYPES = ("float32", "float16")
 NODE_UNIT = "one customer's entire history at one node (every event of one customer there)"
-
-
-class Checkpoint:
-    """The global weights, server-optimiser state and per-round history, in one atomic file."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def save(self, state: dict, optimizer_state: dict, progress: dict) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {f"model/{k}": v.contiguous() for k, v in state.items()}
-        tensors |= {f"optimizer/{k}": v.contiguous() for k, v in optimizer_state.items()}
-        tmp = self.path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"progress": json.dumps(progress)})
-        os.replace(tmp, self.path)  # a crash leaves the previous round's checkpoint whole
-
-    def load(self) -> tuple[dict, dict, dict] | None:
-        from safetensors import safe_open
-
-        if not self.path.exists():
-            return None
-        with safe_open(str(self.path), "pt") as handle:
-            progress = json.loads(handle.metadata()["progress"])
-            tensors = {name: handle.get_tensor(name) for name in list(handle.keys())}
-        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
-        optimizer = {k[10:]: v for k, v in tensors.items() if k.startswith("optimizer/")}
-        return state, optimizer, progress
 
 
 def node_target_epsilon(config: RunConfig) -> float:
@@ -311,7 +283,20 @@ def run_federation(
             "a server that holds only the catalog learns the model's quality from the nodes: "
             "set federated-eval=true"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # one run at a time writes to OUT
+        return _federate(grid, config, out, catalog, evaluation, partitions, show_progress)
+
+
+def _federate(
+    grid: Grid,
+    config: RunConfig,
+    out: Path,
+    catalog: Catalog,
+    evaluation: Experiment | None,
+    partitions: Path | None,
+    show_progress: bool,
+) -> dict:
+    """The run itself, under the lock on ``out`` (:func:`run_federation`)."""
     model = catalog.new_model()
     state = trainable_state(model)
     federation = Federation(grid, config, out, catalog, partitions)
@@ -518,3 +503,4 @@ def plot_rounds(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    make_private(path)

@@ -3,8 +3,9 @@
 Each line is one JSON object with ``seq`` (0, 1, 2, ...), ``kind``, ``time`` (unix seconds),
 ``prev_hash`` (the previous entry's ``hash``, ``"0" * 64`` for the first) and ``hash``: the sha256
 hex digest of the entry's canonical JSON (sorted keys, no spaces) without its ``hash`` field.
-Lines are appended, flushed and fsynced as events happen and never rewritten; a resumed run
-reopens the file, checks the chain and continues it.
+Lines are appended, flushed and fsynced as events happen and never rewritten (the file is its
+owner's only, 0600); a resumed run reopens the file, checks the chain and continues it. A line
+torn by a crash mid-append is removed by ``fedrec ledger repair OUT`` (server/ledger_repair.py).
 
 The chain makes edits, removals, insertions and reorderings inside the file detectable. It is
 not a signature: it cannot tell a cut-off tail, or entries appended at the end by someone
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.durable import fsync_dir
 from shared.signing import canonical_json  # also importable from here, as before
 
 GENESIS = "0" * 64
@@ -63,6 +65,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 
+REPAIR_HINT = (
+    "if the run crashed while appending it, `fedrec ledger repair {out}` removes that torn "
+    "last line (and keeps a backup)"
+)
+
+
 class LedgerError(ValueError):
     """A ledger that cannot be read, or a chain that must not be extended."""
 
@@ -82,21 +90,24 @@ def missing_fields(entry: dict) -> list[str]:
 
 def read_ledger(path: str | Path) -> list[dict]:
     """All entries of a ledger file, in file order; a line that is not a JSON object raises
-    :class:`LedgerError` naming its 1-based line number."""
+    :class:`LedgerError` naming its 1-based line number (and, for the last line, the repair)."""
     path = Path(path)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":  # the end of the last line
+        lines.pop()
     entries = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise LedgerError(
-                    f"{path}, line {number}: not valid JSON ({error.msg}); "
-                    "a torn write or a manual edit"
-                ) from None
-            if not isinstance(entry, dict):
-                raise LedgerError(f"{path}, line {number}: not a JSON object")
-            entries.append(entry)
+    for number, line in enumerate(lines, start=1):
+        tail = f"; {REPAIR_HINT.format(out=path.parent)}" if number == len(lines) else ""
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise LedgerError(
+                f"{path}, line {number}: not valid JSON ({error.msg}); "
+                f"a torn write or a manual edit{tail}"
+            ) from None
+        if not isinstance(entry, dict):
+            raise LedgerError(f"{path}, line {number}: not a JSON object{tail}")
+        entries.append(entry)
     return entries
 
 
@@ -208,6 +219,11 @@ class PrivacyLedger:
         self.entries: list[dict] = []
         if self.path.exists():
             self.entries = read_ledger(self.path)
+            if not self.path.read_bytes().endswith(b"\n") and self.entries:
+                raise LedgerError(
+                    f"{self.path}: the last line has no end (a torn append); "
+                    + REPAIR_HINT.format(out=self.path.parent)
+                )
             problems = verify_chain(self.entries)
             if problems:
                 raise LedgerError(
@@ -233,10 +249,14 @@ class PrivacyLedger:
             raise ValueError(f"a {kind} entry needs {', '.join(lacking)}")
         entry["hash"] = entry_hash(entry)
         line = canonical_json(entry) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
+        created = not self.path.exists()
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(descriptor, 0o600)  # the owner's only, whatever the umask
+        with os.fdopen(descriptor, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        if created:
+            fsync_dir(self.path.parent)
         self.entries.append(entry)
         return entry

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.durable import private_dir
 from shared.reports import NodeReport
 from shared.signing import digest_arrays, public_key_id, verify
 
@@ -49,7 +50,7 @@ class NodeKeys:
                 return f"its public key cannot be read ({error})"
             if key_id != report.key_id:
                 return "its key_id does not match its public key"
-            self.directory.mkdir(parents=True, exist_ok=True)
+            private_dir(self.directory)
             path.write_text(presented)
         if not verify(presented, report.release.as_dict(), report.signature):
             return "its signature does not verify"

@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from server.federation import run_federation
 from shared.config import RunConfig
+from shared.durable import private_dir
 from shared.experiment import Catalog, Experiment
 from shared.partition import ensure_partitions
 from shared.runs import check_rerun
@@ -79,7 +80,7 @@ def prepare_simulation(
         log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
         config.clients = nodes
     experiment = Experiment.prepare(data, config, show_progress=show_progress)
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     return experiment, ensure_partitions(experiment.dataset, experiment.split, config, out)
 
 

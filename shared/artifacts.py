@@ -8,7 +8,6 @@ encoder is copied into ``model/text-encoder/`` so that the folder is complete on
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,17 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.durable import atomic_write, replace_dir
 from shared.model import FusionRecommender, ModelConfig
 
 TEXT_ENCODER_DIR = "text-encoder"
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temp file + rename): a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically and durably (temp file, fsync, rename), readable by its owner
+    only: a reader never sees half a file, a crash never leaves one."""
+    text = json.dumps(payload, indent=2, default=_jsonable) + "\n"
+    atomic_write(Path(path), text.encode("utf-8"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -40,21 +39,22 @@ def _jsonable(value: Any) -> Any:
 def save_model(
     directory: Path, model: FusionRecommender, item_ids: np.ndarray, text_model: str, card: str
 ) -> None:
-    """Save weights (safetensors), config, catalog ids and the model card."""
+    """Save weights (safetensors), config, catalog ids and the model card; the directory is
+    replaced whole (written aside, synced, swapped in), so a crash never leaves half a model."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"))
-    if text_model != "minilm" and (Path(text_model) / "finetune.json").exists():
-        shutil.copytree(text_model, directory / TEXT_ENCODER_DIR, dirs_exist_ok=True)
-        text_model = TEXT_ENCODER_DIR
-    write_json(
-        directory / "config.json", {"model": model.config.to_dict(), "text_model": text_model}
-    )
-    (directory / "item_ids.txt").write_text("\n".join(map(str, item_ids)) + "\n")
-    (directory / "README.md").write_text(card)
+    def write(staging: Path) -> None:
+        text = text_model
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / "model.safetensors"))
+        if text != "minilm" and (Path(text) / "finetune.json").exists():
+            shutil.copytree(text, staging / TEXT_ENCODER_DIR)
+            text = TEXT_ENCODER_DIR
+        write_json(staging / "config.json", {"model": model.config.to_dict(), "text_model": text})
+        (staging / "item_ids.txt").write_text("\n".join(map(str, item_ids)) + "\n")
+        (staging / "README.md").write_text(card)
+
+    replace_dir(Path(directory), write)
 
 
 def load_model(directory: Path, text: torch.Tensor, device: str = "cpu") -> FusionRecommender:

@@ -28,6 +28,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "a real SuperLink and SuperNodes on this machine (TLS, node authentication)",
     ),
     (("audit",), "server.audit", "audit the privacy ledger of a run"),
+    (
+        ("ledger", "repair"),
+        "server.ledger_repair",
+        "remove the torn last line a crash left in a run's ledger (a backup is kept)",
+    ),
     (("serve",), "server.service", "serve the global recommender over HTTP"),
     (
         ("bench", "quality"),

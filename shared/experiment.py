@@ -22,6 +22,7 @@ from shared.artifacts import model_card, save_model, write_json
 from shared.catalog import fill_cold_items
 from shared.config import RunConfig, resolve_device
 from shared.data import Dataset, Split, find_table, leave_one_out, load_dataset, load_items
+from shared.durable import make_private, private_dir
 from shared.metrics import evaluate, write_recs
 from shared.model import FusionRecommender, init_seed
 from shared.text import embed_items, item_texts
@@ -84,7 +85,7 @@ class Catalog:
         """Write metrics.json (``metrics``, the settings and ``privacy``) and model/ with its
         card (``data``: what the card says of the data; default: this catalog)."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        private_dir(out)
         metrics = {**metrics, "config": self.config.to_dict()}
         if privacy:
             metrics["privacy"] = privacy
@@ -244,8 +245,9 @@ class Experiment:
             valid, _ = self.evaluate(model, "valid")
         test, top = self.evaluate(model, "test")
         timing = {**timing, "evaluate_s": round(time.time() - start, 2)}
-        Path(out).mkdir(parents=True, exist_ok=True)
+        private_dir(Path(out))
         write_recs(Path(out) / "recs.csv", self.split, self.item_ids, top)
+        make_private(Path(out) / "recs.csv")
         metrics = {
             "test": test,
             "valid": valid,

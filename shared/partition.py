@@ -22,6 +22,7 @@ import pandas as pd
 
 from shared.config import RunConfig
 from shared.data import Dataset, Split
+from shared.durable import make_private, private_dir
 from shared.node_directory import NodeInfo, round_down_2sf
 
 SCHEMES = ("regional", "merchant")
@@ -109,9 +110,10 @@ def write_partitions(
         if c in events
     ]
     directories = []
+    private_dir(Path(out))
     for node in range(num_nodes):
         directory = Path(out) / f"node-{first + node}"
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         mine = events[node_of_event == node]
         mine[columns].to_csv(directory / "interactions.csv.gz", index=False)
         items.to_csv(directory / "items.csv.gz", index=False)
@@ -121,6 +123,7 @@ def write_partitions(
             catalog=catalogs[node],
             customers=round_down_2sf(int(mine["user_id"].nunique())),
         ).write(directory)
+        make_private(directory)
         directories.append(directory)
     return directories
 
@@ -152,5 +155,6 @@ def ensure_partitions(
         )
         if prepare is not None:
             prepare(staging, directories)
+        make_private(staging)  # node data: the owner's only
         staging.rename(partitions)
     return partitions

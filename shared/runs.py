@@ -3,7 +3,7 @@ does instead of starting over: a finished run with the same settings is left as 
 unfinished one resumes, and a run with other settings is refused before anything is written.
 
 A finished run has ``metrics.json``; an unfinished federation has the checkpoint that
-``server.federation.Checkpoint`` writes (its settings in the safetensors metadata).
+``server.checkpoint.Checkpoint`` writes (its settings in the safetensors metadata).
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ def stored_settings(out: Path) -> tuple[dict[str, Any], bool] | None:
                 "use another --out"
             )
         return settings, True
-    if (out / CHECKPOINT).exists():
-        from safetensors import safe_open
+    from server.checkpoint import Checkpoint, CheckpointError
 
-        with safe_open(str(out / CHECKPOINT), "pt") as handle:
-            return json.loads(handle.metadata()["progress"])["config"], False
-    return None
+    try:
+        progress = Checkpoint(out / CHECKPOINT).progress()
+    except CheckpointError as error:
+        raise OtherSettings(f"refused: {error}") from None
+    return None if progress is None else (progress["config"], False)
 
 
 def differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from shared.config import RunConfig
+from shared.durable import OutputInUse, RunLock
 from shared.experiment import Experiment
 from shared.quiet import quiet_third_party
 from shared.runs import OtherSettings, check_rerun
@@ -228,26 +231,39 @@ def run(args: argparse.Namespace) -> int:
         )
     if already_done(args.out, config):
         return 0
-    quiet_third_party()
-    experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
-    result = train_centralized(experiment, not args.quiet)
-    extra = {"history": result["history"], "context": run_context(experiment)}
-    if result.get("valid_test"):
-        extra["test_before_refit"] = result["valid_test"]
-    metrics = experiment.finish(
-        args.out,
-        result["model"],
-        trained=experiment.trained_items(experiment.train_histories(config.refit)),
-        timing=result["timing"]
-        | ({"train_s": round(result["train_s"], 1)} if "train_s" in result else {}),
-        privacy=result["privacy"],
-        extra=extra,
-        valid=result["valid"],
-        title="fedrec centralized reference model",
-    )
+    with locked(args.out):
+        quiet_third_party()
+        experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
+        result = train_centralized(experiment, not args.quiet)
+        extra = {"history": result["history"], "context": run_context(experiment)}
+        if result.get("valid_test"):
+            extra["test_before_refit"] = result["valid_test"]
+        metrics = experiment.finish(
+            args.out,
+            result["model"],
+            trained=experiment.trained_items(experiment.train_histories(config.refit)),
+            timing=result["timing"]
+            | ({"train_s": round(result["train_s"], 1)} if "train_s" in result else {}),
+            privacy=result["privacy"],
+            extra=extra,
+            valid=result["valid"],
+            title="fedrec centralized reference model",
+        )
     print(f"wrote {args.out}/metrics.json, recs.csv, model/")
     print_verdict(metrics, args.out)
     return 0
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold the lock on ``out`` for a command's run; another run on it exits at once, saying
+    so. Shared by train and simulate."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(RunLock(out))
+        except OutputInUse as error:
+            raise SystemExit(f"fedrec: {error}") from None
+        yield
 
 
 def already_done(out: Path, config: RunConfig) -> bool:

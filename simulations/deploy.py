@@ -21,11 +21,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from server.checkpoint import Checkpoint, CheckpointError
 from server.credentials import VALID_DAYS
 from server.federation import check_settings
 from server.registry import write_registry
 from shared.config import RunConfig
+from shared.durable import OutputInUse, RunLock
 from shared.node_directory import NodeInfo
+from shared.runs import CHECKPOINT
 from simulations.centralized import add_run_config_arguments, run_config_from_args
 from simulations.local_federation import CONNECTION, DeployError, LocalFederation
 from simulations.simulate import add_node_config_argument
@@ -131,14 +134,11 @@ def node_directories(args: argparse.Namespace) -> tuple[Path, list[Path]]:
 
 def completed_round(out: Path) -> int:
     """The last round the server checkpointed in ``out`` (0: none yet)."""
-    from safetensors import safe_open
-
-    path = out / "checkpoint.safetensors"
     try:
-        with safe_open(str(path), "pt") as handle:
-            return int(json.loads(handle.metadata()["progress"])["round"])
-    except (OSError, KeyError, ValueError):
+        progress = Checkpoint(out / CHECKPOINT).progress()
+    except CheckpointError:
         return 0
+    return int(progress["round"]) if progress else 0
 
 
 def follow(federation: LocalFederation, run_id: int, config: RunConfig, timeout: float = 0) -> str:
@@ -173,7 +173,10 @@ def deploy(
     """SuperLink, one SuperNode per directory of ``nodes``, the run, and teardown; returns
     the exit code."""
     out = Path(config.out)
-    with LocalFederation(out, secure=secure, port=port, cert_days=cert_days) as federation:
+    with (
+        RunLock(out / "deploy"),  # one deployment per OUT; the ServerApp itself locks OUT
+        LocalFederation(out, secure=secure, port=port, cert_days=cert_days) as federation,
+    ):
         federation.start_superlink()
         mode = "TLS, SuperNode authentication" if secure else "INSECURE: no TLS, no auth"
         print(f"deploy: SuperLink on 127.0.0.1:{federation.port} ({mode})", flush=True)
@@ -239,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
             node_config=args.node_config,
             cert_days=args.cert_days,
         )
-    except DeployError as error:
+    except (DeployError, OutputInUse) as error:
         print(f"fedrec: deploy failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ import tomli_w
 
 from server.credentials import VALID_DAYS, TlsFiles, write_node_key, write_tls
 from shared.config import RunConfig
+from shared.durable import atomic_write, make_private, private_dir
 
 HOST = "127.0.0.1"
 CONNECTION = "fedrec"  # the SuperLink connection's name in the Flower home's config.toml
@@ -169,10 +170,12 @@ class LocalFederation:
         }
 
     def _start(self, name: str, command: list[str], home: Path) -> Service:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        home.mkdir(parents=True, exist_ok=True)
+        private_dir(self.logs)
+        private_dir(home)
         log = self.logs / f"{name}.log"
-        with log.open("ab") as handle:
+        descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "ab") as handle:
             process = subprocess.Popen(
                 command,
                 stdout=handle,
@@ -181,6 +184,7 @@ class LocalFederation:
                 cwd=home,
                 env=self.env(home),
                 start_new_session=True,  # Ctrl-C reaches fedrec only, which stops everything
+                umask=0o077,  # what Flower writes (the SuperLink's database, messages) is private
             )
         service = Service(name, process, log)
         self.services[name] = service
@@ -208,7 +212,10 @@ class LocalFederation:
     def start_superlink(self, timeout: float = 60.0) -> None:
         """Start (or restart, same port, database and certificates) the SuperLink."""
         command = [binary("flower-superlink"), "--host", HOST, "--port", str(self.port)]
-        command += ["--database", str(self.home / "superlink.db")]
+        database = private_dir(self.home) / "superlink.db"
+        if database.exists():  # from a run before: created private by the umask above
+            make_private(database)
+        command += ["--database", str(database)]
         if self.secure:
             if self.tls is None:
                 self.tls = write_tls(self.home / "certs", days=self.cert_days)
@@ -241,8 +248,8 @@ class LocalFederation:
         else:
             connection["insecure"] = True
         config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
-        (self.home / "flwr").mkdir(parents=True, exist_ok=True)
-        (self.home / "flwr" / "config.toml").write_text(tomli_w.dumps(config))
+        home = private_dir(self.home / "flwr")
+        atomic_write(home / "config.toml", tomli_w.dumps(config).encode())
 
     def flwr(self, *args: str, timeout: float = 120.0) -> dict:
         """Run a ``flwr`` command against the SuperLink; returns its JSON output."""
@@ -321,9 +328,8 @@ class LocalFederation:
     def submit(self, config: RunConfig) -> int:
         """Start the fedrec ServerApp with ``config``; returns the run id."""
         settings = self.home / "run-config.toml"
-        settings.write_text(
-            tomli_w.dumps({k.replace("_", "-"): v for k, v in config.to_dict().items()})
-        )
+        values = {k.replace("_", "-"): v for k, v in config.to_dict().items()}
+        atomic_write(settings, tomli_w.dumps(values).encode())
         started = self.flwr("run", str(self.app), CONNECTION, "--run-config", str(settings))
         return int(started["run-id"])
 
@@ -343,5 +349,5 @@ class LocalFederation:
             env=self.env(self.home / "flwr"),
             timeout=120,
         )
-        path.write_text(done.stdout + done.stderr)
+        atomic_write(path, (done.stdout + done.stderr).encode())
         return path

@@ -25,7 +25,12 @@ from shared.partition import ensure_partitions
 from shared.quiet import quiet_third_party, worker_environment
 from simulations.attacks import AttackGrid, check_attack
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
-from simulations.centralized import add_run_config_arguments, already_done, run_config_from_args
+from simulations.centralized import (
+    add_run_config_arguments,
+    already_done,
+    locked,
+    run_config_from_args,
+)
 from simulations.verdict import add_context, print_verdict, run_context
 
 log = logging.getLogger("fedrec.simulate")
@@ -198,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     # SuperLink process and reads settings only from pyproject/--run-config; it is the only
     # in-process engine that takes an explicit ServerApp and ClientApp, which this command needs.
     errors: list[BaseException] = []
-    with patched_environment(worker_environment()):  # Ray's workers inherit it
+    # the lock: another run on OUT is refused at once; Ray's workers inherit the environment
+    with locked(args.out), patched_environment(worker_environment()):
         run_simulation(
             server_app=make_server_app(config, show_progress=not args.quiet, errors=errors),
             client_app=make_client_app(args.node_config),
