@@ -135,6 +135,7 @@ class RunLock:
         self.path = self.out / LOCK_FILE
 
     def __enter__(self) -> RunLock:
+        self.created = not self.out.exists()  # a run refused early leaves no OUT behind
         key = private_dir(self.out).resolve() / LOCK_FILE
         if key in RunLock._held:
             RunLock._held[key][1] += 1
@@ -163,3 +164,6 @@ class RunLock:
             with contextlib.suppress(OSError):
                 os.ftruncate(held[0], 0)
             os.close(held[0])  # closing releases the lock
+            if self.created and {p.name for p in self.out.iterdir()} == {LOCK_FILE}:
+                key.unlink()  # nothing was written: leave no OUT (a refused run)
+                self.out.rmdir()
