@@ -128,8 +128,8 @@ def audit_contributions(
                     f"{recomputed:.4f} ({rel:+.1%}, tolerance {tolerance:.1%})"
                 )
         last = cs[-1]
-        budget = target if is_number(target) else last["target_epsilon"]
-        if last["target_epsilon"] != budget:
+        budget = node_share(config) if is_number(target) else last["target_epsilon"]
+        if not math.isclose(last["target_epsilon"], budget, rel_tol=1e-9):
             notes.append(
                 f"node {node}: contributions state target_epsilon "
                 f"{last['target_epsilon']} but the run was configured with {budget}"
@@ -209,6 +209,15 @@ def audit_contributions(
     _federation(report, contributions, config)
 
 
+def node_share(config: dict) -> float:
+    """The budget each node was asked to keep: the run's target when a customer is at one node
+    only (regional), else an equal share of it over the nodes (server/federation.py)."""
+    target = float(config["target_epsilon"])
+    if config.get("partition", "regional") == "regional":
+        return target
+    return target / max(int(config.get("num_nodes") or config.get("clients") or 1), 1)
+
+
 def _rounds_of(events: list[dict], node: str) -> list[int]:
     return [d["round"] for d in events if d["node"] == node]
 
@@ -227,6 +236,21 @@ def _federation(report: dict, contributions: list[dict], config: dict) -> None:
     )
     report["federation"] = fed
     applies = fed[fed["applies"]]
+    target = config.get("target_epsilon")
+    if is_number(target):
+        over = (
+            [f"the federation's epsilon {fed['epsilon']:.4f} exceeds the run's target {target:g}"]
+            if fed["epsilon"] > target * (1 + 1e-9)
+            else []
+        )
+        report["checks"].append(
+            check(
+                "federation_budget",
+                "the guarantee that applies within the run's target epsilon",
+                over,
+                f"{fed['epsilon']:.3f} <= {target:g} ({applies['how']})",
+            )
+        )
     report["guarantee"] = (
         f"({fed['epsilon']:.3f}, {applies['delta']:.3g})-DP for {fed['unit']} ({applies['how']})"
     )
