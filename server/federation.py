@@ -19,13 +19,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.aggregation import NodeUpdate
-from server.checkpoint import Checkpoint
 from server.ledger import PrivacyLedger
 from server.node_keys import NodeKeys
 from server.node_privacy import NodeLevelDP, add_node_level
 from server.recovery import record_lost_contributions
 from server.registry import Registry
 from server.strategy import FedRecStrategy
+from shared.checkpoint import Checkpoint
 from shared.config import RunConfig
 from shared.durable import RunLock, make_private
 from shared.experiment import Catalog, Experiment

@@ -1,4 +1,4 @@
-"""fedrec's shared code: data, model, training, evaluation and the command line."""
+"""fedrec's shared code: data, model, training and evaluation."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -14,21 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.errors import DataError
+
 EVENTS = ("view", "click", "cart", "purchase", "rating")  # rating: an explicit rating (MovieLens)
 DEFAULT_EVENT = "purchase"
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title")
 ITEM_TEXT_FIELDS = ("title", "categories", "brand", "description")
 SUFFIXES = (".parquet", ".csv.gz", ".csv")
-
-
-class DataError(ValueError):
-    """Bad input: the message names the file, the row (1-based, header excluded) and the problem."""
-
-    def __init__(self, path: Path | str, problem: str, row: int | None = None):
-        where = f"{path}" + (f", row {row}" if row is not None else "")
-        super().__init__(f"{where}: {problem}")
-        self.path, self.row, self.problem = str(path), row, problem
 
 
 @dataclass

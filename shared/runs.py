@@ -3,7 +3,7 @@ does instead of starting over: a finished run with the same settings is left as 
 unfinished one resumes, and a run with other settings is refused before anything is written.
 
 A finished run has ``metrics.json``; an unfinished federation has the checkpoint that
-``server.checkpoint.Checkpoint`` writes (its settings in the safetensors metadata).
+``shared.checkpoint.Checkpoint`` writes (its settings in the safetensors metadata).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def stored_settings(out: Path) -> tuple[dict[str, Any], bool] | None:
                 "use another --out"
             )
         return settings, True
-    from server.checkpoint import Checkpoint, CheckpointError
+    from shared.checkpoint import Checkpoint, CheckpointError
 
     try:
         progress = Checkpoint(out / CHECKPOINT).progress()

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         command = [
             sys.executable,
             "-m",
-            "shared.cli",
+            "simulations.cli",
             "bench",
             "dp-cost",
             "--data",

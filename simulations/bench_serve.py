@@ -31,10 +31,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from server.schemas import RecommendRequest, SearchRequest
 from server.service import (
     Limits,
-    RecommendRequest,
-    SearchRequest,
     build_app,
     recommend,
     search,

@@ -21,10 +21,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from server.checkpoint import Checkpoint, CheckpointError
 from server.credentials import VALID_DAYS
 from server.federation import check_settings
 from server.registry import write_registry
+from shared.checkpoint import Checkpoint, CheckpointError
 from shared.config import RunConfig
 from shared.durable import OutputInUse, RunLock
 from shared.node_directory import NodeInfo

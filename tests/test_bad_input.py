@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from shared.cli import main
+from simulations.cli import main
 
 
 def _rewrite(table: str, change: Callable[[pd.DataFrame], pd.DataFrame]):

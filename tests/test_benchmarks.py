@@ -13,12 +13,12 @@ import pytest
 import torch
 from helpers import TINY
 
-from shared.cli import main
 from shared.config import RunConfig
 from shared.experiment import Experiment
 from shared.metrics import METRICS, evaluate
 from simulations.baselines import baselines, text_only
 from simulations.bench_privacy import parse_epsilons
+from simulations.cli import main
 
 BASELINES = {"popularity", "als", "itemknn", "text", "late_fusion"}
 
@@ -80,6 +80,7 @@ def test_settings_are_chosen_without_reading_test_targets(experiment, fitted):
     assert ndcg(late_fusion, patched.split) < ndcg(late_fusion, split)
 
 
+@pytest.mark.e2e
 def test_bench_quality_reports_every_method_and_metric(synth_dataset_dir, tmp_path):
     out = tmp_path / "quality.json"
     assert (
@@ -105,6 +106,7 @@ def test_bench_quality_reports_every_method_and_metric(synth_dataset_dir, tmp_pa
         assert "cold" not in result["test"]
 
 
+@pytest.mark.e2e
 def test_bench_quality_cold_items_reports_cold_and_warm_views(synth_dataset_dir, tmp_path):
     out = tmp_path / "cold.json"
     assert (
@@ -137,6 +139,7 @@ def test_bench_quality_cold_items_reports_cold_and_warm_views(synth_dataset_dir,
     assert methods["text"]["test"]["cold"]["ndcg@10"] > 0.05  # text needs no interactions
 
 
+@pytest.mark.e2e
 def test_bench_quality_new_item_boosts_trade_warm_for_cold(synth_dataset_dir, tmp_path):
     out = tmp_path / "boost.json"
     assert (
@@ -196,6 +199,7 @@ def test_parse_epsilons():
         parse_epsilons("0")
 
 
+@pytest.mark.e2e
 def test_bench_privacy_writes_the_curve_and_reuses_runs(synth_dataset_dir, tmp_path):
     args = [
         "bench",

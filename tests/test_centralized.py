@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import TINY
 
-from shared.cli import main
 from shared.data import leave_one_out, load_dataset
 from shared.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
+from simulations.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def trained(tiny_synth_dataset_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_train_writes_the_outputs(trained: Path, tiny_synth_dataset_dir: Path) -> None:
     metrics = json.loads((trained / "metrics.json").read_text())
     for stage in ("test", "valid"):
@@ -57,6 +58,7 @@ def test_train_writes_the_outputs(trained: Path, tiny_synth_dataset_dir: Path) -
         assert (trained / "model" / name).stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_trained_model_beats_popularity(trained: Path, tiny_synth_dataset_dir: Path) -> None:
     """Popularity over the same training events (history excluded, as for the model)."""
     test = json.loads((trained / "metrics.json").read_text())["test"]
@@ -74,6 +76,7 @@ def test_trained_model_beats_popularity(trained: Path, tiny_synth_dataset_dir: P
     assert test["hr@20"] > popular["hr@20"]
 
 
+@pytest.mark.e2e
 def test_metrics_hold_the_reference_points(trained: Path, tiny_synth_dataset_dir: Path) -> None:
     """context: popularity (as computed above) and the untrained text model, same split."""
     metrics = json.loads((trained / "metrics.json").read_text())
@@ -88,6 +91,7 @@ def test_metrics_hold_the_reference_points(trained: Path, tiny_synth_dataset_dir
     assert "- dataset: dataset" in (trained / "model" / "README.md").read_text()
 
 
+@pytest.mark.e2e
 def test_train_again_over_its_out(trained: Path, tiny_synth_dataset_dir: Path, capsys) -> None:
     argv = ["train", "--data", str(tiny_synth_dataset_dir), "--out", str(trained), *TINY]
     assert main([*argv, "--epochs", "2"]) == 0
@@ -98,6 +102,7 @@ def test_train_again_over_its_out(trained: Path, tiny_synth_dataset_dir: Path, c
         main([*argv, "--epochs", "3"])
 
 
+@pytest.mark.e2e
 def test_dp_training_states_its_guarantee(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "dp"
     assert (

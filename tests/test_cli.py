@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from shared import __version__
-from shared.cli import build_parser, main
+from simulations.cli import build_parser, main
 from simulations.simulate import config_from_args
 from simulations.verdict import verdict
 

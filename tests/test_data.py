@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.cli import main
 from shared.convert import write_dataset
 from shared.data import DataError, Dataset, leave_one_out, load_dataset
 from shared.synth import SynthConfig, generate, make_catalog
+from simulations.cli import main
 
 ITEMS = (
     "item_id,title,categories\na,Rose Serum,Beauty|Skin Care\nb,Pan,Home|Kitchen\nc,Mat,Sports\n"

@@ -28,10 +28,10 @@ import pytest
 from helpers import TINY_SETTINGS, cli_settings
 
 from server.ledger import read_ledger, verify_chain
-from shared.cli import main
 from shared.config import RunConfig
 from shared.data import leave_one_out, load_dataset
 from shared.partition import ensure_partitions
+from simulations.cli import main
 from simulations.deploy import completed_round
 from simulations.local_federation import LocalFederation
 
@@ -85,6 +85,7 @@ def deployed(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory
     return out
 
 
+@pytest.mark.e2e
 def test_deploy_local_runs_the_federation_over_tls_with_authenticated_nodes(deployed: Path) -> None:
     metrics = json.loads((deployed / "metrics.json").read_text())
     assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 3), (2, 3)]
@@ -105,6 +106,7 @@ def test_deploy_local_runs_the_federation_over_tls_with_authenticated_nodes(depl
     assert processes_mentioning(str(deployed)) == []  # everything was shut down
 
 
+@pytest.mark.e2e
 def test_nodes_without_a_registered_key_or_tls_are_refused(
     tiny_synth_dataset_dir: Path, tmp_path: Path
 ) -> None:
@@ -183,6 +185,7 @@ def faulted(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory)
     }
 
 
+@pytest.mark.e2e
 def test_a_node_killed_mid_round_leaves_the_round_to_the_others(faulted: dict) -> None:
     assert faulted["status"] == "finished:completed"
     metrics = json.loads((faulted["out"] / "metrics.json").read_text())
@@ -192,6 +195,7 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(faulted: dict) -
     assert set(metrics["privacy"]["per_node"]) == {"regional-0", "regional-1"}
 
 
+@pytest.mark.e2e
 def test_a_restarted_server_resumes_with_the_ledger_intact(faulted: dict) -> None:
     out = faulted["out"]
     stopped_after = faulted["before_restart"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import build_parser, main
 from shared.config import RunConfig, _coerce
+from simulations.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 # commands whose every option with a default must show it in --help

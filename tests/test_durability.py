@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from server.checkpoint import Checkpoint, CheckpointError
 from server.ledger import LedgerError, PrivacyLedger
 from server.ledger_repair import repair
 from shared.artifacts import save_model, write_json
-from shared.cli import main
+from shared.checkpoint import Checkpoint, CheckpointError
 from shared.data import load_dataset
 from shared.durable import RunLock
 from shared.partition import write_partitions
+from simulations.cli import main
 from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

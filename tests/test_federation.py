@@ -21,7 +21,6 @@ from client.node import NodePrivacy, load_node, train_node
 from server.federation import Checkpoint
 from server.ledger import read_ledger, verify_chain
 from shared.artifacts import load_model, read_item_ids
-from shared.cli import main
 from shared.config import RunConfig
 from shared.data import leave_one_out, load_dataset
 from shared.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
@@ -30,6 +29,7 @@ from shared.node_directory import node_name
 from shared.partition import write_partitions
 from shared.text import embed_items
 from shared.wire import trainable_state
+from simulations.cli import main
 
 CONTRIBUTION_FIELDS = (
     "round",
@@ -70,6 +70,7 @@ def resumed_run(tiny_synth_dataset_dir: Path, tmp_path_factory) -> dict:
     return {"first": first, "resumed": out, "data": tiny_synth_dataset_dir}
 
 
+@pytest.mark.e2e
 def test_simulate_writes_every_output(resumed_run: dict) -> None:
     out, data = resumed_run["first"], resumed_run["data"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -120,6 +121,7 @@ def test_simulate_writes_every_output(resumed_run: dict) -> None:
     assert [e["kind"] for e in ledger] == ["run_start", "run_end"]
 
 
+@pytest.mark.e2e
 def test_a_crashed_run_resumes_after_its_last_checkpoint(resumed_run: dict) -> None:
     out, first = resumed_run["resumed"], resumed_run["first"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -135,6 +137,7 @@ def test_a_crashed_run_resumes_after_its_last_checkpoint(resumed_run: dict) -> N
     assert (out / "recs.csv").exists() and set(METRICS) <= set(metrics["test"])
 
 
+@pytest.mark.e2e
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_changed_config_is_refused_in_the_same_out(resumed_run: dict, capsys) -> None:
     out = resumed_run["resumed"]
@@ -177,6 +180,7 @@ def private_run(tiny_synth_dataset_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_dp_run_ledger_records_every_contribution(private_run: Path) -> None:
     ledger = read_ledger(private_run / "ledger.jsonl")
     assert verify_chain(ledger) == []
@@ -201,6 +205,7 @@ def test_dp_run_ledger_records_every_contribution(private_run: Path) -> None:
         assert mine[0]["epsilon"] < mine[1]["epsilon"]  # cumulative
 
 
+@pytest.mark.e2e
 def test_dp_run_accountant_files_match_the_ledger(private_run: Path) -> None:
     from opacus.accountants import PRVAccountant
 
@@ -219,6 +224,7 @@ def test_dp_run_accountant_files_match_the_ledger(private_run: Path) -> None:
         assert accountant.get_epsilon(last["delta"]) == pytest.approx(last["epsilon"], rel=1e-3)
 
 
+@pytest.mark.e2e
 def test_dp_run_states_its_guarantee(private_run: Path) -> None:
     metrics = json.loads((private_run / "metrics.json").read_text())
     privacy = metrics["privacy"]

@@ -13,10 +13,10 @@ from helpers import TINY, cli_settings
 from transformers import AutoModel
 
 from shared.artifacts import read_text_model
-from shared.cli import main
 from shared.data import leave_one_out, load_dataset
 from shared.finetune import FrozenPrefix, consecutive_pairs, contrastive_loss, finetune_encoder
 from shared.text import TextEncoder, item_texts
+from simulations.cli import main
 
 
 def test_pairs_are_consecutive_distinct_products() -> None:
@@ -89,6 +89,7 @@ def test_only_the_top_layers_change_and_the_result_is_cached(
         )
 
 
+@pytest.mark.e2e
 def test_train_ships_the_tuned_encoder_with_the_model(
     tiny_bert_dir: Path, tiny_synth_dataset_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:

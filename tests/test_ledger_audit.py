@@ -33,8 +33,8 @@ from server.ledger import (
     read_ledger,
     verify_chain,
 )
-from shared.cli import main
 from shared.signing import NodeKey, append_receipt, digest_arrays, signed_payload
+from simulations.cli import main
 
 DELTA = 1e-5
 SIGMA, RATE, STEPS = 1.0, 0.02, 50

@@ -18,9 +18,9 @@ from server.audit import audit
 from server.ledger import PrivacyLedger, entry_hash, read_ledger
 from server.node_privacy import NodeLevelDP
 from server.strategy import FedRecStrategy
-from shared.cli import main
 from shared.config import RunConfig
 from shared.node_dp import check_node_dp, clipped_update
+from simulations.cli import main
 
 NODE_DP = ["--set", "node_dp=true", "--set", "node_target_epsilon=20"]
 
@@ -191,6 +191,7 @@ def simulate(data: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("secagg", [False, True], ids=["plain", "secagg"])
 def test_a_federation_states_both_guarantees(
     tiny_synth_dataset_dir: Path, tmp_path: Path, secagg: bool
@@ -254,6 +255,7 @@ class FixedUpdate:
         )
 
 
+@pytest.mark.e2e
 def test_secagg_sum_equals_the_plain_sum(tmp_path: Path) -> None:
     import ray.cloudpickle
     from flwr.app import ConfigRecord

@@ -14,13 +14,13 @@ from helpers import TINY, TINY_SETTINGS
 from client.node import NodePrivacy, evaluate_node, load_node, private_sums, train_node
 from client.policy import NodePolicy, PolicyError, parse_node_config
 from server.ledger import read_ledger
-from shared.cli import main
 from shared.config import RunConfig
 from shared.data import load_dataset
 from shared.model import FusionRecommender
 from shared.node_directory import NodeInfo, round_down_2sf
 from shared.partition import write_partitions
 from shared.wire import trainable_state
+from simulations.cli import main
 
 
 def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -> None:

@@ -22,11 +22,11 @@ from server.aggregation import NodeUpdate, aggregate
 from server.ledger import PrivacyLedger, verify_chain
 from server.recovery import record_lost_contributions
 from server.strategy import FedRecStrategy
-from shared.cli import main
 from shared.config import RunConfig
 from shared.model import FusionRecommender, ModelConfig
 from shared.wire import ITEM_TABLES, decode, encode, trainable_state
 from simulations.attacks import AttackGrid, attack_update, check_attack
+from simulations.cli import main
 
 ITEMS = 12
 
@@ -208,6 +208,7 @@ def test_a_lost_contribution_is_recovered_before_the_next(tmp_path: Path) -> Non
     assert verify_chain(ledger.entries) == []
 
 
+@pytest.mark.e2e
 def test_bench_robust_writes_the_comparison(
     tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:

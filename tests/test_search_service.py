@@ -40,13 +40,13 @@ from server.service import (
 )
 from shared.artifacts import save_model
 from shared.catalog import TextToId, full_table
-from shared.cli import build_parser
 from shared.data import DataError
 from shared.index import VectorIndex, recall_at_k, top_k
 from shared.lexical import Lexical, tokenize
 from shared.model import FusionRecommender, ModelConfig
 from shared.search import load_engine
 from shared.text import item_texts
+from simulations.cli import build_parser
 
 TEXT_DIM = 64
 PRODUCTS = [  # item_id, title, categories
