@@ -188,7 +188,7 @@ def export_onnx(name_or_path: str = DEFAULT_MODEL) -> Path:
 class OnnxTextEncoder:
     """The same text tower run by ONNX Runtime, for serving queries.
 
-    Same vectors as :class:`TextEncoder` (``tests/test_text.py``), about half the time per
+    Same vectors as :class:`TextEncoder` (``tests/shared/test_text.py``), about half the time per
     query on a CPU core, and ONNX Runtime releases Python's GIL while it runs, so a server can
     score other signals while a query is encoded.
     """

@@ -19,19 +19,6 @@ def synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def synth_item_text(synth_dataset_dir: Path):
-    """The MiniLM text embeddings (items, 384) of ``synth_dataset_dir``'s catalog, as a float32
-    tensor. Encoded once per machine (~10 s on a slow CPU), then read from the fedrec cache."""
-    import torch
-
-    from shared.data import load_dataset
-    from shared.text import embed_items
-
-    items = load_dataset(synth_dataset_dir).items
-    return torch.from_numpy(embed_items(items, show_progress=False))
-
-
-@pytest.fixture(scope="session")
 def tiny_synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic dataset for end-to-end runs: 160 users on the same 300-item catalog as
     ``synth_dataset_dir`` (seed 0), so its item text is already in the embedding cache."""

@@ -14,7 +14,7 @@ import pytest
 from shared.config import RunConfig, _coerce
 from simulations.cli import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def kebab(name: str) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.supercore.differential_privacy import compute_stdv
-from helpers import NoiselessAccountant, customers, tiny_model
+from helpers import customers, tiny_model
 from scipy import stats
 
 from server.ledger import PrivacyLedger
@@ -88,12 +88,6 @@ def private_step(
         physical_batches=passes,
     )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-@pytest.fixture
-def no_accounting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The accountant is beside the point here; it would only cost time."""
-    monkeypatch.setattr("shared.training.new_accountant", lambda state: NoiselessAccountant())
 
 
 @pytest.mark.usefixtures("no_accounting")

@@ -3,7 +3,7 @@ and where) from every command that reads them, a non-zero exit, and leave nothin
 output directory where there was none, an earlier run's output untouched, the input unchanged.
 
 The cases are counted (``test_the_cases_are_counted``; docs/deployment.md quotes the count).
-Malformed API requests to ``fedrec serve`` are covered in tests/test_search_service.py.
+Malformed API requests to ``fedrec serve`` are covered in tests/server/test_search_service.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ compare the gradient norm over every trainable weight with what Opacus computes 
 
 import pytest
 import torch
-from helpers import NoiselessAccountant, customers, tiny_model
+from helpers import customers, tiny_model
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
 from client.node import CatalogView
@@ -66,15 +66,15 @@ def test_ghost_norms_match_brute_force_when_part_is_frozen(trainable: str) -> No
     torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.usefixtures("no_accounting")
 @pytest.mark.parametrize("physical_batches", [1, 3])
 def test_a_private_step_is_the_mean_clipped_gradient_however_the_batch_is_split(
-    physical_batches: int, monkeypatch: pytest.MonkeyPatch
+    physical_batches: int,
 ) -> None:
     """With no noise and every customer sampled, one DP-SGD step moves the weights by exactly
     -lr x (sum of per-customer gradients, each clipped to C) / batch, computed one customer at a
     time here, also when the batch runs as several length-sorted passes."""
 
-    monkeypatch.setattr("shared.training.new_accountant", lambda state: NoiselessAccountant())
     model, (x, y) = tiny_model("gated"), customers()
     clip, lr = 0.05, 0.5
     clipped_sum = [torch.zeros_like(p) for p in model.parameters()]
@@ -153,9 +153,10 @@ def test_ghost_norms_match_brute_force_with_dropout(dropout: float) -> None:
         torch.testing.assert_close(expected, one_at_a_time, rtol=1e-6, atol=1e-10)
 
 
+@pytest.mark.usefixtures("no_accounting")
 @pytest.mark.parametrize("case", ["dropout", "two layers", "merchant", "bias only"])
 def test_a_private_step_is_the_mean_clipped_gradient_in_every_setting(
-    case: str, monkeypatch: pytest.MonkeyPatch
+    case: str,
 ) -> None:
     """One noise-free DP-SGD step (two length-sorted passes) against the brute-force sum of
     clipped per-customer gradients: with dropout (the brute force runs the same passes from the
@@ -163,7 +164,6 @@ def test_a_private_step_is_the_mean_clipped_gradient_in_every_setting(
     of the catalog (``CatalogView`` and ``targets_within``, as client/node.py trains), and with
     only the item biases learning (``trainable="bias"``, the default): frozen weights stay
     exactly as they were."""
-    monkeypatch.setattr("shared.training.new_accountant", lambda state: NoiselessAccountant())
     x, y = customers()
     model: torch.nn.Module = tiny_model(
         "gated", dropout=0.3 if case == "dropout" else 0.0, layers=2

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model
 
 from server.ledger import LedgerError, PrivacyLedger
 from server.ledger_repair import repair
@@ -21,9 +22,8 @@ from shared.data import load_dataset
 from shared.durable import RunLock
 from shared.partition import write_partitions
 from simulations.cli import main
-from tests.helpers import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

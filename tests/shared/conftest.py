@@ -1,0 +1,27 @@
+"""Fixtures of the shared code's tests (data, recommender, privacy machinery)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import NoiselessAccountant
+
+
+@pytest.fixture(scope="session")
+def synth_item_text(synth_dataset_dir: Path):
+    """The MiniLM text embeddings (items, 384) of ``synth_dataset_dir``'s catalog, as a float32
+    tensor. Encoded once per machine (~10 s on a slow CPU), then read from the fedrec cache."""
+    import torch
+
+    from shared.data import load_dataset
+    from shared.text import embed_items
+
+    items = load_dataset(synth_dataset_dir).items
+    return torch.from_numpy(embed_items(items, show_progress=False))
+
+
+@pytest.fixture
+def no_accounting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accountant is beside the point here; it would only cost time."""
+    monkeypatch.setattr("shared.training.new_accountant", lambda state: NoiselessAccountant())
