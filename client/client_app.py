@@ -32,12 +32,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.node import NodeData, NodePrivacy, evaluate_node, load_node, train_node
 from client.policy import NodePolicy
-from shared.config import RunConfig
-from shared.node_dp import clipped_update
-from shared.quiet import quiet_third_party
-from shared.reports import NodeReport, Release
-from shared.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
-from shared.wire import encode, nbytes
+from shared.federation.node_dp import clipped_update
+from shared.federation.reports import NodeReport, Release
+from shared.federation.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
+from shared.federation.wire import encode, nbytes
+from shared.runs.config import RunConfig
+from shared.runs.quiet import quiet_third_party
 
 # what the server sends beside the run's settings
 NOT_SETTINGS = ("server-round", "partitions-dir", "state-names", "run-id", "catalog-digest")
@@ -129,8 +129,8 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         return NodeRequest(settings, {**context.node_config, **extra})
 
     class SecureNode(NumPyClient):
-        """A node's side of a SecAgg+ round (server/secagg.py): it sends its clipped update (a
-        delta, dense), masked by ``secaggplus_mod``, and its privacy report in plain."""
+        """A node's side of a SecAgg+ round (server/federation/secagg.py): it sends its clipped
+        update (a delta, dense), masked by ``secaggplus_mod``, and its privacy report in plain."""
 
         def __init__(self, context: Context):
             self.node_context = context

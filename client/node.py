@@ -19,15 +19,15 @@ import numpy as np
 import torch
 
 from client.policy import NodePolicy
-from shared.config import RunConfig, resolve_device
-from shared.data import Split, leave_one_out, load_dataset
-from shared.experiment import catalog_digest
-from shared.metrics import EVALUATED, per_customer_metrics, rank_users
-from shared.model import FusionRecommender
-from shared.node_directory import NodeInfo
-from shared.secure_random import SecureRandom
-from shared.text import embed_items
-from shared.training import (
+from shared.data.dataset import Split, leave_one_out, load_dataset
+from shared.federation.node_directory import NodeInfo
+from shared.federation.wire import ITEM_TABLES
+from shared.recommender.experiment import catalog_digest
+from shared.recommender.metrics import EVALUATED, per_customer_metrics, rank_users
+from shared.recommender.model import FusionRecommender
+from shared.recommender.secure_random import SecureRandom
+from shared.recommender.text import embed_items
+from shared.recommender.training import (
     calibrate_noise,
     new_accountant,
     prv_epsilon,
@@ -37,7 +37,7 @@ from shared.training import (
     train_private,
     training_tensors,
 )
-from shared.wire import ITEM_TABLES
+from shared.runs.config import RunConfig, resolve_device
 
 PRIVACY_UNIT = "one customer's entire history at this node (every event of one customer)"
 
@@ -54,7 +54,7 @@ class NodeData:
     text: torch.Tensor
     catalog: np.ndarray | None  # item indices this node sells; None = every item
     declared_customers: int | None  # the public figure in node.json, if any
-    catalog_digest: str  # of the items table it holds (shared.experiment.catalog_digest)
+    catalog_digest: str  # of the items table it holds (experiment.catalog_digest)
 
 
 @functools.lru_cache(maxsize=4)

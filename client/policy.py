@@ -24,8 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from shared.config import RunConfig
-from shared.node_directory import round_down_2sf
+from shared.federation.node_directory import round_down_2sf
+from shared.runs.config import RunConfig
 
 DEPLOYED_MAX_EPSILON = 8.0
 POLICY_KEYS = ("require-dp", "max-epsilon", "max-delta", "declared-customers")

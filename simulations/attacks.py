@@ -21,8 +21,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from shared.config import RunConfig
-from shared.wire import ITEM_TABLES, ROWS
+from shared.federation.wire import ITEM_TABLES, ROWS
+from shared.runs.config import RunConfig
 
 ATTACKS = ("none", "scale", "sign-flip", "random")
 

@@ -1,4 +1,5 @@
-"""Reference recommenders for ``fedrec bench quality``, each a ``score_fn`` (shared.metrics).
+"""Reference recommenders for ``fedrec bench quality``, each a ``score_fn``
+(shared.recommender.metrics).
 
 A scorer is fitted on training histories only (held-out cold items are already removed from
 them) and scores a batch of customers from the history it is given at evaluation time, which
@@ -14,9 +15,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from shared.data import Split
-from shared.experiment import Experiment
-from shared.metrics import ScoreFn, evaluate
+from shared.data.dataset import Split
+from shared.recommender.experiment import Experiment
+from shared.recommender.metrics import ScoreFn, evaluate
 
 ALS_FACTORS = 128
 ALS_GRID = tuple((reg, alpha) for reg in (0.01, 0.1, 1.0) for alpha in (1.0, 10.0, 40.0))

@@ -1,6 +1,6 @@
 """Canary customers for the one-run empirical privacy audit (Steinke, Nasr, Jagielski, NeurIPS
 2023, "Privacy Auditing with One (1) Training Run"); the bound itself is
-:mod:`server.canary_audit`.
+:mod:`server.privacy.canary_audit`.
 
 Design: a canary is a synthetic customer who bought ``length`` products drawn uniformly at
 random, without replacement, from the catalog of a node chosen at random (the whole catalog for
@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from server.canary_audit import epsilon_lower_bound, write_canaries
-from shared.model import FusionRecommender
-from shared.training import training_tensors, trim
+from server.privacy.canary_audit import epsilon_lower_bound, write_canaries
+from shared.recommender.model import FusionRecommender
+from shared.recommender.training import training_tensors, trim
 
 PREFIX = "canary-"
 DEFINITIONS = "canaries.json"  # in the partitions directory: the auditor's secret

@@ -12,7 +12,7 @@ import sys
 from types import ModuleType
 
 from shared import __version__
-from shared.errors import DataError
+from shared.data.errors import DataError
 
 # (command path, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str]] = [
@@ -47,39 +47,39 @@ def command_module(path: tuple[str, ...]) -> ModuleType:
     sees every arrow)."""
     match path:
         case ("data", "synth"):
-            from shared import synth as module
+            from shared.data import synth as module
         case ("data", "validate"):
-            from shared import validate as module
+            from shared.data import validate as module
         case ("data", "convert"):
-            from shared import convert as module
+            from shared.data import convert as module
         case ("data", "sample"):
             from simulations import sample as module
         case ("data", "split"):
             from simulations import split as module
         case ("train",):
-            from simulations import centralized as module
+            from simulations import train as module
         case ("simulate",):
             from simulations import simulate as module
         case ("deploy", "local"):
             from simulations import deploy as module
         case ("audit",):
-            from server import audit as module
+            from server.privacy import audit as module
         case ("ledger", "repair"):
-            from server import ledger_repair as module
+            from server.privacy import ledger_repair as module
         case ("serve",):
-            from server import service as module
+            from server.serving import service as module
         case ("bench", "quality"):
-            from simulations import bench_quality as module
+            from simulations.bench import quality as module
         case ("bench", "privacy"):
-            from simulations import bench_privacy as module
+            from simulations.bench import privacy as module
         case ("bench", "dp-cost"):
-            from simulations import bench_dp_cost as module
+            from simulations.bench import dp_cost as module
         case ("bench", "search"):
-            from simulations import bench_search as module
+            from simulations.bench import search as module
         case ("bench", "serve"):
-            from simulations import bench_serve as module
+            from simulations.bench import serve as module
         case ("bench", "robust"):
-            from simulations import bench_robust as module
+            from simulations.bench import robust as module
         case _:
             raise KeyError(path)
     return module

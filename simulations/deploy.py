@@ -21,18 +21,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from server.credentials import VALID_DAYS
-from server.federation import check_settings
-from server.registry import write_registry
-from shared.checkpoint import Checkpoint, CheckpointError
-from shared.config import RunConfig
-from shared.durable import OutputInUse, RunLock
-from shared.node_directory import NodeInfo
-from shared.runs import CHECKPOINT
-from simulations.centralized import add_run_config_arguments, run_config_from_args
+from server.federation.credentials import VALID_DAYS
+from server.federation.registry import write_registry
+from server.federation.rounds import check_settings
+from shared.federation.node_directory import NodeInfo
+from shared.runs.checkpoint import Checkpoint, CheckpointError
+from shared.runs.config import RunConfig
+from shared.runs.durable import OutputInUse, RunLock
+from shared.runs.outputs import CHECKPOINT
 from simulations.local_federation import CONNECTION, DeployError, LocalFederation
 from simulations.simulate import add_node_config_argument
 from simulations.split import CATALOG, split_dataset
+from simulations.train import add_run_config_arguments, run_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +119,7 @@ def node_directories(args: argparse.Namespace) -> tuple[Path, list[Path]]:
         return args.catalog, list(args.node_data)
     if args.nodes < 1:
         raise SystemExit("fedrec: --nodes must be at least 1")
-    from server.server_app import embedded_dataset
+    from server.federation.server_app import embedded_dataset
 
     out = args.out.resolve()
     split = out / "split"
@@ -202,8 +202,8 @@ def deploy(
 
 
 def register_nodes(federation: LocalFederation, nodes: list[Path]) -> Path:
-    """The node registry (server/registry.py): each registered key's Flower node id with the
-    public description of its node (``node.json``: name, catalog, declared customers)."""
+    """The node registry (server/federation/registry.py): each registered key's Flower node id with
+    the public description of its node (``node.json``: name, catalog, declared customers)."""
     entries = {}
     for directory in nodes:
         info = NodeInfo.read(directory)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import tomli_w
 
-from server.credentials import VALID_DAYS, TlsFiles, write_node_key, write_tls
-from shared.config import RunConfig
-from shared.durable import atomic_write, make_private, private_dir
+from server.federation.credentials import VALID_DAYS, TlsFiles, write_node_key, write_tls
+from shared.runs.config import RunConfig
+from shared.runs.durable import atomic_write, make_private, private_dir
 
 HOST = "127.0.0.1"
 CONNECTION = "fedrec"  # the SuperLink connection's name in the Flower home's config.toml

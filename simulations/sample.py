@@ -3,7 +3,7 @@
 For planning: a federation, a privacy budget or a benchmark can be tried on a few thousand
 customers in minutes before it is run on all of them. Every event of a sampled customer is kept
 (their whole histories, all columns), and the products they touched; the sample is written
-atomically like every other dataset (``shared.convert.write_dataset``).
+atomically like every other dataset (``shared.data.convert.write_dataset``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.convert import write_dataset
-from shared.data import DataError, find_table, load_dataset, read_table
+from shared.data.convert import write_dataset
+from shared.data.dataset import DataError, find_table, load_dataset, read_table
 
 
 def sample_customers(

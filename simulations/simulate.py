@@ -16,16 +16,16 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from client.policy import parse_node_config
-from shared.artifacts import load_model
-from shared.config import RunConfig, resolve_device
-from shared.data import leave_one_out, load_dataset
-from shared.experiment import Experiment
-from shared.node_directory import node_catalog
-from shared.partition import ensure_partitions
-from shared.quiet import quiet_third_party, worker_environment
+from shared.data.dataset import leave_one_out, load_dataset
+from shared.data.partition import ensure_partitions
+from shared.federation.node_directory import node_catalog
+from shared.recommender.artifacts import load_model
+from shared.recommender.experiment import Experiment
+from shared.runs.config import RunConfig, resolve_device
+from shared.runs.quiet import quiet_third_party, worker_environment
 from simulations.attacks import AttackGrid, check_attack
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
-from simulations.centralized import (
+from simulations.train import (
     add_run_config_arguments,
     already_done,
     locked,
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.federation import check_settings
+    from server.federation.rounds import check_settings
 
     config = config_from_args(args)
     if args.data is not None and not args.data.is_dir():
@@ -224,10 +224,10 @@ def run(args: argparse.Namespace) -> int:
 def make_server_app(
     config: RunConfig, show_progress: bool = True, errors: list[BaseException] | None = None
 ) -> ServerApp:
-    """The simulation's ServerApp: the federation's own (server/server_app.py), behind the
-    simulation's attackers if any, and with its canaries in the partitions first; an
+    """The simulation's ServerApp: the federation's own (server/federation/server_app.py), behind
+    the simulation's attackers if any, and with its canaries in the partitions first; an
     exception in it is also appended to ``errors`` (the simulation engine only logs it)."""
-    from server.server_app import main_with
+    from server.federation.server_app import main_with
 
     server_app = ServerApp()
 
@@ -250,7 +250,7 @@ def make_server_app(
 def partitions_with_canaries(config: RunConfig) -> Path:
     """The partitions, canaries inserted before they are in place (empirical privacy audit,
     docs/privacy-audit.md); a resumed run keeps the ones it has."""
-    from server.server_app import embedded_dataset
+    from server.federation.server_app import embedded_dataset
 
     out = Path(config.out)
     data = Path(config.data) if config.data else embedded_dataset(out)
@@ -285,7 +285,7 @@ def audit_released_model(config: RunConfig) -> dict:
 def federation_context(config: RunConfig) -> dict:
     """The reference points of :func:`simulations.verdict.run_context` on the federation's
     dataset and split (the server evaluated the model on the same ones)."""
-    from server.server_app import embedded_dataset
+    from server.federation.server_app import embedded_dataset
 
     data = Path(config.data) if config.data else embedded_dataset(Path(config.out))
     return run_context(Experiment.prepare(data, config, show_progress=False))

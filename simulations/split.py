@@ -14,8 +14,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from shared.data import load_dataset
-from shared.partition import SCHEMES, write_partitions
+from shared.data.dataset import load_dataset
+from shared.data.partition import SCHEMES, write_partitions
 
 CATALOG = "catalog"
 

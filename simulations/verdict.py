@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from shared.experiment import Experiment
-from shared.metrics import evaluate
-from shared.text import embed_items
+from shared.recommender.experiment import Experiment
+from shared.recommender.metrics import evaluate
+from shared.recommender.text import embed_items
 from simulations.baselines import popularity, text_only
 
 REFERENCES = {"popularity": "popularity", "text_only": "public text model"}
@@ -48,7 +48,7 @@ def run_context(experiment: Experiment) -> dict:
 
 def add_context(out: Path, context: dict) -> dict:
     """Store ``context`` in ``out/metrics.json``; returns the updated metrics."""
-    from shared.artifacts import write_json
+    from shared.recommender.artifacts import write_json
 
     path = Path(out) / "metrics.json"
     metrics = json.loads(path.read_text()) | {"context": context}

@@ -10,8 +10,8 @@ import pytest
 @pytest.fixture(scope="session")
 def synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic marketplace dataset (600 users, 300 items, seed 0), written once."""
-    from shared.convert import write_dataset
-    from shared.synth import SynthConfig, generate
+    from shared.data.convert import write_dataset
+    from shared.data.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth") / "dataset"
     interactions, items = generate(SynthConfig(users=600, items=300, seed=0))
@@ -22,8 +22,8 @@ def synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic dataset for end-to-end runs: 160 users on the same 300-item catalog as
     ``synth_dataset_dir`` (seed 0), so its item text is already in the embedding cache."""
-    from shared.convert import write_dataset
-    from shared.synth import SynthConfig, generate
+    from shared.data.convert import write_dataset
+    from shared.data.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("tiny-synth") / "dataset"
     interactions, items = generate(SynthConfig(users=160, items=300, seed=0))
@@ -37,7 +37,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from shared.text import resolve_model_path
+    from shared.recommender.text import resolve_model_path
 
     out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

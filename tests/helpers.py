@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
-from shared.model import FusionRecommender, ModelConfig
-from shared.training import training_tensors, trim
+from shared.recommender.model import FusionRecommender, ModelConfig
+from shared.recommender.training import training_tensors, trim
 
 TINY_SETTINGS = {
     "dim": 16,

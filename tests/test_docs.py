@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import RunConfig, _coerce
+from shared.runs.config import RunConfig, _coerce
 from simulations.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]

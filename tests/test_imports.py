@@ -87,11 +87,11 @@ def test_the_check_sees_every_kind_of_arrow_against_the_flow(tmp_path: Path) -> 
     module.parent.mkdir()
     module.write_text(
         "import importlib\n"
-        "from server.ledger import PrivacyLedger\n"
+        "from server.privacy.ledger import PrivacyLedger\n"
         "def lazy():\n"
         "    import simulations.cli\n"
         "    from client import node\n"
-        "    return importlib.import_module('server.audit')\n" + "\n" * MAX_LINES
+        "    return importlib.import_module('server.privacy.audit')\n" + "\n" * MAX_LINES
     )
     found = problems_of("shared.bad", module, tmp_path)
     assert len(found) == 6, found

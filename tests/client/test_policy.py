@@ -13,13 +13,13 @@ from helpers import TINY, TINY_SETTINGS
 
 from client.node import NodePrivacy, evaluate_node, load_node, private_sums, train_node
 from client.policy import NodePolicy, PolicyError, parse_node_config
-from server.ledger import read_ledger
-from shared.config import RunConfig
-from shared.data import load_dataset
-from shared.model import FusionRecommender
-from shared.node_directory import NodeInfo, round_down_2sf
-from shared.partition import write_partitions
-from shared.wire import trainable_state
+from server.privacy.ledger import read_ledger
+from shared.data.dataset import load_dataset
+from shared.data.partition import write_partitions
+from shared.federation.node_directory import NodeInfo, round_down_2sf
+from shared.federation.wire import trainable_state
+from shared.recommender.model import FusionRecommender
+from shared.runs.config import RunConfig
 from simulations.cli import main
 
 

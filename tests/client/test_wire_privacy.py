@@ -16,14 +16,14 @@ from helpers import TINY_SETTINGS
 
 from client.client_app import app
 from client.node import load_node
-from server.federation import settings_record
-from shared.config import RunConfig
-from shared.convert import write_dataset
-from shared.data import load_dataset
-from shared.metrics import METRICS
-from shared.model import FusionRecommender
-from shared.partition import write_partitions
-from shared.wire import ITEM_TABLES, ROWS, encode, trainable_state
+from server.federation.rounds import settings_record
+from shared.data.convert import write_dataset
+from shared.data.dataset import load_dataset
+from shared.data.partition import write_partitions
+from shared.federation.wire import ITEM_TABLES, ROWS, encode, trainable_state
+from shared.recommender.metrics import METRICS
+from shared.recommender.model import FusionRecommender
+from shared.runs.config import RunConfig
 
 ALLOWED_METRICS = {
     "num-examples",

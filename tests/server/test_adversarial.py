@@ -1,5 +1,6 @@
-"""A malicious node against the server (server/strategy.py, server/federation.py,
-server/registry.py, shared/reports.py, shared/wire.py): every hostile reply is rejected or
+"""A malicious node against the server (server/federation/strategy.py, server/federation/rounds.py,
+server/federation/registry.py, shared/federation/reports.py, shared/federation/wire.py): every
+hostile reply is rejected or
 survived, never a crash, and no single node can take over the global model."""
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import pytest
 import torch
 from helpers import node_reply
 
-from server.federation import privacy_reports, record_privacy
-from server.ledger import PrivacyLedger, verify_chain
-from server.node_keys import NodeKeys
-from server.recovery import record_lost_contributions
-from server.registry import Registry, RegistryError, write_registry
-from server.strategy import FedRecStrategy
-from shared.config import RunConfig
-from shared.model import FusionRecommender, ModelConfig
-from shared.reports import ReportError, parse_report
-from shared.wire import ITEM_TABLES, encode, trainable_state
+from server.federation.registry import Registry, RegistryError, write_registry
+from server.federation.rounds import privacy_reports, record_privacy
+from server.federation.strategy import FedRecStrategy
+from server.privacy.ledger import PrivacyLedger, verify_chain
+from server.privacy.ledger_gaps import record_lost_contributions
+from server.privacy.node_keys import NodeKeys
+from shared.federation.reports import ReportError, parse_report
+from shared.federation.wire import ITEM_TABLES, encode, trainable_state
+from shared.recommender.model import FusionRecommender, ModelConfig
+from shared.runs.config import RunConfig
 
 ITEMS = pd.DataFrame({"item_id": [f"p{i}" for i in range(8)], "title": ["t"] * 8})
 

@@ -1,5 +1,5 @@
-"""Aggregation (server/aggregation.py), the wire format (shared/wire.py) and the strategy's
-validation of node replies (server/strategy.py)."""
+"""Aggregation (server/federation/aggregation.py), the wire format (shared/federation/wire.py) and
+the strategy's validation of node replies (server/federation/strategy.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import node_reply
 
-from server.aggregation import NodeUpdate, ServerOptimizer, aggregate
-from server.strategy import FedRecStrategy
-from shared.config import RunConfig
-from shared.model import FusionRecommender, ModelConfig
-from shared.wire import ITEM_TABLES, decode, encode, trainable_state
+from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate
+from server.federation.strategy import FedRecStrategy
+from shared.federation.wire import ITEM_TABLES, decode, encode, trainable_state
+from shared.recommender.model import FusionRecommender, ModelConfig
+from shared.runs.config import RunConfig
 
 ITEMS = 6
 

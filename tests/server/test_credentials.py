@@ -1,5 +1,5 @@
-"""The federation's TLS certificates (server/credentials.py): strict clients accept them, they
-last a year by default, and the kept CA re-issues the server certificate (rotation)."""
+"""The federation's TLS certificates (server/federation/credentials.py): strict clients accept
+them, they last a year by default, and the kept CA re-issues the server certificate (rotation)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from server.credentials import write_tls
+from server.federation.credentials import write_tls
 
 
 def test_a_strict_rfc5280_verifier_accepts_the_server_certificate(tmp_path: Path) -> None:

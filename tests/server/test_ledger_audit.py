@@ -1,5 +1,5 @@
-"""The privacy ledger, its audit and the one-run empirical bound (server/ledger.py,
-server/accounting.py, server/audit.py, server/canary_audit.py)."""
+"""The privacy ledger, its audit and the one-run empirical bound (server/privacy/ledger.py,
+server/privacy/accounting.py, server/privacy/audit.py, server/privacy/canary_audit.py)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.accounting import (
+from server.privacy.accounting import (
     calibrate_noise,
     contributions_to_dp_event,
     federation_guarantee,
     plan_steps,
     recompute_epsilon,
 )
-from server.audit import audit
-from server.audit_report import epsilon_figure
-from server.canary_audit import (
+from server.privacy.audit import audit
+from server.privacy.audit_report import epsilon_figure
+from server.privacy.canary_audit import (
     canaries_needed,
     epsilon_lower_bound,
     max_reachable,
     write_canaries,
 )
-from server.ledger import (
+from server.privacy.ledger import (
     RESERVED,
     LedgerError,
     PrivacyLedger,
@@ -33,7 +33,7 @@ from server.ledger import (
     read_ledger,
     verify_chain,
 )
-from shared.signing import NodeKey, append_receipt, digest_arrays, signed_payload
+from shared.federation.signing import NodeKey, append_receipt, digest_arrays, signed_payload
 from simulations.cli import main
 
 DELTA = 1e-5

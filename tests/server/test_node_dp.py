@@ -1,4 +1,5 @@
-"""Node-level DP and SecAgg+ (shared/node_dp.py, server/node_privacy.py, server/secagg.py):
+"""Node-level DP and SecAgg+ (shared/federation/node_dp.py, server/privacy/node_privacy.py,
+server/federation/secagg.py):
 clipping, the noise's scale, the ledger entries the audit recomputes, the refused combinations,
 and short simulated federations (2 nodes, tiny model) with node-level DP, with and without
 SecAgg+."""
@@ -14,12 +15,12 @@ import pytest
 import torch
 from helpers import TINY, node_reply
 
-from server.audit import audit
-from server.ledger import PrivacyLedger, entry_hash, read_ledger
-from server.node_privacy import NodeLevelDP
-from server.strategy import FedRecStrategy
-from shared.config import RunConfig
-from shared.node_dp import check_node_dp, clipped_update
+from server.federation.strategy import FedRecStrategy
+from server.privacy.audit import audit
+from server.privacy.ledger import PrivacyLedger, entry_hash, read_ledger
+from server.privacy.node_privacy import NodeLevelDP
+from shared.federation.node_dp import check_node_dp, clipped_update
+from shared.runs.config import RunConfig
 from simulations.cli import main
 
 NODE_DP = ["--set", "node_dp=true", "--set", "node_target_epsilon=20"]
@@ -80,7 +81,7 @@ def test_noise_has_the_right_std_and_only_where_weights_can_learn(tmp_path: Path
     assert abs(noise.mean()) < 5 * expected / np.sqrt(noise.size)  # unseeded: 5 std of the mean
     assert not mean["blocks.0.qkv.weight"].any()  # frozen under dp-train=bias: never noised
     # the mean divides the (re-clipped) sum by the nodes sampled, whoever answered
-    from server.aggregation import NodeUpdate
+    from server.federation.aggregation import NodeUpdate
 
     base = state(0)
     updates = [NodeUpdate(str(i), 1.0, {k: v + 10.0 for k, v in base.items()}) for i in range(3)]
@@ -262,7 +263,7 @@ def test_secagg_sum_equals_the_plain_sum(tmp_path: Path) -> None:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from server.secagg import SecureAggregation
+    from server.federation.secagg import SecureAggregation
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers lack tests/
     nodes, found = 3, {}

@@ -1,7 +1,8 @@
-"""Bad actors: malformed updates are rejected and logged with their node (server/strategy.py),
+"""Bad actors: malformed updates are rejected and logged with their node
+(server/federation/strategy.py),
 well-formed malicious ones (simulations/attacks.py) are what robust aggregation resists, the
-ledger recovers spending whose reply was lost (server/recovery.py), and ``fedrec bench robust``
-measures it all end to end on tiny data."""
+ledger recovers spending whose reply was lost (server/privacy/ledger_gaps.py), and ``fedrec bench
+robust`` measures it all end to end on tiny data."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, Metadata, RecordDict
 from helpers import cli_settings, node_reply
 
-from server.accounting import epsilon_curve
-from server.aggregation import NodeUpdate, aggregate
-from server.ledger import PrivacyLedger, verify_chain
-from server.recovery import record_lost_contributions
-from server.strategy import FedRecStrategy
-from shared.config import RunConfig
-from shared.model import FusionRecommender, ModelConfig
-from shared.wire import ITEM_TABLES, decode, encode, trainable_state
+from server.federation.aggregation import NodeUpdate, aggregate
+from server.federation.strategy import FedRecStrategy
+from server.privacy.accounting import epsilon_curve
+from server.privacy.ledger import PrivacyLedger, verify_chain
+from server.privacy.ledger_gaps import record_lost_contributions
+from shared.federation.wire import ITEM_TABLES, decode, encode, trainable_state
+from shared.recommender.model import FusionRecommender, ModelConfig
+from shared.runs.config import RunConfig
 from simulations.attacks import AttackGrid, attack_update, check_attack
 from simulations.cli import main
 

@@ -26,8 +26,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from server import service
-from server.service import (
+from server.serving import service
+from server.serving.index import VectorIndex, recall_at_k, top_k
+from server.serving.lexical import Lexical, tokenize
+from server.serving.search import load_engine
+from server.serving.service import (
     LOCAL_HOSTS,
     Limits,
     admin_token,
@@ -38,14 +41,11 @@ from server.service import (
     host_allowed,
     log_access,
 )
-from shared.artifacts import save_model
-from shared.catalog import TextToId, full_table
-from shared.data import DataError
-from shared.index import VectorIndex, recall_at_k, top_k
-from shared.lexical import Lexical, tokenize
-from shared.model import FusionRecommender, ModelConfig
-from shared.search import load_engine
-from shared.text import item_texts
+from shared.data.dataset import DataError
+from shared.recommender.artifacts import save_model
+from shared.recommender.catalog import TextToId, full_table
+from shared.recommender.model import FusionRecommender, ModelConfig
+from shared.recommender.text import item_texts
 from simulations.cli import build_parser
 
 TEXT_DIM = 64

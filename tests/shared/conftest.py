@@ -14,8 +14,8 @@ def synth_item_text(synth_dataset_dir: Path):
     tensor. Encoded once per machine (~10 s on a slow CPU), then read from the fedrec cache."""
     import torch
 
-    from shared.data import load_dataset
-    from shared.text import embed_items
+    from shared.data.dataset import load_dataset
+    from shared.recommender.text import embed_items
 
     items = load_dataset(synth_dataset_dir).items
     return torch.from_numpy(embed_items(items, show_progress=False))
@@ -24,4 +24,6 @@ def synth_item_text(synth_dataset_dir: Path):
 @pytest.fixture
 def no_accounting(monkeypatch: pytest.MonkeyPatch) -> None:
     """The accountant is beside the point here; it would only cost time."""
-    monkeypatch.setattr("shared.training.new_accountant", lambda state: NoiselessAccountant())
+    monkeypatch.setattr(
+        "shared.recommender.training.new_accountant", lambda state: NoiselessAccountant()
+    )

@@ -1,5 +1,5 @@
-"""Run settings (shared/config.py): pyproject.toml's Flower run config, string coercion, and the
-command-line help of ``fedrec train`` and ``fedrec simulate``."""
+"""Run settings (shared/runs/config.py): pyproject.toml's Flower run config, string coercion, and
+the command-line help of ``fedrec train`` and ``fedrec simulate``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import RunConfig, _coerce
+from shared.runs.config import RunConfig, _coerce
 from simulations.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.convert import write_dataset
-from shared.data import DataError, Dataset, leave_one_out, load_dataset
-from shared.synth import SynthConfig, generate, make_catalog
+from shared.data.convert import write_dataset
+from shared.data.dataset import DataError, Dataset, leave_one_out, load_dataset
+from shared.data.synth import SynthConfig, generate, make_catalog
 from simulations.cli import main
 
 ITEMS = (
@@ -556,7 +556,7 @@ def test_validate_bad_data_exits_2_naming_file_and_row(tmp_path: Path, capsys) -
 def test_sample_keeps_whole_histories_of_the_chosen_customers(
     synth_dataset_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    from shared.data import find_table, read_table
+    from shared.data.dataset import find_table, read_table
 
     original = read_table(find_table(synth_dataset_dir, "interactions"))
     out = tmp_path / "sample"

@@ -14,13 +14,13 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from server.ledger import LedgerError, PrivacyLedger
-from server.ledger_repair import repair
-from shared.artifacts import save_model, write_json
-from shared.checkpoint import Checkpoint, CheckpointError
-from shared.data import load_dataset
-from shared.durable import RunLock
-from shared.partition import write_partitions
+from server.privacy.ledger import LedgerError, PrivacyLedger
+from server.privacy.ledger_repair import repair
+from shared.data.dataset import load_dataset
+from shared.data.partition import write_partitions
+from shared.recommender.artifacts import save_model, write_json
+from shared.runs.checkpoint import Checkpoint, CheckpointError
+from shared.runs.durable import RunLock
 from simulations.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(
     tmp_path: Path,
 ) -> None:
     second = (
-        "import sys\nfrom shared.durable import RunLock, OutputInUse\n"
+        "import sys\nfrom shared.runs.durable import RunLock, OutputInUse\n"
         "try:\n    RunLock(sys.argv[1]).__enter__()\n"
         "except OutputInUse as error:\n    sys.exit(str(error))\n"
     )
@@ -170,7 +170,7 @@ def test_an_existing_out_is_narrowed_to_its_owner(tmp_path: Path) -> None:
 
 
 def test_a_failed_model_write_leaves_the_old_model_whole(tmp_path: Path, monkeypatch) -> None:
-    import shared.artifacts
+    import shared.recommender.artifacts
 
     save_model(tmp_path / "model", tiny_model(), np.arange(40), "minilm", "# old\n")
     before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
@@ -181,7 +181,8 @@ def test_a_failed_model_write_leaves_the_old_model_whole(tmp_path: Path, monkeyp
     def crash(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(shared.artifacts, "write_json", crash)  # after the weights are written
+    # after the weights are written
+    monkeypatch.setattr(shared.recommender.artifacts, "write_json", crash)
     with pytest.raises(OSError, match="disk full"):
         save_model(tmp_path / "model", retrained, np.arange(40), "minilm", "# new\n")
     assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before

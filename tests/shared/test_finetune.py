@@ -1,5 +1,5 @@
-"""Fine-tuning the text tower's top layers (shared/finetune.py): pairs, loss, what changes, the
-cache, and the run outputs that carry the tuned encoder."""
+"""Fine-tuning the text tower's top layers (shared/recommender/finetune.py): pairs, loss, what
+changes, the cache, and the run outputs that carry the tuned encoder."""
 
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ import torch
 from helpers import TINY, cli_settings
 from transformers import AutoModel
 
-from shared.artifacts import read_text_model
-from shared.data import leave_one_out, load_dataset
-from shared.finetune import FrozenPrefix, consecutive_pairs, contrastive_loss, finetune_encoder
-from shared.text import TextEncoder, item_texts
+from shared.data.dataset import leave_one_out, load_dataset
+from shared.recommender.artifacts import read_text_model
+from shared.recommender.finetune import (
+    FrozenPrefix,
+    consecutive_pairs,
+    contrastive_loss,
+    finetune_encoder,
+)
+from shared.recommender.text import TextEncoder, item_texts
 from simulations.cli import main
 
 

@@ -1,4 +1,4 @@
-"""Full-catalog leave-one-out metrics and recs.csv (shared/metrics.py,
+"""Full-catalog leave-one-out metrics and recs.csv (shared/recommender/metrics.py,
 docs/data-and-evaluation.md)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from shared.data import Split, leave_one_out, load_dataset
-from shared.metrics import (
+from shared.data.dataset import Split, leave_one_out, load_dataset
+from shared.recommender.metrics import (
     METRICS,
     TOP_K,
     evaluate,

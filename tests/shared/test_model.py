@@ -1,5 +1,5 @@
-"""The fusion recommender (shared/model.py): the text-baseline start, the fast scoring path, the
-ablations, cold-item filling and the independence of a customer's state from its batch."""
+"""The fusion recommender (shared/recommender/model.py): the text-baseline start, the fast scoring
+path, the ablations, cold-item filling and the independence of a customer's state from its batch."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.catalog import fill_cold_items
-from shared.model import FusionRecommender, ModelConfig, pad_histories
-from shared.training import training_tensors, trim
+from shared.recommender.catalog import fill_cold_items
+from shared.recommender.model import FusionRecommender, ModelConfig, pad_histories
+from shared.recommender.training import training_tensors, trim
 
 TEXT_MODULES = ("text_in", "query_to_text")
 ID_MODULES = ("id_in", "id_scores")

@@ -1,4 +1,4 @@
-"""Splitting one dataset into node directories (shared/partition.py)."""
+"""Splitting one dataset into node directories (shared/data/partition.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.data import Dataset, load_dataset
-from shared.node_directory import node_catalog, node_name
-from shared.partition import write_partitions
+from shared.data.dataset import Dataset, load_dataset
+from shared.data.partition import write_partitions
+from shared.federation.node_directory import node_catalog, node_name
 
 NODES = 3
 

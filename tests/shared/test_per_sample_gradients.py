@@ -10,8 +10,8 @@ from helpers import customers, tiny_model
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
 from client.node import CatalogView
-from shared.model import FusionRecommender
-from shared.training import (
+from shared.recommender.model import FusionRecommender
+from shared.recommender.training import (
     CustomerLoss,
     length_buckets,
     select_trainable,

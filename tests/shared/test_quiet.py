@@ -1,4 +1,4 @@
-"""Third-party messages nobody can act on are filtered at their source (shared/quiet.py), in
+"""Third-party messages nobody can act on are filtered at their source (shared/runs/quiet.py), in
 this process and in Ray's workers; the project's own warnings still show."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import warnings
 
-from shared.quiet import quiet_third_party, worker_environment
+from shared.runs.quiet import quiet_third_party, worker_environment
 
 SECURE_RNG = "Secure RNG turned off. This is perfectly fine for experimentation"
 
@@ -28,7 +28,9 @@ def test_named_warnings_are_filtered_and_others_are_not() -> None:
             "divide by zero encountered in log",
             RuntimeWarning,
         )
-        warn_from("shared.training", "divide by zero encountered in log", RuntimeWarning)
+        warn_from(
+            "shared.recommender.training", "divide by zero encountered in log", RuntimeWarning
+        )
         warn_from("opacus.privacy_engine", "PrivacyEngine detected new dataset object")
     assert [str(w.message) for w in caught] == [
         "divide by zero encountered in log",  # the project's own
@@ -57,7 +59,8 @@ def test_workers_get_the_same_filters() -> None:
         "import warnings\n"
         f"warnings.warn_explicit({SECURE_RNG!r}, UserWarning, 'p.py', 1, "
         "module='opacus.privacy_engine')\n"
-        "warnings.warn_explicit('kept', UserWarning, 'p.py', 1, module='shared.training')\n"
+        "warnings.warn_explicit('kept', UserWarning, 'p.py', 1, "
+        "module='shared.recommender.training')\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

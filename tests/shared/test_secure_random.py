@@ -1,4 +1,5 @@
-"""All DP randomness comes from SecureRandom (shared/secure_random.py): its draws have the right
+"""All DP randomness comes from SecureRandom (shared/recommender/secure_random.py): its draws have
+the right
 distribution, and no seed (the run's ``seed`` setting through ``init_seed``, torch's or numpy's
 global generator, the clock) reproduces the noise or the sampling of DP-SGD (``train_private``)
 or the noise of node-level DP (``NodeLevelDP.release``)."""
@@ -15,12 +16,12 @@ from flwr.supercore.differential_privacy import compute_stdv
 from helpers import customers, tiny_model
 from scipy import stats
 
-from server.ledger import PrivacyLedger
-from server.node_privacy import NodeLevelDP
-from shared.config import RunConfig
-from shared.model import init_seed
-from shared.secure_random import SecureRandom
-from shared.training import train_private
+from server.privacy.ledger import PrivacyLedger
+from server.privacy.node_privacy import NodeLevelDP
+from shared.recommender.model import init_seed
+from shared.recommender.secure_random import SecureRandom
+from shared.recommender.training import train_private
+from shared.runs.config import RunConfig
 
 N = 1_000_000
 

@@ -1,4 +1,4 @@
-"""Node signatures over privacy receipts and the update digest (shared/signing.py)."""
+"""Node signatures over privacy receipts and the update digest (shared/federation/signing.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.signing import (
+from shared.federation.signing import (
     SIGNED_FIELDS,
     NodeKey,
     append_receipt,
@@ -98,7 +98,7 @@ def test_garbage_never_verifies_and_never_raises(key, public_pem, payload, signa
 def test_a_p384_key_is_not_a_node_key(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from shared.signing import pkcs8_pem
+    from shared.federation.signing import pkcs8_pem
 
     (tmp_path / "p384.pem").write_bytes(pkcs8_pem(ec.generate_private_key(ec.SECP384R1())))
     with pytest.raises(ValueError, match="P-256"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.text import OnnxTextEncoder, TextEncoder, export_onnx
+from shared.recommender.text import OnnxTextEncoder, TextEncoder, export_onnx
 
 TEXTS = ["red lipstick", "a", "argan oil shampoo for dry hair, sulfate free " * 4, "gift set"]
 

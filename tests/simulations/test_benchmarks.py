@@ -13,11 +13,11 @@ import pytest
 import torch
 from helpers import TINY
 
-from shared.config import RunConfig
-from shared.experiment import Experiment
-from shared.metrics import METRICS, evaluate
+from shared.recommender.experiment import Experiment
+from shared.recommender.metrics import METRICS, evaluate
+from shared.runs.config import RunConfig
 from simulations.baselines import baselines, text_only
-from simulations.bench_privacy import parse_epsilons
+from simulations.bench.privacy import parse_epsilons
 from simulations.cli import main
 
 BASELINES = {"popularity", "als", "itemknn", "text", "late_fusion"}

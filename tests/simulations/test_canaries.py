@@ -11,12 +11,12 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-from server.canary_audit import read_canaries
-from shared.data import Dataset, leave_one_out, load_dataset
-from shared.model import FusionRecommender, ModelConfig
-from shared.node_directory import node_catalog
-from shared.partition import write_partitions
-from shared.training import train_epoch, training_tensors
+from server.privacy.canary_audit import read_canaries
+from shared.data.dataset import Dataset, leave_one_out, load_dataset
+from shared.data.partition import write_partitions
+from shared.federation.node_directory import node_catalog
+from shared.recommender.model import FusionRecommender, ModelConfig
+from shared.recommender.training import train_epoch, training_tensors
 from simulations.canaries import (
     Canaries,
     audit_canaries,
@@ -29,8 +29,8 @@ from simulations.canaries import (
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
-    from shared.convert import write_dataset
-    from shared.synth import SynthConfig, generate
+    from shared.data.convert import write_dataset
+    from shared.data.synth import SynthConfig, generate
 
     interactions, items = generate(SynthConfig(users=400, items=200, seed=0))
     return load_dataset(

@@ -1,4 +1,4 @@
-"""``fedrec train``, the centralized reference run (simulations/centralized.py), end to end on a
+"""``fedrec train``, the centralized reference run (simulations/train.py), end to end on a
 tiny synthetic dataset: its outputs, its quality against popularity, and its DP guarantee."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import TINY
 
-from shared.data import leave_one_out, load_dataset
-from shared.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
+from shared.data.dataset import leave_one_out, load_dataset
+from shared.recommender.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
 from simulations.cli import main
 
 
@@ -146,9 +146,9 @@ def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir:
     out, so their ID rows keep their zero start (the full softmax would push them down)."""
     from helpers import TINY_SETTINGS
 
-    from shared.config import RunConfig
-    from shared.experiment import Experiment
-    from simulations.centralized import train_centralized
+    from shared.recommender.experiment import Experiment
+    from shared.runs.config import RunConfig
+    from simulations.train import train_centralized
 
     config = RunConfig(**TINY_SETTINGS, epochs=1, device="cpu")
     experiment = Experiment.prepare(tiny_synth_dataset_dir, config, 0.2, show_progress=False)
@@ -163,8 +163,8 @@ def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir:
 
 def test_model_card_names_the_dataset(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
     """The directory's name, and for the embedded default (OUT/data) what it is."""
-    from shared.config import RunConfig
-    from shared.experiment import EMBEDDED_NAME, Experiment
+    from shared.recommender.experiment import EMBEDDED_NAME, Experiment
+    from shared.runs.config import RunConfig
 
     out = tmp_path / "run"
     shutil.copytree(tiny_synth_dataset_dir, out / "data")

@@ -1,6 +1,6 @@
 """The federation on Flower's deployment engine (simulations/deploy.py,
-simulations/local_federation.py, server/credentials.py, server/recovery.py): a SuperLink and
-SuperNodes as real processes on loopback, TLS and SuperNode authentication on.
+simulations/local_federation.py, server/federation/credentials.py, server/privacy/ledger_gaps.py):
+a SuperLink and SuperNodes as real processes on loopback, TLS and SuperNode authentication on.
 
 - ``fedrec deploy local``: 3 nodes, 1 round (the fault run below has 4), and every process
   gone afterwards;
@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 from helpers import TINY_SETTINGS, cli_settings
 
-from server.ledger import read_ledger, verify_chain
-from shared.config import RunConfig
-from shared.data import leave_one_out, load_dataset
-from shared.partition import ensure_partitions
+from server.privacy.ledger import read_ledger, verify_chain
+from shared.data.dataset import leave_one_out, load_dataset
+from shared.data.partition import ensure_partitions
+from shared.runs.config import RunConfig
 from simulations.cli import main
 from simulations.deploy import completed_round
 from simulations.local_federation import LocalFederation
@@ -225,7 +225,7 @@ def test_a_restarted_server_resumes_with_the_ledger_intact(faulted: dict) -> Non
 
 
 def test_secrets_are_owner_only_even_over_a_world_readable_file(tmp_path: Path) -> None:
-    from server.credentials import write_node_key, write_tls
+    from server.federation.credentials import write_node_key, write_tls
 
     stale = tmp_path / "server.key"
     stale.write_bytes(b"old")

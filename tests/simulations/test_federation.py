@@ -1,4 +1,4 @@
-"""End to end: ``fedrec simulate`` on Flower's simulation engine (server/federation.py,
+"""End to end: ``fedrec simulate`` on Flower's simulation engine (server/federation/rounds.py,
 client/node.py, client/client_app.py), its outputs, resuming after a crash, the
 privacy ledger of a DP run, and a node that declines once its budget is spent.
 
@@ -18,17 +18,17 @@ import torch
 from helpers import TINY
 
 from client.node import NodePrivacy, load_node, train_node
-from server.federation import Checkpoint
-from server.ledger import read_ledger, verify_chain
-from shared.artifacts import load_model, read_item_ids
-from shared.config import RunConfig
-from shared.data import leave_one_out, load_dataset
-from shared.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
-from shared.model import FusionRecommender
-from shared.node_directory import node_name
-from shared.partition import write_partitions
-from shared.text import embed_items
-from shared.wire import trainable_state
+from server.federation.rounds import Checkpoint
+from server.privacy.ledger import read_ledger, verify_chain
+from shared.data.dataset import leave_one_out, load_dataset
+from shared.data.partition import write_partitions
+from shared.federation.node_directory import node_name
+from shared.federation.wire import trainable_state
+from shared.recommender.artifacts import load_model, read_item_ids
+from shared.recommender.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
+from shared.recommender.model import FusionRecommender
+from shared.recommender.text import embed_items
+from shared.runs.config import RunConfig
 from simulations.cli import main
 
 CONTRIBUTION_FIELDS = (

@@ -1,0 +1,109 @@
+"""Aggregating node updates into the global model, row-aware for item tables.
+
+Every update is a delta against the global weights. For item tables each row is aggregated only
+over the nodes that sent that row (the nodes that sell that product and trained it), so a
+merchant's products are never diluted by the nodes that do not sell them; rows nobody sent keep
+their global value. The aggregate delta is applied by a server optimiser: plain FedAvg
+(``server_lr`` 1) or FedAdam (Adam on the negative delta, Reddi et al. 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shared.federation.wire import ITEM_TABLES
+
+METHODS = ("mean", "median", "trimmed")
+
+
+@dataclass
+class NodeUpdate:
+    """One node's reply: its weights (item tables possibly row-sparse) and its weight."""
+
+    node: str
+    weight: float
+    arrays: dict[str, torch.Tensor]
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _stack(
+    name: str, reference: torch.Tensor, updates: list[NodeUpdate]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deltas (nodes, *shape) and a presence mask (nodes, rows or 1)."""
+    deltas = torch.zeros(len(updates), *reference.shape)
+    present = torch.zeros(
+        len(updates), reference.shape[0] if reference.ndim else 1, dtype=torch.bool
+    )
+    for i, update in enumerate(updates):
+        if name in update.rows:
+            index = torch.as_tensor(update.rows[name] + ITEM_TABLES[name])
+            deltas[i, index] = update.arrays[name] - reference[index]
+            present[i, index] = True
+        else:
+            deltas[i] = update.arrays[name] - reference
+            present[i] = True
+    return deltas, present
+
+
+def _robust(deltas: torch.Tensor, present: torch.Tensor, method: str, trim: float) -> torch.Tensor:
+    """Coordinate-wise median or trimmed mean over the nodes present for each row."""
+    shape = (*present.shape, *[1] * (deltas.ndim - present.ndim))
+    values = torch.where(present.view(shape), deltas, torch.nan)
+    if method == "median":
+        return torch.nan_to_num(values.nanmedian(dim=0).values)
+    ordered = values.sort(dim=0).values  # NaNs (absent nodes) sort last
+    count = present.sum(0).view(shape[1:]).expand(deltas.shape[1:])
+    cut = (trim * count).floor()
+    rank = torch.arange(len(deltas)).view(-1, *[1] * (deltas.ndim - 1))
+    keep = (rank >= cut) & (rank < count - cut)
+    kept = torch.where(keep, torch.nan_to_num(ordered), 0.0)
+    return kept.sum(0) / keep.sum(0).clamp(min=1)
+
+
+def aggregate(
+    global_state: dict[str, torch.Tensor],
+    updates: list[NodeUpdate],
+    method: str = "mean",
+    trim: float = 0.2,
+) -> dict[str, torch.Tensor]:
+    """The aggregate delta for every weight (mean weighted by node size, median or trimmed)."""
+    if method not in METHODS:
+        raise ValueError(f"aggregation must be one of {METHODS}, got {method!r}")
+    weights = torch.tensor([u.weight for u in updates], dtype=torch.float32)
+    out = {}
+    for name, reference in global_state.items():
+        deltas, present = _stack(name, reference.float(), updates)
+        if method == "mean":
+            w = weights.view(-1, 1) * present
+            w = w / w.sum(0, keepdim=True).clamp(min=1e-12)  # rows nobody sent get delta 0
+            out[name] = (w.view(*w.shape, *[1] * (deltas.ndim - 2)) * deltas).sum(0)
+        else:
+            out[name] = _robust(deltas, present, method, trim)
+    return out
+
+
+class ServerOptimizer:
+    """Applies the aggregate delta: FedAvg (SGD, lr 1 by default) or FedAdam."""
+
+    def __init__(self, kind: str = "sgd", lr: float = 1.0, betas=(0.9, 0.99), eps: float = 1e-3):
+        self.kind, self.lr, self.betas, self.eps = kind, lr, betas, eps
+        self.state: dict[str, torch.Tensor] = {}
+
+    def step(
+        self, global_state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        if self.kind == "sgd":
+            return {k: v + self.lr * delta[k] for k, v in global_state.items()}
+        beta1, beta2 = self.betas
+        new = {}
+        for name, value in global_state.items():
+            m = self.state.get(f"{name}.m", torch.zeros_like(value))
+            v = self.state.get(f"{name}.v", torch.zeros_like(value))
+            m = beta1 * m + (1 - beta1) * delta[name]
+            v = beta2 * v + (1 - beta2) * delta[name] ** 2
+            self.state[f"{name}.m"], self.state[f"{name}.v"] = m, v
+            new[name] = value + self.lr * m / (v.sqrt() + self.eps)
+        return new

@@ -1,0 +1,506 @@
+"""The federation's round loop, read top to bottom.
+
+Each round: sample nodes, send them the global weights and the run settings, record every
+node's privacy spending in the ledger as its reply arrives (before anything else is done with
+it), aggregate the accepted updates, evaluate the global model, and checkpoint. A stopped run
+started again with the same OUT resumes after its last completed round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from server.federation.aggregation import NodeUpdate
+from server.federation.registry import Registry
+from server.federation.strategy import FedRecStrategy
+from server.privacy.ledger import PrivacyLedger
+from server.privacy.ledger_gaps import record_lost_contributions
+from server.privacy.node_keys import NodeKeys
+from server.privacy.node_privacy import NodeLevelDP, add_node_level
+from shared.data.partition import SCHEMES
+from shared.federation.node_dp import check_node_dp
+from shared.federation.reports import NodeReport, ReportError, parse_report
+from shared.federation.wire import encode, nbytes, trainable_state
+from shared.recommender.experiment import Catalog, Experiment
+from shared.runs.checkpoint import Checkpoint
+from shared.runs.config import RunConfig
+from shared.runs.durable import RunLock, make_private
+from shared.runs.outputs import differences
+
+log = logging.getLogger("fedrec.server")
+WIRE_DTYPES = ("float32", "float16")
+NODE_UNIT = "one customer's entire history at one node (every event of one customer there)"
+
+
+def node_target_epsilon(config: RunConfig) -> float:
+    """The budget each node is asked to keep: the whole budget when a customer is at one node
+    only (regional), else an equal share, so that the composition over all nodes stays within
+    ``target-epsilon`` (basic composition; the audit reports the tighter PLD composition)."""
+    if config.partition == "regional":
+        return config.target_epsilon
+    return config.target_epsilon / max(config.clients, 1)
+
+
+def settings_record(
+    config: RunConfig, catalog_digest: str, partitions: Path | None
+) -> ConfigRecord:
+    """What the nodes are sent each round: the run's settings, with each node's share of the
+    budget, the digest of the catalog the global model is indexed by (a node holding another
+    refuses) and, in a simulation, where the partitions are. The run's id is added once the
+    ledger has started (:class:`Federation`)."""
+    request = {**config.to_dict(), "target_epsilon": node_target_epsilon(config)}
+    record = {**request, "catalog-digest": catalog_digest}
+    if partitions is not None:
+        record["partitions-dir"] = str(Path(partitions).resolve())
+    return ConfigRecord(record)
+
+
+@dataclass
+class Reports:
+    """The privacy reports of one exchange, parsed, and the nodes whose replies are not to be
+    used (a malformed report, or a release that does not verify), with why."""
+
+    reports: list[NodeReport] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def trusted(self, replies: list[Message], strategy: FedRecStrategy) -> list[Message]:
+        """The replies whose report parsed and verified (or that carry none)."""
+        return [r for r in replies if strategy.sender(r) not in self.rejected]
+
+
+def privacy_reports(
+    replies: list[Message],
+    keys: NodeKeys,
+    run_id: str,
+    server_round: int,
+    strategy: FedRecStrategy,
+) -> Reports:
+    """Each reply's privacy report, parsed; the sender checked against the registry (if any)
+    and a DP release against the node's key, this run and round, and the digest of the update
+    it came with."""
+    received = Reports()
+    for reply in replies:
+        if reply.has_error() or not reply.has_content() or "privacy" not in reply.content:
+            continue
+        sender = strategy.sender(reply)
+        try:
+            if problem := strategy.identity_problem(reply):
+                raise ReportError(problem)
+            report = parse_report(dict(reply.content["privacy"]))
+        except ReportError as error:
+            received.rejected[sender] = f"privacy report refused: {error}"
+            log.warning("round %d, node %s: %s", server_round, sender, error)
+            continue
+        if report.release is not None:
+            arrays = (
+                {k: a.numpy() for k, a in reply.content["arrays"].items()}
+                if "arrays" in reply.content
+                else None
+            )
+            problem = verify_release(report, keys, arrays, run_id, server_round)
+            if problem:
+                received.rejected[report.node] = problem
+                log.warning("round %d, node %s: %s", server_round, report.node, problem)
+        received.reports.append(report)
+    return received
+
+
+def verify_release(
+    report: NodeReport,
+    keys: NodeKeys,
+    arrays: dict[str, np.ndarray] | None,
+    run_id: str,
+    server_round: int,
+) -> str | None:
+    """Why a signed release must not be trusted (None: it verifies)."""
+    release = report.release
+    assert release is not None
+    if release.run_id != run_id or release.round != server_round:
+        return f"signed for run {release.run_id[:12]}, round {release.round}: not this one"
+    return keys.check(report, arrays)
+
+
+def record_privacy(ledger: PrivacyLedger, server_round: int, reports: list[NodeReport]) -> None:
+    """Append each node's refusal, decline or release to the ledger, before anything else is
+    done with its reply. A release is recorded even when it does not verify (its update is
+    then not used): a node's spending is never under-reported."""
+    for report in reports:
+        node = report.node
+        if report.refused:
+            ledger.append("refused", round=server_round, node=node, reason=report.reason)
+            log.warning("node %s refused round %d: %s", node, server_round, report.reason)
+        elif report.declined:
+            ledger.append(
+                "declined",
+                round=server_round,
+                node=node,
+                reason=report.reason,
+                epsilon=report.epsilon,
+            )
+            log.info("node %s declined round %d: %s", node, server_round, report.reason)
+        elif report.release is not None:
+            release = report.signed()
+            record_lost_contributions(ledger, server_round, node, release)
+            ledger.append("contribution", **release)
+
+
+def check_settings(config: RunConfig) -> None:
+    """Refuse settings a federation cannot run (ValueError saying which), before any output."""
+    if config.text_finetune_layers:
+        raise ValueError(
+            "text-finetune-layers is for centralized runs (fedrec train) only: in a federation "
+            "the encoder would be trained on pooled data; set it to 0"
+        )
+    check_node_dp(config)
+    FedRecStrategy(config)  # the strategy's name
+    config.model_config(num_items=1, text_dim=1)  # fusion, variant
+    if config.partition not in SCHEMES:
+        raise ValueError(f"partition must be one of {SCHEMES}, got {config.partition!r}")
+    if config.wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}, got {config.wire_dtype!r}")
+    for name in ("clients", "rounds", "local_epochs", "local_batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+    if config.round_timeout < 0:
+        raise ValueError("round-timeout must be 0 (no limit) or positive")
+
+
+@dataclass
+class RoundResult:
+    """What one training exchange gave: the updates to aggregate (or, under SecAgg+, their
+    sum), how many nodes were sampled and contributed, and what was rejected."""
+
+    updates: list[NodeUpdate]
+    total: dict[str, np.ndarray] | None
+    sampled: int
+    contributed: int
+    rejected: list[str]
+    replies: list[Message]
+
+
+class Federation:
+    """One run's round machinery: the grid, the strategy, the ledger and the nodes' keys."""
+
+    def __init__(
+        self, grid: Grid, config: RunConfig, out: Path, catalog: Catalog, partitions: Path | None
+    ):
+        self.grid, self.config = grid, config
+        self.strategy = FedRecStrategy(config)
+        if config.registry:  # a deployment: nodes are who the operator registered
+            self.strategy.registry = Registry.load(config.registry, catalog.items)
+        self.ledger = PrivacyLedger(out / "ledger.jsonl")
+        if not self.ledger.entries:
+            self.ledger.append(
+                "run_start",
+                config={**config.to_dict(), "num_nodes": config.clients},
+                unit=NODE_UNIT,
+            )
+        self.run_id = self.ledger.entries[0]["hash"]  # what every node's signed report names
+        settings = settings_record(config, catalog.digest, partitions)
+        self.settings = ConfigRecord({**dict(settings), "run-id": self.run_id})
+        self.keys = NodeKeys(out / "node-keys")
+        self.secure = None
+        if config.secagg:  # the legacy path, only for SecAgg+ rounds (server/federation/secagg.py)
+            from server.federation.secagg import SecureAggregation
+
+            self.secure = SecureAggregation(grid, config, self.settings)
+
+    def train(self, server_round: int, state: dict[str, torch.Tensor]) -> RoundResult:
+        """Send the global weights, record every node's privacy report as its reply arrives,
+        and keep the updates that pass validation."""
+        if self.secure is not None:  # the server sees the sum of the clipped updates only
+            total, records, sampled = self.secure.train_round(server_round, state)
+            received = Reports()  # the masked updates themselves cannot be checked here
+            for record in records:
+                try:
+                    report = parse_report(record)
+                except ReportError as error:
+                    log.warning("round %d: a malformed privacy report: %s", server_round, error)
+                    continue
+                if report.release is not None:
+                    verify_release(report, self.keys, None, self.run_id, server_round)
+                received.reports.append(report)
+            record_privacy(self.ledger, server_round, received.reports)
+            done = sum(not (r.refused or r.declined) for r in received.reports)
+            return RoundResult([], total, sampled, 0 if total is None else done, [], [])
+        arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
+        messages = list(
+            self.strategy.configure_train(server_round, arrays, self.settings, self.grid)
+        )
+        timeout = self.config.round_timeout or None
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
+        record_privacy(self.ledger, server_round, received.reports)
+        updates, rejected = self.strategy.node_updates(
+            received.trusted(replies, self.strategy), state
+        )
+        rejected += [f"{node}: {why}" for node, why in received.rejected.items()]
+        return RoundResult(updates, None, len(messages), len(updates), rejected, replies)
+
+    def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict | None:
+        """The nodes evaluate the global model on their own customers; their private answers
+        are recorded in the ledger like any release before they are aggregated."""
+        arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
+        messages = list(
+            self.strategy.configure_evaluate(server_round, arrays, self.settings, self.grid)
+        )
+        replies = list(
+            self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None)
+        )
+        received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
+        record_privacy(self.ledger, server_round, received.reports)
+        return self.strategy.aggregate_evaluate(
+            server_round, received.trusted(replies, self.strategy)
+        )
+
+
+def run_federation(
+    grid: Grid,
+    config: RunConfig,
+    out: Path,
+    catalog: Catalog,
+    evaluation: Experiment | None = None,
+    partitions: Path | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Run (or resume) the federation over ``catalog`` and write the run's outputs to ``out``.
+
+    A deployment's server holds the public catalog alone and the nodes evaluate the model
+    (``federated-eval``); a simulation also gives its ``evaluation`` split (the events its
+    nodes do not hold) and where its nodes' ``partitions`` are.
+    """
+    check_settings(config)
+    if evaluation is None and not config.federated_eval:
+        raise ValueError(
+            "a server that holds only the catalog learns the model's quality from the nodes: "
+            "set federated-eval=true"
+        )
+    with RunLock(out):  # one run at a time writes to OUT
+        return _federate(grid, config, out, catalog, evaluation, partitions, show_progress)
+
+
+def _federate(
+    grid: Grid,
+    config: RunConfig,
+    out: Path,
+    catalog: Catalog,
+    evaluation: Experiment | None,
+    partitions: Path | None,
+    show_progress: bool,
+) -> dict:
+    """The run itself, under the lock on ``out`` (:func:`run_federation`)."""
+    model = catalog.new_model()
+    state = trainable_state(model)
+    federation = Federation(grid, config, out, catalog, partitions)
+    strategy, ledger = federation.strategy, federation.ledger
+    checkpoint = Checkpoint(out / "checkpoint.safetensors")
+    history, trained_rows, done = [], np.zeros(catalog.num_items, dtype=bool), 0
+    saved = checkpoint.load()
+    if saved is not None:
+        state, strategy.optimizer.state, progress = saved
+        if changed := differences(progress["config"], config.to_dict()):
+            raise SystemExit(
+                f"{out} holds a run with other settings ({'; '.join(changed)}); use another --out"
+            )
+        history, done = progress["history"], progress["round"]
+        trained_rows[progress["trained_rows"]] = True
+        log.info("resuming after round %d of %d", done, config.rounds)
+    reason = "all rounds completed"
+    monitor = "test" if config.refit else "valid"
+    node_dp = NodeLevelDP(config, ledger) if config.node_dp else None
+    for server_round in range(done + 1, config.rounds + 1):
+        started = time.time()
+        if node_dp is not None and (refusal := node_dp.refusal()):
+            reason = refusal
+            log.warning("round %d: %s", server_round, reason)
+            break
+        result = federation.train(server_round, state)
+        if result.contributed < max(1, config.min_nodes):
+            reason = (
+                f"{result.contributed} valid update(s) in round {server_round}, fewer than "
+                f"min-nodes {config.min_nodes} (nodes lost, budgets spent or updates rejected)"
+                if result.contributed
+                else "no node could train (refused by policy, budgets spent or no valid update)"
+            )
+            log.warning("round %d: %s", server_round, reason)
+            break
+        if node_dp is not None:  # the noisy uniform mean, in the ledger before it is used
+            total = (
+                result.total if result.total is not None else node_dp.total(state, result.updates)
+            )
+            mean = node_dp.release(server_round, total, result.sampled, result.contributed)
+            aggregated = strategy.optimizer.step(state, mean)
+        else:
+            aggregated = strategy.apply(state, result.updates)
+        if not all(torch.isfinite(value).all() for value in aggregated.values()):
+            # never used, never checkpointed: the round's model is the previous one
+            log.error(
+                "round %d: the aggregate is not finite; the round is not applied", server_round
+            )
+            result.rejected.append("aggregate: not finite, the round was not applied")
+            result.updates.clear()
+        else:
+            state = aggregated
+            if node_dp is not None:
+                trained_rows[:] = True
+        for update in result.updates:
+            if "id_scores.weight" in update.rows:
+                trained_rows[update.rows["id_scores.weight"]] = True
+            else:
+                trained_rows[:] = True
+        model.load_state_dict(state)
+        entry = {"round": server_round}
+        if evaluation is not None:
+            # monitoring only (rounds are fixed, nothing is chosen on it); with refit the nodes
+            # train on the validation targets, so the held-out test events show progress
+            valid, _ = evaluation.evaluate(model, monitor)
+            entry[monitor] = {k: v for k, v in valid.items() if "@" in k}
+        if config.federated_eval:
+            entry["federated"] = federation.evaluate(server_round, state)
+        history.append(
+            {
+                **entry,
+                "nodes": result.contributed,
+                "rejected": result.rejected,
+                "round_s": round(time.time() - started, 1),
+                "bytes_down_per_node": nbytes(encode(state)),
+                "bytes_up_per_node": _mean_metric(result.replies, "bytes-up"),
+                "loss": _mean_metric(result.replies, "loss"),
+            }
+        )
+        checkpoint.save(
+            state,
+            strategy.optimizer.state,
+            {
+                "round": server_round,
+                "history": history,
+                "config": config.to_dict(),
+                "trained_rows": np.flatnonzero(trained_rows).tolist(),
+            },
+        )
+        report_round(history[-1], config.rounds, show_progress)
+    ledger.append("run_end", rounds_completed=len(history), reason=reason)
+    model.load_state_dict(state)
+    timing = {
+        "rounds": len(history),
+        "round_s": round(float(np.mean([h["round_s"] for h in history])), 1) if history else 0.0,
+    }
+    privacy = federation_privacy(ledger, config) if config.dp else None
+    if config.node_dp:
+        privacy = add_node_level(privacy, ledger, config)
+    federated = [h["federated"] for h in history if h.get("federated")]
+    extra = {"rounds": history, **({"federated_evaluation": federated} if federated else {})}
+    title = "fedrec federated global recommender"
+    trained = torch.from_numpy(trained_rows)
+    if evaluation is not None:
+        metrics = evaluation.finish(
+            out, model, trained=trained, timing=timing, privacy=privacy, extra=extra, title=title
+        )
+    else:
+        filled = catalog.fill_untrained(model, trained)
+        measured = {"timing": timing, "cold_filled_items": filled, **extra}
+        metrics = catalog.write(out, model, measured, privacy, title=title)
+    plot_rounds(history, out / "rounds.png")
+    return metrics
+
+
+def round_quality(entry: dict) -> tuple[str, float] | None:
+    """The round's headline figure: the server's evaluation if it has one, else the nodes'."""
+    for stage in ("test", "valid"):
+        if stage in entry:
+            return f"{stage} ndcg@10", entry[stage]["ndcg@10"]
+    if entry.get("federated"):
+        return "federated ndcg@10", entry["federated"]["ndcg@10"]
+    return None
+
+
+def report_round(entry: dict, rounds: int, show_progress: bool) -> None:
+    """One line per round: on the terminal, or in the log when the terminal is quiet."""
+    quality = round_quality(entry)
+    figure = f"{quality[0]} {quality[1]:.4f}, " if quality else ""
+    line = f"round {entry['round']}/{rounds}: {figure}{entry['nodes']} nodes, {entry['round_s']} s"
+    if show_progress:
+        print(line, flush=True)
+    else:
+        log.info(line)
+
+
+def _mean_metric(replies: list[Message], key: str) -> float | None:
+    values = [
+        float(r.content["metrics"][key])
+        for r in replies
+        if not r.has_error() and key in r.content.get("metrics", {})
+    ]
+    return float(np.mean(values)) if values else None
+
+
+def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
+    """The guarantee per node and for the federation, from the ledger's releases. The headline
+    ``epsilon`` is the federation's guarantee that applies to the partition (the worst node
+    when a customer is at one node only, the composition over every node otherwise)."""
+    from server.privacy.accounting import federation_guarantee
+
+    contributions = [e for e in ledger.entries if e["kind"] == "contribution"]
+    nodes: dict[str, dict] = {}
+    for entry in contributions:
+        nodes[entry["node"]] = {
+            "epsilon": entry["epsilon"],
+            "delta": entry["delta"],
+            "contributions": entry["contribution_index"] + 1,
+        }
+    if not contributions:
+        return {"unit": NODE_UNIT, "per_node": {}, "statement": "No node contributed."}
+    federation = federation_guarantee(contributions, config.delta or None, config.partition)
+    epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
+    return {
+        "unit": federation["unit"],
+        "accountant": "prv (opacus) at each node; the federation by dp-accounting PLD",
+        "delta": delta,
+        "epsilon": epsilon,
+        "target_epsilon": config.target_epsilon,
+        "per_node": nodes,
+        "federation": federation,
+        "statement": (
+            f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
+            f"({epsilon:.3f}, {delta:.3g})-differential privacy for each customer, the unit "
+            f"being {federation['unit']}; each node's own guarantee is in 'per_node'."
+        ),
+    }
+
+
+def plot_rounds(history: list[dict], path: Path) -> None:
+    """Quality of the global model over rounds (PNG): the server's evaluation and the nodes'
+    (federated), whichever the run has."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for source, label in (("test", "test"), ("valid", "valid"), ("federated", "federated")):
+        points = [(h["round"], h[source]) for h in history if h.get(source)]
+        for metric, style in (("ndcg@10", "o-"), ("hr@10", "s--")):
+            if points:
+                rounds, values = zip(*((r, v[metric]) for r, v in points), strict=True)
+                ax.plot(rounds, values, style, label=f"{label} {metric}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+    ax.set_xlabel("round")
+    ax.set_ylabel("quality")
+    ax.set_title("Global model quality over rounds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    make_private(path)

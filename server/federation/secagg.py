@@ -1,0 +1,141 @@
+"""Secure aggregation (SecAgg+) of the node-level DP updates: the server sees only their sum.
+
+In flwr 1.42 SecAgg+ exists only on the legacy path: ``SecAggPlusWorkflow`` driven by a
+``LegacyContext`` and a legacy ``flwr.server.strategy``, answered at the nodes by
+``secaggplus_mod`` (client/client_app.py). fedrec runs that workflow one round at a time from
+its own round loop (server/federation/rounds.py), so the ledger, the checkpoint and resuming work
+as in every other run; Flower's ``DefaultWorkflow`` would own the loop instead.
+
+What the nodes send through it is their clipped update (a delta, L2 norm <= C, so every
+coordinate is within +-C): the workflow quantises each coordinate over ``clipping_range = C`` with
+2**22 levels (stochastic rounding, unbiased, error <= 2C / 2**22 per coordinate and node) and
+never clips one. Every node weighs 1 (``max_weight = 1``): the workflow returns the uniform mean
+over the nodes that completed the protocol, which is turned back into their sum.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+# deprecated path; SecAgg+ exists nowhere else in flwr 1.42
+from flwr.common import parameters_to_ndarrays
+
+# deprecated path; SecAgg+ exists nowhere else in flwr 1.42
+from flwr.server import LegacyContext, SimpleClientManager
+
+# deprecated path; SecAgg+ exists nowhere else in flwr 1.42
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+
+# deprecated path; SecAgg+ exists nowhere else in flwr 1.42
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+
+# deprecated path; SecAgg+ exists nowhere else in flwr 1.42
+from flwr.server.workflow import SecAggPlusWorkflow
+
+# deprecated path; SecAgg+ exists nowhere else in flwr 1.42
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+
+from shared.runs.config import RunConfig
+
+# Every node shares its keys with every other (full graph: plain SecAgg security; fedrec's
+# federations are cross-silo, a few merchants or regions, so the quadratic cost is small), and
+# any half of the shares reconstruct a dropped node's mask.
+NUM_SHARES = 1.0
+RECONSTRUCTION_THRESHOLD = 0.5
+STATE_NAMES = "state-names"  # the weights' names, in the order of the arrays sent
+
+
+class _Sampler(LegacyFedAvg):
+    """FedAvg's node sampling with fedrec's settings; keeps what SecAgg+ hands over."""
+
+    def __init__(self, config: RunConfig, settings: dict):
+        nodes = max(2, config.min_nodes)  # SecAgg+ needs two nodes at least
+        super().__init__(
+            fraction_fit=config.fraction_train,
+            fraction_evaluate=0.0,
+            min_fit_clients=nodes,
+            min_available_clients=nodes,
+            on_fit_config_fn=lambda server_round: {**self.settings, "server-round": server_round},
+        )
+        self.settings = settings
+        self.sampled, self.results = 0, []
+        self.mean: list[np.ndarray] | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+        """FedAvg's sampling; starts the round's bookkeeping afresh."""
+        chosen = super().configure_fit(server_round, parameters, client_manager)
+        self.sampled, self.results, self.mean = len(chosen), [], None
+        return chosen
+
+    def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        """Keeps the completed nodes' results and SecAgg+'s mean; updates no model."""
+        self.results = [fit_res for _, fit_res in results]
+        if results:  # SecAgg+ has put the same aggregate into every result
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}  # the global model is fedrec's, not the workflow's
+
+
+class SecureAggregation:
+    """Runs one training round through Flower's SecAgg+ workflow."""
+
+    def __init__(self, grid: Grid, config: RunConfig, settings: ConfigRecord):
+        self.grid = grid
+        self.sampler = _Sampler(config, dict(settings))
+        self.proxies: dict[int, GridClientProxy] = {}
+        context = Context(
+            run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+        )
+        self.context = LegacyContext(
+            context, strategy=self.sampler, client_manager=SimpleClientManager()
+        )
+        # round-timeout bounds each of the protocol's four exchanges (0: wait for every reply
+        # or for Flower to report the node unavailable, as a plain round does)
+        self.workflow = SecAggPlusWorkflow(
+            num_shares=NUM_SHARES,
+            reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
+            max_weight=1.0,
+            clipping_range=config.node_clip_norm,
+            timeout=config.round_timeout or None,
+        )
+
+    def _connected_nodes(self) -> None:
+        """Register the nodes connected now (waiting for the minimum a round needs), as
+        Flower's DefaultWorkflow does in a thread."""
+        while len(ids := set(self.grid.get_node_ids())) < self.sampler.min_available_clients:
+            time.sleep(1.0)
+        manager = self.context.client_manager
+        for node_id in set(self.proxies) - ids:
+            manager.unregister(self.proxies.pop(node_id))
+        for node_id in ids - set(self.proxies):
+            self.proxies[node_id] = GridClientProxy(node_id, self.grid, self.grid.run.run_id)
+            manager.register(self.proxies[node_id])
+
+    def train_round(
+        self, server_round: int, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, np.ndarray] | None, list[dict], int]:
+        """(sum of the nodes' clipped updates or None if the protocol halted, the nodes' plain
+        reports, number of nodes sampled)."""
+        self._connected_nodes()
+        self.sampler.settings[STATE_NAMES] = ",".join(state)
+        self.context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
+            {name: Array(value.numpy()) for name, value in state.items()}
+        )
+        self.context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {Key.CURRENT_ROUND: server_round, Key.START_TIME: time.time()}
+        )
+        self.workflow(self.grid, self.context)
+        sampler = self.sampler
+        reports = [dict(fit_res.metrics) for fit_res in sampler.results]
+        if sampler.mean is None:
+            return None, reports, sampler.sampled
+        completed = len(sampler.results)
+        total = {
+            name: (np.asarray(mean) * completed).astype(np.float32).reshape(value.shape)
+            for (name, value), mean in zip(state.items(), sampler.mean, strict=True)
+        }
+        return total, reports, sampler.sampled

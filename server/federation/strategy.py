@@ -1,0 +1,199 @@
+"""The federation strategy: Flower's FedAvg node sampling, with fedrec's own aggregation.
+
+Flower's built-in strategies average whole arrays; fedrec's item tables travel row-sparse and
+must be averaged row by row over the nodes that sent each row (server/federation/aggregation.py), so
+``aggregate_train`` is replaced. Every reply is validated (shape, dtype, finite, norm) and a
+reply that fails is logged with its node and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Message
+from flwr.serverapp.strategy import FedAvg
+
+from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate
+from server.federation.registry import Registry
+from shared.federation.wire import ITEM_TABLES, decode
+from shared.recommender.metrics import EVALUATED
+from shared.runs.config import RunConfig
+
+log = logging.getLogger("fedrec.server")
+
+STRATEGIES = {  # name -> (aggregation, server optimiser)
+    "fedavg": ("mean", "sgd"),
+    "fedprox": ("mean", "sgd"),
+    "fedadam": ("mean", "adam"),
+    "median": ("median", "sgd"),
+    "trimmed": ("trimmed", "sgd"),
+}
+
+
+class FedRecStrategy(FedAvg):
+    """FedAvg's sampling and evaluation averaging; row-aware robust aggregation."""
+
+    def __init__(self, config: RunConfig, max_update_norm: float = 1e4):
+        if config.strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy must be one of {sorted(STRATEGIES)}, got {config.strategy!r}"
+            )
+        super().__init__(
+            fraction_train=config.fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=config.min_nodes,
+            min_evaluate_nodes=config.min_nodes,
+            min_available_nodes=config.min_nodes,
+        )
+        self.method, kind = STRATEGIES[config.strategy]
+        self.trim = config.trim_fraction
+        self.optimizer = ServerOptimizer(kind, config.server_lr)
+        self.max_update_norm = max_update_norm
+        self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
+        self.registry: Registry | None = None  # set by the round loop in a deployment
+
+    def sender(self, reply: Message) -> str:
+        """The node a reply comes from: its registered name (by Flower's authenticated node
+        id) when there is a registry, else the name in its report, else the node id."""
+        if self.registry is not None:
+            registered = self.registry.lookup(reply.metadata.src_node_id)
+            if registered is not None:
+                return registered.name
+        return reply_sender(reply)
+
+    def identity_problem(self, reply: Message) -> str | None:
+        """Why a reply must not be used for who it is (None: nothing): with a registry, an
+        unregistered node id, or a report that speaks for another node."""
+        if self.registry is None:
+            return None
+        registered = self.registry.lookup(reply.metadata.src_node_id)
+        if registered is None:
+            return f"Flower node {reply.metadata.src_node_id} is not in the registry"
+        claimed = reply_sender(reply)
+        if claimed not in (registered.name, str(reply.metadata.src_node_id)):
+            return f"its report speaks for {claimed!r}, registered as {registered.name!r}"
+        return None
+
+    def node_updates(
+        self, replies: Iterable[Message], global_state: dict[str, torch.Tensor]
+    ) -> tuple[list[NodeUpdate], list[str]]:
+        """Decode and validate the replies that carry weights; returns updates and rejections."""
+        updates, rejected = [], []
+        for reply in replies:
+            if reply.has_error() or "arrays" not in reply.content:
+                continue
+            node = self.sender(reply)
+            arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+            try:
+                if problem := self.identity_problem(reply):
+                    raise ValueError(problem)
+                weight = _weight(reply)
+                tensors, rows = decode(arrays, global_state)
+                if self.dense and rows:
+                    raise ValueError("a row-sparse update under node-dp (it must be dense)")
+                if self.registry is not None:
+                    weight = self._check_registered(reply, rows, weight)
+                norm = _update_norm(tensors, rows, global_state)
+                if norm > self.max_update_norm:
+                    raise ValueError(f"update norm {norm:.3g} exceeds {self.max_update_norm:g}")
+            except ValueError as error:
+                log.warning("rejected the update of node %s: %s", node, error)
+                rejected.append(f"{node}: {error}")
+                continue
+            updates.append(NodeUpdate(node, weight, tensors, rows))
+        return updates, rejected
+
+    def _check_registered(
+        self, reply: Message, rows: dict[str, np.ndarray], weight: float
+    ) -> float:
+        """Rows only of the products the node is registered to sell, and a weight no larger
+        than its registered customers; returns the weight to use."""
+        registered = self.registry.lookup(reply.metadata.src_node_id)
+        if registered.rows is not None and not self.dense:
+            for name in ITEM_TABLES:
+                if name in rows:
+                    outside = np.setdiff1d(rows[name], registered.rows)
+                    if len(outside):
+                        raise ValueError(
+                            f"{name}: rows of {len(outside)} product(s) it does not sell"
+                        )
+                else:
+                    raise ValueError(f"{name}: a whole item table from a node that sells part")
+        if registered.customers is not None:
+            weight = min(weight, float(registered.customers))
+        return weight
+
+    def apply(
+        self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]
+    ) -> dict[str, torch.Tensor]:
+        """The new global weights from the accepted updates."""
+        delta = aggregate(global_state, updates, self.method, self.trim)
+        return self.optimizer.step(global_state, delta)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> dict[str, float | int | bool] | None:
+        """The nodes' evaluation of the global model over all their customers: exact means
+        weighted by customers, or, under DP, the sum of the nodes' noisy sums over the sum of
+        their noisy counts. A reply that is not a well-formed evaluation is left out."""
+        customers, sums, noisy, nodes = 0.0, dict.fromkeys(EVALUATED, 0.0), False, 0
+        for reply in replies:
+            if reply.has_error() or "metrics" not in reply.content:
+                continue
+            metrics = dict(reply.content["metrics"])
+            private = "noisy_customers" in metrics
+            count_key = "noisy_customers" if private else "customers"
+            keys = [count_key, *(f"noisy_sum_{k}" if private else k for k in EVALUATED)]
+            values = [metrics.get(k) for k in keys]
+            if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+                log.warning("round %d: an evaluation reply without %s", server_round, keys)
+                continue
+            count, *rest = (float(v) for v in values)
+            if not private and (count < 0 or not all(0 <= v <= 1 for v in rest)):
+                log.warning("round %d: an evaluation reply out of range", server_round)
+                continue
+            customers += count
+            for name, value in zip(EVALUATED, rest, strict=True):
+                sums[name] += value if private else value * count
+            noisy, nodes = noisy or private, nodes + 1
+        if customers <= 0:
+            return None
+        means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
+        summary = {"round": server_round, "nodes": nodes, "customers": round(customers)}
+        return {**summary, "dp": noisy, **means}
+
+
+def reply_sender(reply: Message) -> str:
+    """The node a reply speaks for: its report's name, else Flower's node id."""
+    if not reply.has_error() and reply.has_content() and "privacy" in reply.content:
+        name = reply.content["privacy"].get("node")
+        if isinstance(name, str):
+            return name
+    return str(reply.metadata.src_node_id)
+
+
+def _weight(reply: Message) -> float:
+    """The node's weight in the mean: its stated customers, which must be a finite number."""
+    metrics = reply.content.get("metrics", {})
+    value = metrics.get("num-examples")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"num-examples must be a finite number, got {value!r}")
+    return max(float(value), 1.0)
+
+
+def _update_norm(
+    tensors: dict[str, torch.Tensor],
+    rows: dict[str, np.ndarray],
+    global_state: dict[str, torch.Tensor],
+) -> float:
+    total = 0.0
+    for name, value in tensors.items():
+        reference = global_state[name]
+        if name in rows:
+            reference = reference[torch.as_tensor(rows[name] + ITEM_TABLES[name])]
+        total += float(((value - reference.float()) ** 2).sum())
+    return total**0.5

@@ -1,0 +1,243 @@
+"""``fedrec audit OUT``: the privacy audit of a run, see docs/privacy-audit.md.
+
+Reads ``OUT/ledger.jsonl`` (and ``OUT/metrics.json``, ``OUT/canaries.json``, the node keys in
+``OUT/node-keys/`` when present), recomputes every epsilon with dp-accounting's PLD accountant,
+independently of the nodes' Opacus PRV accountant, and checks: the hash chain and the entries'
+fields, contribution_index gaps, reported >= recomputed x (1 - tolerance) after every
+contribution, each node's budget, delta, each node's noise calibration, the nodes' signatures
+and receipts, the node-level epsilons, the empirical lower bound and the guarantee metrics.json
+states. Writes ``OUT/audit.json`` and a self-contained ``OUT/audit.html``; exit 0 only when no
+check fails, 1 when one does, 2 when there is no ledger to audit.
+
+This module reads the ledger and runs the check families in order: ``server.privacy.audit_checks``
+(accounting), ``server.privacy.audit_signatures`` (who wrote the entries),
+``server.privacy.audit_report`` (the terminal summary and the HTML page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.privacy.audit_checks import (
+    audit_calibration,
+    audit_canaries,
+    audit_contributions,
+    audit_delta,
+    audit_metrics,
+    audit_node_level,
+    check,
+)
+from server.privacy.audit_report import jsonable, print_summary, write_html
+from server.privacy.audit_signatures import audit_receipts, audit_signatures, ledger_run_id
+from server.privacy.ledger import LedgerError, missing_fields, read_ledger, verify_chain
+
+DEFAULT_TOLERANCE = 0.01
+
+
+class AuditInputError(Exception):
+    """Nothing to audit: no ledger, or an empty one."""
+
+
+def _receipt_argument(text: str) -> tuple[str, Path]:
+    node, sep, path = text.partition("=")
+    if not sep or not node or not path:
+        raise argparse.ArgumentTypeError(f"expected NODE=PATH, got {text!r}")
+    return node, Path(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="the run's output directory (holds ledger.jsonl)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="relative numerical tolerance: a reported epsilon may fall below the PLD "
+        "recomputation, and a node's plan may pass its target epsilon, by this fraction "
+        f"before it is flagged (default {DEFAULT_TOLERANCE})",
+    )
+    parser.add_argument(
+        "--node-keys",
+        type=Path,
+        metavar="DIR",
+        help="the nodes' public keys, DIR/<node>.pem, to verify their signatures with "
+        "(default OUT/node-keys; better: keys obtained from the merchants themselves)",
+    )
+    parser.add_argument(
+        "--receipts",
+        type=_receipt_argument,
+        action="append",
+        default=[],
+        metavar="NODE=PATH",
+        help="a node's receipt log (its <data dir>/privacy/receipts.jsonl) to cross-check "
+        "with the ledger; repeatable",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the audit as JSON instead of the table"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.tolerance < 1:
+        print(f"fedrec audit: --tolerance must be in [0, 1), got {args.tolerance}", file=sys.stderr)
+        return 2
+    try:
+        report = audit(args.out, args.tolerance, args.node_keys, dict(args.receipts))
+    except AuditInputError as error:
+        print(f"fedrec audit: {error}", file=sys.stderr)
+        return 2
+    written = (args.out / "audit.json", args.out / "audit.html")
+    written[0].write_text(json.dumps(jsonable(report), indent=2) + "\n")
+    write_html(report, written[1])
+    if args.json:
+        print(json.dumps(jsonable(report), indent=2))
+    else:
+        print_summary(report)
+    print(f"wrote {written[0]} and {written[1]}", file=sys.stderr if args.json else sys.stdout)
+    return 0 if report["passed"] else 1
+
+
+def audit(
+    out: Path,
+    tolerance: float = DEFAULT_TOLERANCE,
+    node_keys: Path | None = None,
+    receipts: dict[str, Path] | None = None,
+) -> dict:
+    """Audit the run in ``out``; returns the report (``report["passed"]``: no check fails).
+
+    ``node_keys``: the directory of the nodes' public keys (default ``out/node-keys``);
+    ``receipts``: node name -> that node's receipt log, to cross-check with the ledger.
+    """
+    out = Path(out)
+    path = out / "ledger.jsonl"
+    if not path.is_file():
+        raise AuditInputError(f"{path}: no privacy ledger (is {out} a federated run's output?)")
+    report: dict[str, Any] = {
+        "out": str(out),
+        "ledger": str(path),
+        "tolerance": tolerance,
+        "checks": [],
+        "nodes": [],
+        "declined": [],
+        "refused": [],
+        "notes": [],
+        "federation": None,
+        "node_level": None,
+        "empirical": None,
+        "config": {},
+        "dp": None,
+        "entries": 0,
+        "head_hash": None,
+        "run_id": None,
+    }
+    try:
+        entries = read_ledger(path)
+    except LedgerError as error:
+        report["checks"].append(check("chain", "hash chain", [str(error)], ""))
+        report["passed"] = False
+        return report
+    if not entries:
+        raise AuditInputError(f"{path}: the ledger is empty")
+    report["entries"], report["head_hash"] = len(entries), entries[-1].get("hash")
+    checks = report["checks"]
+    checks.append(
+        check(
+            "chain",
+            "hash chain",
+            verify_chain(entries),
+            f"{len(entries)} entries chained; head hash {entries[-1].get('hash')}",
+        )
+    )
+    incomplete = [
+        f"line {n}: {e.get('kind', '?')} entry lacks {', '.join(missing_fields(e))}"
+        for n, e in enumerate(entries, start=1)
+        if missing_fields(e)
+    ]
+    checks.append(
+        check(
+            "fields",
+            "entries carry the required fields",
+            incomplete,
+            "every entry has its kind's fields",
+        )
+    )
+    lines = {id(e): n for n, e in enumerate(entries, start=1)}
+    complete = [e for e in entries if not missing_fields(e)]
+    config = _read_config(report, complete, lines)
+    report["run_id"] = ledger_run_id(entries)
+
+    contributions = [e for e in complete if e["kind"] == "contribution"]
+    for kind in ("declined", "refused"):
+        report[kind] = [
+            {
+                "line": lines[id(e)],
+                "round": e["round"],
+                "node": str(e["node"]),
+                "reason": e["reason"],
+            }
+            for e in complete
+            if e["kind"] == kind
+        ]
+    if not report["dp"] and not contributions:
+        report["guarantee"] = (
+            "no formal guarantee: differential privacy was off for this run "
+            "(run_start config dp is false); only the chain is checked"
+        )
+    else:
+        audit_contributions(report, contributions, config, lines, tolerance)
+        audit_delta(report, contributions, config, lines)
+        audit_calibration(report, contributions, config, lines, tolerance)
+        audit_signatures(
+            report, contributions, report["run_id"], lines, node_keys or out / "node-keys"
+        )
+        if receipts:
+            audit_receipts(report, contributions, report["run_id"], lines, receipts)
+        if any(e.get("kind") == "contribution" and missing_fields(e) for e in entries):
+            report["guarantee"] += " (understated: incomplete contributions were left out)"
+    audit_node_level(
+        report, [e for e in complete if e["kind"] == "node_level"], config, lines, tolerance
+    )
+    if (out / "canaries.json").is_file():
+        audit_canaries(report, out / "canaries.json")
+    if (out / "metrics.json").is_file():
+        audit_metrics(report, out / "metrics.json", tolerance)
+    report["passed"] = all(c["status"] != "fail" for c in checks)
+    return report
+
+
+def _read_config(report: dict, complete: list[dict], lines: dict[int, int]) -> dict:
+    """The first run_start's config (and unit) into the report; notes on resumes and a missing
+    run_end."""
+    starts = [e for e in complete if e["kind"] == "run_start"]
+    config = starts[0]["config"] if starts and isinstance(starts[0]["config"], dict) else {}
+    report["config"], report["dp"] = config, bool(config.get("dp", False))
+    report["unit"] = starts[0]["unit"] if starts else None
+    for later in starts[1:]:
+        changed = sorted(
+            k
+            for k in (
+                "dp",
+                "delta",
+                "target_epsilon",
+                "partition",
+                "num_nodes",
+                "rounds",
+                "dp_batch_size",
+                "local_epochs",
+                "eval_noise_multiplier",
+            )
+            if later["config"].get(k) != config.get(k)
+        )
+        report["notes"].append(
+            f"resumed at line {lines[id(later)]}"
+            + (f"; config changed: {', '.join(changed)}" if changed else "")
+        )
+    if not any(e["kind"] == "run_end" for e in complete):
+        report["notes"].append(
+            "no run_end entry: the run is still going, crashed, or the end of "
+            "the ledger was cut off (the chain cannot tell)"
+        )
+    return config

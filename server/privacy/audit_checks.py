@@ -1,0 +1,596 @@
+"""The audit's check families on a read ledger: each adds its checks (and table rows, notes)
+to the report dict that ``server.privacy.audit.audit`` builds. Signatures and receipts are in
+``server.privacy.audit_signatures``; presentation in ``server.privacy.audit_report``."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from server.privacy import accounting
+from server.privacy.canary_audit import canaries_needed, epsilon_lower_bound, read_canaries
+
+# At sigma x (1 - INFLATION_MARGIN) a node's plan must spend more than its target: its sigma is
+# the calibrated one, not a larger number written to lower its accounted epsilon.
+INFLATION_MARGIN = 0.02
+PLAN_KEYS = ("rounds", "dp_batch_size", "local_epochs")
+
+
+def check(name: str, title: str, problems: list[str], ok: str, status: str | None = None) -> dict:
+    """One check of the report. ``status``: "pass", "fail" or "inconclusive" (neither: it does
+    not fail the audit, and ``passed`` is None); by default "fail" exactly when there are
+    problems."""
+    status = status or ("fail" if problems else "pass")
+    return {
+        "name": name,
+        "title": title,
+        "status": status,
+        "passed": None if status == "inconclusive" else status == "pass",
+        "message": ok if status != "fail" else f"{len(problems)} problem(s)",
+        "problems": problems,
+    }
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def node_order(node: str) -> tuple:
+    return (not node.isdigit(), int(node) if node.isdigit() else 0, node)
+
+
+def by_node(entries: list[dict]) -> dict[str, list[dict]]:
+    """Entries grouped by node, nodes in natural order, entries in ledger order."""
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for e in entries:
+        grouped[str(e["node"])].append(e)
+    return {node: grouped[node] for node in sorted(grouped, key=node_order)}
+
+
+def entry_problem(e: dict) -> str | None:
+    """Why a contribution or node_level entry cannot be recomputed (None: it can)."""
+    try:
+        accounting.contribution_event(e)
+    except ValueError as error:
+        return f"cannot recompute: {error}"
+    if not (is_number(e["delta"]) and 0 < e["delta"] < 1):
+        return f"delta must be in (0, 1), got {e['delta']!r}"
+    if not is_number(e["epsilon"]):
+        return f"epsilon must be a finite number, got {e['epsilon']!r}"
+    return None
+
+
+def _index_gaps(node: str, cs: list[dict], lines: dict[int, int]) -> list[str]:
+    gaps = []
+    for prev, c in zip([None, *cs], cs, strict=False):
+        if not all(isinstance(x["contribution_index"], int) for x in (prev or c, c)):
+            gaps.append(f"node {node}: line {lines[id(c)]}: contribution_index is not an integer")
+            continue
+        if prev is None:  # a node's earlier releases may belong to an earlier federation
+            continue  # on its data: its reported epsilon counts them (see the node's table)
+        want = prev["contribution_index"] + 1
+        if c["contribution_index"] != want:
+            gaps.append(
+                f"node {node}: contribution_index {c['contribution_index']} at line "
+                f"{lines[id(c)]}, expected {want}: "
+                + (
+                    "a contribution is missing"
+                    if c["contribution_index"] > want
+                    else "a contribution is repeated or out of order"
+                )
+            )
+    return gaps
+
+
+def audit_contributions(
+    report: dict, contributions: list[dict], config: dict, lines: dict[int, int], tolerance: float
+) -> None:
+    """Checks: contribution indices, reported >= recomputed epsilon, each node's budget; the
+    node table and the federation guarantee."""
+    target = config.get("target_epsilon")
+    nodes = by_node(contributions)
+    gaps, below, over, notes = [], [], [], report["notes"]
+    for node, cs in nodes.items():
+        gaps.extend(_index_gaps(node, cs, lines))
+        first = cs[0]["contribution_index"]
+        if isinstance(first, int) and first > 0:
+            notes.append(
+                f"node {node}: its first release here is its contribution {first}: the earlier "
+                "ones are not in this ledger (an earlier federation on its data); its reported "
+                "epsilon includes them"
+            )
+        bad = [f"node {node}, line {lines[id(c)]}: {p}" for c in cs if (p := entry_problem(c))]
+        if bad:
+            below.extend(bad)
+            report["nodes"].append({"node": node, "contributions": len(cs), "status": "bad entry"})
+            continue
+        curve = accounting.epsilon_curve(cs)
+        points = []
+        for c, recomputed in zip(cs, curve, strict=True):
+            rel = (c["epsilon"] - recomputed) / recomputed if recomputed > 0 else 0.0
+            points.append(
+                {
+                    "line": lines[id(c)],
+                    "round": c["round"],
+                    "purpose": c.get("purpose", "training"),
+                    "reported": c["epsilon"],
+                    "recomputed": recomputed,
+                    "rel_diff": rel,
+                }
+            )
+            if c["epsilon"] < recomputed * (1 - tolerance):
+                below.append(
+                    f"node {node}, round {c['round']} (line {lines[id(c)]}): reported "
+                    f"epsilon {c['epsilon']:.4f} is below the PLD recomputation "
+                    f"{recomputed:.4f} ({rel:+.1%}, tolerance {tolerance:.1%})"
+                )
+        last = cs[-1]
+        budget = node_share(config) if is_number(target) else last["target_epsilon"]
+        if not math.isclose(last["target_epsilon"], budget, rel_tol=1e-9):
+            notes.append(
+                f"node {node}: contributions state target_epsilon "
+                f"{last['target_epsilon']} but the run was configured with {budget}"
+            )
+        final = max(last["epsilon"], curve[-1])
+        if not is_number(budget):
+            over.append(f"node {node}: no numeric target_epsilon to check against")
+        elif final > budget:
+            over.append(f"node {node}: final epsilon {final:.4f} exceeds its budget {budget:g}")
+        status = [
+            s
+            for s, failed in (
+                ("index gap", any(g.startswith(f"node {node}:") for g in gaps)),
+                ("ε too low", any(b.startswith(f"node {node},") for b in below)),
+                ("over budget", any(o.startswith(f"node {node}:") for o in over)),
+            )
+            if failed
+        ]
+        report["nodes"].append(
+            {
+                "node": node,
+                "contributions": len(cs),
+                "rounds": [c["round"] for c in cs],
+                "reported_epsilon": last["epsilon"],
+                "pld_epsilon": curve[-1],
+                "rdp_epsilon": accounting.rdp_epsilon(cs, last["delta"]),
+                "rel_diff": min(p["rel_diff"] for p in points),
+                "delta": last["delta"],
+                "target_epsilon": budget,
+                "declined_rounds": _rounds_of(report["declined"], node),
+                "refused_rounds": _rounds_of(report["refused"], node),
+                "status": ", ".join(status) or "ok",
+                "curve": points,
+            }
+        )
+    for kind in ("declined", "refused"):
+        for node in sorted({d["node"] for d in report[kind]} - set(nodes), key=node_order):
+            report["nodes"].append(
+                {
+                    "node": node,
+                    "contributions": 0,
+                    "rounds": [],
+                    f"{kind}_rounds": _rounds_of(report[kind], node),
+                    "status": f"{kind} only",
+                }
+            )
+    checks = report["checks"]
+    checks.append(
+        check(
+            "contribution_index",
+            "no gaps in contribution_index per node",
+            gaps,
+            f"{len(contributions)} contributions from {len(nodes)} nodes, indices contiguous",
+        )
+    )
+    checks.append(
+        check(
+            "recomputed",
+            "reported epsilon >= PLD recomputation x (1 - tolerance)",
+            below,
+            "every reported epsilon holds against dp-accounting PLD",
+        )
+    )
+    held = [
+        f"{len(report[kind])} contribution(s) {kind}"
+        for kind in ("declined", "refused")
+        if report[kind]
+    ]
+    checks.append(
+        check(
+            "budget",
+            "every node within its target epsilon",
+            over,
+            "every node within budget" + (f"; {', '.join(held)}" if held else ""),
+        )
+    )
+    _federation(report, contributions, config)
+
+
+def node_share(config: dict) -> float:
+    """The budget each node was asked to keep: the run's target when a customer is at one node
+    only (regional), else an equal share of it over the nodes (server/federation/rounds.py)."""
+    target = float(config["target_epsilon"])
+    if config.get("partition", "regional") == "regional":
+        return target
+    return target / max(int(config.get("num_nodes") or config.get("clients") or 1), 1)
+
+
+def _rounds_of(events: list[dict], node: str) -> list[int]:
+    return [d["round"] for d in events if d["node"] == node]
+
+
+def _federation(report: dict, contributions: list[dict], config: dict) -> None:
+    """The federation guarantee: at the configured delta, or (configured 0) at the nodes' own."""
+    config_delta = config.get("delta")
+    if any(entry_problem(c) for c in contributions):
+        report["guarantee"] = "not established: some contributions cannot be recomputed"
+        return
+    if not (is_number(config_delta) and 0 <= config_delta < 1):
+        report["guarantee"] = "no federation guarantee: the configured delta is unusable"
+        return
+    fed = accounting.federation_guarantee(
+        contributions, config_delta or None, str(config.get("partition", ""))
+    )
+    report["federation"] = fed
+    applies = fed[fed["applies"]]
+    target = config.get("target_epsilon")
+    if is_number(target):
+        over = (
+            [f"the federation's epsilon {fed['epsilon']:.4f} exceeds the run's target {target:g}"]
+            if fed["epsilon"] > target * (1 + 1e-9)
+            else []
+        )
+        report["checks"].append(
+            check(
+                "federation_budget",
+                "the guarantee that applies within the run's target epsilon",
+                over,
+                f"{fed['epsilon']:.3f} <= {target:g} ({applies['how']})",
+            )
+        )
+    report["guarantee"] = (
+        f"({fed['epsilon']:.3f}, {applies['delta']:.3g})-DP for {fed['unit']} ({applies['how']})"
+    )
+
+
+def audit_delta(
+    report: dict, contributions: list[dict], config: dict, lines: dict[int, int]
+) -> None:
+    """Each contribution's delta is below 1 / its node's customers, and not above the
+    configured delta unless that is 0 (each node its own)."""
+    config_delta = config.get("delta")
+    fixed = is_number(config_delta) and config_delta > 0  # else each node chose its own
+    problems = []
+    if not is_number(config_delta):
+        problems.append("run_start config has no numeric delta to check against")
+    for c in contributions:
+        where = f"node {c['node']}, line {lines[id(c)]}"
+        customers, delta = c["num_customers"], c["delta"]
+        if not (is_number(customers) and customers > 0):
+            problems.append(f"{where}: num_customers {customers!r} is not a positive number")
+        elif is_number(delta) and delta * customers >= 1:
+            problems.append(
+                f"{where}: delta {delta:.3g} >= 1 / {customers:g} customers: the mechanism "
+                "may reveal a customer outright (take delta well below 1 / customers)"
+            )
+        if fixed and is_number(delta) and delta > config_delta:
+            problems.append(f"{where}: delta {delta:.3g} exceeds the configured {config_delta:.3g}")
+    configured = f" and <= the configured {config_delta:.3g}" if fixed else " (each node its own)"
+    report["checks"].append(
+        check(
+            "delta",
+            "delta < 1 / customers, and <= the configured delta unless that is 0",
+            problems,
+            f"every contribution's delta < 1 / its node's customers{configured}",
+        )
+    )
+
+
+def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None, list[str]]:
+    """The run's plan from its run_start config, or None with the problem (new-format ledgers)
+    or a note (older ledgers, whose configs may predate the plan keys)."""
+    lacking = [k for k in PLAN_KEYS if not (isinstance(config.get(k), int) and config[k] >= 1)]
+    eval_sigma = config.get("eval_noise_multiplier")
+    if new_format and not (is_number(eval_sigma) and eval_sigma > 0):
+        lacking.append("eval_noise_multiplier")
+    if not lacking:
+        plan = {k: config[k] for k in PLAN_KEYS}
+        # the nodes plan evaluation releases only when the run evaluates at the nodes (older
+        # ledgers record none: their nodes planned training alone)
+        evaluates = new_format and config.get("federated_eval", False) and is_number(eval_sigma)
+        plan["eval_sigma"] = float(eval_sigma) if evaluates else None
+        return plan, []
+    text = f"run_start config lacks usable {', '.join(lacking)}: the noise calibration"
+    if new_format:
+        return None, [f"{text} cannot be checked"]
+    notes.append(f"{text} was not checked (a ledger from before signed contributions)")
+    return None, []
+
+
+def _training_problem(c: dict, plan: dict, tolerance: float) -> str | None:
+    """What is wrong with a training contribution's sample rate, steps or noise multiplier
+    against the plan its node's declared customers imply (None: nothing)."""
+    if c["mechanism"] != "poisson_subsampled_gaussian":
+        return f"training mechanism {c['mechanism']!r}, not poisson_subsampled_gaussian"
+    customers = c["num_customers"]
+    if not (is_number(customers) and customers > 0):
+        return f"num_customers {customers!r}: no plan to check against"
+    q, steps = accounting.plan_steps(plan["dp_batch_size"], customers, plan["local_epochs"])
+    if not math.isclose(c["sample_rate"], q, rel_tol=1e-9):
+        return (
+            f"sample_rate {c['sample_rate']:g}, but dp_batch_size {plan['dp_batch_size']} / "
+            f"{customers:g} declared customers gives {q:g}"
+        )
+    if c["steps"] != steps:
+        return f"steps {c['steps']}, but the plan gives ceil(1 / {q:g}) x local_epochs = {steps}"
+    target, delta, sigma = c["target_epsilon"], c["delta"], c["noise_multiplier"]
+    if not is_number(target):
+        return None  # the budget check reports it
+    rounds, eval_sigma = plan["rounds"], plan["eval_sigma"]
+
+    def spent(s: float) -> float:
+        return accounting.plan_epsilon(s, q, steps, rounds, eval_sigma, delta)
+
+    if spent(sigma) > target * (1 + tolerance):
+        verdict = (
+            f"noise_multiplier {sigma:.4g} is too small: the plan spends ε = {spent(sigma):.3f} "
+            f"> target {target:g}"
+        )
+    elif spent(sigma * (1 - INFLATION_MARGIN)) <= target:
+        verdict = (
+            f"noise_multiplier {sigma:.4g} is inflated: at {1 - INFLATION_MARGIN:.0%} of it the "
+            f"plan still spends only ε = {spent(sigma * (1 - INFLATION_MARGIN)):.3f} <= target "
+            f"{target:g}"
+        )
+    else:
+        return None
+    calibrated = accounting.calibrate_noise(target, delta, q, steps, rounds, eval_sigma)
+    return (
+        f"{verdict} (plan: {rounds} rounds x {steps} steps at q = {q:.4g}"
+        + (f" + {rounds} evaluations at σ {eval_sigma:g}" if eval_sigma else "")
+        + f", δ = {delta:.3g}; the audit's PLD calibration gives σ = {calibrated:.4g})"
+    )
+
+
+def _evaluation_problem(c: dict, plan: dict) -> str | None:
+    expected = {
+        "mechanism": "gaussian",
+        "steps": 1,
+        "sample_rate": 1.0,
+        "max_grad_norm": 1.0,
+        "noise_multiplier": plan["eval_sigma"],
+    }
+    wrong = [f"{k} {c.get(k)!r} (expected {v!r})" for k, v in expected.items() if c.get(k) != v]
+    return f"evaluation release with {', '.join(wrong)}" if wrong else None
+
+
+def audit_calibration(
+    report: dict, contributions: list[dict], config: dict, lines: dict[int, int], tolerance: float
+) -> None:
+    """Each contribution's sample rate, steps and noise multiplier are what the run's plan and
+    the node's declared customers imply, its sigma checked by the audit's own PLD calibration."""
+    new_format = any("purpose" in c for c in contributions)
+    plan, problems = _plan(config, new_format, report["notes"])
+    if plan is None and not problems:
+        return
+    found: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for node, cs in (by_node(contributions) if plan else {}).items():
+        for c in cs:
+            if entry_problem(c):
+                continue  # the recomputed check reports it
+            purpose = c.get("purpose", "training")
+            if purpose == "training":
+                problem = _training_problem(c, plan, tolerance)
+            elif purpose == "evaluation":
+                problem = _evaluation_problem(c, plan)
+            else:
+                problem = f"purpose {purpose!r} is neither training nor evaluation"
+            if problem:
+                found[(node, problem)].append(c)
+    for (node, problem), cs in found.items():
+        where = ", ".join(str(lines[id(c)]) for c in cs)
+        rounds = sorted({c["round"] for c in cs})
+        problems.append(
+            f"node {node}, line{'s' * (len(cs) > 1)} {where} (round"
+            f"{'s' * (len(rounds) > 1)} {', '.join(map(str, rounds))}): {problem}"
+        )
+    report["checks"].append(
+        check(
+            "calibration",
+            "noise calibrated for the plan (dp-accounting PLD)",
+            problems,
+            f"every node's sample rate, steps and noise multiplier are its plan's (σ within "
+            f"{INFLATION_MARGIN:.0%} of the audit's PLD calibration)",
+        )
+    )
+
+
+def audit_node_level(
+    report: dict, entries: list[dict], config: dict, lines: dict[int, int], tolerance: float
+) -> None:
+    """Node-level DP (clipping and noise on whole node updates): reported vs recomputed, the
+    node-level budget, and its guarantee."""
+    if not entries:
+        return
+    problems = [f"line {lines[id(e)]}: {p}" for e in entries if (p := entry_problem(e))]
+    if not problems:
+        curve = accounting.epsilon_curve(entries)
+        for e, recomputed in zip(entries, curve, strict=True):
+            if e["epsilon"] < recomputed * (1 - tolerance):
+                problems.append(
+                    f"round {e['round']} (line {lines[id(e)]}): reported node-level "
+                    f"epsilon {e['epsilon']:.4f} is below the PLD recomputation "
+                    f"{recomputed:.4f}"
+                )
+        last = entries[-1]
+        budget = config.get("node_target_epsilon")
+        if is_number(budget) and max(last["epsilon"], curve[-1]) > budget:
+            problems.append(
+                f"node-level epsilon {max(last['epsilon'], curve[-1]):.4f} exceeds "
+                f"the node-level budget {budget:g}"
+            )
+        report["node_level"] = {
+            "epsilon": curve[-1],
+            "reported_epsilon": last["epsilon"],
+            "delta": last["delta"],
+            "rounds": len(entries),
+            "unit": last["unit"],
+            "rdp_epsilon": accounting.rdp_epsilon(entries, last["delta"]),
+            "statement": f"({curve[-1]:.3f}, {last['delta']:.3g})-DP for {last['unit']}",
+        }
+        statement = f"node level: {report['node_level']['statement']}"
+        report["guarantee"] = (
+            f"{report['guarantee']}; {statement}"
+            if report["dp"]
+            else f"no customer-level guarantee (dp off); {statement}"
+        )
+    report["checks"].append(
+        check(
+            "node_level",
+            "node-level epsilon >= PLD recomputation",
+            problems,
+            f"{len(entries)} node-level rounds hold",
+        )
+    )
+
+
+def _formal(report: dict, node: str) -> tuple[float | None, float, str | None]:
+    """(formal epsilon, its delta, what it is) the canaries are compared with: the named
+    node's, else the federation guarantee that applies."""
+    row = next((n for n in report["nodes"] if n["node"] == node and "pld_epsilon" in n), None)
+    if row:
+        return max(row["reported_epsilon"], row["pld_epsilon"]), row["delta"], f"node {node}'s ε"
+    fed = report["federation"]
+    if fed:
+        return fed["epsilon"], fed[fed["applies"]]["delta"], "the federation guarantee"
+    delta = report["config"].get("delta")
+    return None, float(delta) if is_number(delta) and 0 < delta < 1 else 0.0, None
+
+
+def audit_canaries(report: dict, path: Path) -> None:
+    """The one-run empirical lower bound: above the formal epsilon fails; when even perfect
+    guesses on this many canaries could not reach the formal epsilon, it is inconclusive."""
+    try:
+        data = read_canaries(path)
+        formal, delta, against = _formal(report, str(data.get("node", "")))
+        bound = epsilon_lower_bound(data["scores"], data["included"], delta=delta)
+    except ValueError as error:
+        report["checks"].append(check("empirical", "empirical lower bound", [str(error)], ""))
+        return
+    bound.update(score=data["score"], formal_epsilon=formal, compared_with=against)
+    report["empirical"] = bound
+    lower, reach, m = bound["epsilon_lower_bound"], bound["max_reachable"], bound["num_canaries"]
+    if formal is None:
+        bound["status"] = "no formal guarantee"
+        report["notes"].append(
+            f"empirical lower bound {lower:.3f} (at most {reach:.3f} reachable with {m} "
+            "canaries; no formal guarantee to compare with)"
+        )
+        return
+    title = "empirical lower bound <= formal epsilon"
+    if lower > formal:
+        bound["status"] = "fail"
+        problem = (
+            f"the empirical lower bound {lower:.3f} exceeds {against} {formal:.3f}: the training "
+            f"leaks more than its accounting claims (or a {1 - bound['confidence']:.0%} "
+            "false alarm)"
+        )
+        report["checks"].append(check("empirical", title, [problem], ""))
+        return
+    ok = (
+        f"lower bound {lower:.3f} <= {against} {formal:.3f} ({bound['confidence']:.0%} "
+        f"confidence, {m} canaries)"
+    )
+    if reach >= formal:
+        bound["status"] = "pass"
+        report["checks"].append(
+            check("empirical", title, [], f"{ok}; a bound up to {reach:.3f} was reachable")
+        )
+        return
+    bound["status"] = "inconclusive"
+    bound["canaries_needed"] = canaries_needed(formal, bound["confidence"], delta)
+    need = (
+        f"a conclusive check needs {bound['canaries_needed']:,} canaries"
+        if bound["canaries_needed"]
+        else f"no canary count reaches it at δ = {delta:.3g} (the 2mδ term caps the bound)"
+    )
+    report["checks"].append(
+        check(
+            "empirical",
+            title,
+            [],
+            f"inconclusive: even perfect guesses on {m} canaries give at most ε ≥ {reach:.3f}, "
+            f"below {against} {formal:.3f}, so this bound could not have shown a violation; "
+            f"{need}",
+            status="inconclusive",
+        )
+    )
+
+
+def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
+    """metrics.json's privacy statement must not claim less than the audit recomputes: its
+    epsilon not below the guarantee that applies to the partition (for any partition but
+    "regional", all nodes composed), its delta not above that guarantee's."""
+    try:
+        privacy = json.loads(path.read_text(encoding="utf-8")).get("privacy") or {}
+    except (json.JSONDecodeError, AttributeError) as error:
+        report["checks"].append(
+            check(
+                "metrics", "metrics.json privacy statement", [f"{path}: unreadable ({error})"], ""
+            )
+        )
+        return
+    problems = []
+    fed = report["federation"]
+    claimed, claimed_delta = privacy.get("epsilon"), privacy.get("delta")
+    if fed and is_number(claimed):
+        applies = fed[fed["applies"]]
+        if claimed < fed["epsilon"] * (1 - tolerance):
+            problems.append(
+                f"metrics.json claims epsilon {claimed:.4f}, below the recomputed guarantee "
+                f"{fed['epsilon']:.4f} for {applies['unit']} ({applies['how']}), which applies "
+                f"to the {fed['partition'] or 'unnamed'} partition"
+            )
+        if is_number(claimed_delta) and claimed_delta > applies["delta"] * (1 + tolerance):
+            problems.append(
+                f"metrics.json states delta {claimed_delta:.3g}, above the guarantee's "
+                f"{applies['delta']:.3g}"
+            )
+    elif report["dp"] and is_number(claimed):
+        problems.append(
+            f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
+        )
+    ledger_final = {n["node"]: n.get("reported_epsilon") for n in report["nodes"]}
+    per_node = privacy.get("per_node")
+    for node, value in (per_node if isinstance(per_node, dict) else {}).items():
+        value = value.get("epsilon") if isinstance(value, dict) else value
+        final = ledger_final.get(str(node))
+        if is_number(value) and is_number(final) and abs(value - final) > tolerance * final:
+            problems.append(
+                f"node {node}: metrics.json states epsilon {value:.4f}, the ledger's "
+                f"last contribution {final:.4f} (a cut-off ledger?)"
+            )
+    node_level, claimed_node = report["node_level"], (privacy.get("node_level") or {})
+    if (
+        node_level
+        and is_number(claimed_node.get("epsilon"))
+        and (claimed_node["epsilon"] < node_level["epsilon"] * (1 - tolerance))
+    ):
+        problems.append(
+            f"metrics.json claims node-level epsilon {claimed_node['epsilon']:.4f}, "
+            f"below the recomputed {node_level['epsilon']:.4f}"
+        )
+    if ((fed or report["dp"]) and (is_number(claimed) or isinstance(per_node, dict))) or (
+        node_level and claimed_node
+    ):
+        report["checks"].append(
+            check(
+                "metrics",
+                "metrics.json agrees with the ledger",
+                problems,
+                "the privacy statement in metrics.json holds",
+            )
+        )

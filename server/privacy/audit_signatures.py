@@ -1,0 +1,173 @@
+"""The audit's checks of who wrote the contributions: each node's signature over its entries
+(``OUT/node-keys/<node>.pem`` or ``--node-keys DIR``) and the nodes' own receipt logs
+(``--receipts NODE=PATH``). See shared/federation/signing.py for the scheme."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from server.privacy.audit_checks import by_node, check
+from shared.federation.signing import SIGNED_FIELDS, public_key_id, signed_payload, verify
+
+
+def ledger_run_id(entries: list[dict]) -> str | None:
+    """The run id contributions must carry: the hash of the ledger's first run_start entry."""
+    return next((e.get("hash") for e in entries if e.get("kind") == "run_start"), None)
+
+
+def _node_key(keys_dir: Path, node: str) -> tuple[str, str]:
+    """(public PEM, key id) of ``node`` from ``keys_dir/<node>.pem``; ValueError saying why not."""
+    path = keys_dir / f"{node}.pem"
+    if not node or Path(node).name != node or node in (".", ".."):
+        raise ValueError(f"node name {node!r} cannot name a key file")
+    if not path.is_file():
+        raise ValueError(f"no public key {path}")
+    pem = path.read_text(encoding="ascii", errors="replace")
+    return pem, public_key_id(pem)
+
+
+def audit_signatures(
+    report: dict,
+    contributions: list[dict],
+    run_id: str | None,
+    lines: dict[int, int],
+    keys_dir: Path,
+) -> None:
+    """A contribution's run id, where it has one, is this ledger's; with node keys, every
+    contribution but a server-recovered one carries its node's valid signature over
+    :func:`signed_payload` and that key's id. Without keys, an unsigned (older) ledger gets a
+    note, not a failure."""
+    have_keys = keys_dir.is_dir() and any(keys_dir.glob("*.pem"))
+    if not have_keys and not any("run_id" in c for c in contributions):
+        if contributions:
+            report["notes"].append(
+                f"signatures not checked: the contributions are unsigned (a ledger from before "
+                f"signed contributions) and there are no node keys in {keys_dir}"
+            )
+        return
+    problems, recovered, verified = [], [], 0
+    for node, cs in by_node(contributions).items():
+        try:
+            pem, key_id = _node_key(keys_dir, node) if have_keys else (None, None)
+        except ValueError as error:
+            problems.append(f"node {node}: {error}: its {len(cs)} contribution(s) unverified")
+            pem = key_id = None
+        for c in cs:
+            where = f"node {node}, line {lines[id(c)]} (round {c['round']})"
+            if "run_id" in c and c["run_id"] != run_id:
+                problems.append(
+                    f"{where}: run_id {c['run_id']!r} is not this ledger's {run_id!r}: an "
+                    "entry of another run"
+                )
+            if c.get("recovered"):
+                recovered.append(str(lines[id(c)]))
+            elif pem is None:
+                continue
+            elif not c.get("signature"):
+                problems.append(f"{where}: unsigned")
+            elif c.get("key_id") != key_id:
+                problems.append(f"{where}: key_id {c.get('key_id')!r} is not {key_id} ({node}.pem)")
+            else:
+                try:
+                    payload = signed_payload(c)
+                except KeyError as error:
+                    problems.append(f"{where}: {error.args[0]}")
+                    continue
+                if verify(pem, payload, c["signature"]):
+                    verified += 1
+                else:
+                    problems.append(
+                        f"{where}: the signature does not verify: the entry was altered after "
+                        "the node signed it, or forged"
+                    )
+    if recovered:
+        report["notes"].append(
+            f"line(s) {', '.join(recovered)}: recovered by the server (the node's reply was "
+            "lost), not signed by the node; --receipts compares them with what the node recorded"
+        )
+    if not have_keys:
+        report["notes"].append(
+            f"signatures not verified: no node keys in {keys_dir} (fedrec audit OUT "
+            "--node-keys DIR, with the keys obtained from the nodes)"
+        )
+    report["checks"].append(
+        check(
+            "signatures",
+            "contributions signed by their node, for this run"
+            if have_keys
+            else "contributions carry this run's id (no node keys: signatures not verified)",
+            problems,
+            f"{verified} signature(s) verified against {keys_dir}"
+            if have_keys
+            else "every contribution carries this ledger's run id (signatures not verified)",
+        )
+    )
+
+
+def read_receipts(path: Path) -> list[dict]:
+    """A node's receipt log (JSON lines); ValueError naming a bad line."""
+    receipts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            receipt = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(receipt, dict):
+            raise ValueError(f"line {number}: not a JSON object")
+        receipts.append(receipt)
+    return receipts
+
+
+def audit_receipts(
+    report: dict,
+    contributions: list[dict],
+    run_id: str | None,
+    lines: dict[int, int],
+    receipts: dict[str, Path],
+) -> None:
+    """Each named node's receipts of this run appear in the ledger with identical signed
+    fields, and each of its ledger contributions among its receipts."""
+    problems, compared = [], 0
+    missing = object()
+    for node, path in receipts.items():
+        try:
+            mine = [r for r in read_receipts(path) if r.get("run_id") == run_id]
+        except (OSError, ValueError) as error:
+            problems.append(f"node {node}: {path}: {error}")
+            continue
+        ledger = {c["contribution_index"]: c for c in contributions if str(c["node"]) == node}
+        seen = set()
+        for r in mine:
+            index = r.get("contribution_index")
+            c = ledger.get(index) if isinstance(index, int) else None
+            seen.add(index if isinstance(index, int) else None)
+            if c is None:
+                problems.append(
+                    f"node {node}, round {r.get('round')}: its receipt (contribution_index "
+                    f"{index!r}) is not in the ledger"
+                )
+                continue
+            compared += 1
+            for field in SIGNED_FIELDS:
+                if r.get(field, missing) != c.get(field, missing):
+                    problems.append(
+                        f"node {node}, round {c['round']} (line {lines[id(c)]}): {field}: "
+                        f"the receipt has {r.get(field)!r}, the ledger {c.get(field)!r}"
+                    )
+        problems.extend(
+            f"node {node}, round {c['round']} (line {lines[id(c)]}): not among the node's "
+            f"receipts ({path})"
+            for index, c in ledger.items()
+            if index not in seen
+        )
+    report["checks"].append(
+        check(
+            "receipts",
+            "the ledger matches the nodes' receipts",
+            problems,
+            f"{compared} receipt(s) of {len(receipts)} node(s) match the ledger, both ways",
+        )
+    )

@@ -1,0 +1,2 @@
+"""The data stage: a dataset directory (load, validate, convert, synthesise) and its
+partition into nodes."""

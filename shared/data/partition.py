@@ -1,0 +1,160 @@
+"""Split one dataset into per-node dataset directories, as a federation would hold them.
+
+- ``regional``: customers are split across nodes, IID or (``alpha`` > 0) skewed by a Dirichlet
+  over each customer's dominant top-level category; a node holds its customers' whole histories.
+- ``merchant``: products belong to merchants (``merchant_id`` when the items table has it, else
+  derived from the top-level category); node k holds every event on merchant k's products.
+
+Every node directory is a complete dataset directory (docs/data-and-evaluation.md) with the full,
+public catalog
+plus ``node.json`` naming the node and its own catalog (all items, or its merchant's). A node
+reads only its own directory, in simulation exactly as in deployment.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.data.dataset import Dataset, Split
+from shared.federation.node_directory import NodeInfo, round_down_2sf
+from shared.runs.config import RunConfig
+from shared.runs.durable import make_private, private_dir
+
+SCHEMES = ("regional", "merchant")
+
+
+def item_merchants(items: pd.DataFrame, num_nodes: int) -> np.ndarray:
+    """Node index of each item: by ``merchant_id`` if present, else by top-level category."""
+    if "merchant_id" in items and items["merchant_id"].astype(str).str.strip().ne("").all():
+        keys = items["merchant_id"].astype(str)
+    else:  # the shallowest category level with at least one group per node
+        path = items["categories"].astype(str).str.split("|")
+        for depth in range(2, 6):
+            keys = path.str[:depth].str.join("|")
+            if keys.nunique() >= num_nodes:
+                break
+    # largest groups first, each to the currently smallest node: balanced and deterministic
+    sizes = keys.value_counts()
+    load, owner = np.zeros(num_nodes), {}
+    for key, size in sizes.items():
+        node = int(np.argmin(load))
+        owner[key], load[node] = node, load[node] + size
+    return keys.map(owner).to_numpy()
+
+
+def user_nodes(dataset: Dataset, num_nodes: int, alpha: float, seed: int) -> dict[str, int]:
+    """Node of each customer: IID, or Dirichlet(alpha)-skewed by dominant top-level category."""
+    rng = np.random.default_rng(seed)
+    users = dataset.interactions["user_id"].unique()
+    if alpha <= 0:
+        return dict(zip(users, rng.permutation(len(users)) % num_nodes, strict=True))
+    top = dataset.items["categories"].astype(str).str.split("|").str[:2].str.join("|").to_numpy()
+    events = dataset.interactions.assign(top=top[dataset.interactions["item_idx"].to_numpy()])
+    dominant = events.groupby("user_id")["top"].agg(lambda s: s.value_counts().index[0])
+    assignment = {}
+    for _, group in dominant.groupby(dominant):
+        shares = rng.dirichlet(np.full(num_nodes, alpha))
+        nodes = rng.choice(num_nodes, size=len(group), p=shares)
+        assignment.update(zip(group.index, nodes, strict=True))
+    return assignment
+
+
+def holdout_rows(dataset: Dataset, split: Split, refit: bool) -> np.ndarray:
+    """File rows of the events the simulation's server keeps for evaluation: every customer's
+    test event, and the validation event unless the run refits on it. Nodes never see them."""
+    rows = dataset.interactions.groupby("user_id", sort=True)["row"].agg(list)
+    held = []
+    for u, user_rows in enumerate(rows.reindex(split.user_ids)):
+        if split.test_target[u] >= 0:
+            held.extend(user_rows[-1:] if refit else user_rows[-2:])
+    return np.asarray(held, dtype=np.int64)
+
+
+def write_partitions(
+    dataset: Dataset,
+    out: Path,
+    num_nodes: int,
+    scheme: str = "regional",
+    alpha: float = 0.0,
+    seed: int = 0,
+    holdout: np.ndarray | None = None,
+    first: int = 0,
+) -> list[Path]:
+    """Write ``out/node-<k>/`` for k in first..first+num_nodes-1 (Flower's simulation numbers
+    nodes from 0, a pilot's ``fedrec data split`` from 1), without the ``holdout`` file rows
+    (the server's evaluation events); returns the directories."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"partition must be one of {SCHEMES}, got {scheme!r}")
+    if num_nodes < 1:
+        raise ValueError("a federation needs at least one node")
+    events = dataset.interactions.sort_values("row", kind="stable")
+    if holdout is not None:
+        events = events[~events["row"].isin(holdout)]
+    items = dataset.items
+    if scheme == "regional":
+        node_of_user = user_nodes(dataset, num_nodes, alpha, seed)
+        node_of_event = events["user_id"].map(node_of_user).to_numpy()
+        catalogs = [None] * num_nodes
+    else:
+        owner = item_merchants(items, num_nodes)
+        node_of_event = owner[events["item_idx"].to_numpy()]
+        catalogs = [items["item_id"].to_numpy()[owner == k].tolist() for k in range(num_nodes)]
+    columns = [
+        c
+        for c in ("user_id", "item_id", "timestamp", "event", "merchant_id", "region")
+        if c in events
+    ]
+    directories = []
+    private_dir(Path(out))
+    for node in range(num_nodes):
+        directory = Path(out) / f"node-{first + node}"
+        private_dir(directory)
+        mine = events[node_of_event == node]
+        mine[columns].to_csv(directory / "interactions.csv.gz", index=False)
+        items.to_csv(directory / "items.csv.gz", index=False)
+        NodeInfo(
+            node=f"{scheme}-{first + node}",
+            partition=scheme,
+            catalog=catalogs[node],
+            customers=round_down_2sf(int(mine["user_id"].nunique())),
+        ).write(directory)
+        make_private(directory)
+        directories.append(directory)
+    return directories
+
+
+def ensure_partitions(
+    dataset: Dataset,
+    split: Split,
+    config: RunConfig,
+    out: Path,
+    prepare: Callable[[Path, list[Path]], None] | None = None,
+) -> Path:
+    """``out/partitions/node-<k>/``: a simulated federation's node directories, without the
+    events its server side keeps for evaluation; written once, kept as they are by a resumed
+    run. ``prepare(staging, directories)`` may add to them before they are in place (the
+    simulation's canaries)."""
+    partitions = out / "partitions"
+    if not partitions.exists():  # built aside, then renamed: never left half-written
+        staging = out / "partitions.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        held = holdout_rows(dataset, split, config.refit)
+        directories = write_partitions(
+            dataset,
+            staging,
+            config.clients,
+            config.partition,
+            config.dirichlet_alpha,
+            config.seed,
+            held,
+        )
+        if prepare is not None:
+            prepare(staging, directories)
+        make_private(staging)  # node data: the owner's only
+        staging.rename(partitions)
+    return partitions

@@ -1,0 +1,145 @@
+"""The privacy report a node sends with each reply, as a typed message both sides share.
+
+The node builds it (client/client_app.py), the server parses every reply's report with
+:func:`parse_report` before anything else touches it (a hostile or malformed one is rejected
+with a :class:`ReportError` naming the field, never a crash), the ledger stores a
+:class:`Release` as a ``contribution`` entry, and the audit reads it back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from shared.federation.signing import SIGNED_FIELDS
+
+PURPOSES = ("training", "evaluation")
+MECHANISMS = ("poisson_subsampled_gaussian", "gaussian")
+MAX_TEXT = 4096  # characters in any text field of a report
+
+
+class ReportError(ValueError):
+    """A report that cannot be used; the message names the field and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """One DP release of a node (a training update or a private evaluation), exactly the
+    fields the node signs (:data:`shared.federation.signing.SIGNED_FIELDS`)."""
+
+    run_id: str
+    round: int
+    node: str
+    purpose: str
+    contribution_index: int
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    epsilon: float
+    accountant: str
+    unit: str
+    target_epsilon: float
+    num_customers: int
+    update_digest: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What a node says about a request: refused (its policy), declined (its budget), a signed
+    release under DP, or nothing to account (no DP)."""
+
+    node: str
+    refused: bool = False
+    declined: bool = False
+    reason: str = ""
+    epsilon: float | None = None  # what a declining node has spent so far
+    release: Release | None = None
+    signature: str = ""
+    key_id: str = ""
+    public_key: str = ""
+
+    def signed(self) -> dict[str, Any]:
+        """The release with its signature, as the ledger records it."""
+        assert self.release is not None
+        return {**self.release.as_dict(), "signature": self.signature, "key_id": self.key_id}
+
+    def to_record(self) -> dict[str, Any]:
+        """The flat record sent on the wire (a Flower ConfigRecord)."""
+        record: dict[str, Any] = {"node": self.node, "refused": self.refused}
+        record["declined"] = self.declined
+        if self.reason:
+            record["reason"] = self.reason
+        if self.epsilon is not None:
+            record["epsilon"] = self.epsilon
+        if self.release is not None:
+            record.update(self.signed(), public_key=self.public_key)
+        return record
+
+
+_DECISION = {"node", "refused", "declined", "reason", "epsilon"}
+_SIGNATURE = {"signature", "key_id", "public_key"}
+_TYPES = {f.name: f.type for f in fields(Release)}
+assert tuple(_TYPES) == SIGNED_FIELDS, "Release must carry exactly the signed fields"
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ReportError(f"{key}: expected text of at most {MAX_TEXT} characters")
+    return value
+
+
+def _number(record: dict, key: str, kind: str) -> Any:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ReportError(f"{key}: expected a number, got {type(value).__name__}")
+    if kind == "int":
+        if not float(value).is_integer() or value < 0:
+            raise ReportError(f"{key}: expected a non-negative integer, got {value!r}")
+        return int(value)
+    if not math.isfinite(value) or value < 0:
+        raise ReportError(f"{key}: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def parse_report(record: dict[str, Any]) -> NodeReport:
+    """The report in a reply's ``privacy`` record, every field whitelisted and type-checked."""
+    unknown = set(record) - _DECISION - _SIGNATURE - set(SIGNED_FIELDS)
+    if unknown:
+        raise ReportError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    node = _text(record, "node")
+    refused, declined = record.get("refused", False), record.get("declined", False)
+    if not isinstance(refused, bool) or not isinstance(declined, bool):
+        raise ReportError("refused and declined must be true or false")
+    if refused or declined:
+        epsilon = _number(record, "epsilon", "float") if "epsilon" in record else None
+        return NodeReport(node, refused, declined, _text(record, "reason"), epsilon)
+    if "mechanism" not in record:
+        return NodeReport(node)  # no DP: nothing spent
+    values = {
+        key: _text(record, key) if kind == "str" else _number(record, key, kind)
+        for key, kind in _TYPES.items()
+    }
+    release = Release(**values)
+    if release.purpose not in PURPOSES:
+        raise ReportError(f"purpose: expected one of {PURPOSES}, got {release.purpose!r}")
+    if release.mechanism not in MECHANISMS:
+        raise ReportError(f"mechanism: expected one of {MECHANISMS}, got {release.mechanism!r}")
+    if not 0 < release.sample_rate <= 1 or not 0 < release.delta < 1:
+        raise ReportError("sample_rate must be in (0, 1] and delta in (0, 1)")
+    if release.node != node:
+        raise ReportError(f"node: the release names {release.node!r}, the report {node!r}")
+    return NodeReport(
+        node,
+        release=release,
+        signature=_text(record, "signature"),
+        key_id=_text(record, "key_id"),
+        public_key=_text(record, "public_key"),
+    )

@@ -1,0 +1,227 @@
+"""Optional fine-tuning of the text tower's top encoder layers on the training histories.
+
+The frozen encoder already gives a strong start (the model is initialised as the text-only
+baseline). Fine-tuning adapts its top ``text_finetune_layers`` transformer layers to the
+catalog with a contrastive next-product objective: for consecutive products (a, b) in a
+customer's training history, a's embedding should be closer to b's than to the other products
+of the batch (in-batch negatives, symmetric InfoNCE). The tuned encoder then re-encodes the
+whole catalog once, and the fusion model trains on those embeddings as usual.
+
+The frozen lower layers compute the same thing at every step, so they run once: the batches
+are drawn up front, the lower layers encode each product that occurs in them (a bounded set:
+at most ``steps x 64`` products, however large the catalog), and every step runs only the top
+layers on those stored token states (:class:`FrozenPrefix`).
+
+Centralized runs only (``fedrec train``): in a federation the encoder would have to be trained
+at the nodes and travel, and it is not trained under DP. The tuned checkpoint is cached under
+the fedrec cache directory, keyed by the base model, the training pairs and the settings, so a
+second run reuses it; its catalog embeddings go through the shared embedding cache like any
+other checkpoint's. Costs: see docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from shared.recommender.text import (
+    TextEncoder,
+    cache_dir,
+    item_texts,
+    mean_pool,
+    model_fingerprint,
+    resolve_model_path,
+    tokenize,
+)
+from shared.runs.progress import progress_bar
+
+BATCH_PAIRS = 32  # consecutive-product pairs per step (64 texts through the encoder)
+LEARNING_RATE = 2e-5
+TEMPERATURE = 0.05
+
+
+def consecutive_pairs(histories: list[np.ndarray]) -> np.ndarray:
+    """(n, 2) item indices of every consecutive pair of distinct products in the histories."""
+    pairs = [np.stack([h[:-1], h[1:]], axis=1) for h in histories if len(h) > 1]
+    if not pairs:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.concatenate(pairs).astype(np.int64)
+    return pairs[pairs[:, 0] != pairs[:, 1]]
+
+
+def contrastive_loss(
+    anchors: torch.Tensor, positives: torch.Tensor, pairs: np.ndarray
+) -> torch.Tensor:
+    """Symmetric InfoNCE with in-batch negatives; a product repeated in the batch is not used
+    as a negative for itself."""
+    logits = anchors @ positives.T / TEMPERATURE
+    ids = torch.as_tensor(pairs, device=logits.device)
+    same = (ids[:, 1][None, :] == ids[:, 1][:, None]) | (ids[:, 0][None, :] == ids[:, 0][:, None])
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    labels = torch.arange(len(pairs), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class _StoredStates(torch.nn.Module):
+    """Stands in for the embedding layer: its input already is the frozen layers' output."""
+
+    def forward(self, inputs_embeds: torch.Tensor, **_) -> torch.Tensor:
+        return inputs_embeds
+
+
+@contextmanager
+def _running_only(model: torch.nn.Module, layers: torch.nn.ModuleList, stored: bool) -> Iterator:
+    """Run ``model`` through ``layers`` only (and, if ``stored``, from given token states
+    instead of its embedding layer); the model is whole again afterwards."""
+    whole, embeddings = model.encoder.layer, model.embeddings
+    model.encoder.layer = layers
+    if stored:
+        model.embeddings = _StoredStates()
+    try:
+        yield
+    finally:
+        model.encoder.layer, model.embeddings = whole, embeddings
+
+
+class FrozenPrefix:
+    """The token states after the encoder's frozen lower layers, computed once per product;
+    :meth:`embed` runs the trainable top ``layers`` on them."""
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        texts: list[str],
+        items: np.ndarray,
+        layers: int,
+        show_progress: bool = False,
+    ):
+        self.encoder = encoder
+        blocks = encoder.model.encoder.layer
+        self.lower, self.top = blocks[: len(blocks) - layers], blocks[len(blocks) - layers :]
+        self.states: dict[int, torch.Tensor] = {}
+        items = np.unique(items)
+        order = items[np.argsort([len(texts[i]) for i in items], kind="stable")]
+        chunks = range(0, len(order), 64)
+        was_training = encoder.model.training
+        encoder.model.eval()
+        with torch.no_grad(), _running_only(encoder.model, self.lower, stored=False):
+            for start in progress_bar(chunks, "frozen encoder layers", disable=not show_progress):
+                chunk = order[start : start + 64]
+                batch = tokenize(
+                    encoder.tokenizer, [texts[i] for i in chunk], encoder.max_length, "pt"
+                ).to(encoder.device)
+                hidden = encoder.model(**batch).last_hidden_state.cpu()
+                for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+                    self.states[int(chunk[row])] = hidden[row, :length].clone()
+        encoder.model.train(was_training)
+
+    def embed(self, items: np.ndarray) -> torch.Tensor:
+        """Embeddings of ``items`` (each stored) through the top layers, as ``TextEncoder.embed``
+        computes them from the text."""
+        states = [self.states[int(i)] for i in items]
+        hidden = pad_sequence(states, batch_first=True).to(self.encoder.device)
+        lengths = torch.tensor([len(state) for state in states], device=self.encoder.device)
+        mask = (torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]).long()
+        with _running_only(self.encoder.model, self.top, stored=True):
+            out = self.encoder.model(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+        return mean_pool(out, mask)
+
+
+def finetune_encoder(
+    items: pd.DataFrame,
+    histories: list[np.ndarray],
+    base_model: str,
+    layers: int,
+    steps: int,
+    seed: int = 0,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> Path:
+    """Fine-tune the top ``layers`` layers of ``base_model`` and return the tuned checkpoint's
+    directory (reused from the cache when the same run was done before)."""
+    base = resolve_model_path(base_model)
+    pairs = consecutive_pairs(histories)
+    if not len(pairs):
+        raise ValueError("text fine-tuning needs customers with at least two distinct products")
+    texts = item_texts(items)
+    key = hashlib.sha256()
+    for part in (
+        model_fingerprint(base),
+        layers,
+        steps,
+        seed,
+        BATCH_PAIRS,
+        LEARNING_RATE,
+        TEMPERATURE,
+        "frozen-prefix",  # lower layers without dropout (FrozenPrefix)
+    ):
+        key.update(str(part).encode())
+    key.update(pairs.tobytes())
+    key.update("\n".join(texts).encode())
+    target = cache_dir() / "finetuned" / key.hexdigest()[:16]
+    if (target / "config.json").exists():
+        return target
+
+    encoder = TextEncoder(str(base), device=device)
+    blocks = encoder.model.encoder.layer
+    if not 1 <= layers <= len(blocks):
+        raise ValueError(
+            f"text_finetune_layers must be between 1 and {len(blocks)} for {base}, got {layers}"
+        )
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    started = time.time()
+    batches = [pairs[rng.integers(0, len(pairs), BATCH_PAIRS)] for _ in range(steps)]
+    prefix = FrozenPrefix(encoder, texts, np.concatenate(batches).ravel(), layers, show_progress)
+    prefix_s = time.time() - started
+    encoder.model.requires_grad_(False)
+    trainable = list(prefix.top.parameters())
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+    encoder.model.train()
+    losses = []
+    for batch in progress_bar(batches, "fine-tuning the text encoder", disable=not show_progress):
+        loss = contrastive_loss(prefix.embed(batch[:, 0]), prefix.embed(batch[:, 1]), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    encoder.model.eval()
+
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    encoder.model.save_pretrained(staging)
+    encoder.tokenizer.save_pretrained(staging)
+    report = {
+        "base_model": str(base),
+        "layers": layers,
+        "steps": steps,
+        "pairs": len(pairs),
+        "seconds": round(time.time() - started, 1),
+        "frozen_layers_seconds": round(prefix_s, 1),
+        "stored_products": len(prefix.states),
+        "seconds_per_step": round((time.time() - started - prefix_s) / max(steps, 1), 3),
+        "loss_first_50": float(np.mean(losses[:50])),
+        "loss_last_50": float(np.mean(losses[-50:])),
+    }
+    (staging / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staging, target)  # complete or absent: a killed run leaves only a .partial
+    except OSError:  # another process finished the same fine-tuning first: keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

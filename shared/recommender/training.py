@@ -1,0 +1,317 @@
+"""Training loops: plain (full-catalog softmax) and private (Opacus DP-SGD, one sample = one
+customer). Both the centralized reference run and every federated node use these.
+
+A training example is one customer: the model reads their history and predicts each next item
+over the whole catalog; the customer's loss is the sum over their positions, so under DP a
+customer influences exactly one clipped gradient per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.recommender.model import FusionRecommender, pad_histories
+from shared.recommender.secure_random import SecureRandom
+from shared.runs.progress import progress_bar
+
+
+def training_tensors(
+    histories: list[np.ndarray], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (item index + 1, right-aligned) and next-item targets (-1 = no target)."""
+    usable = [h for h in histories if len(h) >= 2]
+    inputs = pad_histories([h[:-1] for h in usable], max_len)
+    targets = pad_histories([h[1:] for h in usable], max_len) - 1
+    return inputs, targets
+
+
+def targets_within(targets: torch.Tensor, columns: torch.Tensor, num_items: int) -> torch.Tensor:
+    """``targets`` as positions in ``columns`` (part of the catalog); -1 stays -1."""
+    position = torch.full((num_items,), -1, dtype=torch.long)
+    position[columns] = torch.arange(len(columns))
+    return torch.where(targets >= 0, position[targets.clamp(min=0)], -1)
+
+
+def trim(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding for every row of the batch."""
+    filled = (inputs > 0).any(0).nonzero()
+    start = int(filled.min()) if len(filled) else inputs.shape[1] - 1
+    return inputs[:, start:].contiguous(), targets[:, start:].contiguous()
+
+
+class CustomerLoss(nn.Module):
+    """Cross-entropy summed over one customer's positions; ``reduction`` as Opacus expects."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_position = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1).clamp(min=0),
+            reduction="none",
+        ).view(targets.shape)
+        per_customer = (per_position * (targets >= 0)).sum(1)
+        if self.reduction == "none":
+            return per_customer
+        return per_customer.sum() if self.reduction == "sum" else per_customer.mean()
+
+
+def train_epoch(
+    model: FusionRecommender,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    device: str,
+    proximal: Callable[[], torch.Tensor] | None = None,
+    show_progress: bool = False,
+    columns: torch.Tensor | None = None,
+) -> float:
+    """One non-private epoch (fast fused scoring); returns the mean loss per position.
+
+    ``columns`` restricts the softmax to part of the catalog (a merchant's own products);
+    ``targets`` are then positions in ``columns``.
+    """
+    model.train()
+    order = torch.randperm(len(inputs))
+    total, count = 0.0, 0
+    batches = range(0, len(inputs), batch_size)
+    for start in progress_bar(batches, "training", disable=not show_progress):
+        batch = order[start : start + batch_size]
+        x, y = trim(inputs[batch], targets[batch])
+        x, y = x.to(device), y.to(device)
+        valid = y >= 0
+        logits = model.scores(model.encode(x)[valid])
+        if columns is not None:
+            logits = logits[:, columns]
+        loss = F.cross_entropy(logits, y[valid])
+        if proximal is not None:
+            loss = loss + proximal()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        positions = int(valid.sum())
+        total, count = total + loss.item() * positions, count + positions
+    return total / max(count, 1)
+
+
+@dataclass
+class PrivateRound:
+    """What one private training session spent and did."""
+
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    epsilon: float
+    loss: float
+    accountant_state: dict = field(repr=False, default_factory=dict)
+
+
+def new_accountant(state: dict | None = None):
+    """Opacus's PRV accountant, restored from a saved ``state_dict`` (the node's whole history)."""
+    from opacus.accountants import PRVAccountant
+
+    accountant = PRVAccountant()
+    if state:  # a deep copy: the caller's saved state must never change behind its back
+        accountant.load_state_dict(copy.deepcopy(state))
+        accountant.history = [tuple(entry) for entry in accountant.history]
+    return accountant
+
+
+def prv_epsilon(accountant, delta: float) -> float:
+    """The PRV accountant's epsilon at ``delta``. Opacus takes log(1 - q), log(0) for the
+    releases that are not subsampled (q = 1, a private evaluation): numpy warns about the
+    infinity, which the formula then handles correctly, so the warning is silenced here."""
+    with np.errstate(divide="ignore"):
+        return float(accountant.get_epsilon(delta))
+
+
+def steps_per_epoch(num_customers: int, expected_batch: int) -> tuple[int, float]:
+    """Poisson sampling: rate q = batch / customers, and 1/q steps make one epoch."""
+    sample_rate = min(1.0, expected_batch / max(num_customers, 1))
+    return int(np.ceil(1.0 / sample_rate)), sample_rate
+
+
+def train_private(
+    model: FusionRecommender,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    epochs: int,
+    expected_batch: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    lr: float,
+    delta: float,
+    device: str,
+    accountant_state: dict | None = None,
+    trainable: str = "bias",
+    show_progress: bool = False,
+    physical_batches: int = 4,
+    population: int | None = None,
+) -> PrivateRound:
+    """DP-SGD (plain SGD) with Opacus ghost clipping and Poisson sampling of customers.
+
+    Only the ``trainable`` part learns (see :data:`DP_TRAINABLE`): the fewer the weights, the
+    less of the noise lands where there is no signal. The accountant is restored from
+    ``accountant_state`` and its new state is returned: one accountant per node for the whole
+    federation, never a fresh one per round.
+
+    Each Poisson batch is run as ``physical_batches`` passes over customers of similar history
+    length, each trimmed to its own longest history (:func:`length_buckets`). Opacus sums their
+    clipped per-customer gradients and adds the noise once, at the end of the logical step
+    (``signal_skip_step``, the mechanism of its ``BatchMemoryManager``). The result is the same
+    as one pass, without the scores of padding positions.
+
+    ``population``: the public customer figure that sets the sample rate (default: the exact
+    count, ``len(inputs)``); a node passes its declared figure so that nothing it sends
+    depends on its exact count.
+
+    The Poisson sampling and the noise come from :class:`SecureRandom`, never from a seeded
+    generator.
+    """
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    from shared.recommender.dp_optimizer import SecureDPOptimizer
+
+    steps, sample_rate = steps_per_epoch(population or len(inputs), expected_batch)
+    accountant = new_accountant(accountant_state)
+    model.to(device).train()
+    parameters = select_trainable(model, trainable)
+    module = GradSampleModuleFastGradientClipping(
+        model, max_grad_norm=max_grad_norm, use_ghost_clipping=True, loss_reduction="mean"
+    )
+    optimizer = SecureDPOptimizer(
+        torch.optim.SGD(parameters, lr=lr),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch,
+        loss_reduction="mean",
+    )
+    criterion = DPLossFastGradientClipping(module, optimizer, CustomerLoss("mean"), "mean")
+    sampling = SecureRandom()
+    losses = []
+    for _ in progress_bar(range(epochs * steps), "private training", disable=not show_progress):
+        chosen = sampling.bernoulli(len(inputs), sample_rate)  # Poisson sampling
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+        if not chosen.any():  # nothing released this step; it is still accounted above
+            continue
+        parts = length_buckets(inputs[chosen], targets[chosen], physical_batches)
+        for index, (x, y) in enumerate(parts):
+            loss = criterion(module(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)  # keeps the step's clipped sum so far
+            loss.backward()
+            optimizer.signal_skip_step(do_skip=index < len(parts) - 1)  # noise once, at the end
+            optimizer.step()
+            losses.append(float(loss.item()) / max(int((y >= 0).sum()), 1) * len(x))
+    module.to_standard_module()
+    return PrivateRound(
+        steps=epochs * steps,
+        sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        epsilon=prv_epsilon(accountant, delta),
+        loss=float(np.mean(losses)) if losses else float("nan"),
+        accountant_state=accountant.state_dict(),
+    )
+
+
+def length_buckets(
+    inputs: torch.Tensor, targets: torch.Tensor, parts: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Split a batch into up to ``parts`` groups of customers of similar history length, each
+    trimmed (:func:`trim`), so short histories are not padded to the longest one."""
+    lengths = (inputs > 0).sum(1)
+    order = torch.argsort(lengths, stable=True)
+    return [
+        trim(inputs[group], targets[group]) for group in order.tensor_split(parts) if len(group)
+    ]
+
+
+DP_TRAINABLE = {  # what learns under DP: parameter names containing one of these
+    "bias": ("id_scores.bias",),  # item popularity on top of the public text model
+    "id": ("id_in.", "id_scores.", "gate."),  # the collaborative part
+    "all": ("",),
+}
+
+
+def select_trainable(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """Freeze every parameter outside ``DP_TRAINABLE[trainable]``; returns the trainable ones."""
+    if trainable not in DP_TRAINABLE:
+        raise ValueError(f"dp_train must be one of {sorted(DP_TRAINABLE)}, got {trainable!r}")
+    keys = DP_TRAINABLE[trainable]
+    chosen = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(key in name for key in keys))
+        if parameter.requires_grad:
+            chosen.append(parameter)
+    if not chosen:
+        raise ValueError(f"dp_train={trainable!r} leaves nothing to train in this model variant")
+    return chosen
+
+
+def planned_epsilon(
+    noise_multiplier: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    releases: tuple[tuple[float, int], ...] = (),
+) -> float:
+    """PRV epsilon of ``steps`` DP-SGD steps at ``noise_multiplier`` and ``sample_rate``,
+    composed with ``releases``: (noise multiplier, count) Gaussian releases of sensitivity 1
+    (sample rate 1), e.g. private evaluations."""
+    accountant = new_accountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    accountant.history += [(sigma, 1.0, count) for sigma, count in releases if count]
+    return prv_epsilon(accountant, delta)
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    releases: tuple[tuple[float, int], ...] = (),
+) -> float:
+    """The smallest noise multiplier (to 0.1%) whose plan (:func:`planned_epsilon`) spends at
+    most ``target_epsilon`` at ``delta`` by Opacus's PRV accountant."""
+    releases = tuple((sigma, count) for sigma, count in releases if count)
+    if not releases:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant="prv",
+                epsilon_tolerance=1e-3 * target_epsilon,  # the audit allows 2%
+            )
+        )
+    if planned_epsilon(1e4, delta, sample_rate, steps, releases) > target_epsilon:
+        raise ValueError(
+            f"target epsilon {target_epsilon:g} is spent by the planned releases alone "
+            f"({releases}); raise it or plan fewer"
+        )
+    low, high = 0.0, 1.0
+    while planned_epsilon(high, delta, sample_rate, steps, releases) > target_epsilon:
+        low, high = high, 2 * high
+    while high - low > 1e-3 * high:  # invariant: ``high`` stays within the target
+        middle = (low + high) / 2
+        if planned_epsilon(middle, delta, sample_rate, steps, releases) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high

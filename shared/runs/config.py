@@ -1,0 +1,128 @@
+"""All run settings in one place.
+
+:class:`RunConfig` is flat so that it maps one-to-one onto Flower's run config
+(``[tool.flwr.app.config]`` in pyproject.toml, keys in kebab-case) and onto the CLI options;
+a test checks that pyproject.toml carries exactly these defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from shared.recommender.model import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    """Model, training, privacy and federation settings of one run."""
+
+    # where: the dataset ("" = the embedded synthetic marketplace) and the run's outputs
+    data: str = ""
+    catalog: str = ""  # a deployment's server: the public catalog only (the nodes hold the data)
+    registry: str = ""  # a deployment's node registry: Flower node id -> name, catalog, customers
+    out: str = "runs/flwr-default"
+    # model (see shared.recommender.model.ModelConfig)
+    text_model: str = "minilm"
+    text_finetune_layers: int = 0  # >0: first fine-tune the encoder's top N layers (train only)
+    text_finetune_steps: int = 2000
+    dim: int = ModelConfig.dim
+    max_len: int = ModelConfig.max_len
+    layers: int = ModelConfig.layers
+    heads: int = ModelConfig.heads
+    dropout: float = ModelConfig.dropout
+    fusion: str = ModelConfig.fusion
+    variant: str = ModelConfig.variant
+    recency: float = ModelConfig.recency
+    logit_scale: float = ModelConfig.logit_scale
+    new_item_boost: float = ModelConfig.new_item_boost
+    # training
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    patience: int = 2
+    refit: bool = True  # the final model also trains on the validation targets (see docs)
+    seed: int = 0
+    device: str = "auto"
+    # differential privacy (one sample = one customer's history at a node)
+    dp: bool = False
+    target_epsilon: float = 8.0
+    delta: float = 0.0  # 0 = each node's own: 1 / (10 * its declared customers)
+    max_grad_norm: float = 1.0
+    dp_batch_size: int = 512  # expected Poisson batch (customers per step)
+    dp_lr: float = 2.0  # plain SGD on the mean clipped gradient
+    dp_train: str = "bias"  # what learns under DP: bias (item popularity), id, all
+    dp_max_len: int = 20
+    dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
+    eval_noise_multiplier: float = 10.0  # a node's private evaluation: noise std per customer
+    # node-level DP (one sample = one node's whole update) and secure aggregation, docs/privacy.md
+    node_dp: bool = False
+    node_clip_norm: float = 1.0  # L2 bound on each node's update (delta from the global model)
+    node_target_epsilon: float = 8.0  # node-level budget; the noise is calibrated for `rounds`
+    node_delta: float = 1e-5
+    secagg: bool = False  # Flower SecAgg+: the server sees only the sum (needs node_dp)
+    # federation
+    clients: int = 5
+    rounds: int = 3
+    local_epochs: int = 1
+    local_batch_size: int = 32  # smaller steps at the nodes: more progress per round
+    partition: str = "regional"
+    dirichlet_alpha: float = 0.0  # 0 = IID customers; >0 skews regions by dominant category
+    strategy: str = "fedavg"
+    server_lr: float = 1.0
+    proximal_mu: float = 0.0
+    trim_fraction: float = 0.2
+    fraction_train: float = 1.0
+    min_nodes: int = 1
+    wire_dtype: str = "float32"  # float16 halves what travels
+    canaries: int = 0  # empirical privacy audit: random canary customers (simulation only)
+    federated_eval: bool = False  # the nodes evaluate each round (private under DP); deploy: on
+    round_timeout: float = 0.0  # seconds a round waits for replies; 0 = until each arrives or
+    # Flower reports its node unavailable (about a minute after the node stops responding)
+    # robustness measurement (simulation only): these nodes' replies are replaced by attacks
+    malicious_nodes: int = 0
+    attack: str = "none"  # none, scale, sign-flip or random (simulations/attacks.py)
+    attack_scale: float = 10.0  # the attack's factor on the node's own update
+
+    def model_config(self, num_items: int, text_dim: int) -> ModelConfig:
+        names = {f.name for f in fields(ModelConfig)}
+        values = {k: v for k, v in asdict(self).items() if k in names}
+        if self.dp:
+            values["max_len"], values["dim"] = self.dp_max_len, self.dp_dim
+        return ModelConfig(num_items=num_items, text_dim=text_dim, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from kebab- or snake-case keys (Flower run config, JSON); unknown keys fail."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown setting {key!r}; known: {sorted(known)}")
+            kwargs[name] = _coerce(value, type(getattr(cls, name)), key)
+        return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: type, key: str) -> Any:
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"setting {key!r} expects true/false, got {value!r}")
+        return value.lower() in ("true", "1")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {key!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` means CUDA when present, else CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -1,0 +1,2 @@
+"""The ``fedrec bench`` commands: quality, privacy, DP cost, search, serving latency
+and robustness."""

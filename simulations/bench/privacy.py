@@ -1,0 +1,236 @@
+"""``fedrec bench privacy``: the federated privacy-utility curve.
+
+For every variant and every epsilon, one federated run made by ``fedrec simulate``'s own code
+(``simulations.simulate.run``) in ``OUT/<variant>/eps-<epsilon>``; a run whose directory
+already holds a ``metrics.json`` is reused, so an interrupted benchmark resumes (and a run that
+was cut off mid-way resumes from its checkpoint). Runs are sequential. The curve plots test
+NDCG@10 against the epsilon each run reports, with the untrained model (the text baseline it
+starts from) as a reference line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from shared.recommender.artifacts import write_json
+from shared.recommender.experiment import Experiment
+from simulations import simulate
+from simulations.train import add_run_config_arguments, run_config_from_args
+
+NO_DP = "none"
+TEXT_DP_LR = 0.1  # docs/evaluation.md: 0.0463 against 0.0459 at 0.01 and 0.0006 at 2.0 (eps 8)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True, type=Path, help="dataset directory (docs/data-and-evaluation.md)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench-privacy"),
+        help="directory for the runs, privacy_curve.json and privacy_curve.png "
+        "(default runs/bench-privacy); runs already there are reused",
+    )
+    parser.add_argument(
+        "--epsilons",
+        type=parse_epsilons,
+        default=parse_epsilons("1,2,4,8,none"),
+        help="comma-separated per-node budgets; 'none' = no DP (default 1,2,4,8,none)",
+    )
+    parser.add_argument(
+        "--variants",
+        type=parse_variants,
+        default=["text", "id", "fusion"],
+        help="comma-separated model variants (default text,id,fusion)",
+    )
+    parser.add_argument("--clients", type=int, default=None, help="nodes per run (default 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 3)")
+    add_run_config_arguments(parser)
+
+
+def parse_epsilons(text: str) -> list[float | None]:
+    """``"1,2,none"`` -> ``[1.0, 2.0, None]``."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part == NO_DP:
+            values.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an epsilon or '{NO_DP}': {part!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"epsilon must be positive, got {part!r}")
+        values.append(value)
+    return values
+
+
+def parse_variants(text: str) -> list[str]:
+    from shared.recommender.model import VARIANTS
+
+    variants = [v.strip() for v in text.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; known: {VARIANTS}")
+    return variants
+
+
+def epsilon_label(epsilon: float | None) -> str:
+    return NO_DP if epsilon is None else f"{epsilon:g}"
+
+
+def simulate_args(
+    args: argparse.Namespace, variant: str, epsilon: float | None, out: Path
+) -> argparse.Namespace:
+    """The arguments ``fedrec simulate`` would parse for this run."""
+    argv = ["--data", str(args.data), "--out", str(out), "--set", f"variant={variant}"]
+    if variant == "text":  # no item biases to train under DP: the text part learns instead,
+        # with a step fit for millions of weights (the default dp-lr is for the item biases)
+        argv += ["--set", "dp_train=all", "--set", f"dp_lr={TEXT_DP_LR}"]
+    argv += ["--clients", str(args.clients)] if args.clients is not None else []
+    argv += ["--rounds", str(args.rounds)] if args.rounds is not None else []
+    argv += ["--dp", "--target-epsilon", str(epsilon)] if epsilon is not None else []
+    argv += [token for item in args.overrides for token in ("--set", item)]
+    argv += ["--device", args.device] if args.device else []
+    argv += ["--quiet"] if args.quiet else []
+    parser = argparse.ArgumentParser(prog="fedrec simulate")
+    simulate.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def check_settings(metrics: dict, run_args: argparse.Namespace) -> None:
+    """Refuse to reuse a finished run made with other settings than this benchmark's (settings
+    the run resolves itself, a default delta, and settings newer than the run are not compared)."""
+    wanted = simulate.config_from_args(run_args).to_dict()
+    skip = {"data", "out"} | ({"delta"} if not wanted["delta"] else set())
+    stored = metrics["config"]
+    differ = [k for k in wanted if k not in skip and k in stored and stored[k] != wanted[k]]
+    if differ:
+        raise SystemExit(
+            f"fedrec: {run_args.out} holds a run with other settings ({differ}); "
+            "use another --out or remove that run"
+        )
+
+
+def run_point(args: argparse.Namespace, variant: str, epsilon: float | None) -> dict:
+    """One federated run (or the one already in its directory) and what the curve needs."""
+    out = args.out / variant / f"eps-{epsilon_label(epsilon)}"
+    run_args = simulate_args(args, variant, epsilon, out)
+    metrics_path = out / "metrics.json"
+    reused = metrics_path.exists()
+    if not reused and simulate.run(run_args) != 0:
+        return {
+            "variant": variant,
+            "target_epsilon": epsilon,
+            "dir": str(out),
+            "error": "the federation did not finish; see its log",
+        }
+    metrics = json.loads(metrics_path.read_text())
+    if reused:
+        check_settings(metrics, run_args)
+    privacy = metrics.get("privacy") or {}
+    federation = privacy.get("federation") or {}
+    return {
+        "variant": variant,
+        "target_epsilon": epsilon,
+        "epsilon": federation.get("epsilon", privacy.get("epsilon")),
+        "delta": privacy.get("delta"),
+        "test": metrics["test"],
+        "rounds": metrics["timing"].get("rounds"),
+        "dir": str(out),
+        "reused": reused,
+    }
+
+
+def untrained_baseline(args: argparse.Namespace) -> dict:
+    """Test metrics of the model at initialisation (the text-only baseline every run starts
+    from), with the private runs' model settings (``dp_max_len``, ``dp_dim``)."""
+    config = run_config_from_args(args, variant="text", dp=True)
+    experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
+    test, _ = experiment.evaluate(experiment.new_model(), "test")
+    return test
+
+
+def plot_curve(points: list[dict], baseline: float, path: Path) -> None:
+    """Test NDCG@10 against epsilon (log scale), no-DP runs as separate markers at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({p["target_epsilon"] for p in points if p["target_epsilon"] is not None})
+    no_dp_x = (finite[-1] if finite else 1.0) * 4
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for index, variant in enumerate(dict.fromkeys(p["variant"] for p in points)):
+        color = f"C{index}"
+        mine = [p for p in points if p["variant"] == variant and "error" not in p]
+        private = sorted(
+            (p["epsilon"] or p["target_epsilon"], p["test"]["ndcg@10"])
+            for p in mine
+            if p["target_epsilon"] is not None
+        )
+        if private:
+            ax.plot(*zip(*private, strict=True), marker="o", color=color, label=variant)
+        for p in mine:
+            if p["target_epsilon"] is None:
+                ax.plot(
+                    no_dp_x,
+                    p["test"]["ndcg@10"],
+                    marker="*",
+                    markersize=12,
+                    color=color,
+                    linestyle="none",
+                    label=None if private else variant,
+                )
+    ax.axhline(baseline, color="gray", linestyle="--", label="untrained text model (init)")
+    ax.set_xscale("log")
+    ticks = {t: f"{t:g}" for t in finite}
+    if any(p["target_epsilon"] is None for p in points):
+        ticks[no_dp_x] = NO_DP
+    ax.set_xticks(list(ticks), list(ticks.values()))
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon per customer (federation, reported); 'none' = no DP")
+    ax.set_ylabel("test NDCG@10")
+    ax.set_title("Federated privacy-utility curve")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    baseline = untrained_baseline(args)
+    plan = [(v, e) for v in args.variants for e in args.epsilons]
+    points = []
+    for index, (variant, epsilon) in enumerate(plan, start=1):
+        print(f"[{index}/{len(plan)}] {variant}, epsilon {epsilon_label(epsilon)}", flush=True)
+        point = run_point(args, variant, epsilon)
+        points.append(point)
+        summary = point.get("error") or (
+            f"test ndcg@10 {point['test']['ndcg@10']:.4f}"
+            + (" (reused)" if point["reused"] else "")
+        )
+        print(
+            f"[{index}/{len(plan)}] {variant}, epsilon {epsilon_label(epsilon)}: {summary}",
+            flush=True,
+        )
+    write_json(
+        args.out / "privacy_curve.json",
+        {
+            "data": str(args.data),
+            "config": run_config_from_args(
+                args, clients=args.clients, rounds=args.rounds
+            ).to_dict(),
+            "untrained_text": baseline,
+            "points": points,
+        },
+    )
+    plot_curve(points, baseline["ndcg@10"], args.out / "privacy_curve.png")
+    print(f"wrote {args.out}/privacy_curve.json, privacy_curve.png")
+    return 1 if any("error" in p for p in points) else 0

@@ -1,0 +1,279 @@
+"""``fedrec train``: centralized training, the reference run every federation is compared with."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.recommender.experiment import Experiment
+from shared.recommender.training import (
+    calibrate_noise,
+    steps_per_epoch,
+    targets_within,
+    train_epoch,
+    train_private,
+    training_tensors,
+)
+from shared.runs.config import RunConfig
+from shared.runs.durable import OutputInUse, RunLock
+from shared.runs.outputs import OtherSettings, check_rerun
+from shared.runs.quiet import quiet_third_party
+from simulations.verdict import print_verdict, run_context
+
+
+def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--set key=value`` overrides for any RunConfig setting (shared by train and simulate)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any run setting, e.g. --set dim=64 --set fusion=concat "
+        "(see docs/configuration.md for the full list)",
+    )
+    parser.add_argument(
+        "--device", default=None, help=f"auto, cpu or cuda (default: {RunConfig.device})"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_config_from_args(args: argparse.Namespace, **explicit) -> RunConfig:
+    values = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"fedrec: --set expects KEY=VALUE, got {item!r}")
+        values[key.strip()] = value.strip()
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    if args.device:
+        values["device"] = args.device
+    try:
+        return RunConfig.from_flat(values)
+    except ValueError as error:
+        raise SystemExit(f"fedrec: {error}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True, type=Path, help="dataset directory (docs/data-and-evaluation.md)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory for the run")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"training epochs (default: {RunConfig.epochs})"
+    )
+    parser.add_argument(
+        "--dp", action="store_true", help="train with DP-SGD (unit: one customer's whole history)"
+    )
+    parser.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help=f"DP budget (default: {RunConfig.target_epsilon})",
+    )
+    parser.add_argument(
+        "--delta", type=float, default=None, help="DP delta (default: 1/(10 x customers))"
+    )
+    add_run_config_arguments(parser)
+
+
+def train_centralized(experiment: Experiment, show_progress: bool = True) -> dict:
+    """Train on all customers. Returns the model, timing, privacy (or None), per-epoch history
+    and, when the model was refit on the validation targets, the validation metrics measured
+    before that refit."""
+    config = experiment.config
+    started = time.time()
+    if config.dp:
+        return _train_private(experiment, show_progress) | {"train_s": time.time() - started}
+    model, history = _fit(
+        experiment, experiment.train_histories(), config.epochs, True, show_progress
+    )
+    result = {"model": model, "history": history, "privacy": None, "valid": None}
+    best_epoch = max(history, key=lambda h: h["valid_ndcg@10"])["epoch"]
+    if config.refit:  # validation has chosen the epochs; now learn from those events too
+        result["valid"], _ = experiment.evaluate(model, "valid")
+        result["valid_test"], _ = experiment.evaluate(model, "test")
+        if show_progress:
+            print(f"refit on training + validation events for {best_epoch} epoch(s)", flush=True)
+        result["model"], _ = _fit(
+            experiment, experiment.train_histories(refit=True), best_epoch, False, show_progress
+        )
+    result["timing"] = {
+        "train_s": round(time.time() - started, 1),
+        "best_epoch": best_epoch,
+        "epoch_s": round(float(np.mean([h["epoch_s"] for h in history])), 1),
+    }
+    return result
+
+
+def _fit(
+    experiment: Experiment, histories: list, epochs: int, select: bool, show_progress: bool
+) -> tuple:
+    """Adam over full-catalog softmax; with ``select``, early stopping on validation NDCG@10."""
+    config = experiment.config
+    model = experiment.new_model()
+    inputs, targets = training_tensors(histories, model.config.max_len)
+    columns = None
+    trained = experiment.trained_items(histories)
+    if not trained.all():  # products nobody has touched yet (held out: new) are not negatives
+        columns = trained.nonzero().squeeze(1)
+        targets = targets_within(targets, columns, len(trained))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    best, best_state, stale, history = -1.0, None, 0, []
+    for epoch in range(1, epochs + 1):
+        epoch_start = time.time()
+        loss = train_epoch(
+            model,
+            optimizer,
+            inputs,
+            targets,
+            config.batch_size,
+            experiment.device,
+            show_progress=show_progress,
+            columns=columns,
+        )
+        record = {"epoch": epoch, "loss": loss, "epoch_s": round(time.time() - epoch_start, 1)}
+        history.append(record)
+        if not select:
+            continue
+        valid, _ = experiment.evaluate(model, "valid")
+        record["valid_ndcg@10"] = valid["ndcg@10"]
+        if show_progress:
+            print(
+                f"epoch {epoch}: loss {loss:.4f}  valid ndcg@10 {valid['ndcg@10']:.4f}  "
+                f"({record['epoch_s']} s)",
+                flush=True,
+            )
+        if valid["ndcg@10"] > best:
+            best, best_state, stale = valid["ndcg@10"], copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model, history
+
+
+def _train_private(experiment: Experiment, show_progress: bool) -> dict:
+    """DP-SGD for a fixed number of epochs: no model selection on private validation data."""
+    config = experiment.config
+    model = experiment.new_model()
+    inputs, targets = training_tensors(
+        experiment.train_histories(config.refit), model.config.max_len
+    )
+    delta = config.delta or 1.0 / (10 * len(inputs))
+    steps, sample_rate = steps_per_epoch(len(inputs), config.dp_batch_size)
+    sigma = calibrate_noise(config.target_epsilon, delta, sample_rate, steps * config.epochs)
+    spent = train_private(
+        model,
+        inputs,
+        targets,
+        epochs=config.epochs,
+        expected_batch=config.dp_batch_size,
+        noise_multiplier=sigma,
+        max_grad_norm=config.max_grad_norm,
+        lr=config.dp_lr,
+        delta=delta,
+        device=experiment.device,
+        trainable=config.dp_train,
+        show_progress=show_progress,
+    )
+    privacy = {
+        "unit": "one customer's entire history (every event of one customer)",
+        "epsilon": spent.epsilon,
+        "delta": delta,
+        "accountant": "prv (opacus)",
+        "noise_multiplier": sigma,
+        "sample_rate": sample_rate,
+        "steps": spent.steps,
+        "max_grad_norm": config.max_grad_norm,
+        "sampling": "poisson",
+        "statement": (
+            f"Trained with DP-SGD: ({spent.epsilon:.3f}, {delta:.2e})-differential privacy "
+            "for each customer, covering everything that customer did in the training data. "
+            "No decision was taken on validation data (fixed epochs)."
+        ),
+    }
+    return {
+        "model": model,
+        "history": [{"epoch": config.epochs, "loss": spent.loss}],
+        "privacy": privacy,
+        "valid": None,
+        "timing": {},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    config = run_config_from_args(
+        args,
+        data=str(args.data),
+        out=str(args.out),
+        epochs=args.epochs,
+        dp=args.dp or None,
+        target_epsilon=args.target_epsilon,
+        delta=args.delta,
+    )
+    if config.dp and config.text_finetune_layers:
+        raise SystemExit(
+            "fedrec: text-finetune-layers trains the encoder without DP; it cannot be combined "
+            "with --dp (set text-finetune-layers=0)"
+        )
+    if already_done(args.out, config):
+        return 0
+    with locked(args.out):
+        quiet_third_party()
+        experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
+        result = train_centralized(experiment, not args.quiet)
+        extra = {"history": result["history"], "context": run_context(experiment)}
+        if result.get("valid_test"):
+            extra["test_before_refit"] = result["valid_test"]
+        metrics = experiment.finish(
+            args.out,
+            result["model"],
+            trained=experiment.trained_items(experiment.train_histories(config.refit)),
+            timing=result["timing"]
+            | ({"train_s": round(result["train_s"], 1)} if "train_s" in result else {}),
+            privacy=result["privacy"],
+            extra=extra,
+            valid=result["valid"],
+            title="fedrec centralized reference model",
+        )
+    print(f"wrote {args.out}/metrics.json, recs.csv, model/")
+    print_verdict(metrics, args.out)
+    return 0
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold the lock on ``out`` for a command's run; another run on it exits at once, saying
+    so. Shared by train and simulate."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(RunLock(out))
+        except OutputInUse as error:
+            raise SystemExit(f"fedrec: {error}") from None
+        yield
+
+
+def already_done(out: Path, config: RunConfig) -> bool:
+    """True (after saying so) when ``out`` holds this finished run; exits when it holds a run
+    with other settings. Shared by train and simulate, before anything starts."""
+    try:
+        complete = check_rerun(out, config.to_dict())
+    except OtherSettings as error:
+        raise SystemExit(f"fedrec: {error}") from None
+    if complete:
+        print(f"nothing to do: run complete ({out})")
+        print_verdict(json.loads((out / "metrics.json").read_text()), out)
+    return complete
