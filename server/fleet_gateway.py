@@ -80,6 +80,7 @@ class FleetGateway:
     ):
         self.max_body = max_body
         self.body_timeout = body_timeout
+        self.forwarded = self.refused = 0  # logged at shutdown
         self.client = httpx.AsyncClient(
             base_url=superlink,
             verify=ssl.create_default_context(cafile=str(ca)),
@@ -99,6 +100,7 @@ class FleetGateway:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                log.info("forwarded %d Fleet calls, refused %d", self.forwarded, self.refused)
                 await self.client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -108,23 +110,27 @@ class FleetGateway:
         if scope["method"] != "POST" or path not in FLEET_CALLS or scope["query_string"]:
             client = scope.get("client") or ("?", 0)
             log.warning("refused %s %r from %s", scope["method"], path, client[0])
-            await _answer(send, 403, "only the Fleet API is served here")
+            await self._refuse(send, 403, "only the Fleet API is served here")
             return
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in NOT_FORWARDED]
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_body:
-            await _answer(send, 413, f"request body over {self.max_body} bytes")
+            await self._refuse(send, 413, f"request body over {self.max_body} bytes")
             return
         try:
             async with asyncio.timeout(self.body_timeout):
                 body = await self._body(receive)
         except TimeoutError:
-            await _answer(send, 408, f"request body not received in {self.body_timeout:g} s")
+            await self._refuse(send, 408, f"request body not received in {self.body_timeout:g} s")
             return
         if body is None:
-            await _answer(send, 413, f"request body over {self.max_body} bytes")
+            await self._refuse(send, 413, f"request body over {self.max_body} bytes")
             return
         await self._forward(path.decode(), headers, body, send)
+
+    async def _refuse(self, send: Send, status: int, text: str) -> None:
+        self.refused += 1
+        await _answer(send, status, text)
 
     async def _body(self, receive: Receive) -> bytes | None:
         """The request body; None when it is larger than allowed."""
@@ -150,6 +156,7 @@ class FleetGateway:
             log.warning("the SuperLink is unreachable: %r", error)
             await _answer(send, 502, "the SuperLink is unreachable")
             return
+        self.forwarded += 1
         try:
             raw = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
             start = {"type": "http.response.start", "status": response.status_code}

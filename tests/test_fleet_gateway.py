@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -210,6 +211,7 @@ def test_the_body_is_bounded_in_size_and_time_and_forwarded_whole(tmp_path: Path
     assert call(gateway, [b"a" * 600, b"b" * 401])[0] == 413
     assert call(gateway, [b"a"] * 3, delay=0.1)[0] == 408
     assert len(upstream.requests) == 1  # neither refused body reached the SuperLink
+    assert (gateway.forwarded, gateway.refused) == (1, 2)
 
 
 def test_supernodes_behind_the_gateway_complete_a_run(
@@ -245,8 +247,10 @@ def test_supernodes_behind_the_gateway_complete_a_run(
     gateway_port = int(printed.split("Fleet gateway on 127.0.0.1:")[1].split(" ")[0])
     assert link_port != gateway_port
     assert (
-        f"running on https://127.0.0.1:{gateway_port}" in (out / "logs" / "gateway.log").read_text()
-    )
-    assert (
         f"running on https://127.0.0.1:{link_port}" in (out / "logs" / "superlink.log").read_text()
     )
+    gateway = (out / "logs" / "gateway.log").read_text()
+    assert f"running on https://127.0.0.1:{gateway_port}" in gateway
+    # the nodes' calls went through it (the SuperLink's port is not theirs), none refused
+    forwarded, refused = re.search(r"forwarded (\d+) Fleet calls, refused (\d+)", gateway).groups()
+    assert int(forwarded) > 10 and int(refused) == 0
