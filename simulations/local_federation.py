@@ -208,9 +208,10 @@ class LocalFederation:
         service.process.wait()
 
     def close(self) -> None:
-        """Stop the nodes, then the gateway and the SuperLink (each gracefully, then by
-        force)."""
-        for name in sorted(self.services, key=lambda n: n in ("gateway", "superlink")):
+        """Stop the nodes, the gateway, then the SuperLink (each gracefully, then by force;
+        the SuperLink waits for the gateway's connections to close)."""
+        last = {"gateway": 1, "superlink": 2}
+        for name in sorted(self.services, key=lambda n: last.get(n, 0)):
             self.kill(name, signal.SIGTERM)
 
     # --- the SuperLink -----------------------------------------------------------------------
@@ -309,11 +310,13 @@ class LocalFederation:
         key: Path | None = None,
         tls: bool | None = None,
         policy: dict | None = None,
+        trusted_entities: Path | None = None,
     ) -> Service:
         """A SuperNode reading only ``data_dir``, dialling ``port`` (the gateway), authenticated
         with the private ``key``, over TLS if the federation uses it (``tls`` False: a node that
         does not), with its own privacy ``policy`` (client/policy.py; default: a deployed
-        node's)."""
+        node's); with ``trusted_entities``, it runs only apps those keys signed (Flower Hub's
+        reviews: docs/deployment.md, "Trusted apps")."""
         command = [binary("flower-supernode"), "--superlink", f"{HOST}:{self.port}"]
         command += ["--port", str(free_port())]
         settings = {"data-dir": str(Path(data_dir).resolve()), **(policy or {})}
@@ -324,6 +327,8 @@ class LocalFederation:
             command += ["--insecure", "--max-retries", "3"]
         if key is not None:
             command += ["--auth-supernode-private-key", str(key)]
+        if trusted_entities is not None:
+            command += ["--trusted-entities", str(trusted_entities)]
         return self._start(name, command, self.home / "nodes" / name)
 
     def online_nodes(self) -> int:

@@ -1,8 +1,9 @@
 """The Fleet gateway (server/fleet_gateway.py) in front of a real SuperLink on loopback: only
 the Fleet API gets through; the Control API (``flwr`` pointed at the gateway with the CA, as
 an outsider would) and the Runtime API are refused there and never reach the SuperLink;
-oversized, slow and malformed requests are refused without taking the gateway down; and
-SuperNodes that dial the gateway complete a run (``fedrec deploy local``, 2 nodes, 1 round)."""
+oversized, slow and malformed requests are refused without taking the gateway down; a node
+with ``--trusted-entities`` refuses the locally built app; and SuperNodes that dial the
+gateway complete a run (``fedrec deploy local``, 2 nodes, 1 round)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,21 @@ import re
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import tomli_w
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from helpers import TINY_SETTINGS, cli_settings
 
 from server.credentials import write_node_key, write_tls
 from server.fleet_gateway import FleetGateway
 from shared.cli import main
+from shared.config import RunConfig
 from simulations.local_federation import HOST, LocalFederation, binary
 
 PROTOBUF = {"content-type": "application/protobuf", "accept": "application/protobuf"}
@@ -212,6 +217,34 @@ def test_the_body_is_bounded_in_size_and_time_and_forwarded_whole(tmp_path: Path
     assert call(gateway, [b"a"] * 3, delay=0.1)[0] == 408
     assert len(upstream.requests) == 1  # neither refused body reached the SuperLink
     assert (gateway.forwarded, gateway.refused) == (1, 2)
+
+
+def test_a_node_that_trusts_only_signed_apps_refuses_a_locally_built_one(
+    link: LocalFederation, tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """flwr's ``--trusted-entities`` checks Flower Hub's signatures, which a FAB that ``flwr
+    run`` builds from the source tree never has (docs/deployment.md, "Trusted apps")."""
+    reviewer = ed25519.Ed25519PrivateKey.generate().public_key()
+    public = reviewer.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    trusted = tmp_path / "trusted.yaml"
+    trusted.write_text(f"fpk_reviewer: '{public}'\n")
+    key = link.node_key("trusting")
+    node = link.start_node(
+        "trusting", tiny_synth_dataset_dir, key, {"require-dp": False}, trusted_entities=trusted
+    )
+    link.wait_for_nodes(1)
+    out = tmp_path / "run"
+    settings = {**TINY_SETTINGS, "device": "cpu", "text_model": str(tiny_bert_dir)}
+    config = RunConfig(
+        data=str(tiny_synth_dataset_dir), out=str(out), clients=1, rounds=1, **settings
+    )
+    run = link.submit(config)
+    deadline = time.time() + 300
+    while not link.status(run).startswith("finished"):
+        assert time.time() < deadline, "the run did not finish"
+        time.sleep(3)
+    assert "The FAB could not be verified" in node.log.read_text()
+    assert json.loads((out / "metrics.json").read_text())["rounds"] == []
 
 
 def test_supernodes_behind_the_gateway_complete_a_run(
