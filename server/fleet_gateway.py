@@ -123,8 +123,10 @@ class FleetGateway:
         except TimeoutError:
             await self._refuse(send, 408, f"request body not received in {self.body_timeout:g} s")
             return
-        if body is None:
+        except OverflowError:
             await self._refuse(send, 413, f"request body over {self.max_body} bytes")
+            return
+        except EOFError:  # the client left mid-body: nothing to forward, no one to answer
             return
         await self._forward(path.decode(), headers, body, send)
 
@@ -132,14 +134,17 @@ class FleetGateway:
         self.refused += 1
         await _answer(send, status, text)
 
-    async def _body(self, receive: Receive) -> bytes | None:
-        """The request body; None when it is larger than allowed."""
+    async def _body(self, receive: Receive) -> bytes:
+        """The request body; OverflowError when it is larger than allowed, EOFError when the
+        client disconnects first."""
         body = bytearray()
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                raise EOFError
             body += message.get("body", b"")
             if len(body) > self.max_body:
-                return None
+                raise OverflowError
             if not message.get("more_body", False):
                 return bytes(body)
 

@@ -180,8 +180,11 @@ class FakeSuperLink(httpx.AsyncBaseTransport):
         return httpx.Response(200, stream=httpx.ByteStream(await request.aread()))
 
 
-def call(gateway: FleetGateway, chunks: list[bytes], delay: float = 0.0) -> tuple[int, bytes]:
-    """One POST /v1/fleet/push-object with its body in ``chunks``, ``delay`` s apart."""
+def call(
+    gateway: FleetGateway, chunks: list[bytes], delay: float = 0.0, disconnect: bool = False
+) -> tuple[int, bytes] | None:
+    """One POST /v1/fleet/push-object with its body in ``chunks``, ``delay`` s apart, then
+    the client's disconnection if ``disconnect``; the answer (None: none)."""
     scope = {
         "type": "http",
         "method": "POST",
@@ -192,7 +195,8 @@ def call(gateway: FleetGateway, chunks: list[bytes], delay: float = 0.0) -> tupl
         "client": ("203.0.113.9", 1),
     }
     pending = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
-    pending.append({"type": "http.request", "body": b"", "more_body": False})
+    last = {"type": "http.request", "body": b"", "more_body": False}
+    pending.append({"type": "http.disconnect"} if disconnect else last)
     sent: list[dict] = []
 
     async def receive() -> dict:
@@ -203,6 +207,8 @@ def call(gateway: FleetGateway, chunks: list[bytes], delay: float = 0.0) -> tupl
         sent.append(message)
 
     asyncio.run(gateway(scope, receive, send))
+    if not sent:
+        return None
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
 
@@ -215,7 +221,8 @@ def test_the_body_is_bounded_in_size_and_time_and_forwarded_whole(tmp_path: Path
     assert upstream.requests[0].headers["x-flwr"] == "kept"
     assert call(gateway, [b"a" * 600, b"b" * 401])[0] == 413
     assert call(gateway, [b"a"] * 3, delay=0.1)[0] == 408
-    assert len(upstream.requests) == 1  # neither refused body reached the SuperLink
+    assert call(gateway, [b"a" * 600], disconnect=True) is None  # the client left mid-body
+    assert len(upstream.requests) == 1  # none of the others reached the SuperLink
     assert (gateway.forwarded, gateway.refused) == (1, 2)
 
 
