@@ -27,6 +27,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "simulations.deploy",
         "a real SuperLink and SuperNodes on this machine (TLS, node authentication)",
     ),
+    (
+        ("gateway",),
+        "server.fleet_gateway",
+        "the SuperLink's public address: forwards its Fleet API (TLS) and refuses the rest",
+    ),
     (("audit",), "server.audit", "audit the privacy ledger of a run"),
     (
         ("ledger", "repair"),
