@@ -554,11 +554,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allowed-hosts",
         type=host_list,
-        default=[],
+        default=None,
         help="comma-separated Host names served besides "
         + ", ".join(LOCAL_HOSTS)
         + " and --host (unless a wildcard such as 0.0.0.0): the public name behind a proxy, "
-        "'*.example.com' for its subdomains, '*' for any (not recommended); other Hosts get 400",
+        "'*.example.com' for its subdomains, '*' for any (not recommended); other Hosts get "
+        "400 (default: none)",
     )
     parser.add_argument(
         "--admin-token-file",
@@ -626,7 +627,7 @@ def run(args: argparse.Namespace) -> int:
     log_access(not args.no_access_log)
     token_file = args.admin_token_file or default_token_file()
     token = admin_token(token_file)
-    hosts = allowed_hosts(args.host, args.allowed_hosts)
+    hosts = allowed_hosts(args.host, args.allowed_hosts or ())
     print(f"loading {args.model} with the products of {args.data} ...", flush=True)
     app = create_app(
         args.model,
