@@ -27,6 +27,10 @@ COMMANDS: list[tuple[tuple[str, ...], str]] = [
         ("deploy", "local"),
         "a real SuperLink and SuperNodes on this machine (TLS, node authentication)",
     ),
+    (
+        ("gateway",),
+        "the SuperLink's public address: forwards its Fleet API (TLS) and refuses the rest",
+    ),
     (("audit",), "audit the privacy ledger of a run"),
     (
         ("ledger", "repair"),
@@ -62,6 +66,8 @@ def command_module(path: tuple[str, ...]) -> ModuleType:
             from simulations import simulate as module
         case ("deploy", "local"):
             from simulations import deploy as module
+        case ("gateway",):
+            from server.federation import fleet_gateway as module
         case ("audit",):
             from server.privacy import audit as module
         case ("ledger", "repair"):

@@ -1,7 +1,10 @@
 """``fedrec deploy local``: the federation on Flower's deployment engine, all on this machine.
 
 A real SuperLink and N SuperNodes run as separate processes on loopback, with certificates made
-for the run (TLS) and every node's key registered (SuperNode authentication). The server side is
+for the run (TLS) and every node's key registered (SuperNode authentication); the nodes reach
+the SuperLink through the Fleet gateway (server/federation/fleet_gateway.py), which forwards the
+Fleet API
+only, and the ``flwr`` CLI reaches it directly on its own loopback port. The server side is
 given the public catalog only (``--catalog``) and never reads events; each node reads only its
 own data directory (``--node-data``), with its own privacy policy (``--node-config``), and the
 nodes evaluate the model. ``--data`` is the convenience: ``fedrec data split`` into OUT/split
@@ -69,12 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=3, help="with --data: how many nodes")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default 3)")
     parser.add_argument(
-        "--port", type=int, default=None, help="the SuperLink's port (default: a free one)"
+        "--port",
+        type=int,
+        default=None,
+        help="the port the nodes dial: the Fleet gateway's (with --insecure, the SuperLink's); "
+        "default: a free one",
     )
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="no TLS and no SuperNode authentication (debugging only)",
+        help="no TLS, no SuperNode authentication and no gateway (debugging only)",
     )
     parser.add_argument(
         "--cert-days",
@@ -178,8 +185,14 @@ def deploy(
         LocalFederation(out, secure=secure, port=port, cert_days=cert_days) as federation,
     ):
         federation.start_superlink()
-        mode = "TLS, SuperNode authentication" if secure else "INSECURE: no TLS, no auth"
-        print(f"deploy: SuperLink on 127.0.0.1:{federation.port} ({mode})", flush=True)
+        if secure:
+            print(
+                f"deploy: SuperLink on 127.0.0.1:{federation.link_port}, nodes dial its Fleet "
+                f"gateway on 127.0.0.1:{federation.port} (TLS, SuperNode authentication)",
+                flush=True,
+            )
+        else:
+            print(f"deploy: SuperLink on 127.0.0.1:{federation.port} (INSECURE: no TLS, no auth)")
         for directory in nodes:
             key = federation.node_key(directory.name) if secure else None
             federation.start_node(directory.name, directory, key, policy=node_config)

@@ -1,9 +1,11 @@
 """A Flower deployment on loopback: one SuperLink and SuperNodes as separate processes.
 
 Each party runs Flower's own binaries exactly as it would on its own machine: the SuperLink
-(``flower-superlink``) with TLS and SuperNode authentication, each node (``flower-supernode``)
-with the CA certificate, its own private key and its own ``data-dir``, and the run submitted
-with ``flwr run`` over the Control API. Everything lives under ``OUT/deploy`` (certificates,
+(``flower-superlink``) with TLS and SuperNode authentication on an internal port, the Fleet
+gateway (``fedrec gateway``, server/federation/fleet_gateway.py) on the port the nodes dial, each
+node (``flower-supernode``) with the CA certificate, its own private key and its own ``data-dir``,
+and the run submitted with ``flwr run`` over the Control API, straight to the SuperLink (the
+operator's, on its machine). Everything lives under ``OUT/deploy`` (certificates,
 keys, the SuperLink's database, a Flower home per party, so nothing touches ``~/.flwr``) and
 ``OUT/logs`` (one log per process). :meth:`LocalFederation.close` stops every process it
 started, with everything they started in turn.
@@ -128,8 +130,11 @@ def _json_output(text: str) -> dict:
 
 
 class LocalFederation:
-    """A SuperLink and SuperNodes on loopback, TLS and node authentication on unless
-    ``secure`` is False; use as a context manager so that every process is stopped."""
+    """A SuperLink and SuperNodes on loopback, TLS, node authentication and the Fleet gateway
+    on unless ``secure`` is False; use as a context manager so that every process is stopped.
+
+    ``port`` is the one the nodes dial: the gateway's, or the SuperLink's own when ``secure``
+    is False; ``link_port`` is the SuperLink's."""
 
     def __init__(
         self, out: Path, secure: bool = True, port: int | None = None, cert_days: int = VALID_DAYS
@@ -142,6 +147,9 @@ class LocalFederation:
         if port is not None:
             check_port(port)
         self.port = port or free_port()
+        self.link_port = self.port
+        while secure and self.link_port == self.port:
+            self.link_port = free_port()
         self.services: dict[str, Service] = {}
         self.node_ids: dict[str, int] = {}  # Flower's id of each registered node, by name
         self.tls: TlsFiles | None = None
@@ -169,7 +177,9 @@ class LocalFederation:
             "FLWR_LOG_LEVEL": "INFO",  # each process's log is its file under OUT/logs
         }
 
-    def _start(self, name: str, command: list[str], home: Path) -> Service:
+    def _start(
+        self, name: str, command: list[str], home: Path, env: dict[str, str] | None = None
+    ) -> Service:
         private_dir(self.logs)
         private_dir(home)
         log = self.logs / f"{name}.log"
@@ -182,7 +192,7 @@ class LocalFederation:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=home,
-                env=self.env(home),
+                env={**self.env(home), **(env or {})},
                 start_new_session=True,  # Ctrl-C reaches fedrec only, which stops everything
                 umask=0o077,  # what Flower writes (the SuperLink's database, messages) is private
             )
@@ -203,15 +213,18 @@ class LocalFederation:
         service.process.wait()
 
     def close(self) -> None:
-        """Stop the nodes, then the SuperLink (each gracefully, then by force)."""
-        for name in sorted(self.services, key=lambda n: n == "superlink"):
+        """Stop the nodes, the gateway, then the SuperLink (each gracefully, then by force;
+        the SuperLink waits for the gateway's connections to close)."""
+        last = {"gateway": 1, "superlink": 2}
+        for name in sorted(self.services, key=lambda n: last.get(n, 0)):
             self.kill(name, signal.SIGTERM)
 
     # --- the SuperLink -----------------------------------------------------------------------
 
     def start_superlink(self, timeout: float = 60.0) -> None:
-        """Start (or restart, same port, database and certificates) the SuperLink."""
-        command = [binary("flower-superlink"), "--host", HOST, "--port", str(self.port)]
+        """Start (or restart, same port, database and certificates) the SuperLink, and the
+        gateway in front of it if it is not running yet."""
+        command = [binary("flower-superlink"), "--host", HOST, "--port", str(self.link_port)]
         database = private_dir(self.home) / "superlink.db"
         if database.exists():  # from a run before: created private by the umask above
             make_private(database)
@@ -225,24 +238,44 @@ class LocalFederation:
         else:
             command += ["--insecure"]
         self._write_connection()
-        service = self._start("superlink", command, self.home / "flwr")
+        self._wait_listening(self._start("superlink", command, self.home / "flwr"), timeout)
+        if self.secure and "gateway" not in self.services:
+            self.start_gateway(timeout)
+
+    def start_gateway(self, timeout: float = 60.0) -> None:
+        """Start the Fleet gateway on the nodes' port, in front of the SuperLink."""
+        assert self.tls is not None, "the SuperLink's certificates come first"
+        command = [sys.executable, "-m", "simulations.cli", "gateway"]
+        command += ["--listen", f"{HOST}:{self.port}", "--superlink", f"{HOST}:{self.link_port}"]
+        command += ["--ca", str(self.tls.ca), "--certfile", str(self.tls.certificate)]
+        command += ["--keyfile", str(self.tls.key)]
+        # this source tree's fedrec, wherever fedrec is installed
+        path = os.pathsep.join(filter(None, [str(self.app), os.environ.get("PYTHONPATH")]))
+        service = self._start("gateway", command, self.home / "gateway", {"PYTHONPATH": path})
+        self._wait_listening(service, timeout)
+
+    def _wait_listening(self, service: Service, timeout: float) -> None:
+        """Wait until ``service`` listens on its port; DeployError if it exits or time runs
+        out."""
+        port = self.port if service.name == "gateway" else self.link_port
         deadline = time.time() + timeout
         while time.time() < deadline:
             if service.process.poll() is not None:
                 raise DeployError(
-                    f"the SuperLink exited with code {service.process.returncode}; "
+                    f"{service.name} exited with code {service.process.returncode}; "
                     f"see {service.log}"
                 )
             try:
-                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                socket.create_connection((HOST, port), timeout=0.5).close()
                 return
             except OSError:
                 time.sleep(0.3)
-        raise DeployError(f"the SuperLink did not listen on {HOST}:{self.port} in {timeout:g} s")
+        raise DeployError(f"{service.name} did not listen on {HOST}:{port} in {timeout:g} s")
 
     def _write_connection(self) -> None:
-        """The Flower home's config.toml: how ``flwr`` reaches this SuperLink."""
-        connection: dict = {"address": f"{HOST}:{self.port}"}
+        """The Flower home's config.toml: how ``flwr`` reaches this SuperLink (directly, on
+        loopback: the Control API is not behind the gateway)."""
+        connection: dict = {"address": f"{HOST}:{self.link_port}"}
         if self.secure:
             connection["root-certificates"] = str(self.home / "certs" / "ca.crt")
         else:
@@ -286,10 +319,13 @@ class LocalFederation:
         key: Path | None = None,
         tls: bool | None = None,
         policy: dict | None = None,
+        trusted_entities: Path | None = None,
     ) -> Service:
-        """A SuperNode reading only ``data_dir``, authenticated with the private ``key``, over
-        TLS if the federation uses it (``tls`` False: a node that does not), with its own
-        privacy ``policy`` (client/policy.py; default: a deployed node's)."""
+        """A SuperNode reading only ``data_dir``, dialling ``port`` (the gateway), authenticated
+        with the private ``key``, over TLS if the federation uses it (``tls`` False: a node that
+        does not), with its own privacy ``policy`` (client/policy.py; default: a deployed
+        node's); with ``trusted_entities``, it runs only apps those keys signed (Flower Hub's
+        reviews: docs/deployment.md, "Trusted apps")."""
         command = [binary("flower-supernode"), "--superlink", f"{HOST}:{self.port}"]
         command += ["--port", str(free_port())]
         settings = {"data-dir": str(Path(data_dir).resolve()), **(policy or {})}
@@ -300,6 +336,8 @@ class LocalFederation:
             command += ["--insecure", "--max-retries", "3"]
         if key is not None:
             command += ["--auth-supernode-private-key", str(key)]
+        if trusted_entities is not None:
+            command += ["--trusted-entities", str(trusted_entities)]
         return self._start(name, command, self.home / "nodes" / name)
 
     def online_nodes(self) -> int:

@@ -1,2 +1,2 @@
 """The server's round loop: the Flower ServerApp, strategy, aggregation, SecAgg+,
-the node registry and credentials."""
+the node registry, credentials and the Fleet gateway in front of the SuperLink."""

@@ -300,7 +300,7 @@ def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None
         plan = {k: config[k] for k in PLAN_KEYS}
         # the nodes plan evaluation releases only when the run evaluates at the nodes (older
         # ledgers record none: their nodes planned training alone)
-        evaluates = new_format and config.get("federated_eval", False) and is_number(eval_sigma)
+        evaluates = new_format and config.get("federated_eval", True) and is_number(eval_sigma)
         plan["eval_sigma"] = float(eval_sigma) if evaluates else None
         return plan, []
     text = f"run_start config lacks usable {', '.join(lacking)}: the noise calibration"

@@ -251,6 +251,7 @@ class PrivacyLedger:
         entry["hash"] = entry_hash(entry)
         line = canonical_json(entry) + "\n"
         created = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(descriptor, 0o600)  # the owner's only, whatever the umask
         with os.fdopen(descriptor, "a", encoding="utf-8") as f:

@@ -459,11 +459,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allowed-hosts",
         type=host_list,
+        default=None,
         help="comma-separated Host names served besides "
         + ", ".join(LOCAL_HOSTS)
         + " and --host (unless a wildcard such as 0.0.0.0): the public name behind a proxy, "
-        "'*.example.com' for its subdomains, '*' for any (not recommended); other Hosts get 400 "
-        "(default: none)",
+        "'*.example.com' for its subdomains, '*' for any (not recommended); other Hosts get "
+        "400 (default: none)",
     )
     parser.add_argument(
         "--admin-token-file",

@@ -18,6 +18,7 @@ from server.privacy.accounting import (
     recompute_epsilon,
 )
 from server.privacy.audit import audit
+from server.privacy.audit_checks import node_share
 from server.privacy.audit_report import epsilon_figure
 from server.privacy.canary_audit import (
     canaries_needed,
@@ -436,11 +437,12 @@ def write_planned_run(
         (out / "node-keys").mkdir(exist_ok=True)
         (out / "node-keys" / f"{node}.pem").write_text(key.public_pem)
     history: dict[str, list[dict]] = {node: [] for node in customers}
+    share = node_share(config)  # what the server asks each node to keep
     for r in range(1, rounds + 1):
         for node, n in customers.items():
             q, steps = plan_steps(batch, n, 1)
             delta = 1 / (10 * n)
-            sigma = calibrate_noise(target, delta, q, steps, rounds, EVAL_SIGMA)
+            sigma = calibrate_noise(share, delta, q, steps, rounds, EVAL_SIGMA)
             for purpose in ("training", "evaluation"):
                 training = purpose == "training"
                 fields = {
@@ -457,7 +459,7 @@ def write_planned_run(
                     "delta": delta,
                     "accountant": "prv",
                     "unit": "one customer's data at one node",
-                    "target_epsilon": target,
+                    "target_epsilon": share,
                     "num_customers": n,
                     "update_digest": digest_arrays({"w": np.full(3, r, np.float32)})
                     if training
@@ -732,7 +734,7 @@ def test_a_merchant_metrics_json_stating_the_worst_node_fails(tmp_path):
     per_node = {e["node"]: e["epsilon"] for e in cs}
     privacy = {"epsilon": worst, "delta": max(e["delta"] for e in cs), "per_node": per_node}
     (out / "metrics.json").write_text(json.dumps({"privacy": privacy}))
-    (problem,) = failed_checks(out)["metrics"]
+    (problem,) = failed_checks(out)["metrics"]  # each node kept its share: budgets hold
     fed = federation_guarantee(cs, None, "merchant")
     assert fed["all_nodes"]["delta"] == pytest.approx(1 / 8000 + 1 / 10000 + 1 / 8000)
     assert fed["epsilon"] > worst * 1.2

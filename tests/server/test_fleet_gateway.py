@@ -1,0 +1,301 @@
+"""The Fleet gateway (server/federation/fleet_gateway.py) in front of a real SuperLink on loopback:
+only the Fleet API gets through; the Control API (``flwr`` pointed at the gateway with the CA, as
+an outsider would) and the Runtime API are refused there and never reach the SuperLink;
+oversized, slow and malformed requests are refused without taking the gateway down; a node
+with ``--trusted-entities`` refuses the locally built app; and SuperNodes that dial the
+gateway complete a run (``fedrec deploy local``, 2 nodes, 1 round)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import tomli_w
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from helpers import TINY_SETTINGS, cli_settings
+
+from server.federation.credentials import write_node_key, write_tls
+from server.federation.fleet_gateway import FleetGateway
+from shared.runs.config import RunConfig
+from simulations.cli import main
+from simulations.local_federation import HOST, LocalFederation, binary
+
+PROTOBUF = {"content-type": "application/protobuf", "accept": "application/protobuf"}
+
+
+@pytest.fixture(scope="module")
+def link(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    """A SuperLink (TLS, node authentication) behind its gateway, no node, no ``flwr`` call
+    made to it yet: its log holds only what came through the gateway."""
+    with LocalFederation(tmp_path_factory.mktemp("gateway")) as federation:
+        federation.start_superlink()
+        yield federation
+
+
+def through_gateway(federation: LocalFederation) -> httpx.Client:
+    assert federation.tls is not None
+    return httpx.Client(
+        base_url=f"https://{HOST}:{federation.port}",
+        verify=ssl.create_default_context(cafile=str(federation.tls.ca)),
+        timeout=30,
+    )
+
+
+def raw_exchange(federation: LocalFederation, data: bytes) -> bytes:
+    """Send ``data`` as is over TLS to the gateway; its answer (b"" if it just closed)."""
+    assert federation.tls is not None
+    context = ssl.create_default_context(cafile=str(federation.tls.ca))
+    with (
+        socket.create_connection((HOST, federation.port), timeout=30) as plain,
+        context.wrap_socket(plain, server_hostname=HOST) as tls,
+    ):
+        tls.sendall(data)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    return answer
+
+
+def superlink_log(federation: LocalFederation) -> str:
+    return (federation.logs / "superlink.log").read_text()
+
+
+def gateway_alive_and_forwarding(federation: LocalFederation) -> None:
+    assert federation.services["gateway"].process.poll() is None
+    with through_gateway(federation) as client:
+        # forwarded: the SuperLink itself refuses a call without a node's signature
+        answer = client.post("/v1/fleet/get-run", content=b"", headers=PROTOBUF)
+    assert answer.status_code == 401 and "SuperNode authentication" in answer.text
+
+
+def outsider_flwr(
+    federation: LocalFederation, home: Path, *args: str
+) -> subprocess.CompletedProcess:
+    """``flwr`` run by an outsider who has ``ca.crt`` and dials the gateway."""
+    assert federation.tls is not None
+    connection = {
+        "address": f"{HOST}:{federation.port}",
+        "root-certificates": str(federation.tls.ca),
+    }
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "outside", "outside": connection}})
+    )
+    return subprocess.run(
+        [binary("flwr"), *args, "outside", "--format", "json"],
+        capture_output=True,
+        text=True,
+        cwd=home,
+        env=federation.env(home),
+        timeout=120,
+    )
+
+
+@pytest.mark.e2e
+def test_control_and_runtime_calls_are_refused_and_never_reach_the_superlink(
+    link: LocalFederation, tmp_path: Path
+) -> None:
+    refused = [
+        ("POST", "/v1/control/list-nodes"),
+        ("POST", "/v1/control/register-node"),
+        ("POST", "/v1/control/start-run"),
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/runtime/pull-messages"),
+        ("GET", "/v1/fleet/get-run"),  # a Fleet path, but not how a SuperNode calls it
+        ("POST", "/v1/fleet/get-run?debug=1"),
+        ("POST", "/v1/fleet/unknown-call"),
+        ("POST", "/docs"),
+        ("GET", "/"),
+    ]
+    with through_gateway(link) as client:
+        for method, path in refused:
+            answer = client.request(method, path, content=b"", headers=PROTOBUF)
+            assert answer.status_code == 403, (method, path, answer.text)
+    # a path that only becomes a Control call once its dot segments are resolved
+    dotted = (
+        b"POST /v1/fleet/../control/list-nodes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert raw_exchange(link, dotted).startswith(b"HTTP/1.1 403")
+
+    _, key = write_node_key(tmp_path / "keys", "outsider")
+    for args in (("ls",), ("supernode", "list"), ("supernode", "register", str(key))):
+        done = outsider_flwr(link, tmp_path / "flwr", *args)
+        answer = json.loads(done.stdout[done.stdout.find("{") :])
+        assert answer["success"] is False and "403" in answer["error-message"], (args, answer)
+
+    log = superlink_log(link)
+    assert "/v1/control/" not in log and "/v1/runtime/" not in log
+    assert "ControlServicer" not in log  # what the SuperLink logs for each Control call
+    assert "refused POST b'/v1/control/list-nodes'" in (link.logs / "gateway.log").read_text()
+
+
+@pytest.mark.e2e
+def test_fleet_calls_are_forwarded(link: LocalFederation) -> None:
+    gateway_alive_and_forwarding(link)
+    assert '"POST /v1/fleet/get-run HTTP/1.1" 401' in superlink_log(link)
+
+
+@pytest.mark.e2e
+def test_oversized_slow_and_malformed_requests_are_refused_without_a_crash(
+    link: LocalFederation,
+) -> None:
+    claimed = f"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: {65 << 20}"
+    # refused before any body is read
+    assert raw_exchange(link, claimed.encode() + b"\r\n\r\nx").startswith(b"HTTP/1.1 413")
+    with through_gateway(link) as client:
+        streamed = (b"\0" * (1 << 20) for _ in range(65))  # chunked, no length announced
+        answer = client.post("/v1/fleet/push-object", content=streamed, headers=PROTOBUF)
+        assert answer.status_code == 413
+    garbage = [
+        b"\x16\x03\x01garbage\r\n\r\n",
+        b"POST /v1/fleet/get-run HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST /v1/fleet/get-run HTTP/1.1\r\nX: " + b"a" * 200_000 + b"\r\n\r\n",
+        b"NOT-HTTP\r\n\r\n",
+    ]
+    for data in garbage:
+        answer = raw_exchange(link, data)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), (data[:40], answer[:80])
+    # plain HTTP to the TLS port: the handshake fails, and that is all
+    with socket.create_connection((HOST, link.port), timeout=30) as plain:
+        plain.sendall(b"POST /v1/control/list-nodes HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert not plain.recv(1024).startswith(b"HTTP/1.1 2")
+    gateway_alive_and_forwarding(link)
+
+
+class FakeSuperLink(httpx.AsyncBaseTransport):
+    """Counts what reaches it and answers 200."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return httpx.Response(200, stream=httpx.ByteStream(await request.aread()))
+
+
+def call(
+    gateway: FleetGateway, chunks: list[bytes], delay: float = 0.0, disconnect: bool = False
+) -> tuple[int, bytes] | None:
+    """One POST /v1/fleet/push-object with its body in ``chunks``, ``delay`` s apart, then
+    the client's disconnection if ``disconnect``; the answer (None: none)."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/fleet/push-object",
+        "raw_path": b"/v1/fleet/push-object",
+        "query_string": b"",
+        "headers": [(b"host", b"link"), (b"x-flwr", b"kept")],
+        "client": ("203.0.113.9", 1),
+    }
+    pending = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    last = {"type": "http.request", "body": b"", "more_body": False}
+    pending.append({"type": "http.disconnect"} if disconnect else last)
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        await asyncio.sleep(delay)
+        return pending.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(gateway(scope, receive, send))
+    if not sent:
+        return None
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_the_body_is_bounded_in_size_and_time_and_forwarded_whole(tmp_path: Path) -> None:
+    ca = write_tls(tmp_path).ca
+    gateway = FleetGateway("https://link", ca, max_body=1000, body_timeout=0.2)
+    upstream = FakeSuperLink()
+    gateway.client = httpx.AsyncClient(base_url="https://link", transport=upstream)
+    assert call(gateway, [b"a" * 600, b"b" * 400]) == (200, b"a" * 600 + b"b" * 400)
+    assert upstream.requests[0].headers["x-flwr"] == "kept"
+    assert call(gateway, [b"a" * 600, b"b" * 401])[0] == 413
+    assert call(gateway, [b"a"] * 3, delay=0.1)[0] == 408
+    assert call(gateway, [b"a" * 600], disconnect=True) is None  # the client left mid-body
+    assert len(upstream.requests) == 1  # none of the others reached the SuperLink
+    assert (gateway.forwarded, gateway.refused) == (1, 2)
+
+
+@pytest.mark.e2e
+def test_a_node_that_trusts_only_signed_apps_refuses_a_locally_built_one(
+    link: LocalFederation, tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """flwr's ``--trusted-entities`` checks Flower Hub's signatures, which a FAB that ``flwr
+    run`` builds from the source tree never has (docs/deployment.md, "Trusted apps")."""
+    reviewer = ed25519.Ed25519PrivateKey.generate().public_key()
+    public = reviewer.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    trusted = tmp_path / "trusted.yaml"
+    trusted.write_text(f"fpk_reviewer: '{public}'\n")
+    key = link.node_key("trusting")
+    node = link.start_node(
+        "trusting", tiny_synth_dataset_dir, key, {"require-dp": False}, trusted_entities=trusted
+    )
+    link.wait_for_nodes(1)
+    out = tmp_path / "run"
+    settings = {**TINY_SETTINGS, "device": "cpu", "text_model": str(tiny_bert_dir)}
+    config = RunConfig(
+        data=str(tiny_synth_dataset_dir), out=str(out), clients=1, rounds=1, **settings
+    )
+    run = link.submit(config)
+    deadline = time.time() + 300
+    while not link.status(run).startswith("finished"):
+        assert time.time() < deadline, "the run did not finish"
+        time.sleep(3)
+    assert "The FAB could not be verified" in node.log.read_text()
+    assert json.loads((out / "metrics.json").read_text())["rounds"] == []
+
+
+@pytest.mark.e2e
+def test_supernodes_behind_the_gateway_complete_a_run(
+    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    settings = cli_settings({**TINY_SETTINGS, "device": "cpu", "text_model": tiny_bert_dir})
+    code = main(
+        [
+            "deploy",
+            "local",
+            "--data",
+            str(tiny_synth_dataset_dir),
+            "--out",
+            str(out),
+            "--nodes",
+            "2",
+            "--rounds",
+            "1",
+            "--timeout",
+            "300",
+            "--quiet",
+            "--node-config",
+            "require-dp=false",
+            *settings,
+        ]
+    )
+    assert code == 0, sorted((out / "logs").iterdir())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 2)]
+    printed = capsys.readouterr().out
+    link_port = int(printed.split("SuperLink on 127.0.0.1:")[1].split(",")[0])
+    gateway_port = int(printed.split("Fleet gateway on 127.0.0.1:")[1].split(" ")[0])
+    assert link_port != gateway_port
+    assert (
+        f"running on https://127.0.0.1:{link_port}" in (out / "logs" / "superlink.log").read_text()
+    )
+    gateway = (out / "logs" / "gateway.log").read_text()
+    assert f"running on https://127.0.0.1:{gateway_port}" in gateway
+    # the nodes' calls went through it (the SuperLink's port is not theirs), none refused
+    forwarded, refused = re.search(r"forwarded (\d+) Fleet calls, refused (\d+)", gateway).groups()
+    assert int(forwarded) > 10 and int(refused) == 0
