@@ -190,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"fedrec: {error}") from None
     if already_done(args.out, config):
         return 0
-    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING)
+    logging.basicConfig(  # fedrec's own progress lines read like the printed ones
+        level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s"
+    )
     logging.getLogger("flwr").setLevel(logging.WARNING)
     quiet_third_party()
     if not args.quiet:

@@ -62,7 +62,8 @@ def _run(grid: Grid, config: RunConfig, show_progress: bool) -> None:
     metrics = run_federation(
         grid, config, out, experiment.catalog(), experiment, partitions, show_progress
     )
-    log.info("test ndcg@10 %.4f; outputs in %s", metrics["test"]["ndcg@10"], out)
+    if not show_progress:  # the terminal has had the round lines and gets the verdict
+        log.info("test ndcg@10 %.4f; outputs in %s", metrics["test"]["ndcg@10"], out)
 
 
 def prepare_simulation(
