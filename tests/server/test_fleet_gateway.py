@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import ssl
 import subprocess
@@ -22,12 +21,11 @@ import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from helpers import TINY_SETTINGS, cli_settings
+from helpers import TINY_SETTINGS
 
 from server.federation.credentials import write_node_key, write_tls
 from server.federation.fleet_gateway import FleetGateway
 from shared.runs.config import RunConfig
-from simulations.cli import main
 from simulations.local_federation import HOST, LocalFederation, binary
 
 PROTOBUF = {"content-type": "application/protobuf", "accept": "application/protobuf"}
@@ -256,46 +254,3 @@ def test_a_node_that_trusts_only_signed_apps_refuses_a_locally_built_one(
         time.sleep(3)
     assert "The FAB could not be verified" in node.log.read_text()
     assert json.loads((out / "metrics.json").read_text())["rounds"] == []
-
-
-@pytest.mark.e2e
-def test_supernodes_behind_the_gateway_complete_a_run(
-    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path, capsys
-) -> None:
-    out = tmp_path / "run"
-    settings = cli_settings({**TINY_SETTINGS, "device": "cpu", "text_model": tiny_bert_dir})
-    code = main(
-        [
-            "deploy",
-            "local",
-            "--data",
-            str(tiny_synth_dataset_dir),
-            "--out",
-            str(out),
-            "--nodes",
-            "2",
-            "--rounds",
-            "1",
-            "--timeout",
-            "300",
-            "--quiet",
-            "--node-config",
-            "require-dp=false",
-            *settings,
-        ]
-    )
-    assert code == 0, sorted((out / "logs").iterdir())
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 2)]
-    printed = capsys.readouterr().out
-    link_port = int(printed.split("SuperLink on 127.0.0.1:")[1].split(",")[0])
-    gateway_port = int(printed.split("Fleet gateway on 127.0.0.1:")[1].split(" ")[0])
-    assert link_port != gateway_port
-    assert (
-        f"running on https://127.0.0.1:{link_port}" in (out / "logs" / "superlink.log").read_text()
-    )
-    gateway = (out / "logs" / "gateway.log").read_text()
-    assert f"running on https://127.0.0.1:{gateway_port}" in gateway
-    # the nodes' calls went through it (the SuperLink's port is not theirs), none refused
-    forwarded, refused = re.search(r"forwarded (\d+) Fleet calls, refused (\d+)", gateway).groups()
-    assert int(forwarded) > 10 and int(refused) == 0

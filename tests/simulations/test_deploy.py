@@ -19,6 +19,7 @@ its heartbeat lapses (30 s interval, patience 2).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -104,6 +105,19 @@ def test_deploy_local_runs_the_federation_over_tls_with_authenticated_nodes(depl
         log = (deployed / "logs" / f"node-{node}.log").read_text()
         assert "Start `flwr-clientapp` process" in log
     assert processes_mentioning(str(deployed)) == []  # everything was shut down
+
+
+@pytest.mark.e2e
+def test_the_nodes_reach_the_superlink_only_through_the_fleet_gateway(deployed: Path) -> None:
+    link = (deployed / "logs" / "superlink.log").read_text()
+    gateway = (deployed / "logs" / "gateway.log").read_text()
+    link_port = int(re.search(r"running on https://127\.0\.0\.1:(\d+)", link).group(1))
+    gateway_port = int(re.search(r"running on https://127\.0\.0\.1:(\d+)", gateway).group(1))
+    # the SuperLink listens on loopback; the nodes dial the gateway
+    assert link_port != gateway_port
+    # the nodes' calls went through it (the SuperLink's port is not theirs), none refused
+    forwarded, refused = re.search(r"forwarded (\d+) Fleet calls, refused (\d+)", gateway).groups()
+    assert int(forwarded) > 10 and int(refused) == 0
 
 
 @pytest.mark.e2e
