@@ -91,6 +91,12 @@ class NodePolicy:
             )
         if not request.dp:
             return None
+        # zero or negative noise would make an evaluation exact, and its cost unaccountable
+        if not request.eval_noise_multiplier > 0:
+            return (
+                f"the request's eval-noise-multiplier {request.eval_noise_multiplier:g} is not "
+                "positive: a private evaluation needs noise"
+            )
         if self.max_epsilon is not None and request.target_epsilon > self.max_epsilon:
             return (
                 f"the request's target-epsilon {request.target_epsilon:g} is above this node's "

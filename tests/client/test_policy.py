@@ -46,6 +46,10 @@ def test_a_request_weaker_than_the_policy_is_refused_naming_the_policy(
     reason = policy.refusal(RunConfig(**request_settings))
     assert reason is not None and words in reason
     assert policy.refusal(RunConfig(dp=True, target_epsilon=4.0)) is None
+    for noise in (0.0, -10.0):  # no server can ask for an exact evaluation under DP
+        assert "eval-noise-multiplier" in policy.refusal(
+            RunConfig(dp=True, target_epsilon=4.0, eval_noise_multiplier=noise)
+        )
     assert policy.refusal(RunConfig(dp=True, target_epsilon=2.0, delta=1e-6)) is None
 
 
