@@ -127,6 +127,17 @@ class NodePrivacy:
         return prv_epsilon(accountant, delta) if accountant.history else 0.0
 
 
+def training_histories(node: NodeData, config: RunConfig) -> list[np.ndarray]:
+    """What the node trains on. A node that evaluates the global model (``federated-eval``)
+    holds out each customer's last event (and the one before it unless ``refit``) as the
+    protocol's leave-one-out split does, so that it never evaluates on what it trained on;
+    otherwise its data already lacks the events the simulation's server evaluates on, and it
+    trains on all of it."""
+    if config.federated_eval:
+        return node.split.training_histories(config.refit)
+    return node.split.sequences()
+
+
 def train_node(
     node: NodeData,
     config: RunConfig,
@@ -144,7 +155,7 @@ def train_node(
         return {"node": node.name, "refused": True, "reason": reason}
     device = resolve_device(config.device)
     model = build_model(node, config, state)
-    histories = [np.asarray(h) for h in node.split.sequences() if len(h) >= 2]
+    histories = [np.asarray(h) for h in training_histories(node, config) if len(h) >= 2]
     inputs, targets = training_tensors(histories, model.config.max_len)
     if node.catalog is not None:
         targets = targets_within(targets, torch.as_tensor(node.catalog), model.config.num_items)
@@ -311,8 +322,7 @@ def evaluate_node(
     policy: NodePolicy | None = None,
 ) -> dict:
     """Federated evaluation: the global model on each local customer's last event from the
-    earlier ones (events the node also trains on: optimistic; for deployments without a
-    server-side holdout).
+    earlier ones, an event the node held out of its training (:func:`training_histories`).
 
     Under DP (the request's or the node's policy) the answer is itself private and charged to
     the node's accountant: noisy sums of (1, hr@10, ndcg@10) over the customers, each

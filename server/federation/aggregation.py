@@ -5,6 +5,10 @@ over the nodes that sent that row (the nodes that sell that product and trained 
 merchant's products are never diluted by the nodes that do not sell them; rows nobody sent keep
 their global value. The aggregate delta is applied by a server optimiser: plain FedAvg
 (``server_lr`` 1) or FedAdam (Adam on the negative delta, Reddi et al. 2021).
+
+Before any of that, :func:`clip_updates` bounds what one node can move: each item-table row and
+each other weight tensor of a node's delta is scaled down to at most ``row-clip`` times what the
+round's nodes typically move there (docs/deployment.md, "What one node can move").
 """
 
 from __future__ import annotations
@@ -61,6 +65,74 @@ def _robust(deltas: torch.Tensor, present: torch.Tensor, method: str, trim: floa
     keep = (rank >= cut) & (rank < count - cut)
     kept = torch.where(keep, torch.nan_to_num(ordered), 0.0)
     return kept.sum(0) / keep.sum(0).clamp(min=1)
+
+
+def _delta(update: NodeUpdate, name: str, reference: torch.Tensor) -> torch.Tensor:
+    """The node's delta for one weight: rows it sent for a row-sparse table, else all of it."""
+    if name in update.rows:
+        index = torch.as_tensor(update.rows[name] + ITEM_TABLES[name])
+        return update.arrays[name].float() - reference[index]
+    return update.arrays[name].float() - reference
+
+
+def _row_norms(delta: torch.Tensor) -> torch.Tensor:
+    return delta.abs() if delta.ndim == 1 else delta.flatten(1).norm(dim=1)
+
+
+def _row_bounds(norms: list[torch.Tensor], rows: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Each row's typical movement: the median over the nodes that sent it when at least
+    three did (one node cannot move a median of three), else the median over all the table's
+    sent rows this round (a row only one or two nodes sell is held to the table's scale)."""
+    table = torch.cat(norms).median()
+    count = torch.bincount(torch.cat(rows), minlength=size)
+    if int(count.max()) < 3:
+        return torch.full((size,), float(table))
+    grid = torch.full((len(norms), size), torch.nan)
+    for i, (n, r) in enumerate(zip(norms, rows, strict=True)):
+        grid[i, r] = n
+    per_row = grid.nanmedian(dim=0).values
+    return torch.where(count >= 3, per_row, table)
+
+
+def _factor(norms: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """The scale that brings each norm down to its bound (1 where it is within)."""
+    return torch.where(norms > bounds, bounds / norms.clamp(min=1e-30), 1.0)
+
+
+def clip_updates(
+    global_state: dict[str, torch.Tensor], updates: list[NodeUpdate], multiple: float
+) -> dict[str, int]:
+    """Scale each node's delta down, in place, so that no item-table row and no other weight
+    tensor moves more than ``multiple`` times the round's typical movement there (the median
+    over nodes, :func:`_row_bounds` for rows). Returns, per node, how many rows and tensors
+    were scaled down. ``multiple`` 0 turns the bound off."""
+    if multiple <= 0 or not updates:
+        return {}
+    clipped = dict.fromkeys((u.node for u in updates), 0)
+    for name, reference in global_state.items():
+        reference = reference.float()
+        deltas = [_delta(u, name, reference) for u in updates]
+        if name in ITEM_TABLES:
+            norms = [_row_norms(d) for d in deltas]
+            rows = [
+                torch.as_tensor(u.rows[name] + ITEM_TABLES[name])
+                if name in u.rows
+                else torch.arange(len(reference))
+                for u in updates
+            ]
+            bounds = multiple * _row_bounds(norms, rows, len(reference))
+            factors = [_factor(n, bounds[r]) for n, r in zip(norms, rows, strict=True)]
+        else:
+            norms = [d.norm().reshape(1) for d in deltas]
+            bound = multiple * torch.cat(norms).median()
+            factors = [_factor(n, bound) for n in norms]
+        for update, delta, factor in zip(updates, deltas, factors, strict=True):
+            if bool((factor < 1).any()):
+                clipped[update.node] += int((factor < 1).sum())
+                shape = (-1, *[1] * (delta.ndim - 1)) if delta.ndim else ()
+                base = update.arrays[name].float() - delta
+                update.arrays[name] = base + delta * factor.reshape(shape)
+    return {node: count for node, count in clipped.items() if count}
 
 
 def aggregate(

@@ -332,6 +332,7 @@ def _federate(
             )
             log.warning("round %d: %s", server_round, reason)
             break
+        clipped: dict[str, int] = {}  # per node: rows and tensors the row bound scaled down
         if node_dp is not None:  # the noisy uniform mean, in the ledger before it is used
             total = (
                 result.total if result.total is not None else node_dp.total(state, result.updates)
@@ -339,7 +340,9 @@ def _federate(
             mean = node_dp.release(server_round, total, result.sampled, result.contributed)
             aggregated = strategy.optimizer.step(state, mean)
         else:
-            aggregated = strategy.apply(state, result.updates)
+            aggregated, clipped = strategy.apply(state, result.updates)
+            if clipped:
+                log.info("round %d: the row bound scaled down %s", server_round, clipped)
         if not all(torch.isfinite(value).all() for value in aggregated.values()):
             # never used, never checkpointed: the round's model is the previous one
             log.error(
@@ -370,6 +373,7 @@ def _federate(
                 **entry,
                 "nodes": result.contributed,
                 "rejected": result.rejected,
+                "clipped": clipped,
                 "round_s": round(time.time() - started, 1),
                 "bytes_down_per_node": nbytes(encode(state)),
                 "bytes_up_per_node": _mean_metric(result.replies, "bytes-up"),

@@ -3,7 +3,8 @@
 Flower's built-in strategies average whole arrays; fedrec's item tables travel row-sparse and
 must be averaged row by row over the nodes that sent each row (server/federation/aggregation.py), so
 ``aggregate_train`` is replaced. Every reply is validated (shape, dtype, finite, norm) and a
-reply that fails is logged with its node and left out.
+reply that fails is logged with its node and left out; what an accepted one can move is bounded
+(``row-clip``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
-from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate
+from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate, clip_updates
 from server.federation.registry import Registry
 from shared.federation.wire import ITEM_TABLES, decode
 from shared.recommender.metrics import EVALUATED
@@ -50,7 +51,7 @@ class FedRecStrategy(FedAvg):
             min_available_nodes=config.min_nodes,
         )
         self.method, kind = STRATEGIES[config.strategy]
-        self.trim = config.trim_fraction
+        self.trim, self.row_clip = config.trim_fraction, config.row_clip
         self.optimizer = ServerOptimizer(kind, config.server_lr)
         self.max_update_norm = max_update_norm
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
@@ -129,10 +130,13 @@ class FedRecStrategy(FedAvg):
 
     def apply(
         self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]
-    ) -> dict[str, torch.Tensor]:
-        """The new global weights from the accepted updates."""
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The new global weights from the accepted updates, each first bounded by
+        ``row-clip`` (:func:`clip_updates`), and per node how many rows and tensors the bound
+        scaled down."""
+        clipped = clip_updates(global_state, updates, self.row_clip)
         delta = aggregate(global_state, updates, self.method, self.trim)
-        return self.optimizer.step(global_state, delta)
+        return self.optimizer.step(global_state, delta), clipped
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

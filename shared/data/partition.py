@@ -138,12 +138,18 @@ def ensure_partitions(
     """``out/partitions/node-<k>/``: a simulated federation's node directories, without the
     events its server side keeps for evaluation; written once, kept as they are by a resumed
     run. ``prepare(staging, directories)`` may add to them before they are in place (the
-    simulation's canaries)."""
+    simulation's canaries).
+
+    With ``federated-eval`` the nodes get every event, like a deployment's nodes, and each
+    holds out its own customers' last events itself (client/node.py:training_histories): a
+    customer's last event overall is also the last at whichever node holds it, and the one
+    before it the last or the one before there, so the server's held-out events stay out of
+    training all the same."""
     partitions = out / "partitions"
     if not partitions.exists():  # built aside, then renamed: never left half-written
         staging = out / "partitions.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        held = holdout_rows(dataset, split, config.refit)
+        held = None if config.federated_eval else holdout_rows(dataset, split, config.refit)
         directories = write_partitions(
             dataset,
             staging,

@@ -240,6 +240,9 @@ def length_buckets(
 
 
 DP_TRAINABLE = {  # what learns under DP: parameter names containing one of these
+    # the candidate-side text projection (dim x 384, dense: every customer's gradient moves it)
+    # and item popularity, on top of the public text model
+    "text": ("query_to_text.", "id_scores.bias"),
     "bias": ("id_scores.bias",),  # item popularity on top of the public text model
     "id": ("id_in.", "id_scores.", "gate."),  # the collaborative part
     "all": ("",),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import node_reply
 
-from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate
+from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate, clip_updates
 from server.federation.strategy import FedRecStrategy
 from shared.federation.wire import ITEM_TABLES, decode, encode, trainable_state
 from shared.recommender.model import FusionRecommender, ModelConfig
@@ -52,6 +52,51 @@ def dense_update(node: str, weight: float, value: float) -> NodeUpdate:
 def apply_mean(updates: list[NodeUpdate], method: str = "mean") -> dict[str, torch.Tensor]:
     state = global_state()
     return ServerOptimizer("sgd", 1.0).step(state, aggregate(state, updates, method))
+
+
+# --- what one node can move (row-clip) ------------------------------------------------------
+
+
+def test_the_row_bound_holds_a_boosted_node_to_the_others_scale() -> None:
+    honest = [
+        sparse_update(f"h{i}", 10.0, [0, 1, 2], value=0.1 * (1 + i / 10), dense=1.1)
+        for i in range(4)
+    ]
+    boosted = sparse_update("evil", 10.0, [0, 1, 2], value=100.0, dense=1000.0)
+    unbounded = apply_mean([*honest, sparse_update("evil", 10.0, [0, 1, 2], 100.0, 1000.0)])
+    updates = [*honest, boosted]
+    clipped = clip_updates(global_state(), updates, 3.0)
+    assert set(clipped) == {"evil"}  # three tables x three rows, and the dense weight
+    assert clipped["evil"] == 3 * 3 + 1
+    new = apply_mean(updates)
+    median_row = 0.1 * (1 + 2 / 10)  # the rows' median over the five nodes (h2's value)
+    assert torch.all(boosted.arrays["id_scores.bias"] <= 3 * median_row + 1e-6)
+    assert float(new["id_scores.bias"][0]) < 0.2 * 1.1 + 3 * median_row / 5
+    assert float(unbounded["id_scores.bias"][0]) > 19  # without the bound, one node decides
+    # the dense weight: one node of five moves it by at most three times the median node
+    median_dense = torch.full((3,), 0.1).norm()
+    assert float((boosted.arrays["norm.weight"] - 1).norm()) <= 3 * float(median_dense) + 1e-5
+    assert float(new["norm.weight"].max()) < 1.2
+    # the honest nodes' updates are untouched
+    torch.testing.assert_close(honest[0].arrays["id_scores.bias"], torch.full((3,), 0.1))
+
+
+def test_a_row_only_one_node_sends_is_held_to_the_tables_scale() -> None:
+    """One node cannot set a product's bias alone: with fewer than three senders, a row is
+    bounded by the median movement of all the table's rows this round."""
+    others = [sparse_update(f"h{i}", 10.0, [0, 1], value=0.2, dense=1.0) for i in range(3)]
+    alone = sparse_update("evil", 1.0, [0, 5], value=50.0, dense=1.0)
+    clipped = clip_updates(global_state(), [*others, alone], 3.0)
+    assert clipped == {"evil": 6}  # rows 0 (per-row median) and 5 (table median), 3 tables
+    new = apply_mean([*others, alone])
+    torch.testing.assert_close(new["id_scores.bias"][5], torch.tensor(0.6))  # 3 x 0.2, not 50
+    torch.testing.assert_close(new["id_in.weight"][6], torch.full((2,), 0.6))  # row norm 3 x 0.2√2
+
+
+def test_the_row_bound_can_be_turned_off() -> None:
+    updates = [sparse_update("a", 1.0, [0], 0.1, 1.0), sparse_update("b", 1.0, [0], 90.0, 1.0)]
+    assert clip_updates(global_state(), updates, 0.0) == {}
+    assert float(updates[1].arrays["id_scores.bias"][0]) == 90.0
 
 
 # --- the row-aware weighted mean -------------------------------------------------------------
@@ -337,7 +382,8 @@ def test_node_updates_reject_an_absurd_norm_and_keep_the_others(model_state) -> 
     assert rejected[0].startswith("absurd:") and "norm" in rejected[0]
     assert rejected[1].startswith("nan:") and "norm.weight" in rejected[1]
     # the accepted updates aggregate into a new global model that moved by their deltas
-    new = strategy.apply(model_state, updates)
+    new, clipped = strategy.apply(model_state, updates)
+    assert clipped == {}  # updates of one size: the row bound leaves them alone
     assert torch.all(torch.isfinite(new["position.weight"]))
     torch.testing.assert_close(
         new["position.weight"] - model_state["position.weight"],

@@ -49,7 +49,7 @@ def test_ghost_norms_match_brute_force(fusion: str, variant: str) -> None:
     torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("trainable", ["bias", "id"])
+@pytest.mark.parametrize("trainable", ["text", "bias", "id"])
 def test_ghost_norms_match_brute_force_when_part_is_frozen(trainable: str) -> None:
     """Under DP only part of the model learns; the norms must cover exactly that part."""
     model = tiny_model("gated")
@@ -154,7 +154,9 @@ def test_ghost_norms_match_brute_force_with_dropout(dropout: float) -> None:
 
 
 @pytest.mark.usefixtures("no_accounting")
-@pytest.mark.parametrize("case", ["dropout", "two layers", "merchant", "bias only"])
+@pytest.mark.parametrize(
+    "case", ["dropout", "two layers", "merchant", "bias only", "text", "text merchant"]
+)
 def test_a_private_step_is_the_mean_clipped_gradient_in_every_setting(
     case: str,
 ) -> None:
@@ -162,18 +164,19 @@ def test_a_private_step_is_the_mean_clipped_gradient_in_every_setting(
     clipped per-customer gradients: with dropout (the brute force runs the same passes from the
     same seed, see :func:`batched_gradients`), with two transformer layers, on a merchant's part
     of the catalog (``CatalogView`` and ``targets_within``, as client/node.py trains), and with
-    only the item biases learning (``trainable="bias"``, the default): frozen weights stay
-    exactly as they were."""
+    only the item biases learning (``trainable="bias"``), and with the text projection and the
+    biases learning (``trainable="text"``, the default, also on a merchant's part): frozen
+    weights stay exactly as they were."""
     x, y = customers()
     model: torch.nn.Module = tiny_model(
         "gated", dropout=0.3 if case == "dropout" else 0.0, layers=2
     )
-    if case == "merchant":
+    if case in ("merchant", "text merchant"):
         columns = torch.arange(0, 40, 2)  # the merchant sells the even items only
         within = targets_within(y, columns, 40)
         assert ((y >= 0) & (within == -1)).any() and (within >= 0).any()  # some targets leave
         y, model = within, CatalogView(model, columns.numpy())
-    trainable = "bias" if case == "bias only" else "all"
+    trainable = {"bias only": "bias", "text": "text", "text merchant": "text"}.get(case, "all")
     select_trainable(model, trainable)
     clip, lr, passes = 0.05, 0.5, 2
     clipped_sum = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]

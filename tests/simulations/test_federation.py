@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import TINY
 
-from client.node import NodePrivacy, load_node, train_node
+from client.node import NodePrivacy, load_node, train_node, training_histories
 from server.federation.rounds import Checkpoint
 from server.privacy.ledger import read_ledger, verify_chain
 from shared.data.dataset import leave_one_out, load_dataset
@@ -268,3 +268,23 @@ def test_a_node_whose_budget_is_spent_declines(
     assert report["epsilon"] > TARGET  # what it has already spent, reported
     assert "state" not in report and "rows" not in report  # no weights leave the node
     assert privacy.path.read_bytes() == saved  # nothing spent, nothing written
+
+
+@pytest.mark.e2e
+def test_nodes_evaluate_on_events_they_held_out(tiny_synth_dataset_dir: Path, tmp_path: Path):
+    """With federated evaluation, each node holds out its customers' last events from its own
+    training; on a regional partition (whole customers per node) those are exactly the server's
+    test events, so the nodes' aggregate equals the server's evaluation of the same model."""
+    out = tmp_path / "run"
+    simulate(tiny_synth_dataset_dir, out, "--rounds", "1", "--set", "federated-eval=true")
+    metrics = json.loads((out / "metrics.json").read_text())
+    server, nodes = metrics["rounds"][0]["test"], metrics["federated_evaluation"][0]
+    assert nodes["customers"] == metrics["test"]["users"] and not nodes["dp"]
+    for name in ("hr@10", "ndcg@10"):
+        assert nodes[name] == pytest.approx(server[name], abs=1e-9), name
+    # and no node trained on its held-out events: the partitions hold them, the nodes skip them
+    node = load_node(str(out / "partitions" / "node-0"), RunConfig().text_model)
+    config = RunConfig(federated_eval=True)
+    trained = training_histories(node, config)
+    for user in np.flatnonzero(node.split.test_target >= 0)[:50]:
+        assert len(trained[user]) == len(node.split.history(user, "test"))
