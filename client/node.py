@@ -236,7 +236,7 @@ def _privacy_plan(
     from the node's public customer figure and its own policy."""
     delta = policy.delta(config, customers)
     steps, sample_rate = steps_per_epoch(customers, config.dp_batch_size)
-    return delta, sample_rate, steps * config.local_epochs, policy.budget(config)
+    return delta, sample_rate, steps * config.dp_local_epochs, policy.budget(config)
 
 
 def _charge(
@@ -284,7 +284,7 @@ def _train_private(
         view,
         inputs,
         targets,
-        epochs=config.local_epochs,
+        epochs=config.dp_local_epochs,
         expected_batch=config.dp_batch_size,
         noise_multiplier=sigma,
         max_grad_norm=config.max_grad_norm,

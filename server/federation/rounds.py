@@ -166,7 +166,7 @@ def check_settings(config: RunConfig) -> None:
         raise ValueError(f"partition must be one of {SCHEMES}, got {config.partition!r}")
     if config.wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}, got {config.wire_dtype!r}")
-    for name in ("clients", "rounds", "local_epochs", "local_batch_size"):
+    for name in ("clients", "rounds", "local_epochs", "dp_local_epochs", "local_batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name.replace('_', '-')} must be at least 1")
     if config.round_timeout < 0:

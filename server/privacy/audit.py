@@ -227,6 +227,7 @@ def _read_config(report: dict, complete: list[dict], lines: dict[int, int]) -> d
                 "rounds",
                 "dp_batch_size",
                 "local_epochs",
+                "dp_local_epochs",
                 "eval_noise_multiplier",
             )
             if later["config"].get(k) != config.get(k)

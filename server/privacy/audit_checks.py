@@ -293,11 +293,15 @@ def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None
     """The run's plan from its run_start config, or None with the problem (new-format ledgers)
     or a note (older ledgers, whose configs may predate the plan keys)."""
     lacking = [k for k in PLAN_KEYS if not (isinstance(config.get(k), int) and config[k] >= 1)]
+    # the epochs a private node trains per round: dp_local_epochs (older ledgers: local_epochs)
+    dp_epochs = config.get("dp_local_epochs", config.get("local_epochs"))
+    if "dp_local_epochs" in config and not (isinstance(dp_epochs, int) and dp_epochs >= 1):
+        lacking.append("dp_local_epochs")
     eval_sigma = config.get("eval_noise_multiplier")
     if new_format and not (is_number(eval_sigma) and eval_sigma > 0):
         lacking.append("eval_noise_multiplier")
     if not lacking:
-        plan = {k: config[k] for k in PLAN_KEYS}
+        plan = {**{k: config[k] for k in PLAN_KEYS}, "local_epochs": dp_epochs}
         # the nodes plan evaluation releases only when the run evaluates at the nodes (older
         # ledgers record none: their nodes planned training alone)
         evaluates = new_format and config.get("federated_eval", True) and is_number(eval_sigma)
@@ -325,7 +329,7 @@ def _training_problem(c: dict, plan: dict, tolerance: float) -> str | None:
             f"{customers:g} declared customers gives {q:g}"
         )
     if c["steps"] != steps:
-        return f"steps {c['steps']}, but the plan gives ceil(1 / {q:g}) x local_epochs = {steps}"
+        return f"steps {c['steps']}, but the plan gives ceil(1 / {q:g}) x dp_local_epochs = {steps}"
     target, delta, sigma = c["target_epsilon"], c["delta"], c["noise_multiplier"]
     if not is_number(target):
         return None  # the budget check reports it

@@ -52,7 +52,8 @@ class RunConfig:
     max_grad_norm: float = 1.0
     dp_batch_size: int = 512  # expected Poisson batch (customers per step)
     dp_lr: float = 2.0  # plain SGD on the mean clipped gradient
-    dp_train: str = "bias"  # what learns under DP: bias (item popularity), id, all
+    dp_train: str = "text"  # what learns under DP: text (projection + biases), bias, id, all
+    dp_local_epochs: int = 3  # epochs a node trains per round under DP (local-epochs: without)
     dp_max_len: int = 20
     dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
     eval_noise_multiplier: float = 10.0  # a node's private evaluation: noise std per customer

@@ -413,9 +413,11 @@ def write_planned_run(
     keys: dict[str, NodeKey] | None = None,
     receipts: Path | None = None,
     batch: int = 64,
+    dp_epochs: int | None = None,
 ) -> Path:
     """An honest run in the new ledger format: each node's sigma calibrated for its plan
-    (training and evaluation), a training and an evaluation contribution per round, each
+    (``dp_epochs``: the config's dp_local_epochs; None: a config from before it, local_epochs 1;
+    training and evaluation), a training and an evaluation contribution per round, each
     signed by its node's key when ``keys`` are given (public keys in OUT/node-keys, receipts
     under ``receipts/<node>.jsonl``)."""
     ledger = PrivacyLedger(out / "ledger.jsonl")
@@ -428,6 +430,7 @@ def write_planned_run(
         "dp": True,
         "dp_batch_size": batch,
         "local_epochs": 1,
+        **({"dp_local_epochs": dp_epochs} if dp_epochs else {}),
         "eval_noise_multiplier": EVAL_SIGMA,
     }
     run_id = ledger.append("run_start", config=config, unit="one customer's data at one node")[
@@ -440,7 +443,7 @@ def write_planned_run(
     share = node_share(config)  # what the server asks each node to keep
     for r in range(1, rounds + 1):
         for node, n in customers.items():
-            q, steps = plan_steps(batch, n, 1)
+            q, steps = plan_steps(batch, n, dp_epochs or 1)
             delta = 1 / (10 * n)
             sigma = calibrate_noise(share, delta, q, steps, rounds, EVAL_SIGMA)
             for purpose in ("training", "evaluation"):
@@ -790,3 +793,20 @@ def test_an_older_ledger_is_calibrated_for_training_alone(tmp_path):
     assert main(["audit", str(tmp_path)]) == 0
     checks = json.loads((tmp_path / "audit.json").read_text())["checks"]
     assert next(c for c in checks if c["name"] == "calibration")["status"] == "pass"
+
+
+def test_the_plan_counts_dp_local_epochs(tmp_path):
+    """Nodes under DP train ``dp_local_epochs`` per round: a ledger planned for 3 passes; the
+    same contributions under a config that says 1 fail the steps check."""
+    out = write_planned_run(tmp_path / "three", CUSTOMERS, dp_epochs=3)
+    assert main(["audit", str(out)]) == 0
+    entries = read_ledger(out / "ledger.jsonl")
+    entries[0]["config"]["dp_local_epochs"] = 1
+    forged = tmp_path / "one"
+    forged.mkdir()
+    PrivacyLedger(forged / "ledger.jsonl")  # creates the file with its permissions
+    (forged / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in rechain(entries)))
+    assert main(["audit", str(forged)]) != 0
+    report = json.loads((forged / "audit.json").read_text())
+    failed = json.dumps([c for c in report["checks"] if c["passed"] is False])
+    assert "x dp_local_epochs" in failed
