@@ -342,7 +342,12 @@ def _federate(
         else:
             aggregated, clipped = strategy.apply(state, result.updates)
             if clipped:
-                log.info("round %d: the row bound scaled down %s", server_round, clipped)
+                log.info(
+                    "round %d: the row bound scaled down %d rows or tensors of %d node(s)",
+                    server_round,
+                    sum(clipped.values()),
+                    len(clipped),
+                )
         if not all(torch.isfinite(value).all() for value in aggregated.values()):
             # never used, never checkpointed: the round's model is the previous one
             log.error(
