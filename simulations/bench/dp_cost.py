@@ -1,10 +1,10 @@
 """``fedrec bench dp-cost``: what DP-SGD costs against non-private training of the same model.
 
 Both modes train the same model (the DP settings: ``dp_dim``, ``dp_max_len``) and the same
-weights (``dp_train``: ``bias``, the default, or ``all`` for the full per-sample cost) on the
-same customers with the same batch size for one epoch, each in a fresh process so that peak
-memory (max RSS) is its own. Reported: seconds per epoch and peak memory, and their DP / non-DP
-ratios.
+weights (``dp_train``: ``text``, the default, ``bias``, or ``all`` for the full per-sample
+cost) on the same customers with the same batch size for one epoch, each in a fresh process
+so that peak memory (max RSS) is its own. Reported: seconds per epoch and peak memory, and
+their DP / non-DP ratios.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from simulations import simulate
 from simulations.train import add_run_config_arguments, run_config_from_args
 
 NO_DP = "none"
-TEXT_DP_LR = 0.1  # docs/evaluation.md: 0.0463 against 0.0459 at 0.01 and 0.0006 at 2.0 (eps 8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,9 +87,6 @@ def simulate_args(
 ) -> argparse.Namespace:
     """The arguments ``fedrec simulate`` would parse for this run."""
     argv = ["--data", str(args.data), "--out", str(out), "--set", f"variant={variant}"]
-    if variant == "text":  # no item biases to train under DP: the text part learns instead,
-        # with a step fit for millions of weights (the default dp-lr is for the item biases)
-        argv += ["--set", "dp_train=all", "--set", f"dp_lr={TEXT_DP_LR}"]
     argv += ["--clients", str(args.clients)] if args.clients is not None else []
     argv += ["--rounds", str(args.rounds)] if args.rounds is not None else []
     argv += ["--dp", "--target-epsilon", str(epsilon)] if epsilon is not None else []
