@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--local-epochs",
         type=int,
         default=None,
-        help=f"local epochs per round (default: {RunConfig.local_epochs})",
+        help="local epochs per round without DP; under --dp the nodes train "
+        f"dp-local-epochs, a --set (default: {RunConfig.local_epochs})",
     )
     parser.add_argument(
         "--dp",
