@@ -163,19 +163,9 @@ class FleetGateway:
             return
         self.forwarded += 1
         try:
-            if response.status_code == 500 and b"database is locked" in await response.aread():
-                # Flower's SuperLink answers 500 when its SQLite state stays locked under load,
-                # and a SuperNode does not retry a 500 (flwr/supercore/retry/http_retry.py):
-                # its reply would be lost. It retries a 503, with backoff.
-                log.warning("the SuperLink's database was locked on %s: answered 503", path)
-                await _answer(send, 503, "the SuperLink is busy (its database is locked); retry")
-                return
             raw = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
             start = {"type": "http.response.start", "status": response.status_code}
             await send({**start, "headers": raw})
-            if response.is_stream_consumed:  # an error response, read above: send it whole
-                await send({"type": "http.response.body", "body": response.content})
-                return
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})

@@ -171,16 +171,14 @@ def test_oversized_slow_and_malformed_requests_are_refused_without_a_crash(
 
 
 class FakeSuperLink(httpx.AsyncBaseTransport):
-    """Counts what reaches it and answers 200 (or ``status`` with ``error`` as the body)."""
+    """Counts what reaches it and answers 200."""
 
-    def __init__(self, status: int = 200, error: bytes = b"") -> None:
+    def __init__(self) -> None:
         self.requests: list[httpx.Request] = []
-        self.status, self.error = status, error
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
-        body = await request.aread() if self.status == 200 else self.error
-        return httpx.Response(self.status, stream=httpx.ByteStream(body))
+        return httpx.Response(200, stream=httpx.ByteStream(await request.aread()))
 
 
 def call(
@@ -256,23 +254,3 @@ def test_a_node_that_trusts_only_signed_apps_refuses_a_locally_built_one(
         time.sleep(3)
     assert "The FAB could not be verified" in node.log.read_text()
     assert json.loads((out / "metrics.json").read_text())["rounds"] == []
-
-
-@pytest.mark.parametrize(
-    ("error", "expected"),
-    [
-        (b'{"detail": "(sqlite3.OperationalError) database is locked"}', 503),
-        (b'{"detail": "something else"}', 500),
-    ],
-)
-def test_a_locked_superlink_is_answered_busy_so_the_node_retries(
-    tmp_path: Path, error: bytes, expected: int
-) -> None:
-    """Flower's SuperLink answers 500 when its SQLite state is locked, which a SuperNode does
-    not retry (its reply would be lost); the gateway says 503, which it retries. Any other 500
-    is passed on as it came."""
-    gateway = FleetGateway("https://link", write_tls(tmp_path).ca)
-    gateway.client = httpx.AsyncClient(base_url="https://link", transport=FakeSuperLink(500, error))
-    status, body = call(gateway, [b"an object"])
-    assert status == expected
-    assert (b"busy" in body) if expected == 503 else (body == error)
