@@ -33,6 +33,13 @@ class NodeUpdate:
     rows: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _row_index(update: NodeUpdate, name: str) -> torch.Tensor | None:
+    """The table rows a row-sparse update sent for ``name`` (None: it sent the whole array)."""
+    if name not in update.rows:
+        return None
+    return torch.as_tensor(update.rows[name] + ITEM_TABLES[name])
+
+
 def _stack(
     name: str, reference: torch.Tensor, updates: list[NodeUpdate]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +49,7 @@ def _stack(
         len(updates), reference.shape[0] if reference.ndim else 1, dtype=torch.bool
     )
     for i, update in enumerate(updates):
-        if name in update.rows:
-            index = torch.as_tensor(update.rows[name] + ITEM_TABLES[name])
+        if (index := _row_index(update, name)) is not None:
             deltas[i, index] = update.arrays[name] - reference[index]
             present[i, index] = True
         else:
@@ -69,10 +75,8 @@ def _robust(deltas: torch.Tensor, present: torch.Tensor, method: str, trim: floa
 
 def _delta(update: NodeUpdate, name: str, reference: torch.Tensor) -> torch.Tensor:
     """The node's delta for one weight: rows it sent for a row-sparse table, else all of it."""
-    if name in update.rows:
-        index = torch.as_tensor(update.rows[name] + ITEM_TABLES[name])
-        return update.arrays[name].float() - reference[index]
-    return update.arrays[name].float() - reference
+    index = _row_index(update, name)
+    return update.arrays[name].float() - (reference if index is None else reference[index])
 
 
 def _row_norms(delta: torch.Tensor) -> torch.Tensor:
@@ -114,12 +118,8 @@ def clip_updates(
         deltas = [_delta(u, name, reference) for u in updates]
         if name in ITEM_TABLES:
             norms = [_row_norms(d) for d in deltas]
-            rows = [
-                torch.as_tensor(u.rows[name] + ITEM_TABLES[name])
-                if name in u.rows
-                else torch.arange(len(reference))
-                for u in updates
-            ]
+            sent = [_row_index(u, name) for u in updates]
+            rows = [torch.arange(len(reference)) if r is None else r for r in sent]
             bounds = multiple * _row_bounds(norms, rows, len(reference))
             factors = [_factor(n, bounds[r]) for n, r in zip(norms, rows, strict=True)]
         else:
