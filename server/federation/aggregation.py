@@ -85,9 +85,10 @@ def _row_norms(delta: torch.Tensor) -> torch.Tensor:
 
 def _row_bounds(norms: list[torch.Tensor], rows: list[torch.Tensor], size: int) -> torch.Tensor:
     """Each row's typical movement: the median over the nodes that sent it when at least
-    three did (one node cannot move a median of three), else the median over all the table's
-    sent rows this round (a row only one or two nodes sell is held to the table's scale)."""
-    table = torch.cat(norms).median()
+    three did (one node cannot move a median of three), else the table's scale, the median
+    over nodes of each node's median row movement (a row only one or two nodes sell is held to
+    it; counted per node, so a node that sends many rows, moved or not, is still one voice)."""
+    table = torch.stack([n.median() for n in norms if len(n)]).median()
     count = torch.bincount(torch.cat(rows), minlength=size)
     if int(count.max()) < 3:
         return torch.full((size,), float(table))

@@ -93,6 +93,15 @@ def test_a_row_only_one_node_sends_is_held_to_the_tables_scale() -> None:
     torch.testing.assert_close(new["id_in.weight"][6], torch.full((2,), 0.6))  # row norm 3 x 0.2√2
 
 
+def test_a_node_cannot_shrink_the_tables_scale_by_sending_every_row_unmoved() -> None:
+    """The table's scale counts each node once: a node that sends all rows with no movement
+    does not freeze the rows the others sell alone."""
+    merchants = [sparse_update(f"m{i}", 10.0, [i], value=0.2, dense=1.0) for i in range(3)]
+    frozen = sparse_update("evil", 10.0, list(range(ITEMS)), value=0.0, dense=1.0)
+    assert clip_updates(global_state(), [*merchants, frozen], 3.0) == {}
+    torch.testing.assert_close(merchants[0].arrays["id_scores.bias"], torch.tensor([0.2]))
+
+
 def test_the_row_bound_can_be_turned_off() -> None:
     updates = [sparse_update("a", 1.0, [0], 0.1, 1.0), sparse_update("b", 1.0, [0], 90.0, 1.0)]
     assert clip_updates(global_state(), updates, 0.0) == {}
