@@ -40,7 +40,14 @@ from shared.runs.config import RunConfig
 from shared.runs.quiet import quiet_third_party
 
 # what the server sends beside the run's settings
-NOT_SETTINGS = ("server-round", "partitions-dir", "state-names", "run-id", "catalog-digest")
+NOT_SETTINGS = (
+    "server-round",
+    "partitions-dir",
+    "state-names",
+    "run-id",
+    "catalog-digest",
+    "valid-fraction",
+)
 
 
 def node_directory(settings: dict, node_config: dict) -> str:
@@ -49,6 +56,15 @@ def node_directory(settings: dict, node_config: dict) -> str:
         return str(node_config["data-dir"])
     partitions = settings["partitions-dir"]
     return str(Path(partitions) / f"node-{node_config['partition-id']}")
+
+
+def valid_fraction(settings: dict) -> float:
+    """The share of customers whose validation event the node holds out (they choose the
+    rounds); a value that is not a number in [0, 1] is refused with what it was."""
+    value = settings.get("valid-fraction", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"valid-fraction must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 class NodeRequest:
@@ -68,6 +84,7 @@ class NodeRequest:
         self.round = int(settings.get("server-round", 0))
         self.run_id = str(settings.get("run-id", ""))
         self.catalog_digest = str(settings.get("catalog-digest", ""))
+        self.valid_fraction = valid_fraction(settings)
         key_path = node_config.get("node-key") or self.node.directory / "privacy" / "node.key"
         self.key_path = Path(key_path)
 
@@ -169,7 +186,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         asked = request(dict(msg.content["config"]), context)
         state = msg.content["arrays"].to_torch_state_dict()
         result = asked.catalog_refusal() or train_node(
-            asked.node, asked.config, state, asked.round, asked.policy
+            asked.node, asked.config, state, asked.round, asked.policy, asked.valid_fraction
         )
         metrics: dict[str, Any] = {}
         arrays = None
@@ -201,13 +218,14 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         asked = request(dict(msg.content["config"]), context)
         state = msg.content["arrays"].to_torch_state_dict()
         result = asked.catalog_refusal() or evaluate_node(
-            asked.node, asked.config, state, asked.policy
+            asked.node, asked.config, state, asked.policy, asked.valid_fraction
         )
         privacy = asked.report(result, None).to_record()
+        counts = ("customers", "valid-customers")
         metrics = {
             k: v
             for k, v in result.items()
-            if k == "customers" and "mechanism" not in result or k.startswith("noisy_") or "@" in k
+            if k in counts and "mechanism" not in result or k.startswith("noisy_") or "@" in k
         }
         content = RecordDict({"privacy": ConfigRecord(privacy), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)

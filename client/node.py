@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,14 +128,16 @@ class NodePrivacy:
         return prv_epsilon(accountant, delta) if accountant.history else 0.0
 
 
-def training_histories(node: NodeData, config: RunConfig) -> list[np.ndarray]:
+def training_histories(
+    node: NodeData, config: RunConfig, valid_fraction: float = 0.0
+) -> list[np.ndarray]:
     """What the node trains on. A node that evaluates the global model (``federated-eval``)
-    holds out each customer's last event (and the one before it unless ``refit``) as the
-    protocol's leave-one-out split does, so that it never evaluates on what it trained on;
-    otherwise its data already lacks the events the simulation's server evaluates on, and it
-    trains on all of it."""
+    holds out each customer's last event (and the one before it unless ``refit``, or when the
+    customer is a validation customer at ``valid_fraction``) as the protocol's leave-one-out
+    split does, so that it never evaluates on what it trained on; otherwise its data already
+    lacks the events the simulation's server evaluates on, and it trains on all of it."""
     if config.federated_eval:
-        return node.split.training_histories(config.refit)
+        return node.split.training_histories(config.refit, valid_fraction)
     return node.split.sequences()
 
 
@@ -144,18 +147,22 @@ def train_node(
     state: dict[str, torch.Tensor],
     server_round: int,
     policy: NodePolicy | None = None,
+    valid_fraction: float = 0.0,
 ) -> dict:
     """Local training from the global ``state``; returns weights, rows and numbers to report.
 
     ``policy`` is the node's own (default: a simulation node's, which accepts any request); a
-    request weaker than it is refused before anything is computed.
+    request weaker than it is refused before anything is computed. ``valid_fraction``: the
+    share of customers whose validation event stays out of training (:func:`training_histories`).
     """
     policy = policy or NodePolicy()
     if reason := policy.refusal(config):
         return {"node": node.name, "refused": True, "reason": reason}
     device = resolve_device(config.device)
     model = build_model(node, config, state)
-    histories = [np.asarray(h) for h in training_histories(node, config) if len(h) >= 2]
+    histories = [
+        np.asarray(h) for h in training_histories(node, config, valid_fraction) if len(h) >= 2
+    ]
     inputs, targets = training_tensors(histories, model.config.max_len)
     if node.catalog is not None:
         targets = targets_within(targets, torch.as_tensor(node.catalog), model.config.num_items)
@@ -195,13 +202,21 @@ def train_node(
                 proximal,
                 columns=None if trainee is None else trainee.columns,
             )
-            for _ in range(config.local_epochs)
+            for _ in range(local_epochs(len(inputs), config))
         ]
         report["loss"] = float(np.mean(losses))
     trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     report["state"] = trained
     report["rows"] = _rows_to_send(trained, state, catalog, changed_only=not config.dp)
     return report
+
+
+def local_epochs(customers: int, config: RunConfig) -> int:
+    """Epochs a node trains per round without DP: ``local-epochs``, or more on a small node,
+    enough for ``local-steps`` optimiser steps (a node of 200 customers in batches of 32 takes
+    7 steps an epoch: one epoch a round barely moves the model)."""
+    steps = max(1, math.ceil(customers / config.local_batch_size))
+    return max(config.local_epochs, math.ceil(config.local_steps / steps))
 
 
 def _rows_to_send(trained: dict, before: dict, catalog: np.ndarray, changed_only: bool) -> dict:
@@ -266,9 +281,9 @@ def _train_private(
             budget,
             delta,
             sample_rate,
-            round_steps * config.rounds,
+            round_steps * config.dp_rounds,
             releases=(
-                (config.eval_noise_multiplier, config.rounds if config.federated_eval else 0),
+                (config.eval_noise_multiplier, config.dp_rounds if config.federated_eval else 0),
             ),
         )
     sigma = privacy.state["noise_multiplier"]
@@ -320,9 +335,12 @@ def evaluate_node(
     config: RunConfig,
     state: dict[str, torch.Tensor],
     policy: NodePolicy | None = None,
+    valid_fraction: float = 0.0,
 ) -> dict:
     """Federated evaluation: the global model on each local customer's last event from the
-    earlier ones, an event the node held out of its training (:func:`training_histories`).
+    earlier ones, an event the node held out of its training (:func:`training_histories`);
+    without DP, also on the validation event of its validation customers (``valid_fraction``),
+    which chooses the rounds (``valid-customers``, ``valid-ndcg@10``, ...).
 
     Under DP (the request's or the node's policy) the answer is itself private and charged to
     the node's accountant: noisy sums of (1, hr@10, ndcg@10) over the customers, each
@@ -340,11 +358,21 @@ def evaluate_node(
     users = node.split.test_users
     _, ranks = rank_users(score, node.split, "test", users=users)
     per_customer = per_customer_metrics(ranks)
-    if not config.dp:
-        count = len(users)
-        means = {k: float(per_customer[k].mean()) if count else 0.0 for k in EVALUATED}
-        return {"node": node.name, "customers": count, **means}
-    return _evaluate_private(node, config, policy, per_customer)
+    if config.dp:
+        return _evaluate_private(node, config, policy, per_customer)
+    result = {"node": node.name, "customers": len(users), **_means(per_customer)}
+    if valid_fraction > 0:
+        validating = node.split.validation_users(valid_fraction)
+        _, ranks = rank_users(score, node.split, "valid", users=validating)
+        valid = _means(per_customer_metrics(ranks))
+        result |= {"valid-customers": len(validating)}
+        result |= {f"valid-{k}": v for k, v in valid.items()}
+    return result
+
+
+def _means(per_customer: dict[str, np.ndarray]) -> dict[str, float]:
+    """The mean of each reported metric over the customers (0 when there are none)."""
+    return {k: float(per_customer[k].mean()) if len(per_customer[k]) else 0.0 for k in EVALUATED}
 
 
 def private_sums(values: np.ndarray, noise_multiplier: float) -> np.ndarray:

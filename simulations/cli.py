@@ -43,6 +43,7 @@ COMMANDS: list[tuple[tuple[str, ...], str]] = [
     (("bench", "search"), "search quality: BM25, dense, fusion"),
     (("bench", "serve"), "latency of the service, exact and ANN"),
     (("bench", "robust"), "robust aggregation against attackers"),
+    (("bench", "scale"), "round time and memory as the federation grows"),
 ]
 
 
@@ -86,6 +87,8 @@ def command_module(path: tuple[str, ...]) -> ModuleType:
             from simulations.bench import serve as module
         case ("bench", "robust"):
             from simulations.bench import robust as module
+        case ("bench", "scale"):
+            from simulations.bench import scale as module
         case _:
             raise KeyError(path)
     return module

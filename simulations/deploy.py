@@ -70,7 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "process) and deploy/ (certificates, keys, Flower state); an interrupted run resumes",
     )
     parser.add_argument("--nodes", type=int, default=3, help="with --data: how many nodes")
-    parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default 3)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="the most federated rounds (validation may stop the run earlier); under DP it "
+        f"sets dp-rounds, exactly the rounds run ({RunConfig.dp_rounds} unless given) "
+        f"(default: {RunConfig.rounds})",
+    )
     parser.add_argument(
         "--port",
         type=int,
@@ -105,13 +112,13 @@ def config_from_args(args: argparse.Namespace, catalog: Path, nodes: int) -> Run
     with_defaults = argparse.Namespace(
         **{**vars(args), "overrides": ["federated-eval=true", *args.overrides]}
     )
-    return run_config_from_args(
+    config = run_config_from_args(
         with_defaults,
         catalog=str(catalog.resolve()),
         out=str(args.out.resolve()),
         clients=nodes,
-        rounds=args.rounds,
     )
+    return config.with_rounds(args.rounds)
 
 
 def node_directories(args: argparse.Namespace) -> tuple[Path, list[Path]]:
@@ -155,7 +162,7 @@ def follow(federation: LocalFederation, run_id: int, config: RunConfig, timeout:
         for _ in range(5):  # the checkpoint every 2 s, the SuperLink every 10 s
             done = completed_round(out)
             if done != shown:
-                print(f"deploy: run {run_id}: {done}/{config.rounds} rounds done", flush=True)
+                print(f"deploy: run {run_id}: {done}/{config.max_rounds} rounds done", flush=True)
                 shown = done
             if timeout and time.time() - started > timeout:
                 federation.flwr("stop", str(run_id), CONNECTION)
@@ -164,7 +171,9 @@ def follow(federation: LocalFederation, run_id: int, config: RunConfig, timeout:
         status = federation.status(run_id)
         if status.startswith("finished"):
             if completed_round(out) != shown:
-                print(f"deploy: run {run_id}: {completed_round(out)}/{config.rounds} rounds done")
+                print(
+                    f"deploy: run {run_id}: {completed_round(out)}/{config.max_rounds} rounds done"
+                )
             return status
 
 

@@ -54,7 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--clients", type=int, default=None, help=f"number of nodes (default: {RunConfig.clients})"
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help=f"federated rounds (default: {RunConfig.rounds})"
+        "--rounds",
+        type=int,
+        default=None,
+        help="the most federated rounds: without DP the run stops earlier once validation "
+        "stops improving (round-patience) and keeps the best round's model; under DP it sets "
+        f"dp-rounds, exactly the rounds run ({RunConfig.dp_rounds} unless given) "
+        f"(default: {RunConfig.rounds})",
     )
     parser.add_argument(
         "--partition",
@@ -158,13 +164,13 @@ def backend_config(clients: int, device: str) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run's settings: defaults, then ``--set`` overrides, then the named options."""
-    return run_config_from_args(
+    """The run's settings: defaults, then ``--set`` overrides, then the named options
+    (``--rounds`` sets ``dp-rounds`` when the run is private)."""
+    config = run_config_from_args(
         args,
         data=str(args.data) if args.data else None,
         out=str(args.out),
         clients=args.clients,
-        rounds=args.rounds,
         partition=args.partition,
         strategy=args.strategy,
         local_epochs=args.local_epochs,
@@ -173,6 +179,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         delta=args.delta,
         canaries=args.canaries,
     )
+    return config.with_rounds(args.rounds)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,9 @@ TINY_SETTINGS = {
     "dp_dim": 16,
     "dp_max_len": 10,
     "dp_batch_size": 40,
+    # a tiny node's epoch is a few steps: one epoch a round keeps the end-to-end tests quick
+    # (the local-steps rule has its own test, tests/client/test_node.py)
+    "local_steps": 0,
 }
 
 

@@ -92,13 +92,13 @@ def test_readme_quick_start_states_the_default_federation() -> None:
     readme = (ROOT / "README.md").read_text()
     match = re.search(
         r"a federation of (\d+) nodes on the embedded synthetic marketplace,\s+"
-        r"(\d+) rounds",
+        r"up to (\d+) rounds",
         readme,
     )
     assert match, "the quick start no longer states the default federation"
     assert (int(match[1]), int(match[2])) == (RunConfig.clients, RunConfig.rounds)
     match = re.search(
-        r"It runs the embedded default \(synthetic marketplace, (\d+) rounds\)", readme
+        r"It runs the embedded default \(synthetic marketplace, up to (\d+) rounds\)", readme
     )
     assert match and int(match[1]) == RunConfig.rounds
     assert "`runs/flwr-default`" in readme and RunConfig.out == "runs/flwr-default"

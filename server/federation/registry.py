@@ -74,6 +74,14 @@ class Registry:
     def lookup(self, node_id: int) -> RegisteredNode | None:
         return self.nodes.get(int(node_id))
 
+    @property
+    def customers(self) -> int | None:
+        """The registered nodes' customers summed (None when a node's figure is unknown)."""
+        figures = [node.customers for node in self.nodes.values()]
+        if not figures or any(f is None for f in figures):
+            return None
+        return sum(figures)
+
 
 def write_registry(path: Path, nodes: dict[int, dict]) -> None:
     """Write a registry (``{node id: {"name", "catalog", "customers"}}``)."""

@@ -19,7 +19,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.federation.aggregation import NodeUpdate
+from server.federation.progress import plot_rounds, report_round
 from server.federation.registry import Registry
+from server.federation.selection import MONITOR, RoundSelection, round_validation
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger
 from server.privacy.ledger_gaps import record_lost_contributions
@@ -32,7 +34,7 @@ from shared.federation.wire import encode, nbytes, trainable_state
 from shared.recommender.experiment import Catalog, Experiment
 from shared.runs.checkpoint import Checkpoint
 from shared.runs.config import RunConfig
-from shared.runs.durable import RunLock, make_private
+from shared.runs.durable import RunLock
 from shared.runs.outputs import differences
 
 log = logging.getLogger("fedrec.server")
@@ -50,14 +52,15 @@ def node_target_epsilon(config: RunConfig) -> float:
 
 
 def settings_record(
-    config: RunConfig, catalog_digest: str, partitions: Path | None
+    config: RunConfig, catalog_digest: str, partitions: Path | None, valid_fraction: float = 0.0
 ) -> ConfigRecord:
     """What the nodes are sent each round: the run's settings, with each node's share of the
     budget, the digest of the catalog the global model is indexed by (a node holding another
-    refuses) and, in a simulation, where the partitions are. The run's id is added once the
+    refuses), the share of customers whose validation event no node trains on (they choose
+    the rounds) and, in a simulation, where the partitions are. The run's id is added once the
     ledger has started (:class:`Federation`)."""
     request = {**config.to_dict(), "target_epsilon": node_target_epsilon(config)}
-    record = {**request, "catalog-digest": catalog_digest}
+    record = {**request, "catalog-digest": catalog_digest, "valid-fraction": valid_fraction}
     if partitions is not None:
         record["partitions-dir"] = str(Path(partitions).resolve())
     return ConfigRecord(record)
@@ -159,6 +162,11 @@ def check_settings(config: RunConfig) -> None:
             "text-finetune-layers is for centralized runs (fedrec train) only: in a federation "
             "the encoder would be trained on pooled data; set it to 0"
         )
+    if config.fragment_nodes:
+        raise ValueError(
+            "fragment-nodes is for centralized runs (fedrec train): a merchant federation's "
+            "nodes hold the fragments themselves; set it to 0"
+        )
     check_node_dp(config)
     FedRecStrategy(config)  # the strategy's name
     config.model_config(num_items=1, text_dim=1)  # fusion, variant
@@ -166,9 +174,19 @@ def check_settings(config: RunConfig) -> None:
         raise ValueError(f"partition must be one of {SCHEMES}, got {config.partition!r}")
     if config.wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}, got {config.wire_dtype!r}")
-    for name in ("clients", "rounds", "local_epochs", "dp_local_epochs", "local_batch_size"):
+    for name in (
+        "clients",
+        "rounds",
+        "dp_rounds",
+        "local_epochs",
+        "dp_local_epochs",
+        "local_batch_size",
+    ):
         if getattr(config, name) < 1:
             raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+    for name in ("round_patience", "valid_customers", "local_steps"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name.replace('_', '-')} must be 0 or more")
     if config.round_timeout < 0:
         raise ValueError("round-timeout must be 0 (no limit) or positive")
 
@@ -190,12 +208,21 @@ class Federation:
     """One run's round machinery: the grid, the strategy, the ledger and the nodes' keys."""
 
     def __init__(
-        self, grid: Grid, config: RunConfig, out: Path, catalog: Catalog, partitions: Path | None
+        self,
+        grid: Grid,
+        config: RunConfig,
+        out: Path,
+        catalog: Catalog,
+        partitions: Path | None,
+        customers: int | None,
     ):
         self.grid, self.config = grid, config
         self.strategy = FedRecStrategy(config)
         if config.registry:  # a deployment: nodes are who the operator registered
             self.strategy.registry = Registry.load(config.registry, catalog.items)
+            customers = self.strategy.registry.customers
+        # unknown customers (no registry figures): every validation event chooses the rounds
+        self.valid_fraction = config.valid_fraction(customers or 0)
         self.ledger = PrivacyLedger(out / "ledger.jsonl")
         if not self.ledger.entries:
             self.ledger.append(
@@ -204,7 +231,7 @@ class Federation:
                 unit=NODE_UNIT,
             )
         self.run_id = self.ledger.entries[0]["hash"]  # what every node's signed report names
-        settings = settings_record(config, catalog.digest, partitions)
+        settings = settings_record(config, catalog.digest, partitions, self.valid_fraction)
         self.settings = ConfigRecord({**dict(settings), "run-id": self.run_id})
         self.keys = NodeKeys(out / "node-keys")
         self.secure = None
@@ -299,7 +326,8 @@ def _federate(
     """The run itself, under the lock on ``out`` (:func:`run_federation`)."""
     model = catalog.new_model()
     state = trainable_state(model)
-    federation = Federation(grid, config, out, catalog, partitions)
+    customers = None if evaluation is None else len(evaluation.split.test_users)
+    federation = Federation(grid, config, out, catalog, partitions, customers)
     strategy, ledger = federation.strategy, federation.ledger
     checkpoint = Checkpoint(out / "checkpoint.safetensors")
     history, trained_rows, done = [], np.zeros(catalog.num_items, dtype=bool), 0
@@ -312,11 +340,26 @@ def _federate(
             )
         history, done = progress["history"], progress["round"]
         trained_rows[progress["trained_rows"]] = True
-        log.info("resuming after round %d of %d", done, config.rounds)
+        log.info("resuming after round %d of at most %d", done, config.max_rounds)
+    selection = None
+    if config.selects_rounds:
+        selection = RoundSelection(out / "best.safetensors", config.round_patience)
+        selection.resume(done)
+    validating = (
+        evaluation.split.validation_users(federation.valid_fraction)
+        if selection is not None and evaluation is not None
+        else None
+    )
     reason = "all rounds completed"
     monitor = "test" if config.refit else "valid"
     node_dp = NodeLevelDP(config, ledger) if config.node_dp else None
-    for server_round in range(done + 1, config.rounds + 1):
+    for server_round in range(done + 1, config.max_rounds + 1):
+        if selection is not None and selection.stale(server_round - 1):
+            reason = (
+                f"validation ndcg@10 did not improve for {config.round_patience} rounds "
+                f"(best: round {selection.best_round})"
+            )
+            break
         started = time.time()
         if node_dp is not None and (refusal := node_dp.refusal()):
             reason = refusal
@@ -373,6 +416,8 @@ def _federate(
             entry[monitor] = {k: v for k, v in valid.items() if "@" in k}
         if config.federated_eval:
             entry["federated"] = federation.evaluate(server_round, state)
+        if selection is not None:
+            entry["selection"] = round_validation(entry, evaluation, model, validating)
         history.append(
             {
                 **entry,
@@ -395,8 +440,17 @@ def _federate(
                 "trained_rows": np.flatnonzero(trained_rows).tolist(),
             },
         )
-        report_round(history[-1], config.rounds, show_progress)
+        if selection is not None and entry["selection"] is not None:
+            rows = np.flatnonzero(trained_rows).tolist()
+            selection.observe(server_round, entry["selection"], state, rows)
+        report_round(history[-1], config.max_rounds, show_progress)
     ledger.append("run_end", rounds_completed=len(history), reason=reason)
+    chosen = None
+    if selection is not None and (best := selection.best_state()) is not None:
+        (state, rows), chosen = best, selection.best_valid
+        trained_rows[:] = False
+        trained_rows[rows] = True
+        log.info("the global model is round %d's (best validation)", selection.best_round)
     model.load_state_dict(state)
     timing = {
         "rounds": len(history),
@@ -407,11 +461,26 @@ def _federate(
         privacy = add_node_level(privacy, ledger, config)
     federated = [h["federated"] for h in history if h.get("federated")]
     extra = {"rounds": history, **({"federated_evaluation": federated} if federated else {})}
+    if selection is not None:
+        extra["selection"] = {
+            "monitor": f"valid {MONITOR} of the validation customers",
+            "valid_fraction": federation.valid_fraction,
+            "best_round": selection.best_round,
+            "rounds_run": len(history),
+            "stopped": reason,
+        }
     title = "fedrec federated global recommender"
     trained = torch.from_numpy(trained_rows)
     if evaluation is not None:
         metrics = evaluation.finish(
-            out, model, trained=trained, timing=timing, privacy=privacy, extra=extra, title=title
+            out,
+            model,
+            trained=trained,
+            timing=timing,
+            privacy=privacy,
+            extra=extra,
+            valid=chosen,
+            title=title,
         )
     else:
         filled = catalog.fill_untrained(model, trained)
@@ -419,27 +488,6 @@ def _federate(
         metrics = catalog.write(out, model, measured, privacy, title=title)
     plot_rounds(history, out / "rounds.png")
     return metrics
-
-
-def round_quality(entry: dict) -> tuple[str, float] | None:
-    """The round's headline figure: the server's evaluation if it has one, else the nodes'."""
-    for stage in ("test", "valid"):
-        if stage in entry:
-            return f"{stage} ndcg@10", entry[stage]["ndcg@10"]
-    if entry.get("federated"):
-        return "federated ndcg@10", entry["federated"]["ndcg@10"]
-    return None
-
-
-def report_round(entry: dict, rounds: int, show_progress: bool) -> None:
-    """One line per round: on the terminal, or in the log when the terminal is quiet."""
-    quality = round_quality(entry)
-    figure = f"{quality[0]} {quality[1]:.4f}, " if quality else ""
-    line = f"round {entry['round']}/{rounds}: {figure}{entry['nodes']} nodes, {entry['round_s']} s"
-    if show_progress:
-        print(line, flush=True)
-    else:
-        log.info(line)
 
 
 def _mean_metric(replies: list[Message], key: str) -> float | None:
@@ -483,33 +531,3 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             f"being {federation['unit']}; each node's own guarantee is in 'per_node'."
         ),
     }
-
-
-def plot_rounds(history: list[dict], path: Path) -> None:
-    """Quality of the global model over rounds (PNG): the server's evaluation and the nodes'
-    (federated), whichever the run has."""
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for source, label in (("test", "test"), ("valid", "valid"), ("federated", "federated")):
-        points = [(h["round"], h[source]) for h in history if h.get(source)]
-        for metric, style in (("ndcg@10", "o-"), ("hr@10", "s--")):
-            if points:
-                rounds, values = zip(*((r, v[metric]) for r, v in points), strict=True)
-                ax.plot(rounds, values, style, label=f"{label} {metric}")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-    ax.set_xlabel("round")
-    ax.set_ylabel("quality")
-    ax.set_title("Global model quality over rounds")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    make_private(path)

@@ -144,6 +144,7 @@ class FedRecStrategy(FedAvg):
         """The nodes' evaluation of the global model over all their customers: exact means
         weighted by customers, or, under DP, the sum of the nodes' noisy sums over the sum of
         their noisy counts. A reply that is not a well-formed evaluation is left out."""
+        replies = list(replies)
         customers, sums, noisy, nodes = 0.0, dict.fromkeys(EVALUATED, 0.0), False, 0
         for reply in replies:
             if reply.has_error() or "metrics" not in reply.content:
@@ -168,7 +169,35 @@ class FedRecStrategy(FedAvg):
             return None
         means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
         summary = {"round": server_round, "nodes": nodes, "customers": round(customers)}
-        return {**summary, "dp": noisy, **means}
+        valid = {} if noisy else _validation(server_round, replies)
+        return {**summary, "dp": noisy, **means, **valid}
+
+
+def _validation(server_round: int, replies: Iterable[Message]) -> dict:
+    """``{"valid": {"customers", "hr@10", "ndcg@10"}}``: the nodes' exact validation metrics
+    over their validation customers, weighted by them ({} when no node sent any)."""
+    customers, sums = 0, dict.fromkeys(EVALUATED, 0.0)
+    for reply in replies:
+        if reply.has_error() or "metrics" not in reply.content:
+            continue
+        metrics = dict(reply.content["metrics"])
+        values = [metrics.get(f"valid-{k}") for k in ("customers", *EVALUATED)]
+        count, *rest = values
+        if count is None:
+            continue
+        if not (
+            all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+            and count >= 0
+            and all(0 <= v <= 1 for v in rest)
+        ):
+            log.warning("round %d: a validation reply out of range", server_round)
+            continue
+        customers += int(count)
+        for name, value in zip(EVALUATED, rest, strict=True):
+            sums[name] += value * count
+    if customers <= 0:
+        return {}
+    return {"valid": {"users": customers, **{k: v / customers for k, v in sums.items()}}}
 
 
 def reply_sender(reply: Message) -> str:

@@ -225,6 +225,7 @@ def _read_config(report: dict, complete: list[dict], lines: dict[int, int]) -> d
                 "partition",
                 "num_nodes",
                 "rounds",
+                "dp_rounds",
                 "dp_batch_size",
                 "local_epochs",
                 "dp_local_epochs",

@@ -293,15 +293,15 @@ def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None
     """The run's plan from its run_start config, or None with the problem (new-format ledgers)
     or a note (older ledgers, whose configs may predate the plan keys)."""
     lacking = [k for k in PLAN_KEYS if not (isinstance(config.get(k), int) and config[k] >= 1)]
-    # the epochs a private node trains per round: dp_local_epochs (older ledgers: local_epochs)
-    dp_epochs = config.get("dp_local_epochs", config.get("local_epochs"))
-    if "dp_local_epochs" in config and not (isinstance(dp_epochs, int) and dp_epochs >= 1):
-        lacking.append("dp_local_epochs")
+    # a private run's rounds and epochs a round: dp_rounds, dp_local_epochs (older ledgers:
+    # rounds, local_epochs)
+    private = {k: config.get(f"dp_{k}", config.get(k)) for k in ("rounds", "local_epochs")}
+    lacking += [f"dp_{k}" for k, v in private.items() if not (isinstance(v, int) and v >= 1)]
     eval_sigma = config.get("eval_noise_multiplier")
     if new_format and not (is_number(eval_sigma) and eval_sigma > 0):
         lacking.append("eval_noise_multiplier")
     if not lacking:
-        plan = {**{k: config[k] for k in PLAN_KEYS}, "local_epochs": dp_epochs}
+        plan = {**{k: config[k] for k in PLAN_KEYS}, **private}
         # the nodes plan evaluation releases only when the run evaluates at the nodes (older
         # ledgers record none: their nodes planned training alone)
         evaluates = new_format and config.get("federated_eval", True) and is_number(eval_sigma)

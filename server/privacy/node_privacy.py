@@ -13,7 +13,7 @@ mean is Flower's ``compute_stdv(sigma, C, n)``; the noise is drawn from
 
 Accounting is Flower's ``RdpAccountant`` (flwr.serverapp) with no amplification by sampling, as
 Flower's accounted DP mode requires: Flower samples a fixed number of nodes, not Poisson. sigma
-is calibrated once so that ``rounds`` releases spend at most ``node-target-epsilon`` at
+is calibrated once so that ``dp-rounds`` releases spend at most ``node-target-epsilon`` at
 ``node-delta``. Every release is written to the ledger as a ``node_level`` entry (cumulative
 epsilon, with its unit) before the new global model is used; the accountant is rebuilt from
 those entries, so a resumed run starts from everything already released.
@@ -55,13 +55,13 @@ def _accountant(config: RunConfig, population: int) -> RdpAccountant:
 
 
 def calibrate_node_noise(config: RunConfig) -> float:
-    """The smallest noise multiplier (to 0.1%) whose ``rounds`` releases stay within
+    """The smallest noise multiplier (to 0.1%) whose ``dp-rounds`` releases stay within
     ``node_target_epsilon`` at ``node_delta`` by Flower's RDP accountant."""
     event = GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=1, population_size=1)
 
     def exceeds(sigma: float) -> bool:
         trial = GaussianPrivacyEvent(sigma, event.sample_size, event.population_size)
-        return _accountant(config, 1).would_exceed(trial, count=config.rounds)
+        return _accountant(config, 1).would_exceed(trial, count=config.dp_rounds)
 
     low, high = 1e-2, 1e4
     if not exceeds(low):

@@ -8,6 +8,7 @@ recoverable issues (exact duplicate rows, untouched items) are counted in :class
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,14 +206,15 @@ def load_dataset(directory: str | Path) -> Dataset:
     interactions, duplicates = load_interactions(interactions_path, pd.Index(items["item_id"]))
     touched = np.zeros(len(items), dtype=bool)
     touched[interactions["item_idx"].to_numpy()] = True
-    text = items[list(ITEM_TEXT_FIELDS)].apply(lambda c: c.str.strip()).agg("".join, axis=1)
+    # column-wise (a row-wise join took 1.7 s on 12,101 products, at every node load)
+    no_text = np.logical_and.reduce([items[f].str.strip().eq("") for f in ITEM_TEXT_FIELDS])
     report = LoadReport(
         interactions_file=str(interactions_path),
         items_file=str(items_path),
         num_rows=len(interactions),
         duplicate_rows=duplicates,
         untouched_items=int((~touched).sum()),
-        empty_text_items=int((text == "").sum()),
+        empty_text_items=int(no_text.sum()),
         events=interactions["event"].value_counts().to_dict(),
     )
     return Dataset(interactions=interactions, items=items, report=report)
@@ -243,15 +245,32 @@ class Split:
             return self.train[user]
         return np.append(self.train[user], self.valid_target[user]).astype(np.int64)
 
-    def training_histories(self, refit: bool = False) -> list[np.ndarray]:
+    def training_histories(
+        self, refit: bool = False, valid_fraction: float = 0.0
+    ) -> list[np.ndarray]:
         """What a model may train on: the training histories, plus (``refit``) the validation
-        targets, once the validation split has served its purpose. Test targets never."""
+        targets, once the validation split has served its purpose, except those of the
+        validation customers (``valid_fraction``, :meth:`validation_users`), kept out to
+        choose a federation's rounds. Test targets never."""
         if not refit:
             return list(self.train)
+        held = np.zeros(len(self.train), dtype=bool)
+        held[self.validation_users(valid_fraction)] = True
         return [
-            self.history(u, "test") if self.test_target[u] >= 0 else self.train[u]
+            self.history(u, "test") if self.test_target[u] >= 0 and not held[u] else self.train[u]
             for u in range(len(self.train))
         ]
+
+    def validation_users(self, fraction: float) -> np.ndarray:
+        """The evaluated users whose validation event stays out of training under ``refit``
+        to choose a federation's rounds: those whose id hashes below ``fraction``
+        (:func:`validation_customer`), so a node picks the same customers as the server from
+        its own data, without being told who."""
+        users = self.test_users
+        if fraction >= 1:
+            return users
+        chosen = [validation_customer(str(self.user_ids[u]), fraction) for u in users]
+        return users[np.asarray(chosen, dtype=bool)]
 
     def sequences(self) -> list[np.ndarray]:
         """Every customer's whole ordered sequence (training history and both targets)."""
@@ -274,6 +293,13 @@ class Split:
             test_target=self.test_target[users],
             num_items=self.num_items,
         )
+
+
+def validation_customer(user_id: str, fraction: float) -> bool:
+    """Whether a customer is a validation customer at ``fraction``: the first 8 bytes of
+    sha256 of the id as a number in [0, 1), below ``fraction``."""
+    digest = hashlib.sha256(user_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def leave_one_out(dataset: Dataset) -> Split:

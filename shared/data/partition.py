@@ -47,6 +47,17 @@ def item_merchants(items: pd.DataFrame, num_nodes: int) -> np.ndarray:
     return keys.map(owner).to_numpy()
 
 
+def fragment_histories(histories: list[np.ndarray], owner: np.ndarray) -> list[np.ndarray]:
+    """Each history cut into the pieces its items' owners (``owner[item]``: a node) each hold,
+    in order: what a merchant federation's nodes see of every customer."""
+    pieces = []
+    for history in histories:
+        history = np.asarray(history, dtype=np.int64)
+        nodes = owner[history]
+        pieces.extend(history[nodes == node] for node in np.unique(nodes))
+    return pieces
+
+
 def user_nodes(dataset: Dataset, num_nodes: int, alpha: float, seed: int) -> dict[str, int]:
     """Node of each customer: IID, or Dirichlet(alpha)-skewed by dominant top-level category."""
     rng = np.random.default_rng(seed)
@@ -64,14 +75,19 @@ def user_nodes(dataset: Dataset, num_nodes: int, alpha: float, seed: int) -> dic
     return assignment
 
 
-def holdout_rows(dataset: Dataset, split: Split, refit: bool) -> np.ndarray:
+def holdout_rows(
+    dataset: Dataset, split: Split, refit: bool, valid_fraction: float = 0.0
+) -> np.ndarray:
     """File rows of the events the simulation's server keeps for evaluation: every customer's
-    test event, and the validation event unless the run refits on it. Nodes never see them."""
+    test event, and the validation event unless the run refits on it (then still that of the
+    validation customers, ``valid_fraction``, which choose the rounds). Nodes never see them."""
     rows = dataset.interactions.groupby("user_id", sort=True)["row"].agg(list)
+    validating = np.zeros(len(split.user_ids), dtype=bool)
+    validating[split.validation_users(valid_fraction)] = True
     held = []
     for u, user_rows in enumerate(rows.reindex(split.user_ids)):
         if split.test_target[u] >= 0:
-            held.extend(user_rows[-1:] if refit else user_rows[-2:])
+            held.extend(user_rows[-1:] if refit and not validating[u] else user_rows[-2:])
     return np.asarray(held, dtype=np.int64)
 
 
@@ -149,7 +165,12 @@ def ensure_partitions(
     if not partitions.exists():  # built aside, then renamed: never left half-written
         staging = out / "partitions.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        held = None if config.federated_eval else holdout_rows(dataset, split, config.refit)
+        valid_fraction = config.valid_fraction(len(split.test_users))
+        held = (
+            None
+            if config.federated_eval
+            else holdout_rows(dataset, split, config.refit, valid_fraction)
+        )
         directories = write_partitions(
             dataset,
             staging,

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from shared.data.dataset import Dataset, Split, find_table, leave_one_out, load_dataset, load_items
+from shared.data.partition import fragment_histories, item_merchants
 from shared.recommender.artifacts import model_card, save_model, write_json
 from shared.recommender.catalog import fill_cold_items
 from shared.recommender.metrics import evaluate, write_recs
@@ -184,10 +185,14 @@ class Experiment:
         return self.dataset.items["item_id"].to_numpy()
 
     def train_histories(self, refit: bool = False) -> list[np.ndarray]:
-        """Training histories (``refit``: with validation targets), cold items removed."""
+        """Training histories (``refit``: with validation targets), cold items removed; with
+        ``fragment-nodes``, cut into the pieces that many merchant nodes would each hold."""
         histories = self.split.training_histories(refit)
         if len(self.cold_items):
             histories = [h[~np.isin(h, self.cold_items)] for h in histories]
+        if self.config.fragment_nodes:
+            owner = item_merchants(self.dataset.items, self.config.fragment_nodes)
+            histories = fragment_histories(histories, owner)
         return histories
 
     def trained_items(self, histories: list[np.ndarray]) -> torch.Tensor:
@@ -213,11 +218,15 @@ class Experiment:
 
         return score
 
-    def evaluate(self, model: FusionRecommender, stage: str) -> tuple[dict, np.ndarray]:
+    def evaluate(
+        self, model: FusionRecommender, stage: str, users: np.ndarray | None = None
+    ) -> tuple[dict, np.ndarray]:
+        """The protocol's metrics at ``stage`` over ``users`` (default: every test user)."""
         return evaluate(
             self.score_fn(model),
             self.split,
             stage,
+            users=users,
             cold_items=self.cold_items if len(self.cold_items) else None,
         )
 

@@ -7,7 +7,7 @@ a test checks that pyproject.toml carries exactly these defaults.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from shared.recommender.model import ModelConfig
@@ -26,6 +26,7 @@ class RunConfig:
     text_model: str = "minilm"
     text_finetune_layers: int = 0  # >0: first fine-tune the encoder's top N layers (train only)
     text_finetune_steps: int = 2000
+    fragment_nodes: int = 0  # >0 (train only): histories cut as N merchant nodes hold them
     dim: int = ModelConfig.dim
     max_len: int = ModelConfig.max_len
     layers: int = ModelConfig.layers
@@ -65,8 +66,12 @@ class RunConfig:
     secagg: bool = False  # Flower SecAgg+: the server sees only the sum (needs node_dp)
     # federation
     clients: int = 5
-    rounds: int = 3
+    rounds: int = 10  # at most; without DP the run stops once validation stops improving
+    round_patience: int = 2  # rounds without a better validation NDCG@10 before it stops
+    valid_customers: int = 2000  # whose validation event chooses the rounds (all when fewer)
+    dp_rounds: int = 3  # under DP exactly these (the noise is calibrated for them)
     local_epochs: int = 1
+    local_steps: int = 50  # at least; a small node trains more epochs a round to reach them
     local_batch_size: int = 32  # smaller steps at the nodes: more progress per round
     partition: str = "regional"
     dirichlet_alpha: float = 0.0  # 0 = IID customers; >0 skews regions by dominant category
@@ -93,6 +98,40 @@ class RunConfig:
         if self.dp:
             values["max_len"], values["dim"] = self.dp_max_len, self.dp_dim
         return ModelConfig(num_items=num_items, text_dim=text_dim, **values)
+
+    @property
+    def private(self) -> bool:
+        """Whether the run is differentially private (record-level or node-level DP)."""
+        return self.dp or self.node_dp
+
+    @property
+    def max_rounds(self) -> int:
+        """The rounds a federation runs: exactly ``dp-rounds`` under DP, at most ``rounds``
+        otherwise (validation may stop it earlier)."""
+        return self.dp_rounds if self.private else self.rounds
+
+    @property
+    def selects_rounds(self) -> bool:
+        """Whether validation chooses the rounds (never under DP: choosing on private data
+        would spend budget nobody accounted)."""
+        return not self.private and self.valid_customers > 0
+
+    def with_rounds(self, rounds: int | None) -> RunConfig:
+        """The command lines' ``--rounds``: ``dp-rounds`` of a private run, else ``rounds``
+        (None: unchanged)."""
+        if rounds is None:
+            return self
+        return replace(self, **{"dp_rounds" if self.private else "rounds": rounds})
+
+    def valid_fraction(self, customers: int) -> float:
+        """The share of ``customers`` whose validation event stays out of training to choose
+        the rounds: all without ``refit`` (none trains on it anyway), else enough for
+        ``valid-customers``; 0 when the rounds are fixed."""
+        if not self.selects_rounds:
+            return 0.0
+        if not self.refit:
+            return 1.0
+        return min(1.0, self.valid_customers / max(customers, 1))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

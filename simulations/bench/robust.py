@@ -67,7 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated robust aggregations to compare with fedavg: median, trimmed "
         "(default trimmed; trim-fraction 0.2 cuts 2 of 10 nodes at each end)",
     )
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 3)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds per run, fixed (valid-customers=0: no run stops early or keeps an "
+        "earlier round, so the table measures the aggregation alone) (default 3)",
+    )
     add_run_config_arguments(parser)
 
 
@@ -83,7 +89,7 @@ def simulate_args(args: argparse.Namespace, attack: str, strategy: str, out: Pat
     argv = ["--data", str(args.data), "--out", str(out), "--clients", str(args.clients)]
     argv += ["--strategy", strategy, "--set", f"attack={attack}"]
     argv += ["--set", f"malicious_nodes={args.malicious if attack != 'none' else 0}"]
-    argv += ["--rounds", str(args.rounds)] if args.rounds is not None else []
+    argv += ["--rounds", str(args.rounds), "--set", "valid-customers=0"]
     argv += [token for item in args.overrides for token in ("--set", item)]
     argv += ["--device", args.device] if args.device else []
     argv += ["--quiet"] if args.quiet else []
@@ -136,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     for r in runs:
         if "error" not in r:
             table.setdefault(r["attack"], {})[r["strategy"]] = r["test"]["ndcg@10"]
-    config = run_config_from_args(args, clients=args.clients, rounds=args.rounds)
+    config = run_config_from_args(args, clients=args.clients, rounds=args.rounds, valid_customers=0)
     write_json(
         args.out / "robust.json",
         {

@@ -86,7 +86,7 @@ def test_a_bad_node_config_is_refused_with_the_key_and_value(text: str, words: s
 def node_setup(tiny_synth_dataset_dir: Path, tmp_path: Path):
     directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
     load_node.cache_clear()
-    config = RunConfig(**TINY_SETTINGS, device="cpu", dp=True, target_epsilon=4.0, rounds=2)
+    config = RunConfig(**TINY_SETTINGS, device="cpu", dp=True, target_epsilon=4.0, dp_rounds=2)
     node = load_node(str(directory), config.text_model)
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
     return node, config, trainable_state(model)

@@ -34,6 +34,8 @@ ALLOWED_METRICS = {
     *METRICS,
     *(f"noisy_sum_{m}" for m in METRICS),
     "noisy_customers",
+    "valid-customers",
+    *(f"valid-{m}" for m in METRICS),
 }
 
 
@@ -67,7 +69,8 @@ def test_a_node_sends_weights_and_aggregates_only(
     node = load_node(str(node_dir), config.text_model)
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
     state = trainable_state(model)
-    settings = settings_record(config, node.catalog_digest, node_dir.parent)
+    # asked to validate half its customers: exact figures without DP, none under DP
+    settings = settings_record(config, node.catalog_digest, node_dir.parent, valid_fraction=0.5)
     settings["run-id"] = "r" * 64
     settings["server-round"] = 1
     message = Message(
@@ -118,6 +121,8 @@ def test_a_node_sends_weights_and_aggregates_only(
         assert content["privacy"]["node"] == "regional-0"
     if kind == "evaluate":
         assert "arrays" not in content
+        validated = {k for k in content["metrics"] if k.startswith("valid-")}
+        assert validated == (set() if dp else {"valid-customers", "valid-hr@10", "valid-ndcg@10"})
         return
     arrays = {k: a.numpy() for k, a in content["arrays"].items()}
     for name, array in arrays.items():  # the model's own tensors: no table of data rows

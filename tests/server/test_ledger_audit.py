@@ -414,10 +414,12 @@ def write_planned_run(
     receipts: Path | None = None,
     batch: int = 64,
     dp_epochs: int | None = None,
+    cap: int | None = None,
 ) -> Path:
     """An honest run in the new ledger format: each node's sigma calibrated for its plan
     (``dp_epochs``: the config's dp_local_epochs; None: a config from before it, local_epochs 1;
-    training and evaluation), a training and an evaluation contribution per round, each
+    ``cap``: the config's non-private ``rounds``, the plan then in dp_rounds; training and
+    evaluation), a training and an evaluation contribution per round, each
     signed by its node's key when ``keys`` are given (public keys in OUT/node-keys, receipts
     under ``receipts/<node>.jsonl``)."""
     ledger = PrivacyLedger(out / "ledger.jsonl")
@@ -425,7 +427,8 @@ def write_planned_run(
         "target_epsilon": target,
         "delta": 0.0,
         "num_nodes": len(customers),
-        "rounds": rounds,
+        "rounds": rounds if cap is None else cap,
+        **({"dp_rounds": rounds} if cap is not None else {}),
         "partition": partition,
         "dp": True,
         "dp_batch_size": batch,
@@ -795,18 +798,30 @@ def test_an_older_ledger_is_calibrated_for_training_alone(tmp_path):
     assert next(c for c in checks if c["name"] == "calibration")["status"] == "pass"
 
 
-def test_the_plan_counts_dp_local_epochs(tmp_path):
-    """Nodes under DP train ``dp_local_epochs`` per round: a ledger planned for 3 passes; the
-    same contributions under a config that says 1 fail the steps check."""
-    out = write_planned_run(tmp_path / "three", CUSTOMERS, dp_epochs=3)
-    assert main(["audit", str(out)]) == 0
-    entries = read_ledger(out / "ledger.jsonl")
-    entries[0]["config"]["dp_local_epochs"] = 1
-    forged = tmp_path / "one"
+def forge(tmp_path: Path, name: str, entries: list[dict], **config) -> dict:
+    """The audit report of ``entries`` with their run_start config changed by ``config``."""
+    entries = [dict(e) for e in entries]
+    entries[0] = {**entries[0], "config": {**entries[0]["config"], **config}}
+    forged = tmp_path / name
     forged.mkdir()
     PrivacyLedger(forged / "ledger.jsonl")  # creates the file with its permissions
     (forged / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in rechain(entries)))
     assert main(["audit", str(forged)]) != 0
-    report = json.loads((forged / "audit.json").read_text())
+    return json.loads((forged / "audit.json").read_text())
+
+
+def test_the_plan_counts_dp_rounds_and_dp_local_epochs(tmp_path):
+    """A private run's plan is ``dp_rounds`` rounds of ``dp_local_epochs`` epochs (``rounds``
+    and ``local_epochs`` are the non-private run's): 2 rounds of 3 epochs under a config whose
+    rounds is 10 pass; the same contributions under a config claiming 1 epoch fail the steps
+    check, and one claiming 4 rounds, a plan whose noise the nodes did not add, fail the
+    calibration check."""
+    out = write_planned_run(tmp_path / "planned", CUSTOMERS, rounds=2, dp_epochs=3, cap=10)
+    assert main(["audit", str(out)]) == 0
+    entries = read_ledger(out / "ledger.jsonl")
+    report = forge(tmp_path, "one-epoch", entries, dp_local_epochs=1)
     failed = json.dumps([c for c in report["checks"] if c["passed"] is False])
     assert "x dp_local_epochs" in failed
+    report = forge(tmp_path, "four-rounds", entries, dp_rounds=4)
+    calibration = next(c for c in report["checks"] if c["name"] == "calibration")
+    assert calibration["status"] == "fail" and "4 rounds" in json.dumps(calibration)

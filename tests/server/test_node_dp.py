@@ -124,7 +124,7 @@ def test_node_level_ledger_is_recomputed_by_the_audit(tmp_path: Path) -> None:
 
 
 def test_spending_past_the_node_level_budget_fails_the_audit(tmp_path: Path) -> None:
-    planned = RunConfig(node_dp=True, node_target_epsilon=4.0, rounds=2, clients=2)
+    planned = RunConfig(node_dp=True, node_target_epsilon=4.0, dp_rounds=2, clients=2)
     release_rounds(tmp_path, planned, 4)  # twice the rounds the noise was calibrated for
     report = audit(tmp_path)
     node_level = next(c for c in report["checks"] if c["name"] == "node_level")

@@ -215,7 +215,9 @@ def test_bench_robust_writes_the_comparison(
 ) -> None:
     out = tmp_path / "bench"
     tiny = [
-        *cli_settings({"dim": 16, "layers": 1, "max_len": 10, "text_model": tiny_bert_dir}),
+        *cli_settings(
+            {"dim": 16, "layers": 1, "max_len": 10, "local_steps": 0, "text_model": tiny_bert_dir}
+        ),
         "--device",
         "cpu",
         "--quiet",

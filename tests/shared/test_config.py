@@ -161,3 +161,35 @@ def test_bad_set_is_refused_with_the_key(capsys, tmp_path: Path) -> None:
         main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "layers"])
     with pytest.raises(SystemExit, match="'colour'"):
         main(["simulate", "--out", str(tmp_path / "o"), "--set", "colour=blue"])
+
+
+def test_rounds_are_a_cap_without_dp_and_exact_under_dp() -> None:
+    open_run, private = RunConfig(), RunConfig(dp=True)
+    assert open_run.max_rounds == open_run.rounds and open_run.selects_rounds
+    assert private.max_rounds == private.dp_rounds and not private.selects_rounds
+    assert not RunConfig(node_dp=True).selects_rounds  # node-level DP: fixed rounds too
+    # --rounds sets the rounds the run is governed by
+    assert open_run.with_rounds(7).rounds == 7 and open_run.with_rounds(7).dp_rounds == 3
+    assert private.with_rounds(5).dp_rounds == 5 and private.with_rounds(5).rounds == 10
+    assert private.with_rounds(None) == private
+
+
+def test_the_validation_share_covers_valid_customers() -> None:
+    config = RunConfig(valid_customers=2000)
+    assert config.valid_fraction(20_000) == pytest.approx(0.1)
+    assert config.valid_fraction(1_000) == 1.0  # all of them when fewer
+    assert config.valid_fraction(0) == 1.0  # unknown: every validation event
+    assert RunConfig(refit=False).valid_fraction(20_000) == 1.0  # none trains on them anyway
+    assert RunConfig(valid_customers=0).valid_fraction(20_000) == 0.0  # rounds fixed
+    assert RunConfig(dp=True).valid_fraction(20_000) == 0.0
+
+
+def test_simulate_rounds_govern_dp_rounds_under_dp(tmp_path: Path) -> None:
+    from simulations.simulate import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    private = config_from_args(parser.parse_args(["--out", str(tmp_path), "--rounds", "4", "--dp"]))
+    assert (private.dp_rounds, private.rounds) == (4, RunConfig.rounds)
+    plain = config_from_args(parser.parse_args(["--out", str(tmp_path), "--rounds", "4"]))
+    assert (plain.rounds, plain.dp_rounds) == (4, RunConfig.dp_rounds)

@@ -10,8 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.data.dataset import Dataset, load_dataset
-from shared.data.partition import write_partitions
+from shared.data.dataset import Dataset, leave_one_out, load_dataset, validation_customer
+from shared.data.partition import (
+    fragment_histories,
+    holdout_rows,
+    item_merchants,
+    write_partitions,
+)
 from shared.federation.node_directory import node_catalog, node_name
 
 NODES = 3
@@ -141,3 +146,52 @@ def test_bad_partition_arguments(dataset: Dataset, tmp_path: Path) -> None:
         write_partitions(dataset, tmp_path, 2, "by-weather")
     with pytest.raises(ValueError, match="at least one node"):
         write_partitions(dataset, tmp_path, 0)
+
+
+def test_validation_customers_are_chosen_by_id_alone(dataset: Dataset) -> None:
+    """A node picks the same validation customers as the server from its own data: the choice
+    depends on the customer's id and the fraction, not on who else is in the split."""
+    split = leave_one_out(dataset)
+    assert len(split.validation_users(0.0)) == 0
+    assert np.array_equal(split.validation_users(1.0), split.test_users)
+    some = split.validation_users(0.3)
+    assert 0.2 < len(some) / len(split.test_users) < 0.4  # sha256 spreads ids evenly
+    assert set(split.user_ids[split.validation_users(0.1)]) <= set(split.user_ids[some])
+    half = split.subset(np.arange(len(split.user_ids) // 2))  # another party's customers
+    chosen = set(half.user_ids[half.validation_users(0.3)])
+    assert chosen == set(split.user_ids[some]) & set(half.user_ids)
+    assert all(validation_customer(str(u), 0.3) for u in chosen)
+
+
+def test_refit_keeps_the_validation_customers_validation_events_out(dataset: Dataset) -> None:
+    split = leave_one_out(dataset)
+    validating = set(split.validation_users(0.3).tolist())
+    histories = split.training_histories(refit=True, valid_fraction=0.3)
+    for u in split.test_users[:200]:
+        expected = split.train[u] if u in validating else split.history(u, "test")
+        assert np.array_equal(histories[u], expected), u
+    # the simulation's server keeps the same events from the nodes' partitions
+    held = set(holdout_rows(dataset, split, refit=True, valid_fraction=0.3).tolist())
+    rows = dataset.interactions.groupby("user_id", sort=True)["row"].agg(list)
+    for u in split.test_users[:200]:
+        user_rows = rows[split.user_ids[u]]
+        assert user_rows[-1] in held
+        assert (user_rows[-2] in held) == (u in validating), u
+
+
+def test_fragmented_histories_are_what_the_merchant_nodes_hold(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """The merchant oracle's training data: each customer's history cut by the owner of each
+    item, in order, exactly the sequences the merchant partition's nodes hold."""
+    split = leave_one_out(dataset)
+    histories = split.sequences()
+    owner = item_merchants(dataset.items, NODES)
+    pieces = fragment_histories(histories, owner)
+    assert sum(len(p) for p in pieces) == sum(len(h) for h in histories)
+    assert all(len(np.unique(owner[p])) == 1 for p in pieces)
+    nodes = load_nodes(write_partitions(dataset, tmp_path, NODES, "merchant"))
+    held = Counter()
+    for node in nodes:
+        held += Counter(tuple(s) for s in leave_one_out(node).sequences())
+    assert Counter(tuple(p.tolist()) for p in pieces) == held

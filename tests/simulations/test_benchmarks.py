@@ -240,3 +240,54 @@ def test_bench_privacy_writes_the_curve_and_reuses_runs(synth_dataset_dir, tmp_p
     assert json.loads((tmp_path / "privacy_curve.json").read_text())["points"][0]["reused"]
     with pytest.raises(SystemExit, match="other settings"):  # but not one made differently
         main([*args, "--set", "dp_lr=0.01"])
+
+
+def test_the_memory_of_a_process_tree_counts_its_children() -> None:
+    """Peak memory covers Ray's workers: a child holding 200 MiB adds to the tree's total."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from simulations.bench.scale import tree_rss
+
+    alone = tree_rss(os.getpid())
+    assert alone > 10 * 2**20  # this Python process, at least
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); "
+            "import time; time.sleep(30)",
+        ]
+    )
+    try:
+        grown = alone
+        for _ in range(100):  # until the child has touched its pages
+            grown = tree_rss(os.getpid())
+            if grown - alone > 150 * 2**20:
+                break
+            time.sleep(0.1)
+        assert grown - alone > 150 * 2**20
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.e2e
+def test_bench_scale_times_one_round_per_federation_size(tiny_synth_dataset_dir, tmp_path):
+    args = ["bench", "scale", "--data", str(tiny_synth_dataset_dir), "--out", str(tmp_path)]
+    args += ["--nodes", "1,2", "--partition", "regional", *TINY]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "scale.json").read_text())
+    assert [p["nodes"] for p in report["points"]] == [1, 2]
+    for point in report["points"]:
+        assert point["round_s"] > 0 and point["contributed"] == point["nodes"]
+        assert point["peak_rss_mb"] > 100  # the driver and its Ray workers
+        assert 0 < point["test_ndcg@10"] < 1
+    assert report["points"][0]["round_s_vs_first"] == 1.0
+    assert (tmp_path / "scale.png").stat().st_size > 1000
+    assert main(args) == 0  # a second invocation reuses both runs
+    again = json.loads((tmp_path / "scale.json").read_text())["points"]
+    assert all(p["reused"] for p in again)
+    assert [p["peak_rss_mb"] for p in again] == [p["peak_rss_mb"] for p in report["points"]]

@@ -156,7 +156,7 @@ def faulted(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory)
         data=str(tiny_synth_dataset_dir),
         out=str(out),
         clients=3,
-        rounds=4,
+        dp_rounds=4,
         dp=True,
         text_model=str(tiny_bert_dir),
         **TINY,

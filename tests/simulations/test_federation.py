@@ -23,7 +23,7 @@ from server.privacy.ledger import read_ledger, verify_chain
 from shared.data.dataset import leave_one_out, load_dataset
 from shared.data.partition import write_partitions
 from shared.federation.node_directory import node_name
-from shared.federation.wire import trainable_state
+from shared.federation.wire import ITEM_TABLES, trainable_state
 from shared.recommender.artifacts import load_model, read_item_ids
 from shared.recommender.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
 from shared.recommender.model import FusionRecommender
@@ -113,6 +113,16 @@ def test_simulate_writes_every_output(resumed_run: dict) -> None:
     assert {m: again[m] for m in METRICS} == pytest.approx(
         {m: metrics["test"][m] for m in METRICS}, abs=1e-9
     )
+
+    # validation chose the round: the global model is the best round's, not the last one's
+    chosen = metrics["selection"]
+    scores = [h["selection"]["ndcg@10"] for h in metrics["rounds"]]
+    assert chosen["best_round"] == 1 + int(np.argmax(scores)) and chosen["rounds_run"] == 2
+    assert metrics["valid"]["ndcg@10"] == max(scores)
+    best, _, _ = Checkpoint(out / "best.safetensors").load()
+    saved = {k: v for k, v in model.state_dict().items() if k in best}
+    for name in best.keys() - ITEM_TABLES.keys():  # item rows nobody trained get text vectors
+        assert torch.equal(saved[name], best[name]), name
 
     assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Checkpoint(out / "checkpoint.safetensors").load()[2]["round"] == 2
@@ -243,7 +253,7 @@ def test_a_node_whose_budget_is_spent_declines(
     config = RunConfig(
         dp=True,
         target_epsilon=TARGET,
-        rounds=2,
+        dp_rounds=2,
         dim=16,
         layers=1,
         dp_dim=16,
@@ -276,12 +286,22 @@ def test_nodes_evaluate_on_events_they_held_out(tiny_synth_dataset_dir: Path, tm
     training; on a regional partition (whole customers per node) those are exactly the server's
     test events, so the nodes' aggregate equals the server's evaluation of the same model."""
     out = tmp_path / "run"
-    simulate(tiny_synth_dataset_dir, out, "--rounds", "1", "--set", "federated-eval=true")
+    simulate(
+        tiny_synth_dataset_dir,
+        out,
+        *("--rounds", "1", "--set", "federated-eval=true", "--set", "valid-customers=40"),
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     server, nodes = metrics["rounds"][0]["test"], metrics["federated_evaluation"][0]
     assert nodes["customers"] == metrics["test"]["users"] and not nodes["dp"]
     for name in ("hr@10", "ndcg@10"):
         assert nodes[name] == pytest.approx(server[name], abs=1e-9), name
+    # the same holds for the validation customers, whose validation events choose the rounds:
+    # the nodes pick them by id as the server does, and hold those events out too
+    server_valid = metrics["rounds"][0]["selection"]
+    assert 0 < nodes["valid"]["users"] == server_valid["users"] < metrics["test"]["users"]
+    for name in ("hr@10", "ndcg@10"):
+        assert nodes["valid"][name] == pytest.approx(server_valid[name], abs=1e-9), name
     # and no node trained on its held-out events: the partitions hold them, the nodes skip them
     node = load_node(str(out / "partitions" / "node-0"), RunConfig().text_model)
     config = RunConfig(federated_eval=True)

@@ -1,0 +1,92 @@
+"""Choosing a federation's rounds by validation (``rounds``, ``round-patience``,
+``valid-customers``; docs/evaluation.md).
+
+Each round the global model is scored on the validation events of the validation customers,
+events no node trains on; the best round's model is kept (``best.safetensors`` beside the
+checkpoint) and the run stops once ``round-patience`` rounds have passed without a better one,
+or at ``rounds``. Under DP the rounds are fixed (``dp-rounds``): a choice made on private data
+would be a release nobody accounted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.recommender.experiment import Experiment
+from shared.runs.checkpoint import Checkpoint
+
+MONITOR = "ndcg@10"
+
+
+@dataclass
+class RoundSelection:
+    """The best round so far by validation NDCG@10, and whether it is time to stop."""
+
+    path: Path
+    patience: int
+    best_round: int = 0
+    best_score: float = float("-inf")
+    best_valid: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.best = Checkpoint(self.path)
+
+    def resume(self, done: int) -> None:
+        """Take up the best round saved by an earlier start of the run (it is saved after
+        the round's checkpoint, so a crash between the two keeps the earlier best)."""
+        progress = self.best.progress()
+        if progress is not None and progress["round"] <= done:
+            self.best_round, self.best_score = progress["round"], progress["score"]
+            self.best_valid = progress["valid"]
+
+    def observe(
+        self,
+        server_round: int,
+        valid: dict,
+        state: dict[str, torch.Tensor],
+        trained_rows: list[int],
+    ) -> bool:
+        """Record the round's validation metrics; a new best is saved (with the item rows
+        trained by then) and True returned."""
+        score = float(valid[MONITOR])
+        if score <= self.best_score:
+            return False
+        self.best_round, self.best_score, self.best_valid = server_round, score, valid
+        progress = {
+            "round": server_round,
+            "score": score,
+            "valid": valid,
+            "trained_rows": trained_rows,
+        }
+        self.best.save(state, {}, progress)
+        return True
+
+    def stale(self, server_round: int) -> bool:
+        """Whether ``patience`` rounds have passed since the best one (0: never)."""
+        return self.patience > 0 and server_round - self.best_round >= self.patience
+
+    def best_state(self) -> tuple[dict[str, torch.Tensor], list[int]] | None:
+        """The best round's global weights and the item rows trained by then (None before
+        any round)."""
+        saved = self.best.load()
+        return None if saved is None else (saved[0], saved[2]["trained_rows"])
+
+
+def round_validation(
+    entry: dict,
+    evaluation: Experiment | None,
+    model: torch.nn.Module,
+    validating: np.ndarray | None,
+) -> dict | None:
+    """The round's validation metrics that choose the rounds: the server's, on the validation
+    customers' held-out validation events, in a simulation; the nodes' (federated) on theirs
+    in a deployment. None when there are none."""
+    if evaluation is not None and validating is not None and len(validating):
+        valid, _ = evaluation.evaluate(model, "valid", users=validating)
+        return {k: v for k, v in valid.items() if "@" in k or k == "users"}
+    federated = entry.get("federated") or {}
+    return federated.get("valid")

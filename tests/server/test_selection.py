@@ -1,0 +1,96 @@
+"""Choosing a federation's rounds (server/federation/selection.py) and the nodes' validation
+answers that choose them in a deployment (FedRecStrategy.aggregate_evaluate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import node_reply
+
+from server.federation.selection import RoundSelection
+from server.federation.strategy import FedRecStrategy
+from shared.runs.config import RunConfig
+
+
+def weights(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((3,), value)}
+
+
+def test_the_best_round_is_kept_and_a_stale_run_stops(tmp_path: Path) -> None:
+    selection = RoundSelection(tmp_path / "best.safetensors", patience=2)
+    assert selection.best_state() is None
+    assert selection.observe(1, {"ndcg@10": 0.05}, weights(1.0), [0, 1])
+    assert selection.observe(2, {"ndcg@10": 0.07}, weights(2.0), [0, 1, 2])
+    assert not selection.observe(3, {"ndcg@10": 0.06}, weights(3.0), [0, 1, 2, 3])
+    assert not selection.stale(3)  # one round without a better one
+    assert not selection.observe(4, {"ndcg@10": 0.07}, weights(4.0), [0, 1, 2, 3])  # a tie
+    assert selection.stale(4)
+    state, rows = selection.best_state()
+    assert torch.equal(state["w"], weights(2.0)["w"]) and rows == [0, 1, 2]
+    assert not RoundSelection(tmp_path / "other.safetensors", patience=0).stale(100)
+
+
+def test_a_resumed_run_takes_up_the_best_round_it_had_completed(tmp_path: Path) -> None:
+    path = tmp_path / "best.safetensors"
+    RoundSelection(path, patience=2).observe(3, {"ndcg@10": 0.07}, weights(3.0), [1])
+    resumed = RoundSelection(path, patience=2)
+    resumed.resume(done=3)
+    assert (resumed.best_round, resumed.best_score) == (3, 0.07)
+    # a best saved for a round the checkpoint does not hold (a crash between the two) is
+    # not taken up: that round is trained again
+    earlier = RoundSelection(path, patience=2)
+    earlier.resume(done=2)
+    assert earlier.best_round == 0 and earlier.best_score == float("-inf")
+
+
+def evaluation_reply(node: str, metrics: dict):
+    return node_reply(node, None, metrics=metrics)
+
+
+def test_the_nodes_validation_answers_are_weighted_by_their_customers() -> None:
+    strategy = FedRecStrategy(RunConfig())
+    replies = [
+        evaluation_reply(
+            "a",
+            {
+                "customers": 100,
+                "hr@10": 0.2,
+                "ndcg@10": 0.1,
+                "valid-customers": 30,
+                "valid-hr@10": 0.3,
+                "valid-ndcg@10": 0.2,
+            },
+        ),
+        evaluation_reply(
+            "b",
+            {
+                "customers": 100,
+                "hr@10": 0.1,
+                "ndcg@10": 0.05,
+                "valid-customers": 10,
+                "valid-hr@10": 0.1,
+                "valid-ndcg@10": 0.0,
+            },
+        ),
+        # out of range: left out of the validation (its test figures still count)
+        evaluation_reply(
+            "c",
+            {
+                "customers": 100,
+                "hr@10": 0.1,
+                "ndcg@10": 0.05,
+                "valid-customers": 10,
+                "valid-hr@10": 7.0,
+                "valid-ndcg@10": 0.0,
+            },
+        ),
+    ]
+    result = strategy.aggregate_evaluate(1, replies)
+    assert result["customers"] == 300
+    assert result["valid"]["users"] == 40
+    assert result["valid"]["ndcg@10"] == pytest.approx((30 * 0.2 + 10 * 0.0) / 40)
+    assert result["valid"]["hr@10"] == pytest.approx((30 * 0.3 + 10 * 0.1) / 40)
+    plain = evaluation_reply("d", {"customers": 5, "hr@10": 0.0, "ndcg@10": 0.0})
+    assert "valid" not in strategy.aggregate_evaluate(1, [plain])  # no node validated
