@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -142,8 +142,9 @@ class FedRecStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> dict[str, float | int | bool] | None:
         """The nodes' evaluation of the global model over all their customers: exact means
-        weighted by customers, or, under DP, the sum of the nodes' noisy sums over the sum of
-        their noisy counts. A reply that is not a well-formed evaluation is left out."""
+        weighted by customers (never more than a registered node's declared customers), or,
+        under DP, the sum of the nodes' noisy sums over the sum of their noisy counts. A reply
+        that is not a well-formed evaluation is left out."""
         replies = list(replies)
         customers, sums, noisy, nodes = 0.0, dict.fromkeys(EVALUATED, 0.0), False, 0
         for reply in replies:
@@ -161,6 +162,8 @@ class FedRecStrategy(FedAvg):
             if not private and (count < 0 or not all(0 <= v <= 1 for v in rest)):
                 log.warning("round %d: an evaluation reply out of range", server_round)
                 continue
+            if not private:
+                count = min(count, self.declared_customers(reply))
             customers += count
             for name, value in zip(EVALUATED, rest, strict=True):
                 sums[name] += value if private else value * count
@@ -169,13 +172,26 @@ class FedRecStrategy(FedAvg):
             return None
         means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
         summary = {"round": server_round, "nodes": nodes, "customers": round(customers)}
-        valid = {} if noisy else _validation(server_round, replies)
+        valid = {} if noisy else _validation(server_round, replies, self.declared_customers)
         return {**summary, "dp": noisy, **means, **valid}
 
+    def declared_customers(self, reply: Message) -> float:
+        """The most customers a reply may speak for: its registered node's declared figure
+        (a node cannot outweigh the others by claiming more), else no limit."""
+        registered = (
+            None if self.registry is None else self.registry.lookup(reply.metadata.src_node_id)
+        )
+        if registered is None or registered.customers is None:
+            return math.inf
+        return float(registered.customers)
 
-def _validation(server_round: int, replies: Iterable[Message]) -> dict:
+
+def _validation(
+    server_round: int, replies: Iterable[Message], limit: Callable[[Message], float]
+) -> dict:
     """``{"valid": {"customers", "hr@10", "ndcg@10"}}``: the nodes' exact validation metrics
-    over their validation customers, weighted by them ({} when no node sent any)."""
+    over their validation customers, weighted by them, each at most ``limit(reply)`` ({} when
+    no node sent any)."""
     customers, sums = 0, dict.fromkeys(EVALUATED, 0.0)
     for reply in replies:
         if reply.has_error() or "metrics" not in reply.content:
@@ -192,6 +208,7 @@ def _validation(server_round: int, replies: Iterable[Message]) -> dict:
         ):
             log.warning("round %d: a validation reply out of range", server_round)
             continue
+        count = min(count, limit(reply))
         customers += int(count)
         for name, value in zip(EVALUATED, rest, strict=True):
             sums[name] += value * count

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import node_reply
 
+from server.federation.registry import RegisteredNode, Registry
 from server.federation.selection import RoundSelection
 from server.federation.strategy import FedRecStrategy
 from shared.runs.config import RunConfig
@@ -94,3 +95,32 @@ def test_the_nodes_validation_answers_are_weighted_by_their_customers() -> None:
     assert result["valid"]["hr@10"] == pytest.approx((30 * 0.3 + 10 * 0.1) / 40)
     plain = evaluation_reply("d", {"customers": 5, "hr@10": 0.0, "ndcg@10": 0.0})
     assert "valid" not in strategy.aggregate_evaluate(1, [plain])  # no node validated
+
+
+def test_a_registered_node_speaks_for_no_more_customers_than_it_declared() -> None:
+    """A node claiming a billion validation customers cannot choose the round alone: its
+    weight is capped at its registered figure (and its test figures' weight too)."""
+    strategy = FedRecStrategy(RunConfig())
+    strategy.registry = Registry(
+        {7: RegisteredNode("liar", None, 10), 8: RegisteredNode("honest", None, 30)}
+    )
+    claims = {"customers": 1e9, "hr@10": 1.0, "ndcg@10": 1.0}
+    liar = node_reply(
+        "liar",
+        None,
+        node_id=7,
+        metrics={**claims, "valid-customers": 1e9, "valid-hr@10": 1.0, "valid-ndcg@10": 1.0},
+    )
+    honest = node_reply(
+        "honest",
+        None,
+        node_id=8,
+        metrics={
+            **{"customers": 30, "hr@10": 0.0, "ndcg@10": 0.0},
+            **{"valid-customers": 30, "valid-hr@10": 0.0, "valid-ndcg@10": 0.0},
+        },
+    )
+    result = strategy.aggregate_evaluate(1, [liar, honest])
+    assert result["customers"] == 40 and result["ndcg@10"] == pytest.approx(10 / 40)
+    assert result["valid"]["users"] == 40
+    assert result["valid"]["ndcg@10"] == pytest.approx(10 / 40)
