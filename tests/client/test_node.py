@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from client.client_app import valid_fraction
 from client.node import local_epochs
 from shared.runs.config import RunConfig
 
@@ -12,3 +15,12 @@ def test_a_small_node_trains_enough_epochs_for_local_steps() -> None:
     assert local_epochs(3_000, config) == 1  # 94 steps an epoch: local-epochs rules
     assert local_epochs(0, config) == 50  # an empty node: one (empty) step an epoch
     assert local_epochs(200, RunConfig(local_epochs=2, local_steps=0)) == 2
+
+
+def test_a_node_refuses_a_validation_share_that_is_not_a_fraction() -> None:
+    """Whatever the server sends as valid-fraction, a node takes a number in [0, 1] or refuses
+    (a hostile value is an error reply, never a crash or a silent default)."""
+    assert valid_fraction({}) == 0.0 and valid_fraction({"valid-fraction": 0.25}) == 0.25
+    for hostile in (1.5, -0.1, float("nan"), True, "0.5", None):
+        with pytest.raises(ValueError, match="valid-fraction"):
+            valid_fraction({"valid-fraction": hostile})
