@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from client.policy import NodePolicy
@@ -63,24 +64,39 @@ def load_node(directory: str, text_model: str) -> NodeData:
     """Load (once per process) a node's data directory."""
     dataset = load_dataset(directory)
     info = NodeInfo.read(Path(directory))
-    text = torch.from_numpy(embed_items(dataset.items, text_model, show_progress=False))
+    digest = catalog_digest(dataset.items)
     return NodeData(
         info.node,
         Path(directory),
         leave_one_out(dataset),
-        text,
+        catalog_text(dataset.items, digest, text_model),
         info.catalog_indices(dataset.items),
         info.customers,
-        catalog_digest(dataset.items),
+        digest,
     )
+
+
+_catalog_texts: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def catalog_text(items: pd.DataFrame, digest: str, text_model: str) -> torch.Tensor:
+    """The catalog's text embeddings (read-only), embedded or read from the cache once per
+    process and catalog: the nodes of a simulation share one catalog, and a process hosts many
+    of them in turn."""
+    key = (digest, text_model)
+    if key not in _catalog_texts:
+        if len(_catalog_texts) >= 2:  # a process seldom sees more than one catalog
+            _catalog_texts.clear()
+        embedded = embed_items(items, text_model, show_progress=False)
+        _catalog_texts[key] = torch.from_numpy(embedded)
+    return _catalog_texts[key]
 
 
 def build_model(
     node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]
 ) -> FusionRecommender:
     model_config = config.model_config(len(node.text), node.text.shape[1])
-    model = FusionRecommender(model_config, node.text)
-    model.load_state_dict(state)
+    model = FusionRecommender.from_state(model_config, node.text, state)
     return model.to(resolve_device(config.device))
 
 
@@ -340,7 +356,8 @@ def evaluate_node(
     """Federated evaluation: the global model on each local customer's last event from the
     earlier ones, an event the node held out of its training (:func:`training_histories`);
     without DP, also on the validation event of its validation customers (``valid_fraction``),
-    which chooses the rounds (``valid-customers``, ``valid-ndcg@10``, ...).
+    which chooses the rounds (``valid-customers``, ``valid-ndcg@10``, ...). An exact figure
+    over fewer customers than the node's ``min-exact-customers`` is left out.
 
     Under DP (the request's or the node's policy) the answer is itself private and charged to
     the node's accountant: noisy sums of (1, hr@10, ndcg@10) over the customers, each
@@ -360,9 +377,11 @@ def evaluate_node(
     per_customer = per_customer_metrics(ranks)
     if config.dp:
         return _evaluate_private(node, config, policy, per_customer)
-    result = {"node": node.name, "customers": len(users), **_means(per_customer)}
-    if valid_fraction > 0:
-        validating = node.split.validation_users(valid_fraction)
+    result: dict = {"node": node.name}
+    if len(users) >= policy.min_exact_customers:
+        result |= {"customers": len(users), **_means(per_customer)}
+    validating = node.split.validation_users(valid_fraction) if valid_fraction > 0 else []
+    if len(validating) and len(validating) >= policy.min_exact_customers:
         _, ranks = rank_users(score, node.split, "valid", users=validating)
         valid = _means(per_customer_metrics(ranks))
         result |= {"valid-customers": len(validating)}

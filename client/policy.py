@@ -13,6 +13,10 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
 - ``declared-customers``: the node's customer figure made public in place of its exact count
   (it sets the DP sample rate and is sent as the node's weight). Default: ``customers`` in the
   node's ``node.json``, else the exact count rounded down to two significant figures.
+- ``min-exact-customers``: the fewest customers an exact (non-DP) evaluation figure may
+  describe; a test or validation figure over fewer is left out of the node's answer, so that
+  an operator cannot read one customer's hit by shrinking ``valid-fraction``. Default 50 for a
+  deployed node, 0 in a simulation.
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -28,7 +32,14 @@ from shared.federation.node_directory import round_down_2sf
 from shared.runs.config import RunConfig
 
 DEPLOYED_MAX_EPSILON = 8.0
-POLICY_KEYS = ("require-dp", "max-epsilon", "max-delta", "declared-customers")
+DEPLOYED_MIN_EXACT_CUSTOMERS = 50
+POLICY_KEYS = (
+    "require-dp",
+    "max-epsilon",
+    "max-delta",
+    "declared-customers",
+    "min-exact-customers",
+)
 
 
 class PolicyError(ValueError):
@@ -55,6 +66,16 @@ def _positive(value: Any, key: str, upper: float = math.inf) -> float:
     return number
 
 
+def _count(value: Any, key: str) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PolicyError(f"node config {key}={value!r}: expected a whole number") from None
+    if not (number >= 0 and number == int(number)):
+        raise PolicyError(f"node config {key}={value!r}: expected a whole number >= 0")
+    return int(number)
+
+
 @dataclass(frozen=True)
 class NodePolicy:
     """What a node accepts; ``None`` means no limit of that kind."""
@@ -63,16 +84,20 @@ class NodePolicy:
     max_epsilon: float | None = None
     max_delta: float | None = None
     declared_customers: int | None = None
+    min_exact_customers: int = 0
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
-        ``require-dp=true max-epsilon=8``."""
+        ``require-dp=true max-epsilon=8 min-exact-customers=50``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
         max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
         max_delta = node_config.get("max-delta")
         declared = node_config.get("declared-customers")
+        minimum = node_config.get(
+            "min-exact-customers", DEPLOYED_MIN_EXACT_CUSTOMERS if deployed else 0
+        )
         return cls(
             require_dp=_flag(require, "require-dp"),
             max_epsilon=None if max_epsilon is None else _positive(max_epsilon, "max-epsilon"),
@@ -80,6 +105,7 @@ class NodePolicy:
             declared_customers=None
             if declared is None
             else int(_positive(declared, "declared-customers")),
+            min_exact_customers=_count(minimum, "min-exact-customers"),
         )
 
     def refusal(self, request: RunConfig) -> str | None:

@@ -9,6 +9,14 @@ the calls a SuperNode makes (``POST /v1/fleet/<call>``, those of
 federation's CA, and answers anything else 403 without forwarding it. Request bodies are
 bounded (``--max-body-mb``) and must arrive within ``--body-timeout``; responses (a FAB, model
 weights) are streamed back as they come.
+
+The calls that store a node's reply (``push-messages``, ``push-object``) reach the SuperLink one
+at a time, and one the SuperLink answers 500 is sent again (``WRITE_RETRIES``). flwr 1.42's
+SuperLink keeps its state in SQLite, which waits 5 s for a write lock and then fails the call
+with a 500 the SuperNode does not retry: ten Amazon Beauty-sized replies (about 11 chunks of
+5 MiB each) arriving at once on a busy machine lost half of them. Sending them again is safe:
+an object is stored under the hash of its content (a second store of it changes nothing), and
+the SuperLink takes a reply it already holds as the same reply (its idempotent retry).
 """
 
 from __future__ import annotations
@@ -63,6 +71,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}  # httpx sets them for the SuperLink
+# the calls that write a node's reply into the SuperLink's state
+WRITES = frozenset({b"/v1/fleet/push-messages", b"/v1/fleet/push-object"})
+# a write answered 500 is sent again after each of these pauses (seconds)
+WRITE_RETRIES = (1.0, 3.0, 9.0)
 log = logging.getLogger("fedrec.gateway")
 
 
@@ -77,10 +89,13 @@ class FleetGateway:
         max_body: int = MAX_BODY_MB << 20,
         body_timeout: float = 60.0,
         timeout: float = 120.0,
+        write_retries: tuple[float, ...] = WRITE_RETRIES,
     ):
         self.max_body = max_body
+        self.write_retries = write_retries
         self.body_timeout = body_timeout
-        self.forwarded = self.refused = 0  # logged at shutdown
+        self.forwarded = self.refused = self.retried = 0  # logged at shutdown
+        self.writing = asyncio.Lock()  # one reply written into the SuperLink at a time
         self.client = httpx.AsyncClient(
             base_url=superlink,
             verify=ssl.create_default_context(cafile=str(ca)),
@@ -100,7 +115,12 @@ class FleetGateway:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                log.info("forwarded %d Fleet calls, refused %d", self.forwarded, self.refused)
+                log.info(
+                    "forwarded %d Fleet calls (%d writes sent again), refused %d",
+                    self.forwarded,
+                    self.retried,
+                    self.refused,
+                )
                 await self.client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -128,7 +148,11 @@ class FleetGateway:
             return
         except EOFError:  # the client left mid-body: nothing to forward, no one to answer
             return
-        await self._forward(path.decode(), headers, body, send)
+        if path in WRITES:
+            async with self.writing:
+                await self._forward(path.decode(), headers, body, send, self.write_retries)
+        else:
+            await self._forward(path.decode(), headers, body, send)
 
     async def _refuse(self, send: Send, status: int, text: str) -> None:
         self.refused += 1
@@ -149,11 +173,25 @@ class FleetGateway:
                 return bytes(body)
 
     async def _forward(
-        self, path: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send
+        self,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        send: Send,
+        retries: tuple[float, ...] = (),
     ) -> None:
-        request = self.client.build_request("POST", path, headers=headers, content=body)
+        """Send the call to the SuperLink and stream its answer back; an answer 500 is sent
+        again after each pause of ``retries``, the last answer goes back."""
         try:
-            response = await self.client.send(request, stream=True)
+            for pause in (*retries, None):
+                request = self.client.build_request("POST", path, headers=headers, content=body)
+                response = await self.client.send(request, stream=True)
+                if response.status_code != 500 or pause is None:
+                    break
+                await response.aclose()
+                log.warning("the SuperLink answered %s with 500; sent again in %g s", path, pause)
+                self.retried += 1
+                await asyncio.sleep(pause)
         except httpx.TimeoutException:
             await _answer(send, 504, "the SuperLink did not answer in time")
             return

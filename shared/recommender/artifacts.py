@@ -67,8 +67,8 @@ def load_model(directory: Path, text: torch.Tensor, device: str = "cpu") -> Fusi
             f"{directory}: no model.safetensors (is this a run's model/ folder?)"
         )
     config = json.loads((directory / "config.json").read_text())
-    model = FusionRecommender(ModelConfig(**config["model"]), text)
-    model.load_state_dict(load_file(str(directory / "model.safetensors"), device="cpu"))
+    state = load_file(str(directory / "model.safetensors"), device="cpu")
+    model = FusionRecommender.from_state(ModelConfig(**config["model"]), text, state)
     return model.to(device).eval()
 
 

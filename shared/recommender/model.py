@@ -116,7 +116,7 @@ class Block(nn.Module):
 class FusionRecommender(nn.Module):
     """Text + ID item representations, a sequence encoder for customers, full-catalog scores."""
 
-    def __init__(self, config: ModelConfig, text: torch.Tensor):
+    def __init__(self, config: ModelConfig, text: torch.Tensor, public_start: bool = True):
         super().__init__()
         self.config = c = config
         if text.shape != (c.num_items, c.text_dim):
@@ -124,7 +124,10 @@ class FusionRecommender(nn.Module):
                 f"text embeddings {tuple(text.shape)} != ({c.num_items}, {c.text_dim})"
             )
         self.register_buffer("text", text.float().contiguous(), persistent=False)
-        projection = text_projection(self.text, c.dim)  # (dim, text_dim)
+        # (dim, text_dim); without ``public_start`` (:meth:`from_state`) the weights come next
+        projection = (
+            text_projection(self.text, c.dim) if public_start else torch.zeros(c.dim, c.text_dim)
+        )
         # history side (item index 0 is padding, item i is row i + 1) and candidate side:
         # text score through the projection A, ID score + bias. Ablations omit what they lack.
         if c.use_text:
@@ -155,6 +158,17 @@ class FusionRecommender(nn.Module):
         self.residual = nn.Linear(c.dim, c.dim, bias=False)
         nn.init.zeros_(self.residual.weight)
         self.register_buffer("decay", self._decay_matrix(c.max_len, c.recency), persistent=False)
+
+    @classmethod
+    def from_state(
+        cls, config: ModelConfig, text: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> FusionRecommender:
+        """A model holding ``state``, which must name every weight (strict). It skips the
+        public start (the catalog's SVD, about a second for 12,101 products) that ``state``
+        replaces anyway: every node builds the model each round."""
+        model = cls(config, text, public_start=False)
+        model.load_state_dict(state)
+        return model
 
     @staticmethod
     def _decay_matrix(length: int, recency: float) -> torch.Tensor:

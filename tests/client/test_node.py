@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from client.client_app import valid_fraction
-from client.node import local_epochs
+from client.node import load_node, local_epochs
+from shared.data.dataset import load_dataset
+from shared.data.partition import write_partitions
+from shared.recommender.text import embed_items
 from shared.runs.config import RunConfig
 
 
@@ -24,3 +30,16 @@ def test_a_node_refuses_a_validation_share_that_is_not_a_fraction() -> None:
     for hostile in (1.5, -0.1, float("nan"), True, "0.5", None):
         with pytest.raises(ValueError, match="valid-fraction"):
             valid_fraction({"valid-fraction": hostile})
+
+
+def test_the_nodes_a_process_hosts_share_one_copy_of_the_catalog_text(
+    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    first, second = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[:2]
+    load_node.cache_clear()
+    one, two = (load_node(str(d), str(tiny_bert_dir)) for d in (first, second))
+    assert one.name != two.name and one.catalog_digest == two.catalog_digest
+    assert one.text is two.text  # embedded (or read from the cache) once
+    items = load_dataset(first).items
+    embedded = embed_items(items, str(tiny_bert_dir), show_progress=False)
+    assert torch.equal(one.text, torch.from_numpy(embedded))

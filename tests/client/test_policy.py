@@ -26,6 +26,7 @@ from simulations.cli import main
 def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -> None:
     deployed = NodePolicy.from_node_config({"data-dir": "/data"})
     assert deployed.require_dp and deployed.max_epsilon == 8.0
+    assert deployed.min_exact_customers == 50
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
     relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
     assert not relaxed.require_dp
@@ -75,6 +76,8 @@ def test_the_public_customer_figure_never_is_the_exact_count() -> None:
         ("max-delta=2", "below 1"),
         ("max_epsilon=4", "unknown key"),
         ("require-dp", "key=value"),
+        ("min-exact-customers=2.5", "whole number"),
+        ("min-exact-customers=-1", "whole number"),
     ],
 )
 def test_a_bad_node_config_is_refused_with_the_key_and_value(text: str, words: str) -> None:
@@ -128,6 +131,26 @@ def test_private_evaluation_is_noisy_charged_and_declined_past_the_budget(node_s
     third = evaluate_node(node, tight, state)
     assert third["declined"] is True and "budget" in third["reason"]
     assert NodePrivacy(node.directory).state["contributions"] == 2
+
+
+def test_exact_figures_over_too_few_customers_never_leave(node_setup) -> None:
+    """Without DP an evaluation is exact: an operator that shrinks ``valid-fraction`` to a
+    customer or two must not read their hits; the node's floor leaves such figures out."""
+    node, config, state = node_setup
+    exact = RunConfig(**{**config.to_dict(), "dp": False})
+    test_customers = len(node.split.test_users)
+    one = 1.5 / test_customers  # a share that picks about one validation customer
+    few = len(node.split.validation_users(one))
+    assert 0 < few < test_customers
+    floor = NodePolicy(min_exact_customers=few + 1)
+    answer = evaluate_node(node, exact, state, floor, valid_fraction=one)
+    assert answer["customers"] == test_customers and "ndcg@10" in answer  # enough of them
+    assert not any(k.startswith("valid-") for k in answer)  # too few: left out
+    answer = evaluate_node(node, exact, state, NodePolicy(), valid_fraction=one)
+    assert answer["valid-customers"] == few and "valid-ndcg@10" in answer  # no floor
+    everything = NodePolicy(min_exact_customers=test_customers + 1)
+    answer = evaluate_node(node, exact, state, everything, valid_fraction=1.0)
+    assert set(answer) == {"node"}  # nothing exact about fewer than the floor
 
 
 def test_private_sums_have_the_calibrated_noise() -> None:

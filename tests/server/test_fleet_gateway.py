@@ -186,6 +186,13 @@ def call(
 ) -> tuple[int, bytes] | None:
     """One POST /v1/fleet/push-object with its body in ``chunks``, ``delay`` s apart, then
     the client's disconnection if ``disconnect``; the answer (None: none)."""
+    return asyncio.run(push_object(gateway, chunks, delay, disconnect))
+
+
+async def push_object(
+    gateway: FleetGateway, chunks: list[bytes], delay: float = 0.0, disconnect: bool = False
+) -> tuple[int, bytes] | None:
+    """:func:`call` inside a running event loop."""
     scope = {
         "type": "http",
         "method": "POST",
@@ -207,7 +214,7 @@ def call(
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(gateway(scope, receive, send))
+    await gateway(scope, receive, send)
     if not sent:
         return None
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
@@ -254,3 +261,48 @@ def test_a_node_that_trusts_only_signed_apps_refuses_a_locally_built_one(
         time.sleep(3)
     assert "The FAB could not be verified" in node.log.read_text()
     assert json.loads((out / "metrics.json").read_text())["rounds"] == []
+
+
+class BusySuperLink(httpx.AsyncBaseTransport):
+    """Answers the first ``failures`` calls 500 (its state database locked), then 200; records
+    how many calls it handled at once."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = self.active = self.most_at_once = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        self.active += 1
+        self.most_at_once = max(self.most_at_once, self.active)
+        await asyncio.sleep(0.05)  # storing takes a while
+        self.active -= 1
+        if self.calls <= self.failures:
+            return httpx.Response(
+                500, stream=httpx.ByteStream(b'{"detail": "Internal Server Error"}')
+            )
+        return httpx.Response(200, stream=httpx.ByteStream(await request.aread()))
+
+
+def test_a_reply_is_written_one_at_a_time_and_sent_again_after_a_500(tmp_path: Path) -> None:
+    ca = write_tls(tmp_path).ca
+    gateway = FleetGateway("https://link", ca, write_retries=(0.01, 0.01))
+    upstream = BusySuperLink(failures=2)
+    gateway.client = httpx.AsyncClient(base_url="https://link", transport=upstream)
+    assert call(gateway, [b"chunk"]) == (200, b"chunk")  # the third try is stored
+    assert (upstream.calls, gateway.retried) == (3, 2)
+    # a SuperLink that keeps failing: its last 500 goes back to the node after the retries
+    upstream = BusySuperLink(failures=10)
+    gateway.client = httpx.AsyncClient(base_url="https://link", transport=upstream)
+    assert call(gateway, [b"chunk"])[0] == 500
+    assert upstream.calls == 3
+
+    # ten nodes pushing at once reach the SuperLink one after the other
+    upstream = BusySuperLink(failures=0)
+    gateway.client = httpx.AsyncClient(base_url="https://link", transport=upstream)
+
+    async def ten_at_once() -> list[tuple[int, bytes] | None]:
+        return await asyncio.gather(*(push_object(gateway, [b"x"]) for _ in range(10)))
+
+    assert asyncio.run(ten_at_once()) == [(200, b"x")] * 10
+    assert (upstream.calls, upstream.most_at_once) == (10, 1)

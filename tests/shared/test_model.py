@@ -197,6 +197,21 @@ def test_scores_of_states_equal_forward(variant: str, fusion: str) -> None:
     assert fast.std(dim=1).min() > 0  # real scores, not a constant
 
 
+@pytest.mark.parametrize("variant", ["fusion", "text", "id"])
+def test_a_model_from_a_state_is_that_state_and_needs_all_of_it(variant: str) -> None:
+    """``from_state`` (what nodes build every round) skips the public start and must hold
+    exactly the weights it is given: the same scores, and a state missing a weight refused."""
+    model = perturbed(small_model(variant, "gated"))
+    state = model.state_dict()
+    rebuilt = FusionRecommender.from_state(model.config, model.text, state)
+    items = pad_histories(random_histories(60, [2, 5, 9], seed=4), model.config.max_len)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(items), model(items), rtol=0, atol=0)
+    partial = {k: v for k, v in state.items() if not k.startswith("position")}
+    with pytest.raises(RuntimeError, match="position"):
+        FusionRecommender.from_state(model.config, model.text, partial)
+
+
 # --- ablations ------------------------------------------------------------------------------
 
 
