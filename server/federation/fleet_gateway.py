@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -148,11 +149,7 @@ class FleetGateway:
             return
         except EOFError:  # the client left mid-body: nothing to forward, no one to answer
             return
-        if path in WRITES:
-            async with self.writing:
-                await self._forward(path.decode(), headers, body, send, self.write_retries)
-        else:
-            await self._forward(path.decode(), headers, body, send)
+        await self._forward(path.decode(), headers, body, send, write=path in WRITES)
 
     async def _refuse(self, send: Send, status: int, text: str) -> None:
         self.refused += 1
@@ -178,14 +175,18 @@ class FleetGateway:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         send: Send,
-        retries: tuple[float, ...] = (),
+        write: bool = False,
     ) -> None:
-        """Send the call to the SuperLink and stream its answer back; an answer 500 is sent
-        again after each pause of ``retries``, the last answer goes back."""
+        """Send the call to the SuperLink and stream its answer back. A ``write`` reaches it
+        under the write lock, one at a time, and one answered 500 is sent again after each
+        pause of ``write_retries`` (the lock is not held while waiting: a node whose calls
+        keep failing delays no one); the last answer goes back."""
+        retries = self.write_retries if write else ()
         try:
             for pause in (*retries, None):
                 request = self.client.build_request("POST", path, headers=headers, content=body)
-                response = await self.client.send(request, stream=True)
+                async with self.writing if write else contextlib.nullcontext():
+                    response = await self.client.send(request, stream=True)
                 if response.status_code != 500 or pause is None:
                     break
                 await response.aclose()

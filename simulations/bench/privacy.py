@@ -45,8 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=["text", "id", "fusion"],
         help="comma-separated model variants (default text,id,fusion)",
     )
-    parser.add_argument("--clients", type=int, default=None, help="nodes per run (default 5)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 3)")
+    parser.add_argument(
+        "--clients", type=int, default=None, help="nodes per run (default: fedrec simulate's)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds per run (default: fedrec simulate's: dp-rounds 3 under DP; without DP "
+        "at most rounds 10, validation choosing)",
+    )
     add_run_config_arguments(parser)
 
 

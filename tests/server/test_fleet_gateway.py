@@ -270,9 +270,11 @@ class BusySuperLink(httpx.AsyncBaseTransport):
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.calls = self.active = self.most_at_once = 0
+        self.bodies: list[bytes] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.calls += 1
+        self.bodies.append(await request.aread())
         self.active += 1
         self.most_at_once = max(self.most_at_once, self.active)
         await asyncio.sleep(0.05)  # storing takes a while
@@ -306,3 +308,18 @@ def test_a_reply_is_written_one_at_a_time_and_sent_again_after_a_500(tmp_path: P
 
     assert asyncio.run(ten_at_once()) == [(200, b"x")] * 10
     assert (upstream.calls, upstream.most_at_once) == (10, 1)
+
+    # a failing write waits for its resend without the lock: another node's goes first
+    gateway = FleetGateway("https://link", ca, write_retries=(0.5,))
+    upstream = BusySuperLink(failures=1)
+    gateway.client = httpx.AsyncClient(base_url="https://link", transport=upstream)
+
+    async def one_failing_one_not() -> list[tuple[int, bytes] | None]:
+        async def later() -> tuple[int, bytes] | None:
+            await asyncio.sleep(0.1)
+            return await push_object(gateway, [b"b"])
+
+        return await asyncio.gather(push_object(gateway, [b"a"]), later())
+
+    assert asyncio.run(one_failing_one_not()) == [(200, b"a"), (200, b"b")]
+    assert upstream.bodies == [b"a", b"b", b"a"]
