@@ -381,7 +381,7 @@ def evaluate_node(
     if len(users) >= policy.min_exact_customers:
         result |= {"customers": len(users), **_means(per_customer)}
     validating = node.split.validation_users(valid_fraction) if valid_fraction > 0 else []
-    if len(validating) and len(validating) >= policy.min_exact_customers:
+    if len(validating) >= max(1, policy.min_exact_customers):
         _, ranks = rank_users(score, node.split, "valid", users=validating)
         valid = _means(per_customer_metrics(ranks))
         result |= {"valid-customers": len(validating)}

@@ -16,7 +16,9 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
 - ``min-exact-customers``: the fewest customers an exact (non-DP) evaluation figure may
   describe; a test or validation figure over fewer is left out of the node's answer, so that
   an operator cannot read one customer's hit by shrinking ``valid-fraction``. Default 50 for a
-  deployed node, 0 in a simulation.
+  deployed node, 0 in a simulation. A cheap guard, not a guarantee: shares that differ by one
+  customer still give away that customer's hit by difference; only DP (``require-dp``) protects
+  an evaluation.
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
