@@ -71,7 +71,7 @@ class RunConfig:
     valid_customers: int = 2000  # whose validation event chooses the rounds (all when fewer)
     dp_rounds: int = 3  # under DP exactly these (the noise is calibrated for them)
     local_epochs: int = 1
-    local_steps: int = 50  # at least; a small node trains more epochs a round to reach them
+    local_steps: int = 20  # at least; a small node trains more epochs a round to reach them
     local_batch_size: int = 32  # smaller steps at the nodes: more progress per round
     partition: str = "regional"
     dirichlet_alpha: float = 0.0  # 0 = IID customers; >0 skews regions by dominant category

@@ -23,6 +23,14 @@ def test_a_small_node_trains_enough_epochs_for_local_steps() -> None:
     assert local_epochs(200, RunConfig(local_epochs=2, local_steps=0)) == 2
 
 
+def test_by_default_a_small_node_trains_a_few_epochs_a_round_not_many() -> None:
+    """The default local work: a node of 400 customers (13 steps an epoch) trains 2 epochs a
+    round, not the 4 that overfit small sparse nodes (docs/evaluation.md); a regional Beauty
+    node (2,200 customers, 69 steps an epoch) one."""
+    assert local_epochs(400, RunConfig()) == 2
+    assert local_epochs(2_200, RunConfig()) == 1
+
+
 def test_a_node_refuses_a_validation_share_that_is_not_a_fraction() -> None:
     """Whatever the server sends as valid-fraction, a node takes a number in [0, 1] or refuses
     (a hostile value is an error reply, never a crash or a silent default)."""
