@@ -30,12 +30,14 @@ from flwr.clientapp.typing import ClientAppCallable
 # deprecated path; SecAgg+ exists nowhere else in flwr 1.42
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.encoder import tune_encoder_at_node
 from client.node import NodeData, NodePrivacy, evaluate_node, load_node, train_node
 from client.policy import NodePolicy
 from shared.federation.node_dp import clipped_update
 from shared.federation.reports import NodeReport, Release
 from shared.federation.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
 from shared.federation.wire import encode, nbytes
+from shared.recommender.finetune import tuned_checkpoint
 from shared.runs.config import RunConfig
 from shared.runs.quiet import quiet_third_party
 
@@ -71,15 +73,22 @@ class NodeRequest:
     """One message from the server, read on the node's side: the run's settings, this node's
     data, its own policy and key, and the round."""
 
-    def __init__(self, settings: dict, node_config: dict):
+    def __init__(
+        self,
+        settings: dict,
+        node_config: dict,
+        text_encoder: dict[str, torch.Tensor] | None = None,
+    ):
         self.config = RunConfig.from_flat(
             {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
         )
         torch.set_num_threads(max(1, int(node_config.get("num-threads", 1))))
         torch.set_flush_denormal(True)
-        self.node: NodeData = load_node(
-            node_directory(settings, node_config), self.config.text_model
-        )
+        text_model = self.config.text_model
+        if text_encoder is not None:  # the federation's tuned layers: the same encoder as all
+            layers = self.config.text_finetune_layers
+            text_model = str(tuned_checkpoint(text_model, text_encoder, layers))
+        self.node: NodeData = load_node(node_directory(settings, node_config), text_model)
         self.policy = NodePolicy.from_node_config(node_config)
         self.round = int(settings.get("server-round", 0))
         self.run_id = str(settings.get("run-id", ""))
@@ -142,8 +151,11 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
     extra = dict(node_config or {})
     app = ClientApp()
 
-    def request(settings: dict, context: Context) -> NodeRequest:
-        return NodeRequest(settings, {**context.node_config, **extra})
+    def request(settings: dict, context: Context, msg: Message | None = None) -> NodeRequest:
+        encoder = None
+        if msg is not None and "text-encoder" in msg.content:
+            encoder = msg.content["text-encoder"].to_torch_state_dict()
+        return NodeRequest(settings, {**context.node_config, **extra}, encoder)
 
     class SecureNode(NumPyClient):
         """A node's side of a SecAgg+ round (server/federation/secagg.py): it sends its clipped
@@ -183,7 +195,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
     @app.train(mods=[secure_rounds])
     def train(msg: Message, context: Context) -> Message:
         """Train locally from the global weights; reply with weights, metrics and privacy spent."""
-        asked = request(dict(msg.content["config"]), context)
+        asked = request(dict(msg.content["config"]), context, msg)
         state = msg.content["arrays"].to_torch_state_dict()
         result = asked.catalog_refusal() or train_node(
             asked.node, asked.config, state, asked.round, asked.policy, asked.valid_fraction
@@ -211,11 +223,33 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         return Message(content=content, reply_to=msg)
 
+    @app.train("encoder")
+    def train_encoder(msg: Message, context: Context) -> Message:
+        """An encoder round: tune the text encoder's top layers on the node's own histories
+        (client/encoder.py); reply with the layers and how many customers they came from."""
+        asked = request(dict(msg.content["config"]), context)
+        weights = msg.content["arrays"].to_torch_state_dict()
+        result = asked.catalog_refusal() or tune_encoder_at_node(
+            asked.node, asked.config, weights, asked.round, asked.policy, asked.valid_fraction
+        )
+        content = RecordDict({"privacy": ConfigRecord(asked.report(result, None).to_record())})
+        if "state" in result:
+            arrays = {k: v.numpy() for k, v in result["state"].items()}
+            content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+            content["metrics"] = MetricRecord(
+                {
+                    "num-examples": result["customers"],
+                    "bytes-up": nbytes(arrays),
+                    "loss": result["loss"],
+                }
+            )
+        return Message(content=content, reply_to=msg)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Federated evaluation of the global model on the node's local holdout: exact without
         DP, noisy and charged to the node's accountant under DP."""
-        asked = request(dict(msg.content["config"]), context)
+        asked = request(dict(msg.content["config"]), context, msg)
         state = msg.content["arrays"].to_torch_state_dict()
         result = asked.catalog_refusal() or evaluate_node(
             asked.node, asked.config, state, asked.policy, asked.valid_fraction

@@ -22,6 +22,7 @@ import torch
 
 from client.policy import NodePolicy
 from shared.data.dataset import Split, leave_one_out, load_dataset
+from shared.data.partition import cold_item_indices
 from shared.federation.node_directory import NodeInfo
 from shared.federation.wire import ITEM_TABLES
 from shared.recommender.experiment import catalog_digest
@@ -57,6 +58,7 @@ class NodeData:
     catalog: np.ndarray | None  # item indices this node sells; None = every item
     declared_customers: int | None  # the public figure in node.json, if any
     catalog_digest: str  # of the items table it holds (experiment.catalog_digest)
+    items: pd.DataFrame  # the items table it holds (the public catalog)
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,6 +75,7 @@ def load_node(directory: str, text_model: str) -> NodeData:
         info.catalog_indices(dataset.items),
         info.customers,
         digest,
+        dataset.items,
     )
 
 
@@ -180,19 +183,22 @@ def train_node(
         np.asarray(h) for h in training_histories(node, config, valid_fraction) if len(h) >= 2
     ]
     inputs, targets = training_tensors(histories, model.config.max_len)
-    if node.catalog is not None:
-        targets = targets_within(targets, torch.as_tensor(node.catalog), model.config.num_items)
-    catalog = node.catalog if node.catalog is not None else np.arange(model.config.num_items)
+    scored = scored_catalog(node, config)
+    if scored is not None:
+        targets = targets_within(targets, torch.as_tensor(scored), model.config.num_items)
+    catalog = scored if scored is not None else np.arange(model.config.num_items)
     report: dict = {"customers": len(inputs), "node": node.name}
+    trainee = CatalogView(model, scored) if scored is not None else None
     if config.dp:
         customers = public_customers(node, policy)
         report["customers"] = customers  # the public figure, never the exact count
-        private = _train_private(node, config, policy, model, inputs, targets, customers, device)
+        private = _train_private(
+            node, config, policy, trainee or model, inputs, targets, customers, device
+        )
         report.update(private)
         if report.get("declined"):
             return report
     else:
-        trainee = CatalogView(model, catalog) if node.catalog is not None else None
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -227,12 +233,27 @@ def train_node(
     return report
 
 
+def scored_catalog(node: NodeData, config: RunConfig) -> np.ndarray | None:
+    """The products this node's softmax ranks among (None: every product): its own catalog,
+    less the products a simulation holds out as not existing yet (``cold-items``: no node
+    trains on them, not even as negatives, as ``fedrec train`` does not)."""
+    cold = cold_item_indices(len(node.items), config.cold_items, config.seed)
+    if not len(cold):
+        return node.catalog
+    catalog = node.catalog if node.catalog is not None else np.arange(len(node.items))
+    return np.setdiff1d(catalog, cold)
+
+
 def local_epochs(customers: int, config: RunConfig) -> int:
     """Epochs a node trains per round without DP: ``local-epochs``, or more on a small node,
     enough for ``local-steps`` optimiser steps (a node of 200 customers in batches of 32 takes
-    7 steps an epoch: one epoch a round barely moves the model)."""
+    7 steps an epoch: one epoch a round barely moves the model), but no more than
+    ``max-local-epochs`` (a merchant with 30 customers would otherwise take 20 passes over
+    them a round: its update overfits them, and a federation of many small merchants does
+    several times the work of one of a few large ones on the same data)."""
     steps = max(1, math.ceil(customers / config.local_batch_size))
-    return max(config.local_epochs, math.ceil(config.local_steps / steps))
+    wanted = min(math.ceil(config.local_steps / steps), config.max_local_epochs)
+    return max(config.local_epochs, wanted)
 
 
 def _rows_to_send(trained: dict, before: dict, catalog: np.ndarray, changed_only: bool) -> dict:
@@ -284,7 +305,7 @@ def _train_private(
     node: NodeData,
     config: RunConfig,
     policy: NodePolicy,
-    model: FusionRecommender,
+    model: torch.nn.Module,  # the model, or its view of the node's catalog
     inputs: torch.Tensor,
     targets: torch.Tensor,
     customers: int,
@@ -310,9 +331,8 @@ def _train_private(
             "delta": delta,
             "reason": reason,
         }
-    view = CatalogView(model, node.catalog) if node.catalog is not None else model
     spent = train_private(
-        view,
+        model,
         inputs,
         targets,
         epochs=config.dp_local_epochs,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from server.federation.credentials import VALID_DAYS
 from server.federation.registry import write_registry
-from server.federation.rounds import check_settings
+from server.federation.settings import check_settings
 from shared.federation.node_directory import NodeInfo
 from shared.runs.checkpoint import Checkpoint, CheckpointError
 from shared.runs.config import RunConfig

@@ -19,7 +19,7 @@ from client.policy import parse_node_config
 from shared.data.dataset import leave_one_out, load_dataset
 from shared.data.partition import ensure_partitions
 from shared.federation.node_directory import node_catalog
-from shared.recommender.artifacts import load_model
+from shared.recommender.artifacts import load_model, read_text_model
 from shared.recommender.experiment import Experiment
 from shared.runs.config import RunConfig, resolve_device
 from shared.runs.quiet import quiet_third_party, worker_environment
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.federation.rounds import check_settings
+    from server.federation.settings import check_settings
 
     config = config_from_args(args)
     if args.data is not None and not args.data.is_dir():
@@ -282,8 +282,11 @@ def audit_released_model(config: RunConfig) -> dict:
     out = Path(config.out)
     metrics = json.loads((out / "metrics.json").read_text())
     delta = (metrics.get("privacy") or {}).get("delta", 0.0)
-    experiment = Experiment.prepare(config.data or (out / "data"), config, show_progress=False)
-    model = load_model(out / "model", experiment.text, resolve_device(config.device))
+    experiment = Experiment.prepare(
+        config.data or (out / "data"), config, show_progress=False, tune_text=False
+    )
+    text = experiment.catalog().embedded_with(read_text_model(out / "model")).text
+    model = load_model(out / "model", text, resolve_device(config.device))
     audit = audit_canaries(model, load_canaries(out / "partitions"), out, delta=delta)
     log.info(
         "canary audit: epsilon >= %.3f with 95%% confidence at delta %g",
@@ -299,4 +302,4 @@ def federation_context(config: RunConfig) -> dict:
     from server.federation.server_app import embedded_dataset
 
     data = Path(config.data) if config.data else embedded_dataset(Path(config.out))
-    return run_context(Experiment.prepare(data, config, show_progress=False))
+    return run_context(Experiment.prepare(data, config, show_progress=False, tune_text=False))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,51 +19,27 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.federation.aggregation import NodeUpdate
+from server.federation.encoder_rounds import ENCODER_ROUND, tune_encoder
 from server.federation.progress import plot_rounds, report_round
 from server.federation.registry import Registry
 from server.federation.selection import MONITOR, RoundSelection, round_validation
+from server.federation.settings import check_settings, settings_record
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger
 from server.privacy.ledger_gaps import record_lost_contributions
 from server.privacy.node_keys import NodeKeys
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
-from shared.data.partition import SCHEMES
-from shared.federation.node_dp import check_node_dp
 from shared.federation.reports import NodeReport, ReportError, parse_report
 from shared.federation.wire import encode, nbytes, trainable_state
 from shared.recommender.experiment import Catalog, Experiment
+from shared.recommender.finetune import tuned_checkpoint
 from shared.runs.checkpoint import Checkpoint
 from shared.runs.config import RunConfig
 from shared.runs.durable import RunLock
 from shared.runs.outputs import differences
 
 log = logging.getLogger("fedrec.server")
-WIRE_DTYPES = ("float32", "float16")
 NODE_UNIT = "one customer's entire history at one node (every event of one customer there)"
-
-
-def node_target_epsilon(config: RunConfig) -> float:
-    """The budget each node is asked to keep: the whole budget when a customer is at one node
-    only (regional), else an equal share, so that the composition over all nodes stays within
-    ``target-epsilon`` (basic composition; the audit reports the tighter PLD composition)."""
-    if config.partition == "regional":
-        return config.target_epsilon
-    return config.target_epsilon / max(config.clients, 1)
-
-
-def settings_record(
-    config: RunConfig, catalog_digest: str, partitions: Path | None, valid_fraction: float = 0.0
-) -> ConfigRecord:
-    """What the nodes are sent each round: the run's settings, with each node's share of the
-    budget, the digest of the catalog the global model is indexed by (a node holding another
-    refuses), the share of customers whose validation event no node trains on (they choose
-    the rounds) and, in a simulation, where the partitions are. The run's id is added once the
-    ledger has started (:class:`Federation`)."""
-    request = {**config.to_dict(), "target_epsilon": node_target_epsilon(config)}
-    record = {**request, "catalog-digest": catalog_digest, "valid-fraction": valid_fraction}
-    if partitions is not None:
-        record["partitions-dir"] = str(Path(partitions).resolve())
-    return ConfigRecord(record)
 
 
 @dataclass
@@ -155,42 +131,6 @@ def record_privacy(ledger: PrivacyLedger, server_round: int, reports: list[NodeR
             ledger.append("contribution", **release)
 
 
-def check_settings(config: RunConfig) -> None:
-    """Refuse settings a federation cannot run (ValueError saying which), before any output."""
-    if config.text_finetune_layers:
-        raise ValueError(
-            "text-finetune-layers is for centralized runs (fedrec train) only: in a federation "
-            "the encoder would be trained on pooled data; set it to 0"
-        )
-    if config.fragment_nodes:
-        raise ValueError(
-            "fragment-nodes is for centralized runs (fedrec train): a merchant federation's "
-            "nodes hold the fragments themselves; set it to 0"
-        )
-    check_node_dp(config)
-    FedRecStrategy(config)  # the strategy's name
-    config.model_config(num_items=1, text_dim=1)  # fusion, variant
-    if config.partition not in SCHEMES:
-        raise ValueError(f"partition must be one of {SCHEMES}, got {config.partition!r}")
-    if config.wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}, got {config.wire_dtype!r}")
-    for name in (
-        "clients",
-        "rounds",
-        "dp_rounds",
-        "local_epochs",
-        "dp_local_epochs",
-        "local_batch_size",
-    ):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name.replace('_', '-')} must be at least 1")
-    for name in ("round_patience", "valid_customers", "local_steps"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name.replace('_', '-')} must be 0 or more")
-    if config.round_timeout < 0:
-        raise ValueError("round-timeout must be 0 (no limit) or positive")
-
-
 @dataclass
 class RoundResult:
     """What one training exchange gave: the updates to aggregate (or, under SecAgg+, their
@@ -202,6 +142,15 @@ class RoundResult:
     contributed: int
     rejected: list[str]
     replies: list[Message]
+
+    def mean_metric(self, key: str) -> float | None:
+        """The mean of a number the replies report (``loss``, ``bytes-up``), None if none does."""
+        values = [
+            float(r.content["metrics"][key])
+            for r in self.replies
+            if not r.has_error() and key in r.content.get("metrics", {})
+        ]
+        return float(np.mean(values)) if values else None
 
 
 class Federation:
@@ -234,15 +183,35 @@ class Federation:
         settings = settings_record(config, catalog.digest, partitions, self.valid_fraction)
         self.settings = ConfigRecord({**dict(settings), "run-id": self.run_id})
         self.keys = NodeKeys(out / "node-keys")
+        # the encoder's tuned top layers (server/federation/encoder_rounds.py), sent with every
+        # message of the model's rounds: each node builds the same text encoder from them
+        self.text_encoder: dict[str, torch.Tensor] | None = None
         self.secure = None
         if config.secagg:  # the legacy path, only for SecAgg+ rounds (server/federation/secagg.py)
             from server.federation.secagg import SecureAggregation
 
             self.secure = SecureAggregation(grid, config, self.settings)
 
-    def train(self, server_round: int, state: dict[str, torch.Tensor]) -> RoundResult:
-        """Send the global weights, record every node's privacy report as its reply arrives,
-        and keep the updates that pass validation."""
+    def messages(self, messages: list[Message], message_type: str) -> list[Message]:
+        """The strategy's messages as ``message_type``, each carrying the tuned encoder layers
+        when there are any (never in the encoder's own rounds: there they are the arrays)."""
+        if self.text_encoder is not None and message_type != ENCODER_ROUND:
+            encoder = ArrayRecord({k: Array(v.numpy()) for k, v in self.text_encoder.items()})
+            for message in messages:  # one RecordDict, shared by the messages of a round
+                message.content["text-encoder"] = encoder
+        return [
+            Message(
+                content=m.content, dst_node_id=m.metadata.dst_node_id, message_type=message_type
+            )
+            for m in messages
+        ]
+
+    def train(
+        self, server_round: int, state: dict[str, torch.Tensor], message_type: str = "train"
+    ) -> RoundResult:
+        """Send the global weights (``message_type``: the model's, or the encoder's
+        ``train.encoder``), record every node's privacy report as its reply arrives, and keep
+        the updates that pass validation."""
         if self.secure is not None:  # the server sees the sum of the clipped updates only
             total, records, sampled = self.secure.train_round(server_round, state)
             received = Reports()  # the masked updates themselves cannot be checked here
@@ -259,8 +228,9 @@ class Federation:
             done = sum(not (r.refused or r.declined) for r in received.reports)
             return RoundResult([], total, sampled, 0 if total is None else done, [], [])
         arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
-        messages = list(
-            self.strategy.configure_train(server_round, arrays, self.settings, self.grid)
+        messages = self.messages(
+            list(self.strategy.configure_train(server_round, arrays, self.settings, self.grid)),
+            message_type,
         )
         timeout = self.config.round_timeout or None
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
@@ -276,8 +246,9 @@ class Federation:
         """The nodes evaluate the global model on their own customers; their private answers
         are recorded in the ledger like any release before they are aggregated."""
         arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
-        messages = list(
-            self.strategy.configure_evaluate(server_round, arrays, self.settings, self.grid)
+        messages = self.messages(
+            list(self.strategy.configure_evaluate(server_round, arrays, self.settings, self.grid)),
+            "evaluate",
         )
         replies = list(
             self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None)
@@ -324,10 +295,18 @@ def _federate(
     show_progress: bool,
 ) -> dict:
     """The run itself, under the lock on ``out`` (:func:`run_federation`)."""
-    model = catalog.new_model()
-    state = trainable_state(model)
     customers = None if evaluation is None else len(evaluation.split.test_users)
     federation = Federation(grid, config, out, catalog, partitions, customers)
+    encoder_rounds: list[dict] = []
+    if config.text_finetune_layers:  # the nodes tune the encoder first; the catalog follows
+        federation.text_encoder, encoder_rounds = tune_encoder(federation, out, show_progress)
+        layers = config.text_finetune_layers
+        text_model = str(tuned_checkpoint(config.text_model, federation.text_encoder, layers))
+        catalog = catalog.embedded_with(text_model, show_progress)
+        if evaluation is not None:
+            evaluation = replace(evaluation, text=catalog.text, text_model=text_model)
+    model = catalog.new_model()
+    state = trainable_state(model)
     strategy, ledger = federation.strategy, federation.ledger
     checkpoint = Checkpoint(out / "checkpoint.safetensors")
     history, trained_rows, done = [], np.zeros(catalog.num_items, dtype=bool), 0
@@ -426,8 +405,8 @@ def _federate(
                 "clipped": clipped,
                 "round_s": round(time.time() - started, 1),
                 "bytes_down_per_node": nbytes(encode(state)),
-                "bytes_up_per_node": _mean_metric(result.replies, "bytes-up"),
-                "loss": _mean_metric(result.replies, "loss"),
+                "bytes_up_per_node": result.mean_metric("bytes-up"),
+                "loss": result.mean_metric("loss"),
             }
         )
         checkpoint.save(
@@ -461,6 +440,8 @@ def _federate(
         privacy = add_node_level(privacy, ledger, config)
     federated = [h["federated"] for h in history if h.get("federated")]
     extra = {"rounds": history, **({"federated_evaluation": federated} if federated else {})}
+    if encoder_rounds:
+        extra["encoder_rounds"] = encoder_rounds
     if selection is not None:
         extra["selection"] = {
             "monitor": f"valid {MONITOR} of the validation customers",
@@ -488,15 +469,6 @@ def _federate(
         metrics = catalog.write(out, model, measured, privacy, title=title)
     plot_rounds(history, out / "rounds.png")
     return metrics
-
-
-def _mean_metric(replies: list[Message], key: str) -> float | None:
-    values = [
-        float(r.content["metrics"][key])
-        for r in replies
-        if not r.has_error() and key in r.content.get("metrics", {})
-    ]
-    return float(np.mean(values)) if values else None
 
 
 def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:

@@ -80,7 +80,8 @@ def prepare_simulation(
     if nodes and nodes != config.clients and not (out / "partitions").exists():
         log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
         config.clients = nodes
-    experiment = Experiment.prepare(data, config, show_progress=show_progress)
+    # the encoder is tuned by the nodes (server/federation/encoder_rounds.py), never here
+    experiment = Experiment.prepare(data, config, show_progress=show_progress, tune_text=False)
     private_dir(out)
     return experiment, ensure_partitions(experiment.dataset, experiment.split, config, out)
 

@@ -91,6 +91,15 @@ def holdout_rows(
     return np.asarray(held, dtype=np.int64)
 
 
+def cold_item_indices(num_items: int, fraction: float, seed: int) -> np.ndarray:
+    """The products held out of all training (``cold-items``): a seeded random ``fraction``
+    of the catalog, sorted; the same for the server's evaluation and the nodes' partitions."""
+    if fraction <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_items, int(fraction * num_items), replace=False))
+
+
 def write_partitions(
     dataset: Dataset,
     out: Path,
@@ -171,6 +180,11 @@ def ensure_partitions(
             if config.federated_eval
             else holdout_rows(dataset, split, config.refit, valid_fraction)
         )
+        cold = cold_item_indices(dataset.num_items, config.cold_items, config.seed)
+        if len(cold):  # products new to everyone: no node holds an event on them
+            events = dataset.interactions
+            on_cold = events["row"].to_numpy()[np.isin(events["item_idx"].to_numpy(), cold)]
+            held = on_cold if held is None else np.union1d(held, on_cold)
         directories = write_partitions(
             dataset,
             staging,

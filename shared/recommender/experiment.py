@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from shared.data.dataset import Dataset, Split, find_table, leave_one_out, load_dataset, load_items
-from shared.data.partition import fragment_histories, item_merchants
+from shared.data.partition import cold_item_indices, fragment_histories, item_merchants
 from shared.recommender.artifacts import model_card, save_model, write_json
 from shared.recommender.catalog import fill_cold_items
 from shared.recommender.metrics import evaluate, write_recs
@@ -50,6 +50,14 @@ class Catalog:
         device = resolve_device(config.device)
         text = embed_items(items, config.text_model, device=device, show_progress=show_progress)
         return cls(items, torch.from_numpy(text), config, config.text_model, Path(directory).name)
+
+    def embedded_with(self, text_model: str, show_progress: bool = False) -> Catalog:
+        """This catalog embedded by another encoder (a federation's tuned one; cached)."""
+        if show_progress:
+            print(f"embedding the catalog: {self.num_items:,} products with {text_model}")
+        device = resolve_device(self.config.device)
+        text = embed_items(self.items, text_model, device=device, show_progress=show_progress)
+        return replace(self, text=torch.from_numpy(text), text_model=text_model)
 
     @property
     def num_items(self) -> int:
@@ -124,24 +132,22 @@ class Experiment:
         cls,
         data_dir: str | Path,
         config: RunConfig,
-        cold_fraction: float = 0.0,
+        cold_fraction: float | None = None,
         show_progress: bool = True,
+        tune_text: bool = True,
     ) -> Experiment:
-        """Load and split the data, optionally hold out items, fine-tune the encoder if asked,
-        and embed the item text (cached)."""
+        """Load and split the data, optionally hold out items, fine-tune the encoder on the
+        pooled histories if asked (``text-finetune-layers``; ``tune_text`` False: a federation's
+        server, whose nodes tune it), and embed the item text (cached)."""
         if show_progress:
             print(f"loading the dataset {data_dir} ...", flush=True)
         dataset = load_dataset(data_dir)
         split = leave_one_out(dataset)
         device = resolve_device(config.device)
-        cold = np.zeros(0, dtype=np.int64)
-        if cold_fraction > 0:
-            rng = np.random.default_rng(config.seed)
-            cold = np.sort(
-                rng.choice(dataset.num_items, int(cold_fraction * dataset.num_items), replace=False)
-            )
+        cold_fraction = config.cold_items if cold_fraction is None else cold_fraction
+        cold = cold_item_indices(dataset.num_items, cold_fraction, config.seed)
         text_model = config.text_model
-        if config.text_finetune_layers:
+        if config.text_finetune_layers and tune_text:
             from shared.recommender.finetune import finetune_encoder
 
             histories = [h[~np.isin(h, cold)] for h in split.training_histories()]

@@ -12,11 +12,13 @@ are drawn up front, the lower layers encode each product that occurs in them (a 
 at most ``steps x 64`` products, however large the catalog), and every step runs only the top
 layers on those stored token states (:class:`FrozenPrefix`).
 
-Centralized runs only (``fedrec train``): in a federation the encoder would have to be trained
-at the nodes and travel, and it is not trained under DP. The tuned checkpoint is cached under
-the fedrec cache directory, keyed by the base model, the training pairs and the settings, so a
-second run reuses it; its catalog embeddings go through the shared embedding cache like any
-other checkpoint's. Costs: see docs/evaluation.md.
+``fedrec train`` tunes on the pooled histories (:func:`finetune_encoder`); a federation tunes
+at the nodes, each on its own histories, and averages the top layers' weights
+(client/encoder.py, server/federation/encoder_rounds.py), and every party then builds the same
+checkpoint from the averaged weights (:func:`tuned_checkpoint`). Neither is done under DP. A
+tuned checkpoint is cached under the fedrec cache directory, so a second run reuses it; its
+catalog embeddings go through the shared embedding cache like any other checkpoint's. Costs:
+see docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -108,20 +110,25 @@ class FrozenPrefix:
         layers: int,
         show_progress: bool = False,
     ):
-        self.encoder = encoder
+        self.encoder, self.texts = encoder, texts
         blocks = encoder.model.encoder.layer
         self.lower, self.top = blocks[: len(blocks) - layers], blocks[len(blocks) - layers :]
         self.states: dict[int, torch.Tensor] = {}
-        items = np.unique(items)
-        order = items[np.argsort([len(texts[i]) for i in items], kind="stable")]
+        self.add(items, show_progress)
+
+    def add(self, items: np.ndarray, show_progress: bool = False) -> None:
+        """Run the frozen layers on the ``items`` not stored yet."""
+        items = np.array([i for i in np.unique(items) if int(i) not in self.states], dtype=int)
+        order = items[np.argsort([len(self.texts[i]) for i in items], kind="stable")]
         chunks = range(0, len(order), 64)
+        encoder = self.encoder
         was_training = encoder.model.training
         encoder.model.eval()
         with torch.no_grad(), _running_only(encoder.model, self.lower, stored=False):
             for start in progress_bar(chunks, "frozen encoder layers", disable=not show_progress):
                 chunk = order[start : start + 64]
                 batch = tokenize(
-                    encoder.tokenizer, [texts[i] for i in chunk], encoder.max_length, "pt"
+                    encoder.tokenizer, [self.texts[i] for i in chunk], encoder.max_length, "pt"
                 ).to(encoder.device)
                 hidden = encoder.model(**batch).last_hidden_state.cpu()
                 for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
@@ -138,6 +145,102 @@ class FrozenPrefix:
         with _running_only(self.encoder.model, self.top, stored=True):
             out = self.encoder.model(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
         return mean_pool(out, mask)
+
+
+def train_top_layers(
+    prefix: FrozenPrefix, batches: list[np.ndarray], show_progress: bool = False
+) -> list[float]:
+    """AdamW steps on the top layers, one per batch of (anchor, next product) pairs whose
+    products ``prefix`` stores; returns the losses. The rest of the encoder stays frozen."""
+    model = prefix.encoder.model
+    model.requires_grad_(False)
+    trainable = list(prefix.top.parameters())
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+    model.train()
+    losses = []
+    for batch in progress_bar(batches, "fine-tuning the text encoder", disable=not show_progress):
+        loss = contrastive_loss(prefix.embed(batch[:, 0]), prefix.embed(batch[:, 1]), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    model.requires_grad_(False)
+    return losses
+
+
+def top_layer_names(encoder: TextEncoder, layers: int) -> list[str]:
+    """The state-dict names of the encoder's top ``layers`` transformer layers."""
+    blocks = len(encoder.model.encoder.layer)
+    if not 1 <= layers <= blocks:
+        raise ValueError(f"text-finetune-layers must be between 1 and {blocks}, got {layers}")
+    prefixes = tuple(f"encoder.layer.{i}." for i in range(blocks - layers, blocks))
+    return [name for name in encoder.model.state_dict() if name.startswith(prefixes)]
+
+
+def top_layers(encoder: TextEncoder, layers: int) -> dict[str, torch.Tensor]:
+    """A copy of the top ``layers`` layers' weights (float32, on the CPU)."""
+    state = encoder.model.state_dict()
+    return {
+        name: state[name].detach().float().cpu().clone()
+        for name in top_layer_names(encoder, layers)
+    }
+
+
+def load_top_layers(encoder: TextEncoder, weights: dict[str, torch.Tensor], layers: int) -> None:
+    """Put ``weights`` into the encoder's top ``layers`` layers; refuses (ValueError) weights
+    that are not exactly those layers' names and shapes, or are not finite."""
+    state = encoder.model.state_dict()
+    expected = top_layer_names(encoder, layers)
+    if sorted(weights) != sorted(expected):
+        raise ValueError(
+            f"encoder weights: expected the top {layers} layers' {len(expected)} tensors, "
+            f"got {len(weights)} ({sorted(set(weights) ^ set(expected))[:3]} differ)"
+        )
+    for name, value in weights.items():
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise ValueError(f"encoder weights: {name} has shape {tuple(value.shape)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"encoder weights: {name} is not finite")
+    with torch.no_grad():
+        for name, value in weights.items():
+            state[name].copy_(value)
+
+
+def tuned_checkpoint(base_model: str, weights: dict[str, torch.Tensor], layers: int) -> Path:
+    """The checkpoint ``base_model`` with its top layers replaced by ``weights`` (a
+    federation's aggregate), written once under the cache, keyed by the base and the weights:
+    the server and every node build the same one from the same weights."""
+    base = resolve_model_path(base_model)
+    key = hashlib.sha256(model_fingerprint(base).encode())
+    for name in sorted(weights):
+        key.update(name.encode())
+        key.update(weights[name].float().contiguous().numpy().tobytes())
+    target = cache_dir() / "federated-encoders" / key.hexdigest()[:16]
+    if (target / "config.json").exists():
+        return target
+    encoder = TextEncoder(str(base))
+    load_top_layers(encoder, weights, layers)
+    _save_checkpoint(
+        encoder, target, {"base_model": base_model, "layers": layers, "federated": True}
+    )
+    return target
+
+
+def _save_checkpoint(encoder: TextEncoder, target: Path, report: dict) -> None:
+    """Write the encoder and ``report`` (finetune.json) to ``target``, complete or not at all."""
+    staging = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    encoder.model.save_pretrained(staging)
+    encoder.tokenizer.save_pretrained(staging)
+    (staging / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staging, target)  # complete or absent: a killed run leaves only a .partial
+    except OSError:  # another process finished the same checkpoint first: keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def finetune_encoder(
@@ -187,25 +290,8 @@ def finetune_encoder(
     batches = [pairs[rng.integers(0, len(pairs), BATCH_PAIRS)] for _ in range(steps)]
     prefix = FrozenPrefix(encoder, texts, np.concatenate(batches).ravel(), layers, show_progress)
     prefix_s = time.time() - started
-    encoder.model.requires_grad_(False)
-    trainable = list(prefix.top.parameters())
-    for parameter in trainable:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
-    encoder.model.train()
-    losses = []
-    for batch in progress_bar(batches, "fine-tuning the text encoder", disable=not show_progress):
-        loss = contrastive_loss(prefix.embed(batch[:, 0]), prefix.embed(batch[:, 1]), batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    encoder.model.eval()
+    losses = train_top_layers(prefix, batches, show_progress)
 
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    encoder.model.save_pretrained(staging)
-    encoder.tokenizer.save_pretrained(staging)
     report = {
         "base_model": str(base),
         "layers": layers,
@@ -218,10 +304,5 @@ def finetune_encoder(
         "loss_first_50": float(np.mean(losses[:50])),
         "loss_last_50": float(np.mean(losses[-50:])),
     }
-    (staging / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(staging, target)  # complete or absent: a killed run leaves only a .partial
-    except OSError:  # another process finished the same fine-tuning first: keep theirs
-        shutil.rmtree(staging, ignore_errors=True)
+    _save_checkpoint(encoder, target, report)
     return target

@@ -24,8 +24,10 @@ class RunConfig:
     out: str = "runs/flwr-default"
     # model (see shared.recommender.model.ModelConfig)
     text_model: str = "minilm"
-    text_finetune_layers: int = 0  # >0: first fine-tune the encoder's top N layers (train only)
-    text_finetune_steps: int = 2000
+    text_finetune_layers: int = 0  # >0: first fine-tune the encoder's top N layers
+    text_finetune_steps: int = 2000  # in a federation: over all rounds and nodes together
+    text_finetune_rounds: int = 3  # a federation's encoder rounds, before the model's
+    cold_items: float = 0.0  # a fraction of products held out of all training (new products)
     fragment_nodes: int = 0  # >0 (train only): histories cut as N merchant nodes hold them
     dim: int = ModelConfig.dim
     max_len: int = ModelConfig.max_len
@@ -72,6 +74,7 @@ class RunConfig:
     dp_rounds: int = 3  # under DP exactly these (the noise is calibrated for them)
     local_epochs: int = 1
     local_steps: int = 20  # at least; a small node trains more epochs a round to reach them
+    max_local_epochs: int = 3  # ... but at most this many (local-epochs, if larger, rules)
     local_batch_size: int = 32  # smaller steps at the nodes: more progress per round
     partition: str = "regional"
     dirichlet_alpha: float = 0.0  # 0 = IID customers; >0 skews regions by dominant category

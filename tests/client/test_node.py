@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from helpers import TINY_SETTINGS
 
 from client.client_app import valid_fraction
-from client.node import load_node, local_epochs
+from client.node import load_node, local_epochs, scored_catalog, train_node
 from shared.data.dataset import load_dataset
-from shared.data.partition import write_partitions
+from shared.data.partition import cold_item_indices, write_partitions
+from shared.federation.wire import ITEM_TABLES, trainable_state
+from shared.recommender.model import FusionRecommender
 from shared.recommender.text import embed_items
 from shared.runs.config import RunConfig
 
 
 def test_a_small_node_trains_enough_epochs_for_local_steps() -> None:
-    config = RunConfig(local_epochs=1, local_steps=50, local_batch_size=32)
+    config = RunConfig(local_epochs=1, local_steps=50, local_batch_size=32, max_local_epochs=99)
     assert local_epochs(200, config) == 8  # 7 steps an epoch
     assert local_epochs(3_000, config) == 1  # 94 steps an epoch: local-epochs rules
     assert local_epochs(0, config) == 50  # an empty node: one (empty) step an epoch
     assert local_epochs(200, RunConfig(local_epochs=2, local_steps=0)) == 2
+
+
+def test_a_tiny_node_takes_at_most_max_local_epochs_passes_a_round() -> None:
+    """A merchant of 30 customers (one step an epoch) would take 20 epochs for local-steps
+    20; it takes max-local-epochs, unless local-epochs asks for more."""
+    assert local_epochs(30, RunConfig(local_steps=20)) == 3
+    assert local_epochs(30, RunConfig(local_steps=20, max_local_epochs=5)) == 5
+    assert local_epochs(30, RunConfig(local_steps=20, local_epochs=4)) == 4
+    assert local_epochs(3_000, RunConfig(local_steps=20)) == 1
 
 
 def test_by_default_a_small_node_trains_a_few_epochs_a_round_not_many() -> None:
@@ -51,3 +65,28 @@ def test_the_nodes_a_process_hosts_share_one_copy_of_the_catalog_text(
     items = load_dataset(first).items
     embedded = embed_items(items, str(tiny_bert_dir), show_progress=False)
     assert torch.equal(one.text, torch.from_numpy(embedded))
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["no-dp", "dp"])
+def test_products_a_simulation_holds_out_as_new_are_never_trained_at_a_node(
+    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path, dp: bool
+) -> None:
+    """With cold-items, a node's softmax leaves the held-out products out (as fedrec train
+    does): their rows are neither trained as negatives nor sent, so the server fills them from
+    their text like any product nobody trained."""
+    directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
+    config = RunConfig(
+        **TINY_SETTINGS, device="cpu", dp=dp, cold_items=0.2, text_model=str(tiny_bert_dir)
+    )
+    node = load_node(str(directory), config.text_model)
+    cold = cold_item_indices(len(node.items), 0.2, config.seed)
+    scored = scored_catalog(node, config)
+    assert len(scored) == len(node.items) - len(cold) and not np.isin(scored, cold).any()
+    assert scored_catalog(node, replace(config, cold_items=0.0)) is None  # a regional node
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    state = trainable_state(model)
+    result = train_node(node, config, state, server_round=1)
+    sent = result["rows"]["id_scores.weight"]
+    assert len(sent) and not np.isin(sent, cold).any()
+    rows = torch.as_tensor(cold + ITEM_TABLES["id_scores.weight"])
+    assert torch.equal(result["state"]["id_scores.weight"][rows], state["id_scores.weight"][rows])

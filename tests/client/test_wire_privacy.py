@@ -16,7 +16,7 @@ from helpers import TINY_SETTINGS
 
 from client.client_app import app
 from client.node import load_node
-from server.federation.rounds import settings_record
+from server.federation.settings import settings_record
 from shared.data.convert import write_dataset
 from shared.data.dataset import load_dataset
 from shared.data.partition import write_partitions

@@ -12,12 +12,15 @@ import pytest
 
 from shared.data.dataset import Dataset, leave_one_out, load_dataset, validation_customer
 from shared.data.partition import (
+    cold_item_indices,
+    ensure_partitions,
     fragment_histories,
     holdout_rows,
     item_merchants,
     write_partitions,
 )
 from shared.federation.node_directory import node_catalog, node_name
+from shared.runs.config import RunConfig
 
 NODES = 3
 
@@ -195,3 +198,28 @@ def test_fragmented_histories_are_what_the_merchant_nodes_hold(
     for node in nodes:
         held += Counter(tuple(s) for s in leave_one_out(node).sequences())
     assert Counter(tuple(p.tolist()) for p in pieces) == held
+
+
+def test_cold_items_are_at_no_node_and_only_they_are_missing(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """With cold-items, a simulated federation's nodes hold no event on the held-out products
+    (the same ones the server's evaluation treats as new) and every other training event."""
+    config = RunConfig(clients=NODES, cold_items=0.2, seed=3)
+    split = leave_one_out(dataset)
+    partitions = ensure_partitions(dataset, split, config, tmp_path)
+    cold = cold_item_indices(dataset.num_items, 0.2, seed=3)
+    assert len(cold) == int(0.2 * dataset.num_items)
+    nodes = load_nodes(sorted(partitions.glob("node-*")))
+    valid_fraction = config.valid_fraction(len(split.test_users))
+    held = set(holdout_rows(dataset, split, config.refit, valid_fraction))
+    kept = dataset.interactions[~dataset.interactions["row"].isin(held)]
+    on_cold = np.isin(kept["item_idx"], cold)
+    assert on_cold.any()
+    union = Counter()
+    for node in nodes:
+        assert not np.isin(node.interactions["item_idx"], cold).any()
+        union += events(node.interactions)
+    assert union == events(kept[~on_cold])
+    experiment_cold = cold_item_indices(dataset.num_items, config.cold_items, config.seed)
+    assert np.array_equal(experiment_cold, cold)

@@ -113,7 +113,12 @@ CONFIG_CASES = [
     ("unknown wire dtype", ["--set", "wire_dtype=int8"], "wire-dtype must be one of"),
     ("zero rounds", ["--set", "rounds=0"], "rounds must be at least 1"),
     ("negative round timeout", ["--set", "round_timeout=-5"], "round-timeout"),
-    ("text fine-tuning in a federation", ["--set", "text_finetune_layers=1"], "centralized runs"),
+    (
+        "encoder rounds under DP",
+        ["--set", "dp=true", "--set", "text_finetune_layers=1"],
+        "without DP",
+    ),
+    ("no encoder rounds", ["--set", "text_finetune_rounds=0"], "text-finetune-rounds"),
     ("unknown attack", ["--set", "attack=flood"], "attack"),
 ]
 CONFIG_COMMANDS = {
@@ -208,4 +213,4 @@ def test_a_refused_run_leaves_an_earlier_output_as_it_was(
 def test_the_cases_are_counted() -> None:
     data = len(DATA_CASES) * len(DATA_COMMANDS)
     config = len(CONFIG_CASES) * len(CONFIG_COMMANDS)
-    assert (len(DATA_CASES), len(CONFIG_CASES), data + config + 1) == (13, 13, 66)
+    assert (len(DATA_CASES), len(CONFIG_CASES), data + config + 1) == (13, 14, 68)

@@ -1,0 +1,90 @@
+"""Encoder rounds: the nodes tune the text encoder's top layers before the model's rounds.
+
+With ``text-finetune-layers`` N > 0 a federation first runs ``text-finetune-rounds`` rounds in
+which every sampled node trains the top N layers of the text encoder on its own histories
+(client/encoder.py) and the server averages them, weighted by the customers each node trained
+on, each node's change first bounded by ``row-clip`` like any update (what one node can move,
+server/federation/aggregation.py). The server and every node then build the same checkpoint
+from the averaged layers (shared/recommender/finetune.py:tuned_checkpoint) and embed the catalog
+with it; the model's rounds carry the layers, so a node sampled in none of these rounds builds
+it too. The layers are written to ``OUT/text-encoder.safetensors`` after the last encoder round:
+a resumed run does not tune again. Not under DP (``check_settings`` refuses the combination).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from server.federation.aggregation import aggregate, clip_updates
+from shared.recommender.finetune import top_layers
+from shared.recommender.text import TextEncoder, resolve_model_path
+
+if TYPE_CHECKING:
+    from server.federation.rounds import Federation
+
+log = logging.getLogger("fedrec.server")
+ENCODER_ROUND = "train.encoder"  # the nodes' handler: client/client_app.py
+ENCODER_FILE = "text-encoder.safetensors"
+
+
+def tune_encoder(
+    federation: Federation, out: Path, show_progress: bool = True
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Run (or read back) the encoder rounds; returns the averaged top layers and the rounds'
+    history (nodes, loss, time, bytes). A round no node tuned in ends them (the nodes may
+    all refuse: a policy that requires DP refuses them)."""
+    path = Path(out) / ENCODER_FILE
+    if path.exists():
+        with safe_open(str(path), framework="pt") as saved:
+            history = json.loads(saved.metadata()["history"])
+        return load_file(str(path)), history
+    config = federation.config
+    encoder = TextEncoder(str(resolve_model_path(config.text_model)))
+    weights = top_layers(encoder, config.text_finetune_layers)
+    del encoder
+    history = []
+    for encoder_round in range(1, config.text_finetune_rounds + 1):
+        started = time.time()
+        result = federation.train(encoder_round, weights, message_type=ENCODER_ROUND)
+        if not result.updates:  # the encoder stays as the rounds before left it
+            why = "; ".join(result.rejected) or "refused, declined or lost"
+            log.warning("encoder round %d: no node tuned the encoder (%s)", encoder_round, why)
+            history.append({"round": encoder_round, "nodes": 0, "rejected": result.rejected})
+            break
+        clipped = clip_updates(weights, result.updates, config.row_clip)
+        delta = aggregate(weights, result.updates, federation.strategy.method, config.trim_fraction)
+        weights = {name: value + delta[name] for name, value in weights.items()}
+        history.append(
+            {
+                "round": encoder_round,
+                "nodes": result.contributed,
+                "rejected": result.rejected,
+                "clipped": clipped,
+                "loss": result.mean_metric("loss"),
+                "round_s": round(time.time() - started, 1),
+                "bytes_down_per_node": sum(4 * v.numel() for v in weights.values()),
+                "bytes_up_per_node": result.mean_metric("bytes-up"),
+            }
+        )
+        line = (
+            f"encoder round {encoder_round}/{config.text_finetune_rounds}: "
+            f"{result.contributed} nodes, contrastive loss {history[-1]['loss']:.3f}, "
+            f"{history[-1]['round_s']:.1f} s"
+        )
+        if show_progress:  # on the terminal, or in the log when the terminal is quiet
+            print(line, flush=True)
+        else:
+            log.info(line)
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(weights, str(staging), metadata={"history": json.dumps(history)})
+    os.replace(staging, path)  # complete or absent
+    return weights, history

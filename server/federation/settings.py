@@ -1,0 +1,87 @@
+"""What a federation's settings may be, and what the nodes are sent of them.
+
+:func:`check_settings` refuses, before any output, settings a federation cannot run;
+:func:`settings_record` is the run's settings as every message carries them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ConfigRecord
+
+from server.federation.strategy import FedRecStrategy
+from shared.data.partition import SCHEMES
+from shared.federation.node_dp import check_node_dp
+from shared.runs.config import RunConfig
+
+WIRE_DTYPES = ("float32", "float16")
+
+
+def node_target_epsilon(config: RunConfig) -> float:
+    """The budget each node is asked to keep: the whole budget when a customer is at one node
+    only (regional), else an equal share, so that the composition over all nodes stays within
+    ``target-epsilon`` (basic composition; the audit reports the tighter PLD composition)."""
+    if config.partition == "regional":
+        return config.target_epsilon
+    return config.target_epsilon / max(config.clients, 1)
+
+
+def settings_record(
+    config: RunConfig, catalog_digest: str, partitions: Path | None, valid_fraction: float = 0.0
+) -> ConfigRecord:
+    """What the nodes are sent each round: the run's settings, with each node's share of the
+    budget, the digest of the catalog the global model is indexed by (a node holding another
+    refuses), the share of customers whose validation event no node trains on (they choose
+    the rounds) and, in a simulation, where the partitions are. The run's id is added once the
+    ledger has started (:class:`Federation`)."""
+    request = {**config.to_dict(), "target_epsilon": node_target_epsilon(config)}
+    record = {**request, "catalog-digest": catalog_digest, "valid-fraction": valid_fraction}
+    if partitions is not None:
+        record["partitions-dir"] = str(Path(partitions).resolve())
+    return ConfigRecord(record)
+
+
+def check_settings(config: RunConfig) -> None:
+    """Refuse settings a federation cannot run (ValueError saying which), before any output."""
+    if config.text_finetune_layers and (config.dp or config.node_dp):
+        raise ValueError(
+            "text-finetune-layers tunes the encoder at the nodes without DP: it cannot be "
+            "combined with --dp or node-dp (set text-finetune-layers=0)"
+        )
+    if config.fragment_nodes:
+        raise ValueError(
+            "fragment-nodes is for centralized runs (fedrec train): a merchant federation's "
+            "nodes hold the fragments themselves; set it to 0"
+        )
+    check_node_dp(config)
+    FedRecStrategy(config)  # the strategy's name
+    config.model_config(num_items=1, text_dim=1)  # fusion, variant
+    if config.partition not in SCHEMES:
+        raise ValueError(f"partition must be one of {SCHEMES}, got {config.partition!r}")
+    if config.wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}, got {config.wire_dtype!r}")
+    for name in (
+        "clients",
+        "rounds",
+        "dp_rounds",
+        "local_epochs",
+        "dp_local_epochs",
+        "local_batch_size",
+        "text_finetune_rounds",
+        "text_finetune_steps",
+    ):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+    for name in ("round_patience", "valid_customers", "local_steps", "text_finetune_layers"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name.replace('_', '-')} must be 0 or more")
+    if config.round_timeout < 0:
+        raise ValueError("round-timeout must be 0 (no limit) or positive")
+    if not 0 <= config.cold_items < 1:
+        raise ValueError(f"cold-items must be a fraction in [0, 1), got {config.cold_items:g}")
+    if config.cold_items and config.federated_eval:
+        raise ValueError(
+            "cold-items holds products out of the simulated nodes' data and scores them at the "
+            "server: it needs the server's evaluation (federated-eval=false)"
+        )

@@ -1,0 +1,118 @@
+"""A federation that tunes the text encoder at its nodes first (server/federation/encoder_rounds.py,
+client/encoder.py), on Flower's simulation engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, cli_settings
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from server.federation.encoder_rounds import tune_encoder
+from server.federation.rounds import RoundResult
+from server.federation.strategy import FedRecStrategy
+from shared.data.dataset import load_dataset
+from shared.data.partition import cold_item_indices
+from shared.recommender.artifacts import read_text_model
+from shared.recommender.finetune import top_layers
+from shared.recommender.text import TextEncoder
+from shared.runs.config import RunConfig
+from simulations.cli import main
+
+
+@pytest.mark.e2e
+def test_the_nodes_tune_the_encoder_and_the_model_ships_it(
+    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    settings = {
+        "text_model": tiny_bert_dir,
+        "text_finetune_layers": 1,
+        "text_finetune_steps": 8,
+        "text_finetune_rounds": 2,
+        "cold_items": 0.2,  # products new to every node: scored from the tuned text alone
+    }
+    command = [
+        "simulate",
+        "--data",
+        str(tiny_synth_dataset_dir),
+        "--out",
+        str(out),
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        *TINY,
+        *cli_settings(settings),
+    ]
+    assert main(command) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    encoder_rounds = metrics["encoder_rounds"]
+    assert [(r["round"], r["nodes"]) for r in encoder_rounds] == [(1, 2), (2, 2)]
+    assert all(r["loss"] > 0 and not r["rejected"] for r in encoder_rounds)
+    # the released model carries the federation's encoder: base weights but the top layer
+    encoder = Path(read_text_model(out / "model"))
+    assert encoder == out / "model" / "text-encoder"
+    assert json.loads((encoder / "finetune.json").read_text())["federated"] is True
+    base = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+    tuned = AutoModel.from_pretrained(encoder).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    averaged = load_file(str(out / "text-encoder.safetensors"))
+    assert changed and changed <= set(averaged)
+    assert all(torch.equal(tuned[k], averaged[k]) for k in averaged)
+    # a fifth of the products were at no node, and the test reports those customers apart
+    test = metrics["test"]
+    assert test["cold"]["users"] > 0 and test["warm"]["users"] > 0
+    assert test["cold"]["users"] + test["warm"]["users"] == test["users"]
+    for node in (out / "partitions").glob("node-*"):
+        held = load_dataset(node).interactions["item_idx"]
+        assert not held.isin(cold_item_indices(300, 0.2, seed=0)).any()
+    # a second run over the same OUT finds it complete: nothing is tuned again
+    assert main(command) == 0
+    assert json.loads((out / "metrics.json").read_text())["encoder_rounds"] == encoder_rounds
+
+
+def test_encoder_rounds_are_refused_under_dp(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="without DP"):
+        main(
+            [
+                "simulate",
+                "--data",
+                str(tiny_synth_dataset_dir),
+                "--out",
+                str(tmp_path / "run"),
+                "--dp",
+                "--set",
+                "text_finetune_layers=1",
+                "--quiet",
+            ]
+        )
+    assert not (tmp_path / "run" / "ledger.jsonl").exists()
+
+
+class NobodyTunes:
+    """A federation whose nodes all refuse encoder rounds (their policies require DP)."""
+
+    def __init__(self, config: RunConfig):
+        self.config, self.strategy, self.rounds = config, FedRecStrategy(config), []
+
+    def train(self, server_round: int, state: dict, message_type: str) -> RoundResult:
+        self.rounds.append((server_round, message_type))
+        return RoundResult([], None, 2, 0, ["regional-0: encoder rounds train without DP"], [])
+
+
+def test_when_no_node_tunes_the_encoder_stays_public_and_the_stage_ends(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    config = RunConfig(text_model=str(tiny_bert_dir), text_finetune_layers=1, clients=2)
+    federation = NobodyTunes(config)
+    weights, history = tune_encoder(federation, tmp_path, show_progress=False)
+    assert federation.rounds == [(1, "train.encoder")]  # no second round is asked for
+    refused = ["regional-0: encoder rounds train without DP"]
+    assert history == [{"round": 1, "nodes": 0, "rejected": refused}]
+    public = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
+    assert all(torch.equal(weights[k], public[k]) for k in public)
