@@ -6,14 +6,6 @@ from pathlib import Path
 
 import pytest
 
-# the longest files (minutes of process start-up and waiting): run first, so that with
-# parallel workers (pyproject's addopts) the other files fill the other workers meanwhile
-LONGEST_FIRST = ("test_deploy.py",)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: else as found
-
 
 @pytest.fixture(scope="session")
 def synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
