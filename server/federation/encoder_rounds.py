@@ -75,10 +75,11 @@ def tune_encoder(
                 "bytes_up_per_node": result.mean_metric("bytes-up"),
             }
         )
+        loss = history[-1]["loss"]  # None when no reply said (what a reply carries is its own)
         line = (
             f"encoder round {encoder_round}/{config.text_finetune_rounds}: "
-            f"{result.contributed} nodes, contrastive loss {history[-1]['loss']:.3f}, "
-            f"{history[-1]['round_s']:.1f} s"
+            f"{result.contributed} nodes, contrastive loss "
+            f"{'?' if loss is None else f'{loss:.3f}'}, {history[-1]['round_s']:.1f} s"
         )
         if show_progress:  # on the terminal, or in the log when the terminal is quiet
             print(line, flush=True)

@@ -132,11 +132,10 @@ class Experiment:
         cls,
         data_dir: str | Path,
         config: RunConfig,
-        cold_fraction: float | None = None,
         show_progress: bool = True,
         tune_text: bool = True,
     ) -> Experiment:
-        """Load and split the data, optionally hold out items, fine-tune the encoder on the
+        """Load and split the data, hold out ``cold-items``, fine-tune the encoder on the
         pooled histories if asked (``text-finetune-layers``; ``tune_text`` False: a federation's
         server, whose nodes tune it), and embed the item text (cached)."""
         if show_progress:
@@ -144,8 +143,7 @@ class Experiment:
         dataset = load_dataset(data_dir)
         split = leave_one_out(dataset)
         device = resolve_device(config.device)
-        cold_fraction = config.cold_items if cold_fraction is None else cold_fraction
-        cold = cold_item_indices(dataset.num_items, cold_fraction, config.seed)
+        cold = cold_item_indices(dataset.num_items, config.cold_items, config.seed)
         text_model = config.text_model
         if config.text_finetune_layers and tune_text:
             from shared.recommender.finetune import finetune_encoder

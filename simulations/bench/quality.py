@@ -47,10 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cold-items",
         type=float,
-        default=0.0,
+        default=None,
         metavar="F",
         help="hold out this fraction of the items from all training and report "
-        "cold-target and warm-target customers apart (default 0: none)",
+        "cold-target and warm-target customers apart (the setting cold-items; default 0: none)",
     )
     parser.add_argument(
         "--new-item-boosts",
@@ -161,13 +161,13 @@ def tables(results: dict) -> list[Table]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0 <= args.cold_items < 1:
-        raise SystemExit(f"fedrec: --cold-items must be in [0, 1), got {args.cold_items}")
     config = run_config_from_args(args)
+    if args.cold_items is not None:
+        config = dataclasses.replace(config, cold_items=args.cold_items)
+    if not 0 <= config.cold_items < 1:
+        raise SystemExit(f"fedrec: --cold-items must be in [0, 1), got {config.cold_items}")
     console = Console()
-    experiment = Experiment.prepare(
-        args.data, config, args.cold_items, show_progress=not args.quiet
-    )
+    experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
     variants = tuple(v for v in args.variants.split(",") if v)
     names = tuple(b for b in args.baselines.split(",") if b)
     unknown = set(variants) - set(VARIANTS) | set(names) - set(BASELINES)
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     report = {
         "data": str(args.data),
-        "cold_fraction": args.cold_items,
+        "cold_fraction": config.cold_items,
         "cold_items": len(experiment.cold_items),
         "config": config.to_dict(),
         "protocol": "leave-one-out, full catalog, history excluded, test split; "

@@ -12,6 +12,7 @@ from helpers import TINY, cli_settings
 from safetensors.torch import load_file
 from transformers import AutoModel
 
+from server.federation.aggregation import NodeUpdate
 from server.federation.encoder_rounds import tune_encoder
 from server.federation.rounds import RoundResult
 from server.federation.strategy import FedRecStrategy
@@ -94,25 +95,62 @@ def test_encoder_rounds_are_refused_under_dp(tiny_synth_dataset_dir: Path, tmp_p
     assert not (tmp_path / "run" / "ledger.jsonl").exists()
 
 
-class NobodyTunes:
-    """A federation whose nodes all refuse encoder rounds (their policies require DP)."""
+class ScriptedNodes:
+    """A federation whose nodes answer every encoder round with ``answer(layers)``: the
+    updates, and why other nodes gave none."""
 
-    def __init__(self, config: RunConfig):
-        self.config, self.strategy, self.rounds = config, FedRecStrategy(config), []
+    def __init__(self, config: RunConfig, answer):
+        self.config, self.strategy, self.answer, self.rounds = (
+            config,
+            FedRecStrategy(config),
+            answer,
+            [],
+        )
 
     def train(self, server_round: int, state: dict, message_type: str) -> RoundResult:
         self.rounds.append((server_round, message_type))
-        return RoundResult([], None, 2, 0, ["regional-0: encoder rounds train without DP"], [])
+        updates, rejected = self.answer(state)
+        return RoundResult(updates, None, 4, len(updates), rejected, [])
+
+
+REFUSED = ["regional-0: encoder rounds train without DP"]
 
 
 def test_when_no_node_tunes_the_encoder_stays_public_and_the_stage_ends(
     tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     config = RunConfig(text_model=str(tiny_bert_dir), text_finetune_layers=1, clients=2)
-    federation = NobodyTunes(config)
+    federation = ScriptedNodes(config, lambda layers: ([], REFUSED))
     weights, history = tune_encoder(federation, tmp_path, show_progress=False)
     assert federation.rounds == [(1, "train.encoder")]  # no second round is asked for
-    refused = ["regional-0: encoder rounds train without DP"]
-    assert history == [{"round": 1, "nodes": 0, "rejected": refused}]
+    assert history == [{"round": 1, "nodes": 0, "rejected": REFUSED}]
     public = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
     assert all(torch.equal(weights[k], public[k]) for k in public)
+
+
+def test_a_malicious_node_moves_the_encoder_no_more_than_the_row_bound_allows(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """Three honest nodes move every tensor a little; a fourth sends a change 10,000 times
+    larger and claims a million customers. Its change is scaled down to row-clip times the
+    round's median before the mean, so no tensor moves more than that."""
+    config = RunConfig(
+        text_model=str(tiny_bert_dir), text_finetune_layers=1, text_finetune_rounds=1
+    )
+
+    def answer(layers: dict) -> tuple[list[NodeUpdate], list[str]]:
+        honest = [
+            NodeUpdate(f"regional-{i}", 100.0, {k: v + 0.01 for k, v in layers.items()})
+            for i in range(3)
+        ]
+        wrecker = NodeUpdate("regional-3", 1e6, {k: v + 100.0 for k, v in layers.items()})
+        return [*honest, wrecker], []
+
+    public = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
+    weights, history = tune_encoder(ScriptedNodes(config, answer), tmp_path, show_progress=False)
+    assert history[0]["clipped"] == {"regional-3": len(public)}  # every tensor it sent
+    assert history[0]["loss"] is None  # no reply said: the round goes on all the same
+    for name, value in public.items():
+        honest_norm = torch.full_like(value, 0.01).norm()
+        moved = (weights[name] - value).norm()
+        assert moved <= config.row_clip * honest_norm * (1 + 1e-4), name

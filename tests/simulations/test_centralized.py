@@ -150,8 +150,8 @@ def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir:
     from shared.runs.config import RunConfig
     from simulations.train import train_centralized
 
-    config = RunConfig(**TINY_SETTINGS, epochs=1, device="cpu")
-    experiment = Experiment.prepare(tiny_synth_dataset_dir, config, 0.2, show_progress=False)
+    config = RunConfig(**TINY_SETTINGS, epochs=1, device="cpu", cold_items=0.2)
+    experiment = Experiment.prepare(tiny_synth_dataset_dir, config, show_progress=False)
     model = train_centralized(experiment, show_progress=False)["model"]
     held_out = torch.as_tensor(experiment.cold_items)
     assert len(held_out) > 0
