@@ -107,15 +107,20 @@ def verify_release(
     return keys.check(report, arrays)
 
 
-def record_privacy(ledger: PrivacyLedger, server_round: int, reports: list[NodeReport]) -> None:
+def record_privacy(
+    ledger: PrivacyLedger, server_round: int, reports: list[NodeReport], stage: str = "train"
+) -> None:
     """Append each node's refusal, decline or release to the ledger, before anything else is
     done with its reply. A release is recorded even when it does not verify (its update is
-    then not used): a node's spending is never under-reported."""
+    then not used): a node's spending is never under-reported. A refusal or decline in another
+    ``stage`` than the model's rounds (the encoder rounds' ``train.encoder``) says so: their
+    round numbers restart at 1."""
+    named = {} if stage == "train" else {"stage": stage}
     for report in reports:
         node = report.node
         if report.refused:
-            ledger.append("refused", round=server_round, node=node, reason=report.reason)
-            log.warning("node %s refused round %d: %s", node, server_round, report.reason)
+            ledger.append("refused", round=server_round, node=node, reason=report.reason, **named)
+            log.warning("node %s refused %s round %d: %s", node, stage, server_round, report.reason)
         elif report.declined:
             ledger.append(
                 "declined",
@@ -123,6 +128,7 @@ def record_privacy(ledger: PrivacyLedger, server_round: int, reports: list[NodeR
                 node=node,
                 reason=report.reason,
                 epsilon=report.epsilon,
+                **named,
             )
             log.info("node %s declined round %d: %s", node, server_round, report.reason)
         elif report.release is not None:
@@ -235,7 +241,7 @@ class Federation:
         timeout = self.config.round_timeout or None
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
-        record_privacy(self.ledger, server_round, received.reports)
+        record_privacy(self.ledger, server_round, received.reports, message_type)
         updates, rejected = self.strategy.node_updates(
             received.trusted(replies, self.strategy), state
         )
@@ -254,7 +260,7 @@ class Federation:
             self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None)
         )
         received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
-        record_privacy(self.ledger, server_round, received.reports)
+        record_privacy(self.ledger, server_round, received.reports, "evaluate")
         return self.strategy.aggregate_evaluate(
             server_round, received.trusted(replies, self.strategy)
         )

@@ -78,8 +78,6 @@ def check_settings(config: RunConfig) -> None:
             raise ValueError(f"{name.replace('_', '-')} must be 0 or more")
     if config.round_timeout < 0:
         raise ValueError("round-timeout must be 0 (no limit) or positive")
-    if not 0 <= config.cold_items < 1:
-        raise ValueError(f"cold-items must be a fraction in [0, 1), got {config.cold_items:g}")
     if config.cold_items and config.federated_eval:
         raise ValueError(
             "cold-items holds products out of the simulated nodes' data and scores them at the "

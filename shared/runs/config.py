@@ -95,6 +95,10 @@ class RunConfig:
     attack: str = "none"  # none, scale, sign-flip or random (simulations/attacks.py)
     attack_scale: float = 10.0  # the attack's factor on the node's own update
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.cold_items < 1:
+            raise ValueError(f"cold-items must be a fraction in [0, 1), got {self.cold_items:g}")
+
     def model_config(self, num_items: int, text_dim: int) -> ModelConfig:
         names = {f.name for f in fields(ModelConfig)}
         values = {k: v for k, v in asdict(self).items() if k in names}

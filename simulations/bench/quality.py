@@ -163,9 +163,10 @@ def tables(results: dict) -> list[Table]:
 def run(args: argparse.Namespace) -> int:
     config = run_config_from_args(args)
     if args.cold_items is not None:
-        config = dataclasses.replace(config, cold_items=args.cold_items)
-    if not 0 <= config.cold_items < 1:
-        raise SystemExit(f"fedrec: --cold-items must be in [0, 1), got {config.cold_items}")
+        try:
+            config = dataclasses.replace(config, cold_items=args.cold_items)
+        except ValueError as error:
+            raise SystemExit(f"fedrec: --{error}") from None
     console = Console()
     experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
     variants = tuple(v for v in args.variants.split(",") if v)

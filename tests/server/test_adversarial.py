@@ -139,6 +139,25 @@ def test_malformed_reports_are_left_out_and_nothing_crashes(tmp_path: Path, stat
     assert [u.node for u in updates] == ["n3"]
 
 
+def test_a_refusal_outside_the_model_rounds_names_its_stage(tmp_path: Path) -> None:
+    """Encoder and evaluation rounds are numbered from 1 like the model's: a refusal in one
+    of them must not read as a refusal of the model round of the same number."""
+    refusal = parse_report({"node": "n1", "refused": True, "reason": "requires DP"})
+    decline = parse_report({"node": "n2", "declined": True, "reason": "spent", "epsilon": 2.0})
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    record_privacy(ledger, 1, [refusal, decline], "train.encoder")
+    record_privacy(ledger, 1, [refusal])
+    record_privacy(ledger, 1, [refusal], "evaluate")
+    stages = [(e["kind"], e["round"], e.get("stage")) for e in ledger.entries]
+    assert stages == [
+        ("refused", 1, "train.encoder"),
+        ("declined", 1, "train.encoder"),
+        ("refused", 1, None),
+        ("refused", 1, "evaluate"),
+    ]
+    assert verify_chain(ledger.entries) == []
+
+
 def test_a_forged_index_gap_adds_no_fake_spending(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     fields = {k: v for k, v in release().items() if k not in ("public_key", "refused", "declined")}

@@ -163,6 +163,15 @@ def test_bad_set_is_refused_with_the_key(capsys, tmp_path: Path) -> None:
         main(["simulate", "--out", str(tmp_path / "o"), "--set", "colour=blue"])
 
 
+def test_a_cold_items_fraction_outside_0_1_is_refused_by_every_command(tmp_path: Path) -> None:
+    out = str(tmp_path / "o")
+    with pytest.raises(SystemExit, match=r"cold-items must be a fraction in \[0, 1\), got 1.5"):
+        main(["train", "--data", str(tmp_path), "--out", out, "--set", "cold-items=1.5"])
+    with pytest.raises(SystemExit, match=r"--cold-items must be a fraction .* got -0.1"):
+        main(["bench", "quality", "--data", str(tmp_path), "--out", out, "--cold-items", "-0.1"])
+    assert not (tmp_path / "o").exists()
+
+
 def test_rounds_are_a_cap_without_dp_and_exact_under_dp() -> None:
     open_run, private = RunConfig(), RunConfig(dp=True)
     assert open_run.max_rounds == open_run.rounds and open_run.selects_rounds

@@ -120,6 +120,7 @@ CONFIG_CASES = [
     ),
     ("no encoder rounds", ["--set", "text_finetune_rounds=0"], "text-finetune-rounds"),
     ("unknown attack", ["--set", "attack=flood"], "attack"),
+    ("cold items out of range", ["--set", "cold-items=1.5"], "cold-items must be a fraction"),
 ]
 CONFIG_COMMANDS = {
     "simulate": ["simulate", "--data", "{data}", "--out", "{out}", "--clients", "2", "--quiet"],
@@ -213,4 +214,4 @@ def test_a_refused_run_leaves_an_earlier_output_as_it_was(
 def test_the_cases_are_counted() -> None:
     data = len(DATA_CASES) * len(DATA_COMMANDS)
     config = len(CONFIG_CASES) * len(CONFIG_COMMANDS)
-    assert (len(DATA_CASES), len(CONFIG_CASES), data + config + 1) == (13, 14, 68)
+    assert (len(DATA_CASES), len(CONFIG_CASES), data + config + 1) == (13, 15, 70)
