@@ -19,6 +19,10 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   deployed node, 0 in a simulation. A cheap guard, not a guarantee: shares that differ by one
   customer still give away that customer's hit by difference; only DP (``require-dp``) protects
   an evaluation.
+- ``max-epochs``: the most passes over its data the node makes for one training request
+  (``dp-local-epochs`` under DP, else the larger of ``local-epochs`` and ``max-local-epochs``),
+  so that no operator can make it compute without end. Default 10 for a deployed node, no cap
+  in a simulation. (Encoder rounds train without DP: a ``require-dp`` node refuses them.)
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -35,12 +39,14 @@ from shared.runs.config import RunConfig
 
 DEPLOYED_MAX_EPSILON = 8.0
 DEPLOYED_MIN_EXACT_CUSTOMERS = 50
+DEPLOYED_MAX_EPOCHS = 10
 POLICY_KEYS = (
     "require-dp",
     "max-epsilon",
     "max-delta",
     "declared-customers",
     "min-exact-customers",
+    "max-epochs",
 )
 
 
@@ -78,6 +84,13 @@ def _count(value: Any, key: str) -> int:
     return int(number)
 
 
+def _epochs(value: Any) -> int:
+    epochs = _count(value, "max-epochs")
+    if epochs < 1:
+        raise PolicyError(f"node config max-epochs={value!r}: expected a whole number >= 1")
+    return epochs
+
+
 @dataclass(frozen=True)
 class NodePolicy:
     """What a node accepts; ``None`` means no limit of that kind."""
@@ -87,11 +100,12 @@ class NodePolicy:
     max_delta: float | None = None
     declared_customers: int | None = None
     min_exact_customers: int = 0
+    max_epochs: int | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
-        ``require-dp=true max-epsilon=8 min-exact-customers=50``."""
+        ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
         max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
@@ -100,6 +114,7 @@ class NodePolicy:
         minimum = node_config.get(
             "min-exact-customers", DEPLOYED_MIN_EXACT_CUSTOMERS if deployed else 0
         )
+        max_epochs = node_config.get("max-epochs", DEPLOYED_MAX_EPOCHS if deployed else None)
         return cls(
             require_dp=_flag(require, "require-dp"),
             max_epsilon=None if max_epsilon is None else _positive(max_epsilon, "max-epsilon"),
@@ -108,6 +123,7 @@ class NodePolicy:
             if declared is None
             else int(_positive(declared, "declared-customers")),
             min_exact_customers=_count(minimum, "min-exact-customers"),
+            max_epochs=None if max_epochs is None else _epochs(max_epochs),
         )
 
     def refusal(self, request: RunConfig) -> str | None:
@@ -116,6 +132,16 @@ class NodePolicy:
             return (
                 "this node's policy requires customer-level DP (require-dp=true); the request "
                 "has dp=false"
+            )
+        epochs = (
+            request.dp_local_epochs
+            if request.dp
+            else max(request.local_epochs, request.max_local_epochs)
+        )
+        if self.max_epochs is not None and epochs > self.max_epochs:
+            return (
+                f"the request asks for up to {epochs} passes over this node's data a round, "
+                f"above this node's max-epochs={self.max_epochs}"
             )
         if not request.dp:
             return None

@@ -114,7 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) -> None:
     """``--node-config``: every node's own privacy policy (client/policy.py)."""
     empty = (
-        "a deployed node's policy is require-dp=true max-epsilon=8 min-exact-customers=50"
+        "a deployed node's policy is require-dp=true max-epsilon=8 min-exact-customers=50 "
+        "max-epochs=10"
         if deployed
         else "a simulated node accepts any request"
     )
@@ -125,7 +126,7 @@ def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) ->
         metavar='"KEY=VALUE ..."',
         help="each node's own privacy policy, set on the node's side and never by the server: "
         "require-dp (true/false), max-epsilon, max-delta, declared-customers, "
-        "min-exact-customers; a node refuses a request weaker than its policy; "
+        "min-exact-customers, max-epochs; a node refuses a request weaker than its policy; "
         f"empty: {empty} (docs/privacy.md)",
     )
 

@@ -26,7 +26,7 @@ from simulations.cli import main
 def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -> None:
     deployed = NodePolicy.from_node_config({"data-dir": "/data"})
     assert deployed.require_dp and deployed.max_epsilon == 8.0
-    assert deployed.min_exact_customers == 50
+    assert deployed.min_exact_customers == 50 and deployed.max_epochs == 10
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
     relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
     assert not relaxed.require_dp
@@ -54,6 +54,21 @@ def test_a_request_weaker_than_the_policy_is_refused_naming_the_policy(
     assert policy.refusal(RunConfig(dp=True, target_epsilon=2.0, delta=1e-6)) is None
 
 
+def test_a_request_for_more_passes_than_the_node_allows_is_refused() -> None:
+    """The operator sets the local work; a node's max-epochs bounds it, with or without DP."""
+    policy = NodePolicy(max_epochs=10)
+    assert policy.refusal(RunConfig()) is None  # the defaults: 1 epoch, 3 for a small node
+    assert policy.refusal(RunConfig(dp=True)) is None  # dp-local-epochs 3
+    for settings in (
+        {"local_epochs": 50},
+        {"max_local_epochs": 11},
+        {"dp": True, "dp_local_epochs": 500},
+    ):
+        reason = policy.refusal(RunConfig(**settings))
+        assert reason is not None and "max-epochs=10" in reason, settings
+    assert NodePolicy().refusal(RunConfig(local_epochs=500)) is None  # a simulated node: no cap
+
+
 def test_the_node_picks_its_own_delta_below_one_over_its_customers() -> None:
     policy = NodePolicy()
     assert policy.delta(RunConfig(dp=True), 2_000) == pytest.approx(1 / 20_000)
@@ -78,6 +93,8 @@ def test_the_public_customer_figure_never_is_the_exact_count() -> None:
         ("require-dp", "key=value"),
         ("min-exact-customers=2.5", "whole number"),
         ("min-exact-customers=-1", "whole number"),
+        ("max-epochs=0", "whole number >= 1"),
+        ("max-epochs=2.5", "whole number"),
     ],
 )
 def test_a_bad_node_config_is_refused_with_the_key_and_value(text: str, words: str) -> None:
