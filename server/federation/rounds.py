@@ -113,8 +113,8 @@ def record_privacy(
     """Append each node's refusal, decline or release to the ledger, before anything else is
     done with its reply. A release is recorded even when it does not verify (its update is
     then not used): a node's spending is never under-reported. A refusal or decline in another
-    ``stage`` than the model's rounds (the encoder rounds' ``train.encoder``) says so: their
-    round numbers restart at 1."""
+    ``stage`` than the model's training (the encoder rounds' ``train.encoder``, federated
+    evaluation's ``evaluate``) says so: the encoder rounds are numbered from 1 too."""
     named = {} if stage == "train" else {"stage": stage}
     for report in reports:
         node = report.node
@@ -130,7 +130,7 @@ def record_privacy(
                 epsilon=report.epsilon,
                 **named,
             )
-            log.info("node %s declined round %d: %s", node, server_round, report.reason)
+            log.info("node %s declined %s round %d: %s", node, stage, server_round, report.reason)
         elif report.release is not None:
             release = report.signed()
             record_lost_contributions(ledger, server_round, node, release)
