@@ -58,22 +58,30 @@ def add_context(out: Path, context: dict) -> dict:
 
 def verdict(metrics: dict, out: Path) -> list[str]:
     """A few lines: test NDCG@10 / HR@10 of the model and of each reference, a plain sentence
-    when the model is below one, and the privacy guarantee when the run has one."""
+    when the model is below one or level with it (to the 4 decimals shown: it learned nothing
+    that ranks better, e.g. every node refused), and the privacy guarantee when the run has
+    one."""
     test = metrics["test"]
     figures = [f"model {test['ndcg@10']:.4f} / {test['hr@10']:.4f}"]
-    below = []
+    short = []
     for key, label in REFERENCES.items():
         reference = metrics.get("context", {}).get(key)
         if reference is None:
             continue
         figures.append(f"{label} {reference['ndcg@10']:.4f} / {reference['hr@10']:.4f}")
-        if test["ndcg@10"] < reference["ndcg@10"]:
-            below.append(
+        gap = test["ndcg@10"] - reference["ndcg@10"]
+        if gap < -5e-5:
+            short.append(
                 f"below {label}: the model's test NDCG@10 {test['ndcg@10']:.4f} is under "
                 f"{label}'s {reference['ndcg@10']:.4f} on the same split"
             )
-    lines = ["test NDCG@10 / HR@10: " + ", ".join(figures), *below]
-    if not below and len(figures) > 1:
+        elif gap < 5e-5:
+            short.append(
+                f"level with {label}: the model's test NDCG@10 {test['ndcg@10']:.4f} is "
+                f"{label}'s on the same split; it learned nothing that ranks better"
+            )
+    lines = ["test NDCG@10 / HR@10: " + ", ".join(figures), *short]
+    if not short and len(figures) > 1:
         lines.append("above every reference point")
     if privacy := metrics.get("privacy"):
         lines.append(privacy_line(privacy, Path(out)))

@@ -82,6 +82,21 @@ def test_verdict_states_the_privacy_guarantee_and_the_audit(tmp_path: Path) -> N
     assert f"fedrec audit {tmp_path}" in lines[-1]
 
 
+def test_verdict_never_calls_a_model_level_with_a_reference_above_it(tmp_path: Path) -> None:
+    """A federation whose every node refused ships the public text model: level, not above."""
+    context = {
+        "popularity": {"ndcg@10": 0.09, "hr@10": 0.19},
+        "text_only": {"ndcg@10": 0.2474, "hr@10": 0.3817},
+    }
+    lines = verdict({"test": {"ndcg@10": 0.2474, "hr@10": 0.3817}, "context": context}, tmp_path)
+    assert "above every reference point" not in lines
+    assert any(line.startswith("level with") for line in lines), lines
+    lines = verdict({"test": {"ndcg@10": 0.25, "hr@10": 0.39}, "context": context}, tmp_path)
+    assert lines[-1] == "above every reference point"
+    lines = verdict({"test": {"ndcg@10": 0.2, "hr@10": 0.39}, "context": context}, tmp_path)
+    assert any(line.startswith("below") for line in lines)
+
+
 def test_outputs_without_settings_are_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
