@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -239,13 +240,14 @@ def make_server_app(
     """The simulation's ServerApp: the federation's own (server/federation/server_app.py), behind
     the simulation's attackers if any, and with its canaries in the partitions first; an
     exception in it is also appended to ``errors`` (the simulation engine only logs it)."""
-    from server.federation.server_app import main_with
+    from server.federation.server_app import gathered_nodes, main_with
 
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        try:
+        try:  # every simulated node is started: wait for all (rounds sample who is there)
+            gathered_nodes(grid, config.clients, settle_s=math.inf)
             if config.canaries:
                 partitions_with_canaries(config)
             if config.malicious_nodes or config.attack != "none":  # robustness measurement

@@ -12,6 +12,7 @@ partitions, with the held-out events evaluated at the server.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import Context
@@ -74,12 +75,6 @@ def prepare_simulation(
     (written once; canaries and attacks are ``fedrec simulate``'s, see simulations/)."""
     out = Path(config.out)
     data = Path(config.data) if config.data else embedded_dataset(out)
-    nodes = len(list(grid.get_node_ids()))
-    # once written, the partitions fix the federation's size: a node down at a restart must
-    # not change the run's settings (the checkpoint would no longer match them)
-    if nodes and nodes != config.clients and not (out / "partitions").exists():
-        log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
-        config.clients = nodes
     # the encoder is tuned by the nodes (server/federation/encoder_rounds.py), never here
     experiment = Experiment.prepare(data, config, show_progress=show_progress, tune_text=False)
     private_dir(out)
@@ -98,4 +93,36 @@ def main(grid: Grid, context: Context) -> None:
             "malicious-nodes, attack and canaries are for fedrec simulate and fedrec bench "
             "robust only: a deployment's nodes are what they are"
         )
+    out = Path(config.out)
+    # a simulation's partitions follow the federation's size (Flower's num-supernodes) once,
+    # when first written: a node down at a restart must not change the run's settings (the
+    # checkpoint would no longer match them)
+    if not config.catalog and not (out / "partitions").exists():
+        nodes = gathered_nodes(grid, config.clients)
+        if nodes != config.clients:
+            log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
+            config.clients = nodes
     main_with(grid, config, show_progress=True)
+
+
+def gathered_nodes(
+    grid: Grid, expected: int, settle_s: float = 5.0, timeout_s: float = 300.0
+) -> int:
+    """How many nodes are connected once they have gathered: as soon as ``expected`` are, or
+    once a count of at least one has held for ``settle_s`` seconds. Nodes register one by one,
+    in a simulation too (its engine starts beside the ServerApp): a count taken at once can
+    miss some. Raises :class:`TimeoutError` after ``timeout_s`` with none connected, or, with
+    ``settle_s`` infinite, with fewer than ``expected``."""
+    start = changed = time.monotonic()
+    count = -1
+    while True:
+        now, connected = time.monotonic(), len(list(grid.get_node_ids()))
+        if connected != count:
+            count, changed = connected, now
+        if count >= expected or (count and now - changed >= settle_s):
+            return count
+        if now - start >= timeout_s:
+            raise TimeoutError(
+                f"{count} of the federation's {expected} nodes connected within {timeout_s:g} s"
+            )
+        time.sleep(0.1)
