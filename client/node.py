@@ -385,7 +385,7 @@ def evaluate_node(
     (:func:`private_sums`). Without DP it is exact.
     """
     policy = policy or NodePolicy()
-    if reason := policy.refusal(config):
+    if reason := policy.refusal(config, training=False):
         return {"node": node.name, "refused": True, "reason": reason}
     model = build_model(node, config, state).eval()
 

@@ -126,8 +126,10 @@ class NodePolicy:
             max_epochs=None if max_epochs is None else _epochs(max_epochs),
         )
 
-    def refusal(self, request: RunConfig) -> str | None:
-        """Why this node refuses to train for ``request`` (None: it accepts)."""
+    def refusal(self, request: RunConfig, training: bool = True) -> str | None:
+        """Why this node refuses to train (or, ``training`` false, to evaluate) for
+        ``request`` (None: it accepts); ``max-epochs`` bounds training only, an evaluation
+        makes one pass."""
         if self.require_dp and not request.dp:
             return (
                 "this node's policy requires customer-level DP (require-dp=true); the request "
@@ -138,7 +140,7 @@ class NodePolicy:
             if request.dp
             else max(request.local_epochs, request.max_local_epochs)
         )
-        if self.max_epochs is not None and epochs > self.max_epochs:
+        if training and self.max_epochs is not None and epochs > self.max_epochs:
             return (
                 f"the request asks for up to {epochs} passes over this node's data a round, "
                 f"above this node's max-epochs={self.max_epochs}"

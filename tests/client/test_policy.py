@@ -123,6 +123,17 @@ def test_a_refused_request_spends_nothing_and_sends_no_weights(node_setup) -> No
         assert not NodePrivacy(node.directory).path.exists()  # nothing spent, nothing written
 
 
+def test_max_epochs_bounds_training_never_an_evaluation(node_setup) -> None:
+    """A node that refuses a round's training still evaluates the model (one pass)."""
+    node, config, state = node_setup
+    greedy = RunConfig(**{**config.to_dict(), "dp_local_epochs": 50})
+    policy = NodePolicy(max_epochs=10)
+    trained = train_node(node, greedy, state, server_round=1, policy=policy)
+    assert trained["refused"] is True and "max-epochs=10" in trained["reason"]
+    evaluated = evaluate_node(node, greedy, state, policy=policy)
+    assert "refused" not in evaluated and evaluated["customers"] > 0
+
+
 def test_a_dp_node_trains_on_its_public_figure_and_own_delta(node_setup) -> None:
     node, config, state = node_setup
     report = train_node(node, config, state, server_round=1, policy=NodePolicy(max_epsilon=4.0))
