@@ -142,20 +142,36 @@ def aggregate(
     method: str = "mean",
     trim: float = 0.2,
 ) -> dict[str, torch.Tensor]:
-    """The aggregate delta for every weight (mean weighted by node size, median or trimmed)."""
+    """The aggregate delta for every weight (mean weighted by node size, median or trimmed).
+    The mean is accumulated node by node (memory of one model, however many nodes); the
+    median and the trimmed mean sort the nodes' deltas, so they hold all of them."""
     if method not in METHODS:
         raise ValueError(f"aggregation must be one of {METHODS}, got {method!r}")
-    weights = torch.tensor([u.weight for u in updates], dtype=torch.float32)
     out = {}
     for name, reference in global_state.items():
-        deltas, present = _stack(name, reference.float(), updates)
+        reference = reference.float()
         if method == "mean":
-            w = weights.view(-1, 1) * present
-            w = w / w.sum(0, keepdim=True).clamp(min=1e-12)  # rows nobody sent get delta 0
-            out[name] = (w.view(*w.shape, *[1] * (deltas.ndim - 2)) * deltas).sum(0)
+            out[name] = _weighted_mean(name, reference, updates)
         else:
-            out[name] = _robust(deltas, present, method, trim)
+            out[name] = _robust(*_stack(name, reference, updates), method, trim)
     return out
+
+
+def _weighted_mean(name: str, reference: torch.Tensor, updates: list[NodeUpdate]) -> torch.Tensor:
+    """Each row's (or the whole weight's) delta averaged over the nodes that sent it, weighted
+    by node size; rows nobody sent get delta 0."""
+    total = torch.zeros_like(reference)
+    weights = torch.zeros(reference.shape[0] if reference.ndim else 1)
+    for update in updates:
+        index = _row_index(update, name)
+        if index is None:
+            total += update.weight * (update.arrays[name].float() - reference)
+            weights += update.weight
+        else:
+            total.index_add_(0, index, update.weight * _delta(update, name, reference))
+            weights.index_add_(0, index, torch.full((len(index),), float(update.weight)))
+    shape = (*reference.shape[:1], *[1] * max(reference.ndim - 1, 0))  # () for a scalar
+    return total / weights.clamp(min=1e-12).reshape(shape)
 
 
 class ServerOptimizer:

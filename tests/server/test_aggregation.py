@@ -134,6 +134,38 @@ def test_weighted_mean_is_row_aware() -> None:
     torch.testing.assert_close(new["norm.weight"], torch.full((3,), (1 * 2.0 + 3 * 4.0) / 4))
 
 
+def test_the_mean_never_holds_every_nodes_delta_at_once(monkeypatch) -> None:
+    """The weighted mean is accumulated node by node (the driver's memory stays one model's,
+    at 100 nodes too) and equals the mean over the stacked deltas."""
+    from server.federation import aggregation
+
+    generator = np.random.default_rng(0)
+    updates = [
+        sparse_update(
+            f"n{k}",
+            float(generator.integers(1, 50)),
+            sorted(generator.choice(ITEMS, size=int(generator.integers(1, ITEMS)), replace=False)),
+            float(generator.normal()),
+            float(generator.normal()),
+        )
+        for k in range(8)
+    ]
+    state = global_state()
+    expected = {}
+    for name, reference in state.items():  # the mean over the stacked deltas, row by row
+        deltas, present = aggregation._stack(name, reference, updates)
+        weights = torch.tensor([u.weight for u in updates]).view(-1, 1) * present
+        weights = weights / weights.sum(0, keepdim=True).clamp(min=1e-12)
+        expected[name] = (weights.view(*weights.shape, *[1] * (deltas.ndim - 2)) * deltas).sum(0)
+
+    def no_stack(*_):
+        raise AssertionError("the mean stacked every node's delta")
+
+    monkeypatch.setattr(aggregation, "_stack", no_stack)
+    for name, value in aggregate(state, updates, "mean").items():
+        torch.testing.assert_close(value, expected[name])
+
+
 def test_rows_nobody_sent_keep_a_non_zero_global_value() -> None:
     state = global_state()
     state["id_scores.bias"] = torch.arange(ITEMS, dtype=torch.float32)
