@@ -316,6 +316,7 @@ def _federate(
     strategy, ledger = federation.strategy, federation.ledger
     checkpoint = Checkpoint(out / "checkpoint.safetensors")
     history, trained_rows, done = [], np.zeros(catalog.num_items, dtype=bool), 0
+    start = None  # the starting model's validation metrics (a candidate when rounds are chosen)
     saved = checkpoint.load()
     if saved is not None:
         state, strategy.optimizer.state, progress = saved
@@ -323,18 +324,22 @@ def _federate(
             raise SystemExit(
                 f"{out} holds a run with other settings ({'; '.join(changed)}); use another --out"
             )
-        history, done = progress["history"], progress["round"]
+        history, done, start = progress["history"], progress["round"], progress.get("start")
         trained_rows[progress["trained_rows"]] = True
         log.info("resuming after round %d of at most %d", done, config.max_rounds)
     selection = None
     if config.selects_rounds:
         selection = RoundSelection(out / "best.safetensors", config.round_patience)
-        selection.resume(done)
+        selection.resume(done, history)
     validating = (
         evaluation.split.validation_users(federation.valid_fraction)
         if selection is not None and evaluation is not None
         else None
     )
+    if selection is not None and validating is not None and not done:
+        # the start is a candidate too: no round that validates below it is shipped
+        start = round_validation({}, evaluation, model, validating)
+        selection.observe(0, start, state, [])
     reason = "all rounds completed"
     monitor = "test" if config.refit else "valid"
     node_dp = NodeLevelDP(config, ledger) if config.node_dp else None
@@ -342,7 +347,7 @@ def _federate(
         if selection is not None and selection.stale(server_round - 1):
             reason = (
                 f"validation ndcg@10 did not improve for {config.round_patience} rounds "
-                f"(best: round {selection.best_round})"
+                f"(best: {best_name(selection.best_round)})"
             )
             break
         started = time.time()
@@ -423,6 +428,7 @@ def _federate(
                 "history": history,
                 "config": config.to_dict(),
                 "trained_rows": np.flatnonzero(trained_rows).tolist(),
+                "start": start,
             },
         )
         if selection is not None and entry["selection"] is not None:
@@ -435,7 +441,7 @@ def _federate(
         (state, rows), chosen = best, selection.best_valid
         trained_rows[:] = False
         trained_rows[rows] = True
-        log.info("the global model is round %d's (best validation)", selection.best_round)
+        log.info("the global model is %s's (best validation)", best_name(selection.best_round))
     model.load_state_dict(state)
     timing = {
         "rounds": len(history),
@@ -452,7 +458,8 @@ def _federate(
         extra["selection"] = {
             "monitor": f"valid {MONITOR} of the validation customers",
             "valid_fraction": federation.valid_fraction,
-            "best_round": selection.best_round,
+            "best_round": selection.best_round,  # 0: the starting model
+            "start": start,  # its validation metrics
             "rounds_run": len(history),
             "stopped": reason,
         }
@@ -475,6 +482,11 @@ def _federate(
         metrics = catalog.write(out, model, measured, privacy, title=title)
     plot_rounds(history, out / "rounds.png")
     return metrics
+
+
+def best_name(server_round: int) -> str:
+    """How the log names the round validation chose (0: the starting model)."""
+    return f"round {server_round}" if server_round else "the starting model (no round beat it)"
 
 
 def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:

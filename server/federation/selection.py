@@ -4,7 +4,10 @@
 Each round the global model is scored on the validation events of the validation customers,
 events no node trains on; the best round's model is kept (``best.safetensors`` beside the
 checkpoint) and the run stops once ``round-patience`` rounds have passed without a better one,
-or at ``rounds``. Under DP the rounds are fixed (``dp-rounds``): a choice made on private data
+or at ``rounds``. In a simulation the starting model (the public text model, "round 0") is a
+candidate too: a federation whose rounds all validate below it ships the start, never a model
+its nodes made worse. It does not count for the patience, so the rounds run as they would
+without it. Under DP the rounds are fixed (``dp-rounds``): a choice made on private data
 would be a release nobody accounted.
 """
 
@@ -28,20 +31,30 @@ class RoundSelection:
 
     path: Path
     patience: int
-    best_round: int = 0
+    best_round: int = 0  # 0: the starting model, when it was observed and no round beat it
     best_score: float = float("-inf")
     best_valid: dict | None = None
+    last_gain: int = 0  # the latest round better than every trained round before it
+    trained_best: float = float("-inf")
 
     def __post_init__(self) -> None:
         self.best = Checkpoint(self.path)
 
-    def resume(self, done: int) -> None:
+    def resume(self, done: int, history: list[dict]) -> None:
         """Take up the best round saved by an earlier start of the run (it is saved after
-        the round's checkpoint, so a crash between the two keeps the earlier best)."""
+        the round's checkpoint, so a crash between the two keeps the earlier best) and the
+        patience's count from the rounds' ``history``."""
         progress = self.best.progress()
         if progress is not None and progress["round"] <= done:
             self.best_round, self.best_score = progress["round"], progress["score"]
             self.best_valid = progress["valid"]
+        for entry in history:
+            if entry.get("selection"):
+                self._count(entry["round"], float(entry["selection"][MONITOR]))
+
+    def _count(self, server_round: int, score: float) -> None:
+        if server_round > 0 and score > self.trained_best:
+            self.trained_best, self.last_gain = score, server_round
 
     def observe(
         self,
@@ -50,9 +63,10 @@ class RoundSelection:
         state: dict[str, torch.Tensor],
         trained_rows: list[int],
     ) -> bool:
-        """Record the round's validation metrics; a new best is saved (with the item rows
-        trained by then) and True returned."""
+        """Record the round's (0: the starting model's) validation metrics; a new best is
+        saved (with the item rows trained by then) and True returned."""
         score = float(valid[MONITOR])
+        self._count(server_round, score)
         if score <= self.best_score:
             return False
         self.best_round, self.best_score, self.best_valid = server_round, score, valid
@@ -66,12 +80,12 @@ class RoundSelection:
         return True
 
     def stale(self, server_round: int) -> bool:
-        """Whether ``patience`` rounds have passed since the best one (0: never)."""
-        return self.patience > 0 and server_round - self.best_round >= self.patience
+        """Whether ``patience`` rounds have passed since the best trained one (0: never)."""
+        return self.patience > 0 and server_round - self.last_gain >= self.patience
 
     def best_state(self) -> tuple[dict[str, torch.Tensor], list[int]] | None:
         """The best round's global weights and the item rows trained by then (None before
-        any round)."""
+        any round or start was observed)."""
         saved = self.best.load()
         return None if saved is None else (saved[0], saved[2]["trained_rows"])
 

@@ -37,13 +37,36 @@ def test_a_resumed_run_takes_up_the_best_round_it_had_completed(tmp_path: Path) 
     path = tmp_path / "best.safetensors"
     RoundSelection(path, patience=2).observe(3, {"ndcg@10": 0.07}, weights(3.0), [1])
     resumed = RoundSelection(path, patience=2)
-    resumed.resume(done=3)
+    resumed.resume(done=3, history=[{"round": 3, "selection": {"ndcg@10": 0.07}}])
     assert (resumed.best_round, resumed.best_score) == (3, 0.07)
+    assert not resumed.stale(4) and resumed.stale(5)
     # a best saved for a round the checkpoint does not hold (a crash between the two) is
     # not taken up: that round is trained again
     earlier = RoundSelection(path, patience=2)
-    earlier.resume(done=2)
+    earlier.resume(done=2, history=[])
     assert earlier.best_round == 0 and earlier.best_score == float("-inf")
+
+
+def test_the_start_is_shipped_when_no_round_beats_it(tmp_path: Path) -> None:
+    """Round 0, the public starting model, is a candidate: a federation whose rounds all
+    validate below it keeps it. It does not shorten the run: patience counts trained rounds."""
+    selection = RoundSelection(tmp_path / "best.safetensors", patience=2)
+    assert selection.observe(0, {"ndcg@10": 0.08}, weights(0.0), [])
+    assert not selection.observe(1, {"ndcg@10": 0.05}, weights(1.0), [0])
+    assert not selection.stale(1)  # as without the start: round 1 is the best trained one
+    assert not selection.observe(2, {"ndcg@10": 0.06}, weights(2.0), [0, 1])
+    assert not selection.stale(3)  # round 2 beat round 1
+    assert not selection.observe(3, {"ndcg@10": 0.05}, weights(3.0), [0])
+    assert selection.stale(4)
+    state, rows = selection.best_state()
+    assert selection.best_round == 0 and torch.equal(state["w"], weights(0.0)["w"]) and rows == []
+    # resumed after round 3: the start stays the best, the patience counts from round 2
+    resumed = RoundSelection(tmp_path / "best.safetensors", patience=2)
+    history = [
+        {"round": r, "selection": {"ndcg@10": v}} for r, v in ((1, 0.05), (2, 0.06), (3, 0.05))
+    ]
+    resumed.resume(done=3, history=history)
+    assert (resumed.best_round, resumed.last_gain) == (0, 2) and resumed.stale(4)
 
 
 def evaluation_reply(node: str, metrics: dict):

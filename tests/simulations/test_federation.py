@@ -116,8 +116,9 @@ def test_simulate_writes_every_output(resumed_run: dict) -> None:
 
     # validation chose the round: the global model is the best round's, not the last one's
     chosen = metrics["selection"]
-    scores = [h["selection"]["ndcg@10"] for h in metrics["rounds"]]
-    assert chosen["best_round"] == 1 + int(np.argmax(scores)) and chosen["rounds_run"] == 2
+    # (round 0, the starting model, is a candidate too)
+    scores = [chosen["start"]["ndcg@10"]] + [h["selection"]["ndcg@10"] for h in metrics["rounds"]]
+    assert chosen["best_round"] == int(np.argmax(scores)) and chosen["rounds_run"] == 2
     assert metrics["valid"]["ndcg@10"] == max(scores)
     best, _, _ = Checkpoint(out / "best.safetensors").load()
     saved = {k: v for k, v in model.state_dict().items() if k in best}
