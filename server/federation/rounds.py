@@ -441,7 +441,7 @@ def _federate(
         (state, rows), chosen = best, selection.best_valid
         trained_rows[:] = False
         trained_rows[rows] = True
-        log.info("the global model is %s's (best validation)", best_name(selection.best_round))
+        log.info("the global model: %s (best validation)", best_name(selection.best_round))
     model.load_state_dict(state)
     timing = {
         "rounds": len(history),
@@ -486,7 +486,7 @@ def _federate(
 
 def best_name(server_round: int) -> str:
     """How the log names the round validation chose (0: the starting model)."""
-    return f"round {server_round}" if server_round else "the starting model (no round beat it)"
+    return f"round {server_round}" if server_round else "the starting model, no round beat it"
 
 
 def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
