@@ -32,6 +32,7 @@ from shared.recommender.secure_random import SecureRandom
 from shared.recommender.text import embed_items
 from shared.recommender.training import (
     calibrate_noise,
+    learns_reversed,
     new_accountant,
     prv_epsilon,
     steps_per_epoch,
@@ -39,6 +40,7 @@ from shared.recommender.training import (
     train_epoch,
     train_private,
     training_tensors,
+    with_reversed,
 )
 from shared.runs.config import RunConfig, resolve_device
 
@@ -182,12 +184,15 @@ def train_node(
     histories = [
         np.asarray(h) for h in training_histories(node, config, valid_fraction) if len(h) >= 2
     ]
-    inputs, targets = training_tensors(histories, model.config.max_len)
+    # without DP, short histories are learnt backwards too (the node's own data decides)
+    backwards = not config.dp and learns_reversed(config.reverse_histories, histories)
+    sequences = with_reversed(histories) if backwards else histories
+    inputs, targets = training_tensors(sequences, model.config.max_len)
     scored = scored_catalog(node, config)
     if scored is not None:
         targets = targets_within(targets, torch.as_tensor(scored), model.config.num_items)
     catalog = scored if scored is not None else np.arange(model.config.num_items)
-    report: dict = {"customers": len(inputs), "node": node.name}
+    report: dict = {"customers": len(histories), "node": node.name}
     trainee = CatalogView(model, scored) if scored is not None else None
     if config.dp:
         customers = public_customers(node, policy)

@@ -16,11 +16,13 @@ import torch
 from shared.recommender.experiment import Experiment
 from shared.recommender.training import (
     calibrate_noise,
+    learns_reversed,
     steps_per_epoch,
     targets_within,
     train_epoch,
     train_private,
     training_tensors,
+    with_reversed,
 )
 from shared.runs.config import RunConfig
 from shared.runs.durable import OutputInUse, RunLock
@@ -93,9 +95,11 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     started = time.time()
     if config.dp:
         return _train_private(experiment, show_progress) | {"train_s": time.time() - started}
-    model, history = _fit(
-        experiment, experiment.train_histories(), config.epochs, True, show_progress
-    )
+    histories = experiment.train_histories()
+    backwards = learns_reversed(config.reverse_histories, histories)  # once, for the refit too
+    if backwards and show_progress:
+        print("also learning every history backwards (reverse-histories)", flush=True)
+    model, history = _fit(experiment, histories, config.epochs, True, show_progress, backwards)
     result = {"model": model, "history": history, "privacy": None, "valid": None}
     best_epoch = max(history, key=lambda h: h["valid_ndcg@10"])["epoch"]
     if config.refit:  # validation has chosen the epochs; now learn from those events too
@@ -103,24 +107,31 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
         result["valid_test"], _ = experiment.evaluate(model, "test")
         if show_progress:
             print(f"refit on training + validation events for {best_epoch} epoch(s)", flush=True)
-        result["model"], _ = _fit(
-            experiment, experiment.train_histories(refit=True), best_epoch, False, show_progress
-        )
+        refit = experiment.train_histories(refit=True)
+        result["model"], _ = _fit(experiment, refit, best_epoch, False, show_progress, backwards)
     result["timing"] = {
         "train_s": round(time.time() - started, 1),
         "best_epoch": best_epoch,
         "epoch_s": round(float(np.mean([h["epoch_s"] for h in history])), 1),
     }
+    result["reversed_histories"] = backwards
     return result
 
 
 def _fit(
-    experiment: Experiment, histories: list, epochs: int, select: bool, show_progress: bool
+    experiment: Experiment,
+    histories: list,
+    epochs: int,
+    select: bool,
+    show_progress: bool,
+    backwards: bool = False,
 ) -> tuple:
-    """Adam over full-catalog softmax; with ``select``, early stopping on validation NDCG@10."""
+    """Adam over full-catalog softmax; with ``select``, early stopping on validation NDCG@10;
+    with ``backwards``, every history is learnt reversed too (:func:`learns_reversed`)."""
     config = experiment.config
     model = experiment.new_model()
-    inputs, targets = training_tensors(histories, model.config.max_len)
+    sequences = with_reversed(histories) if backwards else histories
+    inputs, targets = training_tensors(sequences, model.config.max_len)
     columns = None
     trained = experiment.trained_items(histories)
     if not trained.all():  # products nobody has touched yet (held out: new) are not negatives
@@ -236,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
         experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
         result = train_centralized(experiment, not args.quiet)
         extra = {"history": result["history"], "context": run_context(experiment)}
+        if "reversed_histories" in result:
+            extra["reversed_histories"] = result["reversed_histories"]
         if result.get("valid_test"):
             extra["test_before_refit"] = result["valid_test"]
         metrics = experiment.finish(

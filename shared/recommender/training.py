@@ -32,6 +32,27 @@ def training_tensors(
     return inputs, targets
 
 
+SHORT_HISTORY = 3  # events: a median history this short gives at most two next-item pairs
+
+
+def learns_reversed(setting: str, histories: list[np.ndarray]) -> bool:
+    """Whether training also learns every history backwards (``reverse-histories``): ``on``,
+    ``off``, or ``auto``: on when the median history that trains (two events or more) has at
+    most :data:`SHORT_HISTORY` events. There a customer's few events, in an order that says
+    little (review dates), teach next-item transitions poorly; read both ways they teach which
+    products go together, what item-to-item neighbours count (docs/evaluation.md)."""
+    if setting != "auto":
+        return setting == "on"
+    lengths = [len(h) for h in histories if len(h) >= 2]
+    return bool(lengths) and float(np.median(lengths)) <= SHORT_HISTORY
+
+
+def with_reversed(histories: list[np.ndarray]) -> list[np.ndarray]:
+    """``histories`` and, as further sequences, each one of two events or more reversed
+    (never under DP: a customer would be two samples)."""
+    return list(histories) + [np.asarray(h)[::-1].copy() for h in histories if len(h) >= 2]
+
+
 def targets_within(targets: torch.Tensor, columns: torch.Tensor, num_items: int) -> torch.Tensor:
     """``targets`` as positions in ``columns`` (part of the catalog); -1 stays -1."""
     position = torch.full((num_items,), -1, dtype=torch.long)

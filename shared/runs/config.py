@@ -29,6 +29,7 @@ class RunConfig:
     text_finetune_rounds: int = 3  # a federation's encoder rounds, before the model's
     cold_items: float = 0.0  # a fraction of products held out of all training (new products)
     fragment_nodes: int = 0  # >0 (train only): histories cut as N merchant nodes hold them
+    reverse_histories: str = "auto"  # also learn histories backwards: auto (short ones), on, off
     dim: int = ModelConfig.dim
     max_len: int = ModelConfig.max_len
     layers: int = ModelConfig.layers
@@ -98,6 +99,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.cold_items < 1:
             raise ValueError(f"cold-items must be a fraction in [0, 1), got {self.cold_items:g}")
+        if self.reverse_histories not in ("auto", "on", "off"):
+            raise ValueError(
+                f"reverse-histories must be auto, on or off, got {self.reverse_histories!r}"
+            )
+        if self.reverse_histories == "on" and (self.dp or self.node_dp):
+            raise ValueError(
+                "reverse-histories=on makes each customer two training sequences, which DP "
+                "accounts as one sample (one customer): set it to auto (off under DP) or off"
+            )
 
     def model_config(self, num_items: int, text_dim: int) -> ModelConfig:
         names = {f.name for f in fields(ModelConfig)}

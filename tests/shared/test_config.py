@@ -172,6 +172,29 @@ def test_a_cold_items_fraction_outside_0_1_is_refused_by_every_command(tmp_path:
     assert not (tmp_path / "o").exists()
 
 
+def test_reversed_histories_are_refused_under_dp_by_every_command(tmp_path: Path) -> None:
+    """A reversed copy would be a second sample of the customer, which DP accounts as one."""
+    out = str(tmp_path / "o")
+    for command in (["train"], ["simulate", "--clients", "2"]):
+        with pytest.raises(SystemExit, match="reverse-histories=on makes each customer two"):
+            main(
+                [
+                    *command,
+                    "--data",
+                    str(tmp_path),
+                    "--out",
+                    out,
+                    "--dp",
+                    "--set",
+                    "reverse-histories=on",
+                ]
+            )
+    with pytest.raises(SystemExit, match="reverse-histories must be auto, on or off, got '2'"):
+        main(["train", "--data", str(tmp_path), "--out", out, "--set", "reverse-histories=2"])
+    assert RunConfig(dp=True).reverse_histories == "auto"  # auto: never under DP
+    assert not (tmp_path / "o").exists()
+
+
 def test_rounds_are_a_cap_without_dp_and_exact_under_dp() -> None:
     open_run, private = RunConfig(), RunConfig(dp=True)
     assert open_run.max_rounds == open_run.rounds and open_run.selects_rounds

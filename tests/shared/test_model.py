@@ -9,7 +9,7 @@ import torch
 
 from shared.recommender.catalog import fill_cold_items
 from shared.recommender.model import FusionRecommender, ModelConfig, pad_histories
-from shared.recommender.training import training_tensors, trim
+from shared.recommender.training import learns_reversed, training_tensors, trim, with_reversed
 
 TEXT_MODULES = ("text_in", "query_to_text")
 ID_MODULES = ("id_in", "id_scores")
@@ -383,3 +383,19 @@ def test_padding_and_left_trim_do_not_change_a_state() -> None:
 def test_pad_histories_right_aligns_the_last_items() -> None:
     out = pad_histories([np.array([4, 5, 6]), np.array([], dtype=np.int64), np.arange(10)], 4)
     assert out.tolist() == [[0, 5, 6, 7], [0, 0, 0, 0], [7, 8, 9, 10]]
+
+
+def test_short_histories_are_also_learnt_backwards() -> None:
+    histories = [np.array([1, 2]), np.array([3]), np.array([4, 5, 6])]
+    out = with_reversed(histories)
+    assert [h.tolist() for h in out] == [[1, 2], [3], [4, 5, 6], [2, 1], [6, 5, 4]]
+    assert histories[2].tolist() == [4, 5, 6]  # the originals are untouched
+    inputs, targets = training_tensors(out[-2:], 3)
+    assert inputs.tolist() == [[0, 0, 3], [0, 7, 6]]  # item index + 1, right-aligned
+    assert targets.tolist() == [[-1, -1, 1], [-1, 5, 4]]
+    # auto: the median history that trains (two events or more) decides
+    short = [np.arange(2), np.arange(3), np.arange(9), np.array([7])]
+    long = [np.arange(4), np.arange(5), np.arange(2)]
+    assert learns_reversed("auto", short) and not learns_reversed("auto", long)
+    assert learns_reversed("on", long) and not learns_reversed("off", short)
+    assert not learns_reversed("auto", [np.array([1])])  # nothing trains
