@@ -213,6 +213,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             metrics = {"num-examples": int(result["customers"]), "bytes-up": nbytes(arrays)}
             if not (config.dp or config.node_dp):  # under DP only the weights leave the node
                 metrics["loss"] = result["loss"]
+                metrics["reversed-histories"] = int(result["reversed"])
         content = RecordDict(
             {
                 "privacy": ConfigRecord(asked.report(result, arrays).to_record()),

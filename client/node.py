@@ -184,7 +184,8 @@ def train_node(
     histories = [
         np.asarray(h) for h in training_histories(node, config, valid_fraction) if len(h) >= 2
     ]
-    # without DP, short histories are learnt backwards too (the node's own data decides)
+    # the server decides reverse-histories for every node (server/federation/rounds.py);
+    # never under DP, where each customer is one sample
     backwards = not config.dp and learns_reversed(config.reverse_histories, histories)
     sequences = with_reversed(histories) if backwards else histories
     inputs, targets = training_tensors(sequences, model.config.max_len)
@@ -192,7 +193,7 @@ def train_node(
     if scored is not None:
         targets = targets_within(targets, torch.as_tensor(scored), model.config.num_items)
     catalog = scored if scored is not None else np.arange(model.config.num_items)
-    report: dict = {"customers": len(histories), "node": node.name}
+    report: dict = {"customers": len(histories), "node": node.name, "reversed": backwards}
     trainee = CatalogView(model, scored) if scored is not None else None
     if config.dp:
         customers = public_customers(node, policy)

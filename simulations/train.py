@@ -96,7 +96,10 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     if config.dp:
         return _train_private(experiment, show_progress) | {"train_s": time.time() - started}
     histories = experiment.train_histories()
-    backwards = learns_reversed(config.reverse_histories, histories)  # once, for the refit too
+    # decided once (for the refit too), on the whole histories: fragment-nodes' pieces are
+    # short because they are cut, as a merchant node's are (server/federation/rounds.py)
+    whole = experiment.split.training_histories(False)
+    backwards = learns_reversed(config.reverse_histories, whole)
     if backwards and show_progress:
         print("also learning every history backwards (reverse-histories)", flush=True)
     model, history = _fit(experiment, histories, config.epochs, True, show_progress, backwards)

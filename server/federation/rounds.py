@@ -33,6 +33,7 @@ from shared.federation.reports import NodeReport, ReportError, parse_report
 from shared.federation.wire import encode, nbytes, trainable_state
 from shared.recommender.experiment import Catalog, Experiment
 from shared.recommender.finetune import tuned_checkpoint
+from shared.recommender.training import learns_reversed
 from shared.runs.checkpoint import Checkpoint
 from shared.runs.config import RunConfig
 from shared.runs.durable import RunLock
@@ -170,6 +171,7 @@ class Federation:
         catalog: Catalog,
         partitions: Path | None,
         customers: int | None,
+        reversed_histories: bool = False,
     ):
         self.grid, self.config = grid, config
         self.strategy = FedRecStrategy(config)
@@ -186,7 +188,9 @@ class Federation:
                 unit=NODE_UNIT,
             )
         self.run_id = self.ledger.entries[0]["hash"]  # what every node's signed report names
-        settings = settings_record(config, catalog.digest, partitions, self.valid_fraction)
+        settings = settings_record(
+            config, catalog.digest, partitions, self.valid_fraction, reversed_histories
+        )
         self.settings = ConfigRecord({**dict(settings), "run-id": self.run_id})
         self.keys = NodeKeys(out / "node-keys")
         # the encoder's tuned top layers (server/federation/encoder_rounds.py), sent with every
@@ -302,7 +306,14 @@ def _federate(
 ) -> dict:
     """The run itself, under the lock on ``out`` (:func:`run_federation`)."""
     customers = None if evaluation is None else len(evaluation.split.test_users)
-    federation = Federation(grid, config, out, catalog, partitions, customers)
+    # reverse-histories=auto is decided here, for every node, on the whole histories where the
+    # server holds them (a simulation): a node's own are cut by its partition (a merchant's
+    # are short whatever the data) and would mislead it. A deployment's server holds none:
+    # auto is off there, and under DP everywhere (a customer is one sample).
+    whole = [] if evaluation is None else evaluation.split.training_histories(False)
+    private = config.dp or config.node_dp
+    backwards = not private and learns_reversed(config.reverse_histories, whole)
+    federation = Federation(grid, config, out, catalog, partitions, customers, backwards)
     encoder_rounds: list[dict] = []
     if config.text_finetune_layers:  # the nodes tune the encoder first; the catalog follows
         federation.text_encoder, encoder_rounds = tune_encoder(federation, out, show_progress)
@@ -418,6 +429,8 @@ def _federate(
                 "bytes_down_per_node": nbytes(encode(state)),
                 "bytes_up_per_node": result.mean_metric("bytes-up"),
                 "loss": result.mean_metric("loss"),
+                # the share of the round's nodes that also learnt their histories backwards
+                "reversed_histories": result.mean_metric("reversed-histories"),
             }
         )
         checkpoint.save(

@@ -28,14 +28,23 @@ def node_target_epsilon(config: RunConfig) -> float:
 
 
 def settings_record(
-    config: RunConfig, catalog_digest: str, partitions: Path | None, valid_fraction: float = 0.0
+    config: RunConfig,
+    catalog_digest: str,
+    partitions: Path | None,
+    valid_fraction: float = 0.0,
+    reversed_histories: bool = False,
 ) -> ConfigRecord:
     """What the nodes are sent each round: the run's settings, with each node's share of the
-    budget, the digest of the catalog the global model is indexed by (a node holding another
-    refuses), the share of customers whose validation event no node trains on (they choose
-    the rounds) and, in a simulation, where the partitions are. The run's id is added once the
-    ledger has started (:class:`Federation`)."""
-    request = {**config.to_dict(), "target_epsilon": node_target_epsilon(config)}
+    budget and ``reverse-histories`` decided for all of them (on or off, never auto), the
+    digest of the catalog the global model is indexed by (a node holding another refuses), the
+    share of customers whose validation event no node trains on (they choose the rounds) and,
+    in a simulation, where the partitions are. The run's id is added once the ledger has
+    started (:class:`Federation`)."""
+    request = {
+        **config.to_dict(),
+        "target_epsilon": node_target_epsilon(config),
+        "reverse_histories": "on" if reversed_histories else "off",
+    }
     record = {**request, "catalog-digest": catalog_digest, "valid-fraction": valid_fraction}
     if partitions is not None:
         record["partitions-dir"] = str(Path(partitions).resolve())

@@ -90,3 +90,24 @@ def test_products_a_simulation_holds_out_as_new_are_never_trained_at_a_node(
     assert len(sent) and not np.isin(sent, cold).any()
     rows = torch.as_tensor(cold + ITEM_TABLES["id_scores.weight"])
     assert torch.equal(result["state"]["id_scores.weight"][rows], state["id_scores.weight"][rows])
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["no-dp", "dp"])
+def test_a_node_learns_its_histories_backwards_only_without_dp(
+    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path, dp: bool
+) -> None:
+    """Told reverse-histories=on (the server decides for every node), a node learns its
+    histories backwards too, never under DP, where each customer is one sample; the customers
+    it reports are the customers, not the sequences."""
+    directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
+    config = RunConfig(**TINY_SETTINGS, device="cpu", dp=dp, text_model=str(tiny_bert_dir))
+    node = load_node(str(directory), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    state = trainable_state(model)
+    auto = train_node(node, config, state, server_round=1)
+    assert auto["reversed"] is False
+    if dp:
+        return  # reverse-histories=on with dp is refused by the settings (test_config)
+    forced = train_node(node, replace(config, reverse_histories="on"), state, server_round=1)
+    assert forced["reversed"] is True and forced["customers"] == auto["customers"]
+    assert forced["loss"] != auto["loss"]  # it trained on the reversed sequences too

@@ -30,6 +30,7 @@ ALLOWED_METRICS = {
     "customers",
     "bytes-up",
     "loss",
+    "reversed-histories",  # whether it learnt its histories backwards too (without DP)
     "coverage@20",
     *METRICS,
     *(f"noisy_sum_{m}" for m in METRICS),
