@@ -313,6 +313,10 @@ def _federate(
     whole = [] if evaluation is None else evaluation.split.training_histories(False)
     private = config.dp or config.node_dp
     backwards = not private and learns_reversed(config.reverse_histories, whole)
+    if backwards:
+        log.info("the nodes also learn every history backwards (reverse-histories)")
+    elif config.reverse_histories == "auto" and evaluation is None and not private:
+        log.info("reverse-histories=auto is off: the server holds no histories to decide on")
     federation = Federation(grid, config, out, catalog, partitions, customers, backwards)
     encoder_rounds: list[dict] = []
     if config.text_finetune_layers:  # the nodes tune the encoder first; the catalog follows
