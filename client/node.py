@@ -184,9 +184,8 @@ def train_node(
     histories = [
         np.asarray(h) for h in training_histories(node, config, valid_fraction) if len(h) >= 2
     ]
-    # the server decides reverse-histories for every node (server/federation/rounds.py);
-    # never under DP, where each customer is one sample
-    backwards = not config.dp and learns_reversed(config.reverse_histories, histories)
+    # the server decides reverse-histories for every node (server/federation/rounds.py)
+    backwards = learns_reversed(config, histories)
     sequences = with_reversed(histories) if backwards else histories
     inputs, targets = training_tensors(sequences, model.config.max_len)
     scored = scored_catalog(node, config)

@@ -99,7 +99,7 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     # decided once (for the refit too), on the whole histories: fragment-nodes' pieces are
     # short because they are cut, as a merchant node's are (server/federation/rounds.py)
     whole = experiment.split.training_histories(False)
-    backwards = learns_reversed(config.reverse_histories, whole)
+    backwards = learns_reversed(config, whole)
     if backwards and show_progress:
         print("also learning every history backwards (reverse-histories)", flush=True)
     model, history = _fit(experiment, histories, config.epochs, True, show_progress, backwards)

@@ -163,12 +163,12 @@ def _weighted_mean(name: str, reference: torch.Tensor, updates: list[NodeUpdate]
     total = torch.zeros_like(reference)
     weights = torch.zeros(reference.shape[0] if reference.ndim else 1)
     for update in updates:
-        index = _row_index(update, name)
+        index, delta = _row_index(update, name), update.weight * _delta(update, name, reference)
         if index is None:
-            total += update.weight * (update.arrays[name].float() - reference)
+            total += delta
             weights += update.weight
         else:
-            total.index_add_(0, index, update.weight * _delta(update, name, reference))
+            total.index_add_(0, index, delta)
             weights.index_add_(0, index, torch.full((len(index),), float(update.weight)))
     shape = (*reference.shape[:1], *[1] * max(reference.ndim - 1, 0))  # () for a scalar
     return total / weights.clamp(min=1e-12).reshape(shape)

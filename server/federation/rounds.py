@@ -9,6 +9,7 @@ started again with the same OUT resumes after its last completed round.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -151,11 +152,15 @@ class RoundResult:
     replies: list[Message]
 
     def mean_metric(self, key: str) -> float | None:
-        """The mean of a number the replies report (``loss``, ``bytes-up``), None if none does."""
+        """The mean of a number the replies report (``loss``, ``bytes-up``), None if none does;
+        a value that is not one finite number (a list, NaN: any node can send one) is left
+        out."""
         values = [
-            float(r.content["metrics"][key])
+            float(value)
             for r in self.replies
-            if not r.has_error() and key in r.content.get("metrics", {})
+            if not r.has_error()
+            and isinstance(value := r.content.get("metrics", {}).get(key), int | float)
+            and math.isfinite(value)
         ]
         return float(np.mean(values)) if values else None
 
@@ -311,11 +316,10 @@ def _federate(
     # are short whatever the data) and would mislead it. A deployment's server holds none:
     # auto is off there, and under DP everywhere (a customer is one sample).
     whole = [] if evaluation is None else evaluation.split.training_histories(False)
-    private = config.dp or config.node_dp
-    backwards = not private and learns_reversed(config.reverse_histories, whole)
+    backwards = learns_reversed(config, whole)
     if backwards:
         log.info("the nodes also learn every history backwards (reverse-histories)")
-    elif config.reverse_histories == "auto" and evaluation is None and not private:
+    elif config.reverse_histories == "auto" and evaluation is None and not config.private:
         log.info("reverse-histories=auto is off: the server holds no histories to decide on")
     federation = Federation(grid, config, out, catalog, partitions, customers, backwards)
     encoder_rounds: list[dict] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from torch import nn
 from shared.recommender.model import FusionRecommender, pad_histories
 from shared.recommender.secure_random import SecureRandom
 from shared.runs.progress import progress_bar
+
+if TYPE_CHECKING:
+    from shared.runs.config import RunConfig
 
 
 def training_tensors(
@@ -35,14 +39,17 @@ def training_tensors(
 SHORT_HISTORY = 3  # events: a median history this short gives at most two next-item pairs
 
 
-def learns_reversed(setting: str, histories: list[np.ndarray]) -> bool:
-    """Whether training also learns every history backwards (``reverse-histories``): ``on``,
-    ``off``, or ``auto``: on when the median history that trains (two events or more) has at
-    most :data:`SHORT_HISTORY` events. There a customer's few events, in an order that says
-    little (review dates), teach next-item transitions poorly; read both ways they teach which
-    products go together, what item-to-item neighbours count (docs/evaluation.md)."""
-    if setting != "auto":
-        return setting == "on"
+def learns_reversed(config: RunConfig, histories: list[np.ndarray]) -> bool:
+    """Whether training also learns every history backwards (``reverse-histories``): never
+    under DP (a customer would be two samples); else ``on``, ``off``, or ``auto``: on when the
+    median history that trains (two events or more) has at most :data:`SHORT_HISTORY` events.
+    There a customer's few events, in an order that says little (review dates), teach
+    next-item transitions poorly; read both ways they teach which products go together, what
+    item-to-item neighbours count (docs/evaluation.md)."""
+    if config.private:
+        return False
+    if config.reverse_histories != "auto":
+        return config.reverse_histories == "on"
     lengths = [len(h) for h in histories if len(h) >= 2]
     return bool(lengths) and float(np.median(lengths)) <= SHORT_HISTORY
 

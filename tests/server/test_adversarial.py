@@ -16,7 +16,7 @@ import torch
 from helpers import node_reply
 
 from server.federation.registry import Registry, RegistryError, write_registry
-from server.federation.rounds import privacy_reports, record_privacy
+from server.federation.rounds import RoundResult, privacy_reports, record_privacy
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, verify_chain
 from server.privacy.ledger_gaps import record_lost_contributions
@@ -215,3 +215,18 @@ def test_a_registry_that_names_unknown_products_is_refused(tmp_path: Path) -> No
     path.write_text(json.dumps({"7": {"name": "x", "catalog": ["nope"]}}))
     with pytest.raises(RegistryError, match="node '7'"):
         Registry.load(path, ITEMS)
+
+
+def test_a_hostile_reported_number_is_left_out_of_the_round_history() -> None:
+    """A node reports its loss, bytes and whether it reversed its histories as numbers; one
+    that sends a list, NaN or infinity is left out of the round's means, never a crash."""
+    replies = [
+        node_reply("honest", None, metrics={"loss": 2.0, "reversed-histories": 1}),
+        node_reply("list", None, metrics={"loss": [1.0, 9.0], "reversed-histories": [1, 1]}),
+        node_reply("nan", None, metrics={"loss": float("nan"), "reversed-histories": 0}),
+        node_reply("inf", None, metrics={"loss": float("inf")}),
+    ]
+    result = RoundResult([], None, 4, 0, [], replies)
+    assert result.mean_metric("loss") == 2.0
+    assert result.mean_metric("reversed-histories") == 0.5
+    assert result.mean_metric("bytes-up") is None

@@ -192,6 +192,10 @@ def test_reversed_histories_are_refused_under_dp_by_every_command(tmp_path: Path
     with pytest.raises(SystemExit, match="reverse-histories must be auto, on or off, got '2'"):
         main(["train", "--data", str(tmp_path), "--out", out, "--set", "reverse-histories=2"])
     assert RunConfig(dp=True).reverse_histories == "auto"  # auto: never under DP
+    # what a node builds from the server's settings: a server asking for both is refused
+    for private in ({"dp": True}, {"node-dp": True}):
+        with pytest.raises(ValueError, match="reverse-histories=on"):
+            RunConfig.from_flat({**private, "reverse-histories": "on"})
     assert not (tmp_path / "o").exists()
 
 

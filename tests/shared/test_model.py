@@ -10,6 +10,7 @@ import torch
 from shared.recommender.catalog import fill_cold_items
 from shared.recommender.model import FusionRecommender, ModelConfig, pad_histories
 from shared.recommender.training import learns_reversed, training_tensors, trim, with_reversed
+from shared.runs.config import RunConfig
 
 TEXT_MODULES = ("text_in", "query_to_text")
 ID_MODULES = ("id_in", "id_scores")
@@ -396,6 +397,10 @@ def test_short_histories_are_also_learnt_backwards() -> None:
     # auto: the median history that trains (two events or more) decides
     short = [np.arange(2), np.arange(3), np.arange(9), np.array([7])]
     long = [np.arange(4), np.arange(5), np.arange(2)]
-    assert learns_reversed("auto", short) and not learns_reversed("auto", long)
-    assert learns_reversed("on", long) and not learns_reversed("off", short)
-    assert not learns_reversed("auto", [np.array([1])])  # nothing trains
+    auto, on, off = (RunConfig(reverse_histories=v) for v in ("auto", "on", "off"))
+    assert learns_reversed(auto, short) and not learns_reversed(auto, long)
+    assert learns_reversed(on, long) and not learns_reversed(off, short)
+    assert not learns_reversed(auto, [np.array([1])])  # nothing trains
+    # never under DP, customer- or node-level: a customer would be two samples
+    assert not learns_reversed(RunConfig(dp=True), short)
+    assert not learns_reversed(RunConfig(node_dp=True), short)
