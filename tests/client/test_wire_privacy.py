@@ -105,6 +105,8 @@ def test_a_node_sends_weights_and_aggregates_only(
     assert set(content) <= {"arrays", "metrics", "privacy"}
     assert set(content["metrics"]) <= ALLOWED_METRICS  # aggregates: one number each
     assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
+    if dp:  # under DP only the weights and the counts leave: no loss, no training choices
+        assert not {"loss", "reversed-histories"} & set(content["metrics"])
     if "privacy" in content:  # the node's name and its privacy spending, nothing else
         for key, value in content["privacy"].items():
             assert isinstance(value, (bool, int, float)) or key in {
