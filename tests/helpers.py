@@ -4,6 +4,7 @@ customers the private-step tests train one customer at a time."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -12,6 +13,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 
 from shared.recommender.model import FusionRecommender, ModelConfig
 from shared.recommender.training import training_tensors, trim
+
+# the device the training tests run on: cpu here and in CI; FEDREC_TEST_DEVICE=cuda on a GPU
+# machine runs the same tests on the GPU (every path a node trains, scores and replies through)
+TEST_DEVICE = os.environ.get("FEDREC_TEST_DEVICE", "cpu")
 
 TINY_SETTINGS = {
     "dim": 16,
@@ -31,7 +36,7 @@ def cli_settings(settings: dict) -> list[str]:
     return [token for key, value in settings.items() for token in ("--set", f"{key}={value}")]
 
 
-TINY = [*cli_settings(TINY_SETTINGS), "--device", "cpu", "--quiet"]
+TINY = [*cli_settings(TINY_SETTINGS), "--device", TEST_DEVICE, "--quiet"]
 
 
 def node_reply(

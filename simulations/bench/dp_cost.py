@@ -3,8 +3,8 @@
 Both modes train the same model (the DP settings: ``dp_dim``, ``dp_max_len``) and the same
 weights (``dp_train``: ``text``, the default, ``bias``, or ``all`` for the full per-sample
 cost) on the same customers with the same batch size for one epoch, each in a fresh process
-so that peak memory (max RSS) is its own. Reported: seconds per epoch and peak memory, and
-their DP / non-DP ratios.
+so that peak memory (max RSS; on a GPU, the most the GPU held) is its own. Reported: seconds
+per epoch and peak memory, and their DP / non-DP ratios.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ def measure(args: argparse.Namespace) -> dict:
     histories = experiment.train_histories(config.refit)[: args.customers]
     model = experiment.new_model()
     inputs, targets = training_tensors(histories, model.config.max_len)
+    on_gpu = experiment.device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline_gpu = torch.cuda.memory_allocated()
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
     if args.mode == "dp":
@@ -66,6 +71,8 @@ def measure(args: argparse.Namespace) -> dict:
     else:
         optimizer = torch.optim.Adam(select_trainable(model, config.dp_train), lr=config.dp_lr)
         train_epoch(model, optimizer, inputs, targets, config.dp_batch_size, experiment.device)
+    if on_gpu:
+        torch.cuda.synchronize()
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
@@ -81,6 +88,9 @@ def measure(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "batch": config.dp_batch_size,
         "device": experiment.device,
+        "training_gpu_mb": (
+            round((torch.cuda.max_memory_allocated() - baseline_gpu) / 2**20, 1) if on_gpu else None
+        ),
     }
 
 
@@ -103,20 +113,22 @@ def run(args: argparse.Namespace) -> int:
             "--mode",
             mode,
             *[f"--set={o}" for o in args.overrides],
+            *(["--device", args.device] if args.device else []),
         ]
         print(f"measuring {mode} training ...", flush=True)
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
     results["time_ratio"] = round(results["dp"]["epoch_s"] / results["plain"]["epoch_s"], 2)
-    results["memory_ratio"] = round(
-        results["dp"]["training_rss_mb"] / max(results["plain"]["training_rss_mb"], 1.0), 2
-    )
+    on_gpu = results["dp"]["training_gpu_mb"] is not None
+    memory = "training_gpu_mb" if on_gpu else "training_rss_mb"
+    results["memory_ratio"] = round(results["dp"][memory] / max(results["plain"][memory], 1.0), 2)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     for mode in ("plain", "dp"):
         r = results[mode]
         print(
-            f"{mode:>5}: {r['epoch_s']:7.1f} s/epoch, training memory {r['training_rss_mb']} MB "
-            f"(peak RSS {r['peak_rss_mb']} MB)"
+            f"{mode:>5}: {r['epoch_s']:7.1f} s/epoch on {r['device']}, training memory "
+            f"{r['training_rss_mb']} MB (peak RSS {r['peak_rss_mb']} MB)"
+            + (f", GPU {r['training_gpu_mb']} MB" if r["training_gpu_mb"] is not None else "")
         )
     print(
         f"DP / non-DP: {results['time_ratio']}x time, {results['memory_ratio']}x memory "

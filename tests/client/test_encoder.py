@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TEST_DEVICE
 from transformers import AutoModel
 
 from client.encoder import node_steps, tune_encoder_at_node
@@ -29,7 +30,7 @@ def node_and_config(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path:
         text_finetune_steps=8,
         text_finetune_rounds=2,
         clients=2,
-        device="cpu",
+        device=TEST_DEVICE,
     )
     return load_node(str(directory), str(tiny_bert_dir)), config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_SETTINGS
+from helpers import TEST_DEVICE, TINY_SETTINGS
 
 from client.client_app import valid_fraction
 from client.node import load_node, local_epochs, scored_catalog, train_node
@@ -76,7 +76,7 @@ def test_products_a_simulation_holds_out_as_new_are_never_trained_at_a_node(
     their text like any product nobody trained."""
     directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
     config = RunConfig(
-        **TINY_SETTINGS, device="cpu", dp=dp, cold_items=0.2, text_model=str(tiny_bert_dir)
+        **TINY_SETTINGS, device=TEST_DEVICE, dp=dp, cold_items=0.2, text_model=str(tiny_bert_dir)
     )
     node = load_node(str(directory), config.text_model)
     cold = cold_item_indices(len(node.items), 0.2, config.seed)
@@ -100,7 +100,7 @@ def test_a_node_learns_its_histories_backwards_only_without_dp(
     histories backwards too, never under DP, where each customer is one sample; the customers
     it reports are the customers, not the sequences."""
     directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
-    config = RunConfig(**TINY_SETTINGS, device="cpu", dp=dp, text_model=str(tiny_bert_dir))
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=dp, text_model=str(tiny_bert_dir))
     node = load_node(str(directory), config.text_model)
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
     state = trainable_state(model)

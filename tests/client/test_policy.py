@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY, TINY_SETTINGS
+from helpers import TEST_DEVICE, TINY, TINY_SETTINGS
 
 from client.node import NodePrivacy, evaluate_node, load_node, private_sums, train_node
 from client.policy import NodePolicy, PolicyError, parse_node_config
@@ -106,7 +106,9 @@ def test_a_bad_node_config_is_refused_with_the_key_and_value(text: str, words: s
 def node_setup(tiny_synth_dataset_dir: Path, tmp_path: Path):
     directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
     load_node.cache_clear()
-    config = RunConfig(**TINY_SETTINGS, device="cpu", dp=True, target_epsilon=4.0, dp_rounds=2)
+    config = RunConfig(
+        **TINY_SETTINGS, device=TEST_DEVICE, dp=True, target_epsilon=4.0, dp_rounds=2
+    )
     node = load_node(str(directory), config.text_model)
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
     return node, config, trainable_state(model)

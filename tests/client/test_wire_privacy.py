@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from helpers import TINY_SETTINGS
+from helpers import TEST_DEVICE, TINY_SETTINGS
 
 from client.client_app import app
 from client.node import load_node
@@ -66,7 +66,7 @@ def test_a_node_sends_weights_and_aggregates_only(
 ) -> None:
     for field in ("_run_id", "_node_id", "_task_id"):  # as in the process Flower starts
         monkeypatch.setattr(TaskIdentity, field, 1)
-    config = RunConfig(**TINY_SETTINGS, device="cpu", dp=dp, text_model=str(tiny_bert_dir))
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=dp, text_model=str(tiny_bert_dir))
     node = load_node(str(node_dir), config.text_model)
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
     state = trainable_state(model)

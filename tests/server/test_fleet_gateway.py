@@ -21,7 +21,7 @@ import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from helpers import TINY_SETTINGS
+from helpers import TEST_DEVICE, TINY_SETTINGS
 
 from server.federation.credentials import write_node_key, write_tls
 from server.federation.fleet_gateway import FleetGateway
@@ -250,7 +250,7 @@ def test_a_node_that_trusts_only_signed_apps_refuses_a_locally_built_one(
     )
     link.wait_for_nodes(1)
     out = tmp_path / "run"
-    settings = {**TINY_SETTINGS, "device": "cpu", "text_model": str(tiny_bert_dir)}
+    settings = {**TINY_SETTINGS, "device": TEST_DEVICE, "text_model": str(tiny_bert_dir)}
     config = RunConfig(
         data=str(tiny_synth_dataset_dir), out=str(out), clients=1, rounds=1, **settings
     )

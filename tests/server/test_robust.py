@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, Metadata, RecordDict
-from helpers import cli_settings, node_reply
+from helpers import TEST_DEVICE, cli_settings, node_reply
 
 from server.federation.aggregation import NodeUpdate, aggregate
 from server.federation.strategy import FedRecStrategy
@@ -219,7 +219,7 @@ def test_bench_robust_writes_the_comparison(
             {"dim": 16, "layers": 1, "max_len": 10, "local_steps": 0, "text_model": tiny_bert_dir}
         ),
         "--device",
-        "cpu",
+        TEST_DEVICE,
         "--quiet",
     ]
     assert (

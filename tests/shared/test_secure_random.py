@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.supercore.differential_privacy import compute_stdv
-from helpers import customers, tiny_model
+from helpers import TEST_DEVICE, customers, tiny_model
 from scipy import stats
 
 from server.privacy.ledger import PrivacyLedger
@@ -84,11 +84,11 @@ def private_step(
         max_grad_norm=0.05,
         lr=0.5,
         delta=1e-5,
-        device="cpu",
+        device=TEST_DEVICE,
         trainable="all",
         physical_batches=passes,
     )
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.usefixtures("no_accounting")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import TEST_DEVICE
 
 from simulations.cli import main
 
@@ -97,7 +98,7 @@ DATA_CASES = [
 # commands that read a dataset; {data} and {out} are filled in
 DATA_COMMANDS = {
     "validate": ["data", "validate", "{data}"],
-    "train": ["train", "--data", "{data}", "--out", "{out}", "--device", "cpu", "--quiet"],
+    "train": ["train", "--data", "{data}", "--out", "{out}", "--device", TEST_DEVICE, "--quiet"],
     "deploy": ["deploy", "local", "--data", "{data}", "--out", "{out}", "--nodes", "2", "--quiet"],
 }
 # (case, settings, what the error must say)

@@ -1,5 +1,5 @@
-"""The benchmarks: the baselines (simulations/baselines.py), ``fedrec bench quality`` and
-``fedrec bench privacy`` on the small synthetic marketplace."""
+"""The benchmarks: the baselines (simulations/baselines.py), ``fedrec bench quality``,
+``fedrec bench privacy``, ``scale`` and ``dp-cost`` on the small synthetic marketplace."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import TEST_DEVICE, TINY
 
 from shared.recommender.experiment import Experiment
 from shared.recommender.metrics import METRICS, evaluate
@@ -291,3 +291,23 @@ def test_bench_scale_times_one_round_per_federation_size(tiny_synth_dataset_dir,
     again = json.loads((tmp_path / "scale.json").read_text())["points"]
     assert all(p["reused"] for p in again)
     assert [p["peak_rss_mb"] for p in again] == [p["peak_rss_mb"] for p in report["points"]]
+
+
+@pytest.mark.e2e
+def test_bench_dp_cost_measures_both_modes_on_the_device_asked(tiny_synth_dataset_dir, tmp_path):
+    """Each mode runs in its own process, on the device asked for (not the default's), over the
+    same customers and weights; GPU memory is reported where there is a GPU."""
+    out = tmp_path / "dp_cost.json"
+    args = ["bench", "dp-cost", "--data", str(tiny_synth_dataset_dir), "--out", str(out)]
+    assert main([*args, "--customers", "60", *TINY]) == 0
+    report = json.loads(out.read_text())
+    plain, private = report["plain"], report["dp"]
+    assert (plain["mode"], private["mode"]) == ("plain", "dp")
+    for key in ("customers", "trained_parameters", "dim", "batch"):
+        assert plain[key] == private[key]
+    assert plain["customers"] == 60 and plain["trained_parameters"] > 0
+    for mode in (plain, private):
+        assert mode["device"].split(":")[0] == TEST_DEVICE
+        assert mode["epoch_s"] > 0 and mode["peak_rss_mb"] > 100
+        assert (mode["training_gpu_mb"] is None) == (TEST_DEVICE == "cpu")
+    assert report["time_ratio"] == pytest.approx(private["epoch_s"] / plain["epoch_s"], abs=0.01)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import TINY
+from helpers import TEST_DEVICE, TINY
 
 from shared.data.dataset import leave_one_out, load_dataset
 from shared.recommender.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
@@ -150,7 +150,7 @@ def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir:
     from shared.runs.config import RunConfig
     from simulations.train import train_centralized
 
-    config = RunConfig(**TINY_SETTINGS, epochs=1, device="cpu", cold_items=0.2)
+    config = RunConfig(**TINY_SETTINGS, epochs=1, device=TEST_DEVICE, cold_items=0.2)
     experiment = Experiment.prepare(tiny_synth_dataset_dir, config, show_progress=False)
     model = train_centralized(experiment, show_progress=False)["model"]
     held_out = torch.as_tensor(experiment.cold_items)
@@ -172,7 +172,9 @@ def test_a_reversed_history_is_learnt_like_any_other(tiny_synth_dataset_dir: Pat
     from simulations.train import _fit
 
     def rank_of_first(setting: str) -> int:
-        config = RunConfig(**TINY_SETTINGS, device="cpu", dropout=0.0, reverse_histories=setting)
+        config = RunConfig(
+            **TINY_SETTINGS, device=TEST_DEVICE, dropout=0.0, reverse_histories=setting
+        )
         experiment = Experiment.prepare(tiny_synth_dataset_dir, config, show_progress=False)
         histories = [np.array([3, 7])] * 64
         model, _ = _fit(experiment, histories, 5, False, False, setting == "on")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TEST_DEVICE
 from safetensors.torch import save_file
 
 from shared import __version__
@@ -24,7 +25,7 @@ def test_version(capsys) -> None:
 
 
 def simulate_args(out: Path, *extra: str) -> list[str]:
-    return ["simulate", "--out", str(out), "--rounds", "2", "--device", "cpu", *extra]
+    return ["simulate", "--out", str(out), "--rounds", "2", "--device", TEST_DEVICE, *extra]
 
 
 def finished_run(out: Path, argv: list[str]) -> None:

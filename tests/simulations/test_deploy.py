@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import TINY_SETTINGS, cli_settings
+from helpers import TEST_DEVICE, TINY_SETTINGS, cli_settings
 
 from server.privacy.ledger import read_ledger, verify_chain
 from shared.data.dataset import leave_one_out, load_dataset
@@ -36,7 +36,7 @@ from simulations.cli import main
 from simulations.deploy import completed_round
 from simulations.local_federation import LocalFederation
 
-TINY = {**TINY_SETTINGS, "device": "cpu"}
+TINY = {**TINY_SETTINGS, "device": TEST_DEVICE}
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import TINY
+from helpers import TEST_DEVICE, TINY
 
 from client.node import NodePrivacy, load_node, train_node, training_histories
 from server.federation.rounds import Checkpoint
@@ -262,7 +262,7 @@ def test_a_node_whose_budget_is_spent_declines(
         dp_dim=16,
         dp_max_len=10,
         dp_batch_size=40,
-        device="cpu",
+        device=TEST_DEVICE,
     )
     node = load_node(str(directory), config.text_model)
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
