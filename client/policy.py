@@ -20,7 +20,8 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   customer still give away that customer's hit by difference; only DP (``require-dp``) protects
   an evaluation.
 - ``max-epochs``: the most passes over its data the node makes for one training request
-  (``dp-local-epochs`` under DP, else the larger of ``local-epochs`` and ``max-local-epochs``),
+  (``dp-local-epochs`` under DP, else the larger of ``local-epochs`` and ``max-local-epochs``,
+  twice that unless ``reverse-histories`` is off: each history is then learnt both ways),
   so that no operator can make it compute without end. Default 10 for a deployed node, no cap
   in a simulation. (Encoder rounds train without DP: a ``require-dp`` node refuses them.)
 
@@ -139,11 +140,14 @@ class NodePolicy:
             request.dp_local_epochs
             if request.dp
             else max(request.local_epochs, request.max_local_epochs)
+            # a history also learnt backwards is a second pass over it (never under DP)
+            * (1 if request.reverse_histories == "off" else 2)
         )
         if training and self.max_epochs is not None and epochs > self.max_epochs:
             return (
-                f"the request asks for up to {epochs} passes over this node's data a round, "
-                f"above this node's max-epochs={self.max_epochs}"
+                f"the request asks for up to {epochs} passes over this node's data a round "
+                "(a history learnt both ways counts twice), above this node's "
+                f"max-epochs={self.max_epochs}"
             )
         if not request.dp:
             return None

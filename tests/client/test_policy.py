@@ -55,14 +55,19 @@ def test_a_request_weaker_than_the_policy_is_refused_naming_the_policy(
 
 
 def test_a_request_for_more_passes_than_the_node_allows_is_refused() -> None:
-    """The operator sets the local work; a node's max-epochs bounds it, with or without DP."""
+    """The operator sets the local work; a node's max-epochs bounds it, with or without DP,
+    counting a history learnt both ways (reverse-histories) as two passes."""
     policy = NodePolicy(max_epochs=10)
     assert policy.refusal(RunConfig()) is None  # the defaults: 1 epoch, 3 for a small node
     assert policy.refusal(RunConfig(dp=True)) is None  # dp-local-epochs 3
+    assert policy.refusal(RunConfig(max_local_epochs=5, reverse_histories="on")) is None  # 10
+    assert policy.refusal(RunConfig(max_local_epochs=6, reverse_histories="off")) is None
     for settings in (
         {"local_epochs": 50},
         {"max_local_epochs": 11},
         {"dp": True, "dp_local_epochs": 500},
+        {"max_local_epochs": 6, "reverse_histories": "on"},  # each history learnt both ways
+        {"max_local_epochs": 6, "reverse_histories": "auto"},  # the node might decide on
     ):
         reason = policy.refusal(RunConfig(**settings))
         assert reason is not None and "max-epochs=10" in reason, settings
