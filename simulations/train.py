@@ -70,7 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory for the run")
     parser.add_argument(
-        "--epochs", type=int, default=None, help=f"training epochs (default: {RunConfig.epochs})"
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"the most training epochs (default: {RunConfig.epochs}); with --dp, dp-epochs: "
+        f"exactly the epochs run (default: {RunConfig.dp_epochs})",
     )
     parser.add_argument(
         "--dp", action="store_true", help="train with DP-SGD (unit: one customer's whole history)"
@@ -188,12 +192,12 @@ def _train_private(experiment: Experiment, show_progress: bool) -> dict:
     )
     delta = config.delta or 1.0 / (10 * len(inputs))
     steps, sample_rate = steps_per_epoch(len(inputs), config.dp_batch_size)
-    sigma = calibrate_noise(config.target_epsilon, delta, sample_rate, steps * config.epochs)
+    sigma = calibrate_noise(config.target_epsilon, delta, sample_rate, steps * config.dp_epochs)
     spent = train_private(
         model,
         inputs,
         targets,
-        epochs=config.epochs,
+        epochs=config.dp_epochs,
         expected_batch=config.dp_batch_size,
         noise_multiplier=sigma,
         max_grad_norm=config.max_grad_norm,
@@ -221,7 +225,7 @@ def _train_private(experiment: Experiment, show_progress: bool) -> dict:
     }
     return {
         "model": model,
-        "history": [{"epoch": config.epochs, "loss": spent.loss}],
+        "history": [{"epoch": config.dp_epochs, "loss": spent.loss}],
         "privacy": privacy,
         "valid": None,
         "timing": {},
@@ -233,11 +237,10 @@ def run(args: argparse.Namespace) -> int:
         args,
         data=str(args.data),
         out=str(args.out),
-        epochs=args.epochs,
         dp=args.dp or None,
         target_epsilon=args.target_epsilon,
         delta=args.delta,
-    )
+    ).with_epochs(args.epochs)
     if config.dp and config.text_finetune_layers:
         raise SystemExit(
             "fedrec: text-finetune-layers trains the encoder without DP; it cannot be combined "

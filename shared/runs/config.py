@@ -58,6 +58,7 @@ class RunConfig:
     dp_lr: float = 2.0  # plain SGD on the mean clipped gradient
     dp_train: str = "text"  # what learns under DP: text (projection + biases), bias, id, all
     dp_local_epochs: int = 3  # epochs a node trains per round under DP (local-epochs: without)
+    dp_epochs: int = 3  # `fedrec train --dp`: exactly these passes over all customers
     dp_max_len: int = 20
     dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
     eval_noise_multiplier: float = 10.0  # a node's private evaluation: noise std per customer
@@ -139,6 +140,13 @@ class RunConfig:
         if rounds is None:
             return self
         return replace(self, **{"dp_rounds" if self.private else "rounds": rounds})
+
+    def with_epochs(self, epochs: int | None) -> RunConfig:
+        """``fedrec train --epochs``: ``dp-epochs`` of a private run, else ``epochs`` (None:
+        unchanged)."""
+        if epochs is None:
+            return self
+        return replace(self, **{"dp_epochs" if self.dp else "epochs": epochs})
 
     def valid_fraction(self, customers: int) -> float:
         """The share of ``customers`` whose validation event stays out of training to choose

@@ -210,6 +210,15 @@ def test_rounds_are_a_cap_without_dp_and_exact_under_dp() -> None:
     assert private.with_rounds(None) == private
 
 
+def test_train_epochs_are_a_cap_without_dp_and_dp_epochs_under_dp() -> None:
+    """``fedrec train --epochs``: the most epochs (validation stops earlier), or under DP the
+    exact epochs, ``dp-epochs``, a setting of its own so that each default fits its mode."""
+    open_run, private = RunConfig(), RunConfig(dp=True)
+    assert open_run.with_epochs(7).epochs == 7 and open_run.with_epochs(7).dp_epochs == 3
+    assert private.with_epochs(5).dp_epochs == 5 and private.with_epochs(5).epochs == 10
+    assert private.with_epochs(None) == private
+
+
 def test_the_validation_share_covers_valid_customers() -> None:
     config = RunConfig(valid_customers=2000)
     assert config.valid_fraction(20_000) == pytest.approx(0.1)

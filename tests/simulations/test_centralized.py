@@ -15,6 +15,8 @@ from helpers import TEST_DEVICE, TINY
 
 from shared.data.dataset import leave_one_out, load_dataset
 from shared.recommender.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
+from shared.recommender.training import steps_per_epoch
+from shared.runs.config import RunConfig
 from simulations.cli import main
 
 
@@ -135,7 +137,10 @@ def test_dp_training_states_its_guarantee(tiny_synth_dataset_dir: Path, tmp_path
     )
     assert privacy["delta"] == pytest.approx(1 / (10 * customers))  # the documented default
     assert privacy["accountant"].startswith("prv")
-    assert privacy["noise_multiplier"] > 0 and privacy["steps"] >= 1
+    assert privacy["noise_multiplier"] > 0
+    # --epochs with --dp sets dp-epochs: exactly one epoch of Poisson-sampled steps ran
+    assert metrics["config"]["dp_epochs"] == 1 and metrics["config"]["epochs"] == RunConfig.epochs
+    assert privacy["steps"] == steps_per_epoch(customers, 70)[0]
     assert set(METRICS) <= set(metrics["test"])
     card = (out / "model" / "README.md").read_text()
     assert "WITHOUT differential privacy" not in card and f"{privacy['epsilon']:.3f}" in card
@@ -147,7 +152,6 @@ def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir:
     from helpers import TINY_SETTINGS
 
     from shared.recommender.experiment import Experiment
-    from shared.runs.config import RunConfig
     from simulations.train import train_centralized
 
     config = RunConfig(**TINY_SETTINGS, epochs=1, device=TEST_DEVICE, cold_items=0.2)
@@ -168,7 +172,6 @@ def test_a_reversed_history_is_learnt_like_any_other(tiny_synth_dataset_dir: Pat
     from helpers import TINY_SETTINGS
 
     from shared.recommender.experiment import Experiment
-    from shared.runs.config import RunConfig
     from simulations.train import _fit
 
     def rank_of_first(setting: str) -> int:
@@ -190,7 +193,6 @@ def test_a_reversed_history_is_learnt_like_any_other(tiny_synth_dataset_dir: Pat
 def test_model_card_names_the_dataset(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
     """The directory's name, and for the embedded default (OUT/data) what it is."""
     from shared.recommender.experiment import EMBEDDED_NAME, Experiment
-    from shared.runs.config import RunConfig
 
     out = tmp_path / "run"
     shutil.copytree(tiny_synth_dataset_dir, out / "data")
