@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--epochs",
         type=int,
         default=None,
-        help=f"the most training epochs (default: {RunConfig.epochs}); with --dp, dp-epochs: "
-        f"exactly the epochs run (default: {RunConfig.dp_epochs})",
+        help="the most training epochs; with --dp, dp-epochs: exactly the epochs run "
+        f"({RunConfig.dp_epochs} unless given) (default: {RunConfig.epochs})",
     )
     parser.add_argument(
         "--dp", action="store_true", help="train with DP-SGD (unit: one customer's whole history)"
