@@ -140,8 +140,9 @@ class NodePolicy:
             request.dp_local_epochs
             if request.dp
             else max(request.local_epochs, request.max_local_epochs)
-            # a history also learnt backwards is a second pass over it (never under DP)
-            * (1 if request.reverse_histories == "off" else 2)
+            # a history also learnt backwards is a second pass over it (never under any DP:
+            # shared.recommender.training.learns_reversed)
+            * (2 if request.reverse_histories != "off" and not request.private else 1)
         )
         if training and self.max_epochs is not None and epochs > self.max_epochs:
             return (

@@ -62,6 +62,8 @@ def test_a_request_for_more_passes_than_the_node_allows_is_refused() -> None:
     assert policy.refusal(RunConfig(dp=True)) is None  # dp-local-epochs 3
     assert policy.refusal(RunConfig(max_local_epochs=5, reverse_histories="on")) is None  # 10
     assert policy.refusal(RunConfig(max_local_epochs=6, reverse_histories="off")) is None
+    # node-level DP never reverses, whatever auto would say: its passes count once
+    assert policy.refusal(RunConfig(max_local_epochs=6, node_dp=True)) is None
     for settings in (
         {"local_epochs": 50},
         {"max_local_epochs": 11},
