@@ -139,6 +139,10 @@ def record_privacy(
             ledger.append("contribution", **release)
 
 
+# the largest value a node's reported number can honestly take (the rest: no upper bound)
+REPORTED_MAX = {"reversed-histories": 1.0}  # 1: this node learnt its histories backwards too
+
+
 @dataclass
 class RoundResult:
     """What one training exchange gave: the updates to aggregate (or, under SecAgg+, their
@@ -153,14 +157,17 @@ class RoundResult:
 
     def mean_metric(self, key: str) -> float | None:
         """The mean of a number the replies report (``loss``, ``bytes-up``), None if none does;
-        a value that is not one finite number (a list, NaN: any node can send one) is left
-        out."""
+        a value that is not one finite number in [0, its :data:`REPORTED_MAX`] (a list, NaN, a
+        negative loss, a share above 1: any node can send one) is left out."""
+        high = REPORTED_MAX.get(key, math.inf)
         values = [
             float(value)
             for r in self.replies
             if not r.has_error()
             and isinstance(value := r.content.get("metrics", {}).get(key), int | float)
+            and not isinstance(value, bool)
             and math.isfinite(value)
+            and 0 <= value <= high
         ]
         return float(np.mean(values)) if values else None
 

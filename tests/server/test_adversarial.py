@@ -219,14 +219,16 @@ def test_a_registry_that_names_unknown_products_is_refused(tmp_path: Path) -> No
 
 def test_a_hostile_reported_number_is_left_out_of_the_round_history() -> None:
     """A node reports its loss, bytes and whether it reversed its histories as numbers; one
-    that sends a list, NaN or infinity is left out of the round's means, never a crash."""
+    that sends a list, NaN, infinity, a negative number or a share above 1 is left out of the
+    round's means, never a crash."""
     replies = [
         node_reply("honest", None, metrics={"loss": 2.0, "reversed-histories": 1}),
         node_reply("list", None, metrics={"loss": [1.0, 9.0], "reversed-histories": [1, 1]}),
         node_reply("nan", None, metrics={"loss": float("nan"), "reversed-histories": 0}),
-        node_reply("inf", None, metrics={"loss": float("inf")}),
+        node_reply("inf", None, metrics={"loss": float("inf"), "reversed-histories": 1e300}),
+        node_reply("negative", None, metrics={"loss": -5.0, "bytes-up": -1}),
     ]
-    result = RoundResult([], None, 4, 0, [], replies)
+    result = RoundResult([], None, 5, 0, [], replies)
     assert result.mean_metric("loss") == 2.0
     assert result.mean_metric("reversed-histories") == 0.5
     assert result.mean_metric("bytes-up") is None
