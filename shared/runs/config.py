@@ -73,7 +73,7 @@ class RunConfig:
     rounds: int = 10  # at most; without DP the run stops once validation stops improving
     round_patience: int = 2  # rounds without a better validation NDCG@10 before it stops
     valid_customers: int = 2000  # whose validation event chooses the rounds (all when fewer)
-    dp_rounds: int = 3  # under DP exactly these (the noise is calibrated for them)
+    dp_rounds: int = 6  # under DP exactly these (the noise is calibrated for them)
     local_epochs: int = 1
     local_steps: int = 20  # at least; a small node trains more epochs a round to reach them
     max_local_epochs: int = 3  # ... but at most this many (local-epochs, if larger, rules)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shared.recommender.artifacts import write_json
 from shared.recommender.experiment import Experiment
+from shared.runs.config import RunConfig
 from simulations import simulate
 from simulations.train import add_run_config_arguments, run_config_from_args
 
@@ -52,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=int,
         default=None,
-        help="rounds per run (default: fedrec simulate's: dp-rounds 3 under DP; without DP "
-        "at most rounds 10, validation choosing)",
+        help=f"rounds per run (default: fedrec simulate's: dp-rounds {RunConfig.dp_rounds} under "
+        f"DP; without DP at most rounds {RunConfig.rounds}, validation choosing)",
     )
     add_run_config_arguments(parser)
 

@@ -100,7 +100,7 @@ def release_rounds(out: Path, config: RunConfig, rounds: int) -> NodeLevelDP:
 
 
 def test_node_level_ledger_is_recomputed_by_the_audit(tmp_path: Path) -> None:
-    config = RunConfig(node_dp=True, node_target_epsilon=4.0, rounds=3, clients=2)
+    config = RunConfig(node_dp=True, node_target_epsilon=4.0, dp_rounds=3, clients=2)
     node_dp = release_rounds(tmp_path, config, 3)
     assert node_dp.refusal() is not None  # calibrated for 3 rounds: a 4th would pass the budget
     resumed = NodeLevelDP(config, PrivacyLedger(tmp_path / "ledger.jsonl"))

@@ -205,7 +205,8 @@ def test_rounds_are_a_cap_without_dp_and_exact_under_dp() -> None:
     assert private.max_rounds == private.dp_rounds and not private.selects_rounds
     assert not RunConfig(node_dp=True).selects_rounds  # node-level DP: fixed rounds too
     # --rounds sets the rounds the run is governed by
-    assert open_run.with_rounds(7).rounds == 7 and open_run.with_rounds(7).dp_rounds == 3
+    assert open_run.with_rounds(7).rounds == 7
+    assert open_run.with_rounds(7).dp_rounds == RunConfig.dp_rounds
     assert private.with_rounds(5).dp_rounds == 5 and private.with_rounds(5).rounds == 10
     assert private.with_rounds(None) == private
 
