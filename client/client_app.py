@@ -227,23 +227,28 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
     @app.train("encoder")
     def train_encoder(msg: Message, context: Context) -> Message:
         """An encoder round: tune the text encoder's top layers on the node's own histories
-        (client/encoder.py); reply with the layers and how many customers they came from."""
+        (client/encoder.py), privately under DP; reply with the layers, how many customers
+        they came from and, under DP, the signed release."""
         asked = request(dict(msg.content["config"]), context)
         weights = msg.content["arrays"].to_torch_state_dict()
         result = asked.catalog_refusal() or tune_encoder_at_node(
             asked.node, asked.config, weights, asked.round, asked.policy, asked.valid_fraction
         )
-        content = RecordDict({"privacy": ConfigRecord(asked.report(result, None).to_record())})
+        arrays = None
+        metrics: dict[str, Any] = {}
         if "state" in result:
             arrays = {k: v.numpy() for k, v in result["state"].items()}
+            metrics = {"num-examples": result["customers"], "bytes-up": nbytes(arrays)}
+            if not asked.config.dp:  # under DP only the layers leave the node
+                metrics["loss"] = result["loss"]
+        content = RecordDict(
+            {
+                "privacy": ConfigRecord(asked.report(result, arrays).to_record()),
+                "metrics": MetricRecord(metrics),
+            }
+        )
+        if arrays is not None:
             content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-            content["metrics"] = MetricRecord(
-                {
-                    "num-examples": result["customers"],
-                    "bytes-up": nbytes(arrays),
-                    "loss": result["loss"],
-                }
-            )
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

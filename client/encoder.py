@@ -1,10 +1,17 @@
 """A node's part in tuning the text encoder: contrastive steps on its own customers' histories.
 
 The server sends the encoder's top layers (server/federation/encoder_rounds.py); the node trains
-them for its share of ``text-finetune-steps`` on the consecutive-product pairs of its training
-histories (the objective of shared/recommender/finetune.py) and returns them. Nothing else
-leaves: the weights, the number of customers they were trained on and the mean loss. Not
-under DP: a node whose policy requires DP refuses these rounds like any other non-private one.
+them on the consecutive-product pairs of its training histories and returns them. Nothing else
+leaves: the weights, the number of customers they were trained on and, without DP, the mean
+loss.
+
+Without DP a node takes its share of ``text-finetune-steps`` of the in-batch objective of
+shared/recommender/finetune.py. Under DP (the request's ``dp``; a node whose policy requires DP
+refuses a request without it) it takes one expected pass over its customers of DP-SGD with a
+per-customer objective (shared/recommender/private_finetune.py), ``dp-encoder-batch`` customers
+a step, at the noise multiplier it calibrated for its whole plan (client/node.py:
+:func:`~client.node.noise_multiplier`), charged to its accountant before the layers leave, and
+signed like any other release (purpose ``encoder``).
 
 The encoder's lower layers are frozen, public and the same at every node, so their token states
 are computed once per process for the products a node's batches touch and kept for the next
@@ -18,7 +25,18 @@ import math
 import numpy as np
 import torch
 
-from client.node import NodeData, training_histories
+from client.node import (
+    PRIVACY_UNIT,
+    NodeData,
+    NodePrivacy,
+    encoder_plan,
+    noise_multiplier,
+    over_budget,
+    privacy_plan,
+    public_customers,
+    scored_catalog,
+    training_histories,
+)
 from client.policy import NodePolicy
 from shared.recommender.finetune import (
     BATCH_PAIRS,
@@ -28,6 +46,7 @@ from shared.recommender.finetune import (
     top_layers,
     train_top_layers,
 )
+from shared.recommender.private_finetune import train_top_layers_private
 from shared.recommender.text import TextEncoder, item_texts
 from shared.runs.config import RunConfig, resolve_device
 
@@ -65,22 +84,19 @@ def tune_encoder_at_node(
     """Train the top layers ``weights`` on this node's pairs; returns the trained weights
     (``state``), the customers they came from and the mean loss, or a refusal or decline."""
     policy = policy or NodePolicy()
-    # these steps are never private, whatever the request says: a node that requires DP
-    # refuses them even when the request claims dp (a curious server's way around its policy)
-    if policy.require_dp or config.dp or config.node_dp:
-        reason = (
-            "encoder rounds train without DP: this node's policy requires DP (require-dp=true)"
-            if policy.require_dp
-            else "an encoder round asking for DP: encoder rounds are not private"
-        )
+    if config.node_dp:
+        reason = "encoder rounds under node-level DP are not built: ask without node-dp"
+        return {"node": node.name, "refused": True, "reason": reason}
+    if reason := policy.refusal(config):  # a DP node refuses a request without dp
         return {"node": node.name, "refused": True, "reason": reason}
     histories = [np.asarray(h) for h in training_histories(node, config, valid_fraction)]
+    if config.dp:
+        return _tune_private(node, config, weights, policy, histories)
     pairs = consecutive_pairs(histories)
     if not len(pairs):
         reason = "no customer here has two distinct products in a row: nothing to tune on"
         return {"node": node.name, "declined": True, "reason": reason}
-    device = resolve_device(config.device)
-    prefix = node_prefix(node, config, device)
+    prefix = node_prefix(node, config, resolve_device(config.device))
     load_top_layers(prefix.encoder, weights, config.text_finetune_layers)
     # which pairs make a batch is not private output (the weights are): a plain generator
     rng = np.random.default_rng([config.seed, server_round, len(pairs)])
@@ -93,4 +109,65 @@ def tune_encoder_at_node(
         "customers": int(customers),
         "state": top_layers(prefix.encoder, config.text_finetune_layers),
         "loss": float(np.mean(losses)),
+    }
+
+
+def _tune_private(
+    node: NodeData,
+    config: RunConfig,
+    weights: dict[str, torch.Tensor],
+    policy: NodePolicy,
+    histories: list[np.ndarray],
+) -> dict:
+    """One private encoder round: charged, trained, saved, in that order of commitment (the
+    accountant is written before the layers are returned)."""
+    customers = public_customers(node, policy)
+    privacy = NodePrivacy(node.directory)
+    delta, _, _, budget = privacy_plan(config, policy, customers)
+    sample_rate, steps = encoder_plan(config, customers)
+    sigma = noise_multiplier(privacy, config, policy, customers)
+    event = (sigma, sample_rate, steps)
+    if reason := over_budget(privacy, delta, budget, event):
+        epsilon = privacy.epsilon_after(delta)
+        return {
+            "node": node.name,
+            "declined": True,
+            "epsilon": epsilon,
+            "delta": delta,
+            "reason": reason,
+        }
+    # every customer is sampled at the same rate; one without a pair adds nothing to a step
+    customer_pairs = [p for p in (consecutive_pairs([h]) for h in histories) if len(p)]
+    catalog = scored_catalog(node, config)
+    catalog = np.arange(len(node.items)) if catalog is None else catalog
+    prefix = node_prefix(node, config, resolve_device(config.device))
+    load_top_layers(prefix.encoder, weights, config.text_finetune_layers)
+    epsilon, index = privacy.charge(event, delta)  # spent from here, whatever happens next
+    losses = train_top_layers_private(
+        prefix,
+        customer_pairs,
+        catalog,
+        steps=steps,
+        sample_rate=sample_rate,
+        expected_batch=sample_rate * customers,
+        noise_multiplier=sigma,
+        max_grad_norm=config.max_grad_norm,
+    )
+    return {
+        "node": node.name,
+        "customers": customers,  # the public figure, never the exact count
+        "state": top_layers(prefix.encoder, config.text_finetune_layers),
+        "loss": float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
+        "epsilon": epsilon,
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "max_grad_norm": config.max_grad_norm,
+        "contribution_index": index,
+        "accountant": "prv",
+        "mechanism": "poisson_subsampled_gaussian",
+        "purpose": "encoder",
+        "unit": PRIVACY_UNIT,
+        "target_epsilon": budget,
     }

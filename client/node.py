@@ -148,6 +148,17 @@ class NodePrivacy:
             accountant.history.append(extra)
         return prv_epsilon(accountant, delta) if accountant.history else 0.0
 
+    def charge(self, event: tuple[float, float, int], delta: float) -> tuple[float, int]:
+        """Add ``event`` (noise multiplier, sample rate, steps) to the accountant and save it,
+        before anything computed under it leaves; returns the epsilon at ``delta`` and the
+        release's contribution index."""
+        accountant = new_accountant(self.state["accountant"] or None)
+        accountant.history.append(event)
+        self.state["accountant"] = accountant.state_dict()
+        self.state["contributions"] += 1
+        self.save()
+        return prv_epsilon(accountant, delta), self.state["contributions"] - 1
+
 
 def training_histories(
     node: NodeData, config: RunConfig, valid_fraction: float = 0.0
@@ -286,7 +297,7 @@ def public_customers(node: NodeData, policy: NodePolicy) -> int:
     return policy.customers(exact, node.declared_customers)
 
 
-def _privacy_plan(
+def privacy_plan(
     config: RunConfig, policy: NodePolicy, customers: int
 ) -> tuple[float, float, int, float]:
     """(delta, sample rate, DP-SGD steps per round, budget) of this node for ``config``: all
@@ -296,7 +307,7 @@ def _privacy_plan(
     return delta, sample_rate, steps * config.dp_local_epochs, policy.budget(config)
 
 
-def _charge(
+def over_budget(
     privacy: NodePrivacy, delta: float, budget: float, event: tuple[float, float, int]
 ) -> str | None:
     """Why ``event`` (noise multiplier, sample rate, steps) would pass the budget, or None."""
@@ -304,6 +315,40 @@ def _charge(
     if projected <= budget:
         return None
     return f"the next release would bring epsilon to {projected:.3f}, over the budget {budget}"
+
+
+def encoder_plan(config: RunConfig, customers: int) -> tuple[float, int] | None:
+    """(sample rate, steps a round) of this node's private encoder rounds
+    (client/encoder.py): one expected pass over its customers a round, ``dp-encoder-batch`` of
+    them a step; None when the run tunes no encoder under DP."""
+    if not (config.dp and config.text_finetune_layers):
+        return None
+    steps, sample_rate = steps_per_epoch(customers, config.dp_encoder_batch)
+    return sample_rate, steps
+
+
+def noise_multiplier(
+    privacy: NodePrivacy, config: RunConfig, policy: NodePolicy, customers: int
+) -> float:
+    """The noise multiplier of every DP-SGD step this node takes: calibrated once, at its first
+    private release, so that its whole plan (``dp-rounds`` of training, the encoder rounds
+    when the run tunes the encoder, one private evaluation a round when it evaluates at the
+    nodes) spends at most its budget; kept in its accountant's state from then on."""
+    if privacy.state["noise_multiplier"] is None:
+        delta, sample_rate, round_steps, budget = privacy_plan(config, policy, customers)
+        encoder = encoder_plan(config, customers)
+        evaluations = config.dp_rounds if config.federated_eval else 0
+        privacy.state["noise_multiplier"] = calibrate_noise(
+            budget,
+            delta,
+            sample_rate,
+            round_steps * config.dp_rounds,
+            releases=((config.eval_noise_multiplier, evaluations),),
+            more_steps=(
+                ((encoder[0], encoder[1] * config.text_finetune_rounds),) if encoder else ()
+            ),
+        )
+    return privacy.state["noise_multiplier"]
 
 
 def _train_private(
@@ -317,19 +362,9 @@ def _train_private(
     device: str,
 ) -> dict:
     privacy = NodePrivacy(node.directory)
-    delta, sample_rate, round_steps, budget = _privacy_plan(config, policy, customers)
-    if privacy.state["noise_multiplier"] is None:  # calibrated once, for the planned rounds
-        privacy.state["noise_multiplier"] = calibrate_noise(
-            budget,
-            delta,
-            sample_rate,
-            round_steps * config.dp_rounds,
-            releases=(
-                (config.eval_noise_multiplier, config.dp_rounds if config.federated_eval else 0),
-            ),
-        )
-    sigma = privacy.state["noise_multiplier"]
-    if reason := _charge(privacy, delta, budget, (sigma, sample_rate, round_steps)):
+    delta, sample_rate, round_steps, budget = privacy_plan(config, policy, customers)
+    sigma = noise_multiplier(privacy, config, policy, customers)
+    if reason := over_budget(privacy, delta, budget, (sigma, sample_rate, round_steps)):
         return {
             "declined": True,
             "epsilon": privacy.epsilon_after(delta),
@@ -434,9 +469,9 @@ def _evaluate_private(
 ) -> dict:
     privacy = NodePrivacy(node.directory)
     customers = public_customers(node, policy)
-    delta, _, _, budget = _privacy_plan(config, policy, customers)
+    delta, _, _, budget = privacy_plan(config, policy, customers)
     sigma = config.eval_noise_multiplier
-    if reason := _charge(privacy, delta, budget, (sigma, 1.0, 1)):
+    if reason := over_budget(privacy, delta, budget, (sigma, 1.0, 1)):
         return {
             "node": node.name,
             "declined": True,
@@ -447,22 +482,18 @@ def _evaluate_private(
     count = len(next(iter(per_customer.values())))
     columns = [np.ones(count)] + [per_customer[k] for k in EVALUATED]
     sums = private_sums(np.stack(columns, axis=1), sigma)
-    accountant = new_accountant(privacy.state["accountant"] or None)
-    accountant.history.append((sigma, 1.0, 1))
-    privacy.state["accountant"] = accountant.state_dict()
-    privacy.state["contributions"] += 1
-    privacy.save()  # before anything leaves the node
+    epsilon, index = privacy.charge((sigma, 1.0, 1), delta)  # before anything leaves the node
     return {
         "node": node.name,
         "noisy_customers": float(sums[0]),
         **{f"noisy_sum_{k}": float(v) for k, v in zip(EVALUATED, sums[1:], strict=True)},
-        "epsilon": prv_epsilon(accountant, delta),
+        "epsilon": epsilon,
         "delta": delta,
         "noise_multiplier": sigma,
         "sample_rate": 1.0,
         "steps": 1,
         "max_grad_norm": 1.0,
-        "contribution_index": privacy.state["contributions"] - 1,
+        "contribution_index": index,
         "accountant": "prv",
         "mechanism": "gaussian",
         "purpose": "evaluation",

@@ -23,7 +23,7 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   (``dp-local-epochs`` under DP, else the larger of ``local-epochs`` and ``max-local-epochs``,
   twice that unless ``reverse-histories`` is off: each history is then learnt both ways),
   so that no operator can make it compute without end. Default 10 for a deployed node, no cap
-  in a simulation. (Encoder rounds train without DP: a ``require-dp`` node refuses them.)
+  in a simulation. (A private encoder round makes one expected pass: client/encoder.py.)
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -158,6 +158,10 @@ class NodePolicy:
                 f"the request's eval-noise-multiplier {request.eval_noise_multiplier:g} is not "
                 "positive: a private evaluation needs noise"
             )
+        # an empty expected batch has no sample rate to account (and would divide by zero)
+        for name in ("dp_batch_size", "dp_encoder_batch"):
+            if (batch := getattr(request, name)) < 1:
+                return f"the request's {name.replace('_', '-')} {batch} is not positive"
         if self.max_epsilon is not None and request.target_epsilon > self.max_epsilon:
             return (
                 f"the request's target-epsilon {request.target_epsilon:g} is above this node's "

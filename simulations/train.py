@@ -243,8 +243,8 @@ def run(args: argparse.Namespace) -> int:
     ).with_epochs(args.epochs)
     if config.dp and config.text_finetune_layers:
         raise SystemExit(
-            "fedrec: text-finetune-layers trains the encoder without DP; it cannot be combined "
-            "with --dp (set text-finetune-layers=0)"
+            "fedrec: private encoder tuning runs in a federation's encoder rounds (fedrec "
+            "simulate --dp); fedrec train --dp does not tune it (set text-finetune-layers=0)"
         )
     if already_done(args.out, config):
         return 0

@@ -8,7 +8,10 @@ server/federation/aggregation.py). The server and every node then build the same
 from the averaged layers (shared/recommender/finetune.py:tuned_checkpoint) and embed the catalog
 with it; the model's rounds carry the layers, so a node sampled in none of these rounds builds
 it too. The layers are written to ``OUT/text-encoder.safetensors`` after the last encoder round:
-a resumed run does not tune again. Not under DP (``check_settings`` refuses the combination).
+a resumed run does not tune again. Under ``dp`` each node's layers are already private
+(DP-SGD with a per-customer objective, client/encoder.py) and recorded in the ledger as it
+replies, like its training releases; averaging them is post-processing. Not under node-level
+DP (``check_settings`` refuses the combination).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def tune_encoder(
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Run (or read back) the encoder rounds; returns the averaged top layers and the rounds'
     history (nodes, loss, time, bytes). A round no node tuned in ends them (the nodes may
-    all refuse: a policy that requires DP refuses them)."""
+    all refuse: a policy that requires DP refuses a request without it)."""
     path = Path(out) / ENCODER_FILE
     if path.exists():
         with safe_open(str(path), framework="pt") as saved:
@@ -51,7 +54,7 @@ def tune_encoder(
     encoder = TextEncoder(str(resolve_model_path(config.text_model)))
     weights = top_layers(encoder, config.text_finetune_layers)
     del encoder
-    history = []
+    history: list[dict] = []
     for encoder_round in range(1, config.text_finetune_rounds + 1):
         started = time.time()
         result = federation.train(encoder_round, weights, message_type=ENCODER_ROUND)
@@ -76,10 +79,14 @@ def tune_encoder(
             }
         )
         loss = history[-1]["loss"]  # None when no reply said (what a reply carries is its own)
+        said = (
+            "private: no loss leaves a node"
+            if config.dp
+            else f"contrastive loss {'?' if loss is None else f'{loss:.3f}'}"
+        )
         line = (
             f"encoder round {encoder_round}/{config.text_finetune_rounds}: "
-            f"{result.contributed} nodes, contrastive loss "
-            f"{'?' if loss is None else f'{loss:.3f}'}, {history[-1]['round_s']:.1f} s"
+            f"{result.contributed} nodes, {said}, {history[-1]['round_s']:.1f} s"
         )
         if show_progress:  # on the terminal, or in the log when the terminal is quiet
             print(line, flush=True)

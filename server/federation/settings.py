@@ -53,11 +53,13 @@ def settings_record(
 
 def check_settings(config: RunConfig) -> None:
     """Refuse settings a federation cannot run (ValueError saying which), before any output."""
-    if config.text_finetune_layers and (config.dp or config.node_dp):
+    if config.text_finetune_layers and config.node_dp:
         raise ValueError(
-            "text-finetune-layers tunes the encoder at the nodes without DP: it cannot be "
-            "combined with --dp or node-dp (set text-finetune-layers=0)"
+            "text-finetune-layers: encoder rounds under node-level DP are not built; use "
+            "customer-level --dp, or set text-finetune-layers=0"
         )
+    if config.dp_encoder_batch < 1:
+        raise ValueError("dp-encoder-batch must be at least 1")
     if config.fragment_nodes:
         raise ValueError(
             "fragment-nodes is for centralized runs (fedrec train): a merchant federation's "

@@ -164,14 +164,23 @@ def plan_steps(dp_batch_size: int, num_customers: float, local_epochs: int) -> t
 
 @functools.lru_cache(maxsize=256)
 def plan_epsilon(
-    sigma: float, q: float, steps: int, rounds: int, eval_sigma: float | None, delta: float
+    sigma: float,
+    q: float,
+    steps: int,
+    rounds: int,
+    eval_sigma: float | None,
+    delta: float,
+    encoder: tuple[float, int] | None = None,
 ) -> float:
     """PLD epsilon at ``delta`` (grid :data:`PLAN_DISCRETIZATION`) of a node's plan: ``rounds``
     x DP-SGD (``steps`` Poisson subsampled Gaussian steps at rate ``q``, noise ``sigma``)
     composed with ``rounds`` x one Gaussian evaluation release of noise ``eval_sigma`` (None: no
-    evaluation releases)."""
+    evaluation releases) and with ``encoder``: (rate, steps) of the private encoder rounds'
+    DP-SGD steps at the same ``sigma`` (None: the run tunes no encoder under DP)."""
     grid = PLAN_DISCRETIZATION
     plan = _pld("poisson_subsampled_gaussian", sigma, q, steps * rounds, grid)
+    if encoder is not None:
+        plan = _compose(plan, _pld("poisson_subsampled_gaussian", sigma, *encoder, grid))
     if eval_sigma is not None:
         plan = _compose(plan, _pld("gaussian", eval_sigma, 1.0, rounds, grid))
     return _epsilon(plan, delta)
@@ -185,13 +194,14 @@ def calibrate_noise(
     rounds: int,
     eval_sigma: float | None,
     precision: float = 1e-3,
+    encoder: tuple[float, int] | None = None,
 ) -> float:
     """The audit's own calibration: the smallest noise multiplier (to ``precision``, relative)
     whose plan (:func:`plan_epsilon`) spends at most ``target_epsilon`` at ``delta`` by PLD;
     ``math.inf`` when no noise is enough (the evaluation releases alone exceed the target)."""
 
     def fits(sigma: float) -> bool:
-        return plan_epsilon(sigma, q, steps, rounds, eval_sigma, delta) <= target_epsilon
+        return plan_epsilon(sigma, q, steps, rounds, eval_sigma, delta, encoder) <= target_epsilon
 
     low, high = 0.25, 1.0
     while fits(low) and low > 1e-3:

@@ -10,7 +10,8 @@ states. Writes ``OUT/audit.json`` and a self-contained ``OUT/audit.html``; exit 
 check fails, 1 when one does, 2 when there is no ledger to audit.
 
 This module reads the ledger and runs the check families in order: ``server.privacy.audit_checks``
-(accounting), ``server.privacy.audit_signatures`` (who wrote the entries),
+(accounting), ``server.privacy.audit_calibration`` (the nodes' noise against their plan),
+``server.privacy.audit_signatures`` (who wrote the entries),
 ``server.privacy.audit_report`` (the terminal summary and the HTML page).
 """
 
@@ -22,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from server.privacy.audit_calibration import audit_calibration
 from server.privacy.audit_checks import (
-    audit_calibration,
     audit_canaries,
     audit_contributions,
     audit_delta,

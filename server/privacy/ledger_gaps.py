@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from server.privacy.accounting import epsilon_curve
+from server.privacy.accounting import epsilon_curve, recompute_epsilon
 from server.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedrec.server")
@@ -29,17 +29,19 @@ def record_lost_contributions(
 ) -> list[dict]:
     """Append the contributions ``node`` made before ``release`` (its report) that the ledger
     lacks (at most two per round run so far: a forged index must not fill the ledger);
-    returns them. Each takes the parameters of the node's costliest known kind of
-    release (a training one when there is one), and no signature: it is the server's record,
-    which the node's receipt log can confirm."""
+    returns them. Each takes the parameters of the node's costliest known release (the
+    largest epsilon alone, among its training and encoder releases when it has any), and no
+    signature: it is the server's record, which the node's receipt log can confirm."""
     mine = [e for e in ledger.entries if e["kind"] == "contribution" and e["node"] == node]
     expected = mine[-1]["contribution_index"] + 1 if mine else 0
-    training = [e for e in [*mine, release] if e.get("purpose", "training") == "training"]
-    template = {k: v for k, v in (training or [release])[-1].items() if k in release}
+    dp_sgd = [e for e in [*mine, release] if e.get("purpose", "training") != "evaluation"]
+    costliest = max(dp_sgd or [release], key=lambda e: recompute_epsilon([e], float(e["delta"])))
+    template = {k: v for k, v in costliest.items() if k in release}
     template = {k: v for k, v in template.items() if k not in ("signature", "key_id")}
     recovered = []
     missing = int(release["contribution_index"]) - expected
-    if missing > 2 * server_round:  # a training and an evaluation release per round at most
+    # a training and an evaluation release per model round, and encoder rounds numbered from 1
+    if missing > 3 * server_round:
         log.warning(
             "node %s: contribution_index jumps by %d in round %d, more than this run's rounds "
             "could lose; not recovered (the audit reports the gap)",

@@ -14,7 +14,7 @@ from typing import Any
 
 from shared.federation.signing import SIGNED_FIELDS
 
-PURPOSES = ("training", "evaluation")
+PURPOSES = ("training", "encoder", "evaluation")
 MECHANISMS = ("poisson_subsampled_gaussian", "gaussian")
 MAX_TEXT = 4096  # characters in any text field of a report
 

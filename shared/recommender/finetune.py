@@ -15,7 +15,8 @@ layers on those stored token states (:class:`FrozenPrefix`).
 ``fedrec train`` tunes on the pooled histories (:func:`finetune_encoder`); a federation tunes
 at the nodes, each on its own histories, and averages the top layers' weights
 (client/encoder.py, server/federation/encoder_rounds.py), and every party then builds the same
-checkpoint from the averaged weights (:func:`tuned_checkpoint`). Neither is done under DP. A
+checkpoint from the averaged weights (:func:`tuned_checkpoint`). Under DP a federation's nodes
+tune with :mod:`shared.recommender.private_finetune` instead; ``fedrec train --dp`` does not. A
 tuned checkpoint is cached under the fedrec cache directory, so a second run reuses it; its
 catalog embeddings go through the shared embedding cache like any other checkpoint's. Costs:
 see docs/evaluation.md.
@@ -135,6 +136,14 @@ class FrozenPrefix:
                     self.states[int(chunk[row])] = hidden[row, :length].clone()
         encoder.model.train(was_training)
 
+    def trainable_top(self) -> list[torch.nn.Parameter]:
+        """Freeze the whole encoder but the top layers; returns the top layers' parameters."""
+        self.encoder.model.requires_grad_(False)
+        parameters = list(self.top.parameters())
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        return parameters
+
     def embed(self, items: np.ndarray) -> torch.Tensor:
         """Embeddings of ``items`` (each stored) through the top layers, as ``TextEncoder.embed``
         computes them from the text."""
@@ -153,11 +162,7 @@ def train_top_layers(
     """AdamW steps on the top layers, one per batch of (anchor, next product) pairs whose
     products ``prefix`` stores; returns the losses. The rest of the encoder stays frozen."""
     model = prefix.encoder.model
-    model.requires_grad_(False)
-    trainable = list(prefix.top.parameters())
-    for parameter in trainable:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+    optimizer = torch.optim.AdamW(prefix.trainable_top(), lr=LEARNING_RATE)
     model.train()
     losses = []
     for batch in progress_bar(batches, "fine-tuning the text encoder", disable=not show_progress):

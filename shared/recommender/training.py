@@ -298,12 +298,15 @@ def planned_epsilon(
     sample_rate: float,
     steps: int,
     releases: tuple[tuple[float, int], ...] = (),
+    more_steps: tuple[tuple[float, int], ...] = (),
 ) -> float:
     """PRV epsilon of ``steps`` DP-SGD steps at ``noise_multiplier`` and ``sample_rate``,
-    composed with ``releases``: (noise multiplier, count) Gaussian releases of sensitivity 1
-    (sample rate 1), e.g. private evaluations."""
+    composed with ``more_steps``: (sample rate, steps) of further DP-SGD steps at the same
+    noise multiplier (a node's encoder rounds), and with ``releases``: (noise multiplier,
+    count) Gaussian releases of sensitivity 1 (sample rate 1), e.g. private evaluations."""
     accountant = new_accountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
+    accountant.history += [(noise_multiplier, q, count) for q, count in more_steps if count]
     accountant.history += [(sigma, 1.0, count) for sigma, count in releases if count]
     return prv_epsilon(accountant, delta)
 
@@ -314,11 +317,13 @@ def calibrate_noise(
     sample_rate: float,
     steps: int,
     releases: tuple[tuple[float, int], ...] = (),
+    more_steps: tuple[tuple[float, int], ...] = (),
 ) -> float:
     """The smallest noise multiplier (to 0.1%) whose plan (:func:`planned_epsilon`) spends at
     most ``target_epsilon`` at ``delta`` by Opacus's PRV accountant."""
     releases = tuple((sigma, count) for sigma, count in releases if count)
-    if not releases:
+    more_steps = tuple((q, count) for q, count in more_steps if count)
+    if not releases and not more_steps:
         from opacus.accountants.utils import get_noise_multiplier
 
         return float(
@@ -331,17 +336,21 @@ def calibrate_noise(
                 epsilon_tolerance=1e-3 * target_epsilon,  # the audit allows 2%
             )
         )
-    if planned_epsilon(1e4, delta, sample_rate, steps, releases) > target_epsilon:
+
+    def spent(sigma: float) -> float:
+        return planned_epsilon(sigma, delta, sample_rate, steps, releases, more_steps)
+
+    if spent(1e4) > target_epsilon:
         raise ValueError(
             f"target epsilon {target_epsilon:g} is spent by the planned releases alone "
             f"({releases}); raise it or plan fewer"
         )
     low, high = 0.0, 1.0
-    while planned_epsilon(high, delta, sample_rate, steps, releases) > target_epsilon:
+    while spent(high) > target_epsilon:
         low, high = high, 2 * high
     while high - low > 1e-3 * high:  # invariant: ``high`` stays within the target
         middle = (low + high) / 2
-        if planned_epsilon(middle, delta, sample_rate, steps, releases) > target_epsilon:
+        if spent(middle) > target_epsilon:
             low = middle
         else:
             high = middle

@@ -27,6 +27,7 @@ class RunConfig:
     text_finetune_layers: int = 0  # >0: first fine-tune the encoder's top N layers
     text_finetune_steps: int = 2000  # in a federation: over all rounds and nodes together
     text_finetune_rounds: int = 3  # a federation's encoder rounds, before the model's
+    dp_encoder_batch: int = 256  # under DP: expected customers a private encoder step
     cold_items: float = 0.0  # a fraction of products held out of all training (new products)
     fragment_nodes: int = 0  # >0 (train only): histories cut as N merchant nodes hold them
     reverse_histories: str = "auto"  # also learn histories backwards: auto (short ones), on, off

@@ -3,6 +3,7 @@ builds from the averaged layers (shared/recommender/finetune.py:tuned_checkpoint
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,12 +13,19 @@ from helpers import TEST_DEVICE
 from transformers import AutoModel
 
 from client.encoder import node_steps, tune_encoder_at_node
-from client.node import load_node
+from client.node import (
+    NodePrivacy,
+    encoder_plan,
+    load_node,
+    privacy_plan,
+    public_customers,
+)
 from client.policy import NodePolicy
 from shared.data.dataset import load_dataset
 from shared.data.partition import write_partitions
 from shared.recommender.finetune import load_top_layers, top_layers, tuned_checkpoint
 from shared.recommender.text import TextEncoder
+from shared.recommender.training import calibrate_noise, planned_epsilon
 from shared.runs.config import RunConfig
 
 
@@ -68,20 +76,61 @@ def test_a_node_refuses_malformed_encoder_weights(node_and_config) -> None:
             tune_encoder_at_node(node, config, weights, server_round=1)
 
 
-def test_a_node_that_requires_dp_refuses_encoder_rounds_whatever_the_request_says(
-    node_and_config,
-) -> None:
-    """Encoder rounds are never private: a node whose policy requires DP refuses them even
-    when the server's request claims dp=true, and no node tunes for a request claiming DP."""
+def test_a_node_that_requires_dp_refuses_encoder_rounds_without_dp(node_and_config) -> None:
+    """A node whose policy requires DP refuses a non-private encoder round, and no node tunes
+    for a request asking node-level DP (not built for encoder rounds)."""
     node, config = node_and_config
     sent = top_layers(TextEncoder(config.text_model), 1)
-    strict = NodePolicy(require_dp=True)
-    for request in (config, replace(config, dp=True)):
-        result = tune_encoder_at_node(node, request, sent, 1, strict)
-        assert result["refused"] and "require-dp" in result["reason"]
-        assert "state" not in result
-    result = tune_encoder_at_node(node, replace(config, dp=True), sent, 1, NodePolicy())
-    assert result["refused"] and "state" not in result
+    result = tune_encoder_at_node(node, config, sent, 1, NodePolicy(require_dp=True))
+    assert result["refused"] and "require-dp" in result["reason"]
+    assert "state" not in result
+    result = tune_encoder_at_node(node, replace(config, node_dp=True), sent, 1, NodePolicy())
+    assert result["refused"] and "node-level" in result["reason"] and "state" not in result
+
+
+def test_a_private_encoder_round_is_charged_to_the_nodes_accountant_before_it_returns(
+    node_and_config,
+) -> None:
+    node, config = node_and_config
+    private = replace(config, dp=True, dp_encoder_batch=16, target_epsilon=8.0)
+    policy = NodePolicy(require_dp=True)
+    sent = top_layers(TextEncoder(config.text_model), 1)
+    result = tune_encoder_at_node(node, private, sent, 1, policy)
+    customers = public_customers(node, policy)
+    sample_rate, steps = encoder_plan(private, customers)
+    assert sample_rate == pytest.approx(16 / customers) and steps == math.ceil(customers / 16)
+    assert result["purpose"] == "encoder" and result["customers"] == customers
+    assert (result["sample_rate"], result["steps"]) == (sample_rate, steps)
+    assert any(not torch.equal(result["state"][k], sent[k]) for k in sent)
+    saved = NodePrivacy(node.directory)
+    assert saved.state["contributions"] == 1 and result["contribution_index"] == 0
+    assert result["epsilon"] == pytest.approx(saved.epsilon_after(result["delta"]))
+    assert 0 < result["epsilon"] < result["target_epsilon"] == 8.0
+    # the node's one noise multiplier covers the encoder rounds as well as its training
+    delta, q, round_steps, budget = privacy_plan(private, policy, customers)
+    without = calibrate_noise(budget, delta, q, round_steps * private.dp_rounds)
+    assert result["noise_multiplier"] > without
+    whole = planned_epsilon(
+        result["noise_multiplier"],
+        delta,
+        q,
+        round_steps * private.dp_rounds,
+        more_steps=((sample_rate, steps * private.text_finetune_rounds),),
+    )
+    assert whole <= budget * 1.001
+
+
+def test_a_node_declines_a_private_encoder_round_past_its_budget(node_and_config) -> None:
+    node, config = node_and_config
+    private = replace(config, dp=True, target_epsilon=2.0)
+    sent = top_layers(TextEncoder(config.text_model), 1)
+    privacy = NodePrivacy(node.directory)
+    privacy.charge((0.8, 1.0, 4), 1e-4)  # an earlier federation spent most of it
+    result = tune_encoder_at_node(node, private, sent, 1, NodePolicy())
+    assert result["declined"] and "over the budget" in result["reason"]
+    assert "state" not in result
+    assert result["epsilon"] == pytest.approx(privacy.epsilon_after(result["delta"]))
+    assert NodePrivacy(node.directory).state["contributions"] == 1  # nothing more charged
 
 
 def test_every_party_builds_the_same_checkpoint_from_the_same_layers(

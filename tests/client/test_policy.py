@@ -52,6 +52,10 @@ def test_a_request_weaker_than_the_policy_is_refused_naming_the_policy(
             RunConfig(dp=True, target_epsilon=4.0, eval_noise_multiplier=noise)
         )
     assert policy.refusal(RunConfig(dp=True, target_epsilon=2.0, delta=1e-6)) is None
+    for name in ("dp_batch_size", "dp_encoder_batch"):  # no sample rate to account
+        for batch in (0, -5):
+            request = RunConfig(dp=True, target_epsilon=4.0, **{name: batch})
+            assert name.replace("_", "-") in policy.refusal(request)
 
 
 def test_a_request_for_more_passes_than_the_node_allows_is_refused() -> None:

@@ -16,6 +16,8 @@ from server.federation.aggregation import NodeUpdate
 from server.federation.encoder_rounds import tune_encoder
 from server.federation.rounds import RoundResult
 from server.federation.strategy import FedRecStrategy
+from server.privacy.audit import audit
+from server.privacy.ledger import entry_hash, read_ledger
 from shared.data.dataset import load_dataset
 from shared.data.partition import cold_item_indices
 from shared.recommender.artifacts import read_text_model
@@ -77,22 +79,65 @@ def test_the_nodes_tune_the_encoder_and_the_model_ships_it(
     assert json.loads((out / "metrics.json").read_text())["encoder_rounds"] == encoder_rounds
 
 
-def test_encoder_rounds_are_refused_under_dp(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="without DP"):
-        main(
-            [
-                "simulate",
-                "--data",
-                str(tiny_synth_dataset_dir),
-                "--out",
-                str(tmp_path / "run"),
-                "--dp",
-                "--set",
-                "text_finetune_layers=1",
-                "--quiet",
-            ]
-        )
-    assert not (tmp_path / "run" / "ledger.jsonl").exists()
+@pytest.mark.e2e
+def test_private_encoder_rounds_are_signed_ledgered_and_audited(
+    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """Under --dp each node tunes the encoder with DP-SGD, every round's release is in the
+    ledger (purpose encoder) before its layers are used, no loss leaves a node, and the
+    independent audit recomputes the whole plan: encoder rounds, training and evaluations."""
+    out = tmp_path / "run"
+    settings = {
+        "text_model": tiny_bert_dir,
+        "text_finetune_layers": 1,
+        "text_finetune_rounds": 2,
+        "dp_encoder_batch": 20,
+        "dp_rounds": 1,
+    }
+    command = ["simulate", "--data", str(tiny_synth_dataset_dir), "--out", str(out)]
+    command += ["--clients", "2", "--dp", *TINY, *cli_settings(settings)]
+    assert main(command) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(r["round"], r["nodes"]) for r in metrics["encoder_rounds"]] == [(1, 2), (2, 2)]
+    assert all(r["loss"] is None for r in metrics["encoder_rounds"])  # not sent under DP
+    entries = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    contributions = [e for e in entries if e["kind"] == "contribution"]
+    encoder = [e for e in contributions if e["purpose"] == "encoder"]
+    assert sorted((e["round"], e["node"]) for e in encoder) == [
+        (1, "regional-0"),
+        (1, "regional-1"),
+        (2, "regional-0"),
+        (2, "regional-1"),
+    ]
+    for node in ("regional-0", "regional-1"):
+        mine = [e for e in contributions if e["node"] == node]
+        assert [e["contribution_index"] for e in mine] == list(range(len(mine)))
+        assert [e["purpose"] for e in mine][:2] == ["encoder", "encoder"]
+        assert len({e["noise_multiplier"] for e in mine if e["purpose"] != "evaluation"}) == 1
+    assert main(["audit", str(out)]) == 0
+    # the audit's own calibration check covers encoder releases: one that took more steps
+    # than its plan, or one in a run whose plan tunes no encoder, is named
+    for name, edit in {
+        "steps": lambda e: e.update(steps=e["steps"] + 1) if e.get("purpose") == "encoder" else 0,
+        "no plan": lambda e: (
+            e["config"].update(text_finetune_layers=0) if e["kind"] == "run_start" else 0
+        ),
+    }.items():
+        forged = tmp_path / name
+        forged.mkdir()
+        edited = read_ledger(out / "ledger.jsonl")
+        for entry in edited:
+            edit(entry)
+        for i, entry in enumerate(edited):  # a forger with write access re-chains the hashes
+            entry["prev_hash"] = edited[i - 1]["hash"] if i else "0" * 64
+            entry["hash"] = entry_hash(entry)
+        lines = [json.dumps(e) for e in edited]
+        (forged / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+        report = audit(forged)
+        (calibration,) = [c for c in report["checks"] if c["name"] == "calibration"]
+        assert calibration["status"] == "fail"
+        wanted = "steps" if name == "steps" else "tunes no encoder"
+        assert any(wanted in problem for problem in calibration["problems"])
 
 
 class ScriptedNodes:
@@ -113,7 +158,7 @@ class ScriptedNodes:
         return RoundResult(updates, None, 4, len(updates), rejected, [])
 
 
-REFUSED = ["regional-0: encoder rounds train without DP"]
+REFUSED = ["regional-0: this node's policy requires customer-level DP (require-dp=true)"]
 
 
 def test_when_no_node_tunes_the_encoder_stays_public_and_the_stage_ends(

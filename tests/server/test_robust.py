@@ -204,6 +204,12 @@ def test_a_lost_contribution_is_recovered_before_the_next(tmp_path: Path) -> Non
     assert all("recovered" in e for e in recovered)
     curve = epsilon_curve([ledger.entries[0], *recovered])
     assert [e["epsilon"] for e in recovered] == curve[1:]
+    # the gap takes the costliest known release's parameters: here an encoder round's
+    costly = {**report, "purpose": "encoder", "noise_multiplier": 0.6, "contribution_index": 3}
+    ledger.append("contribution", round=1, node="c", num_customers=9, **costly)
+    cheap = {**report, "purpose": "training", "contribution_index": 6, "num_customers": 9}
+    (lost_one, lost_two) = record_lost_contributions(ledger, 2, "c", cheap)
+    assert lost_one["noise_multiplier"] == lost_two["noise_multiplier"] == 0.6
     nothing = record_lost_contributions(ledger, 3, "b", {**report, "num_customers": 9})
     assert nothing == []  # nothing missing
     assert verify_chain(ledger.entries) == []

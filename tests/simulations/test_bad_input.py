@@ -115,9 +115,9 @@ CONFIG_CASES = [
     ("zero rounds", ["--set", "rounds=0"], "rounds must be at least 1"),
     ("negative round timeout", ["--set", "round_timeout=-5"], "round-timeout"),
     (
-        "encoder rounds under DP",
-        ["--set", "dp=true", "--set", "text_finetune_layers=1"],
-        "without DP",
+        "encoder rounds under node-level DP",
+        ["--set", "node_dp=true", "--set", "text_finetune_layers=1"],
+        "node-level DP are not built",
     ),
     ("no encoder rounds", ["--set", "text_finetune_rounds=0"], "text-finetune-rounds"),
     ("unknown attack", ["--set", "attack=flood"], "attack"),
