@@ -15,7 +15,8 @@ expected batch. One step is the Poisson-subsampled Gaussian mechanism for one cu
 history (the unit of every other DP release of a node), accounted as such by the caller.
 
 Per-customer gradients come from Opacus's ``GradSampleModule`` on the top layers: a gradient per
-text, summed over the texts of each customer. Poisson sampling, the choice of pair, the
+text (a text's embedding depends on that text alone: attention stays within a sequence), summed
+over the texts of each customer. Poisson sampling, the choice of pair, the
 negatives and the noise come from :class:`SecureRandom`, never from a seeded generator.
 """
 
