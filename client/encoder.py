@@ -119,8 +119,8 @@ def _tune_private(
     policy: NodePolicy,
     histories: list[np.ndarray],
 ) -> dict:
-    """One private encoder round: charged, trained, saved, in that order of commitment (the
-    accountant is written before the layers are returned)."""
+    """One private encoder round: checked against the budget, charged (the accountant written
+    to disk), then trained; a crash during training over-counts, never forgets."""
     customers = public_customers(node, policy)
     privacy = NodePrivacy(node.directory)
     delta, _, _, budget = privacy_plan(config, policy, customers)

@@ -149,7 +149,8 @@ def train_top_layers_private(
                 clipped, chunk_loss = _clipped_sum(
                     prefix, rows[start : start + CHUNK], parameters, max_grad_norm
                 )
-                total = [t + c for t, c in zip(total, clipped, strict=True)]
+                for summed, part in zip(total, clipped, strict=True):
+                    summed.add_(part)
                 loss += chunk_loss
             std = noise_multiplier * max_grad_norm
             for parameter, summed in zip(parameters, total, strict=True):
