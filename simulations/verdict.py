@@ -3,28 +3,38 @@ said plainly, and where its privacy guarantee is written down.
 
 The reference points are the popularity baseline and the public text model (the untrained
 encoder: an item is its text embedding, a customer the recency-weighted mean of their
-history), both from :mod:`simulations.baselines`. They are cheap (two evaluations, nothing
-trained) and are stored in ``metrics.json`` under ``context``.
+history), both from :mod:`simulations.baselines`, and, where the catalog has brands, the
+public start (the model before any customer's data: the text model sharpened on the catalog's
+same-brand pairs, :mod:`shared.recommender.catalog_pretraining`), what a private run must beat
+to say its customers' data taught it anything. They are cheap (a few evaluations, seconds of
+training on public data) and are stored in ``metrics.json`` under ``context``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from shared.recommender.catalog_pretraining import brand_groups
 from shared.recommender.experiment import Experiment
 from shared.recommender.metrics import evaluate
 from shared.recommender.text import embed_items
 from simulations.baselines import popularity, text_only
 
-REFERENCES = {"popularity": "popularity", "text_only": "public text model"}
+REFERENCES = {
+    "popularity": "popularity",
+    "text_only": "public text model",
+    "public_start": "public start",
+}
 
 
 def run_context(experiment: Experiment) -> dict:
-    """Test metrics of the popularity baseline and of the public text model (recency: the
-    run's ``recency`` setting), fitted on what the model trained on."""
+    """Test metrics of the popularity baseline, of the public text model (recency: the run's
+    ``recency`` setting), fitted on what the model trained on, and of the public start where
+    the catalog pretraining has pairs to learn from."""
     config, split = experiment.config, experiment.split
     text = experiment.text
     if experiment.text_model != config.text_model:  # the run fine-tuned it: use the public one
@@ -40,6 +50,12 @@ def run_context(experiment: Experiment) -> dict:
             {"text_model": config.text_model, "recency": config.recency},
         ),
     }
+    if config.catalog_epochs and brand_groups(experiment.dataset.items):
+        catalog = replace(experiment.catalog(), text=text, text_model=config.text_model)
+        scorers["public_start"] = (
+            experiment.score_fn(catalog.new_model().eval()),
+            {"catalog_epochs": config.catalog_epochs},
+        )
     return {
         name: evaluate(score, split, "test", cold_items=cold)[0] | settings
         for name, (score, settings) in scorers.items()

@@ -22,6 +22,7 @@ from shared.data.dataset import Dataset, Split, find_table, leave_one_out, load_
 from shared.data.partition import cold_item_indices, fragment_histories, item_merchants
 from shared.recommender.artifacts import model_card, save_model, write_json
 from shared.recommender.catalog import fill_cold_items
+from shared.recommender.catalog_pretraining import pretrain_on_catalog
 from shared.recommender.metrics import evaluate, write_recs
 from shared.recommender.model import FusionRecommender, init_seed
 from shared.recommender.text import embed_items, item_texts
@@ -74,9 +75,13 @@ class Catalog:
         return catalog_digest(self.items)
 
     def new_model(self) -> FusionRecommender:
+        """The public start: the text model, sharpened on the catalog's brands
+        (``catalog-epochs``; public data only, :mod:`shared.recommender.catalog_pretraining`)."""
         init_seed(self.config.seed)
         model_config = self.config.model_config(self.num_items, self.text.shape[1])
-        return FusionRecommender(model_config, self.text).to(resolve_device(self.config.device))
+        model = FusionRecommender(model_config, self.text).to(resolve_device(self.config.device))
+        pretrain_on_catalog(model, self.items, self.config.catalog_epochs, self.config.seed)
+        return model
 
     def fill_untrained(self, model: FusionRecommender, trained: torch.Tensor) -> int:
         """Give the items no training touched ID vectors from their text; returns how many."""

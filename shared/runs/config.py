@@ -41,6 +41,7 @@ class RunConfig:
     recency: float = ModelConfig.recency
     logit_scale: float = ModelConfig.logit_scale
     new_item_boost: float = ModelConfig.new_item_boost
+    catalog_epochs: int = 3  # the public start's passes over same-brand product pairs (0: off)
     # training
     epochs: int = 10
     batch_size: int = 128

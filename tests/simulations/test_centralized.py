@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import TEST_DEVICE, TINY
+from helpers import TEST_DEVICE, TINY, TINY_SETTINGS
 
 from shared.data.dataset import leave_one_out, load_dataset
+from shared.recommender.experiment import Experiment
 from shared.recommender.metrics import METRICS, TOP_K, evaluate, metrics_from_recs
 from shared.recommender.training import steps_per_epoch
 from shared.runs.config import RunConfig
@@ -80,7 +81,8 @@ def test_trained_model_beats_popularity(trained: Path, tiny_synth_dataset_dir: P
 
 @pytest.mark.e2e
 def test_metrics_hold_the_reference_points(trained: Path, tiny_synth_dataset_dir: Path) -> None:
-    """context: popularity (as computed above) and the untrained text model, same split."""
+    """context: popularity (as computed above), the untrained text model and the public start
+    (the synthetic catalog has brands), same split."""
     metrics = json.loads((trained / "metrics.json").read_text())
     split = leave_one_out(load_dataset(tiny_synth_dataset_dir))
     counts = torch.from_numpy(
@@ -90,6 +92,14 @@ def test_metrics_hold_the_reference_points(trained: Path, tiny_synth_dataset_dir
     assert metrics["context"]["popularity"]["ndcg@10"] == pytest.approx(popular["ndcg@10"])
     text = metrics["context"]["text_only"]
     assert text["text_model"] == "minilm" and text["ndcg@10"] > popular["ndcg@10"]
+    start = metrics["context"]["public_start"]
+    experiment = Experiment.prepare(
+        tiny_synth_dataset_dir, RunConfig(**TINY_SETTINGS, device=TEST_DEVICE), show_progress=False
+    )
+    assert start["catalog_epochs"] == 3
+    assert start["ndcg@10"] == pytest.approx(
+        experiment.evaluate(experiment.new_model(), "test")[0]["ndcg@10"]
+    )
     assert "- dataset: dataset" in (trained / "model" / "README.md").read_text()
 
 
