@@ -100,6 +100,8 @@ class RunConfig:
     attack_scale: float = 10.0  # the attack's factor on the node's own update
 
     def __post_init__(self) -> None:
+        if self.catalog_epochs < 0:
+            raise ValueError(f"catalog-epochs must be 0 (off) or more, got {self.catalog_epochs}")
         if not 0 <= self.cold_items < 1:
             raise ValueError(f"cold-items must be a fraction in [0, 1), got {self.cold_items:g}")
         if self.reverse_histories not in ("auto", "on", "off"):

@@ -80,6 +80,10 @@ def test_pretraining_moves_only_the_history_side_projection_and_repeats_for_a_se
         runs.append(model.state_dict())
     moved = {k for k in start if not torch.equal(start[k], runs[0][k])}
     assert moved == {"text_in.weight"}
+    # what the projection does to the catalog's mean text stays: DP's step keeps its scale
+    mean_text = text.mean(0)
+    kept = start["text_in.weight"] @ mean_text
+    assert torch.allclose(runs[0]["text_in.weight"] @ mean_text, kept, atol=1e-5)
     assert all(p.grad is None for p in model.parameters())  # nothing left for a later step
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in start)
 

@@ -172,6 +172,13 @@ def test_a_cold_items_fraction_outside_0_1_is_refused_by_every_command(tmp_path:
     assert not (tmp_path / "o").exists()
 
 
+def test_negative_catalog_epochs_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit, match=r"catalog-epochs must be 0 \(off\) or more, got -1"):
+        main(["train", "--data", str(tmp_path), "--out", str(out), "--set", "catalog-epochs=-1"])
+    assert not out.exists()
+
+
 def test_reversed_histories_are_refused_under_dp_by_every_command(tmp_path: Path) -> None:
     """A reversed copy would be a second sample of the customer, which DP accounts as one."""
     out = str(tmp_path / "o")
