@@ -24,6 +24,12 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   twice that unless ``reverse-histories`` is off: each history is then learnt both ways),
   so that no operator can make it compute without end. Default 10 for a deployed node, no cap
   in a simulation. (A private encoder round makes one expected pass: client/encoder.py.)
+- ``max-rounds``: the most private rounds one request may plan at the node (``dp-rounds``,
+  plus ``text-finetune-rounds`` when it tunes the encoder). The node calibrates its noise for
+  the whole plan at once, and Opacus's PRV accountant needs memory that grows with the
+  planned steps (10,000 rounds of Amazon Beauty's plan asked for a 54 GB array): without a
+  bound an operator could crash a node with one setting. Default 20 for a deployed node, no
+  cap in a simulation.
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -41,6 +47,7 @@ from shared.runs.config import RunConfig
 DEPLOYED_MAX_EPSILON = 8.0
 DEPLOYED_MIN_EXACT_CUSTOMERS = 50
 DEPLOYED_MAX_EPOCHS = 10
+DEPLOYED_MAX_ROUNDS = 20
 POLICY_KEYS = (
     "require-dp",
     "max-epsilon",
@@ -48,6 +55,7 @@ POLICY_KEYS = (
     "declared-customers",
     "min-exact-customers",
     "max-epochs",
+    "max-rounds",
 )
 
 
@@ -85,11 +93,11 @@ def _count(value: Any, key: str) -> int:
     return int(number)
 
 
-def _epochs(value: Any) -> int:
-    epochs = _count(value, "max-epochs")
-    if epochs < 1:
-        raise PolicyError(f"node config max-epochs={value!r}: expected a whole number >= 1")
-    return epochs
+def _at_least_one(value: Any, key: str) -> int:
+    count = _count(value, key)
+    if count < 1:
+        raise PolicyError(f"node config {key}={value!r}: expected a whole number >= 1")
+    return count
 
 
 @dataclass(frozen=True)
@@ -102,11 +110,12 @@ class NodePolicy:
     declared_customers: int | None = None
     min_exact_customers: int = 0
     max_epochs: int | None = None
+    max_rounds: int | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
-        ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10``."""
+        ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10 max-rounds=20``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
         max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
@@ -116,6 +125,7 @@ class NodePolicy:
             "min-exact-customers", DEPLOYED_MIN_EXACT_CUSTOMERS if deployed else 0
         )
         max_epochs = node_config.get("max-epochs", DEPLOYED_MAX_EPOCHS if deployed else None)
+        max_rounds = node_config.get("max-rounds", DEPLOYED_MAX_ROUNDS if deployed else None)
         return cls(
             require_dp=_flag(require, "require-dp"),
             max_epsilon=None if max_epsilon is None else _positive(max_epsilon, "max-epsilon"),
@@ -124,7 +134,8 @@ class NodePolicy:
             if declared is None
             else int(_positive(declared, "declared-customers")),
             min_exact_customers=_count(minimum, "min-exact-customers"),
-            max_epochs=None if max_epochs is None else _epochs(max_epochs),
+            max_epochs=None if max_epochs is None else _at_least_one(max_epochs, "max-epochs"),
+            max_rounds=None if max_rounds is None else _at_least_one(max_rounds, "max-rounds"),
         )
 
     def refusal(self, request: RunConfig, training: bool = True) -> str | None:
@@ -162,6 +173,15 @@ class NodePolicy:
         for name in ("dp_batch_size", "dp_encoder_batch"):
             if (batch := getattr(request, name)) < 1:
                 return f"the request's {name.replace('_', '-')} {batch} is not positive"
+        planned = request.dp_rounds + (
+            request.text_finetune_rounds if request.text_finetune_layers else 0
+        )
+        if self.max_rounds is not None and planned > self.max_rounds:
+            return (
+                f"the request plans {planned} private rounds at this node (dp-rounds, plus "
+                f"text-finetune-rounds when it tunes the encoder), above its "
+                f"max-rounds={self.max_rounds}"
+            )
         if self.max_epsilon is not None and request.target_epsilon > self.max_epsilon:
             return (
                 f"the request's target-epsilon {request.target_epsilon:g} is above this node's "

@@ -27,6 +27,7 @@ def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -
     deployed = NodePolicy.from_node_config({"data-dir": "/data"})
     assert deployed.require_dp and deployed.max_epsilon == 8.0
     assert deployed.min_exact_customers == 50 and deployed.max_epochs == 10
+    assert deployed.max_rounds == 20
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
     relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
     assert not relaxed.require_dp
@@ -106,6 +107,7 @@ def test_the_public_customer_figure_never_is_the_exact_count() -> None:
         ("min-exact-customers=-1", "whole number"),
         ("max-epochs=0", "whole number >= 1"),
         ("max-epochs=2.5", "whole number"),
+        ("max-rounds=0", "max-rounds=.0.: expected a whole number >= 1"),
     ],
 )
 def test_a_bad_node_config_is_refused_with_the_key_and_value(text: str, words: str) -> None:
@@ -264,3 +266,18 @@ def test_a_merchant_dp_federation_states_the_composition_over_its_nodes(
     assert privacy["epsilon"] > max(e["epsilon"] for e in contributions)  # not the worst node
     assert privacy["epsilon"] <= 4 + 1e-6  # the federation's budget holds
     assert main(["audit", str(out)]) == 0
+
+
+def test_max_rounds_bounds_the_private_plan_a_node_calibrates_for() -> None:
+    """A node calibrates its noise for the whole plan at once, and the accountant's memory grows
+    with the planned steps: an operator asking for thousands of rounds must get a refusal,
+    never a node that runs out of memory."""
+    policy = NodePolicy(max_rounds=20)
+    assert policy.refusal(RunConfig(dp=True, dp_rounds=20)) is None
+    reason = policy.refusal(RunConfig(dp=True, dp_rounds=10_000))
+    assert reason is not None and "plans 10000 private rounds" in reason
+    assert "max-rounds=20" in reason
+    encoder = RunConfig(dp=True, dp_rounds=18, text_finetune_layers=1, text_finetune_rounds=3)
+    assert "plans 21 private rounds" in policy.refusal(encoder)
+    assert policy.refusal(encoder, training=False) is not None  # evaluating calibrates too
+    assert policy.refusal(RunConfig(dp_rounds=10_000)) is None  # nothing to calibrate
