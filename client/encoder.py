@@ -87,7 +87,7 @@ def tune_encoder_at_node(
     if config.node_dp:
         reason = "encoder rounds under node-level DP are not built: ask without node-dp"
         return {"node": node.name, "refused": True, "reason": reason}
-    if reason := policy.refusal(config):  # a DP node refuses a request without dp
+    if reason := policy.refusal(config, public_customers(node, policy)):
         return {"node": node.name, "refused": True, "reason": reason}
     histories = [np.asarray(h) for h in training_histories(node, config, valid_fraction)]
     if config.dp:

@@ -188,7 +188,8 @@ def train_node(
     share of customers whose validation event stays out of training (:func:`training_histories`).
     """
     policy = policy or NodePolicy()
-    if reason := policy.refusal(config):
+    customers = public_customers(node, policy)
+    if reason := policy.refusal(config, customers):
         return {"node": node.name, "refused": True, "reason": reason}
     device = resolve_device(config.device)
     model = build_model(node, config, state)
@@ -206,7 +207,6 @@ def train_node(
     report: dict = {"customers": len(histories), "node": node.name, "reversed": backwards}
     trainee = CatalogView(model, scored) if scored is not None else None
     if config.dp:
-        customers = public_customers(node, policy)
         report["customers"] = customers  # the public figure, never the exact count
         private = _train_private(
             node, config, policy, trainee or model, inputs, targets, customers, device
@@ -425,7 +425,7 @@ def evaluate_node(
     (:func:`private_sums`). Without DP it is exact.
     """
     policy = policy or NodePolicy()
-    if reason := policy.refusal(config, training=False):
+    if reason := policy.refusal(config, public_customers(node, policy), training=False):
         return {"node": node.name, "refused": True, "reason": reason}
     model = build_model(node, config, state).eval()
 

@@ -12,7 +12,7 @@ import pytest
 from helpers import TEST_DEVICE, TINY, TINY_SETTINGS
 
 from client.node import NodePrivacy, evaluate_node, load_node, private_sums, train_node
-from client.policy import NodePolicy, PolicyError, parse_node_config
+from client.policy import NodePolicy, PolicyError, parse_node_config, planned_steps
 from server.privacy.ledger import read_ledger
 from shared.data.dataset import load_dataset
 from shared.data.partition import write_partitions
@@ -22,12 +22,14 @@ from shared.recommender.model import FusionRecommender
 from shared.runs.config import RunConfig
 from simulations.cli import main
 
+CUSTOMERS = 2_200  # a node's public customer figure, about a regional Beauty node's
+
 
 def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -> None:
     deployed = NodePolicy.from_node_config({"data-dir": "/data"})
     assert deployed.require_dp and deployed.max_epsilon == 8.0
     assert deployed.min_exact_customers == 50 and deployed.max_epochs == 10
-    assert deployed.max_rounds == 20
+    assert deployed.max_rounds == 20 and deployed.max_steps == 10_000
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
     relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
     assert not relaxed.require_dp
@@ -45,30 +47,32 @@ def test_a_request_weaker_than_the_policy_is_refused_naming_the_policy(
     request_settings: dict, words: str
 ) -> None:
     policy = NodePolicy(require_dp=True, max_epsilon=4.0, max_delta=1e-5)
-    reason = policy.refusal(RunConfig(**request_settings))
+    reason = policy.refusal(RunConfig(**request_settings), CUSTOMERS)
     assert reason is not None and words in reason
-    assert policy.refusal(RunConfig(dp=True, target_epsilon=4.0)) is None
+    assert policy.refusal(RunConfig(dp=True, target_epsilon=4.0), CUSTOMERS) is None
     for noise in (0.0, -10.0):  # no server can ask for an exact evaluation under DP
         assert "eval-noise-multiplier" in policy.refusal(
-            RunConfig(dp=True, target_epsilon=4.0, eval_noise_multiplier=noise)
+            RunConfig(dp=True, target_epsilon=4.0, eval_noise_multiplier=noise), CUSTOMERS
         )
-    assert policy.refusal(RunConfig(dp=True, target_epsilon=2.0, delta=1e-6)) is None
+    assert policy.refusal(RunConfig(dp=True, target_epsilon=2.0, delta=1e-6), CUSTOMERS) is None
     for name in ("dp_batch_size", "dp_encoder_batch"):  # no sample rate to account
         for batch in (0, -5):
             request = RunConfig(dp=True, target_epsilon=4.0, **{name: batch})
-            assert name.replace("_", "-") in policy.refusal(request)
+            assert name.replace("_", "-") in policy.refusal(request, CUSTOMERS)
 
 
 def test_a_request_for_more_passes_than_the_node_allows_is_refused() -> None:
     """The operator sets the local work; a node's max-epochs bounds it, with or without DP,
     counting a history learnt both ways (reverse-histories) as two passes."""
     policy = NodePolicy(max_epochs=10)
-    assert policy.refusal(RunConfig()) is None  # the defaults: 1 epoch, 3 for a small node
-    assert policy.refusal(RunConfig(dp=True)) is None  # dp-local-epochs 3
-    assert policy.refusal(RunConfig(max_local_epochs=5, reverse_histories="on")) is None  # 10
-    assert policy.refusal(RunConfig(max_local_epochs=6, reverse_histories="off")) is None
+    # the defaults: 1 epoch, 3 for a small node
+    assert policy.refusal(RunConfig(), CUSTOMERS) is None
+    assert policy.refusal(RunConfig(dp=True), CUSTOMERS) is None  # dp-local-epochs 3
+    both_ways = RunConfig(max_local_epochs=5, reverse_histories="on")  # 10 passes
+    assert policy.refusal(both_ways, CUSTOMERS) is None
+    assert policy.refusal(RunConfig(max_local_epochs=6, reverse_histories="off"), CUSTOMERS) is None
     # node-level DP never reverses, whatever auto would say: its passes count once
-    assert policy.refusal(RunConfig(max_local_epochs=6, node_dp=True)) is None
+    assert policy.refusal(RunConfig(max_local_epochs=6, node_dp=True), CUSTOMERS) is None
     for settings in (
         {"local_epochs": 50},
         {"max_local_epochs": 11},
@@ -76,9 +80,10 @@ def test_a_request_for_more_passes_than_the_node_allows_is_refused() -> None:
         {"max_local_epochs": 6, "reverse_histories": "on"},  # each history learnt both ways
         {"max_local_epochs": 6, "reverse_histories": "auto"},  # the node might decide on
     ):
-        reason = policy.refusal(RunConfig(**settings))
+        reason = policy.refusal(RunConfig(**settings), CUSTOMERS)
         assert reason is not None and "max-epochs=10" in reason, settings
-    assert NodePolicy().refusal(RunConfig(local_epochs=500)) is None  # a simulated node: no cap
+    # a simulated node: no cap
+    assert NodePolicy().refusal(RunConfig(local_epochs=500), CUSTOMERS) is None
 
 
 def test_the_node_picks_its_own_delta_below_one_over_its_customers() -> None:
@@ -108,6 +113,7 @@ def test_the_public_customer_figure_never_is_the_exact_count() -> None:
         ("max-epochs=0", "whole number >= 1"),
         ("max-epochs=2.5", "whole number"),
         ("max-rounds=0", "max-rounds=.0.: expected a whole number >= 1"),
+        ("max-steps=-3", "max-steps=.-3.: expected a whole number >= 0"),
     ],
 )
 def test_a_bad_node_config_is_refused_with_the_key_and_value(text: str, words: str) -> None:
@@ -129,11 +135,15 @@ def node_setup(tiny_synth_dataset_dir: Path, tmp_path: Path):
 
 def test_a_refused_request_spends_nothing_and_sends_no_weights(node_setup) -> None:
     node, config, state = node_setup
-    policy = NodePolicy(require_dp=True, max_epsilon=2.0)
-    for request in (RunConfig(**{**config.to_dict(), "dp": False}), config):
+    policy = NodePolicy(require_dp=True, max_epsilon=2.0, max_steps=50)
+    tiny_batch = RunConfig(**{**config.to_dict(), "target_epsilon": 2.0, "dp_batch_size": 1})
+    for request, words in (
+        (RunConfig(**{**config.to_dict(), "dp": False}), "require-dp=true"),
+        (config, "max-epsilon=2"),
+        (tiny_batch, "max-steps=50"),
+    ):
         report = train_node(node, request, state, server_round=1, policy=policy)
-        assert report["refused"] is True
-        assert "require-dp=true" in report["reason"] or "max-epsilon=2" in report["reason"]
+        assert report["refused"] is True and words in report["reason"]
         assert "state" not in report and "rows" not in report
         assert not NodePrivacy(node.directory).path.exists()  # nothing spent, nothing written
 
@@ -273,11 +283,33 @@ def test_max_rounds_bounds_the_private_plan_a_node_calibrates_for() -> None:
     with the planned steps: an operator asking for thousands of rounds must get a refusal,
     never a node that runs out of memory."""
     policy = NodePolicy(max_rounds=20)
-    assert policy.refusal(RunConfig(dp=True, dp_rounds=20)) is None
-    reason = policy.refusal(RunConfig(dp=True, dp_rounds=10_000))
+    assert policy.refusal(RunConfig(dp=True, dp_rounds=20), CUSTOMERS) is None
+    reason = policy.refusal(RunConfig(dp=True, dp_rounds=10_000), CUSTOMERS)
     assert reason is not None and "plans 10000 private rounds" in reason
     assert "max-rounds=20" in reason
     encoder = RunConfig(dp=True, dp_rounds=18, text_finetune_layers=1, text_finetune_rounds=3)
-    assert "plans 21 private rounds" in policy.refusal(encoder)
-    assert policy.refusal(encoder, training=False) is not None  # evaluating calibrates too
-    assert policy.refusal(RunConfig(dp_rounds=10_000)) is None  # nothing to calibrate
+    assert "plans 21 private rounds" in policy.refusal(encoder, CUSTOMERS)
+    # evaluating calibrates too
+    assert policy.refusal(encoder, CUSTOMERS, training=False) is not None
+    assert policy.refusal(RunConfig(dp_rounds=10_000), CUSTOMERS) is None  # nothing to calibrate
+
+
+def test_max_steps_bounds_the_steps_a_tiny_batch_would_plan() -> None:
+    """A batch of one multiplies the planned DP-SGD steps (and the calibration's memory) by
+    the node's size without asking for a single extra round: the node counts the steps of its
+    whole plan, the encoder rounds' included, and refuses above its max-steps."""
+    request = RunConfig(dp=True, dp_rounds=6, dp_local_epochs=3, dp_batch_size=512)
+    assert planned_steps(request, 2_236) == 5 * 3 * 6  # 1/q = 2236/512 rounds up to 5
+    policy = NodePolicy(max_steps=10_000)
+    assert policy.refusal(request, 2_236) is None
+    tiny = RunConfig(dp=True, dp_rounds=6, dp_local_epochs=3, dp_batch_size=1)
+    assert planned_steps(tiny, 2_236) == 2_236 * 3 * 6
+    reason = policy.refusal(tiny, 2_236)
+    assert reason is not None and "plans 40248 DP-SGD steps" in reason
+    assert "max-steps=10000" in reason and "dp-batch-size 1" in reason
+    assert policy.refusal(tiny, 2_236, training=False) is not None  # evaluating calibrates too
+    assert policy.refusal(tiny, 500) is None  # a small node plans fewer: 9,000
+    encoder = RunConfig(dp=True, text_finetune_layers=1, text_finetune_rounds=3, dp_encoder_batch=1)
+    assert planned_steps(encoder, 2_236) == planned_steps(RunConfig(dp=True), 2_236) + 3 * 2_236
+    assert NodePolicy().refusal(tiny, 2_236) is None  # a simulated node: no cap
+    assert NodePolicy(max_steps=10_000).refusal(RunConfig(dp_batch_size=1), 2_236) is None
