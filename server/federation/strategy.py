@@ -19,6 +19,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
 from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate, clip_updates
+from server.federation.denoising import denoise
 from server.federation.registry import Registry
 from shared.federation.wire import ITEM_TABLES, decode
 from shared.recommender.metrics import EVALUATED
@@ -55,6 +56,7 @@ class FedRecStrategy(FedAvg):
         self.optimizer = ServerOptimizer(kind, config.server_lr)
         self.max_update_norm = max_update_norm
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
+        self.denoise = config.dp and config.dp_denoise  # server/federation/denoising.py
         self.registry: Registry | None = None  # set by the round loop in a deployment
 
     def sender(self, reply: Message) -> str:
@@ -132,10 +134,19 @@ class FedRecStrategy(FedAvg):
         self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """The new global weights from the accepted updates, each first bounded by
-        ``row-clip`` (:func:`clip_updates`), and per node how many rows and tensors the bound
-        scaled down."""
+        ``row-clip`` (:func:`clip_updates`), the aggregate denoised under DP (``dp-denoise``),
+        and per node how many rows and tensors the bound scaled down."""
         clipped = clip_updates(global_state, updates, self.row_clip)
         delta = aggregate(global_state, updates, self.method, self.trim)
+        if self.denoise:
+            delta, shrunk = denoise(delta)
+            log.info(
+                "the private update denoised: %s",
+                ", ".join(
+                    f"{name} kept {kept} of {min(delta[name].shape)} directions"
+                    for name, kept in shrunk.items()
+                ),
+            )
         return self.optimizer.step(global_state, delta), clipped
 
     def aggregate_evaluate(

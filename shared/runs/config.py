@@ -63,6 +63,7 @@ class RunConfig:
     dp_epochs: int = 3  # `fedrec train --dp`: exactly these passes over all customers
     dp_max_len: int = 20
     dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
+    dp_denoise: bool = True  # the server shrinks each private round's update (post-processing)
     eval_noise_multiplier: float = 10.0  # a node's private evaluation: noise std per customer
     # node-level DP (one sample = one node's whole update) and secure aggregation, docs/privacy.md
     node_dp: bool = False

@@ -1,0 +1,75 @@
+"""Denoising a private round's aggregate update before the server applies it (``dp-denoise``).
+
+Under customer-level DP every node adds Gaussian noise of the same size to every weight it
+trains, so the round's averaged update is a signal plus a matrix of independent noise. The
+signal of a text projection is concentrated in a few directions (docs/privacy.md, "Where the
+private gain lives"); the noise is spread over all of them, and what lands in the many
+directions without signal perturbs every score. Each 2-D update is therefore replaced by its
+optimal shrinkage of singular values (Gavish and Donoho, "Optimal Shrinkage of Singular
+Values", IEEE Trans. Inf. Theory 2017: the Frobenius-loss shrinker, with the noise level
+estimated from the median singular value, so nothing the nodes report is trusted for it). It
+reads only what the nodes released: post-processing, free under DP, and nothing a node's
+guarantee depends on. Without DP there is no injected noise to remove and nothing is changed.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+MIN_SIZE = 16  # a matrix with a side this short has too few singular values to read the noise
+
+
+@lru_cache(maxsize=64)
+def marchenko_pastur_median(beta: float) -> float:
+    """The median of the Marchenko-Pastur law of aspect ratio ``beta`` (0 < beta <= 1): what
+    the squared singular values of an m x n noise matrix, entries of variance 1/n, centre on."""
+    # x = 1 + beta - 2 sqrt(beta) cos(phi) runs over the support as phi goes from 0 to pi,
+    # and the density times dx becomes smooth in phi (no singularity at the edges)
+    phi = np.linspace(0.0, math.pi, 100_001)
+    x = 1 + beta - 2 * math.sqrt(beta) * np.cos(phi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        integrand = np.where(x > 0, 2 * np.sin(phi) ** 2 / (math.pi * x), 2 / math.pi)
+    mass = np.concatenate(([0.0], np.cumsum((integrand[1:] + integrand[:-1]) / 2 * np.diff(phi))))
+    return float(np.interp(mass[-1] / 2, mass, x))
+
+
+def shrink_singular_values(update: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``update`` (2-D) with its singular values optimally shrunk under Frobenius loss, the
+    noise level estimated from their median; returns it and how many directions it keeps."""
+    matrix = update.double()
+    transposed = matrix.shape[0] > matrix.shape[1]
+    if transposed:
+        matrix = matrix.T
+    m, n = matrix.shape  # m <= n
+    beta = m / n
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    noise = float(s.median()) / math.sqrt(n * marchenko_pastur_median(beta))
+    if noise == 0.0:
+        return update, int((s > 0).sum())
+    y = s / (noise * math.sqrt(n))
+    edge = 1 + math.sqrt(beta)
+    kept = y > edge
+    shrunk = torch.zeros_like(s)
+    z = y[kept]
+    shrunk[kept] = torch.sqrt((z**2 - beta - 1) ** 2 - 4 * beta) / z * noise * math.sqrt(n)
+    result = (u * shrunk) @ vh
+    if transposed:
+        result = result.T
+    return result.to(update.dtype), int(kept.sum())
+
+
+def denoise(delta: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The round's aggregate ``delta`` with every moved matrix whose sides have at least
+    :data:`MIN_SIZE` entries shrunk (:func:`shrink_singular_values`); returns it and, per
+    matrix shrunk, how many directions it keeps. Vectors (the item biases) are left as they
+    are: their signal is not concentrated in a few directions, so there is no noise level to
+    read from them without trusting what the nodes report."""
+    out, report = dict(delta), {}
+    for name, value in delta.items():
+        if value.ndim == 2 and min(value.shape) >= MIN_SIZE and bool(value.any()):
+            out[name], report[name] = shrink_singular_values(value)
+    return out, report

@@ -1,0 +1,83 @@
+"""Denoising a private round's update (server/federation/denoising.py): a matrix's few strong
+directions survive, the noise spread over the rest goes, and nothing changes without DP."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from server.federation.aggregation import NodeUpdate
+from server.federation.denoising import (
+    denoise,
+    marchenko_pastur_median,
+    shrink_singular_values,
+)
+from server.federation.strategy import FedRecStrategy
+from shared.runs.config import RunConfig
+
+
+def low_rank_plus_noise(
+    rows: int, cols: int, strengths: tuple[float, ...], noise: float, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(rows, len(strengths), generator=generator))
+    right, _ = torch.linalg.qr(torch.randn(cols, len(strengths), generator=generator))
+    signal = (left * torch.tensor(strengths)) @ right.T
+    return signal, signal + noise * torch.randn(rows, cols, generator=generator)
+
+
+def test_the_marchenko_pastur_median_is_where_noise_spectra_centre() -> None:
+    rng = np.random.default_rng(0)
+    for m, n in ((600, 600), (300, 600)):
+        z = rng.standard_normal((m, n))
+        simulated = float(np.median(np.linalg.eigvalsh(z @ z.T / n)))
+        assert abs(marchenko_pastur_median(m / n) - simulated) < 0.01 * simulated
+
+
+def test_a_few_strong_directions_survive_and_the_noise_goes() -> None:
+    """The noise level is not given: it is read from the median singular value."""
+    for rows, cols in ((384, 384), (384, 128), (128, 384)):
+        edge = 0.01 * (math.sqrt(rows) + math.sqrt(cols))  # the largest noise singular value
+        signal, noisy = low_rank_plus_noise(rows, cols, (8 * edge, 4 * edge, 2 * edge), 0.01)
+        denoised, kept = shrink_singular_values(noisy)
+        assert kept == 3
+        assert denoised.shape == noisy.shape
+        error, raw = (denoised - signal).norm(), (noisy - signal).norm()
+        assert error < 0.3 * raw, (rows, cols, float(error), float(raw))
+    # a direction weaker than the noise's own scale (0.01 x sqrt(256)) cannot be told from it
+    _, noisy = low_rank_plus_noise(256, 256, (0.5 * 0.01 * 16,), 0.01)
+    assert shrink_singular_values(noisy)[1] == 0
+    pure = torch.randn(256, 256, generator=torch.Generator().manual_seed(1))
+    # pure noise: at most a direction at the edge's random fluctuation, shrunk nearly to 0
+    denoised, kept = shrink_singular_values(pure)
+    assert kept <= 1 and denoised.norm() < 0.05 * pure.norm()
+
+
+def test_denoise_leaves_what_did_not_move_or_is_too_small() -> None:
+    _, noisy = low_rank_plus_noise(64, 64, (1.0,), 0.01)
+    delta = {
+        "moved": noisy,
+        "still": torch.zeros(64, 64),
+        "small": torch.ones(4, 64),
+        "vector": torch.ones(64),
+    }
+    out, report = denoise(delta)
+    assert set(report) == {"moved"}
+    for name in ("still", "small", "vector"):
+        assert torch.equal(out[name], delta[name])
+    assert not torch.equal(out["moved"], noisy)
+
+
+def test_the_server_denoises_private_rounds_only() -> None:
+    signal, noisy = low_rank_plus_noise(64, 48, (1.0,), 0.01)
+    state = {"w": torch.zeros(64, 48)}
+    updates = [NodeUpdate("a", 1.0, {"w": noisy}), NodeUpdate("b", 1.0, {"w": noisy})]
+    plain, _ = FedRecStrategy(RunConfig(row_clip=0)).apply(state, updates)
+    assert torch.allclose(plain["w"], noisy)
+    private, _ = FedRecStrategy(RunConfig(dp=True, row_clip=0)).apply(state, updates)
+    assert torch.allclose(private["w"], denoise({"w": noisy})[0]["w"])
+    assert (private["w"] - signal).norm() < 0.5 * (noisy - signal).norm()
+    asked_off = FedRecStrategy(RunConfig(dp=True, dp_denoise=False, row_clip=0))
+    assert torch.allclose(asked_off.apply(state, updates)[0]["w"], noisy)
