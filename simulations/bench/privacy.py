@@ -4,8 +4,8 @@ For every variant and every epsilon, one federated run made by ``fedrec simulate
 (``simulations.simulate.run``) in ``OUT/<variant>/eps-<epsilon>``; a run whose directory
 already holds a ``metrics.json`` is reused, so an interrupted benchmark resumes (and a run that
 was cut off mid-way resumes from its checkpoint). Runs are sequential. The curve plots test
-NDCG@10 against the epsilon each run reports, with the untrained model (the text baseline it
-starts from) as a reference line.
+NDCG@10 against the epsilon each run reports, with the model every run starts from (the public
+start: the text model, sharpened on the catalog's brands where it has them) as a reference line.
 """
 
 from __future__ import annotations
@@ -152,8 +152,9 @@ def run_point(args: argparse.Namespace, variant: str, epsilon: float | None) -> 
 
 
 def untrained_baseline(args: argparse.Namespace) -> dict:
-    """Test metrics of the model at initialisation (the text-only baseline every run starts
-    from), with the private runs' model settings (``dp_max_len``, ``dp_dim``)."""
+    """Test metrics of the model at initialisation (the public start every run starts from,
+    :meth:`Catalog.new_model`), with the private runs' model settings (``dp_max_len``,
+    ``dp_dim``)."""
     config = run_config_from_args(args, variant="text", dp=True)
     experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
     test, _ = experiment.evaluate(experiment.new_model(), "test")
@@ -191,7 +192,7 @@ def plot_curve(points: list[dict], baseline: float, path: Path) -> None:
                     linestyle="none",
                     label=None if private else variant,
                 )
-    ax.axhline(baseline, color="gray", linestyle="--", label="untrained text model (init)")
+    ax.axhline(baseline, color="gray", linestyle="--", label="the starting model (public start)")
     ax.set_xscale("log")
     ticks = {t: f"{t:g}" for t in finite}
     if any(p["target_epsilon"] is None for p in points):
