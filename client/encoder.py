@@ -87,11 +87,12 @@ def tune_encoder_at_node(
     if config.node_dp:
         reason = "encoder rounds under node-level DP are not built: ask without node-dp"
         return {"node": node.name, "refused": True, "reason": reason}
-    if reason := policy.refusal(config, public_customers(node, policy)):
+    customers = public_customers(node, policy)
+    if reason := policy.refusal(config, customers):
         return {"node": node.name, "refused": True, "reason": reason}
     histories = [np.asarray(h) for h in training_histories(node, config, valid_fraction)]
     if config.dp:
-        return _tune_private(node, config, weights, policy, histories)
+        return _tune_private(node, config, weights, policy, customers, histories)
     pairs = consecutive_pairs(histories)
     if not len(pairs):
         reason = "no customer here has two distinct products in a row: nothing to tune on"
@@ -117,11 +118,12 @@ def _tune_private(
     config: RunConfig,
     weights: dict[str, torch.Tensor],
     policy: NodePolicy,
+    customers: int,
     histories: list[np.ndarray],
 ) -> dict:
-    """One private encoder round: checked against the budget, charged (the accountant written
-    to disk), then trained; a crash during training over-counts, never forgets."""
-    customers = public_customers(node, policy)
+    """One private encoder round at a node of ``customers`` (its public figure): checked
+    against the budget, charged (the accountant written to disk), then trained; a crash during
+    training over-counts, never forgets."""
     privacy = NodePrivacy(node.directory)
     delta, _, _, budget = privacy_plan(config, policy, customers)
     sample_rate, steps = encoder_plan(config, customers)

@@ -425,7 +425,8 @@ def evaluate_node(
     (:func:`private_sums`). Without DP it is exact.
     """
     policy = policy or NodePolicy()
-    if reason := policy.refusal(config, public_customers(node, policy), training=False):
+    customers = public_customers(node, policy)
+    if reason := policy.refusal(config, customers, training=False):
         return {"node": node.name, "refused": True, "reason": reason}
     model = build_model(node, config, state).eval()
 
@@ -436,7 +437,7 @@ def evaluate_node(
     _, ranks = rank_users(score, node.split, "test", users=users)
     per_customer = per_customer_metrics(ranks)
     if config.dp:
-        return _evaluate_private(node, config, policy, per_customer)
+        return _evaluate_private(node, config, policy, customers, per_customer)
     result: dict = {"node": node.name}
     if len(users) >= policy.min_exact_customers:
         result |= {"customers": len(users), **_means(per_customer)}
@@ -465,10 +466,13 @@ def private_sums(values: np.ndarray, noise_multiplier: float) -> np.ndarray:
 
 
 def _evaluate_private(
-    node: NodeData, config: RunConfig, policy: NodePolicy, per_customer: dict[str, np.ndarray]
+    node: NodeData,
+    config: RunConfig,
+    policy: NodePolicy,
+    customers: int,
+    per_customer: dict[str, np.ndarray],
 ) -> dict:
     privacy = NodePrivacy(node.directory)
-    customers = public_customers(node, policy)
     delta, _, _, budget = privacy_plan(config, policy, customers)
     sigma = config.eval_noise_multiplier
     if reason := over_budget(privacy, delta, budget, (sigma, 1.0, 1)):

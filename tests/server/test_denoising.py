@@ -81,3 +81,31 @@ def test_the_server_denoises_private_rounds_only() -> None:
     assert (private["w"] - signal).norm() < 0.5 * (noisy - signal).norm()
     asked_off = FedRecStrategy(RunConfig(dp=True, dp_denoise=False, row_clip=0))
     assert torch.allclose(asked_off.apply(state, updates)[0]["w"], noisy)
+
+
+def test_a_node_sending_noise_cannot_hide_the_others_signal() -> None:
+    """A malicious node's garbage raises the noise the server reads from the median singular
+    value; bounded by the row bound (3x the round's median norm), it cannot push the honest
+    nodes' common direction under the edge, and the denoised round stays nearer to it than the
+    plain average, which takes the garbage in whole."""
+    rows = cols = 128
+    generator = torch.Generator().manual_seed(2)
+    direction = torch.outer(
+        torch.randn(rows, generator=generator), torch.randn(cols, generator=generator)
+    )
+    signal = direction / direction.norm() * 0.5
+    honest = [signal + 0.01 * torch.randn(rows, cols, generator=generator) for _ in range(9)]
+    garbage = 1e3 * torch.randn(rows, cols, generator=generator)
+    updates = [NodeUpdate(f"n{i}", 1.0, {"w": u}) for i, u in enumerate(honest)]
+    updates.append(NodeUpdate("attacker", 1.0, {"w": garbage}))
+    state = {"w": torch.zeros(rows, cols)}
+
+    def applied(denoised: bool) -> torch.Tensor:
+        strategy = FedRecStrategy(RunConfig(dp=True, dp_denoise=denoised))
+        fresh = [NodeUpdate(u.node, u.weight, dict(u.arrays)) for u in updates]
+        return strategy.apply(state, fresh)[0]["w"]
+
+    plain, denoised = applied(False), applied(True)
+    assert (denoised - signal).norm() < 0.5 * (plain - signal).norm()
+    cosine = (denoised * signal).sum() / (denoised.norm() * signal.norm())
+    assert cosine > 0.9
