@@ -181,6 +181,14 @@ class NodePolicy:
                 f"the request's eval-noise-multiplier {request.eval_noise_multiplier:g} is not "
                 "positive: a private evaluation needs noise"
             )
+        # evaluations too exact for the budget: no DP-SGD noise could then meet it
+        budget, delta = self.budget(request), self.delta(request, customers)
+        if request.federated_eval and evaluations_exceed(request, budget, delta):
+            return (
+                f"the request's {request.dp_rounds} private evaluations at "
+                f"eval-noise-multiplier {request.eval_noise_multiplier:g} alone spend more than "
+                f"this node's budget (epsilon {budget:g} at delta {delta:.3g})"
+            )
         # an empty expected batch has no sample rate to account (and would divide by zero)
         for name in ("dp_batch_size", "dp_encoder_batch"):
             if (batch := getattr(request, name)) < 1:
@@ -246,6 +254,23 @@ def planned_steps(request: RunConfig, customers: int) -> int:
         per_round, _ = steps_per_epoch(customers, request.dp_encoder_batch)
         steps += per_round * request.text_finetune_rounds
     return steps
+
+
+def evaluations_exceed(request: RunConfig, epsilon: float, delta: float) -> bool:
+    """Whether ``request``'s private evaluations alone spend more than (``epsilon``,
+    ``delta``): ``dp-rounds`` Gaussian releases of sensitivity 1 at ``eval-noise-multiplier``
+    compose exactly into one Gaussian of noise multiplier sigma / sqrt(rounds), whose delta at
+    ``epsilon`` has a closed form (Balle and Wang, ICML 2018, Theorem 8)."""
+    mu = math.sqrt(request.dp_rounds) / request.eval_noise_multiplier
+
+    def normal_cdf(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    tail = normal_cdf(-epsilon / mu - mu / 2)
+    spent = normal_cdf(-epsilon / mu + mu / 2) - (
+        math.exp(epsilon + math.log(tail)) if tail > 0 else 0.0
+    )
+    return spent > delta
 
 
 def parse_node_config(text: str) -> dict[str, Any]:

@@ -12,13 +12,20 @@ import pytest
 from helpers import TEST_DEVICE, TINY, TINY_SETTINGS
 
 from client.node import NodePrivacy, evaluate_node, load_node, private_sums, train_node
-from client.policy import NodePolicy, PolicyError, parse_node_config, planned_steps
+from client.policy import (
+    NodePolicy,
+    PolicyError,
+    evaluations_exceed,
+    parse_node_config,
+    planned_steps,
+)
 from server.privacy.ledger import read_ledger
 from shared.data.dataset import load_dataset
 from shared.data.partition import write_partitions
 from shared.federation.node_directory import NodeInfo, round_down_2sf
 from shared.federation.wire import trainable_state
 from shared.recommender.model import FusionRecommender
+from shared.recommender.training import planned_epsilon
 from shared.runs.config import RunConfig
 from simulations.cli import main
 
@@ -313,3 +320,35 @@ def test_max_steps_bounds_the_steps_a_tiny_batch_would_plan() -> None:
     assert planned_steps(encoder, 2_236) == planned_steps(RunConfig(dp=True), 2_236) + 3 * 2_236
     assert NodePolicy().refusal(tiny, 2_236) is None  # a simulated node: no cap
     assert NodePolicy(max_steps=10_000).refusal(RunConfig(dp_batch_size=1), 2_236) is None
+
+
+def test_evaluations_too_exact_for_the_budget_are_refused_before_anything_is_spent(
+    node_setup,
+) -> None:
+    """A tiny positive eval-noise-multiplier passes "positive" but its evaluations alone spend
+    more than the budget, so no DP-SGD noise could meet it: the node refuses (the server
+    ledgers a refusal) instead of failing its calibration with an error."""
+    node, config, state = node_setup
+    exact = RunConfig(**{**config.to_dict(), "federated_eval": True, "eval_noise_multiplier": 1e-9})
+    for reason in (
+        NodePolicy().refusal(exact, CUSTOMERS),
+        NodePolicy().refusal(exact, CUSTOMERS, training=False),
+        train_node(node, exact, state, server_round=1)["reason"],
+        evaluate_node(node, exact, state)["reason"],
+    ):
+        assert "alone spend more than" in reason
+        assert f"epsilon {config.target_epsilon:g} at delta" in reason
+    assert not NodePrivacy(node.directory).path.exists()  # nothing spent, nothing written
+    noisy = RunConfig(**{**config.to_dict(), "federated_eval": True})  # the default noise: 10
+    assert NodePolicy().refusal(noisy, CUSTOMERS) is None
+    assert NodePolicy().refusal(RunConfig(dp=True, eval_noise_multiplier=1e-9), CUSTOMERS) is None
+
+
+def test_the_closed_form_for_evaluations_agrees_with_the_prv_accountant() -> None:
+    """Six Gaussian releases at sigma 1: the closed form's verdict flips where Opacus's PRV
+    accountant puts their epsilon (within its 2% discretisation)."""
+    request = RunConfig(dp=True, dp_rounds=6, eval_noise_multiplier=1.0)
+    delta = 1e-5
+    epsilon = planned_epsilon(1.0, delta, 1.0, 6)
+    assert evaluations_exceed(request, epsilon * 0.98, delta)
+    assert not evaluations_exceed(request, epsilon * 1.02, delta)
