@@ -10,6 +10,12 @@ Values", IEEE Trans. Inf. Theory 2017: the Frobenius-loss shrinker, with the noi
 estimated from the median singular value, so nothing the nodes report is trusted for it). It
 reads only what the nodes released: post-processing, free under DP, and nothing a node's
 guarantee depends on. Without DP there is no injected noise to remove and nothing is changed.
+
+What is shrunk is the sum of every round's averaged update so far, not the round's alone
+(:class:`CumulativeDenoiser`): the rounds' noises are independent while their signal points
+the same way, so a direction too weak to stand out of one round's noise grows out of the
+summed noise over the rounds (the signal adds up t times, the noise sqrt(t) times). Shrinking
+each round on its own would zero such a direction in every round, for good.
 """
 
 from __future__ import annotations
@@ -62,14 +68,40 @@ def shrink_singular_values(update: torch.Tensor) -> tuple[torch.Tensor, int]:
     return result.to(update.dtype), int(kept.sum())
 
 
-def denoise(delta: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The round's aggregate ``delta`` with every moved matrix whose sides have at least
-    :data:`MIN_SIZE` entries shrunk (:func:`shrink_singular_values`); returns it and, per
-    matrix shrunk, how many directions it keeps. Vectors (the item biases) are left as they
-    are: their signal is not concentrated in a few directions, so there is no noise level to
-    read from them without trusting what the nodes report."""
-    out, report = dict(delta), {}
-    for name, value in delta.items():
-        if value.ndim == 2 and min(value.shape) >= MIN_SIZE and bool(value.any()):
-            out[name], report[name] = shrink_singular_values(value)
-    return out, report
+def shrinkable(value: torch.Tensor) -> bool:
+    """A matrix with enough singular values on both sides to read its noise from."""
+    return value.ndim == 2 and min(value.shape) >= MIN_SIZE
+
+
+class CumulativeDenoiser:
+    """The server's denoising of the private rounds: it keeps, per matrix, the weights before
+    the first private round (``start/<name>``) and the sum of the rounds' averaged updates as
+    the nodes sent them (``raw/<name>``), and moves the matrix to the start plus that sum
+    shrunk (:func:`shrink_singular_values`). ``state`` is checkpointed with the weights, so a
+    resumed run denoises as one that never stopped."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+
+    def __call__(
+        self, global_state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The round's ``delta`` with every matrix's replaced by the step from its current
+        weights to the denoised sum; returns it and, per matrix, how many directions it keeps.
+        Vectors (the item biases) are left as they are: their signal is not concentrated in a
+        few directions, so there is no noise level to read from them without trusting what
+        the nodes report. A matrix that never moved is left too, and so is one that is not
+        finite, whose round is not applied (server/federation/rounds.py)."""
+        out, report = dict(delta), {}
+        for name, value in delta.items():
+            raw_key = f"raw/{name}"
+            if not shrinkable(value) or not (raw_key in self.state or bool(value.any())):
+                continue
+            if not bool(torch.isfinite(value).all()):  # the round loop rejects the round: the
+                continue  # sums must not take it in either
+            start = self.state.setdefault(f"start/{name}", global_state[name].clone())
+            raw = self.state.get(raw_key, torch.zeros_like(value)) + value
+            self.state[raw_key] = raw
+            shrunk, report[name] = shrink_singular_values(raw)
+            out[name] = start + shrunk - global_state[name]
+        return out, report

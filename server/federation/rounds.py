@@ -345,7 +345,7 @@ def _federate(
     start = None  # the starting model's validation metrics (a candidate when rounds are chosen)
     saved = checkpoint.load()
     if saved is not None:
-        state, strategy.optimizer.state, progress = saved
+        state, strategy.server_state, progress = saved
         if changed := differences(progress["config"], config.to_dict()):
             raise SystemExit(
                 f"{out} holds a run with other settings ({'; '.join(changed)}); use another --out"
@@ -450,7 +450,7 @@ def _federate(
         )
         checkpoint.save(
             state,
-            strategy.optimizer.state,
+            strategy.server_state,
             {
                 "round": server_round,
                 "history": history,

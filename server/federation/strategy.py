@@ -19,7 +19,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
 from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate, clip_updates
-from server.federation.denoising import denoise
+from server.federation.denoising import CumulativeDenoiser
 from server.federation.registry import Registry
 from shared.federation.wire import ITEM_TABLES, decode
 from shared.recommender.metrics import EVALUATED
@@ -56,8 +56,24 @@ class FedRecStrategy(FedAvg):
         self.optimizer = ServerOptimizer(kind, config.server_lr)
         self.max_update_norm = max_update_norm
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
-        self.denoise = config.dp and config.dp_denoise  # server/federation/denoising.py
+        # server/federation/denoising.py: under customer-level DP only
+        self.denoiser = CumulativeDenoiser() if config.dp and config.dp_denoise else None
         self.registry: Registry | None = None  # set by the round loop in a deployment
+
+    @property
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """What the server carries from round to round besides the weights, checkpointed with
+        them: the server optimiser's moments and the denoiser's sums."""
+        denoised = {} if self.denoiser is None else self.denoiser.state
+        return self.optimizer.state | {f"denoise/{k}": v for k, v in denoised.items()}
+
+    @server_state.setter
+    def server_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.optimizer.state = {k: v for k, v in state.items() if not k.startswith("denoise/")}
+        if self.denoiser is not None:
+            self.denoiser.state = {
+                k.removeprefix("denoise/"): v for k, v in state.items() if k.startswith("denoise/")
+            }
 
     def sender(self, reply: Message) -> str:
         """The node a reply comes from: its registered name (by Flower's authenticated node
@@ -134,14 +150,15 @@ class FedRecStrategy(FedAvg):
         self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """The new global weights from the accepted updates, each first bounded by
-        ``row-clip`` (:func:`clip_updates`), the aggregate denoised under DP (``dp-denoise``),
+        ``row-clip`` (:func:`clip_updates`), under DP the matrices moved to their denoised sum
+        of rounds (``dp-denoise``),
         and per node how many rows and tensors the bound scaled down."""
         clipped = clip_updates(global_state, updates, self.row_clip)
         delta = aggregate(global_state, updates, self.method, self.trim)
-        if self.denoise:
-            delta, shrunk = denoise(delta)
+        if self.denoiser is not None:
+            delta, shrunk = self.denoiser(global_state, delta)
             log.info(
-                "the private update denoised: %s",
+                "the private rounds' summed update denoised: %s",
                 ", ".join(
                     f"{name} kept {kept} of {min(delta[name].shape)} directions"
                     for name, kept in shrunk.items()

@@ -1,6 +1,6 @@
-"""The federation's checkpoint: the global weights, the server optimiser's state and the
-per-round history, in ``checkpoint.safetensors``, with the one before it kept as
-``checkpoint.prev.safetensors``.
+"""The federation's checkpoint: the global weights, the server's state between rounds (its
+optimiser's moments, the denoiser's sums) and the per-round history, in
+``checkpoint.safetensors``, with the one before it kept as ``checkpoint.prev.safetensors``.
 
 Each save is durable (temp file, fsync, rename, fsync of the directory) and refused when the
 state holds a NaN or an infinity, so a diverged round is never persisted. Loading falls back to

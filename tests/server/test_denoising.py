@@ -1,5 +1,6 @@
-"""Denoising a private round's update (server/federation/denoising.py): a matrix's few strong
-directions survive, the noise spread over the rest goes, and nothing changes without DP."""
+"""Denoising the private rounds' updates (server/federation/denoising.py): a matrix's few strong
+directions survive, the noise spread over the rest goes, a direction too weak for one round
+emerges from their sum, and nothing changes without DP."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from server.federation.aggregation import NodeUpdate
 from server.federation.denoising import (
-    denoise,
+    CumulativeDenoiser,
     marchenko_pastur_median,
     shrink_singular_values,
 )
@@ -63,7 +64,7 @@ def test_denoise_leaves_what_did_not_move_or_is_too_small() -> None:
         "small": torch.ones(4, 64),
         "vector": torch.ones(64),
     }
-    out, report = denoise(delta)
+    out, report = CumulativeDenoiser()({k: torch.zeros_like(v) for k, v in delta.items()}, delta)
     assert set(report) == {"moved"}
     for name in ("still", "small", "vector"):
         assert torch.equal(out[name], delta[name])
@@ -77,10 +78,70 @@ def test_the_server_denoises_private_rounds_only() -> None:
     plain, _ = FedRecStrategy(RunConfig(row_clip=0)).apply(state, updates)
     assert torch.allclose(plain["w"], noisy)
     private, _ = FedRecStrategy(RunConfig(dp=True, row_clip=0)).apply(state, updates)
-    assert torch.allclose(private["w"], denoise({"w": noisy})[0]["w"])
+    assert torch.allclose(private["w"], shrink_singular_values(noisy)[0])
     assert (private["w"] - signal).norm() < 0.5 * (noisy - signal).norm()
     asked_off = FedRecStrategy(RunConfig(dp=True, dp_denoise=False, row_clip=0))
     assert torch.allclose(asked_off.apply(state, updates)[0]["w"], noisy)
+
+
+def test_a_direction_too_weak_for_one_round_emerges_from_the_rounds_sum() -> None:
+    """Each round carries the same weak direction (below one round's noise edge) and fresh
+    noise: no round alone finds it, the denoised sum of nine does, and the model lands far
+    nearer to the nine rounds' signal than the plain sum of their noisy updates."""
+    rows = cols = 128
+    edge = 0.01 * (math.sqrt(rows) + math.sqrt(cols))
+    direction, _ = low_rank_plus_noise(rows, cols, (0.3 * edge,), 0.0)
+    strategy = FedRecStrategy(RunConfig(dp=True, row_clip=0))
+    start = torch.full((rows, cols), 0.5)
+    state, plain = {"w": start}, start.clone()
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(9):
+        noisy = direction + 0.01 * torch.randn(rows, cols, generator=generator)
+        alone = shrink_singular_values(noisy)[0]  # one round alone: nothing of the direction
+        assert abs((alone * direction).sum()) <= 0.2 * alone.norm() * direction.norm()
+        plain = plain + noisy
+        trained = {"w": state["w"] + noisy}  # a node sends its weights, not its update
+        state, _ = strategy.apply(state, [NodeUpdate("a", 1.0, trained)])
+    learnt, target = state["w"] - start, 9 * direction
+    assert (learnt - target).norm() < 0.2 * (plain - start - target).norm()
+    assert (learnt * target).sum() / (learnt.norm() * target.norm()) > 0.6
+
+
+def test_a_resumed_server_denoises_as_one_that_never_stopped() -> None:
+    """The denoiser's sums travel in the checkpointed server state; without them a server
+    would denoise the later rounds alone and land elsewhere."""
+    config = RunConfig(dp=True, row_clip=0)
+    updates = [low_rank_plus_noise(64, 64, (1.0,), 0.05, seed=s)[1] for s in range(3)]
+
+    def run(strategy: FedRecStrategy, state: dict, rounds: list) -> dict:
+        for update in rounds:  # a node sends its weights: the global ones plus its update
+            trained = {"w": state["w"] + update}
+            state, _ = strategy.apply(state, [NodeUpdate("a", 1.0, trained)])
+        return state
+
+    straight = run(FedRecStrategy(config), {"w": torch.zeros(64, 64)}, updates)
+    first = FedRecStrategy(config)
+    after_one = run(first, {"w": torch.zeros(64, 64)}, updates[:1])
+    resumed = FedRecStrategy(config)
+    resumed.server_state = {k: v.clone() for k, v in first.server_state.items()}
+    assert set(resumed.server_state) == {"denoise/start/w", "denoise/raw/w"}
+    assert torch.allclose(run(resumed, after_one, updates[1:])["w"], straight["w"], atol=1e-6)
+    forgetful = run(FedRecStrategy(config), after_one, updates[1:])
+    assert not torch.allclose(forgetful["w"], straight["w"], atol=1e-3)
+
+
+def test_a_round_that_is_not_finite_leaves_the_sums_as_they_were() -> None:
+    """The round loop does not apply a non-finite aggregate; the denoiser must not keep it in
+    its sums either, or every later round would be NaN."""
+    denoiser = CumulativeDenoiser()
+    state = {"w": torch.zeros(64, 64)}
+    first = low_rank_plus_noise(64, 64, (1.0,), 0.05)[1]
+    state = {"w": state["w"] + denoiser(state, {"w": first})[0]["w"]}
+    before = {k: v.clone() for k, v in denoiser.state.items()}
+    broken = first.clone()
+    broken[0, 0] = float("nan")
+    assert not torch.isfinite(denoiser(state, {"w": broken})[0]["w"]).all()
+    assert all(torch.equal(denoiser.state[k], v) for k, v in before.items())
 
 
 def test_a_node_sending_noise_cannot_hide_the_others_signal() -> None:
