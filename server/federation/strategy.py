@@ -150,9 +150,9 @@ class FedRecStrategy(FedAvg):
         self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """The new global weights from the accepted updates, each first bounded by
-        ``row-clip`` (:func:`clip_updates`), under DP the matrices moved to their denoised sum
-        of rounds (``dp-denoise``),
-        and per node how many rows and tensors the bound scaled down."""
+        ``row-clip`` (:func:`clip_updates`), and per node how many rows and tensors the bound
+        scaled down; under DP each trained matrix is moved to its denoised sum of the private
+        rounds (``dp-denoise``, :class:`CumulativeDenoiser`)."""
         clipped = clip_updates(global_state, updates, self.row_clip)
         delta = aggregate(global_state, updates, self.method, self.trim)
         if self.denoiser is not None:
