@@ -90,15 +90,15 @@ class CumulativeDenoiser:
         weights to the denoised sum; returns it and, per matrix, how many directions it keeps.
         Vectors (the item biases) are left as they are: their signal is not concentrated in a
         few directions, so there is no noise level to read from them without trusting what
-        the nodes report. A matrix that never moved is left too, and so is one that is not
-        finite, whose round is not applied (server/federation/rounds.py)."""
+        the nodes report. A matrix that never moved is left too, and a round with any value
+        that is not finite, which is not applied (server/federation/rounds.py), is not summed."""
         out, report = dict(delta), {}
+        if not all(bool(torch.isfinite(value).all()) for value in delta.values()):
+            return out, report  # the round loop rejects the whole round: the sums must too
         for name, value in delta.items():
             raw_key = f"raw/{name}"
             if not shrinkable(value) or not (raw_key in self.state or bool(value.any())):
                 continue
-            if not bool(torch.isfinite(value).all()):  # the round loop rejects the round: the
-                continue  # sums must not take it in either
             start = self.state.setdefault(f"start/{name}", global_state[name].clone())
             raw = self.state.get(raw_key, torch.zeros_like(value)) + value
             self.state[raw_key] = raw

@@ -142,6 +142,10 @@ def test_a_round_that_is_not_finite_leaves_the_sums_as_they_were() -> None:
     broken[0, 0] = float("nan")
     assert not torch.isfinite(denoiser(state, {"w": broken})[0]["w"]).all()
     assert all(torch.equal(denoiser.state[k], v) for k, v in before.items())
+    # a NaN elsewhere (the item biases) rejects the whole round: the finite matrix is not summed
+    biases = torch.full((64,), float("nan"))
+    denoiser(state, {"w": first, "bias": biases})
+    assert all(torch.equal(denoiser.state[k], v) for k, v in before.items())
 
 
 def test_a_node_sending_noise_cannot_hide_the_others_signal() -> None:
