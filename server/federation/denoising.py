@@ -16,6 +16,10 @@ What is shrunk is the sum of every round's averaged update so far, not the round
 the same way, so a direction too weak to stand out of one round's noise grows out of the
 summed noise over the rounds (the signal adds up t times, the noise sqrt(t) times). Shrinking
 each round on its own would zero such a direction in every round, for good.
+
+Whether a run is denoised follows its budget (:func:`denoises`): at a large one the noise
+is small beside what the many directions below its edge carry together, and zeroing them
+costs more than their noise does (docs/privacy.md, "When to denoise").
 """
 
 from __future__ import annotations
@@ -26,7 +30,21 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from shared.runs.config import RunConfig
+
 MIN_SIZE = 16  # a matrix with a side this short has too few singular values to read the noise
+# ``dp-denoise=auto`` denoises a run that asks less than this epsilon per customer; chosen on
+# Amazon Beauty's validation at epsilon 2, 4 and 8 (docs/privacy.md, "When to denoise")
+AUTO_BELOW_EPSILON = 3.0
+
+
+def denoises(config: RunConfig) -> bool:
+    """Whether the server denoises this run's private rounds (``dp-denoise``): only under
+    customer-level DP; ``on`` always, ``off`` never, ``auto`` when the run's target epsilon
+    (public: what it asks every node) is below :data:`AUTO_BELOW_EPSILON`."""
+    if not config.dp or config.dp_denoise == "off":
+        return False
+    return config.dp_denoise == "on" or config.target_epsilon < AUTO_BELOW_EPSILON
 
 
 @lru_cache(maxsize=64)

@@ -63,7 +63,7 @@ class RunConfig:
     dp_epochs: int = 3  # `fedrec train --dp`: exactly these passes over all customers
     dp_max_len: int = 20
     dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
-    dp_denoise: bool = True  # the server shrinks each private round's update (post-processing)
+    dp_denoise: str = "auto"  # the server denoises private rounds: auto (small budgets), on, off
     eval_noise_multiplier: float = 10.0  # a node's private evaluation: noise std per customer
     # node-level DP (one sample = one node's whole update) and secure aggregation, docs/privacy.md
     node_dp: bool = False
@@ -109,6 +109,8 @@ class RunConfig:
             raise ValueError(
                 f"reverse-histories must be auto, on or off, got {self.reverse_histories!r}"
             )
+        if self.dp_denoise not in ("auto", "on", "off"):
+            raise ValueError(f"dp-denoise must be auto, on or off, got {self.dp_denoise!r}")
         if self.reverse_histories == "on" and (self.dp or self.node_dp):
             raise ValueError(
                 "reverse-histories=on makes each customer two training sequences, which DP "

@@ -7,11 +7,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from server.federation.aggregation import NodeUpdate
 from server.federation.denoising import (
+    AUTO_BELOW_EPSILON,
     CumulativeDenoiser,
+    denoises,
     marchenko_pastur_median,
     shrink_singular_values,
 )
@@ -77,11 +80,34 @@ def test_the_server_denoises_private_rounds_only() -> None:
     updates = [NodeUpdate("a", 1.0, {"w": noisy}), NodeUpdate("b", 1.0, {"w": noisy})]
     plain, _ = FedRecStrategy(RunConfig(row_clip=0)).apply(state, updates)
     assert torch.allclose(plain["w"], noisy)
-    private, _ = FedRecStrategy(RunConfig(dp=True, row_clip=0)).apply(state, updates)
-    assert torch.allclose(private["w"], shrink_singular_values(noisy)[0])
-    assert (private["w"] - signal).norm() < 0.5 * (noisy - signal).norm()
-    asked_off = FedRecStrategy(RunConfig(dp=True, dp_denoise=False, row_clip=0))
+    private = FedRecStrategy(RunConfig(dp=True, dp_denoise="on", row_clip=0))
+    denoised = private.apply(state, updates)[0]["w"]
+    assert torch.allclose(denoised, shrink_singular_values(noisy)[0])
+    assert (denoised - signal).norm() < 0.5 * (noisy - signal).norm()
+    asked_off = FedRecStrategy(RunConfig(dp=True, dp_denoise="off", row_clip=0))
     assert torch.allclose(asked_off.apply(state, updates)[0]["w"], noisy)
+
+
+def test_auto_denoises_below_its_budget_threshold_and_only_under_customer_level_dp() -> None:
+    small, large = AUTO_BELOW_EPSILON / 2, AUTO_BELOW_EPSILON
+    assert denoises(RunConfig(dp=True, target_epsilon=small))
+    assert not denoises(RunConfig(dp=True, target_epsilon=large))
+    assert denoises(RunConfig(dp=True, target_epsilon=large, dp_denoise="on"))
+    assert not denoises(RunConfig(dp=True, target_epsilon=small, dp_denoise="off"))
+    assert not denoises(RunConfig(target_epsilon=small, dp_denoise="on"))  # no DP, no noise
+    assert not denoises(RunConfig(node_dp=True, target_epsilon=small))
+    signal, noisy = low_rank_plus_noise(64, 48, (1.0,), 0.01)
+    state = {"w": torch.zeros(64, 48)}
+    updates = [NodeUpdate("a", 1.0, {"w": noisy})]
+    at_large = FedRecStrategy(RunConfig(dp=True, target_epsilon=large, row_clip=0))
+    assert torch.allclose(at_large.apply(state, updates)[0]["w"], noisy)
+    at_small = FedRecStrategy(RunConfig(dp=True, target_epsilon=small, row_clip=0))
+    assert not torch.allclose(at_small.apply(state, updates)[0]["w"], noisy)
+
+
+def test_an_unknown_denoise_mode_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="dp-denoise must be auto, on or off"):
+        RunConfig(dp=True, dp_denoise="true")
 
 
 def test_a_direction_too_weak_for_one_round_emerges_from_the_rounds_sum() -> None:
@@ -91,7 +117,7 @@ def test_a_direction_too_weak_for_one_round_emerges_from_the_rounds_sum() -> Non
     rows = cols = 128
     edge = 0.01 * (math.sqrt(rows) + math.sqrt(cols))
     direction, _ = low_rank_plus_noise(rows, cols, (0.3 * edge,), 0.0)
-    strategy = FedRecStrategy(RunConfig(dp=True, row_clip=0))
+    strategy = FedRecStrategy(RunConfig(dp=True, dp_denoise="on", row_clip=0))
     start = torch.full((rows, cols), 0.5)
     state, plain = {"w": start}, start.clone()
     generator = torch.Generator().manual_seed(3)
@@ -110,7 +136,7 @@ def test_a_direction_too_weak_for_one_round_emerges_from_the_rounds_sum() -> Non
 def test_a_resumed_server_denoises_as_one_that_never_stopped() -> None:
     """The denoiser's sums travel in the checkpointed server state; without them a server
     would denoise the later rounds alone and land elsewhere."""
-    config = RunConfig(dp=True, row_clip=0)
+    config = RunConfig(dp=True, dp_denoise="on", row_clip=0)
     updates = [low_rank_plus_noise(64, 64, (1.0,), 0.05, seed=s)[1] for s in range(3)]
 
     def run(strategy: FedRecStrategy, state: dict, rounds: list) -> dict:
@@ -166,7 +192,7 @@ def test_a_node_sending_noise_cannot_hide_the_others_signal() -> None:
     state = {"w": torch.zeros(rows, cols)}
 
     def applied(denoised: bool) -> torch.Tensor:
-        strategy = FedRecStrategy(RunConfig(dp=True, dp_denoise=denoised))
+        strategy = FedRecStrategy(RunConfig(dp=True, dp_denoise="on" if denoised else "off"))
         fresh = [NodeUpdate(u.node, u.weight, dict(u.arrays)) for u in updates]
         return strategy.apply(state, fresh)[0]["w"]
 
