@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.federation.aggregation import NodeUpdate
+from server.federation.denoising import AUTO_BELOW_EPSILON
 from server.federation.encoder_rounds import ENCODER_ROUND, tune_encoder
 from server.federation.progress import plot_rounds, report_round
 from server.federation.registry import Registry
@@ -187,6 +188,14 @@ class Federation:
     ):
         self.grid, self.config = grid, config
         self.strategy = FedRecStrategy(config)
+        if config.dp and config.dp_denoise == "auto":
+            log.info(
+                "dp-denoise=auto: the run asks epsilon %g per customer, so the private update is "
+                "%s (denoised below %g)",
+                config.target_epsilon,
+                "denoised" if self.strategy.denoiser else "applied as averaged",
+                AUTO_BELOW_EPSILON,
+            )
         if config.registry:  # a deployment: nodes are who the operator registered
             self.strategy.registry = Registry.load(config.registry, catalog.items)
             customers = self.strategy.registry.customers

@@ -19,7 +19,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
 from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate, clip_updates
-from server.federation.denoising import AUTO_BELOW_EPSILON, CumulativeDenoiser, denoises
+from server.federation.denoising import CumulativeDenoiser, denoises
 from server.federation.registry import Registry
 from shared.federation.wire import ITEM_TABLES, decode
 from shared.recommender.metrics import EVALUATED
@@ -57,14 +57,6 @@ class FedRecStrategy(FedAvg):
         self.max_update_norm = max_update_norm
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
         self.denoiser = CumulativeDenoiser() if denoises(config) else None
-        if config.dp and config.dp_denoise == "auto":
-            log.info(
-                "dp-denoise=auto: the run asks epsilon %g per customer, so the private update is "
-                "%s (denoised below %g)",
-                config.target_epsilon,
-                "denoised" if self.denoiser else "applied as averaged",
-                AUTO_BELOW_EPSILON,
-            )
         self.registry: Registry | None = None  # set by the round loop in a deployment
 
     @property
