@@ -6,6 +6,10 @@ already holds a ``metrics.json`` is reused, so an interrupted benchmark resumes 
 was cut off mid-way resumes from its checkpoint). Runs are sequential. The curve plots test
 NDCG@10 against the epsilon each run reports, with the model every run starts from (the public
 start: the text model, sharpened on the catalog's brands where it has them) as a reference line.
+
+With ``--customers``, the same curve on seeded samples of the customers (``fedrec data sample``),
+one in ``OUT/customers-<N>`` each, and ``privacy_by_customers.{json,png}``: what each budget adds
+to its sample's public start, against customers per node (where private learning pays).
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ import argparse
 import json
 from pathlib import Path
 
+from shared.data.convert import write_dataset
+from shared.data.dataset import find_table, load_dataset, read_table
 from shared.recommender.artifacts import write_json
 from shared.recommender.experiment import Experiment
 from shared.runs.config import RunConfig
 from simulations import simulate
+from simulations.sample import sample_customers
 from simulations.train import add_run_config_arguments, run_config_from_args
 
 NO_DP = "none"
+ALL = "all"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +64,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"rounds per run (default: fedrec simulate's: dp-rounds {RunConfig.dp_rounds} under "
         f"DP; without DP at most rounds {RunConfig.rounds}, validation choosing)",
     )
+    parser.add_argument(
+        "--customers",
+        type=parse_customers,
+        default=None,
+        help="also the curve against customers per node: comma-separated sample sizes, "
+        f"'{ALL}' = the whole dataset (e.g. 4000,10000,{ALL}); each sample (seed 0) and its runs "
+        "in OUT/customers-<N>, then privacy_by_customers.json and .png in OUT",
+    )
     add_run_config_arguments(parser)
+
+
+def parse_customers(text: str) -> list[int | None]:
+    """``"4000,all"`` -> ``[4000, None]`` (None: every customer)."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part == ALL:
+            sizes.append(None)
+            continue
+        if not part.isdigit() or int(part) < 1:
+            raise argparse.ArgumentTypeError(f"not a customer count or '{ALL}': {part!r}")
+        sizes.append(int(part))
+    return sizes
 
 
 def parse_epsilons(text: str) -> list[float | None]:
@@ -209,7 +239,9 @@ def plot_curve(points: list[dict], baseline: float, path: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
+def curve(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """Every run of the curve on ``args.data`` (made or reused), its JSON and PNG in
+    ``args.out``; returns the public start's test metrics and the points."""
     args.out.mkdir(parents=True, exist_ok=True)
     baseline = untrained_baseline(args)
     plan = [(v, e) for v in args.variants for e in args.epsilons]
@@ -239,4 +271,100 @@ def run(args: argparse.Namespace) -> int:
     )
     plot_curve(points, baseline["ndcg@10"], args.out / "privacy_curve.png")
     print(f"wrote {args.out}/privacy_curve.json, privacy_curve.png")
-    return 1 if any("error" in p for p in points) else 0
+    return baseline, points
+
+
+def sample_for(args: argparse.Namespace, customers: int | None) -> Path:
+    """The dataset of ``customers`` sampled customers (seed 0) in ``OUT/customers-<N>/data``,
+    written once and reused; ``None``: ``args.data`` itself."""
+    if customers is None:
+        return args.data
+    out = args.out / f"customers-{customers}" / "data"
+    if not out.exists():
+        interactions = read_table(find_table(args.data, "interactions"))
+        items = read_table(find_table(args.data, "items"))
+        kept, kept_items = sample_customers(interactions, items, customers)
+        write_dataset(out, kept, kept_items)
+    return out
+
+
+def by_customers(args: argparse.Namespace) -> list[dict]:
+    """The curve on each sample of ``args.customers``; one row per sample: its customers per
+    node, its public start and each run's test NDCG@10 and gain over that start."""
+    rows = []
+    for customers in args.customers:
+        label = ALL if customers is None else str(customers)
+        print(f"== customers: {label}", flush=True)
+        data = sample_for(args, customers)
+        sample_args = argparse.Namespace(
+            **{**vars(args), "data": data, "out": args.out / f"customers-{label}"}
+        )
+        baseline, points = curve(sample_args)
+        count = customers or load_dataset(data).num_users
+        nodes = run_config_from_args(args, clients=args.clients).clients
+        start = baseline["ndcg@10"]
+        rows.append(
+            {
+                "customers": count,
+                "per_node": count // nodes,
+                "data": str(data),
+                "public_start": start,
+                "points": [
+                    {
+                        "variant": p["variant"],
+                        "target_epsilon": p["target_epsilon"],
+                        "epsilon": p.get("epsilon"),
+                        "ndcg@10": p["test"]["ndcg@10"],
+                        "gain": p["test"]["ndcg@10"] / start - 1,
+                    }
+                    for p in points
+                    if "error" not in p
+                ],
+            }
+        )
+    return rows
+
+
+def plot_by_customers(rows: list[dict], path: Path) -> None:
+    """Gain over each sample's public start (%) against customers per node, a line per
+    variant and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for row in rows:
+        for p in row["points"]:
+            key = (p["variant"], epsilon_label(p["target_epsilon"]))
+            lines.setdefault(key, []).append((row["per_node"], 100 * p["gain"]))
+    for (variant, label), xy in sorted(lines.items()):
+        name = f"{variant}, " + ("no DP" if label == NO_DP else f"epsilon {label}")
+        ax.plot(*zip(*sorted(xy), strict=True), marker="o", label=name)
+    ax.axhline(0, color="gray", linestyle="--", label="the sample's public start")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({r["per_node"] for r in rows}))
+    ax.set_xticklabels([f"{x:,}" for x in sorted({r["per_node"] for r in rows})])
+    ax.minorticks_off()
+    ax.set_xlabel("customers per node")
+    ax.set_ylabel("test NDCG@10 over the public start (%)")
+    ax.set_title("What the nodes' data add, by customers per node")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.customers is None:
+        _, points = curve(args)
+        return 1 if any("error" in p for p in points) else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = by_customers(args)
+    write_json(args.out / "privacy_by_customers.json", {"data": str(args.data), "rows": rows})
+    plot_by_customers(rows, args.out / "privacy_by_customers.png")
+    print(f"wrote {args.out}/privacy_by_customers.json, privacy_by_customers.png")
+    wanted = len(args.variants) * len(args.epsilons)
+    return 0 if all(len(r["points"]) == wanted for r in rows) else 1

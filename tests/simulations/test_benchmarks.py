@@ -13,14 +13,25 @@ import pytest
 import torch
 from helpers import TEST_DEVICE, TINY
 
+from shared.data.dataset import load_dataset
 from shared.recommender.experiment import Experiment
 from shared.recommender.metrics import METRICS, evaluate
 from shared.runs.config import RunConfig
 from simulations.baselines import baselines, text_only
-from simulations.bench.privacy import parse_epsilons
+from simulations.bench.privacy import parse_customers, parse_epsilons
 from simulations.cli import main
 
 BASELINES = {"popularity", "als", "itemknn", "text", "late_fusion"}
+
+
+def tiny_curve(data: Path, out: Path) -> list[str]:
+    """``fedrec bench privacy`` at one epsilon, 2 nodes, 1 round and a tiny model."""
+    return [
+        *("bench", "privacy", "--data", str(data), "--out", str(out), "--epsilons", "4"),
+        *("--variants", "text", "--clients", "2", "--rounds", "1", "--quiet"),
+        *("--set", "dim=16", "--set", "dp_dim=16", "--set", "layers=1"),
+        *("--set", "max_len=10", "--set", "dp_max_len=10"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -199,35 +210,39 @@ def test_parse_epsilons():
         parse_epsilons("0")
 
 
+def test_parse_customers():
+    assert parse_customers("4000, all") == [4000, None]
+    with pytest.raises(argparse.ArgumentTypeError, match="customer count"):
+        parse_customers("0")
+    with pytest.raises(argparse.ArgumentTypeError, match="customer count"):
+        parse_customers("4k")
+
+
+@pytest.mark.e2e
+def test_bench_privacy_by_customers_runs_a_curve_per_sample(tiny_synth_dataset_dir, tmp_path):
+    """``--customers 80,all``: a seeded sample of 80 customers and the whole dataset, each with
+    its own curve, and the gain over each one's own public start in one JSON and PNG."""
+    args = [*tiny_curve(tiny_synth_dataset_dir, tmp_path), "--customers", "80,all"]
+    assert main(args) == 0
+    sample = tmp_path / "customers-80" / "data"
+    assert load_dataset(sample).num_users == 80
+    result = json.loads((tmp_path / "privacy_by_customers.json").read_text())
+    small, whole = result["rows"]
+    assert (small["customers"], small["per_node"]) == (80, 40)
+    assert (whole["customers"], whole["per_node"]) == (160, 80)
+    for row, out in ((small, tmp_path / "customers-80"), (whole, tmp_path / "customers-all")):
+        curve = json.loads((out / "privacy_curve.json").read_text())
+        (point,) = row["points"]
+        assert row["public_start"] == curve["untrained_text"]["ndcg@10"] > 0
+        assert point["ndcg@10"] == curve["points"][0]["test"]["ndcg@10"]
+        assert point["gain"] == pytest.approx(point["ndcg@10"] / row["public_start"] - 1)
+        assert 0 < point["epsilon"] <= 4.0 + 1e-6
+    assert (tmp_path / "privacy_by_customers.png").stat().st_size > 1000
+
+
 @pytest.mark.e2e
 def test_bench_privacy_writes_the_curve_and_reuses_runs(synth_dataset_dir, tmp_path):
-    args = [
-        "bench",
-        "privacy",
-        "--data",
-        str(synth_dataset_dir),
-        "--out",
-        str(tmp_path),
-        "--epsilons",
-        "4",
-        "--variants",
-        "text",
-        "--clients",
-        "2",
-        "--rounds",
-        "1",
-        "--set",
-        "dim=16",
-        "--set",
-        "dp_dim=16",
-        "--set",
-        "layers=1",
-        "--set",
-        "max_len=10",
-        "--set",
-        "dp_max_len=10",
-        "--quiet",
-    ]
+    args = tiny_curve(synth_dataset_dir, tmp_path)
     assert main(args) == 0
     curve = json.loads((tmp_path / "privacy_curve.json").read_text())
     (point,) = curve["points"]
