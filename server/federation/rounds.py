@@ -140,6 +140,28 @@ def record_privacy(
             ledger.append("contribution", **release)
 
 
+def note_unamplified(reports: list[NodeReport], rounds: int) -> None:
+    """Say once which nodes' DP-SGD draws every customer at every step (a Poisson rate of 1:
+    their declared customers are at most ``dp-batch-size``, so no amplification by sampling)
+    when the plan has more than two rounds: measured on Beauty (docs/privacy.md, "What a node
+    needs"), nodes of 400 customers learned more with two."""
+    small = sorted(
+        r.node
+        for r in reports
+        if r.release is not None and r.release.purpose == "training" and r.release.sample_rate >= 1
+    )
+    if small and rounds > 2:
+        log.warning(
+            "%d node(s) (%s) declare no more customers than dp-batch-size: their DP-SGD samples "
+            "every customer at every step, so each of the %d rounds costs them the full "
+            "composition; nodes this small learned more with --rounds 2 on Beauty "
+            '(docs/privacy.md, "What a node needs")',
+            len(small),
+            ", ".join(small[:5]) + (", ..." if len(small) > 5 else ""),
+            rounds,
+        )
+
+
 # the largest value a node's reported number can honestly take (the rest: no upper bound)
 REPORTED_MAX = {"reversed-histories": 1.0}  # 1: this node learnt its histories backwards too
 
@@ -267,6 +289,8 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
         record_privacy(self.ledger, server_round, received.reports, message_type)
+        if server_round == 1 and message_type == "train":
+            note_unamplified(received.reports, self.config.dp_rounds)
         updates, rejected = self.strategy.node_updates(
             received.trusted(replies, self.strategy), state
         )

@@ -6,6 +6,7 @@ survived, never a crash, and no single node can take over the global model."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -16,7 +17,12 @@ import torch
 from helpers import node_reply
 
 from server.federation.registry import Registry, RegistryError, write_registry
-from server.federation.rounds import RoundResult, privacy_reports, record_privacy
+from server.federation.rounds import (
+    RoundResult,
+    note_unamplified,
+    privacy_reports,
+    record_privacy,
+)
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, verify_chain
 from server.privacy.ledger_gaps import record_lost_contributions
@@ -232,3 +238,22 @@ def test_a_hostile_reported_number_is_left_out_of_the_round_history() -> None:
     assert result.mean_metric("loss") == 2.0
     assert result.mean_metric("reversed-histories") == 0.5
     assert result.mean_metric("bytes-up") is None
+
+
+def test_nodes_sampling_every_customer_are_named_once_the_plan_has_more_than_two_rounds(
+    caplog,
+) -> None:
+    """A node whose training release has a Poisson rate of 1 (no amplification by sampling)
+    is named; a larger node, an evaluation release and a plan of two rounds are not."""
+    reports = [
+        parse_report(release(node="small", sample_rate=1.0)),
+        parse_report(release(node="large", sample_rate=0.23)),
+        parse_report(release(node="evaluating", purpose="evaluation", sample_rate=1.0)),
+    ]
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        note_unamplified(reports, rounds=2)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        note_unamplified(reports, rounds=6)
+    assert "1 node(s) (small)" in caplog.text and "each of the 6 rounds" in caplog.text
+    assert "large" not in caplog.text and "evaluating" not in caplog.text
