@@ -49,8 +49,6 @@ def check_node_dp(config: RunConfig) -> None:
         )
     if not config.node_clip_norm > 0:
         raise ValueError(f"node-clip-norm must be > 0, got {config.node_clip_norm}")
-    if not config.node_target_epsilon > 0:
-        raise ValueError(f"node-target-epsilon must be > 0, got {config.node_target_epsilon}")
     if not 0 < config.node_delta < 1:
         raise ValueError(f"node-delta must be in (0, 1), got {config.node_delta}")
     if config.wire_dtype != "float32":

@@ -12,6 +12,11 @@ from typing import Any
 
 from shared.recommender.model import ModelConfig
 
+# the largest budget a run may ask per customer (and per node under node-level DP): far above
+# any guarantee worth the name; at 1,000 the PRV accountant's calibration ran for over 15
+# minutes at every node without finishing (2026-12-05)
+MAX_TARGET_EPSILON = 100.0
+
 
 @dataclass
 class RunConfig:
@@ -101,6 +106,18 @@ class RunConfig:
     attack_scale: float = 10.0  # the attack's factor on the node's own update
 
     def __post_init__(self) -> None:
+        for name, epsilon in (
+            ("target-epsilon", self.target_epsilon),
+            ("node-target-epsilon", self.node_target_epsilon),
+        ):
+            if not 0 < epsilon <= MAX_TARGET_EPSILON:
+                raise ValueError(
+                    f"{name} must be in (0, {MAX_TARGET_EPSILON:g}], got {epsilon:g}: beyond "
+                    f"{MAX_TARGET_EPSILON:g} a guarantee means nothing and the accountant's "
+                    "calibration stops converging (for a run without DP, leave --dp out)"
+                )
+        if not 0 <= self.delta < 1:
+            raise ValueError(f"delta must be in [0, 1) (0: each node's own), got {self.delta:g}")
         if self.catalog_epochs < 0:
             raise ValueError(f"catalog-epochs must be 0 (off) or more, got {self.catalog_epochs}")
         if not 0 <= self.cold_items < 1:

@@ -249,3 +249,22 @@ def test_simulate_rounds_govern_dp_rounds_under_dp(tmp_path: Path) -> None:
     assert (private.dp_rounds, private.rounds) == (4, RunConfig.rounds)
     plain = config_from_args(parser.parse_args(["--out", str(tmp_path), "--rounds", "4"]))
     assert (plain.rounds, plain.dp_rounds) == (4, RunConfig.dp_rounds)
+
+
+def test_a_budget_outside_0_100_or_a_delta_outside_0_1_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    """An epsilon of 1,000 left every node's calibration running for over 15 minutes: a budget
+    that large, or none at all, is refused by name before any output exists."""
+    out = tmp_path / "o"
+    base = ["simulate", "--clients", "2", "--data", str(tmp_path), "--out", str(out), "--dp"]
+    with pytest.raises(SystemExit, match=r"target-epsilon must be in \(0, 100\], got 1000"):
+        main([*base, "--target-epsilon", "1000"])
+    with pytest.raises(SystemExit, match=r"target-epsilon must be in \(0, 100\], got 0"):
+        main([*base, "--target-epsilon", "0"])
+    with pytest.raises(SystemExit, match=r"node-target-epsilon must be in \(0, 100\], got -1"):
+        main([*base, "--set", "node-target-epsilon=-1"])
+    with pytest.raises(SystemExit, match=r"delta must be in \[0, 1\) .* got 1"):
+        main([*base, "--set", "delta=1"])
+    assert not out.exists()
+    assert RunConfig(target_epsilon=100.0).target_epsilon == 100.0  # the bound itself is allowed
