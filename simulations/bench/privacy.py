@@ -283,7 +283,10 @@ def sample_for(args: argparse.Namespace, customers: int | None) -> Path:
     if not out.exists():
         interactions = read_table(find_table(args.data, "interactions"))
         items = read_table(find_table(args.data, "items"))
-        kept, kept_items = sample_customers(interactions, items, customers)
+        try:
+            kept, kept_items = sample_customers(interactions, items, customers)
+        except ValueError as error:
+            raise SystemExit(f"fedrec: {args.data}: {error}") from None
         write_dataset(out, kept, kept_items)
     return out
 

@@ -218,6 +218,13 @@ def test_parse_customers():
         parse_customers("4k")
 
 
+def test_bench_privacy_refuses_a_sample_larger_than_the_data(synth_dataset_dir, tmp_path):
+    args = [*tiny_curve(synth_dataset_dir, tmp_path), "--customers", "100000"]
+    with pytest.raises(SystemExit, match=r"--customers must be in 1\.\.600, got 100000"):
+        main(args)
+    assert not (tmp_path / "customers-100000").exists()
+
+
 @pytest.mark.e2e
 def test_bench_privacy_by_customers_runs_a_curve_per_sample(tiny_synth_dataset_dir, tmp_path):
     """``--customers 80,all``: a seeded sample of 80 customers and the whole dataset, each with
