@@ -294,6 +294,7 @@ def sample_for(args: argparse.Namespace, customers: int | None) -> Path:
 def by_customers(args: argparse.Namespace) -> list[dict]:
     """The curve on each sample of ``args.customers``; one row per sample: its customers per
     node, its public start and each run's test NDCG@10 and gain over that start."""
+    nodes = run_config_from_args(args, clients=args.clients).clients
     rows = []
     for customers in args.customers:
         label = ALL if customers is None else str(customers)
@@ -304,7 +305,6 @@ def by_customers(args: argparse.Namespace) -> list[dict]:
         )
         baseline, points = curve(sample_args)
         count = customers or load_dataset(data).num_users
-        nodes = run_config_from_args(args, clients=args.clients).clients
         start = baseline["ndcg@10"]
         rows.append(
             {
