@@ -269,5 +269,8 @@ def test_a_budget_outside_0_100_or_a_delta_outside_0_1_is_refused_before_anythin
     assert not out.exists()
     assert RunConfig(target_epsilon=100.0).target_epsilon == 100.0  # the bound itself is allowed
     # what a node builds from the server's settings: an operator asking more is refused there too
-    with pytest.raises(ValueError, match="target-epsilon must be in"):
-        RunConfig.from_flat({"dp": True, "target-epsilon": 1000.0})
+    for hostile in (1000.0, float("nan"), float("inf"), "nan"):
+        with pytest.raises(ValueError, match="target-epsilon must be in"):
+            RunConfig.from_flat({"dp": True, "target-epsilon": hostile})
+    with pytest.raises(ValueError, match="delta must be in"):
+        RunConfig.from_flat({"dp": True, "delta": float("nan")})
