@@ -23,12 +23,14 @@ from shared.data.dataset import find_table, load_dataset, read_table
 from shared.recommender.artifacts import write_json
 from shared.recommender.experiment import Experiment
 from shared.runs.config import RunConfig
+from shared.runs.outputs import differences
 from simulations import simulate
 from simulations.sample import sample_customers
 from simulations.train import add_run_config_arguments, run_config_from_args
 
 NO_DP = "none"
 ALL = "all"
+SAMPLE_RECORD = "sample.json"  # beside each sample: the dataset it was drawn from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,15 +140,16 @@ def simulate_args(
 
 
 def check_settings(metrics: dict, run_args: argparse.Namespace) -> None:
-    """Refuse to reuse a finished run made with other settings than this benchmark's (settings
-    the run resolves itself, a default delta, and settings newer than the run are not compared)."""
+    """Refuse to reuse a finished run made with other settings than this benchmark's, its data
+    included (compared as resolved paths; a default delta, which the run resolves itself, and
+    settings newer than the run are not compared)."""
     wanted = simulate.config_from_args(run_args).to_dict()
-    skip = {"data", "out"} | ({"delta"} if not wanted["delta"] else set())
     stored = metrics["config"]
-    differ = [k for k in wanted if k not in skip and k in stored and stored[k] != wanted[k]]
+    common = [key for key in wanted if key in stored]
+    differ = differences({k: stored[k] for k in common}, {k: wanted[k] for k in common})
     if differ:
         raise SystemExit(
-            f"fedrec: {run_args.out} holds a run with other settings ({differ}); "
+            f"fedrec: {run_args.out} holds a run with other settings ({'; '.join(differ)}); "
             "use another --out or remove that run"
         )
 
@@ -276,18 +279,30 @@ def curve(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
 def sample_for(args: argparse.Namespace, customers: int | None) -> Path:
     """The dataset of ``customers`` sampled customers (seed 0) in ``OUT/customers-<N>/data``,
-    written once and reused; ``None``: ``args.data`` itself."""
+    written once, with the dataset it was drawn from beside it (``sample.json``), and reused
+    only for that dataset; ``None``: ``args.data`` itself."""
     if customers is None:
         return args.data
     out = args.out / f"customers-{customers}" / "data"
-    if not out.exists():
-        interactions = read_table(find_table(args.data, "interactions"))
-        items = read_table(find_table(args.data, "items"))
-        try:
-            kept, kept_items = sample_customers(interactions, items, customers)
-        except ValueError as error:
-            raise SystemExit(f"fedrec: {args.data}: {error}") from None
-        write_dataset(out, kept, kept_items)
+    record = out.parent / SAMPLE_RECORD
+    source = str(args.data.resolve())
+    if out.exists():
+        drawn = json.loads(record.read_text()).get("source") if record.exists() else None
+        if drawn != source:
+            raise SystemExit(
+                f"fedrec: {out} holds a sample of {drawn or 'a dataset it does not name'}, not "
+                f"of {source}: use another --out or remove {out.parent}"
+            )
+        return out
+    interactions = read_table(find_table(args.data, "interactions"))
+    items = read_table(find_table(args.data, "items"))
+    try:
+        kept, kept_items = sample_customers(interactions, items, customers)
+    except ValueError as error:
+        raise SystemExit(f"fedrec: {args.data}: {error}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)  # the record first: a crash between the two
+    write_json(record, {"source": source, "customers": customers, "seed": 0})  # draws again
+    write_dataset(out, kept, kept_items)
     return out
 
 

@@ -18,7 +18,7 @@ from shared.recommender.experiment import Experiment
 from shared.recommender.metrics import METRICS, evaluate
 from shared.runs.config import RunConfig
 from simulations.baselines import baselines, text_only
-from simulations.bench.privacy import parse_customers, parse_epsilons
+from simulations.bench.privacy import parse_customers, parse_epsilons, sample_for
 from simulations.cli import main
 
 BASELINES = {"popularity", "als", "itemknn", "text", "late_fusion"}
@@ -225,6 +225,24 @@ def test_bench_privacy_refuses_a_sample_larger_than_the_data(synth_dataset_dir, 
     assert not (tmp_path / "customers-100000").exists()
 
 
+def test_a_sample_is_reused_only_for_the_dataset_it_was_drawn_from(
+    synth_dataset_dir, tiny_synth_dataset_dir, tmp_path
+):
+    """Pointing one OUT at another dataset must not measure the first one's sample again."""
+    drawn = argparse.Namespace(data=tiny_synth_dataset_dir, out=tmp_path)
+    sample = sample_for(drawn, 50)
+    record = json.loads((tmp_path / "customers-50" / "sample.json").read_text())
+    assert record["source"] == str(tiny_synth_dataset_dir.resolve())
+    assert load_dataset(sample).num_users == 50
+    assert sample_for(argparse.Namespace(data=tiny_synth_dataset_dir, out=tmp_path), 50) == sample
+    other = argparse.Namespace(data=synth_dataset_dir, out=tmp_path)
+    with pytest.raises(SystemExit, match=r"holds a sample of .*tiny-synth.*, not of .*synth"):
+        sample_for(other, 50)
+    (tmp_path / "customers-50" / "sample.json").unlink()  # a sample that does not say its source
+    with pytest.raises(SystemExit, match="a dataset it does not name"):
+        sample_for(drawn, 50)
+
+
 @pytest.mark.e2e
 def test_bench_privacy_by_customers_runs_a_curve_per_sample(tiny_synth_dataset_dir, tmp_path):
     """``--customers 80,all``: a seeded sample of 80 customers and the whole dataset, each with
@@ -248,7 +266,9 @@ def test_bench_privacy_by_customers_runs_a_curve_per_sample(tiny_synth_dataset_d
 
 
 @pytest.mark.e2e
-def test_bench_privacy_writes_the_curve_and_reuses_runs(synth_dataset_dir, tmp_path):
+def test_bench_privacy_writes_the_curve_and_reuses_runs(
+    synth_dataset_dir, tiny_synth_dataset_dir, tmp_path
+):
     args = tiny_curve(synth_dataset_dir, tmp_path)
     assert main(args) == 0
     curve = json.loads((tmp_path / "privacy_curve.json").read_text())
@@ -262,6 +282,9 @@ def test_bench_privacy_writes_the_curve_and_reuses_runs(synth_dataset_dir, tmp_p
     assert json.loads((tmp_path / "privacy_curve.json").read_text())["points"][0]["reused"]
     with pytest.raises(SystemExit, match="other settings"):  # but not one made differently
         main([*args, "--set", "dp_lr=0.01"])
+    other = [*args[:3], str(tiny_synth_dataset_dir), *args[4:]]  # nor one of another dataset
+    with pytest.raises(SystemExit, match=r"other settings \(data: .*synth.*tiny-synth"):
+        main(other)
 
 
 def test_the_memory_of_a_process_tree_counts_its_children() -> None:
