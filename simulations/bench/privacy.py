@@ -287,7 +287,10 @@ def sample_for(args: argparse.Namespace, customers: int | None) -> Path:
     record = out.parent / SAMPLE_RECORD
     source = str(args.data.resolve())
     if out.exists():
-        drawn = json.loads(record.read_text()).get("source") if record.exists() else None
+        try:
+            drawn = json.loads(record.read_text()).get("source")
+        except (OSError, ValueError, AttributeError):  # missing, unreadable or not our record
+            drawn = None
         if drawn != source:
             raise SystemExit(
                 f"fedrec: {out} holds a sample of {drawn or 'a dataset it does not name'}, not "

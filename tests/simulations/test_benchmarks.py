@@ -241,6 +241,9 @@ def test_a_sample_is_reused_only_for_the_dataset_it_was_drawn_from(
     (tmp_path / "customers-50" / "sample.json").unlink()  # a sample that does not say its source
     with pytest.raises(SystemExit, match="a dataset it does not name"):
         sample_for(drawn, 50)
+    (tmp_path / "customers-50" / "sample.json").write_text("{not json")  # or says it garbled
+    with pytest.raises(SystemExit, match="a dataset it does not name"):
+        sample_for(drawn, 50)
 
 
 @pytest.mark.e2e
