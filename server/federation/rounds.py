@@ -263,7 +263,7 @@ class Federation:
         self, server_round: int, state: dict[str, torch.Tensor], message_type: str = "train"
     ) -> RoundResult:
         """Send the global weights (``message_type``: the model's, or the encoder's
-        ``train.encoder``), record every node's privacy report as its reply arrives, and keep
+        ``train.encoder``), record every node's privacy report once the replies are in, and keep
         the updates that pass validation."""
         if self.secure is not None:  # the server sees the sum of the clipped updates only
             total, records, sampled = self.secure.train_round(server_round, state)

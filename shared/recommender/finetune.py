@@ -53,6 +53,7 @@ from shared.runs.progress import progress_bar
 BATCH_PAIRS = 32  # consecutive-product pairs per step (64 texts through the encoder)
 LEARNING_RATE = 2e-5
 TEMPERATURE = 0.05
+PACKABLE = ("bert", "roberta")  # encoders whose layers see no positions: texts can share a row
 
 
 def consecutive_pairs(histories: list[np.ndarray]) -> np.ndarray:
@@ -154,6 +155,40 @@ class FrozenPrefix:
         with _running_only(self.encoder.model, self.top, stored=True):
             out = self.encoder.model(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
         return mean_pool(out, mask)
+
+    def embed_packed(self, rows: np.ndarray) -> torch.Tensor:
+        """Embeddings ``[rows, items, dim]`` of a 2-D array of (stored) items, equal to
+        :meth:`embed`'s, with each row's items packed into one sequence: a token attends only
+        to its own item's tokens, and the row is the batch dimension, so per-sample gradients
+        of the top layers are per row (per customer, in private training) without a gradient
+        per item; a row pads to its items' total length, not to the longest item times their
+        number. Exact where positions enter below the layers (BERT's and RoBERTa's absolute
+        position embeddings); other encoders are refused rather than embedded wrongly."""
+        kind = self.encoder.model.config.model_type
+        if kind not in PACKABLE:
+            raise ValueError(
+                f"private encoder tuning packs each customer's texts into one sequence, which is "
+                f"exact only for {', '.join(PACKABLE)} encoders; this one is {kind!r}"
+            )
+        width = rows.shape[1]
+        sequences, segments = [], []
+        for row in rows:
+            states = [self.states[int(i)] for i in row]
+            sequences.append(torch.cat(states))
+            segments.append(torch.cat([torch.full((len(s),), k) for k, s in enumerate(states)]))
+        device = self.encoder.device
+        hidden = pad_sequence(sequences, batch_first=True).to(device)
+        segment = pad_sequence(segments, batch_first=True, padding_value=-1).to(device)
+        allowed = segment[:, :, None] == segment[:, None, :]
+        allowed |= torch.eye(segment.shape[1], dtype=torch.bool, device=device)  # padding: itself
+        blocked = torch.finfo(hidden.dtype).min
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=device)
+        mask = mask.masked_fill(~allowed, blocked)[:, None]  # additive, as every attention takes
+        for layer in self.top:
+            hidden = layer(hidden, attention_mask=mask)
+        member = (segment[:, :, None] == torch.arange(width, device=device)).to(hidden.dtype)
+        pooled = torch.einsum("bld,blk->bkd", hidden, member) / member.sum(1)[..., None]
+        return F.normalize(pooled, dim=-1)  # mean_pool's normalisation, per item
 
 
 def train_top_layers(

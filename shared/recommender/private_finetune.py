@@ -14,10 +14,11 @@ it is clipped to ``max_grad_norm``, the clipped gradients are summed, Gaussian n
 expected batch. One step is the Poisson-subsampled Gaussian mechanism for one customer's whole
 history (the unit of every other DP release of a node), accounted as such by the caller.
 
-Per-customer gradients come from Opacus's ``GradSampleModule`` on the top layers: a gradient per
-text (a text's embedding depends on that text alone: attention stays within a sequence), summed
-over the texts of each customer. Poisson sampling, the choice of pair, the
-negatives and the noise come from :class:`SecureRandom`, never from a seeded generator.
+Per-customer gradients come from Opacus's ``GradSampleModule`` on the top layers, with each
+customer's texts packed into one sequence (attention within each text only:
+:meth:`FrozenPrefix.embed_packed`), so that a per-sample gradient is a customer's. Poisson
+sampling, the choice of pair, the negatives and the noise come from :class:`SecureRandom`,
+never from a seeded generator.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from shared.runs.progress import progress_bar
 
 NEGATIVES = 7  # public catalog products a sampled customer's pair is contrasted against
 LEARNING_RATE = 3e-4  # AdamW on the noisy mean (docs/evaluation.md: 31 steps of 256 learn)
-CHUNK = 16  # customers per backward pass: bounds the per-text gradients held at once
+CHUNK = 8  # customers per backward pass: bounds the per-customer gradients held at once
 
 
 def _draw(random: SecureRandom, counts: np.ndarray) -> np.ndarray:
@@ -67,10 +68,9 @@ def draw_steps(
 def customer_losses(prefix: FrozenPrefix, rows: np.ndarray) -> torch.Tensor:
     """Each customer's loss (one per row of (a, b, negatives...)): a against b among the
     negatives and b against a, a negative equal to a or b left out."""
-    count, negatives = len(rows), rows[:, 2:]
-    embedded = prefix.embed(np.concatenate([rows[:, 0], rows[:, 1], negatives.ravel()]))
-    anchors, positives = embedded[:count], embedded[count : 2 * count]
-    others = embedded[2 * count :].view(count, negatives.shape[1], -1)
+    count = len(rows)
+    embedded = prefix.embed_packed(rows)
+    anchors, positives, others = embedded[:, 0], embedded[:, 1], embedded[:, 2:]
     ids = torch.as_tensor(rows, device=embedded.device)
     same = (ids[:, 2:] == ids[:, :1]) | (ids[:, 2:] == ids[:, 1:2])
     positive = (anchors * positives).sum(1, keepdim=True)
@@ -87,30 +87,19 @@ def _clipped_sum(
     prefix: FrozenPrefix, rows: np.ndarray, parameters: list[torch.nn.Parameter], clip: float
 ) -> tuple[list[torch.Tensor], float]:
     """The sum over ``rows``' customers of each one's gradient clipped to ``clip``, and the sum
-    of their losses. Needs the top layers wrapped in a ``GradSampleModule``."""
-    count, negatives = len(rows), rows.shape[1] - 2
+    of their losses. Needs the top layers wrapped in a ``GradSampleModule`` that reduces by
+    sum (with ``mean`` Opacus scales every per-sample gradient by the batch size)."""
+    count = len(rows)
     losses = customer_losses(prefix, rows)
     with warnings.catch_warnings():  # the stored token states need no gradient: Opacus's
         warnings.filterwarnings("ignore", "Full backward hook is firing")  # hooks say so
         losses.sum().backward()
-    device = losses.device
-    # the embeddings are laid out as all anchors, all positives, then each customer's negatives
-    owner = torch.cat(
-        [
-            torch.arange(count, device=device),
-            torch.arange(count, device=device),
-            torch.arange(count, device=device).repeat_interleave(negatives),
-        ]
-    )
-    per_customer = [
-        torch.zeros(count, *p.shape, device=device).index_add_(0, owner, p.grad_sample)
-        for p in parameters
-    ]
+    per_customer = [p.grad_sample for p in parameters]
     norms = torch.sqrt(sum((g.reshape(count, -1) ** 2).sum(1) for g in per_customer))
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    summed = [torch.einsum("c,c...->...", factor, g) for g in per_customer]
     for p in parameters:
         p.grad_sample, p.grad = None, None
-    summed = [torch.einsum("c,c...->...", factor, g) for g in per_customer]
     return summed, losses.detach().sum().item()
 
 
@@ -138,11 +127,13 @@ def train_top_layers_private(
     model = prefix.encoder.model
     parameters = prefix.trainable_top()
     optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE)
-    sampler = GradSampleModule(prefix.top)  # hooks on the top layers: a gradient per text
+    sampler = GradSampleModule(prefix.top, loss_reduction="sum")  # a gradient per customer
     model.train()
     losses = []
     try:
         for rows in progress_bar(drawn, "private encoder steps", disable=not show_progress):
+            # customers of like packed length share a chunk (less padding); the sum is the same
+            rows = rows[np.argsort([sum(len(prefix.states[int(i)]) for i in r) for r in rows])]
             total = [torch.zeros_like(p) for p in parameters]
             loss = 0.0
             for start in range(0, len(rows), CHUNK):

@@ -61,6 +61,16 @@ def test_top_layers_on_stored_frozen_states_give_the_encoders_embeddings(
     # a text of another length in the same batch changes nothing (padding is masked)
     with torch.no_grad():
         torch.testing.assert_close(prefix.embed(items[:2]), got[:2], atol=1e-5, rtol=1e-5)
+    # packed, each row's items in one sequence (rows of texts of unequal total length, so
+    # the shorter row pads): the same embeddings, item by item
+    rows = np.array([[3, 17, 3], [25, 0, 39], [8, 8, 8]])
+    with torch.no_grad():
+        packed = prefix.embed_packed(rows)
+        for row, vectors in zip(rows, packed, strict=True):
+            torch.testing.assert_close(vectors, prefix.embed(row), atol=1e-5, rtol=1e-5)
+    encoder.model.config.model_type = "deberta-v2"  # positions inside its layers: refused
+    with pytest.raises(ValueError, match="exact only for bert, roberta encoders"):
+        prefix.embed_packed(rows)
 
 
 def test_only_the_top_layers_change_and_the_result_is_cached(
