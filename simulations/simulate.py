@@ -241,6 +241,7 @@ def make_server_app(
     """The simulation's ServerApp: the federation's own (server/federation/server_app.py), behind
     the simulation's attackers if any, and with its canaries in the partitions first; an
     exception in it is also appended to ``errors`` (the simulation engine only logs it)."""
+    from server.federation.progress import ReplyProgress
     from server.federation.server_app import gathered_nodes, main_with
 
     server_app = ServerApp()
@@ -251,6 +252,7 @@ def make_server_app(
             gathered_nodes(grid, config.clients, settle_s=math.inf)
             if config.canaries:
                 partitions_with_canaries(config)
+            grid = ReplyProgress(grid, show_progress)  # beneath the attackers: sees their replies
             if config.malicious_nodes or config.attack != "none":  # robustness measurement
                 grid = AttackGrid(grid, config)
             main_with(grid, config, show_progress)

@@ -1,14 +1,21 @@
-"""What a federation shows as it runs: one line per round, and ``rounds.png``."""
+"""What a federation shows as it runs: one line per round, the nodes' replies as they come in
+during a long round, and ``rounds.png``."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterable
 from pathlib import Path
+
+from flwr.app import Message
+from flwr.serverapp import Grid
 
 from server.federation.selection import MONITOR
 from shared.runs.durable import make_private
 
 log = logging.getLogger("fedrec.server")
+PULL_INTERVAL_S = 0.1  # as Flower's own send_and_receive polls
 
 
 def round_quality(entry: dict) -> tuple[str, float] | None:
@@ -68,3 +75,39 @@ def plot_rounds(history: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     make_private(path)
+
+
+class ReplyProgress:
+    """A Grid whose ``send_and_receive`` says how many nodes have replied, as they reply, once a
+    round has waited ``quiet_s`` seconds (a private encoder round on a CPU takes minutes per
+    node); the rest is the wrapped Grid's. Wrap the engine's own Grid, beneath any wrapper
+    that alters replies, which this one then sees."""
+
+    def __init__(self, grid: Grid, show_progress: bool, quiet_s: float = 30.0):
+        self.grid, self.show_progress, self.quiet_s = grid, show_progress, quiet_s
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Flower's push-then-pull until every reply is in or ``timeout`` has passed."""
+        messages = list(messages)
+        kind = messages[0].metadata.message_type if messages else ""
+        waiting = set(self.grid.push_messages(messages))
+        total, start, replies = len(waiting), time.monotonic(), []
+        while waiting and (timeout is None or time.monotonic() - start < timeout):
+            arrived = list(self.grid.pull_messages(waiting))
+            replies += arrived
+            waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+            elapsed = time.monotonic() - start
+            if arrived and elapsed >= self.quiet_s:
+                line = f"  {kind}: {len(replies)} of {total} nodes have replied, {elapsed:.0f} s"
+                if self.show_progress:
+                    print(line, flush=True)
+                else:
+                    log.info(line)
+            if waiting:
+                time.sleep(PULL_INTERVAL_S)
+        return replies

@@ -19,6 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from threadpoolctl import threadpool_limits
 
+from server.federation.progress import ReplyProgress
 from server.federation.rounds import run_federation
 from shared.data.partition import ensure_partitions
 from shared.recommender.experiment import Catalog, Experiment
@@ -102,7 +103,7 @@ def main(grid: Grid, context: Context) -> None:
         if nodes != config.clients:
             log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
             config.clients = nodes
-    main_with(grid, config, show_progress=True)
+    main_with(ReplyProgress(grid, show_progress=True), config, show_progress=True)
 
 
 def gathered_nodes(

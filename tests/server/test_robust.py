@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, Message, Metadata, RecordDict
 from helpers import TEST_DEVICE, cli_settings, node_reply
 
 from server.federation.aggregation import NodeUpdate, aggregate
+from server.federation.progress import ReplyProgress
 from server.federation.strategy import FedRecStrategy
 from server.privacy.accounting import epsilon_curve
 from server.privacy.ledger import PrivacyLedger, verify_chain
@@ -108,14 +109,23 @@ class FakeGrid:
     def send_and_receive(self, messages, *, timeout=None):
         return list(self.replies)
 
+    def push_messages(self, messages):
+        return ["m" for _ in messages]  # what every prepared reply answers
+
+    def pull_messages(self, message_ids):
+        return list(self.replies)
+
     def get_node_ids(self):
         return [1, 2, 3]
 
 
-def test_the_attack_grid_replaces_only_the_malicious_replies(state) -> None:
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_attack_grid_replaces_only_the_malicious_replies(state, progress: bool) -> None:
+    """Also over the progress reports beneath it, as ``fedrec simulate`` stacks them."""
     honest = {f"regional-{k}": trained(state, k) for k in range(3)}
+    engine = FakeGrid([node_reply(n, a) for n, a in honest.items()])
     grid = AttackGrid(
-        FakeGrid([node_reply(n, a) for n, a in honest.items()]),
+        ReplyProgress(engine, show_progress=False) if progress else engine,
         RunConfig(clients=3, malicious_nodes=1, attack="sign-flip"),
     )
     out = {"arrays": ArrayRecord({k: Array(v) for k, v in encode(state).items()})}
