@@ -143,6 +143,8 @@ def _tune_private(
     catalog = scored_catalog(node, config)
     catalog = np.arange(len(node.items)) if catalog is None else catalog
     prefix = node_prefix(node, config, resolve_device(config.device))
+    if reason := prefix.packing_refusal():  # before anything is charged
+        return {"node": node.name, "refused": True, "reason": reason}
     load_top_layers(prefix.encoder, weights, config.text_finetune_layers)
     epsilon, index = privacy.charge(event, delta)  # spent from here, whatever happens next
     losses = train_top_layers_private(

@@ -156,6 +156,16 @@ class FrozenPrefix:
             out = self.encoder.model(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
         return mean_pool(out, mask)
 
+    def packing_refusal(self) -> str | None:
+        """Why :meth:`embed_packed` cannot embed with this encoder (None: it can)."""
+        kind = self.encoder.model.config.model_type
+        if kind in PACKABLE:
+            return None
+        return (
+            f"private encoder tuning packs each customer's texts into one sequence, which is "
+            f"exact only for {', '.join(PACKABLE)} encoders; this one is {kind!r}"
+        )
+
     def embed_packed(self, rows: np.ndarray) -> torch.Tensor:
         """Embeddings ``[rows, items, dim]`` of a 2-D array of (stored) items, equal to
         :meth:`embed`'s, with each row's items packed into one sequence: a token attends only
@@ -164,12 +174,8 @@ class FrozenPrefix:
         per item; a row pads to its items' total length, not to the longest item times their
         number. Exact where positions enter below the layers (BERT's and RoBERTa's absolute
         position embeddings); other encoders are refused rather than embedded wrongly."""
-        kind = self.encoder.model.config.model_type
-        if kind not in PACKABLE:
-            raise ValueError(
-                f"private encoder tuning packs each customer's texts into one sequence, which is "
-                f"exact only for {', '.join(PACKABLE)} encoders; this one is {kind!r}"
-            )
+        if reason := self.packing_refusal():
+            raise ValueError(reason)
         width = rows.shape[1]
         sequences, segments = [], []
         for row in rows:

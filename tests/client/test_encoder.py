@@ -120,6 +120,19 @@ def test_a_private_encoder_round_is_charged_to_the_nodes_accountant_before_it_re
     assert whole <= budget * 1.001
 
 
+def test_an_encoder_that_cannot_pack_texts_is_refused_before_anything_is_charged(
+    node_and_config, monkeypatch
+) -> None:
+    node, config = node_and_config
+    private = replace(config, dp=True, dp_encoder_batch=16)
+    sent = top_layers(TextEncoder(config.text_model), 1)
+    monkeypatch.setattr("shared.recommender.finetune.PACKABLE", ("roberta",))  # not this bert
+    result = tune_encoder_at_node(node, private, sent, 1, NodePolicy())
+    assert result["refused"] and "exact only for roberta encoders" in result["reason"]
+    assert "state" not in result
+    assert NodePrivacy(node.directory).state.get("contributions", 0) == 0
+
+
 def test_a_node_declines_a_private_encoder_round_past_its_budget(node_and_config) -> None:
     node, config = node_and_config
     private = replace(config, dp=True, target_epsilon=2.0)
