@@ -76,7 +76,11 @@ def node_reply(
 
 
 def tiny_model(
-    fusion: str = "gated", variant: str = "fusion", dropout: float = 0.0, layers: int = 1
+    fusion: str = "gated",
+    variant: str = "fusion",
+    dropout: float = 0.0,
+    layers: int = 1,
+    id_scale: float = 1.0,
 ) -> FusionRecommender:
     """A float64 model over a 40-item catalog, every weight moved off its initialisation."""
     torch.manual_seed(0)
@@ -91,6 +95,7 @@ def tiny_model(
         dropout=dropout,
         fusion=fusion,
         variant=variant,
+        id_scale=id_scale,
     )
     model = FusionRecommender(config, text)
     with torch.no_grad():  # move off the zero initialisation so every path carries gradient

@@ -171,8 +171,8 @@ def table_rows(model: FusionRecommender, rows: np.ndarray) -> np.ndarray:
     if c.use_text:
         table += c.logit_scale * (model.text[rows] @ model.query_to_text.weight)
     if c.use_id:
-        table += model.id_scores.weight[rows]
-        bias = model.id_scores.bias[rows]
+        table += c.id_scale * model.id_scores.weight[rows]
+        bias = c.id_scale * model.id_scores.bias[rows]
     return torch.cat([table, bias[:, None]], dim=1).numpy()
 
 

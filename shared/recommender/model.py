@@ -8,7 +8,7 @@ items. So nothing customer-specific ever exists outside the node that holds the 
 
 Scoring is an inner product against the whole catalog::
 
-    score(u, i) = scale * <h_u, A t_i> + <h_u, v_i> + b_i
+    score(u, i) = scale * <h_u, A t_i> + id_scale * (<h_u, v_i> + b_i)
 
 with ``A`` a trainable text projection (initialised to preserve the pretrained geometry) and
 ``v_i``/``b_i`` the item-ID vector and bias (initialised at zero, so an item nobody has bought is
@@ -51,6 +51,9 @@ class ModelConfig:
     recency: float = 0.7  # decay of the recency-weighted mean: weight (1 - recency)^age
     logit_scale: float = 20.0  # inverse temperature of the text (cosine-like) score
     new_item_boost: float = 0.0  # logit added to products without behaviour (docs/evaluation.md)
+    # multiplies the ID scores (vectors and biases): a reparametrisation, the same model at any
+    # value, but it sets how far a clipped gradient step moves them (under DP: docs/privacy.md)
+    id_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -227,8 +230,8 @@ class FusionRecommender(nn.Module):
         if c.use_text:
             table = table + c.logit_scale * (self.text @ self.query_to_text.weight)
         if c.use_id:
-            table = table + self.id_scores.weight
-            return table, self.id_scores.bias
+            table = table + c.id_scale * self.id_scores.weight
+            return table, c.id_scale * self.id_scores.bias
         return table, torch.zeros(c.num_items, device=self.text.device)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
@@ -239,7 +242,7 @@ class FusionRecommender(nn.Module):
         if self.config.use_text:
             out = self.config.logit_scale * (self.query_to_text(states) @ self.text.T)
         if self.config.use_id:
-            out = out + self.id_scores(states)
+            out = out + self.config.id_scale * self.id_scores(states)
         return out
 
     def user_states(self, histories: list[np.ndarray], chunk: int = 256) -> torch.Tensor:

@@ -68,6 +68,7 @@ class RunConfig:
     dp_epochs: int = 3  # `fedrec train --dp`: exactly these passes over all customers
     dp_max_len: int = 20
     dp_dim: int = 384  # under DP the text projection keeps every pretrained dimension
+    dp_id_scale: float = 10.0  # under DP, the item biases' scale: how far a private step moves them
     dp_denoise: str = "auto"  # the server denoises private rounds: auto (small budgets), on, off
     eval_noise_multiplier: float = 10.0  # a node's private evaluation: noise std per customer
     # node-level DP (one sample = one node's whole update) and secure aggregation, docs/privacy.md
@@ -126,6 +127,8 @@ class RunConfig:
             raise ValueError(
                 f"reverse-histories must be auto, on or off, got {self.reverse_histories!r}"
             )
+        if not self.dp_id_scale > 0:
+            raise ValueError(f"dp-id-scale must be positive, got {self.dp_id_scale:g}")
         if self.dp_denoise not in ("auto", "on", "off"):
             raise ValueError(f"dp-denoise must be auto, on or off, got {self.dp_denoise!r}")
         if self.reverse_histories == "on" and (self.dp or self.node_dp):
@@ -139,6 +142,7 @@ class RunConfig:
         values = {k: v for k, v in asdict(self).items() if k in names}
         if self.dp:
             values["max_len"], values["dim"] = self.dp_max_len, self.dp_dim
+            values["id_scale"] = self.dp_id_scale
         return ModelConfig(num_items=num_items, text_dim=text_dim, **values)
 
     @property

@@ -87,6 +87,11 @@ def test_model_config_uses_the_dp_shape_under_dp() -> None:
     assert (private.model_config(10, 8).max_len, private.model_config(10, 8).dim) == (12, 40)
     model = config.model_config(10, 8)
     assert (model.num_items, model.text_dim, model.dim) == (10, 8, 24)
+    # the item biases' scale is the private step's (a reparametrisation, docs/privacy.md)
+    assert model.id_scale == 1.0
+    assert RunConfig(dp=True, dp_id_scale=7.0).model_config(10, 8).id_scale == 7.0
+    with pytest.raises(ValueError, match="dp-id-scale"):
+        RunConfig(dp_id_scale=0.0)
 
 
 # --- command-line help ----------------------------------------------------------------------

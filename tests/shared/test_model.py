@@ -3,11 +3,13 @@ path, the ablations, cold-item filling and the independence of a customer's stat
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from shared.recommender.catalog import fill_cold_items
+from shared.recommender.catalog import fill_cold_items, full_table
 from shared.recommender.model import FusionRecommender, ModelConfig, pad_histories
 from shared.recommender.training import learns_reversed, training_tensors, trim, with_reversed
 from shared.runs.config import RunConfig
@@ -196,6 +198,31 @@ def test_scores_of_states_equal_forward(variant: str, fusion: str) -> None:
     torch.testing.assert_close(fast, modules, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(all_fast, all_modules, rtol=1e-5, atol=1e-5)
     assert fast.std(dim=1).min() > 0  # real scores, not a constant
+
+
+@pytest.mark.parametrize("variant", ["fusion", "id"])
+def test_id_scale_is_a_reparametrisation(variant: str) -> None:
+    """A model whose ID weights are stored divided by ``id_scale`` scores exactly as the same
+    model at scale 1, by every path: the module-by-module forward (what DP-SGD trains), the
+    fused table, and the serving index's rows (``full_table``)."""
+    model = perturbed(small_model(variant, "gated"))
+    scaled_config = replace(model.config, id_scale=10.0)
+    state = {
+        k: v / 10.0 if k.startswith("id_scores.") else v for k, v in model.state_dict().items()
+    }
+    scaled = FusionRecommender.from_state(scaled_config, model.text, state)
+    items = pad_histories(random_histories(60, [2, 5, 9], seed=5), model.config.max_len)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(items), model(items), rtol=1e-5, atol=1e-5)
+        states = model.encode(items)[:, -1]
+        torch.testing.assert_close(scaled.scores(states), model.scores(states))
+    torch.testing.assert_close(
+        torch.from_numpy(full_table(scaled)), torch.from_numpy(full_table(model))
+    )
+    # and the scale is what the ID part is multiplied by, not a no-op
+    unscaled = FusionRecommender.from_state(model.config, model.text, state)
+    with torch.no_grad():
+        assert not torch.allclose(unscaled(items), model(items), atol=1e-3)
 
 
 @pytest.mark.parametrize("variant", ["fusion", "text", "id"])

@@ -49,10 +49,12 @@ def test_ghost_norms_match_brute_force(fusion: str, variant: str) -> None:
     torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("id_scale", [1.0, 10.0])
 @pytest.mark.parametrize("trainable", ["text", "bias", "id"])
-def test_ghost_norms_match_brute_force_when_part_is_frozen(trainable: str) -> None:
-    """Under DP only part of the model learns; the norms must cover exactly that part."""
-    model = tiny_model("gated")
+def test_ghost_norms_match_brute_force_when_part_is_frozen(trainable: str, id_scale: float) -> None:
+    """Under DP only part of the model learns; the norms must cover exactly that part, also
+    with the ID scores scaled outside their module (``dp-id-scale``)."""
+    model = tiny_model("gated", id_scale=id_scale)
     select_trainable(model, trainable)
     x, y = customers()
     expected = brute_force_norms(model, x, y)
