@@ -34,7 +34,8 @@ class TextToId:
         known: torch.Tensor | None = None,
     ):
         self.dim = model.config.dim
-        self.boost = model.config.new_item_boost
+        # a logit on the scores; the stored bias is multiplied by ``id_scale`` when scored
+        self.boost = model.config.new_item_boost / model.config.id_scale
         self.solution: torch.Tensor | None = None
         if not model.config.use_id:
             return

@@ -341,13 +341,18 @@ def test_fill_cold_items_fills_exactly_the_untrained_rows() -> None:
     assert torch.equal(nearest, torch.arange(10))
 
 
-def test_new_item_boost_raises_exactly_the_filled_biases() -> None:
+@pytest.mark.parametrize("id_scale", [1.0, 10.0])
+def test_new_item_boost_raises_exactly_the_filled_biases(id_scale: float) -> None:
+    """The boost is a logit on the new products' scores, whatever ``id_scale`` the stored
+    biases are multiplied by."""
     trained = torch.arange(60) < 45
     plain, boosted = perturbed(small_model()), perturbed(small_model())
+    for model in (plain, boosted):
+        model.config.id_scale = id_scale
     boosted.config.new_item_boost = 1.5
     fill_cold_items(plain, trained)
     fill_cold_items(boosted, trained)
-    difference = boosted.id_scores.bias - plain.id_scores.bias
+    difference = boosted.item_table()[1] - plain.item_table()[1]
     torch.testing.assert_close(difference[~trained], torch.full((15,), 1.5))
     assert torch.equal(difference[trained], torch.zeros(45))
     torch.testing.assert_close(boosted.id_scores.weight, plain.id_scores.weight)
