@@ -7,6 +7,7 @@ a test checks that pyproject.toml carries exactly these defaults.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -127,8 +128,8 @@ class RunConfig:
             raise ValueError(
                 f"reverse-histories must be auto, on or off, got {self.reverse_histories!r}"
             )
-        if not self.dp_id_scale > 0:
-            raise ValueError(f"dp-id-scale must be positive, got {self.dp_id_scale:g}")
+        if not 0 < self.dp_id_scale < math.inf:  # NaN fails too
+            raise ValueError(f"dp-id-scale must be a positive number, got {self.dp_id_scale:g}")
         if self.dp_denoise not in ("auto", "on", "off"):
             raise ValueError(f"dp-denoise must be auto, on or off, got {self.dp_denoise!r}")
         if self.reverse_histories == "on" and (self.dp or self.node_dp):

@@ -90,8 +90,9 @@ def test_model_config_uses_the_dp_shape_under_dp() -> None:
     # the item biases' scale is the private step's (a reparametrisation, docs/privacy.md)
     assert model.id_scale == 1.0
     assert RunConfig(dp=True, dp_id_scale=7.0).model_config(10, 8).id_scale == 7.0
-    with pytest.raises(ValueError, match="dp-id-scale"):
-        RunConfig(dp_id_scale=0.0)
+    for bad in (0.0, float("inf"), float("nan")):  # an operator's value a node would build
+        with pytest.raises(ValueError, match="dp-id-scale"):
+            RunConfig(dp_id_scale=bad)
 
 
 # --- command-line help ----------------------------------------------------------------------
