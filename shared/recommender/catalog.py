@@ -164,17 +164,11 @@ def _extended(tensor: torch.Tensor, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def table_rows(model: FusionRecommender, rows: np.ndarray) -> np.ndarray:
-    """Rows of ``[item_table | bias]`` for ``rows``: what :meth:`FusionRecommender.item_table`
-    computes for the whole catalog, for some items (a test checks that they agree)."""
-    c, rows = model.config, torch.as_tensor(rows, dtype=torch.long)
-    table = torch.zeros(len(rows), c.dim)
-    bias = torch.zeros(len(rows))
-    if c.use_text:
-        table += c.logit_scale * (model.text[rows] @ model.query_to_text.weight)
-    if c.use_id:
-        table += c.id_scale * model.id_scores.weight[rows]
-        bias = c.id_scale * model.id_scores.bias[rows]
-    return torch.cat([table, bias[:, None]], dim=1).numpy()
+    """Rows of ``[item_table | bias]`` for ``rows`` (:meth:`FusionRecommender.item_table` of
+    those items), as the serving index stores them."""
+    indices = torch.as_tensor(rows, dtype=torch.long, device=model.text.device)
+    table, bias = model.item_table(indices)
+    return torch.cat([table, bias[:, None]], dim=1).cpu().numpy()
 
 
 def full_table(model: FusionRecommender, chunk: int = 100_000) -> np.ndarray:

@@ -223,16 +223,20 @@ class FusionRecommender(nn.Module):
         table, bias = self.item_table()
         return states @ table.T + bias
 
-    def item_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The candidate-side item vectors (num_items, dim) and biases, text and ID fused."""
+    def item_table(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidate-side item vectors (items, dim) and biases, text and ID fused: of the
+        whole catalog, or of the items ``rows`` (indices on the model's device)."""
         c = self.config
-        table = torch.zeros(c.num_items, c.dim, device=self.text.device)
+        text = self.text if rows is None else self.text[rows]
+        table = torch.zeros(len(text), c.dim, device=text.device)
         if c.use_text:
-            table = table + c.logit_scale * (self.text @ self.query_to_text.weight)
+            table = table + c.logit_scale * (text @ self.query_to_text.weight)
         if c.use_id:
-            table = table + c.id_scale * self.id_scores.weight
-            return table, c.id_scale * self.id_scores.bias
-        return table, torch.zeros(c.num_items, device=self.text.device)
+            weight, bias = self.id_scores.weight, self.id_scores.bias
+            if rows is not None:
+                weight, bias = weight[rows], bias[rows]
+            return table + c.id_scale * weight, c.id_scale * bias
+        return table, torch.zeros(len(text), device=text.device)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Scores after every position (batch, length, num_items), one standard module per
