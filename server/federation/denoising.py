@@ -17,6 +17,20 @@ the same way, so a direction too weak to stand out of one round's noise grows ou
 summed noise over the rounds (the signal adds up t times, the noise sqrt(t) times). Shrinking
 each round on its own would zero such a direction in every round, for good.
 
+The item biases (one coordinate per product) are a vector: no directions to keep, but their
+signal is sparse in another way. Only the products that many customers bought stand out of the
+noise; for the many that few did, the summed update is noise alone, and at a small budget that
+noise, multiplied by ``dp-id-scale`` in every score, ranks the products at random. Their sum is
+soft-thresholded (Donoho and Johnstone, "Ideal Spatial Adaptation by Wavelet Shrinkage",
+Biometrika 1994): moved towards its median by the noise level, read from its median absolute
+deviation (most products carry noise only), and set to the median where it lies within it.
+That reading holds only where the biases are a random walk of the nodes' noise: where training
+pulls them back to what the data say (a few products bought by every customer, as in a
+catalogue of films), the noise left is a fraction of what was added, and what spreads them is
+signal the threshold would erase. So they are thresholded only while their summed update
+spreads at least :data:`RANDOM_WALK_SHARE` of what the noise the nodes added (as their signed
+releases state it, :func:`injected_bias_variance`) would alone.
+
 Whether a run is denoised follows its budget (:func:`denoises`): at a large one the noise
 is small beside what the many directions below its edge carry together, and zeroing them
 costs more than their noise does (docs/privacy.md, "When to denoise").
@@ -24,15 +38,29 @@ costs more than their noise does (docs/privacy.md, "When to denoise").
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from server.federation.aggregation import NodeUpdate
+from shared.federation.reports import NodeReport
 from shared.runs.config import RunConfig
 
+log = logging.getLogger(__name__)
+
 MIN_SIZE = 16  # a matrix with a side this short has too few singular values to read the noise
+ITEM_BIASES = "id_scores.bias"  # the model's item-bias vector (shared/recommender/model.py)
+# the item biases' threshold, in noise standard deviations; chosen on Amazon Beauty's
+# validation at epsilon 1 and 2 (docs/privacy.md, "Denoising the item biases")
+BIAS_THRESHOLD = 1.0
+# ... applied while the summed bias update's standard deviation is at least this share of the
+# injected noise's (0.89-0.93 on Amazon Beauty, where it pays; 0.38 on MovieLens, where it
+# costs; docs/privacy.md, "Denoising the item biases")
+RANDOM_WALK_SHARE = 0.6
 # ``dp-denoise=auto`` denoises a run that asks less than this epsilon per customer; chosen on
 # Amazon Beauty's validation at epsilon 2, 4 and 8 (docs/privacy.md, "When to denoise")
 AUTO_BELOW_EPSILON = 3.0
@@ -86,9 +114,58 @@ def shrink_singular_values(update: torch.Tensor) -> tuple[torch.Tensor, int]:
     return result.to(update.dtype), int(kept.sum())
 
 
-def shrinkable(value: torch.Tensor) -> bool:
-    """A matrix with enough singular values on both sides to read its noise from."""
-    return value.ndim == 2 and min(value.shape) >= MIN_SIZE
+def soft_threshold(
+    update: torch.Tensor, threshold: float = BIAS_THRESHOLD
+) -> tuple[torch.Tensor, int]:
+    """``update`` (1-D) moved towards its median by ``threshold`` times its noise level, read
+    from the median absolute deviation, and set to the median within that; returns it and how
+    many coordinates stay away from the median."""
+    values = update.double()
+    median = values.median()
+    deviation = values - median
+    noise = 1.4826 * float(deviation.abs().median())  # the MAD of a Gaussian, as its std
+    kept = deviation.abs() > threshold * noise
+    shrunk = torch.sign(deviation) * (deviation.abs() - threshold * noise).clamp(min=0.0)
+    return (median + shrunk).to(update.dtype), int(kept.sum())
+
+
+def injected_bias_variance(
+    reports: Iterable[NodeReport], updates: list[NodeUpdate], lr: float
+) -> float | None:
+    """The variance the nodes' DP-SGD noise adds to each item bias of the round's weighted
+    mean update, were training to pull none of it back: each step a node adds noise of std
+    ``lr`` × noise multiplier × clipping norm / its expected batch to every weight it trains,
+    over its steps (its signed release states them). None when an update has no training
+    release (no DP, a missing report) or a figure in it is not positive and finite."""
+    releases = {r.node: r.release for r in reports if r.release is not None}
+    total = sum(update.weight for update in updates)
+    if not updates or not total > 0:
+        return None
+    variance = 0.0
+    for update in updates:
+        release = releases.get(update.node)
+        if release is None or release.purpose != "training":
+            return None
+        batch = release.sample_rate * release.num_customers
+        if not batch > 0:
+            return None
+        step = lr * release.noise_multiplier * release.max_grad_norm / batch
+        variance += (update.weight / total) ** 2 * release.steps * step**2
+    return variance if math.isfinite(variance) and variance > 0 else None
+
+
+Denoiser = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def denoiser_for(name: str, value: torch.Tensor) -> Denoiser | None:
+    """How the sum of ``name``'s updates is denoised: a matrix with enough singular values on
+    both sides to read its noise from by :func:`shrink_singular_values`, the item biases by
+    :func:`soft_threshold`; None for the rest (short vectors, small matrices)."""
+    if value.ndim == 2 and min(value.shape) >= MIN_SIZE:
+        return shrink_singular_values
+    if name == ITEM_BIASES and value.ndim == 1 and value.numel() >= MIN_SIZE:
+        return soft_threshold
+    return None
 
 
 class CumulativeDenoiser:
@@ -102,24 +179,58 @@ class CumulativeDenoiser:
         self.state: dict[str, torch.Tensor] = {}
 
     def __call__(
-        self, global_state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+        self,
+        global_state: dict[str, torch.Tensor],
+        delta: dict[str, torch.Tensor],
+        bias_noise: float | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """The round's ``delta`` with every matrix's replaced by the step from its current
-        weights to the denoised sum; returns it and, per matrix, how many directions it keeps.
-        Vectors (the item biases) are left as they are: their signal is not concentrated in a
-        few directions, so there is no noise level to read from them without trusting what
-        the nodes report. A matrix that never moved is left too, and a round with any value
-        that is not finite, which is not applied (server/federation/rounds.py), is not summed."""
+        """The round's ``delta`` with every matrix's and the item biases' replaced by the step
+        from its current weights to the denoised sum; returns it and, per tensor, how many
+        directions (matrices) or products (the item biases) it keeps. ``bias_noise``: the
+        variance the nodes' noise added to each item bias this round
+        (:func:`injected_bias_variance`); the biases are thresholded only while their sum
+        spreads at least :data:`RANDOM_WALK_SHARE` of what that noise alone would, summed
+        over the rounds, and are applied as averaged once a round's is unknown. Other vectors
+        are left as they are (their signal is neither low-rank nor sparse), a tensor that
+        never moved too, and a round with any value that is not finite, which is not applied
+        (server/federation/rounds.py), is not summed."""
         out, report = dict(delta), {}
         if not all(bool(torch.isfinite(value).all()) for value in delta.values()):
             return out, report  # the round loop rejects the whole round: the sums must too
         for name, value in delta.items():
             raw_key = f"raw/{name}"
-            if not shrinkable(value) or not (raw_key in self.state or bool(value.any())):
+            denoise = denoiser_for(name, value)
+            if denoise is None or not (raw_key in self.state or bool(value.any())):
                 continue
             start = self.state.setdefault(f"start/{name}", global_state[name].clone())
             raw = self.state.get(raw_key, torch.zeros_like(value)) + value
             self.state[raw_key] = raw
-            shrunk, report[name] = shrink_singular_values(raw)
+            if denoise is soft_threshold and not self.biases_random_walk(name, raw, bias_noise):
+                out[name] = start + raw - global_state[name]
+                continue
+            shrunk, report[name] = denoise(raw)
             out[name] = start + shrunk - global_state[name]
         return out, report
+
+    def biases_random_walk(self, name: str, raw: torch.Tensor, noise: float | None) -> bool:
+        """Add this round's injected ``noise`` variance to the biases' running total (NaN for
+        good once a round's is unknown) and say whether their summed update ``raw`` spreads at
+        least :data:`RANDOM_WALK_SHARE` of what that total noise alone would."""
+        key = f"noise/{name}"
+        added = torch.tensor(math.nan if noise is None else noise, dtype=torch.float64)
+        total = self.state.get(key, torch.zeros((), dtype=torch.float64)) + added
+        self.state[key] = total
+        if not bool(torch.isfinite(total)):
+            log.info("%s applied as averaged: a round's injected noise is unknown", name)
+            return False
+        share = float(raw.double().std()) / math.sqrt(float(total))
+        if share < RANDOM_WALK_SHARE:
+            log.info(
+                "%s applied as averaged: the summed update spreads %.2f of the injected noise's "
+                "standard deviation (below %g: training holds them to the data)",
+                name,
+                share,
+                RANDOM_WALK_SHARE,
+            )
+            return False
+        return True

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.federation.aggregation import NodeUpdate
-from server.federation.denoising import AUTO_BELOW_EPSILON
+from server.federation.denoising import AUTO_BELOW_EPSILON, injected_bias_variance
 from server.federation.encoder_rounds import ENCODER_ROUND, tune_encoder
 from server.federation.progress import plot_rounds, report_round
 from server.federation.registry import Registry
@@ -177,6 +177,7 @@ class RoundResult:
     contributed: int
     rejected: list[str]
     replies: list[Message]
+    bias_noise: float | None = None  # what the nodes' DP noise added to each item bias
 
     def mean_metric(self, key: str) -> float | None:
         """The mean of a number the replies report (``loss``, ``bytes-up``), None if none does;
@@ -295,7 +296,8 @@ class Federation:
             received.trusted(replies, self.strategy), state
         )
         rejected += [f"{node}: {why}" for node, why in received.rejected.items()]
-        return RoundResult(updates, None, len(messages), len(updates), rejected, replies)
+        noise = injected_bias_variance(received.reports, updates, self.config.dp_lr)
+        return RoundResult(updates, None, len(messages), len(updates), rejected, replies, noise)
 
     def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict | None:
         """The nodes evaluate the global model on their own customers; their private answers
@@ -432,7 +434,7 @@ def _federate(
             mean = node_dp.release(server_round, total, result.sampled, result.contributed)
             aggregated = strategy.optimizer.step(state, mean)
         else:
-            aggregated, clipped = strategy.apply(state, result.updates)
+            aggregated, clipped = strategy.apply(state, result.updates, result.bias_noise)
             if clipped:
                 log.info(
                     "round %d: the row bound scaled down %d rows or tensors of %d node(s)",

@@ -146,20 +146,25 @@ class FedRecStrategy(FedAvg):
         return weight
 
     def apply(
-        self, global_state: dict[str, torch.Tensor], updates: list[NodeUpdate]
+        self,
+        global_state: dict[str, torch.Tensor],
+        updates: list[NodeUpdate],
+        bias_noise: float | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """The new global weights from the accepted updates, each first bounded by
         ``row-clip`` (:func:`clip_updates`), and per node how many rows and tensors the bound
-        scaled down; under DP each trained matrix is moved to its denoised sum of the private
-        rounds (``dp-denoise``, :class:`CumulativeDenoiser`)."""
+        scaled down; under DP each trained matrix and the item biases are moved to their denoised
+        sum of the private rounds (``dp-denoise``, :class:`CumulativeDenoiser`; ``bias_noise``:
+        the variance the nodes' noise added to each item bias, :func:`injected_bias_variance`)."""
         clipped = clip_updates(global_state, updates, self.row_clip)
         delta = aggregate(global_state, updates, self.method, self.trim)
         if self.denoiser is not None:
-            delta, shrunk = self.denoiser(global_state, delta)
+            delta, shrunk = self.denoiser(global_state, delta, bias_noise)
             log.info(
                 "the private rounds' summed update denoised: %s",
                 ", ".join(
-                    f"{name} kept {kept} of {min(delta[name].shape)} directions"
+                    f"{name} kept {kept} of {min(delta[name].shape)} "
+                    + ("directions" if delta[name].ndim == 2 else "products")
                     for name, kept in shrunk.items()
                 ),
             )

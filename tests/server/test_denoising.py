@@ -1,6 +1,7 @@
 """Denoising the private rounds' updates (server/federation/denoising.py): a matrix's few strong
 directions survive, the noise spread over the rest goes, a direction too weak for one round
-emerges from their sum, and nothing changes without DP."""
+emerges from their sum, the item biases of the few products with signal stay while the rest
+go to their median, and nothing changes without DP."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ import torch
 from server.federation.aggregation import NodeUpdate
 from server.federation.denoising import (
     AUTO_BELOW_EPSILON,
+    ITEM_BIASES,
+    RANDOM_WALK_SHARE,
     CumulativeDenoiser,
     denoises,
+    injected_bias_variance,
     marchenko_pastur_median,
     shrink_singular_values,
+    soft_threshold,
 )
 from server.federation.strategy import FedRecStrategy
+from shared.federation.reports import NodeReport, Release
 from shared.runs.config import RunConfig
 
 
@@ -66,9 +72,15 @@ def test_denoise_leaves_what_did_not_move_or_is_too_small() -> None:
         "still": torch.zeros(64, 64),
         "small": torch.ones(4, 64),
         "vector": torch.ones(64),
+        ITEM_BIASES: torch.randn(500, generator=torch.Generator().manual_seed(0)),
     }
-    out, report = CumulativeDenoiser()({k: torch.zeros_like(v) for k, v in delta.items()}, delta)
-    assert set(report) == {"moved"}
+    start = {k: torch.zeros_like(v) for k, v in delta.items()}
+    out, report = CumulativeDenoiser()(start, delta, bias_noise=1.0)  # the biases: all noise
+    assert set(report) == {"moved", ITEM_BIASES}
+    assert not torch.equal(out[ITEM_BIASES], delta[ITEM_BIASES])
+    # without the nodes' noise figure the biases are applied as averaged
+    out, report = CumulativeDenoiser()(start, delta)
+    assert set(report) == {"moved"} and torch.equal(out[ITEM_BIASES], delta[ITEM_BIASES])
     for name in ("still", "small", "vector"):
         assert torch.equal(out[name], delta[name])
     assert not torch.equal(out["moved"], noisy)
@@ -200,3 +212,105 @@ def test_a_node_sending_noise_cannot_hide_the_others_signal() -> None:
     assert (denoised - signal).norm() < 0.5 * (plain - signal).norm()
     cosine = (denoised * signal).sum() / (denoised.norm() * signal.norm())
     assert cosine > 0.9
+
+
+def sparse_plus_noise(
+    items: int, strong: int, strength: float, noise: float, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Item biases: ``strong`` products with a signal of ``strength`` (either sign), the rest
+    none, all with Gaussian noise of std ``noise``."""
+    generator = torch.Generator().manual_seed(seed)
+    signal = torch.zeros(items)
+    chosen = torch.randperm(items, generator=generator)[:strong]
+    signs = torch.randint(0, 2, (strong,), generator=generator) * 2.0 - 1.0
+    signal[chosen] = strength * signs
+    return signal, signal + noise * torch.randn(items, generator=generator)
+
+
+def test_the_item_biases_of_the_few_strong_products_survive_and_the_noise_goes() -> None:
+    """The noise level is not given: it is read from the median absolute deviation."""
+    signal, noisy = sparse_plus_noise(5000, 200, 6.0, 1.0)
+    denoised, kept = soft_threshold(noisy)
+    assert (denoised - signal).norm() < 0.6 * (noisy - signal).norm()
+    strong = signal != 0
+    assert bool((denoised[strong].sign() == signal[strong].sign()).all())
+    assert kept < 0.4 * len(noisy)  # of pure noise, about a third lies beyond one std
+    # the same update at any scale (the noise level follows it: nothing is a fixed number)
+    assert torch.allclose(soft_threshold(1e-3 * noisy)[0], 1e-3 * denoised, atol=1e-9)
+    # a constant shift (it changes no ranking) is kept: the biases move towards their median
+    shifted, _ = soft_threshold(noisy + 5.0)
+    assert torch.allclose(shifted, denoised + 5.0, atol=1e-5)
+    pure = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    assert soft_threshold(pure)[0].norm() < 0.5 * pure.norm()
+
+
+def test_the_server_soft_thresholds_the_sum_of_the_rounds_item_biases() -> None:
+    """Each round's biases are fresh noise around a few products' signal; the model's biases
+    after three rounds are the threshold of the rounds' sum, nearer to its signal than the
+    plain sum."""
+    strategy = FedRecStrategy(RunConfig(dp=True, dp_denoise="on", row_clip=0))
+    signal, _ = sparse_plus_noise(3000, 100, 3.0, 0.0)
+    generator = torch.Generator().manual_seed(5)
+    state, total = {ITEM_BIASES: torch.zeros(3000)}, torch.zeros(3000)
+    for _ in range(3):
+        noisy = signal + torch.randn(3000, generator=generator)
+        total = total + noisy
+        trained = {ITEM_BIASES: state[ITEM_BIASES] + noisy}  # a node sends its weights
+        state, _ = strategy.apply(state, [NodeUpdate("a", 1.0, trained)], bias_noise=1.0)
+    assert torch.allclose(state[ITEM_BIASES], soft_threshold(total)[0], atol=1e-5)
+    assert (state[ITEM_BIASES] - 3 * signal).norm() < 0.6 * (total - 3 * signal).norm()
+    assert set(strategy.server_state) == {
+        f"denoise/start/{ITEM_BIASES}",
+        f"denoise/raw/{ITEM_BIASES}",
+        f"denoise/noise/{ITEM_BIASES}",  # the injected noise summed: a resumed run has it
+    }
+    assert float(strategy.server_state[f"denoise/noise/{ITEM_BIASES}"]) == pytest.approx(3.0)
+
+
+def test_biases_that_training_holds_to_the_data_are_not_thresholded() -> None:
+    """Dense biases (every product's popularity) whose spread is far below what the nodes'
+    injected noise alone would give: training pulled the noise back, what is left is signal,
+    and the threshold (which reads it as noise) would erase it. They are applied as averaged;
+    once a round's noise is unknown they stay so."""
+    generator = torch.Generator().manual_seed(4)
+    popularity = 0.3 * torch.randn(1000, generator=generator)  # a dense signal
+    denoiser = CumulativeDenoiser()
+    state = {ITEM_BIASES: torch.zeros(1000)}
+    injected = (popularity.std() / (0.5 * RANDOM_WALK_SHARE)) ** 2  # twice the share's noise
+    out, report = denoiser(state, {ITEM_BIASES: popularity}, bias_noise=float(injected))
+    assert report == {} and torch.equal(out[ITEM_BIASES], popularity)
+    # the same spread with noise a quarter of it: a random walk, thresholded
+    walk = CumulativeDenoiser()
+    out, report = walk(state, {ITEM_BIASES: popularity}, bias_noise=float(popularity.var()) / 4)
+    assert report[ITEM_BIASES] < 1000 and not torch.equal(out[ITEM_BIASES], popularity)
+    state = {ITEM_BIASES: out[ITEM_BIASES]}
+    out, report = walk(state, {ITEM_BIASES: popularity}, bias_noise=None)  # a report missing
+    assert report == {}
+    assert torch.allclose(state[ITEM_BIASES] + out[ITEM_BIASES], 2 * popularity)  # as averaged
+    out, report = walk(state, {ITEM_BIASES: popularity}, bias_noise=1e-6)
+    assert report == {}  # unknown once, unknown for good
+
+
+def release(node: str, sigma: float, rate: float, customers: int, steps: int) -> NodeReport:
+    fields = dict(run_id="r", round=1, node=node, purpose="training", contribution_index=0)
+    fields |= dict(mechanism="poisson_subsampled_gaussian", noise_multiplier=sigma)
+    fields |= dict(sample_rate=rate, steps=steps, max_grad_norm=2.0, delta=1e-5, epsilon=1.0)
+    fields |= dict(accountant="prv", unit="u", target_epsilon=1.0, num_customers=customers)
+    return NodeReport(node=node, release=Release(**fields, update_digest="d"))
+
+
+def test_the_injected_noise_is_what_the_nodes_signed_releases_state() -> None:
+    """Per step a node adds lr x sigma x clip / (its expected batch) to a weight, over its
+    steps; the weighted mean's variance weighs each node's by its squared share."""
+    reports = [release("a", 4.0, 0.25, 800, 12), release("b", 2.0, 0.5, 400, 9)]
+    updates = [NodeUpdate("a", 3.0, {}), NodeUpdate("b", 1.0, {})]
+    a = 12 * (0.5 * 4.0 * 2.0 / 200) ** 2
+    b = 9 * (0.5 * 2.0 * 2.0 / 200) ** 2
+    expected = (3 / 4) ** 2 * a + (1 / 4) ** 2 * b
+    assert injected_bias_variance(reports, updates, lr=0.5) == pytest.approx(expected)
+    assert injected_bias_variance(reports[:1], updates, lr=0.5) is None  # b reported nothing
+    assert injected_bias_variance([NodeReport(node="a"), reports[1]], updates, 0.5) is None
+    assert (
+        injected_bias_variance([release("a", 4.0, 0.0, 800, 12), reports[1]], updates, 0.5) is None
+    )
+    assert injected_bias_variance(reports, [], lr=0.5) is None
