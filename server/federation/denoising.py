@@ -213,14 +213,16 @@ class CumulativeDenoiser:
         return out, report
 
     def biases_random_walk(self, name: str, raw: torch.Tensor, noise: float | None) -> bool:
-        """Add this round's injected ``noise`` variance to the biases' running total (NaN for
-        good once a round's is unknown) and say whether their summed update ``raw`` spreads at
-        least :data:`RANDOM_WALK_SHARE` of what that total noise alone would."""
+        """Add this round's injected ``noise`` variance to the biases' running total (−1 for
+        good once a round's is unknown: the state is checkpointed, and must stay finite) and
+        say whether their summed update ``raw`` spreads at least :data:`RANDOM_WALK_SHARE` of
+        what that total noise alone would."""
         key = f"noise/{name}"
-        added = torch.tensor(math.nan if noise is None else noise, dtype=torch.float64)
-        total = self.state.get(key, torch.zeros((), dtype=torch.float64)) + added
+        total = self.state.get(key, torch.zeros((), dtype=torch.float64))
+        known = noise is not None and float(total) >= 0
+        total = total + noise if known else torch.full((), -1.0, dtype=torch.float64)
         self.state[key] = total
-        if not bool(torch.isfinite(total)):
+        if not known:
             log.info("%s applied as averaged: a round's injected noise is unknown", name)
             return False
         share = float(raw.double().std()) / math.sqrt(float(total))

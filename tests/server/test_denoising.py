@@ -6,6 +6,7 @@ go to their median, and nothing changes without DP."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from server.federation.denoising import (
 )
 from server.federation.strategy import FedRecStrategy
 from shared.federation.reports import NodeReport, Release
+from shared.runs.checkpoint import Checkpoint
 from shared.runs.config import RunConfig
 
 
@@ -267,7 +269,7 @@ def test_the_server_soft_thresholds_the_sum_of_the_rounds_item_biases() -> None:
     assert float(strategy.server_state[f"denoise/noise/{ITEM_BIASES}"]) == pytest.approx(3.0)
 
 
-def test_biases_that_training_holds_to_the_data_are_not_thresholded() -> None:
+def test_biases_that_training_holds_to_the_data_are_not_thresholded(tmp_path: Path) -> None:
     """Dense biases (every product's popularity) whose spread is far below what the nodes'
     injected noise alone would give: training pulled the noise back, what is left is signal,
     and the threshold (which reads it as noise) would erase it. They are applied as averaged;
@@ -289,6 +291,9 @@ def test_biases_that_training_holds_to_the_data_are_not_thresholded() -> None:
     assert torch.allclose(state[ITEM_BIASES] + out[ITEM_BIASES], 2 * popularity)  # as averaged
     out, report = walk(state, {ITEM_BIASES: popularity}, bias_noise=1e-6)
     assert report == {}  # unknown once, unknown for good
+    # ... and the state stays finite: the server checkpoints it, and refuses what is not
+    Checkpoint(tmp_path / "checkpoint.safetensors").save(state, walk.state, {"round": 3})
+    assert Checkpoint(tmp_path / "checkpoint.safetensors").load()[1].keys() == walk.state.keys()
 
 
 def release(node: str, sigma: float, rate: float, customers: int, steps: int) -> NodeReport:
