@@ -64,15 +64,22 @@ def privacy_reports(
     run_id: str,
     server_round: int,
     strategy: FedRecStrategy,
+    private: bool = False,
 ) -> Reports:
     """Each reply's privacy report, parsed; the sender checked against the registry (if any)
     and a DP release against the node's key, this run and round, and the digest of the update
-    it came with."""
+    it came with. ``private`` (customer-level DP): an update without a signed release is
+    refused, since its spending would be missing from the ledger."""
     received = Reports()
     for reply in replies:
-        if reply.has_error() or not reply.has_content() or "privacy" not in reply.content:
+        if reply.has_error() or not reply.has_content():
             continue
         sender = strategy.sender(reply)
+        unreleased = private and "arrays" in reply.content
+        if "privacy" not in reply.content:
+            if unreleased:
+                received.rejected[sender] = "an update under DP without its privacy report"
+            continue
         try:
             if problem := strategy.identity_problem(reply):
                 raise ReportError(problem)
@@ -81,7 +88,9 @@ def privacy_reports(
             received.rejected[sender] = f"privacy report refused: {error}"
             log.warning("round %d, node %s: %s", server_round, sender, error)
             continue
-        if report.release is not None:
+        if report.release is None and unreleased:
+            received.rejected[sender] = "an update under DP without a signed release"
+        elif report.release is not None:
             arrays = (
                 {k: a.numpy() for k, a in reply.content["arrays"].items()}
                 if "arrays" in reply.content
@@ -288,7 +297,9 @@ class Federation:
         )
         timeout = self.config.round_timeout or None
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
+        received = privacy_reports(
+            replies, self.keys, self.run_id, server_round, self.strategy, self.config.dp
+        )
         record_privacy(self.ledger, server_round, received.reports, message_type)
         if server_round == 1 and message_type == "train":
             note_unamplified(received.reports, self.config.dp_rounds)

@@ -145,6 +145,23 @@ def test_malformed_reports_are_left_out_and_nothing_crashes(tmp_path: Path, stat
     assert [u.node for u in updates] == ["n3"]
 
 
+def test_under_dp_an_update_without_a_signed_release_is_refused(tmp_path: Path, state) -> None:
+    """Its customers' spending would be missing from the ledger (and the server's noise figure
+    for the item biases unknown): under customer-level DP such an update is not used, while
+    without DP a reply needs no report."""
+    replies = [
+        node_reply("n1", moved(state, 0.01)),
+        node_reply("n2", moved(state, 0.01), privacy={"node": "n2", "refused": False}),
+    ]
+    strategy = FedRecStrategy(RunConfig(dp=True))
+    keys = NodeKeys(tmp_path / "keys")
+    received = privacy_reports(replies, keys, "r", 1, strategy, private=True)
+    assert set(received.rejected) == {"n1", "n2"}
+    assert strategy.node_updates(received.trusted(replies, strategy), state)[0] == []
+    plain = privacy_reports(replies, keys, "r", 1, FedRecStrategy(RunConfig()))
+    assert plain.rejected == {}
+
+
 def test_a_refusal_outside_the_model_rounds_names_its_stage(tmp_path: Path) -> None:
     """Encoder and evaluation rounds are numbered from 1 like the model's: a refusal in one
     of them must not read as a refusal of the model round of the same number."""
