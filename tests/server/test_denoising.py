@@ -319,3 +319,24 @@ def test_the_injected_noise_is_what_the_nodes_signed_releases_state() -> None:
         injected_bias_variance([release("a", 4.0, 0.0, 800, 12), reports[1]], updates, 0.5) is None
     )
     assert injected_bias_variance(reports, [], lr=0.5) is None
+
+
+def test_a_node_sending_garbage_biases_cannot_wreck_the_others() -> None:
+    """A malicious node's bias update, 1,000 times the honest noise, is bounded by the row
+    bound; the median absolute deviation reads the honest noise around it, and the few strong
+    products the honest nodes share keep their sign and stand out."""
+    generator = torch.Generator().manual_seed(6)
+    signal, _ = sparse_plus_noise(2000, 60, 4.0, 0.0)
+    updates = [
+        NodeUpdate(f"n{i}", 1.0, {ITEM_BIASES: signal + torch.randn(2000, generator=generator)})
+        for i in range(9)
+    ]
+    garbage = 1e3 * torch.randn(2000, generator=generator)
+    updates.append(NodeUpdate("attacker", 1.0, {ITEM_BIASES: garbage}))
+    state = {ITEM_BIASES: torch.zeros(2000)}
+    strategy = FedRecStrategy(RunConfig(dp=True, dp_denoise="on"))
+    learnt = strategy.apply(state, updates, bias_noise=1.0 / 10)[0][ITEM_BIASES]
+    strong = signal != 0
+    assert torch.isfinite(learnt).all()
+    assert bool((learnt[strong].sign() == signal[strong].sign()).all())
+    assert float(learnt[strong].abs().min()) > float(learnt[~strong].abs().median())
