@@ -130,18 +130,25 @@ def soft_threshold(
 
 
 def injected_bias_variance(
-    reports: Iterable[NodeReport], updates: list[NodeUpdate], lr: float
+    reports: Iterable[NodeReport],
+    updates: list[NodeUpdate],
+    lr: float,
+    global_state: dict[str, torch.Tensor],
 ) -> float | None:
-    """The variance the nodes' DP-SGD noise adds to each item bias of the round's weighted
-    mean update, were training to pull none of it back: each step a node adds noise of std
-    ``lr`` × noise multiplier × clipping norm / its expected batch to every weight it trains,
-    over its steps (its signed release states them). None when an update has no training
-    release (no DP, a missing report) or a figure in it is not positive and finite."""
-    releases = {r.node: r.release for r in reports if r.release is not None}
-    total = sum(update.weight for update in updates)
-    if not updates or not total > 0:
+    """The variance the nodes' DP-SGD noise adds to an item bias of the round's weighted mean
+    update, were training to pull none of it back, averaged over the products: each step a
+    node adds noise of std ``lr`` × noise multiplier × clipping norm / its expected batch to
+    every weight it trains, over its steps (its signed release states them), and each product's
+    bias is averaged over the nodes that sent its row (a merchant's product carries its one
+    node's noise whole, not a tenth of it). None when an update has no training release (no
+    DP, a missing report), a figure in it is not positive and finite, or the model has no item
+    biases."""
+    if ITEM_BIASES not in global_state:
         return None
-    variance = 0.0
+    products = len(global_state[ITEM_BIASES])
+    releases = {r.node: r.release for r in reports if r.release is not None}
+    weights = torch.zeros(products, dtype=torch.float64)
+    weighted_noise = torch.zeros(products, dtype=torch.float64)
     for update in updates:
         release = releases.get(update.node)
         if release is None or release.purpose != "training":
@@ -150,7 +157,14 @@ def injected_bias_variance(
         if not batch > 0:
             return None
         step = lr * release.noise_multiplier * release.max_grad_norm / batch
-        variance += (update.weight / total) ** 2 * release.steps * step**2
+        rows = update.rows.get(ITEM_BIASES)
+        index = torch.arange(products) if rows is None else torch.as_tensor(rows).long()
+        weights.index_add_(0, index, torch.full((len(index),), update.weight).double())
+        noise = torch.full((len(index),), update.weight**2 * release.steps * step**2)
+        weighted_noise.index_add_(0, index, noise.double())
+    sent = weights > 0  # a product nobody sent keeps its bias: no noise
+    per_product = torch.where(sent, weighted_noise / weights.where(sent, 1.0) ** 2, 0.0)
+    variance = float(per_product.mean()) if updates else math.nan
     return variance if math.isfinite(variance) and variance > 0 else None
 
 

@@ -312,13 +312,33 @@ def test_the_injected_noise_is_what_the_nodes_signed_releases_state() -> None:
     a = 12 * (0.5 * 4.0 * 2.0 / 200) ** 2
     b = 9 * (0.5 * 2.0 * 2.0 / 200) ** 2
     expected = (3 / 4) ** 2 * a + (1 / 4) ** 2 * b
-    assert injected_bias_variance(reports, updates, lr=0.5) == pytest.approx(expected)
-    assert injected_bias_variance(reports[:1], updates, lr=0.5) is None  # b reported nothing
-    assert injected_bias_variance([NodeReport(node="a"), reports[1]], updates, 0.5) is None
-    assert (
-        injected_bias_variance([release("a", 4.0, 0.0, 800, 12), reports[1]], updates, 0.5) is None
-    )
-    assert injected_bias_variance(reports, [], lr=0.5) is None
+    state = {ITEM_BIASES: torch.zeros(50)}
+    assert injected_bias_variance(reports, updates, 0.5, state) == pytest.approx(expected)
+    assert injected_bias_variance(reports[:1], updates, 0.5, state) is None  # b reported nothing
+    assert injected_bias_variance([NodeReport(node="a"), reports[1]], updates, 0.5, state) is None
+    zero_rate = [release("a", 4.0, 0.0, 800, 12), reports[1]]
+    assert injected_bias_variance(zero_rate, updates, 0.5, state) is None
+    assert injected_bias_variance(reports, [], 0.5, state) is None
+    assert injected_bias_variance(reports, updates, 0.5, {}) is None  # a model without biases
+
+
+def test_a_merchants_products_carry_its_noise_whole() -> None:
+    """Row-sparse updates (merchant nodes, each sending its own products' rows) are averaged
+    per product over the nodes that sent it: a product one node sells carries that node's
+    noise whole, a product two sell their weighted mean's; products nobody sent none."""
+    reports = [release("a", 4.0, 0.25, 800, 12), release("b", 2.0, 0.5, 400, 9)]
+    a = 12 * (0.5 * 4.0 * 2.0 / 200) ** 2
+    b = 9 * (0.5 * 2.0 * 2.0 / 200) ** 2
+    rows = {"a": np.array([0, 1, 2, 3]), "b": np.array([3, 4, 5])}
+    updates = [
+        NodeUpdate(node, weight, {ITEM_BIASES: torch.zeros(len(rows[node]))}, {ITEM_BIASES: r})
+        for (node, r), weight in zip(rows.items(), (3.0, 1.0), strict=True)
+    ]
+    shared = (3 / 4) ** 2 * a + (1 / 4) ** 2 * b
+    expected = (3 * a + shared + 2 * b) / 10  # products 6-9 are nobody's
+    state = {ITEM_BIASES: torch.zeros(10)}
+    assert injected_bias_variance(reports, updates, 0.5, state) == pytest.approx(expected)
+    assert expected > 3 * ((3 / 4) ** 2 * a + (1 / 4) ** 2 * b) / 10  # the old figure, too low
 
 
 def test_a_node_sending_garbage_biases_cannot_wreck_the_others() -> None:
