@@ -307,7 +307,7 @@ class Federation:
             received.trusted(replies, self.strategy), state
         )
         rejected += [f"{node}: {why}" for node, why in received.rejected.items()]
-        noise = injected_bias_variance(received.reports, updates, self.config.dp_lr, state)
+        noise = injected_bias_variance(received.reports, updates, self.config, state)
         return RoundResult(updates, None, len(messages), len(updates), rejected, replies, noise)
 
     def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict | None:

@@ -6,6 +6,7 @@ go to their median, and nothing changes without DP."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -305,21 +306,28 @@ def release(node: str, sigma: float, rate: float, customers: int, steps: int) ->
 
 
 def test_the_injected_noise_is_what_the_nodes_signed_releases_state() -> None:
-    """Per step a node adds lr x sigma x clip / (its expected batch) to a weight, over its
-    steps; the weighted mean's variance weighs each node's by its squared share."""
-    reports = [release("a", 4.0, 0.25, 800, 12), release("b", 2.0, 0.5, 400, 9)]
+    """Per step a node adds lr x sigma x clip / dp-batch-size to a weight (the run's
+    normaliser, whatever the node's own expected batch), over its steps; the weighted mean's
+    variance weighs each node's by its squared share. A node that samples every customer
+    (rate 1) leaves the figure unknown: the biases are then applied as averaged."""
+    reports = [release("a", 4.0, 0.25, 800, 12), release("b", 2.0, 0.8, 300, 9)]
     updates = [NodeUpdate("a", 3.0, {}), NodeUpdate("b", 1.0, {})]
+    config = RunConfig(dp=True, dp_lr=0.5, dp_batch_size=200)
     a = 12 * (0.5 * 4.0 * 2.0 / 200) ** 2
-    b = 9 * (0.5 * 2.0 * 2.0 / 200) ** 2
+    b = 9 * (0.5 * 2.0 * 2.0 / 200) ** 2  # not / 240, its own expected batch
     expected = (3 / 4) ** 2 * a + (1 / 4) ** 2 * b
     state = {ITEM_BIASES: torch.zeros(50)}
-    assert injected_bias_variance(reports, updates, 0.5, state) == pytest.approx(expected)
-    assert injected_bias_variance(reports[:1], updates, 0.5, state) is None  # b reported nothing
-    assert injected_bias_variance([NodeReport(node="a"), reports[1]], updates, 0.5, state) is None
-    zero_rate = [release("a", 4.0, 0.0, 800, 12), reports[1]]
-    assert injected_bias_variance(zero_rate, updates, 0.5, state) is None
-    assert injected_bias_variance(reports, [], 0.5, state) is None
-    assert injected_bias_variance(reports, updates, 0.5, {}) is None  # a model without biases
+    assert injected_bias_variance(reports, updates, config, state) == pytest.approx(expected)
+    assert injected_bias_variance(reports[:1], updates, config, state) is None  # b: no report
+    unreported = [NodeReport(node="a"), reports[1]]
+    assert injected_bias_variance(unreported, updates, config, state) is None
+    # an encoder round's release: not the biases' noise
+    encoder = NodeReport(node="a", release=replace(reports[0].release, purpose="encoder"))
+    assert injected_bias_variance([encoder, reports[1]], updates, config, state) is None
+    assert injected_bias_variance(reports, [], config, state) is None
+    small = [reports[0], release("b", 2.0, 1.0, 150, 3)]  # fewer customers than dp-batch-size
+    assert injected_bias_variance(small, updates, config, state) is None
+    assert injected_bias_variance(reports, updates, config, {}) is None  # a model without biases
 
 
 def test_a_merchants_products_carry_its_noise_whole() -> None:
@@ -336,9 +344,9 @@ def test_a_merchants_products_carry_its_noise_whole() -> None:
     ]
     shared = (3 / 4) ** 2 * a + (1 / 4) ** 2 * b
     expected = (3 * a + shared + 2 * b) / 10  # products 6-9 are nobody's
-    state = {ITEM_BIASES: torch.zeros(10)}
-    assert injected_bias_variance(reports, updates, 0.5, state) == pytest.approx(expected)
-    assert expected > 3 * ((3 / 4) ** 2 * a + (1 / 4) ** 2 * b) / 10  # the old figure, too low
+    state, config = {ITEM_BIASES: torch.zeros(10)}, RunConfig(dp=True, dp_lr=0.5, dp_batch_size=200)
+    assert injected_bias_variance(reports, updates, config, state) == pytest.approx(expected)
+    assert expected > 3 * shared / 10  # weighing every node over all products: too low
 
 
 def test_a_node_sending_garbage_biases_cannot_wreck_the_others() -> None:
