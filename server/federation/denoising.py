@@ -171,7 +171,7 @@ def injected_bias_variance(
         weighted_noise.index_add_(0, index, noise.double())
     sent = weights > 0  # a product nobody sent keeps its bias: no noise
     per_product = torch.where(sent, weighted_noise / weights.where(sent, 1.0) ** 2, 0.0)
-    variance = float(per_product.mean()) if updates else math.nan
+    variance = float(per_product.mean())  # 0 without updates: None below
     return variance if math.isfinite(variance) and variance > 0 else None
 
 

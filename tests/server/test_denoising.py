@@ -325,6 +325,8 @@ def test_the_injected_noise_is_what_the_nodes_signed_releases_state() -> None:
     encoder = NodeReport(node="a", release=replace(reports[0].release, purpose="encoder"))
     assert injected_bias_variance([encoder, reports[1]], updates, config, state) is None
     assert injected_bias_variance(reports, [], config, state) is None
+    infinite = NodeReport(node="a", release=replace(reports[0].release, noise_multiplier=math.inf))
+    assert injected_bias_variance([infinite, reports[1]], updates, config, state) is None
     small = [reports[0], release("b", 2.0, 1.0, 150, 3)]  # fewer customers than dp-batch-size
     assert injected_bias_variance(small, updates, config, state) is None
     assert injected_bias_variance(reports, updates, config, {}) is None  # a model without biases
