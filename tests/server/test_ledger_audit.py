@@ -825,3 +825,24 @@ def test_the_plan_counts_dp_rounds_and_dp_local_epochs(tmp_path):
     report = forge(tmp_path, "four-rounds", entries, dp_rounds=4)
     calibration = next(c for c in report["checks"] if c["name"] == "calibration")
     assert calibration["status"] == "fail" and "4 rounds" in json.dumps(calibration)
+
+
+@pytest.mark.parametrize("target", [0.2, 2.0])
+def test_a_node_calibrated_at_a_small_budget_passes_the_calibration_check(target):
+    """A node calibrates with Opacus's PRV accountant, whose epsilon carries an error of 0.01
+    by default: at a merchant's budget of 0.2 (2 shared by ten) that alone inflated its sigma
+    4.4% past the audit's PLD calibration, and the audit failed an honest node. The node's
+    sigma must sit inside the margin the audit allows, neither too small nor inflated."""
+    from server.privacy.accounting import plan_epsilon
+    from server.privacy.audit_calibration import INFLATION_MARGIN
+    from shared.recommender.training import calibrate_noise as node_calibration
+
+    delta, rounds = 1.2e-4, 6
+    q, steps = plan_steps(512, 2236, 3)
+    sigma = node_calibration(target, delta, q, steps * rounds)
+    spent = plan_epsilon(sigma, q, steps, rounds, None, delta)
+    inflated = plan_epsilon(sigma * (1 - INFLATION_MARGIN), q, steps, rounds, None, delta)
+    assert spent <= target * (1 + 0.01)
+    assert inflated > target
+    audited = calibrate_noise(target, delta, q, steps, rounds, None)
+    assert abs(sigma / audited - 1) < INFLATION_MARGIN / 2
