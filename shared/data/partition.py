@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from shared.data.dataset import Dataset, Split
+from shared.data.errors import DataError
 from shared.federation.node_directory import NodeInfo, round_down_2sf
 from shared.runs.config import RunConfig
 from shared.runs.durable import make_private, private_dir
@@ -129,6 +130,21 @@ def write_partitions(
         owner = item_merchants(items, num_nodes)
         node_of_event = owner[events["item_idx"].to_numpy()]
         catalogs = [items["item_id"].to_numpy()[owner == k].tolist() for k in range(num_nodes)]
+    empty = sorted(set(range(num_nodes)) - set(np.unique(node_of_event).tolist()))
+    if empty:
+        raise DataError(
+            dataset.report.items_file if scheme == "merchant" else dataset.report.interactions_file,
+            f"a {scheme} partition into {num_nodes} nodes leaves {len(empty)} of them without "
+            f"an event (node{'s' * (len(empty) > 1)} {', '.join(map(str, empty[:5]))}"
+            f"{', ...' if len(empty) > 5 else ''}): "
+            + (
+                "the products' merchants (merchant_id, else their categories) hold events at "
+                f"only {num_nodes - len(empty)} nodes"
+                if scheme == "merchant"
+                else f"{dataset.num_users} customers"
+            )
+            + f"; ask for at most {num_nodes - len(empty)} nodes",
+        )
     columns = [
         c
         for c in ("user_id", "item_id", "timestamp", "event", "merchant_id", "region")

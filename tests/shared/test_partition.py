@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from shared.data.dataset import Dataset, leave_one_out, load_dataset, validation_customer
+from shared.data.errors import DataError
 from shared.data.partition import (
     cold_item_indices,
     ensure_partitions,
@@ -142,6 +143,20 @@ def test_merchant_partition_without_merchant_ids_uses_categories(
     department = items["categories"].str.split("|").str[:2].str.join("|").to_numpy()
     assert not set(department[catalogs[0]]) & set(department[catalogs[1]])
     check_complete(stripped, load_nodes(directories))
+
+
+def test_more_nodes_than_merchants_is_refused_before_any_node_is_written(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """A merchant partition into more nodes than the data has merchants would leave nodes
+    without an event, each failing at its first round (and a budget shared among nodes that do
+    not exist): refused, saying how many nodes the data can fill."""
+    merchants = dataset.items["merchant_id"].nunique()
+    with pytest.raises(DataError, match=f"ask for at most {merchants} nodes") as refused:
+        write_partitions(dataset, tmp_path / "parts", merchants + 2, "merchant")
+    assert "items" in refused.value.path
+    assert not any((tmp_path / "parts").glob("node-*/interactions.csv.gz"))
+    assert len(write_partitions(dataset, tmp_path / "fits", merchants, "merchant")) == merchants
 
 
 def test_bad_partition_arguments(dataset: Dataset, tmp_path: Path) -> None:
