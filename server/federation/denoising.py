@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from server.federation.aggregation import NodeUpdate
+from server.federation.budget import node_budget
 from shared.federation.reports import NodeReport
 from shared.runs.config import RunConfig
 
@@ -72,11 +73,12 @@ AUTO_BELOW_EPSILON = 3.0
 
 def denoises(config: RunConfig) -> bool:
     """Whether the server denoises this run's private rounds (``dp-denoise``): only under
-    customer-level DP; ``on`` always, ``off`` never, ``auto`` when the run's target epsilon
-    (public: what it asks every node) is below :data:`AUTO_BELOW_EPSILON`."""
+    customer-level DP; ``on`` always, ``off`` never, ``auto`` when the budget each node is
+    asked to keep (public: :func:`node_budget`; a merchant's share of the run's target) is
+    below :data:`AUTO_BELOW_EPSILON`: that budget, not the run's, sets each node's noise."""
     if not config.dp or config.dp_denoise == "off":
         return False
-    return config.dp_denoise == "on" or config.target_epsilon < AUTO_BELOW_EPSILON
+    return config.dp_denoise == "on" or node_budget(config) < AUTO_BELOW_EPSILON
 
 
 @lru_cache(maxsize=64)

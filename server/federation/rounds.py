@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.federation.aggregation import NodeUpdate
+from server.federation.budget import node_budget
 from server.federation.denoising import AUTO_BELOW_EPSILON, injected_bias_variance
 from server.federation.encoder_rounds import ENCODER_ROUND, tune_encoder
 from server.federation.progress import plot_rounds, report_round
@@ -222,9 +223,9 @@ class Federation:
         self.strategy = FedRecStrategy(config)
         if config.dp and config.dp_denoise == "auto":
             log.info(
-                "dp-denoise=auto: the run asks epsilon %g per customer, so the private update is "
-                "%s (denoised below %g)",
-                config.target_epsilon,
+                "dp-denoise=auto: each node is asked to keep epsilon %g per customer, so the "
+                "private update is %s (denoised below %g)",
+                node_budget(config),
                 "denoised" if self.strategy.denoiser else "applied as averaged",
                 AUTO_BELOW_EPSILON,
             )

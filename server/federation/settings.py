@@ -10,21 +10,13 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord
 
+from server.federation.budget import node_budget
 from server.federation.strategy import FedRecStrategy
 from shared.data.partition import SCHEMES
 from shared.federation.node_dp import check_node_dp
 from shared.runs.config import RunConfig
 
 WIRE_DTYPES = ("float32", "float16")
-
-
-def node_target_epsilon(config: RunConfig) -> float:
-    """The budget each node is asked to keep: the whole budget when a customer is at one node
-    only (regional), else an equal share, so that the composition over all nodes stays within
-    ``target-epsilon`` (basic composition; the audit reports the tighter PLD composition)."""
-    if config.partition == "regional":
-        return config.target_epsilon
-    return config.target_epsilon / max(config.clients, 1)
 
 
 def settings_record(
@@ -42,7 +34,7 @@ def settings_record(
     started (:class:`Federation`)."""
     request = {
         **config.to_dict(),
-        "target_epsilon": node_target_epsilon(config),
+        "target_epsilon": node_budget(config),
         "reverse_histories": "on" if reversed_histories else "off",
     }
     record = {**request, "catalog-digest": catalog_digest, "valid-fraction": valid_fraction}

@@ -111,6 +111,9 @@ def test_auto_denoises_below_its_budget_threshold_and_only_under_customer_level_
     assert not denoises(RunConfig(dp=True, target_epsilon=small, dp_denoise="off"))
     assert not denoises(RunConfig(target_epsilon=small, dp_denoise="on"))  # no DP, no noise
     assert not denoises(RunConfig(node_dp=True, target_epsilon=small))
+    # what sets a node's noise is the budget it is asked to keep: a merchant's share of the run's
+    merchants = RunConfig(dp=True, partition="merchant", clients=10, target_epsilon=8.0)
+    assert denoises(merchants) and not denoises(replace(merchants, partition="regional"))
     signal, noisy = low_rank_plus_noise(64, 48, (1.0,), 0.01)
     state = {"w": torch.zeros(64, 48)}
     updates = [NodeUpdate("a", 1.0, {"w": noisy})]
