@@ -230,9 +230,8 @@ class NodePolicy:
     def delta(self, request: RunConfig, customers: int) -> float:
         """The node's own delta: ``1 / (10 x customers)``, or the request's or the policy's
         if smaller."""
-        candidates = [1.0 / (10 * max(customers, 1))]
-        candidates += [d for d in (request.delta, self.max_delta) if d]
-        return min(candidates)
+        own = request.customer_delta(customers)
+        return min(own, self.max_delta) if self.max_delta else own
 
     def customers(self, exact: int, in_node_json: int | None) -> int:
         """The public customer figure: declared in the node config, else in ``node.json``,

@@ -50,8 +50,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from server.federation import budget
 from server.federation.aggregation import NodeUpdate
-from server.federation.budget import node_budget
 from shared.federation.reports import NodeReport
 from shared.runs.config import RunConfig
 
@@ -71,14 +71,17 @@ RANDOM_WALK_SHARE = 0.6
 AUTO_BELOW_EPSILON = 3.0
 
 
-def denoises(config: RunConfig) -> bool:
+def denoises(config: RunConfig, node_budget: float | None = None) -> bool:
     """Whether the server denoises this run's private rounds (``dp-denoise``): only under
     customer-level DP; ``on`` always, ``off`` never, ``auto`` when the budget each node is
-    asked to keep (public: :func:`node_budget`; a merchant's share of the run's target) is
-    below :data:`AUTO_BELOW_EPSILON`: that budget, not the run's, sets each node's noise."""
+    asked to keep (public: server/federation/budget.py; a merchant's share of the run's
+    target; None: the equal share) is below :data:`AUTO_BELOW_EPSILON`: that budget, not the
+    run's, sets each node's noise."""
     if not config.dp or config.dp_denoise == "off":
         return False
-    return config.dp_denoise == "on" or node_budget(config) < AUTO_BELOW_EPSILON
+    if node_budget is None:
+        node_budget = budget.node_budget(config)
+    return config.dp_denoise == "on" or node_budget < AUTO_BELOW_EPSILON
 
 
 @lru_cache(maxsize=64)

@@ -20,7 +20,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.federation.aggregation import NodeUpdate
-from server.federation.budget import node_budget
+from server.federation.budget import (
+    BUDGET_KEY,
+    NODE_UNIT,
+    federation_privacy,
+    node_budget,
+    node_customers,
+)
 from server.federation.denoising import AUTO_BELOW_EPSILON, injected_bias_variance
 from server.federation.encoder_rounds import ENCODER_ROUND, tune_encoder
 from server.federation.progress import plot_rounds, report_round
@@ -43,7 +49,6 @@ from shared.runs.durable import RunLock
 from shared.runs.outputs import differences
 
 log = logging.getLogger("fedrec.server")
-NODE_UNIT = "one customer's entire history at one node (every event of one customer there)"
 
 
 @dataclass
@@ -220,30 +225,38 @@ class Federation:
         reversed_histories: bool = False,
     ):
         self.grid, self.config = grid, config
-        self.strategy = FedRecStrategy(config)
-        if config.dp and config.dp_denoise == "auto":
-            log.info(
-                "dp-denoise=auto: each node is asked to keep epsilon %g per customer, so the "
-                "private update is %s (denoised below %g)",
-                node_budget(config),
-                "denoised" if self.strategy.denoiser else "applied as averaged",
-                AUTO_BELOW_EPSILON,
-            )
-        if config.registry:  # a deployment: nodes are who the operator registered
-            self.strategy.registry = Registry.load(config.registry, catalog.items)
-            customers = self.strategy.registry.customers
-        # unknown customers (no registry figures): every validation event chooses the rounds
-        self.valid_fraction = config.valid_fraction(customers or 0)
+        # a deployment: nodes are who the operator registered
+        registry = Registry.load(config.registry, catalog.items) if config.registry else None
         self.ledger = PrivacyLedger(out / "ledger.jsonl")
+        # what each node is asked to keep, per customer: the run's first start states it
+        budget = self.ledger.entries[0].get(BUDGET_KEY) if self.ledger.entries else None
+        if budget is None and config.dp:
+            budget = node_budget(config, node_customers(partitions, registry))
         if not self.ledger.entries:
             self.ledger.append(
                 "run_start",
                 config={**config.to_dict(), "num_nodes": config.clients},
                 unit=NODE_UNIT,
+                **({BUDGET_KEY: budget} if config.dp else {}),
             )
+        self.budget = config.target_epsilon if budget is None else budget
+        if config.dp:
+            log.info("each node is asked to keep epsilon %.4g per customer", budget)
+        self.strategy = FedRecStrategy(config, self.budget)
+        self.strategy.registry = registry
+        if config.dp and config.dp_denoise == "auto":
+            log.info(
+                "dp-denoise=auto: the private update is %s (denoised below a node budget of %g)",
+                "denoised" if self.strategy.denoiser else "applied as averaged",
+                AUTO_BELOW_EPSILON,
+            )
+        if registry is not None:
+            customers = registry.customers
+        # unknown customers (no registry figures): every validation event chooses the rounds
+        self.valid_fraction = config.valid_fraction(customers or 0)
         self.run_id = self.ledger.entries[0]["hash"]  # what every node's signed report names
         settings = settings_record(
-            config, catalog.digest, partitions, self.valid_fraction, reversed_histories
+            config, self.budget, catalog.digest, partitions, self.valid_fraction, reversed_histories
         )
         self.settings = ConfigRecord({**dict(settings), "run-id": self.run_id})
         self.keys = NodeKeys(out / "node-keys")
@@ -562,37 +575,3 @@ def _federate(
 def best_name(server_round: int) -> str:
     """How the log names the round validation chose (0: the starting model)."""
     return f"round {server_round}" if server_round else "the starting model, no round beat it"
-
-
-def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
-    """The guarantee per node and for the federation, from the ledger's releases. The headline
-    ``epsilon`` is the federation's guarantee that applies to the partition (the worst node
-    when a customer is at one node only, the composition over every node otherwise)."""
-    from server.privacy.accounting import federation_guarantee
-
-    contributions = [e for e in ledger.entries if e["kind"] == "contribution"]
-    nodes: dict[str, dict] = {}
-    for entry in contributions:
-        nodes[entry["node"]] = {
-            "epsilon": entry["epsilon"],
-            "delta": entry["delta"],
-            "contributions": entry["contribution_index"] + 1,
-        }
-    if not contributions:
-        return {"unit": NODE_UNIT, "per_node": {}, "statement": "No node contributed."}
-    federation = federation_guarantee(contributions, config.delta or None, config.partition)
-    epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
-    return {
-        "unit": federation["unit"],
-        "accountant": "prv (opacus) at each node; the federation by dp-accounting PLD",
-        "delta": delta,
-        "epsilon": epsilon,
-        "target_epsilon": config.target_epsilon,
-        "per_node": nodes,
-        "federation": federation,
-        "statement": (
-            f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
-            f"({epsilon:.3f}, {delta:.3g})-differential privacy for each customer, the unit "
-            f"being {federation['unit']}; each node's own guarantee is in 'per_node'."
-        ),
-    }

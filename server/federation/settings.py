@@ -10,7 +10,6 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord
 
-from server.federation.budget import node_budget
 from server.federation.strategy import FedRecStrategy
 from shared.data.partition import SCHEMES
 from shared.federation.node_dp import check_node_dp
@@ -21,20 +20,22 @@ WIRE_DTYPES = ("float32", "float16")
 
 def settings_record(
     config: RunConfig,
+    budget: float,
     catalog_digest: str,
     partitions: Path | None,
     valid_fraction: float = 0.0,
     reversed_histories: bool = False,
 ) -> ConfigRecord:
-    """What the nodes are sent each round: the run's settings, with each node's share of the
-    budget and ``reverse-histories`` decided for all of them (on or off, never auto), the
-    digest of the catalog the global model is indexed by (a node holding another refuses), the
-    share of customers whose validation event no node trains on (they choose the rounds) and,
-    in a simulation, where the partitions are. The run's id is added once the ledger has
-    started (:class:`Federation`)."""
+    """What the nodes are sent each round: the run's settings, with ``budget`` as the epsilon
+    per customer each node is asked to keep (server/federation/budget.py, ``node_budget``)
+    and ``reverse-histories`` decided for all of them (on or off, never auto), the digest of
+    the catalog the global model is indexed by (a node holding another refuses), the share of
+    customers whose validation event no node trains on (they choose the rounds) and, in a
+    simulation, where the partitions are. The run's id is added once the ledger has started
+    (:class:`Federation`)."""
     request = {
         **config.to_dict(),
-        "target_epsilon": node_budget(config),
+        "target_epsilon": budget,
         "reverse_histories": "on" if reversed_histories else "off",
     }
     record = {**request, "catalog-digest": catalog_digest, "valid-fraction": valid_fraction}

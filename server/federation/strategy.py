@@ -39,7 +39,9 @@ STRATEGIES = {  # name -> (aggregation, server optimiser)
 class FedRecStrategy(FedAvg):
     """FedAvg's sampling and evaluation averaging; row-aware robust aggregation."""
 
-    def __init__(self, config: RunConfig, max_update_norm: float = 1e4):
+    def __init__(
+        self, config: RunConfig, node_budget: float | None = None, max_update_norm: float = 1e4
+    ):
         if config.strategy not in STRATEGIES:
             raise ValueError(
                 f"strategy must be one of {sorted(STRATEGIES)}, got {config.strategy!r}"
@@ -56,7 +58,7 @@ class FedRecStrategy(FedAvg):
         self.optimizer = ServerOptimizer(kind, config.server_lr)
         self.max_update_norm = max_update_norm
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
-        self.denoiser = CumulativeDenoiser() if denoises(config) else None
+        self.denoiser = CumulativeDenoiser() if denoises(config, node_budget) else None
         self.registry: Registry | None = None  # set by the round loop in a deployment
 
     @property

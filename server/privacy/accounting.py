@@ -29,13 +29,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections import defaultdict
-from typing import Any
+from collections import Counter, defaultdict
+from typing import Any, NamedTuple
 
 VALUE_DISCRETIZATION = 1e-4  # PLD grid of privacy-loss values: epsilon accurate to about 1e-4
 # The calibration check's grid: 10x faster, epsilon within about 1e-3 above the fine grid's
 # (pessimistic discretisation: still an upper bound), far inside the check's 2% margin.
 PLAN_DISCRETIZATION = 1e-3
+# split_budget aims this share below the run's target: the nodes calibrate with Opacus's PRV
+# accountant, whose noise multiplier was measured up to 0.05% under the PLD calibration's
+SPLIT_MARGIN = 0.01
 MECHANISMS = ("poisson_subsampled_gaussian", "gaussian")
 UNIT_ONE_NODE = "one customer's whole history, the customer shopping at one node only"
 UNIT_ALL_NODES = "one customer's data at every node together"
@@ -162,6 +165,38 @@ def plan_steps(dp_batch_size: int, num_customers: float, local_epochs: int) -> t
     return q, math.ceil(1.0 / q) * local_epochs
 
 
+class NodePlan(NamedTuple):
+    """A node's private plan as the run's settings and its public customer figure fix it:
+    ``rounds`` x ``steps`` DP-SGD steps at Poisson rate ``q``, one Gaussian evaluation release a
+    round of noise ``eval_sigma`` (None: none), the private encoder rounds' (rate, steps) at
+    the same noise (None: none), and the node's ``delta``."""
+
+    q: float
+    steps: int
+    rounds: int
+    eval_sigma: float | None
+    encoder: tuple[float, int] | None
+    delta: float
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_pld(
+    sigma: float,
+    q: float,
+    steps: int,
+    rounds: int,
+    eval_sigma: float | None,
+    encoder: tuple[float, int] | None,
+) -> Any:
+    grid = PLAN_DISCRETIZATION
+    plan = _pld("poisson_subsampled_gaussian", sigma, q, steps * rounds, grid)
+    if encoder is not None:
+        plan = _compose(plan, _pld("poisson_subsampled_gaussian", sigma, *encoder, grid))
+    if eval_sigma is not None:
+        plan = _compose(plan, _pld("gaussian", eval_sigma, 1.0, rounds, grid))
+    return plan
+
+
 @functools.lru_cache(maxsize=256)
 def plan_epsilon(
     sigma: float,
@@ -177,13 +212,7 @@ def plan_epsilon(
     composed with ``rounds`` x one Gaussian evaluation release of noise ``eval_sigma`` (None: no
     evaluation releases) and with ``encoder``: (rate, steps) of the private encoder rounds'
     DP-SGD steps at the same ``sigma`` (None: the run tunes no encoder under DP)."""
-    grid = PLAN_DISCRETIZATION
-    plan = _pld("poisson_subsampled_gaussian", sigma, q, steps * rounds, grid)
-    if encoder is not None:
-        plan = _compose(plan, _pld("poisson_subsampled_gaussian", sigma, *encoder, grid))
-    if eval_sigma is not None:
-        plan = _compose(plan, _pld("gaussian", eval_sigma, 1.0, rounds, grid))
-    return _epsilon(plan, delta)
+    return _epsilon(_plan_pld(sigma, q, steps, rounds, eval_sigma, encoder), delta)
 
 
 def calibrate_noise(
@@ -195,25 +224,102 @@ def calibrate_noise(
     eval_sigma: float | None,
     precision: float = 1e-3,
     encoder: tuple[float, int] | None = None,
+    guess: float | None = None,
 ) -> float:
     """The audit's own calibration: the smallest noise multiplier (to ``precision``, relative)
     whose plan (:func:`plan_epsilon`) spends at most ``target_epsilon`` at ``delta`` by PLD;
-    ``math.inf`` when no noise is enough (the evaluation releases alone exceed the target)."""
+    ``math.inf`` when no noise is enough (the evaluation releases alone exceed the target).
+    ``guess``: where to start looking (the search brackets it within 10%, else widens)."""
 
     def fits(sigma: float) -> bool:
         return plan_epsilon(sigma, q, steps, rounds, eval_sigma, delta, encoder) <= target_epsilon
 
-    low, high = 0.25, 1.0
+    low, high = (0.25, 1.0) if guess is None else (guess / 1.1, guess * 1.1)
     while fits(low) and low > 1e-3:
-        low, high = low / 4, low
+        low, high = low * low / high, low
     while not fits(high):
         if high > 1e4:
             return math.inf
-        low, high = high, high * 4
+        low, high = high, high * high / low
     while high / low > 1 + precision:  # fits(high) and not fits(low), unless low is tiny
         middle = math.sqrt(low * high)
         low, high = (low, middle) if fits(middle) else (middle, high)
     return high
+
+
+def split_budget(
+    target_epsilon: float, plans: list[NodePlan], delta: float | None, precision: float = 0.01
+) -> float:
+    """The largest budget (to ``precision``, relative, from below) every node of ``plans`` may
+    be asked to keep such that all their plans, each calibrated to it at the node's own delta
+    (:func:`calibrate_noise`), composed (one PLD, as :func:`federation_guarantee` composes a
+    customer's data at every node) spend at most ``target_epsilon`` less
+    :data:`SPLIT_MARGIN` at ``delta`` (None: the sum of the nodes' deltas).
+
+    The composed epsilon is close to a power of the budget, so the search interpolates in
+    log-log between the budgets that fit and do not (from the equal share, which basic
+    composition keeps, up to the target), and each node's calibration starts from its noise at
+    the nearest budget tried; equal plans are composed by self-composition. Each noise
+    multiplier is composed at the low end of its calibration's bracket, a little below the
+    node's own: the composition is never understated."""
+    counts = Counter(plans)
+    at = delta if delta is not None else sum(plan.delta for plan in plans)
+    goal = target_epsilon * (1 - SPLIT_MARGIN)
+    tried: dict[NodePlan, tuple[float, float]] = {}  # plan -> (budget, sigma) last calibrated
+
+    def composed_epsilon(budget: float) -> float:
+        composed = None
+        for plan, count in counts.items():
+            last = tried.get(plan)
+            sigma = calibrate_noise(
+                budget,
+                plan.delta,
+                plan.q,
+                plan.steps,
+                plan.rounds,
+                plan.eval_sigma,
+                encoder=plan.encoder,
+                guess=None if last is None else last[1] * last[0] / budget,
+            )
+            if sigma is math.inf:
+                return math.inf
+            tried[plan] = (budget, sigma)
+            sigma /= 1 + 1e-3  # the calibration's precision: the node's own sigma is above it
+            pld = _plan_pld(sigma, plan.q, plan.steps, plan.rounds, plan.eval_sigma, plan.encoder)
+            composed = _compose(composed, pld.self_compose(count) if count > 1 else pld)
+        return _epsilon(composed, at)
+
+    low, high = target_epsilon / max(len(plans), 1), target_epsilon
+    spent_high = composed_epsilon(high)
+    if spent_high <= goal:
+        return high
+    spent_low = composed_epsilon(low)
+    while spent_low > goal:  # the equal share within the margin (never seen: PLD is tighter)
+        if low < 1e-3 * target_epsilon:
+            raise ValueError(
+                f"no budget per node keeps {len(plans)} nodes' plans within epsilon "
+                f"{target_epsilon:g} (their evaluation releases alone may exceed it)"
+            )
+        low, high, spent_high = low / 2, low, spent_low
+        spent_low = composed_epsilon(low)
+    while high / low > 1 + precision:  # spent(low) <= goal < spent(high)
+        if spent_low > 0 and math.isfinite(spent_high):
+            share = math.log(goal / spent_low) / math.log(spent_high / spent_low)
+        else:
+            share = 0.5
+        guess = low * (high / low) ** min(max(share, 0.02), 0.98)
+        # just under the interpolated budget; once that fits, one step of ``precision`` up
+        budget = min(max(guess / (1 + precision / 2), low * (1 + precision / 4)), high)
+        for _ in range(3):  # then interpolate again
+            if budget >= high:
+                break
+            spent = composed_epsilon(budget)
+            if spent > goal:
+                high, spent_high = budget, spent
+                break
+            low, spent_low = budget, spent
+            budget = low * (1 + precision)
+    return low
 
 
 def node_deltas(contributions: list[dict]) -> dict[str, float]:

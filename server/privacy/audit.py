@@ -216,6 +216,8 @@ def _read_config(report: dict, complete: list[dict], lines: dict[int, int]) -> d
     config = starts[0]["config"] if starts and isinstance(starts[0]["config"], dict) else {}
     report["config"], report["dp"] = config, bool(config.get("dp", False))
     report["unit"] = starts[0]["unit"] if starts else None
+    # the budget each node was asked to keep, where the run states it (server/federation/budget.py)
+    report["budget_per_node"] = starts[0].get("budget_per_node") if starts else None
     for later in starts[1:]:
         changed = sorted(
             k

@@ -123,7 +123,8 @@ def audit_contributions(
                     f"{recomputed:.4f} ({rel:+.1%}, tolerance {tolerance:.1%})"
                 )
         last = cs[-1]
-        budget = node_share(config) if is_number(target) else last["target_epsilon"]
+        asked = report.get("budget_per_node")
+        budget = node_share(config, asked) if is_number(target) else last["target_epsilon"]
         if not math.isclose(last["target_epsilon"], budget, rel_tol=1e-9):
             notes.append(
                 f"node {node}: contributions state target_epsilon "
@@ -204,12 +205,17 @@ def audit_contributions(
     _federation(report, contributions, config)
 
 
-def node_share(config: dict) -> float:
+def node_share(config: dict, asked: float | None = None) -> float:
     """The budget each node was asked to keep: the run's target when a customer is at one node
-    only (regional), else an equal share of it over the nodes (server/federation/rounds.py)."""
+    only (regional); else what the run's start states it asked (``asked``: the largest equal
+    budget whose composition over the nodes' plans stays within the target,
+    server/federation/budget.py; the federation check below composes what they spent), and
+    for a ledger that states none an equal share of the target over the nodes."""
     target = float(config["target_epsilon"])
     if config.get("partition", "regional") == "regional":
         return target
+    if is_number(asked) and 0 < asked <= target:
+        return float(asked)
     return target / max(int(config.get("num_nodes") or config.get("clients") or 1), 1)
 
 

@@ -151,6 +151,11 @@ class RunConfig:
         """Whether the run is differentially private (record-level or node-level DP)."""
         return self.dp or self.node_dp
 
+    def customer_delta(self, customers: int) -> float:
+        """A node's delta for ``customers`` declared customers, unless its own policy asks a
+        smaller one (client/policy.py): ``1 / (10 x customers)``, or ``delta`` if smaller."""
+        return min([1.0 / (10 * max(customers, 1))] + ([self.delta] if self.delta else []))
+
     @property
     def max_rounds(self) -> int:
         """The rounds a federation runs: exactly ``dp-rounds`` under DP, at most ``rounds``

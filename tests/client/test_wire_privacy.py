@@ -71,7 +71,9 @@ def test_a_node_sends_weights_and_aggregates_only(
     model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
     state = trainable_state(model)
     # asked to validate half its customers: exact figures without DP, none under DP
-    settings = settings_record(config, node.catalog_digest, node_dir.parent, valid_fraction=0.5)
+    settings = settings_record(
+        config, config.target_epsilon, node.catalog_digest, node_dir.parent, valid_fraction=0.5
+    )
     settings["run-id"] = "r" * 64
     settings["server-round"] = 1
     message = Message(

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from server.privacy.accounting import (
+    NodePlan,
     calibrate_noise,
     contributions_to_dp_event,
     federation_guarantee,
     plan_steps,
     recompute_epsilon,
+    split_budget,
 )
 from server.privacy.audit import audit
 from server.privacy.audit_checks import node_share
@@ -415,13 +417,15 @@ def write_planned_run(
     batch: int = 64,
     dp_epochs: int | None = None,
     cap: int | None = None,
+    asked: float | None = None,
 ) -> Path:
     """An honest run in the new ledger format: each node's sigma calibrated for its plan
     (``dp_epochs``: the config's dp_local_epochs; None: a config from before it, local_epochs 1;
     ``cap``: the config's non-private ``rounds``, the plan then in dp_rounds; training and
     evaluation), a training and an evaluation contribution per round, each
     signed by its node's key when ``keys`` are given (public keys in OUT/node-keys, receipts
-    under ``receipts/<node>.jsonl``)."""
+    under ``receipts/<node>.jsonl``); ``asked``: the budget the run's start states it asked
+    each node to keep (None: none stated, the equal share)."""
     ledger = PrivacyLedger(out / "ledger.jsonl")
     config = {
         "target_epsilon": target,
@@ -436,14 +440,14 @@ def write_planned_run(
         **({"dp_local_epochs": dp_epochs} if dp_epochs else {}),
         "eval_noise_multiplier": EVAL_SIGMA,
     }
-    run_id = ledger.append("run_start", config=config, unit="one customer's data at one node")[
-        "hash"
-    ]
+    stated = {} if asked is None else {"budget_per_node": asked}
+    unit = "one customer's data at one node"
+    run_id = ledger.append("run_start", config=config, unit=unit, **stated)["hash"]
     for node, key in (keys or {}).items():
         (out / "node-keys").mkdir(exist_ok=True)
         (out / "node-keys" / f"{node}.pem").write_text(key.public_pem)
     history: dict[str, list[dict]] = {node: [] for node in customers}
-    share = node_share(config)  # what the server asks each node to keep
+    share = node_share(config, asked)  # what the server asks each node to keep
     for r in range(1, rounds + 1):
         for node, n in customers.items():
             q, steps = plan_steps(batch, n, dp_epochs or 1)
@@ -846,3 +850,31 @@ def test_a_node_calibrated_at_a_small_budget_passes_the_calibration_check(target
     assert inflated > target
     audited = calibrate_noise(target, delta, q, steps, rounds, None)
     assert abs(sigma / audited - 1) < INFLATION_MARGIN / 2
+
+
+def test_a_merchant_run_is_audited_against_the_budget_it_asked_and_the_composition(tmp_path):
+    """A merchant run asks each node for the largest budget whose plans composed stay within
+    the target (server/federation/budget.py), states it in its start, and is audited against
+    it; a start that asks more than composition allows passes each node's check and fails the
+    federation's."""
+    rounds, target, batch = 3, 4.0, 64
+    plans = []
+    for n in CUSTOMERS.values():
+        q, steps = plan_steps(batch, n, 1)
+        plans.append(NodePlan(q, steps, rounds, EVAL_SIGMA, None, 1 / (10 * n)))
+    asked = split_budget(target, plans, None)
+    assert asked > 1.5 * target / len(CUSTOMERS)  # well above the equal share
+    out = write_planned_run(
+        tmp_path / "fair", CUSTOMERS, rounds, target, "merchant", batch=batch, asked=asked
+    )
+    assert main(["audit", str(out)]) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert report["budget_per_node"] == asked
+    assert target * 0.95 < report["federation"]["all_nodes"]["epsilon"] <= target
+    greedy = write_planned_run(
+        tmp_path / "greedy", CUSTOMERS, rounds, target, "merchant", batch=batch, asked=target
+    )
+    assert main(["audit", str(greedy)]) == 1
+    checks = json.loads((greedy / "audit.json").read_text())["checks"]
+    status = {c["name"]: c["status"] for c in checks}
+    assert status["budget"] == "pass" and status["federation_budget"] == "fail"

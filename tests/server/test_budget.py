@@ -1,0 +1,59 @@
+"""The budget each node is asked to keep (server/federation/budget.py)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from server.federation.budget import node_budget, node_plan
+from server.privacy import accounting
+from shared.recommender.training import calibrate_noise, planned_epsilon
+from shared.runs.config import RunConfig
+
+MERCHANTS = RunConfig(
+    dp=True,
+    partition="merchant",
+    clients=3,
+    target_epsilon=2.0,
+    dp_rounds=2,
+    dp_local_epochs=1,
+    dp_batch_size=64,
+)
+CUSTOMERS = [300, 500, 500]  # two equal plans: composed by self-composition
+
+
+def test_a_regional_node_keeps_the_whole_budget_and_unknown_merchants_an_equal_share() -> None:
+    regional = RunConfig(dp=True, clients=3, target_epsilon=2.0)
+    assert node_budget(regional, CUSTOMERS) == 2.0
+    assert node_budget(MERCHANTS) == pytest.approx(2.0 / 3)
+    assert node_budget(MERCHANTS, [300, None, 500]) == pytest.approx(2.0 / 3)
+
+
+def test_merchants_are_asked_the_largest_budget_whose_composition_keeps_the_target() -> None:
+    """Composed by PLD, three merchants' plans at an equal share spend far less than the
+    target; the budget asked is the largest that spends it, with the nodes' own calibration
+    (Opacus PRV) as well as the audit's (PLD), and no more."""
+    asked = node_budget(MERCHANTS, CUSTOMERS)
+    assert asked > 1.5 * MERCHANTS.target_epsilon / 3
+    plans = [node_plan(MERCHANTS, c) for c in CUSTOMERS]
+    total_delta = sum(plan.delta for plan in plans)
+
+    def composed(budget: float, node_sigma: bool = False) -> float:
+        plds = []
+        for plan in plans:
+            if node_sigma:  # what each node itself will use
+                sigma = calibrate_noise(budget, plan.delta, plan.q, plan.steps * plan.rounds)
+                assert planned_epsilon(sigma, plan.delta, plan.q, plan.steps * plan.rounds) <= (
+                    budget
+                )
+            else:
+                sigma = accounting.calibrate_noise(
+                    budget, plan.delta, plan.q, plan.steps, plan.rounds, None
+                )
+            plds.append(accounting._plan_pld(sigma, plan.q, plan.steps, plan.rounds, None, None))
+        return accounting._epsilon(functools.reduce(accounting._compose, plds), total_delta)
+
+    assert composed(asked, node_sigma=True) <= MERCHANTS.target_epsilon
+    assert composed(asked) <= MERCHANTS.target_epsilon
+    assert composed(asked * 1.03) > MERCHANTS.target_epsilon * (1 - accounting.SPLIT_MARGIN)
