@@ -57,3 +57,35 @@ def test_merchants_are_asked_the_largest_budget_whose_composition_keeps_the_targ
     assert composed(asked, node_sigma=True) <= MERCHANTS.target_epsilon
     assert composed(asked) <= MERCHANTS.target_epsilon
     assert composed(asked * 1.03) > MERCHANTS.target_epsilon * (1 - accounting.SPLIT_MARGIN)
+
+
+def test_the_run_states_the_budget_it_asked_and_a_resumed_run_reads_it_back(
+    tmp_path, monkeypatch
+) -> None:
+    """The first start of a merchant run computes the budget from its partitions' public
+    figures and writes it into the ledger's run_start; the nodes are sent it; a resumed run
+    takes it from there (the search takes minutes at a hundred nodes) and asks the same."""
+    from types import SimpleNamespace
+
+    from server.federation import rounds
+    from shared.federation.node_directory import NodeInfo
+
+    partitions = tmp_path / "partitions"
+    for k, customers in enumerate(CUSTOMERS):
+        (partitions / f"node-{k}").mkdir(parents=True)
+        NodeInfo(node=f"merchant-{k}", partition="merchant", customers=customers).write(
+            partitions / f"node-{k}"
+        )
+    catalog = SimpleNamespace(digest="d" * 64, items=None)
+    first = rounds.Federation(None, MERCHANTS, tmp_path, catalog, partitions, None)
+    asked = node_budget(MERCHANTS, CUSTOMERS)
+    assert first.budget == pytest.approx(asked)
+    assert first.ledger.entries[0]["budget_per_node"] == first.budget
+    assert first.settings["target_epsilon"] == first.budget
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a resumed run computes the budget again")
+
+    monkeypatch.setattr(rounds, "node_budget", not_again)
+    resumed = rounds.Federation(None, MERCHANTS, tmp_path, catalog, partitions, None)
+    assert resumed.budget == first.budget and len(resumed.ledger.entries) == 1
