@@ -228,9 +228,13 @@ class Federation:
         # a deployment: nodes are who the operator registered
         registry = Registry.load(config.registry, catalog.items) if config.registry else None
         self.ledger = PrivacyLedger(out / "ledger.jsonl")
-        # what each node is asked to keep, per customer: the run's first start states it
-        budget = self.ledger.entries[0].get(BUDGET_KEY) if self.ledger.entries else None
-        if budget is None and config.dp:
+        # what each node is asked to keep, per customer: the run's first start states it (a
+        # ledger from before it did asked the equal share)
+        budget = None
+        if self.ledger.entries:
+            budget = self.ledger.entries[0].get(BUDGET_KEY) or node_budget(config)
+        elif config.dp:
+            log.info("composing the nodes' private plans for the budget each is asked to keep")
             budget = node_budget(config, node_customers(partitions, registry))
         if not self.ledger.entries:
             self.ledger.append(

@@ -249,6 +249,37 @@ def test_dp_run_states_its_guarantee(private_run: Path) -> None:
     assert main(["audit", str(private_run)]) == 0
 
 
+@pytest.mark.e2e
+def test_a_private_merchant_run_spends_the_budget_it_asked_within_its_target(
+    tiny_synth_dataset_dir: Path, tmp_path: Path
+) -> None:
+    """Two merchants under DP: the run asks each for more than half the target (the largest
+    budget whose composition over both plans keeps it), states it in its start, every node
+    keeps it, the composition over both stays within the target, and the audit passes."""
+    out = tmp_path / "run"
+    simulate(
+        tiny_synth_dataset_dir,
+        out,
+        "--partition",
+        "merchant",
+        "--rounds",
+        "1",
+        "--dp",
+        "--target-epsilon",
+        str(TARGET),
+    )
+    ledger = read_ledger(out / "ledger.jsonl")
+    asked = ledger[0]["budget_per_node"]
+    assert TARGET / 2 < asked < TARGET
+    contributions = [e for e in ledger if e["kind"] == "contribution"]
+    assert {e["node"] for e in contributions} == {"merchant-0", "merchant-1"}
+    assert all(e["target_epsilon"] == asked and e["epsilon"] <= asked for e in contributions)
+    privacy = json.loads((out / "metrics.json").read_text())["privacy"]
+    assert privacy["federation"]["applies"] == "all_nodes"
+    assert max(e["epsilon"] for e in contributions) < privacy["epsilon"] <= TARGET
+    assert main(["audit", str(out)]) == 0
+
+
 def test_a_node_whose_budget_is_spent_declines(
     tiny_synth_dataset_dir: Path, tmp_path: Path
 ) -> None:
