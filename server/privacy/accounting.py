@@ -36,6 +36,7 @@ VALUE_DISCRETIZATION = 1e-4  # PLD grid of privacy-loss values: epsilon accurate
 # The calibration check's grid: 10x faster, epsilon within about 1e-3 above the fine grid's
 # (pessimistic discretisation: still an upper bound), far inside the check's 2% margin.
 PLAN_DISCRETIZATION = 1e-3
+CALIBRATION_PRECISION = 1e-3  # calibrate_noise's bracket on sigma, relative
 # split_budget aims this share below the run's target: the nodes calibrate with Opacus's PRV
 # accountant, whose noise multiplier was measured up to 0.05% under the PLD calibration's
 SPLIT_MARGIN = 0.01
@@ -222,7 +223,7 @@ def calibrate_noise(
     steps: int,
     rounds: int,
     eval_sigma: float | None,
-    precision: float = 1e-3,
+    precision: float = CALIBRATION_PRECISION,
     encoder: tuple[float, int] | None = None,
     guess: float | None = None,
 ) -> float:
@@ -284,7 +285,7 @@ def split_budget(
             if sigma is math.inf:
                 return math.inf
             tried[plan] = (budget, sigma)
-            sigma /= 1 + 1e-3  # the calibration's precision: the node's own sigma is above it
+            sigma /= 1 + CALIBRATION_PRECISION  # the bracket's low end: the node's sigma is above
             pld = _plan_pld(sigma, plan.q, plan.steps, plan.rounds, plan.eval_sigma, plan.encoder)
             composed = _compose(composed, pld.self_compose(count) if count > 1 else pld)
         return _epsilon(composed, at)
