@@ -31,7 +31,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.encoder import tune_encoder_at_node
-from client.node import NodeData, NodePrivacy, evaluate_node, load_node, train_node
+from client.node import NodeData, NodePrivacy, evaluate_node, guard_node, load_node, train_node
 from client.policy import NodePolicy
 from shared.federation.node_dp import clipped_update
 from shared.federation.reports import NodeReport, Release
@@ -267,6 +267,21 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             for k, v in result.items()
             if k in counts and "mechanism" not in result or k.startswith("noisy_") or "@" in k
         }
+        content = RecordDict({"privacy": ConfigRecord(privacy), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate("guard")
+    def guard(msg: Message, context: Context) -> Message:
+        """The start guard (``dp-guard``): the node's private comparison of the global model
+        (``arrays``) with the public start (``start``) on its customers' validation events."""
+        asked = request(dict(msg.content["config"]), context, msg)
+        state = msg.content["arrays"].to_torch_state_dict()
+        start = msg.content["start"].to_torch_state_dict()
+        result = asked.catalog_refusal() or guard_node(
+            asked.node, asked.config, state, start, asked.policy
+        )
+        privacy = asked.report(result, None).to_record()
+        metrics = {k: v for k, v in result.items() if k == "noisy_gain"}
         content = RecordDict({"privacy": ConfigRecord(privacy), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 

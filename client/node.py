@@ -333,17 +333,17 @@ def noise_multiplier(
     """The noise multiplier of every DP-SGD step this node takes: calibrated once, at its first
     private release, so that its whole plan (``dp-rounds`` of training, the encoder rounds
     when the run tunes the encoder, one private evaluation a round when it evaluates at the
-    nodes) spends at most its budget; kept in its accountant's state from then on."""
+    nodes, the start guard's comparison) spends at most its budget; kept in its accountant's
+    state from then on."""
     if privacy.state["noise_multiplier"] is None:
         delta, sample_rate, round_steps, budget = privacy_plan(config, policy, customers)
         encoder = encoder_plan(config, customers)
-        evaluations = config.dp_rounds if config.federated_eval else 0
         privacy.state["noise_multiplier"] = calibrate_noise(
             budget,
             delta,
             sample_rate,
             round_steps * config.dp_rounds,
-            releases=((config.eval_noise_multiplier, evaluations),),
+            releases=config.gaussian_releases,
             more_steps=(
                 ((encoder[0], encoder[1] * config.text_finetune_rounds),) if encoder else ()
             ),
@@ -456,7 +456,7 @@ def _means(per_customer: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def private_sums(values: np.ndarray, noise_multiplier: float) -> np.ndarray:
-    """Noisy column sums of ``values`` (customers, k) with entries in [0, 1]: each row is
+    """Noisy column sums of ``values`` (customers, k) with entries in [-1, 1]: each row is
     scaled by 1/sqrt(k) (L2 norm <= 1, the sensitivity of adding or removing a customer),
     summed, noised with N(0, noise_multiplier^2) per column, then scaled back."""
     scale = np.sqrt(values.shape[1])
@@ -472,9 +472,31 @@ def _evaluate_private(
     customers: int,
     per_customer: dict[str, np.ndarray],
 ) -> dict:
+    count = len(next(iter(per_customer.values())))
+    columns = [np.ones(count)] + [per_customer[k] for k in EVALUATED]
+    answer = _private_answer(
+        node, config, policy, customers, np.stack(columns, axis=1), config.eval_noise_multiplier
+    )
+    if "sums" not in answer:
+        return answer
+    sums = answer.pop("sums")
+    named = {f"noisy_sum_{k}": float(v) for k, v in zip(EVALUATED, sums[1:], strict=True)}
+    return {"noisy_customers": float(sums[0]), **named, **answer, "purpose": "evaluation"}
+
+
+def _private_answer(
+    node: NodeData,
+    config: RunConfig,
+    policy: NodePolicy,
+    customers: int,
+    values: np.ndarray,
+    sigma: float,
+) -> dict:
+    """The noisy column ``sums`` of ``values`` (:func:`private_sums`, a Gaussian release of
+    sensitivity 1 at noise ``sigma``) with the release's fields, charged to the node's
+    accountant before anything leaves it; declined when it would exceed the node's budget."""
     privacy = NodePrivacy(node.directory)
     delta, _, _, budget = privacy_plan(config, policy, customers)
-    sigma = config.eval_noise_multiplier
     if reason := over_budget(privacy, delta, budget, (sigma, 1.0, 1)):
         return {
             "node": node.name,
@@ -483,14 +505,11 @@ def _evaluate_private(
             "delta": delta,
             "reason": reason,
         }
-    count = len(next(iter(per_customer.values())))
-    columns = [np.ones(count)] + [per_customer[k] for k in EVALUATED]
-    sums = private_sums(np.stack(columns, axis=1), sigma)
+    sums = private_sums(values, sigma)
     epsilon, index = privacy.charge((sigma, 1.0, 1), delta)  # before anything leaves the node
     return {
         "node": node.name,
-        "noisy_customers": float(sums[0]),
-        **{f"noisy_sum_{k}": float(v) for k, v in zip(EVALUATED, sums[1:], strict=True)},
+        "sums": sums,
         "epsilon": epsilon,
         "delta": delta,
         "noise_multiplier": sigma,
@@ -500,8 +519,50 @@ def _evaluate_private(
         "contribution_index": index,
         "accountant": "prv",
         "mechanism": "gaussian",
-        "purpose": "evaluation",
         "unit": PRIVACY_UNIT,
         "target_epsilon": budget,
         "customers": customers,
     }
+
+
+def _validation_ndcg(
+    node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]
+) -> np.ndarray:
+    """NDCG@10 of the model of ``state`` for each evaluated customer of the node, on the
+    customer's validation event ranked from the events before it."""
+    model = build_model(node, config, state).eval()
+
+    def score(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
+        return model.scores(model.user_states(histories))
+
+    _, ranks = rank_users(score, node.split, "valid", users=node.split.test_users)
+    return per_customer_metrics(ranks)["ndcg@10"]
+
+
+def guard_node(
+    node: NodeData,
+    config: RunConfig,
+    state: dict[str, torch.Tensor],
+    start: dict[str, torch.Tensor],
+    policy: NodePolicy | None = None,
+) -> dict:
+    """The start guard's comparison (``dp-guard``, server/federation/guard.py): the sum over
+    the node's customers of NDCG@10 of the private rounds' model (``state``) less that of its
+    public start (``start``), each on the customer's validation event ranked from the events
+    before it, answered with Gaussian noise of std ``dp-guard-noise`` (one customer moves the
+    sum by at most 1) and charged to the node's accountant as a ``guard`` release. Refused
+    without customer-level DP: the comparison is private or not given."""
+    policy = policy or NodePolicy()
+    customers = public_customers(node, policy)
+    if not config.guards_start:
+        reason = "the start guard is answered only under DP (dp and dp-guard on, node-dp off)"
+        return {"node": node.name, "refused": True, "reason": reason}
+    if reason := policy.refusal(config, customers, training=False):
+        return {"node": node.name, "refused": True, "reason": reason}
+    gain = _validation_ndcg(node, config, state) - _validation_ndcg(node, config, start)
+    difference = gain[:, None]  # in [-1, 1]: L2 norm <= 1
+    answer = _private_answer(node, config, policy, customers, difference, config.dp_guard_noise)
+    if "sums" in answer:
+        answer["noisy_gain"] = float(answer.pop("sums")[0])
+        answer["purpose"] = "guard"
+    return answer

@@ -175,19 +175,23 @@ class NodePolicy:
             )
         if not request.dp:
             return None
-        # zero or negative noise would make an evaluation exact, and its cost unaccountable
-        if not request.eval_noise_multiplier > 0:
-            return (
-                f"the request's eval-noise-multiplier {request.eval_noise_multiplier:g} is not "
-                "positive: a private evaluation needs noise"
-            )
-        # evaluations too exact for the budget: no DP-SGD noise could then meet it
+        # zero or negative noise would make a private answer exact, and its cost unaccountable
+        for name in ("eval_noise_multiplier", "dp_guard_noise"):
+            if not 0 < (sigma := getattr(request, name)) < math.inf:
+                return (
+                    f"the request's {name.replace('_', '-')} {sigma:g} is not a positive "
+                    "number: a private answer needs noise"
+                )
+        # answers too exact for the budget: no DP-SGD noise could then meet it
         budget, delta = self.budget(request), self.delta(request, customers)
-        if request.federated_eval and evaluations_exceed(request, budget, delta):
+        if releases_exceed(request.gaussian_releases, budget, delta):
+            answers = " and ".join(
+                f"{count} at noise {sigma:g}" for sigma, count in request.gaussian_releases
+            )
             return (
-                f"the request's {request.dp_rounds} private evaluations at "
-                f"eval-noise-multiplier {request.eval_noise_multiplier:g} alone spend more than "
-                f"this node's budget (epsilon {budget:g} at delta {delta:.3g})"
+                f"the request's private answers ({answers}: eval-noise-multiplier, "
+                f"dp-guard-noise) alone spend more than this node's budget (epsilon {budget:g} "
+                f"at delta {delta:.3g})"
             )
         # an empty expected batch has no sample rate to account (and would divide by zero)
         for name in ("dp_batch_size", "dp_encoder_batch"):
@@ -255,12 +259,14 @@ def planned_steps(request: RunConfig, customers: int) -> int:
     return steps
 
 
-def evaluations_exceed(request: RunConfig, epsilon: float, delta: float) -> bool:
-    """Whether ``request``'s private evaluations alone spend more than (``epsilon``,
-    ``delta``): ``dp-rounds`` Gaussian releases of sensitivity 1 at ``eval-noise-multiplier``
-    compose exactly into one Gaussian of noise multiplier sigma / sqrt(rounds), whose delta at
-    ``epsilon`` has a closed form (Balle and Wang, ICML 2018, Theorem 8)."""
-    mu = math.sqrt(request.dp_rounds) / request.eval_noise_multiplier
+def releases_exceed(releases: tuple[tuple[float, int], ...], epsilon: float, delta: float) -> bool:
+    """Whether Gaussian ``releases`` of sensitivity 1, as (noise multiplier, count), alone
+    spend more than (``epsilon``, ``delta``): they compose exactly into one Gaussian of noise
+    multiplier 1 / sqrt(sum of count / sigma^2), whose delta at ``epsilon`` has a closed form
+    (Balle and Wang, ICML 2018, Theorem 8)."""
+    if not releases:
+        return False
+    mu = math.sqrt(sum(count / sigma**2 for sigma, count in releases))
 
     def normal_cdf(x: float) -> float:
         return 0.5 * math.erfc(-x / math.sqrt(2))

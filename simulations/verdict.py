@@ -75,8 +75,8 @@ def add_context(out: Path, context: dict) -> dict:
 def verdict(metrics: dict, out: Path) -> list[str]:
     """A few lines: test NDCG@10 / HR@10 of the model and of each reference, a plain sentence
     when the model is below one or level with it (to the 4 decimals shown: it learned nothing
-    that ranks better, e.g. every node refused), and the privacy guarantee when the run has
-    one."""
+    that ranks better, e.g. every node refused), the start guard's verdict when the run was
+    guarded, and the privacy guarantee when the run has one."""
     test = metrics["test"]
     figures = [f"model {test['ndcg@10']:.4f} / {test['hr@10']:.4f}"]
     short = []
@@ -99,6 +99,9 @@ def verdict(metrics: dict, out: Path) -> list[str]:
     lines = ["test NDCG@10 / HR@10: " + ", ".join(figures), *short]
     if not short and len(figures) > 1:
         lines.append("above every reference point")
+    if guard := metrics.get("start_guard"):
+        shipped = "the public start" if guard["shipped"] == "start" else "the rounds' model"
+        lines.append(f"start guard: shipped {shipped} ({guard['why']})")
     if privacy := metrics.get("privacy"):
         lines.append(privacy_line(privacy, Path(out)))
     return lines

@@ -75,6 +75,36 @@ def node_reply(
     return Message(content=content, metadata=metadata)
 
 
+def release(**changes) -> dict:
+    """A node's privacy report with a signed training release, as its record carries it
+    (``changes``: fields replaced)."""
+    fields = {
+        "node": "n1",
+        "run_id": "r",
+        "round": 1,
+        "purpose": "training",
+        "contribution_index": 0,
+        "mechanism": "poisson_subsampled_gaussian",
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.5,
+        "steps": 2,
+        "max_grad_norm": 1.0,
+        "delta": 1e-5,
+        "epsilon": 1.0,
+        "accountant": "prv",
+        "unit": "u",
+        "target_epsilon": 8.0,
+        "num_customers": 100,
+        "update_digest": "d",
+        "signature": "s",
+        "key_id": "k",
+        "public_key": "p",
+        "refused": False,
+        "declined": False,
+    }
+    return {**fields, **changes}
+
+
 def tiny_model(
     fusion: str = "gated",
     variant: str = "fusion",

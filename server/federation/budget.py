@@ -38,9 +38,13 @@ def node_plan(config: RunConfig, customers: int) -> accounting.NodePlan:
     if config.text_finetune_layers:
         encoder_q, encoder_steps = accounting.plan_steps(config.dp_encoder_batch, customers, 1)
         encoder = (encoder_q, encoder_steps * config.text_finetune_rounds)
-    eval_sigma = config.eval_noise_multiplier if config.federated_eval else None
     return accounting.NodePlan(
-        q, steps, config.dp_rounds, eval_sigma, encoder, config.customer_delta(customers)
+        q,
+        steps,
+        config.dp_rounds,
+        config.gaussian_releases,
+        encoder,
+        config.customer_delta(customers),
     )
 
 

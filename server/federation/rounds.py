@@ -3,7 +3,9 @@
 Each round: sample nodes, send them the global weights and the run settings, record every
 node's privacy spending in the ledger as its reply arrives (before anything else is done with
 it), aggregate the accepted updates, evaluate the global model, and checkpoint. A stopped run
-started again with the same OUT resumes after its last completed round.
+started again with the same OUT resumes after its last completed round. Under customer-level
+DP the nodes then compare the rounds' model with its public start, privately, and the start is
+shipped where they rank it better (server/federation/guard.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +31,23 @@ from server.federation.budget import (
 )
 from server.federation.denoising import AUTO_BELOW_EPSILON, injected_bias_variance
 from server.federation.encoder_rounds import ENCODER_ROUND, tune_encoder
+from server.federation.guard import guard_start
 from server.federation.progress import plot_rounds, report_round
 from server.federation.registry import Registry
+from server.federation.releases import (
+    Reports,
+    note_unamplified,
+    privacy_reports,
+    record_privacy,
+    verify_release,
+)
 from server.federation.selection import MONITOR, RoundSelection, round_validation
 from server.federation.settings import check_settings, settings_record
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger
-from server.privacy.ledger_gaps import record_lost_contributions
 from server.privacy.node_keys import NodeKeys
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
-from shared.federation.reports import NodeReport, ReportError, parse_report
+from shared.federation.reports import ReportError, parse_report
 from shared.federation.wire import encode, nbytes, trainable_state
 from shared.recommender.experiment import Catalog, Experiment
 from shared.recommender.finetune import tuned_checkpoint
@@ -49,132 +58,6 @@ from shared.runs.durable import RunLock
 from shared.runs.outputs import differences
 
 log = logging.getLogger("fedrec.server")
-
-
-@dataclass
-class Reports:
-    """The privacy reports of one exchange, parsed, and the nodes whose replies are not to be
-    used (a malformed report, or a release that does not verify), with why."""
-
-    reports: list[NodeReport] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
-
-    def trusted(self, replies: list[Message], strategy: FedRecStrategy) -> list[Message]:
-        """The replies whose report parsed and verified (or that carry none)."""
-        return [r for r in replies if strategy.sender(r) not in self.rejected]
-
-
-def privacy_reports(
-    replies: list[Message],
-    keys: NodeKeys,
-    run_id: str,
-    server_round: int,
-    strategy: FedRecStrategy,
-    private: bool = False,
-) -> Reports:
-    """Each reply's privacy report, parsed; the sender checked against the registry (if any)
-    and a DP release against the node's key, this run and round, and the digest of the update
-    it came with. ``private`` (customer-level DP): an update without a signed release is
-    refused, since its spending would be missing from the ledger."""
-    received = Reports()
-    for reply in replies:
-        if reply.has_error() or not reply.has_content():
-            continue
-        sender = strategy.sender(reply)
-        unreleased = private and "arrays" in reply.content
-        if "privacy" not in reply.content:
-            if unreleased:
-                received.rejected[sender] = "an update under DP without its privacy report"
-            continue
-        try:
-            if problem := strategy.identity_problem(reply):
-                raise ReportError(problem)
-            report = parse_report(dict(reply.content["privacy"]))
-        except ReportError as error:
-            received.rejected[sender] = f"privacy report refused: {error}"
-            log.warning("round %d, node %s: %s", server_round, sender, error)
-            continue
-        if report.release is None and unreleased:
-            received.rejected[sender] = "an update under DP without a signed release"
-        elif report.release is not None:
-            arrays = (
-                {k: a.numpy() for k, a in reply.content["arrays"].items()}
-                if "arrays" in reply.content
-                else None
-            )
-            problem = verify_release(report, keys, arrays, run_id, server_round)
-            if problem:
-                received.rejected[report.node] = problem
-                log.warning("round %d, node %s: %s", server_round, report.node, problem)
-        received.reports.append(report)
-    return received
-
-
-def verify_release(
-    report: NodeReport,
-    keys: NodeKeys,
-    arrays: dict[str, np.ndarray] | None,
-    run_id: str,
-    server_round: int,
-) -> str | None:
-    """Why a signed release must not be trusted (None: it verifies)."""
-    release = report.release
-    assert release is not None
-    if release.run_id != run_id or release.round != server_round:
-        return f"signed for run {release.run_id[:12]}, round {release.round}: not this one"
-    return keys.check(report, arrays)
-
-
-def record_privacy(
-    ledger: PrivacyLedger, server_round: int, reports: list[NodeReport], stage: str = "train"
-) -> None:
-    """Append each node's refusal, decline or release to the ledger, before anything else is
-    done with its reply. A release is recorded even when it does not verify (its update is
-    then not used): a node's spending is never under-reported. A refusal or decline in another
-    ``stage`` than the model's training (the encoder rounds' ``train.encoder``, federated
-    evaluation's ``evaluate``) says so: the encoder rounds are numbered from 1 too."""
-    named = {} if stage == "train" else {"stage": stage}
-    for report in reports:
-        node = report.node
-        if report.refused:
-            ledger.append("refused", round=server_round, node=node, reason=report.reason, **named)
-            log.warning("node %s refused %s round %d: %s", node, stage, server_round, report.reason)
-        elif report.declined:
-            ledger.append(
-                "declined",
-                round=server_round,
-                node=node,
-                reason=report.reason,
-                epsilon=report.epsilon,
-                **named,
-            )
-            log.info("node %s declined %s round %d: %s", node, stage, server_round, report.reason)
-        elif report.release is not None:
-            release = report.signed()
-            record_lost_contributions(ledger, server_round, node, release)
-            ledger.append("contribution", **release)
-
-
-def note_unamplified(reports: list[NodeReport], rounds: int) -> None:
-    """Say once which nodes' DP-SGD draws every customer at every step (a Poisson rate of 1:
-    their declared customers are at most ``dp-batch-size``, so no amplification by sampling)
-    when the plan has more than two rounds: measured on Beauty (docs/privacy.md, "What a node
-    needs"), nodes of 400 customers learned more with two."""
-    small = sorted(
-        r.node
-        for r in reports
-        if r.release is not None and r.release.purpose == "training" and r.release.sample_rate >= 1
-    )
-    if small and rounds > 2:
-        log.warning(
-            "%d node(s) (%s) declare no more customers than dp-batch-size: their DP-SGD samples "
-            "every customer at every step, so each of the %d rounds costs them the full "
-            "composition; nodes this small learned more with --rounds 2 on Beauty "
-            '(docs/privacy.md, "What a node needs")',
-            len(small),
-            ", ".join(small[:5]) + (", ..." if len(small) > 5 else ""),
-            rounds,
-        )
 
 
 # the largest value a node's reported number can honestly take (the rest: no upper bound)
@@ -328,22 +211,36 @@ class Federation:
         noise = injected_bias_variance(received.reports, updates, self.config, state)
         return RoundResult(updates, None, len(messages), len(updates), rejected, replies, noise)
 
-    def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict | None:
-        """The nodes evaluate the global model on their own customers; their private answers
-        are recorded in the ledger like any release before they are aggregated."""
+    def ask(
+        self,
+        server_round: int,
+        state: dict[str, torch.Tensor],
+        message_type: str = "evaluate",
+        start: dict[str, torch.Tensor] | None = None,
+    ) -> list[Message]:
+        """Send every node the global weights (and ``start``, the starting ones, when given)
+        for an answer (``message_type``: federated evaluation's ``evaluate``, the start guard's
+        ``evaluate.guard``); their private answers are recorded in the ledger like any release
+        before anything else is done. Returns the replies whose reports verify."""
         arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
         messages = self.messages(
             list(self.strategy.configure_evaluate(server_round, arrays, self.settings, self.grid)),
-            "evaluate",
+            message_type,
         )
+        if start is not None and messages:  # one RecordDict, shared by the round's messages
+            messages[0].content["start"] = ArrayRecord(
+                {k: Array(v) for k, v in encode(start).items()}
+            )
         replies = list(
             self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None)
         )
         received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
-        record_privacy(self.ledger, server_round, received.reports, "evaluate")
-        return self.strategy.aggregate_evaluate(
-            server_round, received.trusted(replies, self.strategy)
-        )
+        record_privacy(self.ledger, server_round, received.reports, message_type)
+        return received.trusted(replies, self.strategy)
+
+    def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict | None:
+        """The nodes evaluate the global model on their own customers (:meth:`ask`)."""
+        return self.strategy.aggregate_evaluate(server_round, self.ask(server_round, state))
 
 
 def run_federation(
@@ -403,10 +300,12 @@ def _federate(
             evaluation = replace(evaluation, text=catalog.text, text_model=text_model)
     model = catalog.new_model()
     state = trainable_state(model)
+    public_start = {k: v.clone() for k, v in state.items()}  # what the start guard compares with
     strategy, ledger = federation.strategy, federation.ledger
     checkpoint = Checkpoint(out / "checkpoint.safetensors")
     history, trained_rows, done = [], np.zeros(catalog.num_items, dtype=bool), 0
     start = None  # the starting model's validation metrics (a candidate when rounds are chosen)
+    guard = None  # the start guard's verdict, once asked (a resumed run never asks twice)
     saved = checkpoint.load()
     if saved is not None:
         state, strategy.server_state, progress = saved
@@ -415,6 +314,7 @@ def _federate(
                 f"{out} holds a run with other settings ({'; '.join(changed)}); use another --out"
             )
         history, done, start = progress["history"], progress["round"], progress.get("start")
+        guard = progress.get("guard")
         trained_rows[progress["trained_rows"]] = True
         log.info("resuming after round %d of at most %d", done, config.max_rounds)
     selection = None
@@ -433,6 +333,17 @@ def _federate(
     reason = "all rounds completed"
     monitor = "test" if config.refit else "valid"
     node_dp = NodeLevelDP(config, ledger) if config.node_dp else None
+
+    def progress_record(server_round: int) -> dict:
+        """What the checkpoint after ``server_round`` holds besides the weights."""
+        return {
+            "round": server_round,
+            "history": history,
+            "config": config.to_dict(),
+            "trained_rows": np.flatnonzero(trained_rows).tolist(),
+            "start": start,
+        }
+
     for server_round in range(done + 1, config.max_rounds + 1):
         if selection is not None and selection.stale(server_round - 1):
             reason = (
@@ -512,21 +423,18 @@ def _federate(
                 "reversed_histories": result.mean_metric("reversed-histories"),
             }
         )
-        checkpoint.save(
-            state,
-            strategy.server_state,
-            {
-                "round": server_round,
-                "history": history,
-                "config": config.to_dict(),
-                "trained_rows": np.flatnonzero(trained_rows).tolist(),
-                "start": start,
-            },
-        )
+        checkpoint.save(state, strategy.server_state, progress_record(server_round))
         if selection is not None and entry["selection"] is not None:
             rows = np.flatnonzero(trained_rows).tolist()
             selection.observe(server_round, entry["selection"], state, rows)
         report_round(history[-1], config.max_rounds, show_progress)
+    if config.guards_start and history and guard is None:
+        guard = guard_start(federation, history[-1]["round"], state, public_start)
+        record = progress_record(history[-1]["round"])
+        checkpoint.save(state, strategy.server_state, {**record, "guard": guard})
+    if guard is not None and guard["shipped"] == "start":  # the public start, not the rounds'
+        state = public_start
+        trained_rows[:] = False
     ledger.append("run_end", rounds_completed=len(history), reason=reason)
     chosen = None
     if selection is not None and (best := selection.best_state()) is not None:
@@ -546,6 +454,8 @@ def _federate(
     extra = {"rounds": history, **({"federated_evaluation": federated} if federated else {})}
     if encoder_rounds:
         extra["encoder_rounds"] = encoder_rounds
+    if guard is not None:
+        extra["start_guard"] = guard
     if selection is not None:
         extra["selection"] = {
             "monitor": f"valid {MONITOR} of the validation customers",

@@ -168,14 +168,15 @@ def plan_steps(dp_batch_size: int, num_customers: float, local_epochs: int) -> t
 
 class NodePlan(NamedTuple):
     """A node's private plan as the run's settings and its public customer figure fix it:
-    ``rounds`` x ``steps`` DP-SGD steps at Poisson rate ``q``, one Gaussian evaluation release a
-    round of noise ``eval_sigma`` (None: none), the private encoder rounds' (rate, steps) at
-    the same noise (None: none), and the node's ``delta``."""
+    ``rounds`` x ``steps`` DP-SGD steps at Poisson rate ``q``, Gaussian ``releases`` of
+    sensitivity 1 as (noise, count) (evaluations, the start guard:
+    ``RunConfig.gaussian_releases``), the private encoder rounds' (rate, steps) at the DP-SGD
+    noise (None: none), and the node's ``delta``."""
 
     q: float
     steps: int
     rounds: int
-    eval_sigma: float | None
+    releases: tuple[tuple[float, int], ...]
     encoder: tuple[float, int] | None
     delta: float
 
@@ -186,15 +187,15 @@ def _plan_pld(
     q: float,
     steps: int,
     rounds: int,
-    eval_sigma: float | None,
+    releases: tuple[tuple[float, int], ...],
     encoder: tuple[float, int] | None,
 ) -> Any:
     grid = PLAN_DISCRETIZATION
     plan = _pld("poisson_subsampled_gaussian", sigma, q, steps * rounds, grid)
     if encoder is not None:
         plan = _compose(plan, _pld("poisson_subsampled_gaussian", sigma, *encoder, grid))
-    if eval_sigma is not None:
-        plan = _compose(plan, _pld("gaussian", eval_sigma, 1.0, rounds, grid))
+    for release_sigma, count in releases:
+        plan = _compose(plan, _pld("gaussian", release_sigma, 1.0, count, grid))
     return plan
 
 
@@ -204,16 +205,17 @@ def plan_epsilon(
     q: float,
     steps: int,
     rounds: int,
-    eval_sigma: float | None,
+    releases: tuple[tuple[float, int], ...],
     delta: float,
     encoder: tuple[float, int] | None = None,
 ) -> float:
     """PLD epsilon at ``delta`` (grid :data:`PLAN_DISCRETIZATION`) of a node's plan: ``rounds``
     x DP-SGD (``steps`` Poisson subsampled Gaussian steps at rate ``q``, noise ``sigma``)
-    composed with ``rounds`` x one Gaussian evaluation release of noise ``eval_sigma`` (None: no
-    evaluation releases) and with ``encoder``: (rate, steps) of the private encoder rounds'
-    DP-SGD steps at the same ``sigma`` (None: the run tunes no encoder under DP)."""
-    return _epsilon(_plan_pld(sigma, q, steps, rounds, eval_sigma, encoder), delta)
+    composed with the Gaussian ``releases`` of sensitivity 1, (noise, count) each (the
+    evaluations and the start guard's comparison), and with ``encoder``: (rate, steps) of the
+    private encoder rounds' DP-SGD steps at the same ``sigma`` (None: the run tunes no encoder
+    under DP)."""
+    return _epsilon(_plan_pld(sigma, q, steps, rounds, releases, encoder), delta)
 
 
 def calibrate_noise(
@@ -222,18 +224,18 @@ def calibrate_noise(
     q: float,
     steps: int,
     rounds: int,
-    eval_sigma: float | None,
+    releases: tuple[tuple[float, int], ...],
     precision: float = CALIBRATION_PRECISION,
     encoder: tuple[float, int] | None = None,
     guess: float | None = None,
 ) -> float:
     """The audit's own calibration: the smallest noise multiplier (to ``precision``, relative)
     whose plan (:func:`plan_epsilon`) spends at most ``target_epsilon`` at ``delta`` by PLD;
-    ``math.inf`` when no noise is enough (the evaluation releases alone exceed the target).
+    ``math.inf`` when no noise is enough (the Gaussian releases alone exceed the target).
     ``guess``: where to start looking (the search brackets it within 10%, else widens)."""
 
     def fits(sigma: float) -> bool:
-        return plan_epsilon(sigma, q, steps, rounds, eval_sigma, delta, encoder) <= target_epsilon
+        return plan_epsilon(sigma, q, steps, rounds, releases, delta, encoder) <= target_epsilon
 
     low, high = (0.25, 1.0) if guess is None else (guess / 1.1, guess * 1.1)
     while fits(low) and low > 1e-3:
@@ -278,7 +280,7 @@ def split_budget(
                 plan.q,
                 plan.steps,
                 plan.rounds,
-                plan.eval_sigma,
+                plan.releases,
                 encoder=plan.encoder,
                 guess=None if last is None else last[1] * last[0] / budget,
             )
@@ -286,7 +288,7 @@ def split_budget(
                 return math.inf
             tried[plan] = (budget, sigma)
             sigma /= 1 + CALIBRATION_PRECISION  # the bracket's low end: the node's sigma is above
-            pld = _plan_pld(sigma, plan.q, plan.steps, plan.rounds, plan.eval_sigma, plan.encoder)
+            pld = _plan_pld(sigma, plan.q, plan.steps, plan.rounds, plan.releases, plan.encoder)
             composed = _compose(composed, pld.self_compose(count) if count > 1 else pld)
         return _epsilon(composed, at)
 
@@ -299,7 +301,7 @@ def split_budget(
         if low < 1e-3 * target_epsilon:
             raise ValueError(
                 f"no budget per node keeps {len(plans)} nodes' plans within epsilon "
-                f"{target_epsilon:g} (their evaluation releases alone may exceed it)"
+                f"{target_epsilon:g} (their evaluation and guard releases alone may exceed it)"
             )
         low, high, spent_high = low / 2, low, spent_low
         spent_low = composed_epsilon(low)

@@ -30,9 +30,19 @@ def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None
     if not lacking:
         plan = {**{k: config[k] for k in PLAN_KEYS}, **private}
         # the nodes plan evaluation releases only when the run evaluates at the nodes (older
-        # ledgers record none: their nodes planned training alone)
+        # ledgers record none: their nodes planned training alone), and the start guard's one
+        # comparison when the run guards its start (ledgers from before it: no dp_guard key)
         evaluates = new_format and config.get("federated_eval", True) and is_number(eval_sigma)
+        guard_sigma = config.get("dp_guard_noise")
+        guards = config.get("dp") is True and config.get("dp_guard") is True
+        guards = guards and not config.get("node_dp")  # as RunConfig.guards_start
+        if guards and not (is_number(guard_sigma) and guard_sigma > 0):
+            text = "run_start config lacks a usable dp_guard_noise"
+            return None, [f"{text}: the noise calibration cannot be checked"]
         plan["eval_sigma"] = float(eval_sigma) if evaluates else None
+        plan["guard_sigma"] = float(guard_sigma) if guards else None
+        releases = [(plan["eval_sigma"], private["rounds"])] if evaluates else []
+        plan["releases"] = tuple(releases + ([(plan["guard_sigma"], 1)] if guards else []))
         # private encoder rounds (text-finetune-layers under dp): dp_encoder_batch customers a
         # step, one expected pass a round, text_finetune_rounds rounds
         tunes = config.get("dp") and config.get("text_finetune_layers")
@@ -82,10 +92,10 @@ def _dp_sgd_problem(c: dict, plan: dict, tolerance: float) -> str | None:
     target, delta, sigma = c["target_epsilon"], c["delta"], c["noise_multiplier"]
     if not is_number(target):
         return None  # the budget check reports it
-    rounds, eval_sigma = plan["rounds"], plan["eval_sigma"]
+    rounds, releases = plan["rounds"], plan["releases"]
 
     def spent(s: float) -> float:
-        return accounting.plan_epsilon(s, q, steps, rounds, eval_sigma, delta, encoder)
+        return accounting.plan_epsilon(s, q, steps, rounds, releases, delta, encoder)
 
     if spent(sigma) > target * (1 + tolerance):
         verdict = (
@@ -101,26 +111,32 @@ def _dp_sgd_problem(c: dict, plan: dict, tolerance: float) -> str | None:
     else:
         return None
     calibrated = accounting.calibrate_noise(
-        target, delta, q, steps, rounds, eval_sigma, encoder=encoder
+        target, delta, q, steps, rounds, releases, encoder=encoder
     )
     return (
         f"{verdict} (plan: {rounds} rounds x {steps} steps at q = {q:.4g}"
         + (f" + {encoder[1]} encoder steps at q = {encoder[0]:.4g}" if encoder else "")
-        + (f" + {rounds} evaluations at σ {eval_sigma:g}" if eval_sigma else "")
+        + "".join(f" + {count} Gaussian release(s) at σ {sigma:g}" for sigma, count in releases)
         + f", δ = {delta:.3g}; the audit's PLD calibration gives σ = {calibrated:.4g})"
     )
 
 
-def _evaluation_problem(c: dict, plan: dict) -> str | None:
+def _release_problem(c: dict, plan: dict) -> str | None:
+    """What is wrong with an evaluation or start-guard release against the run's plan: one
+    Gaussian answer of sensitivity 1 at the plan's noise (None: nothing)."""
+    purpose = c["purpose"]
+    sigma = plan["eval_sigma" if purpose == "evaluation" else "guard_sigma"]
+    if sigma is None:
+        return f"{purpose} release, but the run's plan holds none"
     expected = {
         "mechanism": "gaussian",
         "steps": 1,
         "sample_rate": 1.0,
         "max_grad_norm": 1.0,
-        "noise_multiplier": plan["eval_sigma"],
+        "noise_multiplier": sigma,
     }
     wrong = [f"{k} {c.get(k)!r} (expected {v!r})" for k, v in expected.items() if c.get(k) != v]
-    return f"evaluation release with {', '.join(wrong)}" if wrong else None
+    return f"{purpose} release with {', '.join(wrong)}" if wrong else None
 
 
 def audit_calibration(
@@ -140,10 +156,10 @@ def audit_calibration(
             purpose = c.get("purpose", "training")
             if purpose in ("training", "encoder"):
                 problem = _dp_sgd_problem(c, plan, tolerance)
-            elif purpose == "evaluation":
-                problem = _evaluation_problem(c, plan)
+            elif purpose in ("evaluation", "guard"):
+                problem = _release_problem(c, plan)
             else:
-                problem = f"purpose {purpose!r} is neither training, encoder nor evaluation"
+                problem = f"purpose {purpose!r} is not training, encoder, evaluation or guard"
             if problem:
                 found[(node, problem)].append(c)
     for (node, problem), cs in found.items():

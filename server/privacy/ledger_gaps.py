@@ -17,6 +17,7 @@ from server.privacy.accounting import epsilon_curve, recompute_epsilon
 from server.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedrec.server")
+DP_SGD = ("training", "encoder")  # the purposes of DP-SGD releases (the others: one answer)
 
 RECOVERED = (
     "spent by the node but never recorded here (its reply lost when the server stopped "
@@ -34,7 +35,7 @@ def record_lost_contributions(
     signature: it is the server's record, which the node's receipt log can confirm."""
     mine = [e for e in ledger.entries if e["kind"] == "contribution" and e["node"] == node]
     expected = mine[-1]["contribution_index"] + 1 if mine else 0
-    dp_sgd = [e for e in [*mine, release] if e.get("purpose", "training") != "evaluation"]
+    dp_sgd = [e for e in [*mine, release] if e.get("purpose", "training") in DP_SGD]
     costliest = max(dp_sgd or [release], key=lambda e: recompute_epsilon([e], float(e["delta"])))
     template = {k: v for k, v in costliest.items() if k in release}
     template = {k: v for k, v in template.items() if k not in ("signature", "key_id")}

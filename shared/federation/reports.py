@@ -14,7 +14,7 @@ from typing import Any
 
 from shared.federation.signing import SIGNED_FIELDS
 
-PURPOSES = ("training", "encoder", "evaluation")
+PURPOSES = ("training", "encoder", "evaluation", "guard")
 MECHANISMS = ("poisson_subsampled_gaussian", "gaussian")
 MAX_TEXT = 4096  # characters in any text field of a report
 

@@ -72,6 +72,9 @@ class RunConfig:
     dp_id_scale: float = 10.0  # under DP, the item biases' scale: how far a private step moves them
     dp_denoise: str = "auto"  # the server denoises private rounds: auto (small budgets), on, off
     eval_noise_multiplier: float = 10.0  # a node's private evaluation: noise std per customer
+    dp_guard: bool = True  # after the private rounds the nodes privately compare the model with
+    # its public start, and the start is shipped where it ranks better (server/federation/guard.py)
+    dp_guard_noise: float = 20.0  # the comparison's noise std on each node's sum (sensitivity 1)
     # node-level DP (one sample = one node's whole update) and secure aggregation, docs/privacy.md
     node_dp: bool = False
     node_clip_norm: float = 1.0  # L2 bound on each node's update (delta from the global model)
@@ -150,6 +153,24 @@ class RunConfig:
     def private(self) -> bool:
         """Whether the run is differentially private (record-level or node-level DP)."""
         return self.dp or self.node_dp
+
+    @property
+    def guards_start(self) -> bool:
+        """Whether the nodes compare the private rounds' model with its public start
+        (``dp-guard``: customer-level DP only; node-level DP accounts nodes, not customers)."""
+        return self.dp and self.dp_guard and not self.node_dp
+
+    @property
+    def gaussian_releases(self) -> tuple[tuple[float, int], ...]:
+        """The Gaussian releases of sensitivity 1 a node's private plan holds besides its
+        DP-SGD steps, as (noise multiplier, count): one evaluation a round when the nodes
+        evaluate (``federated-eval``), and the start guard's one comparison (``dp-guard``)."""
+        releases = []
+        if self.federated_eval:
+            releases.append((self.eval_noise_multiplier, self.dp_rounds))
+        if self.guards_start:
+            releases.append((self.dp_guard_noise, 1))
+        return tuple(releases)
 
     def customer_delta(self, customers: int) -> float:
         """A node's delta for ``customers`` declared customers, unless its own policy asks a

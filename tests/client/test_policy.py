@@ -9,15 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import TEST_DEVICE, TINY, TINY_SETTINGS
 
-from client.node import NodePrivacy, evaluate_node, load_node, private_sums, train_node
+from client.node import (
+    NodePrivacy,
+    evaluate_node,
+    guard_node,
+    load_node,
+    private_sums,
+    train_node,
+)
 from client.policy import (
     NodePolicy,
     PolicyError,
-    evaluations_exceed,
     parse_node_config,
     planned_steps,
+    releases_exceed,
 )
 from server.privacy.ledger import read_ledger
 from shared.data.dataset import load_dataset
@@ -193,6 +201,30 @@ def test_private_evaluation_is_noisy_charged_and_declined_past_the_budget(node_s
     assert NodePrivacy(node.directory).state["contributions"] == 2
 
 
+def test_the_start_guard_answers_the_gain_privately_and_only_under_dp(
+    node_setup, monkeypatch
+) -> None:
+    """The guard's answer is the node's customers' summed validation NDCG@10 of the rounds'
+    model less the start's, noisy at ``dp-guard-noise`` and charged before it leaves; a
+    request without DP gets no answer."""
+    node, config, state = node_setup
+    same = guard_node(node, config, state, state)
+    assert same["purpose"] == "guard" and same["mechanism"] == "gaussian"
+    assert same["noise_multiplier"] == config.dp_guard_noise and same["steps"] == 1
+    assert same["noisy_gain"] != 0.0  # no gain, but noise
+    assert NodePrivacy(node.directory).state["contributions"] == 1
+    exact_request = RunConfig(**{**config.to_dict(), "dp": False})
+    refused = guard_node(node, exact_request, state, state)
+    assert refused["refused"] is True and "only under DP" in refused["reason"]
+    assert NodePrivacy(node.directory).state["contributions"] == 1  # nothing more spent
+    # noise aside: a model whose item biases rank at random loses what the start scored
+    monkeypatch.setattr("client.node.private_sums", lambda values, sigma: values.sum(0))
+    scrambled = {**state, "id_scores.bias": torch.randn_like(state["id_scores.bias"]) * 1e3}
+    lost = guard_node(node, config, scrambled, state)["noisy_gain"]
+    assert lost < -1.0
+    assert guard_node(node, config, state, scrambled)["noisy_gain"] == pytest.approx(-lost)
+
+
 def test_exact_figures_over_too_few_customers_never_leave(node_setup) -> None:
     """Without DP an evaluation is exact: an operator that shrinks ``valid-fraction`` to a
     customer or two must not read their hits; the node's floor leaves such figures out."""
@@ -252,7 +284,9 @@ def test_nodes_refuse_what_their_policy_forbids_and_train_within_it(
     out = tmp_path / "eps4"
     assert simulate(tiny_synth_dataset_dir, out, *policy, "--dp", "--target-epsilon", "4") == 0
     contributions = [e for e in read_ledger(out / "ledger.jsonl") if e["kind"] == "contribution"]
-    assert len(contributions) == 2 and all(0 < e["epsilon"] <= 4 for e in contributions)
+    # each node: its round's training, then the start guard's comparison, within its budget
+    assert [e["purpose"] for e in contributions] == ["training"] * 2 + ["guard"] * 2
+    assert all(0 < e["epsilon"] <= 4 for e in contributions)
     assert main(["audit", str(out)]) == 0
 
 
@@ -347,8 +381,10 @@ def test_evaluations_too_exact_for_the_budget_are_refused_before_anything_is_spe
 def test_the_closed_form_for_evaluations_agrees_with_the_prv_accountant() -> None:
     """Six Gaussian releases at sigma 1: the closed form's verdict flips where Opacus's PRV
     accountant puts their epsilon (within its 2% discretisation)."""
-    request = RunConfig(dp=True, dp_rounds=6, eval_noise_multiplier=1.0)
     delta = 1e-5
     epsilon = planned_epsilon(1.0, delta, 1.0, 6)
-    assert evaluations_exceed(request, epsilon * 0.98, delta)
-    assert not evaluations_exceed(request, epsilon * 1.02, delta)
+    assert releases_exceed(((1.0, 6),), epsilon * 0.98, delta)
+    assert not releases_exceed(((1.0, 6),), epsilon * 1.02, delta)
+    # six at sigma 2 and one at 2 / sqrt(18) compose into one at 1 / sqrt(1.5 + 4.5) = 1 / sqrt(6)
+    assert releases_exceed(((2.0, 6), (2 / 18**0.5, 1)), epsilon * 0.98, delta)
+    assert not releases_exceed(((2.0, 6), (2 / 18**0.5, 1)), epsilon * 1.02, delta)

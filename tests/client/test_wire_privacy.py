@@ -1,6 +1,7 @@
-"""Nothing private on the wire: every message a node sends (client/client_app.py, the train and
-evaluate replies, with and without DP) carries the model's weights and aggregate numbers only:
-no customer id, history or data row, in any key or value of any record."""
+"""Nothing private on the wire: every message a node sends (client/client_app.py, the train,
+evaluate and start-guard replies, with and without DP) carries the model's weights and
+aggregate numbers only: no customer id, history or data row, in any key or value of any
+record."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ ALLOWED_METRICS = {
     *METRICS,
     *(f"noisy_sum_{m}" for m in METRICS),
     "noisy_customers",
+    "noisy_gain",  # the start guard's answer (under DP only)
     "valid-customers",
     *(f"valid-{m}" for m in METRICS),
 }
@@ -60,7 +62,7 @@ def sent_bytes(record: object) -> list[bytes]:
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["no-dp", "dp"])
-@pytest.mark.parametrize("kind", ["train", "evaluate"])
+@pytest.mark.parametrize("kind", ["train", "evaluate", "evaluate.guard"])
 def test_a_node_sends_weights_and_aggregates_only(
     node_dir: Path, tiny_bert_dir: Path, dp: bool, kind: str, monkeypatch
 ) -> None:
@@ -76,16 +78,13 @@ def test_a_node_sends_weights_and_aggregates_only(
     )
     settings["run-id"] = "r" * 64
     settings["server-round"] = 1
-    message = Message(
-        RecordDict(
-            {
-                "arrays": ArrayRecord({k: Array(v) for k, v in encode(state).items()}),
-                "config": settings,
-            }
-        ),
-        dst_node_id=1,
-        message_type=kind,
-    )
+    records = {
+        "arrays": ArrayRecord({k: Array(v) for k, v in encode(state).items()}),
+        "config": settings,
+    }
+    if kind == "evaluate.guard":  # the start guard sends the public start too
+        records["start"] = records["arrays"]
+    message = Message(RecordDict(records), dst_node_id=1, message_type=kind)
     context = Context(
         run_id=1,
         node_id=1,
@@ -125,6 +124,11 @@ def test_a_node_sends_weights_and_aggregates_only(
                 "public_key",
             }, key
         assert content["privacy"]["node"] == "regional-0"
+    if kind == "evaluate.guard":  # one noisy number under DP; refused without
+        assert "arrays" not in content
+        assert set(content["metrics"]) == ({"noisy_gain"} if dp else set())
+        assert content["privacy"]["purpose" if dp else "refused"] == ("guard" if dp else True)
+        return
     if kind == "evaluate":
         assert "arrays" not in content
         validated = {k for k in content["metrics"] if k.startswith("valid-")}

@@ -14,15 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import node_reply
+from helpers import node_reply, release
 
 from server.federation.registry import Registry, RegistryError, write_registry
-from server.federation.rounds import (
-    RoundResult,
-    note_unamplified,
-    privacy_reports,
-    record_privacy,
-)
+from server.federation.releases import note_unamplified, privacy_reports, record_privacy
+from server.federation.rounds import RoundResult
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, verify_chain
 from server.privacy.ledger_gaps import record_lost_contributions
@@ -80,34 +76,6 @@ def test_row_indices_that_wrap_around_are_rejected(state) -> None:
         [node_reply("wrap", arrays, 10)], state
     )
     assert updates == [] and "out of range" in rejected[0]
-
-
-def release(**changes) -> dict:
-    fields = {
-        "node": "n1",
-        "run_id": "r",
-        "round": 1,
-        "purpose": "training",
-        "contribution_index": 0,
-        "mechanism": "poisson_subsampled_gaussian",
-        "noise_multiplier": 1.0,
-        "sample_rate": 0.5,
-        "steps": 2,
-        "max_grad_norm": 1.0,
-        "delta": 1e-5,
-        "epsilon": 1.0,
-        "accountant": "prv",
-        "unit": "u",
-        "target_epsilon": 8.0,
-        "num_customers": 100,
-        "update_digest": "d",
-        "signature": "s",
-        "key_id": "k",
-        "public_key": "p",
-        "refused": False,
-        "declined": False,
-    }
-    return {**fields, **changes}
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,17 @@ MERCHANTS = RunConfig(
 CUSTOMERS = [300, 500, 500]  # two equal plans: composed by self-composition
 
 
+def test_the_start_guard_is_part_of_every_private_plan_the_split_composes() -> None:
+    """A guarded run's plan holds the guard's one comparison (and the evaluations when the
+    nodes evaluate); the split then asks each merchant a little less than without it."""
+    assert node_plan(MERCHANTS, 300).releases == ((20.0, 1),)
+    evaluated = RunConfig(**{**MERCHANTS.to_dict(), "federated_eval": True})
+    assert node_plan(evaluated, 300).releases == ((10.0, 2), (20.0, 1))
+    unguarded = RunConfig(**{**MERCHANTS.to_dict(), "dp_guard": False})
+    assert node_plan(unguarded, 300).releases == ()
+    assert node_budget(MERCHANTS, CUSTOMERS) < node_budget(unguarded, CUSTOMERS)
+
+
 def test_a_regional_node_keeps_the_whole_budget_and_unknown_merchants_an_equal_share() -> None:
     regional = RunConfig(dp=True, clients=3, target_epsilon=2.0)
     assert node_budget(regional, CUSTOMERS) == 2.0
@@ -43,15 +54,17 @@ def test_merchants_are_asked_the_largest_budget_whose_composition_keeps_the_targ
         plds = []
         for plan in plans:
             if node_sigma:  # what each node itself will use
-                sigma = calibrate_noise(budget, plan.delta, plan.q, plan.steps * plan.rounds)
-                assert planned_epsilon(sigma, plan.delta, plan.q, plan.steps * plan.rounds) <= (
-                    budget
-                )
+                steps = plan.steps * plan.rounds
+                sigma = calibrate_noise(budget, plan.delta, plan.q, steps, plan.releases)
+                spent = planned_epsilon(sigma, plan.delta, plan.q, steps, plan.releases)
+                assert spent <= budget
             else:
                 sigma = accounting.calibrate_noise(
-                    budget, plan.delta, plan.q, plan.steps, plan.rounds, None
+                    budget, plan.delta, plan.q, plan.steps, plan.rounds, plan.releases
                 )
-            plds.append(accounting._plan_pld(sigma, plan.q, plan.steps, plan.rounds, None, None))
+            plds.append(
+                accounting._plan_pld(sigma, plan.q, plan.steps, plan.rounds, plan.releases, None)
+            )
         return accounting._epsilon(functools.reduce(accounting._compose, plds), total_delta)
 
     assert composed(asked, node_sigma=True) <= MERCHANTS.target_epsilon

@@ -418,6 +418,7 @@ def write_planned_run(
     dp_epochs: int | None = None,
     cap: int | None = None,
     asked: float | None = None,
+    guard_sigma: float | None = None,
 ) -> Path:
     """An honest run in the new ledger format: each node's sigma calibrated for its plan
     (``dp_epochs``: the config's dp_local_epochs; None: a config from before it, local_epochs 1;
@@ -425,7 +426,9 @@ def write_planned_run(
     evaluation), a training and an evaluation contribution per round, each
     signed by its node's key when ``keys`` are given (public keys in OUT/node-keys, receipts
     under ``receipts/<node>.jsonl``); ``asked``: the budget the run's start states it asked
-    each node to keep (None: none stated, the equal share)."""
+    each node to keep (None: none stated, the equal share); ``guard_sigma``: the run guards its
+    start (``dp-guard``), each node answering one comparison at that noise after the last
+    round (None: a run without the guard, or from before it)."""
     ledger = PrivacyLedger(out / "ledger.jsonl")
     config = {
         "target_epsilon": target,
@@ -439,7 +442,9 @@ def write_planned_run(
         "local_epochs": 1,
         **({"dp_local_epochs": dp_epochs} if dp_epochs else {}),
         "eval_noise_multiplier": EVAL_SIGMA,
+        **({"dp_guard": True, "dp_guard_noise": guard_sigma} if guard_sigma else {}),
     }
+    releases = ((EVAL_SIGMA, rounds),) + (((guard_sigma, 1),) if guard_sigma else ())
     stated = {} if asked is None else {"budget_per_node": asked}
     unit = "one customer's data at one node"
     run_id = ledger.append("run_start", config=config, unit=unit, **stated)["hash"]
@@ -452,8 +457,11 @@ def write_planned_run(
         for node, n in customers.items():
             q, steps = plan_steps(batch, n, dp_epochs or 1)
             delta = 1 / (10 * n)
-            sigma = calibrate_noise(share, delta, q, steps, rounds, EVAL_SIGMA)
-            for purpose in ("training", "evaluation"):
+            sigma = calibrate_noise(share, delta, q, steps, rounds, releases)
+            purposes = ["training", "evaluation"]
+            if guard_sigma and r == rounds:
+                purposes.append("guard")
+            for purpose in purposes:
                 training = purpose == "training"
                 fields = {
                     "run_id": run_id,
@@ -462,7 +470,9 @@ def write_planned_run(
                     "purpose": purpose,
                     "contribution_index": len(history[node]),
                     "mechanism": "poisson_subsampled_gaussian" if training else "gaussian",
-                    "noise_multiplier": sigma if training else EVAL_SIGMA,
+                    "noise_multiplier": sigma
+                    if training
+                    else {"evaluation": EVAL_SIGMA, "guard": guard_sigma}[purpose],
                     "sample_rate": q if training else 1.0,
                     "steps": steps if training else 1,
                     "max_grad_norm": 1.0,
@@ -778,7 +788,7 @@ def test_an_older_ledger_is_calibrated_for_training_alone(tmp_path):
     q, steps = plan_steps(64, 800, 1)
     c = {
         "mechanism": "poisson_subsampled_gaussian",
-        "noise_multiplier": calibrate_noise(4.0, 1e-4, q, steps, 2, None),
+        "noise_multiplier": calibrate_noise(4.0, 1e-4, q, steps, 2, ()),
         "sample_rate": q,
         "steps": steps,
     }
@@ -844,11 +854,11 @@ def test_a_node_calibrated_at_a_small_budget_passes_the_calibration_check(target
     delta, rounds = 1.2e-4, 6
     q, steps = plan_steps(512, 2236, 3)
     sigma = node_calibration(target, delta, q, steps * rounds)
-    spent = plan_epsilon(sigma, q, steps, rounds, None, delta)
-    inflated = plan_epsilon(sigma * (1 - INFLATION_MARGIN), q, steps, rounds, None, delta)
+    spent = plan_epsilon(sigma, q, steps, rounds, (), delta)
+    inflated = plan_epsilon(sigma * (1 - INFLATION_MARGIN), q, steps, rounds, (), delta)
     assert spent <= target * (1 + 0.01)
     assert inflated > target
-    audited = calibrate_noise(target, delta, q, steps, rounds, None)
+    audited = calibrate_noise(target, delta, q, steps, rounds, ())
     assert abs(sigma / audited - 1) < INFLATION_MARGIN / 2
 
 
@@ -861,7 +871,7 @@ def test_a_merchant_run_is_audited_against_the_budget_it_asked_and_the_compositi
     plans = []
     for n in CUSTOMERS.values():
         q, steps = plan_steps(batch, n, 1)
-        plans.append(NodePlan(q, steps, rounds, EVAL_SIGMA, None, 1 / (10 * n)))
+        plans.append(NodePlan(q, steps, rounds, ((EVAL_SIGMA, rounds),), None, 1 / (10 * n)))
     asked = split_budget(target, plans, None)
     assert asked > 1.5 * target / len(CUSTOMERS)  # well above the equal share
     out = write_planned_run(
@@ -878,3 +888,21 @@ def test_a_merchant_run_is_audited_against_the_budget_it_asked_and_the_compositi
     checks = json.loads((greedy / "audit.json").read_text())["checks"]
     status = {c["name"]: c["status"] for c in checks}
     assert status["budget"] == "pass" and status["federation_budget"] == "fail"
+
+
+def test_the_start_guard_is_audited_as_part_of_each_node_plan(tmp_path):
+    """A guarded run's nodes calibrate for the guard's comparison too: audited against its
+    run_start (dp_guard, dp_guard_noise), it passes; the same ledger under a start without the
+    guard fails the calibration (the guard releases belong to no plan), and under one stating
+    another guard noise fails it too (the releases are not at the plan's noise)."""
+    out = write_planned_run(tmp_path / "guarded", CUSTOMERS, rounds=2, guard_sigma=20.0)
+    entries = read_ledger(out / "ledger.jsonl")
+    assert [e["purpose"] for e in entries if e.get("node") == "0"][-1] == "guard"
+    assert main(["audit", str(out)]) == 0
+    for name, config, words in (
+        ("unguarded", {"dp_guard": False}, "guard release, but the run's plan holds none"),
+        ("noisier", {"dp_guard_noise": 40.0}, "guard release with noise_multiplier 20.0"),
+    ):
+        report = forge(tmp_path, name, entries, **config)
+        calibration = next(c for c in report["checks"] if c["name"] == "calibration")
+        assert calibration["status"] == "fail" and words in json.dumps(calibration)

@@ -231,7 +231,9 @@ def test_a_restarted_server_resumes_with_the_ledger_intact(faulted: dict) -> Non
         ]
         # every spending of the node's accountant is in the ledger, once
         spent = accountant_contributions(faulted["partitions"] / f"node-{node}")
-        assert [e["contribution_index"] for e in mine] == list(range(spent)) and spent == 4
+        # four trainings and the start guard's answer (its plan: four rounds, then the guard)
+        assert [e["contribution_index"] for e in mine] == list(range(spent)) and spent == 5
+        assert mine[-1]["purpose"] == "guard"
         declined = [
             e["round"]
             for e in ledger

@@ -200,11 +200,13 @@ def test_dp_run_ledger_records_every_contribution(private_run: Path) -> None:
     contributions = [e for e in ledger if e["kind"] == "contribution"]
     nodes = {node_name(d) for d in (private_run / "partitions").iterdir()}
     assert nodes == {"regional-0", "regional-1"}
+    training = [e for e in contributions if e["purpose"] == "training"]
     for server_round in (1, 2):  # one entry per node per round
-        assert sorted(e["node"] for e in contributions if e["round"] == server_round) == sorted(
-            nodes
-        )
-    assert len(contributions) == 4
+        assert sorted(e["node"] for e in training if e["round"] == server_round) == sorted(nodes)
+    # then each node's start-guard answer, in the last round
+    guards = [(e["round"], e["node"]) for e in contributions if e["purpose"] == "guard"]
+    assert sorted(guards) == [(2, node) for node in sorted(nodes)]
+    assert len(contributions) == 6
     for entry in contributions:
         missing = [f for f in CONTRIBUTION_FIELDS if entry.get(f) in (None, "")]
         assert not missing, missing
@@ -214,8 +216,8 @@ def test_dp_run_ledger_records_every_contribution(private_run: Path) -> None:
         assert 0 < entry["epsilon"] <= TARGET + 1e-6
     for node in nodes:
         mine = [e for e in contributions if e["node"] == node]
-        assert [e["contribution_index"] for e in mine] == [0, 1]
-        assert mine[0]["epsilon"] < mine[1]["epsilon"]  # cumulative
+        assert [e["contribution_index"] for e in mine] == [0, 1, 2]
+        assert mine[0]["epsilon"] < mine[1]["epsilon"] < mine[2]["epsilon"]  # cumulative
 
 
 @pytest.mark.e2e
@@ -277,6 +279,37 @@ def test_a_private_merchant_run_spends_the_budget_it_asked_within_its_target(
     privacy = json.loads((out / "metrics.json").read_text())["privacy"]
     assert privacy["federation"]["applies"] == "all_nodes"
     assert max(e["epsilon"] for e in contributions) < privacy["epsilon"] <= TARGET
+    assert main(["audit", str(out)]) == 0
+
+
+@pytest.mark.e2e
+def test_a_private_run_whose_rounds_did_harm_ships_its_public_start(
+    tiny_synth_dataset_dir: Path, tmp_path: Path
+) -> None:
+    """A private step far too large (dp-lr 200) walks the model below its public start: the
+    nodes' guard answers say so, the run ships the start (its test NDCG@10 is the start's),
+    each answer is in the ledger at the guard's noise, and the audit passes. Started again, the
+    run keeps its verdict and asks nothing more."""
+    out = tmp_path / "run"
+    run = (
+        "--rounds",
+        "1",
+        "--dp",
+        "--target-epsilon",
+        str(TARGET),
+        "--set",
+        "dp-guard-noise=2",  # the tiny nodes' 80 customers: a loss of about 12 against std 2.8
+        "--set",
+        "dp-lr=200",
+    )
+    for _ in range(2):
+        simulate(tiny_synth_dataset_dir, out, *run)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["start_guard"]["shipped"] == "start"
+        assert metrics["start_guard"]["nodes"] == 2
+        assert metrics["test"]["ndcg@10"] == metrics["context"]["public_start"]["ndcg@10"]
+        guards = [e for e in read_ledger(out / "ledger.jsonl") if e.get("purpose") == "guard"]
+        assert len(guards) == 2 and {e["noise_multiplier"] for e in guards} == {2.0}
     assert main(["audit", str(out)]) == 0
 
 
