@@ -227,10 +227,10 @@ class Federation:
             list(self.strategy.configure_evaluate(server_round, arrays, self.settings, self.grid)),
             message_type,
         )
-        if start is not None and messages:  # one RecordDict, shared by the round's messages
-            messages[0].content["start"] = ArrayRecord(
-                {k: Array(v) for k, v in encode(start).items()}
-            )
+        if start is not None:
+            starting = ArrayRecord({k: Array(v) for k, v in encode(start).items()})
+            for message in messages:  # the same record for each (their content may be shared)
+                message.content["start"] = starting
         replies = list(
             self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None)
         )
