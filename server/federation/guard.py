@@ -25,10 +25,11 @@ move it (its declared customers, as the registry holds them where there is one, 
 noise standard deviations), so one node can tip a close comparison but not overturn a clear
 one beyond its share, and the worst it can force is the public start.
 
-Under ``refit`` (the default) the nodes trained on the validation events compared on, which
-biases the comparison towards the rounds' model: it catches a model walked down on every event
-(measured on a dense shop) and misses one that fits the trained events and loses on unseen ones
-(measured on Amazon Beauty's merchants); ``refit=false`` compares on unseen events.
+What it cannot see (docs/privacy.md, "The start guard"): under ``refit`` (the default) the
+nodes trained on the validation events compared on, which biases the comparison towards the
+rounds' model, and each node ranks its own part of its customers' histories, so a loss that
+only whole histories show passes (measured on Amazon Beauty's merchants, with and without
+``refit``). It catches a model walked down on every view (measured on a dense shop).
 """
 
 from __future__ import annotations
