@@ -225,6 +225,27 @@ def test_the_start_guard_answers_the_gain_privately_and_only_under_dp(
     assert guard_node(node, config, state, scrambled)["noisy_gain"] == pytest.approx(-lost)
 
 
+@pytest.mark.parametrize(
+    "noise, words",
+    [(1e-9, "alone spend more than"), (0.0, "not a positive number"), (float("nan"), "not a")],
+)
+def test_a_guard_noise_too_small_for_the_budget_is_refused_before_anything_is_spent(
+    node_setup, noise: float, words: str
+) -> None:
+    """A curious operator asking for a near-exact start guard (a tiny, zero or NaN
+    ``dp-guard-noise``) gets a refusal from the node's policy, for training and for the guard
+    alike, and nothing is computed or charged."""
+    node, config, state = node_setup
+    exact = RunConfig(**{**config.to_dict(), "dp_guard_noise": noise})
+    for reason in (
+        NodePolicy().refusal(exact, CUSTOMERS),
+        train_node(node, exact, state, server_round=1)["reason"],
+        guard_node(node, exact, state, state)["reason"],
+    ):
+        assert words in reason and "dp-guard-noise" in reason
+    assert not NodePrivacy(node.directory).path.exists()  # nothing spent, nothing written
+
+
 def test_exact_figures_over_too_few_customers_never_leave(node_setup) -> None:
     """Without DP an evaluation is exact: an operator that shrinks ``valid-fraction`` to a
     customer or two must not read their hits; the node's floor leaves such figures out."""
