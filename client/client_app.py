@@ -273,7 +273,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
     @app.evaluate("guard")
     def guard(msg: Message, context: Context) -> Message:
         """The start guard (``dp-guard``): the node's private comparison of the global model
-        (``arrays``) with the public start (``start``) on its customers' validation events."""
+        (``arrays``) with the public start (``start``) on its customers' held-out last events."""
         asked = request(dict(msg.content["config"]), context, msg)
         state = msg.content["arrays"].to_torch_state_dict()
         start = msg.content["start"].to_torch_state_dict()

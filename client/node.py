@@ -26,7 +26,7 @@ from shared.data.partition import cold_item_indices
 from shared.federation.node_directory import NodeInfo
 from shared.federation.wire import ITEM_TABLES
 from shared.recommender.experiment import catalog_digest
-from shared.recommender.metrics import EVALUATED, per_customer_metrics, rank_users
+from shared.recommender.metrics import EVALUATED, ScoreFn, per_customer_metrics, rank_users
 from shared.recommender.model import FusionRecommender
 from shared.recommender.secure_random import SecureRandom
 from shared.recommender.text import embed_items
@@ -166,10 +166,14 @@ def training_histories(
     """What the node trains on. A node that evaluates the global model (``federated-eval``)
     holds out each customer's last event (and the one before it unless ``refit``, or when the
     customer is a validation customer at ``valid_fraction``) as the protocol's leave-one-out
-    split does, so that it never evaluates on what it trained on; otherwise its data already
-    lacks the events the simulation's server evaluates on, and it trains on all of it."""
+    split does, so that it never evaluates on what it trained on; a node that answers the
+    start guard (``dp-guard``) holds out each customer's last event, which the guard compares
+    on. Otherwise its data already lacks the events the simulation's server evaluates on, and
+    it trains on all of it."""
     if config.federated_eval:
         return node.split.training_histories(config.refit, valid_fraction)
+    if config.guards_start:
+        return node.split.training_histories(refit=True)
     return node.split.sequences()
 
 
@@ -343,7 +347,7 @@ def noise_multiplier(
             delta,
             sample_rate,
             round_steps * config.dp_rounds,
-            releases=config.gaussian_releases,
+            releases=config.gaussian_releases(customers),
             more_steps=(
                 ((encoder[0], encoder[1] * config.text_finetune_rounds),) if encoder else ()
             ),
@@ -428,14 +432,9 @@ def evaluate_node(
     customers = public_customers(node, policy)
     if reason := policy.refusal(config, customers, training=False):
         return {"node": node.name, "refused": True, "reason": reason}
-    model = build_model(node, config, state).eval()
-
-    def score(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
-        return model.scores(model.user_states(histories))
-
+    score = _scorer(node, config, state)
     users = node.split.test_users
-    _, ranks = rank_users(score, node.split, "test", users=users)
-    per_customer = per_customer_metrics(ranks)
+    per_customer = _held_out_metrics(node, score)
     if config.dp:
         return _evaluate_private(node, config, policy, customers, per_customer)
     result: dict = {"node": node.name}
@@ -525,18 +524,21 @@ def _private_answer(
     }
 
 
-def _validation_ndcg(
-    node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]
-) -> np.ndarray:
-    """NDCG@10 of the model of ``state`` for each evaluated customer of the node, on the
-    customer's validation event ranked from the events before it."""
+def _scorer(node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]) -> ScoreFn:
+    """The scores of the model of ``state`` for a batch of customers' histories."""
     model = build_model(node, config, state).eval()
 
     def score(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
         return model.scores(model.user_states(histories))
 
-    _, ranks = rank_users(score, node.split, "valid", users=node.split.test_users)
-    return per_customer_metrics(ranks)["ndcg@10"]
+    return score
+
+
+def _held_out_metrics(node: NodeData, score: ScoreFn) -> dict[str, np.ndarray]:
+    """Each evaluated customer's metrics on their last event, ranked from the events before
+    it: the event the node held out of its training (:func:`training_histories`)."""
+    _, ranks = rank_users(score, node.split, "test", users=node.split.test_users)
+    return per_customer_metrics(ranks)
 
 
 def guard_node(
@@ -548,10 +550,12 @@ def guard_node(
 ) -> dict:
     """The start guard's comparison (``dp-guard``, server/federation/guard.py): the sum over
     the node's customers of NDCG@10 of the private rounds' model (``state``) less that of its
-    public start (``start``), each on the customer's validation event ranked from the events
-    before it, answered with Gaussian noise of std ``dp-guard-noise`` (one customer moves the
-    sum by at most 1) and charged to the node's accountant as a ``guard`` release. Refused
-    without customer-level DP: the comparison is private or not given."""
+    public start (``start``), each on the customer's last event, which the node held out of
+    its training (:func:`training_histories`), ranked from the events before it; answered
+    with Gaussian noise of std ``dp-guard-noise-scale`` x sqrt(the node's declared customers)
+    (``RunConfig.guard_noise``; one customer moves the sum by at most 1)
+    and charged to the node's accountant as a ``guard`` release. Refused without
+    customer-level DP: the comparison is private or not given."""
     policy = policy or NodePolicy()
     customers = public_customers(node, policy)
     if not config.guards_start:
@@ -559,9 +563,11 @@ def guard_node(
         return {"node": node.name, "refused": True, "reason": reason}
     if reason := policy.refusal(config, customers, training=False):
         return {"node": node.name, "refused": True, "reason": reason}
-    gain = _validation_ndcg(node, config, state) - _validation_ndcg(node, config, start)
+    ndcg = [_held_out_metrics(node, _scorer(node, config, s))["ndcg@10"] for s in (state, start)]
+    gain = ndcg[0] - ndcg[1]
     difference = gain[:, None]  # in [-1, 1]: L2 norm <= 1
-    answer = _private_answer(node, config, policy, customers, difference, config.dp_guard_noise)
+    sigma = config.guard_noise(customers)
+    answer = _private_answer(node, config, policy, customers, difference, sigma)
     if "sums" in answer:
         answer["noisy_gain"] = float(answer.pop("sums")[0])
         answer["purpose"] = "guard"

@@ -176,7 +176,7 @@ class NodePolicy:
         if not request.dp:
             return None
         # zero or negative noise would make a private answer exact, and its cost unaccountable
-        for name in ("eval_noise_multiplier", "dp_guard_noise"):
+        for name in ("eval_noise_multiplier", "dp_guard_noise_scale"):
             if not 0 < (sigma := getattr(request, name)) < math.inf:
                 return (
                     f"the request's {name.replace('_', '-')} {sigma:g} is not a positive "
@@ -184,14 +184,13 @@ class NodePolicy:
                 )
         # answers too exact for the budget: no DP-SGD noise could then meet it
         budget, delta = self.budget(request), self.delta(request, customers)
-        if releases_exceed(request.gaussian_releases, budget, delta):
-            answers = " and ".join(
-                f"{count} at noise {sigma:g}" for sigma, count in request.gaussian_releases
-            )
+        releases = request.gaussian_releases(customers)
+        if releases_exceed(releases, budget, delta):
+            answers = " and ".join(f"{count} at noise {sigma:g}" for sigma, count in releases)
             return (
                 f"the request's private answers ({answers}: eval-noise-multiplier, "
-                f"dp-guard-noise) alone spend more than this node's budget (epsilon {budget:g} "
-                f"at delta {delta:.3g})"
+                f"dp-guard-noise-scale) alone spend more than this node's budget (epsilon "
+                f"{budget:g} at delta {delta:.3g})"
             )
         # an empty expected batch has no sample rate to account (and would divide by zero)
         for name in ("dp_batch_size", "dp_encoder_batch"):

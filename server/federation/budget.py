@@ -42,7 +42,7 @@ def node_plan(config: RunConfig, customers: int) -> accounting.NodePlan:
         q,
         steps,
         config.dp_rounds,
-        config.gaussian_releases,
+        config.gaussian_releases(customers),
         encoder,
         config.customer_delta(customers),
     )

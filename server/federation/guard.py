@@ -10,26 +10,28 @@ would get less than not joining.
 
 After the last private round every node that answers gives one private comparison
 (client/node.py, ``guard_node``): the sum over its customers of NDCG@10 of the rounds' model
-less that of the start, each on the customer's validation event, plus Gaussian noise of std
-``dp-guard-noise`` (one customer moves the sum by at most 1). The release is part of each
-node's plan from its first private step, so its DP-SGD noise is calibrated for it, and it is
-in the ledger and the audit like any other. The server adds the answers (their noise: std
-``dp-guard-noise`` x sqrt(nodes)) and ships the start only where the sum lies more than
-:data:`GUARD_MARGIN` of those standard deviations below zero: the customers then say, beyond
-the comparison's own noise, that the rounds made the model worse. A gain or a loss within the
-noise keeps the rounds' model. Deciding on the noisy answers is post-processing: it costs
-nothing beyond the releases.
+less that of the start, each on the customer's last event (which the node held out of its
+training for it), plus Gaussian noise of std ``dp-guard-noise-scale`` x sqrt(its declared
+customers) (one customer moves the sum by at most 1). The release is part of each node's plan
+from its first private step, so its DP-SGD noise is calibrated for it, and it is in the ledger
+and the audit like any other. The server adds the answers (their noise: std
+``dp-guard-noise-scale`` x sqrt(all the nodes' customers), however they are split among nodes:
+a federation of many small nodes is judged as finely as one of a few large ones) and ships
+the start only where the sum lies more than :data:`GUARD_MARGIN` of those standard deviations
+below zero: the customers then say, beyond the comparison's own noise, that the rounds made
+the model worse. A gain or a loss within the noise keeps the rounds' model. Deciding on the
+noisy answers is post-processing: it costs nothing beyond the releases.
 
 A node's answer can be a lie (a malicious node). Each is bounded by what its customers could
 move it (its declared customers, as the registry holds them where there is one, plus four
 noise standard deviations), so one node can tip a close comparison but not overturn a clear
 one beyond its share, and the worst it can force is the public start.
 
-What it cannot see (docs/privacy.md, "The start guard"): under ``refit`` (the default) the
-nodes trained on the validation events compared on, which biases the comparison towards the
-rounds' model, and each node ranks its own part of its customers' histories, so a loss that
-only whole histories show passes (measured on Amazon Beauty's merchants, with and without
-``refit``). It catches a model walked down on every view (measured on a dense shop).
+What it cannot see (docs/privacy.md, "The start guard"): each node ranks its own part of its
+customers' histories, so a loss that only whole histories show passes (measured on Amazon
+Beauty's merchants, whose rounds' model ranks each merchant's own part better than the start
+and whole histories worse). It catches a model walked down on every view (measured on a dense
+shop).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from shared.federation.reports import ReportError, parse_report
 
 if TYPE_CHECKING:  # the round loop passes its Federation; it imports this module
     from server.federation.rounds import Federation
+    from shared.runs.config import RunConfig
 
 log = logging.getLogger("fedrec.server")
 
@@ -55,10 +58,14 @@ GUARD_MARGIN = 1.0
 ANSWER_SPREAD = 4.0  # an answer may lie this many noise standard deviations beyond its sum
 
 
-def bounded_answer(reply: Message, sigma: float, declared: float) -> float | None:
-    """The reply's noisy gain, bounded by what its customers could move it (the fewer of its
-    signed release's customers and ``declared``, plus :data:`ANSWER_SPREAD` x ``sigma``);
-    None when the reply holds no finite answer or no release to say whose it is."""
+def bounded_answer(
+    reply: Message, config: RunConfig, declared: float
+) -> tuple[float, float] | None:
+    """The reply's noisy gain and its noise's std: the std the run gives a node of its
+    customers (``RunConfig.guard_noise``), the gain bounded by what those customers could move
+    it (plus :data:`ANSWER_SPREAD` of those stds); its customers are the fewer of its signed
+    release's and ``declared``. None when the reply holds no finite answer or no release to
+    say whose it is."""
     if reply.has_error() or "metrics" not in reply.content or "privacy" not in reply.content:
         return None
     answer = dict(reply.content["metrics"]).get("noisy_gain")
@@ -70,17 +77,21 @@ def bounded_answer(reply: Message, sigma: float, declared: float) -> float | Non
         return None
     if release is None or release.purpose != "guard":
         return None
-    bound = min(float(release.num_customers), declared) + ANSWER_SPREAD * sigma
-    return max(-bound, min(bound, float(answer)))
+    customers = min(float(release.num_customers), declared)
+    sigma = config.guard_noise(customers)
+    bound = customers + ANSWER_SPREAD * sigma
+    return max(-bound, min(bound, float(answer))), sigma
 
 
-def decide(answers: list[float], sigma: float) -> dict:
-    """The guard's verdict from the nodes' bounded answers: ``shipped`` "start" when their
-    sum is below minus :data:`GUARD_MARGIN` x its noise's std (``sigma`` x sqrt(answers)),
-    else "rounds" (also when no node answered: nothing says the rounds did harm)."""
+def decide(answers: list[tuple[float, float]]) -> dict:
+    """The guard's verdict from the nodes' bounded (answer, noise std) pairs: ``shipped``
+    "start" when the answers' sum is below minus :data:`GUARD_MARGIN` x its noise's std (the
+    root of the summed variances), else "rounds" (also when no node answered: nothing says
+    the rounds did harm)."""
     if not answers:
         return {"nodes": 0, "shipped": "rounds", "why": "no node answered the comparison"}
-    total, noise = float(sum(answers)), sigma * math.sqrt(len(answers))
+    total = float(sum(answer for answer, _ in answers))
+    noise = math.sqrt(sum(sigma**2 for _, sigma in answers))
     start = total < -GUARD_MARGIN * noise
     return {
         "nodes": len(answers),
@@ -106,14 +117,13 @@ def guard_start(
 ) -> dict:
     """Ask every node for its private comparison of ``state`` with ``start`` (recorded in the
     ledger as ``server_round``'s guard releases before anything is read) and decide."""
-    sigma = federation.config.dp_guard_noise
     replies = federation.ask(server_round, state, GUARD_ROUND, start=start)
     answers = []
     for reply in replies:
         declared = federation.strategy.declared_customers(reply)
-        if (answer := bounded_answer(reply, sigma, declared)) is not None:
+        if (answer := bounded_answer(reply, federation.config, declared)) is not None:
             answers.append(answer)
-    verdict = decide(answers, sigma)
+    verdict = decide(answers)
     shipped = "the public start" if verdict["shipped"] == "start" else "the rounds' model"
     log.info("start guard: %s is shipped (%s)", shipped, verdict["why"])
     return verdict

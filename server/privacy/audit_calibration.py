@@ -14,6 +14,23 @@ from server.privacy.audit_checks import by_node, check, entry_problem, is_number
 # the calibrated one, not a larger number written to lower its accounted epsilon.
 INFLATION_MARGIN = 0.02
 PLAN_KEYS = ("rounds", "dp_batch_size", "local_epochs")
+GUARD_KEYS = ("dp_guard_noise_scale", "dp_guard_noise")
+
+
+def _guard_sigma(plan: dict, customers: float) -> float | None:
+    """The start guard's noise the plan gives a node of ``customers`` declared customers
+    (``RunConfig.guard_noise``, recomputed from the ledger's config); None: no guard."""
+    if plan["guard"] is None:
+        return None
+    key, value = plan["guard"]
+    return value * math.sqrt(max(customers, 1)) if key == "dp_guard_noise_scale" else value
+
+
+def _releases(plan: dict, customers: float) -> tuple[tuple[float, int], ...]:
+    """The Gaussian releases of sensitivity 1 in the plan of a node of ``customers``."""
+    releases = [(plan["eval_sigma"], plan["rounds"])] if plan["eval_sigma"] is not None else []
+    guard = _guard_sigma(plan, customers)
+    return tuple(releases + ([(guard, 1)] if guard is not None else []))
 
 
 def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None, list[str]]:
@@ -33,16 +50,16 @@ def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None
         # ledgers record none: their nodes planned training alone), and the start guard's one
         # comparison when the run guards its start (ledgers from before it: no dp_guard key)
         evaluates = new_format and config.get("federated_eval", True) and is_number(eval_sigma)
-        guard_sigma = config.get("dp_guard_noise")
         guards = config.get("dp") is True and config.get("dp_guard") is True
         guards = guards and not config.get("node_dp")  # as RunConfig.guards_start
-        if guards and not (is_number(guard_sigma) and guard_sigma > 0):
-            text = "run_start config lacks a usable dp_guard_noise"
+        # the guard's noise: dp_guard_noise_scale x sqrt(a node's declared customers); ledgers
+        # of the first guard (2026-12-06) hold one std for every node, dp_guard_noise
+        guard = next(((key, config[key]) for key in GUARD_KEYS if is_number(config.get(key))), None)
+        if guards and not (guard and guard[1] > 0):
+            text = f"run_start config lacks a usable {' or '.join(GUARD_KEYS)}"
             return None, [f"{text}: the noise calibration cannot be checked"]
         plan["eval_sigma"] = float(eval_sigma) if evaluates else None
-        plan["guard_sigma"] = float(guard_sigma) if guards else None
-        releases = [(plan["eval_sigma"], private["rounds"])] if evaluates else []
-        plan["releases"] = tuple(releases + ([(plan["guard_sigma"], 1)] if guards else []))
+        plan["guard"] = (guard[0], float(guard[1])) if guards and guard else None
         # private encoder rounds (text-finetune-layers under dp): dp_encoder_batch customers a
         # step, one expected pass a round, text_finetune_rounds rounds
         tunes = config.get("dp") and config.get("text_finetune_layers")
@@ -92,7 +109,7 @@ def _dp_sgd_problem(c: dict, plan: dict, tolerance: float) -> str | None:
     target, delta, sigma = c["target_epsilon"], c["delta"], c["noise_multiplier"]
     if not is_number(target):
         return None  # the budget check reports it
-    rounds, releases = plan["rounds"], plan["releases"]
+    rounds, releases = plan["rounds"], _releases(plan, customers)
 
     def spent(s: float) -> float:
         return accounting.plan_epsilon(s, q, steps, rounds, releases, delta, encoder)
@@ -125,7 +142,13 @@ def _release_problem(c: dict, plan: dict) -> str | None:
     """What is wrong with an evaluation or start-guard release against the run's plan: one
     Gaussian answer of sensitivity 1 at the plan's noise (None: nothing)."""
     purpose = c["purpose"]
-    sigma = plan["eval_sigma" if purpose == "evaluation" else "guard_sigma"]
+    if purpose == "evaluation":
+        sigma = plan["eval_sigma"]
+    else:
+        customers = c.get("num_customers")
+        if not (is_number(customers) and customers > 0):
+            return f"num_customers {customers!r}: no plan to check against"
+        sigma = _guard_sigma(plan, customers)
     if sigma is None:
         return f"{purpose} release, but the run's plan holds none"
     expected = {

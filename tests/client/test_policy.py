@@ -33,7 +33,7 @@ from shared.data.partition import write_partitions
 from shared.federation.node_directory import NodeInfo, round_down_2sf
 from shared.federation.wire import trainable_state
 from shared.recommender.model import FusionRecommender
-from shared.recommender.training import planned_epsilon
+from shared.recommender.training import planned_epsilon, training_tensors
 from shared.runs.config import RunConfig
 from simulations.cli import main
 
@@ -195,8 +195,10 @@ def test_private_evaluation_is_noisy_charged_and_declined_past_the_budget(node_s
     privacy = NodePrivacy(node.directory)
     assert privacy.state["contributions"] == 2  # both charged to the node's accountant
     assert second["epsilon"] > first["epsilon"] > 0
-    tight = RunConfig(**{**config.to_dict(), "target_epsilon": second["epsilon"] * 1.01})
-    third = evaluate_node(node, tight, state)
+    # (without the start guard, whose one comparison alone would not fit so tight a budget:
+    # the policy would refuse the request before the accountant could decline it)
+    tight = {"target_epsilon": second["epsilon"] * 1.01, "dp_guard": False}
+    third = evaluate_node(node, RunConfig(**{**config.to_dict(), **tight}), state)
     assert third["declined"] is True and "budget" in third["reason"]
     assert NodePrivacy(node.directory).state["contributions"] == 2
 
@@ -204,13 +206,15 @@ def test_private_evaluation_is_noisy_charged_and_declined_past_the_budget(node_s
 def test_the_start_guard_answers_the_gain_privately_and_only_under_dp(
     node_setup, monkeypatch
 ) -> None:
-    """The guard's answer is the node's customers' summed validation NDCG@10 of the rounds'
-    model less the start's, noisy at ``dp-guard-noise`` and charged before it leaves; a
-    request without DP gets no answer."""
+    """The guard's answer is the node's customers' summed NDCG@10 (on their held-out last
+    events) of the rounds' model less the start's, noisy at ``dp-guard-noise-scale`` x
+    sqrt(its declared customers) and charged before it leaves; a request without DP gets no
+    answer."""
     node, config, state = node_setup
     same = guard_node(node, config, state, state)
     assert same["purpose"] == "guard" and same["mechanism"] == "gaussian"
-    assert same["noise_multiplier"] == config.dp_guard_noise and same["steps"] == 1
+    assert same["noise_multiplier"] == config.dp_guard_noise_scale * np.sqrt(same["customers"])
+    assert same["steps"] == 1
     assert same["noisy_gain"] != 0.0  # no gain, but noise
     assert NodePrivacy(node.directory).state["contributions"] == 1
     exact_request = RunConfig(**{**config.to_dict(), "dp": False})
@@ -225,6 +229,36 @@ def test_the_start_guard_answers_the_gain_privately_and_only_under_dp(
     assert guard_node(node, config, state, scrambled)["noisy_gain"] == pytest.approx(-lost)
 
 
+@pytest.mark.parametrize("guard", [True, False])
+def test_a_node_that_answers_the_guard_never_trains_on_the_events_it_compares_on(
+    node_setup, monkeypatch, guard: bool
+) -> None:
+    """The guard compares each customer's last event: a node that answers it holds that event
+    out of every private round (a comparison on trained events favours the rounds' model);
+    without the guard the node trains on all it holds."""
+    node, config, state = node_setup
+    config = RunConfig(**{**config.to_dict(), "dp_guard": guard})
+    trained: list[list[int]] = []
+
+    def recorded(sequences, max_len):
+        trained.extend(list(map(int, s)) for s in sequences)
+        return training_tensors(sequences, max_len)
+
+    monkeypatch.setattr("client.node.training_tensors", recorded)
+    train_node(node, config, state, server_round=1)
+    split = node.split
+    compared = [
+        (split.history(u, "test").tolist(), int(split.test_target[u])) for u in split.test_users
+    ]
+    assert len(compared) > 10
+    with_last = sum(before + [last] in trained for before, last in compared)
+    without_last = sum(before in trained for before, _ in compared)
+    if guard:  # every compared event held out, the events before it trained
+        assert with_last == 0 and without_last == len(compared)
+    else:
+        assert with_last == len(compared)
+
+
 @pytest.mark.parametrize(
     "noise, words",
     [(1e-9, "alone spend more than"), (0.0, "not a positive number"), (float("nan"), "not a")],
@@ -233,10 +267,10 @@ def test_a_guard_noise_too_small_for_the_budget_is_refused_before_anything_is_sp
     node_setup, noise: float, words: str
 ) -> None:
     """A curious operator asking for a near-exact start guard (a tiny, zero or NaN
-    ``dp-guard-noise``) gets a refusal from the node's policy, for training and for the guard
+    ``dp-guard-noise-scale``) gets a refusal from the node's policy, for training and for the guard
     alike, and nothing is computed or charged."""
     node, config, state = node_setup
-    exact = RunConfig(**{**config.to_dict(), "dp_guard_noise": noise})
+    exact = RunConfig(**{**config.to_dict(), "dp_guard_noise_scale": noise})
     for reason in (
         NodePolicy().refusal(exact, CUSTOMERS),
         train_node(node, exact, state, server_round=1)["reason"],

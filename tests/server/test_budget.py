@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 
@@ -26,9 +27,10 @@ CUSTOMERS = [300, 500, 500]  # two equal plans: composed by self-composition
 def test_the_start_guard_is_part_of_every_private_plan_the_split_composes() -> None:
     """A guarded run's plan holds the guard's one comparison (and the evaluations when the
     nodes evaluate); the split then asks each merchant a little less than without it."""
-    assert node_plan(MERCHANTS, 300).releases == ((20.0, 1),)
+    guard = MERCHANTS.dp_guard_noise_scale * math.sqrt(300)  # a node of 300 customers
+    assert node_plan(MERCHANTS, 300).releases == ((guard, 1),)
     evaluated = RunConfig(**{**MERCHANTS.to_dict(), "federated_eval": True})
-    assert node_plan(evaluated, 300).releases == ((10.0, 2), (20.0, 1))
+    assert node_plan(evaluated, 300).releases == ((10.0, 2), (guard, 1))
     unguarded = RunConfig(**{**MERCHANTS.to_dict(), "dp_guard": False})
     assert node_plan(unguarded, 300).releases == ()
     assert node_budget(MERCHANTS, CUSTOMERS) < node_budget(unguarded, CUSTOMERS)

@@ -4,6 +4,7 @@ server/privacy/accounting.py, server/privacy/audit.py, server/privacy/canary_aud
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -418,7 +419,7 @@ def write_planned_run(
     dp_epochs: int | None = None,
     cap: int | None = None,
     asked: float | None = None,
-    guard_sigma: float | None = None,
+    guard_scale: float | None = None,
 ) -> Path:
     """An honest run in the new ledger format: each node's sigma calibrated for its plan
     (``dp_epochs``: the config's dp_local_epochs; None: a config from before it, local_epochs 1;
@@ -426,9 +427,9 @@ def write_planned_run(
     evaluation), a training and an evaluation contribution per round, each
     signed by its node's key when ``keys`` are given (public keys in OUT/node-keys, receipts
     under ``receipts/<node>.jsonl``); ``asked``: the budget the run's start states it asked
-    each node to keep (None: none stated, the equal share); ``guard_sigma``: the run guards its
-    start (``dp-guard``), each node answering one comparison at that noise after the last
-    round (None: a run without the guard, or from before it)."""
+    each node to keep (None: none stated, the equal share); ``guard_scale``: the run guards
+    its start (``dp-guard``), each node answering one comparison after the last round at that
+    scale x sqrt(its customers) (None: a run without the guard, or from before it)."""
     ledger = PrivacyLedger(out / "ledger.jsonl")
     config = {
         "target_epsilon": target,
@@ -442,9 +443,8 @@ def write_planned_run(
         "local_epochs": 1,
         **({"dp_local_epochs": dp_epochs} if dp_epochs else {}),
         "eval_noise_multiplier": EVAL_SIGMA,
-        **({"dp_guard": True, "dp_guard_noise": guard_sigma} if guard_sigma else {}),
+        **({"dp_guard": True, "dp_guard_noise_scale": guard_scale} if guard_scale else {}),
     }
-    releases = ((EVAL_SIGMA, rounds),) + (((guard_sigma, 1),) if guard_sigma else ())
     stated = {} if asked is None else {"budget_per_node": asked}
     unit = "one customer's data at one node"
     run_id = ledger.append("run_start", config=config, unit=unit, **stated)["hash"]
@@ -457,6 +457,8 @@ def write_planned_run(
         for node, n in customers.items():
             q, steps = plan_steps(batch, n, dp_epochs or 1)
             delta = 1 / (10 * n)
+            guard_sigma = guard_scale * math.sqrt(n) if guard_scale else None
+            releases = ((EVAL_SIGMA, rounds),) + (((guard_sigma, 1),) if guard_sigma else ())
             sigma = calibrate_noise(share, delta, q, steps, rounds, releases)
             purposes = ["training", "evaluation"]
             if guard_sigma and r == rounds:
@@ -892,16 +894,23 @@ def test_a_merchant_run_is_audited_against_the_budget_it_asked_and_the_compositi
 
 def test_the_start_guard_is_audited_as_part_of_each_node_plan(tmp_path):
     """A guarded run's nodes calibrate for the guard's comparison too: audited against its
-    run_start (dp_guard, dp_guard_noise), it passes; the same ledger under a start without the
-    guard fails the calibration (the guard releases belong to no plan), and under one stating
-    another guard noise fails it too (the releases are not at the plan's noise)."""
-    out = write_planned_run(tmp_path / "guarded", CUSTOMERS, rounds=2, guard_sigma=20.0)
+    run_start (dp_guard, dp_guard_noise_scale: each node's noise the scale x sqrt(its
+    customers)), it passes; the same ledger under a start without the guard fails the
+    calibration (the guard releases belong to no plan), and under one stating another guard
+    noise fails it too (the releases are not at the plan's noise), as under the first guard's
+    key (dp_guard_noise: one std for every node), which the audit reads for older ledgers."""
+    out = write_planned_run(tmp_path / "guarded", CUSTOMERS, rounds=2, guard_scale=0.4)
     entries = read_ledger(out / "ledger.jsonl")
     assert [e["purpose"] for e in entries if e.get("node") == "0"][-1] == "guard"
     assert main(["audit", str(out)]) == 0
     for name, config, words in (
         ("unguarded", {"dp_guard": False}, "guard release, but the run's plan holds none"),
-        ("noisier", {"dp_guard_noise": 40.0}, "guard release with noise_multiplier 20.0"),
+        ("noisier", {"dp_guard_noise_scale": 0.8}, "guard release with noise_multiplier"),
+        (
+            "fixed",
+            {"dp_guard_noise_scale": None, "dp_guard_noise": 20.0},
+            "guard release with noise_multiplier",
+        ),
     ):
         report = forge(tmp_path, name, entries, **config)
         calibration = next(c for c in report["checks"] if c["name"] == "calibration")
