@@ -553,9 +553,9 @@ def guard_node(
     public start (``start``), each on the customer's last event, which the node held out of
     its training (:func:`training_histories`), ranked from the events before it; answered
     with Gaussian noise of std ``dp-guard-noise-scale`` x sqrt(the node's declared customers)
-    (``RunConfig.guard_noise``; one customer moves the sum by at most 1)
-    and charged to the node's accountant as a ``guard`` release. Refused without
-    customer-level DP: the comparison is private or not given."""
+    (``RunConfig.guard_noise``; one customer moves the sum by at most 1) and charged to the
+    node's accountant as a ``guard`` release. Refused without customer-level DP: the
+    comparison is private or not given."""
     policy = policy or NodePolicy()
     customers = public_customers(node, policy)
     if not config.guards_start:
