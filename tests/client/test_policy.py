@@ -267,8 +267,8 @@ def test_a_guard_noise_too_small_for_the_budget_is_refused_before_anything_is_sp
     node_setup, noise: float, words: str
 ) -> None:
     """A curious operator asking for a near-exact start guard (a tiny, zero or NaN
-    ``dp-guard-noise-scale``) gets a refusal from the node's policy, for training and for the guard
-    alike, and nothing is computed or charged."""
+    ``dp-guard-noise-scale``) gets a refusal from the node's policy, for training and for the
+    guard alike, and nothing is computed or charged."""
     node, config, state = node_setup
     exact = RunConfig(**{**config.to_dict(), "dp_guard_noise_scale": noise})
     for reason in (
@@ -276,7 +276,7 @@ def test_a_guard_noise_too_small_for_the_budget_is_refused_before_anything_is_sp
         train_node(node, exact, state, server_round=1)["reason"],
         guard_node(node, exact, state, state)["reason"],
     ):
-        assert words in reason and "dp-guard-noise" in reason
+        assert words in reason and "dp-guard-noise-scale" in reason
     assert not NodePrivacy(node.directory).path.exists()  # nothing spent, nothing written
 
 
