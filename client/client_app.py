@@ -36,7 +36,7 @@ from client.policy import NodePolicy
 from shared.federation.node_dp import clipped_update
 from shared.federation.reports import NodeReport, Release
 from shared.federation.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
-from shared.federation.wire import encode, nbytes
+from shared.federation.wire import encode, nbytes, weights_problem
 from shared.recommender.finetune import tuned_checkpoint
 from shared.runs.config import RunConfig
 from shared.runs.quiet import quiet_third_party
@@ -85,7 +85,10 @@ class NodeRequest:
         torch.set_num_threads(max(1, int(node_config.get("num-threads", 1))))
         torch.set_flush_denormal(True)
         text_model = self.config.text_model
-        if text_encoder is not None:  # the federation's tuned layers: the same encoder as all
+        # the tuned encoder layers the server sent, refused as any weights it sends
+        self.encoder_problem = None if text_encoder is None else weights_problem(text_encoder)
+        if text_encoder is not None and self.encoder_problem is None:
+            # the federation's tuned layers: the same encoder as all
             layers = self.config.text_finetune_layers
             text_model = str(tuned_checkpoint(text_model, text_encoder, layers))
         self.node: NodeData = load_node(node_directory(settings, node_config), text_model)
@@ -96,6 +99,18 @@ class NodeRequest:
         self.valid_fraction = valid_fraction(settings)
         key_path = node_config.get("node-key") or self.node.directory / "privacy" / "node.key"
         self.key_path = Path(key_path)
+
+    def weights_refusal(self, *states: dict[str, torch.Tensor]) -> dict | None:
+        """A refusal when a model the server sent (its weights, the start's, the tuned encoder
+        layers) is not finite or beyond :data:`MAX_WEIGHT`, else None. Such weights can make
+        one customer's scores or gradient non-finite, which DP-SGD's clipping does not bound:
+        whether a release is NaN would then say whether a customer bought a given product. The
+        refusal depends on the server's message alone, never on the node's data."""
+        problems = [weights_problem(state) for state in states]
+        reason = self.encoder_problem or next((p for p in problems if p), None)
+        if not reason:
+            return None
+        return {"node": self.node.name, "refused": True, "reason": reason}
 
     def catalog_refusal(self) -> dict | None:
         """A refusal when this node holds another catalog than the server's (the global
@@ -170,8 +185,10 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             state = {
                 name: torch.tensor(value) for name, value in zip(names, parameters, strict=True)
             }
-            result = asked.catalog_refusal() or train_node(
-                asked.node, asked.config, state, asked.round, asked.policy
+            result = (
+                asked.catalog_refusal()
+                or asked.weights_refusal(state)
+                or train_node(asked.node, asked.config, state, asked.round, asked.policy)
             )
             if result.get("refused") or result.get(
                 "declined"
@@ -197,8 +214,12 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         """Train locally from the global weights; reply with weights, metrics and privacy spent."""
         asked = request(dict(msg.content["config"]), context, msg)
         state = msg.content["arrays"].to_torch_state_dict()
-        result = asked.catalog_refusal() or train_node(
-            asked.node, asked.config, state, asked.round, asked.policy, asked.valid_fraction
+        result = (
+            asked.catalog_refusal()
+            or asked.weights_refusal(state)
+            or train_node(
+                asked.node, asked.config, state, asked.round, asked.policy, asked.valid_fraction
+            )
         )
         metrics: dict[str, Any] = {}
         arrays = None
@@ -231,8 +252,12 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         they came from and, under DP, the signed release."""
         asked = request(dict(msg.content["config"]), context)
         weights = msg.content["arrays"].to_torch_state_dict()
-        result = asked.catalog_refusal() or tune_encoder_at_node(
-            asked.node, asked.config, weights, asked.round, asked.policy, asked.valid_fraction
+        result = (
+            asked.catalog_refusal()
+            or asked.weights_refusal(weights)
+            or tune_encoder_at_node(
+                asked.node, asked.config, weights, asked.round, asked.policy, asked.valid_fraction
+            )
         )
         arrays = None
         metrics: dict[str, Any] = {}
@@ -257,8 +282,10 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         DP, noisy and charged to the node's accountant under DP."""
         asked = request(dict(msg.content["config"]), context, msg)
         state = msg.content["arrays"].to_torch_state_dict()
-        result = asked.catalog_refusal() or evaluate_node(
-            asked.node, asked.config, state, asked.policy, asked.valid_fraction
+        result = (
+            asked.catalog_refusal()
+            or asked.weights_refusal(state)
+            or evaluate_node(asked.node, asked.config, state, asked.policy, asked.valid_fraction)
         )
         privacy = asked.report(result, None).to_record()
         counts = ("customers", "valid-customers")
@@ -277,8 +304,10 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         asked = request(dict(msg.content["config"]), context, msg)
         state = msg.content["arrays"].to_torch_state_dict()
         start = msg.content["start"].to_torch_state_dict()
-        result = asked.catalog_refusal() or guard_node(
-            asked.node, asked.config, state, start, asked.policy
+        result = (
+            asked.catalog_refusal()
+            or asked.weights_refusal(state, start)
+            or guard_node(asked.node, asked.config, state, start, asked.policy)
         )
         privacy = asked.report(result, None).to_record()
         metrics = {k: v for k, v in result.items() if k == "noisy_gain"}

@@ -55,6 +55,10 @@ DEPLOYED_MIN_EXACT_CUSTOMERS = 50
 DEPLOYED_MAX_EPOCHS = 10
 DEPLOYED_MAX_ROUNDS = 20
 DEPLOYED_MAX_STEPS = 10_000
+# the clipping norms a node accepts: below the lower end DP-SGD's noise (sigma x the norm)
+# reaches float32's denormals, which flush to zero on the node (some coordinates would leave
+# with no noise at all); above the upper end one step is about one customer's unbounded say
+CLIP_RANGE = (1e-3, 1e3)
 POLICY_KEYS = (
     "require-dp",
     "max-epsilon",
@@ -182,6 +186,14 @@ class NodePolicy:
                     f"the request's {name.replace('_', '-')} {sigma:g} is not a positive "
                     "number: a private answer needs noise"
                 )
+        low, high = CLIP_RANGE
+        if not low <= request.max_grad_norm <= high:
+            return (
+                f"the request's max-grad-norm {request.max_grad_norm:g} is outside "
+                f"[{low:g}, {high:g}] (below it DP-SGD's noise flushes to zero in float32)"
+            )
+        if not 0 < request.dp_lr < math.inf:
+            return f"the request's dp-lr {request.dp_lr:g} is not a positive number"
         # answers too exact for the budget: no DP-SGD noise could then meet it
         budget, delta = self.budget(request), self.delta(request, customers)
         releases = request.gaussian_releases(customers)

@@ -229,6 +229,12 @@ def register_nodes(federation: LocalFederation, nodes: list[Path]) -> Path:
     entries = {}
     for directory in nodes:
         info = NodeInfo.read(directory)
+        if info.customers is None:
+            raise DeployError(
+                f"{directory}/node.json declares no customers: the registry needs each node's "
+                'public customer figure (e.g. "customers": 2200), or its weight would be '
+                "whatever its replies claim"
+            )
         entries[federation.node_ids[directory.name]] = {
             "name": info.node,
             "catalog": info.catalog,

@@ -160,18 +160,22 @@ def aggregate(
 def _weighted_mean(name: str, reference: torch.Tensor, updates: list[NodeUpdate]) -> torch.Tensor:
     """Each row's (or the whole weight's) delta averaged over the nodes that sent it, weighted
     by node size; rows nobody sent get delta 0."""
-    total = torch.zeros_like(reference)
-    weights = torch.zeros(reference.shape[0] if reference.ndim else 1)
+    # in float64: the weights are customer figures, and a float32 sum of large ones loses them
+    total = torch.zeros_like(reference, dtype=torch.float64)
+    weights = torch.zeros(reference.shape[0] if reference.ndim else 1, dtype=torch.float64)
     for update in updates:
-        index, delta = _row_index(update, name), update.weight * _delta(update, name, reference)
+        index = _row_index(update, name)
+        delta = update.weight * _delta(update, name, reference).double()
         if index is None:
             total += delta
             weights += update.weight
         else:
             total.index_add_(0, index, delta)
-            weights.index_add_(0, index, torch.full((len(index),), float(update.weight)))
+            weights.index_add_(
+                0, index, torch.full((len(index),), float(update.weight), dtype=torch.float64)
+            )
     shape = (*reference.shape[:1], *[1] * max(reference.ndim - 1, 0))  # () for a scalar
-    return total / weights.clamp(min=1e-12).reshape(shape)
+    return (total / weights.clamp(min=1e-12).reshape(shape)).to(reference.dtype)
 
 
 class ServerOptimizer:

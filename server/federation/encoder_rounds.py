@@ -65,7 +65,11 @@ def tune_encoder(
             break
         clipped = clip_updates(weights, result.updates, config.row_clip)
         delta = aggregate(weights, result.updates, federation.strategy.method, config.trim_fraction)
-        weights = {name: value + delta[name] for name, value in weights.items()}
+        if all(torch.isfinite(value).all() for value in delta.values()):
+            weights = {name: value + delta[name] for name, value in weights.items()}
+        else:  # never applied, never saved: the encoder stays as the rounds before left it
+            log.error("encoder round %d: the aggregate is not finite; not applied", encoder_round)
+            result.rejected.append("aggregate: not finite, the round was not applied")
         history.append(
             {
                 "round": encoder_round,

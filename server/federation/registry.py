@@ -5,7 +5,7 @@ reply says of itself. The registry (``registry`` setting, a JSON file the operat
 registers each merchant's key) maps that id to what the operator knows publicly of the node::
 
     {"<flower node id>": {"name": "merchant-acme", "catalog": ["p0012", ...] | null,
-                          "customers": 2200 | null}}
+                          "customers": 2200}}
 
 With it, the server refuses replies from ids it does not know or that speak for another node,
 updates to rows of products the node does not sell, and weights above the registered customer
@@ -28,11 +28,12 @@ class RegistryError(ValueError):
 
 @dataclass(frozen=True)
 class RegisteredNode:
-    """One registered node: its name, the item indices it sells (None: all), its customers."""
+    """One registered node: its name, the item indices it sells (None: all), its declared
+    customers."""
 
     name: str
     rows: np.ndarray | None
-    customers: int | None
+    customers: int
 
 
 class Registry:
@@ -64,9 +65,13 @@ class Registry:
                         raise ValueError("its catalog names products the catalog lacks")
                     rows = np.sort(positions.astype(np.int64))
                 customers = entry.get("customers")
-                nodes[node_id] = RegisteredNode(
-                    name, rows, None if customers is None else int(customers)
-                )
+                if isinstance(customers, bool) or not isinstance(customers, int) or customers < 1:
+                    raise ValueError(
+                        f"customers must be its declared customer figure, a positive whole "
+                        f"number, got {customers!r} (without it the node's weight in the mean "
+                        "and its answers would be whatever it claims)"
+                    )
+                nodes[node_id] = RegisteredNode(name, rows, customers)
             except (KeyError, TypeError, ValueError) as error:
                 raise RegistryError(f"{path}: node {key!r}: {error}") from None
         return cls(nodes)
@@ -76,11 +81,8 @@ class Registry:
 
     @property
     def customers(self) -> int | None:
-        """The registered nodes' customers summed (None when a node's figure is unknown)."""
-        figures = [node.customers for node in self.nodes.values()]
-        if not figures or any(f is None for f in figures):
-            return None
-        return sum(figures)
+        """The registered nodes' customers summed (None: no node is registered)."""
+        return sum(node.customers for node in self.nodes.values()) or None
 
 
 def write_registry(path: Path, nodes: dict[int, dict]) -> None:

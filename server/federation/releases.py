@@ -6,9 +6,11 @@ under-reported, even when its update is then refused)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from flwr.app import Message
 
 from server.federation.strategy import FedRecStrategy
@@ -16,6 +18,7 @@ from server.privacy.ledger import PrivacyLedger
 from server.privacy.ledger_gaps import record_lost_contributions
 from server.privacy.node_keys import NodeKeys
 from shared.federation.reports import NodeReport, ReportError, parse_report
+from shared.federation.wire import load_arrays
 
 log = logging.getLogger("fedrec.server")
 
@@ -40,10 +43,12 @@ def privacy_reports(
     server_round: int,
     strategy: FedRecStrategy,
     private: bool = False,
+    sent: Mapping[str, torch.Tensor] | None = None,
 ) -> Reports:
     """Each reply's privacy report, parsed; the sender checked against the registry (if any)
     and a DP release against the node's key, this run and round, and the digest of the update
-    it came with. ``private`` (customer-level DP): an update without a signed release is
+    it came with, read against ``sent`` (the weights sent: an update where none were sent is
+    malformed). ``private`` (customer-level DP): an update without a signed release is
     refused, since its spending would be missing from the ledger."""
     received = Reports()
     for reply in replies:
@@ -66,15 +71,19 @@ def privacy_reports(
         if report.release is None and unreleased:
             received.rejected[sender] = "an update under DP without a signed release"
         elif report.release is not None:
-            arrays = (
-                {k: a.numpy() for k, a in reply.content["arrays"].items()}
-                if "arrays" in reply.content
-                else None
-            )
-            problem = verify_release(report, keys, arrays, run_id, server_round)
-            if problem:
-                received.rejected[report.node] = problem
-                log.warning("round %d, node %s: %s", server_round, report.node, problem)
+            try:
+                arrays = (
+                    load_arrays(reply.content["arrays"], sent or {})
+                    if "arrays" in reply.content
+                    else None
+                )
+            except ValueError as error:
+                problem = f"a malformed update: {error}"
+            else:
+                problem = verify_release(report, keys, arrays, run_id, server_round)
+            if problem:  # keyed by who sent it: the reply that is then left out
+                received.rejected[sender] = problem
+                log.warning("round %d, node %s: %s", server_round, sender, problem)
         received.reports.append(report)
     return received
 

@@ -199,7 +199,7 @@ class Federation:
         timeout = self.config.round_timeout or None
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         received = privacy_reports(
-            replies, self.keys, self.run_id, server_round, self.strategy, self.config.dp
+            replies, self.keys, self.run_id, server_round, self.strategy, self.config.dp, state
         )
         record_privacy(self.ledger, server_round, received.reports, message_type)
         if server_round == 1 and message_type == "train":

@@ -20,12 +20,17 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate, clip_updates
 from server.federation.denoising import CumulativeDenoiser, denoises
+from server.federation.guard import ANSWER_SPREAD
 from server.federation.registry import Registry
-from shared.federation.wire import ITEM_TABLES, decode
+from shared.federation.wire import ITEM_TABLES, decode, load_arrays
 from shared.recommender.metrics import EVALUATED
 from shared.runs.config import RunConfig
 
 log = logging.getLogger("fedrec.server")
+
+# the most customers one reply may speak for where no registry declares its node's figure: far
+# above any shop, and small enough that sums of weights and counts stay exact in float64
+MAX_CUSTOMERS = 1e9
 
 STRATEGIES = {  # name -> (aggregation, server optimiser)
     "fedavg": ("mean", "sgd"),
@@ -58,6 +63,8 @@ class FedRecStrategy(FedAvg):
         self.optimizer = ServerOptimizer(kind, config.server_lr)
         self.max_update_norm = max_update_norm
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
+        # customer-level DP: the nodes' evaluation answers are noisy sums
+        self.private, self.eval_noise = config.dp, config.eval_noise_multiplier
         self.denoiser = CumulativeDenoiser() if denoises(config, node_budget) else None
         self.registry: Registry | None = None  # set by the round loop in a deployment
 
@@ -93,8 +100,8 @@ class FedRecStrategy(FedAvg):
         registered = self.registry.lookup(reply.metadata.src_node_id)
         if registered is None:
             return f"Flower node {reply.metadata.src_node_id} is not in the registry"
-        claimed = reply_sender(reply)
-        if claimed not in (registered.name, str(reply.metadata.src_node_id)):
+        claimed = _report_name(reply)  # a report must name its node as registered
+        if claimed is not None and claimed != registered.name:
             return f"its report speaks for {claimed!r}, registered as {registered.name!r}"
         return None
 
@@ -107,16 +114,16 @@ class FedRecStrategy(FedAvg):
             if reply.has_error() or "arrays" not in reply.content:
                 continue
             node = self.sender(reply)
-            arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
             try:
                 if problem := self.identity_problem(reply):
                     raise ValueError(problem)
+                arrays = load_arrays(reply.content["arrays"], global_state)
                 weight = _weight(reply)
                 tensors, rows = decode(arrays, global_state)
                 if self.dense and rows:
                     raise ValueError("a row-sparse update under node-dp (it must be dense)")
                 if self.registry is not None:
-                    weight = self._check_registered(reply, rows, weight)
+                    weight = self._check_registered(reply, rows, weight, global_state)
                 norm = _update_norm(tensors, rows, global_state)
                 if norm > self.max_update_norm:
                     raise ValueError(f"update norm {norm:.3g} exceeds {self.max_update_norm:g}")
@@ -128,13 +135,18 @@ class FedRecStrategy(FedAvg):
         return updates, rejected
 
     def _check_registered(
-        self, reply: Message, rows: dict[str, np.ndarray], weight: float
+        self,
+        reply: Message,
+        rows: dict[str, np.ndarray],
+        weight: float,
+        global_state: dict[str, torch.Tensor],
     ) -> float:
-        """Rows only of the products the node is registered to sell, and a weight no larger
-        than its registered customers; returns the weight to use."""
+        """Rows only of the products the node is registered to sell (of the item tables the
+        exchange carries: the encoder rounds carry none), and a weight no larger than its
+        registered customers; returns the weight to use."""
         registered = self.registry.lookup(reply.metadata.src_node_id)
         if registered.rows is not None and not self.dense:
-            for name in ITEM_TABLES:
+            for name in (n for n in ITEM_TABLES if n in global_state):
                 if name in rows:
                     outside = np.setdiff1d(rows[name], registered.rows)
                     if len(outside):
@@ -143,9 +155,7 @@ class FedRecStrategy(FedAvg):
                         )
                 else:
                     raise ValueError(f"{name}: a whole item table from a node that sells part")
-        if registered.customers is not None:
-            weight = min(weight, float(registered.customers))
-        return weight
+        return min(weight, float(registered.customers))
 
     def apply(
         self,
@@ -176,48 +186,56 @@ class FedRecStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> dict[str, float | int | bool] | None:
         """The nodes' evaluation of the global model over all their customers: exact means
-        weighted by customers (never more than a registered node's declared customers), or,
-        under DP, the sum of the nodes' noisy sums over the sum of their noisy counts. A reply
-        that is not a well-formed evaluation is left out."""
-        replies = list(replies)
-        customers, sums, noisy, nodes = 0.0, dict.fromkeys(EVALUATED, 0.0), False, 0
+        weighted by customers, or, under DP (the run's setting, never the reply's say), the sum
+        of the nodes' noisy sums over the sum of their noisy counts; each reply speaks for at
+        most its declared customers (:meth:`declared_customers`; under DP plus
+        :data:`ANSWER_SPREAD` of its noise's stds). A reply that is not a well-formed
+        evaluation is left out."""
+        replies = [r for r in replies if not r.has_error() and self.identity_problem(r) is None]
+        private = self.private
+        count_key = "noisy_customers" if private else "customers"
+        keys = [count_key, *(f"noisy_sum_{k}" if private else k for k in EVALUATED)]
+        # each noisy column's std: the noise multiplier, scaled back by sqrt(columns)
+        spread = ANSWER_SPREAD * self.eval_noise * math.sqrt(len(keys))
+        customers, sums, nodes = 0.0, dict.fromkeys(EVALUATED, 0.0), 0
         for reply in replies:
-            if reply.has_error() or "metrics" not in reply.content:
+            if "metrics" not in reply.content:
                 continue
-            metrics = dict(reply.content["metrics"])
-            private = "noisy_customers" in metrics
-            count_key = "noisy_customers" if private else "customers"
-            keys = [count_key, *(f"noisy_sum_{k}" if private else k for k in EVALUATED)]
-            values = [metrics.get(k) for k in keys]
-            if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+            values = [reply.content["metrics"].get(k) for k in keys]
+            if not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values
+            ):
                 log.warning("round %d: an evaluation reply without %s", server_round, keys)
                 continue
             count, *rest = (float(v) for v in values)
-            if not private and (count < 0 or not all(0 <= v <= 1 for v in rest)):
+            limit = self.declared_customers(reply)
+            if private:
+                in_range = all(abs(v) <= limit + spread for v in (count, *rest))
+            else:
+                in_range = count >= 0 and all(0 <= v <= 1 for v in rest)
+            if not in_range:
                 log.warning("round %d: an evaluation reply out of range", server_round)
                 continue
-            if not private:
-                count = min(count, self.declared_customers(reply))
+            count = count if private else min(count, limit)
             customers += count
             for name, value in zip(EVALUATED, rest, strict=True):
                 sums[name] += value if private else value * count
-            noisy, nodes = noisy or private, nodes + 1
+            nodes += 1
         if customers <= 0:
             return None
         means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
         summary = {"round": server_round, "nodes": nodes, "customers": round(customers)}
-        valid = {} if noisy else _validation(server_round, replies, self.declared_customers)
-        return {**summary, "dp": noisy, **means, **valid}
+        valid = {} if private else _validation(server_round, replies, self.declared_customers)
+        return {**summary, "dp": private, **means, **valid}
 
     def declared_customers(self, reply: Message) -> float:
         """The most customers a reply may speak for: its registered node's declared figure
-        (a node cannot outweigh the others by claiming more), else no limit."""
+        (a node cannot outweigh the others by claiming more), else :data:`MAX_CUSTOMERS`."""
         registered = (
             None if self.registry is None else self.registry.lookup(reply.metadata.src_node_id)
         )
-        if registered is None or registered.customers is None:
-            return math.inf
-        return float(registered.customers)
+        return MAX_CUSTOMERS if registered is None else float(registered.customers)
 
 
 def _validation(
@@ -253,11 +271,17 @@ def _validation(
 
 def reply_sender(reply: Message) -> str:
     """The node a reply speaks for: its report's name, else Flower's node id."""
+    name = _report_name(reply)
+    return str(reply.metadata.src_node_id) if name is None else name
+
+
+def _report_name(reply: Message) -> str | None:
+    """The node its privacy report names (None: no report, or no name in it)."""
     if not reply.has_error() and reply.has_content() and "privacy" in reply.content:
         name = reply.content["privacy"].get("node")
         if isinstance(name, str):
             return name
-    return str(reply.metadata.src_node_id)
+    return None
 
 
 def _weight(reply: Message) -> float:
@@ -266,7 +290,7 @@ def _weight(reply: Message) -> float:
     value = metrics.get("num-examples")
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"num-examples must be a finite number, got {value!r}")
-    return max(float(value), 1.0)
+    return min(max(float(value), 1.0), MAX_CUSTOMERS)
 
 
 def _update_norm(

@@ -8,8 +8,13 @@ public catalog). Item tables travel row-sparse: a node sends only the rows it is
 
 from __future__ import annotations
 
+import io
+import math
+from collections.abc import Mapping
+
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 
 # item tables: parameter name -> offset of item 0's row (id_in has a padding row first)
 ITEM_TABLES = {"id_in.weight": 1, "id_scores.weight": 0, "id_scores.bias": 0}
@@ -36,6 +41,51 @@ def encode(
             out[name + ROWS] = index
         out[name] = array.astype(dtype) if array.dtype.kind == "f" else array
     return out
+
+
+def load_arrays(record: object, reference: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The arrays of a node's reply, each read only once it is known to be a plain numpy array
+    of a name ``reference`` expects and no larger than its place there (a hostile header can
+    declare any shape: it is checked against the bytes that follow before anything is
+    allocated). Raises ValueError naming what is wrong."""
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"the update is a {type(record).__name__}, expected an ArrayRecord")
+    limits = {name: value.numel() for name, value in reference.items()} | {
+        name + ROWS: reference[name].shape[0] for name in ITEM_TABLES if name in reference
+    }
+    arrays = {}
+    for name, array in record.items():
+        if name not in limits:
+            raise ValueError(f"unexpected array {name[:80]!r}")
+        arrays[name] = _read_npy(name, array, limits[name])
+    return arrays
+
+
+def _read_npy(name: str, array: object, limit: int) -> np.ndarray:
+    """One Array's values, at most ``limit`` of them, of a numeric dtype."""
+    if not isinstance(array, Array) or array.stype != "numpy.ndarray":
+        raise ValueError(f"{name}: not a numpy array")
+    buffer = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"format version {version}")
+        shape, fortran_order, dtype = read_header(buffer)
+    except (ValueError, OSError, SyntaxError, TypeError) as error:
+        raise ValueError(f"{name}: not a readable .npy array ({error})") from None
+    if dtype.hasobject or dtype.kind not in "fiu":
+        raise ValueError(f"{name}: dtype {dtype}, expected a number type")
+    count = math.prod(shape)
+    if count > limit:
+        raise ValueError(f"{name}: {count} values, at most {limit} expected")
+    if len(array.data) - buffer.tell() != count * dtype.itemsize:
+        raise ValueError(f"{name}: the data does not match its declared shape {shape}")
+    values = np.frombuffer(array.data, dtype=dtype, count=count, offset=buffer.tell())
+    return values.reshape(shape, order="F" if fortran_order else "C").copy()
 
 
 def decode(
@@ -78,6 +128,27 @@ def decode(
             raise ValueError(f"{name}: contains NaN or infinite values")
         tensors[name] = tensor
     return tensors, rows
+
+
+# no weight of a model the nodes are sent is anywhere near this (trained ones stay within about
+# 10); beyond it a crafted weight can overflow one customer's forward pass, and a non-finite
+# gradient passes DP-SGD's clipping: whether it appears would tell who bought what
+MAX_WEIGHT = 1e3
+
+
+def weights_problem(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a node must not compute on weights the server sent (None: it may): one that is
+    not finite, or larger than :data:`MAX_WEIGHT` in magnitude."""
+    for name, value in state.items():
+        if not value.is_floating_point():
+            continue
+        if not torch.isfinite(value).all():
+            return f"the server's {name[:80]} holds NaN or infinite values"
+        if (largest := float(value.abs().max()) if value.numel() else 0.0) > MAX_WEIGHT:
+            return (
+                f"the server's {name[:80]} holds a weight of {largest:.3g}, beyond {MAX_WEIGHT:g}"
+            )
+    return None
 
 
 def nbytes(arrays: dict[str, np.ndarray]) -> int:

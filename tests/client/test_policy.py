@@ -5,6 +5,7 @@ from its public customer figure, and its federated evaluation is noisy and charg
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -443,3 +444,26 @@ def test_the_closed_form_for_evaluations_agrees_with_the_prv_accountant() -> Non
     # six at sigma 2 and one at 2 / sqrt(18) compose into one at 1 / sqrt(1.5 + 4.5) = 1 / sqrt(6)
     assert releases_exceed(((2.0, 6), (2 / 18**0.5, 1)), epsilon * 0.98, delta)
     assert not releases_exceed(((2.0, 6), (2 / 18**0.5, 1)), epsilon * 1.02, delta)
+
+
+@pytest.mark.parametrize(
+    "setting, value, words",
+    [
+        ("max_grad_norm", 1e-37, "max-grad-norm"),  # its noise would flush to zero in float32
+        ("max_grad_norm", 1e6, "max-grad-norm"),
+        ("max_grad_norm", math.nan, "max-grad-norm"),
+        ("dp_lr", math.nan, "dp-lr"),
+        ("dp_lr", 0.0, "dp-lr"),
+        ("dp_lr", math.inf, "dp-lr"),
+    ],
+)
+def test_a_clipping_norm_or_step_a_node_cannot_add_noise_to_is_refused(
+    setting: str, value: float, words: str
+) -> None:
+    """A max-grad-norm of 1e-37 put the noise's std (sigma x the norm) among float32's
+    denormals, which the node flushes to zero: some coordinates left with no noise, and a
+    dp-lr of 1e37 scaled the clipped signal back up."""
+    request = RunConfig(dp=True, **{setting: value})
+    reason = NodePolicy().refusal(request, CUSTOMERS)
+    assert reason is not None and words in reason
+    assert NodePolicy().refusal(RunConfig(dp=True), CUSTOMERS) is None

@@ -152,3 +152,42 @@ def test_a_node_sends_weights_and_aggregates_only(
         for n, a in arrays.items()
         if not n.endswith(ROWS)
     )
+
+
+@pytest.mark.parametrize("crafted", [float("nan"), 1e20])
+@pytest.mark.parametrize("kind", ["train", "evaluate", "evaluate.guard"])
+def test_a_node_refuses_weights_that_could_single_out_a_customer(
+    node_dir: Path, tiny_bert_dir: Path, kind: str, crafted: float, monkeypatch
+) -> None:
+    """One product's history-side row set to NaN or 1e20 makes exactly the customers who
+    bought it score non-finite, and a non-finite gradient passes DP-SGD's clipping: the
+    release was NaN if and only if such a customer was sampled (the operator's one-bit
+    membership test). The node now refuses such weights before touching its data, spending
+    nothing."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=True, text_model=str(tiny_bert_dir))
+    node = load_node(str(node_dir), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    state = trainable_state(model)
+    state["id_in.weight"][3] = crafted
+    settings = settings_record(config, config.target_epsilon, node.catalog_digest, node_dir.parent)
+    settings["run-id"], settings["server-round"] = "r" * 64, 1
+    arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
+    records = {"arrays": arrays, "config": settings}
+    if kind == "evaluate.guard":
+        records["start"] = arrays
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-dir": str(node_dir), "min-exact-customers": 1},
+        state=RecordDict(),
+        run_config={},
+    )
+    accountant = node_dir / "privacy" / "accountant.json"
+    before = accountant.read_bytes() if accountant.exists() else None
+    reply = app(Message(RecordDict(records), dst_node_id=1, message_type=kind), context)
+    privacy = reply.content["privacy"]
+    assert privacy["refused"] is True and "the server's id_in.weight" in privacy["reason"]
+    assert "arrays" not in reply.content and not reply.content["metrics"]
+    assert (accountant.read_bytes() if accountant.exists() else None) == before  # no spending

@@ -5,6 +5,7 @@ survived, never a crash, and no single node can take over the global model."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -14,12 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from flwr.app import Array, ConfigRecord, Message
 from helpers import node_reply, release
 
-from server.federation.registry import Registry, RegistryError, write_registry
+from server.federation.registry import RegisteredNode, Registry, RegistryError, write_registry
 from server.federation.releases import note_unamplified, privacy_reports, record_privacy
 from server.federation.rounds import RoundResult
-from server.federation.strategy import FedRecStrategy
+from server.federation.strategy import MAX_CUSTOMERS, FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, verify_chain
 from server.privacy.ledger_gaps import record_lost_contributions
 from server.privacy.node_keys import NodeKeys
@@ -242,3 +244,133 @@ def test_nodes_sampling_every_customer_are_named_once_the_plan_has_more_than_two
         note_unamplified(reports, rounds=6)
     assert "1 node(s) (small)" in caplog.text and "each of the 6 rounds" in caplog.text
     assert "large" not in caplog.text and "evaluating" not in caplog.text
+
+
+# --- records that are not what they say, and numbers too large to add ------------------------
+
+
+def _header_only(rows: int) -> Array:
+    """A few hundred bytes whose .npy header declares ``rows`` x 10**9 float32 values."""
+    buffer = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (rows, 10**9)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return Array(
+        dtype="float32", shape=(rows, 10**9), stype="numpy.ndarray", data=buffer.getvalue()
+    )
+
+
+def _object_array() -> Array:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    return Array(dtype="O", shape=(1,), stype="numpy.ndarray", data=buffer.getvalue())
+
+
+@pytest.mark.parametrize("hostile", ["config record", "torch stype", "object", "header", "bytes"])
+def test_arrays_that_are_not_plain_numpy_arrays_are_refused_before_they_are_read(
+    tmp_path: Path, state, hostile
+) -> None:
+    """Each used to crash the round (an AttributeError, a TypeError, a pickle refusal) or to
+    allocate what a 200-byte header declared (36 GB): now the reply is left out, in training
+    and in the privacy check alike."""
+    evil = node_reply("evil", moved(state, 0.01), 10, privacy=release(node="evil"))
+    arrays = evil.content["arrays"]
+    table = arrays["id_in.weight"]
+    if hostile == "config record":
+        evil.content["arrays"] = ConfigRecord({"id_in.weight": 1})
+    elif hostile == "torch stype":
+        arrays["id_in.weight"] = Array(table.dtype, table.shape, "torch", table.data)
+    elif hostile == "object":
+        arrays["id_scores.bias"] = _object_array()
+    elif hostile == "header":
+        arrays["id_in.weight"] = _header_only(len(state["id_in.weight"]))
+    else:
+        arrays["id_in.weight"] = Array(
+            dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"garbage"
+        )
+    good = node_reply("good", moved(state, 0.01), 10)
+    updates, rejected = FedRecStrategy(RunConfig()).node_updates([evil, good], state)
+    assert [u.node for u in updates] == ["good"] and rejected[0].startswith("evil:")
+    received = privacy_reports(
+        [evil], NodeKeys(tmp_path / "keys"), "r", 1, FedRecStrategy(RunConfig()), True, state
+    )
+    assert "malformed update" in received.rejected["evil"]
+
+
+def test_a_weight_of_1e300_is_capped_and_the_mean_stays_finite(state) -> None:
+    """Without a registry a claimed size is all there is, but it can no longer make the
+    float32 mean NaN (which dropped every round); with one it is the registered figure."""
+    replies = [
+        node_reply("huge", moved(state, -0.03), 1e300),
+        node_reply("honest", moved(state, 0.01), 100),
+    ]
+    strategy = FedRecStrategy(RunConfig())
+    updates, rejected = strategy.node_updates(replies, state)
+    assert rejected == [] and max(u.weight for u in updates) == MAX_CUSTOMERS
+    new, _ = strategy.apply(state, updates)
+    assert all(torch.isfinite(v).all() for v in new.values())
+
+
+def test_a_registry_must_state_each_nodes_customers(tmp_path: Path) -> None:
+    """A registered node of unknown size would weigh whatever it claims."""
+    path = tmp_path / "registry.json"
+    for customers in (None, 0, "many", 2.5):
+        path.write_text(json.dumps({"7": {"name": "x", "catalog": None, "customers": customers}}))
+        with pytest.raises(RegistryError, match="node '7'.*customers"):
+            Registry.load(path, ITEMS)
+
+
+def _evaluation(node: str, **metrics: float) -> Message:
+    return node_reply(node, None, metrics=metrics)
+
+
+HONEST = {"customers": 100, "hr@10": 0.2, "ndcg@10": 0.1, "valid-customers": 50}
+HONEST |= {"valid-hr@10": 0.2, "valid-ndcg@10": 0.1}
+
+
+@pytest.mark.parametrize("key", ["customers", "valid-customers"])
+def test_customer_counts_too_large_to_add_are_bounded(key) -> None:
+    """Two nodes claiming 1.7e308 customers overflowed the sums (an OverflowError ended the
+    run); each reply now speaks for at most MAX_CUSTOMERS."""
+    honest = _evaluation("honest", **HONEST)
+    liars = [_evaluation(n, **(HONEST | {key: 1.7e308})) for n in ("e1", "e2")]
+    summary = FedRecStrategy(RunConfig()).aggregate_evaluate(1, [honest, *liars])
+    assert summary["customers"] <= 2 * MAX_CUSTOMERS + 100
+    assert summary["valid"]["users"] <= 2 * MAX_CUSTOMERS + 50
+
+
+def test_the_runs_setting_not_the_reply_says_whether_an_evaluation_is_private() -> None:
+    """In a run without DP a reply of noisy sums used to switch the round to private answers
+    (its validation then dropped, so the round was never a candidate); now it is not an
+    evaluation. Under DP a noisy answer beyond its declared customers is left out."""
+    noisy = {"noisy_customers": 1e-9, "noisy_sum_hr@10": 1e6, "noisy_sum_ndcg@10": 1e6}
+    honest, evil = _evaluation("honest", **HONEST), _evaluation("evil", **noisy)
+    summary = FedRecStrategy(RunConfig()).aggregate_evaluate(1, [honest, evil])
+    assert summary["dp"] is False and summary["nodes"] == 1 and summary["ndcg@10"] == 0.1
+    assert summary["valid"]["users"] == 50
+    private = FedRecStrategy(RunConfig(dp=True))
+    fair = {"noisy_customers": 99.0, "noisy_sum_hr@10": 21.0, "noisy_sum_ndcg@10": 9.5}
+    summary = private.aggregate_evaluate(1, [evil, _evaluation("fair", **fair)])
+    assert summary["dp"] is True and summary["nodes"] == 2  # no registry: bounded by 1e9
+    registry = Registry({len("evil"): RegisteredNode("evil", None, 100)})
+    private.registry = registry
+    assert private.aggregate_evaluate(1, [evil]) is None  # 1e6 is beyond 100 customers
+
+
+def test_a_report_that_names_its_node_id_instead_of_its_registered_name_is_refused(
+    registered, state
+) -> None:
+    """Its update was used and its ledger entries booked under the id, apart from its name."""
+    rows = dict.fromkeys(ITEM_TABLES, np.array([1, 3]))
+    reply = node_reply("101", moved(state, 0.01, rows), 10, node_id=101)
+    updates, rejected = registered.node_updates([reply], state)
+    assert updates == [] and "registered as 'merchant-a'" in rejected[0]
+
+
+def test_a_registered_merchant_may_send_the_encoders_weights(registered) -> None:
+    """The encoder rounds carry no item table: a merchant registered with a catalog was
+    refused for sending 'a whole item table' it never sent."""
+    layers = {"layer.0.w": torch.ones(4, 4), "layer.0.b": torch.ones(4)}
+    moved_layers = encode({k: v + 0.01 for k, v in layers.items()})
+    reply = node_reply("merchant-a", moved_layers, 10, node_id=101)
+    updates, rejected = registered.node_updates([reply], layers)
+    assert rejected == [] and [u.node for u in updates] == ["merchant-a"]

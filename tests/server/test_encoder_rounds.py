@@ -4,6 +4,7 @@ client/encoder.py), on Flower's simulation engine."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,23 @@ def test_a_malicious_node_moves_the_encoder_no_more_than_the_row_bound_allows(
         honest_norm = torch.full_like(value, 0.01).norm()
         moved = (weights[name] - value).norm()
         assert moved <= config.row_clip * honest_norm * (1 + 1e-4), name
+
+
+def test_an_encoder_aggregate_that_is_not_finite_is_never_applied_or_saved(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The model's rounds never applied a non-finite aggregate; the encoder's rounds saved it
+    (every later text embedding NaN, read back on resume too)."""
+    config = RunConfig(
+        text_model=str(tiny_bert_dir), text_finetune_layers=1, text_finetune_rounds=1
+    )
+
+    def answer(layers: dict) -> tuple[list[NodeUpdate], list[str]]:
+        return [NodeUpdate("n", 10.0, {k: v + math.inf for k, v in layers.items()})], []
+
+    public = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
+    weights, history = tune_encoder(ScriptedNodes(config, answer), tmp_path, show_progress=False)
+    assert all(torch.equal(weights[k], public[k]) for k in public)
+    assert "not finite" in history[0]["rejected"][-1]
+    saved = load_file(str(tmp_path / "text-encoder.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
