@@ -204,8 +204,11 @@ def train_private(
     Only the ``trainable`` part learns (see :data:`DP_TRAINABLE`): the fewer the weights, the
     less of the noise lands where there is no signal.
 
-    The caller accounts the ``epochs x 1/q`` steps (a node charges its accountant before it
-    trains, client/node.py; the centralized run states :func:`planned_epsilon`).
+    Every one of the ``epochs x 1/q`` steps is the Poisson-subsampled Gaussian mechanism at
+    ``noise_multiplier`` and rate q, also a step whose draw sampled no customer: it adds the
+    noise to a zero clipped sum, divided by ``expected_batch`` as every step is. The caller
+    accounts the steps (a node charges its accountant before it trains, client/node.py; the
+    centralized run states :func:`planned_epsilon`).
 
     Each Poisson batch is run as ``physical_batches`` passes over customers of similar history
     length, each trimmed to its own longest history (:func:`length_buckets`). Opacus sums their
@@ -243,7 +246,8 @@ def train_private(
     losses = []
     for _ in progress_bar(range(epochs * steps), "private training", disable=not show_progress):
         chosen = sampling.bernoulli(len(inputs), sample_rate)  # Poisson sampling
-        if not chosen.any():  # nothing released this step; the caller accounts it all the same
+        if not chosen.any():  # the step is taken all the same: a zero clipped sum, the noise
+            optimizer.step_without_samples()
             continue
         parts = length_buckets(inputs[chosen], targets[chosen], physical_batches)
         for index, (x, y) in enumerate(parts):

@@ -114,6 +114,21 @@ def test_dp_sgd_noise_is_not_the_seeded_generators_and_is_added_once() -> None:
         assert not torch.allclose(actual, replayed, atol=1e-3 * sigma * clip)
 
 
+def test_a_step_that_samples_no_customer_still_adds_the_noise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Poisson draw of no customer is still the subsampled Gaussian step the accountant
+    counts: the weights move by -lr x N(0, (sigma C)^2) / batch, as on any other step."""
+    monkeypatch.setattr(SecureRandom, "bernoulli", lambda self, n, p: torch.zeros(n, dtype=bool))
+    sigma, clip, lr, batch = 1.0, 0.05, 0.5, 7
+    start, noisy = private_step(0.0), private_step(sigma)
+    noise = {
+        k: (noisy[k] - start[k]) * (-batch / lr) for k in start if start[k].is_floating_point()
+    }
+    flat = torch.cat([v.flatten() for v in noise.values()])
+    assert float(flat.std()) == pytest.approx(sigma * clip, rel=0.1)
+
+
 def test_poisson_sampling_does_not_follow_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without noise, two runs at the same clock differ only if their samples do (rate 3/7,
     nine steps: equal samples every step has probability about 1e-18)."""
