@@ -30,8 +30,9 @@ from flwr.clientapp.typing import ClientAppCallable
 # deprecated path; SecAgg+ exists nowhere else in flwr 1.42
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.accountant import NodePrivacy
 from client.encoder import tune_encoder_at_node
-from client.node import NodeData, NodePrivacy, evaluate_node, guard_node, load_node, train_node
+from client.node import NodeData, evaluate_node, guard_node, load_node, train_node
 from client.policy import NodePolicy
 from shared.federation.node_dp import clipped_update
 from shared.federation.reports import NodeReport, Release

@@ -25,10 +25,10 @@ import math
 import numpy as np
 import torch
 
+from client.accountant import NodePrivacy
 from client.node import (
     PRIVACY_UNIT,
     NodeData,
-    NodePrivacy,
     encoder_plan,
     noise_multiplier,
     over_budget,
@@ -122,31 +122,31 @@ def _tune_private(
     histories: list[np.ndarray],
 ) -> dict:
     """One private encoder round at a node of ``customers`` (its public figure): checked
-    against the budget, charged (the accountant written to disk), then trained; a crash during
-    training over-counts, never forgets."""
+    against the budget and charged (the accountant written to disk) under the accountant's
+    lock, then trained; a crash during training over-counts, never forgets."""
+    prefix = node_prefix(node, config, resolve_device(config.device))
+    if reason := prefix.packing_refusal():  # before anything is charged
+        return {"node": node.name, "refused": True, "reason": reason}
     privacy = NodePrivacy(node.directory)
     delta, _, _, budget = privacy_plan(config, policy, customers)
     sample_rate, steps = encoder_plan(config, customers)
-    sigma = noise_multiplier(privacy, config, policy, customers)
-    event = (sigma, sample_rate, steps)
-    if reason := over_budget(privacy, delta, budget, event):
-        epsilon = privacy.epsilon_after(delta)
-        return {
-            "node": node.name,
-            "declined": True,
-            "epsilon": epsilon,
-            "delta": delta,
-            "reason": reason,
-        }
+    with privacy.locked():  # no other release of this node between the check and the charge
+        sigma = noise_multiplier(privacy, config, policy, customers)
+        event = (sigma, sample_rate, steps)
+        if reason := over_budget(privacy, delta, budget, event):
+            return {
+                "node": node.name,
+                "declined": True,
+                "epsilon": privacy.epsilon_after(delta),
+                "delta": delta,
+                "reason": reason,
+            }
+        epsilon, index = privacy.charge(event, delta)  # spent from here, whatever happens next
     # every customer is sampled at the same rate; one without a pair adds nothing to a step
     customer_pairs = [p for p in (consecutive_pairs([h]) for h in histories) if len(p)]
     catalog = scored_catalog(node, config)
     catalog = np.arange(len(node.items)) if catalog is None else catalog
-    prefix = node_prefix(node, config, resolve_device(config.device))
-    if reason := prefix.packing_refusal():  # before anything is charged
-        return {"node": node.name, "refused": True, "reason": reason}
     load_top_layers(prefix.encoder, weights, config.text_finetune_layers)
-    epsilon, index = privacy.charge(event, delta)  # spent from here, whatever happens next
     losses = train_top_layers_private(
         prefix,
         customer_pairs,

@@ -2,17 +2,15 @@
 
 The node's data directory never leaves the node. What the node returns is the trained weights
 (item tables limited to its own catalog) and aggregate numbers: customers, loss, and its privacy
-spending. Its accountant state is written to ``<data dir>/privacy/accountant.json`` (atomically,
-fsynced) BEFORE the update is handed back, so no crash can forget spending; it covers every
-federation that ever used this data directory.
+spending. Each release is checked against the budget and charged to the node's accountant
+(client/accountant.py: every federation that ever used this data directory, one at a time under
+a file lock) BEFORE anything computed under it is handed back, so no crash can forget spending.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from client.accountant import NodePrivacy
 from client.policy import NodePolicy
 from shared.data.dataset import Split, leave_one_out, load_dataset
 from shared.data.partition import cold_item_indices
@@ -33,8 +32,6 @@ from shared.recommender.text import embed_items
 from shared.recommender.training import (
     calibrate_noise,
     learns_reversed,
-    new_accountant,
-    prv_epsilon,
     steps_per_epoch,
     targets_within,
     train_epoch,
@@ -115,49 +112,6 @@ class CatalogView(torch.nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         return self.model(items)[..., self.columns]
-
-
-class NodePrivacy:
-    """The node's one accountant for all federations on its data, persisted as JSON."""
-
-    def __init__(self, directory: Path):
-        self.path = Path(directory) / "privacy" / "accountant.json"
-        self.state = (
-            json.loads(self.path.read_text())
-            if self.path.exists()
-            else {"accountant": {}, "contributions": 0, "noise_multiplier": None}
-        )
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            json.dump(self.state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-
-    @property
-    def receipts(self) -> Path:
-        """The node's own log of the signed reports it sent (``fedrec audit --receipts``)."""
-        return self.path.parent / "receipts.jsonl"
-
-    def epsilon_after(self, delta: float, extra: tuple[float, float, int] | None = None) -> float:
-        accountant = new_accountant(self.state["accountant"] or None)
-        if extra is not None:
-            accountant.history.append(extra)
-        return prv_epsilon(accountant, delta) if accountant.history else 0.0
-
-    def charge(self, event: tuple[float, float, int], delta: float) -> tuple[float, int]:
-        """Add ``event`` (noise multiplier, sample rate, steps) to the accountant and save it,
-        before anything computed under it leaves; returns the epsilon at ``delta`` and the
-        release's contribution index."""
-        accountant = new_accountant(self.state["accountant"] or None)
-        accountant.history.append(event)
-        self.state["accountant"] = accountant.state_dict()
-        self.state["contributions"] += 1
-        self.save()
-        return prv_epsilon(accountant, delta), self.state["contributions"] - 1
 
 
 def training_histories(
@@ -365,16 +319,22 @@ def _train_private(
     customers: int,
     device: str,
 ) -> dict:
+    """One private training round: checked against the budget and charged (the accountant
+    written to disk) under the accountant's lock, then trained; a crash during training
+    over-counts, never forgets."""
     privacy = NodePrivacy(node.directory)
     delta, sample_rate, round_steps, budget = privacy_plan(config, policy, customers)
-    sigma = noise_multiplier(privacy, config, policy, customers)
-    if reason := over_budget(privacy, delta, budget, (sigma, sample_rate, round_steps)):
-        return {
-            "declined": True,
-            "epsilon": privacy.epsilon_after(delta),
-            "delta": delta,
-            "reason": reason,
-        }
+    with privacy.locked():  # no other release of this node between the check and the charge
+        sigma = noise_multiplier(privacy, config, policy, customers)
+        event = (sigma, sample_rate, round_steps)
+        if reason := over_budget(privacy, delta, budget, event):
+            return {
+                "declined": True,
+                "epsilon": privacy.epsilon_after(delta),
+                "delta": delta,
+                "reason": reason,
+            }
+        epsilon, index = privacy.charge(event, delta)  # spent from here, whatever happens next
     spent = train_private(
         model,
         inputs,
@@ -384,24 +344,19 @@ def _train_private(
         noise_multiplier=sigma,
         max_grad_norm=config.max_grad_norm,
         lr=config.dp_lr,
-        delta=delta,
         device=device,
-        accountant_state=privacy.state["accountant"] or None,
         trainable=config.dp_train,
         population=customers,
     )
-    privacy.state["accountant"] = spent.accountant_state
-    privacy.state["contributions"] += 1
-    privacy.save()  # before anything leaves the node
     return {
         "loss": spent.loss,
-        "epsilon": spent.epsilon,
+        "epsilon": epsilon,
         "delta": delta,
         "noise_multiplier": sigma,
         "sample_rate": sample_rate,
-        "steps": spent.steps,
+        "steps": round_steps,
         "max_grad_norm": config.max_grad_norm,
-        "contribution_index": privacy.state["contributions"] - 1,
+        "contribution_index": index,
         "accountant": "prv",
         "mechanism": "poisson_subsampled_gaussian",
         "purpose": "training",
@@ -496,16 +451,17 @@ def _private_answer(
     accountant before anything leaves it; declined when it would exceed the node's budget."""
     privacy = NodePrivacy(node.directory)
     delta, _, _, budget = privacy_plan(config, policy, customers)
-    if reason := over_budget(privacy, delta, budget, (sigma, 1.0, 1)):
-        return {
-            "node": node.name,
-            "declined": True,
-            "epsilon": privacy.epsilon_after(delta),
-            "delta": delta,
-            "reason": reason,
-        }
-    sums = private_sums(values, sigma)
-    epsilon, index = privacy.charge((sigma, 1.0, 1), delta)  # before anything leaves the node
+    with privacy.locked():  # no other release of this node between the check and the charge
+        if reason := over_budget(privacy, delta, budget, (sigma, 1.0, 1)):
+            return {
+                "node": node.name,
+                "declined": True,
+                "epsilon": privacy.epsilon_after(delta),
+                "delta": delta,
+                "reason": reason,
+            }
+        sums = private_sums(values, sigma)
+        epsilon, index = privacy.charge((sigma, 1.0, 1), delta)  # before anything leaves
     return {
         "node": node.name,
         "sums": sums,

@@ -17,6 +17,7 @@ from shared.recommender.experiment import Experiment
 from shared.recommender.training import (
     calibrate_noise,
     learns_reversed,
+    planned_epsilon,
     steps_per_epoch,
     targets_within,
     train_epoch,
@@ -202,14 +203,14 @@ def _train_private(experiment: Experiment, show_progress: bool) -> dict:
         noise_multiplier=sigma,
         max_grad_norm=config.max_grad_norm,
         lr=config.dp_lr,
-        delta=delta,
         device=experiment.device,
         trainable=config.dp_train,
         show_progress=show_progress,
     )
+    epsilon = planned_epsilon(sigma, delta, sample_rate, spent.steps)  # by Opacus's PRV
     privacy = {
         "unit": "one customer's entire history (every event of one customer)",
-        "epsilon": spent.epsilon,
+        "epsilon": epsilon,
         "delta": delta,
         "accountant": "prv (opacus)",
         "noise_multiplier": sigma,
@@ -218,7 +219,7 @@ def _train_private(experiment: Experiment, show_progress: bool) -> dict:
         "max_grad_norm": config.max_grad_norm,
         "sampling": "poisson",
         "statement": (
-            f"Trained with DP-SGD: ({spent.epsilon:.3f}, {delta:.2e})-differential privacy "
+            f"Trained with DP-SGD: ({epsilon:.3f}, {delta:.2e})-differential privacy "
             "for each customer, covering everything that customer did in the training data. "
             "No decision was taken on validation data (fixed epochs)."
         ),

@@ -140,15 +140,3 @@ def customers() -> tuple[torch.Tensor, torch.Tensor]:
     histories = [rng.integers(0, 40, size=n) for n in (2, 3, 5, 7, 9, 4)]
     histories.append(np.array([3, 3, 3]))  # repeated items: the same table rows twice
     return trim(*training_tensors(histories, max_len=6))
-
-
-class NoiselessAccountant:
-    """Stands in for ``new_accountant`` without noise, which has no finite epsilon."""
-
-    def step(self, **_) -> None: ...
-
-    def get_epsilon(self, delta: float) -> float:
-        return float("inf")
-
-    def state_dict(self) -> dict:
-        return {}

@@ -6,6 +6,7 @@ private training actually runs.
 
 from __future__ import annotations
 
+import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
@@ -31,3 +32,12 @@ class SecureDPOptimizer(DPOptimizerFastGradientClipping):
             )
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+    def step_without_samples(self) -> None:
+        """The logical step of a Poisson draw that sampled no customer: a zero clipped sum
+        plus the noise, scaled and applied as every other step (the same mechanism, which
+        the accountant counts); skipping it would release no noise at all."""
+        self.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        self.step()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,15 +138,13 @@ def train_epoch(
 
 @dataclass
 class PrivateRound:
-    """What one private training session spent and did."""
+    """What one private training session did (its accounting is the caller's)."""
 
     steps: int
     sample_rate: float
     noise_multiplier: float
     max_grad_norm: float
-    epsilon: float
     loss: float
-    accountant_state: dict = field(repr=False, default_factory=dict)
 
 
 def new_accountant(state: dict | None = None):
@@ -195,9 +193,7 @@ def train_private(
     noise_multiplier: float,
     max_grad_norm: float,
     lr: float,
-    delta: float,
     device: str,
-    accountant_state: dict | None = None,
     trainable: str = "bias",
     show_progress: bool = False,
     physical_batches: int = 4,
@@ -206,9 +202,13 @@ def train_private(
     """DP-SGD (plain SGD) with Opacus ghost clipping and Poisson sampling of customers.
 
     Only the ``trainable`` part learns (see :data:`DP_TRAINABLE`): the fewer the weights, the
-    less of the noise lands where there is no signal. The accountant is restored from
-    ``accountant_state`` and its new state is returned: one accountant per node for the whole
-    federation, never a fresh one per round.
+    less of the noise lands where there is no signal.
+
+    Every one of the ``epochs x 1/q`` steps is the Poisson-subsampled Gaussian mechanism at
+    ``noise_multiplier`` and rate q, also a step whose draw sampled no customer: it adds the
+    noise to a zero clipped sum, divided by ``expected_batch`` as every step is. The caller
+    accounts the steps (a node charges its accountant before it trains, client/node.py; the
+    centralized run states :func:`planned_epsilon`).
 
     Each Poisson batch is run as ``physical_batches`` passes over customers of similar history
     length, each trimmed to its own longest history (:func:`length_buckets`). Opacus sums their
@@ -229,7 +229,6 @@ def train_private(
     from shared.recommender.dp_optimizer import SecureDPOptimizer
 
     steps, sample_rate = steps_per_epoch(population or len(inputs), expected_batch)
-    accountant = new_accountant(accountant_state)
     model.to(device).train()
     parameters = select_trainable(model, trainable)
     module = GradSampleModuleFastGradientClipping(
@@ -247,8 +246,8 @@ def train_private(
     losses = []
     for _ in progress_bar(range(epochs * steps), "private training", disable=not show_progress):
         chosen = sampling.bernoulli(len(inputs), sample_rate)  # Poisson sampling
-        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-        if not chosen.any():  # nothing released this step; it is still accounted above
+        if not chosen.any():  # the step is taken all the same: a zero clipped sum, the noise
+            optimizer.step_without_samples()
             continue
         parts = length_buckets(inputs[chosen], targets[chosen], physical_batches)
         for index, (x, y) in enumerate(parts):
@@ -264,9 +263,7 @@ def train_private(
         sample_rate=sample_rate,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        epsilon=prv_epsilon(accountant, delta),
         loss=float(np.mean(losses)) if losses else float("nan"),
-        accountant_state=accountant.state_dict(),
     )
 
 

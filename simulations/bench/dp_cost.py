@@ -64,7 +64,6 @@ def measure(args: argparse.Namespace) -> dict:
             noise_multiplier=1.0,
             max_grad_norm=config.max_grad_norm,
             lr=config.dp_lr,
-            delta=1e-5,
             device=experiment.device,
             trainable=config.dp_train,
         )

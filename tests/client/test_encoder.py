@@ -12,9 +12,9 @@ import torch
 from helpers import TEST_DEVICE
 from transformers import AutoModel
 
+from client.accountant import NodePrivacy
 from client.encoder import node_steps, tune_encoder_at_node
 from client.node import (
-    NodePrivacy,
     encoder_plan,
     load_node,
     privacy_plan,

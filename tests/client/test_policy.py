@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import TEST_DEVICE, TINY, TINY_SETTINGS
 
+from client.accountant import NodePrivacy
 from client.node import (
-    NodePrivacy,
     evaluate_node,
     guard_node,
     load_node,

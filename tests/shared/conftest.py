@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import NoiselessAccountant
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +18,3 @@ def synth_item_text(synth_dataset_dir: Path):
 
     items = load_dataset(synth_dataset_dir).items
     return torch.from_numpy(embed_items(items, show_progress=False))
-
-
-@pytest.fixture
-def no_accounting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The accountant is beside the point here; it would only cost time."""
-    monkeypatch.setattr(
-        "shared.recommender.training.new_accountant", lambda state: NoiselessAccountant()
-    )

@@ -68,7 +68,6 @@ def test_ghost_norms_match_brute_force_when_part_is_frozen(trainable: str, id_sc
     torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.usefixtures("no_accounting")
 @pytest.mark.parametrize("physical_batches", [1, 3])
 def test_a_private_step_is_the_mean_clipped_gradient_however_the_batch_is_split(
     physical_batches: int,
@@ -97,7 +96,6 @@ def test_a_private_step_is_the_mean_clipped_gradient_however_the_batch_is_split(
         noise_multiplier=0.0,
         max_grad_norm=clip,
         lr=lr,
-        delta=1e-5,
         device=TEST_DEVICE,
         trainable="all",
         physical_batches=physical_batches,
@@ -155,7 +153,6 @@ def test_ghost_norms_match_brute_force_with_dropout(dropout: float) -> None:
         torch.testing.assert_close(expected, one_at_a_time, rtol=1e-6, atol=1e-10)
 
 
-@pytest.mark.usefixtures("no_accounting")
 @pytest.mark.parametrize(
     "case", ["dropout", "two layers", "merchant", "bias only", "text", "text merchant"]
 )
@@ -202,7 +199,6 @@ def test_a_private_step_is_the_mean_clipped_gradient_in_every_setting(
         noise_multiplier=0.0,
         max_grad_norm=clip,
         lr=lr,
-        delta=1e-5,
         device=TEST_DEVICE,
         trainable=trainable,
         physical_batches=passes,

@@ -83,7 +83,6 @@ def private_step(
         noise_multiplier=noise_multiplier,
         max_grad_norm=0.05,
         lr=0.5,
-        delta=1e-5,
         device=TEST_DEVICE,
         trainable="all",
         physical_batches=passes,
@@ -91,13 +90,11 @@ def private_step(
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.usefixtures("no_accounting")
 def test_two_private_runs_with_the_same_seed_release_different_weights() -> None:
     first, second = private_step(1.0), private_step(1.0)
     assert not torch.allclose(first["id_scores.bias"], second["id_scores.bias"])
 
 
-@pytest.mark.usefixtures("no_accounting")
 def test_dp_sgd_noise_is_not_the_seeded_generators_and_is_added_once() -> None:
     """Every customer is sampled (rate 1), so the noise is the noisy step minus the noise-free
     one, times -batch / lr. It is N(0, (sigma C)^2) once per step, though the step runs as three
@@ -117,7 +114,21 @@ def test_dp_sgd_noise_is_not_the_seeded_generators_and_is_added_once() -> None:
         assert not torch.allclose(actual, replayed, atol=1e-3 * sigma * clip)
 
 
-@pytest.mark.usefixtures("no_accounting")
+def test_a_step_that_samples_no_customer_still_adds_the_noise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Poisson draw of no customer is still the subsampled Gaussian step the accountant
+    counts: the weights move by -lr x N(0, (sigma C)^2) / batch, as on any other step."""
+    monkeypatch.setattr(SecureRandom, "bernoulli", lambda self, n, p: torch.zeros(n, dtype=bool))
+    sigma, clip, lr, batch = 1.0, 0.05, 0.5, 7
+    start, noisy = private_step(0.0), private_step(sigma)
+    noise = {
+        k: (noisy[k] - start[k]) * (-batch / lr) for k in start if start[k].is_floating_point()
+    }
+    flat = torch.cat([v.flatten() for v in noise.values()])
+    assert float(flat.std()) == pytest.approx(sigma * clip, rel=0.1)
+
+
 def test_poisson_sampling_does_not_follow_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without noise, two runs at the same clock differ only if their samples do (rate 3/7,
     nine steps: equal samples every step has probability about 1e-18)."""

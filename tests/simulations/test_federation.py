@@ -18,7 +18,8 @@ import pytest
 import torch
 from helpers import TEST_DEVICE, TINY
 
-from client.node import NodePrivacy, load_node, train_node, training_histories
+from client.accountant import NodePrivacy
+from client.node import load_node, train_node, training_histories
 from server.federation.rounds import Checkpoint
 from server.privacy.ledger import read_ledger, verify_chain
 from shared.data.dataset import leave_one_out, load_dataset

@@ -1,0 +1,110 @@
+"""A node's one privacy accountant, for every federation that ever used its data directory.
+
+The state (Opacus's PRV history, the number of releases charged, the node's noise multiplier)
+is ``<data dir>/privacy/accountant.json``. Several processes may charge it at once (two
+federations on one SuperNode or one data directory), so every read, check and charge runs under
+:meth:`NodePrivacy.locked`: an exclusive ``flock`` (POSIX; the node runs on Linux) on
+``privacy/accountant.lock`` that re-reads the state. No charge is lost, no two releases share a
+contribution index, and a budget is checked against every charge before it. The state is
+written to a temporary file of the writer's own, fsynced and renamed over the old one: a crash
+leaves the old state or the new, never part of either. A release is charged before anything
+computed under it leaves the node, so a crash can over-count spending, never forget it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from shared.recommender.training import new_accountant, prv_epsilon
+from shared.runs.durable import fsync_dir
+
+Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps) of one release
+
+
+class NodePrivacy:
+    """The node's accountant, read from its data directory. A release checks and charges it
+    in one locked block, which no other process can interleave::
+
+        with privacy.locked():  # waits for another release's block; re-reads the state
+            if over_budget(privacy, delta, budget, event) is None:
+                epsilon, index = privacy.charge(event, delta)  # saved when it returns
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / "privacy" / "accountant.json"
+        self.lock_path = self.path.with_suffix(".lock")
+        self._lock: int | None = None  # the lock file's descriptor while this object holds it
+        self.state = self._read()
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {"accountant": {}, "contributions": 0, "noise_multiplier": None}
+        return json.loads(self.path.read_text())
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[NodePrivacy]:
+        """Hold the node's accountant lock for the block, waiting while another process holds
+        it, and re-read the state under it (changes made to ``state`` before are dropped). A
+        block nested in one of the same object holds it once; the OS releases it if the
+        process dies."""
+        if self._lock is not None:
+            yield self
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            self._lock = descriptor
+            self.state = self._read()
+            yield self
+        finally:
+            self._lock = None
+            os.close(descriptor)  # closing releases the lock
+
+    def save(self) -> None:
+        """Write the state atomically and durably (under :meth:`locked` where others write)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, tmp = tempfile.mkstemp(
+            prefix=f"{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(self.state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(self.path.parent)
+
+    @property
+    def receipts(self) -> Path:
+        """The node's own log of the signed reports it sent (``fedrec audit --receipts``)."""
+        return self.path.parent / "receipts.jsonl"
+
+    def epsilon_after(self, delta: float, extra: Event | None = None) -> float:
+        """The epsilon at ``delta`` of what the state holds, with ``extra`` if given."""
+        accountant = new_accountant(self.state["accountant"] or None)
+        if extra is not None:
+            accountant.history.append(extra)
+        return prv_epsilon(accountant, delta) if accountant.history else 0.0
+
+    def charge(self, event: Event, delta: float) -> tuple[float, int]:
+        """Add ``event`` to the accountant and save it, under the lock (taken here, and the
+        state re-read, unless the caller holds it), before anything computed under it leaves;
+        returns the epsilon at ``delta`` and the release's contribution index."""
+        with self.locked():
+            accountant = new_accountant(self.state["accountant"] or None)
+            accountant.history.append(event)
+            self.state["accountant"] = accountant.state_dict()
+            self.state["contributions"] += 1
+            self.save()
+            index = self.state["contributions"] - 1
+        return prv_epsilon(accountant, delta), index
