@@ -34,9 +34,10 @@ class SecureDPOptimizer(DPOptimizerFastGradientClipping):
             _mark_as_processed(p.summed_grad)
 
     def step_without_samples(self) -> None:
-        """The logical step of a Poisson draw that sampled no customer: a zero clipped sum
-        plus the noise, scaled and applied as every other step (the same mechanism, which
-        the accountant counts); skipping it would release no noise at all."""
+        """The step (or part of one) of a Poisson draw that sampled no customer, or none whose
+        gradient could be computed: a zero clipped sum, then the noise, scaled and applied as
+        every other step (the same mechanism, which the accountant counts); skipping it would
+        release no noise at all."""
         self.zero_grad(set_to_none=True)
         for p in self.params:
             p.grad = torch.zeros_like(p)

@@ -96,11 +96,17 @@ def _clipped_sum(
         losses.sum().backward()
     per_customer = [p.grad_sample for p in parameters]
     norms = torch.sqrt(sum((g.reshape(count, -1) ** 2).sum(1) for g in per_customer))
-    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-    summed = [torch.einsum("c,c...->...", factor, g) for g in per_customer]
+    # a customer whose gradient is not finite (weights the server chose can make one product's
+    # text overflow) is left out: a rule about that customer alone, so the sensitivity holds
+    finite = torch.isfinite(norms)
+    factor = torch.where(finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)
+    summed = [
+        torch.einsum("c,c...->...", factor, g.masked_fill(~finite.view(-1, *[1] * (g.ndim - 1)), 0))
+        for g in per_customer
+    ]
     for p in parameters:
         p.grad_sample, p.grad = None, None
-    return summed, losses.detach().sum().item()
+    return summed, losses.detach()[finite].sum().item()
 
 
 def train_top_layers_private(

@@ -251,12 +251,14 @@ def train_private(
             continue
         parts = length_buckets(inputs[chosen], targets[chosen], physical_batches)
         for index, (x, y) in enumerate(parts):
-            loss = criterion(module(x.to(device)), y.to(device))
-            optimizer.zero_grad(set_to_none=True)  # keeps the step's clipped sum so far
-            loss.backward()
+            loss, kept = clipped_backward(module, criterion, optimizer, x.to(device), y.to(device))
             optimizer.signal_skip_step(do_skip=index < len(parts) - 1)  # noise once, at the end
+            if loss is None:  # no customer of this part could be computed on
+                optimizer.step_without_samples()
+                continue
             optimizer.step()
-            losses.append(float(loss.item()) / max(int((y >= 0).sum()), 1) * len(x))
+            positions = int((y[kept.cpu()] >= 0).sum())
+            losses.append(float(loss.item()) / max(positions, 1) * int(kept.sum()))
     module.to_standard_module()
     return PrivateRound(
         steps=epochs * steps,
@@ -265,6 +267,33 @@ def train_private(
         max_grad_norm=max_grad_norm,
         loss=float(np.mean(losses)) if losses else float("nan"),
     )
+
+
+def clipped_backward(
+    module: nn.Module,
+    criterion: Callable,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Backpropagate one part's clipped per-customer gradients (Opacus ghost clipping, added
+    to the step's clipped sum at ``optimizer.step``). A customer whose gradient is not finite
+    is left out: DP-SGD's clipping does not bound a NaN, and weights the server chose can make
+    exactly the customers with some product in their history overflow. Leaving each such
+    customer out depends on that customer alone, so every customer still moves the sum by at
+    most ``max-grad-norm``. Returns the part's loss (None: no customer left) and which of its
+    customers were kept."""
+    kept = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    while kept.any():
+        optimizer.zero_grad(set_to_none=True)  # keeps the step's clipped sum so far
+        loss = criterion(module(x[kept]), y[kept])
+        loss.backward()
+        finite = torch.isfinite(module.per_sample_gradient_norms)
+        if finite.all():
+            return loss, kept
+        kept[kept.clone()] = finite
+    optimizer.zero_grad(set_to_none=True)
+    return None, kept
 
 
 def length_buckets(

@@ -212,3 +212,45 @@ def test_a_private_step_is_the_mean_clipped_gradient_in_every_setting(
     for name, parameter in model.named_parameters():
         if name not in learning:
             assert torch.equal(parameter.detach().cpu(), before[name])
+
+
+@pytest.mark.parametrize("crafted", [float("nan"), 1e200])
+@pytest.mark.parametrize("physical_batches", [1, 3])
+def test_a_customer_whose_gradient_is_not_finite_is_left_out_of_the_step(
+    crafted: float, physical_batches: int
+) -> None:
+    """An operator's membership test: one product's history-side row set to NaN (or to a
+    value that overflows) made the clipped sum NaN exactly when a customer who bought it was
+    sampled. That customer now contributes nothing; the step is the one the other customers
+    alone give, and the released weights stay finite."""
+    x, y = customers()
+    product = int(x[0][x[0] > 0][0])  # a product in the first customer's history
+    holders = (x == product).any(1)
+    assert 0 < int(holders.sum()) < len(x)
+    released = []
+    for rows in (torch.ones(len(x), dtype=torch.bool), ~holders):
+        model = tiny_model()
+        with torch.no_grad():
+            model.id_in.weight[product] = crafted
+        train_private(
+            model,
+            x[rows],
+            y[rows],
+            epochs=1,
+            expected_batch=len(x),
+            noise_multiplier=0.0,
+            max_grad_norm=0.05,
+            lr=0.5,
+            device=TEST_DEVICE,
+            trainable="all",
+            physical_batches=physical_batches,
+        )
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state["id_in.weight"] = torch.cat(  # the crafted row is the server's, not a release
+            [state["id_in.weight"][:product], state["id_in.weight"][product + 1 :]]
+        )
+        released.append(state)
+    everyone, others = released
+    for name, value in everyone.items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, others[name])

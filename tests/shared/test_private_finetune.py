@@ -3,6 +3,7 @@ each customer's gradient clipped on its own, and randomness no seed reproduces."
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
 
+from shared.recommender import private_finetune
 from shared.recommender.finetune import FrozenPrefix, top_layers
 from shared.recommender.private_finetune import (
     NEGATIVES,
@@ -119,3 +121,34 @@ def test_the_noise_and_sampling_come_from_the_os_not_from_a_seed(
     assert not any(
         hasattr(p, "grad_sample") and p.grad_sample is not None for p in prefix.top.parameters()
     )
+
+
+def test_a_customer_whose_encoder_gradient_is_not_finite_is_left_out(
+    prefix: FrozenPrefix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers the server chose can make one product's text overflow, and a NaN passes the
+    clipping: the clipped sum is now that of the other customers, finite."""
+    rows = np.array(
+        [[0, 1, *range(20, 27)], [2, 3, *range(21, 28)], [4, 5, 20, 0, 1, 2, 3, 4, 5]],
+        dtype=np.int64,
+    )
+    model = prefix.encoder.model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    parameters = prefix.trainable_top()
+    sampler = GradSampleModule(prefix.top, loss_reduction="sum")
+    try:
+        clean, _ = _clipped_sum(prefix, rows[[0, 2]], parameters, 0.1)
+        honest = private_finetune.customer_losses
+        poisoned = torch.tensor([1.0, math.nan, 1.0])
+        monkeypatch.setattr(
+            private_finetune, "customer_losses", lambda p, r: honest(p, r) * poisoned[: len(r)]
+        )
+        summed, loss = _clipped_sum(prefix, rows, parameters, 0.1)
+    finally:
+        sampler.to_standard_module()
+    assert math.isfinite(loss)
+    for got, want in zip(summed, clean, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
