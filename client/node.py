@@ -162,10 +162,11 @@ def train_node(
     if scored is not None:
         targets = targets_within(targets, torch.as_tensor(scored), model.config.num_items)
     catalog = scored if scored is not None else np.arange(model.config.num_items)
-    report: dict = {"customers": len(histories), "node": node.name, "reversed": backwards}
+    # under either DP the public figure, never the exact count
+    stated = customers if config.dp or config.node_dp else len(histories)
+    report: dict = {"customers": stated, "node": node.name, "reversed": backwards}
     trainee = CatalogView(model, scored) if scored is not None else None
     if config.dp:
-        report["customers"] = customers  # the public figure, never the exact count
         private = _train_private(
             node, config, policy, trainee or model, inputs, targets, customers, device
         )

@@ -467,3 +467,11 @@ def test_a_clipping_norm_or_step_a_node_cannot_add_noise_to_is_refused(
     reason = NodePolicy().refusal(request, CUSTOMERS)
     assert reason is not None and words in reason
     assert NodePolicy().refusal(RunConfig(dp=True), CUSTOMERS) is None
+
+
+def test_under_node_level_dp_a_node_states_its_public_figure(node_setup) -> None:
+    """Its weight in the mean went out as its exact customer count."""
+    node, config, state = node_setup
+    request = RunConfig(**{**config.to_dict(), "dp": False, "node_dp": True})
+    report = train_node(node, request, state, server_round=1)
+    assert report["customers"] == NodeInfo.read(node.directory).customers
