@@ -76,8 +76,15 @@ def node_customers(partitions: Path | None, registry: Registry | None) -> list[i
 def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     """The guarantee per node and for the federation, from the ledger's releases. The headline
     ``epsilon`` is the federation's guarantee that applies to the partition (the worst node
-    when a customer is at one node only, the composition over every node otherwise)."""
+    when a customer is at one node only, the composition over every node otherwise), and
+    never below what a refused report claims spent (``unverified``: the largest epsilon each
+    such node claimed, never recomputed)."""
     contributions = [e for e in ledger.entries if e["kind"] == "contribution"]
+    claims: dict[str, float] = {}
+    for entry in ledger.entries:
+        if entry["kind"] == "unverified" and "epsilon" in entry:
+            claims[entry["node"]] = max(claims.get(entry["node"], 0.0), entry["epsilon"])
+    unverified = {"unverified": claims} if claims else {}
     nodes: dict[str, dict] = {}
     for entry in contributions:
         nodes[entry["node"]] = {
@@ -86,11 +93,26 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             "contributions": entry["contribution_index"] + 1,
         }
     if not contributions:
-        return {"unit": NODE_UNIT, "per_node": {}, "statement": "No node contributed."}
+        claim = max(claims.values(), default=None)
+        statement = "No node contributed." + (
+            f" Refused reports claim up to epsilon {claim:.3f} ('unverified')." if claims else ""
+        )
+        return {"unit": NODE_UNIT, "per_node": {}, **unverified, "statement": statement}
     federation = accounting.federation_guarantee(
         contributions, config.delta or None, config.partition
     )
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
+    epsilon = max(epsilon, *claims.values())
+    statement = (
+        f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
+        f"({epsilon:.3f}, {delta:.3g})-differential privacy for each customer, the unit "
+        f"being {federation['unit']}; each node's own guarantee is in 'per_node'."
+    )
+    if claims:
+        statement += (
+            f" Refused reports of {len(claims)} node(s) claim spending the server could not "
+            "verify ('unverified'); epsilon is never below what they claim."
+        )
     return {
         "unit": federation["unit"],
         "accountant": "prv (opacus) at each node; the federation by dp-accounting PLD",
@@ -99,9 +121,6 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         "target_epsilon": config.target_epsilon,
         "per_node": nodes,
         "federation": federation,
-        "statement": (
-            f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
-            f"({epsilon:.3f}, {delta:.3g})-differential privacy for each customer, the unit "
-            f"being {federation['unit']}; each node's own guarantee is in 'per_node'."
-        ),
+        **unverified,
+        "statement": statement,
     }

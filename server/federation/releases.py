@@ -1,23 +1,32 @@
 """The nodes' privacy reports as a round's replies arrive: each parsed, its sender checked
-against the registry, its signed release against the node's key, this run and this round, and
-recorded in the ledger before anything else is done with the reply (a node's spending is never
-under-reported, even when its update is then refused)."""
+against the registry, its signed release against the run's plan (server/federation/
+release_bounds.py), the node's key, this run and this round, and recorded in the ledger before
+anything else is done with the reply (a node's spending is never under-reported, even when its
+update is then refused: a report refused for any of these reasons is recorded as an
+``unverified`` entry with the epsilon it claims, never recomputed)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from flwr.app import Message
 
+from server.federation.release_bounds import release_problem
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger
 from server.privacy.ledger_gaps import record_lost_contributions
 from server.privacy.node_keys import NodeKeys
-from shared.federation.reports import NodeReport, ReportError, parse_report
+from shared.federation.reports import (
+    MAX_TEXT,
+    NodeReport,
+    ReportError,
+    claimed_epsilon,
+    parse_report,
+)
 from shared.federation.wire import load_arrays
 
 log = logging.getLogger("fedrec.server")
@@ -26,14 +35,75 @@ log = logging.getLogger("fedrec.server")
 @dataclass
 class Reports:
     """The privacy reports of one exchange, parsed, and the nodes whose replies are not to be
-    used (a malformed report, or a release that does not verify), with why."""
+    used (a malformed report, or a release that does not verify), with why; ``unverified``:
+    the ledger fields of each refused report, with the epsilon it claims where it states one."""
 
     reports: list[NodeReport] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    unverified: list[dict] = field(default_factory=list)
 
     def trusted(self, replies: list[Message], strategy: FedRecStrategy) -> list[Message]:
         """The replies whose report parsed and verified (or that carry none)."""
         return [r for r in replies if strategy.sender(r) not in self.rejected]
+
+    def receive(
+        self,
+        sender: str,
+        record: dict,
+        identity: str | None,
+        check: tuple[NodeKeys, str, int, FedRecStrategy],
+        arrays: dict[str, np.ndarray] | None = None,
+        unreleased: bool = False,
+    ) -> None:
+        """Take ``sender``'s privacy ``record``: parsed, refused for its ``identity`` problem
+        (if any), its release bounded by the run's plan and verified (``check``: the node keys,
+        run id, round and strategy; ``arrays``: the update it signs, when the server sees it).
+        ``unreleased``: an update under customer-level DP, refused without a signed release."""
+        keys, run_id, server_round, strategy = check
+        try:
+            if identity:
+                raise ReportError(identity)
+            report = parse_report(record)
+        except ReportError as error:
+            why = f"privacy report refused: {error}"
+            self.refuse(sender, why, server_round, claimed_epsilon(record))
+            return
+        release = report.release
+        if release is None:
+            if unreleased:
+                self.rejected[sender] = "an update under DP without a signed release"
+            self.reports.append(report)
+            return
+        problem = release_problem(release, strategy.config)
+        if problem is not None:
+            problem = f"release refused as malformed: {problem}"
+        else:
+            problem = verify_release(report, keys, arrays, run_id, server_round)
+        if problem:
+            self.refuse(sender, problem, server_round, release.epsilon, report.signed())
+        else:
+            self.reports.append(report)
+
+    def refuse(
+        self,
+        node: str,
+        why: str,
+        server_round: int,
+        epsilon: float | None,
+        release: dict | None = None,
+    ) -> None:
+        """Leave ``node``'s reply out for ``why``; keep for the ledger what its report claims
+        was spent: its ``epsilon`` (None: it states none) and its ``release`` as sent, when
+        it parsed."""
+        why = why[:MAX_TEXT]
+        self.rejected[node] = why
+        log.warning("round %d, node %s: %s", server_round, node[:MAX_TEXT], why)
+        entry: dict = {"node": node[:MAX_TEXT], "reason": why}
+        if epsilon is not None:
+            entry["epsilon"] = epsilon
+        if release is not None:
+            entry["release"] = release
+        self.unverified.append(entry)
 
 
 def privacy_reports(
@@ -43,13 +113,14 @@ def privacy_reports(
     server_round: int,
     strategy: FedRecStrategy,
     private: bool = False,
-    sent: Mapping[str, torch.Tensor] | None = None,
+    *,
+    sent: Mapping[str, torch.Tensor],
 ) -> Reports:
     """Each reply's privacy report, parsed; the sender checked against the registry (if any)
-    and a DP release against the node's key, this run and round, and the digest of the update
-    it came with, read against ``sent`` (the weights sent: an update where none were sent is
-    malformed). ``private`` (customer-level DP): an update without a signed release is
-    refused, since its spending would be missing from the ledger."""
+    and a DP release against the run's plan, the node's key, this run and round, and the
+    digest of the update it came with, read against ``sent`` (the weights sent: an update
+    where none were sent is malformed). ``private`` (customer-level DP): an update without a
+    signed release is refused, since its spending would be missing from the ledger."""
     received = Reports()
     for reply in replies:
         if reply.has_error() or not reply.has_content():
@@ -60,31 +131,23 @@ def privacy_reports(
             if unreleased:
                 received.rejected[sender] = "an update under DP without its privacy report"
             continue
+        record = dict(reply.content["privacy"])
         try:
-            if problem := strategy.identity_problem(reply):
-                raise ReportError(problem)
-            report = parse_report(dict(reply.content["privacy"]))
-        except ReportError as error:
-            received.rejected[sender] = f"privacy report refused: {error}"
-            log.warning("round %d, node %s: %s", server_round, sender, error)
+            arrays = (
+                load_arrays(reply.content["arrays"], sent) if "arrays" in reply.content else None
+            )
+        except ValueError as error:
+            why = f"a malformed update: {error}"
+            received.refuse(sender, why, server_round, claimed_epsilon(record))
             continue
-        if report.release is None and unreleased:
-            received.rejected[sender] = "an update under DP without a signed release"
-        elif report.release is not None:
-            try:
-                arrays = (
-                    load_arrays(reply.content["arrays"], sent or {})
-                    if "arrays" in reply.content
-                    else None
-                )
-            except ValueError as error:
-                problem = f"a malformed update: {error}"
-            else:
-                problem = verify_release(report, keys, arrays, run_id, server_round)
-            if problem:  # keyed by who sent it: the reply that is then left out
-                received.rejected[sender] = problem
-                log.warning("round %d, node %s: %s", server_round, sender, problem)
-        received.reports.append(report)
+        received.receive(
+            sender,
+            record,
+            strategy.identity_problem(reply),
+            (keys, run_id, server_round, strategy),
+            arrays,
+            unreleased,
+        )
     return received
 
 
@@ -104,13 +167,19 @@ def verify_release(
 
 
 def record_privacy(
-    ledger: PrivacyLedger, server_round: int, reports: list[NodeReport], stage: str = "train"
+    ledger: PrivacyLedger,
+    server_round: int,
+    reports: list[NodeReport],
+    stage: str = "train",
+    unverified: Sequence[dict] = (),
 ) -> None:
-    """Append each node's refusal, decline or release to the ledger, before anything else is
-    done with its reply. A release is recorded even when it does not verify (its update is
-    then not used): a node's spending is never under-reported. A refusal or decline in another
-    ``stage`` than the model's training (the encoder rounds' ``train.encoder``, federated
-    evaluation's ``evaluate``) says so: the encoder rounds are numbered from 1 too."""
+    """Append each node's refusal, decline or verified release to the ledger, before anything
+    else is done with its reply, then each refused report (``unverified``,
+    :attr:`Reports.unverified`) as an ``unverified`` entry: what it claims spent, never
+    recomputed (a node's spending is never under-reported, and a hostile release's parameters
+    never reach the accountant). A refusal, decline or refused report in another ``stage``
+    than the model's training (the encoder rounds' ``train.encoder``, federated evaluation's
+    ``evaluate``) says so: the encoder rounds are numbered from 1 too."""
     named = {} if stage == "train" else {"stage": stage}
     for report in reports:
         node = report.node
@@ -131,6 +200,8 @@ def record_privacy(
             release = report.signed()
             record_lost_contributions(ledger, server_round, node, release)
             ledger.append("contribution", **release)
+    for entry in unverified:
+        ledger.append("unverified", round=server_round, **entry, **named)
 
 
 def note_unamplified(reports: list[NodeReport], rounds: int) -> None:

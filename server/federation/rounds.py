@@ -39,7 +39,6 @@ from server.federation.releases import (
     note_unamplified,
     privacy_reports,
     record_privacy,
-    verify_release,
 )
 from server.federation.selection import MONITOR, RoundSelection, round_validation
 from server.federation.settings import check_settings, settings_record
@@ -47,7 +46,6 @@ from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger
 from server.privacy.node_keys import NodeKeys
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
-from shared.federation.reports import ReportError, parse_report
 from shared.federation.wire import encode, nbytes, trainable_state
 from shared.recommender.experiment import Catalog, Experiment
 from shared.recommender.finetune import tuned_checkpoint
@@ -179,16 +177,16 @@ class Federation:
         if self.secure is not None:  # the server sees the sum of the clipped updates only
             total, records, sampled = self.secure.train_round(server_round, state)
             received = Reports()  # the masked updates themselves cannot be checked here
-            for record in records:
-                try:
-                    report = parse_report(record)
-                except ReportError as error:
-                    log.warning("round %d: a malformed privacy report: %s", server_round, error)
-                    continue
-                if report.release is not None:
-                    verify_release(report, self.keys, None, self.run_id, server_round)
-                received.reports.append(report)
-            record_privacy(self.ledger, server_round, received.reports)
+            check = (self.keys, self.run_id, server_round, self.strategy)
+            for node_id, record in records:  # checked as privacy_reports checks a reply's
+                named = record.get("node")
+                claimed = named if isinstance(named, str) else None
+                identity = self.strategy.node_problem(node_id, claimed)
+                name = self.strategy.node_name(node_id, claimed or str(node_id))
+                received.receive(name, record, identity, check)
+            record_privacy(
+                self.ledger, server_round, received.reports, unverified=received.unverified
+            )
             done = sum(not (r.refused or r.declined) for r in received.reports)
             return RoundResult([], total, sampled, 0 if total is None else done, [], [])
         arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
@@ -199,9 +197,11 @@ class Federation:
         timeout = self.config.round_timeout or None
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         received = privacy_reports(
-            replies, self.keys, self.run_id, server_round, self.strategy, self.config.dp, state
+            replies, self.keys, self.run_id, server_round, self.strategy, self.config.dp, sent=state
         )
-        record_privacy(self.ledger, server_round, received.reports, message_type)
+        record_privacy(
+            self.ledger, server_round, received.reports, message_type, received.unverified
+        )
         if server_round == 1 and message_type == "train":
             note_unamplified(received.reports, self.config.dp_rounds)
         updates, rejected = self.strategy.node_updates(
@@ -234,8 +234,12 @@ class Federation:
         replies = list(
             self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None)
         )
-        received = privacy_reports(replies, self.keys, self.run_id, server_round, self.strategy)
-        record_privacy(self.ledger, server_round, received.reports, message_type)
+        received = privacy_reports(
+            replies, self.keys, self.run_id, server_round, self.strategy, sent=state
+        )
+        record_privacy(
+            self.ledger, server_round, received.reports, message_type, received.unverified
+        )
         return received.trusted(replies, self.strategy)
 
     def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict | None:

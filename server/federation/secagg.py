@@ -63,7 +63,7 @@ class _Sampler(LegacyFedAvg):
             on_fit_config_fn=lambda server_round: {**self.settings, "server-round": server_round},
         )
         self.settings = settings
-        self.sampled, self.results = 0, []
+        self.sampled, self.results = 0, []  # (Flower node id, FitRes) of each completed node
         self.mean: list[np.ndarray] | None = None
 
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
@@ -74,7 +74,7 @@ class _Sampler(LegacyFedAvg):
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
         """Keeps the completed nodes' results and SecAgg+'s mean; updates no model."""
-        self.results = [fit_res for _, fit_res in results]
+        self.results = [(proxy.node_id, fit_res) for proxy, fit_res in results]
         if results:  # SecAgg+ has put the same aggregate into every result
             self.mean = parameters_to_ndarrays(results[0][1].parameters)
         return None, {}  # the global model is fedrec's, not the workflow's
@@ -117,9 +117,9 @@ class SecureAggregation:
 
     def train_round(
         self, server_round: int, state: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, np.ndarray] | None, list[dict], int]:
+    ) -> tuple[dict[str, np.ndarray] | None, list[tuple[int, dict]], int]:
         """(sum of the nodes' clipped updates or None if the protocol halted, the nodes' plain
-        reports, number of nodes sampled)."""
+        reports with the Flower node id of each sender, number of nodes sampled)."""
         self._connected_nodes()
         self.sampler.settings[STATE_NAMES] = ",".join(state)
         self.context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
@@ -130,7 +130,7 @@ class SecureAggregation:
         )
         self.workflow(self.grid, self.context)
         sampler = self.sampler
-        reports = [dict(fit_res.metrics) for fit_res in sampler.results]
+        reports = [(node_id, dict(fit_res.metrics)) for node_id, fit_res in sampler.results]
         if sampler.mean is None:
             return None, reports, sampler.sampled
         completed = len(sampler.results)

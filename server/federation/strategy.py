@@ -58,6 +58,7 @@ class FedRecStrategy(FedAvg):
             min_evaluate_nodes=config.min_nodes,
             min_available_nodes=config.min_nodes,
         )
+        self.config = config
         self.method, kind = STRATEGIES[config.strategy]
         self.trim, self.row_clip = config.trim_fraction, config.row_clip
         self.optimizer = ServerOptimizer(kind, config.server_lr)
@@ -86,22 +87,27 @@ class FedRecStrategy(FedAvg):
     def sender(self, reply: Message) -> str:
         """The node a reply comes from: its registered name (by Flower's authenticated node
         id) when there is a registry, else the name in its report, else the node id."""
-        if self.registry is not None:
-            registered = self.registry.lookup(reply.metadata.src_node_id)
-            if registered is not None:
-                return registered.name
-        return reply_sender(reply)
+        return self.node_name(reply.metadata.src_node_id, reply_sender(reply))
+
+    def node_name(self, node_id: int, claimed: str) -> str:
+        """Flower node ``node_id``'s registered name, else the name it ``claimed``."""
+        registered = None if self.registry is None else self.registry.lookup(node_id)
+        return claimed if registered is None else registered.name
 
     def identity_problem(self, reply: Message) -> str | None:
         """Why a reply must not be used for who it is (None: nothing): with a registry, an
         unregistered node id, or a report that speaks for another node."""
+        return self.node_problem(reply.metadata.src_node_id, _report_name(reply))
+
+    def node_problem(self, node_id: int, claimed: str | None) -> str | None:
+        """:meth:`identity_problem` of what Flower node ``node_id`` sent, its report naming
+        ``claimed`` (None: no name)."""
         if self.registry is None:
             return None
-        registered = self.registry.lookup(reply.metadata.src_node_id)
+        registered = self.registry.lookup(node_id)
         if registered is None:
-            return f"Flower node {reply.metadata.src_node_id} is not in the registry"
-        claimed = _report_name(reply)  # a report must name its node as registered
-        if claimed is not None and claimed != registered.name:
+            return f"Flower node {node_id} is not in the registry"
+        if claimed is not None and claimed != registered.name:  # named as registered, or not
             return f"its report speaks for {claimed!r}, registered as {registered.name!r}"
         return None
 

@@ -124,6 +124,7 @@ def audit(
         "nodes": [],
         "declined": [],
         "refused": [],
+        "unverified": [],
         "notes": [],
         "federation": None,
         "node_level": None,
@@ -182,6 +183,18 @@ def audit(
             for e in complete
             if e["kind"] == kind
         ]
+    report["unverified"] = [
+        {"line": lines[id(e)], "round": e["round"], "node": str(e["node"]), "reason": e["reason"]}
+        | ({"epsilon": e["epsilon"]} if "epsilon" in e else {})
+        for e in complete
+        if e["kind"] == "unverified"
+    ]
+    if report["unverified"]:
+        report["notes"].append(
+            f"line(s) {', '.join(str(u['line']) for u in report['unverified'])}: privacy reports "
+            "the server refused (malformed, outside the run's plan or not verifying); what they "
+            "claim spent is recorded there, not recomputed nor composed here"
+        )
     if not report["dp"] and not contributions:
         report["guarantee"] = (
             "no formal guarantee: differential privacy was off for this run "

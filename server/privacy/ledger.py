@@ -50,6 +50,9 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     ),
     "declined": ("round", "node", "reason"),
     "refused": ("round", "node", "reason"),
+    # a report the server refused (malformed, outside the run's plan, or not verifying): what
+    # it claims spent (its epsilon, its release as sent), never recomputed
+    "unverified": ("round", "node", "reason"),
     "node_level": (
         "round",
         "mechanism",

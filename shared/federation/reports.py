@@ -96,17 +96,35 @@ def _text(record: dict, key: str) -> str:
     return value
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is one finite number >= 0 (a bool is not), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
 def _number(record: dict, key: str, kind: str) -> Any:
     value = record.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ReportError(f"{key}: expected a number, got {type(value).__name__}")
+    number = _finite(value)
     if kind == "int":
-        if not float(value).is_integer() or value < 0:
-            raise ReportError(f"{key}: expected a non-negative integer, got {value!r}")
+        if number is None or not number.is_integer():
+            raise ReportError(f"{key}: expected a non-negative integer, got {value!r}"[:200])
         return int(value)
-    if not math.isfinite(value) or value < 0:
-        raise ReportError(f"{key}: expected a finite number >= 0, got {value!r}")
-    return float(value)
+    if number is None:
+        raise ReportError(f"{key}: expected a finite number >= 0, got {value!r}"[:200])
+    return number
+
+
+def claimed_epsilon(record: dict[str, Any]) -> float | None:
+    """The epsilon a report states, if it is one finite number >= 0, however malformed the
+    rest (what a refused report claims spent is still recorded)."""
+    return _finite(record.get("epsilon"))
 
 
 def parse_report(record: dict[str, Any]) -> NodeReport:
@@ -134,6 +152,8 @@ def parse_report(record: dict[str, Any]) -> NodeReport:
         raise ReportError(f"mechanism: expected one of {MECHANISMS}, got {release.mechanism!r}")
     if not 0 < release.sample_rate <= 1 or not 0 < release.delta < 1:
         raise ReportError("sample_rate must be in (0, 1] and delta in (0, 1)")
+    if not release.noise_multiplier > 0:  # no noise: an exact release, no finite epsilon
+        raise ReportError(f"noise_multiplier: must be above 0, got {release.noise_multiplier!r}")
     if release.node != node:
         raise ReportError(f"node: the release names {release.node!r}, the report {node!r}")
     return NodeReport(

@@ -107,7 +107,7 @@ def test_malformed_reports_are_left_out_and_nothing_crashes(tmp_path: Path, stat
         node_reply("n3", moved(state, 0.01)),
     ]
     strategy = FedRecStrategy(RunConfig())
-    received = privacy_reports(replies, NodeKeys(tmp_path / "keys"), "r", 1, strategy)
+    received = privacy_reports(replies, NodeKeys(tmp_path / "keys"), "r", 1, strategy, sent=state)
     assert set(received.rejected) == {"n1", "n2"}
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     record_privacy(ledger, 1, received.reports)
@@ -125,10 +125,10 @@ def test_under_dp_an_update_without_a_signed_release_is_refused(tmp_path: Path, 
     ]
     strategy = FedRecStrategy(RunConfig(dp=True))
     keys = NodeKeys(tmp_path / "keys")
-    received = privacy_reports(replies, keys, "r", 1, strategy, private=True)
+    received = privacy_reports(replies, keys, "r", 1, strategy, private=True, sent=state)
     assert set(received.rejected) == {"n1", "n2"}
     assert strategy.node_updates(received.trusted(replies, strategy), state)[0] == []
-    plain = privacy_reports(replies, keys, "r", 1, FedRecStrategy(RunConfig()))
+    plain = privacy_reports(replies, keys, "r", 1, FedRecStrategy(RunConfig()), sent=state)
     assert plain.rejected == {}
 
 
@@ -291,7 +291,7 @@ def test_arrays_that_are_not_plain_numpy_arrays_are_refused_before_they_are_read
     updates, rejected = FedRecStrategy(RunConfig()).node_updates([evil, good], state)
     assert [u.node for u in updates] == ["good"] and rejected[0].startswith("evil:")
     received = privacy_reports(
-        [evil], NodeKeys(tmp_path / "keys"), "r", 1, FedRecStrategy(RunConfig()), True, state
+        [evil], NodeKeys(tmp_path / "keys"), "r", 1, FedRecStrategy(RunConfig()), True, sent=state
     )
     assert "malformed update" in received.rejected["evil"]
 

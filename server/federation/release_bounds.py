@@ -1,0 +1,69 @@
+"""What a node's release may state, from the run's settings, checked before any accounting.
+
+Accounting a release (dp-accounting's PLD) takes time and memory that grow with its privacy
+loss: one release of 10**6 steps without amplification asked for 3.75 GiB, one at noise 0.001
+for 76 GiB. So the server first checks that a release is one the run could have planned for the
+node's declared customers (``num_customers``):
+
+- DP-SGD (``training``, ``encoder``): Poisson sampled at the plan's rate, min(1, batch /
+  customers) (``dp-batch-size``, ``dp-encoder-batch``), for at most the plan's steps of one
+  round (``dp-local-epochs`` epochs of training, one pass of the encoder);
+- a private answer (``evaluation``, ``guard``): one Gaussian release with at least the run's
+  noise (``eval-noise-multiplier``, ``RunConfig.guard_noise``);
+- the release alone spends at most :data:`SPARE` x ``target-epsilon`` + 1 by dp-accounting's
+  RDP bound, which costs microseconds whatever the parameters and is above PLD's epsilon: no
+  honest release spends more than its node's budget, itself at most the target.
+
+A release outside them is refused as malformed (server/federation/releases.py): its update is
+not used and the ledger keeps what it claims, never recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from server.privacy.accounting import rdp_epsilon
+from shared.federation.reports import Release
+from shared.recommender.training import steps_per_epoch
+from shared.runs.config import RunConfig
+
+SPARE = 2.0  # times the run's target: RDP's bound was measured at most 1.2 x PLD's epsilon
+DP_SGD = {"training": "poisson_subsampled_gaussian", "encoder": "poisson_subsampled_gaussian"}
+
+
+def release_problem(release: Release, config: RunConfig) -> str | None:
+    """Why ``release`` is outside what ``config`` plans for its node (None: it is within)."""
+    customers = release.num_customers
+    if release.purpose in DP_SGD:
+        if release.mechanism != DP_SGD[release.purpose]:
+            return f"a {release.purpose} release must be {DP_SGD[release.purpose]}"
+        training = release.purpose == "training"
+        batch = config.dp_batch_size if training else config.dp_encoder_batch
+        per_epoch, rate = steps_per_epoch(customers, batch)
+        most = per_epoch * (config.dp_local_epochs if training else 1)
+        if not math.isclose(release.sample_rate, rate, rel_tol=1e-9):
+            return (
+                f"sample_rate {release.sample_rate:g} is not the plan's {rate:g} for "
+                f"{customers} customers"
+            )
+    else:
+        if release.mechanism != "gaussian":
+            return f"a {release.purpose} release must be gaussian"
+        most = 1
+        noise = (
+            config.eval_noise_multiplier
+            if release.purpose == "evaluation"
+            else config.guard_noise(customers)
+        )
+        if release.noise_multiplier < noise * (1 - 1e-9):
+            return f"noise_multiplier {release.noise_multiplier:g} is below the run's {noise:g}"
+    if release.steps > most:
+        return f"{release.steps} steps, above the {most} the run plans for {customers} customers"
+    limit = SPARE * config.target_epsilon + 1
+    spent = rdp_epsilon([release.as_dict()], release.delta)
+    if not spent <= limit:
+        return (
+            f"the release alone spends epsilon {spent:.4g} (RDP bound), above the "
+            f"{limit:g} any release of this run can (noise_multiplier {release.noise_multiplier:g})"
+        )
+    return None
