@@ -10,7 +10,9 @@ states. Writes ``OUT/audit.json`` and a self-contained ``OUT/audit.html``; exit 
 check fails, 1 when one does, 2 when there is no ledger to audit.
 
 This module reads the ledger and runs the check families in order: ``server.privacy.audit_checks``
-(accounting), ``server.privacy.audit_calibration`` (the nodes' noise against their plan),
+(accounting, rounds against run_end), ``server.privacy.audit_federation`` (the audit's own
+federation statement, the budgets, metrics.json), ``server.privacy.audit_calibration`` (the
+nodes' noise against their plan), ``server.privacy.audit_node_level`` (node-level DP),
 ``server.privacy.audit_signatures`` (who wrote the entries),
 ``server.privacy.audit_report`` (the terminal summary and the HTML page).
 """
@@ -28,10 +30,11 @@ from server.privacy.audit_checks import (
     audit_canaries,
     audit_contributions,
     audit_delta,
-    audit_metrics,
-    audit_node_level,
+    audit_rounds,
     check,
 )
+from server.privacy.audit_federation import audit_federation, audit_metrics
+from server.privacy.audit_node_level import audit_node_level
 from server.privacy.audit_report import jsonable, print_summary, write_html
 from server.privacy.audit_signatures import audit_receipts, audit_signatures, ledger_run_id
 from server.privacy.ledger import LedgerError, missing_fields, read_ledger, verify_chain
@@ -202,6 +205,8 @@ def audit(
         )
     else:
         audit_contributions(report, contributions, config, lines, tolerance)
+        audit_federation(report, contributions, config, tolerance)
+        audit_rounds(report, complete, config)
         audit_delta(report, contributions, config, lines)
         audit_calibration(report, contributions, config, lines, tolerance)
         audit_signatures(
@@ -211,8 +216,14 @@ def audit(
             audit_receipts(report, contributions, report["run_id"], lines, receipts)
         if any(e.get("kind") == "contribution" and missing_fields(e) for e in entries):
             report["guarantee"] += " (understated: incomplete contributions were left out)"
+    ends = [e for e in complete if e["kind"] == "run_end"]
     audit_node_level(
-        report, [e for e in complete if e["kind"] == "node_level"], config, lines, tolerance
+        report,
+        [e for e in complete if e["kind"] == "node_level"],
+        config,
+        lines,
+        tolerance,
+        ends[-1]["rounds_completed"] if ends else None,
     )
     if (out / "canaries.json").is_file():
         audit_canaries(report, out / "canaries.json")

@@ -4,7 +4,6 @@ to the report dict that ``server.privacy.audit.audit`` builds. Signatures and re
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -64,8 +63,10 @@ def _index_gaps(node: str, cs: list[dict], lines: dict[int, int]) -> list[str]:
         if not all(isinstance(x["contribution_index"], int) for x in (prev or c, c)):
             gaps.append(f"node {node}: line {lines[id(c)]}: contribution_index is not an integer")
             continue
-        if prev is None:  # a node's earlier releases may belong to an earlier federation
-            continue  # on its data: its reported epsilon counts them (see the node's table)
+        if prev is None:
+            if c["contribution_index"] > 0:
+                gaps.append(_first_index_problem(node, c, lines))
+            continue
         want = prev["contribution_index"] + 1
         if c["contribution_index"] != want:
             gaps.append(
@@ -80,23 +81,29 @@ def _index_gaps(node: str, cs: list[dict], lines: dict[int, int]) -> list[str]:
     return gaps
 
 
+def _first_index_problem(node: str, c: dict, lines: dict[int, int]) -> str:
+    """A node whose first contribution here is not its contribution 0: the ledger has no way
+    to declare spending before it (run_start carries none), so the earlier ones are missing."""
+    first = c["contribution_index"]
+    return (
+        f"node {node}: its first contribution here (line {lines[id(c)]}) is contribution_index "
+        f"{first}: its contributions 0 to {first - 1} are not in this ledger, and nothing in a "
+        "ledger declares earlier spending (the federation statement accounts them at the "
+        "node's costliest release); if they belong to an earlier federation on the node's "
+        f"data, check them in its receipt log (--receipts {node}=PATH)"
+    )
+
+
 def audit_contributions(
     report: dict, contributions: list[dict], config: dict, lines: dict[int, int], tolerance: float
 ) -> None:
     """Checks: contribution indices, reported >= recomputed epsilon, each node's budget; the
-    node table and the federation guarantee."""
+    node table."""
     target = config.get("target_epsilon")
     nodes = by_node(contributions)
     gaps, below, over, notes = [], [], [], report["notes"]
     for node, cs in nodes.items():
         gaps.extend(_index_gaps(node, cs, lines))
-        first = cs[0]["contribution_index"]
-        if isinstance(first, int) and first > 0:
-            notes.append(
-                f"node {node}: its first release here is its contribution {first}: the earlier "
-                "ones are not in this ledger (an earlier federation on its data); its reported "
-                "epsilon includes them"
-            )
         bad = [f"node {node}, line {lines[id(c)]}: {p}" for c in cs if (p := entry_problem(c))]
         if bad:
             below.extend(bad)
@@ -202,7 +209,6 @@ def audit_contributions(
             "every node within budget" + (f"; {', '.join(held)}" if held else ""),
         )
     )
-    _federation(report, contributions, config)
 
 
 def node_share(config: dict, asked: float | None = None) -> float:
@@ -221,40 +227,6 @@ def node_share(config: dict, asked: float | None = None) -> float:
 
 def _rounds_of(events: list[dict], node: str) -> list[int]:
     return [d["round"] for d in events if d["node"] == node]
-
-
-def _federation(report: dict, contributions: list[dict], config: dict) -> None:
-    """The federation guarantee: at the configured delta, or (configured 0) at the nodes' own."""
-    config_delta = config.get("delta")
-    if any(entry_problem(c) for c in contributions):
-        report["guarantee"] = "not established: some contributions cannot be recomputed"
-        return
-    if not (is_number(config_delta) and 0 <= config_delta < 1):
-        report["guarantee"] = "no federation guarantee: the configured delta is unusable"
-        return
-    fed = accounting.federation_guarantee(
-        contributions, config_delta or None, str(config.get("partition", ""))
-    )
-    report["federation"] = fed
-    applies = fed[fed["applies"]]
-    target = config.get("target_epsilon")
-    if is_number(target):
-        over = (
-            [f"the federation's epsilon {fed['epsilon']:.4f} exceeds the run's target {target:g}"]
-            if fed["epsilon"] > target * (1 + 1e-9)
-            else []
-        )
-        report["checks"].append(
-            check(
-                "federation_budget",
-                "the guarantee that applies within the run's target epsilon",
-                over,
-                f"{fed['epsilon']:.3f} <= {target:g} ({applies['how']})",
-            )
-        )
-    report["guarantee"] = (
-        f"({fed['epsilon']:.3f}, {applies['delta']:.3g})-DP for {fed['unit']} ({applies['how']})"
-    )
 
 
 def audit_delta(
@@ -286,55 +258,6 @@ def audit_delta(
             "delta < 1 / customers, and <= the configured delta unless that is 0",
             problems,
             f"every contribution's delta < 1 / its node's customers{configured}",
-        )
-    )
-
-
-def audit_node_level(
-    report: dict, entries: list[dict], config: dict, lines: dict[int, int], tolerance: float
-) -> None:
-    """Node-level DP (clipping and noise on whole node updates): reported vs recomputed, the
-    node-level budget, and its guarantee."""
-    if not entries:
-        return
-    problems = [f"line {lines[id(e)]}: {p}" for e in entries if (p := entry_problem(e))]
-    if not problems:
-        curve = accounting.epsilon_curve(entries)
-        for e, recomputed in zip(entries, curve, strict=True):
-            if e["epsilon"] < recomputed * (1 - tolerance):
-                problems.append(
-                    f"round {e['round']} (line {lines[id(e)]}): reported node-level "
-                    f"epsilon {e['epsilon']:.4f} is below the PLD recomputation "
-                    f"{recomputed:.4f}"
-                )
-        last = entries[-1]
-        budget = config.get("node_target_epsilon")
-        if is_number(budget) and max(last["epsilon"], curve[-1]) > budget:
-            problems.append(
-                f"node-level epsilon {max(last['epsilon'], curve[-1]):.4f} exceeds "
-                f"the node-level budget {budget:g}"
-            )
-        report["node_level"] = {
-            "epsilon": curve[-1],
-            "reported_epsilon": last["epsilon"],
-            "delta": last["delta"],
-            "rounds": len(entries),
-            "unit": last["unit"],
-            "rdp_epsilon": accounting.rdp_epsilon(entries, last["delta"]),
-            "statement": f"({curve[-1]:.3f}, {last['delta']:.3g})-DP for {last['unit']}",
-        }
-        statement = f"node level: {report['node_level']['statement']}"
-        report["guarantee"] = (
-            f"{report['guarantee']}; {statement}"
-            if report["dp"]
-            else f"no customer-level guarantee (dp off); {statement}"
-        )
-    report["checks"].append(
-        check(
-            "node_level",
-            "node-level epsilon >= PLD recomputation",
-            problems,
-            f"{len(entries)} node-level rounds hold",
         )
     )
 
@@ -412,67 +335,76 @@ def audit_canaries(report: dict, path: Path) -> None:
     )
 
 
-def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
-    """metrics.json's privacy statement must not claim less than the audit recomputes: its
-    epsilon not below the guarantee that applies to the partition (for any partition but
-    "regional", all nodes composed), its delta not above that guarantee's."""
-    try:
-        privacy = json.loads(path.read_text(encoding="utf-8")).get("privacy") or {}
-    except (json.JSONDecodeError, AttributeError) as error:
-        report["checks"].append(
-            check(
-                "metrics", "metrics.json privacy statement", [f"{path}: unreadable ({error})"], ""
-            )
-        )
+def _uncovered_rounds(node: str, entries: list[dict], completed: int) -> list[int]:
+    """The rounds from ``node``'s first training contribution to ``completed`` with no entry
+    of it (training contribution, refusal, decline), less those a recovered contribution
+    recorded in the same or a later round accounts for (server/privacy/ledger_gaps.py)."""
+    mine = [e for e in entries if str(e.get("node")) == node]
+    training = [
+        e
+        for e in mine
+        if e["kind"] == "contribution" and e.get("purpose", "training") == "training"
+    ]
+    if not training:
+        return []
+    covered = {e["round"] for e in training if not e.get("recovered")}
+    covered |= {
+        e["round"]
+        for e in mine
+        if e["kind"] in ("refused", "declined") and e.get("stage", "train") == "train"
+    }
+    recovered = sorted(
+        e["round"] for e in mine if e["kind"] == "contribution" and e.get("recovered")
+    )
+    first = min(e["round"] for e in training)
+    missing = []
+    for r in range(first, completed + 1):
+        if r in covered:
+            continue
+        later = next((x for x in recovered if x >= r), None)
+        if later is None:
+            missing.append(r)
+        else:
+            recovered.remove(later)
+    return missing
+
+
+def audit_rounds(report: dict, entries: list[dict], config: dict) -> None:
+    """Against ``run_end``'s rounds_completed: under DP some node contributed, and each node
+    that contributed has an entry (training contribution, refusal or decline) in every
+    completed round from its first on, when every node is asked each round."""
+    ends = [e for e in entries if e["kind"] == "run_end"]
+    completed = ends[-1]["rounds_completed"] if ends else None
+    if not isinstance(completed, int) or isinstance(completed, bool):
         return
     problems = []
-    fed = report["federation"]
-    claimed, claimed_delta = privacy.get("epsilon"), privacy.get("delta")
-    if fed and is_number(claimed):
-        applies = fed[fed["applies"]]
-        if claimed < fed["epsilon"] * (1 - tolerance):
-            problems.append(
-                f"metrics.json claims epsilon {claimed:.4f}, below the recomputed guarantee "
-                f"{fed['epsilon']:.4f} for {applies['unit']} ({applies['how']}), which applies "
-                f"to the {fed['partition'] or 'unnamed'} partition"
-            )
-        if is_number(claimed_delta) and claimed_delta > applies["delta"] * (1 + tolerance):
-            problems.append(
-                f"metrics.json states delta {claimed_delta:.3g}, above the guarantee's "
-                f"{applies['delta']:.3g}"
-            )
-    elif report["dp"] and is_number(claimed):
+    contributions = [e for e in entries if e["kind"] == "contribution"]
+    if report["dp"] and completed > 0 and not contributions:
         problems.append(
-            f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
+            f"run_end counts {completed} completed round(s) under DP, but the ledger holds no "
+            "contribution: every completed round had a node's release"
         )
-    ledger_final = {n["node"]: n.get("reported_epsilon") for n in report["nodes"]}
-    per_node = privacy.get("per_node")
-    for node, value in (per_node if isinstance(per_node, dict) else {}).items():
-        value = value.get("epsilon") if isinstance(value, dict) else value
-        final = ledger_final.get(str(node))
-        if is_number(value) and is_number(final) and abs(value - final) > tolerance * final:
-            problems.append(
-                f"node {node}: metrics.json states epsilon {value:.4f}, the ledger's "
-                f"last contribution {final:.4f} (a cut-off ledger?)"
-            )
-    node_level, claimed_node = report["node_level"], (privacy.get("node_level") or {})
-    if (
-        node_level
-        and is_number(claimed_node.get("epsilon"))
-        and (claimed_node["epsilon"] < node_level["epsilon"] * (1 - tolerance))
-    ):
-        problems.append(
-            f"metrics.json claims node-level epsilon {claimed_node['epsilon']:.4f}, "
-            f"below the recomputed {node_level['epsilon']:.4f}"
+    fraction = config.get("fraction_train", 1.0)
+    if is_number(fraction) and fraction < 1:
+        report["notes"].append(
+            f"fraction_train {fraction:g}: nodes are sampled, so a round without a node's "
+            "entry is not checked"
         )
-    if ((fed or report["dp"]) and (is_number(claimed) or isinstance(per_node, dict))) or (
-        node_level and claimed_node
-    ):
-        report["checks"].append(
-            check(
-                "metrics",
-                "metrics.json agrees with the ledger",
-                problems,
-                "the privacy statement in metrics.json holds",
-            )
+    else:
+        for node in by_node(contributions):
+            missing = _uncovered_rounds(node, entries, completed)
+            if missing:
+                problems.append(
+                    f"node {node}: round(s) {', '.join(map(str, missing))} of the {completed} "
+                    "run_end counts as completed have no entry of it (no training "
+                    "contribution, refusal or decline), though it contributed before: its "
+                    "release there is missing from the ledger"
+                )
+    report["checks"].append(
+        check(
+            "rounds",
+            "every completed round has each contributing node's entry",
+            problems,
+            f"every node's entries cover the {completed} completed round(s)",
         )
+    )

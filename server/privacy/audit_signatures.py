@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from server.privacy.audit_checks import by_node, check
+from server.privacy.accounting import recompute_epsilon
+from server.privacy.audit_checks import by_node, check, entry_problem
 from shared.federation.signing import SIGNED_FIELDS, public_key_id, signed_payload, verify
 
 
@@ -25,6 +26,72 @@ def _node_key(keys_dir: Path, node: str) -> tuple[str, str]:
         raise ValueError(f"no public key {path}")
     pem = path.read_text(encoding="ascii", errors="replace")
     return pem, public_key_id(pem)
+
+
+def _signature_problem(c: dict, pem: str | None, key_id: str | None) -> str | None:
+    """Why a contribution's signature does not verify with its node's key (None: it does, or
+    there is no key: then only that it carries one)."""
+    if not c.get("signature"):
+        return "unsigned"
+    if pem is None:
+        return None
+    if c.get("key_id") != key_id:
+        return f"key_id {c.get('key_id')!r} is not {key_id} ({c['node']}.pem)"
+    try:
+        payload = signed_payload(c)
+    except KeyError as error:
+        return str(error.args[0])
+    if not verify(pem, payload, c["signature"]):
+        return (
+            "the signature does not verify: the entry was altered after the node signed it, "
+            "or forged"
+        )
+    return None
+
+
+def _costliest(releases: list[dict]) -> dict:
+    """The release of the largest epsilon alone, among the training and encoder ones when
+    there are any: what the server copies into a recovered contribution (ledger_gaps)."""
+    dp_sgd = [c for c in releases if c.get("purpose", "training") in ("training", "encoder")]
+    return max(dp_sgd or releases, key=lambda c: recompute_epsilon([c], float(c["delta"])))
+
+
+def _recovered_problem(
+    c: dict, cs: list[dict], status: dict[int, str | None], lines: dict[int, int]
+) -> str | None:
+    """Why a recovered (unsigned) contribution is not accepted (None: it is). The server
+    records one only when the node's next release shows the index gap, right before it, with
+    the parameters of the node's costliest release so far: that next contribution must be
+    signed and verify, lie in the same or a later round, and the recovered entry carry the
+    mechanism, noise multiplier, sample rate and steps of the costliest signed release up to
+    it."""
+    position = {id(x): i for i, x in enumerate(cs)}
+    later = cs[position[id(c)] + 1 :]
+    following = next((x for x in later if not x.get("recovered")), None)
+    if following is None:
+        return "the node has no signed contribution after it to vouch for it"
+    where = f"its next contribution (line {lines[id(following)]})"
+    if status.get(id(following)) is not None:
+        return f"{where} is not a valid signed release ({status[id(following)]})"
+    if not (isinstance(following["round"], int) and isinstance(c["round"], int)):
+        return f"{where} or it has no integer round"
+    if following["round"] < c["round"]:
+        return f"{where} is in round {following['round']}, before it"
+    signed = [x for x in cs[: position[id(following)] + 1] if not x.get("recovered")]
+    if any(entry_problem(x) for x in [c, *signed]):
+        return None  # the recomputed check reports the entry
+    costliest = _costliest(signed)
+    differ = [
+        f"{k} {c.get(k)!r} (expected {costliest.get(k)!r})"
+        for k in ("mechanism", "noise_multiplier", "sample_rate", "steps")
+        if c.get(k) != costliest.get(k)
+    ]
+    if differ:
+        return (
+            f"it is not at the node's costliest signed release (line "
+            f"{lines[id(costliest)]}): {', '.join(differ)}"
+        )
+    return None
 
 
 def audit_signatures(
@@ -53,6 +120,7 @@ def audit_signatures(
         except ValueError as error:
             problems.append(f"node {node}: {error}: its {len(cs)} contribution(s) unverified")
             pem = key_id = None
+        status: dict[int, str | None] = {}  # id -> why it does not verify (None: it does)
         for c in cs:
             where = f"node {node}, line {lines[id(c)]} (round {c['round']})"
             if "run_id" in c and c["run_id"] != run_id:
@@ -61,30 +129,25 @@ def audit_signatures(
                     "entry of another run"
                 )
             if c.get("recovered"):
-                recovered.append(str(lines[id(c)]))
-            elif pem is None:
+                recovered.append(c)
                 continue
-            elif not c.get("signature"):
-                problems.append(f"{where}: unsigned")
-            elif c.get("key_id") != key_id:
-                problems.append(f"{where}: key_id {c.get('key_id')!r} is not {key_id} ({node}.pem)")
-            else:
-                try:
-                    payload = signed_payload(c)
-                except KeyError as error:
-                    problems.append(f"{where}: {error.args[0]}")
-                    continue
-                if verify(pem, payload, c["signature"]):
-                    verified += 1
-                else:
-                    problems.append(
-                        f"{where}: the signature does not verify: the entry was altered after "
-                        "the node signed it, or forged"
-                    )
+            status[id(c)] = _signature_problem(c, pem, key_id)
+            if status[id(c)] is None:
+                verified += pem is not None
+            elif pem is not None:
+                problems.append(f"{where}: {status[id(c)]}")
+        problems += [
+            f"node {node}, line {lines[id(c)]} (round {c['round']}): recovered by the server, "
+            f"but {why}"
+            for c in cs
+            if c.get("recovered") and (why := _recovered_problem(c, cs, status, lines))
+        ]
     if recovered:
         report["notes"].append(
-            f"line(s) {', '.join(recovered)}: recovered by the server (the node's reply was "
-            "lost), not signed by the node; --receipts compares them with what the node recorded"
+            f"line(s) {', '.join(str(lines[id(c)]) for c in recovered)}: recovered by the "
+            "server (the node's reply was lost), not signed by the node: accepted only where the "
+            "node's next contribution is signed, verifies and carries its parameters; "
+            "--receipts compares them with what the node recorded"
         )
     if not have_keys:
         report["notes"].append(

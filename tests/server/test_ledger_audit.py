@@ -279,7 +279,7 @@ def test_audit_flags_tampering_gaps_and_a_large_delta(tmp_path, honest):
     failed = {
         c["name"] for c in json.loads((out / "audit.json").read_text())["checks"] if not c["passed"]
     }
-    assert failed == {"chain", "contribution_index"}
+    assert failed == {"chain", "contribution_index", "rounds"}
 
     ledger = PrivacyLedger(tmp_path / "delta" / "ledger.jsonl")
     for e in honest[:-1]:
@@ -373,7 +373,9 @@ def test_node_level_epsilon_claiming_amplification_is_flagged(tmp_path, honest):
 
     def node_level_run(out: Path, epsilon_of) -> Path:
         ledger = PrivacyLedger(out / "ledger.jsonl")
-        ledger.append("run_start", config={"dp": False, "delta": DELTA}, unit="u")
+        config = {"dp": False, "delta": DELTA, "node_dp": True, "dp_rounds": 3}
+        config.update(node_target_epsilon=rdp(3), node_delta=DELTA)  # sigma 2 calibrated
+        ledger.append("run_start", config=config, unit="u")
         for r in range(1, 4):
             ledger.append(
                 "node_level",
@@ -676,7 +678,7 @@ def test_refused_entries_are_listed_and_do_not_fail(tmp_path, honest):
         ledger.append(e["kind"], **{k: v for k, v in e.items() if k not in RESERVED})
     ledger.append("refused", round=4, node="1", reason="target_epsilon 20 > the node's 8")
     ledger.append("refused", round=4, node="9", reason="delta 1e-3 > the node's 1e-5")
-    ledger.append("run_end", rounds_completed=4, reason="done")
+    ledger.append("run_end", rounds_completed=3, reason="no node could train")
     assert main(["audit", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "audit.json").read_text())
     assert [(d["node"], d["round"]) for d in report["refused"]] == [("1", 4), ("9", 4)]

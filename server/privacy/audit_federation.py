@@ -1,0 +1,294 @@
+"""The audit's federation statement, its budget checks and metrics.json's claims.
+
+The audit composes the federation's guarantee itself, with dp-accounting's ``PLDAccountant``
+over the ledger's events, not with the function the server wrote metrics.json with
+(``accounting.federation_guarantee``). A contribution missing from a node's indices (before
+its first one here, or in a gap) is accounted at the node's costliest release, as the server
+records a lost one (server/privacy/ledger_gaps.py), and no statement is below an epsilon a
+node reported itself. The budget each node was asked to keep is re-derived with
+``accounting.split_budget`` from the nodes' plans."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from server.privacy import accounting
+from server.privacy.audit_calibration import _plan, _releases
+from server.privacy.audit_checks import by_node, check, entry_problem, is_number
+
+DP_SGD = ("training", "encoder")
+# a node whose indices jump further than this is not composed: its epsilon is unbounded
+MAX_MISSING = 1000
+
+
+def _release_epsilon(c: dict) -> float:
+    return accounting.recompute_epsilon([c], float(c["delta"]))
+
+
+def missing_releases(cs: list[dict]) -> tuple[int, dict | None]:
+    """How many of a node's contribution indices up to its last are not in ``cs``, and the
+    release they are accounted at: the node's costliest (the largest epsilon alone, among its
+    training and encoder releases when it has any)."""
+    indices = {c["contribution_index"] for c in cs if isinstance(c["contribution_index"], int)}
+    if not indices:
+        return 0, None
+    missing = max(indices) + 1 - len(indices)
+    dp_sgd = [c for c in cs if c.get("purpose", "training") in DP_SGD]
+    return missing, max(dp_sgd or cs, key=_release_epsilon) if missing else None
+
+
+def _pld_epsilon(events: list[tuple[dict, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of ``events`` ((release, times) each) composed by dp-accounting's
+    own ``PLDAccountant``, equal releases self-composed."""
+    import dp_accounting as dpa
+    from dp_accounting.pld import PLDAccountant
+
+    if any(times > MAX_MISSING for _, times in events):
+        return math.inf
+    steps: Counter = Counter()
+    for c, times in events:
+        q = 1.0 if c["mechanism"] == "gaussian" else float(c["sample_rate"])
+        steps[(c["mechanism"], float(c["noise_multiplier"]), q)] += c["steps"] * times
+    accountant = PLDAccountant(value_discretization_interval=accounting.VALUE_DISCRETIZATION)
+    for (mechanism, sigma, q), n in steps.items():
+        if n == 0 or (mechanism != "gaussian" and q == 0):
+            continue
+        if sigma == 0:
+            return math.inf
+        gaussian = dpa.GaussianDpEvent(sigma)
+        event = gaussian if mechanism == "gaussian" else dpa.PoissonSampledDpEvent(q, gaussian)
+        accountant.compose(dpa.SelfComposedDpEvent(event, n))
+    return float(accountant.get_epsilon(delta))
+
+
+def federation_statement(contributions: list[dict], delta: float | None, partition: str) -> dict:
+    """The customer-level guarantee both ways, as ``accounting.federation_guarantee`` states it
+    (same keys), but composed here: ``one_node`` the worst node, ``all_nodes`` one PLD over
+    every node's events; missing indices accounted (:func:`missing_releases`), and neither below
+    the largest epsilon a node reported."""
+    nodes = by_node(contributions)
+    deltas = accounting.node_deltas(contributions)
+    one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
+    all_delta = delta if delta is not None else sum(deltas.values())
+    events: dict[str, list[tuple[dict, int]]] = {}
+    accounted = 0
+    for node, cs in nodes.items():
+        count, template = missing_releases(cs)
+        events[node] = [(c, 1) for c in cs] + ([(template, count)] if template else [])
+        accounted += count
+    reported = {node: max(float(c["epsilon"]) for c in cs) for node, cs in nodes.items()}
+    per_node = {node: max(_pld_epsilon(events[node], one_delta), reported[node]) for node in nodes}
+    every = [event for node_events in events.values() for event in node_events]
+    composed = max([_pld_epsilon(every, all_delta), *reported.values()]) if nodes else 0.0
+    worst = max(per_node, key=per_node.get, default=None)
+    applies = "one_node" if partition == "regional" else "all_nodes"
+    extra = f", {accounted} missing contribution(s) at their node's costliest" if accounted else ""
+    result: dict[str, Any] = {
+        "partition": partition,
+        "delta": delta,
+        "per_node": per_node,
+        "missing_accounted": accounted,
+        "one_node": {
+            "epsilon": per_node[worst] if worst is not None else 0.0,
+            "delta": one_delta,
+            "unit": accounting.UNIT_ONE_NODE,
+            "how": "parallel composition: the worst node"
+            + (f" ({worst})" if worst is not None else "")
+            + extra,
+        },
+        "all_nodes": {
+            "epsilon": composed,
+            "delta": all_delta,
+            "unit": accounting.UNIT_ALL_NODES,
+            "how": f"all {len(per_node)} nodes' contributions composed (one PLD{extra})",
+            "basic_composition": {
+                "epsilon": sum(per_node.values()),
+                "delta": delta * len(per_node) if delta is not None else all_delta,
+            },
+        },
+        "applies": applies,
+    }
+    result["epsilon"] = result[applies]["epsilon"]
+    result["unit"] = result[applies]["unit"]
+    return result
+
+
+def audit_federation(
+    report: dict, contributions: list[dict], config: dict, tolerance: float
+) -> None:
+    """The federation guarantee (at the configured delta, or, configured 0, at the nodes'
+    own); the ``federation_budget`` check: it within the run's target, and the stated
+    ``budget_per_node`` not above what ``split_budget`` gives for the nodes' plans."""
+    config_delta = config.get("delta")
+    if any(entry_problem(c) for c in contributions):
+        report["guarantee"] = "not established: some contributions cannot be recomputed"
+        return
+    if not (is_number(config_delta) and 0 <= config_delta < 1):
+        report["guarantee"] = "no federation guarantee: the configured delta is unusable"
+        return
+    partition = str(config.get("partition", ""))
+    fed = federation_statement(contributions, config_delta or None, partition)
+    report["federation"] = fed
+    applies = fed[fed["applies"]]
+    target = config.get("target_epsilon")
+    if is_number(target):
+        over = (
+            [f"the federation's epsilon {fed['epsilon']:.4f} exceeds the run's target {target:g}"]
+            if fed["epsilon"] > target * (1 + 1e-9)
+            else []
+        )
+        asked, ok = report.get("budget_per_node"), f"{fed['epsilon']:.3f} <= {target:g}"
+        if partition != "regional" and asked is not None:
+            problem, said = _budget_problem(asked, contributions, config, tolerance)
+            over += [problem] if problem else []
+            report["notes"] += [said] if said and not problem else []
+        report["checks"].append(
+            check(
+                "federation_budget",
+                "the guarantee that applies within the run's target epsilon",
+                over,
+                f"{ok} ({applies['how']})",
+            )
+        )
+    report["guarantee"] = (
+        f"({fed['epsilon']:.3f}, {applies['delta']:.3g})-DP for {fed['unit']} ({applies['how']})"
+    )
+
+
+def _budget_problem(
+    asked: Any, contributions: list[dict], config: dict, tolerance: float
+) -> tuple[str | None, str | None]:
+    """(problem, note) of the run's stated budget per node against ``split_budget`` over the
+    contributing nodes' plans (each from its declared customers)."""
+    target = float(config["target_epsilon"])
+    if not (is_number(asked) and 0 < asked <= target):
+        return f"run_start states budget_per_node {asked!r}, not in (0, {target:g}]", None
+    customers = {node: cs[-1]["num_customers"] for node, cs in by_node(contributions).items() if cs}
+    expected = int(config.get("num_nodes") or config.get("clients") or 0)
+    new_format = any("purpose" in c for c in contributions)
+    plan, _ = _plan(config, new_format, [])
+    if (
+        plan is None
+        or len(customers) != expected
+        or not all(is_number(n) and n >= 1 for n in customers.values())
+    ):
+        return None, (
+            f"budget_per_node {asked:g} not re-derived: {len(customers)} of {expected} nodes "
+            "declared their customers in the ledger, or the config lacks the plan"
+        )
+    plans = []
+    config_delta = config.get("delta") or 0.0
+    for n in customers.values():
+        q, steps = accounting.plan_steps(plan["dp_batch_size"], n, plan["local_epochs"])
+        encoder = None
+        if plan["encoder"] is not None:
+            batch, encoder_rounds = plan["encoder"]
+            encoder_q, encoder_steps = accounting.plan_steps(batch, n, 1)
+            encoder = (encoder_q, encoder_steps * encoder_rounds)
+        delta = min([1.0 / (10 * max(n, 1))] + ([config_delta] if config_delta else []))
+        releases = _releases(plan, n)
+        plans.append(accounting.NodePlan(q, steps, plan["rounds"], releases, encoder, delta))
+    try:
+        fair = accounting.split_budget(target, plans, config_delta or None)
+    except ValueError as error:
+        return f"budget_per_node {asked:g}: {error}", None
+    if asked > fair * (1 + tolerance):
+        return (
+            f"run_start states budget_per_node {asked:.4g}, above the {fair:.4g} that "
+            f"split_budget gives for the {len(plans)} nodes' plans within target {target:g}"
+        ), None
+    return None, None
+
+
+def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
+    """metrics.json's privacy statement must not claim less than the audit recomputes: its
+    epsilon not below the guarantee that applies to the partition (for any partition but
+    "regional", all nodes composed), its delta not above that guarantee's; under DP it states
+    every contributing node's final epsilon (``per_node``), each equal to the ledger's."""
+    try:
+        privacy = json.loads(path.read_text(encoding="utf-8")).get("privacy") or {}
+    except (json.JSONDecodeError, AttributeError) as error:
+        report["checks"].append(
+            check(
+                "metrics", "metrics.json privacy statement", [f"{path}: unreadable ({error})"], ""
+            )
+        )
+        return
+    problems = []
+    fed = report["federation"]
+    claimed, claimed_delta = privacy.get("epsilon"), privacy.get("delta")
+    if fed and is_number(claimed):
+        applies = fed[fed["applies"]]
+        if claimed < fed["epsilon"] * (1 - tolerance):
+            problems.append(
+                f"metrics.json claims epsilon {claimed:.4f}, below the recomputed guarantee "
+                f"{fed['epsilon']:.4f} for {applies['unit']} ({applies['how']}), which applies "
+                f"to the {fed['partition'] or 'unnamed'} partition"
+            )
+        if is_number(claimed_delta) and claimed_delta > applies["delta"] * (1 + tolerance):
+            problems.append(
+                f"metrics.json states delta {claimed_delta:.3g}, above the guarantee's "
+                f"{applies['delta']:.3g}"
+            )
+    elif report["dp"] and is_number(claimed):
+        problems.append(
+            f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
+        )
+    problems += _per_node_problems(report, privacy.get("per_node"), tolerance)
+    node_level, claimed_node = report["node_level"], (privacy.get("node_level") or {})
+    if is_number(claimed_node.get("epsilon")):
+        if not node_level and report["config"].get("node_dp") is True:
+            problems.append(
+                f"metrics.json claims node-level epsilon {claimed_node['epsilon']:.4f}, but the "
+                "ledger holds no node-level release to recompute it from"
+            )
+        elif node_level and claimed_node["epsilon"] < node_level["epsilon"] * (1 - tolerance):
+            problems.append(
+                f"metrics.json claims node-level epsilon {claimed_node['epsilon']:.4f}, "
+                f"below the recomputed {node_level['epsilon']:.4f}"
+            )
+    if fed or report["dp"] or claimed_node:
+        report["checks"].append(
+            check(
+                "metrics",
+                "metrics.json agrees with the ledger",
+                problems,
+                "the privacy statement in metrics.json holds",
+            )
+        )
+
+
+def _per_node_problems(report: dict, per_node: Any, tolerance: float) -> list[str]:
+    """metrics.json's ``per_node`` against the ledger: under DP it must be there and name
+    exactly the contributing nodes, each at its last contribution's epsilon."""
+    ledger_final = {n["node"]: n.get("reported_epsilon") for n in report["nodes"]}
+    contributed = {n["node"] for n in report["nodes"] if n["contributions"]}
+    if not isinstance(per_node, dict):
+        if report["dp"]:
+            return [
+                "metrics.json states no per_node epsilons: under DP it must state each node's "
+                "final epsilon (what catches a ledger whose last rounds were cut off)"
+            ]
+        return []
+    problems = []
+    stated: dict[str, Any] = defaultdict(lambda: None)
+    for node, value in per_node.items():
+        stated[str(node)] = value.get("epsilon") if isinstance(value, dict) else value
+    for node in sorted(set(stated) | contributed):
+        value, final = stated[node], ledger_final.get(node)
+        if node not in contributed:
+            problems.append(f"node {node}: metrics.json states it, the ledger has no contribution")
+        elif not is_number(final):
+            continue  # a contribution the recomputed check reports
+        elif not is_number(value):
+            problems.append(f"node {node}: metrics.json states no epsilon for it")
+        elif abs(value - final) > tolerance * final:
+            problems.append(
+                f"node {node}: metrics.json states epsilon {value:.4f}, the ledger's "
+                f"last contribution {final:.4f} (a cut-off ledger?)"
+            )
+    return problems

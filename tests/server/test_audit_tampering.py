@@ -1,0 +1,177 @@
+"""Ledgers a server that writes them could tamper with so that epsilon is under-reported while
+every entry still chains and computes: recovered entries, dropped first contributions, forged
+node-level releases, dropped rounds (server/privacy/audit_signatures.py, audit_checks.py,
+audit_node_level.py, audit_federation.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.privacy.accounting import epsilon_curve, federation_guarantee
+from server.privacy.audit import audit
+from server.privacy.audit_federation import federation_statement
+from server.privacy.ledger import GENESIS, PrivacyLedger, entry_hash, read_ledger
+from server.privacy.node_privacy import NodeLevelDP
+from shared.federation.signing import NodeKey
+from shared.runs.config import RunConfig
+from tests.server.test_ledger_audit import copy_run, write_planned_run, write_run
+
+CUSTOMERS = {"0": 800, "1": 1000}
+
+
+def rechain(entries: list[dict]) -> list[dict]:
+    """What a server with write access does after editing: renumber and re-hash the chain."""
+    for i, e in enumerate(entries):
+        e.update(seq=i, prev_hash=entries[i - 1]["hash"] if i else GENESIS)
+        e.setdefault("time", 0.0)
+        e["hash"] = entry_hash(e)
+    return entries
+
+
+def failed(report: dict) -> dict[str, list[str]]:
+    return {c["name"]: c["problems"] for c in report["checks"] if c["status"] == "fail"}
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory) -> Path:
+    keys_dir = tmp_path_factory.mktemp("keys")
+    keys = {node: NodeKey.load_or_create(keys_dir / f"{node}.pem") for node in CUSTOMERS}
+    return write_planned_run(tmp_path_factory.mktemp("signed"), CUSTOMERS, rounds=2, keys=keys)
+
+
+def recovered(entries: list[dict], node: str, which) -> list[dict]:
+    """``node``'s contributions chosen by ``which`` marked recovered, their signature gone."""
+    entries = [dict(e) for e in entries]
+    for e in entries:
+        if e["kind"] == "contribution" and e["node"] == node and which(e):
+            e["recovered"] = "spent by the node but never recorded here"
+            e.pop("signature"), e.pop("key_id")
+    return rechain(entries)
+
+
+def test_a_recovered_contribution_needs_the_next_one_signed_and_alike(tmp_path, signed):
+    entries = read_ledger(signed / "ledger.jsonl")
+
+    def run(name: str, forged: list[dict]) -> dict:
+        return audit(copy_run(forged, tmp_path / name), node_keys=signed / "node-keys")
+
+    # the server lost node 1's round-2 training reply: its evaluation reply vouches for it
+    honest = run(
+        "honest",
+        recovered(entries, "1", lambda e: e["round"] == 2 and e["purpose"] == "training"),
+    )
+    assert honest["passed"], failed(honest)
+    assert any("recovered by the server" in n for n in honest["notes"])
+
+    # every contribution of node 1 "recovered": nothing signed vouches for them
+    everything = run("all", recovered(entries, "1", lambda e: True))
+    problems = failed(everything)["signatures"]
+    assert problems and all("recovered by the server, but" in p for p in problems)
+    assert "no signed contribution after it" in problems[-1]
+
+    # a recovered entry at twice the noise the node's signed releases carry: cheaper
+    raised = recovered(entries, "1", lambda e: e["round"] == 2 and e["purpose"] == "training")
+    for e in raised:
+        if e.get("recovered"):
+            e["noise_multiplier"] *= 2
+    (problem,) = failed(run("raised", rechain(raised)))["signatures"]
+    assert "not at the node's costliest signed release" in problem and "noise_multiplier" in problem
+
+
+def test_dropping_each_node_first_contribution_fails_and_never_lowers_the_statement(tmp_path):
+    out = write_run(tmp_path / "honest", partition="merchant", target=20.0)
+    entries = read_ledger(out / "ledger.jsonl")
+    kept = [e for e in entries if not (e["kind"] == "contribution" and e["round"] == 1)]
+    report = audit(copy_run(rechain([dict(e) for e in kept]), tmp_path / "dropped"))
+    problems = failed(report)["contribution_index"]
+    assert len(problems) == 3 and "--receipts 0=PATH" in problems[0]
+    assert "contributions 0 to 0 are not in this ledger" in problems[0]
+    honest = [e for e in entries if e["kind"] == "contribution"]
+    dropped = [e for e in kept if e["kind"] == "contribution"]
+    full = federation_statement(honest, 1e-5, "merchant")["epsilon"]
+    padded = federation_statement(dropped, 1e-5, "merchant")
+    assert padded["missing_accounted"] == 3
+    assert padded["epsilon"] >= full * (1 - 1e-3)
+    assert federation_guarantee(dropped, 1e-5, "merchant")["epsilon"] < 0.95 * full  # the writer's
+
+
+def node_level_ledger(out: Path, rounds: int, forge=None) -> Path:
+    """A node-dp run's ledger of ``rounds`` releases (``forge`` edits each node_level entry,
+    re-chained), ended with run_end."""
+    config = RunConfig(node_dp=True, node_target_epsilon=1.0, dp_rounds=3, clients=2)
+    out.mkdir(parents=True)
+    ledger = PrivacyLedger(out / "ledger.jsonl")
+    ledger.append("run_start", config=config.to_dict(), unit="u")
+    node_dp = NodeLevelDP(config, ledger)
+    for r in range(1, rounds + 1):
+        node_dp.release(r, {"id_scores.bias": np.zeros(3, np.float32)}, 2, 2)
+    ledger.append("run_end", rounds_completed=3, reason="done")
+    if forge:
+        entries = read_ledger(out / "ledger.jsonl")
+        nl = [e for e in entries if e["kind"] == "node_level"]
+        for e in nl:
+            forge(e)
+        for e, epsilon in zip(nl, epsilon_curve(nl), strict=True):
+            e["epsilon"] = epsilon * 1.001
+        copy_run(rechain(entries), out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "forge", "words"),
+    [
+        ("amplified", lambda e: e.update(mechanism="poisson_subsampled_gaussian", sample_rate=0.1),
+         "no amplification by sampling"),
+        ("inflated", lambda e: e.update(noise_multiplier=3 * e["noise_multiplier"]),
+         "calibrate to σ"),
+        ("delta", lambda e: e.update(delta=0.2), "not the configured node_delta"),
+    ],
+)  # fmt: skip
+def test_node_level_entries_must_be_the_planned_mechanism(tmp_path, name, forge, words):
+    assert audit(node_level_ledger(tmp_path / "honest", 3))["passed"]
+    report = audit(node_level_ledger(tmp_path / name, 3, forge))
+    assert list(failed(report)) == ["node_level"] and words in failed(report)["node_level"][0]
+
+
+def test_a_node_dp_run_without_its_node_level_entries_fails(tmp_path):
+    out = node_level_ledger(tmp_path / "gone", 3)
+    entries = read_ledger(out / "ledger.jsonl")
+    copy_run(rechain([e for e in entries if e["kind"] != "node_level"]), out)
+    (out / "metrics.json").write_text(
+        json.dumps({"privacy": {"node_level": {"epsilon": 0.01, "delta": 1e-5}}})
+    )
+    report = audit(out)
+    assert "no node_level entry" in failed(report)["node_level"][0]
+    assert "no node-level release" in failed(report)["metrics"][0]
+    out = node_level_ledger(tmp_path / "short", 2)  # round 3 never released
+    assert "round(s) 3 have no node_level entry" in failed(audit(out))["node_level"][0]
+
+
+def test_rounds_missing_before_run_end_fail(tmp_path):
+    out = write_run(tmp_path / "honest")
+    entries = read_ledger(out / "ledger.jsonl")
+    final = {e["node"]: e["epsilon"] for e in entries if e["kind"] == "contribution"}
+    (out / "metrics.json").write_text(json.dumps({"privacy": {"per_node": final}}))
+    assert audit(out)["passed"]
+
+    kept = [e for e in entries if not (e["kind"] == "contribution" and e["round"] == 3)]
+    out = copy_run(rechain([dict(e) for e in kept]), tmp_path / "tail")
+    (out / "metrics.json").write_text(json.dumps({"privacy": {"epsilon": 8.0}}))
+    report = failed(audit(out))
+    assert len(report["rounds"]) == 3 and "round(s) 3 of the 3" in report["rounds"][0]
+    assert "no per_node epsilons" in report["metrics"][0]
+
+    # a declined round is an entry: the node is accounted for
+    declined = [dict(e) for e in kept]
+    for node in "012":
+        declined.insert(-1, {"kind": "declined", "round": 3, "node": node, "reason": "budget"})
+    out = copy_run(rechain(declined), tmp_path / "declined")
+    assert "rounds" not in failed(audit(out))
+
+    empty = [e for e in entries if e["kind"] != "contribution"]
+    out = copy_run(rechain([dict(e) for e in empty]), tmp_path / "empty")
+    assert "holds no contribution" in failed(audit(out))["rounds"][0]
