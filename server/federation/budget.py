@@ -102,7 +102,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         contributions, config.delta or None, config.partition
     )
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
-    epsilon = max(epsilon, *claims.values())
+    epsilon = max([epsilon, *claims.values()])
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
         f"({epsilon:.3f}, {delta:.3g})-differential privacy for each customer, the unit "
