@@ -96,6 +96,11 @@ class NodePrivacy:
             accountant.history.append(extra)
         return prv_epsilon(accountant, delta) if accountant.history else 0.0
 
+    def declined(self, delta: float, reason: str) -> dict:
+        """A release declined for ``reason``: what the node has spent so far, at ``delta``."""
+        epsilon = self.epsilon_after(delta)
+        return {"declined": True, "epsilon": epsilon, "delta": delta, "reason": reason}
+
     def charge(self, event: Event, delta: float) -> tuple[float, int]:
         """Add ``event`` to the accountant and save it, under the lock (taken here, and the
         state re-read, unless the caller holds it), before anything computed under it leaves;

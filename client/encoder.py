@@ -134,13 +134,7 @@ def _tune_private(
         sigma = noise_multiplier(privacy, config, policy, customers)
         event = (sigma, sample_rate, steps)
         if reason := over_budget(privacy, delta, budget, event):
-            return {
-                "node": node.name,
-                "declined": True,
-                "epsilon": privacy.epsilon_after(delta),
-                "delta": delta,
-                "reason": reason,
-            }
+            return {"node": node.name, **privacy.declined(delta, reason)}
         epsilon, index = privacy.charge(event, delta)  # spent from here, whatever happens next
     # every customer is sampled at the same rate; one without a pair adds nothing to a step
     customer_pairs = [p for p in (consecutive_pairs([h]) for h in histories) if len(p)]

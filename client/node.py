@@ -329,12 +329,7 @@ def _train_private(
         sigma = noise_multiplier(privacy, config, policy, customers)
         event = (sigma, sample_rate, round_steps)
         if reason := over_budget(privacy, delta, budget, event):
-            return {
-                "declined": True,
-                "epsilon": privacy.epsilon_after(delta),
-                "delta": delta,
-                "reason": reason,
-            }
+            return privacy.declined(delta, reason)
         epsilon, index = privacy.charge(event, delta)  # spent from here, whatever happens next
     spent = train_private(
         model,
@@ -454,13 +449,7 @@ def _private_answer(
     delta, _, _, budget = privacy_plan(config, policy, customers)
     with privacy.locked():  # no other release of this node between the check and the charge
         if reason := over_budget(privacy, delta, budget, (sigma, 1.0, 1)):
-            return {
-                "node": node.name,
-                "declined": True,
-                "epsilon": privacy.epsilon_after(delta),
-                "delta": delta,
-                "reason": reason,
-            }
+            return {"node": node.name, **privacy.declined(delta, reason)}
         sums = private_sums(values, sigma)
         epsilon, index = privacy.charge((sigma, 1.0, 1), delta)  # before anything leaves
     return {
