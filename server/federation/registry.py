@@ -79,6 +79,10 @@ class Registry:
     def lookup(self, node_id: int) -> RegisteredNode | None:
         return self.nodes.get(int(node_id))
 
+    def named(self, name: str) -> RegisteredNode | None:
+        """The registered node called ``name`` (None: none is)."""
+        return next((node for node in self.nodes.values() if node.name == name), None)
+
     @property
     def customers(self) -> int | None:
         """The registered nodes' customers summed (None: no node is registered)."""

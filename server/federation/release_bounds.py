@@ -10,6 +10,7 @@ node's declared customers (``num_customers``):
   round (``dp-local-epochs`` epochs of training, one pass of the encoder);
 - a private answer (``evaluation``, ``guard``): one Gaussian release with at least the run's
   noise (``eval-noise-multiplier``, ``RunConfig.guard_noise``);
+- with a registry, no more customers than the node's registered figure;
 - the release alone spends at most :data:`SPARE` x ``target-epsilon`` + 1 by dp-accounting's
   RDP bound, which costs microseconds whatever the parameters and is above PLD's epsilon: no
   honest release spends more than its node's budget, itself at most the target.
@@ -31,9 +32,15 @@ SPARE = 2.0  # times the run's target: RDP's bound was measured at most 1.2 x PL
 DP_SGD = {"training": "poisson_subsampled_gaussian", "encoder": "poisson_subsampled_gaussian"}
 
 
-def release_problem(release: Release, config: RunConfig) -> str | None:
-    """Why ``release`` is outside what ``config`` plans for its node (None: it is within)."""
+def release_problem(
+    release: Release, config: RunConfig, registered: int | None = None
+) -> str | None:
+    """Why ``release`` is outside what ``config`` plans for its node (None: it is within);
+    ``registered``: the customers a registry declares for the node, which its release may not
+    exceed (more customers would loosen every bound below)."""
     customers = release.num_customers
+    if registered is not None and customers > registered:
+        return f"num_customers {customers} is above the {registered} registered for the node"
     if release.purpose in DP_SGD:
         if release.mechanism != DP_SGD[release.purpose]:
             return f"a {release.purpose} release must be {DP_SGD[release.purpose]}"

@@ -74,7 +74,9 @@ class Reports:
                 self.rejected[sender] = "an update under DP without a signed release"
             self.reports.append(report)
             return
-        problem = release_problem(release, strategy.config)
+        registered = None if strategy.registry is None else strategy.registry.named(sender)
+        customers = None if registered is None else registered.customers
+        problem = release_problem(release, strategy.config, customers)
         if problem is not None:
             problem = f"release refused as malformed: {problem}"
         else:

@@ -186,3 +186,11 @@ def test_the_audit_lists_claims_and_still_passes_an_honest_ledger(tmp_path: Path
     report = audit(tmp_path)
     assert report["passed"] and report["unverified"][0]["epsilon"] == 50.0
     assert any("line(s) 2" in note for note in report["notes"])
+
+
+def test_a_release_may_not_claim_more_customers_than_its_node_registered() -> None:
+    """More customers loosen every bound (a smaller sample rate, more steps a round); a
+    registered node's release is held to its registered figure, fewer being its own cost."""
+    report = parse_report(planned(customers=10**6))
+    assert "above the 2000 registered" in release_problem(report.release, CONFIG, 2000)
+    assert release_problem(parse_report(planned(customers=1500)).release, CONFIG, 2000) is None
