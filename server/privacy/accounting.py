@@ -357,8 +357,28 @@ def federation_guarantee(contributions: list[dict], delta: float | None, partiti
         node: max(_epsilon(p, one_delta), *(float(c.get("epsilon") or 0.0) for c in by_node[node]))
         for node, p in node_plds.items()
     }
-    worst = max(per_node, key=per_node.get, default=None)
     composed = functools.reduce(_compose, node_plds.values(), None)
+    return guarantee_statement(
+        per_node, _epsilon(composed, all_delta), delta, one_delta, all_delta, partition
+    )
+
+
+def guarantee_statement(
+    per_node: dict[str, float],
+    composed: float,
+    delta: float | None,
+    one_delta: float,
+    all_delta: float,
+    partition: str,
+    how: str = "",
+) -> dict:
+    """The federation's guarantee both ways, from figures computed elsewhere: ``per_node``
+    (each node's epsilon at ``one_delta``) and ``composed`` (all nodes' contributions composed,
+    at ``all_delta``); ``applies`` names the one for ``partition`` (``one_node`` for
+    "regional", ``all_nodes`` for anything else); ``how`` is added to both explanations.
+    Only the statement: the writer (:func:`federation_guarantee`) and the audit
+    (server/privacy/audit_federation.py) each compute its figures their own way."""
+    worst = max(per_node, key=per_node.get, default=None)
     applies = "one_node" if partition == "regional" else "all_nodes"
     result = {
         "partition": partition,
@@ -369,13 +389,14 @@ def federation_guarantee(contributions: list[dict], delta: float | None, partiti
             "delta": one_delta,
             "unit": UNIT_ONE_NODE,
             "how": "parallel composition: the worst node"
-            + (f" ({worst})" if worst is not None else ""),
+            + (f" ({worst})" if worst is not None else "")
+            + how,
         },
         "all_nodes": {
-            "epsilon": _epsilon(composed, all_delta),
+            "epsilon": composed,
             "delta": all_delta,
             "unit": UNIT_ALL_NODES,
-            "how": f"all {len(per_node)} nodes' contributions composed (one PLD)",
+            "how": f"all {len(per_node)} nodes' contributions composed (one PLD{how})",
             "basic_composition": {
                 "epsilon": sum(per_node.values()),
                 "delta": delta * len(per_node) if delta is not None else all_delta,

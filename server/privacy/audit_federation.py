@@ -84,37 +84,11 @@ def federation_statement(contributions: list[dict], delta: float | None, partiti
     per_node = {node: max(_pld_epsilon(events[node], one_delta), reported[node]) for node in nodes}
     every = [event for node_events in events.values() for event in node_events]
     composed = max([_pld_epsilon(every, all_delta), *reported.values()]) if nodes else 0.0
-    worst = max(per_node, key=per_node.get, default=None)
-    applies = "one_node" if partition == "regional" else "all_nodes"
     extra = f", {accounted} missing contribution(s) at their node's costliest" if accounted else ""
-    result: dict[str, Any] = {
-        "partition": partition,
-        "delta": delta,
-        "per_node": per_node,
-        "missing_accounted": accounted,
-        "one_node": {
-            "epsilon": per_node[worst] if worst is not None else 0.0,
-            "delta": one_delta,
-            "unit": accounting.UNIT_ONE_NODE,
-            "how": "parallel composition: the worst node"
-            + (f" ({worst})" if worst is not None else "")
-            + extra,
-        },
-        "all_nodes": {
-            "epsilon": composed,
-            "delta": all_delta,
-            "unit": accounting.UNIT_ALL_NODES,
-            "how": f"all {len(per_node)} nodes' contributions composed (one PLD{extra})",
-            "basic_composition": {
-                "epsilon": sum(per_node.values()),
-                "delta": delta * len(per_node) if delta is not None else all_delta,
-            },
-        },
-        "applies": applies,
-    }
-    result["epsilon"] = result[applies]["epsilon"]
-    result["unit"] = result[applies]["unit"]
-    return result
+    statement = accounting.guarantee_statement(
+        per_node, composed, delta, one_delta, all_delta, partition, extra
+    )
+    return {**statement, "missing_accounted": accounted}
 
 
 def audit_federation(
