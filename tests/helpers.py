@@ -61,18 +61,22 @@ def node_reply(
         content["arrays"] = ArrayRecord(
             {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
         )
-    metadata = Metadata(
+    return Message(content=content, metadata=metadata(len(node) if node_id is None else node_id, 0))
+
+
+def metadata(src_node_id: int, dst_node_id: int, reply_to: str = "m") -> Metadata:
+    """A training message's metadata, from ``src_node_id`` to ``dst_node_id``."""
+    return Metadata(
         run_id=1,
         message_id="",
-        src_node_id=len(node) if node_id is None else node_id,
-        dst_node_id=0,
-        reply_to_message_id="m",
+        src_node_id=src_node_id,
+        dst_node_id=dst_node_id,
+        reply_to_message_id=reply_to,
         group_id="1",
         created_at=time.time(),
         ttl=60.0,
         message_type="train",
     )
-    return Message(content=content, metadata=metadata)
 
 
 def release(**changes) -> dict:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from server.privacy import accounting
 from server.privacy.ledger import PrivacyLedger
+from server.privacy.ledger_gaps import outstanding_releases
 from shared.federation.node_directory import NodeInfo
 from shared.runs.config import RunConfig
 
@@ -78,7 +79,10 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     ``epsilon`` is the federation's guarantee that applies to the partition (the worst node
     when a customer is at one node only, the composition over every node otherwise), and
     never below what a refused report claims spent (``unverified``: the largest epsilon each
-    such node claimed, never recomputed)."""
+    such node claimed, never recomputed). A private request a node left unanswered since its
+    last contribution counts as spent (``outstanding``, server/privacy/ledger_gaps.py); while a
+    node that never contributed has one, the headline is at least the run's target (what the
+    node's plan keeps, if it followed it)."""
     contributions = [e for e in ledger.entries if e["kind"] == "contribution"]
     claims: dict[str, float] = {}
     for entry in ledger.entries:
@@ -92,17 +96,28 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             "delta": entry["delta"],
             "contributions": entry["contribution_index"] + 1,
         }
+    copies, silent = outstanding_releases(ledger.entries)
+    for copy in copies:
+        nodes[copy["node"]]["outstanding"] = nodes[copy["node"]].get("outstanding", 0) + 1
+    unanswered = _unanswered_statement(copies, silent, config.target_epsilon)
+    never = {"never_answered": silent} if silent else {}
     if not contributions:
         claim = max(claims.values(), default=None)
         statement = "No node contributed." + (
             f" Refused reports claim up to epsilon {claim:.3f} ('unverified')." if claims else ""
         )
-        return {"unit": NODE_UNIT, "per_node": {}, **unverified, "statement": statement}
+        return {
+            "unit": NODE_UNIT,
+            "per_node": {},
+            **unverified,
+            **never,
+            "statement": statement + unanswered,
+        }
     federation = accounting.federation_guarantee(
-        contributions, config.delta or None, config.partition
+        contributions + copies, config.delta or None, config.partition
     )
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
-    epsilon = max([epsilon, *claims.values()])
+    epsilon = max([epsilon, *claims.values(), *([config.target_epsilon] if silent else [])])
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
         f"({epsilon:.3f}, {delta:.3g})-differential privacy for each customer, the unit "
@@ -113,6 +128,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             f" Refused reports of {len(claims)} node(s) claim spending the server could not "
             "verify ('unverified'); epsilon is never below what they claim."
         )
+    statement += unanswered
     return {
         "unit": federation["unit"],
         "accountant": "prv (opacus) at each node; the federation by dp-accounting PLD",
@@ -122,5 +138,24 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         "per_node": nodes,
         "federation": federation,
         **unverified,
+        **never,
         "statement": statement,
     }
+
+
+def _unanswered_statement(copies: list[dict], silent: list[str], target: float) -> str:
+    """What the statement says of private requests left unanswered (nothing when none are)."""
+    said = ""
+    if copies:
+        said += (
+            f" {len(copies)} private request(s) of {len({c['node'] for c in copies})} node(s) "
+            "went unanswered since their last contribution ('outstanding'): each is counted as "
+            "spent, at the node's costliest release of its purpose."
+        )
+    if silent:
+        said += (
+            f" {len(silent)} node(s) never answered a private request ('never_answered'): "
+            "what they spent is in their own accountants, not here; epsilon is at least the "
+            f"run's target {target:g}, what their plan keeps if they followed it."
+        )
+    return said

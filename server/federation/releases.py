@@ -206,6 +206,20 @@ def record_privacy(
         ledger.append("unverified", round=server_round, **entry, **named)
 
 
+def heard_from(
+    replies: Sequence[Message], strategy: FedRecStrategy
+) -> tuple[dict[int, str], dict[int, str]]:
+    """(Flower node id -> name of each node that replied with content, Flower node id -> the
+    error Flower returned for a node instead of its reply)."""
+    heard, errors = {}, {}
+    for reply in replies:
+        if reply.has_error():
+            errors[reply.metadata.src_node_id] = f"error: {reply.error.reason}"[:MAX_TEXT]
+        elif reply.has_content():
+            heard[reply.metadata.src_node_id] = strategy.sender(reply)
+    return heard, errors
+
+
 def note_unamplified(reports: list[NodeReport], rounds: int) -> None:
     """Say once which nodes' DP-SGD draws every customer at every step (a Poisson rate of 1:
     their declared customers are at most ``dp-batch-size``, so no amplification by sampling)

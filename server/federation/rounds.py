@@ -36,6 +36,7 @@ from server.federation.progress import plot_rounds, report_round
 from server.federation.registry import Registry
 from server.federation.releases import (
     Reports,
+    heard_from,
     note_unamplified,
     privacy_reports,
     record_privacy,
@@ -44,6 +45,7 @@ from server.federation.selection import MONITOR, RoundSelection, round_validatio
 from server.federation.settings import check_settings, settings_record
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger
+from server.privacy.ledger_gaps import NO_REPLY, record_unanswered
 from server.privacy.node_keys import NodeKeys
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
 from shared.federation.wire import encode, nbytes, trainable_state
@@ -145,6 +147,7 @@ class Federation:
         )
         self.settings = ConfigRecord({**dict(settings), "run-id": self.run_id})
         self.keys = NodeKeys(out / "node-keys")
+        self.names: dict[int, str] = {}  # Flower node id -> the name its replies gave
         # the encoder's tuned top layers (server/federation/encoder_rounds.py), sent with every
         # message of the model's rounds: each node builds the same text encoder from them
         self.text_encoder: dict[str, torch.Tensor] | None = None
@@ -168,6 +171,31 @@ class Federation:
             for m in messages
         ]
 
+    def record_unanswered(
+        self,
+        server_round: int,
+        sent: list[int],
+        heard: dict[int, str],
+        errors: dict[int, str] | None = None,
+        stage: str = "train",
+    ) -> None:
+        """Under DP, ledger each node of ``sent`` (Flower node ids) not ``heard`` from (id ->
+        the name its reply gave) in answer to a ``stage`` request: it may have spent
+        (server/privacy/ledger_gaps.py). Named as its earlier replies named it (a registered
+        node by the registry; one never heard from by its Flower id), with Flower's error for
+        it where ``errors`` holds one."""
+        self.names.update(heard)
+        if not self.config.dp:
+            return
+        unanswered = {}
+        for node_id in sent:
+            if node_id not in heard:
+                name = self.names.get(node_id) or self.strategy.node_name(
+                    node_id, f"flower node {node_id}"
+                )
+                unanswered[name] = (errors or {}).get(node_id, NO_REPLY)
+        record_unanswered(self.ledger, server_round, unanswered, stage)
+
     def train(
         self, server_round: int, state: dict[str, torch.Tensor], message_type: str = "train"
     ) -> RoundResult:
@@ -178,17 +206,20 @@ class Federation:
             total, records, sampled = self.secure.train_round(server_round, state)
             received = Reports()  # the masked updates themselves cannot be checked here
             check = (self.keys, self.run_id, server_round, self.strategy)
+            heard: dict[int, str] = {}
             for node_id, record in records:  # checked as privacy_reports checks a reply's
                 named = record.get("node")
                 claimed = named if isinstance(named, str) else None
                 identity = self.strategy.node_problem(node_id, claimed)
-                name = self.strategy.node_name(node_id, claimed or str(node_id))
-                received.receive(name, record, identity, check)
+                heard[node_id] = self.strategy.node_name(node_id, claimed or str(node_id))
+                received.receive(heard[node_id], record, identity, check)
             record_privacy(
                 self.ledger, server_round, received.reports, unverified=received.unverified
             )
+            self.record_unanswered(server_round, sampled, heard)
             done = sum(not (r.refused or r.declined) for r in received.reports)
-            return RoundResult([], total, sampled, 0 if total is None else done, [], [])
+            contributed = 0 if total is None else done
+            return RoundResult([], total, len(sampled), contributed, [], [])
         arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
         messages = self.messages(
             list(self.strategy.configure_train(server_round, arrays, self.settings, self.grid)),
@@ -201,6 +232,9 @@ class Federation:
         )
         record_privacy(
             self.ledger, server_round, received.reports, message_type, received.unverified
+        )
+        self.record_unanswered(
+            server_round, _destinations(messages), *heard_from(replies, self.strategy), message_type
         )
         if server_round == 1 and message_type == "train":
             note_unamplified(received.reports, self.config.dp_rounds)
@@ -240,11 +274,19 @@ class Federation:
         record_privacy(
             self.ledger, server_round, received.reports, message_type, received.unverified
         )
+        self.record_unanswered(
+            server_round, _destinations(messages), *heard_from(replies, self.strategy), message_type
+        )
         return received.trusted(replies, self.strategy)
 
     def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict | None:
         """The nodes evaluate the global model on their own customers (:meth:`ask`)."""
         return self.strategy.aggregate_evaluate(server_round, self.ask(server_round, state))
+
+
+def _destinations(messages: list[Message]) -> list[int]:
+    """The Flower node ids ``messages`` go to."""
+    return [message.metadata.dst_node_id for message in messages]
 
 
 def run_federation(

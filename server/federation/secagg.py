@@ -63,13 +63,15 @@ class _Sampler(LegacyFedAvg):
             on_fit_config_fn=lambda server_round: {**self.settings, "server-round": server_round},
         )
         self.settings = settings
-        self.sampled, self.results = 0, []  # (Flower node id, FitRes) of each completed node
+        self.sampled: list[int] = []  # the Flower node ids sampled this round
+        self.results = []  # (Flower node id, FitRes) of each completed node
         self.mean: list[np.ndarray] | None = None
 
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
         """FedAvg's sampling; starts the round's bookkeeping afresh."""
         chosen = super().configure_fit(server_round, parameters, client_manager)
-        self.sampled, self.results, self.mean = len(chosen), [], None
+        self.sampled = [proxy.node_id for proxy, _ in chosen]
+        self.results, self.mean = [], None
         return chosen
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
@@ -117,9 +119,9 @@ class SecureAggregation:
 
     def train_round(
         self, server_round: int, state: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, np.ndarray] | None, list[tuple[int, dict]], int]:
+    ) -> tuple[dict[str, np.ndarray] | None, list[tuple[int, dict]], list[int]]:
         """(sum of the nodes' clipped updates or None if the protocol halted, the nodes' plain
-        reports with the Flower node id of each sender, number of nodes sampled)."""
+        reports with the Flower node id of each sender, the Flower node ids sampled)."""
         self._connected_nodes()
         self.sampler.settings[STATE_NAMES] = ",".join(state)
         self.context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(

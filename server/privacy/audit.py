@@ -38,6 +38,7 @@ from server.privacy.audit_node_level import audit_node_level
 from server.privacy.audit_report import jsonable, print_summary, write_html
 from server.privacy.audit_signatures import audit_receipts, audit_signatures, ledger_run_id
 from server.privacy.ledger import LedgerError, missing_fields, read_ledger, verify_chain
+from server.privacy.ledger_gaps import outstanding_requests
 
 DEFAULT_TOLERANCE = 0.01
 
@@ -205,7 +206,14 @@ def audit(
         )
     else:
         audit_contributions(report, contributions, config, lines, tolerance)
-        audit_federation(report, contributions, config, tolerance)
+        outstanding = outstanding_requests(complete)
+        if outstanding:
+            report["notes"].append(
+                f"{sum(map(len, outstanding.values()))} private request(s) went unanswered "
+                f"after their node's last contribution ({', '.join(sorted(outstanding))}): "
+                "each is counted as spent (an 'unanswered' entry)"
+            )
+        audit_federation(report, contributions, config, tolerance, outstanding)
         audit_rounds(report, complete, config)
         audit_delta(report, contributions, config, lines)
         audit_calibration(report, contributions, config, lines, tolerance)

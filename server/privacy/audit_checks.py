@@ -337,8 +337,9 @@ def audit_canaries(report: dict, path: Path) -> None:
 
 def _uncovered_rounds(node: str, entries: list[dict], completed: int) -> list[int]:
     """The rounds from ``node``'s first training contribution to ``completed`` with no entry
-    of it (training contribution, refusal, decline), less those a recovered contribution
-    recorded in the same or a later round accounts for (server/privacy/ledger_gaps.py)."""
+    of it (training contribution, refusal, decline, unanswered request), less those a
+    recovered contribution recorded in the same or a later round accounts for
+    (server/privacy/ledger_gaps.py)."""
     mine = [e for e in entries if str(e.get("node")) == node]
     training = [
         e
@@ -348,10 +349,10 @@ def _uncovered_rounds(node: str, entries: list[dict], completed: int) -> list[in
     if not training:
         return []
     covered = {e["round"] for e in training if not e.get("recovered")}
-    covered |= {
+    covered |= {  # an unanswered request is counted as spent (server/privacy/ledger_gaps.py)
         e["round"]
         for e in mine
-        if e["kind"] in ("refused", "declined") and e.get("stage", "train") == "train"
+        if e["kind"] in ("refused", "declined", "unanswered") and e.get("stage", "train") == "train"
     }
     recovered = sorted(
         e["round"] for e in mine if e["kind"] == "contribution" and e.get("recovered")

@@ -5,8 +5,11 @@ over the ledger's events, not with the function the server wrote metrics.json wi
 (``accounting.federation_guarantee``). A contribution missing from a node's indices (before
 its first one here, or in a gap) is accounted at the node's costliest release, as the server
 records a lost one (server/privacy/ledger_gaps.py), and no statement is below an epsilon a
-node reported itself. The budget each node was asked to keep is re-derived with
-``accounting.split_budget`` from the nodes' plans."""
+node reported itself. A private request a node left unanswered since its last contribution
+(server/privacy/ledger_gaps.py, ``outstanding_requests``) is composed as its node's costliest
+release of that purpose (of any, if it has none), and while a node that never contributed has
+one, the guarantee is at least the run's target. The budget each node was asked to keep is
+re-derived with ``accounting.split_budget`` from the nodes' plans."""
 
 from __future__ import annotations
 
@@ -65,37 +68,55 @@ def _pld_epsilon(events: list[tuple[dict, int]], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def federation_statement(contributions: list[dict], delta: float | None, partition: str) -> dict:
+def federation_statement(
+    contributions: list[dict],
+    delta: float | None,
+    partition: str,
+    outstanding: dict[str, list[str]] | None = None,
+) -> dict:
     """The customer-level guarantee both ways, as ``accounting.federation_guarantee`` states it
     (same keys), but composed here: ``one_node`` the worst node, ``all_nodes`` one PLD over
-    every node's events; missing indices accounted (:func:`missing_releases`), and neither below
-    the largest epsilon a node reported."""
+    every node's events; missing indices accounted (:func:`missing_releases`), each
+    ``outstanding`` request (node -> purposes) at the node's costliest release of its purpose
+    (of any, if none), and neither below the largest epsilon a node reported."""
     nodes = by_node(contributions)
     deltas = accounting.node_deltas(contributions)
     one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
     all_delta = delta if delta is not None else sum(deltas.values())
     events: dict[str, list[tuple[dict, int]]] = {}
     accounted = 0
+    unanswered = 0
     for node, cs in nodes.items():
         count, template = missing_releases(cs)
         events[node] = [(c, 1) for c in cs] + ([(template, count)] if template else [])
         accounted += count
+        for purpose in (outstanding or {}).get(node, []):
+            alike = [c for c in cs if c.get("purpose", "training") == purpose] or cs
+            events[node].append((max(alike, key=_release_epsilon), 1))
+            unanswered += 1
     reported = {node: max(float(c["epsilon"]) for c in cs) for node, cs in nodes.items()}
     per_node = {node: max(_pld_epsilon(events[node], one_delta), reported[node]) for node in nodes}
     every = [event for node_events in events.values() for event in node_events]
     composed = max([_pld_epsilon(every, all_delta), *reported.values()]) if nodes else 0.0
     extra = f", {accounted} missing contribution(s) at their node's costliest" if accounted else ""
+    if unanswered:
+        extra += f", {unanswered} unanswered request(s) counted as spent"
     statement = accounting.guarantee_statement(
         per_node, composed, delta, one_delta, all_delta, partition, extra
     )
-    return {**statement, "missing_accounted": accounted}
+    return {**statement, "missing_accounted": accounted, "outstanding_accounted": unanswered}
 
 
 def audit_federation(
-    report: dict, contributions: list[dict], config: dict, tolerance: float
+    report: dict,
+    contributions: list[dict],
+    config: dict,
+    tolerance: float,
+    outstanding: dict[str, list[str]] | None = None,
 ) -> None:
     """The federation guarantee (at the configured delta, or, configured 0, at the nodes'
-    own); the ``federation_budget`` check: it within the run's target, and the stated
+    own), counting ``outstanding`` requests (node -> purposes) as spent; the
+    ``federation_budget`` check: it within the run's target, and the stated
     ``budget_per_node`` not above what ``split_budget`` gives for the nodes' plans."""
     config_delta = config.get("delta")
     if any(entry_problem(c) for c in contributions):
@@ -105,10 +126,19 @@ def audit_federation(
         report["guarantee"] = "no federation guarantee: the configured delta is unusable"
         return
     partition = str(config.get("partition", ""))
-    fed = federation_statement(contributions, config_delta or None, partition)
+    fed = federation_statement(contributions, config_delta or None, partition, outstanding)
     report["federation"] = fed
     applies = fed[fed["applies"]]
     target = config.get("target_epsilon")
+    contributed = {str(c["node"]) for c in contributions}
+    silent = sorted(set(outstanding or {}) - contributed)
+    if silent and is_number(target):
+        fed["epsilon"] = max(fed["epsilon"], float(target))
+        report["notes"].append(
+            f"node(s) {', '.join(silent)} never answered a private request: what they spent "
+            f"is not in this ledger; the guarantee is stated at least at the run's target "
+            f"{target:g}, what their plan keeps if they followed it"
+        )
     if is_number(target):
         over = (
             [f"the federation's epsilon {fed['epsilon']:.4f} exceeds the run's target {target:g}"]

@@ -53,6 +53,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     # a report the server refused (malformed, outside the run's plan, or not verifying): what
     # it claims spent (its epsilon, its release as sent), never recomputed
     "unverified": ("round", "node", "reason"),
+    # a private request the node never answered (no reply, or an error): it may have spent, so
+    # it counts as spent until the node's next contribution shows whether it did
+    # (server/privacy/ledger_gaps.py)
+    "unanswered": ("round", "node", "reason"),
     "node_level": (
         "round",
         "mechanism",

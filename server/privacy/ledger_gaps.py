@@ -7,6 +7,13 @@ its parameters (fixed for a node within a run: its noise multiplier is calibrate
 sample rate and steps follow from its data and the run's settings, which a resumed run may not
 change) and the cumulative epsilon they compose to, marked ``recovered``. The ledger then never
 holds less spending than the nodes' accountants, and the audit's index check still holds.
+
+A reply that never comes (the node stopped, the network dropped it, the round timed out, the
+run ended) may still have been spent. The server records each private request a node did not
+answer as ``unanswered``; until the node's next contribution shows by its index whether it
+spent (a gap is recovered as above, no gap: it did not), each such request counts as one more
+copy of the node's costliest release (:func:`outstanding_requests`), in the run's statement and
+in the audit. A run that ends with a reply lost therefore states at least what was spent.
 """
 
 from __future__ import annotations
@@ -20,6 +27,14 @@ from server.privacy.ledger import PrivacyLedger
 log = logging.getLogger("fedrec.server")
 DP_SGD = ("training", "encoder")  # the purposes of DP-SGD releases (the others: one answer)
 
+NO_REPLY = "no reply (the node stopped, its reply was lost, or the round timed out)"
+# the purpose of the release each request stage asks for (the stages: server/federation/)
+STAGE_PURPOSE = {
+    "train": "training",
+    "train.encoder": "encoder",
+    "evaluate": "evaluation",
+    "evaluate.guard": "guard",
+}
 RECOVERED = (
     "spent by the node but never recorded here (its reply lost when the server stopped "
     "mid-round, or an earlier federation on the same data); parameters from its next contribution"
@@ -72,12 +87,17 @@ def record_lost_contributions(
     return recovered
 
 
+def costliest(releases: list[dict]) -> dict:
+    """The release a lost one of the same node is accounted at: the largest epsilon alone,
+    among its training and encoder releases when it has any (their parameters are fixed for a
+    node within a run)."""
+    return _dearest([e for e in releases if e.get("purpose", "training") in DP_SGD] or releases)
+
+
 def _lost(mine: list[dict], release: dict, server_round: int, node: str, expected: int) -> list:
     """The entries of the contributions between ``mine`` (the node's recorded ones) and
     ``release``, with the parameters of the costliest and their cumulative epsilon."""
-    dp_sgd = [e for e in [*mine, release] if e.get("purpose", "training") in DP_SGD]
-    costliest = max(dp_sgd or [release], key=lambda e: recompute_epsilon([e], float(e["delta"])))
-    template = {k: v for k, v in costliest.items() if k in release}
+    template = {k: v for k, v in costliest([*mine, release]).items() if k in release}
     template = {k: v for k, v in template.items() if k not in ("signature", "key_id")}
     entries: list[dict] = []
     for index in range(expected, int(release["contribution_index"])):
@@ -85,3 +105,56 @@ def _lost(mine: list[dict], release: dict, server_round: int, node: str, expecte
         entry["epsilon"] = epsilon_curve([*mine, *entries, entry])[-1]
         entries.append(entry)
     return entries
+
+
+def record_unanswered(
+    ledger: PrivacyLedger, server_round: int, unanswered: dict[str, str], stage: str = "train"
+) -> None:
+    """Append an ``unanswered`` entry for each node of ``unanswered`` (node name -> why: no
+    reply, or the error Flower returned) that a private request of ``stage`` reached in
+    ``server_round`` without a reply to record."""
+    named = {} if stage == "train" else {"stage": stage}
+    for node, reason in sorted(unanswered.items()):
+        log.warning("round %d, node %s: no answer to %s (%s)", server_round, node, stage, reason)
+        ledger.append("unanswered", round=server_round, node=node, reason=reason, **named)
+
+
+def outstanding_requests(entries: list[dict]) -> dict[str, list[str]]:
+    """Per node, the purposes of the private requests it left unanswered since its last
+    contribution: each may have been spent, and none is resolved until a contribution's
+    index shows whether it was."""
+    outstanding: dict[str, list[str]] = {}
+    for entry in entries:
+        node = str(entry.get("node"))
+        if entry.get("kind") == "contribution":
+            outstanding.pop(node, None)
+        elif entry.get("kind") == "unanswered":
+            purpose = STAGE_PURPOSE.get(str(entry.get("stage", "train")), "training")
+            outstanding.setdefault(node, []).append(purpose)
+    return outstanding
+
+
+def outstanding_releases(entries: list[dict]) -> tuple[list[dict], list[str]]:
+    """(for each outstanding request of a node that contributed, a copy of its costliest
+    contribution of the request's purpose, else of its costliest of any, marked
+    ``outstanding``; the nodes with outstanding requests that never contributed, whose
+    spending no release of theirs bounds)."""
+    contributions: dict[str, list[dict]] = {}
+    for entry in entries:
+        if entry.get("kind") == "contribution":
+            contributions.setdefault(str(entry["node"]), []).append(entry)
+    copies: list[dict] = []
+    silent: list[str] = []
+    for node, purposes in outstanding_requests(entries).items():
+        if node not in contributions:
+            silent.append(node)
+            continue
+        for purpose in purposes:
+            alike = [c for c in contributions[node] if c.get("purpose", "training") == purpose]
+            copies.append({**_dearest(alike or contributions[node]), "outstanding": True})
+    return copies, sorted(silent)
+
+
+def _dearest(releases: list[dict]) -> dict:
+    """The release with the largest epsilon alone."""
+    return max(releases, key=lambda e: recompute_epsilon([e], float(e["delta"])))

@@ -283,7 +283,8 @@ def test_secagg_sum_equals_the_plain_sum(tmp_path: Path) -> None:
         num_supernodes=nodes,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
-    assert found["sampled"] == nodes and len(found["reports"]) == nodes
+    assert len(found["sampled"]) == nodes and len(found["reports"]) == nodes
+    assert sorted(found["sampled"]) == sorted(node_id for node_id, _ in found["reports"])
     expected = {k: sum(FixedUpdate.update(p)[k] for p in range(nodes)) for k in state(0)}
     step = 2 * 3.0 / 2**22  # one quantisation level over [-C, C]
     for name, value in expected.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,17 +138,25 @@ def test_an_unparseable_report_is_recorded_with_what_it_claims(tmp_path: Path) -
     assert all(e["reason"].startswith("privacy report refused") for e in ledger.entries)
 
 
-def _secure_round(tmp_path: Path, records: list[tuple[int, dict]]) -> tuple[int, PrivacyLedger]:
-    """A SecAgg+ training round whose nodes sent ``records`` (Flower node id, report)."""
+def _secure_round(
+    tmp_path: Path, records: list[tuple[int, dict]], silent: tuple[int, ...] = ()
+) -> tuple[int, PrivacyLedger]:
+    """A SecAgg+ training round whose nodes sent ``records`` (Flower node id, report); the
+    nodes ``silent`` were sampled too but sent nothing."""
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     total = {"w": np.zeros(2, np.float32)}
     federation = SimpleNamespace(
-        secure=SimpleNamespace(train_round=lambda *_: (total, records, len(records))),
+        secure=SimpleNamespace(
+            train_round=lambda *_: (total, records, [*(i for i, _ in records), *silent])
+        ),
         keys=NodeKeys(tmp_path / "keys"),
         run_id="this-run",
         ledger=ledger,
         strategy=FedRecStrategy(CONFIG),
+        config=CONFIG,
+        names={},
     )
+    federation.record_unanswered = partial(Federation.record_unanswered, federation)
     return Federation.train(federation, 1, {}).contributed, ledger
 
 
@@ -170,11 +179,12 @@ def test_a_forged_secagg_report_is_recorded_as_a_claim_not_a_contribution(tmp_pa
     fields = {k: v for k, v in fields.items() if k not in ("refused", "declined")}
     signed = {**honest, "signature": key.sign(fields), "key_id": key.key_id}
     signed["public_key"] = key.public_pem
-    contributed, ledger = _secure_round(tmp_path / "honest", [(6, signed), (5, forged)])
+    contributed, ledger = _secure_round(tmp_path / "honest", [(6, signed), (5, forged)], (7,))
     assert contributed == 1
     assert [(e["kind"], e["node"]) for e in ledger.entries] == [
         ("contribution", "merchant-a"),
         ("unverified", "merchant-b"),
+        ("unanswered", "flower node 7"),  # sampled, silent: it may have spent
     ]
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, Metadata, RecordDict
-from helpers import TEST_DEVICE, cli_settings, node_reply
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from helpers import TEST_DEVICE, cli_settings, metadata, node_reply
 
 from server.federation.aggregation import NodeUpdate, aggregate
 from server.federation.progress import ReplyProgress
@@ -129,18 +128,7 @@ def test_the_attack_grid_replaces_only_the_malicious_replies(state, progress: bo
         RunConfig(clients=3, malicious_nodes=1, attack="sign-flip"),
     )
     out = {"arrays": ArrayRecord({k: Array(v) for k, v in encode(state).items()})}
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    message = Message(RecordDict(out), metadata=metadata)
+    message = Message(RecordDict(out), metadata=metadata(0, 1, reply_to=""))
     replies = grid.send_and_receive([message])
     assert grid.get_node_ids() == [1, 2, 3]  # the rest of the Grid is the real one's
     for r in replies:

@@ -1,0 +1,180 @@
+"""A private request whose reply never comes may have been spent (server/privacy/ledger_gaps.py):
+the server ledgers it as ``unanswered``, the run's statement and the audit count it as spent
+until the node's next contribution shows by its index whether it was, and a run that ends with
+a reply lost never states less than was spent."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from flwr.app import Error, Message
+from helpers import metadata, node_reply
+
+from server.federation.budget import federation_privacy
+from server.federation.releases import heard_from
+from server.federation.rounds import Federation
+from server.federation.strategy import FedRecStrategy
+from server.privacy.audit import audit
+from server.privacy.ledger import PrivacyLedger, read_ledger
+from server.privacy.ledger_gaps import NO_REPLY, outstanding_requests
+from shared.runs.config import RunConfig
+from tests.server.test_audit_tampering import failed, rechain
+from tests.server.test_ledger_audit import copy_run, write_planned_run
+
+CUSTOMERS = {"0": 1000, "1": 1000}  # one delta: every figure at the same delta
+
+
+def error_reply(node_id: int, reason: str) -> Message:
+    """What Flower returns in place of a node's reply when the node is gone."""
+    return Message(error=Error(code=0, reason=reason), metadata=metadata(node_id, 0))
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_each_node_a_private_request_reached_without_a_reply_is_ledgered(tmp_path, dp):
+    config = RunConfig(dp=dp)
+    federation = SimpleNamespace(
+        config=config,
+        ledger=PrivacyLedger(tmp_path / "ledger.jsonl"),
+        strategy=FedRecStrategy(config),
+        names={9: "merchant-9"},  # heard from in an earlier round
+    )
+    replies = [node_reply("merchant-1", None, node_id=1), error_reply(2, "node unavailable")]
+    Federation.record_unanswered(
+        federation, 3, [1, 2, 9], *heard_from(replies, federation.strategy), "evaluate.guard"
+    )
+    entries = [
+        (e["kind"], e["round"], e["node"], e["reason"], e["stage"])
+        for e in federation.ledger.entries
+    ]
+    expected = [
+        ("unanswered", 3, "flower node 2", "error: node unavailable", "evaluate.guard"),
+        ("unanswered", 3, "merchant-9", NO_REPLY, "evaluate.guard"),
+    ]
+    assert entries == (expected if dp else [])
+    assert federation.names[1] == "merchant-1"  # learnt from its reply
+
+
+def _with_unanswered(entries: list[dict], node: str, stage: str = "train") -> list[dict]:
+    """``entries`` with a request of ``stage`` to ``node`` left unanswered after the last round
+    (before run_end), as the server records it."""
+    end = entries[-1]
+    assert end["kind"] == "run_end"
+    named = {} if stage == "train" else {"stage": stage}
+    lost = {
+        "kind": "unanswered",
+        "round": end["rounds_completed"],
+        "node": node,
+        "reason": NO_REPLY,
+    }
+    return rechain([dict(e) for e in entries[:-1]] + [{**lost, **named}, dict(end)])
+
+
+def _lose_last_round(entries: list[dict], node: str) -> tuple[list[dict], list[dict]]:
+    """(``entries`` without ``node``'s releases of the last round, the same with each of those
+    requests recorded as unanswered instead): the node stopped after spending them."""
+    last = entries[-1]["rounds_completed"]
+    lost = [
+        e
+        for e in entries
+        if e["kind"] == "contribution" and e["node"] == node and e["round"] == last
+    ]
+    dropped = rechain([dict(e) for e in entries if not any(e is x for x in lost)])
+    stages = {"training": "train", "evaluation": "evaluate", "guard": "evaluate.guard"}
+    recorded = dropped
+    for release in lost:
+        recorded = _with_unanswered(recorded, node, stages[release["purpose"]])
+    return dropped, recorded
+
+
+def _config(entries: list[dict]) -> RunConfig:
+    config = entries[0]["config"]
+    return RunConfig(
+        dp=True,
+        target_epsilon=config["target_epsilon"],
+        partition=config["partition"],
+        delta=config["delta"],
+    )
+
+
+@pytest.mark.parametrize("partition", ["regional", "merchant"])
+def test_replies_lost_at_the_end_count_as_spent_in_the_statement_and_the_audit(tmp_path, partition):
+    """Node 1 spent its last round's training and evaluation releases and stopped: without the
+    unanswered entries the run would state less than was spent; with them, what was spent."""
+    honest = read_ledger(
+        write_planned_run(tmp_path / "honest", CUSTOMERS, rounds=2, partition=partition)
+        / "ledger.jsonl"
+    )
+    config = _config(honest)
+    spent = federation_privacy(SimpleNamespace(entries=honest), config)
+    dropped, recorded = _lose_last_round(honest, "1")
+    without = federation_privacy(SimpleNamespace(entries=dropped), config)
+    stated = federation_privacy(SimpleNamespace(entries=recorded), config)
+
+    assert without["federation"]["per_node"]["1"] < spent["federation"]["per_node"]["1"]
+    assert stated["federation"]["per_node"]["1"] == pytest.approx(
+        spent["federation"]["per_node"]["1"], rel=1e-6
+    )
+    assert stated["epsilon"] == pytest.approx(spent["epsilon"], rel=1e-6)
+    assert stated["per_node"]["1"]["outstanding"] == 2
+    assert stated["per_node"]["1"]["epsilon"] == without["per_node"]["1"]["epsilon"]  # the ledger's
+    assert "2 private request(s) of 1 node(s) went unanswered" in stated["statement"]
+
+    # the audit composes the same figure its own way, and the run's rounds stay covered
+    out = copy_run(recorded, tmp_path / "recorded")
+    (out / "metrics.json").write_text(json.dumps({"privacy": stated}))
+    report = audit(out)
+    assert report["passed"], failed(report)
+    assert report["federation"]["epsilon"] == pytest.approx(spent["epsilon"], rel=1e-3)
+    assert report["federation"]["outstanding_accounted"] == 2
+    assert any("went unanswered" in note for note in report["notes"])
+
+    if partition == "merchant":  # (regional: the headline is the worst node, node 0 here)
+        # a metrics.json that leaves the lost replies out claims too little
+        assert without["epsilon"] < spent["epsilon"]
+        (out / "metrics.json").write_text(json.dumps({"privacy": without}))
+        assert "metrics" in failed(audit(out))
+
+
+def test_the_next_contribution_resolves_an_unanswered_request(tmp_path):
+    """Its index shows whether the lost reply was spent: no gap, nothing is added."""
+    honest = read_ledger(write_planned_run(tmp_path, CUSTOMERS, rounds=2) / "ledger.jsonl")
+    # node 1's round-2 training reply unanswered, its evaluation answer (the next index) after
+    at = next(
+        i
+        for i, e in enumerate(honest)
+        if e["kind"] == "contribution" and e["node"] == "1" and e["round"] == 2
+    )
+    training = honest[at]
+    assert training["purpose"] == "training"
+    lost = {"kind": "unanswered", "round": 2, "node": "1", "reason": NO_REPLY}
+    entries = rechain([dict(e) for e in honest[:at]] + [lost] + [dict(e) for e in honest[at:]])
+    assert outstanding_requests(entries) == {}
+    config = _config(honest)
+    assert (
+        federation_privacy(SimpleNamespace(entries=entries), config)["epsilon"]
+        == (federation_privacy(SimpleNamespace(entries=honest), config)["epsilon"])
+    )
+    assert outstanding_requests(_with_unanswered(honest, "1", "evaluate.guard")) == {"1": ["guard"]}
+
+
+def test_a_node_that_never_answered_raises_the_statement_to_the_target(tmp_path):
+    honest = read_ledger(
+        write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2, target=8.0) / "ledger.jsonl"
+    )
+    silent = _with_unanswered(honest, "flower node 77")
+    statement = federation_privacy(SimpleNamespace(entries=silent), _config(honest))
+    assert statement["never_answered"] == ["flower node 77"]
+    assert statement["epsilon"] >= 8.0 and "never answered" in statement["statement"]
+    report = audit(copy_run(silent, tmp_path / "silent"))
+    assert report["federation"]["epsilon"] >= 8.0
+    assert any("flower node 77 never answered" in note for note in report["notes"])
+
+
+def test_a_training_round_lost_without_an_entry_still_fails_the_rounds_check(tmp_path):
+    """The entry is what covers the round: the same ledger without it fails ``rounds``."""
+    honest = read_ledger(write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2) / "ledger.jsonl")
+    dropped, recorded = _lose_last_round(honest, "1")
+    assert "rounds" in failed(audit(copy_run(dropped, tmp_path / "dropped")))
+    assert "rounds" not in failed(audit(copy_run(recorded, tmp_path / "recorded")))
