@@ -221,7 +221,8 @@ def audit(
             report, contributions, report["run_id"], lines, node_keys or out / "node-keys"
         )
         if receipts:
-            audit_receipts(report, contributions, report["run_id"], lines, receipts)
+            unanswered = [e for e in complete if e["kind"] == "unanswered"]
+            audit_receipts(report, contributions, report["run_id"], lines, receipts, unanswered)
         if any(e.get("kind") == "contribution" and missing_fields(e) for e in entries):
             report["guarantee"] += " (understated: incomplete contributions were left out)"
     ends = [e for e in complete if e["kind"] == "run_end"]

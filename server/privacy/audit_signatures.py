@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from server.privacy.accounting import recompute_epsilon
-from server.privacy.audit_checks import by_node, check, entry_problem
+from server.privacy.audit_checks import by_node, check, entry_problem, is_number
+from server.privacy.ledger_gaps import STAGE_PURPOSE
 from shared.federation.signing import SIGNED_FIELDS, public_key_id, signed_payload, verify
 
 
@@ -190,11 +191,16 @@ def audit_receipts(
     run_id: str | None,
     lines: dict[int, int],
     receipts: dict[str, Path],
+    unanswered: list[dict] = (),
 ) -> None:
     """Each named node's receipts of this run appear in the ledger with identical signed
-    fields, and each of its ledger contributions among its receipts."""
+    fields, and each of its ledger contributions among its receipts. A receipt the ledger
+    lacks passes only as the release of one of the node's ``unanswered`` requests after its
+    last contribution (same round and purpose), no costlier than the release the audit counted
+    for it (server/privacy/ledger_gaps.py)."""
     problems, compared = [], 0
     missing = object()
+    lost = _lost_replies(contributions, unanswered)
     for node, path in receipts.items():
         try:
             mine = [r for r in read_receipts(path) if r.get("run_id") == run_id]
@@ -208,10 +214,18 @@ def audit_receipts(
             c = ledger.get(index) if isinstance(index, int) else None
             seen.add(index if isinstance(index, int) else None)
             if c is None:
-                problems.append(
-                    f"node {node}, round {r.get('round')}: its receipt (contribution_index "
-                    f"{index!r}) is not in the ledger"
-                )
+                why = _unrecorded_problem(node, r, ledger, lost)
+                if why:
+                    problems.append(
+                        f"node {node}, round {r.get('round')}: its receipt (contribution_index "
+                        f"{index!r}) is not in the ledger{why}"
+                    )
+                else:
+                    report["notes"].append(
+                        f"node {node}, round {r.get('round')}: its receipt (contribution_index "
+                        f"{index}) is the release of a request recorded as unanswered, no "
+                        "costlier than the release the audit counted for it"
+                    )
                 continue
             compared += 1
             for field in SIGNED_FIELDS:
@@ -234,3 +248,52 @@ def audit_receipts(
             f"{compared} receipt(s) of {len(receipts)} node(s) match the ledger, both ways",
         )
     )
+
+
+def _lost_replies(contributions: list[dict], unanswered: list[dict]) -> dict[str, list[dict]]:
+    """Per node, its ``unanswered`` entries after its last contribution (the requests the
+    audit counts as spent), in ledger order."""
+    last = {str(c["node"]): c["seq"] for c in contributions if isinstance(c.get("seq"), int)}
+    lost: dict[str, list[dict]] = {}
+    for e in unanswered:
+        if isinstance(e.get("seq"), int) and e["seq"] > last.get(str(e["node"]), -1):
+            lost.setdefault(str(e["node"]), []).append(e)
+    return lost
+
+
+def _unrecorded_problem(
+    node: str, receipt: dict, ledger: dict[int, dict], lost: dict[str, list[dict]]
+) -> str:
+    """Why a receipt the ledger lacks is not the release of one of ``node``'s unanswered
+    requests (``lost``, one used up per receipt) as counted: "" when it is."""
+    index, purpose = receipt.get("contribution_index"), receipt.get("purpose", "training")
+    if not isinstance(index, int) or index <= max(ledger, default=-1):
+        return " (nor after the node's last contribution there)"
+    match = next(
+        (
+            e
+            for e in lost.get(node, [])
+            if e["round"] == receipt.get("round")
+            and STAGE_PURPOSE.get(str(e.get("stage", "train"))) == purpose
+        ),
+        None,
+    )
+    if match is None:
+        return " (nor an unanswered request of its round and purpose)"
+    alike = [c for c in ledger.values() if c.get("purpose", "training") == purpose]
+    if not ledger:
+        return " (the node has no contribution to count its unanswered request at)"
+    counted = max(alike or ledger.values(), key=lambda c: recompute_epsilon([c], float(c["delta"])))
+    # no costlier, compared by parameters (a receipt's own figures are not recomputed: it
+    # could ask for anything): the same mechanism, no less noise, no more sampling or steps
+    dominated = (
+        receipt.get("mechanism") == counted["mechanism"]
+        and all(is_number(receipt.get(k)) for k in ("noise_multiplier", "sample_rate", "steps"))
+        and receipt["noise_multiplier"] >= counted["noise_multiplier"]
+        and receipt["sample_rate"] <= counted["sample_rate"]
+        and receipt["steps"] <= counted["steps"]
+    )
+    if not dominated:
+        return " (its release may cost more than the audit counted for the unanswered request)"
+    lost[node].remove(match)
+    return ""

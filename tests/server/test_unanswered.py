@@ -19,6 +19,7 @@ from server.federation.strategy import FedRecStrategy
 from server.privacy.audit import audit
 from server.privacy.ledger import PrivacyLedger, read_ledger
 from server.privacy.ledger_gaps import NO_REPLY, outstanding_requests
+from shared.federation.signing import NodeKey
 from shared.runs.config import RunConfig
 from tests.server.test_audit_tampering import failed, rechain
 from tests.server.test_ledger_audit import copy_run, write_planned_run
@@ -178,3 +179,36 @@ def test_a_training_round_lost_without_an_entry_still_fails_the_rounds_check(tmp
     dropped, recorded = _lose_last_round(honest, "1")
     assert "rounds" in failed(audit(copy_run(dropped, tmp_path / "dropped")))
     assert "rounds" not in failed(audit(copy_run(recorded, tmp_path / "recorded")))
+
+
+def test_a_receipt_of_a_lost_reply_passes_as_counted_and_no_costlier(tmp_path):
+    """The node's receipt log holds the release whose reply was lost: the receipts check
+    accepts it only as an unanswered request's, at no more than the audit counted."""
+    where = tmp_path / "keys"
+    keys = {node: NodeKey.load_or_create(where / f"{node}.pem") for node in CUSTOMERS}
+    run = write_planned_run(
+        tmp_path / "run", CUSTOMERS, rounds=2, keys=keys, receipts=tmp_path / "receipts"
+    )
+    dropped, recorded = _lose_last_round(read_ledger(run / "ledger.jsonl"), "1")
+    receipts = {node: tmp_path / "receipts" / f"{node}.jsonl" for node in CUSTOMERS}
+
+    def audited(entries: list[dict], name: str) -> dict:
+        out = copy_run(entries, tmp_path / name)
+        return audit(out, node_keys=run / "node-keys", receipts=receipts)
+
+    report = audited(recorded, "recorded")
+    assert report["passed"], failed(report)
+    assert sum("recorded as unanswered" in note for note in report["notes"]) == 2
+    assert "is not in the ledger" in " ".join(failed(audited(dropped, "dropped"))["receipts"])
+
+    # a receipt at half the noise the node's releases carry: costlier than what was counted
+    lines = receipts["1"].read_text().splitlines()
+    last = json.loads(lines[-1])
+    lines[-1] = json.dumps({**last, "noise_multiplier": last["noise_multiplier"] / 2})
+    receipts["1"].write_text("\n".join(lines) + "\n")
+    problems = failed(audited(recorded, "costlier"))["receipts"]
+    assert problems == [
+        f"node 1, round 2: its receipt (contribution_index {last['contribution_index']}) is not "
+        "in the ledger (its release may cost more than the audit counted for the unanswered "
+        "request)"
+    ]
