@@ -13,6 +13,7 @@ whose plans, composed by PLD, stay within the target (:func:`node_budget`).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,7 +97,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             "delta": entry["delta"],
             "contributions": entry["contribution_index"] + 1,
         }
-    copies, silent = outstanding_releases(ledger.entries)
+    copies, silent = outstanding_releases(ledger.entries, partial(_answer_sigma, config))
     for copy in copies:
         nodes[copy["node"]]["outstanding"] = nodes[copy["node"]].get("outstanding", 0) + 1
     unanswered = _unanswered_statement(copies, silent, config.target_epsilon)
@@ -159,3 +160,11 @@ def _unanswered_statement(copies: list[dict], silent: list[str], target: float) 
             f"run's target {target:g}, what their plan keeps if they followed it."
         )
     return said
+
+
+def _answer_sigma(config: RunConfig, purpose: str, customers: float) -> float | None:
+    """The noise ``config`` plans for a private answer of ``purpose`` by a node of
+    ``customers`` declared customers (None: not an answer)."""
+    if purpose == "evaluation":
+        return config.eval_noise_multiplier
+    return config.guard_noise(customers) if purpose == "guard" else None

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from server.privacy import accounting
-from server.privacy.audit_calibration import _plan, _releases
+from server.privacy.audit_calibration import GUARD_KEYS, _guard_sigma, _plan, _releases
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
+from server.privacy.ledger_gaps import planned_answer
 
 DP_SGD = ("training", "encoder")
 # a node whose indices jump further than this is not composed: its epsilon is unbounded
@@ -68,17 +69,38 @@ def _pld_epsilon(events: list[tuple[dict, int]], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+def counted_release(cs: list[dict], purpose: str, config: dict) -> dict:
+    """The release an unanswered request of ``purpose`` by the node of contributions ``cs`` is
+    counted at: its costliest of that purpose; for an answer it never released, the one
+    Gaussian answer the run's plan (``config``) gives it; else its costliest of any."""
+    alike = [c for c in cs if c.get("purpose", "training") == purpose]
+    if alike:
+        return max(alike, key=_release_epsilon)
+    sigma = None
+    if purpose == "evaluation":
+        sigma = config.get("eval_noise_multiplier")
+    elif purpose == "guard":
+        key = next((k for k in GUARD_KEYS if is_number(config.get(k))), None)
+        customers = cs[-1].get("num_customers")
+        if key is not None and is_number(customers):
+            sigma = _guard_sigma({"guard": (key, config[key])}, float(customers))
+    if is_number(sigma) and sigma > 0:
+        return {**cs[-1], **planned_answer(purpose, float(sigma))}
+    return max(cs, key=_release_epsilon)
+
+
 def federation_statement(
     contributions: list[dict],
     delta: float | None,
     partition: str,
     outstanding: dict[str, list[str]] | None = None,
+    config: dict | None = None,
 ) -> dict:
     """The customer-level guarantee both ways, as ``accounting.federation_guarantee`` states it
     (same keys), but composed here: ``one_node`` the worst node, ``all_nodes`` one PLD over
     every node's events; missing indices accounted (:func:`missing_releases`), each
-    ``outstanding`` request (node -> purposes) at the node's costliest release of its purpose
-    (of any, if none), and neither below the largest epsilon a node reported."""
+    ``outstanding`` request (node -> purposes) at :func:`counted_release` (the run's
+    ``config`` gives the plan), and neither below the largest epsilon a node reported."""
     nodes = by_node(contributions)
     deltas = accounting.node_deltas(contributions)
     one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
@@ -91,8 +113,7 @@ def federation_statement(
         events[node] = [(c, 1) for c in cs] + ([(template, count)] if template else [])
         accounted += count
         for purpose in (outstanding or {}).get(node, []):
-            alike = [c for c in cs if c.get("purpose", "training") == purpose] or cs
-            events[node].append((max(alike, key=_release_epsilon), 1))
+            events[node].append((counted_release(cs, purpose, config or {}), 1))
             unanswered += 1
     reported = {node: max(float(c["epsilon"]) for c in cs) for node, cs in nodes.items()}
     per_node = {node: max(_pld_epsilon(events[node], one_delta), reported[node]) for node in nodes}
@@ -126,7 +147,7 @@ def audit_federation(
         report["guarantee"] = "no federation guarantee: the configured delta is unusable"
         return
     partition = str(config.get("partition", ""))
-    fed = federation_statement(contributions, config_delta or None, partition, outstanding)
+    fed = federation_statement(contributions, config_delta or None, partition, outstanding, config)
     report["federation"] = fed
     applies = fed[fed["applies"]]
     target = config.get("target_epsilon")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from server.privacy.accounting import recompute_epsilon
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
+from server.privacy.audit_federation import counted_release
 from server.privacy.ledger_gaps import STAGE_PURPOSE
 from shared.federation.signing import SIGNED_FIELDS, public_key_id, signed_payload, verify
 
@@ -214,7 +215,7 @@ def audit_receipts(
             c = ledger.get(index) if isinstance(index, int) else None
             seen.add(index if isinstance(index, int) else None)
             if c is None:
-                why = _unrecorded_problem(node, r, ledger, lost)
+                why = _unrecorded_problem(node, r, ledger, lost, report["config"])
                 if why:
                     problems.append(
                         f"node {node}, round {r.get('round')}: its receipt (contribution_index "
@@ -262,7 +263,7 @@ def _lost_replies(contributions: list[dict], unanswered: list[dict]) -> dict[str
 
 
 def _unrecorded_problem(
-    node: str, receipt: dict, ledger: dict[int, dict], lost: dict[str, list[dict]]
+    node: str, receipt: dict, ledger: dict[int, dict], lost: dict[str, list[dict]], config: dict
 ) -> str:
     """Why a receipt the ledger lacks is not the release of one of ``node``'s unanswered
     requests (``lost``, one used up per receipt) as counted: "" when it is."""
@@ -280,10 +281,9 @@ def _unrecorded_problem(
     )
     if match is None:
         return " (nor an unanswered request of its round and purpose)"
-    alike = [c for c in ledger.values() if c.get("purpose", "training") == purpose]
     if not ledger:
         return " (the node has no contribution to count its unanswered request at)"
-    counted = max(alike or ledger.values(), key=lambda c: recompute_epsilon([c], float(c["delta"])))
+    counted = counted_release(list(ledger.values()), purpose, config)
     # no costlier, compared by parameters (a receipt's own figures are not recomputed: it
     # could ask for anything): the same mechanism, no less noise, no more sampling or steps
     dominated = (

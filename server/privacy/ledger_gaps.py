@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 from server.privacy.accounting import epsilon_curve, recompute_epsilon
 from server.privacy.ledger import PrivacyLedger
@@ -134,11 +135,16 @@ def outstanding_requests(entries: list[dict]) -> dict[str, list[str]]:
     return outstanding
 
 
-def outstanding_releases(entries: list[dict]) -> tuple[list[dict], list[str]]:
-    """(for each outstanding request of a node that contributed, a copy of its costliest
-    contribution of the request's purpose, else of its costliest of any, marked
-    ``outstanding``; the nodes with outstanding requests that never contributed, whose
-    spending no release of theirs bounds)."""
+def outstanding_releases(
+    entries: list[dict], answer_sigma: Callable[[str, float], float | None]
+) -> tuple[list[dict], list[str]]:
+    """(for each outstanding request of a node that contributed, the release it is counted
+    at, marked ``outstanding``; the nodes with outstanding requests that never contributed,
+    whose spending no release of theirs bounds). The release counted: the node's costliest of
+    the request's purpose; for an answer of a purpose it never released (the start guard's
+    comparison is asked once, last), the one Gaussian answer its plan gives it
+    (``answer_sigma(purpose, its declared customers)``: the noise, None for DP-SGD); else its
+    costliest of any purpose."""
     contributions: dict[str, list[dict]] = {}
     for entry in entries:
         if entry.get("kind") == "contribution":
@@ -146,13 +152,31 @@ def outstanding_releases(entries: list[dict]) -> tuple[list[dict], list[str]]:
     copies: list[dict] = []
     silent: list[str] = []
     for node, purposes in outstanding_requests(entries).items():
-        if node not in contributions:
+        mine = contributions.get(node)
+        if not mine:
             silent.append(node)
             continue
         for purpose in purposes:
-            alike = [c for c in contributions[node] if c.get("purpose", "training") == purpose]
-            copies.append({**_dearest(alike or contributions[node]), "outstanding": True})
+            alike = [c for c in mine if c.get("purpose", "training") == purpose]
+            sigma = None if alike else answer_sigma(purpose, float(mine[-1]["num_customers"]))
+            if sigma is not None:
+                counted = {**mine[-1], **planned_answer(purpose, sigma)}
+            else:
+                counted = _dearest(alike or mine)
+            copies.append({**counted, "outstanding": True})
     return copies, sorted(silent)
+
+
+def planned_answer(purpose: str, sigma: float) -> dict:
+    """The release fields of one planned private answer of ``purpose`` at noise ``sigma``
+    (the Gaussian mechanism at sensitivity 1, once)."""
+    return {
+        "purpose": purpose,
+        "mechanism": "gaussian",
+        "noise_multiplier": sigma,
+        "sample_rate": 1.0,
+        "steps": 1,
+    }
 
 
 def _dearest(releases: list[dict]) -> dict:

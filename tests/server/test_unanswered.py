@@ -96,6 +96,8 @@ def _config(entries: list[dict]) -> RunConfig:
         target_epsilon=config["target_epsilon"],
         partition=config["partition"],
         delta=config["delta"],
+        eval_noise_multiplier=config["eval_noise_multiplier"],
+        dp_guard_noise_scale=config.get("dp_guard_noise_scale", 0.4),
     )
 
 
@@ -136,6 +138,28 @@ def test_replies_lost_at_the_end_count_as_spent_in_the_statement_and_the_audit(t
         assert without["epsilon"] < spent["epsilon"]
         (out / "metrics.json").write_text(json.dumps({"privacy": without}))
         assert "metrics" in failed(audit(out))
+
+
+def test_a_lost_guard_answer_counts_as_the_one_its_plan_gives(tmp_path):
+    """The start guard's comparison is asked once, last: a node whose answer is lost has no
+    guard release to copy, and its plan's one answer is what it spent, not a training round."""
+    honest = read_ledger(
+        write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2, guard_scale=0.4) / "ledger.jsonl"
+    )
+    (guard,) = [e for e in honest if e.get("purpose") == "guard" and e["node"] == "1"]
+    lost = rechain([dict(e) for e in honest if e is not guard])
+    lost = _with_unanswered(lost, "1", "evaluate.guard")
+    config = _config(honest)
+    spent = federation_privacy(SimpleNamespace(entries=honest), config)
+    stated = federation_privacy(SimpleNamespace(entries=lost), config)
+    assert stated["federation"]["per_node"]["1"] == pytest.approx(
+        spent["federation"]["per_node"]["1"], rel=1e-6
+    )
+    report = audit(copy_run(lost, tmp_path / "lost"))
+    assert report["passed"], failed(report)
+    assert report["federation"]["per_node"]["1"] == pytest.approx(
+        spent["federation"]["per_node"]["1"], rel=1e-3
+    )
 
 
 def test_the_next_contribution_resolves_an_unanswered_request(tmp_path):
