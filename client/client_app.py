@@ -12,6 +12,7 @@ kept in the node's own receipt log (``<data dir>/privacy/receipts.jsonl``) befor
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from shared.recommender.finetune import tuned_checkpoint
 from shared.runs.config import RunConfig
 from shared.runs.quiet import quiet_third_party
 
+RUN_ID = re.compile(r"[0-9a-f]{64}")  # a run's id: the sha256 of its first ledger entry
 # what the server sends beside the run's settings
 NOT_SETTINGS = (
     "server-round",
@@ -113,9 +115,19 @@ class NodeRequest:
             return None
         return {"node": self.node.name, "refused": True, "reason": reason}
 
-    def catalog_refusal(self) -> dict | None:
-        """A refusal when this node holds another catalog than the server's (the global
-        model's item tables would not mean the same products), else None."""
+    def request_refusal(self) -> dict | None:
+        """A refusal when the request does not name its run as the server names every run
+        (``run-id``: the sha256 hex digest of the run's first ledger entry, which every signed
+        release and receipt of this node carries; free text of any size is refused), or when
+        this node holds another catalog than the server's (the global model's item tables
+        would not mean the same products), else None."""
+        if not RUN_ID.fullmatch(self.run_id):
+            shown = self.run_id[:16] + ("..." if len(self.run_id) > 16 else "")
+            reason = (
+                f"run-id {shown!r} ({len(self.run_id)} characters) is not a run's id: 64 "
+                "lowercase hex digits, the hash of the run's first ledger entry"
+            )
+            return {"node": self.node.name, "refused": True, "reason": reason}
         if not self.catalog_digest or self.catalog_digest == self.node.catalog_digest:
             return None
         reason = (
@@ -187,7 +199,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
                 name: torch.tensor(value) for name, value in zip(names, parameters, strict=True)
             }
             result = (
-                asked.catalog_refusal()
+                asked.request_refusal()
                 or asked.weights_refusal(state)
                 or train_node(asked.node, asked.config, state, asked.round, asked.policy)
             )
@@ -216,7 +228,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         asked = request(dict(msg.content["config"]), context, msg)
         state = msg.content["arrays"].to_torch_state_dict()
         result = (
-            asked.catalog_refusal()
+            asked.request_refusal()
             or asked.weights_refusal(state)
             or train_node(
                 asked.node, asked.config, state, asked.round, asked.policy, asked.valid_fraction
@@ -254,7 +266,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         asked = request(dict(msg.content["config"]), context)
         weights = msg.content["arrays"].to_torch_state_dict()
         result = (
-            asked.catalog_refusal()
+            asked.request_refusal()
             or asked.weights_refusal(weights)
             or tune_encoder_at_node(
                 asked.node, asked.config, weights, asked.round, asked.policy, asked.valid_fraction
@@ -284,7 +296,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         asked = request(dict(msg.content["config"]), context, msg)
         state = msg.content["arrays"].to_torch_state_dict()
         result = (
-            asked.catalog_refusal()
+            asked.request_refusal()
             or asked.weights_refusal(state)
             or evaluate_node(asked.node, asked.config, state, asked.policy, asked.valid_fraction)
         )
@@ -306,7 +318,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         state = msg.content["arrays"].to_torch_state_dict()
         start = msg.content["start"].to_torch_state_dict()
         result = (
-            asked.catalog_refusal()
+            asked.request_refusal()
             or asked.weights_refusal(state, start)
             or guard_node(asked.node, asked.config, state, start, asked.policy)
         )

@@ -204,10 +204,18 @@ def audit_receipts(
     lost = _lost_replies(contributions, unanswered)
     for node, path in receipts.items():
         try:
-            mine = [r for r in read_receipts(path) if r.get("run_id") == run_id]
+            logged = read_receipts(path)
         except (OSError, ValueError) as error:
             problems.append(f"node {node}: {path}: {error}")
             continue
+        mine = [r for r in logged if r.get("run_id") == run_id]
+        others = {str(r.get("run_id"))[:12] for r in logged if r.get("run_id") != run_id}
+        if others:  # the node's spending elsewhere: what this ledger cannot show
+            report["notes"].append(
+                f"node {node}: its receipt log also holds {len(logged) - len(mine)} release(s) "
+                f"of {len(others)} other run id(s) ({', '.join(sorted(others)[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): audit those runs' ledgers for them"
+            )
         ledger = {c["contribution_index"]: c for c in contributions if str(c["node"]) == node}
         seen = set()
         for r in mine:

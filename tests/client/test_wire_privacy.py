@@ -76,7 +76,7 @@ def test_a_node_sends_weights_and_aggregates_only(
     settings = settings_record(
         config, config.target_epsilon, node.catalog_digest, node_dir.parent, valid_fraction=0.5
     )
-    settings["run-id"] = "r" * 64
+    settings["run-id"] = "0" * 64
     settings["server-round"] = 1
     records = {
         "arrays": ArrayRecord({k: Array(v) for k, v in encode(state).items()}),
@@ -172,7 +172,7 @@ def test_a_node_refuses_weights_that_could_single_out_a_customer(
     state = trainable_state(model)
     state["id_in.weight"][3] = crafted
     settings = settings_record(config, config.target_epsilon, node.catalog_digest, node_dir.parent)
-    settings["run-id"], settings["server-round"] = "r" * 64, 1
+    settings["run-id"], settings["server-round"] = "0" * 64, 1
     arrays = ArrayRecord({k: Array(v) for k, v in encode(state).items()})
     records = {"arrays": arrays, "config": settings}
     if kind == "evaluate.guard":
@@ -190,4 +190,37 @@ def test_a_node_refuses_weights_that_could_single_out_a_customer(
     privacy = reply.content["privacy"]
     assert privacy["refused"] is True and "the server's id_in.weight" in privacy["reason"]
     assert "arrays" not in reply.content and not reply.content["metrics"]
+    assert (accountant.read_bytes() if accountant.exists() else None) == before  # no spending
+
+
+@pytest.mark.parametrize("run_id", ["", "r" * 64, "0" * 65, "0" * 63 + "\n", "A" * 64, "0" * 10**6])
+def test_a_node_refuses_a_run_id_that_is_not_a_runs_hash(
+    node_dir: Path, tiny_bert_dir: Path, run_id: str, monkeypatch
+) -> None:
+    """Every signed release and receipt carries the run's id: the node signs only the form the
+    server gives every run (the sha256 of its first ledger entry), never free text of any size."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=True, text_model=str(tiny_bert_dir))
+    node = load_node(str(node_dir), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    settings = settings_record(config, config.target_epsilon, node.catalog_digest, node_dir.parent)
+    settings["run-id"], settings["server-round"] = run_id, 1
+    arrays = ArrayRecord({k: Array(v) for k, v in encode(trainable_state(model)).items()})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-dir": str(node_dir), "min-exact-customers": 1},
+        state=RecordDict(),
+        run_config={},
+    )
+    accountant = node_dir / "privacy" / "accountant.json"
+    before = accountant.read_bytes() if accountant.exists() else None
+    message = Message(
+        RecordDict({"arrays": arrays, "config": settings}), dst_node_id=1, message_type="train"
+    )
+    reply = app(message, context)
+    privacy = reply.content["privacy"]
+    assert privacy["refused"] is True and "is not a run's id" in privacy["reason"]
+    assert len(privacy["reason"]) < 200 and "arrays" not in reply.content
     assert (accountant.read_bytes() if accountant.exists() else None) == before  # no spending

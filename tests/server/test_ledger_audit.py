@@ -652,7 +652,7 @@ def test_receipts_that_disagree_with_the_ledger_fail(tmp_path, signed):
             changed = json.loads(lines[1])
             changed["epsilon"] = 0.5
             lines[1] = json.dumps(changed)
-            lines.append(json.dumps({**changed, "run_id": "another run"}))  # ignored
+            lines.append(json.dumps({**changed, "run_id": "another run"}))  # noted only
         (logs / f"{node}.jsonl").write_text("\n".join(lines) + "\n")
     failed = failed_checks(
         signed, "--receipts", f"0={logs / '0.jsonl'}", "--receipts", f"2={logs / '2.jsonl'}"
@@ -668,6 +668,8 @@ def test_receipts_that_disagree_with_the_ledger_fail(tmp_path, signed):
             f"node 2, round 3 (line 18): not among the node's receipts ({logs / '2.jsonl'})",
         ]
     }
+    notes = json.loads((signed / "audit.json").read_text())["notes"]
+    assert any("node 2: its receipt log also holds 1 release(s) of 1 other" in n for n in notes)
 
 
 def test_refused_entries_are_listed_and_do_not_fail(tmp_path, honest):
