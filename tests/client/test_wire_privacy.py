@@ -154,6 +154,18 @@ def test_a_node_sends_weights_and_aggregates_only(
     )
 
 
+def deployed_context(node_dir: Path) -> Context:
+    """The context Flower gives a deployed node reading ``node_dir``."""
+    node_config = {"data-dir": str(node_dir), "min-exact-customers": 1}
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def accountant_state(node_dir: Path) -> bytes | None:
+    """The node's accountant file as it is on disk (None: it has spent nothing yet)."""
+    accountant = node_dir / "privacy" / "accountant.json"
+    return accountant.read_bytes() if accountant.exists() else None
+
+
 @pytest.mark.parametrize("crafted", [float("nan"), 1e20])
 @pytest.mark.parametrize("kind", ["train", "evaluate", "evaluate.guard"])
 def test_a_node_refuses_weights_that_could_single_out_a_customer(
@@ -177,20 +189,13 @@ def test_a_node_refuses_weights_that_could_single_out_a_customer(
     records = {"arrays": arrays, "config": settings}
     if kind == "evaluate.guard":
         records["start"] = arrays
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"data-dir": str(node_dir), "min-exact-customers": 1},
-        state=RecordDict(),
-        run_config={},
-    )
-    accountant = node_dir / "privacy" / "accountant.json"
-    before = accountant.read_bytes() if accountant.exists() else None
+    context = deployed_context(node_dir)
+    before = accountant_state(node_dir)
     reply = app(Message(RecordDict(records), dst_node_id=1, message_type=kind), context)
     privacy = reply.content["privacy"]
     assert privacy["refused"] is True and "the server's id_in.weight" in privacy["reason"]
     assert "arrays" not in reply.content and not reply.content["metrics"]
-    assert (accountant.read_bytes() if accountant.exists() else None) == before  # no spending
+    assert accountant_state(node_dir) == before  # no spending
 
 
 @pytest.mark.parametrize("run_id", ["", "r" * 64, "0" * 65, "0" * 63 + "\n", "A" * 64, "0" * 10**6])
@@ -207,15 +212,8 @@ def test_a_node_refuses_a_run_id_that_is_not_a_runs_hash(
     settings = settings_record(config, config.target_epsilon, node.catalog_digest, node_dir.parent)
     settings["run-id"], settings["server-round"] = run_id, 1
     arrays = ArrayRecord({k: Array(v) for k, v in encode(trainable_state(model)).items()})
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"data-dir": str(node_dir), "min-exact-customers": 1},
-        state=RecordDict(),
-        run_config={},
-    )
-    accountant = node_dir / "privacy" / "accountant.json"
-    before = accountant.read_bytes() if accountant.exists() else None
+    context = deployed_context(node_dir)
+    before = accountant_state(node_dir)
     message = Message(
         RecordDict({"arrays": arrays, "config": settings}), dst_node_id=1, message_type="train"
     )
@@ -223,4 +221,4 @@ def test_a_node_refuses_a_run_id_that_is_not_a_runs_hash(
     privacy = reply.content["privacy"]
     assert privacy["refused"] is True and "is not a run's id" in privacy["reason"]
     assert len(privacy["reason"]) < 200 and "arrays" not in reply.content
-    assert (accountant.read_bytes() if accountant.exists() else None) == before  # no spending
+    assert accountant_state(node_dir) == before  # no spending
