@@ -97,19 +97,22 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             "delta": entry["delta"],
             "contributions": entry["contribution_index"] + 1,
         }
-    copies, silent = outstanding_releases(ledger.entries, partial(_answer_sigma, config))
+    copies, unbounded = outstanding_releases(ledger.entries, partial(_answer_sigma, config))
     for copy in copies:
         nodes[copy["node"]]["outstanding"] = nodes[copy["node"]].get("outstanding", 0) + 1
-    unanswered = _unanswered_statement(copies, silent, config.target_epsilon)
-    never = {"never_answered": silent} if silent else {}
+    unanswered = _unanswered_statement(copies, unbounded, config.target_epsilon)
+    never = {"unbounded": unbounded} if unbounded else {}
     if not contributions:
         claim = max(claims.values(), default=None)
         statement = "No node contributed." + (
             f" Refused reports claim up to epsilon {claim:.3f} ('unverified')." if claims else ""
         )
+        # nothing recorded bounds an unanswered node's spending but the run's target
+        floor = [*claims.values(), *([config.target_epsilon] if unbounded else [])]
         return {
             "unit": NODE_UNIT,
             "per_node": {},
+            **({"epsilon": max(floor)} if floor else {}),
             **unverified,
             **never,
             "statement": statement + unanswered,
@@ -118,7 +121,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         contributions + copies, config.delta or None, config.partition
     )
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
-    epsilon = max([epsilon, *claims.values(), *([config.target_epsilon] if silent else [])])
+    epsilon = max([epsilon, *claims.values(), *([config.target_epsilon] if unbounded else [])])
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
         f"({epsilon:.3f}, {delta:.3g})-differential privacy for each customer, the unit "
@@ -144,20 +147,21 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     }
 
 
-def _unanswered_statement(copies: list[dict], silent: list[str], target: float) -> str:
+def _unanswered_statement(copies: list[dict], unbounded: list[str], target: float) -> str:
     """What the statement says of private requests left unanswered (nothing when none are)."""
     said = ""
     if copies:
         said += (
             f" {len(copies)} private request(s) of {len({c['node'] for c in copies})} node(s) "
-            "went unanswered since their last contribution ('outstanding'): each is counted as "
-            "spent, at the node's costliest release of its purpose."
+            "went unanswered ('outstanding'): each is counted as spent, at the node's "
+            "costliest release of its purpose (an answer it never gave: its plan's one)."
         )
-    if silent:
+    if unbounded:
         said += (
-            f" {len(silent)} node(s) never answered a private request ('never_answered'): "
-            "what they spent is in their own accountants, not here; epsilon is at least the "
-            f"run's target {target:g}, what their plan keeps if they followed it."
+            f" {len(unbounded)} node(s) left private requests unanswered that no release of "
+            "theirs in this ledger bounds ('unbounded': never contributed, or never released "
+            "one of that purpose): what they spent is in their own accountants; epsilon is "
+            f"at least the run's target {target:g}, what their plans keep if they followed them."
         )
     return said
 

@@ -358,9 +358,10 @@ def federation_guarantee(contributions: list[dict], delta: float | None, partiti
         for node, p in node_plds.items()
     }
     composed = functools.reduce(_compose, node_plds.values(), None)
-    return guarantee_statement(
-        per_node, _epsilon(composed, all_delta), delta, one_delta, all_delta, partition
-    )
+    # every node together is never below what one node reported itself (each at its own delta)
+    reported = (float(c.get("epsilon") or 0.0) for c in contributions)
+    all_nodes = max(_epsilon(composed, all_delta), *reported)
+    return guarantee_statement(per_node, all_nodes, delta, one_delta, all_delta, partition)
 
 
 def guarantee_statement(

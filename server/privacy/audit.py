@@ -210,7 +210,7 @@ def audit(
         if outstanding:
             report["notes"].append(
                 f"{sum(map(len, outstanding.values()))} private request(s) went unanswered "
-                f"after their node's last contribution ({', '.join(sorted(outstanding))}): "
+                f"and no later release settled them ({', '.join(sorted(outstanding))}): "
                 "each is counted as spent (an 'unanswered' entry)"
             )
         audit_federation(report, contributions, config, tolerance, outstanding)
@@ -221,8 +221,7 @@ def audit(
             report, contributions, report["run_id"], lines, node_keys or out / "node-keys"
         )
         if receipts:
-            unanswered = [e for e in complete if e["kind"] == "unanswered"]
-            audit_receipts(report, contributions, report["run_id"], lines, receipts, unanswered)
+            audit_receipts(report, contributions, report["run_id"], lines, receipts, outstanding)
         if any(e.get("kind") == "contribution" and missing_fields(e) for e in entries):
             report["guarantee"] += " (understated: incomplete contributions were left out)"
     ends = [e for e in complete if e["kind"] == "run_end"]

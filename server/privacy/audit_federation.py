@@ -5,11 +5,12 @@ over the ledger's events, not with the function the server wrote metrics.json wi
 (``accounting.federation_guarantee``). A contribution missing from a node's indices (before
 its first one here, or in a gap) is accounted at the node's costliest release, as the server
 records a lost one (server/privacy/ledger_gaps.py), and no statement is below an epsilon a
-node reported itself. A private request a node left unanswered since its last contribution
+node reported itself. A private request a node left unanswered and no later release settled
 (server/privacy/ledger_gaps.py, ``outstanding_requests``) is composed as its node's costliest
-release of that purpose (of any, if it has none), and while a node that never contributed has
-one, the guarantee is at least the run's target. The budget each node was asked to keep is
-re-derived with ``accounting.split_budget`` from the nodes' plans."""
+release of that purpose (an answer it never gave: its plan's one, :func:`counted_release`);
+while one of a node's is bounded by none of its releases, the guarantee is at least the run's
+target. The budget each node was asked to keep is re-derived with ``accounting.split_budget``
+from the nodes' plans."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any
 from server.privacy import accounting
 from server.privacy.audit_calibration import GUARD_KEYS, _guard_sigma, _plan, _releases
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
-from server.privacy.ledger_gaps import planned_answer
+from server.privacy.ledger_gaps import planned_answer, request_purpose
 
 DP_SGD = ("training", "encoder")
 # a node whose indices jump further than this is not composed: its epsilon is unbounded
@@ -35,14 +36,15 @@ def _release_epsilon(c: dict) -> float:
 
 def missing_releases(cs: list[dict]) -> tuple[int, dict | None]:
     """How many of a node's contribution indices up to its last are not in ``cs``, and the
-    release they are accounted at: the node's costliest (the largest epsilon alone, among its
-    training and encoder releases when it has any)."""
+    release they are accounted at: the node's costliest among its training and encoder
+    releases (the largest epsilon alone); None when it has none (a missing one could be a
+    DP-SGD round: nothing here bounds it)."""
     indices = {c["contribution_index"] for c in cs if isinstance(c["contribution_index"], int)}
     if not indices:
         return 0, None
     missing = max(indices) + 1 - len(indices)
     dp_sgd = [c for c in cs if c.get("purpose", "training") in DP_SGD]
-    return missing, max(dp_sgd or cs, key=_release_epsilon) if missing else None
+    return missing, max(dp_sgd, key=_release_epsilon) if missing and dp_sgd else None
 
 
 def _pld_epsilon(events: list[tuple[dict, int]], delta: float) -> float:
@@ -69,37 +71,39 @@ def _pld_epsilon(events: list[tuple[dict, int]], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def counted_release(cs: list[dict], purpose: str, config: dict) -> dict:
+def counted_release(cs: list[dict], purpose: str, config: dict) -> dict | None:
     """The release an unanswered request of ``purpose`` by the node of contributions ``cs`` is
     counted at: its costliest of that purpose; for an answer it never released, the one
-    Gaussian answer the run's plan (``config``) gives it; else its costliest of any."""
+    Gaussian answer the run's plan (``config``) gives it; None when nothing here bounds it (a
+    DP-SGD purpose it never released: its sample rate and steps there are not in the
+    ledger, or no contribution at all)."""
     alike = [c for c in cs if c.get("purpose", "training") == purpose]
     if alike:
         return max(alike, key=_release_epsilon)
     sigma = None
-    if purpose == "evaluation":
+    if cs and purpose == "evaluation":
         sigma = config.get("eval_noise_multiplier")
-    elif purpose == "guard":
+    elif cs and purpose == "guard":
         key = next((k for k in GUARD_KEYS if is_number(config.get(k))), None)
         customers = cs[-1].get("num_customers")
         if key is not None and is_number(customers):
             sigma = _guard_sigma({"guard": (key, config[key])}, float(customers))
     if is_number(sigma) and sigma > 0:
         return {**cs[-1], **planned_answer(purpose, float(sigma))}
-    return max(cs, key=_release_epsilon)
+    return None
 
 
 def federation_statement(
     contributions: list[dict],
     delta: float | None,
     partition: str,
-    outstanding: dict[str, list[str]] | None = None,
+    outstanding: dict[str, list[dict]] | None = None,
     config: dict | None = None,
 ) -> dict:
     """The customer-level guarantee both ways, as ``accounting.federation_guarantee`` states it
     (same keys), but composed here: ``one_node`` the worst node, ``all_nodes`` one PLD over
     every node's events; missing indices accounted (:func:`missing_releases`), each
-    ``outstanding`` request (node -> purposes) at :func:`counted_release` (the run's
+    ``outstanding`` request (node -> its unanswered entries) at :func:`counted_release` (the run's
     ``config`` gives the plan), and neither below the largest epsilon a node reported."""
     nodes = by_node(contributions)
     deltas = accounting.node_deltas(contributions)
@@ -107,14 +111,20 @@ def federation_statement(
     all_delta = delta if delta is not None else sum(deltas.values())
     events: dict[str, list[tuple[dict, int]]] = {}
     accounted = 0
-    unanswered = 0
+    unanswered, unbounded = 0, set(outstanding or {}) - set(nodes)
     for node, cs in nodes.items():
         count, template = missing_releases(cs)
         events[node] = [(c, 1) for c in cs] + ([(template, count)] if template else [])
-        accounted += count
-        for purpose in (outstanding or {}).get(node, []):
-            events[node].append((counted_release(cs, purpose, config or {}), 1))
-            unanswered += 1
+        accounted += count if template else 0
+        if count and template is None:
+            unbounded.add(node)
+        for request in (outstanding or {}).get(node, []):
+            counted = counted_release(cs, request_purpose(request), config or {})
+            if counted is None:
+                unbounded.add(node)
+            else:
+                events[node].append((counted, 1))
+                unanswered += 1
     reported = {node: max(float(c["epsilon"]) for c in cs) for node, cs in nodes.items()}
     per_node = {node: max(_pld_epsilon(events[node], one_delta), reported[node]) for node in nodes}
     every = [event for node_events in events.values() for event in node_events]
@@ -125,7 +135,12 @@ def federation_statement(
     statement = accounting.guarantee_statement(
         per_node, composed, delta, one_delta, all_delta, partition, extra
     )
-    return {**statement, "missing_accounted": accounted, "outstanding_accounted": unanswered}
+    return {
+        **statement,
+        "missing_accounted": accounted,
+        "outstanding_accounted": unanswered,
+        "unbounded": sorted(unbounded),
+    }
 
 
 def audit_federation(
@@ -133,10 +148,10 @@ def audit_federation(
     contributions: list[dict],
     config: dict,
     tolerance: float,
-    outstanding: dict[str, list[str]] | None = None,
+    outstanding: dict[str, list[dict]] | None = None,
 ) -> None:
     """The federation guarantee (at the configured delta, or, configured 0, at the nodes'
-    own), counting ``outstanding`` requests (node -> purposes) as spent; the
+    own), counting ``outstanding`` requests (node -> unanswered entries) as spent; the
     ``federation_budget`` check: it within the run's target, and the stated
     ``budget_per_node`` not above what ``split_budget`` gives for the nodes' plans."""
     config_delta = config.get("delta")
@@ -151,14 +166,13 @@ def audit_federation(
     report["federation"] = fed
     applies = fed[fed["applies"]]
     target = config.get("target_epsilon")
-    contributed = {str(c["node"]) for c in contributions}
-    silent = sorted(set(outstanding or {}) - contributed)
-    if silent and is_number(target):
+    if fed["unbounded"] and is_number(target):
         fed["epsilon"] = max(fed["epsilon"], float(target))
         report["notes"].append(
-            f"node(s) {', '.join(silent)} never answered a private request: what they spent "
-            f"is not in this ledger; the guarantee is stated at least at the run's target "
-            f"{target:g}, what their plan keeps if they followed it"
+            f"node(s) {', '.join(fed['unbounded'])} left private requests unanswered that no "
+            "release of theirs here bounds (never contributed, or never released one of that "
+            "purpose): what they spent is not in this ledger; the guarantee is stated at least "
+            f"at the run's target {target:g}, what their plans keep if they followed them"
         )
     if is_number(target):
         over = (

@@ -10,7 +10,7 @@ from pathlib import Path
 from server.privacy.accounting import recompute_epsilon
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
 from server.privacy.audit_federation import counted_release
-from server.privacy.ledger_gaps import STAGE_PURPOSE
+from server.privacy.ledger_gaps import request_purpose
 from shared.federation.signing import SIGNED_FIELDS, public_key_id, signed_payload, verify
 
 
@@ -51,11 +51,13 @@ def _signature_problem(c: dict, pem: str | None, key_id: str | None) -> str | No
     return None
 
 
-def _costliest(releases: list[dict]) -> dict:
-    """The release of the largest epsilon alone, among the training and encoder ones when
-    there are any: what the server copies into a recovered contribution (ledger_gaps)."""
+def _costliest(releases: list[dict]) -> dict | None:
+    """The release of the largest epsilon alone among the training and encoder ones: what the
+    server copies into a recovered contribution (ledger_gaps); None without one."""
     dp_sgd = [c for c in releases if c.get("purpose", "training") in ("training", "encoder")]
-    return max(dp_sgd or releases, key=lambda c: recompute_epsilon([c], float(c["delta"])))
+    if not dp_sgd:
+        return None
+    return max(dp_sgd, key=lambda c: recompute_epsilon([c], float(c["delta"])))
 
 
 def _recovered_problem(
@@ -83,6 +85,8 @@ def _recovered_problem(
     if any(entry_problem(x) for x in [c, *signed]):
         return None  # the recomputed check reports the entry
     costliest = _costliest(signed)
+    if costliest is None:
+        return "the node has no signed DP-SGD release up to it, so none bounds a lost one"
     differ = [
         f"{k} {c.get(k)!r} (expected {costliest.get(k)!r})"
         for k in ("mechanism", "noise_multiplier", "sample_rate", "steps")
@@ -192,16 +196,16 @@ def audit_receipts(
     run_id: str | None,
     lines: dict[int, int],
     receipts: dict[str, Path],
-    unanswered: list[dict] = (),
+    outstanding: dict[str, list[dict]] | None = None,
 ) -> None:
     """Each named node's receipts of this run appear in the ledger with identical signed
     fields, and each of its ledger contributions among its receipts. A receipt the ledger
-    lacks passes only as the release of one of the node's ``unanswered`` requests after its
-    last contribution (same round and purpose), no costlier than the release the audit counted
-    for it (server/privacy/ledger_gaps.py)."""
+    lacks passes only as the release of one of the node's ``outstanding`` requests (its
+    unanswered entries no later release settled; same round and purpose), no costlier than the
+    release the audit counted for it (server/privacy/ledger_gaps.py)."""
     problems, compared = [], 0
     missing = object()
-    lost = _lost_replies(contributions, unanswered)
+    lost = {node: list(requests) for node, requests in (outstanding or {}).items()}
     for node, path in receipts.items():
         try:
             logged = read_receipts(path)
@@ -259,21 +263,10 @@ def audit_receipts(
     )
 
 
-def _lost_replies(contributions: list[dict], unanswered: list[dict]) -> dict[str, list[dict]]:
-    """Per node, its ``unanswered`` entries after its last contribution (the requests the
-    audit counts as spent), in ledger order."""
-    last = {str(c["node"]): c["seq"] for c in contributions if isinstance(c.get("seq"), int)}
-    lost: dict[str, list[dict]] = {}
-    for e in unanswered:
-        if isinstance(e.get("seq"), int) and e["seq"] > last.get(str(e["node"]), -1):
-            lost.setdefault(str(e["node"]), []).append(e)
-    return lost
-
-
 def _unrecorded_problem(
     node: str, receipt: dict, ledger: dict[int, dict], lost: dict[str, list[dict]], config: dict
 ) -> str:
-    """Why a receipt the ledger lacks is not the release of one of ``node``'s unanswered
+    """Why a receipt the ledger lacks is not the release of one of ``node``'s outstanding
     requests (``lost``, one used up per receipt) as counted: "" when it is."""
     index, purpose = receipt.get("contribution_index"), receipt.get("purpose", "training")
     if not isinstance(index, int) or index <= max(ledger, default=-1):
@@ -282,16 +275,15 @@ def _unrecorded_problem(
         (
             e
             for e in lost.get(node, [])
-            if e["round"] == receipt.get("round")
-            and STAGE_PURPOSE.get(str(e.get("stage", "train"))) == purpose
+            if e["round"] == receipt.get("round") and request_purpose(e) == purpose
         ),
         None,
     )
     if match is None:
         return " (nor an unanswered request of its round and purpose)"
-    if not ledger:
-        return " (the node has no contribution to count its unanswered request at)"
     counted = counted_release(list(ledger.values()), purpose, config)
+    if counted is None:
+        return " (no release of the node here bounds its unanswered request)"
     # no costlier, compared by parameters (a receipt's own figures are not recomputed: it
     # could ask for anything): the same mechanism, no less noise, no more sampling or steps
     dominated = (

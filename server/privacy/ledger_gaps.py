@@ -47,9 +47,10 @@ def record_lost_contributions(
 ) -> list[dict]:
     """Append the contributions ``node`` made before ``release`` (its report) that the ledger
     lacks (at most two per round run so far: a forged index must not fill the ledger);
-    returns them. None when their epsilon cannot be computed or is not finite: the audit
-    then reports the gap. Each takes the parameters of the node's costliest known release (the
-    largest epsilon alone, among its training and encoder releases when it has any), and no
+    returns them. None when their epsilon cannot be computed or is not finite, or when none of
+    the node's releases is a DP-SGD round (a lost one could be: nothing here bounds it): the
+    audit then reports the gap. Each takes the parameters of the node's costliest known
+    release (the largest epsilon alone, among its training and encoder releases), and no
     signature: it is the server's record, which the node's receipt log can confirm."""
     mine = [e for e in ledger.entries if e["kind"] == "contribution" and e["node"] == node]
     expected = mine[-1]["contribution_index"] + 1 if mine else 0
@@ -61,6 +62,16 @@ def record_lost_contributions(
         log.warning(
             "node %s: contribution_index jumps by %d in round %d, more than this run's rounds "
             "could lose; not recovered (the audit reports the gap)",
+            node,
+            missing,
+            server_round,
+        )
+        return []
+    if not any(e.get("purpose", "training") in DP_SGD for e in [*mine, release]):
+        log.warning(
+            "node %s: %d contribution(s) lost before round %d, and none of its releases here is "
+            "a DP-SGD round that could bound one: not recovered (the node is counted unbounded, "
+            "the audit reports the gap)",
             node,
             missing,
             server_round,
@@ -90,9 +101,9 @@ def record_lost_contributions(
 
 def costliest(releases: list[dict]) -> dict:
     """The release a lost one of the same node is accounted at: the largest epsilon alone,
-    among its training and encoder releases when it has any (their parameters are fixed for a
-    node within a run)."""
-    return _dearest([e for e in releases if e.get("purpose", "training") in DP_SGD] or releases)
+    among its training and encoder releases (their parameters are fixed for a node within a
+    run)."""
+    return _dearest([e for e in releases if e.get("purpose", "training") in DP_SGD])
 
 
 def _lost(mine: list[dict], release: dict, server_round: int, node: str, expected: int) -> list:
@@ -120,51 +131,82 @@ def record_unanswered(
         ledger.append("unanswered", round=server_round, node=node, reason=reason, **named)
 
 
-def outstanding_requests(entries: list[dict]) -> dict[str, list[str]]:
-    """Per node, the purposes of the private requests it left unanswered since its last
-    contribution: each may have been spent, and none is resolved until a contribution's
-    index shows whether it was."""
-    outstanding: dict[str, list[str]] = {}
+def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:
+    """Per node, the ``unanswered`` entries still counted as spent. One is settled by a
+    recovered contribution of the node (it records a lost release: the oldest pending one),
+    or by any contribution of the node from a later round (the model's rounds follow the
+    encoder's, numbered from 1 again): its index shows whether the lost request was charged,
+    since a node charges a request before any of a later round. A contribution of the same
+    round settles nothing: a node handling two requests at once may charge them in either
+    order."""
+    pending: dict[str, list[dict]] = {}
     for entry in entries:
         node = str(entry.get("node"))
-        if entry.get("kind") == "contribution":
-            outstanding.pop(node, None)
-        elif entry.get("kind") == "unanswered":
-            purpose = STAGE_PURPOSE.get(str(entry.get("stage", "train")), "training")
-            outstanding.setdefault(node, []).append(purpose)
-    return outstanding
+        if entry.get("kind") == "unanswered":
+            pending.setdefault(node, []).append(entry)
+        elif entry.get("kind") == "contribution" and node in pending:
+            if entry.get("recovered"):
+                pending[node].pop(0)
+            else:
+                pending[node] = [e for e in pending[node] if not _settles(entry, e)]
+            if not pending[node]:
+                del pending[node]
+    return pending
+
+
+def _settles(contribution: dict, request: dict) -> bool:
+    """Whether ``contribution`` comes from a later round than the unanswered ``request``."""
+    if str(request.get("stage", "train")) == "train.encoder":
+        return contribution.get("purpose") != "encoder" or contribution["round"] > request["round"]
+    return contribution.get("purpose") != "encoder" and contribution["round"] > request["round"]
+
+
+def request_purpose(request: dict) -> str:
+    """The purpose of the release an ``unanswered`` entry's request asked for."""
+    return STAGE_PURPOSE.get(str(request.get("stage", "train")), "training")
 
 
 def outstanding_releases(
     entries: list[dict], answer_sigma: Callable[[str, float], float | None]
 ) -> tuple[list[dict], list[str]]:
-    """(for each outstanding request of a node that contributed, the release it is counted
-    at, marked ``outstanding``; the nodes with outstanding requests that never contributed,
-    whose spending no release of theirs bounds). The release counted: the node's costliest of
-    the request's purpose; for an answer of a purpose it never released (the start guard's
-    comparison is asked once, last), the one Gaussian answer its plan gives it
-    (``answer_sigma(purpose, its declared customers)``: the noise, None for DP-SGD); else its
-    costliest of any purpose."""
+    """(for each outstanding request of a node, the release it is counted at, marked
+    ``outstanding``; the nodes whose outstanding spending no release of theirs bounds). The
+    release counted: the node's costliest of the request's purpose; for an answer of a
+    purpose it never released (the start guard's comparison is asked once, last), the one
+    Gaussian answer its plan gives it (``answer_sigma(purpose, its declared customers)``).
+    A node that never contributed, that left a DP-SGD request (training, encoder) unanswered
+    without ever releasing one of that purpose, or whose indices skip one never recovered, is
+    unbounded: what it spent there is not in this ledger."""
     contributions: dict[str, list[dict]] = {}
     for entry in entries:
         if entry.get("kind") == "contribution":
             contributions.setdefault(str(entry["node"]), []).append(entry)
     copies: list[dict] = []
-    silent: list[str] = []
-    for node, purposes in outstanding_requests(entries).items():
-        mine = contributions.get(node)
-        if not mine:
-            silent.append(node)
-            continue
-        for purpose in purposes:
+    unbounded = [node for node, mine in contributions.items() if _has_gap(mine)]
+    for node, requests in outstanding_requests(entries).items():
+        mine = contributions.get(node, [])
+        counted = []
+        for purpose in map(request_purpose, requests):
             alike = [c for c in mine if c.get("purpose", "training") == purpose]
-            sigma = None if alike else answer_sigma(purpose, float(mine[-1]["num_customers"]))
-            if sigma is not None:
-                counted = {**mine[-1], **planned_answer(purpose, sigma)}
+            sigma = None
+            if mine and not alike:
+                sigma = answer_sigma(purpose, float(mine[-1]["num_customers"]))
+            if alike:
+                counted.append(_dearest(alike))
+            elif sigma is not None:
+                counted.append({**mine[-1], **planned_answer(purpose, sigma)})
             else:
-                counted = _dearest(alike or mine)
-            copies.append({**counted, "outstanding": True})
-    return copies, sorted(silent)
+                unbounded.append(node)
+                break
+        else:
+            copies += [{**c, "outstanding": True} for c in counted]
+    return copies, sorted(set(unbounded))
+
+
+def _has_gap(contributions: list[dict]) -> bool:
+    """Whether a node's contribution indices skip one that was never recovered."""
+    indices = {c["contribution_index"] for c in contributions}
+    return max(indices) + 1 > len(indices)
 
 
 def planned_answer(purpose: str, sigma: float) -> dict:

@@ -16,9 +16,15 @@ from server.federation.budget import federation_privacy
 from server.federation.releases import heard_from
 from server.federation.rounds import Federation
 from server.federation.strategy import FedRecStrategy
+from server.privacy.accounting import recompute_epsilon
 from server.privacy.audit import audit
-from server.privacy.ledger import PrivacyLedger, read_ledger
-from server.privacy.ledger_gaps import NO_REPLY, outstanding_requests
+from server.privacy.ledger import RESERVED, PrivacyLedger, read_ledger
+from server.privacy.ledger_gaps import (
+    NO_REPLY,
+    outstanding_requests,
+    record_lost_contributions,
+    request_purpose,
+)
 from shared.federation.signing import NodeKey
 from shared.runs.config import RunConfig
 from tests.server.test_audit_tampering import failed, rechain
@@ -162,18 +168,30 @@ def test_a_lost_guard_answer_counts_as_the_one_its_plan_gives(tmp_path):
     )
 
 
-def test_the_next_contribution_resolves_an_unanswered_request(tmp_path):
-    """Its index shows whether the lost reply was spent: no gap, nothing is added."""
+def test_a_later_rounds_release_or_a_recovered_one_settles_an_unanswered_request(tmp_path):
+    """The node's index shows whether the lost request was charged once it releases in a later
+    round (a node charges a request before any of a later round), or when the server recovers
+    the gap; a release of the same round settles nothing (two requests at once may be charged
+    in either order)."""
+
+    def entry(kind: str, server_round: int, **fields) -> dict:
+        return {"kind": kind, "round": server_round, "node": "1", **fields}
+
+    lost = entry("unanswered", 2, reason=NO_REPLY)
+    same_round = entry("contribution", 2, purpose="evaluation")
+    assert outstanding_requests([lost, same_round]) == {"1": [lost]}
+    assert outstanding_requests([lost, same_round, entry("contribution", 3)]) == {}
+    recovered = entry("contribution", 2, recovered="spent but never recorded")
+    assert outstanding_requests([lost, recovered]) == {}
+    # the model's rounds (numbered from 1 again) follow the encoder's
+    encoder = entry("unanswered", 3, stage="train.encoder", reason=NO_REPLY)
+    assert outstanding_requests([encoder, entry("contribution", 3, purpose="encoder")]) != {}
+    assert outstanding_requests([encoder, entry("contribution", 1, purpose="training")]) == {}
+
+    # in a run: node 1's round-1 evaluation reply lost, then it releases in round 2: no gap
     honest = read_ledger(write_planned_run(tmp_path, CUSTOMERS, rounds=2) / "ledger.jsonl")
-    # node 1's round-2 training reply unanswered, its evaluation answer (the next index) after
-    at = next(
-        i
-        for i, e in enumerate(honest)
-        if e["kind"] == "contribution" and e["node"] == "1" and e["round"] == 2
-    )
-    training = honest[at]
-    assert training["purpose"] == "training"
-    lost = {"kind": "unanswered", "round": 2, "node": "1", "reason": NO_REPLY}
+    at = next(i for i, e in enumerate(honest) if e.get("round") == 2)
+    lost = {"kind": "unanswered", "round": 1, "node": "1", "reason": NO_REPLY, "stage": "evaluate"}
     entries = rechain([dict(e) for e in honest[:at]] + [lost] + [dict(e) for e in honest[at:]])
     assert outstanding_requests(entries) == {}
     config = _config(honest)
@@ -181,7 +199,8 @@ def test_the_next_contribution_resolves_an_unanswered_request(tmp_path):
         federation_privacy(SimpleNamespace(entries=entries), config)["epsilon"]
         == (federation_privacy(SimpleNamespace(entries=honest), config)["epsilon"])
     )
-    assert outstanding_requests(_with_unanswered(honest, "1", "evaluate.guard")) == {"1": ["guard"]}
+    guard = _with_unanswered(honest, "1", "evaluate.guard")
+    assert [request_purpose(e) for e in outstanding_requests(guard)["1"]] == ["guard"]
 
 
 def test_a_node_that_never_answered_raises_the_statement_to_the_target(tmp_path):
@@ -190,11 +209,14 @@ def test_a_node_that_never_answered_raises_the_statement_to_the_target(tmp_path)
     )
     silent = _with_unanswered(honest, "flower node 77")
     statement = federation_privacy(SimpleNamespace(entries=silent), _config(honest))
-    assert statement["never_answered"] == ["flower node 77"]
-    assert statement["epsilon"] >= 8.0 and "never answered" in statement["statement"]
+    assert statement["unbounded"] == ["flower node 77"]
+    assert statement["epsilon"] >= 8.0 and "'unbounded'" in statement["statement"]
     report = audit(copy_run(silent, tmp_path / "silent"))
     assert report["federation"]["epsilon"] >= 8.0
-    assert any("flower node 77 never answered" in note for note in report["notes"])
+    assert any(note.startswith("node(s) flower node 77 left") for note in report["notes"])
+    # nothing contributed at all: metrics.json still states an epsilon
+    nothing = [e for e in silent if e["kind"] != "contribution"]
+    assert federation_privacy(SimpleNamespace(entries=nothing), _config(honest))["epsilon"] == 8.0
 
 
 def test_a_training_round_lost_without_an_entry_still_fails_the_rounds_check(tmp_path):
@@ -236,3 +258,85 @@ def test_a_receipt_of_a_lost_reply_passes_as_counted_and_no_costlier(tmp_path):
         "in the ledger (its release may cost more than the audit counted for the unanswered "
         "request)"
     ]
+
+
+def _reindexed(entries: list[dict], node: str, keep) -> list[dict]:
+    """``entries`` with ``node``'s contributions cut to those ``keep`` accepts, re-indexed and
+    their cumulative epsilons recomputed (what an honest node of that history reports)."""
+    out, mine = [], []
+    for e in entries:
+        e = dict(e)
+        if e["kind"] == "contribution" and e["node"] == node:
+            if not keep(e):
+                continue
+            e["contribution_index"] = len(mine)
+            mine.append(e)
+            e["epsilon"] = recompute_epsilon(mine, e["delta"])
+        out.append(e)
+    return out
+
+
+def _evaluation_only(honest: list[dict]) -> list[dict]:
+    """Node 1 not sampled in round 1 (``fraction-train``) but answering its evaluation."""
+    return _reindexed(honest, "1", lambda e: (e["round"], e["purpose"]) == (1, "evaluation"))
+
+
+@pytest.mark.parametrize("partition", ["regional", "merchant"])
+def test_a_lost_training_round_of_a_node_that_never_trained_is_unbounded(tmp_path, partition):
+    """From the review: node 1 answered round 1's evaluation only; sampled in round 2, it spent
+    a DP-SGD round and stopped. No release of it bounds a training round: it was counted at
+    one evaluation answer (0.51 where 3.15 was spent); it is now unbounded, and the statement
+    and the audit are at least the run's target."""
+    honest = read_ledger(
+        write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2, partition=partition)
+        / "ledger.jsonl"
+    )
+    config = _config(honest)
+    keep = {(1, "evaluation"), (2, "training")}
+    truth = rechain(_reindexed(honest, "1", lambda e: (e["round"], e["purpose"]) in keep))
+    spent = federation_privacy(SimpleNamespace(entries=truth), config)
+    end = _evaluation_only(honest)
+    lost = [
+        {"kind": "unanswered", "round": 2, "node": "1", "reason": NO_REPLY, **stage}
+        for stage in ({}, {"stage": "evaluate"})
+    ]
+    ledger = rechain([*end[:-1], *lost, end[-1]])
+    stated = federation_privacy(SimpleNamespace(entries=ledger), config)
+    assert stated["unbounded"] == ["1"]
+    assert stated["epsilon"] >= max(spent["epsilon"], config.target_epsilon)
+    report = audit(copy_run(ledger, tmp_path / "recorded"))
+    assert report["federation"]["unbounded"] == ["1"]
+    assert report["federation"]["epsilon"] >= spent["epsilon"]
+
+
+def test_a_gap_no_dp_sgd_release_bounds_is_not_recovered_and_counts_unbounded(tmp_path):
+    """From the review: the same node's round-2 evaluation (index 2) shows its lost training
+    round (index 1); it was recovered as an evaluation answer. Nothing of the node bounds a
+    DP-SGD round, so the gap stays (the audit reports it) and the node is unbounded."""
+    honest = read_ledger(write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2) / "ledger.jsonl")
+    ledger = PrivacyLedger(tmp_path / "server" / "ledger.jsonl")
+    for e in _evaluation_only(honest)[1:-1]:
+        ledger.append(e["kind"], **{k: v for k, v in e.items() if k not in RESERVED})
+    (answer,) = [e for e in ledger.entries if e["node"] == "1"]
+    lost_before = {**answer, "round": 2, "contribution_index": 2}
+    assert record_lost_contributions(ledger, 2, "1", lost_before) == []
+    ledger.append("contribution", **{k: v for k, v in lost_before.items() if k not in RESERVED})
+    statement = federation_privacy(ledger, _config(honest))
+    assert statement["unbounded"] == ["1"] and statement["epsilon"] >= 4.0
+
+
+def test_the_writers_composition_is_never_below_a_nodes_own_epsilon(tmp_path):
+    """From the review: with each node's own delta (delta 0), every node together was stated
+    at the sum of their deltas and could fall below one node's own epsilon, which the audit
+    (rightly) never goes below: an honest run failed its ``metrics`` check."""
+    honest = read_ledger(
+        write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2, partition="merchant")
+        / "ledger.jsonl"
+    )
+    entries = rechain(_evaluation_only(honest))
+    stated = federation_privacy(SimpleNamespace(entries=entries), _config(honest))
+    reported = max(e["epsilon"] for e in entries if e["kind"] == "contribution")
+    assert stated["epsilon"] >= reported
+    out = copy_run(entries, tmp_path / "recorded")
+    (out / "metrics.json").write_text(json.dumps({"privacy": stated}))
+    assert "metrics" not in failed(audit(out))
