@@ -52,3 +52,26 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(resolve_model_path(), local_files_only=True).save_pretrained(out)
     return out
+
+
+# The files that take longest (a quiet 2-core run, longest first). With ``--dist loadfile``
+# each file runs on one worker, in the order the files are handed out: these go first, so that
+# no worker is left with a long file at the end while the other has finished (longest
+# processing time first). A file not listed keeps its place after them.
+SLOW_FILES = (
+    "tests/simulations/test_deploy.py",
+    "tests/simulations/test_federation.py",
+    "tests/server/test_encoder_rounds.py",
+    "tests/client/test_policy.py",
+    "tests/server/test_node_dp.py",
+    "tests/server/test_ledger_audit.py",
+    "tests/simulations/test_benchmarks.py",
+    "tests/server/test_robust.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slowest files first (:data:`SLOW_FILES`); xdist keeps this order with
+    ``--no-loadscope-reorder`` (pyproject.toml), instead of handing out files by test count."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FILES)))

@@ -9,6 +9,7 @@ customer influences exactly one clipped gradient per step.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -344,7 +345,28 @@ def planned_epsilon(
     """PRV epsilon of ``steps`` DP-SGD steps at ``noise_multiplier`` and ``sample_rate``,
     composed with ``more_steps``: (sample rate, steps) of further DP-SGD steps at the same
     noise multiplier (a node's encoder rounds), and with ``releases``: (noise multiplier,
-    count) Gaussian releases of sensitivity 1 (sample rate 1), e.g. private evaluations."""
+    count) Gaussian releases of sensitivity 1 (sample rate 1), e.g. private evaluations.
+    Cached per process: a pure function of its arguments, and each call takes seconds (Opacus
+    sizes the PRV domain with RDP at fractional orders); calibrations repeat the same plans."""
+    return _planned_epsilon(
+        float(noise_multiplier),
+        float(delta),
+        float(sample_rate),
+        int(steps),
+        tuple((float(q), int(n)) for q, n in releases),
+        tuple((float(q), int(n)) for q, n in more_steps),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned_epsilon(
+    noise_multiplier: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    releases: tuple[tuple[float, int], ...],
+    more_steps: tuple[tuple[float, int], ...],
+) -> float:
     accountant = new_accountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
     accountant.history += [(noise_multiplier, q, count) for q, count in more_steps if count]

@@ -73,7 +73,7 @@ def deployed(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory
             "--nodes",
             "3",
             "--rounds",
-            "2",
+            "1",  # the rounds after the first, and resuming, are the fault run's (4 rounds)
             "--timeout",
             "300",
             "--quiet",
@@ -91,11 +91,11 @@ def deployed(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory
 @pytest.mark.e2e
 def test_deploy_local_runs_the_federation_over_tls_with_authenticated_nodes(deployed: Path) -> None:
     metrics = json.loads((deployed / "metrics.json").read_text())
-    assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 3), (2, 3)]
+    assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 3)]
     # the server held the catalog only: the quality comes from the nodes, every round
     assert metrics["config"]["data"] == "" and metrics["config"]["catalog"].endswith("catalog")
     evaluations = metrics["federated_evaluation"]
-    assert [e["round"] for e in evaluations] == [1, 2] and all(e["nodes"] == 3 for e in evaluations)
+    assert [e["round"] for e in evaluations] == [1] and all(e["nodes"] == 3 for e in evaluations)
     assert all(0 <= e["ndcg@10"] <= 1 and e["customers"] > 0 for e in evaluations)
     assert verify_chain(read_ledger(deployed / "ledger.jsonl")) == []
     link = (deployed / "logs" / "superlink.log").read_text()
