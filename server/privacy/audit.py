@@ -38,7 +38,7 @@ from server.privacy.audit_node_level import audit_node_level
 from server.privacy.audit_report import jsonable, print_summary, write_html
 from server.privacy.audit_signatures import audit_receipts, audit_signatures, ledger_run_id
 from server.privacy.ledger import LedgerError, missing_fields, read_ledger, verify_chain
-from server.privacy.ledger_gaps import outstanding_requests
+from server.privacy.ledger_gaps import STAGE_PURPOSE, outstanding_requests
 
 DEFAULT_TOLERANCE = 0.01
 
@@ -162,6 +162,13 @@ def audit(
         for n, e in enumerate(entries, start=1)
         if missing_fields(e)
     ]
+    incomplete += [
+        f"line {n}: {e['kind']} entry's {problem}"
+        for n, e in enumerate(entries, start=1)
+        if e.get("kind") in NODE_ENTRIES and not missing_fields(e)
+        for problem in [node_entry_problem(e)]
+        if problem
+    ]
     checks.append(
         check(
             "fields",
@@ -239,6 +246,24 @@ def audit(
         audit_metrics(report, out / "metrics.json", tolerance)
     report["passed"] = all(c["status"] != "fail" for c in checks)
     return report
+
+
+# the entries a node's answer (or its absence) leaves besides its releases
+NODE_ENTRIES = ("refused", "declined", "unverified", "unanswered")
+
+
+def node_entry_problem(entry: dict) -> str | None:
+    """What is wrong with a refused, declined, unverified or unanswered entry's round, node
+    or stage (None: nothing): a tampered one must fail the ``fields`` check, never crash a
+    later one."""
+    server_round, stage = entry["round"], entry.get("stage", "train")
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
+        return f"round {server_round!r} is not a round number"
+    if not isinstance(entry["node"], str):
+        return f"node {entry['node']!r} is not a node's name"
+    if stage != "train" and stage not in STAGE_PURPOSE:
+        return f"stage {stage!r} is none of {', '.join(STAGE_PURPOSE)}"
+    return None
 
 
 def _read_config(report: dict, complete: list[dict], lines: dict[int, int]) -> dict:

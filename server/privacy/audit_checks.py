@@ -352,7 +352,9 @@ def _uncovered_rounds(node: str, entries: list[dict], completed: int) -> list[in
     covered |= {  # an unanswered request is counted as spent (server/privacy/ledger_gaps.py)
         e["round"]
         for e in mine
-        if e["kind"] in ("refused", "declined", "unanswered") and e.get("stage", "train") == "train"
+        if e["kind"] in ("refused", "declined", "unanswered")
+        and e.get("stage", "train") == "train"
+        and isinstance(e["round"], int)  # a tampered round fails the fields check
     }
     recovered = sorted(
         e["round"] for e in mine if e["kind"] == "contribution" and e.get("recovered")

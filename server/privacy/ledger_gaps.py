@@ -155,10 +155,15 @@ def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:
 
 
 def _settles(contribution: dict, request: dict) -> bool:
-    """Whether ``contribution`` comes from a later round than the unanswered ``request``."""
-    if str(request.get("stage", "train")) == "train.encoder":
-        return contribution.get("purpose") != "encoder" or contribution["round"] > request["round"]
-    return contribution.get("purpose") != "encoder" and contribution["round"] > request["round"]
+    """Whether ``contribution`` comes from a later round than the unanswered ``request`` (a
+    round that is not a number, in a tampered ledger, settles nothing)."""
+    model_round = contribution.get("purpose") != "encoder"
+    if str(request.get("stage", "train")) == "train.encoder" and model_round:
+        return True
+    rounds = (contribution.get("round"), request.get("round"))
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in rounds):
+        return False
+    return model_round == (request.get("stage") != "train.encoder") and rounds[0] > rounds[1]
 
 
 def request_purpose(request: dict) -> str:

@@ -340,3 +340,24 @@ def test_the_writers_composition_is_never_below_a_nodes_own_epsilon(tmp_path):
     out = copy_run(entries, tmp_path / "recorded")
     (out / "metrics.json").write_text(json.dumps({"privacy": stated}))
     assert "metrics" not in failed(audit(out))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("round", "x"), ("round", None), ("round", 1.5), ("round", [1]), ("node", 7), ("stage", "x")],
+)
+def test_a_tampered_unanswered_entry_fails_the_fields_check_and_crashes_nothing(
+    tmp_path, field, value
+):
+    """Found in this session's own fuzzing: a round that is not a number crashed the audit
+    (comparing it with a contribution's, or hashing a list)."""
+    honest = read_ledger(write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2) / "ledger.jsonl")
+    at = next(i for i, e in enumerate(honest) if e.get("round") == 2)
+    lost = {"kind": "unanswered", "round": 1, "node": "1", "reason": NO_REPLY, field: value}
+    for name, entries in (
+        ("mid", [*honest[:at], lost, *honest[at:]]),
+        ("end", [*honest[:-1], lost, honest[-1]]),
+    ):
+        report = audit(copy_run(rechain([dict(e) for e in entries]), tmp_path / name))
+        (problem,) = failed(report)["fields"]
+        assert f"unanswered entry's {field}" in problem
