@@ -269,7 +269,8 @@ def _unrecorded_problem(
     """Why a receipt the ledger lacks is not the release of one of ``node``'s outstanding
     requests (``lost``, one used up per receipt) as counted: "" when it is."""
     index, purpose = receipt.get("contribution_index"), receipt.get("purpose", "training")
-    if not isinstance(index, int) or index <= max(ledger, default=-1):
+    recorded = [i for i in ledger if isinstance(i, int)]  # a tampered index fails elsewhere
+    if not isinstance(index, int) or index <= max(recorded, default=-1):
         return " (nor after the node's last contribution there)"
     match = next(
         (
