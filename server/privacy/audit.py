@@ -169,6 +169,11 @@ def audit(
         for problem in [node_entry_problem(e)]
         if problem
     ]
+    incomplete += [  # a tampered count must not make a later check loop over it
+        f"line {n}: run_end's rounds_completed {e['rounds_completed']!r} is not a round count"
+        for n, e in enumerate(entries, start=1)
+        if e.get("kind") == "run_end" and not missing_fields(e) and not _round_count(e)
+    ]
     checks.append(
         check(
             "fields",
@@ -178,7 +183,11 @@ def audit(
         )
     )
     lines = {id(e): n for n, e in enumerate(entries, start=1)}
-    complete = [e for e in entries if not missing_fields(e)]
+    complete = [
+        e
+        for e in entries
+        if not missing_fields(e) and (e.get("kind") != "run_end" or _round_count(e))
+    ]
     config = _read_config(report, complete, lines)
     report["run_id"] = ledger_run_id(entries)
 
@@ -250,6 +259,14 @@ def audit(
 
 # the entries a node's answer (or its absence) leaves besides its releases
 NODE_ENTRIES = ("refused", "declined", "unverified", "unanswered")
+
+
+def _round_count(end: dict) -> bool:
+    """Whether a run_end's ``rounds_completed`` is a count any run could reach."""
+    completed = end["rounds_completed"]
+    return (
+        isinstance(completed, int) and not isinstance(completed, bool) and 0 <= completed <= 10**5
+    )
 
 
 def node_entry_problem(entry: dict) -> str | None:

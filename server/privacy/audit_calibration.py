@@ -110,6 +110,9 @@ def _dp_sgd_problem(c: dict, plan: dict, tolerance: float) -> str | None:
     if not is_number(target):
         return None  # the budget check reports it
     rounds, releases = plan["rounds"], _releases(plan, customers)
+    planned = rounds * (steps + sum(count for _, count in releases)) + (encoder or (0, 0))[1]
+    if planned > accounting.MAX_NODE_STEPS:  # a tampered config must not exhaust the audit
+        return f"the plan's {planned:,} steps and answers are more than the audit recomputes"
 
     def spent(s: float) -> float:
         return accounting.plan_epsilon(s, q, steps, rounds, releases, delta, encoder)

@@ -50,6 +50,12 @@ def entry_problem(e: dict) -> str | None:
         accounting.contribution_event(e)
     except ValueError as error:
         return f"cannot recompute: {error}"
+    if e["steps"] > accounting.MAX_ENTRY_STEPS:  # a tampered entry must not exhaust the audit
+        return f"{e['steps']} steps, more than any plan ({accounting.MAX_ENTRY_STEPS:,})"
+    if e["noise_multiplier"] > accounting.MAX_NOISE_MULTIPLIER:
+        return (
+            f"noise_multiplier {e['noise_multiplier']:g} beyond {accounting.MAX_NOISE_MULTIPLIER:g}"
+        )
     if not (is_number(e["delta"]) and 0 < e["delta"] < 1):
         return f"delta must be in (0, 1), got {e['delta']!r}"
     if not is_number(e["epsilon"]):
@@ -105,6 +111,11 @@ def audit_contributions(
     for node, cs in nodes.items():
         gaps.extend(_index_gaps(node, cs, lines))
         bad = [f"node {node}, line {lines[id(c)]}: {p}" for c in cs if (p := entry_problem(c))]
+        if not bad and sum(c["steps"] for c in cs) > accounting.MAX_NODE_STEPS:
+            bad = [  # a tampered ledger must not keep the auditor's accountant busy for hours
+                f"node {node}: its entries state more than {accounting.MAX_NODE_STEPS:,} "
+                "steps together, more than any plan; not recomputed"
+            ]
         if bad:
             below.extend(bad)
             report["nodes"].append({"node": node, "contributions": len(cs), "status": "bad entry"})

@@ -57,6 +57,8 @@ def _pld_epsilon(events: list[tuple[dict, int]], delta: float) -> float:
     for c, times in events:
         q = 1.0 if c["mechanism"] == "gaussian" else float(c["sample_rate"])
         steps[(c["mechanism"], float(c["noise_multiplier"]), q)] += c["steps"] * times
+    if sum(steps.values()) > accounting.MAX_NODE_STEPS:
+        return math.inf  # more than any plan states: not composed (the checks say why)
     return _composed_epsilon(tuple(steps.items()), float(delta))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -919,3 +920,49 @@ def test_the_start_guard_is_audited_as_part_of_each_node_plan(tmp_path):
         report = forge(tmp_path, name, entries, **config)
         calibration = next(c for c in report["checks"] if c["name"] == "calibration")
         assert calibration["status"] == "fail" and words in json.dumps(calibration)
+
+
+@pytest.mark.parametrize(
+    "field, value, rounds",
+    [
+        ("steps", 10**9, 1),
+        ("steps", 10**30, 1),
+        ("noise_multiplier", 10**30, 1),
+        ("steps", 300_000, 6),
+    ],
+)
+def test_a_tampered_release_cannot_exhaust_the_auditors_accountant(tmp_path, field, value, rounds):
+    """Found fuzzing the audit: one contribution stating 10^9 steps asked the PLD accountant
+    for 111 GiB, 10^30 overflowed it, and 10^6 took 76 s and 3.6 GB. An entry beyond what any
+    plan states fails ``recomputed`` instead; so does a node whose entries, each within
+    bounds, state more steps together than any plan (300,000 x its 12 entries here)."""
+    out = write_planned_run(tmp_path / "run", CUSTOMERS, rounds=rounds)
+    entries = read_ledger(out / "ledger.jsonl")
+    mine = [e for e in entries if e["kind"] == "contribution" and e["node"] == "1"]
+    for e in mine if rounds > 1 else mine[:1]:
+        e[field] = value
+    started = time.monotonic()
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    assert time.monotonic() - started < 60
+    failing = {c["name"]: c["problems"] for c in report["checks"] if c["status"] == "fail"}
+    assert any(p.startswith("node 1") for p in failing["recomputed"])
+
+
+@pytest.mark.parametrize("where", ["rounds_completed", "config rounds"])
+def test_a_tampered_round_count_cannot_exhaust_the_audit(tmp_path, where):
+    """Found fuzzing the audit: run_end's rounds_completed of 10^30 made the rounds check list
+    every round up to it, and a run_start config of 10^9 rounds made the calibration check
+    compose them; the machine ran out of memory both times."""
+    entries = read_ledger(write_planned_run(tmp_path / "run", CUSTOMERS, rounds=1) / "ledger.jsonl")
+    if where == "rounds_completed":
+        entries[-1]["rounds_completed"] = 10**30
+    else:
+        entries[0]["config"]["rounds"] = 10**9
+    started = time.monotonic()
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    assert time.monotonic() - started < 60
+    failing = {c["name"]: c["problems"] for c in report["checks"] if c["status"] == "fail"}
+    if where == "rounds_completed":
+        assert "is not a round count" in failing["fields"][0]
+    else:
+        assert all("more than the audit recomputes" in p for p in failing["calibration"])
