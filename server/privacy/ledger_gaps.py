@@ -10,10 +10,11 @@ holds less spending than the nodes' accountants, and the audit's index check sti
 
 A reply that never comes (the node stopped, the network dropped it, the round timed out, the
 run ended) may still have been spent. The server records each private request a node did not
-answer as ``unanswered``; until the node's next contribution shows by its index whether it
-spent (a gap is recovered as above, no gap: it did not), each such request counts as one more
-copy of the node's costliest release (:func:`outstanding_requests`), in the run's statement and
-in the audit. A run that ends with a reply lost therefore states at least what was spent.
+answer as ``unanswered``; until a recovered contribution or one of a later round settles it
+(:func:`outstanding_requests`), it counts as spent, in the run's statement and in the audit:
+at the node's costliest release of its purpose, or where no release of the node bounds it, at
+no less than the run's target (:func:`outstanding_releases`). A run that ends with a reply
+lost therefore states at least what was spent.
 """
 
 from __future__ import annotations
