@@ -80,10 +80,10 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     ``epsilon`` is the federation's guarantee that applies to the partition (the worst node
     when a customer is at one node only, the composition over every node otherwise), and
     never below what a refused report claims spent (``unverified``: the largest epsilon each
-    such node claimed, never recomputed). A private request a node left unanswered since its
-    last contribution counts as spent (``outstanding``, server/privacy/ledger_gaps.py); while a
-    node that never contributed has one, the headline is at least the run's target (what the
-    node's plan keeps, if it followed it)."""
+    such node claimed, never recomputed). A private request a node left unanswered counts as
+    spent until a later release settles it (``outstanding``, server/privacy/ledger_gaps.py);
+    while a node's spending is bounded by none of its releases (``unbounded``), the headline is
+    at least the run's target (what the node's plan keeps, if it followed it)."""
     contributions = [e for e in ledger.entries if e["kind"] == "contribution"]
     claims: dict[str, float] = {}
     for entry in ledger.entries:
@@ -158,10 +158,11 @@ def _unanswered_statement(copies: list[dict], unbounded: list[str], target: floa
         )
     if unbounded:
         said += (
-            f" {len(unbounded)} node(s) left private requests unanswered that no release of "
-            "theirs in this ledger bounds ('unbounded': never contributed, or never released "
-            "one of that purpose): what they spent is in their own accountants; epsilon is "
-            f"at least the run's target {target:g}, what their plans keep if they followed them."
+            f" {len(unbounded)} node(s) left spending that no release of theirs in this "
+            "ledger bounds ('unbounded': a request unanswered by a node that never contributed "
+            "or never released one of its purpose, or an index gap): what they spent is in "
+            f"their own accountants; epsilon is at least the run's target {target:g}, what "
+            "their plans keep if they followed them."
         )
     return said
 
