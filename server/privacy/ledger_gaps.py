@@ -191,21 +191,17 @@ def outstanding_releases(
     unbounded = [node for node, mine in contributions.items() if _has_gap(mine)]
     for node, requests in outstanding_requests(entries).items():
         mine = contributions.get(node, [])
-        counted = []
         for purpose in map(request_purpose, requests):
             alike = [c for c in mine if c.get("purpose", "training") == purpose]
             sigma = None
             if mine and not alike:
                 sigma = answer_sigma(purpose, float(mine[-1]["num_customers"]))
             if alike:
-                counted.append(_dearest(alike))
+                copies.append({**_dearest(alike), "outstanding": True})
             elif sigma is not None:
-                counted.append({**mine[-1], **planned_answer(purpose, sigma)})
+                copies.append({**mine[-1], **planned_answer(purpose, sigma), "outstanding": True})
             else:
                 unbounded.append(node)
-                break
-        else:
-            copies += [{**c, "outstanding": True} for c in counted]
     return copies, sorted(set(unbounded))
 
 
