@@ -60,6 +60,10 @@ def entry_problem(e: dict) -> str | None:
         return f"delta must be in (0, 1), got {e['delta']!r}"
     if not is_number(e["epsilon"]):
         return f"epsilon must be a finite number, got {e['epsilon']!r}"
+    if not (isinstance(e["round"], int) and not isinstance(e["round"], bool)):
+        return f"round must be an integer, got {e['round']!r}"
+    if "target_epsilon" in e and not is_number(e["target_epsilon"]):
+        return f"target_epsilon must be a finite number, got {e['target_epsilon']!r}"
     return None
 
 
@@ -352,10 +356,12 @@ def _uncovered_rounds(node: str, entries: list[dict], completed: int) -> list[in
     recovered contribution recorded in the same or a later round accounts for
     (server/privacy/ledger_gaps.py)."""
     mine = [e for e in entries if str(e.get("node")) == node]
-    training = [
+    training = [  # a round that is not a number fails the recomputed check
         e
         for e in mine
-        if e["kind"] == "contribution" and e.get("purpose", "training") == "training"
+        if e["kind"] == "contribution"
+        and e.get("purpose", "training") == "training"
+        and isinstance(e["round"], int)
     ]
     if not training:
         return []
@@ -368,7 +374,9 @@ def _uncovered_rounds(node: str, entries: list[dict], completed: int) -> list[in
         and isinstance(e["round"], int)  # a tampered round fails the fields check
     }
     recovered = sorted(
-        e["round"] for e in mine if e["kind"] == "contribution" and e.get("recovered")
+        e["round"]
+        for e in mine
+        if e["kind"] == "contribution" and e.get("recovered") and isinstance(e["round"], int)
     )
     first = min(e["round"] for e in training)
     missing = []

@@ -929,6 +929,8 @@ def test_the_start_guard_is_audited_as_part_of_each_node_plan(tmp_path):
         ("steps", 10**30, 1),
         ("noise_multiplier", 10**30, 1),
         ("steps", 300_000, 6),
+        ("round", None, 1),  # the rounds check compared it
+        ("target_epsilon", None, 1),  # the budget check compared it
     ],
 )
 def test_a_tampered_release_cannot_exhaust_the_auditors_accountant(tmp_path, field, value, rounds):
