@@ -278,7 +278,7 @@ def node_entry_problem(entry: dict) -> str | None:
         return f"round {server_round!r} is not a round number"
     if not isinstance(entry["node"], str):
         return f"node {entry['node']!r} is not a node's name"
-    if stage != "train" and stage not in STAGE_PURPOSE:
+    if not (isinstance(stage, str) and (stage == "train" or stage in STAGE_PURPOSE)):
         return f"stage {stage!r} is none of {', '.join(STAGE_PURPOSE)}"
     return None
 

@@ -344,7 +344,15 @@ def test_the_writers_composition_is_never_below_a_nodes_own_epsilon(tmp_path):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("round", "x"), ("round", None), ("round", 1.5), ("round", [1]), ("node", 7), ("stage", "x")],
+    [
+        ("round", "x"),
+        ("round", None),
+        ("round", 1.5),
+        ("round", [1]),
+        ("node", 7),
+        ("stage", "x"),
+        ("stage", {"a": 1}),
+    ],
 )
 def test_a_tampered_unanswered_entry_fails_the_fields_check_and_crashes_nothing(
     tmp_path, field, value
