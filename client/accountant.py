@@ -9,6 +9,12 @@ contribution index, and a budget is checked against every charge before it. The 
 written to a temporary file of the writer's own, fsynced and renamed over the old one: a crash
 leaves the old state or the new, never part of either. A release is charged before anything
 computed under it leaves the node, so a crash can over-count spending, never forget it.
+
+Within a run a node charges its requests in the order of their rounds (:class:`RequestPosition`):
+it refuses, before spending anything, a request of a round earlier than one it has already
+charged for the same run. The ledger's rule for a reply that never arrived depends on that
+order (server/privacy/ledger_gaps.py: a later round's release shows whether the earlier request
+was charged); a delayed or replayed message cannot break it.
 """
 
 from __future__ import annotations
@@ -19,12 +25,30 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.recommender.training import new_accountant, prv_epsilon
 from shared.runs.durable import fsync_dir
 
 Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps) of one release
+
+
+@dataclass(frozen=True)
+class RequestPosition:
+    """Where a private request stands in its run: the run's id, its phase (0: the encoder's
+    rounds, which come first; 1: the model's rounds, whose training, evaluation and start guard
+    share their round's number) and its round. A node charges requests of one run in this
+    order, requests of the same position in any."""
+
+    run_id: str
+    phase: int
+    round: int
+
+    @property
+    def order(self) -> list[int]:
+        """(phase, round): what is compared within a run."""
+        return [self.phase, self.round]
 
 
 class NodePrivacy:
@@ -36,8 +60,9 @@ class NodePrivacy:
                 epsilon, index = privacy.charge(event, delta)  # saved when it returns
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, position: RequestPosition | None = None):
         self.path = Path(directory) / "privacy" / "accountant.json"
+        self.position = position  # the request this object charges for; None: not checked
         self.lock_path = self.path.with_suffix(".lock")
         self._lock: int | None = None  # the lock file's descriptor while this object holds it
         self.state = self._read()
@@ -101,15 +126,38 @@ class NodePrivacy:
         epsilon = self.epsilon_after(delta)
         return {"declined": True, "epsilon": epsilon, "delta": delta, "reason": reason}
 
+    def order_refusal(self) -> str | None:
+        """Why this request comes too late to be charged: this node already charged a later
+        round of the same run (a delayed or replayed message); None when it may be, or when no
+        position was given. Checked under :meth:`locked`, with the budget."""
+        if self.position is None:
+            return None
+        charged = self.state.get("charged_up_to", {}).get(self.position.run_id)
+        if charged is None or self.position.order >= charged:
+            return None
+        phase, server_round = charged
+        reached = f"round {server_round} of its {'model' if phase else 'encoder'} rounds"
+        return (
+            f"a request of round {self.position.round} comes after this node charged {reached} "
+            "for the same run: requests are charged in the order of their rounds (the ledger "
+            "counts unanswered requests by that order), so this one is refused, nothing spent"
+        )
+
     def charge(self, event: Event, delta: float) -> tuple[float, int]:
         """Add ``event`` to the accountant and save it, under the lock (taken here, and the
         state re-read, unless the caller holds it), before anything computed under it leaves;
-        returns the epsilon at ``delta`` and the release's contribution index."""
+        returns the epsilon at ``delta`` and the release's contribution index. Refuses (a
+        ValueError, nothing charged) a request that :meth:`order_refusal` turns away."""
         with self.locked():
+            if reason := self.order_refusal():
+                raise ValueError(reason)
             accountant = new_accountant(self.state["accountant"] or None)
             accountant.history.append(event)
             self.state["accountant"] = accountant.state_dict()
             self.state["contributions"] += 1
+            if self.position is not None:
+                charged = self.state.setdefault("charged_up_to", {})
+                charged[self.position.run_id] = self.position.order
             self.save()
             index = self.state["contributions"] - 1
         return prv_epsilon(accountant, delta), index

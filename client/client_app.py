@@ -31,7 +31,7 @@ from flwr.clientapp.typing import ClientAppCallable
 # deprecated path; SecAgg+ exists nowhere else in flwr 1.42
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.accountant import NodePrivacy
+from client.accountant import NodePrivacy, RequestPosition
 from client.encoder import tune_encoder_at_node
 from client.node import NodeData, evaluate_node, guard_node, load_node, train_node
 from client.policy import NodePolicy
@@ -103,6 +103,11 @@ class NodeRequest:
         key_path = node_config.get("node-key") or self.node.directory / "privacy" / "node.key"
         self.key_path = Path(key_path)
 
+    def position(self, phase: int = 1) -> RequestPosition:
+        """This request's place in its run (phase 0: an encoder round; 1: the model's rounds),
+        in which order the node charges private requests (client/accountant.py)."""
+        return RequestPosition(self.run_id, phase, self.round)
+
     def weights_refusal(self, *states: dict[str, torch.Tensor]) -> dict | None:
         """A refusal when a model the server sent (its weights, the start's, the tuned encoder
         layers) is not finite or beyond :data:`MAX_WEIGHT`, else None. Such weights can make
@@ -135,6 +140,24 @@ class NodeRequest:
             f"server's ({self.catalog_digest[:12]}): every party must hold the same items table"
         )
         return {"node": self.node.name, "refused": True, "reason": reason}
+
+    def trained(self, state: dict[str, torch.Tensor], valid_fraction: float) -> dict:
+        """The node's answer to a training request from the global ``state``: a refusal of the
+        request or its weights, or :func:`train_node`'s result (``valid_fraction`` of the
+        customers' validation events held out)."""
+        return (
+            self.request_refusal()
+            or self.weights_refusal(state)
+            or train_node(
+                self.node,
+                self.config,
+                state,
+                self.round,
+                self.policy,
+                valid_fraction,
+                self.position(),
+            )
+        )
 
     def report(self, result: dict, arrays: dict[str, np.ndarray] | None) -> NodeReport:
         """The privacy report for ``result``: a refusal or a decline as it is; a DP release
@@ -198,11 +221,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             state = {
                 name: torch.tensor(value) for name, value in zip(names, parameters, strict=True)
             }
-            result = (
-                asked.request_refusal()
-                or asked.weights_refusal(state)
-                or train_node(asked.node, asked.config, state, asked.round, asked.policy)
-            )
+            result = asked.trained(state, valid_fraction=0.0)
             if result.get("refused") or result.get(
                 "declined"
             ):  # a zero update, still in the protocol
@@ -227,13 +246,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         """Train locally from the global weights; reply with weights, metrics and privacy spent."""
         asked = request(dict(msg.content["config"]), context, msg)
         state = msg.content["arrays"].to_torch_state_dict()
-        result = (
-            asked.request_refusal()
-            or asked.weights_refusal(state)
-            or train_node(
-                asked.node, asked.config, state, asked.round, asked.policy, asked.valid_fraction
-            )
-        )
+        result = asked.trained(state, asked.valid_fraction)
         metrics: dict[str, Any] = {}
         arrays = None
         if not (result.get("refused") or result.get("declined")):
@@ -269,7 +282,13 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             asked.request_refusal()
             or asked.weights_refusal(weights)
             or tune_encoder_at_node(
-                asked.node, asked.config, weights, asked.round, asked.policy, asked.valid_fraction
+                asked.node,
+                asked.config,
+                weights,
+                asked.round,
+                asked.policy,
+                asked.valid_fraction,
+                asked.position(phase=0),
             )
         )
         arrays = None
@@ -298,7 +317,14 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         result = (
             asked.request_refusal()
             or asked.weights_refusal(state)
-            or evaluate_node(asked.node, asked.config, state, asked.policy, asked.valid_fraction)
+            or evaluate_node(
+                asked.node,
+                asked.config,
+                state,
+                asked.policy,
+                asked.valid_fraction,
+                asked.position(),
+            )
         )
         privacy = asked.report(result, None).to_record()
         counts = ("customers", "valid-customers")
@@ -320,7 +346,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         result = (
             asked.request_refusal()
             or asked.weights_refusal(state, start)
-            or guard_node(asked.node, asked.config, state, start, asked.policy)
+            or guard_node(asked.node, asked.config, state, start, asked.policy, asked.position())
         )
         privacy = asked.report(result, None).to_record()
         metrics = {k: v for k, v in result.items() if k == "noisy_gain"}

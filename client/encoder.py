@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from client.accountant import NodePrivacy
+from client.accountant import NodePrivacy, RequestPosition
 from client.node import (
     PRIVACY_UNIT,
     NodeData,
@@ -80,9 +80,11 @@ def tune_encoder_at_node(
     server_round: int,
     policy: NodePolicy | None = None,
     valid_fraction: float = 0.0,
+    position: RequestPosition | None = None,
 ) -> dict:
     """Train the top layers ``weights`` on this node's pairs; returns the trained weights
-    (``state``), the customers they came from and the mean loss, or a refusal or decline."""
+    (``state``), the customers they came from and the mean loss, or a refusal or decline
+    (under DP also of a request that comes after a later round of its run, ``position``)."""
     policy = policy or NodePolicy()
     if config.node_dp:
         reason = "encoder rounds under node-level DP are not built: ask without node-dp"
@@ -92,7 +94,7 @@ def tune_encoder_at_node(
         return {"node": node.name, "refused": True, "reason": reason}
     histories = [np.asarray(h) for h in training_histories(node, config, valid_fraction)]
     if config.dp:
-        return _tune_private(node, config, weights, policy, customers, histories)
+        return _tune_private(node, config, weights, policy, customers, histories, position)
     pairs = consecutive_pairs(histories)
     if not len(pairs):
         reason = "no customer here has two distinct products in a row: nothing to tune on"
@@ -120,6 +122,7 @@ def _tune_private(
     policy: NodePolicy,
     customers: int,
     histories: list[np.ndarray],
+    position: RequestPosition | None,
 ) -> dict:
     """One private encoder round at a node of ``customers`` (its public figure): checked
     against the budget and charged (the accountant written to disk) under the accountant's
@@ -127,10 +130,12 @@ def _tune_private(
     prefix = node_prefix(node, config, resolve_device(config.device))
     if reason := prefix.packing_refusal():  # before anything is charged
         return {"node": node.name, "refused": True, "reason": reason}
-    privacy = NodePrivacy(node.directory)
+    privacy = NodePrivacy(node.directory, position)
     delta, _, _, budget = privacy_plan(config, policy, customers)
     sample_rate, steps = encoder_plan(config, customers)
     with privacy.locked():  # no other release of this node between the check and the charge
+        if reason := privacy.order_refusal():
+            return {"node": node.name, "refused": True, "reason": reason}
         sigma = noise_multiplier(privacy, config, policy, customers)
         event = (sigma, sample_rate, steps)
         if reason := over_budget(privacy, delta, budget, event):

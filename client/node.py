@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from client.accountant import NodePrivacy
+from client.accountant import NodePrivacy, RequestPosition
 from client.policy import NodePolicy
 from shared.data.dataset import Split, leave_one_out, load_dataset
 from shared.data.partition import cold_item_indices
@@ -138,12 +138,15 @@ def train_node(
     server_round: int,
     policy: NodePolicy | None = None,
     valid_fraction: float = 0.0,
+    position: RequestPosition | None = None,
 ) -> dict:
     """Local training from the global ``state``; returns weights, rows and numbers to report.
 
     ``policy`` is the node's own (default: a simulation node's, which accepts any request); a
     request weaker than it is refused before anything is computed. ``valid_fraction``: the
     share of customers whose validation event stays out of training (:func:`training_histories`).
+    ``position``: the request's place in its run; a private round of an earlier place than one
+    already charged is refused (:meth:`NodePrivacy.order_refusal`).
     """
     policy = policy or NodePolicy()
     customers = public_customers(node, policy)
@@ -168,10 +171,10 @@ def train_node(
     trainee = CatalogView(model, scored) if scored is not None else None
     if config.dp:
         private = _train_private(
-            node, config, policy, trainee or model, inputs, targets, customers, device
+            node, config, policy, trainee or model, inputs, targets, customers, device, position
         )
         report.update(private)
-        if report.get("declined"):
+        if report.get("declined") or report.get("refused"):
             return report
     else:
         optimizer = torch.optim.AdamW(
@@ -319,13 +322,16 @@ def _train_private(
     targets: torch.Tensor,
     customers: int,
     device: str,
+    position: RequestPosition | None,
 ) -> dict:
-    """One private training round: checked against the budget and charged (the accountant
-    written to disk) under the accountant's lock, then trained; a crash during training
-    over-counts, never forgets."""
-    privacy = NodePrivacy(node.directory)
+    """One private training round: checked against the budget and the order of the run's
+    requests and charged (the accountant written to disk) under the accountant's lock, then
+    trained; a crash during training over-counts, never forgets."""
+    privacy = NodePrivacy(node.directory, position)
     delta, sample_rate, round_steps, budget = privacy_plan(config, policy, customers)
     with privacy.locked():  # no other release of this node between the check and the charge
+        if reason := privacy.order_refusal():
+            return {"refused": True, "reason": reason}
         sigma = noise_multiplier(privacy, config, policy, customers)
         event = (sigma, sample_rate, round_steps)
         if reason := over_budget(privacy, delta, budget, event):
@@ -367,6 +373,7 @@ def evaluate_node(
     state: dict[str, torch.Tensor],
     policy: NodePolicy | None = None,
     valid_fraction: float = 0.0,
+    position: RequestPosition | None = None,
 ) -> dict:
     """Federated evaluation: the global model on each local customer's last event from the
     earlier ones, an event the node held out of its training (:func:`training_histories`);
@@ -377,7 +384,8 @@ def evaluate_node(
     Under DP (the request's or the node's policy) the answer is itself private and charged to
     the node's accountant: noisy sums of (1, hr@10, ndcg@10) over the customers, each
     customer's vector scaled to L2 norm <= 1, Gaussian noise of std ``eval-noise-multiplier``
-    (:func:`private_sums`). Without DP it is exact.
+    (:func:`private_sums`), in the order of the run's requests (``position``, as in
+    :func:`train_node`). Without DP it is exact.
     """
     policy = policy or NodePolicy()
     customers = public_customers(node, policy)
@@ -387,7 +395,7 @@ def evaluate_node(
     users = node.split.test_users
     per_customer = _held_out_metrics(node, score)
     if config.dp:
-        return _evaluate_private(node, config, policy, customers, per_customer)
+        return _evaluate_private(node, config, policy, customers, per_customer, position)
     result: dict = {"node": node.name}
     if len(users) >= policy.min_exact_customers:
         result |= {"customers": len(users), **_means(per_customer)}
@@ -421,12 +429,13 @@ def _evaluate_private(
     policy: NodePolicy,
     customers: int,
     per_customer: dict[str, np.ndarray],
+    position: RequestPosition | None,
 ) -> dict:
     count = len(next(iter(per_customer.values())))
     columns = [np.ones(count)] + [per_customer[k] for k in EVALUATED]
-    answer = _private_answer(
-        node, config, policy, customers, np.stack(columns, axis=1), config.eval_noise_multiplier
-    )
+    values = np.stack(columns, axis=1)
+    sigma = config.eval_noise_multiplier
+    answer = _private_answer(node, config, policy, customers, values, sigma, position)
     if "sums" not in answer:
         return answer
     sums = answer.pop("sums")
@@ -441,13 +450,17 @@ def _private_answer(
     customers: int,
     values: np.ndarray,
     sigma: float,
+    position: RequestPosition | None,
 ) -> dict:
     """The noisy column ``sums`` of ``values`` (:func:`private_sums`, a Gaussian release of
     sensitivity 1 at noise ``sigma``) with the release's fields, charged to the node's
-    accountant before anything leaves it; declined when it would exceed the node's budget."""
-    privacy = NodePrivacy(node.directory)
+    accountant before anything leaves it; declined when it would exceed the node's budget,
+    refused when it comes after a later round of its run (``position``)."""
+    privacy = NodePrivacy(node.directory, position)
     delta, _, _, budget = privacy_plan(config, policy, customers)
     with privacy.locked():  # no other release of this node between the check and the charge
+        if reason := privacy.order_refusal():
+            return {"node": node.name, "refused": True, "reason": reason}
         if reason := over_budget(privacy, delta, budget, (sigma, 1.0, 1)):
             return {"node": node.name, **privacy.declined(delta, reason)}
         sums = private_sums(values, sigma)
@@ -493,6 +506,7 @@ def guard_node(
     state: dict[str, torch.Tensor],
     start: dict[str, torch.Tensor],
     policy: NodePolicy | None = None,
+    position: RequestPosition | None = None,
 ) -> dict:
     """The start guard's comparison (``dp-guard``, server/federation/guard.py): the sum over
     the node's customers of NDCG@10 of the private rounds' model (``state``) less that of its
@@ -513,7 +527,7 @@ def guard_node(
     gain = ndcg[0] - ndcg[1]
     difference = gain[:, None]  # in [-1, 1]: L2 norm <= 1
     sigma = config.guard_noise(customers)
-    answer = _private_answer(node, config, policy, customers, difference, sigma)
+    answer = _private_answer(node, config, policy, customers, difference, sigma, position)
     if "sums" in answer:
         answer["noisy_gain"] = float(answer.pop("sums")[0])
         answer["purpose"] = "guard"

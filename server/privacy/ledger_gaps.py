@@ -137,9 +137,9 @@ def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:
     recovered contribution of the node (it records a lost release: the oldest pending one),
     or by any contribution of the node from a later round (the model's rounds follow the
     encoder's, numbered from 1 again): its index shows whether the lost request was charged,
-    since a node charges a request before any of a later round. A contribution of the same
-    round settles nothing: a node handling two requests at once may charge them in either
-    order."""
+    since a node charges a run's requests in the order of their rounds (client/accountant.py
+    refuses a late one). A contribution of the same round settles nothing: a node handling two
+    requests at once may charge them in either order."""
     pending: dict[str, list[dict]] = {}
     for entry in entries:
         node = str(entry.get("node"))

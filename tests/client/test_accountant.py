@@ -1,6 +1,7 @@
 """The node's accountant under concurrent releases (two federations on one data directory):
 no charge is lost, no two releases share a contribution index, and the budget is checked
-against every charge made before."""
+against every charge made before; within a run, requests are charged in the order of their
+rounds."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from client.accountant import NodePrivacy
+from client.accountant import NodePrivacy, RequestPosition
 from client.node import over_budget
 
 EVENT = (1.0, 1.0, 1)  # one Gaussian release at noise multiplier 1
@@ -78,3 +79,35 @@ def test_processes_charging_at_once_lose_nothing(tmp_path: Path) -> None:
     assert saved.state["contributions"] == 8
     assert len(saved.state["accountant"]["history"]) == 8
     assert {p.name for p in saved.path.parent.iterdir()} == {"accountant.json", "accountant.lock"}
+
+
+def test_a_request_is_not_charged_after_a_later_round_of_its_run(tmp_path: Path) -> None:
+    """The ledger settles a request that went unanswered by the node's next release of a later
+    round (server/privacy/ledger_gaps.py): a node that charged a delayed request of an earlier
+    round after that release would make the ledger state less than it spent. It refuses it
+    instead, spending nothing; the same round, later rounds and other runs go on."""
+    run, other = "a" * 64, "b" * 64
+
+    def charge(run_id: str, phase: int, server_round: int) -> str | None:
+        privacy = NodePrivacy(tmp_path, RequestPosition(run_id, phase, server_round))
+        with privacy.locked():
+            if reason := privacy.order_refusal():
+                return reason
+            privacy.charge(EVENT, DELTA)
+        return None
+
+    assert charge(run, 0, 3) is None  # the encoder's rounds come first
+    assert charge(run, 1, 2) is None
+    assert charge(run, 1, 2) is None  # training and evaluation share their round
+    spent = NodePrivacy(tmp_path).state
+    for late in [(run, 1, 1), (run, 0, 4)]:
+        reason = charge(*late)
+        assert reason is not None and f"round {late[2]} comes after" in reason
+        assert "round 2 of its model rounds" in reason
+        with pytest.raises(ValueError, match="refused, nothing spent"):
+            NodePrivacy(tmp_path, RequestPosition(*late)).charge(EVENT, DELTA)
+        assert NodePrivacy(tmp_path).state == spent  # nothing charged
+    assert charge(other, 1, 1) is None  # another run's rounds are its own
+    assert charge(run, 1, 3) is None
+    assert NodePrivacy(tmp_path).state["contributions"] == 5
+    assert NodePrivacy(tmp_path).order_refusal() is None  # no position: not checked

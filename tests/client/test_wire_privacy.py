@@ -5,6 +5,7 @@ record."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,39 @@ def test_a_node_refuses_weights_that_could_single_out_a_customer(
     assert privacy["refused"] is True and "the server's id_in.weight" in privacy["reason"]
     assert "arrays" not in reply.content and not reply.content["metrics"]
     assert accountant_state(node_dir) == before  # no spending
+
+
+def test_a_node_charges_a_runs_requests_in_the_order_of_their_rounds(
+    node_dir: Path, tiny_bert_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A private request delayed past a later round of its run (a slow network, a replayed
+    message) is refused before anything is spent: the ledger counts an unanswered request as
+    settled by the node's next release of a later round, which holds only if the node charges
+    in that order. The same round's evaluation, and another run, go on."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    node = shutil.copytree(node_dir, tmp_path / "node")
+    shutil.rmtree(node / "privacy", ignore_errors=True)
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=True, text_model=str(tiny_bert_dir))
+    data = load_node(str(node), config.text_model)
+    model = FusionRecommender(config.model_config(len(data.text), data.text.shape[1]), data.text)
+    arrays = ArrayRecord({k: Array(v) for k, v in encode(trainable_state(model)).items()})
+
+    def ask(kind: str, server_round: int, run_id: str = "c" * 64) -> dict:
+        settings = settings_record(config, config.target_epsilon, data.catalog_digest, node.parent)
+        settings["run-id"], settings["server-round"] = run_id, server_round
+        content = RecordDict({"arrays": arrays, "config": settings})
+        message = Message(content, dst_node_id=1, message_type=kind)
+        return dict(app(message, deployed_context(node)).content["privacy"])
+
+    assert "signature" in ask("train", 2)
+    before = accountant_state(node)
+    for kind in ("train", "evaluate"):
+        late = ask(kind, 1)
+        assert late["refused"] is True and "round 1 comes after" in late["reason"]
+        assert accountant_state(node) == before  # nothing spent
+    assert "signature" in ask("evaluate", 2)  # the same round
+    assert "signature" in ask("train", 1, run_id="d" * 64)  # another run
 
 
 @pytest.mark.parametrize("run_id", ["", "r" * 64, "0" * 65, "0" * 63 + "\n", "A" * 64, "0" * 10**6])
