@@ -92,15 +92,18 @@ def tune_encoder_at_node(
     customers = public_customers(node, policy)
     if reason := policy.refusal(config, customers):
         return {"node": node.name, "refused": True, "reason": reason}
+    prefix = node_prefix(node, config, resolve_device(config.device))
+    try:  # before anything is charged: layers that are not the encoder's are refused
+        load_top_layers(prefix.encoder, weights, config.text_finetune_layers)
+    except ValueError as error:
+        return {"node": node.name, "refused": True, "reason": f"the server's {error}"}
     histories = [np.asarray(h) for h in training_histories(node, config, valid_fraction)]
     if config.dp:
-        return _tune_private(node, config, weights, policy, customers, histories, position)
+        return _tune_private(node, config, prefix, policy, customers, histories, position)
     pairs = consecutive_pairs(histories)
     if not len(pairs):
         reason = "no customer here has two distinct products in a row: nothing to tune on"
         return {"node": node.name, "declined": True, "reason": reason}
-    prefix = node_prefix(node, config, resolve_device(config.device))
-    load_top_layers(prefix.encoder, weights, config.text_finetune_layers)
     # which pairs make a batch is not private output (the weights are): a plain generator
     rng = np.random.default_rng([config.seed, server_round, len(pairs)])
     batches = [pairs[rng.integers(0, len(pairs), BATCH_PAIRS)] for _ in range(node_steps(config))]
@@ -118,16 +121,16 @@ def tune_encoder_at_node(
 def _tune_private(
     node: NodeData,
     config: RunConfig,
-    weights: dict[str, torch.Tensor],
+    prefix: FrozenPrefix,
     policy: NodePolicy,
     customers: int,
     histories: list[np.ndarray],
     position: RequestPosition | None,
 ) -> dict:
-    """One private encoder round at a node of ``customers`` (its public figure): checked
-    against the budget and charged (the accountant written to disk) under the accountant's
-    lock, then trained; a crash during training over-counts, never forgets."""
-    prefix = node_prefix(node, config, resolve_device(config.device))
+    """One private encoder round at a node of ``customers`` (its public figure), its encoder
+    (``prefix``) holding the server's layers: checked against the budget and charged (the
+    accountant written to disk) under the accountant's lock, then trained; a crash during
+    training over-counts, never forgets."""
     if reason := prefix.packing_refusal():  # before anything is charged
         return {"node": node.name, "refused": True, "reason": reason}
     privacy = NodePrivacy(node.directory, position)
@@ -145,7 +148,6 @@ def _tune_private(
     customer_pairs = [p for p in (consecutive_pairs([h]) for h in histories) if len(p)]
     catalog = scored_catalog(node, config)
     catalog = np.arange(len(node.items)) if catalog is None else catalog
-    load_top_layers(prefix.encoder, weights, config.text_finetune_layers)
     losses = train_top_layers_private(
         prefix,
         customer_pairs,

@@ -172,8 +172,10 @@ def injected_bias_variance(
         rows = update.rows.get(ITEM_BIASES)
         index = torch.arange(products) if rows is None else torch.as_tensor(rows).long()
         weights.index_add_(0, index, torch.full((len(index),), update.weight).double())
-        noise = torch.full((len(index),), update.weight**2 * release.steps * step**2)
-        weighted_noise.index_add_(0, index, noise.double())
+        # in float64, as products (a signed release's figures can overflow float32 or **)
+        added = update.weight * update.weight * release.steps * step * step
+        noise = torch.full((len(index),), added, dtype=torch.float64)
+        weighted_noise.index_add_(0, index, noise)
     sent = weights > 0  # a product nobody sent keeps its bias: no noise
     per_product = torch.where(sent, weighted_noise / weights.where(sent, 1.0) ** 2, 0.0)
     variance = float(per_product.mean())  # 0 without updates: None below

@@ -122,13 +122,23 @@ def privacy_reports(
     and a DP release against the run's plan, the node's key, this run and round, and the
     digest of the update it came with, read against ``sent`` (the weights sent: an update
     where none were sent is malformed). ``private`` (customer-level DP): an update without a
-    signed release is refused, since its spending would be missing from the ledger."""
+    signed release is refused, since its spending would be missing from the ledger. A second
+    reply for a node already heard from in this exchange leaves every reply of that node out
+    (which is the node's cannot be told; the first one's report is recorded as it is)."""
     received = Reports()
+    heard: dict[str, int] = {}  # node -> the Flower node id of its first reply
     for reply in replies:
         if reply.has_error() or not reply.has_content():
             continue
         sender = strategy.sender(reply)
         unreleased = private and "arrays" in reply.content
+        source = reply.metadata.src_node_id
+        if sender in heard:
+            record = dict(reply.content.get("privacy", {}))
+            why = f"a second reply for it in this exchange (Flower nodes {heard[sender]}, {source})"
+            received.refuse(sender, why, server_round, claimed_epsilon(record))
+            continue
+        heard[sender] = source
         if "privacy" not in reply.content:
             if unreleased:
                 received.rejected[sender] = "an update under DP without its privacy report"

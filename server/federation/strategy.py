@@ -291,11 +291,16 @@ def _report_name(reply: Message) -> str | None:
 
 
 def _weight(reply: Message) -> float:
-    """The node's weight in the mean: its stated customers, which must be a finite number."""
+    """The node's weight in the mean: its stated customers, which must be a finite number
+    >= 0 (no node has fewer than none)."""
     metrics = reply.content.get("metrics", {})
     value = metrics.get("num-examples")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"num-examples must be a finite number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value >= 0)
+    ):
+        raise ValueError(f"num-examples must be a finite number >= 0, got {value!r}"[:200])
     return min(max(float(value), 1.0), MAX_CUSTOMERS)
 
 

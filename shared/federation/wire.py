@@ -138,10 +138,12 @@ MAX_WEIGHT = 1e3
 
 def weights_problem(state: Mapping[str, torch.Tensor]) -> str | None:
     """Why a node must not compute on weights the server sent (None: it may): one that is
-    not finite, or larger than :data:`MAX_WEIGHT` in magnitude."""
+    not a floating-point tensor (loading casts an integer or complex one into the model
+    unchecked: 10**18, or a complex NaN's real part), not finite, or larger than
+    :data:`MAX_WEIGHT` in magnitude."""
     for name, value in state.items():
         if not value.is_floating_point():
-            continue
+            return f"the server's {name[:80]} is of dtype {value.dtype}, not floating point"
         if not torch.isfinite(value).all():
             return f"the server's {name[:80]} holds NaN or infinite values"
         if (largest := float(value.abs().max()) if value.numel() else 0.0) > MAX_WEIGHT:

@@ -244,7 +244,7 @@ def _coerce(value: Any, kind: type, key: str) -> Any:
         return value.lower() in ("true", "1")
     try:
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(inf) overflows
         raise ValueError(f"setting {key!r} expects {kind.__name__}, got {value!r}") from None
 
 

@@ -61,7 +61,7 @@ def test_a_node_tunes_only_the_top_layers_it_was_sent(node_and_config) -> None:
 
 def test_a_node_refuses_malformed_encoder_weights(node_and_config) -> None:
     """Whatever the server sends as layers, the node loads exactly the top layers' names and
-    shapes, finite, or refuses with what is wrong."""
+    shapes, finite, or refuses with what is wrong (a refusal, before anything is charged)."""
     node, config = node_and_config
     sent = top_layers(TextEncoder(config.text_model), 1)
     name = next(iter(sent))
@@ -72,8 +72,9 @@ def test_a_node_refuses_malformed_encoder_weights(node_and_config) -> None:
         {**sent, name: torch.full_like(sent[name], float("nan"))},
     ]
     for weights in hostile:
-        with pytest.raises(ValueError, match="encoder weights"):
-            tune_encoder_at_node(node, config, weights, server_round=1)
+        result = tune_encoder_at_node(node, config, weights, server_round=1)
+        assert result["refused"] and "the server's encoder weights" in result["reason"]
+        assert "state" not in result
 
 
 def test_a_node_that_requires_dp_refuses_encoder_rounds_without_dp(node_and_config) -> None:

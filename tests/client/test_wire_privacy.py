@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from helpers import TEST_DEVICE, TINY_SETTINGS
 
@@ -23,8 +23,10 @@ from shared.data.convert import write_dataset
 from shared.data.dataset import load_dataset
 from shared.data.partition import write_partitions
 from shared.federation.wire import ITEM_TABLES, ROWS, encode, trainable_state
+from shared.recommender.finetune import top_layers
 from shared.recommender.metrics import METRICS
 from shared.recommender.model import FusionRecommender
+from shared.recommender.text import TextEncoder
 from shared.runs.config import RunConfig
 
 ALLOWED_METRICS = {
@@ -255,4 +257,85 @@ def test_a_node_refuses_a_run_id_that_is_not_a_runs_hash(
     privacy = reply.content["privacy"]
     assert privacy["refused"] is True and "is not a run's id" in privacy["reason"]
     assert len(privacy["reason"]) < 200 and "arrays" not in reply.content
+    assert accountant_state(node_dir) == before  # no spending
+
+
+def _message(
+    kind: str, settings: ConfigRecord, arrays: ArrayRecord, start: ArrayRecord | None
+) -> Message:
+    records = {"arrays": arrays, "config": settings}
+    if kind == "evaluate.guard":
+        records["start"] = start
+    return Message(RecordDict(records), dst_node_id=1, message_type=kind)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "complex64", "bool"])
+@pytest.mark.parametrize("kind", ["train", "evaluate", "evaluate.guard"])
+def test_a_node_refuses_weights_that_are_not_floating_point(
+    node_dir: Path, tiny_bert_dir: Path, kind: str, dtype: str, monkeypatch
+) -> None:
+    """Loading casts an integer or complex array into the model unchecked: a row of 10**18 (or
+    a complex NaN's real part) passed the finiteness and magnitude check, which skipped every
+    tensor not of a floating type, and reached DP-SGD as the NaN or 1e20 row above did (found
+    fuzzing). Such weights are now refused, in the start guard's start too, spending nothing."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=True, text_model=str(tiny_bert_dir))
+    node = load_node(str(node_dir), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    arrays = encode(trainable_state(model))
+    crafted = arrays["id_in.weight"].astype(dtype)
+    crafted[3] = {"int64": 10**18, "complex64": complex(float("nan"), 0), "bool": True}[dtype]
+    settings = settings_record(config, config.target_epsilon, node.catalog_digest, node_dir.parent)
+    settings["run-id"], settings["server-round"] = "0" * 64, 1
+    honest = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    hostile = ArrayRecord({k: Array(v) for k, v in {**arrays, "id_in.weight": crafted}.items()})
+    before = accountant_state(node_dir)
+    guard = kind == "evaluate.guard"
+    for sent, start in [(hostile, honest), (honest, hostile)] if guard else [(hostile, None)]:
+        reply = app(_message(kind, settings, sent, start), deployed_context(node_dir))
+        privacy = reply.content["privacy"]
+        assert privacy["refused"] is True, privacy
+        assert f"id_in.weight is of dtype torch.{crafted.dtype}" in privacy["reason"]
+        assert "arrays" not in reply.content and not reply.content["metrics"]
+    assert accountant_state(node_dir) == before  # no spending
+
+
+@pytest.mark.parametrize("hostile", ["missing", "wrong shape", "extra"])
+def test_a_private_encoder_round_refuses_layers_that_are_not_the_encoders_before_spending(
+    node_dir: Path, tiny_bert_dir: Path, hostile: str, monkeypatch
+) -> None:
+    """The layers were loaded into the encoder after the round was charged: a missing, extra or
+    misshapen layer failed the round with an error once the node's accountant had spent it
+    (found fuzzing). They are now loaded, and refused, before anything is charged."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    config = RunConfig(
+        **TINY_SETTINGS,
+        device=TEST_DEVICE,
+        dp=True,
+        text_model=str(tiny_bert_dir),
+        text_finetune_layers=1,
+    )
+    node = load_node(str(node_dir), config.text_model)
+    layers = {k: v.numpy() for k, v in top_layers(TextEncoder(config.text_model), 1).items()}
+    first = next(iter(layers))
+    layers = {
+        "missing": {k: v for k, v in layers.items() if k != first},
+        "wrong shape": {**layers, first: layers[first][..., :-1].copy()},
+        "extra": {**layers, "encoder.layer.9.output.dense.bias": layers[first]},
+    }[hostile]
+    settings = settings_record(config, config.target_epsilon, node.catalog_digest, node_dir.parent)
+    settings["run-id"], settings["server-round"] = "0" * 64, 1
+    arrays = ArrayRecord({k: Array(v) for k, v in layers.items()})
+    before = accountant_state(node_dir)
+    message = Message(
+        RecordDict({"arrays": arrays, "config": settings}),
+        dst_node_id=1,
+        message_type="train.encoder",
+    )
+    reply = app(message, deployed_context(node_dir))
+    privacy = reply.content["privacy"]
+    assert privacy["refused"] is True and "the server's encoder weights" in privacy["reason"]
+    assert "arrays" not in reply.content and not reply.content["metrics"]
     assert accountant_state(node_dir) == before  # no spending

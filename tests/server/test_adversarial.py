@@ -26,6 +26,7 @@ from server.privacy.ledger import PrivacyLedger, verify_chain
 from server.privacy.ledger_gaps import record_lost_contributions
 from server.privacy.node_keys import NodeKeys
 from shared.federation.reports import ReportError, parse_report
+from shared.federation.signing import SIGNED_FIELDS, NodeKey, digest_arrays
 from shared.federation.wire import ITEM_TABLES, encode, trainable_state
 from shared.recommender.model import FusionRecommender, ModelConfig
 from shared.runs.config import RunConfig
@@ -44,7 +45,7 @@ def moved(state: dict[str, torch.Tensor], amount: float, rows=None) -> dict[str,
     return encode({k: v + amount for k, v in state.items()}, rows)
 
 
-@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, "many"])
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, -1.0, "many"])
 def test_a_weight_that_is_not_a_finite_number_is_rejected(state, weight) -> None:
     reply = node_reply("evil", moved(state, 0.01), metrics={"num-examples": 1.0})
     reply.content["metrics"]["num-examples"] = weight if weight != "many" else 1.0
@@ -374,3 +375,41 @@ def test_a_registered_merchant_may_send_the_encoders_weights(registered) -> None
     reply = node_reply("merchant-a", moved_layers, 10, node_id=101)
     updates, rejected = registered.node_updates([reply], layers)
     assert rejected == [] and [u.node for u in updates] == ["merchant-a"]
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["no-dp", "dp"])
+@pytest.mark.parametrize("twice", ["the same reply", "another node claiming its name"])
+def test_a_second_reply_for_a_node_leaves_the_nodes_replies_out(
+    tmp_path: Path, state, twice: str, private: bool
+) -> None:
+    """One node's update counted twice (double its weight), or another node's under its name,
+    was aggregated (found fuzzing); now every reply for a node heard from twice in a round is
+    left out, the first one's report still recorded and the second one's as unverified."""
+    key = NodeKey.load_or_create(tmp_path / "node.key")
+    arrays = moved(state, 0.01)
+
+    def sent(node: str, node_id: int, update: dict[str, np.ndarray]) -> Message:
+        privacy = None
+        if private:
+            fields = {f: v for f, v in release(node=node).items() if f in SIGNED_FIELDS}
+            fields["update_digest"] = digest_arrays(update)
+            privacy = {**fields, "signature": key.sign(fields), "key_id": key.key_id}
+            privacy |= {"public_key": key.public_pem, "refused": False, "declined": False}
+        return node_reply(node, update, 10, node_id=node_id, privacy=privacy)
+
+    first = sent("n1", 1, arrays)
+    second = first if twice == "the same reply" else sent("n1", 2, moved(state, 0.5))
+    replies = [first, second, sent("n2", 3, arrays)]
+    # the plan of helpers.release: 100 customers, a sample rate of 0.5, 2 steps
+    strategy = FedRecStrategy(RunConfig(dp=private, dp_batch_size=50, dp_local_epochs=1))
+    received = privacy_reports(
+        replies, NodeKeys(tmp_path / "keys"), "r", 1, strategy, private, sent=state
+    )
+    assert set(received.rejected) == {"n1"} and "a second reply" in received.rejected["n1"]
+    updates, rejected = strategy.node_updates(received.trusted(replies, strategy), state)
+    assert [u.node for u in updates] == ["n2"] and rejected == []
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    record_privacy(ledger, 1, received.reports, unverified=received.unverified)
+    kinds = [(e["kind"], e["node"]) for e in ledger.entries]
+    expected = [("contribution", "n1"), ("contribution", "n2")] if private else []
+    assert kinds == [*expected, ("unverified", "n1")] and verify_chain(ledger.entries) == []

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from helpers import node_reply, release
 
+from server.federation.aggregation import NodeUpdate
 from server.federation.budget import federation_privacy
+from server.federation.denoising import injected_bias_variance
 from server.federation.release_bounds import release_problem
 from server.federation.releases import privacy_reports, record_privacy
 from server.federation.rounds import Federation
@@ -66,6 +68,12 @@ def test_an_honest_release_is_within_the_plan(purpose: str, customers: int) -> N
         ({"noise_multiplier": 1e-3}, "RDP bound"),
         ({"sample_rate": 1.0}, "sample_rate"),
         ({"delta": 1e-300, "noise_multiplier": 0.2}, "RDP bound"),
+        # the accountant divided by zero, underflowed to a spend of 0 (the release was used)
+        # and overflowed on these: each but the second crashed the round (found fuzzing)
+        ({"noise_multiplier": 1e-200}, "noise_multiplier"),
+        ({"noise_multiplier": 1e-160}, "noise_multiplier"),
+        ({"noise_multiplier": 1e155}, "noise_multiplier"),
+        ({"max_grad_norm": 1e200}, "max_grad_norm"),
     ],
 )
 def test_a_release_outside_the_plan_is_refused_and_its_claim_recorded_as_sent(
@@ -204,3 +212,15 @@ def test_a_release_may_not_claim_more_customers_than_its_node_registered() -> No
     report = parse_report(planned(customers=10**6))
     assert "above the 2000 registered" in release_problem(report.release, CONFIG, 2000)
     assert release_problem(parse_report(planned(customers=1500)).release, CONFIG, 2000) is None
+
+
+def test_figures_of_a_planned_release_that_overflow_float32_leave_the_round_running() -> None:
+    """A release within the plan of a node claiming 10**18 customers, at the audit's largest
+    noise, weighing the most a reply may: the DP noise it adds to the item biases overflowed
+    float32 and crashed the round (found fuzzing); it is now computed in float64."""
+    customers = 10**18
+    report = parse_report(planned(customers=customers, noise_multiplier=1e6))
+    assert report.release is not None and release_problem(report.release, CONFIG) is None
+    update = NodeUpdate("n1", 1e9, {}, {})  # weight: MAX_CUSTOMERS
+    variance = injected_bias_variance([report], [update], CONFIG, {"id_scores.bias": np.zeros(4)})
+    assert variance is not None and math.isfinite(variance) and variance > 0

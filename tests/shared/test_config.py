@@ -68,6 +68,9 @@ def test_from_flat_coerces_strings() -> None:
         ({"dropout": "high"}, "dropout"),
         ({"dp": "maybe"}, "dp"),
         ({"max-grad-norm": ""}, "max-grad-norm"),
+        # a server message's number: int(inf) raised an OverflowError naming no setting
+        ({"layers": float("inf")}, "layers"),
+        ({"dp-rounds": float("-inf")}, "dp-rounds"),
     ],
 )
 def test_from_flat_rejects_unknown_keys_and_bad_values(values: dict, key: str) -> None:
