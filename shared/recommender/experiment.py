@@ -209,7 +209,9 @@ class Experiment:
         if len(self.cold_items):
             histories = [h[~np.isin(h, self.cold_items)] for h in histories]
         if self.config.fragment_nodes:
-            owner = item_merchants(self.dataset.items, self.config.fragment_nodes)
+            owner = item_merchants(
+                self.dataset.items, self.config.fragment_nodes, self.dataset.interactions
+            )
             histories = fragment_histories(histories, owner)
         return histories
 
