@@ -122,28 +122,42 @@ def _require_values(frame: pd.DataFrame, path: Path, column: str) -> None:
         raise DataError(path, f"empty {column}", row=int(empty[0]) + 1)
 
 
+# what a timestamp may be, in unix seconds: the span of pandas' datetimes (1677 to 2262); a
+# number beyond it is no time in seconds (milliseconds, say), and inf is no time at all
+EARLIEST_SECONDS, LATEST_SECONDS = pd.Timestamp.min.timestamp(), pd.Timestamp.max.timestamp()
+
+
 def _unix_seconds(parsed: pd.Series) -> pd.Series:
-    return (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    return (parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
 
 
 def parse_timestamps(values: pd.Series, path: Path) -> np.ndarray:
-    """Unix seconds or ISO 8601 to int64 unix seconds; the first bad value is reported.
+    """Unix seconds or ISO 8601 to float64 unix seconds, fractions of a second kept (they order
+    the events of one second); the first bad or out-of-range value is reported.
 
     Datetime columns (parquet) are converted directly; naive times are taken as UTC.
     """
     if pd.api.types.is_datetime64_any_dtype(values):
-        return _unix_seconds(pd.to_datetime(values, utc=True)).to_numpy(dtype=np.int64)
-    numeric = pd.to_numeric(values, errors="coerce")
-    if numeric.notna().all():
-        return numeric.to_numpy(dtype=np.float64).astype(np.int64)
-    text = values.where(numeric.isna())
-    parsed = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
-    bad = numeric.isna() & parsed.isna()
+        return _unix_seconds(pd.to_datetime(values, utc=True)).to_numpy(dtype=np.float64)
+    seconds = pd.to_numeric(values, errors="coerce").astype(np.float64)
+    if seconds.isna().any():
+        text = values.where(seconds.isna())
+        parsed = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
+        seconds = seconds.fillna(_unix_seconds(parsed))
+    bad = seconds.isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(path, f"unparseable timestamp {values.iloc[row]!r}", row=row + 1)
-    seconds = _unix_seconds(parsed)
-    return np.where(numeric.notna(), numeric.fillna(0), seconds.fillna(0)).astype(np.int64)
+    outside = ~seconds.between(EARLIEST_SECONDS, LATEST_SECONDS)
+    if outside.any():
+        row = int(np.flatnonzero(outside.to_numpy())[0])
+        raise DataError(
+            path,
+            f"timestamp {str(values.iloc[row])!r} is out of range: unix seconds (not "
+            "milliseconds) or ISO 8601, from 1677 to 2262",
+            row=row + 1,
+        )
+    return seconds.to_numpy(dtype=np.float64)
 
 
 def load_items(path: Path) -> pd.DataFrame:
@@ -317,3 +331,16 @@ def leave_one_out(dataset: Dataset) -> Split:
         else:
             train.append(sequence.copy())
     return Split(users, train, valid, test, dataset.num_items)
+
+
+def require_test_users(dataset: Dataset, split: Split) -> None:
+    """Refuse, for a run that measures its model, a dataset where no customer has the three
+    events evaluation needs: there would be nothing to measure and no epoch or round to choose."""
+    if len(split.test_users) == 0:
+        longest = int(dataset.interactions.groupby("user_id").size().max())
+        raise DataError(
+            dataset.report.interactions_file,
+            f"no customer has the 3 events that evaluation needs (the last is the test target, "
+            f"the one before it the validation target): {dataset.num_users:,} customer(s) with "
+            f"at most {longest} event(s) each; nothing to measure a model on",
+        )

@@ -2,8 +2,8 @@
 
 - ``regional``: customers are split across nodes, IID or (``alpha`` > 0) skewed by a Dirichlet
   over each customer's dominant top-level category; a node holds its customers' whole histories.
-- ``merchant``: products belong to merchants (``merchant_id`` when the items table has it, else
-  derived from the top-level category); node k holds every event on merchant k's products.
+- ``merchant``: products belong to merchants (an item's ``merchant_id``, else the one its events
+  name, else its top-level category); node k holds every event on merchant k's products.
 
 Every node directory is a complete dataset directory (docs/data-and-evaluation.md) with the full,
 public catalog
@@ -29,16 +29,25 @@ from shared.runs.durable import make_private, private_dir
 SCHEMES = ("regional", "merchant")
 
 
-def item_merchants(items: pd.DataFrame, num_nodes: int) -> np.ndarray:
-    """Node index of each item: by ``merchant_id`` if present, else by top-level category."""
-    if "merchant_id" in items and items["merchant_id"].astype(str).str.strip().ne("").all():
-        keys = items["merchant_id"].astype(str)
-    else:  # the shallowest category level with at least one group per node
-        path = items["categories"].astype(str).str.split("|")
-        for depth in range(2, 6):
-            keys = path.str[:depth].str.join("|")
-            if keys.nunique() >= num_nodes:
-                break
+def item_merchants(
+    items: pd.DataFrame, num_nodes: int, interactions: pd.DataFrame | None = None
+) -> np.ndarray:
+    """Node index of each item, by its merchant: the item's ``merchant_id``, else the one its
+    events name most often (``interactions``), else (no merchant known) its top-level
+    category, at the shallowest level that makes at least one group per node."""
+    merchant = _column(items, "merchant_id")
+    if interactions is not None and "merchant_id" in interactions:
+        named = interactions.assign(merchant_id=_column(interactions, "merchant_id"))
+        named = named[named["merchant_id"] != ""]
+        sold_by = named.groupby("item_idx")["merchant_id"].agg(lambda s: s.value_counts().index[0])
+        unknown = (merchant == "").to_numpy()
+        merchant[unknown] = sold_by.reindex(np.flatnonzero(unknown)).fillna("").to_numpy()
+    path = _column(items, "categories").str.split("|")
+    for depth in range(2, 6):
+        category = "category:" + path.str[:depth].str.join("|")
+        keys = ("merchant:" + merchant).where(merchant != "", category)
+        if keys.nunique() >= num_nodes or (merchant != "").all():
+            break
     # largest groups first, each to the currently smallest node: balanced and deterministic
     sizes = keys.value_counts()
     load, owner = np.zeros(num_nodes), {}
@@ -46,6 +55,13 @@ def item_merchants(items: pd.DataFrame, num_nodes: int) -> np.ndarray:
         node = int(np.argmin(load))
         owner[key], load[node] = node, load[node] + size
     return keys.map(owner).to_numpy()
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """``frame[name]`` as stripped text, empty where missing or absent."""
+    if name not in frame:
+        return pd.Series("", index=frame.index)
+    return frame[name].fillna("").astype(str).str.strip()
 
 
 def fragment_histories(histories: list[np.ndarray], owner: np.ndarray) -> list[np.ndarray]:
@@ -127,7 +143,7 @@ def write_partitions(
         node_of_event = events["user_id"].map(node_of_user).to_numpy()
         catalogs = [None] * num_nodes
     else:
-        owner = item_merchants(items, num_nodes)
+        owner = item_merchants(items, num_nodes, dataset.interactions)
         node_of_event = owner[events["item_idx"].to_numpy()]
         catalogs = [items["item_id"].to_numpy()[owner == k].tolist() for k in range(num_nodes)]
     empty = sorted(set(range(num_nodes)) - set(np.unique(node_of_event).tolist()))
@@ -138,7 +154,8 @@ def write_partitions(
             f"an event (node{'s' * (len(empty) > 1)} {', '.join(map(str, empty[:5]))}"
             f"{', ...' if len(empty) > 5 else ''}): "
             + (
-                "the products' merchants (merchant_id, else their categories) hold events at "
+                "the products' merchants (merchant_id, of the item or its events, else its "
+                "category) hold events at "
                 f"only {num_nodes - len(empty)} nodes"
                 if scheme == "merchant"
                 else f"{dataset.num_users} customers"

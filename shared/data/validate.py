@@ -97,7 +97,11 @@ def _rows(summary: dict) -> list[tuple[str, str]]:
             f"min {length['min']}, median {length['median']:g}, "
             f"mean {length['mean']:g}, max {length['max']}",
         ),
-        ("test users (>= 3 events)", f"{summary['test_users']:,}"),
+        (
+            "test users (>= 3 events)",
+            f"{summary['test_users']:,}"
+            + ("" if summary["test_users"] else " (train and simulate need at least one)"),
+        ),
         ("density (user-item pairs)", f"{summary['density']:.3%}"),
     ]
     return rows

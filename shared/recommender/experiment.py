@@ -18,7 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shared.data.dataset import Dataset, Split, find_table, leave_one_out, load_dataset, load_items
+from shared.data.dataset import (
+    Dataset,
+    Split,
+    find_table,
+    leave_one_out,
+    load_dataset,
+    load_items,
+    require_test_users,
+)
 from shared.data.partition import cold_item_indices, fragment_histories, item_merchants
 from shared.recommender.artifacts import model_card, save_model, write_json
 from shared.recommender.catalog import fill_cold_items
@@ -147,6 +155,7 @@ class Experiment:
             print(f"loading the dataset {data_dir} ...", flush=True)
         dataset = load_dataset(data_dir)
         split = leave_one_out(dataset)
+        require_test_users(dataset, split)
         device = resolve_device(config.device)
         cold = cold_item_indices(dataset.num_items, config.cold_items, config.seed)
         text_model = config.text_model
@@ -200,7 +209,9 @@ class Experiment:
         if len(self.cold_items):
             histories = [h[~np.isin(h, self.cold_items)] for h in histories]
         if self.config.fragment_nodes:
-            owner = item_merchants(self.dataset.items, self.config.fragment_nodes)
+            owner = item_merchants(
+                self.dataset.items, self.config.fragment_nodes, self.dataset.interactions
+            )
             histories = fragment_histories(histories, owner)
         return histories
 

@@ -53,9 +53,12 @@ def rank_users(
     batch_size: int = 512,
     k: int = TOP_K,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` items per user (history excluded) and the 1-based rank of each target."""
+    """Top-``k`` items per user (history excluded) and the 1-based rank of each target. A
+    catalog of fewer than ``k`` items gives as many columns as items; a place beyond the items
+    outside the history (a customer who has had nearly all of them) holds -1: no item."""
     users = split.test_users if users is None else np.asarray(users)
     targets = split.target(stage)
+    k = min(k, split.num_items)
     top = np.zeros((len(users), k), dtype=np.int64)
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]
@@ -65,7 +68,10 @@ def rank_users(
         rows = np.repeat(np.arange(len(batch)), [len(h) for h in histories])
         if len(rows):
             scores[torch.as_tensor(rows), torch.as_tensor(np.concatenate(histories))] = -torch.inf
-        top[start : start + len(batch)] = torch.topk(scores, k, dim=1).indices.cpu().numpy()
+        best = torch.topk(scores, k, dim=1)
+        top[start : start + len(batch)] = (
+            best.indices.masked_fill(best.values == -torch.inf, -1).cpu().numpy()
+        )
     hits = top == targets[users][:, None]
     ranks = np.where(hits.any(1), hits.argmax(1) + 1, 0)
     return top, ranks
@@ -82,7 +88,7 @@ def evaluate(
     users = split.test_users if users is None else np.asarray(users)
     top, ranks = rank_users(score_fn, split, stage, users)
     result = metrics_from_ranks(ranks)
-    result["coverage@20"] = float(len(np.unique(top)) / split.num_items)
+    result["coverage@20"] = float(len(np.unique(top[top >= 0])) / split.num_items)
     result["users"] = len(users)
     if cold_items is not None and len(cold_items):
         cold = np.isin(split.target(stage)[users], cold_items)
@@ -94,14 +100,16 @@ def evaluate(
 def write_recs(
     path: Path, split: Split, item_ids: np.ndarray, top: np.ndarray, users: np.ndarray | None = None
 ) -> None:
-    """``user_id,rank,item_id`` for the top-20 of each test user."""
+    """``user_id,rank,item_id`` for the top-20 of each test user (the places of ``top`` that
+    hold an item: fewer for a customer who has had nearly the whole catalog)."""
     users = split.test_users if users is None else users
     k = top.shape[1]
+    recommended = top.reshape(-1) >= 0
     pd.DataFrame(
         {
-            "user_id": np.repeat(split.user_ids[users], k),
-            "rank": np.tile(np.arange(1, k + 1), len(users)),
-            "item_id": np.asarray(item_ids)[top.reshape(-1)],
+            "user_id": np.repeat(split.user_ids[users], k)[recommended],
+            "rank": np.tile(np.arange(1, k + 1), len(users))[recommended],
+            "item_id": np.asarray(item_ids)[top.reshape(-1)[recommended]],
         }
     ).to_csv(path, index=False)
 

@@ -11,7 +11,13 @@ import pandas as pd
 import pytest
 
 from shared.data.convert import write_dataset
-from shared.data.dataset import DataError, Dataset, leave_one_out, load_dataset
+from shared.data.dataset import (
+    DataError,
+    Dataset,
+    leave_one_out,
+    load_dataset,
+    require_test_users,
+)
 from shared.data.synth import SynthConfig, generate, make_catalog
 from simulations.cli import main
 
@@ -78,6 +84,14 @@ def load_error(path: Path) -> DataError:
             3,
             "empty item_id",
         ),
+        (  # milliseconds are no unix seconds (it crashed validate: year 55,840)
+            "interactions",
+            INTERACTIONS.replace(",200,", ",1700000000000,"),
+            "interactions.csv",
+            2,
+            "timestamp '1700000000000' is out of range",
+        ),
+        ("interactions", INTERACTIONS.replace(",150,", ",inf,"), "interactions.csv", 3, "'inf'"),
         ("items", ITEMS + "b,Another Pan,Home\n", "items.csv", 4, "'b' appears twice"),
         ("items", "item_id,categories\na,Beauty\n", "items.csv", None, "title"),
         ("items", "", "items.csv", None, "empty"),
@@ -159,6 +173,26 @@ def test_equal_timestamps_keep_file_order(tmp_path: Path) -> None:
     dataset = load_dataset(write_dir(tmp_path, "user_id,item_id,timestamp\n" + rows))
     u1 = dataset.interactions[dataset.interactions["user_id"] == "u1"]
     assert u1["item_id"].tolist() == ["b", "c", "a", "b"]
+
+
+def test_fractions_of_a_second_order_the_events(tmp_path: Path) -> None:
+    """Written out of time order within one second (unix and ISO 8601): the times decide, not
+    the file (they were cut to whole seconds, leaving the file order)."""
+    rows = "u1,a,100.9\nu1,b,100.2\nu2,c,1970-01-01T00:01:40.7Z\nu2,a,1970-01-01T00:01:40.3Z\n"
+    dataset = load_dataset(write_dir(tmp_path, "user_id,item_id,timestamp\n" + rows))
+    assert dataset.interactions["item_id"].tolist() == ["b", "a", "a", "c"]
+    assert dataset.interactions["timestamp"].tolist() == pytest.approx([100.2, 100.9, 100.3, 100.7])
+
+
+def test_a_dataset_nobody_can_be_evaluated_on_is_refused(tmp_path: Path) -> None:
+    """Customers of one or two events only: no test target, so a run has nothing to measure
+    (a federation crashed choosing its rounds; train reported 0.0 for nobody)."""
+    dataset = load_dataset(write_dir(tmp_path))  # u1 has 3 events, u2 one
+    require_test_users(dataset, leave_one_out(dataset))
+    dataset = load_dataset(write_dir(tmp_path, INTERACTIONS.replace("u1,c,300", "u2,c,300")))
+    with pytest.raises(DataError, match="no customer has the 3 events") as caught:
+        require_test_users(dataset, leave_one_out(dataset))
+    assert "interactions.csv" in str(caught.value) and "at most 2 event(s)" in str(caught.value)
 
 
 def test_leave_one_out(tmp_path: Path) -> None:

@@ -109,6 +109,34 @@ def test_rank_of_the_target_and_misses() -> None:
     assert ranks.tolist() == [5, 0, 4]  # a: 7 6 5 4 3; b: 7 6 5 4 1 -> 0 is 6th; c: 4 3 2 1
 
 
+def test_a_catalog_smaller_than_the_top_k_ranks_what_is_left(tmp_path: Path) -> None:
+    """Three products (fewer than the top 20); customer a has had all but one of them, and
+    its test target (product 0) again: what is in the history is never recommended, a place
+    with no product left holds -1 and a repeated target is no hit (it crashed: topk beyond
+    the catalog; the history's products filled the places, the target counted among them)."""
+    split = Split(
+        user_ids=np.array(["a", "b"]),
+        train=[np.array([0]), np.array([2])],
+        valid_target=np.array([1, 1]),
+        test_target=np.array([0, 0]),
+        num_items=3,
+    )
+
+    def by_index(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
+        return -torch.arange(3, dtype=torch.float32).repeat(len(users), 1)  # item 0 first
+
+    result, top = evaluate(by_index, split, "test")
+    assert top.tolist() == [[2, -1, -1], [0, -1, -1]]
+    assert result["hr@20"] == 0.5 and result["users"] == 2  # b hits 0 at rank 1; a cannot
+    assert result["coverage@20"] == pytest.approx(2 / 3)  # products 0 and 2
+    write_recs(tmp_path / "recs.csv", split, np.array(["p0", "p1", "p2"]), top)
+    recs = pd.read_csv(tmp_path / "recs.csv", dtype=str)
+    assert recs.values.tolist() == [["a", "1", "p2"], ["b", "1", "p0"]]
+    assert metrics_from_recs(tmp_path / "recs.csv", split, np.array(["p0", "p1", "p2"])) == {
+        name: value for name, value in result.items() if name in METRICS
+    }
+
+
 @pytest.fixture(scope="module")
 def synth_split(synth_dataset_dir: Path) -> tuple[Split, np.ndarray]:
     dataset = load_dataset(synth_dataset_dir)

@@ -136,13 +136,34 @@ def test_merchant_partition_without_merchant_ids_uses_categories(
     dataset: Dataset, tmp_path: Path
 ) -> None:
     items = dataset.items.drop(columns=["merchant_id"])
-    stripped = Dataset(dataset.interactions, items, dataset.report)
+    events = dataset.interactions.drop(columns=["merchant_id"])  # known nowhere
+    stripped = Dataset(events, items, dataset.report)
     directories = write_partitions(stripped, tmp_path, 2, "merchant")
     catalogs = [node_catalog(d, items) for d in directories]
     assert sorted(np.concatenate(catalogs).tolist()) == list(range(dataset.num_items))
     department = items["categories"].str.split("|").str[:2].str.join("|").to_numpy()
     assert not set(department[catalogs[0]]) & set(department[catalogs[1]])
     check_complete(stripped, load_nodes(directories))
+
+
+def test_merchant_ids_missing_on_some_items_are_taken_from_their_events(
+    dataset: Dataset,
+) -> None:
+    """merchant_id empty on some items, or only in the interactions: such an item goes with the
+    merchant its events name, and only an item no merchant is known for goes by its category
+    (any missing merchant_id sent every item by category, merchants split across nodes)."""
+    truth = dataset.items["merchant_id"].to_numpy()
+    touched = np.isin(np.arange(dataset.num_items), dataset.interactions["item_idx"])
+    blanked = dataset.items.copy()
+    blanked.loc[::3, "merchant_id"] = ""
+    for items in (blanked, dataset.items.drop(columns="merchant_id")):
+        owner = item_merchants(items, NODES, dataset.interactions)
+        known = touched | (items.get("merchant_id", pd.Series("", index=items.index)) != "")
+        for merchant in np.unique(truth):  # a merchant is never split
+            assert len(set(owner[known & (truth == merchant)])) == 1
+        department = items["categories"].str.split("|").str[:2].str.join("|").to_numpy()
+        for group in np.unique(department[~known]):  # nor a department of unknown merchant
+            assert len(set(owner[~known & (department == group)])) == 1
 
 
 def test_more_nodes_than_merchants_is_refused_before_any_node_is_written(

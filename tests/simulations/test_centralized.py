@@ -114,6 +114,22 @@ def test_train_again_over_its_out(trained: Path, tiny_synth_dataset_dir: Path, c
         main([*argv, "--epochs", "3"])
 
 
+def test_train_refuses_a_dataset_nobody_can_be_evaluated_on(
+    tiny_synth_dataset_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """Every customer cut to their first two events: nobody has a test target, so train says so
+    and exits 2 before any training (it reported 0.0 on 0 customers as the model's metrics)."""
+    data = Path(shutil.copytree(tiny_synth_dataset_dir, tmp_path / "data"))
+    path = data / "interactions.csv.gz"
+    events = pd.read_csv(path, dtype=str, keep_default_na=False)
+    events.groupby("user_id").head(2).to_csv(path, index=False)
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY]) == 2
+    said = capsys.readouterr().err
+    assert "interactions.csv.gz" in said and "no customer has the 3 events" in said
+    assert not (out / "metrics.json").exists()
+
+
 @pytest.mark.e2e
 def test_dp_training_states_its_guarantee(tiny_synth_dataset_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "dp"
