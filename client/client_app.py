@@ -123,7 +123,8 @@ class NodeRequest:
     def request_refusal(self) -> dict | None:
         """A refusal when the request does not name its run as the server names every run
         (``run-id``: the sha256 hex digest of the run's first ledger entry, which every signed
-        release and receipt of this node carries; free text of any size is refused), or when
+        release and receipt of this node carries; free text of any size is refused), when the
+        model it asks for holds more weights than the node's ``max-model-weights``, or when
         this node holds another catalog than the server's (the global model's item tables
         would not mean the same products), else None."""
         if not RUN_ID.fullmatch(self.run_id):
@@ -132,6 +133,9 @@ class NodeRequest:
                 f"run-id {shown!r} ({len(self.run_id)} characters) is not a run's id: 64 "
                 "lowercase hex digits, the hash of the run's first ledger entry"
             )
+            return {"node": self.node.name, "refused": True, "reason": reason}
+        model = self.config.model_config(len(self.node.text), self.node.text.shape[1])
+        if reason := self.policy.model_refusal(model):
             return {"node": self.node.name, "refused": True, "reason": reason}
         if not self.catalog_digest or self.catalog_digest == self.node.catalog_digest:
             return None

@@ -35,6 +35,10 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   of 1 at a node of 2,236 customers plans 40,000 steps in Beauty's 6 rounds, and calibrating
   for 40,000 steps took 67 s and 4.3 GB). Default 10,000 for a deployed node (22 s, 1.4 GB), no
   cap in a simulation.
+- ``max-model-weights``: the most weights the model a request asks for may hold
+  (``ModelConfig.weight_count``: its dim, layers and the catalog's size), so that no setting
+  can exhaust the node's memory. Default 500,000,000 (2 GB in float32) for a deployed node, no
+  cap in a simulation.
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -47,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.federation.node_directory import round_down_2sf
+from shared.recommender.model import ModelConfig
 from shared.recommender.training import steps_per_epoch
 from shared.runs.config import RunConfig
 
@@ -55,6 +60,9 @@ DEPLOYED_MIN_EXACT_CUSTOMERS = 50
 DEPLOYED_MAX_EPOCHS = 10
 DEPLOYED_MAX_ROUNDS = 20
 DEPLOYED_MAX_STEPS = 10_000
+# 500 M weights, 2 GB in float32: 37 times Amazon Beauty's default model (13.5 M), room for a
+# catalog of a million products at dim 128 (256 M)
+DEPLOYED_MAX_MODEL_WEIGHTS = 500_000_000
 # the clipping norms a node accepts: below the lower end DP-SGD's noise (sigma x the norm)
 # reaches float32's denormals, which flush to zero on the node (some coordinates would leave
 # with no noise at all); above the upper end one step is about one customer's unbounded say
@@ -68,6 +76,7 @@ POLICY_KEYS = (
     "max-epochs",
     "max-rounds",
     "max-steps",
+    "max-model-weights",
 )
 
 
@@ -124,12 +133,13 @@ class NodePolicy:
     max_epochs: int | None = None
     max_rounds: int | None = None
     max_steps: int | None = None
+    max_model_weights: int | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
         ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10 max-rounds=20
-        max-steps=10000``."""
+        max-steps=10000 max-model-weights=500000000``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
         max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
@@ -141,6 +151,9 @@ class NodePolicy:
         max_epochs = node_config.get("max-epochs", DEPLOYED_MAX_EPOCHS if deployed else None)
         max_rounds = node_config.get("max-rounds", DEPLOYED_MAX_ROUNDS if deployed else None)
         max_steps = node_config.get("max-steps", DEPLOYED_MAX_STEPS if deployed else None)
+        max_weights = node_config.get(
+            "max-model-weights", DEPLOYED_MAX_MODEL_WEIGHTS if deployed else None
+        )
         return cls(
             require_dp=_flag(require, "require-dp"),
             max_epsilon=None if max_epsilon is None else _positive(max_epsilon, "max-epsilon"),
@@ -152,6 +165,9 @@ class NodePolicy:
             max_epochs=None if max_epochs is None else _at_least_one(max_epochs, "max-epochs"),
             max_rounds=None if max_rounds is None else _at_least_one(max_rounds, "max-rounds"),
             max_steps=None if max_steps is None else _at_least_one(max_steps, "max-steps"),
+            max_model_weights=None
+            if max_weights is None
+            else _at_least_one(max_weights, "max-model-weights"),
         )
 
     def refusal(self, request: RunConfig, customers: int, training: bool = True) -> str | None:
@@ -235,6 +251,20 @@ class NodePolicy:
                 f"max-delta={self.max_delta:g}"
             )
         return None
+
+    def model_refusal(self, model: ModelConfig) -> str | None:
+        """Why this node refuses to build the model a request asks for (more weights than
+        its ``max-model-weights``: an operator's setting must not exhaust its machine), or
+        None."""
+        if self.max_model_weights is None or (count := model.weight_count()) <= (
+            self.max_model_weights
+        ):
+            return None
+        return (
+            f"the request's model holds {count:,} weights (dim {model.dim}, layers "
+            f"{model.layers}, {model.num_items:,} products), above this node's "
+            f"max-model-weights={self.max_model_weights}"
+        )
 
     def budget(self, request: RunConfig) -> float:
         """The epsilon this node may spend in total: the request's, capped by its own."""

@@ -33,6 +33,25 @@ from torch import nn
 
 FUSIONS = ("gated", "sum", "concat")
 VARIANTS = ("fusion", "text", "id")
+# the largest architecture any setting may ask for, far above a sequential recommender's (the
+# defaults: dim 128, 2 layers, 50 events); beyond, a request is refused before anything is built
+MAX_DIM, MAX_LAYERS, MAX_LEN = 4096, 48, 4096
+
+
+def architecture_problem(
+    dim: int, layers: int, heads: int, max_len: int, prefix: str = ""
+) -> str | None:
+    """Why an architecture cannot be built (a setting out of range), or None; ``prefix``
+    names the settings of ``dim`` and ``max_len`` (``dp-`` for the private model's)."""
+    if not 1 <= dim <= MAX_DIM:
+        return f"{prefix}dim must be in [1, {MAX_DIM}], got {dim}"
+    if not 0 <= layers <= MAX_LAYERS:
+        return f"layers must be in [0, {MAX_LAYERS}], got {layers}"
+    if not 1 <= heads <= dim or dim % heads:
+        return f"heads must divide {prefix}dim ({dim}), got {heads}"
+    if not 1 <= max_len <= MAX_LEN:
+        return f"{prefix}max-len must be in [1, {MAX_LEN}], got {max_len}"
+    return None
 
 
 @dataclass
@@ -56,6 +75,8 @@ class ModelConfig:
     id_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if problem := architecture_problem(self.dim, self.layers, self.heads, self.max_len):
+            raise ValueError(problem)
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.variant not in VARIANTS:
@@ -68,6 +89,22 @@ class ModelConfig:
     @property
     def use_id(self) -> bool:
         return self.variant in ("fusion", "id")
+
+    def weight_count(self) -> int:
+        """How many weights :class:`FusionRecommender` holds for this config, counted without
+        building it (what a node checks against its ``max-model-weights``)."""
+        d, t, n = self.dim, self.text_dim, self.num_items
+        count = self.layers * (12 * d * d + 13 * d)  # per block: two norms, qkv, out, ff in/out
+        count += self.max_len * d + 2 * d + d * d  # positions, the final norm, the residual
+        if self.use_text:
+            count += 2 * t * d  # text_in, query_to_text
+        if self.use_id:
+            count += (n + 1) * d + d * n + n  # id_in (with padding), id_scores and its biases
+        if self.use_text and self.use_id and self.fusion == "gated":
+            count += t * d + d
+        elif self.use_text and self.use_id and self.fusion == "concat":
+            count += 2 * d * d
+        return count
 
     def to_dict(self) -> dict:
         return asdict(self)

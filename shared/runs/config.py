@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from shared.recommender.model import ModelConfig
+from shared.recommender.model import ModelConfig, architecture_problem
 
 # the largest budget a run may ask per customer (and per node under node-level DP): far above
 # any guarantee worth the name; at 1,000 the PRV accountant's calibration ran for over 15
@@ -122,6 +122,12 @@ class RunConfig:
                     f"{MAX_TARGET_EPSILON:g} a guarantee means nothing and the accountant's "
                     "calibration stops converging (for a run without DP, leave --dp out)"
                 )
+        for prefix, dim, max_len in (
+            ("", self.dim, self.max_len),
+            ("dp-", self.dp_dim, self.dp_max_len),
+        ):
+            if problem := architecture_problem(dim, self.layers, self.heads, max_len, prefix):
+                raise ValueError(problem)
         if not 0 <= self.delta < 1:
             raise ValueError(f"delta must be in [0, 1) (0: each node's own), got {self.delta:g}")
         if self.catalog_epochs < 0:

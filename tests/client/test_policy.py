@@ -46,6 +46,7 @@ def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -
     assert deployed.require_dp and deployed.max_epsilon == 8.0
     assert deployed.min_exact_customers == 50 and deployed.max_epochs == 10
     assert deployed.max_rounds == 20 and deployed.max_steps == 10_000
+    assert deployed.max_model_weights == 500_000_000
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
     relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
     assert not relaxed.require_dp
@@ -100,6 +101,21 @@ def test_a_request_for_more_passes_than_the_node_allows_is_refused() -> None:
         assert reason is not None and "max-epochs=10" in reason, settings
     # a simulated node: no cap
     assert NodePolicy().refusal(RunConfig(local_epochs=500), CUSTOMERS) is None
+
+
+def test_a_model_larger_than_the_node_allows_is_refused() -> None:
+    """Settings within every range can still ask for a model no node's memory holds (a
+    million products at dim 4096 is 8 billion weights); the node's max-model-weights bounds it."""
+    policy = NodePolicy.from_node_config({"data-dir": "/data"})
+    small = RunConfig().model_config(12_101, 384)
+    assert policy.model_refusal(small) is None  # Amazon Beauty's default model
+    huge = RunConfig(dim=4096, heads=2).model_config(1_000_000, 384)
+    reason = policy.model_refusal(huge)
+    assert reason is not None and "max-model-weights=500000000" in reason
+    assert f"{huge.weight_count():,} weights" in reason
+    assert NodePolicy().model_refusal(huge) is None  # a simulated node: no cap
+    tight = NodePolicy.from_node_config({"data-dir": "/d", "max-model-weights": 1000})
+    assert tight.model_refusal(small) is not None
 
 
 def test_the_node_picks_its_own_delta_below_one_over_its_customers() -> None:

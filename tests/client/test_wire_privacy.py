@@ -6,6 +6,7 @@ record."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,29 @@ def test_a_node_charges_a_runs_requests_in_the_order_of_their_rounds(
         assert accountant_state(node) == before  # nothing spent
     assert "signature" in ask("evaluate", 2)  # the same round
     assert "signature" in ask("train", 1, run_id="d" * 64)  # another run
+
+
+def test_a_node_refuses_a_model_larger_than_its_policy_allows(
+    node_dir: Path, tiny_bert_dir: Path, monkeypatch
+) -> None:
+    """Settings within range can still ask for more weights than the node's machine holds;
+    a deployed node refuses before it builds anything or spends (max-model-weights)."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=True, text_model=str(tiny_bert_dir))
+    node = load_node(str(node_dir), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    huge = replace(config, layers=4, heads=2, dp_dim=4096)
+    settings = settings_record(huge, huge.target_epsilon, node.catalog_digest, node_dir.parent)
+    settings["run-id"], settings["server-round"] = "e" * 64, 1
+    arrays = ArrayRecord({k: Array(v) for k, v in encode(trainable_state(model)).items()})
+    before = accountant_state(node_dir)
+    message = Message(
+        RecordDict({"arrays": arrays, "config": settings}), dst_node_id=1, message_type="train"
+    )
+    privacy = app(message, deployed_context(node_dir)).content["privacy"]
+    assert privacy["refused"] is True and "max-model-weights=500000000" in privacy["reason"]
+    assert accountant_state(node_dir) == before
 
 
 @pytest.mark.parametrize("run_id", ["", "r" * 64, "0" * 65, "0" * 63 + "\n", "A" * 64, "0" * 10**6])

@@ -279,6 +279,45 @@ def test_fusion_modules(fusion: str, extra: str | None) -> None:
     assert names & set(FUSION_MODULES) == ({extra} if extra else set())
 
 
+@pytest.mark.parametrize("variant", ["fusion", "text", "id"])
+@pytest.mark.parametrize("fusion", ["gated", "concat", "sum"])
+@pytest.mark.parametrize(("dim", "layers", "max_len"), [(8, 0, 5), (12, 3, 7)])
+def test_the_weight_count_is_the_models_without_building_it(
+    variant: str, fusion: str, dim: int, layers: int, max_len: int
+) -> None:
+    """What a node checks against its max-model-weights is exactly what it would build."""
+    config = ModelConfig(
+        num_items=30, text_dim=16, dim=dim, layers=layers, heads=2, max_len=max_len,
+        variant=variant, fusion=fusion,
+    )  # fmt: skip
+    model = FusionRecommender(config, torch.randn(30, 16))
+    assert config.weight_count() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"dim": 0}, "dim must be in"),
+        ({"dim": 10**6}, "dim must be in"),
+        ({"layers": 10**308}, "layers must be in"),
+        ({"heads": 3, "dim": 128}, "heads must divide dim"),
+        ({"max_len": 10**9}, "max-len must be in"),
+    ],
+)
+def test_an_architecture_out_of_range_is_refused_before_it_is_built(
+    settings: dict, words: str
+) -> None:
+    """An operator's setting must not make a node allocate without bound: ``layers`` 1e308
+    made one allocate until it was killed (found fuzzing)."""
+    with pytest.raises(ValueError, match=words):
+        ModelConfig(num_items=3, **settings)
+    with pytest.raises(ValueError, match=words):
+        RunConfig(**settings)
+    private = {("dp_" + k if k in ("dim", "max_len") else k): v for k, v in settings.items()}
+    with pytest.raises(ValueError, match=words if "heads" not in settings else "dp-dim"):
+        RunConfig(**private, dim=6 if "heads" in settings else 128)
+
+
 def test_bad_variant_and_fusion_are_refused() -> None:
     with pytest.raises(ValueError, match="variant"):
         ModelConfig(num_items=3, variant="both")
