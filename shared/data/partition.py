@@ -147,6 +147,7 @@ def write_partitions(
         node_of_event = owner[events["item_idx"].to_numpy()]
         catalogs = [items["item_id"].to_numpy()[owner == k].tolist() for k in range(num_nodes)]
     empty = sorted(set(range(num_nodes)) - set(np.unique(node_of_event).tolist()))
+    holding = num_nodes - len(empty)  # the nodes an event reaches
     if empty:
         raise DataError(
             dataset.report.items_file if scheme == "merchant" else dataset.report.interactions_file,
@@ -156,11 +157,11 @@ def write_partitions(
             + (
                 "the products' merchants (merchant_id, of the item or its events, else its "
                 "category) hold events at "
-                f"only {num_nodes - len(empty)} nodes"
+                f"only {holding} node{'s' * (holding != 1)}"
                 if scheme == "merchant"
-                else f"{dataset.num_users} customers"
+                else f"{dataset.num_users} customer{'s' * (dataset.num_users != 1)}"
             )
-            + f"; ask for at most {num_nodes - len(empty)} nodes",
+            + f"; ask for at most {holding} node{'s' * (holding != 1)}",
         )
     columns = [
         c
