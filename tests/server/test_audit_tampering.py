@@ -211,6 +211,36 @@ def test_a_ledger_line_that_is_no_json_object_fails_the_chain_check(
 
 
 @pytest.mark.parametrize(
+    ("tamper", "check_name", "words"),
+    [
+        (lambda es: es[0].update(config=[1]), "fields", "line 1: run_start entry's config [1] is"),
+        (lambda es: es.insert(2, {**es[0], "config": "x"}), "fields", "line 3: run_start entry's"),
+        (lambda es: es[1].update(kind=["contribution"]), "fields", "line 2: kind ['contribution'"),
+        (lambda es: es[1].update(round=-(10**9)), "recomputed", "round -1000000000 is not a round"),
+        (lambda es: es[1].update(node="x" * 300), "signatures", "(File name too long)"),
+    ],
+)  # fmt: skip
+def test_an_entry_of_the_wrong_shape_fails_a_check(tmp_path, receipted, tamper, check_name, words):
+    """A later run_start whose config is not an object and a kind that is a list raised; a
+    contribution of round -10^9 made the rounds check list 10^9 rounds (out of memory); a node
+    name too long for a file raised from the key lookup. The first run_start's config that is not
+    an object was read as an empty config, passing the fields check."""
+    entries = read_ledger(receipted / "ledger.jsonl")
+    tamper(entries)
+    out = copy_run(rechain(entries), tmp_path / "tampered")
+    report = audit(out, node_keys=receipted / "node-keys")
+    assert not report["passed"] and any(words in p for p in failed(report)[check_name])
+
+
+@pytest.mark.parametrize("value", [[1], -(10**9)])
+def test_a_node_level_round_that_is_no_round_fails_the_node_level_check(tmp_path, value):
+    entries = read_ledger(node_level_ledger(tmp_path / "honest", 3) / "ledger.jsonl")
+    entries[1]["round"] = value
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    assert f"line 2: round {value!r} is not a round number" in failed(report)["node_level"][0]
+
+
+@pytest.mark.parametrize(
     ("text", "words"),
     [
         (b'{"privacy": [1]}', "its privacy is not a JSON object but '[1]'"),
