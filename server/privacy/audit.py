@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import reprlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,19 @@ from server.privacy.audit_checks import (
     audit_delta,
     audit_rounds,
     check,
+    is_round,
 )
 from server.privacy.audit_federation import audit_federation, audit_metrics
 from server.privacy.audit_node_level import audit_node_level
 from server.privacy.audit_report import jsonable, print_summary, write_html
 from server.privacy.audit_signatures import audit_receipts, audit_signatures, ledger_run_id
-from server.privacy.ledger import LedgerError, missing_fields, read_ledger, verify_chain
+from server.privacy.ledger import (
+    REQUIRED,
+    LedgerError,
+    missing_fields,
+    read_ledger,
+    verify_chain,
+)
 from server.privacy.ledger_gaps import STAGE_PURPOSE, outstanding_requests
 
 DEFAULT_TOLERANCE = 0.01
@@ -158,21 +166,18 @@ def audit(
         )
     )
     incomplete = [
-        f"line {n}: {e.get('kind', '?')} entry lacks {', '.join(missing_fields(e))}"
+        f"line {n}: {e['kind']} entry lacks {', '.join(lacking)}"
+        if lacking != ["kind"]  # a known kind
+        else f"line {n}: kind {reprlib.repr(e.get('kind'))} is none of {', '.join(REQUIRED)}"
         for n, e in enumerate(entries, start=1)
-        if missing_fields(e)
+        if (lacking := missing_fields(e))
     ]
     incomplete += [
         f"line {n}: {e['kind']} entry's {problem}"
         for n, e in enumerate(entries, start=1)
-        if e.get("kind") in NODE_ENTRIES and not missing_fields(e)
-        for problem in [node_entry_problem(e)]
+        if not missing_fields(e)
+        for problem in [shape_problem(e)]
         if problem
-    ]
-    incomplete += [  # a tampered count must not make a later check loop over it
-        f"line {n}: run_end's rounds_completed {e['rounds_completed']!r} is not a round count"
-        for n, e in enumerate(entries, start=1)
-        if e.get("kind") == "run_end" and not missing_fields(e) and not _round_count(e)
     ]
     checks.append(
         check(
@@ -183,10 +188,12 @@ def audit(
         )
     )
     lines = {id(e): n for n, e in enumerate(entries, start=1)}
+    # a run_start or run_end the fields check fails is left out (a node's entries are kept: what
+    # they record spent still counts, and the later checks read them with care)
     complete = [
         e
         for e in entries
-        if not missing_fields(e) and (e.get("kind") != "run_end" or _round_count(e))
+        if not missing_fields(e) and (e["kind"] in NODE_ENTRIES or not shape_problem(e))
     ]
     config = _read_config(report, complete, lines)
     report["run_id"] = ledger_run_id(entries)
@@ -261,12 +268,19 @@ def audit(
 NODE_ENTRIES = ("refused", "declined", "unverified", "unanswered")
 
 
-def _round_count(end: dict) -> bool:
-    """Whether a run_end's ``rounds_completed`` is a count any run could reach."""
-    completed = end["rounds_completed"]
-    return (
-        isinstance(completed, int) and not isinstance(completed, bool) and 0 <= completed <= 10**5
-    )
+def shape_problem(entry: dict) -> str | None:
+    """What is wrong with the values of an entry that has its kind's fields (None: nothing),
+    where a later check would otherwise read them: a run_start's config that is not an object,
+    a run_end's count that is not a round count (a tampered one must not make a later check
+    loop over it), a node's entry below (:func:`node_entry_problem`). A contribution's or
+    node_level entry's values fail the checks that recompute them (``entry_problem``)."""
+    if entry["kind"] in NODE_ENTRIES:
+        return node_entry_problem(entry)
+    if entry["kind"] == "run_start" and not isinstance(entry["config"], dict):
+        return f"config {reprlib.repr(entry['config'])} is not a JSON object"
+    if entry["kind"] == "run_end" and not is_round(entry["rounds_completed"]):
+        return f"rounds_completed {reprlib.repr(entry['rounds_completed'])} is not a round count"
+    return None
 
 
 def node_entry_problem(entry: dict) -> str | None:
@@ -274,12 +288,12 @@ def node_entry_problem(entry: dict) -> str | None:
     or stage (None: nothing): a tampered one must fail the ``fields`` check, never crash a
     later one."""
     server_round, stage = entry["round"], entry.get("stage", "train")
-    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
-        return f"round {server_round!r} is not a round number"
+    if not is_round(server_round):
+        return f"round {reprlib.repr(server_round)} is not a round number"
     if not isinstance(entry["node"], str):
-        return f"node {entry['node']!r} is not a node's name"
+        return f"node {reprlib.repr(entry['node'])} is not a node's name"
     if not (isinstance(stage, str) and (stage == "train" or stage in STAGE_PURPOSE)):
-        return f"stage {stage!r} is none of {', '.join(STAGE_PURPOSE)}"
+        return f"stage {reprlib.repr(stage)} is none of {', '.join(STAGE_PURPOSE)}"
     return None
 
 

@@ -5,6 +5,7 @@ to the report dict that ``server.privacy.audit.audit`` builds. Signatures and re
 from __future__ import annotations
 
 import math
+import reprlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,15 @@ def check(name: str, title: str, problems: list[str], ok: str, status: str | Non
 
 def is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# far above any run's rounds: a round or count beyond it is tampered, and no check loops to it
+MAX_ROUNDS = 100_000
+
+
+def is_round(x: Any) -> bool:
+    """Whether ``x`` is a round number (or count of rounds) a run could reach."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_ROUNDS
 
 
 def node_order(node: str) -> tuple:
@@ -60,8 +70,8 @@ def entry_problem(e: dict) -> str | None:
         return f"delta must be in (0, 1), got {e['delta']!r}"
     if not is_number(e["epsilon"]):
         return f"epsilon must be a finite number, got {e['epsilon']!r}"
-    if not (isinstance(e["round"], int) and not isinstance(e["round"], bool)):
-        return f"round must be an integer, got {e['round']!r}"
+    if not is_round(e["round"]):
+        return f"round {reprlib.repr(e['round'])} is not a round number (0 to {MAX_ROUNDS:,})"
     if "target_epsilon" in e and not is_number(e["target_epsilon"]):
         return f"target_epsilon must be a finite number, got {e['target_epsilon']!r}"
     return None
@@ -356,12 +366,12 @@ def _uncovered_rounds(node: str, entries: list[dict], completed: int) -> list[in
     recovered contribution recorded in the same or a later round accounts for
     (server/privacy/ledger_gaps.py)."""
     mine = [e for e in entries if str(e.get("node")) == node]
-    training = [  # a round that is not a number fails the recomputed check
+    training = [  # a round that is not a round number fails the recomputed check
         e
         for e in mine
         if e["kind"] == "contribution"
         and e.get("purpose", "training") == "training"
-        and isinstance(e["round"], int)
+        and is_round(e["round"])
     ]
     if not training:
         return []
@@ -371,12 +381,12 @@ def _uncovered_rounds(node: str, entries: list[dict], completed: int) -> list[in
         for e in mine
         if e["kind"] in ("refused", "declined", "unanswered")
         and e.get("stage", "train") == "train"
-        and isinstance(e["round"], int)  # a tampered round fails the fields check
+        and is_round(e["round"])  # a tampered round fails the fields check
     }
     recovered = sorted(
         e["round"]
         for e in mine
-        if e["kind"] == "contribution" and e.get("recovered") and isinstance(e["round"], int)
+        if e["kind"] == "contribution" and e.get("recovered") and is_round(e["round"])
     )
     first = min(e["round"] for e in training)
     missing = []

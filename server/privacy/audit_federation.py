@@ -15,7 +15,6 @@ from the nodes' plans."""
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from server.privacy import accounting
 from server.privacy.audit_calibration import GUARD_KEYS, _guard_sigma, _plan, _releases
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
+from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import planned_answer, request_purpose
 
 DP_SGD = ("training", "encoder")
@@ -262,12 +262,11 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
     "regional", all nodes composed), its delta not above that guarantee's; under DP it states
     every contributing node's final epsilon (``per_node``), each equal to the ledger's."""
     try:
-        privacy = json.loads(path.read_text(encoding="utf-8")).get("privacy") or {}
-    except (json.JSONDecodeError, AttributeError) as error:
+        privacy = _object_at(json_object(path.read_bytes()), "privacy")
+        claimed_node = _object_at(privacy, "node_level")
+    except (OSError, ValueError) as error:
         report["checks"].append(
-            check(
-                "metrics", "metrics.json privacy statement", [f"{path}: unreadable ({error})"], ""
-            )
+            check("metrics", "metrics.json privacy statement", [f"{path}: {error}"], "")
         )
         return
     problems = []
@@ -291,7 +290,7 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
             f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
         )
     problems += _per_node_problems(report, privacy.get("per_node"), tolerance)
-    node_level, claimed_node = report["node_level"], (privacy.get("node_level") or {})
+    node_level = report["node_level"]
     if is_number(claimed_node.get("epsilon")):
         if not node_level and report["config"].get("node_dp") is True:
             problems.append(
@@ -312,6 +311,17 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
                 "the privacy statement in metrics.json holds",
             )
         )
+
+
+def _object_at(block: dict, key: str) -> dict:
+    """``block[key]``, a JSON object ({} when absent or null); ValueError naming it when it is
+    something else (a tampered metrics.json)."""
+    value = block.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"its {key} is not a JSON object but {str(value)[:40]!r}")
+    return value
 
 
 def _per_node_problems(report: dict, per_node: Any, tolerance: float) -> list[str]:

@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from server.privacy.accounting import recompute_epsilon
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
 from server.privacy.audit_federation import counted_release
+from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import request_purpose
 from shared.federation.signing import SIGNED_FIELDS, public_key_id, signed_payload, verify
 
@@ -24,9 +24,10 @@ def _node_key(keys_dir: Path, node: str) -> tuple[str, str]:
     path = keys_dir / f"{node}.pem"
     if not node or Path(node).name != node or node in (".", ".."):
         raise ValueError(f"node name {node!r} cannot name a key file")
-    if not path.is_file():
-        raise ValueError(f"no public key {path}")
-    pem = path.read_text(encoding="ascii", errors="replace")
+    try:  # a name too long for a file, in a tampered ledger: no key
+        pem = path.read_text(encoding="ascii", errors="replace")
+    except OSError as error:
+        raise ValueError(f"no public key {str(path)[:200]} ({error.strerror})") from None
     return pem, public_key_id(pem)
 
 
@@ -177,16 +178,13 @@ def audit_signatures(
 def read_receipts(path: Path) -> list[dict]:
     """A node's receipt log (JSON lines); ValueError naming a bad line."""
     receipts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            receipt = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(receipt, dict):
-            raise ValueError(f"line {number}: not a JSON object")
-        receipts.append(receipt)
+            receipts.append(json_object(line))
+        except ValueError as error:
+            raise ValueError(f"line {number}: {error}") from None
     return receipts
 
 
@@ -220,7 +218,11 @@ def audit_receipts(
                 f"of {len(others)} other run id(s) ({', '.join(sorted(others)[:3])}"
                 f"{', ...' if len(others) > 3 else ''}): audit those runs' ledgers for them"
             )
-        ledger = {c["contribution_index"]: c for c in contributions if str(c["node"]) == node}
+        ledger = {  # an index that is not an integer fails the contribution_index check
+            c["contribution_index"]: c
+            for c in contributions
+            if str(c["node"]) == node and isinstance(c["contribution_index"], int)
+        }
         seen = set()
         for r in mine:
             index = r.get("contribution_index")

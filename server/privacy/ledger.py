@@ -91,31 +91,44 @@ def entry_hash(entry: dict) -> str:
 
 def missing_fields(entry: dict) -> list[str]:
     """The fields ``entry`` lacks for its kind (an unknown kind lacks ``kind``)."""
-    if entry.get("kind") not in REQUIRED:
+    if not isinstance(entry.get("kind"), str) or entry["kind"] not in REQUIRED:
         return ["kind"]
     return [f for f in RESERVED + REQUIRED[entry["kind"]] if f not in entry]
+
+
+def json_object(text: str | bytes) -> dict:
+    """The JSON object ``text`` holds (bytes: UTF-8); ValueError saying why it holds none: not
+    UTF-8, not valid JSON, nested or a number too long to parse, or not an object. For files a
+    tampered run could hold (ledger lines, receipts, metrics.json): none of it may crash."""
+    try:
+        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:  # a 5000-digit number, 10^5 nested lists
+        raise ValueError(f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
 
 
 def read_ledger(path: str | Path) -> list[dict]:
     """All entries of a ledger file, in file order; a line that is not a JSON object raises
     :class:`LedgerError` naming its 1-based line number (and, for the last line, the repair)."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines[-1] == "":  # the end of the last line
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":  # the end of the last line
         lines.pop()
     entries = []
     for number, line in enumerate(lines, start=1):
         tail = f"; {REPAIR_HINT.format(out=path.parent)}" if number == len(lines) else ""
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
+            entries.append(json_object(line))
+        except ValueError as error:
             raise LedgerError(
-                f"{path}, line {number}: not valid JSON ({error.msg}); "
-                f"a torn write or a manual edit{tail}"
+                f"{path}, line {number}: {error}; a torn write or a manual edit{tail}"
             ) from None
-        if not isinstance(entry, dict):
-            raise LedgerError(f"{path}, line {number}: not a JSON object{tail}")
-        entries.append(entry)
     return entries
 
 

@@ -11,23 +11,21 @@ must see it as it is.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from server.privacy.ledger import LedgerError, verify_chain
+from server.privacy.ledger import LedgerError, json_object, verify_chain
 from shared.runs.durable import OutputInUse, RunLock, atomic_write, make_private
 
 
 def _entry(line: bytes) -> dict | None:
     """The JSON object on ``line``, or None when it is not one."""
     try:
-        entry = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json_object(line)
+    except ValueError:
         return None
-    return entry if isinstance(entry, dict) else None
 
 
 def repaired(data: bytes) -> tuple[bytes, str | None]:

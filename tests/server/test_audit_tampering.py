@@ -175,3 +175,105 @@ def test_rounds_missing_before_run_end_fail(tmp_path):
     empty = [e for e in entries if e["kind"] != "contribution"]
     out = copy_run(rechain([dict(e) for e in empty]), tmp_path / "empty")
     assert "holds no contribution" in failed(audit(out))["rounds"][0]
+
+
+# --- structural tampering: each of these crashed the audit when fuzzed ------------------------
+
+
+@pytest.fixture(scope="module")
+def receipted(tmp_path_factory) -> Path:
+    """A signed one-round run with the nodes' keys in OUT/node-keys and their receipt logs."""
+    out = tmp_path_factory.mktemp("receipted")
+    keys = {node: NodeKey.load_or_create(out / "keys" / f"{node}.pem") for node in CUSTOMERS}
+    return write_planned_run(out, CUSTOMERS, rounds=1, keys=keys, receipts=out / "receipts")
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        (b"\xff\xfe", "line 3: not UTF-8 text"),
+        (b"[" * 100_000, "line 3: not valid JSON (maximum recursion depth"),
+        (b'{"seq": ' + b"9" * 5000 + b"}", "line 3: not valid JSON (Exceeds the limit"),
+        (b"[1, 2]", "line 3: not a JSON object"),
+    ],
+)
+def test_a_ledger_line_that_is_no_json_object_fails_the_chain_check(
+    tmp_path, receipted, line, words
+):
+    """Invalid UTF-8, nesting past the parser's recursion limit and a number past Python's
+    4300 digits raised from the ledger reader instead of failing the chain."""
+    lines = (receipted / "ledger.jsonl").read_bytes().split(b"\n")
+    out = tmp_path / "tampered"
+    out.mkdir()
+    (out / "ledger.jsonl").write_bytes(b"\n".join([*lines[:2], line, *lines[2:]]))
+    report = audit(out)
+    assert not report["passed"] and words in failed(report)["chain"][0]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "check_name", "words"),
+    [
+        (lambda es: es[0].update(config=[1]), "fields", "line 1: run_start entry's config [1] is"),
+        (lambda es: es.insert(2, {**es[0], "config": "x"}), "fields", "line 3: run_start entry's"),
+        (lambda es: es[1].update(kind=["contribution"]), "fields", "line 2: kind ['contribution'"),
+        (lambda es: es[1].update(round=-(10**9)), "recomputed", "round -1000000000 is not a round"),
+        (lambda es: es[1].update(node="x" * 300), "signatures", "(File name too long)"),
+    ],
+)  # fmt: skip
+def test_an_entry_of_the_wrong_shape_fails_a_check(tmp_path, receipted, tamper, check_name, words):
+    """A later run_start whose config is not an object and a kind that is a list raised; a
+    contribution of round -10^9 made the rounds check list 10^9 rounds (out of memory); a node
+    name too long for a file raised from the key lookup. The first run_start's config that is not
+    an object was read as an empty config, passing the fields check."""
+    entries = read_ledger(receipted / "ledger.jsonl")
+    tamper(entries)
+    out = copy_run(rechain(entries), tmp_path / "tampered")
+    report = audit(out, node_keys=receipted / "node-keys")
+    assert not report["passed"] and any(words in p for p in failed(report)[check_name])
+
+
+@pytest.mark.parametrize("value", [[1], -(10**9)])
+def test_a_node_level_round_that_is_no_round_fails_the_node_level_check(tmp_path, value):
+    entries = read_ledger(node_level_ledger(tmp_path / "honest", 3) / "ledger.jsonl")
+    entries[1]["round"] = value
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    assert f"line 2: round {value!r} is not a round number" in failed(report)["node_level"][0]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (b'{"privacy": [1]}', "its privacy is not a JSON object but '[1]'"),
+        (b'{"privacy": 7}', "its privacy is not a JSON object but '7'"),
+        (b'{"privacy": {"node_level": "x"}}', "its node_level is not a JSON object"),
+        (b"\xff\xfe", "not UTF-8 text"),
+        (b"[" * 100_000, "not valid JSON (maximum recursion depth"),
+    ],
+)
+def test_a_malformed_metrics_json_fails_the_metrics_check(tmp_path, receipted, text, words):
+    out = copy_run(read_ledger(receipted / "ledger.jsonl"), tmp_path / "run")
+    (out / "metrics.json").write_bytes(text)
+    report = audit(out)
+    (problem,) = failed(report)["metrics"]
+    assert problem.startswith(f"{out / 'metrics.json'}: {words}")
+
+
+def test_malformed_receipts_and_indices_fail_the_receipts_check(tmp_path, receipted):
+    """A receipt line nested past the parser's recursion limit raised; so did a ledger
+    contribution_index that is a list, audited with receipts."""
+    logs = {node: receipted / "receipts" / f"{node}.jsonl" for node in CUSTOMERS}
+    deep = tmp_path / "deep.jsonl"
+    deep.write_bytes(logs["0"].read_bytes() + b"[" * 100_000 + b"\n")
+    report = audit(receipted, receipts={**logs, "0": deep})
+    assert failed(report)["receipts"] == [
+        f"node 0: {deep}: line 3: not valid JSON (maximum recursion depth exceeded while "
+        "decoding a JSON array from a unicode string)"
+    ]
+    entries = read_ledger(receipted / "ledger.jsonl")
+    entries[1]["contribution_index"] = [0]
+    report = audit(copy_run(rechain(entries), tmp_path / "listed"), receipts=logs)
+    assert "line 2: contribution_index is not an integer" in failed(report)["contribution_index"][0]
+    assert (
+        "node 0, round 1: its receipt (contribution_index 0) is not in the ledger"
+        in (failed(report)["receipts"][0])
+    )
