@@ -7,11 +7,14 @@ on, each node's change first bounded by ``row-clip`` like any update (what one n
 server/federation/aggregation.py). The server and every node then build the same checkpoint
 from the averaged layers (shared/recommender/finetune.py:tuned_checkpoint) and embed the catalog
 with it; the model's rounds carry the layers, so a node sampled in none of these rounds builds
-it too. The layers are written to ``OUT/text-encoder.safetensors`` after the last encoder round:
-a resumed run does not tune again. Under ``dp`` each node's layers are already private
-(DP-SGD with a per-customer objective, client/encoder.py) and recorded in the ledger as it
-replies, like its training releases; averaging them is post-processing. Not under node-level
-DP (``check_settings`` refuses the combination).
+it too. The layers are written to ``OUT/text-encoder.safetensors`` after every encoder round,
+marked complete after the last: a run resumed after the last does not tune again, and one
+resumed after round r goes on from round r + 1 with round r's layers (asking round 1 again
+would ask the nodes for a round they already charged, which they refuse: client/accountant.py).
+Under ``dp`` each node's layers are already private (DP-SGD with a per-customer objective,
+client/encoder.py) and recorded in the ledger as it replies, like its training releases;
+averaging them is post-processing. Not under node-level DP (``check_settings`` refuses the
+combination).
 """
 
 from __future__ import annotations
@@ -42,20 +45,24 @@ ENCODER_FILE = "text-encoder.safetensors"
 def tune_encoder(
     federation: Federation, out: Path, show_progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Run (or read back) the encoder rounds; returns the averaged top layers and the rounds'
-    history (nodes, loss, time, bytes). A round no node tuned in ends them (the nodes may
-    all refuse: a policy that requires DP refuses a request without it)."""
+    """Run (or read back, or resume) the encoder rounds; returns the averaged top layers and
+    the rounds' history (nodes, loss, time, bytes). A round no node tuned in ends them (the
+    nodes may all refuse: a policy that requires DP refuses a request without it)."""
     path = Path(out) / ENCODER_FILE
+    config = federation.config
+    history: list[dict] = []
     if path.exists():
         with safe_open(str(path), framework="pt") as saved:
-            history = json.loads(saved.metadata()["history"])
-        return load_file(str(path)), history
-    config = federation.config
-    encoder = TextEncoder(str(resolve_model_path(config.text_model)))
-    weights = top_layers(encoder, config.text_finetune_layers)
-    del encoder
-    history: list[dict] = []
-    for encoder_round in range(1, config.text_finetune_rounds + 1):
+            metadata = saved.metadata()
+        history = json.loads(metadata["history"])
+        weights = load_file(str(path))
+        if metadata.get("complete", "true") == "true":
+            return weights, history
+    else:
+        encoder = TextEncoder(str(resolve_model_path(config.text_model)))
+        weights = top_layers(encoder, config.text_finetune_layers)
+        del encoder
+    for encoder_round in range(len(history) + 1, config.text_finetune_rounds + 1):
         started = time.time()
         result = federation.train(encoder_round, weights, message_type=ENCODER_ROUND)
         if not result.updates:  # the encoder stays as the rounds before left it
@@ -96,7 +103,16 @@ def tune_encoder(
             print(line, flush=True)
         else:
             log.info(line)
-    staging = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file(weights, str(staging), metadata={"history": json.dumps(history)})
-    os.replace(staging, path)  # complete or absent
+        _save(path, weights, history, complete=False)
+    _save(path, weights, history, complete=True)
     return weights, history
+
+
+def _save(
+    path: Path, weights: dict[str, torch.Tensor], history: list[dict], complete: bool
+) -> None:
+    """Write the layers and the rounds so far, atomically (the old file or the new)."""
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    metadata = {"history": json.dumps(history), "complete": "true" if complete else "false"}
+    save_file(weights, str(staging), metadata=metadata)
+    os.replace(staging, path)

@@ -377,6 +377,7 @@ def _federate(
         start = round_validation({}, evaluation, model, validating)
         selection.observe(0, start, state, [])
     reason = "all rounds completed"
+    asked = done  # the last round the nodes were asked to train in (the guard is numbered after it)
     monitor = "test" if config.refit else "valid"
     node_dp = NodeLevelDP(config, ledger) if config.node_dp else None
 
@@ -402,6 +403,7 @@ def _federate(
             reason = refusal
             log.warning("round %d: %s", server_round, reason)
             break
+        asked = server_round
         result = federation.train(server_round, state)
         if result.contributed < max(1, config.min_nodes):
             reason = (
@@ -475,7 +477,9 @@ def _federate(
             selection.observe(server_round, entry["selection"], state, rows)
         report_round(history[-1], config.max_rounds, show_progress)
     if config.guards_start and history and guard is None:
-        guard = guard_start(federation, history[-1]["round"], state, public_start)
+        # numbered as the last round asked, not the last applied: a node that trained in a
+        # round the loop then stopped at refuses a request of an earlier one (client/accountant.py)
+        guard = guard_start(federation, asked, state, public_start)
         record = progress_record(history[-1]["round"])
         checkpoint.save(state, strategy.server_state, {**record, "guard": guard})
     if guard is not None and guard["shipped"] == "start":  # the public start, not the rounds'

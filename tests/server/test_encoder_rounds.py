@@ -175,6 +175,38 @@ def test_when_no_node_tunes_the_encoder_stays_public_and_the_stage_ends(
     assert all(torch.equal(weights[k], public[k]) for k in public)
 
 
+def test_a_run_stopped_between_encoder_rounds_goes_on_from_the_next(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """A server stopped after encoder round 2 of 3 resumes at round 3 from round 2's layers:
+    asking round 1 again would ask the nodes for a round older than one they charged, which
+    they refuse (client/accountant.py), and the encoder would stay untuned."""
+    config = RunConfig(
+        text_model=str(tiny_bert_dir), text_finetune_layers=1, text_finetune_rounds=3
+    )
+
+    def moved(layers: dict) -> tuple[list[NodeUpdate], list[str]]:
+        return [NodeUpdate("n", 10.0, {k: v + 0.01 for k, v in layers.items()})], []
+
+    class Stopping(ScriptedNodes):
+        def train(self, server_round: int, state: dict, message_type: str) -> RoundResult:
+            if server_round == 3:
+                raise KeyboardInterrupt  # the server stops during round 3
+            return super().train(server_round, state, message_type)
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_encoder(Stopping(config, moved), tmp_path, show_progress=False)
+    after_two = load_file(str(tmp_path / "text-encoder.safetensors"))
+    resumed = ScriptedNodes(config, moved)
+    weights, history = tune_encoder(resumed, tmp_path, show_progress=False)
+    assert resumed.rounds == [(3, "train.encoder")]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert all(torch.allclose(weights[k], after_two[k] + 0.01, atol=1e-4) for k in weights)
+    again = ScriptedNodes(config, moved)  # complete: read back, nothing asked
+    assert tune_encoder(again, tmp_path, show_progress=False)[1] == history
+    assert again.rounds == []
+
+
 def test_a_malicious_node_moves_the_encoder_no_more_than_the_row_bound_allows(
     tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
