@@ -9,6 +9,7 @@ from collections import defaultdict
 
 from server.privacy import accounting
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
+from shared.runs.config import MAX_TARGET_EPSILON
 
 # At sigma x (1 - INFLATION_MARGIN) a node's plan must spend more than its target: its sigma is
 # the calibrated one, not a larger number written to lower its accounted epsilon.
@@ -109,6 +110,8 @@ def _dp_sgd_problem(c: dict, plan: dict, tolerance: float) -> str | None:
     target, delta, sigma = c["target_epsilon"], c["delta"], c["noise_multiplier"]
     if not is_number(target):
         return None  # the budget check reports it
+    if not 0 < target <= MAX_TARGET_EPSILON:  # calibrating for 1e308 ran for hours (fuzzed)
+        return f"target_epsilon {target:g} is outside (0, {MAX_TARGET_EPSILON:g}]: no run plans it"
     rounds, releases = plan["rounds"], _releases(plan, customers)
     planned = rounds * (steps + sum(count for _, count in releases)) + (encoder or (0, 0))[1]
     if planned > accounting.MAX_NODE_STEPS:  # a tampered config must not exhaust the audit

@@ -6,6 +6,7 @@ audit_node_level.py, audit_federation.py)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,17 @@ def test_malformed_receipts_and_indices_fail_the_receipts_check(tmp_path, receip
         "node 0, round 1: its receipt (contribution_index 0) is not in the ledger"
         in (failed(report)["receipts"][0])
     )
+
+
+def test_a_target_no_run_plans_fails_calibration_instead_of_calibrating_for_it(tmp_path, receipted):
+    """Found rerunning the type fuzzer: a training contribution stating target_epsilon 1e308
+    made the calibration check search for the noise that spends it, down to σ = 0.001, whose
+    PLD took hours."""
+    entries = read_ledger(receipted / "ledger.jsonl")
+    entries[1]["target_epsilon"] = 1e308
+    started = time.monotonic()
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    assert time.monotonic() - started < 60
+    assert failed(report)["calibration"] == [
+        "node 0, line 2 (round 1): target_epsilon 1e+308 is outside (0, 100]: no run plans it"
+    ]
