@@ -130,7 +130,10 @@ class NodeRequest:
         if encoder is not None and self.encoder_problem is None:
             # the federation's tuned layers on the allowed base: the same encoder as all
             layers = self.config.text_finetune_layers
-            text_model = str(tuned_checkpoint(text_model, encoder, layers))
+            try:
+                text_model = str(tuned_checkpoint(text_model, encoder, layers))
+            except ValueError as error:  # not the top layers of the run's text model
+                raise RequestRefused(self.name, f"the server's text-encoder: {error}") from None
         self.node: NodeData = load_node(directory, text_model)
         self.run_id = str(settings.get("run-id", ""))
         self.catalog_digest = str(settings.get("catalog-digest", ""))

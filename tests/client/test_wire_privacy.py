@@ -449,6 +449,11 @@ GARBAGE = ArrayRecord({"x": Array(dtype="float32", shape=(3,), stype="numpy.ndar
         ("evaluate", lambda records: records.update(arrays=GARBAGE), "arrays are not tensors"),
         ("evaluate.guard", lambda records: records.pop("start"), "message holds no start"),
         (
+            "train",  # tuned encoder layers that are not the text model's top layer
+            lambda records: records.update({"text-encoder": ArrayRecord({"x": Array(np.ones(2))})}),
+            "the server's text-encoder: encoder weights: expected the top 1 layers'",
+        ),
+        (
             "train.encoder",
             _setting("text_finetune_rounds", 0),
             "text-finetune-rounds (0) and clients (2) must be at least 1",
