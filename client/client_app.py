@@ -12,6 +12,7 @@ kept in the node's own receipt log (``<data dir>/privacy/receipts.jsonl``) befor
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from client.accountant import NodePrivacy, RequestPosition
 from client.encoder import tune_encoder_at_node
 from client.node import NodeData, evaluate_node, guard_node, load_node, train_node
 from client.policy import NodePolicy
+from shared.federation.node_directory import node_name
 from shared.federation.node_dp import clipped_update
 from shared.federation.reports import NodeReport, Release
 from shared.federation.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
@@ -44,6 +46,7 @@ from shared.runs.config import RunConfig
 from shared.runs.quiet import quiet_third_party
 
 RUN_ID = re.compile(r"[0-9a-f]{64}")  # a run's id: the sha256 of its first ledger entry
+MAX_REASON = 300  # characters of a malformed message's error a refusal repeats
 # what the server sends beside the run's settings
 NOT_SETTINGS = (
     "server-round",
@@ -72,36 +75,85 @@ def valid_fraction(settings: dict) -> float:
     return float(value)
 
 
+class RequestRefused(Exception):
+    """A server's message the node refuses before it reads anything of its own for it: a
+    malformed message, or one naming a text model its policy does not let it load; answered
+    with a refused report (:func:`answering_refusals`), as every other refusal."""
+
+    def __init__(self, node: str, reason: str):
+        super().__init__(reason)
+        self.report = NodeReport(node, refused=True, reason=reason)
+
+
+def server_round(settings: dict) -> int:
+    """The round the server names (``server-round``, a whole number >= 1: the order in which
+    the node charges a run's requests); anything else is refused with what it was."""
+    value = settings.get("server-round")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        shown = repr(value)[:40]
+        raise ValueError(f"server-round must be a whole number >= 1, got {shown}")
+    return value
+
+
 class NodeRequest:
     """One message from the server, read on the node's side: the run's settings, this node's
-    data, its own policy and key, and the round."""
+    data, its own policy and key, and the round. A malformed message, or one naming a text
+    model the node's policy does not allow, raises :class:`RequestRefused` before anything is
+    loaded from disk."""
 
     def __init__(
         self,
         settings: dict,
         node_config: dict,
-        text_encoder: dict[str, torch.Tensor] | None = None,
+        text_encoder: ArrayRecord | None = None,
     ):
-        self.config = RunConfig.from_flat(
-            {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
-        )
+        directory = node_directory(settings, node_config)
+        self.name = node_name(Path(directory))
+        self.policy = NodePolicy.from_node_config(node_config)
+        try:
+            self.config = RunConfig.from_flat(
+                {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
+            )
+            self.round = server_round(settings)
+            self.valid_fraction = valid_fraction(settings)
+        except ValueError as error:
+            shown = str(error)[:MAX_REASON] + ("..." if len(str(error)) > MAX_REASON else "")
+            raise RequestRefused(self.name, f"the server's message: {shown}") from None
+        text_model = self.config.text_model
+        if reason := self.policy.text_model_refusal(text_model):  # before it is read
+            raise RequestRefused(self.name, reason)
         torch.set_num_threads(max(1, int(node_config.get("num-threads", 1))))
         torch.set_flush_denormal(True)
-        text_model = self.config.text_model
+        encoder = None if text_encoder is None else self.tensors(text_encoder, "text-encoder")
         # the tuned encoder layers the server sent, refused as any weights it sends
-        self.encoder_problem = None if text_encoder is None else weights_problem(text_encoder)
-        if text_encoder is not None and self.encoder_problem is None:
-            # the federation's tuned layers: the same encoder as all
+        self.encoder_problem = None if encoder is None else weights_problem(encoder)
+        if encoder is not None and self.encoder_problem is None:
+            # the federation's tuned layers on the allowed base: the same encoder as all
             layers = self.config.text_finetune_layers
-            text_model = str(tuned_checkpoint(text_model, text_encoder, layers))
-        self.node: NodeData = load_node(node_directory(settings, node_config), text_model)
-        self.policy = NodePolicy.from_node_config(node_config)
-        self.round = int(settings.get("server-round", 0))
+            try:
+                text_model = str(tuned_checkpoint(text_model, encoder, layers))
+            except ValueError as error:  # not the top layers of the run's text model
+                raise RequestRefused(self.name, f"the server's text-encoder: {error}") from None
+        self.node: NodeData = load_node(directory, text_model)
         self.run_id = str(settings.get("run-id", ""))
         self.catalog_digest = str(settings.get("catalog-digest", ""))
-        self.valid_fraction = valid_fraction(settings)
         key_path = node_config.get("node-key") or self.node.directory / "privacy" / "node.key"
         self.key_path = Path(key_path)
+
+    def tensors(self, record: ArrayRecord, name: str) -> dict[str, torch.Tensor]:
+        """The arrays of ``record`` (the server's ``name``) as tensors; arrays that cannot be
+        read as tensors are refused (:class:`RequestRefused`)."""
+        try:
+            return record.to_torch_state_dict()
+        except (TypeError, ValueError):
+            raise RequestRefused(self.name, f"the server's {name} are not tensors") from None
+
+    def received(self, msg: Message, name: str = "arrays") -> dict[str, torch.Tensor]:
+        """The weights the server sent as ``name``; a message without them is refused."""
+        record = msg.content.array_records.get(name)
+        if record is None:
+            raise RequestRefused(self.name, f"the server's message holds no {name}")
+        return self.tensors(record, name)
 
     def position(self, phase: int = 1) -> RequestPosition:
         """This request's place in its run (phase 0: an encoder round; 1: the model's rounds),
@@ -118,7 +170,7 @@ class NodeRequest:
         reason = self.encoder_problem or next((p for p in problems if p), None)
         if not reason:
             return None
-        return {"node": self.node.name, "refused": True, "reason": reason}
+        return {"node": self.name, "refused": True, "reason": reason}
 
     def request_refusal(self) -> dict | None:
         """A refusal when the request does not name its run as the server names every run
@@ -133,17 +185,17 @@ class NodeRequest:
                 f"run-id {shown!r} ({len(self.run_id)} characters) is not a run's id: 64 "
                 "lowercase hex digits, the hash of the run's first ledger entry"
             )
-            return {"node": self.node.name, "refused": True, "reason": reason}
+            return {"node": self.name, "refused": True, "reason": reason}
         model = self.config.model_config(len(self.node.text), self.node.text.shape[1])
         if reason := self.policy.model_refusal(model):
-            return {"node": self.node.name, "refused": True, "reason": reason}
+            return {"node": self.name, "refused": True, "reason": reason}
         if not self.catalog_digest or self.catalog_digest == self.node.catalog_digest:
             return None
         reason = (
             f"this node's catalog (sha256 {self.node.catalog_digest[:12]}) is not the "
             f"server's ({self.catalog_digest[:12]}): every party must hold the same items table"
         )
-        return {"node": self.node.name, "refused": True, "reason": reason}
+        return {"node": self.name, "refused": True, "reason": reason}
 
     def trained(self, state: dict[str, torch.Tensor], valid_fraction: float) -> dict:
         """The node's answer to a training request from the global ``state``: a refusal of the
@@ -167,7 +219,7 @@ class NodeRequest:
         """The privacy report for ``result``: a refusal or a decline as it is; a DP release
         signed with the node key over its fields and the digest of ``arrays``, and kept in
         the node's receipt log before it leaves."""
-        name = self.node.name
+        name = self.name
         if result.get("refused") or result.get("declined"):
             return NodeReport(
                 name,
@@ -199,6 +251,30 @@ class NodeRequest:
         )
 
 
+def sent_settings(msg: Message) -> dict:
+    """The run's settings a message carries (``config``); none is a message without a round,
+    which :class:`NodeRequest` refuses."""
+    record = msg.content.config_records.get("config")
+    return {} if record is None else dict(record)
+
+
+def answering_refusals(handler: ClientAppCallable) -> ClientAppCallable:
+    """``handler``, a message it refuses before reading anything for it
+    (:class:`RequestRefused`) answered with the refused report, as every other refusal: a
+    hostile message gets a refusal, never an error that repeats what the node ran into."""
+
+    @functools.wraps(handler)
+    def answer(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except RequestRefused as refusal:
+            privacy = ConfigRecord(refusal.report.to_record())
+            content = RecordDict({"privacy": privacy, "metrics": MetricRecord({})})
+            return Message(content=content, reply_to=msg)
+
+    return answer
+
+
 def make_client_app(node_config: dict | None = None) -> ClientApp:
     """The ClientApp; ``node_config`` is added to each node's own config (how ``fedrec
     simulate`` gives its simulated nodes the policy of ``--node-config``)."""
@@ -207,9 +283,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
     app = ClientApp()
 
     def request(settings: dict, context: Context, msg: Message | None = None) -> NodeRequest:
-        encoder = None
-        if msg is not None and "text-encoder" in msg.content:
-            encoder = msg.content["text-encoder"].to_torch_state_dict()
+        encoder = None if msg is None else msg.content.array_records.get("text-encoder")
         return NodeRequest(settings, {**context.node_config, **extra}, encoder)
 
     class SecureNode(NumPyClient):
@@ -221,10 +295,14 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
 
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list, int, dict]:
             names = str(config["state-names"]).split(",")
-            asked = request(dict(config), self.node_context)
             state = {
                 name: torch.tensor(value) for name, value in zip(names, parameters, strict=True)
             }
+            try:
+                asked = request(dict(config), self.node_context)
+            except RequestRefused as refusal:  # a zero update, still in the protocol
+                zeros = [np.zeros(value.shape, np.float32) for value in state.values()]
+                return zeros, 1, refusal.report.to_record()
             result = asked.trained(state, valid_fraction=0.0)
             if result.get("refused") or result.get(
                 "declined"
@@ -246,10 +324,11 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         return call_next(msg, context)
 
     @app.train(mods=[secure_rounds])
+    @answering_refusals
     def train(msg: Message, context: Context) -> Message:
         """Train locally from the global weights; reply with weights, metrics and privacy spent."""
-        asked = request(dict(msg.content["config"]), context, msg)
-        state = msg.content["arrays"].to_torch_state_dict()
+        asked = request(sent_settings(msg), context, msg)
+        state = asked.received(msg)
         result = asked.trained(state, asked.valid_fraction)
         metrics: dict[str, Any] = {}
         arrays = None
@@ -276,12 +355,13 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     @app.train("encoder")
+    @answering_refusals
     def train_encoder(msg: Message, context: Context) -> Message:
         """An encoder round: tune the text encoder's top layers on the node's own histories
         (client/encoder.py), privately under DP; reply with the layers, how many customers
         they came from and, under DP, the signed release."""
-        asked = request(dict(msg.content["config"]), context)
-        weights = msg.content["arrays"].to_torch_state_dict()
+        asked = request(sent_settings(msg), context)
+        weights = asked.received(msg)
         result = (
             asked.request_refusal()
             or asked.weights_refusal(weights)
@@ -313,11 +393,12 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
+    @answering_refusals
     def evaluate(msg: Message, context: Context) -> Message:
         """Federated evaluation of the global model on the node's local holdout: exact without
         DP, noisy and charged to the node's accountant under DP."""
-        asked = request(dict(msg.content["config"]), context, msg)
-        state = msg.content["arrays"].to_torch_state_dict()
+        asked = request(sent_settings(msg), context, msg)
+        state = asked.received(msg)
         result = (
             asked.request_refusal()
             or asked.weights_refusal(state)
@@ -341,12 +422,13 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     @app.evaluate("guard")
+    @answering_refusals
     def guard(msg: Message, context: Context) -> Message:
         """The start guard (``dp-guard``): the node's private comparison of the global model
         (``arrays``) with the public start (``start``) on its customers' held-out last events."""
-        asked = request(dict(msg.content["config"]), context, msg)
-        state = msg.content["arrays"].to_torch_state_dict()
-        start = msg.content["start"].to_torch_state_dict()
+        asked = request(sent_settings(msg), context, msg)
+        state = asked.received(msg)
+        start = asked.received(msg, "start")
         result = (
             asked.request_refusal()
             or asked.weights_refusal(state, start)

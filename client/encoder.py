@@ -89,6 +89,12 @@ def tune_encoder_at_node(
     if config.node_dp:
         reason = "encoder rounds under node-level DP are not built: ask without node-dp"
         return {"node": node.name, "refused": True, "reason": reason}
+    if config.text_finetune_rounds < 1 or config.clients < 1:  # node_steps divides by them
+        reason = (
+            f"the request's text-finetune-rounds ({config.text_finetune_rounds}) and clients "
+            f"({config.clients}) must be at least 1 in an encoder round"
+        )
+        return {"node": node.name, "refused": True, "reason": reason}
     customers = public_customers(node, policy)
     if reason := policy.refusal(config, customers):
         return {"node": node.name, "refused": True, "reason": reason}

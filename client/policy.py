@@ -39,6 +39,13 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   (``ModelConfig.weight_count``: its dim, layers and the catalog's size), so that no setting
   can exhaust the node's memory. Default 500,000,000 (2 GB in float32) for a deployed node, no
   cap in a simulation.
+- ``text-models``: the text models the node agrees to load, comma-separated, each exactly as a
+  run's ``text-model`` names it (``minilm``, the packaged all-MiniLM-L6-v2, or a local checkpoint
+  directory), so that no operator can make the node read a directory of its choosing or probe
+  its filesystem: a request naming another is refused before anything is read from disk, with
+  a reason that says nothing about the node's files. A tuned encoder the server sends layers
+  for is built from the run's ``text-model``, which must be listed; the tuned checkpoint is the
+  node's own. Default ``minilm`` only for a deployed node, any in a simulation.
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -52,6 +59,7 @@ from typing import Any
 
 from shared.federation.node_directory import round_down_2sf
 from shared.recommender.model import ModelConfig
+from shared.recommender.text import DEFAULT_MODEL
 from shared.recommender.training import steps_per_epoch
 from shared.runs.config import RunConfig
 
@@ -63,6 +71,7 @@ DEPLOYED_MAX_STEPS = 10_000
 # 500 M weights, 2 GB in float32: 37 times Amazon Beauty's default model (13.5 M), room for a
 # catalog of a million products at dim 128 (256 M)
 DEPLOYED_MAX_MODEL_WEIGHTS = 500_000_000
+DEPLOYED_TEXT_MODELS = DEFAULT_MODEL  # the packaged MiniLM only: no path of the node's
 # the clipping norms a node accepts: below the lower end DP-SGD's noise (sigma x the norm)
 # reaches float32's denormals, which flush to zero on the node (some coordinates would leave
 # with no noise at all); above the upper end one step is about one customer's unbounded say
@@ -77,6 +86,7 @@ POLICY_KEYS = (
     "max-rounds",
     "max-steps",
     "max-model-weights",
+    "text-models",
 )
 
 
@@ -121,6 +131,13 @@ def _at_least_one(value: Any, key: str) -> int:
     return count
 
 
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in str(value).split(",") if name.strip())
+    if not names:
+        raise PolicyError(f"node config {key}={value!r}: expected names or paths, comma-separated")
+    return names
+
+
 @dataclass(frozen=True)
 class NodePolicy:
     """What a node accepts; ``None`` means no limit of that kind."""
@@ -134,12 +151,13 @@ class NodePolicy:
     max_rounds: int | None = None
     max_steps: int | None = None
     max_model_weights: int | None = None
+    text_models: tuple[str, ...] | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
         ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10 max-rounds=20
-        max-steps=10000 max-model-weights=500000000``."""
+        max-steps=10000 max-model-weights=500000000 text-models=minilm``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
         max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
@@ -154,6 +172,7 @@ class NodePolicy:
         max_weights = node_config.get(
             "max-model-weights", DEPLOYED_MAX_MODEL_WEIGHTS if deployed else None
         )
+        text_models = node_config.get("text-models", DEPLOYED_TEXT_MODELS if deployed else None)
         return cls(
             require_dp=_flag(require, "require-dp"),
             max_epsilon=None if max_epsilon is None else _positive(max_epsilon, "max-epsilon"),
@@ -168,6 +187,7 @@ class NodePolicy:
             max_model_weights=None
             if max_weights is None
             else _at_least_one(max_weights, "max-model-weights"),
+            text_models=None if text_models is None else _names(text_models, "text-models"),
         )
 
     def refusal(self, request: RunConfig, customers: int, training: bool = True) -> str | None:
@@ -264,6 +284,17 @@ class NodePolicy:
             f"the request's model holds {count:,} weights (dim {model.dim}, layers "
             f"{model.layers}, {model.num_items:,} products), above this node's "
             f"max-model-weights={self.max_model_weights}"
+        )
+
+    def text_model_refusal(self, text_model: str) -> str | None:
+        """Why this node refuses to load ``text_model`` (not among its ``text-models``), or
+        None; decided on the name alone, so that the answer says nothing of the node's files."""
+        if self.text_models is None or text_model in self.text_models:
+            return None
+        shown = text_model[:40] + ("..." if len(text_model) > 40 else "")
+        return (
+            f"the request's text-model {shown!r} is not one this node's policy lets it load "
+            "(text-models)"
         )
 
     def budget(self, request: RunConfig) -> float:

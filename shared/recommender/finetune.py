@@ -18,19 +18,22 @@ at the nodes, each on its own histories, and averages the top layers' weights
 checkpoint from the averaged weights (:func:`tuned_checkpoint`). Under DP a federation's nodes
 tune with :mod:`shared.recommender.private_finetune` instead; ``fedrec train --dp`` does not. A
 tuned checkpoint is cached under the fedrec cache directory, so a second run reuses it; its
-catalog embeddings go through the shared embedding cache like any other checkpoint's. Costs:
-see docs/evaluation.md.
+catalog embeddings go through the shared embedding cache like any other checkpoint's. A
+federation's checkpoints are kept for the :data:`FEDERATED_ENCODERS_KEPT` last used, so that an
+operator running round after round cannot fill a node's disk (:func:`prune_federated_encoders`).
+Costs: see docs/evaluation.md.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from shared.recommender.text import (
+    EmbeddingCache,
     TextEncoder,
     cache_dir,
     item_texts,
@@ -54,6 +58,10 @@ BATCH_PAIRS = 32  # consecutive-product pairs per step (64 texts through the enc
 LEARNING_RATE = 2e-5
 TEMPERATURE = 0.05
 PACKABLE = ("bert", "roberta")  # encoders whose layers see no positions: texts can share a row
+FEDERATED_ENCODERS_KEPT = 4  # a run builds one; the last four runs' are kept
+# a checkpoint is read within seconds of being asked for (its embeddings, then its weights):
+# one unused this long is no other process's any more, and may go
+FEDERATED_ENCODER_IDLE_S = 600
 
 
 def consecutive_pairs(histories: list[np.ndarray]) -> np.ndarray:
@@ -258,21 +266,77 @@ def load_top_layers(encoder: TextEncoder, weights: dict[str, torch.Tensor], laye
 def tuned_checkpoint(base_model: str, weights: dict[str, torch.Tensor], layers: int) -> Path:
     """The checkpoint ``base_model`` with its top layers replaced by ``weights`` (a
     federation's aggregate), written once under the cache, keyed by the base and the weights:
-    the server and every node build the same one from the same weights."""
+    the server and every node build the same one from the same weights. Asking for it marks
+    it used (its mtime); the least recently used beyond :data:`FEDERATED_ENCODERS_KEPT` go."""
     base = resolve_model_path(base_model)
     key = hashlib.sha256(model_fingerprint(base).encode())
     for name in sorted(weights):
         key.update(name.encode())
         key.update(weights[name].float().contiguous().numpy().tobytes())
-    target = cache_dir() / "federated-encoders" / key.hexdigest()[:16]
-    if (target / "config.json").exists():
-        return target
+    target = federated_encoders_dir() / key.hexdigest()[:16]
+    with _federated_encoders_lock():  # never between a pruning's choice and its removal
+        if (target / "config.json").exists():
+            os.utime(target)
+            return target
     encoder = TextEncoder(str(base))
     load_top_layers(encoder, weights, layers)
     _save_checkpoint(
         encoder, target, {"base_model": base_model, "layers": layers, "federated": True}
     )
+    with _federated_encoders_lock():
+        os.utime(target)  # this process's, or another's that finished first
+    prune_federated_encoders()
     return target
+
+
+def federated_encoders_dir() -> Path:
+    """Where the checkpoints a federation's tuned layers make are cached."""
+    return cache_dir() / "federated-encoders"
+
+
+@contextmanager
+def _federated_encoders_lock() -> Iterator[None]:
+    """An exclusive ``flock`` shared by every process using the cache: a checkpoint is marked
+    used, or chosen and moved aside for removal, by one process at a time."""
+    directory = federated_encoders_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
+def prune_federated_encoders(
+    keep: int = FEDERATED_ENCODERS_KEPT, idle_s: float = FEDERATED_ENCODER_IDLE_S
+) -> list[str]:
+    """Remove the federated-encoder checkpoints beyond the ``keep`` most recently used that
+    no process used for ``idle_s`` seconds, with their catalog embeddings, and what a killed
+    process left half written as long ago; returns the names removed. A checkpoint in use is
+    never removed: it was asked for (marked used) moments ago."""
+    directory = federated_encoders_dir()
+    now = time.time()
+    removed = []
+    with _federated_encoders_lock():
+        last_used = {}
+        for path in directory.iterdir():
+            with suppress(FileNotFoundError):  # a staging dir another process just moved
+                if path.is_dir():
+                    last_used[path] = path.stat().st_mtime
+        entries = sorted(last_used, key=last_used.__getitem__, reverse=True)
+        complete = [p for p in entries if "." not in p.name]  # staging dirs have a suffix
+        surplus = complete[keep:] + [p for p in entries if "." in p.name]
+        for path in surplus:
+            if now - last_used[path] > idle_s:
+                aside = path.with_name(f"{path.name}.{os.getpid()}.removing")
+                path.rename(aside)  # gone for everyone at once: rebuilt if asked for again
+                removed.append(aside)
+    for aside in removed:
+        if (aside / "config.json").exists():
+            EmbeddingCache().forget(model_fingerprint(aside))
+        shutil.rmtree(aside, ignore_errors=True)
+    return [aside.name.split(".")[0] for aside in removed]
 
 
 def _save_checkpoint(encoder: TextEncoder, target: Path, report: dict) -> None:

@@ -262,6 +262,12 @@ class EmbeddingCache:
         with self._connect() as db:
             db.executemany("INSERT OR REPLACE INTO embedding VALUES (?, ?, ?)", rows)
 
+    def forget(self, model: str) -> int:
+        """Remove every embedding of the model of fingerprint ``model``; returns how many (the
+        file keeps its size, and the next rows fill the freed pages)."""
+        with self._connect() as db:
+            return db.execute("DELETE FROM embedding WHERE model = ?", [model]).rowcount
+
 
 def embed_texts(
     texts: Sequence[str],

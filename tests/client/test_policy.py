@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -
     assert deployed.require_dp and deployed.max_epsilon == 8.0
     assert deployed.min_exact_customers == 50 and deployed.max_epochs == 10
     assert deployed.max_rounds == 20 and deployed.max_steps == 10_000
-    assert deployed.max_model_weights == 500_000_000
+    assert deployed.max_model_weights == 500_000_000 and deployed.text_models == ("minilm",)
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
     relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
     assert not relaxed.require_dp
@@ -118,6 +119,30 @@ def test_a_model_larger_than_the_node_allows_is_refused() -> None:
     assert tight.model_refusal(small) is not None
 
 
+def test_a_deployed_node_loads_only_the_text_models_its_operator_lists(tmp_path: Path) -> None:
+    """The server names the text model a node loads (``text-model``, a name or a local path):
+    a deployed node loads the packaged MiniLM only unless its operator lists more, and refuses
+    any other name alike, existing directory or not, saying nothing of its files."""
+    deployed = NodePolicy.from_node_config({"data-dir": "/data"})
+    assert deployed.text_model_refusal("minilm") is None
+    checkpoint = tmp_path / "bert"
+    (checkpoint / "config.json").parent.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    existing, missing = str(checkpoint), str(tmp_path / "missing")
+    reasons = {name: deployed.text_model_refusal(name) for name in (existing, missing, "/etc")}
+    assert all(reason and "text-models" in reason for reason in reasons.values())
+    # the same words for a checkpoint, a missing path and a system directory
+    assert len({re.sub("'.*'", "NAME", reason) for reason in reasons.values()}) == 1
+    assert "..." in deployed.text_model_refusal("x" * 10**6)  # a long name is cut short
+    listed = parse_node_config(f"text-models=minilm,{checkpoint}")
+    policy = NodePolicy.from_node_config({"data-dir": "/data", **listed})
+    assert policy.text_models == ("minilm", str(checkpoint))
+    assert policy.text_model_refusal(existing) is None
+    reason = policy.text_model_refusal(missing)
+    assert reason is not None and existing not in reason  # never what the node has
+    assert NodePolicy().text_model_refusal("/etc") is None  # a simulated node: any
+
+
 def test_the_node_picks_its_own_delta_below_one_over_its_customers() -> None:
     policy = NodePolicy()
     assert policy.delta(RunConfig(dp=True), 2_000) == pytest.approx(1 / 20_000)
@@ -146,6 +171,7 @@ def test_the_public_customer_figure_never_is_the_exact_count() -> None:
         ("max-epochs=2.5", "whole number"),
         ("max-rounds=0", "max-rounds=.0.: expected a whole number >= 1"),
         ("max-steps=-3", "max-steps=.-3.: expected a whole number >= 0"),
+        ("text-models=,", "text-models=.,.: expected names or paths"),
     ],
 )
 def test_a_bad_node_config_is_refused_with_the_key_and_value(text: str, words: str) -> None:

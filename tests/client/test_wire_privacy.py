@@ -93,7 +93,12 @@ def test_a_node_sends_weights_and_aggregates_only(
         run_id=1,
         node_id=1,
         # a deployed node; its floor on exact figures lowered to this tiny node's size
-        node_config={"data-dir": str(node_dir), "require-dp": dp, "min-exact-customers": 1},
+        node_config={
+            "data-dir": str(node_dir),
+            "require-dp": dp,
+            "min-exact-customers": 1,
+            "text-models": str(tiny_bert_dir),
+        },
         state=RecordDict(),
         run_config={},
     )
@@ -158,9 +163,14 @@ def test_a_node_sends_weights_and_aggregates_only(
     )
 
 
-def deployed_context(node_dir: Path) -> Context:
-    """The context Flower gives a deployed node reading ``node_dir``."""
-    node_config = {"data-dir": str(node_dir), "min-exact-customers": 1}
+def deployed_context(node_dir: Path, text_model: Path | str) -> Context:
+    """The context Flower gives a deployed node reading ``node_dir``, that agrees to load
+    ``text_model``."""
+    node_config = {
+        "data-dir": str(node_dir),
+        "min-exact-customers": 1,
+        "text-models": str(text_model),
+    }
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
@@ -193,7 +203,7 @@ def test_a_node_refuses_weights_that_could_single_out_a_customer(
     records = {"arrays": arrays, "config": settings}
     if kind == "evaluate.guard":
         records["start"] = arrays
-    context = deployed_context(node_dir)
+    context = deployed_context(node_dir, tiny_bert_dir)
     before = accountant_state(node_dir)
     reply = app(Message(RecordDict(records), dst_node_id=1, message_type=kind), context)
     privacy = reply.content["privacy"]
@@ -223,7 +233,7 @@ def test_a_node_charges_a_runs_requests_in_the_order_of_their_rounds(
         settings["run-id"], settings["server-round"] = run_id, server_round
         content = RecordDict({"arrays": arrays, "config": settings})
         message = Message(content, dst_node_id=1, message_type=kind)
-        return dict(app(message, deployed_context(node)).content["privacy"])
+        return dict(app(message, deployed_context(node, tiny_bert_dir)).content["privacy"])
 
     assert "signature" in ask("train", 2)
     before = accountant_state(node)
@@ -253,7 +263,7 @@ def test_a_node_refuses_a_model_larger_than_its_policy_allows(
     message = Message(
         RecordDict({"arrays": arrays, "config": settings}), dst_node_id=1, message_type="train"
     )
-    privacy = app(message, deployed_context(node_dir)).content["privacy"]
+    privacy = app(message, deployed_context(node_dir, tiny_bert_dir)).content["privacy"]
     assert privacy["refused"] is True and "max-model-weights=500000000" in privacy["reason"]
     assert accountant_state(node_dir) == before
 
@@ -272,7 +282,7 @@ def test_a_node_refuses_a_run_id_that_is_not_a_runs_hash(
     settings = settings_record(config, config.target_epsilon, node.catalog_digest, node_dir.parent)
     settings["run-id"], settings["server-round"] = run_id, 1
     arrays = ArrayRecord({k: Array(v) for k, v in encode(trainable_state(model)).items()})
-    context = deployed_context(node_dir)
+    context = deployed_context(node_dir, tiny_bert_dir)
     before = accountant_state(node_dir)
     message = Message(
         RecordDict({"arrays": arrays, "config": settings}), dst_node_id=1, message_type="train"
@@ -317,7 +327,9 @@ def test_a_node_refuses_weights_that_are_not_floating_point(
     before = accountant_state(node_dir)
     guard = kind == "evaluate.guard"
     for sent, start in [(hostile, honest), (honest, hostile)] if guard else [(hostile, None)]:
-        reply = app(_message(kind, settings, sent, start), deployed_context(node_dir))
+        reply = app(
+            _message(kind, settings, sent, start), deployed_context(node_dir, tiny_bert_dir)
+        )
         privacy = reply.content["privacy"]
         assert privacy["refused"] is True, privacy
         assert f"id_in.weight is of dtype torch.{crafted.dtype}" in privacy["reason"]
@@ -358,8 +370,128 @@ def test_a_private_encoder_round_refuses_layers_that_are_not_the_encoders_before
         dst_node_id=1,
         message_type="train.encoder",
     )
-    reply = app(message, deployed_context(node_dir))
+    reply = app(message, deployed_context(node_dir, tiny_bert_dir))
     privacy = reply.content["privacy"]
     assert privacy["refused"] is True and "the server's encoder weights" in privacy["reason"]
     assert "arrays" not in reply.content and not reply.content["metrics"]
     assert accountant_state(node_dir) == before  # no spending
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["unlisted-checkpoint", "missing-path"])
+@pytest.mark.parametrize(
+    "kind", ["train", "train.tuned", "evaluate", "evaluate.guard", "train.encoder"]
+)
+def test_a_node_refuses_a_text_model_its_policy_does_not_list_before_reading_it(
+    node_dir: Path, tiny_bert_dir: Path, tmp_path: Path, kind: str, listed: bool, monkeypatch
+) -> None:
+    """The server names the text model a node loads: a hostile operator could make a deployed
+    node read a directory of its choosing, or tell by the error an existing path from a
+    missing one. A text model the node's text-models does not list is refused before anything
+    is read from disk (no node data, no checkpoint built from sent layers, no spending), in
+    the same words whether the path exists or not."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("read from disk before the text model was checked")
+
+    monkeypatch.setattr("client.client_app.load_node", never)
+    monkeypatch.setattr("client.client_app.tuned_checkpoint", never)
+    text_model = str(tmp_path / "missing") if listed else str(tiny_bert_dir)
+    config = RunConfig(**TINY_SETTINGS, dp=True, text_model=text_model, text_finetune_layers=1)
+    settings = settings_record(config, config.target_epsilon, "digest", node_dir.parent)
+    settings["run-id"], settings["server-round"] = "0" * 64, 1
+    layers = ArrayRecord({"encoder.layer.1.output.dense.bias": Array(np.zeros(32, np.float32))})
+    records = {"arrays": layers, "config": settings, "start": layers}
+    if kind == "train.tuned":  # a model round carrying the federation's tuned layers
+        records["text-encoder"], kind = layers, "train"
+    before = accountant_state(node_dir)
+    # listed: the node lists its own checkpoint, not the missing path the server names
+    context = deployed_context(node_dir, tiny_bert_dir if listed else "minilm")
+    reply = app(Message(RecordDict(records), dst_node_id=1, message_type=kind), context)
+    assert not reply.has_error(), reply.error
+    privacy = reply.content["privacy"]
+    assert privacy["refused"] is True and privacy["node"] == "regional-0"
+    shown = text_model[:40] + ("..." if len(text_model) > 40 else "")
+    assert privacy["reason"] == (  # the server's own name, nothing of the node's files
+        f"the request's text-model {shown!r} is not one this node's policy lets it load "
+        "(text-models)"
+    )
+    assert "arrays" not in reply.content and not reply.content["metrics"]
+    assert accountant_state(node_dir) == before
+    assert not (tmp_path / "cache" / "federated-encoders").exists()
+
+
+def _without(key: str):
+    return lambda records: records["config"].pop(key)
+
+
+def _setting(key: str, value: object):
+    return lambda records: records["config"].__setitem__(key, value)
+
+
+GARBAGE = ArrayRecord({"x": Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"x")})
+
+
+@pytest.mark.parametrize(
+    "kind, change, words",
+    [
+        ("train", _setting("bogus", 1), "unknown setting 'bogus'"),
+        ("evaluate", _setting("dim", "abc"), "setting 'dim' expects int, got 'abc'"),
+        ("train", _without("server-round"), "server-round must be a whole number >= 1, got None"),
+        ("evaluate.guard", _setting("server-round", "x"), "server-round must be a whole number"),
+        ("train", _setting("server-round", 1.5), "got 1.5"),
+        ("train.encoder", _setting("valid-fraction", 2.0), "valid-fraction must be a number"),
+        ("train", _setting("target_epsilon", 0.0), "target-epsilon must be in (0, 100]"),
+        ("train", lambda records: records.pop("config"), "server-round must be a whole number"),
+        ("train", lambda records: records.pop("arrays"), "the server's message holds no arrays"),
+        ("evaluate", lambda records: records.update(arrays=GARBAGE), "arrays are not tensors"),
+        ("evaluate.guard", lambda records: records.pop("start"), "message holds no start"),
+        (
+            "train",  # tuned encoder layers that are not the text model's top layer
+            lambda records: records.update({"text-encoder": ArrayRecord({"x": Array(np.ones(2))})}),
+            "the server's text-encoder: encoder weights: expected the top 1 layers'",
+        ),
+        (
+            "train.encoder",
+            _setting("text_finetune_rounds", 0),
+            "text-finetune-rounds (0) and clients (2) must be at least 1",
+        ),
+    ],
+)
+def test_a_malformed_message_is_refused_never_raised(
+    node_dir: Path, tiny_bert_dir: Path, kind: str, change, words: str, monkeypatch
+) -> None:
+    """A server's message of the wrong shape (an unknown or ill-typed setting, no round or a
+    round that is not a whole number, no weights, weights that are not tensors) raised out of
+    the ClientApp: Flower then answered the server with the exception's text, from wherever
+    the node had got to. The node now answers it with a refused report, as every other
+    refusal, before anything is spent."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    config = RunConfig(
+        **TINY_SETTINGS,
+        device=TEST_DEVICE,
+        dp=False,
+        clients=2,
+        text_model=str(tiny_bert_dir),
+        text_finetune_layers=1,
+    )
+    node = load_node(str(node_dir), config.text_model)
+    settings = settings_record(config, config.target_epsilon, node.catalog_digest, node_dir.parent)
+    settings["run-id"], settings["server-round"] = "0" * 64, 1
+    layers = top_layers(TextEncoder(config.text_model), 1)
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in layers.items()})
+    records = {"arrays": arrays, "config": settings, "start": arrays}
+    change(records)
+    before = accountant_state(node_dir)
+    reply = app(
+        Message(RecordDict(records), dst_node_id=1, message_type=kind),
+        deployed_context(node_dir, tiny_bert_dir),
+    )
+    assert not reply.has_error(), reply.error
+    privacy = reply.content["privacy"]
+    assert privacy["refused"] is True and words in privacy["reason"], privacy
+    assert "arrays" not in reply.content and not reply.content["metrics"]
+    assert accountant_state(node_dir) == before

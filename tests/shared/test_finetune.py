@@ -4,6 +4,8 @@ changes, the cache, and the run outputs that carry the tuned encoder."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,24 @@ from transformers import AutoModel
 from shared.data.dataset import leave_one_out, load_dataset
 from shared.recommender.artifacts import read_text_model
 from shared.recommender.finetune import (
+    FEDERATED_ENCODER_IDLE_S,
+    FEDERATED_ENCODERS_KEPT,
     FrozenPrefix,
     consecutive_pairs,
     contrastive_loss,
+    federated_encoders_dir,
     finetune_encoder,
+    prune_federated_encoders,
+    top_layers,
+    tuned_checkpoint,
 )
-from shared.recommender.text import TextEncoder, item_texts
+from shared.recommender.text import (
+    EmbeddingCache,
+    TextEncoder,
+    embed_texts,
+    item_texts,
+    model_fingerprint,
+)
 from simulations.cli import main
 
 
@@ -102,6 +116,48 @@ def test_only_the_top_layers_change_and_the_result_is_cached(
         finetune_encoder(
             dataset.items, histories, str(tiny_bert_dir), layers=3, steps=1, show_progress=False
         )
+
+
+def test_a_federations_checkpoints_are_kept_for_the_last_few_used_with_their_embeddings(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Every federated encoder round a run ends with builds a checkpoint at each node and its
+    catalog's embeddings, keyed by the weights: an operator running run after run grew a
+    node's disk without bound. Only the last few used are kept, with their embeddings; one
+    asked for moments ago (which another process may be reading) never goes, and neither do
+    the embeddings of another model."""
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    layers = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
+    texts = ["a red lipstick", "shampoo for dry hair"]
+    embed_texts(texts, str(tiny_bert_dir), show_progress=False)  # the base's: never pruned
+    built = []
+    for shift in range(FEDERATED_ENCODERS_KEPT + 2):
+        tuned = tuned_checkpoint(str(tiny_bert_dir), {k: v + shift for k, v in layers.items()}, 1)
+        embed_texts(texts, str(tuned), show_progress=False)
+        built.append((tuned, model_fingerprint(tuned)))
+    assert all(path.exists() for path, _ in built)  # each in use moments ago: all kept
+    long_ago = time.time() - FEDERATED_ENCODER_IDLE_S - 60
+    for age, (path, _) in enumerate(built):  # the first built is the least recently used
+        os.utime(path, (long_ago - 100 + age, long_ago - 100 + age))
+    staging = federated_encoders_dir() / "0123456789abcdef.999.partial"  # a killed writer's
+    staging.mkdir()
+    os.utime(staging, (long_ago, long_ago))
+    assert (
+        tuned_checkpoint(str(tiny_bert_dir), {k: v + 1 for k, v in layers.items()}, 1)
+        == (built[1][0])
+    )  # asked for again: used now, kept
+    removed = prune_federated_encoders()
+    assert sorted(removed) == sorted([built[0][0].name, built[2][0].name, staging.name[:16]])
+    kept = [built[1], *built[3:]]
+    assert sorted(p.name for p in federated_encoders_dir().iterdir() if p.is_dir()) == sorted(
+        path.name for path, _ in kept
+    )
+    cache = EmbeddingCache()
+    for path, fingerprint in built:
+        assert len(cache.get(fingerprint, texts)) == (2 if (path, fingerprint) in kept else 0)
+    assert len(cache.get(model_fingerprint(tiny_bert_dir), texts)) == 2
+    assert prune_federated_encoders() == []  # the kept are the last used
+    assert (tuned_checkpoint(str(tiny_bert_dir), layers, 1) / "config.json").exists()  # rebuilt
 
 
 @pytest.mark.e2e

@@ -78,9 +78,10 @@ def deployed(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory
             "300",
             "--quiet",
             "--node-config",
-            # a deployed node requires DP unless its operator says otherwise, and gives no
-            # exact figure over fewer than 50 customers (these tiny nodes hold fewer)
-            "require-dp=false min-exact-customers=1",
+            # a deployed node requires DP unless its operator says otherwise, gives no exact
+            # figure over fewer than 50 customers (these tiny nodes hold fewer) and loads no
+            # text model but the packaged MiniLM unless its operator lists it
+            f"require-dp=false min-exact-customers=1 text-models={tiny_bert_dir}",
             *settings,
         ]
     )
@@ -170,7 +171,8 @@ def faulted(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory)
         federation.start_superlink()
         for node in range(3):
             name = f"node-{node}"
-            federation.start_node(name, partitions / name, federation.node_key(name))
+            policy = {"text-models": str(tiny_bert_dir)}  # else only the packaged MiniLM
+            federation.start_node(name, partitions / name, federation.node_key(name), policy=policy)
         federation.wait_for_nodes(3)
         first = federation.submit(config)
         # node 2 dies (with its ClientApp) as soon as it is handed round 1
