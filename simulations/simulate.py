@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--partition",
         choices=("regional", "merchant"),
         default=None,
-        help="regional: customers split across nodes; merchant: each node "
+        help="regional: customers split across nodes (by the region their events name when "
+        "the data have a region column; --set regions=off ignores it); merchant: each node "
         f"holds the events on its own products (default: {RunConfig.partition})",
     )
     parser.add_argument(

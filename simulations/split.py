@@ -21,7 +21,13 @@ CATALOG = "catalog"
 
 
 def split_dataset(
-    data: Path, out: Path, nodes: int, partition: str, seed: int = 0, alpha: float = 0.0
+    data: Path,
+    out: Path,
+    nodes: int,
+    partition: str,
+    seed: int = 0,
+    alpha: float = 0.0,
+    by_region: bool = True,
 ) -> tuple[Path, list[Path]]:
     """Write ``out/catalog`` and ``out/node-1..N``; returns the catalog and the node
     directories."""
@@ -31,7 +37,9 @@ def split_dataset(
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        directories = write_partitions(dataset, staging, nodes, partition, alpha, seed, first=1)
+        directories = write_partitions(
+            dataset, staging, nodes, partition, alpha, seed, first=1, by_region=by_region
+        )
         (staging / CATALOG).mkdir()
         dataset.items.to_csv(staging / CATALOG / "items.csv.gz", index=False)
         staging.rename(out)
@@ -57,7 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dirichlet-alpha",
         type=float,
         default=0.0,
-        help="regional only: 0 = customers IID across nodes; > 0 skews regions by category",
+        help="regional only: 0 = customers by region, else IID across nodes; > 0 skews the "
+        "nodes by category",
+    )
+    parser.add_argument(
+        "--regions",
+        choices=("auto", "off"),
+        default="auto",
+        help="regional only: auto = each customer goes with the region their events name (the "
+        "data's region column, when it has one); off = ignore it",
     )
 
 
@@ -66,7 +82,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("fedrec: --nodes must be at least 1")
     try:
         catalog, nodes = split_dataset(
-            args.data, args.out, args.nodes, args.partition, args.seed, args.dirichlet_alpha
+            args.data,
+            args.out,
+            args.nodes,
+            args.partition,
+            args.seed,
+            args.dirichlet_alpha,
+            by_region=args.regions == "auto",
         )
     except FileExistsError as error:
         raise SystemExit(f"fedrec: {error}") from None

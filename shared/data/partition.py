@@ -1,7 +1,9 @@
 """Split one dataset into per-node dataset directories, as a federation would hold them.
 
-- ``regional``: customers are split across nodes, IID or (``alpha`` > 0) skewed by a Dirichlet
-  over each customer's dominant top-level category; a node holds its customers' whole histories.
+- ``regional``: customers are split across nodes by the region their events name (the data's
+  ``region`` column; ``regions=off`` ignores it), else IID, or (``alpha`` > 0) skewed by a
+  Dirichlet over each customer's dominant top-level category; a node holds its customers'
+  whole histories.
 - ``merchant``: products belong to merchants (an item's ``merchant_id``, else the one its events
   name, else its top-level category); node k holds every event on merchant k's products.
 
@@ -48,13 +50,7 @@ def item_merchants(
         keys = ("merchant:" + merchant).where(merchant != "", category)
         if keys.nunique() >= num_nodes or (merchant != "").all():
             break
-    # largest groups first, each to the currently smallest node: balanced and deterministic
-    sizes = keys.value_counts()
-    load, owner = np.zeros(num_nodes), {}
-    for key, size in sizes.items():
-        node = int(np.argmin(load))
-        owner[key], load[node] = node, load[node] + size
-    return keys.map(owner).to_numpy()
+    return keys.map(balanced_owner(keys.value_counts(), num_nodes)).to_numpy()
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -75,11 +71,66 @@ def fragment_histories(histories: list[np.ndarray], owner: np.ndarray) -> list[n
     return pieces
 
 
-def user_nodes(dataset: Dataset, num_nodes: int, alpha: float, seed: int) -> dict[str, int]:
-    """Node of each customer: IID, or Dirichlet(alpha)-skewed by dominant top-level category."""
+def balanced_owner(sizes: pd.Series, num_nodes: int) -> dict:
+    """Node of each group (``sizes``: its size by key, largest first, as ``value_counts``
+    gives them): each group to the currently smallest node; balanced and deterministic."""
+    load, owner = np.zeros(num_nodes), {}
+    for key, size in sizes.items():
+        node = int(np.argmin(load))
+        owner[key], load[node] = node, load[node] + size
+    return owner
+
+
+def customer_regions(dataset: Dataset) -> pd.Series:
+    """Each customer's region: the one most of their events name (``region``), empty where
+    none does; an empty series where the data have no ``region`` column."""
+    events = dataset.interactions
+    if "region" not in events:
+        return pd.Series(dtype=str)
+    named = events.assign(region=_column(events, "region"))
+    named = named[named["region"] != ""]
+    regions = named.groupby("user_id")["region"].agg(lambda s: s.value_counts().index[0])
+    return regions.reindex(events["user_id"].unique()).fillna("")
+
+
+def region_nodes(regions: pd.Series, num_nodes: int, rng: np.random.Generator) -> dict[str, int]:
+    """Node of each customer by region (``regions``: customer -> region, empty: none). With at
+    least as many regions as nodes each region goes whole to one node (:func:`balanced_owner`);
+    with fewer, each region gets nodes in proportion to its customers (at least one: the
+    D'Hondt rule) and its customers are spread over them at random. Customers without a region
+    are spread over all nodes at random."""
+    named = regions[regions != ""]
+    sizes = named.value_counts()
+    assignment: dict[str, int] = {}
+    if len(sizes) >= num_nodes:
+        owner = balanced_owner(sizes, num_nodes)
+        assignment.update(zip(named.index, named.map(owner), strict=True))
+    else:
+        shares = np.ones(len(sizes), dtype=int)
+        for _ in range(num_nodes - len(sizes)):
+            shares[int(np.argmax(sizes.to_numpy() / (shares + 1)))] += 1
+        first = np.concatenate([[0], np.cumsum(shares)[:-1]])
+        for (region, _), start, count in zip(sizes.items(), first, shares, strict=True):
+            customers = named.index[named == region]
+            nodes = start + rng.permutation(len(customers)) % count
+            assignment.update(zip(customers, nodes, strict=True))
+    unnamed = regions.index[regions == ""]
+    assignment.update(zip(unnamed, rng.permutation(len(unnamed)) % num_nodes, strict=True))
+    return {user: int(node) for user, node in assignment.items()}
+
+
+def user_nodes(
+    dataset: Dataset, num_nodes: int, alpha: float, seed: int, by_region: bool = True
+) -> dict[str, int]:
+    """Node of each customer: Dirichlet(``alpha``)-skewed by dominant top-level category when
+    ``alpha`` > 0, else by region when the data name one (``by_region``: :func:`region_nodes`),
+    else IID."""
     rng = np.random.default_rng(seed)
     users = dataset.interactions["user_id"].unique()
     if alpha <= 0:
+        regions = customer_regions(dataset) if by_region else pd.Series(dtype=str)
+        if (regions != "").any():
+            return region_nodes(regions, num_nodes, rng)
         return dict(zip(users, rng.permutation(len(users)) % num_nodes, strict=True))
     top = dataset.items["categories"].astype(str).str.split("|").str[:2].str.join("|").to_numpy()
     events = dataset.interactions.assign(top=top[dataset.interactions["item_idx"].to_numpy()])
@@ -126,10 +177,12 @@ def write_partitions(
     seed: int = 0,
     holdout: np.ndarray | None = None,
     first: int = 0,
+    by_region: bool = True,
 ) -> list[Path]:
     """Write ``out/node-<k>/`` for k in first..first+num_nodes-1 (Flower's simulation numbers
     nodes from 0, a pilot's ``fedrec data split`` from 1), without the ``holdout`` file rows
-    (the server's evaluation events); returns the directories."""
+    (the server's evaluation events); a regional partition follows the data's regions unless
+    ``by_region`` is false (:func:`user_nodes`). Returns the directories."""
     if scheme not in SCHEMES:
         raise ValueError(f"partition must be one of {SCHEMES}, got {scheme!r}")
     if num_nodes < 1:
@@ -139,7 +192,7 @@ def write_partitions(
         events = events[~events["row"].isin(holdout)]
     items = dataset.items
     if scheme == "regional":
-        node_of_user = user_nodes(dataset, num_nodes, alpha, seed)
+        node_of_user = user_nodes(dataset, num_nodes, alpha, seed, by_region)
         node_of_event = events["user_id"].map(node_of_user).to_numpy()
         catalogs = [None] * num_nodes
     else:
@@ -227,6 +280,7 @@ def ensure_partitions(
             config.dirichlet_alpha,
             config.seed,
             held,
+            by_region=config.regions == "auto",
         )
         if prepare is not None:
             prepare(staging, directories)

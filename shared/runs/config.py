@@ -94,6 +94,7 @@ class RunConfig:
     local_batch_size: int = 32  # smaller steps at the nodes: more progress per round
     partition: str = "regional"
     dirichlet_alpha: float = 0.0  # 0 = IID customers; >0 skews regions by dominant category
+    regions: str = "auto"  # regional: auto = by the data's region column when it has one; off
     strategy: str = "fedavg"
     server_lr: float = 1.0
     proximal_mu: float = 0.0
@@ -142,6 +143,8 @@ class RunConfig:
             raise ValueError(f"dp-id-scale must be a positive number, got {self.dp_id_scale:g}")
         if self.dp_denoise not in ("auto", "on", "off"):
             raise ValueError(f"dp-denoise must be auto, on or off, got {self.dp_denoise!r}")
+        if self.regions not in ("auto", "off"):
+            raise ValueError(f"regions must be auto or off, got {self.regions!r}")
         if self.reverse_histories == "on" and (self.dp or self.node_dp):
             raise ValueError(
                 "reverse-histories=on makes each customer two training sequences, which DP "

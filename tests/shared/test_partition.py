@@ -63,7 +63,7 @@ def largest_mix_difference(nodes: list[Dataset]) -> float:
 
 
 def test_regional_iid_covers_every_customer_exactly_once(dataset: Dataset, tmp_path: Path) -> None:
-    directories = write_partitions(dataset, tmp_path, NODES, "regional", 0.0, seed=0)
+    directories = write_partitions(dataset, tmp_path, NODES, "regional", 0.0, 0, by_region=False)
     assert directories == [tmp_path / f"node-{k}" for k in range(NODES)]
     nodes = load_nodes(directories)
     check_complete(dataset, nodes)
@@ -85,15 +85,17 @@ def test_regional_iid_covers_every_customer_exactly_once(dataset: Dataset, tmp_p
 
 
 def test_regional_partition_is_deterministic(dataset: Dataset, tmp_path: Path) -> None:
-    first = write_partitions(dataset, tmp_path / "a", 2, "regional", 0.0, seed=7)
-    second = write_partitions(dataset, tmp_path / "b", 2, "regional", 0.0, seed=7)
-    other = write_partitions(dataset, tmp_path / "c", 2, "regional", 0.0, seed=8)
+    first = write_partitions(dataset, tmp_path / "a", 2, "regional", 0.0, 7, by_region=False)
+    second = write_partitions(dataset, tmp_path / "b", 2, "regional", 0.0, 7, by_region=False)
+    other = write_partitions(dataset, tmp_path / "c", 2, "regional", 0.0, 8, by_region=False)
     users = [set(load_dataset(d).interactions["user_id"]) for d in (first[0], second[0], other[0])]
     assert users[0] == users[1] != users[2]
 
 
 def test_dirichlet_skew_makes_node_mixes_differ(dataset: Dataset, tmp_path: Path) -> None:
-    iid = load_nodes(write_partitions(dataset, tmp_path / "iid", NODES, "regional", 0.0, seed=0))
+    iid = load_nodes(
+        write_partitions(dataset, tmp_path / "iid", NODES, "regional", 0.0, 0, by_region=False)
+    )
     skewed = load_nodes(
         write_partitions(dataset, tmp_path / "skew", NODES, "regional", 0.1, seed=0)
     )
@@ -259,3 +261,67 @@ def test_cold_items_are_at_no_node_and_only_they_are_missing(
     assert union == events(kept[~on_cold])
     experiment_cold = cold_item_indices(dataset.num_items, config.cold_items, config.seed)
     assert np.array_equal(experiment_cold, cold)
+
+
+def with_regions(dataset: Dataset, region_of: dict[str, str]) -> Dataset:
+    """``dataset`` whose events name their customer's region from ``region_of`` (empty: none)."""
+    events = dataset.interactions.assign(region=dataset.interactions["user_id"].map(region_of))
+    return Dataset(interactions=events, items=dataset.items, report=dataset.report)
+
+
+def node_customers(directories: list[Path]) -> list[set[str]]:
+    return [set(load_dataset(d).interactions["user_id"]) for d in directories]
+
+
+def test_a_regional_partition_keeps_each_region_at_one_node(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    users = sorted(dataset.interactions["user_id"].unique())
+    names = ["north", "south", "east", "west", "centre"]
+    region_of = {u: names[k % 5] for k, u in enumerate(users)}
+    regional = with_regions(dataset, region_of)
+    directories = write_partitions(regional, tmp_path / "r", NODES, "regional", 0.0, seed=0)
+    check_complete(regional, load_nodes(directories))
+    customers = node_customers(directories)
+    for name in names:  # every region whole at one node
+        members = {u for u, r in region_of.items() if r == name}
+        assert sum(bool(members & c) for c in customers) == 1
+    assert all(customers)  # five regions over three nodes: none empty
+    # ignoring the column, the customers are IID again: regions spread over every node
+    ignored = node_customers(
+        write_partitions(regional, tmp_path / "i", NODES, "regional", 0.0, 0, by_region=False)
+    )
+    unnamed = with_regions(dataset, dict.fromkeys(users, ""))
+    assert ignored == node_customers(
+        write_partitions(unnamed, tmp_path / "n", NODES, "regional", 0.0, seed=0)
+    )
+
+
+def test_fewer_regions_than_nodes_give_the_larger_region_more_nodes(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    users = sorted(dataset.interactions["user_id"].unique())
+    # three quarters in one region, a quarter in another, a few customers without one
+    region_of = {u: "big" if k % 4 else "small" for k, u in enumerate(users)}
+    for u in users[:9]:
+        region_of[u] = ""
+    directories = write_partitions(
+        with_regions(dataset, region_of), tmp_path, 4, "regional", 0.0, seed=0
+    )
+    customers = node_customers(directories)
+    big = {u for u, r in region_of.items() if r == "big"}
+    small = {u for u, r in region_of.items() if r == "small"}
+    holding_big = [k for k, c in enumerate(customers) if c & big]
+    holding_small = [k for k, c in enumerate(customers) if c & small]
+    assert len(holding_big) == 3 and len(holding_small) == 1
+    assert not set(holding_big) & set(holding_small)  # a node holds one region
+    sizes = [len(customers[k] & big) for k in holding_big]
+    assert max(sizes) - min(sizes) <= 1  # a region's customers spread evenly
+    unnamed = set(users[:9])
+    assert set().union(*customers) >= unnamed  # customers without a region are kept too
+    assert sum(len(c) for c in customers) == dataset.num_users
+
+
+def test_the_regions_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="regions must be auto or off"):
+        RunConfig(regions="yes")
