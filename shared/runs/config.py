@@ -247,12 +247,32 @@ class RunConfig:
 
 
 def _coerce(value: Any, kind: type, key: str) -> Any:
-    if kind is bool and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0"):
+    """``value`` as the setting ``key``'s ``kind``: text as the command line and TOML give it,
+    or a value of that kind (a whole number for an ``int``, any number for a ``float``, a
+    boolean or 0/1 for a ``bool``); anything else (a list, a fraction for a whole number, a
+    number for a name) is refused with the setting's name, never silently converted."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower() if isinstance(value, str) or value in (0, 1) else None
+        if text not in ("true", "false", "1", "0"):
             raise ValueError(f"setting {key!r} expects true/false, got {value!r}")
-        return value.lower() in ("true", "1")
+        return text in ("true", "1")
     try:
-        return kind(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if not (number or isinstance(value, str)):
+            raise TypeError
+        if kind is int:
+            if isinstance(value, str):
+                return int(value)
+            if value != int(value):  # a fraction is not a whole number (16.9 is not 16)
+                raise ValueError
+            return int(value)
+        return float(value)
     except (TypeError, ValueError, OverflowError):  # int(inf) overflows
         raise ValueError(f"setting {key!r} expects {kind.__name__}, got {value!r}") from None
 

@@ -71,11 +71,31 @@ def test_from_flat_coerces_strings() -> None:
         # a server message's number: int(inf) raised an OverflowError naming no setting
         ({"layers": float("inf")}, "layers"),
         ({"dp-rounds": float("-inf")}, "dp-rounds"),
+        # a server message's value of another kind is refused, never converted
+        ({"dim": 16.9}, "dim"),
+        ({"dp": [1, 2]}, "dp"),
+        ({"dp": 2}, "dp"),
+        ({"dp": 0.5}, "dp"),
+        ({"dp-batch-size": True}, "dp-batch-size"),
+        ({"target-epsilon": False}, "target-epsilon"),
+        ({"target-epsilon": [8.0]}, "target-epsilon"),
+        ({"text-model": 5}, "text-model"),
+        ({"text-model": ["minilm"]}, "text-model"),
+        ({"fusion": b"gate"}, "fusion"),
     ],
 )
 def test_from_flat_rejects_unknown_keys_and_bad_values(values: dict, key: str) -> None:
     with pytest.raises(ValueError, match=re.escape(repr(key))):
         RunConfig.from_flat(values)
+
+
+def test_from_flat_takes_each_kind_as_text_or_as_itself() -> None:
+    config = RunConfig.from_flat(
+        {"dim": 16.0, "layers": "2", "dp": 1, "refit": "false", "lr": 3, "target-epsilon": "4.5"}
+    )
+    assert (config.dim, config.layers, config.dp, config.refit) == (16, 2, True, False)
+    assert (config.lr, config.target_epsilon) == (3.0, 4.5)
+    assert isinstance(config.dim, int) and isinstance(config.lr, float)
 
 
 def test_coerce_names_the_key() -> None:
