@@ -53,7 +53,7 @@ from typing import Any
 from shared.federation.node_directory import round_down_2sf
 from shared.recommender.model import ModelConfig
 from shared.recommender.training import steps_per_epoch
-from shared.runs.config import RunConfig
+from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, RunConfig
 
 DEPLOYED_MAX_EPSILON = 8.0
 DEPLOYED_MIN_EXACT_CUSTOMERS = 50
@@ -195,12 +195,19 @@ class NodePolicy:
             )
         if not request.dp:
             return None
-        # zero or negative noise would make a private answer exact, and its cost unaccountable
-        for name in ("eval_noise_multiplier", "dp_guard_noise_scale"):
-            if not 0 < (sigma := getattr(request, name)) < math.inf:
+        # an answer's noise the server does not account (zero or negative noise would also
+        # make it exact) would be charged here and then thrown away by the server
+        answers = (  # (setting, its value, the noise multiplier it gives here)
+            ("eval-noise-multiplier", request.eval_noise_multiplier, request.eval_noise_multiplier),
+            ("dp-guard-noise-scale", request.dp_guard_noise_scale, request.guard_noise(customers)),
+        )
+        for name, setting, sigma in answers:
+            if not MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER:
                 return (
-                    f"the request's {name.replace('_', '-')} {sigma:g} is not a positive "
-                    "number: a private answer needs noise"
+                    f"the request's {name} {setting:g} gives this node's private answer (of "
+                    f"{customers} customers) noise multiplier {sigma:g}, outside "
+                    f"[{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]: the server "
+                    "accounts no other"
                 )
         low, high = CLIP_RANGE
         if not low <= request.max_grad_norm <= high:

@@ -278,13 +278,19 @@ def test_a_node_that_answers_the_guard_never_trains_on_the_events_it_compares_on
 
 @pytest.mark.parametrize(
     "noise, words",
-    [(1e-9, "alone spend more than"), (0.0, "not a positive number"), (float("nan"), "not a")],
+    [
+        (1e-3, "alone spend more than"),
+        (1e-9, "outside [0.001, 1e+06]"),  # a noise multiplier the server would not account
+        (0.0, "outside [0.001, 1e+06]"),
+        (float("nan"), "outside [0.001, 1e+06]"),
+    ],
 )
 def test_a_guard_noise_too_small_for_the_budget_is_refused_before_anything_is_spent(
     node_setup, noise: float, words: str
 ) -> None:
     """A curious operator asking for a near-exact start guard (a tiny, zero or NaN
-    ``dp-guard-noise-scale``) gets a refusal from the node's policy, for training and for the
+    ``dp-guard-noise-scale``, or one whose noise multiplier the server does not account)
+    gets a refusal from the node's policy, for training and for the
     guard alike, and nothing is computed or charged."""
     node, config, state = node_setup
     exact = RunConfig(**{**config.to_dict(), "dp_guard_noise_scale": noise})
@@ -431,11 +437,11 @@ def test_max_steps_bounds_the_steps_a_tiny_batch_would_plan() -> None:
 def test_evaluations_too_exact_for_the_budget_are_refused_before_anything_is_spent(
     node_setup,
 ) -> None:
-    """A tiny positive eval-noise-multiplier passes "positive" but its evaluations alone spend
-    more than the budget, so no DP-SGD noise could meet it: the node refuses (the server
-    ledgers a refusal) instead of failing its calibration with an error."""
+    """A small eval-noise-multiplier within the range the server accounts can still make the
+    evaluations alone spend more than the budget, so that no DP-SGD noise could meet it: the
+    node refuses (the server ledgers a refusal) instead of failing its calibration."""
     node, config, state = node_setup
-    exact = RunConfig(**{**config.to_dict(), "federated_eval": True, "eval_noise_multiplier": 1e-9})
+    exact = RunConfig(**{**config.to_dict(), "federated_eval": True, "eval_noise_multiplier": 1e-2})
     for reason in (
         NodePolicy().refusal(exact, CUSTOMERS),
         NodePolicy().refusal(exact, CUSTOMERS, training=False),
@@ -447,7 +453,7 @@ def test_evaluations_too_exact_for_the_budget_are_refused_before_anything_is_spe
     assert not NodePrivacy(node.directory).path.exists()  # nothing spent, nothing written
     noisy = RunConfig(**{**config.to_dict(), "federated_eval": True})  # the default noise: 10
     assert NodePolicy().refusal(noisy, CUSTOMERS) is None
-    assert NodePolicy().refusal(RunConfig(dp=True, eval_noise_multiplier=1e-9), CUSTOMERS) is None
+    assert NodePolicy().refusal(RunConfig(dp=True, eval_noise_multiplier=1e-2), CUSTOMERS) is None
 
 
 def test_the_closed_form_for_evaluations_agrees_with_the_prv_accountant() -> None:
