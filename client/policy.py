@@ -37,8 +37,15 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   cap in a simulation.
 - ``max-model-weights``: the most weights the model a request asks for may hold
   (``ModelConfig.weight_count``: its dim, layers and the catalog's size), so that no setting
-  can exhaust the node's memory. Default 500,000,000 (2 GB in float32) for a deployed node, no
-  cap in a simulation.
+  can exhaust the node's memory. Default 500,000,000 (2 GB in float32; training holds about
+  six times the weights: the server's, the model's, its gradient and its optimiser's) for a
+  deployed node, no cap in a simulation.
+- ``max-step-activations``: the most values the largest activations of one step may hold
+  (:func:`step_activations`: the scores of the customers one step computes over every
+  position and product, plus their attention), what sets a step's memory beside the weights
+  (about 12 to 18 bytes a value, measured); the batch sizes, ``max-len`` and ``heads`` of a
+  request set it, with the catalog's size and the node's public customer figure. Default
+  500,000,000 (about 10 GB) for a deployed node, no cap in a simulation.
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -51,8 +58,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.federation.node_directory import round_down_2sf
+from shared.recommender.metrics import RANK_BATCH
 from shared.recommender.model import ModelConfig
-from shared.recommender.training import steps_per_epoch
+from shared.recommender.training import PHYSICAL_BATCHES, steps_per_epoch
 from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, RunConfig
 
 DEPLOYED_MAX_EPSILON = 8.0
@@ -63,6 +71,11 @@ DEPLOYED_MAX_STEPS = 10_000
 # 500 M weights, 2 GB in float32: 37 times Amazon Beauty's default model (13.5 M), room for a
 # catalog of a million products at dim 128 (256 M)
 DEPLOYED_MAX_MODEL_WEIGHTS = 500_000_000
+# 500 M values, about 10 GB at a step's measured 12 to 18 bytes a value: 16 times what Amazon
+# Beauty's default private step holds (31 M: 128 customers x 20 positions x 12,101 products),
+# room for a private step over a whole Beauty node at once (133 M) or a catalog of 190,000
+# products at the default settings
+DEPLOYED_MAX_STEP_ACTIVATIONS = 500_000_000
 # the clipping norms a node accepts: below the lower end DP-SGD's noise (sigma x the norm)
 # reaches float32's denormals, which flush to zero on the node (some coordinates would leave
 # with no noise at all); above the upper end one step is about one customer's unbounded say
@@ -77,6 +90,7 @@ POLICY_KEYS = (
     "max-rounds",
     "max-steps",
     "max-model-weights",
+    "max-step-activations",
 )
 
 
@@ -134,12 +148,13 @@ class NodePolicy:
     max_rounds: int | None = None
     max_steps: int | None = None
     max_model_weights: int | None = None
+    max_step_activations: int | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
         ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10 max-rounds=20
-        max-steps=10000 max-model-weights=500000000``."""
+        max-steps=10000 max-model-weights=500000000 max-step-activations=500000000``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
         max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
@@ -153,6 +168,9 @@ class NodePolicy:
         max_steps = node_config.get("max-steps", DEPLOYED_MAX_STEPS if deployed else None)
         max_weights = node_config.get(
             "max-model-weights", DEPLOYED_MAX_MODEL_WEIGHTS if deployed else None
+        )
+        max_activations = node_config.get(
+            "max-step-activations", DEPLOYED_MAX_STEP_ACTIVATIONS if deployed else None
         )
         return cls(
             require_dp=_flag(require, "require-dp"),
@@ -168,6 +186,9 @@ class NodePolicy:
             max_model_weights=None
             if max_weights is None
             else _at_least_one(max_weights, "max-model-weights"),
+            max_step_activations=None
+            if max_activations is None
+            else _at_least_one(max_activations, "max-step-activations"),
         )
 
     def refusal(self, request: RunConfig, customers: int, training: bool = True) -> str | None:
@@ -183,9 +204,7 @@ class NodePolicy:
             request.dp_local_epochs
             if request.dp
             else max(request.local_epochs, request.max_local_epochs)
-            # a history also learnt backwards is a second pass over it (never under any DP:
-            # shared.recommender.training.learns_reversed)
-            * (2 if request.reverse_histories != "off" and not request.private else 1)
+            * sequences_per_history(request)
         )
         if training and self.max_epochs is not None and epochs > self.max_epochs:
             return (
@@ -273,6 +292,25 @@ class NodePolicy:
             f"max-model-weights={self.max_model_weights}"
         )
 
+    def step_refusal(self, request: RunConfig, model: ModelConfig, customers: int) -> str | None:
+        """Why this node, of ``customers`` (its public figure), refuses the steps ``request``
+        would take with ``model`` (their activations above its ``max-step-activations``: an
+        operator's batch sizes must not exhaust its machine), or None."""
+        if self.max_step_activations is None:
+            return None
+        count = step_activations(request, model, customers)
+        if count <= self.max_step_activations:
+            return None
+        batch = "dp-batch-size" if request.dp else "local-batch-size"
+        size = request.dp_batch_size if request.dp else request.local_batch_size
+        return (
+            f"one step of the request at this node of {customers} customers holds {count:,} "
+            f"activation values ({batch} {size}, {model.max_len} positions (max-len or "
+            f"dp-max-len), {model.num_items:,} products, {model.layers} layers of "
+            f"{model.heads} heads), above this node's "
+            f"max-step-activations={self.max_step_activations}"
+        )
+
     def budget(self, request: RunConfig) -> float:
         """The epsilon this node may spend in total: the request's, capped by its own."""
         if self.max_epsilon is None:
@@ -305,6 +343,29 @@ def planned_steps(request: RunConfig, customers: int) -> int:
         per_round, _ = steps_per_epoch(customers, request.dp_encoder_batch)
         steps += per_round * request.text_finetune_rounds
     return steps
+
+
+def sequences_per_history(request: RunConfig) -> int:
+    """The training sequences a customer's history may give without DP: two when it may also
+    be learnt backwards (``reverse-histories`` not off; never under any DP:
+    shared.recommender.training.learns_reversed), else one."""
+    return 2 if request.reverse_histories != "off" and not request.private else 1
+
+
+def step_activations(request: RunConfig, model: ModelConfig, customers: int) -> int:
+    """The most activation values (:meth:`ModelConfig.activation_count`) one step of
+    ``request`` holds at a node of ``customers`` (its public figure), ``model`` being the one
+    it asks for: a training step (under DP the expected Poisson batch, at most the customers,
+    in :data:`PHYSICAL_BATCHES` passes; else ``local-batch-size`` sequences, at most the
+    customers' histories, twice that when learnt both ways) or an evaluation step
+    (:data:`RANK_BATCH` customers ranked at once). A private encoder step holds what its code
+    fixes (8 customers a pass: shared.recommender.private_finetune.CHUNK), whatever the batch."""
+    if request.dp:
+        at_once = math.ceil(min(request.dp_batch_size, customers) / PHYSICAL_BATCHES)
+    else:
+        at_once = min(request.local_batch_size, customers * sequences_per_history(request))
+    training = model.activation_count(max(at_once, 0))
+    return max(training, model.activation_count(min(RANK_BATCH, customers), training=False))
 
 
 def releases_exceed(releases: tuple[tuple[float, int], ...], epsilon: float, delta: float) -> bool:

@@ -27,6 +27,7 @@ from client.policy import (
     parse_node_config,
     planned_steps,
     releases_exceed,
+    step_activations,
 )
 from server.privacy.ledger import read_ledger
 from shared.data.dataset import load_dataset
@@ -47,6 +48,7 @@ def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -
     assert deployed.min_exact_customers == 50 and deployed.max_epochs == 10
     assert deployed.max_rounds == 20 and deployed.max_steps == 10_000
     assert deployed.max_model_weights == 500_000_000
+    assert deployed.max_step_activations == 500_000_000
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
     relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
     assert not relaxed.require_dp
@@ -116,6 +118,50 @@ def test_a_model_larger_than_the_node_allows_is_refused() -> None:
     assert NodePolicy().model_refusal(huge) is None  # a simulated node: no cap
     tight = NodePolicy.from_node_config({"data-dir": "/d", "max-model-weights": 1000})
     assert tight.model_refusal(small) is not None
+
+
+def test_a_step_larger_than_the_node_allows_is_refused() -> None:
+    """A batch size the server chooses sets what one step allocates (its scores: customers x
+    positions x products, and its attention): a deployed node accepts every default setting
+    of Amazon Beauty (12,101 products, 2,236 customers a node) and refuses a step above its
+    max-step-activations, counted from the request and its public customer figure alone."""
+    policy = NodePolicy.from_node_config({"data-dir": "/data"})
+    beauty, customers = 12_101, 2_200
+
+    def refusal(node: NodePolicy, request: RunConfig, at: int = customers) -> str | None:
+        return node.step_refusal(request, request.model_config(beauty, 384), at)
+
+    defaults = (
+        RunConfig(),
+        RunConfig(dp=True),
+        RunConfig(dp=True, text_finetune_layers=2),  # an encoder step: 8 customers a pass
+        RunConfig(node_dp=True),
+        RunConfig(reverse_histories="on"),
+        RunConfig(dp=True, dp_batch_size=10**7),  # every customer every step, four passes
+    )
+    for request in defaults:
+        assert refusal(policy, request) is None, request
+    private = RunConfig(dp=True)
+    assert step_activations(private, private.model_config(beauty, 384), customers) == (
+        128 * 20 * beauty + 128 * 20**2 * (2 * 2 + 1)  # 512 customers in 4 passes, 2 layers
+    )
+    huge = RunConfig(dp=True, dp_batch_size=10**7)
+    reason = refusal(policy, huge, 100_000)  # the Poisson batch: every customer of a big node
+    assert reason is not None and "max-step-activations=500000000" in reason
+    assert "dp-batch-size 10000000" in reason and "12,101 products" in reason
+    assert f"{step_activations(huge, huge.model_config(beauty, 384), 100_000):,}" in reason
+    wide = RunConfig(local_batch_size=10**6, reverse_histories="off")
+    assert "local-batch-size 1000000" in refusal(policy, wide)
+    # attention: a long history and many heads, one customer a step
+    attending = RunConfig(dp=True, dp_batch_size=1, dp_max_len=4096, heads=128)
+    assert "4096 positions" in refusal(policy, attending)
+    for request in (huge, wide, attending):  # a simulated node: no cap
+        assert refusal(NodePolicy(), request, 100_000) is None
+    tight = NodePolicy.from_node_config({"data-dir": "/d", "max-step-activations": 1000})
+    assert refusal(tight, RunConfig()) is not None
+    assert parse_node_config("max-step-activations=1e9") == {"max-step-activations": "1e9"}
+    with pytest.raises(PolicyError, match="max-step-activations"):
+        parse_node_config("max-step-activations=0")
 
 
 def test_the_node_picks_its_own_delta_below_one_over_its_customers() -> None:
