@@ -213,6 +213,8 @@ class NodePolicy:
                 f"max-epochs={self.max_epochs}"
             )
         if not request.dp:
+            if training and request.local_batch_size < 1:  # no batch to step on (and 1 / 0)
+                return f"the request's local-batch-size {request.local_batch_size} is not positive"
             return None
         # an answer's noise the server does not account (zero or negative noise would also
         # make it exact) would be charged here and then thrown away by the server
