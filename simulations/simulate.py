@@ -116,7 +116,8 @@ def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) ->
     """``--node-config``: every node's own privacy policy (client/policy.py)."""
     empty = (
         "a deployed node's policy is require-dp=true max-epsilon=8 min-exact-customers=50 "
-        "max-epochs=10 max-rounds=20 max-steps=10000"
+        "max-epochs=10 max-rounds=20 max-steps=10000 max-model-weights=500000000 "
+        "max-step-activations=500000000"
         if deployed
         else "a simulated node accepts any request"
     )
@@ -127,7 +128,8 @@ def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) ->
         metavar='"KEY=VALUE ..."',
         help="each node's own privacy policy, set on the node's side and never by the server: "
         "require-dp (true/false), max-epsilon, max-delta, declared-customers, "
-        "min-exact-customers, max-epochs, max-rounds, max-steps; a node refuses a request "
+        "min-exact-customers, max-epochs, max-rounds, max-steps, max-model-weights, "
+        "max-step-activations; a node refuses a request "
         "weaker than its policy; "
         f"empty: {empty} (docs/privacy.md)",
     )
