@@ -34,7 +34,14 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.accountant import NodePrivacy, RequestPosition
 from client.encoder import tune_encoder_at_node
-from client.node import NodeData, evaluate_node, guard_node, load_node, train_node
+from client.node import (
+    NodeData,
+    evaluate_node,
+    guard_node,
+    load_node,
+    public_customers,
+    train_node,
+)
 from client.policy import NodePolicy
 from shared.federation.node_directory import node_name
 from shared.federation.node_dp import clipped_update
@@ -176,9 +183,10 @@ class NodeRequest:
         """A refusal when the request does not name its run as the server names every run
         (``run-id``: the sha256 hex digest of the run's first ledger entry, which every signed
         release and receipt of this node carries; free text of any size is refused), when the
-        model it asks for holds more weights than the node's ``max-model-weights``, or when
-        this node holds another catalog than the server's (the global model's item tables
-        would not mean the same products), else None."""
+        model it asks for holds more weights than the node's ``max-model-weights`` or its steps
+        more activations than its ``max-step-activations`` (both counted before anything is
+        built or charged), or when this node holds another catalog than the server's (the
+        global model's item tables would not mean the same products), else None."""
         if not RUN_ID.fullmatch(self.run_id):
             shown = self.run_id[:16] + ("..." if len(self.run_id) > 16 else "")
             reason = (
@@ -187,7 +195,10 @@ class NodeRequest:
             )
             return {"node": self.name, "refused": True, "reason": reason}
         model = self.config.model_config(len(self.node.text), self.node.text.shape[1])
-        if reason := self.policy.model_refusal(model):
+        customers = public_customers(self.node, self.policy)
+        if reason := self.policy.model_refusal(model) or self.policy.step_refusal(
+            self.config, model, customers
+        ):
             return {"node": self.name, "refused": True, "reason": reason}
         if not self.catalog_digest or self.catalog_digest == self.node.catalog_digest:
             return None

@@ -37,8 +37,9 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   cap in a simulation.
 - ``max-model-weights``: the most weights the model a request asks for may hold
   (``ModelConfig.weight_count``: its dim, layers and the catalog's size), so that no setting
-  can exhaust the node's memory. Default 500,000,000 (2 GB in float32) for a deployed node, no
-  cap in a simulation.
+  can exhaust the node's memory. Default 500,000,000 (2 GB in float32; training holds about
+  six times the weights: the server's, the model's, its gradient and its optimiser's) for a
+  deployed node, no cap in a simulation.
 - ``text-models``: the text models the node agrees to load, comma-separated, each exactly as a
   run's ``text-model`` names it (``minilm``, the packaged all-MiniLM-L6-v2, or a local checkpoint
   directory), so that no operator can make the node read a directory of its choosing or probe
@@ -46,6 +47,12 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   a reason that says nothing about the node's files. A tuned encoder the server sends layers
   for is built from the run's ``text-model``, which must be listed; the tuned checkpoint is the
   node's own. Default ``minilm`` only for a deployed node, any in a simulation.
+- ``max-step-activations``: the most values the largest activations of one step may hold
+  (:func:`step_activations`: the scores of the customers one step computes over every
+  position and product, plus their attention), what sets a step's memory beside the weights
+  (about 12 to 18 bytes a value, measured); the batch sizes, ``max-len`` and ``heads`` of a
+  request set it, with the catalog's size and the node's public customer figure. Default
+  500,000,000 (about 10 GB) for a deployed node, no cap in a simulation.
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -58,10 +65,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.federation.node_directory import round_down_2sf
+from shared.recommender.metrics import RANK_BATCH
 from shared.recommender.model import ModelConfig
 from shared.recommender.text import DEFAULT_MODEL
-from shared.recommender.training import steps_per_epoch
-from shared.runs.config import RunConfig
+from shared.recommender.training import PHYSICAL_BATCHES, steps_per_epoch
+from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, RunConfig
 
 DEPLOYED_MAX_EPSILON = 8.0
 DEPLOYED_MIN_EXACT_CUSTOMERS = 50
@@ -71,6 +79,11 @@ DEPLOYED_MAX_STEPS = 10_000
 # 500 M weights, 2 GB in float32: 37 times Amazon Beauty's default model (13.5 M), room for a
 # catalog of a million products at dim 128 (256 M)
 DEPLOYED_MAX_MODEL_WEIGHTS = 500_000_000
+# 500 M values, about 10 GB at a step's measured 12 to 18 bytes a value: 16 times what Amazon
+# Beauty's default private step holds (31 M: 128 customers x 20 positions x 12,101 products),
+# room for a private step over a whole Beauty node at once (133 M) or a catalog of 190,000
+# products at the default settings
+DEPLOYED_MAX_STEP_ACTIVATIONS = 500_000_000
 DEPLOYED_TEXT_MODELS = DEFAULT_MODEL  # the packaged MiniLM only: no path of the node's
 # the clipping norms a node accepts: below the lower end DP-SGD's noise (sigma x the norm)
 # reaches float32's denormals, which flush to zero on the node (some coordinates would leave
@@ -87,6 +100,7 @@ POLICY_KEYS = (
     "max-steps",
     "max-model-weights",
     "text-models",
+    "max-step-activations",
 )
 
 
@@ -152,12 +166,14 @@ class NodePolicy:
     max_steps: int | None = None
     max_model_weights: int | None = None
     text_models: tuple[str, ...] | None = None
+    max_step_activations: int | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
         ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10 max-rounds=20
-        max-steps=10000 max-model-weights=500000000 text-models=minilm``."""
+        max-steps=10000 max-model-weights=500000000 max-step-activations=500000000
+        text-models=minilm``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
         max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
@@ -173,6 +189,9 @@ class NodePolicy:
             "max-model-weights", DEPLOYED_MAX_MODEL_WEIGHTS if deployed else None
         )
         text_models = node_config.get("text-models", DEPLOYED_TEXT_MODELS if deployed else None)
+        max_activations = node_config.get(
+            "max-step-activations", DEPLOYED_MAX_STEP_ACTIVATIONS if deployed else None
+        )
         return cls(
             require_dp=_flag(require, "require-dp"),
             max_epsilon=None if max_epsilon is None else _positive(max_epsilon, "max-epsilon"),
@@ -188,6 +207,9 @@ class NodePolicy:
             if max_weights is None
             else _at_least_one(max_weights, "max-model-weights"),
             text_models=None if text_models is None else _names(text_models, "text-models"),
+            max_step_activations=None
+            if max_activations is None
+            else _at_least_one(max_activations, "max-step-activations"),
         )
 
     def refusal(self, request: RunConfig, customers: int, training: bool = True) -> str | None:
@@ -203,9 +225,7 @@ class NodePolicy:
             request.dp_local_epochs
             if request.dp
             else max(request.local_epochs, request.max_local_epochs)
-            # a history also learnt backwards is a second pass over it (never under any DP:
-            # shared.recommender.training.learns_reversed)
-            * (2 if request.reverse_histories != "off" and not request.private else 1)
+            * sequences_per_history(request)
         )
         if training and self.max_epochs is not None and epochs > self.max_epochs:
             return (
@@ -214,13 +234,22 @@ class NodePolicy:
                 f"max-epochs={self.max_epochs}"
             )
         if not request.dp:
+            if training and request.local_batch_size < 1:  # no batch to step on (and 1 / 0)
+                return f"the request's local-batch-size {request.local_batch_size} is not positive"
             return None
-        # zero or negative noise would make a private answer exact, and its cost unaccountable
-        for name in ("eval_noise_multiplier", "dp_guard_noise_scale"):
-            if not 0 < (sigma := getattr(request, name)) < math.inf:
+        # an answer's noise the server does not account (zero or negative noise would also
+        # make it exact) would be charged here and then thrown away by the server
+        answers = (  # (setting, its value, the noise multiplier it gives here)
+            ("eval-noise-multiplier", request.eval_noise_multiplier, request.eval_noise_multiplier),
+            ("dp-guard-noise-scale", request.dp_guard_noise_scale, request.guard_noise(customers)),
+        )
+        for name, setting, sigma in answers:
+            if not MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER:
                 return (
-                    f"the request's {name.replace('_', '-')} {sigma:g} is not a positive "
-                    "number: a private answer needs noise"
+                    f"the request's {name} {setting:g} gives this node's private answer (of "
+                    f"{customers} customers) noise multiplier {sigma:g}, outside "
+                    f"[{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]: the server "
+                    "accounts no other"
                 )
         low, high = CLIP_RANGE
         if not low <= request.max_grad_norm <= high:
@@ -297,6 +326,25 @@ class NodePolicy:
             "(text-models)"
         )
 
+    def step_refusal(self, request: RunConfig, model: ModelConfig, customers: int) -> str | None:
+        """Why this node, of ``customers`` (its public figure), refuses the steps ``request``
+        would take with ``model`` (their activations above its ``max-step-activations``: an
+        operator's batch sizes must not exhaust its machine), or None."""
+        if self.max_step_activations is None:
+            return None
+        count = step_activations(request, model, customers)
+        if count <= self.max_step_activations:
+            return None
+        batch = "dp-batch-size" if request.dp else "local-batch-size"
+        size = request.dp_batch_size if request.dp else request.local_batch_size
+        return (
+            f"one step of the request at this node of {customers} customers holds {count:,} "
+            f"activation values ({batch} {size}, {model.max_len} positions (max-len or "
+            f"dp-max-len), {model.num_items:,} products, {model.layers} layers of "
+            f"{model.heads} heads), above this node's "
+            f"max-step-activations={self.max_step_activations}"
+        )
+
     def budget(self, request: RunConfig) -> float:
         """The epsilon this node may spend in total: the request's, capped by its own."""
         if self.max_epsilon is None:
@@ -329,6 +377,29 @@ def planned_steps(request: RunConfig, customers: int) -> int:
         per_round, _ = steps_per_epoch(customers, request.dp_encoder_batch)
         steps += per_round * request.text_finetune_rounds
     return steps
+
+
+def sequences_per_history(request: RunConfig) -> int:
+    """The training sequences a customer's history may give without DP: two when it may also
+    be learnt backwards (``reverse-histories`` not off; never under any DP:
+    shared.recommender.training.learns_reversed), else one."""
+    return 2 if request.reverse_histories != "off" and not request.private else 1
+
+
+def step_activations(request: RunConfig, model: ModelConfig, customers: int) -> int:
+    """The most activation values (:meth:`ModelConfig.activation_count`) one step of
+    ``request`` holds at a node of ``customers`` (its public figure), ``model`` being the one
+    it asks for: a training step (under DP the expected Poisson batch, at most the customers,
+    in :data:`PHYSICAL_BATCHES` passes; else ``local-batch-size`` sequences, at most the
+    customers' histories, twice that when learnt both ways) or an evaluation step
+    (:data:`RANK_BATCH` customers ranked at once). A private encoder step holds what its code
+    fixes (8 customers a pass: shared.recommender.private_finetune.CHUNK), whatever the batch."""
+    if request.dp:
+        at_once = math.ceil(min(request.dp_batch_size, customers) / PHYSICAL_BATCHES)
+    else:
+        at_once = min(request.local_batch_size, customers * sequences_per_history(request))
+    training = model.activation_count(max(at_once, 0))
+    return max(training, model.activation_count(min(RANK_BATCH, customers), training=False))
 
 
 def releases_exceed(releases: tuple[tuple[float, int], ...], epsilon: float, delta: float) -> bool:

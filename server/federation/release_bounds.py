@@ -12,10 +12,10 @@ node's declared customers (``num_customers``):
   noise (``eval-noise-multiplier``, ``RunConfig.guard_noise``);
 - with a registry, no more customers than the node's registered figure;
 - DP-SGD at the run's ``max-grad-norm`` (what every node clips to);
-- a noise multiplier within [:data:`MIN_NOISE_MULTIPLIER`, ``MAX_NOISE_MULTIPLIER``] (the
-  audit recomputes no more: server/privacy/accounting.py), where the accountant's arithmetic
-  holds: at 1e-160 its RDP bound underflowed to a spend of 0, at 1e-200 it divided by zero and
-  at 1e155 it overflowed, each crashing the round;
+- a noise multiplier within [``MIN_NOISE_MULTIPLIER``, ``MAX_NOISE_MULTIPLIER``]
+  (shared/runs/config.py: the nodes refuse to answer outside it, the audit recomputes no
+  more), where the accountant's arithmetic holds: at 1e-160 its RDP bound underflowed to a
+  spend of 0, at 1e-200 it divided by zero and at 1e155 it overflowed, each crashing the round;
 - the release alone spends at most :data:`SPARE` x ``target-epsilon`` + 1 by dp-accounting's
   RDP bound, which costs microseconds whatever the parameters and is above PLD's epsilon: no
   honest release spends more than its node's budget, itself at most the target.
@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import math
 
-from server.privacy.accounting import MAX_NOISE_MULTIPLIER, rdp_epsilon
+from server.privacy.accounting import rdp_epsilon
 from shared.federation.reports import Release
 from shared.recommender.training import steps_per_epoch
-from shared.runs.config import RunConfig
+from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, RunConfig
 
 SPARE = 2.0  # times the run's target: RDP's bound was measured at most 1.2 x PLD's epsilon
 DP_SGD = {"training": "poisson_subsampled_gaussian", "encoder": "poisson_subsampled_gaussian"}
-# below it one release spends over 5 x 10^5 by RDP at any sample rate from 1e-8 (delta 1e-10),
-# far beyond any limit below: refusing it loses no honest release
-MIN_NOISE_MULTIPLIER = 1e-3
 
 
 def release_problem(

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord
 from server.federation.strategy import FedRecStrategy
 from shared.data.partition import SCHEMES
 from shared.federation.node_dp import check_node_dp
-from shared.runs.config import RunConfig
+from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, RunConfig
 
 WIRE_DTYPES = ("float32", "float16")
 
@@ -53,6 +53,8 @@ def check_settings(config: RunConfig) -> None:
         )
     if config.dp_encoder_batch < 1:
         raise ValueError("dp-encoder-batch must be at least 1")
+    if config.dp:
+        check_answer_noise(config)
     if config.fragment_nodes:
         raise ValueError(
             "fragment-nodes is for centralized runs (fedrec train): a merchant federation's "
@@ -86,4 +88,24 @@ def check_settings(config: RunConfig) -> None:
         raise ValueError(
             "cold-items holds products out of the simulated nodes' data and scores them at the "
             "server: it needs the server's evaluation (federated-eval=false)"
+        )
+
+
+def check_answer_noise(config: RunConfig) -> None:
+    """Refuse (ValueError) the noise of a private run's answers when no node could give one the
+    server accounts (noise multiplier in [``MIN_NOISE_MULTIPLIER``, ``MAX_NOISE_MULTIPLIER``]):
+    every node would refuse, before it charges anything. The start guard's noise multiplier at
+    a node is ``dp-guard-noise-scale`` x sqrt(its declared customers), at least the scale."""
+    low, high = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
+    if not low <= config.eval_noise_multiplier <= high:
+        raise ValueError(
+            f"eval-noise-multiplier must be in [{low:g}, {high:g}] under dp (the noise "
+            f"multipliers the server accounts, and every node accepts), got "
+            f"{config.eval_noise_multiplier:g}"
+        )
+    if not 0 < config.dp_guard_noise_scale <= high:
+        raise ValueError(
+            f"dp-guard-noise-scale must be in (0, {high:g}] under dp: a node's start-guard "
+            f"noise multiplier is the scale x sqrt(its customers), which the server accounts "
+            f"up to {high:g}; got {config.dp_guard_noise_scale:g}"
         )

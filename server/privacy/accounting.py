@@ -45,13 +45,13 @@ UNIT_ONE_NODE = "one customer's whole history, the customer shopping at one node
 UNIT_ALL_NODES = "one customer's data at every node together"
 
 
-# what the audit recomputes at most, from a ledger it does not trust: one entry's steps and
-# noise multiplier, and the steps it composes together (one node's entries, or every node's).
-# Far above any plan (a node of 10^8 customers plans 586,000 steps a round at batch 512; a
-# hundred merchants' six rounds state about 30,000 together); a tampered entry of 10^9 steps
-# asked the PLD accountant for 111 GiB and 10^30 overflowed it (3 x 10^6 steps: about 6 GB)
+# what the audit recomputes at most, from a ledger it does not trust: one entry's steps (and
+# noise multiplier: shared.runs.config.MAX_NOISE_MULTIPLIER), and the steps it composes
+# together (one node's entries, or every node's), far above any plan (a node of 10^8
+# customers plans 586,000 steps a round at batch 512; a hundred merchants' six rounds state
+# about 30,000 together); a tampered entry of 10^9 steps asked the PLD accountant for 111 GiB
+# and 10^30 overflowed it (3 x 10^6 steps: about 6 GB)
 MAX_ENTRY_STEPS = 1_000_000
-MAX_NOISE_MULTIPLIER = 1e6
 MAX_NODE_STEPS = 3_000_000
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from server.privacy import accounting
 from server.privacy.canary_audit import canaries_needed, epsilon_lower_bound, read_canaries
+from shared.runs.config import MAX_NOISE_MULTIPLIER
 
 
 def check(name: str, title: str, problems: list[str], ok: str, status: str | None = None) -> dict:
@@ -62,10 +63,8 @@ def entry_problem(e: dict) -> str | None:
         return f"cannot recompute: {error}"
     if e["steps"] > accounting.MAX_ENTRY_STEPS:  # a tampered entry must not exhaust the audit
         return f"{e['steps']} steps, more than any plan ({accounting.MAX_ENTRY_STEPS:,})"
-    if e["noise_multiplier"] > accounting.MAX_NOISE_MULTIPLIER:
-        return (
-            f"noise_multiplier {e['noise_multiplier']:g} beyond {accounting.MAX_NOISE_MULTIPLIER:g}"
-        )
+    if e["noise_multiplier"] > MAX_NOISE_MULTIPLIER:
+        return f"noise_multiplier {e['noise_multiplier']:g} beyond {MAX_NOISE_MULTIPLIER:g}"
     if not (is_number(e["delta"]) and 0 < e["delta"] < 1):
         return f"delta must be in (0, 1), got {e['delta']!r}"
     if not is_number(e["epsilon"]):

@@ -17,6 +17,7 @@ from shared.data.dataset import Split
 
 TOP_K = 20
 METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@20")
+RANK_BATCH = 512  # customers rank_users scores at once
 EVALUATED = ("hr@10", "ndcg@10")  # what federated evaluation reports (noisy sums under DP)
 
 # Scores a batch of users from their histories: (user indices, histories) -> (batch, items).
@@ -50,7 +51,7 @@ def rank_users(
     split: Split,
     stage: str,
     users: np.ndarray | None = None,
-    batch_size: int = 512,
+    batch_size: int = RANK_BATCH,
     k: int = TOP_K,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` items per user (history excluded) and the 1-based rank of each target. A

@@ -36,6 +36,7 @@ VARIANTS = ("fusion", "text", "id")
 # the largest architecture any setting may ask for, far above a sequential recommender's (the
 # defaults: dim 128, 2 layers, 50 events); beyond, a request is refused before anything is built
 MAX_DIM, MAX_LAYERS, MAX_LEN = 4096, 48, 4096
+STATE_CHUNK = 256  # histories :meth:`FusionRecommender.user_states` encodes at once
 
 
 def architecture_problem(
@@ -105,6 +106,25 @@ class ModelConfig:
         elif self.use_text and self.use_id and self.fusion == "concat":
             count += 2 * d * d
         return count
+
+    def activation_count(self, customers: int, training: bool = True) -> int:
+        """How many values the largest activations of :class:`FusionRecommender` hold for
+        ``customers`` histories of ``max_len`` events at once, counted without building it
+        (what a node checks against its ``max-step-activations``): their scores over the
+        catalog (at every position in training, at the last one in evaluation) plus their
+        attention, positions² a customer for the recency weights and heads x positions² for
+        each layer (every layer's kept for the backward pass in training, one layer at a time
+        in evaluation, which encodes :data:`STATE_CHUNK` customers at once). Peak memory
+        measured about 12 to 18 bytes a value (docs/privacy.md)."""
+        positions = self.max_len
+        if training:
+            scores = customers * positions * self.num_items
+            attention = customers * positions**2 * (self.layers * self.heads + 1)
+        else:
+            scores = customers * self.num_items
+            encoded = min(customers, STATE_CHUNK)
+            attention = encoded * positions**2 * ((self.heads if self.layers else 0) + 1)
+        return scores + attention
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -286,7 +306,7 @@ class FusionRecommender(nn.Module):
             out = out + self.config.id_scale * self.id_scores(states)
         return out
 
-    def user_states(self, histories: list[np.ndarray], chunk: int = 256) -> torch.Tensor:
+    def user_states(self, histories: list[np.ndarray], chunk: int = STATE_CHUNK) -> torch.Tensor:
         """The state after each customer's whole history (the customer representation).
 
         Histories are grouped by length so that short ones are not padded to the longest.

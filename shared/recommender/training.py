@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 PRV_DEFAULT_ERROR = 0.01  # Opacus PRVAccountant.get_epsilon's eps_error (absolute)
 PRV_RELATIVE_ERROR = 0.005  # the error prv_epsilon keeps: half a percent of the epsilon...
 PRV_SMALLEST_ERROR = 2.5e-4  # ...but no finer (about 1 s an evaluation at Beauty's plans)
+PHYSICAL_BATCHES = 4  # passes a private step's Poisson batch is computed in (train_private)
 
 
 def training_tensors(
@@ -197,7 +198,7 @@ def train_private(
     device: str,
     trainable: str = "bias",
     show_progress: bool = False,
-    physical_batches: int = 4,
+    physical_batches: int = PHYSICAL_BATCHES,
     population: int | None = None,
 ) -> PrivateRound:
     """DP-SGD (plain SGD) with Opacus ghost clipping and Poisson sampling of customers.

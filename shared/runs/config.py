@@ -17,6 +17,13 @@ from shared.recommender.model import ModelConfig, architecture_problem
 # any guarantee worth the name; at 1,000 the PRV accountant's calibration ran for over 15
 # minutes at every node without finishing (2026-12-05)
 MAX_TARGET_EPSILON = 100.0
+# the noise multipliers a node's release may have, checked by the node before it charges a
+# release (client/policy.py), by the server on a run's settings and on every release
+# (server/federation/release_bounds.py), and by the audit (server/privacy/accounting.py): where
+# the accountants' arithmetic holds (at 1e-160 the RDP bound underflowed to a spend of 0, at
+# 1e-200 it divided by zero, at 1e155 it overflowed). Below the lower end one release spends
+# over 5 x 10^5 by RDP at any sample rate from 1e-8 (delta 1e-10), far beyond any budget
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-3, 1e6
 
 
 @dataclass

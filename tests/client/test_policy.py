@@ -28,6 +28,7 @@ from client.policy import (
     parse_node_config,
     planned_steps,
     releases_exceed,
+    step_activations,
 )
 from server.privacy.ledger import read_ledger
 from shared.data.dataset import load_dataset
@@ -48,6 +49,7 @@ def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -
     assert deployed.min_exact_customers == 50 and deployed.max_epochs == 10
     assert deployed.max_rounds == 20 and deployed.max_steps == 10_000
     assert deployed.max_model_weights == 500_000_000 and deployed.text_models == ("minilm",)
+    assert deployed.max_step_activations == 500_000_000
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
     relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
     assert not relaxed.require_dp
@@ -77,6 +79,10 @@ def test_a_request_weaker_than_the_policy_is_refused_naming_the_policy(
         for batch in (0, -5):
             request = RunConfig(dp=True, target_epsilon=4.0, **{name: batch})
             assert name.replace("_", "-") in policy.refusal(request, CUSTOMERS)
+    for batch in (0, -5):  # no batch to step on: a zero divided the node's epochs, a crash
+        plain = RunConfig(local_batch_size=batch)
+        assert "local-batch-size" in NodePolicy().refusal(plain, CUSTOMERS)
+        assert NodePolicy().refusal(plain, CUSTOMERS, training=False) is None
 
 
 def test_a_request_for_more_passes_than_the_node_allows_is_refused() -> None:
@@ -141,6 +147,50 @@ def test_a_deployed_node_loads_only_the_text_models_its_operator_lists(tmp_path:
     reason = policy.text_model_refusal(missing)
     assert reason is not None and existing not in reason  # never what the node has
     assert NodePolicy().text_model_refusal("/etc") is None  # a simulated node: any
+
+
+def test_a_step_larger_than_the_node_allows_is_refused() -> None:
+    """A batch size the server chooses sets what one step allocates (its scores: customers x
+    positions x products, and its attention): a deployed node accepts every default setting
+    of Amazon Beauty (12,101 products, 2,236 customers a node) and refuses a step above its
+    max-step-activations, counted from the request and its public customer figure alone."""
+    policy = NodePolicy.from_node_config({"data-dir": "/data"})
+    beauty, customers = 12_101, 2_200
+
+    def refusal(node: NodePolicy, request: RunConfig, at: int = customers) -> str | None:
+        return node.step_refusal(request, request.model_config(beauty, 384), at)
+
+    defaults = (
+        RunConfig(),
+        RunConfig(dp=True),
+        RunConfig(dp=True, text_finetune_layers=2),  # an encoder step: 8 customers a pass
+        RunConfig(node_dp=True),
+        RunConfig(reverse_histories="on"),
+        RunConfig(dp=True, dp_batch_size=10**7),  # every customer every step, four passes
+    )
+    for request in defaults:
+        assert refusal(policy, request) is None, request
+    private = RunConfig(dp=True)
+    assert step_activations(private, private.model_config(beauty, 384), customers) == (
+        128 * 20 * beauty + 128 * 20**2 * (2 * 2 + 1)  # 512 customers in 4 passes, 2 layers
+    )
+    huge = RunConfig(dp=True, dp_batch_size=10**7)
+    reason = refusal(policy, huge, 100_000)  # the Poisson batch: every customer of a big node
+    assert reason is not None and "max-step-activations=500000000" in reason
+    assert "dp-batch-size 10000000" in reason and "12,101 products" in reason
+    assert f"{step_activations(huge, huge.model_config(beauty, 384), 100_000):,}" in reason
+    wide = RunConfig(local_batch_size=10**6, reverse_histories="off")
+    assert "local-batch-size 1000000" in refusal(policy, wide)
+    # attention: a long history and many heads, one customer a step
+    attending = RunConfig(dp=True, dp_batch_size=1, dp_max_len=4096, heads=128)
+    assert "4096 positions" in refusal(policy, attending)
+    for request in (huge, wide, attending):  # a simulated node: no cap
+        assert refusal(NodePolicy(), request, 100_000) is None
+    tight = NodePolicy.from_node_config({"data-dir": "/d", "max-step-activations": 1000})
+    assert refusal(tight, RunConfig()) is not None
+    assert parse_node_config("max-step-activations=1e9") == {"max-step-activations": "1e9"}
+    with pytest.raises(PolicyError, match="max-step-activations"):
+        parse_node_config("max-step-activations=0")
 
 
 def test_the_node_picks_its_own_delta_below_one_over_its_customers() -> None:
@@ -304,13 +354,19 @@ def test_a_node_that_answers_the_guard_never_trains_on_the_events_it_compares_on
 
 @pytest.mark.parametrize(
     "noise, words",
-    [(1e-9, "alone spend more than"), (0.0, "not a positive number"), (float("nan"), "not a")],
+    [
+        (1e-3, "alone spend more than"),
+        (1e-9, "outside [0.001, 1e+06]"),  # a noise multiplier the server would not account
+        (0.0, "outside [0.001, 1e+06]"),
+        (float("nan"), "outside [0.001, 1e+06]"),
+    ],
 )
 def test_a_guard_noise_too_small_for_the_budget_is_refused_before_anything_is_spent(
     node_setup, noise: float, words: str
 ) -> None:
     """A curious operator asking for a near-exact start guard (a tiny, zero or NaN
-    ``dp-guard-noise-scale``) gets a refusal from the node's policy, for training and for the
+    ``dp-guard-noise-scale``, or one whose noise multiplier the server does not account)
+    gets a refusal from the node's policy, for training and for the
     guard alike, and nothing is computed or charged."""
     node, config, state = node_setup
     exact = RunConfig(**{**config.to_dict(), "dp_guard_noise_scale": noise})
@@ -457,11 +513,11 @@ def test_max_steps_bounds_the_steps_a_tiny_batch_would_plan() -> None:
 def test_evaluations_too_exact_for_the_budget_are_refused_before_anything_is_spent(
     node_setup,
 ) -> None:
-    """A tiny positive eval-noise-multiplier passes "positive" but its evaluations alone spend
-    more than the budget, so no DP-SGD noise could meet it: the node refuses (the server
-    ledgers a refusal) instead of failing its calibration with an error."""
+    """A small eval-noise-multiplier within the range the server accounts can still make the
+    evaluations alone spend more than the budget, so that no DP-SGD noise could meet it: the
+    node refuses (the server ledgers a refusal) instead of failing its calibration."""
     node, config, state = node_setup
-    exact = RunConfig(**{**config.to_dict(), "federated_eval": True, "eval_noise_multiplier": 1e-9})
+    exact = RunConfig(**{**config.to_dict(), "federated_eval": True, "eval_noise_multiplier": 1e-2})
     for reason in (
         NodePolicy().refusal(exact, CUSTOMERS),
         NodePolicy().refusal(exact, CUSTOMERS, training=False),
@@ -473,7 +529,7 @@ def test_evaluations_too_exact_for_the_budget_are_refused_before_anything_is_spe
     assert not NodePrivacy(node.directory).path.exists()  # nothing spent, nothing written
     noisy = RunConfig(**{**config.to_dict(), "federated_eval": True})  # the default noise: 10
     assert NodePolicy().refusal(noisy, CUSTOMERS) is None
-    assert NodePolicy().refusal(RunConfig(dp=True, eval_noise_multiplier=1e-9), CUSTOMERS) is None
+    assert NodePolicy().refusal(RunConfig(dp=True, eval_noise_multiplier=1e-2), CUSTOMERS) is None
 
 
 def test_the_closed_form_for_evaluations_agrees_with_the_prv_accountant() -> None:

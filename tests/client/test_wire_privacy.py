@@ -268,6 +268,45 @@ def test_a_node_refuses_a_model_larger_than_its_policy_allows(
     assert accountant_state(node_dir) == before
 
 
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+@pytest.mark.parametrize(
+    ("asked", "words"),
+    [
+        # one customer's attention over 4,096 positions in 16 heads: 285 M values a layer
+        ({"dp_max_len": 4096, "heads": 16}, "max-step-activations=500000000"),
+        # a private answer the server would throw away, charged all the same
+        ({"eval_noise_multiplier": 1e7}, "eval-noise-multiplier 1e+07"),
+        ({"dp_guard_noise_scale": 1e7}, "dp-guard-noise-scale 1e+07"),
+    ],
+    ids=["step", "eval-noise", "guard-noise"],
+)
+def test_a_node_refuses_a_step_or_a_noise_its_policy_does_not_allow(
+    node_dir: Path, tiny_bert_dir: Path, kind: str, asked: dict, words: str, monkeypatch
+) -> None:
+    """Settings within range can still ask for a step no node's memory holds, or for private
+    answers whose noise multiplier the server does not account (it would discard them after
+    the node had charged them); a deployed node refuses before it builds anything or spends
+    (max-step-activations; the noise range of shared/runs/config.py)."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=True, text_model=str(tiny_bert_dir))
+    node = load_node(str(node_dir), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    request = replace(config, **asked)
+    settings = settings_record(
+        request, request.target_epsilon, node.catalog_digest, node_dir.parent
+    )
+    settings["run-id"], settings["server-round"] = "f" * 64, 1
+    arrays = ArrayRecord({k: Array(v) for k, v in encode(trainable_state(model)).items()})
+    before = accountant_state(node_dir)
+    message = Message(
+        RecordDict({"arrays": arrays, "config": settings}), dst_node_id=1, message_type=kind
+    )
+    privacy = app(message, deployed_context(node_dir, tiny_bert_dir)).content["privacy"]
+    assert privacy["refused"] is True and words in privacy["reason"]
+    assert accountant_state(node_dir) == before
+
+
 @pytest.mark.parametrize("run_id", ["", "r" * 64, "0" * 65, "0" * 63 + "\n", "A" * 64, "0" * 10**6])
 def test_a_node_refuses_a_run_id_that_is_not_a_runs_hash(
     node_dir: Path, tiny_bert_dir: Path, run_id: str, monkeypatch

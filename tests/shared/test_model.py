@@ -294,6 +294,33 @@ def test_the_weight_count_is_the_models_without_building_it(
     assert config.weight_count() == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize(("layers", "heads"), [(0, 1), (2, 2), (3, 4)])
+def test_the_activation_count_is_what_a_pass_computes(layers: int, heads: int, monkeypatch) -> None:
+    """What a node checks against its max-step-activations is what one pass computes: the
+    scores of every position (of the last one in evaluation), each layer's attention (heads x
+    positions² a customer) and the recency weights (positions² a customer)."""
+    config = ModelConfig(num_items=40, text_dim=16, dim=8, layers=layers, heads=heads, max_len=6)
+    model = FusionRecommender(config, random_text(40, 16))
+    attention: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        attention.append(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    histories = random_histories(40, [7, 9, 6])  # every history fills all 6 positions
+    recency = 3 * 6**2  # encode's recency weights: customers x positions x positions
+    scores = model(pad_histories(histories, 6)).numel()
+    assert config.activation_count(3) == scores + sum(attention) + recency
+    attention.clear()
+    with torch.no_grad():  # evaluation: the last position's scores, one layer at a time
+        scores = model.scores(model.user_states(histories)).numel()
+    one_layer = max(attention, default=0)
+    assert config.activation_count(3, training=False) == scores + one_layer + recency
+    assert len(attention) == layers
+
+
 @pytest.mark.parametrize(
     ("settings", "words"),
     [
