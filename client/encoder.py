@@ -98,6 +98,14 @@ def tune_encoder_at_node(
     customers = public_customers(node, policy)
     if reason := policy.refusal(config, customers):
         return {"node": node.name, "refused": True, "reason": reason}
+    steps = node_steps(config)  # a plain round's steps: the policy bounds them as DP-SGD's
+    if not config.dp and policy.max_steps is not None and steps > policy.max_steps:
+        reason = (
+            f"the request asks for {steps} encoder steps a round at this node "
+            "(text-finetune-steps over text-finetune-rounds x clients), above its "
+            f"max-steps={policy.max_steps}"
+        )
+        return {"node": node.name, "refused": True, "reason": reason}
     prefix = node_prefix(node, config, resolve_device(config.device))
     try:  # before anything is charged: layers that are not the encoder's are refused
         load_top_layers(prefix.encoder, weights, config.text_finetune_layers)
@@ -112,7 +120,7 @@ def tune_encoder_at_node(
         return {"node": node.name, "declined": True, "reason": reason}
     # which pairs make a batch is not private output (the weights are): a plain generator
     rng = np.random.default_rng([config.seed, server_round, len(pairs)])
-    batches = [pairs[rng.integers(0, len(pairs), BATCH_PAIRS)] for _ in range(node_steps(config))]
+    batches = [pairs[rng.integers(0, len(pairs), BATCH_PAIRS)] for _ in range(steps)]
     prefix.add(np.concatenate(batches).ravel())
     losses = train_top_layers(prefix, batches)
     customers = sum(len(np.unique(h)) > 1 for h in histories)

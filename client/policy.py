@@ -34,7 +34,7 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   (:func:`planned_steps`): a tiny ``dp-batch-size`` multiplies them within few rounds (a batch
   of 1 at a node of 2,236 customers plans 40,000 steps in Beauty's 6 rounds, and calibrating
   for 40,000 steps took 67 s and 4.3 GB). Default 10,000 for a deployed node (22 s, 1.4 GB), no
-  cap in a simulation.
+  cap in a simulation. It bounds a plain encoder round's steps too (client/encoder.py).
 - ``max-model-weights``: the most weights the model a request asks for may hold
   (``ModelConfig.weight_count``: its dim, layers and the catalog's size), so that no setting
   can exhaust the node's memory. Default 500,000,000 (2 GB in float32; training holds about

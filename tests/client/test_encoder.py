@@ -89,6 +89,23 @@ def test_a_node_that_requires_dp_refuses_encoder_rounds_without_dp(node_and_conf
     assert result["refused"] and "node-level" in result["reason"] and "state" not in result
 
 
+def test_a_plain_encoder_round_of_more_steps_than_the_node_allows_is_refused(
+    node_and_config, monkeypatch
+) -> None:
+    """Without DP the server's text-finetune-steps set a round's encoder steps (built up front),
+    which the node's max-steps bounds as it bounds DP-SGD's: refused before any is built."""
+    node, config = node_and_config
+    sent = top_layers(TextEncoder(config.text_model), 1)
+    many = replace(config, text_finetune_steps=10**9)  # 250 M steps a node a round
+    monkeypatch.setattr("client.encoder.train_top_layers", lambda *_: pytest.fail("trained"))
+    result = tune_encoder_at_node(node, many, sent, 1, NodePolicy(max_steps=10_000))
+    assert result["refused"] and "max-steps=10000" in result["reason"]
+    assert "250000000 encoder steps" in result["reason"] and "state" not in result
+    monkeypatch.undo()
+    within = tune_encoder_at_node(node, config, sent, 1, NodePolicy(max_steps=2))
+    assert "state" in within  # 8 steps over 2 rounds x 2 nodes: 2 a round
+
+
 def test_a_private_encoder_round_is_charged_to_the_nodes_accountant_before_it_returns(
     node_and_config,
 ) -> None:
