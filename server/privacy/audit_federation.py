@@ -25,6 +25,7 @@ from server.privacy.audit_calibration import GUARD_KEYS, _guard_sigma, _plan, _r
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
 from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import planned_answer, request_purpose
+from shared.runs.config import MAX_TARGET_EPSILON
 
 DP_SGD = ("training", "encoder")
 # a node whose indices jump further than this is not composed: its epsilon is unbounded
@@ -194,7 +195,12 @@ def audit_federation(
             else []
         )
         asked, ok = report.get("budget_per_node"), f"{fed['epsilon']:.3f} <= {target:g}"
-        if partition != "regional" and asked is not None:
+        if not 0 < target <= MAX_TARGET_EPSILON:  # splitting 1e308 calibrated for hours (fuzzed)
+            over.append(
+                f"run_start's target_epsilon {target:g} is outside (0, {MAX_TARGET_EPSILON:g}]: "
+                "no run plans it"
+            )
+        elif partition != "regional" and asked is not None:
             problem, said = _budget_problem(asked, contributions, config, tolerance)
             over += [problem] if problem else []
             report["notes"] += [said] if said and not problem else []

@@ -292,3 +292,21 @@ def test_a_target_no_run_plans_fails_calibration_instead_of_calibrating_for_it(t
     assert failed(report)["calibration"] == [
         "node 0, line 2 (round 1): target_epsilon 1e+308 is outside (0, 100]: no run plans it"
     ]
+
+
+def test_a_run_target_no_run_plans_fails_instead_of_splitting_it(tmp_path, monkeypatch):
+    """A merchant run's start stating target_epsilon 1e308 (every node's entries fine) made
+    the federation check split that budget over the nodes' plans, calibrating down to σ =
+    0.001: the audit ran for hours. It fails the check without splitting."""
+    out = write_planned_run(tmp_path / "run", CUSTOMERS, 1, 4.0, "merchant", asked=2.0)
+    entries = read_ledger(out / "ledger.jsonl")
+    entries[0]["config"]["target_epsilon"] = 1e308
+
+    def split_budget(*args):
+        raise AssertionError("split_budget called for a target no run plans")
+
+    monkeypatch.setattr("server.privacy.accounting.split_budget", split_budget)
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    assert failed(report)["federation_budget"] == [
+        "run_start's target_epsilon 1e+308 is outside (0, 100]: no run plans it"
+    ]
