@@ -411,7 +411,7 @@ def audit_rounds(report: dict, entries: list[dict], config: dict) -> None:
         return
     problems = []
     contributions = [e for e in entries if e["kind"] == "contribution"]
-    if report["dp"] and completed > 0 and not contributions:
+    if report["dp"] is not False and completed > 0 and not contributions:
         problems.append(
             f"run_end counts {completed} completed round(s) under DP, but the ledger holds no "
             "contribution: every completed round had a node's release"

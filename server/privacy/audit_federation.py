@@ -168,7 +168,8 @@ def audit_federation(
     own), counting ``outstanding`` requests (node -> unanswered entries) as spent; the
     ``federation_budget`` check: it within the run's target, and the stated
     ``budget_per_node`` not above what ``split_budget`` gives for the nodes' plans."""
-    config_delta = config.get("delta")
+    # without a run_start (report["dp"] None) each node's own delta, as a configured 0
+    config_delta = config.get("delta") if report["dp"] is not None else 0.0
     if any(entry_problem(c) for c in contributions):
         report["guarantee"] = "not established: some contributions cannot be recomputed"
         return
@@ -188,6 +189,8 @@ def audit_federation(
             "purpose): what they spent is not in this ledger; the guarantee is stated at least "
             f"at the run's target {target:g}, what their plans keep if they followed them"
         )
+    elif fed["unbounded"]:  # and no target to state it at: nothing here bounds it
+        fed["epsilon"] = math.inf
     if is_number(target):
         over = (
             [f"the federation's epsilon {fed['epsilon']:.4f} exceeds the run's target {target:g}"]
@@ -291,7 +294,7 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
                 f"metrics.json states delta {claimed_delta:.3g}, above the guarantee's "
                 f"{applies['delta']:.3g}"
             )
-    elif report["dp"] and is_number(claimed):
+    elif report["dp"] is not False and is_number(claimed):
         problems.append(
             f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
         )
@@ -308,7 +311,7 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
                 f"metrics.json claims node-level epsilon {claimed_node['epsilon']:.4f}, "
                 f"below the recomputed {node_level['epsilon']:.4f}"
             )
-    if fed or report["dp"] or claimed_node:
+    if fed or report["dp"] is not False or claimed_node:
         report["checks"].append(
             check(
                 "metrics",
@@ -336,7 +339,7 @@ def _per_node_problems(report: dict, per_node: Any, tolerance: float) -> list[st
     ledger_final = {n["node"]: n.get("reported_epsilon") for n in report["nodes"]}
     contributed = {n["node"] for n in report["nodes"] if n["contributions"]}
     if not isinstance(per_node, dict):
-        if report["dp"]:
+        if report["dp"] is not False:
             return [
                 "metrics.json states no per_node epsilons: under DP it must state each node's "
                 "final epsilon (what catches a ledger whose last rounds were cut off)"

@@ -310,3 +310,29 @@ def test_a_run_target_no_run_plans_fails_instead_of_splitting_it(tmp_path, monke
     assert failed(report)["federation_budget"] == [
         "run_start's target_epsilon 1e+308 is outside (0, 100]: no run plans it"
     ]
+
+
+def test_a_ledger_without_its_run_start_fails_and_is_audited_as_private(tmp_path, receipted):
+    """A ledger whose run_start was removed read as a run with dp off: a ledger of unanswered
+    private requests passed with "only the chain is checked". Without it the run's settings
+    are unknown: the fields check fails, and every release is still recomputed and composed,
+    at the nodes' own deltas, for a customer at every node."""
+    honest = audit(receipted)
+    entries = read_ledger(receipted / "ledger.jsonl")
+    report = audit(copy_run(rechain([dict(e) for e in entries[1:]]), tmp_path / "headless"))
+    assert "no run_start entry" in failed(report)["fields"][-1]
+    assert report["dp"] is None and "dp off" not in report["guarantee"]
+    recomputed = {n["node"]: n["pld_epsilon"] for n in report["nodes"]}
+    assert recomputed == {n["node"]: n["pld_epsilon"] for n in honest["nodes"]}
+    assert report["federation"]["applies"] == "all_nodes"
+    assert report["federation"]["epsilon"] >= max(e.get("epsilon", 0) for e in entries)
+
+    unanswered = tmp_path / "unanswered"
+    unanswered.mkdir()
+    ledger = PrivacyLedger(unanswered / "ledger.jsonl")
+    ledger.append("unanswered", round=1, node="0", reason="no reply")
+    ledger.append("run_end", rounds_completed=1, reason="done")
+    report = audit(unanswered)
+    assert "no run_start entry" in failed(report)["fields"][-1]
+    assert report["federation"]["unbounded"] == ["0"]
+    assert report["federation"]["epsilon"] == float("inf")
