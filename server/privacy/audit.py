@@ -31,6 +31,7 @@ from server.privacy.audit_checks import (
     audit_canaries,
     audit_contributions,
     audit_delta,
+    audit_releases,
     audit_rounds,
     check,
     is_round,
@@ -234,6 +235,7 @@ def audit(
         )
     else:
         audit_contributions(report, contributions, config, lines, tolerance)
+        audit_releases(report, contributions, lines)
         outstanding = outstanding_requests(complete)
         if outstanding:
             report["notes"].append(

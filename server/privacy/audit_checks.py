@@ -12,6 +12,7 @@ from typing import Any
 
 from server.privacy import accounting
 from server.privacy.canary_audit import canaries_needed, epsilon_lower_bound, read_canaries
+from shared.federation.reports import PRIVACY_UNIT
 
 
 def check(name: str, title: str, problems: list[str], ok: str, status: str | None = None) -> dict:
@@ -75,6 +76,42 @@ def entry_problem(e: dict) -> str | None:
     if "target_epsilon" in e and not is_number(e["target_epsilon"]):
         return f"target_epsilon must be a finite number, got {e['target_epsilon']!r}"
     return None
+
+
+# the accountants a node's release may state: Opacus PRV (fedrec's nodes), PLD (the audit's own)
+RELEASE_ACCOUNTANTS = ("prv", "pld")
+
+
+def release_problem(c: dict) -> str | None:
+    """What a contribution declares that the audit's recomputation does not cover (None:
+    nothing): a unit other than the customer level, an unknown accountant, or no steps (a
+    release that spends nothing, yet claims its round)."""
+    if c["unit"] != PRIVACY_UNIT:
+        return f"unit {reprlib.repr(c['unit'])}, not the customer level {PRIVACY_UNIT!r}"
+    if c["accountant"] not in RELEASE_ACCOUNTANTS:
+        known = " or ".join(RELEASE_ACCOUNTANTS)
+        return f"accountant {reprlib.repr(c['accountant'])}, not {known}"
+    if c["steps"] == 0:
+        return "0 steps: a release that spends nothing, yet claims its round"
+    return None
+
+
+def audit_releases(report: dict, contributions: list[dict], lines: dict[int, int]) -> None:
+    """The ``releases`` check: every contribution is a customer-level release of a known
+    accountant, of at least one step (:func:`release_problem`)."""
+    problems = [
+        f"node {c['node']}, line {lines[id(c)]} (round {reprlib.repr(c['round'])}): {p}"
+        for c in contributions
+        if (p := release_problem(c))
+    ]
+    report["checks"].append(
+        check(
+            "releases",
+            "every release is customer-level, of a known accountant, of at least one step",
+            problems,
+            f"{len(contributions)} customer-level releases",
+        )
+    )
 
 
 def _index_gaps(node: str, cs: list[dict], lines: dict[int, int]) -> list[str]:

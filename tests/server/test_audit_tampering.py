@@ -336,3 +336,27 @@ def test_a_ledger_without_its_run_start_fails_and_is_audited_as_private(tmp_path
     assert "no run_start entry" in failed(report)["fields"][-1]
     assert report["federation"]["unbounded"] == ["0"]
     assert report["federation"]["epsilon"] == float("inf")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("unit", "one example", "unit 'one example', not the customer level"),
+        ("unit", "one event of one customer", "not the customer level"),
+        ("accountant", "rdp", "accountant 'rdp', not prv or pld"),
+        ("accountant", ["prv"], "accountant ['prv'], not prv or pld"),
+        ("steps", 0, "0 steps: a release that spends nothing, yet claims its round"),
+    ],
+)
+def test_a_release_the_recomputation_does_not_cover_fails_the_releases_check(
+    tmp_path, receipted, field, value, words
+):
+    """A release stating another unit than one customer's, an accountant the audit does not
+    know, or no steps at all (it spends nothing, yet claims a training round) was read without
+    a failed check."""
+    assert {c["name"]: c["status"] for c in audit(receipted)["checks"]}["releases"] == "pass"
+    entries = read_ledger(receipted / "ledger.jsonl")
+    entries[1][field] = value
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    (problem,) = failed(report)["releases"]
+    assert problem.startswith("node 0, line 2 (round 1): ") and words in problem
