@@ -12,6 +12,7 @@ from typing import Any
 
 from server.privacy import accounting
 from server.privacy.canary_audit import canaries_needed, epsilon_lower_bound, read_canaries
+from server.privacy.ledger import is_number
 from shared.federation.reports import PRIVACY_UNIT
 
 
@@ -28,10 +29,6 @@ def check(name: str, title: str, problems: list[str], ok: str, status: str | Non
         "message": ok if status != "fail" else f"{len(problems)} problem(s)",
         "problems": problems,
     }
-
-
-def is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # far above any run's rounds: a round or count beyond it is tampered, and no check loops to it

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import reprlib
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -191,30 +192,26 @@ def audit_federation(
         )
     elif fed["unbounded"]:  # and no target to state it at: nothing here bounds it
         fed["epsilon"] = math.inf
-    if is_number(target):
+    title = "the guarantee that applies within the run's target epsilon"
+    if not (is_number(target) and 0 < target <= MAX_TARGET_EPSILON):
+        # nothing to hold it to (splitting 1e308 over a merchant run's nodes took hours: fuzzed)
+        problem = (
+            f"run_start's target_epsilon {reprlib.repr(target)} is not a number in "
+            f"(0, {MAX_TARGET_EPSILON:g}]: no run plans it"
+        )
+        report["checks"].append(check("federation_budget", title, [problem], ""))
+    else:
         over = (
             [f"the federation's epsilon {fed['epsilon']:.4f} exceeds the run's target {target:g}"]
             if fed["epsilon"] > target * (1 + 1e-9)
             else []
         )
         asked, ok = report.get("budget_per_node"), f"{fed['epsilon']:.3f} <= {target:g}"
-        if not 0 < target <= MAX_TARGET_EPSILON:  # splitting 1e308 calibrated for hours (fuzzed)
-            over.append(
-                f"run_start's target_epsilon {target:g} is outside (0, {MAX_TARGET_EPSILON:g}]: "
-                "no run plans it"
-            )
-        elif partition != "regional" and asked is not None:
+        if partition != "regional" and asked is not None:
             problem, said = _budget_problem(asked, contributions, config, tolerance)
             over += [problem] if problem else []
             report["notes"] += [said] if said and not problem else []
-        report["checks"].append(
-            check(
-                "federation_budget",
-                "the guarantee that applies within the run's target epsilon",
-                over,
-                f"{ok} ({applies['how']})",
-            )
-        )
+        report["checks"].append(check("federation_budget", title, over, f"{ok} ({applies['how']})"))
     report["guarantee"] = (
         f"({fed['epsilon']:.3f}, {applies['delta']:.3g})-DP for {fed['unit']} ({applies['how']})"
     )

@@ -308,7 +308,7 @@ def test_a_run_target_no_run_plans_fails_instead_of_splitting_it(tmp_path, monke
     monkeypatch.setattr("server.privacy.accounting.split_budget", split_budget)
     report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
     assert failed(report)["federation_budget"] == [
-        "run_start's target_epsilon 1e+308 is outside (0, 100]: no run plans it"
+        "run_start's target_epsilon 1e+308 is not a number in (0, 100]: no run plans it"
     ]
 
 
@@ -360,3 +360,26 @@ def test_a_release_the_recomputation_does_not_cover_fails_the_releases_check(
     report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
     (problem,) = failed(report)["releases"]
     assert problem.startswith("node 0, line 2 (round 1): ") and words in problem
+
+
+@pytest.mark.parametrize(
+    ("tamper", "check_name"),
+    [
+        (lambda es: es[1].update(delta=10**400), "recomputed"),
+        (lambda es: es[1].update(noise_multiplier=10**400), "recomputed"),
+        (lambda es: es[1].update(num_customers=10**400), "delta"),
+        (lambda es: es[0]["config"].update(dp_batch_size=10**400), "calibration"),
+        (lambda es: es[0]["config"].update(target_epsilon=10**400), "federation_budget"),
+        (lambda es: es[0]["config"].update(target_epsilon="8"), "federation_budget"),
+    ],
+)  # fmt: skip
+def test_a_number_no_float_holds_fails_a_check_instead_of_crashing(
+    tmp_path, receipted, tamper, check_name
+):
+    """An integer of 400 digits is valid JSON (below the parser's 4,300) and no float: in a
+    contribution's delta or noise multiplier, or the config's batch, it raised OverflowError
+    from the audit; as the run's target (or as text) it skipped the federation_budget check."""
+    entries = read_ledger(receipted / "ledger.jsonl")
+    tamper(entries)
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    assert failed(report)[check_name]
