@@ -383,3 +383,35 @@ def test_a_number_no_float_holds_fails_a_check_instead_of_crashing(
     tamper(entries)
     report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
     assert failed(report)[check_name]
+
+
+CANARY = '"included": [1, 0], "num_canaries": 2, "score": "s"'
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (b"\xff\xfe", "not UTF-8 text"),
+        (b"[" * 100_000, "not valid JSON (maximum recursion depth"),
+        (b"scores", "not valid JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'"scores included num_canaries score"', "not a JSON object"),
+        (b'{"scores": [1, 2]}', "missing included, num_canaries, score"),
+        (b'{"scores": 5, ' + CANARY.encode() + b"}", "scores must be a list of finite numbers"),
+        (b'{"scores": [NaN, 1], ' + CANARY.encode() + b"}", "scores must be a list of finite"),
+        (b'{"scores": [1e400, 1], ' + CANARY.encode() + b"}", "scores must be a list of finite"),
+        (b'{"scores": [1' + b"0" * 400 + b", 1], " + CANARY.encode() + b"}", "scores must be"),
+        (b'{"scores": [1, 2], "included": [1, 0.5], "num_canaries": 2, "score": "s"}',
+         "included must be a list of 0 or 1"),
+        (b'{"scores": [1, 2], "included": [1, 0], "num_canaries": 3, "score": "s"}',
+         "scores, included and num_canaries disagree in length"),
+    ],
+)  # fmt: skip
+def test_a_malformed_canaries_json_fails_the_empirical_check(tmp_path, receipted, text, words):
+    """canaries.json had a reader of its own: invalid UTF-8, nesting past the recursion limit,
+    a JSON string holding the field names, scores that are no list or an integer no float
+    holds raised from the audit; NaN scores and a flag of 0.5 (read as 0) gave a bound."""
+    out = copy_run(read_ledger(receipted / "ledger.jsonl"), tmp_path / "run")
+    (out / "canaries.json").write_bytes(text)
+    (problem,) = failed(audit(out))["empirical"]
+    assert problem.startswith(f"{out / 'canaries.json'}: {words}")
