@@ -23,6 +23,7 @@ from client.policy import NodePolicy
 from shared.data.dataset import Split, leave_one_out, load_dataset
 from shared.data.partition import cold_item_indices
 from shared.federation.node_directory import NodeInfo
+from shared.federation.reports import PRIVACY_UNIT
 from shared.federation.wire import ITEM_TABLES
 from shared.recommender.experiment import catalog_digest
 from shared.recommender.metrics import EVALUATED, ScoreFn, per_customer_metrics, rank_users
@@ -40,8 +41,6 @@ from shared.recommender.training import (
     with_reversed,
 )
 from shared.runs.config import RunConfig, resolve_device
-
-PRIVACY_UNIT = "one customer's entire history at this node (every event of one customer)"
 
 
 @dataclass

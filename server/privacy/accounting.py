@@ -32,6 +32,8 @@ import math
 from collections import Counter, defaultdict
 from typing import Any, NamedTuple
 
+from server.privacy.ledger import is_number
+
 VALUE_DISCRETIZATION = 1e-4  # PLD grid of privacy-loss values: epsilon accurate to about 1e-4
 # The calibration check's grid: 10x faster, epsilon within about 1e-3 above the fine grid's
 # (pessimistic discretisation: still an upper bound), far inside the check's 2% margin.
@@ -63,7 +65,7 @@ def _params(c: dict) -> tuple[str, float, float, int]:
     sigma, q, steps = c.get("noise_multiplier"), c.get("sample_rate"), c.get("steps")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if not isinstance(sigma, int | float) or not sigma >= 0:
+    if not is_number(sigma) or sigma < 0:
         raise ValueError(f"noise_multiplier must be a number >= 0, got {sigma!r}")
     if not isinstance(q, int | float) or not 0 <= q <= 1:
         raise ValueError(f"sample_rate must be in [0, 1], got {q!r}")

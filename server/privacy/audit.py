@@ -31,6 +31,7 @@ from server.privacy.audit_checks import (
     audit_canaries,
     audit_contributions,
     audit_delta,
+    audit_releases,
     audit_rounds,
     check,
     is_round,
@@ -179,6 +180,11 @@ def audit(
         for problem in [shape_problem(e)]
         if problem
     ]
+    if not any(e.get("kind") == "run_start" for e in entries):
+        incomplete.append(
+            "no run_start entry (removed, or the ledger starts past it): the run's settings are "
+            "unknown (whether it was private, its target, delta and plan)"
+        )
     checks.append(
         check(
             "fields",
@@ -222,13 +228,14 @@ def audit(
             "the server refused (malformed, outside the run's plan or not verifying); what they "
             "claim spent is recorded there, not recomputed nor composed here"
         )
-    if not report["dp"] and not contributions:
+    if report["dp"] is False and not contributions:
         report["guarantee"] = (
             "no formal guarantee: differential privacy was off for this run "
             "(run_start config dp is false); only the chain is checked"
         )
     else:
         audit_contributions(report, contributions, config, lines, tolerance)
+        audit_releases(report, contributions, lines)
         outstanding = outstanding_requests(complete)
         if outstanding:
             report["notes"].append(
@@ -299,10 +306,16 @@ def node_entry_problem(entry: dict) -> str | None:
 
 def _read_config(report: dict, complete: list[dict], lines: dict[int, int]) -> dict:
     """The first run_start's config (and unit) into the report; notes on resumes and a missing
-    run_end."""
+    run_end. Without a run_start, ``report["dp"]`` is None: the run is not taken for a
+    non-private one (its node entries are private releases)."""
     starts = [e for e in complete if e["kind"] == "run_start"]
-    config = starts[0]["config"] if starts and isinstance(starts[0]["config"], dict) else {}
-    report["config"], report["dp"] = config, bool(config.get("dp", False))
+    config = starts[0]["config"] if starts else {}
+    report["config"], report["dp"] = config, bool(config.get("dp", False)) if starts else None
+    if not starts:
+        report["notes"].append(
+            "no usable run_start: the run is audited as private, every release recomputed and "
+            "the guarantee stated at the nodes' own deltas for a customer at every node"
+        )
     report["unit"] = starts[0]["unit"] if starts else None
     # the budget each node was asked to keep, where the run states it (server/federation/budget.py)
     report["budget_per_node"] = starts[0].get("budget_per_node") if starts else None

@@ -34,14 +34,20 @@ def _releases(plan: dict, customers: float) -> tuple[tuple[float, int], ...]:
     return tuple(releases + ([(guard, 1)] if guard is not None else []))
 
 
+def _is_count(x: object) -> bool:
+    """Whether ``x`` is a usable count of the plan: an integer >= 1 a float holds (a batch of
+    400 digits overflowed the sample rate's division)."""
+    return isinstance(x, int) and is_number(x) and x >= 1
+
+
 def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None, list[str]]:
     """The run's plan from its run_start config, or None with the problem (new-format ledgers)
     or a note (older ledgers, whose configs may predate the plan keys)."""
-    lacking = [k for k in PLAN_KEYS if not (isinstance(config.get(k), int) and config[k] >= 1)]
+    lacking = [k for k in PLAN_KEYS if not _is_count(config.get(k))]
     # a private run's rounds and epochs a round: dp_rounds, dp_local_epochs (older ledgers:
     # rounds, local_epochs)
     private = {k: config.get(f"dp_{k}", config.get(k)) for k in ("rounds", "local_epochs")}
-    lacking += [f"dp_{k}" for k, v in private.items() if not (isinstance(v, int) and v >= 1)]
+    lacking += [f"dp_{k}" for k, v in private.items() if not _is_count(v)]
     eval_sigma = config.get("eval_noise_multiplier")
     if new_format and not (is_number(eval_sigma) and eval_sigma > 0):
         lacking.append("eval_noise_multiplier")
@@ -65,7 +71,7 @@ def _plan(config: dict, new_format: bool, notes: list[str]) -> tuple[dict | None
         # step, one expected pass a round, text_finetune_rounds rounds
         tunes = config.get("dp") and config.get("text_finetune_layers")
         encoder = (config.get("dp_encoder_batch"), config.get("text_finetune_rounds"))
-        if tunes and not all(isinstance(v, int) and v >= 1 for v in encoder):
+        if tunes and not all(map(_is_count, encoder)):
             text = "run_start config lacks usable dp_encoder_batch, text_finetune_rounds"
             return None, [f"{text}: the noise calibration cannot be checked"]
         plan["encoder"] = encoder if tunes else None

@@ -12,6 +12,8 @@ from typing import Any
 
 from server.privacy import accounting
 from server.privacy.canary_audit import canaries_needed, epsilon_lower_bound, read_canaries
+from server.privacy.ledger import is_number
+from shared.federation.reports import PRIVACY_UNIT
 from shared.runs.config import MAX_NOISE_MULTIPLIER
 
 
@@ -28,10 +30,6 @@ def check(name: str, title: str, problems: list[str], ok: str, status: str | Non
         "message": ok if status != "fail" else f"{len(problems)} problem(s)",
         "problems": problems,
     }
-
-
-def is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # far above any run's rounds: a round or count beyond it is tampered, and no check loops to it
@@ -74,6 +72,42 @@ def entry_problem(e: dict) -> str | None:
     if "target_epsilon" in e and not is_number(e["target_epsilon"]):
         return f"target_epsilon must be a finite number, got {e['target_epsilon']!r}"
     return None
+
+
+# the accountants a node's release may state: Opacus PRV (fedrec's nodes), PLD (the audit's own)
+RELEASE_ACCOUNTANTS = ("prv", "pld")
+
+
+def release_problem(c: dict) -> str | None:
+    """What a contribution declares that the audit's recomputation does not cover (None:
+    nothing): a unit other than the customer level, an unknown accountant, or no steps (a
+    release that spends nothing, yet claims its round)."""
+    if c["unit"] != PRIVACY_UNIT:
+        return f"unit {reprlib.repr(c['unit'])}, not the customer level {PRIVACY_UNIT!r}"
+    if c["accountant"] not in RELEASE_ACCOUNTANTS:
+        known = " or ".join(RELEASE_ACCOUNTANTS)
+        return f"accountant {reprlib.repr(c['accountant'])}, not {known}"
+    if c["steps"] == 0:
+        return "0 steps: a release that spends nothing, yet claims its round"
+    return None
+
+
+def audit_releases(report: dict, contributions: list[dict], lines: dict[int, int]) -> None:
+    """The ``releases`` check: every contribution is a customer-level release of a known
+    accountant, of at least one step (:func:`release_problem`)."""
+    problems = [
+        f"node {c['node']}, line {lines[id(c)]} (round {reprlib.repr(c['round'])}): {p}"
+        for c in contributions
+        if (p := release_problem(c))
+    ]
+    report["checks"].append(
+        check(
+            "releases",
+            "every release is customer-level, of a known accountant, of at least one step",
+            problems,
+            f"{len(contributions)} customer-level releases",
+        )
+    )
 
 
 def _index_gaps(node: str, cs: list[dict], lines: dict[int, int]) -> list[str]:
@@ -410,7 +444,7 @@ def audit_rounds(report: dict, entries: list[dict], config: dict) -> None:
         return
     problems = []
     contributions = [e for e in entries if e["kind"] == "contribution"]
-    if report["dp"] and completed > 0 and not contributions:
+    if report["dp"] is not False and completed > 0 and not contributions:
         problems.append(
             f"run_end counts {completed} completed round(s) under DP, but the ledger holds no "
             "contribution: every completed round had a node's release"

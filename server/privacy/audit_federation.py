@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import reprlib
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from server.privacy.audit_calibration import GUARD_KEYS, _guard_sigma, _plan, _r
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
 from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import planned_answer, request_purpose
+from shared.runs.config import MAX_TARGET_EPSILON
 
 DP_SGD = ("training", "encoder")
 # a node whose indices jump further than this is not composed: its epsilon is unbounded
@@ -167,7 +169,8 @@ def audit_federation(
     own), counting ``outstanding`` requests (node -> unanswered entries) as spent; the
     ``federation_budget`` check: it within the run's target, and the stated
     ``budget_per_node`` not above what ``split_budget`` gives for the nodes' plans."""
-    config_delta = config.get("delta")
+    # without a run_start (report["dp"] None) each node's own delta, as a configured 0
+    config_delta = config.get("delta") if report["dp"] is not None else 0.0
     if any(entry_problem(c) for c in contributions):
         report["guarantee"] = "not established: some contributions cannot be recomputed"
         return
@@ -187,7 +190,17 @@ def audit_federation(
             "purpose): what they spent is not in this ledger; the guarantee is stated at least "
             f"at the run's target {target:g}, what their plans keep if they followed them"
         )
-    if is_number(target):
+    elif fed["unbounded"]:  # and no target to state it at: nothing here bounds it
+        fed["epsilon"] = math.inf
+    title = "the guarantee that applies within the run's target epsilon"
+    if not (is_number(target) and 0 < target <= MAX_TARGET_EPSILON):
+        # nothing to hold it to (splitting 1e308 over a merchant run's nodes took hours: fuzzed)
+        problem = (
+            f"run_start's target_epsilon {reprlib.repr(target)} is not a number in "
+            f"(0, {MAX_TARGET_EPSILON:g}]: no run plans it"
+        )
+        report["checks"].append(check("federation_budget", title, [problem], ""))
+    else:
         over = (
             [f"the federation's epsilon {fed['epsilon']:.4f} exceeds the run's target {target:g}"]
             if fed["epsilon"] > target * (1 + 1e-9)
@@ -198,14 +211,7 @@ def audit_federation(
             problem, said = _budget_problem(asked, contributions, config, tolerance)
             over += [problem] if problem else []
             report["notes"] += [said] if said and not problem else []
-        report["checks"].append(
-            check(
-                "federation_budget",
-                "the guarantee that applies within the run's target epsilon",
-                over,
-                f"{ok} ({applies['how']})",
-            )
-        )
+        report["checks"].append(check("federation_budget", title, over, f"{ok} ({applies['how']})"))
     report["guarantee"] = (
         f"({fed['epsilon']:.3f}, {applies['delta']:.3g})-DP for {fed['unit']} ({applies['how']})"
     )
@@ -285,7 +291,7 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
                 f"metrics.json states delta {claimed_delta:.3g}, above the guarantee's "
                 f"{applies['delta']:.3g}"
             )
-    elif report["dp"] and is_number(claimed):
+    elif report["dp"] is not False and is_number(claimed):
         problems.append(
             f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
         )
@@ -302,7 +308,7 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
                 f"metrics.json claims node-level epsilon {claimed_node['epsilon']:.4f}, "
                 f"below the recomputed {node_level['epsilon']:.4f}"
             )
-    if fed or report["dp"] or claimed_node:
+    if fed or report["dp"] is not False or claimed_node:
         report["checks"].append(
             check(
                 "metrics",
@@ -330,7 +336,7 @@ def _per_node_problems(report: dict, per_node: Any, tolerance: float) -> list[st
     ledger_final = {n["node"]: n.get("reported_epsilon") for n in report["nodes"]}
     contributed = {n["node"] for n in report["nodes"] if n["contributions"]}
     if not isinstance(per_node, dict):
-        if report["dp"]:
+        if report["dp"] is not False:
             return [
                 "metrics.json states no per_node epsilons: under DP it must state each node's "
                 "final epsilon (what catches a ledger whose last rounds were cut off)"

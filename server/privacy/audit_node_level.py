@@ -136,7 +136,7 @@ def audit_node_level(
         statement = f"node level: {report['node_level']['statement']}"
         report["guarantee"] = (
             f"{report['guarantee']}; {statement}"
-            if report["dp"]
+            if report["dp"] is not False
             else f"no customer-level guarantee (dp off); {statement}"
         )
     elif not entries:

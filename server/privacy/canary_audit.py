@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from server.privacy.ledger import is_number, json_object
+
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float = 0.0) -> float:
     """P-value of v or more correct guesses out of r (m canaries) under (epsilon, delta)-DP."""
@@ -169,14 +171,22 @@ def write_canaries(path: str | Path, scores: list[float], included: list[int], s
 
 
 def read_canaries(path: str | Path) -> dict:
-    """Read and check ``canaries.json``; raises ValueError naming the file and the problem."""
+    """Read and check ``canaries.json``; raises ValueError naming the file and the problem: not
+    a JSON object (read as the ledger's lines are, :func:`server.privacy.ledger.json_object`),
+    a field missing, a score that is not a finite number, a flag that is not 0 or 1, or
+    lengths that disagree. A tampered file fails the empirical check, never crashes it."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+        data = json_object(Path(path).read_bytes())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
     lacking = [k for k in ("scores", "included", "num_canaries", "score") if k not in data]
     if lacking:
         raise ValueError(f"{path}: missing {', '.join(lacking)}")
-    if not len(data["scores"]) == len(data["included"]) == data["num_canaries"]:
+    scores, included = data["scores"], data["included"]
+    if not (isinstance(scores, list) and all(map(is_number, scores))):
+        raise ValueError(f"{path}: scores must be a list of finite numbers")
+    if not (isinstance(included, list) and all(flag in (0, 1) for flag in included)):
+        raise ValueError(f"{path}: included must be a list of 0 or 1, one for each canary")
+    if not len(scores) == len(included) == data["num_canaries"]:
         raise ValueError(f"{path}: scores, included and num_canaries disagree in length")
     return data

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -111,6 +112,17 @@ def json_object(text: str | bytes) -> dict:
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
     return value
+
+
+def is_number(x: Any) -> bool:
+    """Whether ``x`` is a finite number a float holds (a bool is not): what a numeric field of
+    a tampered file may be checked with (an integer of 400 digits is valid JSON, and no float)."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def read_ledger(path: str | Path) -> list[dict]:

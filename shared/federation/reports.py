@@ -17,6 +17,9 @@ from shared.federation.signing import SIGNED_FIELDS
 PURPOSES = ("training", "encoder", "evaluation", "guard")
 MECHANISMS = ("poisson_subsampled_gaussian", "gaussian")
 MAX_TEXT = 4096  # characters in any text field of a report
+# the unit of privacy of every release: one Opacus sample is one customer's whole history at a
+# node (what the audit recomputes for; a release stating another unit fails it)
+PRIVACY_UNIT = "one customer's entire history at this node (every event of one customer)"
 
 
 class ReportError(ValueError):

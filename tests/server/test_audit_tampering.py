@@ -292,3 +292,126 @@ def test_a_target_no_run_plans_fails_calibration_instead_of_calibrating_for_it(t
     assert failed(report)["calibration"] == [
         "node 0, line 2 (round 1): target_epsilon 1e+308 is outside (0, 100]: no run plans it"
     ]
+
+
+def test_a_run_target_no_run_plans_fails_instead_of_splitting_it(tmp_path, monkeypatch):
+    """A merchant run's start stating target_epsilon 1e308 (every node's entries fine) made
+    the federation check split that budget over the nodes' plans, calibrating down to σ =
+    0.001: the audit ran for hours. It fails the check without splitting."""
+    out = write_planned_run(tmp_path / "run", CUSTOMERS, 1, 4.0, "merchant", asked=2.0)
+    entries = read_ledger(out / "ledger.jsonl")
+    entries[0]["config"]["target_epsilon"] = 1e308
+
+    def split_budget(*args):
+        raise AssertionError("split_budget called for a target no run plans")
+
+    monkeypatch.setattr("server.privacy.accounting.split_budget", split_budget)
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    assert failed(report)["federation_budget"] == [
+        "run_start's target_epsilon 1e+308 is not a number in (0, 100]: no run plans it"
+    ]
+
+
+def test_a_ledger_without_its_run_start_fails_and_is_audited_as_private(tmp_path, receipted):
+    """A ledger whose run_start was removed read as a run with dp off: a ledger of unanswered
+    private requests passed with "only the chain is checked". Without it the run's settings
+    are unknown: the fields check fails, and every release is still recomputed and composed,
+    at the nodes' own deltas, for a customer at every node."""
+    honest = audit(receipted)
+    entries = read_ledger(receipted / "ledger.jsonl")
+    report = audit(copy_run(rechain([dict(e) for e in entries[1:]]), tmp_path / "headless"))
+    assert "no run_start entry" in failed(report)["fields"][-1]
+    assert report["dp"] is None and "dp off" not in report["guarantee"]
+    recomputed = {n["node"]: n["pld_epsilon"] for n in report["nodes"]}
+    assert recomputed == {n["node"]: n["pld_epsilon"] for n in honest["nodes"]}
+    assert report["federation"]["applies"] == "all_nodes"
+    assert report["federation"]["epsilon"] >= max(e.get("epsilon", 0) for e in entries)
+
+    unanswered = tmp_path / "unanswered"
+    unanswered.mkdir()
+    ledger = PrivacyLedger(unanswered / "ledger.jsonl")
+    ledger.append("unanswered", round=1, node="0", reason="no reply")
+    ledger.append("run_end", rounds_completed=1, reason="done")
+    report = audit(unanswered)
+    assert "no run_start entry" in failed(report)["fields"][-1]
+    assert report["federation"]["unbounded"] == ["0"]
+    assert report["federation"]["epsilon"] == float("inf")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("unit", "one example", "unit 'one example', not the customer level"),
+        ("unit", "one event of one customer", "not the customer level"),
+        ("accountant", "rdp", "accountant 'rdp', not prv or pld"),
+        ("accountant", ["prv"], "accountant ['prv'], not prv or pld"),
+        ("steps", 0, "0 steps: a release that spends nothing, yet claims its round"),
+    ],
+)
+def test_a_release_the_recomputation_does_not_cover_fails_the_releases_check(
+    tmp_path, receipted, field, value, words
+):
+    """A release stating another unit than one customer's, an accountant the audit does not
+    know, or no steps at all (it spends nothing, yet claims a training round) was read without
+    a failed check."""
+    assert {c["name"]: c["status"] for c in audit(receipted)["checks"]}["releases"] == "pass"
+    entries = read_ledger(receipted / "ledger.jsonl")
+    entries[1][field] = value
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    (problem,) = failed(report)["releases"]
+    assert problem.startswith("node 0, line 2 (round 1): ") and words in problem
+
+
+@pytest.mark.parametrize(
+    ("tamper", "check_name"),
+    [
+        (lambda es: es[1].update(delta=10**400), "recomputed"),
+        (lambda es: es[1].update(noise_multiplier=10**400), "recomputed"),
+        (lambda es: es[1].update(num_customers=10**400), "delta"),
+        (lambda es: es[0]["config"].update(dp_batch_size=10**400), "calibration"),
+        (lambda es: es[0]["config"].update(target_epsilon=10**400), "federation_budget"),
+        (lambda es: es[0]["config"].update(target_epsilon="8"), "federation_budget"),
+    ],
+)  # fmt: skip
+def test_a_number_no_float_holds_fails_a_check_instead_of_crashing(
+    tmp_path, receipted, tamper, check_name
+):
+    """An integer of 400 digits is valid JSON (below the parser's 4,300) and no float: in a
+    contribution's delta or noise multiplier, or the config's batch, it raised OverflowError
+    from the audit; as the run's target (or as text) it skipped the federation_budget check."""
+    entries = read_ledger(receipted / "ledger.jsonl")
+    tamper(entries)
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    assert failed(report)[check_name]
+
+
+CANARY = '"included": [1, 0], "num_canaries": 2, "score": "s"'
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (b"\xff\xfe", "not UTF-8 text"),
+        (b"[" * 100_000, "not valid JSON (maximum recursion depth"),
+        (b"scores", "not valid JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'"scores included num_canaries score"', "not a JSON object"),
+        (b'{"scores": [1, 2]}', "missing included, num_canaries, score"),
+        (b'{"scores": 5, ' + CANARY.encode() + b"}", "scores must be a list of finite numbers"),
+        (b'{"scores": [NaN, 1], ' + CANARY.encode() + b"}", "scores must be a list of finite"),
+        (b'{"scores": [1e400, 1], ' + CANARY.encode() + b"}", "scores must be a list of finite"),
+        (b'{"scores": [1' + b"0" * 400 + b", 1], " + CANARY.encode() + b"}", "scores must be"),
+        (b'{"scores": [1, 2], "included": [1, 0.5], "num_canaries": 2, "score": "s"}',
+         "included must be a list of 0 or 1"),
+        (b'{"scores": [1, 2], "included": [1, 0], "num_canaries": 3, "score": "s"}',
+         "scores, included and num_canaries disagree in length"),
+    ],
+)  # fmt: skip
+def test_a_malformed_canaries_json_fails_the_empirical_check(tmp_path, receipted, text, words):
+    """canaries.json had a reader of its own: invalid UTF-8, nesting past the recursion limit,
+    a JSON string holding the field names, scores that are no list or an integer no float
+    holds raised from the audit; NaN scores and a flag of 0.5 (read as 0) gave a bound."""
+    out = copy_run(read_ledger(receipted / "ledger.jsonl"), tmp_path / "run")
+    (out / "canaries.json").write_bytes(text)
+    (problem,) = failed(audit(out))["empirical"]
+    assert problem.startswith(f"{out / 'canaries.json'}: {words}")

@@ -38,6 +38,7 @@ from server.privacy.ledger import (
     read_ledger,
     verify_chain,
 )
+from shared.federation.reports import PRIVACY_UNIT
 from shared.federation.signing import NodeKey, append_receipt, digest_arrays, signed_payload
 from simulations.cli import main
 
@@ -95,7 +96,7 @@ def write_run(
                 delta=DELTA,
                 epsilon=epsilon,
                 accountant="prv",
-                unit="one customer's data at one node",
+                unit=PRIVACY_UNIT,
                 target_epsilon=target,
                 num_customers=500,
             )
@@ -483,7 +484,7 @@ def write_planned_run(
                     "max_grad_norm": 1.0,
                     "delta": delta,
                     "accountant": "prv",
-                    "unit": "one customer's data at one node",
+                    "unit": PRIVACY_UNIT,
                     "target_epsilon": share,
                     "num_customers": n,
                     "update_digest": digest_arrays({"w": np.full(3, r, np.float32)})
@@ -712,7 +713,7 @@ def test_delta_at_or_above_one_over_customers_fails(tmp_path):
             delta=delta,
             epsilon=recompute_epsilon([c], delta),
             accountant="prv",
-            unit="u",
+            unit=PRIVACY_UNIT,
             target_epsilon=8.0,
             num_customers=500,
             **c,
@@ -809,7 +810,7 @@ def test_an_older_ledger_is_calibrated_for_training_alone(tmp_path):
             delta=1e-4,
             epsilon=recompute_epsilon([c] * r, 1e-4),
             accountant="prv",
-            unit="u",
+            unit=PRIVACY_UNIT,
             target_epsilon=4.0,
             num_customers=800,
             **c,
