@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -203,3 +204,29 @@ def test_train_ships_the_tuned_encoder_with_the_model(
                 *settings,
             ]
         )
+
+
+def test_a_checkpoint_another_process_finishes_removing_is_skipped_not_raised(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Processes prune one after another under the lock, but each removes what it moved aside
+    outside it: a second pruning lists the first's ``.removing`` (idle as long as the checkpoint
+    was), which may be gone by the time it renames it. It raised FileNotFoundError from
+    ``tuned_checkpoint`` (at a node: an error instead of an answer)."""
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    directory = federated_encoders_dir()
+    directory.mkdir(parents=True)
+    aside = directory / "0123456789abcdef.4242.removing"  # process 4242 is removing it
+    aside.mkdir()
+    long_ago = time.time() - FEDERATED_ENCODER_IDLE_S - 60
+    os.utime(aside, (long_ago, long_ago))
+    rename = Path.rename
+
+    def finished_first(path: Path, target: Path) -> Path:
+        if path == aside:  # 4242's rmtree ends between the listing and the rename
+            shutil.rmtree(aside)
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "rename", finished_first)
+    assert prune_federated_encoders() == []
+    assert [p.name for p in directory.iterdir()] == [".lock"]  # nothing else left
