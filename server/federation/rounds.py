@@ -517,6 +517,9 @@ def _federate(
         }
     title = "fedrec federated global recommender"
     trained = torch.from_numpy(trained_rows)
+    if config.text_finetune_layers:  # the model ships a copy of the tuned encoder: asked for
+        # again, it is marked used (or rebuilt, if other runs' pruned it during the rounds)
+        tuned_checkpoint(config.text_model, federation.text_encoder, config.text_finetune_layers)
     if evaluation is not None:
         metrics = evaluation.finish(
             out,

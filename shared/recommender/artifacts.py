@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.recommender.finetune import federated_encoders_dir
 from shared.recommender.model import FusionRecommender, ModelConfig
 from shared.runs.durable import atomic_write, replace_dir
 
@@ -40,8 +41,17 @@ def save_model(
     directory: Path, model: FusionRecommender, item_ids: np.ndarray, text_model: str, card: str
 ) -> None:
     """Save weights (safetensors), config, catalog ids and the model card; the directory is
-    replaced whole (written aside, synced, swapped in), so a crash never leaves half a model."""
+    replaced whole (written aside, synced, swapped in), so a crash never leaves half a model.
+    A federation's tuned encoder the cache no longer holds raises FileNotFoundError: the model
+    would name a directory that is gone instead of shipping its copy."""
     from safetensors.torch import save_file
+
+    tuned = Path(text_model)
+    if tuned.parent == federated_encoders_dir() and not (tuned / "config.json").exists():
+        raise FileNotFoundError(
+            f"{text_model}: the run's tuned text encoder is no longer in the cache (pruned: "
+            "shared/recommender/finetune.py); ask tuned_checkpoint for it again before saving"
+        )
 
     def write(staging: Path) -> None:
         text = text_model

@@ -330,8 +330,10 @@ def prune_federated_encoders(
         for path in surplus:
             if now - last_used[path] > idle_s:
                 aside = path.with_name(f"{path.name}.{os.getpid()}.removing")
-                path.rename(aside)  # gone for everyone at once: rebuilt if asked for again
-                removed.append(aside)
+                # another process's aside, which it removes outside the lock, may be gone
+                with suppress(FileNotFoundError):
+                    path.rename(aside)  # gone for everyone at once: rebuilt if asked for again
+                    removed.append(aside)
     for aside in removed:
         if (aside / "config.json").exists():
             EmbeddingCache().forget(model_fingerprint(aside))

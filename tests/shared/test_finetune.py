@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from helpers import TINY, cli_settings
 from transformers import AutoModel
 
 from shared.data.dataset import leave_one_out, load_dataset
-from shared.recommender.artifacts import read_text_model
+from shared.recommender.artifacts import read_text_model, save_model
 from shared.recommender.finetune import (
     FEDERATED_ENCODER_IDLE_S,
     FEDERATED_ENCODERS_KEPT,
@@ -28,6 +29,7 @@ from shared.recommender.finetune import (
     top_layers,
     tuned_checkpoint,
 )
+from shared.recommender.model import FusionRecommender, ModelConfig
 from shared.recommender.text import (
     EmbeddingCache,
     TextEncoder,
@@ -203,3 +205,53 @@ def test_train_ships_the_tuned_encoder_with_the_model(
                 *settings,
             ]
         )
+
+
+def test_a_checkpoint_another_process_finishes_removing_is_skipped_not_raised(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Processes prune one after another under the lock, but each removes what it moved aside
+    outside it: a second pruning lists the first's ``.removing`` (idle as long as the checkpoint
+    was), which may be gone by the time it renames it. It raised FileNotFoundError from
+    ``tuned_checkpoint`` (at a node: an error instead of an answer)."""
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    directory = federated_encoders_dir()
+    directory.mkdir(parents=True)
+    aside = directory / "0123456789abcdef.4242.removing"  # process 4242 is removing it
+    aside.mkdir()
+    long_ago = time.time() - FEDERATED_ENCODER_IDLE_S - 60
+    os.utime(aside, (long_ago, long_ago))
+    rename = Path.rename
+
+    def finished_first(path: Path, target: Path) -> Path:
+        if path == aside:  # 4242's rmtree ends between the listing and the rename
+            shutil.rmtree(aside)
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "rename", finished_first)
+    assert prune_federated_encoders() == []
+    assert [p.name for p in directory.iterdir()] == [".lock"]  # nothing else left
+
+
+def test_a_model_is_never_saved_naming_a_pruned_federated_encoder(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A server marks its run's tuned checkpoint used when its rounds start; other runs on the
+    machine may prune it while they go on. Saving the model then wrote a config.json naming
+    the vanished cache directory, silently: the model could never be served or audited."""
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    layers = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
+    runs = tuned_checkpoint(str(tiny_bert_dir), layers, 1)
+    long_ago = time.time() - FEDERATED_ENCODER_IDLE_S - 60
+    os.utime(runs, (long_ago, long_ago))  # its rounds take longer than the idle time
+    for shift in range(1, FEDERATED_ENCODERS_KEPT + 1):  # other runs' meanwhile
+        tuned_checkpoint(str(tiny_bert_dir), {k: v + shift for k, v in layers.items()}, 1)
+    assert not runs.exists()
+    config = ModelConfig(num_items=40, text_dim=32, dim=8, layers=1, max_len=10)
+    model = FusionRecommender(config, torch.randn(40, 32))
+    with pytest.raises(FileNotFoundError, match="no longer in the cache"):
+        save_model(tmp_path / "model", model, np.arange(40), str(runs), "# card\n")
+    assert not (tmp_path / "model").exists()
+    rebuilt = tuned_checkpoint(str(tiny_bert_dir), layers, 1)  # what the server does first
+    save_model(tmp_path / "model", model, np.arange(40), str(rebuilt), "# card\n")
+    assert read_text_model(tmp_path / "model") == str(tmp_path / "model" / "text-encoder")
