@@ -141,6 +141,9 @@ class NodeRequest:
                 text_model = str(tuned_checkpoint(text_model, encoder, layers))
             except ValueError as error:  # not the top layers of the run's text model
                 raise RequestRefused(self.name, f"the server's text-encoder: {error}") from None
+            except OSError:  # a full disk, say: refused, never an error naming the node's paths
+                reason = "the server's text-encoder: the node could not store it"
+                raise RequestRefused(self.name, reason) from None
         self.node: NodeData = load_node(directory, text_model)
         self.run_id = str(settings.get("run-id", ""))
         self.catalog_digest = str(settings.get("catalog-digest", ""))

@@ -62,6 +62,10 @@ FEDERATED_ENCODERS_KEPT = 4  # a run builds one; the last four runs' are kept
 # a checkpoint is read within seconds of being asked for (its embeddings, then its weights):
 # one unused this long is no other process's any more, and may go
 FEDERATED_ENCODER_IDLE_S = 600
+# the most checkpoints kept at once, however recently used (about 90 MB each for MiniLM, plus
+# their catalog embeddings): a server sending new layers in every message must not fill a
+# node's disk within the idle time; beyond it a new one is refused until older ones fall idle
+FEDERATED_ENCODERS_MAX = 16
 
 
 def consecutive_pairs(histories: list[np.ndarray]) -> np.ndarray:
@@ -267,7 +271,8 @@ def tuned_checkpoint(base_model: str, weights: dict[str, torch.Tensor], layers: 
     """The checkpoint ``base_model`` with its top layers replaced by ``weights`` (a
     federation's aggregate), written once under the cache, keyed by the base and the weights:
     the server and every node build the same one from the same weights. Asking for it marks
-    it used (its mtime); the least recently used beyond :data:`FEDERATED_ENCODERS_KEPT` go."""
+    it used (its mtime); the least recently used beyond :data:`FEDERATED_ENCODERS_KEPT` go,
+    and a new one beyond :data:`FEDERATED_ENCODERS_MAX` recently used is refused (ValueError)."""
     base = resolve_model_path(base_model)
     key = hashlib.sha256(model_fingerprint(base).encode())
     for name in sorted(weights):
@@ -278,6 +283,14 @@ def tuned_checkpoint(base_model: str, weights: dict[str, torch.Tensor], layers: 
         if (target / "config.json").exists():
             os.utime(target)
             return target
+    prune_federated_encoders()
+    held = sum("." not in p.name for p in federated_encoders_dir().iterdir())
+    if held >= FEDERATED_ENCODERS_MAX:
+        raise ValueError(
+            f"{held} federated encoders were used here in the last "
+            f"{FEDERATED_ENCODER_IDLE_S // 60} minutes (at most {FEDERATED_ENCODERS_MAX}): "
+            "another is refused until older ones fall idle"
+        )
     encoder = TextEncoder(str(base))
     load_top_layers(encoder, weights, layers)
     _save_checkpoint(

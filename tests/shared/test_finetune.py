@@ -162,6 +162,33 @@ def test_a_federations_checkpoints_are_kept_for_the_last_few_used_with_their_emb
     assert (tuned_checkpoint(str(tiny_bert_dir), layers, 1) / "config.json").exists()  # rebuilt
 
 
+def test_a_new_federated_encoder_beyond_the_most_recently_used_is_refused(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A server sending new layers in every message made a node keep a checkpoint per message
+    for the idle time: beyond FEDERATED_ENCODERS_MAX recently used, a new one is refused
+    (nothing written) until older ones fall idle and are pruned."""
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    most = FEDERATED_ENCODERS_KEPT + 1
+    monkeypatch.setattr("shared.recommender.finetune.FEDERATED_ENCODERS_MAX", most)
+    layers = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
+
+    def tuned(shift: int) -> Path:
+        return tuned_checkpoint(str(tiny_bert_dir), {k: v + shift for k, v in layers.items()}, 1)
+
+    built = [tuned(shift) for shift in range(most)]
+    with pytest.raises(ValueError, match=f"at most {most}"):
+        tuned(most)
+    assert sorted(p.name for p in federated_encoders_dir().iterdir() if p.is_dir()) == sorted(
+        path.name for path in built
+    )
+    assert tuned(0) == built[0]  # one held already is served
+    long_ago = time.time() - FEDERATED_ENCODER_IDLE_S - 60
+    for path in built:
+        os.utime(path, (long_ago, long_ago))
+    assert (tuned(most) / "config.json").exists()  # the idle surplus pruned first
+
+
 @pytest.mark.e2e
 def test_train_ships_the_tuned_encoder_with_the_model(
     tiny_bert_dir: Path, tiny_synth_dataset_dir: Path, tmp_path: Path, monkeypatch
