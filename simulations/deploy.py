@@ -24,6 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from client.policy import NodePolicy
 from server.federation.credentials import VALID_DAYS
 from server.federation.registry import write_registry
 from server.federation.settings import check_settings
@@ -245,6 +246,21 @@ def register_nodes(federation: LocalFederation, nodes: list[Path]) -> Path:
     return path
 
 
+def unloadable_text_model(settings: RunConfig, node_config: dict) -> str | None:
+    """Why every node, reading ``node_config`` as its policy, would refuse the run's
+    ``text-model`` (not among its ``text-models``), with the setting that lists it; None when
+    they load it."""
+    policy = NodePolicy.from_node_config({"data-dir": "", **node_config})
+    if not policy.text_model_refusal(settings.text_model):
+        return None
+    listed = policy.text_models or ()
+    return (
+        f"the nodes load only the text models their policy lists ({','.join(listed)}), not "
+        f"the run's text-model {settings.text_model!r}: add it, e.g. --node-config "
+        f'"text-models={",".join((*listed, settings.text_model))}"'
+    )
+
+
 def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwinds through the teardown
 
@@ -257,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
         check_settings(settings)
     except ValueError as error:
         raise SystemExit(f"fedrec: {error}") from None
+    if problem := unloadable_text_model(settings, args.node_config):
+        raise SystemExit(f"fedrec: {problem}")
     catalog, nodes = node_directories(args)
     config = config_from_args(args, catalog, len(nodes))
     previous = signal.signal(signal.SIGTERM, _stop)

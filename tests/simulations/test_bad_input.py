@@ -17,7 +17,10 @@ import pandas as pd
 import pytest
 from helpers import TEST_DEVICE
 
+from client.policy import parse_node_config
+from shared.runs.config import RunConfig
 from simulations.cli import main
+from simulations.deploy import unloadable_text_model
 
 
 def _rewrite(table: str, change: Callable[[pd.DataFrame], pd.DataFrame]):
@@ -204,6 +207,22 @@ def test_bad_settings_are_refused_and_leave_nothing(
     said = run_failing(argv + settings, capsys)
     assert message in said, said
     assert not out.exists()
+
+
+def test_deploy_local_refuses_a_text_model_its_nodes_would_not_load(
+    tiny_synth_dataset_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A deployed node loads only the text models its policy lists (minilm by default): a
+    run naming another would be refused by every node, so deploy local says so, and how to
+    list it, before anything starts; with the model listed it goes past that check."""
+    out, model = tmp_path / "out", str(tmp_path / "bert")
+    argv = [a.format(data=tiny_synth_dataset_dir, out=out) for a in CONFIG_COMMANDS["deploy"]]
+    said = run_failing([*argv, "--set", f"text-model={model}"], capsys)
+    assert f'--node-config "text-models=minilm,{model}"' in said, said
+    assert not out.exists()
+    asked = RunConfig(text_model=model)
+    assert unloadable_text_model(asked, parse_node_config(f"text-models=minilm,{model}")) is None
+    assert unloadable_text_model(RunConfig(), {}) is None  # the packaged model: loaded
 
 
 def test_a_refused_run_leaves_an_earlier_output_as_it_was(
