@@ -157,6 +157,11 @@ class RunConfig:
                 "reverse-histories=on makes each customer two training sequences, which DP "
                 "accounts as one sample (one customer): set it to auto (off under DP) or off"
             )
+        for setting in fields(self):  # no setting means anything at NaN or infinity
+            value = getattr(self, setting.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                name = setting.name.replace("_", "-")
+                raise ValueError(f"{name} must be a finite number, got {value:g}")
 
     def model_config(self, num_items: int, text_dim: int) -> ModelConfig:
         names = {f.name for f in fields(ModelConfig)}

@@ -89,6 +89,17 @@ def test_from_flat_rejects_unknown_keys_and_bad_values(values: dict, key: str) -
         RunConfig.from_flat(values)
 
 
+@pytest.mark.parametrize(
+    "key", ["lr", "dropout", "max-grad-norm", "round-timeout", "fraction-train", "server-lr"]
+)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan")])
+def test_no_setting_takes_nan_or_infinity(key: str, value) -> None:
+    """A float setting at NaN or infinity means nothing (a server's lr of NaN trained a node
+    to NaN weights; these were accepted): refused, naming the setting."""
+    with pytest.raises(ValueError, match=f"{key}.*(finite|must|expects)"):
+        RunConfig.from_flat({key: value})
+
+
 def test_from_flat_takes_each_kind_as_text_or_as_itself() -> None:
     config = RunConfig.from_flat(
         {"dim": 16.0, "layers": "2", "dp": 1, "refit": "false", "lr": 3, "target-epsilon": "4.5"}
