@@ -4,6 +4,7 @@ from its public customer figure, and its federated evaluation is noisy and charg
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -352,6 +353,18 @@ def test_a_node_that_answers_the_guard_never_trains_on_the_events_it_compares_on
         assert with_last == len(compared)
 
 
+def unchecked(config: RunConfig, **changes) -> RunConfig:
+    """``config`` with ``changes`` as a request might carry them past the settings' own checks
+    (which refuse NaN and infinity): the node's policy refuses them on its own as well."""
+    request = copy.copy(config)
+    for name, value in changes.items():
+        setattr(request, name, value)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in changes.values()):
+        with pytest.raises(ValueError, match="finite"):
+            RunConfig(**{**config.to_dict(), **changes})
+    return request
+
+
 @pytest.mark.parametrize(
     "noise, words",
     [
@@ -369,7 +382,7 @@ def test_a_guard_noise_too_small_for_the_budget_is_refused_before_anything_is_sp
     gets a refusal from the node's policy, for training and for the
     guard alike, and nothing is computed or charged."""
     node, config, state = node_setup
-    exact = RunConfig(**{**config.to_dict(), "dp_guard_noise_scale": noise})
+    exact = unchecked(config, dp_guard_noise_scale=noise)
     for reason in (
         NodePolicy().refusal(exact, CUSTOMERS),
         train_node(node, exact, state, server_round=1)["reason"],
@@ -561,7 +574,7 @@ def test_a_clipping_norm_or_step_a_node_cannot_add_noise_to_is_refused(
     """A max-grad-norm of 1e-37 put the noise's std (sigma x the norm) among float32's
     denormals, which the node flushes to zero: some coordinates left with no noise, and a
     dp-lr of 1e37 scaled the clipped signal back up."""
-    request = RunConfig(dp=True, **{setting: value})
+    request = unchecked(RunConfig(dp=True), **{setting: value})
     reason = NodePolicy().refusal(request, CUSTOMERS)
     assert reason is not None and words in reason
     assert NodePolicy().refusal(RunConfig(dp=True), CUSTOMERS) is None
