@@ -49,7 +49,7 @@ from shared.federation.reports import NodeReport, Release
 from shared.federation.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
 from shared.federation.wire import encode, nbytes, weights_problem
 from shared.recommender.finetune import tuned_checkpoint
-from shared.runs.config import RunConfig
+from shared.runs.config import RunConfig, resolve_device
 from shared.runs.quiet import quiet_third_party
 
 RUN_ID = re.compile(r"[0-9a-f]{64}")  # a run's id: the sha256 of its first ledger entry
@@ -123,6 +123,7 @@ class NodeRequest:
             )
             self.round = server_round(settings)
             self.valid_fraction = valid_fraction(settings)
+            resolve_device(self.config.device)  # a device this node has
         except ValueError as error:
             shown = str(error)[:MAX_REASON] + ("..." if len(str(error)) > MAX_REASON else "")
             raise RequestRefused(self.name, f"the server's message: {shown}") from None

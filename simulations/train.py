@@ -25,7 +25,7 @@ from shared.recommender.training import (
     training_tensors,
     with_reversed,
 )
-from shared.runs.config import RunConfig
+from shared.runs.config import RunConfig, resolve_device
 from shared.runs.durable import OutputInUse, RunLock
 from shared.runs.outputs import OtherSettings, check_rerun
 from shared.runs.quiet import quiet_third_party
@@ -44,7 +44,9 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
         "(see docs/configuration.md for the full list)",
     )
     parser.add_argument(
-        "--device", default=None, help=f"auto, cpu or cuda (default: {RunConfig.device})"
+        "--device",
+        default=None,
+        help=f"auto, cpu, cuda or cuda:N (default: {RunConfig.device})",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -60,9 +62,11 @@ def run_config_from_args(args: argparse.Namespace, **explicit) -> RunConfig:
     if args.device:
         values["device"] = args.device
     try:
-        return RunConfig.from_flat(values)
+        config = RunConfig.from_flat(values)
+        resolve_device(config.device)  # a device this machine has
     except ValueError as error:
         raise SystemExit(f"fedrec: {error}") from None
+    return config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ a test checks that pyproject.toml carries exactly these defaults.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -24,6 +25,7 @@ MAX_TARGET_EPSILON = 100.0
 # 1e-200 it divided by zero, at 1e155 it overflowed). Below the lower end one release spends
 # over 5 x 10^5 by RDP at any sample rate from 1e-8 (delta 1e-10), far beyond any budget
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-3, 1e6
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # the devices a run may name
 
 
 @dataclass
@@ -150,6 +152,8 @@ class RunConfig:
             raise ValueError(f"dp-id-scale must be a positive number, got {self.dp_id_scale:g}")
         if self.dp_denoise not in ("auto", "on", "off"):
             raise ValueError(f"dp-denoise must be auto, on or off, got {self.dp_denoise!r}")
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.regions not in ("auto", "off"):
             raise ValueError(f"regions must be auto or off, got {self.regions!r}")
         if self.reverse_histories == "on" and (self.dp or self.node_dp):
@@ -290,9 +294,14 @@ def _coerce(value: Any, kind: type, key: str) -> Any:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` means CUDA when present, else CPU."""
+    """``auto`` means CUDA when present, else CPU; a CUDA device this machine does not have is
+    refused (ValueError) before anything runs on it."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s)")
     return device

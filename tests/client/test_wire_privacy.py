@@ -483,6 +483,8 @@ GARBAGE = ArrayRecord({"x": Array(dtype="float32", shape=(3,), stype="numpy.ndar
         ("train", _setting("server-round", 1.5), "got 1.5"),
         ("train.encoder", _setting("valid-fraction", 2.0), "valid-fraction must be a number"),
         ("train", _setting("target_epsilon", 0.0), "target-epsilon must be in (0, 100]"),
+        ("train", _setting("device", "cuda:99"), "this machine has"),  # a device it lacks
+        ("evaluate", _setting("device", "tpu"), "device must be auto, cpu, cuda or cuda:N"),
         ("train", lambda records: records.pop("config"), "server-round must be a whole number"),
         ("train", lambda records: records.pop("arrays"), "the server's message holds no arrays"),
         ("evaluate", lambda records: records.update(arrays=GARBAGE), "arrays are not tensors"),

@@ -125,6 +125,7 @@ CONFIG_CASES = [
     ("no encoder rounds", ["--set", "text_finetune_rounds=0"], "text-finetune-rounds"),
     ("unknown attack", ["--set", "attack=flood"], "attack"),
     ("cold items out of range", ["--set", "cold-items=1.5"], "cold-items must be a fraction"),
+    ("a device nobody has", ["--device", "cuda:99"], "this machine has"),
     (  # every node would refuse such answers (or the server would discard them, charged)
         "evaluation noise the server does not account",
         ["--set", "dp=true", "--set", "eval-noise-multiplier=1e7"],
@@ -244,4 +245,4 @@ def test_a_refused_run_leaves_an_earlier_output_as_it_was(
 def test_the_cases_are_counted() -> None:
     data = len(DATA_CASES) * len(DATA_COMMANDS)
     config = len(CONFIG_CASES) * len(CONFIG_COMMANDS)
-    assert (len(DATA_CASES), len(CONFIG_CASES), data + config + 1) == (13, 17, 74)
+    assert (len(DATA_CASES), len(CONFIG_CASES), data + config + 1) == (13, 18, 76)
