@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
+from shared.federation.reports import PRIVACY_UNIT
 from shared.recommender.model import FusionRecommender, ModelConfig
 from shared.recommender.training import training_tensors, trim
 
@@ -96,7 +97,7 @@ def release(**changes) -> dict:
         "delta": 1e-5,
         "epsilon": 1.0,
         "accountant": "prv",
-        "unit": "u",
+        "unit": PRIVACY_UNIT,
         "target_epsilon": 8.0,
         "num_customers": 100,
         "update_digest": "d",

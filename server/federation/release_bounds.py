@@ -12,6 +12,9 @@ node's declared customers (``num_customers``):
   noise (``eval-noise-multiplier``, ``RunConfig.guard_noise``);
 - with a registry, no more customers than the node's registered figure;
 - DP-SGD at the run's ``max-grad-norm`` (what every node clips to);
+- the customer-level unit (``PRIVACY_UNIT``), an accountant the audit knows (prv or pld) and
+  at least one step: anything else the audit could not recompute, and one node's release would
+  fail the whole run's audit instead of its own reply;
 - a noise multiplier within [``MIN_NOISE_MULTIPLIER``, ``MAX_NOISE_MULTIPLIER``]
   (shared/runs/config.py: the nodes refuse to answer outside it, the audit recomputes no
   more), where the accountant's arithmetic holds: at 1e-160 its RDP bound underflowed to a
@@ -29,7 +32,7 @@ from __future__ import annotations
 import math
 
 from server.privacy.accounting import rdp_epsilon
-from shared.federation.reports import Release
+from shared.federation.reports import PRIVACY_UNIT, RELEASE_ACCOUNTANTS, Release
 from shared.recommender.training import steps_per_epoch
 from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, RunConfig
 
@@ -44,6 +47,10 @@ def release_problem(
     ``registered``: the customers a registry declares for the node, which its release may not
     exceed (more customers would loosen every bound below)."""
     customers = release.num_customers
+    if release.unit != PRIVACY_UNIT:  # what the ledger, the accounting and the audit are for
+        return f"unit {release.unit[:80]!r} is not the customer level {PRIVACY_UNIT!r}"
+    if release.accountant not in RELEASE_ACCOUNTANTS:
+        return f"accountant {release.accountant[:40]!r} is none of {', '.join(RELEASE_ACCOUNTANTS)}"
     if registered is not None and customers > registered:
         return f"num_customers {customers} is above the {registered} registered for the node"
     if not MIN_NOISE_MULTIPLIER <= release.noise_multiplier <= MAX_NOISE_MULTIPLIER:
@@ -78,8 +85,11 @@ def release_problem(
         )
         if release.noise_multiplier < noise * (1 - 1e-9):
             return f"noise_multiplier {release.noise_multiplier:g} is below the run's {noise:g}"
-    if release.steps > most:
-        return f"{release.steps} steps, above the {most} the run plans for {customers} customers"
+    if not 1 <= release.steps <= most:  # none would spend nothing, yet claim its round
+        return (
+            f"{release.steps} steps, outside the 1 to {most} the run plans for {customers} "
+            "customers"
+        )
     limit = SPARE * config.target_epsilon + 1
     spent = rdp_epsilon([release.as_dict()], release.delta)
     if not spent <= limit:

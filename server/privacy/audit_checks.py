@@ -13,7 +13,7 @@ from typing import Any
 from server.privacy import accounting
 from server.privacy.canary_audit import canaries_needed, epsilon_lower_bound, read_canaries
 from server.privacy.ledger import is_number
-from shared.federation.reports import PRIVACY_UNIT
+from shared.federation.reports import PRIVACY_UNIT, RELEASE_ACCOUNTANTS
 from shared.runs.config import MAX_NOISE_MULTIPLIER
 
 
@@ -72,10 +72,6 @@ def entry_problem(e: dict) -> str | None:
     if "target_epsilon" in e and not is_number(e["target_epsilon"]):
         return f"target_epsilon must be a finite number, got {e['target_epsilon']!r}"
     return None
-
-
-# the accountants a node's release may state: Opacus PRV (fedrec's nodes), PLD (the audit's own)
-RELEASE_ACCOUNTANTS = ("prv", "pld")
 
 
 def release_problem(c: dict) -> str | None:

@@ -20,6 +20,8 @@ MAX_TEXT = 4096  # characters in any text field of a report
 # the unit of privacy of every release: one Opacus sample is one customer's whole history at a
 # node (what the audit recomputes for; a release stating another unit fails it)
 PRIVACY_UNIT = "one customer's entire history at this node (every event of one customer)"
+# the accountants a release may state: Opacus PRV (fedrec's nodes), PLD (the audit's own)
+RELEASE_ACCOUNTANTS = ("prv", "pld")
 
 
 class ReportError(ValueError):

@@ -74,6 +74,10 @@ def test_an_honest_release_is_within_the_plan(purpose: str, customers: int) -> N
         ({"noise_multiplier": 1e-160}, "noise_multiplier"),
         ({"noise_multiplier": 1e155}, "noise_multiplier"),
         ({"max_grad_norm": 1e200}, "max_grad_norm"),
+        # what the audit could not recompute: one node's reply, not the whole run's audit
+        ({"unit": "one event"}, "unit"),
+        ({"accountant": "rdp"}, "accountant"),
+        ({"steps": 0}, "steps"),
     ],
 )
 def test_a_release_outside_the_plan_is_refused_and_its_claim_recorded_as_sent(
