@@ -14,6 +14,7 @@ next catalog beside the one in use. See docs/serving.md.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
@@ -25,7 +26,9 @@ from typing import Annotated
 
 import numpy as np
 import pandas as pd
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
@@ -107,6 +110,24 @@ def history_rows(
         raise invalid(
             "history", f"unknown item ids: {', '.join(error.item_ids[:20])}", error.item_ids
         ) from None
+
+
+def json_safe(value: object) -> object:
+    """``value`` if JSON can carry it, else its ``repr``: what a 422 echoes of a request may
+    be NaN, an infinity (``1e400``) or a lone surrogate (``"\\ud800"``), which no JSON
+    response holds."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
+        return repr(value)
+    return value
+
+
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 for a request that does not validate, every ``input`` it echoes
+    :func:`json_safe` (FastAPI's own answered such a request 500)."""
+    detail = [{**e, "input": json_safe(e.get("input"))} for e in jsonable_encoder(error.errors())]
+    return JSONResponse({"detail": detail}, 422)
 
 
 def results(catalog: Catalog, hits: list[Hit], started: float) -> Results:
@@ -334,6 +355,7 @@ def build_app(
         "federated global model. The history travels with each "
         "request.",
     )
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(TrustedHosts, hosts=hosts)
     app.add_middleware(AccessLog)  # the outermost: refused hosts and bodies are logged too

@@ -553,6 +553,28 @@ def test_empty_query_and_missing_fields_are_422(client: TestClient):
     assert client.post("/recommend", json={"history": "tent1"}).status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("path", "raw", "field"),
+    [
+        ("/recommend", b'{"history": ["tent1"], "k": 1e400}', "k"),  # json reads infinity
+        ("/search", b'{"query": "tent", "k": NaN}', "k"),
+        ("/search", b'{"query": "\\ud800"}', "query"),  # a lone surrogate
+        ("/recommend", b'{"history": ["\\udfff"]}', "history"),
+        ("/items", b'{"item_id": "\\ud800", "title": "x"}', "item_id"),
+        ("/search", b'{"history": [], "k": NaN}', "query"),  # the whole body echoed
+    ],
+)
+def test_a_value_json_cannot_echo_is_422_not_500(
+    dirs: tuple[Path, Path], path: str, raw: bytes, field: str
+):
+    app = create_app(*dirs, limits=LIMITS, encode=fake_encode, admin_token=TOKEN)
+    client = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
+    headers = {"content-type": "application/json", **ADMIN}
+    response = client.post(path, content=raw, headers=headers)
+    assert response.status_code == 422, response.text
+    assert any(e["loc"][:2] == ["body", field] for e in response.json()["detail"])
+
+
 def test_unknown_product_is_404(client: TestClient):
     response = client.get("/items/nope")
     assert response.status_code == 404 and "nope" in response.json()["detail"]
