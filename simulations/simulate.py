@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
+    from server.federation.rounds import require_ledger
     from server.federation.settings import check_settings
 
     config = config_from_args(args)
@@ -205,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"fedrec: {error}") from None
     if already_done(args.out, config):
         return 0
+    require_ledger(args.out)  # a checkpoint to resume, whose ledger was removed or cut
     logging.basicConfig(  # fedrec's own progress lines read like the printed ones
         level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s"
     )

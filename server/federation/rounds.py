@@ -44,7 +44,7 @@ from server.federation.releases import (
 from server.federation.selection import MONITOR, RoundSelection, round_validation
 from server.federation.settings import check_settings, settings_record
 from server.federation.strategy import FedRecStrategy
-from server.privacy.ledger import PrivacyLedger
+from server.privacy.ledger import PrivacyLedger, ledger_head, unpinned
 from server.privacy.ledger_gaps import NO_REPLY, record_unanswered
 from server.privacy.node_keys import NodeKeys
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
@@ -314,6 +314,21 @@ def run_federation(
         return _federate(grid, config, out, catalog, evaluation, partitions, show_progress)
 
 
+def require_ledger(out: Path) -> None:
+    """Refuse (SystemExit) to resume the checkpoint in ``out`` when the ledger no longer holds
+    the last entry written before it (removed, cut or replaced since): the rounds before it
+    would be resumed with their spending gone from the ledger, and node-level DP would spend
+    it again."""
+    out = Path(out)
+    progress = Checkpoint(out / "checkpoint.safetensors").progress()
+    if progress is not None and (problem := unpinned(out / "ledger.jsonl", progress.get("ledger"))):
+        raise SystemExit(
+            f"fedrec: {out} holds a checkpoint after round {progress['round']} but not its "
+            f"privacy ledger ({problem}): resuming would under-report what was spent; restore "
+            "the ledger, or start over with another --out"
+        )
+
+
 def _federate(
     grid: Grid,
     config: RunConfig,
@@ -335,6 +350,7 @@ def _federate(
         log.info("the nodes also learn every history backwards (reverse-histories)")
     elif config.reverse_histories == "auto" and evaluation is None and not config.private:
         log.info("reverse-histories=auto is off: the server holds no histories to decide on")
+    require_ledger(out)
     federation = Federation(grid, config, out, catalog, partitions, customers, backwards)
     encoder_rounds: list[dict] = []
     if config.text_finetune_layers:  # the nodes tune the encoder first; the catalog follows
@@ -389,6 +405,7 @@ def _federate(
             "config": config.to_dict(),
             "trained_rows": np.flatnonzero(trained_rows).tolist(),
             "start": start,
+            "ledger": ledger_head(ledger.entries),  # a resumed run must find this entry
         }
 
     for server_round in range(done + 1, config.max_rounds + 1):

@@ -11,7 +11,8 @@ torn by a crash mid-append is removed by ``fedrec ledger repair OUT``
 The chain makes edits, removals, insertions and reorderings inside the file detectable. It is
 not a signature: it cannot tell a cut-off tail, or entries appended at the end by someone
 else, from a genuine ledger. Record the head hash (``fedrec audit`` prints it) somewhere else to
-pin the end.
+pin the end. A run's checkpoint pins the entry written last before it (:func:`ledger_head`):
+a resumed run refuses a ledger cut or replaced since (:func:`unpinned`).
 """
 
 from __future__ import annotations
@@ -236,6 +237,28 @@ def verify_chain(entries: list[dict]) -> list[str]:
             )
         i += 1
     return problems
+
+
+def ledger_head(entries: list[dict]) -> dict:
+    """What a checkpoint pins of the ledger: the ``seq`` and ``hash`` of its last entry."""
+    return {"seq": entries[-1]["seq"], "hash": entries[-1]["hash"]}
+
+
+def unpinned(path: Path, head: dict | None) -> str | None:
+    """Why the ledger at ``path`` does not hold the entry a checkpoint pinned (``head``, from
+    :func:`ledger_head`), None when it does or nothing was pinned: a ledger removed, replaced
+    or cut since that round would under-report what the rounds before it spent."""
+    if head is None:
+        return None
+    if not path.exists():
+        return f"{path} is missing"
+    entries = read_ledger(path)
+    seq = head.get("seq")
+    if not isinstance(seq, int) or not 0 <= seq < len(entries):
+        return f"{path} ends at entry {len(entries) - 1}, before entry {seq}"
+    if entries[seq].get("hash") != head.get("hash"):
+        return f"{path}: entry {seq} is not the one the checkpoint recorded"
+    return None
 
 
 class PrivacyLedger:

@@ -35,7 +35,9 @@ from server.privacy.ledger import (
     LedgerError,
     PrivacyLedger,
     entry_hash,
+    ledger_head,
     read_ledger,
+    unpinned,
     verify_chain,
 )
 from shared.federation.reports import PRIVACY_UNIT
@@ -181,6 +183,25 @@ def test_resume_refuses_a_broken_chain(tmp_path, honest):
     (out / "ledger.jsonl").write_text(json.dumps(honest[0]) + '\n{"seq": 1, \n')
     with pytest.raises(LedgerError, match="line 2: not valid JSON"):
         PrivacyLedger(out / "ledger.jsonl")
+
+
+def test_a_ledger_removed_cut_or_replaced_since_the_checkpoint_is_named(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.append("run_start", config={"dp": True, "delta": DELTA}, unit="u")
+    ledger.append("declined", round=1, node="a", reason="budget")
+    head = ledger_head(ledger.entries)
+    ledger.append("declined", round=2, node="a", reason="budget")  # after the checkpoint: fine
+    assert unpinned(path, head) is None and unpinned(path, None) is None
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0])  # the tail cut: the chain alone cannot tell
+    assert "ends at entry 0, before entry 1" in unpinned(path, head)
+    path.unlink()
+    assert "missing" in unpinned(path, head)
+    other = PrivacyLedger(path)  # a new ledger of the same length
+    other.append("run_start", config={"dp": True, "delta": DELTA}, unit="u")
+    other.append("declined", round=1, node="b", reason="budget")
+    assert "not the one the checkpoint recorded" in unpinned(path, head)
 
 
 def test_append_refuses_incomplete_entries(tmp_path):

@@ -185,6 +185,34 @@ def test_a_changed_config_is_refused_in_the_same_out(resumed_run: dict, capsys) 
     assert "other settings" in printed.out + printed.err + str(code)
 
 
+@pytest.mark.e2e
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_checkpoint_whose_ledger_was_removed_or_cut_is_not_resumed(resumed_run: dict) -> None:
+    out = resumed_run["resumed"]  # in place (OUT is in the settings), restored at the end
+    ledger, metrics = out / "ledger.jsonl", out / "metrics.json"
+    kept = {path: path.read_bytes() for path in (ledger, metrics)}
+    metrics.unlink()  # a crash in the last round
+    try:
+        for cut in ("removed", "cut"):
+            if cut == "removed":
+                ledger.unlink()
+            else:  # only the run_start left: the chain alone cannot tell
+                ledger.write_bytes(kept[ledger].split(b"\n")[0] + b"\n")
+            before = ledger.read_bytes() if ledger.exists() else None
+            try:
+                code = main(
+                    ["simulate", "--data", str(resumed_run["data"]), "--out", str(out)]
+                    + ["--clients", "2", "--rounds", "2", *TINY]
+                )
+            except SystemExit as stopped:
+                code = stopped.code
+            assert "under-report" in str(code), cut
+            assert (ledger.read_bytes() if ledger.exists() else None) == before, cut
+    finally:
+        for path, data in kept.items():
+            path.write_bytes(data)
+
+
 # --- differential privacy -------------------------------------------------------------------
 
 
