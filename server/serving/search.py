@@ -33,7 +33,7 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from server.privacy.ledger import is_number
 from server.serving.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE, VectorIndex, top_k
 from server.serving.lexical import Lexical
 from shared.data.dataset import DEFAULT_EVENT, DataError, find_table, load_items, usual_event
@@ -83,7 +84,22 @@ class FusionWeights:
 
     @classmethod
     def load(cls, path: Path) -> FusionWeights:
-        return cls(**json.loads(Path(path).read_text()))
+        """The weights in ``path``; DataError naming it unless it holds a JSON object of
+        these fields, finite numbers (``pool`` an integer from 1)."""
+        try:
+            given = json.loads(Path(path).read_bytes())
+        except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
+            raise DataError(path, f"not valid JSON ({error})"[:300]) from None
+        known = {f.name for f in fields(cls)}
+        if not isinstance(given, dict) or not given.keys() <= known:
+            raise DataError(path, f"not an object of {', '.join(sorted(known))}")
+        numbers = [v for k, v in given.items() if k != "pool"]
+        pool = given.get("pool", cls.pool)
+        if not all(is_number(v) for v in numbers) or not (
+            isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1
+        ):
+            raise DataError(path, "weights must be finite numbers and pool an integer from 1")
+        return cls(**given)
 
 
 @dataclass

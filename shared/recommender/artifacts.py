@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.data.errors import DataError
 from shared.recommender.finetune import federated_encoders_dir
 from shared.recommender.model import FusionRecommender, ModelConfig
+from shared.runs.checkpoint import non_finite
 from shared.runs.durable import atomic_write, replace_dir
 
 TEXT_ENCODER_DIR = "text-encoder"
@@ -68,7 +70,10 @@ def save_model(
 
 
 def load_model(directory: Path, text: torch.Tensor, device: str = "cpu") -> FusionRecommender:
-    """Rebuild a saved model around the catalog's text embeddings (in item_ids.txt order)."""
+    """Rebuild a saved model around the catalog's text embeddings (in item_ids.txt order);
+    DataError naming the folder when its files do not make a model (damaged, edited, another
+    catalog's) or a weight holds a NaN or an infinity."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -76,15 +81,37 @@ def load_model(directory: Path, text: torch.Tensor, device: str = "cpu") -> Fusi
         raise FileNotFoundError(
             f"{directory}: no model.safetensors (is this a run's model/ folder?)"
         )
-    config = json.loads((directory / "config.json").read_text())
-    state = load_file(str(directory / "model.safetensors"), device="cpu")
-    model = FusionRecommender.from_state(ModelConfig(**config["model"]), text, state)
+    settings = read_settings(directory)
+    try:
+        state = load_file(str(directory / "model.safetensors"), device="cpu")
+        model = FusionRecommender.from_state(ModelConfig(**settings["model"]), text, state)
+    except (SafetensorError, TypeError, ValueError, RuntimeError) as error:
+        raise DataError(directory, f"not a model fedrec can load: {error}"[:500]) from None
+    if bad := non_finite(state):
+        raise DataError(directory, f"model.safetensors holds NaN or infinity in {bad[:5]}")
     return model.to(device).eval()
+
+
+def read_settings(directory: Path) -> dict:
+    """A saved model's ``config.json``: an object with a ``model`` object and a
+    ``text_model`` string; DataError naming the file otherwise."""
+    path = Path(directory) / "config.json"
+    try:
+        settings = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
+        raise DataError(path, f"not valid JSON ({error})"[:300]) from None
+    if not (
+        isinstance(settings, dict)
+        and isinstance(settings.get("model"), dict)
+        and isinstance(settings.get("text_model"), str)
+    ):
+        raise DataError(path, "not a saved model's settings (a 'model' object, a 'text_model')")
+    return settings
 
 
 def read_text_model(directory: Path) -> str:
     """The text encoder a saved model was trained with (its own copy when fine-tuned)."""
-    text_model = json.loads((Path(directory) / "config.json").read_text())["text_model"]
+    text_model = read_settings(directory)["text_model"]
     return str(Path(directory) / text_model) if text_model == TEXT_ENCODER_DIR else text_model
 
 

@@ -7,6 +7,7 @@ expected rankings follow from the product texts alone.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -25,6 +26,7 @@ import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
 
 from server.serving import service
 from server.serving.index import VectorIndex, recall_at_k, top_k
@@ -148,6 +150,43 @@ def test_history_personalises_the_ranking(client: TestClient):
     wearer = ids(client.post("/search", json={"query": "gift set", "history": ["lip1", "lip2"]}))
     assert camper[0] == "campgift" and wearer[0] == "lipgift"
     assert not {"tent1", "tent2"} & set(camper)  # history is excluded
+
+
+def _edit_config(folder: Path, change) -> None:
+    settings = json.loads((folder / "config.json").read_text())
+    change(settings)
+    (folder / "config.json").write_text(json.dumps(settings))
+
+
+def _nan_weight(folder: Path) -> None:
+    state = load_file(str(folder / "model.safetensors"))
+    state["id_scores.bias"] = torch.full_like(state["id_scores.bias"], float("nan"))
+    save_file(state, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda f: (f / "config.json").write_text("{"), "config.json: not valid JSON"),
+        (lambda f: _edit_config(f, lambda c: c.pop("model")), "not a saved model's settings"),
+        (lambda f: _edit_config(f, lambda c: c["model"].update(evil=1)), "unexpected keyword"),
+        (lambda f: _edit_config(f, lambda c: c["model"].update(num_items=10**9)), "!="),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{}"), "header"),
+        (_nan_weight, "NaN or infinity in ['id_scores.bias']"),
+        (lambda f: (f / "search.json").write_text('{"a": 1}'), "search.json: not an object"),
+        (lambda f: (f / "search.json").write_text('{"dense": NaN}'), "finite numbers"),
+        (lambda f: (f / "search.json").write_text('{"pool": 0}'), "pool an integer from 1"),
+    ],
+)
+def test_a_damaged_or_edited_model_folder_is_a_data_error_naming_it(
+    dirs: tuple[Path, Path], tmp_path: Path, damage, words: str
+):
+    model = tmp_path / "model"
+    shutil.copytree(dirs[0], model)
+    damage(model)
+    with pytest.raises(DataError, match=re.escape(words)) as error:
+        load_engine(model, dirs[1], encode=fake_encode)
+    assert str(model) in str(error.value)
 
 
 def test_query_embeddings_are_cached(dirs: tuple[Path, Path]):
