@@ -20,9 +20,9 @@ import torch
 
 from client.accountant import NodePrivacy, RequestPosition
 from client.policy import NodePolicy
-from shared.data.dataset import Split, leave_one_out, load_dataset
+from shared.data.dataset import DataError, Split, leave_one_out, load_dataset
 from shared.data.partition import cold_item_indices
-from shared.federation.node_directory import NodeInfo
+from shared.federation.node_directory import NODE_FILE, NodeInfo
 from shared.federation.reports import PRIVACY_UNIT
 from shared.federation.wire import ITEM_TABLES
 from shared.recommender.experiment import catalog_digest
@@ -64,13 +64,25 @@ def load_node(directory: str, text_model: str) -> NodeData:
     """Load (once per process) a node's data directory."""
     dataset = load_dataset(directory)
     info = NodeInfo.read(Path(directory))
+    catalog = info.catalog_indices(dataset.items, Path(directory))
+    if catalog is not None:  # a merchant's events are all on its own products
+        events = dataset.interactions
+        outside = events[~events["item_idx"].isin(catalog)]
+        if len(outside):
+            first = outside.loc[outside["row"].idxmin()]
+            raise DataError(
+                dataset.report.interactions_file,
+                f"item_id {first['item_id']!r} is not in this node's catalog ({NODE_FILE}); "
+                f"{len(outside)} event(s) are on products it does not sell",
+                row=int(first["row"]) + 1,
+            )
     digest = catalog_digest(dataset.items)
     return NodeData(
         info.node,
         Path(directory),
         leave_one_out(dataset),
         catalog_text(dataset.items, digest, text_model),
-        info.catalog_indices(dataset.items),
+        catalog,
         info.customers,
         digest,
         dataset.items,

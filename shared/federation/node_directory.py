@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.data.errors import DataError
+
 NODE_FILE = "node.json"
 
 
@@ -46,10 +48,24 @@ class NodeInfo:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: not a valid node description ({error})") from None
 
-    def catalog_indices(self, items: pd.DataFrame) -> np.ndarray | None:
-        """Item indices this node sells (None = the whole catalog)."""
+    def catalog_indices(
+        self, items: pd.DataFrame, directory: Path | None = None
+    ) -> np.ndarray | None:
+        """Item indices this node sells (None = the whole catalog); DataError naming
+        ``directory``'s node.json when the catalog is empty or names a product ``items`` lacks
+        (a node must not silently sell less than it says)."""
         if self.catalog is None:
             return None
+        where = NODE_FILE if directory is None else Path(directory) / NODE_FILE
+        if not self.catalog:
+            raise DataError(where, "its catalog is empty: a node sells at least one product")
+        unknown = sorted(set(self.catalog) - set(items["item_id"].astype(str)))
+        if unknown:
+            raise DataError(
+                where,
+                f"its catalog names {len(unknown)} product(s) not in the items table, e.g. "
+                f"{unknown[:5]}: is it this catalog's node?",
+            )
         return np.flatnonzero(items["item_id"].astype(str).isin(set(self.catalog)).to_numpy())
 
 
@@ -63,7 +79,7 @@ def round_down_2sf(count: int) -> int:
 
 def node_catalog(directory: Path, items: pd.DataFrame) -> np.ndarray | None:
     """Item indices the node in ``directory`` sells (None = the whole catalog)."""
-    return NodeInfo.read(directory).catalog_indices(items)
+    return NodeInfo.read(directory).catalog_indices(items, directory)
 
 
 def node_name(directory: Path) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from helpers import TEST_DEVICE, TINY_SETTINGS
 
 from client.client_app import valid_fraction
 from client.node import load_node, local_epochs, scored_catalog, train_node
-from shared.data.dataset import load_dataset
+from shared.data.dataset import DataError, load_dataset
 from shared.data.partition import cold_item_indices, write_partitions
 from shared.federation.wire import ITEM_TABLES, trainable_state
 from shared.recommender.model import FusionRecommender
@@ -65,6 +67,34 @@ def test_the_nodes_a_process_hosts_share_one_copy_of_the_catalog_text(
     items = load_dataset(first).items
     embedded = embed_items(items, str(tiny_bert_dir), show_progress=False)
     assert torch.equal(one.text, torch.from_numpy(embedded))
+
+
+@pytest.mark.parametrize(
+    ("edit", "where", "words"),
+    [
+        (lambda c: c + ["NOPE-1"], "node.json", "names 1 product(s) not in the items table"),
+        (lambda c: [], "node.json", "its catalog is empty"),
+        (lambda c: c[1:], "interactions.csv.gz, row ", "is not in this node's catalog"),
+    ],
+    ids=["unknown-product", "empty", "events-outside"],
+)
+def test_a_merchant_catalog_that_does_not_fit_its_data_is_a_data_error(
+    tiny_synth_dataset_dir: Path, tmp_path: Path, edit, where: str, words: str
+) -> None:
+    """A node.json catalog naming products the items table lacks, none at all, or fewer than
+    the node's events are on: an error naming the file (and row), not products silently left
+    out, events silently not trained on, or a reshape error in training."""
+    dataset = load_dataset(tiny_synth_dataset_dir)
+    directory = write_partitions(dataset, tmp_path, 2, scheme="merchant")[0]
+    info = json.loads((directory / "node.json").read_text())
+    sold = set(info["catalog"])
+    first_sold = next(i for i in load_dataset(directory).interactions.sort_values("row")["item_id"])
+    info["catalog"] = edit([first_sold] + sorted(sold - {first_sold}))
+    (directory / "node.json").write_text(json.dumps(info))
+    load_node.cache_clear()
+    with pytest.raises(DataError, match=re.escape(words)) as error:
+        load_node(str(directory), "unused: refused before the text is embedded")
+    assert str(directory / where.split(",")[0]) in str(error.value) and where in str(error.value)
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["no-dp", "dp"])
