@@ -23,6 +23,15 @@ INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title")
 ITEM_TEXT_FIELDS = ("title", "categories", "brand", "description")
 SUFFIXES = (".parquet", ".csv.gz", ".csv")
+# every column fedrec reads of either table (the others are left as they are)
+READ_COLUMNS = {
+    *INTERACTION_COLUMNS,
+    *ITEM_TEXT_FIELDS,
+    "item_id",
+    "event",
+    "merchant_id",
+    "region",
+}
 
 
 @dataclass
@@ -72,14 +81,26 @@ def find_table(directory: Path, stem: str) -> Path:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """Read one table as strings (parquet keeps its types); empty files are an error."""
+    """Read one table as strings (parquet keeps its types); empty files are an error, and so
+    is a parquet column fedrec reads (:data:`READ_COLUMNS`) that holds lists or structs."""
     try:
         if path.name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            nested = [
+                field.name
+                for field in pq.read_schema(path)
+                if field.name in READ_COLUMNS and field.type.num_fields
+            ]
+            if nested:
+                raise DataError(path, f"column(s) {nested} hold lists or structs, not values")
             frame = pd.read_parquet(path)
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise DataError(path, "the file is empty") from None
+    except DataError:
+        raise
     except Exception as error:  # parser errors carry their own line numbers
         raise DataError(path, f"cannot be parsed: {error}") from None
     if frame.empty:

@@ -109,6 +109,22 @@ def test_bad_input_names_file_row_and_problem(
         assert f"row {row}" in message
 
 
+@pytest.mark.parametrize("column", ["region", "user_id", "title"])
+def test_a_parquet_column_of_lists_is_named_not_a_crash(tmp_path: Path, column: str) -> None:
+    """A list or struct where fedrec reads a value (a region of [1], a user id {"x": 1}) was a
+    TypeError (unhashable) or a title silently read as the text of the list."""
+    items = pd.DataFrame({"item_id": ["a", "b"], "title": ["Pan", "Pot"]})
+    events = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"], "timestamp": [1, 2]})
+    events["region"] = "north"
+    table, frame = ("items", items) if column == "title" else ("interactions", events)
+    frame[column] = [{"x": 1}, {"x": 2}] if column == "user_id" else [[1], [2]]
+    tmp_path.mkdir(exist_ok=True)
+    items.to_parquet(tmp_path / "items.parquet")
+    events.to_parquet(tmp_path / "interactions.parquet")
+    error = load_error(tmp_path)
+    assert f"{table}.parquet" in str(error) and f"['{column}'] hold lists or structs" in str(error)
+
+
 def test_missing_table_and_missing_directory(tmp_path: Path) -> None:
     (tmp_path / "items.csv").write_text(ITEMS)
     assert "no interactions table" in str(load_error(tmp_path))
