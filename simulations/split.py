@@ -11,6 +11,7 @@ Written aside and renamed into place, so a failed split leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from pathlib import Path
 
@@ -80,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise SystemExit("fedrec: --nodes must be at least 1")
+    if not 0 <= args.dirichlet_alpha < math.inf:  # NaN fails too
+        raise SystemExit(
+            f"fedrec: --dirichlet-alpha must be 0 or a positive number, got {args.dirichlet_alpha}"
+        )
     try:
         catalog, nodes = split_dataset(
             args.data,

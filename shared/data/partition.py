@@ -187,6 +187,14 @@ def write_partitions(
         raise ValueError(f"partition must be one of {SCHEMES}, got {scheme!r}")
     if num_nodes < 1:
         raise ValueError("a federation needs at least one node")
+    holders = dataset.num_users if scheme == "regional" else dataset.num_items
+    if num_nodes > holders:  # some would hold nothing; refused before any work for them
+        what = "customers" if scheme == "regional" else "products"
+        raise DataError(
+            dataset.report.interactions_file if scheme == "regional" else dataset.report.items_file,
+            f"a {scheme} partition into {num_nodes:,} nodes: only {holders:,} {what} to share; "
+            f"ask for at most {holders:,} nodes",
+        )
     events = dataset.interactions.sort_values("row", kind="stable")
     if holdout is not None:
         events = events[~events["row"].isin(holdout)]

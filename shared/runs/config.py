@@ -142,6 +142,10 @@ class RunConfig:
             raise ValueError(f"delta must be in [0, 1) (0: each node's own), got {self.delta:g}")
         if self.catalog_epochs < 0:
             raise ValueError(f"catalog-epochs must be 0 (off) or more, got {self.catalog_epochs}")
+        if not self.dirichlet_alpha >= 0:  # NaN fails too
+            raise ValueError(
+                f"dirichlet-alpha must be 0 (off) or more, got {self.dirichlet_alpha:g}"
+            )
         if not 0 <= self.cold_items < 1:
             raise ValueError(f"cold-items must be a fraction in [0, 1), got {self.cold_items:g}")
         if self.reverse_histories not in ("auto", "on", "off"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -182,6 +183,20 @@ def test_more_nodes_than_merchants_is_refused_before_any_node_is_written(
     assert len(write_partitions(dataset, tmp_path / "fits", merchants, "merchant")) == merchants
 
 
+@pytest.mark.parametrize("scheme", ["regional", "merchant"])
+def test_an_absurd_node_count_is_refused_at_once(
+    dataset: Dataset, tmp_path: Path, scheme: str
+) -> None:
+    """A billion nodes (a typo) spun for minutes, in the regional rule's per-node loop or the
+    merchants' balancing, before the empty nodes were found: more nodes than customers (or
+    products) is refused before any work."""
+    started = time.perf_counter()
+    with pytest.raises(DataError, match="ask for at most"):
+        write_partitions(dataset, tmp_path / "parts", 10**9, scheme)
+    assert time.perf_counter() - started < 5
+    assert not (tmp_path / "parts").exists()
+
+
 def test_bad_partition_arguments(dataset: Dataset, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="partition"):
         write_partitions(dataset, tmp_path, 2, "by-weather")
@@ -325,3 +340,5 @@ def test_fewer_regions_than_nodes_give_the_larger_region_more_nodes(
 def test_the_regions_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="regions must be auto or off"):
         RunConfig(regions="yes")
+    with pytest.raises(ValueError, match="dirichlet-alpha must be 0"):
+        RunConfig(dirichlet_alpha=-1.0)  # was taken as 0 (off) without a word

@@ -104,3 +104,16 @@ def test_outputs_without_settings_are_refused(tmp_path: Path) -> None:
     (out / "metrics.json").write_text('{"test": {}}')
     with pytest.raises(SystemExit, match="refused: .* without their settings"):
         main(simulate_args(out))
+
+
+@pytest.mark.parametrize("alpha", ["-1", "nan", "inf"])
+def test_data_split_refuses_a_dirichlet_alpha_that_is_no_skew(
+    tiny_synth_dataset_dir: Path, tmp_path: Path, alpha: str
+) -> None:
+    """A negative alpha was taken as 0 (no skew) without a word; NaN and infinity crashed in
+    numpy's sampling with a traceback."""
+    out = tmp_path / "pilot"
+    argv = ["data", "split", str(tiny_synth_dataset_dir), "--nodes", "2", "--out", str(out)]
+    with pytest.raises(SystemExit, match="--dirichlet-alpha must be 0 or a positive number"):
+        main([*argv, "--dirichlet-alpha", alpha])
+    assert not out.exists()
