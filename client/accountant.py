@@ -8,7 +8,9 @@ federations on one SuperNode or one data directory), so every read, check and ch
 contribution index, and a budget is checked against every charge before it. The state is
 written to a temporary file of the writer's own, fsynced and renamed over the old one: a crash
 leaves the old state or the new, never part of either. A release is charged before anything
-computed under it leaves the node, so a crash can over-count spending, never forget it.
+computed under it leaves the node, so a crash can over-count spending, never forget it; a
+state that counts fewer releases than the node's receipt log (deleted, or an older copy put
+back) is refused.
 
 Within a run a node charges its requests in the order of their rounds (:class:`RequestPosition`):
 it refuses, before spending anything, a request of a round earlier than one it has already
@@ -68,9 +70,20 @@ class NodePrivacy:
         self.state = self._read()
 
     def _read(self) -> dict:
-        if not self.path.exists():
-            return {"accountant": {}, "contributions": 0, "noise_multiplier": None}
-        return json.loads(self.path.read_text())
+        """The state; ValueError when it counts fewer releases than the receipt log holds
+        (every receipt is of a charged release): deleted or restored from an older copy, it
+        would forget spending and let the node spend its budget again."""
+        state = {"accountant": {}, "contributions": 0, "noise_multiplier": None}
+        if self.path.exists():
+            state = json.loads(self.path.read_text())
+        receipts = self.receipts.read_bytes().count(b"\n") if self.receipts.exists() else 0
+        if state["contributions"] < receipts:
+            raise ValueError(
+                f"{self.path} counts {state['contributions']} release(s) but the node's receipt "
+                f"log {self.receipts} holds {receipts}: the accountant was deleted or restored "
+                "from an older copy and would forget spending; restore its latest copy"
+            )
+        return state
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[NodePrivacy]:

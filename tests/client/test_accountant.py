@@ -14,9 +14,11 @@ import pytest
 
 from client.accountant import NodePrivacy, RequestPosition
 from client.node import over_budget
+from shared.federation.signing import SIGNED_FIELDS, NodeKey, append_receipt
 
 EVENT = (1.0, 1.0, 1)  # one Gaussian release at noise multiplier 1
 DELTA = 1e-5
+RELEASE = dict.fromkeys(SIGNED_FIELDS, 0)  # what a receipt signs (values do not matter here)
 
 
 def test_interleaved_releases_are_both_charged(tmp_path: Path) -> None:
@@ -111,3 +113,29 @@ def test_a_request_is_not_charged_after_a_later_round_of_its_run(tmp_path: Path)
     assert charge(run, 1, 3) is None
     assert NodePrivacy(tmp_path).state["contributions"] == 5
     assert NodePrivacy(tmp_path).order_refusal() is None  # no position: not checked
+
+
+def test_an_accountant_deleted_or_put_back_older_than_its_receipts_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Every receipt is of a charged release: an accountant that counts fewer (deleted, or an
+    older copy restored) would let the node spend its budget again, and is refused."""
+    key = NodeKey.load_or_create(tmp_path / "node.key")
+    privacy = NodePrivacy(tmp_path)
+    _, first = privacy.charge(EVENT, DELTA)
+    older = privacy.path.read_bytes()
+    append_receipt(privacy.receipts, RELEASE | {"contribution_index": first}, key)
+    _, second = privacy.charge(EVENT, DELTA)
+    append_receipt(privacy.receipts, RELEASE | {"contribution_index": second}, key)
+    latest = privacy.path.read_bytes()
+    assert NodePrivacy(tmp_path).state["contributions"] == 2
+    privacy.path.write_bytes(older)
+    with pytest.raises(ValueError, match="counts 1 release.*holds 2.*forget spending"):
+        NodePrivacy(tmp_path)
+    privacy.path.unlink()
+    with pytest.raises(ValueError, match="counts 0 release.*holds 2"):
+        NodePrivacy(tmp_path)
+    privacy.path.write_bytes(latest)
+    with privacy.locked():  # a state charged past its receipts (a crash before one): fine
+        privacy.charge(EVENT, DELTA)
+    assert NodePrivacy(tmp_path).state["contributions"] == 3
