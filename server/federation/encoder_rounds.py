@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from server.federation.aggregation import aggregate, clip_updates
 from shared.recommender.finetune import top_layers
 from shared.recommender.text import TextEncoder, resolve_model_path
+from shared.runs.durable import atomic_write
 
 if TYPE_CHECKING:
     from server.federation.rounds import Federation
@@ -111,8 +111,7 @@ def tune_encoder(
 def _save(
     path: Path, weights: dict[str, torch.Tensor], history: list[dict], complete: bool
 ) -> None:
-    """Write the layers and the rounds so far, atomically (the old file or the new)."""
-    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    """Write the layers and the rounds so far, atomically and durably (the old file or the
+    new, also after a power cut: a resumed run reads it back)."""
     metadata = {"history": json.dumps(history), "complete": "true" if complete else "false"}
-    save_file(weights, str(staging), metadata=metadata)
-    os.replace(staging, path)
+    atomic_write(path, save(weights, metadata=metadata))

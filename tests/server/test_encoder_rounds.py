@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,31 @@ def test_a_run_stopped_between_encoder_rounds_goes_on_from_the_next(
     again = ScriptedNodes(config, moved)  # complete: read back, nothing asked
     assert tune_encoder(again, tmp_path, show_progress=False)[1] == history
     assert again.rounds == []
+
+
+def test_the_encoder_rounds_file_is_fsynced_before_it_replaces_the_old(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed run reads the layers back: renamed into place without an fsync, a power cut
+    could leave it empty (the checkpoint and metrics.json were durable, it was not)."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recorded(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    config = RunConfig(
+        text_model=str(tiny_bert_dir), text_finetune_layers=1, text_finetune_rounds=1
+    )
+
+    def moved(layers: dict) -> tuple[list[NodeUpdate], list[str]]:
+        return [NodeUpdate("n", 10.0, {k: v + 0.01 for k, v in layers.items()})], []
+
+    tune_encoder(ScriptedNodes(config, moved), tmp_path, show_progress=False)
+    assert any(Path(p).name.startswith("text-encoder.safetensors") for p in synced), synced
+    assert str(tmp_path) in synced  # the rename itself: the directory
 
 
 def test_a_malicious_node_moves_the_encoder_no_more_than_the_row_bound_allows(
