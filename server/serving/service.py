@@ -48,6 +48,7 @@ from server.serving.schemas import (
 from server.serving.search import Catalog, Encode, Hit, SearchEngine, UnknownItems, load_engine
 from shared import __version__
 from shared.data.dataset import DataError
+from shared.data.synth import positive
 from shared.recommender.text import cache_dir
 
 PAGE = Path(__file__).with_name("web.html")
@@ -496,22 +497,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"token, mode 0600, when missing (default: ${TOKEN_FILE_ENV}, else "
         "$FEDREC_CACHE/admin-token, $FEDREC_CACHE defaulting to ~/.cache/fedrec)",
     )
-    parser.add_argument("--max-k", type=int, default=defaults.max_k, help="largest k accepted")
+    parser.add_argument(
+        "--max-k", type=positive(int), default=defaults.max_k, help="largest k accepted"
+    )
     parser.add_argument(
         "--max-history",
-        type=int,
+        type=positive(int),
         default=defaults.max_history,
         help="longest history accepted (items)",
     )
     parser.add_argument(
         "--max-query-chars",
-        type=int,
+        type=positive(int),
         default=defaults.max_query_chars,
         help="longest query accepted (characters)",
     )
     parser.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=positive(int),
         default=defaults.max_body_bytes,
         help="largest request body accepted; larger ones get 413",
     )
@@ -523,13 +526,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--nprobe",
-        type=int,
+        type=positive(int),
         default=NPROBE,
         help="IVF lists probed per recommendation (ANN only)",
     )
     parser.add_argument(
         "--text-nprobe",
-        type=int,
+        type=positive(int),
         default=TEXT_NPROBE,
         help="IVF lists probed per dense text search (ANN only)",
     )
@@ -540,7 +543,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive(int),
         default=1,
         help="torch, faiss and BLAS threads per request",
     )

@@ -432,7 +432,9 @@ def region_names(count: int) -> np.ndarray:
     )
 
 
-def _positive(kind: type) -> Callable[[str], int | float]:
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: ``kind`` of the text, refused unless above 0."""
+
     def parse(text: str) -> int | float:
         value = kind(text)
         if value <= 0:
@@ -447,31 +449,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="dataset directory to write")
     parser.add_argument(
         "--users",
-        type=_positive(int),
+        type=positive(int),
         default=defaults.users,
         help="number of customers (default %(default)s)",
     )
     parser.add_argument(
         "--items",
-        type=_positive(int),
+        type=positive(int),
         default=defaults.items,
         help="number of products (default %(default)s)",
     )
     parser.add_argument(
         "--merchants",
-        type=_positive(int),
+        type=positive(int),
         default=defaults.merchants,
         help="number of merchants owning the products (default %(default)s)",
     )
     parser.add_argument(
         "--regions",
-        type=_positive(int),
+        type=positive(int),
         default=defaults.regions,
         help="number of customer home regions (default %(default)s)",
     )
     parser.add_argument(
         "--events-per-user",
-        type=_positive(float),
+        type=positive(float),
         default=defaults.events_per_user,
         help="mean events per customer (default %(default)s)",
     )

@@ -451,6 +451,18 @@ def test_admin_token_file_is_owner_only(tmp_path: Path, monkeypatch: pytest.Monk
     assert default_token_file() == loose
 
 
+@pytest.mark.parametrize(
+    "option", ["--threads", "--max-k", "--max-history", "--max-body-bytes", "--nprobe"]
+)
+def test_serve_refuses_a_count_below_one(option: str, capsys):
+    """--threads 0 was a torch traceback at start; --max-k -5 a service answering every
+    request 422."""
+    argv = ["serve", "--model", "m", "--data", "d", option, "0"]
+    with pytest.raises(SystemExit):
+        build_parser(argv).parse_args(argv)
+    assert f"argument {option}: must be positive" in capsys.readouterr().err
+
+
 def test_serve_prints_where_the_token_is_never_the_token(
     dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
