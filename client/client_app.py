@@ -13,6 +13,7 @@ kept in the node's own receipt log (``<data dir>/privacy/receipts.jsonl``) befor
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from shared.recommender.finetune import tuned_checkpoint
 from shared.runs.config import RunConfig, resolve_device
 from shared.runs.quiet import quiet_third_party
 
+log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"[0-9a-f]{64}")  # a run's id: the sha256 of its first ledger entry
 MAX_REASON = 300  # characters of a malformed message's error a refusal repeats
 # what the server sends beside the run's settings
@@ -273,10 +275,18 @@ def sent_settings(msg: Message) -> dict:
     return {} if record is None else dict(record)
 
 
+class NodeFailed(RuntimeError):
+    """All the server learns of a node's own failure: that it failed, not why. The reason can
+    quote the node's files, rows or values (a data error names them); it stays in the node's
+    log, and Flower sends the server only this exception's text."""
+
+
 def answering_refusals(handler: ClientAppCallable) -> ClientAppCallable:
     """``handler``, a message it refuses before reading anything for it
     (:class:`RequestRefused`) answered with the refused report, as every other refusal: a
-    hostile message gets a refusal, never an error that repeats what the node ran into."""
+    hostile message gets a refusal, never an error that repeats what the node ran into. Any
+    other failure is logged here in full and reaches the server as :class:`NodeFailed`; what
+    it had charged stays charged (the accountant writes before a release leaves)."""
 
     @functools.wraps(handler)
     def answer(msg: Message, context: Context) -> Message:
@@ -286,6 +296,9 @@ def answering_refusals(handler: ClientAppCallable) -> ClientAppCallable:
             privacy = ConfigRecord(refusal.report.to_record())
             content = RecordDict({"privacy": privacy, "metrics": MetricRecord({})})
             return Message(content=content, reply_to=msg)
+        except Exception:
+            log.exception("the node could not answer a %s message", msg.metadata.message_type)
+            raise NodeFailed("the node failed; the reason is in its own log") from None
 
     return answer
 
@@ -328,8 +341,8 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             metrics = asked.report(result, update).to_record()
             return [update[name] for name in names], 1, metrics  # every node weighs 1
 
-    secure_app = ClientApp(
-        client_fn=lambda context: SecureNode(context).to_client(), mods=[secaggplus_mod]
+    secure_app = answering_refusals(
+        ClientApp(client_fn=lambda context: SecureNode(context).to_client(), mods=[secaggplus_mod])
     )
 
     def secure_rounds(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -17,11 +17,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 from helpers import TEST_DEVICE, TINY_SETTINGS
 
+from client import client_app
 from client.client_app import app
 from client.node import load_node
 from server.federation.settings import settings_record
 from shared.data.convert import write_dataset
 from shared.data.dataset import load_dataset
+from shared.data.errors import DataError
 from shared.data.partition import write_partitions
 from shared.federation.wire import ITEM_TABLES, ROWS, encode, trainable_state
 from shared.recommender.finetune import top_layers
@@ -536,3 +538,33 @@ def test_a_malformed_message_is_refused_never_raised(
     assert privacy["refused"] is True and words in privacy["reason"], privacy
     assert "arrays" not in reply.content and not reply.content["metrics"]
     assert accountant_state(node_dir) == before
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_what_a_node_ran_into_stays_in_its_log(
+    node_dir: Path, tiny_bert_dir: Path, kind: str, monkeypatch, caplog
+) -> None:
+    """A node's own failure (here its data: a data error quotes the file, the row and the
+    value) raised out of the ClientApp, and Flower sent the server the exception's text. The
+    server now learns only that the node failed; the node's log keeps the reason."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    secret = "customer 'alice@example.com' bought item 'x' twice at one time"
+
+    def broken_data(directory: str, text_model: str):
+        raise DataError(Path(directory) / "events.csv", secret, row=7)
+
+    monkeypatch.setattr(client_app, "load_node", broken_data)
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=True, text_model=str(tiny_bert_dir))
+    settings = settings_record(config, config.target_epsilon, "0" * 64, node_dir.parent)
+    settings["run-id"], settings["server-round"] = "0" * 64, 1
+    message = Message(
+        RecordDict({"arrays": ArrayRecord({}), "config": settings}),
+        dst_node_id=1,
+        message_type=kind,
+    )
+    with pytest.raises(client_app.NodeFailed) as failure:
+        app(message, deployed_context(node_dir, tiny_bert_dir))
+    assert "alice" not in str(failure.value) and str(node_dir) not in str(failure.value)
+    assert failure.value.__cause__ is None and failure.value.__suppress_context__
+    assert secret in caplog.text  # the node's operator still reads why
