@@ -116,7 +116,16 @@ def read_text_model(directory: Path) -> str:
 
 
 def read_item_ids(directory: Path) -> list[str]:
-    return (Path(directory) / "item_ids.txt").read_text().splitlines()
+    """A saved model's products, in its rows' order; DataError naming the file and line when
+    one repeats (the service would answer for one of its rows and never rank the other)."""
+    path = Path(directory) / "item_ids.txt"
+    item_ids = path.read_text().splitlines()
+    first: dict[str, int] = {}
+    for line, item in enumerate(item_ids, start=1):
+        if item in first:
+            raise DataError(path, f"product {item[:80]!r} repeats line {first[item]}", row=line)
+        first[item] = line
+    return item_ids
 
 
 def model_card(*, title: str, data: dict, metrics: dict, config: dict, privacy: dict | None) -> str:

@@ -164,10 +164,16 @@ def _nan_weight(folder: Path) -> None:
     save_file(state, str(folder / "model.safetensors"))
 
 
+def _repeat_first_item(folder: Path) -> None:
+    item_ids = (folder / "item_ids.txt").read_text().splitlines()
+    (folder / "item_ids.txt").write_text("\n".join([item_ids[0], item_ids[0], *item_ids[2:]]))
+
+
 @pytest.mark.parametrize(
     ("damage", "words"),
     [
         (lambda f: (f / "config.json").write_text("{"), "config.json: not valid JSON"),
+        (_repeat_first_item, "item_ids.txt, row 2: product 'tent1' repeats line 1"),
         (lambda f: _edit_config(f, lambda c: c.pop("model")), "not a saved model's settings"),
         (lambda f: _edit_config(f, lambda c: c["model"].update(evil=1)), "unexpected keyword"),
         (lambda f: _edit_config(f, lambda c: c["model"].update(num_items=10**9)), "!="),
