@@ -52,7 +52,7 @@ from shared.federation.wire import encode, nbytes, trainable_state
 from shared.recommender.experiment import Catalog, Experiment
 from shared.recommender.finetune import tuned_checkpoint
 from shared.recommender.training import learns_reversed
-from shared.runs.checkpoint import Checkpoint
+from shared.runs.checkpoint import Checkpoint, non_finite
 from shared.runs.config import RunConfig
 from shared.runs.durable import RunLock
 from shared.runs.outputs import differences
@@ -329,6 +329,27 @@ def require_ledger(out: Path) -> None:
         )
 
 
+def resume_problem(state: dict, progress: dict, expected: dict, num_items: int) -> str | None:
+    """Why a checkpoint's weights or progress cannot be resumed by this run's model (edited or
+    another model's: ``expected`` is its trainable state), None when they can."""
+    if state.keys() != expected.keys():
+        return f"its weights are not this model's ({sorted(state.keys() ^ expected.keys())[:3]})"
+    if shapes := [k for k in expected if state[k].shape != expected[k].shape]:
+        return f"its weights have other shapes than this model's ({shapes[:3]})"
+    if bad := non_finite(state):
+        return f"its weights hold NaN or infinity ({bad[:3]})"
+    rows, done = progress.get("trained_rows"), progress.get("round")
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        return f"its round is {str(done)[:20]!r}"
+    if not isinstance(progress.get("history"), list):
+        return "its history is not a list"
+    if not isinstance(rows, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and 0 <= r < num_items for r in rows
+    ):
+        return f"its trained_rows are not rows of the catalog's {num_items} products"
+    return None
+
+
 def _federate(
     grid: Grid,
     config: RunConfig,
@@ -370,6 +391,11 @@ def _federate(
     guard = None  # the start guard's verdict, once asked (a resumed run never asks twice)
     saved = checkpoint.load()
     if saved is not None:
+        if problem := resume_problem(saved[0], saved[2], state, catalog.num_items):
+            raise SystemExit(
+                f"fedrec: {checkpoint.path} cannot be resumed: {problem}; move it aside "
+                "(with checkpoint.prev.safetensors) to start over"
+            )
         state, strategy.server_state, progress = saved
         if changed := differences(progress["config"], config.to_dict()):
             raise SystemExit(

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from server.federation.rounds import resume_problem
 from server.privacy.accounting import (
     NodePlan,
     calibrate_noise,
@@ -202,6 +204,30 @@ def test_a_ledger_removed_cut_or_replaced_since_the_checkpoint_is_named(tmp_path
     other.append("run_start", config={"dp": True, "delta": DELTA}, unit="u")
     other.append("declined", round=1, node="b", reason="budget")
     assert "not the one the checkpoint recorded" in unpinned(path, head)
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda s, p: s.pop("b"), "not this model's (['b'])"),
+        (lambda s, p: s.update(b=torch.zeros(3)), "other shapes than this model's (['b'])"),
+        (lambda s, p: s["a"].fill_(float("nan")), "NaN or infinity (['a'])"),
+        (lambda s, p: p.update(round="2"), "its round is '2'"),
+        (lambda s, p: p.update(history={}), "history is not a list"),
+        (lambda s, p: p.update(trained_rows=[0, 5]), "rows of the catalog's 5 products"),
+        (lambda s, p: p.update(trained_rows=[-1]), "rows of the catalog's 5 products"),
+        (lambda s, p: p.update(trained_rows=[True]), "rows of the catalog's 5 products"),
+    ],
+)
+def test_a_checkpoint_edited_or_of_another_model_is_named_not_resumed(edit, words):
+    """An edited checkpoint (rows past the catalog, weights of other shapes) crashed the
+    resumed run with an IndexError deep in its first round."""
+    model = {"a": torch.zeros(5, 2), "b": torch.zeros(2)}
+    state = {name: value.clone() for name, value in model.items()}
+    progress = {"round": 1, "history": [{}], "trained_rows": [0, 4]}
+    assert resume_problem(state, progress, model, num_items=5) is None
+    edit(state, progress)
+    assert words in resume_problem(state, progress, model, num_items=5)
 
 
 def test_append_refuses_incomplete_entries(tmp_path):
