@@ -51,7 +51,8 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   (:func:`step_activations`: the scores of the customers one step computes over every
   position and product, plus their attention), what sets a step's memory beside the weights
   (about 12 to 18 bytes a value, measured); the batch sizes, ``max-len`` and ``heads`` of a
-  request set it, with the catalog's size and the node's public customer figure. Default
+  request set it, with the catalog's size and the node's public customer figure (an
+  evaluation, which takes no training step, by the customers it ranks at once alone). Default
   500,000,000 (about 10 GB) for a deployed node, no cap in a simulation.
 
 A request weaker than the policy is refused with a reason naming the policy
@@ -326,17 +327,22 @@ class NodePolicy:
             "(text-models)"
         )
 
-    def step_refusal(self, request: RunConfig, model: ModelConfig, customers: int) -> str | None:
+    def step_refusal(
+        self, request: RunConfig, model: ModelConfig, customers: int, training: bool = True
+    ) -> str | None:
         """Why this node, of ``customers`` (its public figure), refuses the steps ``request``
-        would take with ``model`` (their activations above its ``max-step-activations``: an
+        would take with ``model`` (``training`` false: the passes of an evaluation, which
+        takes no training step) (their activations above its ``max-step-activations``: an
         operator's batch sizes must not exhaust its machine), or None."""
         if self.max_step_activations is None:
             return None
-        count = step_activations(request, model, customers)
+        count = step_activations(request, model, customers, training)
         if count <= self.max_step_activations:
             return None
         batch = "dp-batch-size" if request.dp else "local-batch-size"
         size = request.dp_batch_size if request.dp else request.local_batch_size
+        if not training:
+            batch, size = "customers ranked at once", min(RANK_BATCH, customers)
         return (
             f"one step of the request at this node of {customers} customers holds {count:,} "
             f"activation values ({batch} {size}, {model.max_len} positions (max-len or "
@@ -386,20 +392,26 @@ def sequences_per_history(request: RunConfig) -> int:
     return 2 if request.reverse_histories != "off" and not request.private else 1
 
 
-def step_activations(request: RunConfig, model: ModelConfig, customers: int) -> int:
+def step_activations(
+    request: RunConfig, model: ModelConfig, customers: int, training: bool = True
+) -> int:
     """The most activation values (:meth:`ModelConfig.activation_count`) one step of
     ``request`` holds at a node of ``customers`` (its public figure), ``model`` being the one
     it asks for: a training step (under DP the expected Poisson batch, at most the customers,
     in :data:`PHYSICAL_BATCHES` passes; else ``local-batch-size`` sequences, at most the
     customers' histories, twice that when learnt both ways) or an evaluation step
-    (:data:`RANK_BATCH` customers ranked at once). A private encoder step holds what its code
-    fixes (8 customers a pass: shared.recommender.private_finetune.CHUNK), whatever the batch."""
+    (:data:`RANK_BATCH` customers ranked at once), the latter alone when the request does not
+    train (``training`` false: an evaluation or the start guard's comparison builds no training
+    batch, whatever its size). A private encoder step holds what its code fixes (8 customers a
+    pass: shared.recommender.private_finetune.CHUNK), whatever the batch."""
+    ranking = model.activation_count(min(RANK_BATCH, customers), training=False)
+    if not training:
+        return ranking
     if request.dp:
         at_once = math.ceil(min(request.dp_batch_size, customers) / PHYSICAL_BATCHES)
     else:
         at_once = min(request.local_batch_size, customers * sequences_per_history(request))
-    training = model.activation_count(max(at_once, 0))
-    return max(training, model.activation_count(min(RANK_BATCH, customers), training=False))
+    return max(model.activation_count(max(at_once, 0)), ranking)
 
 
 def releases_exceed(releases: tuple[tuple[float, int], ...], epsilon: float, delta: float) -> bool:

@@ -36,6 +36,7 @@ from shared.data.dataset import load_dataset
 from shared.data.partition import write_partitions
 from shared.federation.node_directory import NodeInfo, round_down_2sf
 from shared.federation.wire import trainable_state
+from shared.recommender.metrics import RANK_BATCH
 from shared.recommender.model import FusionRecommender
 from shared.recommender.training import planned_epsilon, training_tensors
 from shared.runs.config import RunConfig
@@ -192,6 +193,22 @@ def test_a_step_larger_than_the_node_allows_is_refused() -> None:
     assert parse_node_config("max-step-activations=1e9") == {"max-step-activations": "1e9"}
     with pytest.raises(PolicyError, match="max-step-activations"):
         parse_node_config("max-step-activations=0")
+
+
+def test_an_evaluation_is_bounded_by_what_it_ranks_not_by_the_training_batch() -> None:
+    """An evaluation (or the start guard's comparison) takes no training step: a deployed
+    node refused to evaluate at a dp-batch-size of 10^7, a batch it never builds for it. It
+    is bounded by what it ranks at once (512 customers), which a long history still exceeds."""
+    policy, beauty, customers = NodePolicy.from_node_config({"data-dir": "/d"}), 12_101, 100_000
+    huge = RunConfig(dp=True, dp_batch_size=10**7)
+    model = huge.model_config(beauty, 384)
+    assert policy.step_refusal(huge, model, customers) is not None  # training: refused
+    assert policy.step_refusal(huge, model, customers, training=False) is None
+    ranking = model.activation_count(RANK_BATCH, training=False)
+    assert step_activations(huge, model, customers, training=False) == ranking
+    attending = RunConfig(dp=True, dp_max_len=4096, heads=16)
+    reason = policy.step_refusal(attending, attending.model_config(beauty, 384), 2_200, False)
+    assert reason is not None and "customers ranked at once 512" in reason
 
 
 def test_the_node_picks_its_own_delta_below_one_over_its_customers() -> None:
