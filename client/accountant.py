@@ -1,7 +1,8 @@
 """A node's one privacy accountant, for every federation that ever used its data directory.
 
-The state (Opacus's PRV history, the number of releases charged, the node's noise multiplier)
-is ``<data dir>/privacy/accountant.json``. Several processes may charge it at once (two
+The state (Opacus's PRV history, the number of releases charged, the node's noise multiplier,
+the private answers it gave, which its ``max-answer-share`` bounds: client/policy.py) is
+``<data dir>/privacy/accountant.json``. Several processes may charge it at once (two
 federations on one SuperNode or one data directory), so every read, check and charge runs under
 :meth:`NodePrivacy.locked`: an exclusive ``flock`` (POSIX; the node runs on Linux) on
 ``privacy/accountant.lock`` that re-reads the state. No charge is lost, no two releases share a
@@ -156,14 +157,26 @@ class NodePrivacy:
             "counts unanswered requests by that order), so this one is refused, nothing spent"
         )
 
-    def charge(self, event: Event, delta: float) -> tuple[float, int]:
-        """Add ``event`` to the accountant and save it, under the lock (taken here, and the
-        state re-read, unless the caller holds it), before anything computed under it leaves;
-        returns the epsilon at ``delta`` and the release's contribution index. Refuses (a
-        ValueError, nothing charged) a request that :meth:`order_refusal` turns away."""
+    def answers(self, extra: float | None = None) -> tuple[tuple[float, int], ...]:
+        """The private answers (evaluations, start-guard comparisons: Gaussian releases of
+        sensitivity 1) this node has charged over its lifetime, as (noise multiplier, count),
+        with one more at noise ``extra`` if given (state kept before them counted none)."""
+        counts = {float(sigma): int(count) for sigma, count in self.state.get("answers", [])}
+        if extra is not None:
+            counts[float(extra)] = counts.get(float(extra), 0) + 1
+        return tuple(sorted(counts.items()))
+
+    def charge(self, event: Event, delta: float, answer: bool = False) -> tuple[float, int]:
+        """Add ``event`` to the accountant (``answer``: also to the node's private answers,
+        :meth:`answers`) and save it, under the lock (taken here, and the state re-read,
+        unless the caller holds it), before anything computed under it leaves; returns the
+        epsilon at ``delta`` and the release's contribution index. Refuses (a ValueError,
+        nothing charged) a request that :meth:`order_refusal` turns away."""
         with self.locked():
             if reason := self.order_refusal():
                 raise ValueError(reason)
+            if answer:
+                self.state["answers"] = [list(pair) for pair in self.answers(event[0])]
             accountant = new_accountant(self.state["accountant"] or None)
             accountant.history.append(event)
             self.state["accountant"] = accountant.state_dict()

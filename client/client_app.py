@@ -185,13 +185,14 @@ class NodeRequest:
             return None
         return {"node": self.name, "refused": True, "reason": reason}
 
-    def request_refusal(self) -> dict | None:
+    def request_refusal(self, training: bool = True) -> dict | None:
         """A refusal when the request does not name its run as the server names every run
         (``run-id``: the sha256 hex digest of the run's first ledger entry, which every signed
         release and receipt of this node carries; free text of any size is refused), when the
         model it asks for holds more weights than the node's ``max-model-weights`` or its steps
-        more activations than its ``max-step-activations`` (both counted before anything is
-        built or charged), or when this node holds another catalog than the server's (the
+        (``training`` false: an evaluation's, which takes no training step) more activations
+        than its ``max-step-activations`` (both counted before anything is built or charged),
+        or when this node holds another catalog than the server's (the
         global model's item tables would not mean the same products), else None."""
         if not RUN_ID.fullmatch(self.run_id):
             shown = self.run_id[:16] + ("..." if len(self.run_id) > 16 else "")
@@ -203,7 +204,7 @@ class NodeRequest:
         model = self.config.model_config(len(self.node.text), self.node.text.shape[1])
         customers = public_customers(self.node, self.policy)
         if reason := self.policy.model_refusal(model) or self.policy.step_refusal(
-            self.config, model, customers
+            self.config, model, customers, training
         ):
             return {"node": self.name, "refused": True, "reason": reason}
         if not self.catalog_digest or self.catalog_digest == self.node.catalog_digest:
@@ -428,7 +429,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         asked = request(sent_settings(msg), context, msg)
         state = asked.received(msg)
         result = (
-            asked.request_refusal()
+            asked.request_refusal(training=False)
             or asked.weights_refusal(state)
             or evaluate_node(
                 asked.node,
@@ -458,7 +459,7 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         state = asked.received(msg)
         start = asked.received(msg, "start")
         result = (
-            asked.request_refusal()
+            asked.request_refusal(training=False)
             or asked.weights_refusal(state, start)
             or guard_node(asked.node, asked.config, state, start, asked.policy, asked.position())
         )

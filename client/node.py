@@ -466,16 +466,19 @@ def _private_answer(
     """The noisy column ``sums`` of ``values`` (:func:`private_sums`, a Gaussian release of
     sensitivity 1 at noise ``sigma``) with the release's fields, charged to the node's
     accountant before anything leaves it; declined when it would exceed the node's budget,
-    refused when it comes after a later round of its run (``position``)."""
+    refused when it comes after a later round of its run (``position``) or when the node's
+    answers would pass its ``max-answer-share`` (:meth:`NodePolicy.answers_refusal`)."""
     privacy = NodePrivacy(node.directory, position)
     delta, _, _, budget = privacy_plan(config, policy, customers)
     with privacy.locked():  # no other release of this node between the check and the charge
-        if reason := privacy.order_refusal():
+        if reason := privacy.order_refusal() or policy.answers_refusal(
+            privacy.answers(sigma), delta
+        ):
             return {"node": node.name, "refused": True, "reason": reason}
         if reason := over_budget(privacy, delta, budget, (sigma, 1.0, 1)):
             return {"node": node.name, **privacy.declined(delta, reason)}
         sums = private_sums(values, sigma)
-        epsilon, index = privacy.charge((sigma, 1.0, 1), delta)  # before anything leaves
+        epsilon, index = privacy.charge((sigma, 1.0, 1), delta, answer=True)  # before it leaves
     return {
         "node": node.name,
         "sums": sums,

@@ -51,8 +51,17 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   (:func:`step_activations`: the scores of the customers one step computes over every
   position and product, plus their attention), what sets a step's memory beside the weights
   (about 12 to 18 bytes a value, measured); the batch sizes, ``max-len`` and ``heads`` of a
-  request set it, with the catalog's size and the node's public customer figure. Default
+  request set it, with the catalog's size and the node's public customer figure (an
+  evaluation, which takes no training step, by the customers it ranks at once alone). Default
   500,000,000 (about 10 GB) for a deployed node, no cap in a simulation.
+- ``max-answer-share``: the most of ``max-epsilon`` the node's private answers (evaluations
+  and the start guard's comparisons, Gaussian releases composed exactly:
+  :func:`releases_exceed`) may spend together over its lifetime (its accountant keeps them),
+  in (0, 1): each is charged to the lifetime budget, so an operator who kept asking for
+  evaluations could otherwise drain it until the node could no longer train. An answer past
+  it, or a request whose planned answers alone pass it, is refused, nothing charged. Default
+  0.25 for a deployed node (a default plan's six evaluations and one comparison spend about 1
+  of the default 8), no cap in a simulation or without ``max-epsilon``.
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -84,6 +93,9 @@ DEPLOYED_MAX_MODEL_WEIGHTS = 500_000_000
 # room for a private step over a whole Beauty node at once (133 M) or a catalog of 190,000
 # products at the default settings
 DEPLOYED_MAX_STEP_ACTIVATIONS = 500_000_000
+# the share of max-epsilon a deployed node's private answers may spend: a default plan's (6
+# evaluations at noise 10 and the start guard's comparison) spends about 1 of the default 8
+DEPLOYED_MAX_ANSWER_SHARE = 0.25
 DEPLOYED_TEXT_MODELS = DEFAULT_MODEL  # the packaged MiniLM only: no path of the node's
 # the clipping norms a node accepts: below the lower end DP-SGD's noise (sigma x the norm)
 # reaches float32's denormals, which flush to zero on the node (some coordinates would leave
@@ -101,6 +113,7 @@ POLICY_KEYS = (
     "max-model-weights",
     "text-models",
     "max-step-activations",
+    "max-answer-share",
 )
 
 
@@ -167,13 +180,14 @@ class NodePolicy:
     max_model_weights: int | None = None
     text_models: tuple[str, ...] | None = None
     max_step_activations: int | None = None
+    max_answer_share: float | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
         ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10 max-rounds=20
         max-steps=10000 max-model-weights=500000000 max-step-activations=500000000
-        text-models=minilm``."""
+        text-models=minilm max-answer-share=0.25``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
         max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
@@ -192,6 +206,7 @@ class NodePolicy:
         max_activations = node_config.get(
             "max-step-activations", DEPLOYED_MAX_STEP_ACTIVATIONS if deployed else None
         )
+        share = node_config.get("max-answer-share", DEPLOYED_MAX_ANSWER_SHARE if deployed else None)
         return cls(
             require_dp=_flag(require, "require-dp"),
             max_epsilon=None if max_epsilon is None else _positive(max_epsilon, "max-epsilon"),
@@ -210,6 +225,7 @@ class NodePolicy:
             max_step_activations=None
             if max_activations is None
             else _at_least_one(max_activations, "max-step-activations"),
+            max_answer_share=None if share is None else _positive(share, "max-answer-share", 1.0),
         )
 
     def refusal(self, request: RunConfig, customers: int, training: bool = True) -> str | None:
@@ -269,6 +285,8 @@ class NodePolicy:
                 f"dp-guard-noise-scale) alone spend more than this node's budget (epsilon "
                 f"{budget:g} at delta {delta:.3g})"
             )
+        if reason := self.answers_refusal(releases, delta):  # the request's plan alone
+            return reason
         # an empty expected batch has no sample rate to account (and would divide by zero)
         for name in ("dp_batch_size", "dp_encoder_batch"):
             if (batch := getattr(request, name)) < 1:
@@ -301,6 +319,25 @@ class NodePolicy:
             )
         return None
 
+    def answers_refusal(self, answers: tuple[tuple[float, int], ...], delta: float) -> str | None:
+        """Why this node refuses to give private ``answers`` (evaluations and start-guard
+        comparisons, as (noise multiplier, count), composed: :func:`releases_exceed`), or None:
+        together they would spend more than its ``max-answer-share`` of its ``max-epsilon``,
+        so that no operator can spend the node's lifetime budget on answers (no cap without
+        both)."""
+        if self.max_answer_share is None or self.max_epsilon is None:
+            return None
+        cap = self.max_answer_share * self.max_epsilon
+        if not releases_exceed(answers, cap, delta):
+            return None
+        shown = " and ".join(f"{count} at noise {sigma:g}" for sigma, count in answers)
+        return (
+            f"private answers ({shown}: evaluations and start-guard comparisons, over this "
+            f"node's lifetime) would spend more than its max-answer-share="
+            f"{self.max_answer_share:g} of max-epsilon={self.max_epsilon:g} (epsilon {cap:g} "
+            f"at delta {delta:.3g})"
+        )
+
     def model_refusal(self, model: ModelConfig) -> str | None:
         """Why this node refuses to build the model a request asks for (more weights than
         its ``max-model-weights``: an operator's setting must not exhaust its machine), or
@@ -326,17 +363,22 @@ class NodePolicy:
             "(text-models)"
         )
 
-    def step_refusal(self, request: RunConfig, model: ModelConfig, customers: int) -> str | None:
+    def step_refusal(
+        self, request: RunConfig, model: ModelConfig, customers: int, training: bool = True
+    ) -> str | None:
         """Why this node, of ``customers`` (its public figure), refuses the steps ``request``
-        would take with ``model`` (their activations above its ``max-step-activations``: an
+        would take with ``model`` (``training`` false: the passes of an evaluation, which
+        takes no training step) (their activations above its ``max-step-activations``: an
         operator's batch sizes must not exhaust its machine), or None."""
         if self.max_step_activations is None:
             return None
-        count = step_activations(request, model, customers)
+        count = step_activations(request, model, customers, training)
         if count <= self.max_step_activations:
             return None
         batch = "dp-batch-size" if request.dp else "local-batch-size"
         size = request.dp_batch_size if request.dp else request.local_batch_size
+        if not training:
+            batch, size = "customers ranked at once", min(RANK_BATCH, customers)
         return (
             f"one step of the request at this node of {customers} customers holds {count:,} "
             f"activation values ({batch} {size}, {model.max_len} positions (max-len or "
@@ -386,20 +428,26 @@ def sequences_per_history(request: RunConfig) -> int:
     return 2 if request.reverse_histories != "off" and not request.private else 1
 
 
-def step_activations(request: RunConfig, model: ModelConfig, customers: int) -> int:
+def step_activations(
+    request: RunConfig, model: ModelConfig, customers: int, training: bool = True
+) -> int:
     """The most activation values (:meth:`ModelConfig.activation_count`) one step of
     ``request`` holds at a node of ``customers`` (its public figure), ``model`` being the one
     it asks for: a training step (under DP the expected Poisson batch, at most the customers,
     in :data:`PHYSICAL_BATCHES` passes; else ``local-batch-size`` sequences, at most the
     customers' histories, twice that when learnt both ways) or an evaluation step
-    (:data:`RANK_BATCH` customers ranked at once). A private encoder step holds what its code
-    fixes (8 customers a pass: shared.recommender.private_finetune.CHUNK), whatever the batch."""
+    (:data:`RANK_BATCH` customers ranked at once), the latter alone when the request does not
+    train (``training`` false: an evaluation or the start guard's comparison builds no training
+    batch, whatever its size). A private encoder step holds what its code fixes (8 customers a
+    pass: shared.recommender.private_finetune.CHUNK), whatever the batch."""
+    ranking = model.activation_count(min(RANK_BATCH, customers), training=False)
+    if not training:
+        return ranking
     if request.dp:
         at_once = math.ceil(min(request.dp_batch_size, customers) / PHYSICAL_BATCHES)
     else:
         at_once = min(request.local_batch_size, customers * sequences_per_history(request))
-    training = model.activation_count(max(at_once, 0))
-    return max(training, model.activation_count(min(RANK_BATCH, customers), training=False))
+    return max(model.activation_count(max(at_once, 0)), ranking)
 
 
 def releases_exceed(releases: tuple[tuple[float, int], ...], epsilon: float, delta: float) -> bool:

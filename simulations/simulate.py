@@ -118,7 +118,7 @@ def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) ->
     empty = (
         "a deployed node's policy is require-dp=true max-epsilon=8 min-exact-customers=50 "
         "max-epochs=10 max-rounds=20 max-steps=10000 max-model-weights=500000000 "
-        "max-step-activations=500000000 text-models=minilm"
+        "max-step-activations=500000000 text-models=minilm max-answer-share=0.25"
         if deployed
         else "a simulated node accepts any request"
     )
@@ -130,8 +130,8 @@ def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) ->
         help="each node's own privacy policy, set on the node's side and never by the server: "
         "require-dp (true/false), max-epsilon, max-delta, declared-customers, "
         "min-exact-customers, max-epochs, max-rounds, max-steps, max-model-weights, "
-        "max-step-activations, text-models (comma-separated); a node refuses a request "
-        "weaker than its policy; "
+        "max-step-activations, text-models (comma-separated), max-answer-share; a node "
+        "refuses a request weaker than its policy; "
         f"empty: {empty} (docs/privacy.md)",
     )
 

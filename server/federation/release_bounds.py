@@ -12,14 +12,15 @@ node's declared customers (``num_customers``):
   noise (``eval-noise-multiplier``, ``RunConfig.guard_noise``);
 - with a registry, no more customers than the node's registered figure;
 - DP-SGD at the run's ``max-grad-norm`` (what every node clips to);
-- the customer-level unit (``PRIVACY_UNIT``), an accountant the audit knows (prv or pld) and
-  at least one step: anything else the audit could not recompute, and one node's release would
-  fail the whole run's audit instead of its own reply;
-- a noise multiplier within [``MIN_NOISE_MULTIPLIER``, ``MAX_NOISE_MULTIPLIER``]
-  (shared/runs/config.py: the nodes refuse to answer outside it, the audit recomputes no
-  more), where the accountant's arithmetic holds: at 1e-160 its RDP bound underflowed to a
-  spend of 0, at 1e-200 it divided by zero and at 1e155 it overflowed, each crashing the round;
-- the release alone spends at most :data:`SPARE` x ``target-epsilon`` + 1 by dp-accounting's
+- what the audit recomputes (``shared.federation.reports.release_value_problem``, the same
+  definition its ``releases`` check applies): the customer-level unit, an accountant it knows
+  (prv or pld), at least one step, a sample rate in (0, 1], a delta in (0, 1), a finite
+  epsilon >= 0 and a noise multiplier within [``MIN_NOISE_MULTIPLIER``,
+  ``MAX_NOISE_MULTIPLIER``] (shared/runs/config.py: the nodes refuse to answer outside it),
+  where the accountant's arithmetic holds: at 1e-160 its RDP bound underflowed to a spend of
+  0, at 1e-200 it divided by zero and at 1e155 it overflowed, each crashing the round;
+  anything else one node's release would fail the whole run's audit instead of its own reply;
+- the release alone spends at most ``RDP_SPARE`` x ``target-epsilon`` + 1 by dp-accounting's
   RDP bound, which costs microseconds whatever the parameters and is above PLD's epsilon: no
   honest release spends more than its node's budget, itself at most the target.
 
@@ -31,12 +32,11 @@ from __future__ import annotations
 
 import math
 
-from server.privacy.accounting import rdp_epsilon
-from shared.federation.reports import PRIVACY_UNIT, RELEASE_ACCOUNTANTS, Release
+from server.privacy.accounting import RDP_SPARE, rdp_epsilon
+from shared.federation.reports import Release, release_value_problem
 from shared.recommender.training import steps_per_epoch
-from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, RunConfig
+from shared.runs.config import RunConfig
 
-SPARE = 2.0  # times the run's target: RDP's bound was measured at most 1.2 x PLD's epsilon
 DP_SGD = {"training": "poisson_subsampled_gaussian", "encoder": "poisson_subsampled_gaussian"}
 
 
@@ -47,17 +47,10 @@ def release_problem(
     ``registered``: the customers a registry declares for the node, which its release may not
     exceed (more customers would loosen every bound below)."""
     customers = release.num_customers
-    if release.unit != PRIVACY_UNIT:  # what the ledger, the accounting and the audit are for
-        return f"unit {release.unit[:80]!r} is not the customer level {PRIVACY_UNIT!r}"
-    if release.accountant not in RELEASE_ACCOUNTANTS:
-        return f"accountant {release.accountant[:40]!r} is none of {', '.join(RELEASE_ACCOUNTANTS)}"
+    if problem := release_value_problem(release.as_dict()):  # what the audit could recompute
+        return problem
     if registered is not None and customers > registered:
         return f"num_customers {customers} is above the {registered} registered for the node"
-    if not MIN_NOISE_MULTIPLIER <= release.noise_multiplier <= MAX_NOISE_MULTIPLIER:
-        return (
-            f"noise_multiplier {release.noise_multiplier:g} is outside "
-            f"[{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]"
-        )
     if release.purpose in DP_SGD:
         if release.mechanism != DP_SGD[release.purpose]:
             return f"a {release.purpose} release must be {DP_SGD[release.purpose]}"
@@ -85,12 +78,12 @@ def release_problem(
         )
         if release.noise_multiplier < noise * (1 - 1e-9):
             return f"noise_multiplier {release.noise_multiplier:g} is below the run's {noise:g}"
-    if not 1 <= release.steps <= most:  # none would spend nothing, yet claim its round
+    if release.steps > most:
         return (
             f"{release.steps} steps, outside the 1 to {most} the run plans for {customers} "
             "customers"
         )
-    limit = SPARE * config.target_epsilon + 1
+    limit = RDP_SPARE * config.target_epsilon + 1
     spent = rdp_epsilon([release.as_dict()], release.delta)
     if not spent <= limit:
         return (

@@ -33,6 +33,7 @@ from collections import Counter, defaultdict
 from typing import Any, NamedTuple
 
 from server.privacy.ledger import is_number
+from shared.recommender.training import noise_floor
 
 VALUE_DISCRETIZATION = 1e-4  # PLD grid of privacy-loss values: epsilon accurate to about 1e-4
 # The calibration check's grid: 10x faster, epsilon within about 1e-3 above the fine grid's
@@ -55,6 +56,12 @@ UNIT_ALL_NODES = "one customer's data at every node together"
 # and 10^30 overflowed it (3 x 10^6 steps: about 6 GB)
 MAX_ENTRY_STEPS = 1_000_000
 MAX_NODE_STEPS = 3_000_000
+# an honest release spends at most its node's budget, at most the run's target (itself at most
+# shared.runs.config.MAX_TARGET_EPSILON), and dp-accounting's RDP bound, which costs
+# microseconds whatever the parameters, was measured at most 1.2 x PLD's epsilon: a release
+# whose RDP bound is above RDP_SPARE x target + 1 is no run's, and PLD is never built for it
+# (at noise 0.001 one step asked for 38 to 76 GiB)
+RDP_SPARE = 2.0
 
 
 def _params(c: dict) -> tuple[str, float, float, int]:
@@ -170,6 +177,14 @@ def rdp_epsilon(contributions: list[dict], delta: float) -> float:
         absl.setLevel(level)
 
 
+@functools.lru_cache(maxsize=1024)
+def release_rdp_epsilon(mechanism: str, sigma: float, q: float, steps: int, delta: float) -> float:
+    """:func:`rdp_epsilon` of one release's parameters, cached: the audit bounds every entry
+    by it before any PLD, and a run repeats the same few."""
+    release = {"mechanism": mechanism, "noise_multiplier": sigma, "sample_rate": q}
+    return rdp_epsilon([{**release, "steps": steps}], delta)
+
+
 def plan_steps(dp_batch_size: int, num_customers: float, local_epochs: int) -> tuple[float, int]:
     """(sample rate q, DP-SGD steps per round) a node with ``num_customers`` must use: q =
     min(1, dp_batch_size / num_customers), steps = ceil(1 / q) x local_epochs, as
@@ -244,9 +259,15 @@ def calibrate_noise(
     """The audit's own calibration: the smallest noise multiplier (to ``precision``, relative)
     whose plan (:func:`plan_epsilon`) spends at most ``target_epsilon`` at ``delta`` by PLD;
     ``math.inf`` when no noise is enough (the Gaussian releases alone exceed the target).
-    ``guess``: where to start looking (the search brackets it within 10%, else widens)."""
+    ``guess``: where to start looking (the search brackets it within 10%, else widens). No
+    noise below the DP-SGD steps' floor (``noise_floor``: a closed-form lower bound) keeps the
+    target, so PLD, whose time and memory grow as the noise falls, is never built there: the
+    result is the same, found faster."""
+    floor = noise_floor(target_epsilon, delta, q, steps * rounds)
 
     def fits(sigma: float) -> bool:
+        if sigma < floor:  # PLD's epsilon, above the true one, is above the target too
+            return False
         return plan_epsilon(sigma, q, steps, rounds, releases, delta, encoder) <= target_epsilon
 
     low, high = (0.25, 1.0) if guess is None else (guess / 1.1, guess * 1.1)

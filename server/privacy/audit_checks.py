@@ -13,8 +13,8 @@ from typing import Any
 from server.privacy import accounting
 from server.privacy.canary_audit import canaries_needed, epsilon_lower_bound, read_canaries
 from server.privacy.ledger import is_number
-from shared.federation.reports import PRIVACY_UNIT, RELEASE_ACCOUNTANTS
-from shared.runs.config import MAX_NOISE_MULTIPLIER
+from shared.federation.reports import release_value_problem
+from shared.runs.config import MAX_NOISE_MULTIPLIER, MAX_TARGET_EPSILON, MIN_NOISE_MULTIPLIER
 
 
 def check(name: str, title: str, problems: list[str], ok: str, status: str | None = None) -> dict:
@@ -32,6 +32,8 @@ def check(name: str, title: str, problems: list[str], ok: str, status: str | Non
     }
 
 
+# what one release of any run spends at most by the RDP bound (accounting.RDP_SPARE)
+MAX_RELEASE_RDP_EPSILON = accounting.RDP_SPARE * MAX_TARGET_EPSILON + 1
 # far above any run's rounds: a round or count beyond it is tampered, and no check loops to it
 MAX_ROUNDS = 100_000
 
@@ -61,10 +63,15 @@ def entry_problem(e: dict) -> str | None:
         return f"cannot recompute: {error}"
     if e["steps"] > accounting.MAX_ENTRY_STEPS:  # a tampered entry must not exhaust the audit
         return f"{e['steps']} steps, more than any plan ({accounting.MAX_ENTRY_STEPS:,})"
-    if e["noise_multiplier"] > MAX_NOISE_MULTIPLIER:
-        return f"noise_multiplier {e['noise_multiplier']:g} beyond {MAX_NOISE_MULTIPLIER:g}"
+    if not MIN_NOISE_MULTIPLIER <= e["noise_multiplier"] <= MAX_NOISE_MULTIPLIER:
+        bounds = f"[{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]"
+        return f"noise_multiplier {e['noise_multiplier']:g} outside {bounds}"
     if not (is_number(e["delta"]) and 0 < e["delta"] < 1):
         return f"delta must be in (0, 1), got {e['delta']!r}"
+    params = (e["mechanism"], e["noise_multiplier"], e["sample_rate"], e["steps"], e["delta"])
+    spent, most = accounting.release_rdp_epsilon(*params), MAX_RELEASE_RDP_EPSILON
+    if not spent <= most:  # PLD's memory grows with the loss: 38 GiB at noise 0.001
+        return f"spends epsilon {spent:.4g} by the RDP bound, above the {most:g} no run reaches"
     if not is_number(e["epsilon"]):
         return f"epsilon must be a finite number, got {e['epsilon']!r}"
     if not is_round(e["round"]):
@@ -74,32 +81,18 @@ def entry_problem(e: dict) -> str | None:
     return None
 
 
-def release_problem(c: dict) -> str | None:
-    """What a contribution declares that the audit's recomputation does not cover (None:
-    nothing): a unit other than the customer level, an unknown accountant, or no steps (a
-    release that spends nothing, yet claims its round)."""
-    if c["unit"] != PRIVACY_UNIT:
-        return f"unit {reprlib.repr(c['unit'])}, not the customer level {PRIVACY_UNIT!r}"
-    if c["accountant"] not in RELEASE_ACCOUNTANTS:
-        known = " or ".join(RELEASE_ACCOUNTANTS)
-        return f"accountant {reprlib.repr(c['accountant'])}, not {known}"
-    if c["steps"] == 0:
-        return "0 steps: a release that spends nothing, yet claims its round"
-    return None
-
-
 def audit_releases(report: dict, contributions: list[dict], lines: dict[int, int]) -> None:
-    """The ``releases`` check: every contribution is a customer-level release of a known
-    accountant, of at least one step (:func:`release_problem`)."""
+    """The ``releases`` check: every contribution states what an accountant recomputes
+    honestly (:func:`shared.federation.reports.release_value_problem`)."""
     problems = [
         f"node {c['node']}, line {lines[id(c)]} (round {reprlib.repr(c['round'])}): {p}"
         for c in contributions
-        if (p := release_problem(c))
+        if (p := release_value_problem(c))
     ]
     report["checks"].append(
         check(
             "releases",
-            "every release is customer-level, of a known accountant, of at least one step",
+            "every release is customer-level, of a known accountant, with parameters it recomputes",
             problems,
             f"{len(contributions)} customer-level releases",
         )

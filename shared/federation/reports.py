@@ -9,10 +9,13 @@ with a :class:`ReportError` naming the field, never a crash), the ledger stores 
 from __future__ import annotations
 
 import math
+import reprlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from shared.federation.signing import SIGNED_FIELDS
+from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 
 PURPOSES = ("training", "encoder", "evaluation", "guard")
 MECHANISMS = ("poisson_subsampled_gaussian", "gaussian")
@@ -126,6 +129,39 @@ def _number(record: dict, key: str, kind: str) -> Any:
     return number
 
 
+def release_value_problem(values: Mapping[str, Any]) -> str | None:
+    """What a release (a parsed one's fields, or a ledger entry's, of any JSON types) states
+    that no accountant recomputes honestly (None: nothing): a unit other than the customer
+    level, an accountant the audit does not know, a noise multiplier outside [MIN, MAX]
+    (shared/runs/config.py), a sample rate outside (0, 1] (at 0 a DP-SGD release recomputes
+    to a spend of 0), a delta outside (0, 1), no whole number of steps of at least one (none
+    spends nothing, yet claims its round), or an epsilon that is no finite number >= 0. The
+    server refuses such a release on arrival (server/federation/release_bounds.py), the
+    audit's ``releases`` check fails it."""
+    unit, accountant, steps = values["unit"], values["accountant"], values["steps"]
+    if unit != PRIVACY_UNIT:
+        return f"unit {reprlib.repr(unit)}, not the customer level {PRIVACY_UNIT!r}"
+    if accountant not in RELEASE_ACCOUNTANTS:
+        return f"accountant {reprlib.repr(accountant)}, not {' or '.join(RELEASE_ACCOUNTANTS)}"
+    noise, rate, delta = (_finite(values[k]) for k in ("noise_multiplier", "sample_rate", "delta"))
+    if noise is None or not MIN_NOISE_MULTIPLIER <= noise <= MAX_NOISE_MULTIPLIER:
+        return (
+            f"noise_multiplier {reprlib.repr(values['noise_multiplier'])} is outside "
+            f"[{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]"
+        )
+    if rate is None or not 0 < rate <= 1:
+        return f"sample_rate {reprlib.repr(values['sample_rate'])} is outside (0, 1]"
+    if delta is None or not 0 < delta < 1:
+        return f"delta {reprlib.repr(values['delta'])} is outside (0, 1)"
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        return f"steps {reprlib.repr(steps)} is not a whole number"
+    if steps < 1:
+        return f"{steps} steps: a release that spends nothing, yet claims its round"
+    if _finite(values["epsilon"]) is None:
+        return f"epsilon {reprlib.repr(values['epsilon'])} is no finite number >= 0"
+    return None
+
+
 def claimed_epsilon(record: dict[str, Any]) -> float | None:
     """The epsilon a report states, if it is one finite number >= 0, however malformed the
     rest (what a refused report claims spent is still recorded)."""
@@ -155,10 +191,6 @@ def parse_report(record: dict[str, Any]) -> NodeReport:
         raise ReportError(f"purpose: expected one of {PURPOSES}, got {release.purpose!r}")
     if release.mechanism not in MECHANISMS:
         raise ReportError(f"mechanism: expected one of {MECHANISMS}, got {release.mechanism!r}")
-    if not 0 < release.sample_rate <= 1 or not 0 < release.delta < 1:
-        raise ReportError("sample_rate must be in (0, 1] and delta in (0, 1)")
-    if not release.noise_multiplier > 0:  # no noise: an exact release, no finite epsilon
-        raise ReportError(f"noise_multiplier: must be above 0, got {release.noise_multiplier!r}")
     if release.node != node:
         raise ReportError(f"node: the release names {release.node!r}, the report {node!r}")
     return NodeReport(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import ndtr
 from torch import nn
 
 from shared.recommender.model import FusionRecommender, pad_histories
@@ -375,6 +377,43 @@ def _planned_epsilon(
     return prv_epsilon(accountant, delta)
 
 
+def spent_at_least(
+    noise_multiplier: float, epsilon: float, sample_rate: float, steps: int
+) -> float:
+    """A lower bound on the delta at ``epsilon`` of ``steps`` Poisson subsampled Gaussian
+    steps (microseconds: no accountant): the hockey-stick divergence of the event "some step's
+    output is above tau" for a customer removed, P(S) - e^epsilon Q(S), the best of a grid of
+    tau, each probability in closed form, rounded against itself by 1e-9. The direction Opacus's
+    PRV accounts, so its epsilon is above ``epsilon`` wherever this is above delta."""
+    tau = np.linspace(0.0, 1.0 + 12 * noise_multiplier, 400)
+    absent = ndtr(-tau / noise_multiplier)  # one step's output above tau, without the customer
+    present = (1 - sample_rate) * absent + sample_rate * ndtr((1 - tau) / noise_multiplier)
+    with np.errstate(divide="ignore"):  # log1p(-1) at a sample rate of 1: P(S) is then 1
+        p_event = -np.expm1(steps * np.log1p(-present))
+        q_event = -np.expm1(steps * np.log1p(-absent))
+        bound = p_event * (1 - 1e-9) - np.exp(epsilon + np.log(q_event)) * (1 + 1e-9)
+    return float(np.max(bound))
+
+
+def noise_floor(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """A noise multiplier at which ``steps`` DP-SGD steps alone spend more than
+    ``target_epsilon`` at ``delta`` (:func:`spent_at_least`), as high as a search finds one
+    (0: none). A calibration needs none below it: the PRV accountant's memory grows as the
+    noise falls (at noise 0.0625 and sample rate 0.01 it asked for 36 GB an array), and a
+    floor only prunes noise that could not meet the target, never the epsilon reported."""
+
+    def too_little(sigma: float) -> bool:
+        return spent_at_least(sigma, target_epsilon, sample_rate, steps) > delta
+
+    low, high = 1e-4, 1e4
+    if not too_little(low):
+        return 0.0
+    while high / low > 1.01:  # too_little(low) stays true
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if too_little(middle) else (low, middle)
+    return low
+
+
 def calibrate_noise(
     target_epsilon: float,
     delta: float,
@@ -384,7 +423,8 @@ def calibrate_noise(
     more_steps: tuple[tuple[float, int], ...] = (),
 ) -> float:
     """The smallest noise multiplier (to 0.1%) whose plan (:func:`planned_epsilon`) spends at
-    most ``target_epsilon`` at ``delta`` by Opacus's PRV accountant."""
+    most ``target_epsilon`` at ``delta`` by Opacus's PRV accountant, searched above
+    :func:`noise_floor`."""
     releases = tuple((sigma, count) for sigma, count in releases if count)
     more_steps = tuple((q, count) for q, count in more_steps if count)
 
@@ -397,7 +437,9 @@ def calibrate_noise(
             f"{spent(1e4):.3g} even at noise multiplier 1e4 (planned releases: {releases}); "
             "raise it or plan fewer"
         )
-    low, high = 0.0, 1.0
+    # below the floor no noise multiplier keeps the target, and PRV is never asked there
+    low = noise_floor(target_epsilon, delta, sample_rate, steps)
+    high = max(1.0, 2 * low)
     while spent(high) > target_epsilon:
         low, high = high, 2 * high
     while high - low > 1e-3 * high:  # invariant: ``high`` stays within the target

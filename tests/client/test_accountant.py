@@ -1,11 +1,13 @@
 """The node's accountant under concurrent releases (two federations on one data directory):
 no charge is lost, no two releases share a contribution index, and the budget is checked
 against every charge made before; within a run, requests are charged in the order of their
-rounds."""
+rounds. Its calibration of the noise multiplier is bounded in memory."""
 
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from client.accountant import NodePrivacy, RequestPosition
 from client.node import over_budget
 from shared.federation.signing import SIGNED_FIELDS, NodeKey, append_receipt
+from shared.recommender.training import noise_floor, planned_epsilon
 
 EVENT = (1.0, 1.0, 1)  # one Gaussian release at noise multiplier 1
 DELTA = 1e-5
@@ -139,3 +142,27 @@ def test_an_accountant_deleted_or_put_back_older_than_its_receipts_is_refused(
     with privacy.locked():  # a state charged past its receipts (a crash before one): fine
         privacy.charge(EVENT, DELTA)
     assert NodePrivacy(tmp_path).state["contributions"] == 3
+
+
+@pytest.mark.parametrize(("target", "sample_rate", "steps"), [(8.0, 1.0, 18), (20.0, 0.5, 36)])
+def test_no_noise_below_the_floor_keeps_the_target(target, sample_rate, steps) -> None:
+    """The floor's cheap lower bound is a lower bound: at the floor Opacus's PRV spends more
+    than the target, so a calibration that never looks below it finds what it found before."""
+    floor = noise_floor(target, DELTA, sample_rate, steps)
+    assert floor > 0.05 and planned_epsilon(floor, DELTA, sample_rate, steps) > target
+
+
+def test_a_large_budget_calibrates_within_a_memory_cap() -> None:
+    """A budget of 100 at sample rate 0.001 over 100 steps: the bisection asked PRV for noise
+    0.0625, whose domain ran out of a 3 GB address space (MemoryError: a deployed node dies
+    before charging). Above the floor it finishes, at a noise whose PRV epsilon keeps 100."""
+    script = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 * 10**9, 3 * 10**9))\n"
+        "from shared.recommender.training import calibrate_noise, planned_epsilon\n"
+        f"sigma = calibrate_noise(100.0, {DELTA}, 1e-3, 100)\n"
+        f"print(sigma, planned_epsilon(sigma, {DELTA}, 1e-3, 100))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sigma, epsilon = map(float, done.stdout.split())
+    assert 0.0625 < sigma < 0.25 and 99 < epsilon <= 100.0

@@ -36,6 +36,7 @@ from shared.data.dataset import load_dataset
 from shared.data.partition import write_partitions
 from shared.federation.node_directory import NodeInfo, round_down_2sf
 from shared.federation.wire import trainable_state
+from shared.recommender.metrics import RANK_BATCH
 from shared.recommender.model import FusionRecommender
 from shared.recommender.training import planned_epsilon, training_tensors
 from shared.runs.config import RunConfig
@@ -50,7 +51,7 @@ def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -
     assert deployed.min_exact_customers == 50 and deployed.max_epochs == 10
     assert deployed.max_rounds == 20 and deployed.max_steps == 10_000
     assert deployed.max_model_weights == 500_000_000 and deployed.text_models == ("minilm",)
-    assert deployed.max_step_activations == 500_000_000
+    assert deployed.max_step_activations == 500_000_000 and deployed.max_answer_share == 0.25
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
     relaxed = NodePolicy.from_node_config({"data-dir": "/data", "require-dp": "false"})
     assert not relaxed.require_dp
@@ -192,6 +193,22 @@ def test_a_step_larger_than_the_node_allows_is_refused() -> None:
     assert parse_node_config("max-step-activations=1e9") == {"max-step-activations": "1e9"}
     with pytest.raises(PolicyError, match="max-step-activations"):
         parse_node_config("max-step-activations=0")
+
+
+def test_an_evaluation_is_bounded_by_what_it_ranks_not_by_the_training_batch() -> None:
+    """An evaluation (or the start guard's comparison) takes no training step: a deployed
+    node refused to evaluate at a dp-batch-size of 10^7, a batch it never builds for it. It
+    is bounded by what it ranks at once (512 customers), which a long history still exceeds."""
+    policy, beauty, customers = NodePolicy.from_node_config({"data-dir": "/d"}), 12_101, 100_000
+    huge = RunConfig(dp=True, dp_batch_size=10**7)
+    model = huge.model_config(beauty, 384)
+    assert policy.step_refusal(huge, model, customers) is not None  # training: refused
+    assert policy.step_refusal(huge, model, customers, training=False) is None
+    ranking = model.activation_count(RANK_BATCH, training=False)
+    assert step_activations(huge, model, customers, training=False) == ranking
+    attending = RunConfig(dp=True, dp_max_len=4096, heads=16)
+    reason = policy.step_refusal(attending, attending.model_config(beauty, 384), 2_200, False)
+    assert reason is not None and "customers ranked at once 512" in reason
 
 
 def test_the_node_picks_its_own_delta_below_one_over_its_customers() -> None:
@@ -543,6 +560,33 @@ def test_evaluations_too_exact_for_the_budget_are_refused_before_anything_is_spe
     noisy = RunConfig(**{**config.to_dict(), "federated_eval": True})  # the default noise: 10
     assert NodePolicy().refusal(noisy, CUSTOMERS) is None
     assert NodePolicy().refusal(RunConfig(dp=True, eval_noise_multiplier=1e-2), CUSTOMERS) is None
+
+
+def test_evaluations_cannot_spend_more_than_the_nodes_answer_share(node_setup) -> None:
+    """An operator who kept asking a node to evaluate drained its lifetime budget, each
+    answer charged, until it could no longer train. A node's private answers together spend
+    at most its max-answer-share of its max-epsilon: past it an evaluation is refused and
+    nothing is charged, and the rest of the budget still trains."""
+    node, config, state = node_setup
+    policy = NodePolicy(max_epsilon=4.0, max_answer_share=0.25)
+    request = RunConfig(**{**config.to_dict(), "eval_noise_multiplier": 8.0, "dp_guard": False})
+    answers = [evaluate_node(node, request, state, policy=policy) for _ in range(40)]
+    refused = [a for a in answers if a.get("refused")]
+    given = len(answers) - len(refused)
+    assert 3 <= given < 40 and all("mechanism" in a for a in answers[:given])
+    assert "max-answer-share=0.25 of max-epsilon=4" in refused[0]["reason"]
+    privacy = NodePrivacy(node.directory)
+    assert privacy.state["contributions"] == given and privacy.answers() == ((8.0, given),)
+    spent = answers[given - 1]["epsilon"]
+    assert spent <= 1.0 * 1.02  # within the share (the closed form; PRV within its 2%)
+    trained = train_node(node, request, state, server_round=1, policy=policy)
+    assert trained["purpose"] == "training" and spent < trained["epsilon"] <= 4.0
+    # a request whose planned answers alone pass the share is refused before anything
+    eager = RunConfig(**{**request.to_dict(), "federated_eval": True, "dp_rounds": 20})
+    assert "max-answer-share" in policy.refusal(eager, CUSTOMERS)
+    assert NodePolicy(max_epsilon=4.0).refusal(eager, CUSTOMERS) is None  # no share: no cap
+    with pytest.raises(PolicyError, match="max-answer-share"):
+        parse_node_config("max-answer-share=1.5")
 
 
 def test_the_closed_form_for_evaluations_agrees_with_the_prv_accountant() -> None:

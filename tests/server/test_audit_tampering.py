@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.privacy import accounting
 from server.privacy.accounting import epsilon_curve, federation_guarantee
 from server.privacy.audit import audit
 from server.privacy.audit_federation import federation_statement
@@ -346,20 +347,47 @@ def test_a_ledger_without_its_run_start_fails_and_is_audited_as_private(tmp_path
         ("accountant", "rdp", "accountant 'rdp', not prv or pld"),
         ("accountant", ["prv"], "accountant ['prv'], not prv or pld"),
         ("steps", 0, "0 steps: a release that spends nothing, yet claims its round"),
+        # a DP-SGD release at sample rate 0 recomputed to a spend of 0 and passed every check
+        # but the calibration's, which needs a plan in the ledger
+        ("sample_rate", 0.0, "sample_rate 0.0 is outside (0, 1]"),
+        ("sample_rate", 1.5, "sample_rate 1.5 is outside (0, 1]"),
+        ("delta", 1.0, "delta 1.0 is outside (0, 1)"),
+        ("noise_multiplier", 1e-4, "noise_multiplier 0.0001 is outside [0.001, 1e+06]"),
+        ("epsilon", -1.0, "epsilon -1.0 is no finite number >= 0"),
     ],
 )
 def test_a_release_the_recomputation_does_not_cover_fails_the_releases_check(
     tmp_path, receipted, field, value, words
 ):
     """A release stating another unit than one customer's, an accountant the audit does not
-    know, or no steps at all (it spends nothing, yet claims a training round) was read without
-    a failed check."""
+    know, no steps at all (it spends nothing, yet claims a training round), or a sample rate,
+    delta, noise or epsilon outside what an accountant recomputes honestly was read without a
+    failed check."""
     assert {c["name"]: c["status"] for c in audit(receipted)["checks"]}["releases"] == "pass"
     entries = read_ledger(receipted / "ledger.jsonl")
     entries[1][field] = value
     report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
     (problem,) = failed(report)["releases"]
     assert problem.startswith("node 0, line 2 (round 1): ") and words in problem
+
+
+def test_a_release_no_run_spends_fails_before_any_pld_is_built(tmp_path, receipted, monkeypatch):
+    """A contribution edited to noise 0.001 (within the noise bounds) crashed the audit: PLD
+    asked for 38 GiB for its one privacy loss distribution. Its RDP bound, which costs
+    microseconds, is above what any release of any run spends: it fails without a PLD."""
+    entries = read_ledger(receipted / "ledger.jsonl")
+    entries[1]["noise_multiplier"] = 1e-3
+    pld = accounting._pld
+
+    def bounded_pld(mechanism, sigma, *args):
+        assert sigma > 0.01, f"PLD asked for noise {sigma}"
+        return pld(mechanism, sigma, *args)
+
+    monkeypatch.setattr(accounting, "_pld", bounded_pld)
+    report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
+    (problem,) = failed(report)["recomputed"]
+    assert problem.startswith("node 0, line 2: spends epsilon") and "RDP bound" in problem
+    assert report["guarantee"].startswith("not established")
 
 
 @pytest.mark.parametrize(

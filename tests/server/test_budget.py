@@ -9,7 +9,7 @@ import pytest
 
 from server.federation.budget import node_budget, node_plan
 from server.privacy import accounting
-from shared.recommender.training import calibrate_noise, planned_epsilon
+from shared.recommender.training import calibrate_noise, noise_floor, planned_epsilon
 from shared.runs.config import RunConfig
 
 MERCHANTS = RunConfig(
@@ -104,3 +104,26 @@ def test_the_run_states_the_budget_it_asked_and_a_resumed_run_reads_it_back(
     monkeypatch.setattr(rounds, "node_budget", not_again)
     resumed = rounds.Federation(None, MERCHANTS, tmp_path, catalog, partitions, None)
     assert resumed.budget == first.budget and len(resumed.ledger.entries) == 1
+
+
+def test_the_audits_calibration_skips_the_noise_below_the_floor_and_finds_the_same(
+    monkeypatch,
+) -> None:
+    """A large budget sent the audit's calibration down to noise 0.0625, where PLD took the
+    longest (about half the calibration's time, and its memory grows as the noise falls):
+    no noise below the DP-SGD steps' floor keeps the target, so PLD is never built there, and
+    the noise found is the same to the last digit."""
+    plan = (60.0, 2e-4, 0.128, 8, 2, ((8.94427190999916, 1),))
+    floor = noise_floor(60.0, 2e-4, 0.128, 16)
+    asked: list[float] = []
+    spent = accounting.plan_epsilon
+
+    def recorded(sigma: float, *args) -> float:
+        asked.append(sigma)
+        return spent(sigma, *args)
+
+    monkeypatch.setattr(accounting, "plan_epsilon", recorded)
+    found = accounting.calibrate_noise(*plan)
+    assert 0.0625 < floor < found and min(asked) >= floor
+    monkeypatch.setattr(accounting, "noise_floor", lambda *args: 0.0)
+    assert accounting.calibrate_noise(*plan) == found and min(asked) == 0.0625

@@ -78,6 +78,10 @@ def test_an_honest_release_is_within_the_plan(purpose: str, customers: int) -> N
         ({"unit": "one event"}, "unit"),
         ({"accountant": "rdp"}, "accountant"),
         ({"steps": 0}, "steps"),
+        # a DP-SGD release at sample rate 0 recomputes to a spend of 0; no noise, no finite one
+        ({"sample_rate": 0.0}, "sample_rate 0.0 is outside (0, 1]"),
+        ({"delta": 1.0}, "delta 1.0 is outside (0, 1)"),
+        ({"noise_multiplier": 0.0}, "noise_multiplier 0.0 is outside"),
     ],
 )
 def test_a_release_outside_the_plan_is_refused_and_its_claim_recorded_as_sent(
@@ -103,10 +107,10 @@ def test_a_release_outside_the_plan_is_refused_and_its_claim_recorded_as_sent(
     assert privacy["unverified"] == {"evil": 1.0} and "No node contributed" in privacy["statement"]
 
 
-@pytest.mark.parametrize("noise", [0.0, -1.0])
-def test_a_release_without_noise_is_refused_when_parsed(noise: float) -> None:
-    with pytest.raises(ReportError, match="noise_multiplier"):
-        parse_report(release(noise_multiplier=noise))
+@pytest.mark.parametrize("field", ["noise_multiplier", "sample_rate", "delta", "epsilon"])
+def test_a_negative_figure_is_refused_when_parsed(field: str) -> None:
+    with pytest.raises(ReportError, match=field):
+        parse_report(release(**{field: -1.0}))
 
 
 @pytest.mark.parametrize("value", [10**400, -(10**400), math.inf])
