@@ -55,22 +55,22 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-# The files that take longest, longest first (per-file sums of a 2-core run, 2026-12-07: the
-# first five 300 to 380 s each beside other work, the last ones about 100 s). With
-# ``--dist loadfile`` each file runs on one worker, in the order the files are handed out: these
-# go first, so that no worker is left with a long file at the end while the others have
+# The files that take longest, longest first (per-file sums of two 2-core runs beside other
+# work, 2026-12-07: the first seven 300 to 590 s each with 3 workers, the last ones about 100 s).
+# With ``--dist loadfile`` each file runs on one worker, in the order the files are handed out:
+# these go first, so that no worker is left with a long file at the end while the others have
 # finished (longest processing time first). A file not listed keeps its place after them.
 SLOW_FILES = (
-    "tests/simulations/test_benchmarks.py",
-    "tests/server/test_ledger_audit.py",
     "tests/simulations/test_federation.py",
-    "tests/simulations/test_deploy_faults.py",
+    "tests/simulations/test_benchmarks.py",
     "tests/server/test_encoder_rounds.py",
-    "tests/server/test_node_dp.py",
+    "tests/server/test_ledger_audit.py",
     "tests/client/test_policy.py",
+    "tests/simulations/test_deploy_faults.py",
+    "tests/server/test_node_dp.py",
+    "tests/server/test_robust.py",
     "tests/server/test_unanswered.py",
     "tests/server/test_audit_tampering.py",
-    "tests/server/test_robust.py",
     "tests/simulations/test_deploy.py",
     "tests/shared/test_catalog_pretraining.py",
 )
