@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -54,20 +55,37 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-# The files that take longest (a quiet 2-core run, longest first). With ``--dist loadfile``
-# each file runs on one worker, in the order the files are handed out: these go first, so that
-# no worker is left with a long file at the end while the other has finished (longest
-# processing time first). A file not listed keeps its place after them.
+# The files that take longest, longest first (per-file sums of two 2-core runs beside other
+# work, 2026-12-07: the first seven 300 to 590 s each with 3 workers, the last ones about 100 s).
+# With ``--dist loadfile`` each file runs on one worker, in the order the files are handed out:
+# these go first, so that no worker is left with a long file at the end while the others have
+# finished (longest processing time first). A file not listed keeps its place after them.
 SLOW_FILES = (
-    "tests/simulations/test_deploy.py",
     "tests/simulations/test_federation.py",
-    "tests/server/test_encoder_rounds.py",
-    "tests/client/test_policy.py",
-    "tests/server/test_node_dp.py",
-    "tests/server/test_ledger_audit.py",
     "tests/simulations/test_benchmarks.py",
+    "tests/server/test_encoder_rounds.py",
+    "tests/server/test_ledger_audit.py",
+    "tests/client/test_policy.py",
+    "tests/simulations/test_deploy_faults.py",
+    "tests/server/test_node_dp.py",
     "tests/server/test_robust.py",
+    "tests/server/test_unanswered.py",
+    "tests/server/test_audit_tampering.py",
+    "tests/simulations/test_deploy.py",
+    "tests/shared/test_catalog_pretraining.py",
 )
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: xdist's count (a worker per core), but at least 3 (pyproject.toml caps it at
+    4): the end-to-end tests wait on processes (the Ray engine's start, Flower's heartbeats and
+    polls, a deployment's parties) part of their time, and a third worker on 2 cores runs
+    meanwhile. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still sets the count exactly."""
+    from xdist.plugin import pytest_xdist_auto_num_workers as per_core
+
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own reading of it
+    return max(3, per_core(config))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

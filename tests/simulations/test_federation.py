@@ -281,25 +281,23 @@ def test_dp_run_states_its_guarantee(private_run: Path) -> None:
     assert main(["audit", str(private_run)]) == 0
 
 
+@pytest.fixture(scope="module")
+def merchant_run(tiny_synth_dataset_dir: Path, tmp_path_factory) -> Path:
+    """Two merchants under DP, 2 rounds: the tests below read the same run."""
+    out = tmp_path_factory.mktemp("merchant") / "run"
+    extra = ["--partition", "merchant", "--rounds", "2", "--dp", "--target-epsilon", str(TARGET)]
+    simulate(tiny_synth_dataset_dir, out, *extra)
+    return out
+
+
 @pytest.mark.e2e
 def test_a_private_merchant_run_spends_the_budget_it_asked_within_its_target(
-    tiny_synth_dataset_dir: Path, tmp_path: Path
+    merchant_run: Path,
 ) -> None:
     """Two merchants under DP: the run asks each for more than half the target (the largest
     budget whose composition over both plans keeps it), states it in its start, every node
     keeps it, the composition over both stays within the target, and the audit passes."""
-    out = tmp_path / "run"
-    simulate(
-        tiny_synth_dataset_dir,
-        out,
-        "--partition",
-        "merchant",
-        "--rounds",
-        "1",
-        "--dp",
-        "--target-epsilon",
-        str(TARGET),
-    )
+    out = merchant_run
     ledger = read_ledger(out / "ledger.jsonl")
     asked = ledger[0]["budget_per_node"]
     assert TARGET / 2 < asked < TARGET
@@ -310,6 +308,34 @@ def test_a_private_merchant_run_spends_the_budget_it_asked_within_its_target(
     assert privacy["federation"]["applies"] == "all_nodes"
     assert max(e["epsilon"] for e in contributions) < privacy["epsilon"] <= TARGET
     assert main(["audit", str(out)]) == 0
+
+
+@pytest.mark.e2e
+def test_a_merchant_dp_federation_states_the_composition_over_its_nodes(
+    merchant_run: Path,
+) -> None:
+    """The headline of a merchant federation is every release of every node composed (the
+    audit of the same run is the test above's)."""
+    import dp_accounting as dpa
+    from dp_accounting.pld import pld_privacy_accountant
+
+    out = merchant_run
+    contributions = [e for e in read_ledger(out / "ledger.jsonl") if e["kind"] == "contribution"]
+    assert {e["node"] for e in contributions} == {"merchant-0", "merchant-1"}
+    # an independent recomputation: every release of every node composed, at the nodes'
+    # summed delta
+    accountant = pld_privacy_accountant.PLDAccountant()
+    for e in contributions:
+        step = dpa.PoissonSampledDpEvent(
+            e["sample_rate"], dpa.GaussianDpEvent(e["noise_multiplier"])
+        )
+        accountant.compose(dpa.SelfComposedDpEvent(step, e["steps"]))
+    deltas = {e["node"]: e["delta"] for e in contributions}
+    composed = accountant.get_epsilon(sum(deltas.values()))
+    privacy = json.loads((out / "metrics.json").read_text())["privacy"]
+    assert privacy["epsilon"] >= composed * (1 - 1e-3)
+    assert privacy["epsilon"] > max(e["epsilon"] for e in contributions)  # not the worst node
+    assert privacy["epsilon"] <= TARGET + 1e-6  # the federation's budget holds
 
 
 @pytest.mark.e2e

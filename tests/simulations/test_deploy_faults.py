@@ -1,0 +1,138 @@
+"""Faults of a federation on Flower's deployment engine (simulations/local_federation.py,
+simulations/deploy.py, server/privacy/ledger_gaps.py), in one DP run of 4 rounds, 3 nodes, TLS
+and SuperNode authentication on: a node killed mid-round 1 (the round completes with the
+other two, the run goes on), then the whole server side (SuperLink and ServerApp) killed once
+the nodes have spent for round 2, restarted, and the run submitted again: it resumes after its
+last completed round with every node's spending in the ledger exactly once. The re-run round
+costs the nodes a contribution more than planned, so they decline the last round: the budget
+holds across the restart.
+
+The expensive file (about 3 minutes on 2 cores): a killed node is reported by Flower only after
+its heartbeat lapses (30 s interval, patience 2). ``fedrec deploy local`` itself is
+tests/simulations/test_deploy.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import TEST_DEVICE, TINY_SETTINGS
+
+from server.privacy.ledger import read_ledger, verify_chain
+from shared.data.dataset import leave_one_out, load_dataset
+from shared.data.partition import ensure_partitions
+from shared.runs.config import RunConfig
+from simulations.cli import main
+from simulations.deploy import completed_round
+from simulations.local_federation import LocalFederation
+
+TINY = {**TINY_SETTINGS, "device": TEST_DEVICE}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def accountant_contributions(partition: Path) -> int:
+    path = partition / "privacy" / "accountant.json"
+    return json.loads(path.read_text())["contributions"] if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def faulted(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("faults") / "run"
+    config = RunConfig(
+        data=str(tiny_synth_dataset_dir),
+        out=str(out),
+        clients=3,
+        dp_rounds=4,
+        dp=True,
+        text_model=str(tiny_bert_dir),
+        **TINY,
+    )
+    dataset = load_dataset(tiny_synth_dataset_dir)  # the server side holds the data here
+    partitions = ensure_partitions(dataset, leave_one_out(dataset), config, out)
+    with LocalFederation(out) as federation:
+        federation.start_superlink()
+        for node in range(3):
+            name = f"node-{node}"
+            policy = {"text-models": str(tiny_bert_dir)}  # else only the packaged MiniLM
+            federation.start_node(name, partitions / name, federation.node_key(name), policy=policy)
+        federation.wait_for_nodes(3)
+        first = federation.submit(config)
+        # node 2 dies (with its ClientApp) as soon as it is handed round 1
+        log = out / "logs" / "node-2.log"
+        wait_for(lambda: "Start `flwr-clientapp`" in log.read_text(), 120, "round 1 at node 2")
+        federation.kill("node-2", signal.SIGKILL)
+        # the server side dies once node 0 has spent its round-2 budget
+        node0 = partitions / "node-0"
+        wait_for(lambda: accountant_contributions(node0) >= 2, 240, "round 2 at node 0")
+        federation.kill("superlink", signal.SIGKILL)
+        before_restart = completed_round(out)
+        federation.start_superlink()
+        federation.wait_for_nodes(2)
+        second = federation.submit(config)
+        wait_for(
+            lambda: federation.status(second).startswith("finished"),
+            300,
+            "the resumed run",
+            every=5,
+        )
+        status = federation.status(second)
+        federation.save_run_log(second)
+    return {
+        "out": out,
+        "partitions": partitions,
+        "status": status,
+        "first": first,
+        "before_restart": before_restart,
+    }
+
+
+@pytest.mark.e2e
+def test_a_node_killed_mid_round_leaves_the_round_to_the_others(faulted: dict) -> None:
+    assert faulted["status"] == "finished:completed"
+    metrics = json.loads((faulted["out"] / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    assert [h["round"] for h in rounds][:3] == [1, 2, 3]
+    assert {h["nodes"] for h in rounds} == {2}  # round 1 completed without node 2
+    assert set(metrics["privacy"]["per_node"]) == {"regional-0", "regional-1"}
+
+
+@pytest.mark.e2e
+def test_a_restarted_server_resumes_with_the_ledger_intact(faulted: dict) -> None:
+    out = faulted["out"]
+    stopped_after = faulted["before_restart"]
+    assert stopped_after in (1, 2)  # it was stopped mid-run
+    metrics = json.loads((out / "metrics.json").read_text())
+    rerun = stopped_after == 1  # round 2 was trained twice: the nodes decline round 4
+    assert [h["round"] for h in metrics["rounds"]] == ([1, 2, 3] if rerun else [1, 2, 3, 4])
+    ledger = read_ledger(out / "ledger.jsonl")
+    assert verify_chain(ledger) == []
+    kinds = [e["kind"] for e in ledger]
+    assert kinds.count("run_start") == 1 and kinds[-1] == "run_end"
+    assert kinds.count("run_end") == 1  # the killed run never ended; the resumed one did
+    for node in (0, 1):
+        mine = [
+            e for e in ledger if e["kind"] == "contribution" and e["node"] == f"regional-{node}"
+        ]
+        # every spending of the node's accountant is in the ledger, once
+        spent = accountant_contributions(faulted["partitions"] / f"node-{node}")
+        # four trainings and the start guard's answer (its plan: four rounds, then the guard)
+        assert [e["contribution_index"] for e in mine] == list(range(spent)) and spent == 5
+        assert mine[-1]["purpose"] == "guard"
+        declined = [
+            e["round"]
+            for e in ledger
+            if e["kind"] == "declined" and e["node"] == f"regional-{node}"
+        ]
+        assert declined == ([4] if rerun else [])
+    assert main(["audit", str(out)]) == 0
