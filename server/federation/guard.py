@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 from flwr.app import Message
 
-from shared.federation.reports import ReportError, parse_report
+from shared.federation.reports import ReportError, parse_report, release_value_problem
 
 if TYPE_CHECKING:  # the round loop passes its Federation; it imports this module
     from server.federation.rounds import Federation
@@ -65,7 +65,7 @@ def bounded_answer(
     customers (``RunConfig.guard_noise``), the gain bounded by what those customers could move
     it (plus :data:`ANSWER_SPREAD` of those stds); its customers are the fewer of its signed
     release's and ``declared``. None when the reply holds no finite answer or no release to
-    say whose it is."""
+    say whose it is, or a release no accountant recomputes (a sample rate or noise of 0)."""
     if reply.has_error() or "metrics" not in reply.content or "privacy" not in reply.content:
         return None
     answer = dict(reply.content["metrics"]).get("noisy_gain")
@@ -75,8 +75,8 @@ def bounded_answer(
         release = parse_report(dict(reply.content["privacy"])).release
     except ReportError:
         return None
-    if release is None or release.purpose != "guard":
-        return None
+    if release is None or release.purpose != "guard" or release_value_problem(release.as_dict()):
+        return None  # not a guard release, or one the audit could not recompute
     customers = min(float(release.num_customers), declared)
     sigma = config.guard_noise(customers)
     bound = customers + ANSWER_SPREAD * sigma

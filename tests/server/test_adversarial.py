@@ -25,7 +25,7 @@ from server.federation.strategy import MAX_CUSTOMERS, FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, verify_chain
 from server.privacy.ledger_gaps import record_lost_contributions
 from server.privacy.node_keys import NodeKeys
-from shared.federation.reports import ReportError, parse_report
+from shared.federation.reports import ReportError, parse_report, release_value_problem
 from shared.federation.signing import SIGNED_FIELDS, NodeKey, digest_arrays
 from shared.federation.wire import ITEM_TABLES, encode, trainable_state
 from shared.recommender.model import FusionRecommender, ModelConfig
@@ -89,7 +89,6 @@ def test_row_indices_that_wrap_around_are_rejected(state) -> None:
         (release(epsilon=math.nan), "epsilon"),
         (release(epsilon=-1.0), "epsilon"),
         (release(steps=2.5), "steps"),
-        (release(sample_rate=0.0), "sample_rate"),
         (release(round="1"), "round"),
         (release(purpose="fun"), "purpose"),
         (release(unit="x" * 10_000), "unit"),
@@ -99,6 +98,18 @@ def test_row_indices_that_wrap_around_are_rejected(state) -> None:
 def test_a_malformed_privacy_report_is_refused_naming_the_field(record, words) -> None:
     with pytest.raises(ReportError, match=words):
         parse_report(record)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [({"sample_rate": 0.0}, "sample_rate"), ({"noise_multiplier": 0.0}, "noise_multiplier")],
+)
+def test_a_release_no_accountant_recomputes_parses_and_is_named(change, words) -> None:
+    """A sample rate or a noise of 0 parses (the claim is kept for the ledger) and is named by
+    the one definition the server refuses it with on arrival and the audit fails it with."""
+    report = parse_report(release(**change))
+    assert words in release_value_problem(report.release.as_dict())
+    assert release_value_problem(parse_report(release()).release.as_dict()) is None
 
 
 def test_malformed_reports_are_left_out_and_nothing_crashes(tmp_path: Path, state) -> None:

@@ -77,6 +77,8 @@ def test_an_answer_is_bounded_by_what_its_customers_could_move_it() -> None:
     assert answer(float("nan")) is None and answer(float("inf")) is None
     assert answer(-12.5, purpose="evaluation") is None  # not a guard release
     assert answer(-12.5, mechanism="laplace") is None  # a report that does not parse
+    # a release the audit could not recompute (parsed, refused on arrival): no answer either
+    assert answer(-12.5, sample_rate=0.0) is None and answer(-12.5, noise_multiplier=0.0) is None
 
 
 def test_ten_lying_answers_cannot_outweigh_the_honest_sum_beyond_their_bound() -> None:
