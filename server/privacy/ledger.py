@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import time
 from pathlib import Path
 from typing import Any
@@ -247,14 +248,17 @@ def ledger_head(entries: list[dict]) -> dict:
 def unpinned(path: Path, head: dict | None) -> str | None:
     """Why the ledger at ``path`` does not hold the entry a checkpoint pinned (``head``, from
     :func:`ledger_head`), None when it does or nothing was pinned: a ledger removed, replaced
-    or cut since that round would under-report what the rounds before it spent."""
+    or cut since that round would under-report what the rounds before it spent. A pin that
+    is no entry's ``seq`` and ``hash`` (the checkpoint edited) is named too, never a crash."""
     if head is None:
         return None
+    seq = head.get("seq") if isinstance(head, dict) else None
+    if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(head.get("hash"), str):
+        return f"the checkpoint's ledger pin {reprlib.repr(head)} is no entry's seq and hash"
     if not path.exists():
         return f"{path} is missing"
     entries = read_ledger(path)
-    seq = head.get("seq")
-    if not isinstance(seq, int) or not 0 <= seq < len(entries):
+    if not 0 <= seq < len(entries):
         return f"{path} ends at entry {len(entries) - 1}, before entry {seq}"
     if entries[seq].get("hash") != head.get("hash"):
         return f"{path}: entry {seq} is not the one the checkpoint recorded"

@@ -206,6 +206,17 @@ def test_a_ledger_removed_cut_or_replaced_since_the_checkpoint_is_named(tmp_path
     assert "not the one the checkpoint recorded" in unpinned(path, head)
 
 
+@pytest.mark.parametrize("pin", [[0, "hash"], "entry 1", 1, {"seq": True, "hash": "x"}])
+def test_a_checkpoints_edited_ledger_pin_is_named_not_a_crash(tmp_path, pin):
+    """The pin is read from a file anyone with the output folder can edit: whatever it holds,
+    the resume is refused with a reason (a list or a string was an AttributeError)."""
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.append("run_start", config={"dp": True, "delta": DELTA}, unit="u")
+    ledger.append("declined", round=1, node="a", reason="budget")
+    assert "pin" in unpinned(path, pin)
+
+
 @pytest.mark.parametrize(
     ("edit", "words"),
     [
