@@ -73,11 +73,13 @@ class NodePrivacy:
     def _read(self) -> dict:
         """The state; ValueError when it counts fewer releases than the receipt log holds
         (every receipt is of a charged release): deleted or restored from an older copy, it
-        would forget spending and let the node spend its budget again."""
+        would forget spending and let the node spend its budget again. The log is counted
+        first: a release charged and logged by another process between the two reads (this
+        one outside the lock) is then in neither, never in the log alone."""
+        receipts = self.receipts.read_bytes().count(b"\n") if self.receipts.exists() else 0
         state = {"accountant": {}, "contributions": 0, "noise_multiplier": None}
         if self.path.exists():
             state = json.loads(self.path.read_text())
-        receipts = self.receipts.read_bytes().count(b"\n") if self.receipts.exists() else 0
         if state["contributions"] < receipts:
             raise ValueError(
                 f"{self.path} counts {state['contributions']} release(s) but the node's receipt "

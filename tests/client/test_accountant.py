@@ -5,6 +5,7 @@ rounds. Its calibration of the noise multiplier is bounded in memory."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import subprocess
 import sys
@@ -142,6 +143,29 @@ def test_an_accountant_deleted_or_put_back_older_than_its_receipts_is_refused(
     with privacy.locked():  # a state charged past its receipts (a crash before one): fine
         privacy.charge(EVENT, DELTA)
     assert NodePrivacy(tmp_path).state["contributions"] == 3
+
+
+def test_a_release_charged_and_receipted_while_the_state_is_read_is_no_rollback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may charge and log a receipt between the reads of the state and of the
+    receipt log (a reader outside the lock: a report's): that is no older copy put back."""
+    key = NodeKey.load_or_create(tmp_path / "node.key")
+    other = NodePrivacy(tmp_path)
+    parse = json.loads
+
+    def loads_then_another_release(text, *args, **kwargs):
+        state = parse(text, *args, **kwargs)
+        monkeypatch.setattr(json, "loads", parse)  # once
+        _, index = other.charge(EVENT, DELTA)
+        append_receipt(other.receipts, RELEASE | {"contribution_index": index}, key)
+        return state
+
+    other.charge(EVENT, DELTA)
+    append_receipt(other.receipts, RELEASE | {"contribution_index": 0}, key)
+    monkeypatch.setattr(json, "loads", loads_then_another_release)
+    assert NodePrivacy(tmp_path).state["contributions"] == 1  # read before the other's
+    assert NodePrivacy(tmp_path).state["contributions"] == 2
 
 
 @pytest.mark.parametrize(("target", "sample_rate", "steps"), [(8.0, 1.0, 18), (20.0, 0.5, 36)])
