@@ -77,7 +77,7 @@ class NodePrivacy:
         first: a release charged and logged by another process between the two reads (this
         one outside the lock) is then in neither, never in the log alone."""
         receipts = self.receipts.read_bytes().count(b"\n") if self.receipts.exists() else 0
-        state = {"accountant": {}, "contributions": 0, "noise_multiplier": None}
+        state = {"accountant": {}, "contributions": 0, "noise_multiplier": None, "answers": []}
         if self.path.exists():
             state = json.loads(self.path.read_text())
         if state["contributions"] < receipts:
@@ -162,8 +162,16 @@ class NodePrivacy:
     def answers(self, extra: float | None = None) -> tuple[tuple[float, int], ...]:
         """The private answers (evaluations, start-guard comparisons: Gaussian releases of
         sensitivity 1) this node has charged over its lifetime, as (noise multiplier, count),
-        with one more at noise ``extra`` if given (state kept before them counted none)."""
-        counts = {float(sigma): int(count) for sigma, count in self.state.get("answers", [])}
+        with one more at noise ``extra`` if given. A state written before the accountant kept
+        them (no ``answers``) counts every single Gaussian release of its history (sample
+        rate 1, one step; a DP-SGD step over all the customers among them)."""
+        counts: dict[float, int] = {}
+        if "answers" in self.state:
+            counts = {float(sigma): int(count) for sigma, count in self.state["answers"]}
+        else:
+            for sigma, rate, steps in self.state["accountant"].get("history", []):
+                if rate == 1 and steps == 1:
+                    counts[float(sigma)] = counts.get(float(sigma), 0) + 1
         if extra is not None:
             counts[float(extra)] = counts.get(float(extra), 0) + 1
         return tuple(sorted(counts.items()))

@@ -168,6 +168,29 @@ def test_a_release_charged_and_receipted_while_the_state_is_read_is_no_rollback(
     assert NodePrivacy(tmp_path).state["contributions"] == 2
 
 
+def test_answers_given_before_the_state_kept_them_still_count(tmp_path: Path) -> None:
+    """A state written before the accountant kept its answers (no ``answers``) holds them in
+    its history as single Gaussian releases (sample rate 1, one step): they count, or an
+    operator who had drained the node with evaluations would get its answer share again."""
+    privacy = NodePrivacy(tmp_path)
+    privacy.state = {
+        "accountant": {
+            "history": [[0.6, 0.5, 40], [10.0, 1.0, 1], [10.0, 1.0, 1], [4.0, 1.0, 1]],
+            "mechanism": "prv",
+        },
+        "contributions": 4,
+        "noise_multiplier": 0.6,
+    }
+    privacy.save()
+    assert NodePrivacy(tmp_path).answers() == ((4.0, 1), (10.0, 2))
+    privacy.charge((10.0, 1.0, 1), DELTA, answer=True)
+    privacy.charge((0.6, 0.5, 40), DELTA)
+    assert NodePrivacy(tmp_path).answers(4.0) == ((4.0, 2), (10.0, 3))
+    fresh = NodePrivacy(tmp_path / "new")  # a node's first state keeps its answers from zero
+    fresh.charge((0.6, 1.0, 1), DELTA)  # one DP-SGD step over all its customers: no answer
+    assert NodePrivacy(tmp_path / "new").answers() == ()
+
+
 @pytest.mark.parametrize(("target", "sample_rate", "steps"), [(8.0, 1.0, 18), (20.0, 0.5, 36)])
 def test_no_noise_below_the_floor_keeps_the_target(target, sample_rate, steps) -> None:
     """The floor's cheap lower bound is a lower bound: at the floor Opacus's PRV spends more
