@@ -11,12 +11,12 @@ Written aside and renamed into place, so a failed split leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 from pathlib import Path
 
 from shared.data.dataset import load_dataset
 from shared.data.partition import SCHEMES, write_partitions
+from shared.runs.config import MAX_DIRICHLET_ALPHA
 
 CATALOG = "catalog"
 
@@ -81,9 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise SystemExit("fedrec: --nodes must be at least 1")
-    if not 0 <= args.dirichlet_alpha < math.inf:  # NaN fails too
+    if not 0 <= args.dirichlet_alpha <= MAX_DIRICHLET_ALPHA:  # NaN fails too
         raise SystemExit(
-            f"fedrec: --dirichlet-alpha must be 0 or a positive number, got {args.dirichlet_alpha}"
+            f"fedrec: --dirichlet-alpha must be 0 or a positive number up to "
+            f"{MAX_DIRICHLET_ALPHA:g}, got {args.dirichlet_alpha}"
         )
     try:
         catalog, nodes = split_dataset(

@@ -25,6 +25,10 @@ MAX_TARGET_EPSILON = 100.0
 # 1e-200 it divided by zero, at 1e155 it overflowed). Below the lower end one release spends
 # over 5 x 10^5 by RDP at any sample rate from 1e-8 (delta 1e-10), far beyond any budget
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-3, 1e6
+# the largest Dirichlet concentration a skewed partition takes: already at 1e6 every node's
+# share is equal to about 1e-3 (as good as no skew), and near 1e308 numpy's Dirichlet overflows
+# to shares of 0 and its sampling fails
+MAX_DIRICHLET_ALPHA = 1e6
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # the devices a run may name
 
 
@@ -142,9 +146,10 @@ class RunConfig:
             raise ValueError(f"delta must be in [0, 1) (0: each node's own), got {self.delta:g}")
         if self.catalog_epochs < 0:
             raise ValueError(f"catalog-epochs must be 0 (off) or more, got {self.catalog_epochs}")
-        if not self.dirichlet_alpha >= 0:  # NaN fails too
+        if not 0 <= self.dirichlet_alpha <= MAX_DIRICHLET_ALPHA:  # NaN fails too
             raise ValueError(
-                f"dirichlet-alpha must be 0 (off) or more, got {self.dirichlet_alpha:g}"
+                f"dirichlet-alpha must be 0 (off) or up to {MAX_DIRICHLET_ALPHA:g}, got "
+                f"{self.dirichlet_alpha:g}"
             )
         if not 0 <= self.cold_items < 1:
             raise ValueError(f"cold-items must be a fraction in [0, 1), got {self.cold_items:g}")

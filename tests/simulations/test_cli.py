@@ -106,12 +106,12 @@ def test_outputs_without_settings_are_refused(tmp_path: Path) -> None:
         main(simulate_args(out))
 
 
-@pytest.mark.parametrize("alpha", ["-1", "nan", "inf"])
+@pytest.mark.parametrize("alpha", ["-1", "nan", "inf", "1e308"])
 def test_data_split_refuses_a_dirichlet_alpha_that_is_no_skew(
     tiny_synth_dataset_dir: Path, tmp_path: Path, alpha: str
 ) -> None:
     """A negative alpha was taken as 0 (no skew) without a word; NaN and infinity crashed in
-    numpy's sampling with a traceback."""
+    numpy's sampling with a traceback, and so did 1e308 (its shares overflowed to 0)."""
     out = tmp_path / "pilot"
     argv = ["data", "split", str(tiny_synth_dataset_dir), "--nodes", "2", "--out", str(out)]
     with pytest.raises(SystemExit, match="--dirichlet-alpha must be 0 or a positive number"):
