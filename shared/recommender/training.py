@@ -440,12 +440,52 @@ def calibrate_noise(
     # below the floor no noise multiplier keeps the target, and PRV is never asked there
     low = noise_floor(target_epsilon, delta, sample_rate, steps)
     high = max(1.0, 2 * low)
-    while spent(high) > target_epsilon:
+    while (at_high := spent(high)) > target_epsilon:
         low, high = high, 2 * high
-    while high - low > 1e-3 * high:  # invariant: ``high`` stays within the target
-        middle = (low + high) / 2
-        if spent(middle) > target_epsilon:
-            low = middle
-        else:
-            high = middle
-    return high
+    return _narrowed(spent, target_epsilon, low, high, at_high)
+
+
+def _narrowed(
+    spent: Callable[[float], float], target: float, low: float, high: float, at_high: float
+) -> float:
+    """``high`` once the bracket is within 0.1% of it; throughout, ``high`` keeps the target
+    (``spent(high) = at_high <= target``) and ``low`` does not. Each cycle takes the root of
+    the line through both ends in log epsilon against log noise (nearly straight: it lands
+    within a fraction of a percent), then steps past it of 0.09%, doubling, until the root
+    lies between (or a bisection, when a step would leave the bracket), then a bisection if
+    the cycle did not halve the bracket (so never much slower than bisection): 7 to 9 PRV
+    evaluations in a calibration where bisection took 12 or 13. ``low`` may be the floor,
+    whose epsilon is never computed: the first step bisects."""
+    gaps = {"low": None, "high": math.log(at_high / target) if at_high > 0 else -math.inf}
+    bounds = {"low": low, "high": high}
+
+    def open_() -> bool:
+        return bounds["high"] - bounds["low"] > 1e-3 * bounds["high"]
+
+    def measure(sigma: float) -> str:
+        epsilon = spent(sigma)
+        end = "low" if epsilon > target else "high"
+        bounds[end] = sigma
+        gaps[end] = math.log(epsilon / target) if epsilon > 0 else -math.inf
+        return end
+
+    while open_():
+        low, high, gap_low, gap_high = bounds["low"], bounds["high"], gaps["low"], gaps["high"]
+        width = high - low
+        if gap_low is None or not (math.isfinite(gap_low) and math.isfinite(gap_high)):
+            measure((low + high) / 2)
+            continue
+        log_root = (math.log(low) * gap_high - math.log(high) * gap_low) / (gap_high - gap_low)
+        guess = min(max(math.exp(log_root), low + 1e-4 * high), high - 1e-4 * high)
+        moved, step = measure(guess), 9e-4 * bounds["high"]
+        while open_():  # steps past the estimate, doubling, until the root is between
+            past = guess - step if moved == "high" else guess + step
+            if not bounds["low"] < past < bounds["high"]:
+                measure((bounds["low"] + bounds["high"]) / 2)
+                break
+            if measure(past) != moved:
+                break
+            guess, step = past, 2 * step
+        if open_() and bounds["high"] - bounds["low"] > width / 2:
+            measure((bounds["low"] + bounds["high"]) / 2)
+    return bounds["high"]
