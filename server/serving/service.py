@@ -48,8 +48,8 @@ from server.serving.schemas import (
 from server.serving.search import Catalog, Encode, Hit, SearchEngine, UnknownItems, load_engine
 from shared import __version__
 from shared.data.dataset import DataError
-from shared.data.synth import positive
 from shared.recommender.text import cache_dir
+from shared.runs.config import positive
 
 PAGE = Path(__file__).with_name("web.html")
 ACCESS_LOG = logging.getLogger("fedrec.access")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from shared.data.convert import write_dataset
+from shared.runs.config import positive
 from shared.runs.progress import progress_bar
 
 
@@ -430,18 +430,6 @@ def region_names(count: int) -> np.ndarray:
     return np.array(
         [REGION_NAMES[r] if r < len(REGION_NAMES) else f"region-{r + 1}" for r in range(count)]
     )
-
-
-def positive(kind: type) -> Callable[[str], int | float]:
-    """An argparse type: ``kind`` of the text, refused unless above 0."""
-
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

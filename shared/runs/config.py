@@ -7,8 +7,10 @@ a test checks that pyproject.toml carries exactly these defaults.
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -30,6 +32,18 @@ MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-3, 1e6
 # to shares of 0 and its sampling fails
 MAX_DIRICHLET_ALPHA = 1e6
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # the devices a run may name
+
+
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: ``kind`` of the text, refused unless above 0."""
+
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
 
 
 @dataclass
