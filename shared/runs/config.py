@@ -35,11 +35,12 @@ DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # the devices a run may name
 
 
 def positive(kind: type) -> Callable[[str], int | float]:
-    """An argparse type: ``kind`` of the text, refused unless above 0."""
+    """An argparse type: ``kind`` of the text, refused unless a finite number above 0 (NaN
+    passed a ``<= 0`` test)."""
 
     def parse(text: str) -> int | float:
         value = kind(text)
-        if value <= 0:
+        if not 0 < value < math.inf:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
 

@@ -7,6 +7,7 @@ expected rankings follow from the product texts alone.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -48,6 +49,7 @@ from shared.recommender.artifacts import save_model
 from shared.recommender.catalog import TextToId, full_table
 from shared.recommender.model import FusionRecommender, ModelConfig
 from shared.recommender.text import item_texts
+from shared.runs.config import positive
 from simulations.cli import build_parser
 
 TEXT_DIM = 64
@@ -467,6 +469,14 @@ def test_serve_refuses_a_count_below_one(option: str, capsys):
     with pytest.raises(SystemExit):
         build_parser(argv).parse_args(argv)
     assert f"argument {option}: must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan", "inf"])
+def test_a_positive_setting_refuses_what_is_no_finite_number_above_0(value: str) -> None:
+    """``fedrec data synth --events-per-user nan`` passed the old ``<= 0`` test."""
+    with pytest.raises(argparse.ArgumentTypeError, match="must be positive"):
+        positive(float)(value)
+    assert positive(float)("2.5") == 2.5 and positive(int)("3") == 3
 
 
 def test_serve_prints_where_the_token_is_never_the_token(
