@@ -96,10 +96,12 @@ def command_module(path: tuple[str, ...]) -> ModuleType:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default, unless the help already states it or the
-    option has none to show (a flag that is off, an option whose default is a run setting)."""
+    option has none to show (a flag that is off, an option whose default is a run setting).
+    A default of 0 is shown: it is a value (``0 in (False,)`` holds, so no ``in`` test)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "default" in (action.help or "") or action.default in (None, False, []):
+        nothing = action.default is None or action.default is False or action.default == []
+        if "default" in (action.help or "") or nothing:
             return action.help
         return super()._get_help_string(action)
 

@@ -15,7 +15,7 @@ from simulations.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 # commands whose every option with a default must show it in --help
-COMMANDS = (["train"], ["simulate"], ["serve"], ["data", "convert"])
+COMMANDS = (["train"], ["simulate"], ["serve"], ["data", "convert"], ["data", "split"])
 # run settings whose empty default means "derived": the help says from what
 DERIVED = {"delta": "1/(10 x customers", "data": "the embedded synthetic marketplace"}
 
