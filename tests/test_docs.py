@@ -114,3 +114,16 @@ def test_docs_and_help_stand_on_their_own() -> None:
         for action in parser_of(command)._actions:
             assert "CONTRACT" not in (action.help or ""), action.option_strings
     assert "docs/data-and-evaluation.md" in texts[ROOT / "README.md"]
+
+
+PACKAGES = ("server", "client", "shared", "simulations")
+
+
+def test_architecture_names_every_module() -> None:
+    """docs/architecture.md's map of the house names every module of the four folders."""
+    house = re.search(r"```\n(.*?)```", (ROOT / "docs" / "architecture.md").read_text(), re.S)
+    assert house, "docs/architecture.md has no map of the house"
+    words = set(re.findall(r"\w+", house[1]))
+    modules = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
+    unnamed = [str(p.relative_to(ROOT)) for p in modules if p.stem not in words | {"__init__"}]
+    assert not unnamed
