@@ -4,7 +4,9 @@ is the one the code uses, and the docs stand on their own."""
 from __future__ import annotations
 
 import argparse
+import ast
 import re
+import shlex
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from shared.runs.config import RunConfig, _coerce
 from simulations.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PACKAGES = ("server", "client", "shared", "simulations")  # the house: docs/architecture.md
 # commands whose every option with a default must show it in --help
 COMMANDS = (["train"], ["simulate"], ["serve"], ["data", "convert"], ["data", "split"])
 # run settings whose empty default means "derived": the help says from what
@@ -106,7 +110,7 @@ def test_readme_quick_start_states_the_default_federation() -> None:
 
 def test_docs_and_help_stand_on_their_own() -> None:
     """No reference to documents outside the repository; every linked doc exists."""
-    texts = {p: p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+    texts = {p: p.read_text() for p in DOCS}
     for path, text in texts.items():
         for target in re.findall(r"\]\(([^)#:]+\.md)\)", text):
             assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
@@ -116,7 +120,36 @@ def test_docs_and_help_stand_on_their_own() -> None:
     assert "docs/data-and-evaluation.md" in texts[ROOT / "README.md"]
 
 
-PACKAGES = ("server", "client", "shared", "simulations")
+# a path in the repository, optionally with the function or class it names: shared/x.py:name
+REFERENCE = re.compile(
+    r"(?<![\w/.])((?:server|client|shared|simulations|tests)/[\w/.-]*\w)(?::(\w+))?"
+)
+
+
+def defined_names(path: Path) -> set[str]:
+    """The functions, classes and module-level names ``path`` defines."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def test_docs_name_only_files_and_functions_that_exist() -> None:
+    """Every ``server/...``, ``client/...`` path the docs name exists, and every
+    ``file.py:name`` is defined in that file (a moved or renamed function is caught)."""
+    missing = []
+    for doc in DOCS:
+        for target, name in REFERENCE.findall(doc.read_text()):
+            path = ROOT / target
+            if not path.exists():
+                missing.append(f"{doc.name}: {target}")
+            elif name and path.suffix == ".py" and name not in defined_names(path):
+                missing.append(f"{doc.name}: {target}:{name}")
+    assert not missing
 
 
 def test_architecture_names_every_module() -> None:
@@ -127,3 +160,33 @@ def test_architecture_names_every_module() -> None:
     modules = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
     unnamed = [str(p.relative_to(ROOT)) for p in modules if p.stem not in words | {"__init__"}]
     assert not unnamed
+
+
+def documented_commands() -> list[str]:
+    """Every ``fedrec`` command line of the docs' ```bash blocks, continuation lines joined and
+    usage brackets (``[--out OUT]``, ``...``) dropped."""
+    commands = []
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                for part in line.split("&&"):
+                    part = re.sub(r"[\[\]]|\.\.\.|…", " ", part).strip()
+                    if part.startswith("fedrec "):
+                        commands.append(part)
+    return commands
+
+
+def test_documented_commands_parse() -> None:
+    """Every command the docs show is accepted by today's command line, its ``--set`` keys
+    being run settings."""
+    commands = documented_commands()
+    assert len(commands) > 10 and any(c.startswith("fedrec audit") for c in commands)
+    settings = {kebab(f.name) for f in fields(RunConfig)} | {"k", "key"}  # k=v: a placeholder
+    for command in commands:
+        argv = shlex.split(command, comments=True)[1:]
+        try:
+            args = build_parser(argv).parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"does not parse: {command}")
+        for item in getattr(args, "overrides", None) or []:
+            assert item.partition("=")[0] in settings, f"{command}: no setting {item}"
