@@ -1,6 +1,6 @@
 """``fedrec data validate``: load a dataset directory, check it, and summarise it.
 
-Bad input raises :class:`shared.data.dataset.DataError` (the CLI turns it into exit 2); recoverable
+Bad input raises :class:`shared.data.errors.DataError` (the CLI turns it into exit 2); recoverable
 issues (exact duplicate rows, untouched items, items without text) are reported, not dropped.
 """
 

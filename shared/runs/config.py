@@ -107,7 +107,7 @@ class RunConfig:
     # node-level DP (one sample = one node's whole update) and secure aggregation, docs/privacy.md
     node_dp: bool = False
     node_clip_norm: float = 1.0  # L2 bound on each node's update (delta from the global model)
-    node_target_epsilon: float = 8.0  # node-level budget; the noise is calibrated for `rounds`
+    node_target_epsilon: float = 8.0  # node-level budget; the noise is calibrated for dp-rounds
     node_delta: float = 1e-5
     secagg: bool = False  # Flower SecAgg+: the server sees only the sum (needs node_dp)
     # federation
