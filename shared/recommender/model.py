@@ -332,10 +332,8 @@ def pad_histories(histories: list[np.ndarray], max_len: int) -> torch.Tensor:
     return out
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def init_seed(seed: int) -> None:
+    """Seed torch's and numpy's global generators with the run's ``seed`` (DP noise never
+    draws from them: :class:`shared.recommender.secure_random.SecureRandom`)."""
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
