@@ -108,6 +108,8 @@ def catalog_text(items: pd.DataFrame, digest: str, text_model: str) -> torch.Ten
 def build_model(
     node: NodeData, config: RunConfig, state: dict[str, torch.Tensor]
 ) -> FusionRecommender:
+    """The run's model over the node's catalog, holding the weights ``state``, on the run's
+    device."""
     model_config = config.model_config(len(node.text), node.text.shape[1])
     model = FusionRecommender.from_state(model_config, node.text, state)
     return model.to(resolve_device(config.device))

@@ -52,6 +52,8 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_config_from_args(args: argparse.Namespace, **explicit) -> RunConfig:
+    """The run's settings: defaults, then the ``--set`` overrides, then the ``explicit``
+    options given (None: not given) and ``--device``; a bad one exits saying why."""
     values = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")

@@ -44,6 +44,8 @@ def embedded_dataset(out: Path) -> Path:
 
 
 def main_with(grid: Grid, config: RunConfig, show_progress: bool = False) -> None:
+    """Run the federation of ``config`` on ``grid`` (the ServerApp's body, also what
+    ``fedrec simulate`` calls)."""
     # one BLAS thread: in Flower's simulation process (Ray running, the app in a thread of its
     # own) OpenBLAS's thread pool was seen spinning for minutes on small numpy matmuls
     with threadpool_limits(1, "blas"):

@@ -44,6 +44,7 @@ def is_round(x: Any) -> bool:
 
 
 def node_order(node: str) -> tuple:
+    """Sort key of node names: numbered nodes first, by number, then the others by name."""
     return (not node.isdigit(), int(node) if node.isdigit() else 0, node)
 
 

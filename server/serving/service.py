@@ -132,6 +132,8 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
 
 
 def results(catalog: Catalog, hits: list[Hit], started: float) -> Results:
+    """The response for ``hits``: each product's fields, score, reason and the history
+    product behind it, and the time since ``started``."""
     out = []
     for hit in hits:
         product = catalog.product(hit.row)

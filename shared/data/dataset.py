@@ -182,6 +182,8 @@ def parse_timestamps(values: pd.Series, path: Path) -> np.ndarray:
 
 
 def load_items(path: Path) -> pd.DataFrame:
+    """The catalog table at ``path``: ids as text, each once (else DataError), every text
+    field present (empty where missing)."""
     items = read_table(path)
     _require_columns(items, path, ITEM_COLUMNS)
     _require_values(items, path, "item_id")

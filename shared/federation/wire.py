@@ -154,4 +154,5 @@ def weights_problem(state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def nbytes(arrays: dict[str, np.ndarray]) -> int:
+    """The bytes ``arrays`` hold (what they weigh on the wire, headers aside)."""
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))

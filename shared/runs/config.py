@@ -192,6 +192,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be a finite number, got {value:g}")
 
     def model_config(self, num_items: int, text_dim: int) -> ModelConfig:
+        """The architecture of this run's model: under ``dp`` its width, history length and
+        ID scale are ``dp-dim``, ``dp-max-len`` and ``dp-id-scale``."""
         names = {f.name for f in fields(ModelConfig)}
         values = {k: v for k, v in asdict(self).items() if k in names}
         if self.dp:
