@@ -33,7 +33,9 @@ from simulations.verdict import print_verdict, run_context
 
 
 def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--set key=value`` overrides for any RunConfig setting (shared by train and simulate)."""
+    """``--set key=value`` overrides for any RunConfig setting, ``--device`` and ``--quiet``
+    (shared by every command that runs the model: train, simulate, deploy local, the benches
+    quality, privacy, dp-cost, robust and scale)."""
     parser.add_argument(
         "--set",
         dest="overrides",
