@@ -139,10 +139,12 @@ def defined_names(path: Path) -> set[str]:
 
 
 def test_docs_name_only_files_and_functions_that_exist() -> None:
-    """Every ``server/...``, ``client/...`` path the docs name exists, and every
-    ``file.py:name`` is defined in that file (a moved or renamed function is caught)."""
+    """Every ``server/...``, ``client/...`` path the docs (and the code's own docstrings and
+    comments) name exists, and every ``file.py:name`` is defined in that file (a moved or
+    renamed function is caught)."""
+    sources = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))]
     missing = []
-    for doc in DOCS:
+    for doc in DOCS + sources:
         for target, name in REFERENCE.findall(doc.read_text()):
             path = ROOT / target
             if not path.exists():
