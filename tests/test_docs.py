@@ -138,10 +138,33 @@ def defined_names(path: Path) -> set[str]:
     return names
 
 
+# a module, optionally with what it defines: ``shared.data.errors.DataError``
+DOTTED = re.compile(r"`((?:server|client|shared|simulations)(?:\.\w+)+)`")
+
+
+def dotted_problem(reference: str) -> str | None:
+    """Why ``a.b.c.Name`` names nothing (None: it names a module, or what one defines, or is
+    no module path at all, as ``server.pem``)."""
+    parts = reference.split(".")
+    top = ROOT / parts[0] / parts[1]
+    if not (top.is_dir() or top.with_suffix(".py").exists()):
+        return None
+    for end in range(len(parts), 0, -1):
+        module = ROOT.joinpath(*parts[:end])
+        if module.is_dir() and end == len(parts):
+            return None
+        if module.with_suffix(".py").exists():
+            rest = parts[end:]
+            if rest and rest[0] not in defined_names(module.with_suffix(".py")):
+                return f"{reference}: {'.'.join(parts[:end])} defines no {rest[0]}"
+            return None
+    return f"{reference}: no such module"
+
+
 def test_docs_name_only_files_and_functions_that_exist() -> None:
     """Every ``server/...``, ``client/...`` path the docs (and the code's own docstrings and
-    comments) name exists, and every ``file.py:name`` is defined in that file (a moved or
-    renamed function is caught)."""
+    comments) name exists, and every ``file.py:name`` or ``package.module.name`` is defined
+    there (a moved or renamed function is caught)."""
     sources = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))]
     missing = []
     for doc in DOCS + sources:
@@ -151,6 +174,9 @@ def test_docs_name_only_files_and_functions_that_exist() -> None:
                 missing.append(f"{doc.name}: {target}")
             elif name and path.suffix == ".py" and name not in defined_names(path):
                 missing.append(f"{doc.name}: {target}:{name}")
+        for reference in DOTTED.findall(doc.read_text()):
+            if problem := dotted_problem(reference):
+                missing.append(f"{doc.name}: {problem}")
     assert not missing
 
 
