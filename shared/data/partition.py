@@ -2,10 +2,11 @@
 
 - ``regional``: customers are split across nodes by the region their events name (the data's
   ``region`` column; ``regions=off`` ignores it), else IID, or (``alpha`` > 0) skewed by a
-  Dirichlet over each customer's dominant top-level category; a node holds its customers'
-  whole histories.
+  Dirichlet over each customer's dominant category (its path's first two levels: Amazon's
+  first is the store itself); a node holds its customers' whole histories.
 - ``merchant``: products belong to merchants (an item's ``merchant_id``, else the one its events
-  name, else its top-level category); node k holds every event on merchant k's products.
+  name, else its category path's first levels); node k holds every event on merchant k's
+  products.
 
 Every node directory is a complete dataset directory (docs/data-and-evaluation.md) with the full,
 public catalog
@@ -35,8 +36,8 @@ def item_merchants(
     items: pd.DataFrame, num_nodes: int, interactions: pd.DataFrame | None = None
 ) -> np.ndarray:
     """Node index of each item, by its merchant: the item's ``merchant_id``, else the one its
-    events name most often (``interactions``), else (no merchant known) its top-level
-    category, at the shallowest level that makes at least one group per node."""
+    events name most often (``interactions``), else (no merchant known) its category path's
+    first two levels (deeper, up to five, until there is a group per node)."""
     merchant = _column(items, "merchant_id")
     if interactions is not None and "merchant_id" in interactions:
         named = interactions.assign(merchant_id=_column(interactions, "merchant_id"))
@@ -122,7 +123,7 @@ def region_nodes(regions: pd.Series, num_nodes: int, rng: np.random.Generator) -
 def user_nodes(
     dataset: Dataset, num_nodes: int, alpha: float, seed: int, by_region: bool = True
 ) -> dict[str, int]:
-    """Node of each customer: Dirichlet(``alpha``)-skewed by dominant top-level category when
+    """Node of each customer: Dirichlet(``alpha``)-skewed by dominant category (two levels) when
     ``alpha`` > 0, else by region when the data name one (``by_region``: :func:`region_nodes`),
     else IID."""
     rng = np.random.default_rng(seed)

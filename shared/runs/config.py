@@ -121,7 +121,7 @@ class RunConfig:
     max_local_epochs: int = 3  # ... but at most this many (local-epochs, if larger, rules)
     local_batch_size: int = 32  # smaller steps at the nodes: more progress per round
     partition: str = "regional"
-    dirichlet_alpha: float = 0.0  # 0 = IID customers; >0 skews regions by dominant category
+    dirichlet_alpha: float = 0.0  # 0: by region (regions), else IID; >0: skewed by category
     regions: str = "auto"  # regional: auto = by the data's region column when it has one; off
     strategy: str = "fedavg"
     server_lr: float = 1.0
