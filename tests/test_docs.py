@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from shared.runs.config import RunConfig, _coerce
+from simulations.cli import COMMANDS as COMMAND_PATHS
 from simulations.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,3 +219,18 @@ def test_documented_commands_parse() -> None:
             pytest.fail(f"does not parse: {command}")
         for item in getattr(args, "overrides", None) or []:
             assert item.partition("=")[0] in settings, f"{command}: no setting {item}"
+
+
+def test_readme_lists_every_command() -> None:
+    """The README's table of commands has a row for every command of the CLI."""
+    rows = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `fedrec ")
+    ]
+    for path, _ in COMMAND_PATHS:
+        prefix = f"| `fedrec {path[0]}"
+        assert any(
+            row.startswith(prefix) and re.search(rf"\b{path[-1]}\b", row.split("` |")[0])
+            for row in rows
+        ), f"README.md's table has no row for fedrec {' '.join(path)}"
