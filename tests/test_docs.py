@@ -234,3 +234,37 @@ def test_readme_lists_every_command() -> None:
             row.startswith(prefix) and re.search(rf"\b{path[-1]}\b", row.split("` |")[0])
             for row in rows
         ), f"README.md's table has no row for fedrec {' '.join(path)}"
+
+
+def documented_meanings() -> dict[str, str]:
+    """setting -> what docs/configuration.md's table says it does."""
+    meanings = {}
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            for name in re.findall(r"`([a-z0-9-]+)`", cells[0]):
+                meanings[name] = "|".join(cells[2:])
+    return meanings
+
+
+def test_configuration_doc_lists_every_allowed_value() -> None:
+    """Each setting that takes one of a few names lists every name the code accepts."""
+    from server.federation.settings import WIRE_DTYPES
+    from server.federation.strategy import STRATEGIES
+    from shared.data.partition import SCHEMES
+    from shared.recommender.model import FUSIONS, VARIANTS
+    from shared.recommender.training import DP_TRAINABLE
+    from simulations.attacks import ATTACKS
+
+    meanings = documented_meanings()
+    for setting, allowed in {
+        "fusion": FUSIONS,
+        "variant": VARIANTS,
+        "dp-train": tuple(DP_TRAINABLE),
+        "strategy": tuple(STRATEGIES),
+        "partition": SCHEMES,
+        "wire-dtype": WIRE_DTYPES,
+        "attack": ATTACKS,
+    }.items():
+        named = set(re.findall(r"`([a-z0-9-]+)`", meanings[setting]))
+        assert set(allowed) <= named, f"{setting}: {set(allowed) - named} undocumented"
