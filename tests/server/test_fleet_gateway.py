@@ -234,6 +234,33 @@ def test_the_body_is_bounded_in_size_and_time_and_forwarded_whole(tmp_path: Path
     assert (gateway.forwarded, gateway.refused) == (1, 2)
 
 
+def test_the_bodies_held_at_once_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """A body is held whole until the SuperLink answers: a thousand connections, each sending
+    a body just under --max-body-mb and stalling, held 64 GB (an outsider needs no key for
+    that). Past --max-buffered-mb a request is answered 503 (a SuperNode retries it), and a
+    body let go, answered or refused, is counted off."""
+    ca = write_tls(tmp_path).ca
+    gateway = FleetGateway("https://link", ca, max_body=1000, body_timeout=2.0, max_buffered=1500)
+    upstream = FakeSuperLink()
+    gateway.client = httpx.AsyncClient(base_url="https://link", transport=upstream)
+
+    async def one_stalling_one_not() -> list[tuple[int, bytes] | None]:
+        async def later() -> tuple[int, bytes] | None:
+            await asyncio.sleep(0.45)  # the first holds its 900 bytes from 0.3 s to 0.9 s
+            return await push_object(gateway, [b"b" * 700])
+
+        return await asyncio.gather(push_object(gateway, [b"a" * 900, b"a"], 0.3), later())
+
+    first, second = asyncio.run(one_stalling_one_not())
+    assert first == (200, b"a" * 901) and second is not None and second[0] == 503
+    assert gateway.buffered == 0
+    assert call(gateway, [b"b" * 700]) == (200, b"b" * 700)  # room again
+    assert call(gateway, [b"c" * 1001])[0] == 413 and gateway.buffered == 0
+    assert call(gateway, [b"d" * 600], disconnect=True) is None and gateway.buffered == 0
+    assert call(gateway, [b"e"] * 3, delay=0.8)[0] == 408  # 2.4 s: past the body timeout
+    assert gateway.buffered == 0
+
+
 @pytest.mark.e2e
 def test_a_node_that_trusts_only_signed_apps_refuses_a_locally_built_one(
     link: LocalFederation, tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
