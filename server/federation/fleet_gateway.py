@@ -315,6 +315,8 @@ def run(args: argparse.Namespace) -> int:
             "fedrec: --max-body-mb, --max-buffered-mb, --body-timeout and --max-connections "
             "must be > 0"
         )
+    if args.max_buffered_mb < args.max_body_mb:  # a body of the largest size could never pass
+        raise SystemExit("fedrec: --max-buffered-mb must be at least --max-body-mb")
     gateway = FleetGateway(
         f"https://{link_host}:{link_port}",
         args.ca,

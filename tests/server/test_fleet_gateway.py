@@ -7,6 +7,7 @@ gateway complete a run (``fedrec deploy local``, 2 nodes, 1 round)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import socket
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from helpers import TEST_DEVICE, TINY_SETTINGS
 
 from server.federation.credentials import write_node_key, write_tls
-from server.federation.fleet_gateway import FleetGateway
+from server.federation.fleet_gateway import FleetGateway, add_arguments, run
 from shared.runs.config import RunConfig
 from simulations.local_federation import HOST, LocalFederation, binary
 
@@ -259,6 +260,24 @@ def test_the_bodies_held_at_once_are_bounded_in_bytes(tmp_path: Path) -> None:
     assert call(gateway, [b"d" * 600], disconnect=True) is None and gateway.buffered == 0
     assert call(gateway, [b"e"] * 3, delay=0.8)[0] == 408  # 2.4 s: past the body timeout
     assert gateway.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("limits", "words"),
+    [
+        (["--max-buffered-mb", "0"], "must be > 0"),
+        (["--max-buffered-mb", "8", "--max-body-mb", "64"], "at least --max-body-mb"),
+    ],
+)
+def test_gateway_limits_that_no_body_could_pass_are_refused(
+    tmp_path: Path, limits: list[str], words: str
+) -> None:
+    tls = write_tls(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    files = ["--ca", str(tls.ca), "--certfile", str(tls.certificate), "--keyfile", str(tls.key)]
+    with pytest.raises(SystemExit, match=words):
+        run(parser.parse_args([*files, *limits]))
 
 
 @pytest.mark.e2e
