@@ -139,6 +139,7 @@ class SecureAggregation:
         self.context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: server_round, Key.START_TIME: time.time()}
         )
+        self.sampler.sampled = []  # this round's once the workflow samples (none asked before)
         try:
             self.workflow(self.grid, self.context)
             total = self._sum(state)
