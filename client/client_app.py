@@ -155,10 +155,12 @@ class NodeRequest:
 
     def tensors(self, record: ArrayRecord, name: str) -> dict[str, torch.Tensor]:
         """The arrays of ``record`` (the server's ``name``) as tensors; arrays that cannot be
-        read as tensors are refused (:class:`RequestRefused`)."""
+        read as tensors are refused (:class:`RequestRefused`): among them an array of no bytes
+        (numpy's EOFError) and one whose header declares more values than memory holds
+        (MemoryError, before a byte is read: 10**12 values asked for 3.6 TiB)."""
         try:
             return record.to_torch_state_dict()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, EOFError, MemoryError):
             raise RequestRefused(self.name, f"the server's {name} are not tensors") from None
 
     def received(self, msg: Message, name: str = "arrays") -> dict[str, torch.Tensor]:

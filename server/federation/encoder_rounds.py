@@ -11,6 +11,8 @@ it too. The layers are written to ``OUT/text-encoder.safetensors`` after every e
 marked complete after the last: a run resumed after the last does not tune again, and one
 resumed after round r goes on from round r + 1 with round r's layers (asking round 1 again
 would ask the nodes for a round they already charged, which they refuse: client/accountant.py).
+The file pins the ledger's last entry like the checkpoint: a run is not resumed from it when
+the ledger no longer holds that entry (server/federation/rounds.py:require_ledger).
 Under ``dp`` each node's layers are already private (DP-SGD with a per-customer objective,
 client/encoder.py) and recorded in the ledger as it replies, like its training releases;
 averaging them is post-processing. Not under node-level DP (``check_settings`` refuses the
@@ -19,6 +21,7 @@ combination).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -30,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from server.federation.aggregation import aggregate, clip_updates
+from server.privacy.ledger import ledger_head
 from shared.recommender.finetune import top_layers
 from shared.recommender.text import TextEncoder, resolve_model_path
 from shared.runs.durable import atomic_write
@@ -52,8 +56,7 @@ def tune_encoder(
     config = federation.config
     history: list[dict] = []
     if path.exists():
-        with safe_open(str(path), framework="pt") as saved:
-            metadata = saved.metadata()
+        metadata = _metadata(path)
         history = json.loads(metadata["history"])
         weights = load_file(str(path))
         if metadata.get("complete", "true") == "true":
@@ -103,15 +106,44 @@ def tune_encoder(
             print(line, flush=True)
         else:
             log.info(line)
-        _save(path, weights, history, complete=False)
-    _save(path, weights, history, complete=True)
+        _save(path, weights, history, ledger_head(federation.ledger.entries), complete=False)
+    _save(path, weights, history, ledger_head(federation.ledger.entries), complete=True)
     return weights, history
 
 
+def encoder_pin(out: Path) -> tuple[int, object] | None:
+    """The encoder rounds ``OUT/text-encoder.safetensors`` holds and the ledger entry it
+    pinned (:func:`~server.privacy.ledger.ledger_head`; None from a file without one, what
+    is not JSON as its text); None when there is no such file."""
+    path = Path(out) / ENCODER_FILE
+    if not path.exists():
+        return None
+    metadata = _metadata(path)
+    pin = metadata.get("ledger")
+    with contextlib.suppress(ValueError):
+        pin = None if pin is None else json.loads(pin)
+    return len(json.loads(metadata["history"])), pin
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The saved file's metadata (its rounds, whether complete, the ledger pin)."""
+    with safe_open(str(path), framework="pt") as saved:
+        return saved.metadata()
+
+
 def _save(
-    path: Path, weights: dict[str, torch.Tensor], history: list[dict], complete: bool
+    path: Path,
+    weights: dict[str, torch.Tensor],
+    history: list[dict],
+    ledger: dict,
+    complete: bool,
 ) -> None:
-    """Write the layers and the rounds so far, atomically and durably (the old file or the
-    new, also after a power cut: a resumed run reads it back)."""
-    metadata = {"history": json.dumps(history), "complete": "true" if complete else "false"}
+    """Write the layers, the rounds so far and the ledger's last entry (``ledger``, written
+    before them), atomically and durably (the old file or the new, also after a power cut: a
+    resumed run reads it back)."""
+    metadata = {
+        "history": json.dumps(history),
+        "complete": "true" if complete else "false",
+        "ledger": json.dumps(ledger),
+    }
     atomic_write(path, save(weights, metadata=metadata))

@@ -7,8 +7,11 @@ the address the merchants dial: it terminates TLS with the SuperLink's certifica
 the calls a SuperNode makes (``POST /v1/fleet/<call>``, those of
 ``flwr/supernode/fleet_http_client.py``) to the SuperLink over TLS verified with the
 federation's CA, and answers anything else 403 without forwarding it. Request bodies are
-bounded (``--max-body-mb``) and must arrive within ``--body-timeout``; responses (a FAB, model
-weights) are streamed back as they come.
+bounded (``--max-body-mb``) and must arrive within ``--body-timeout``; so are the bytes of all
+the bodies held at once (``--max-buffered-mb``: beyond it a request is answered 503, which a
+SuperNode retries), since a body is held whole until the SuperLink has answered it: without
+that bound a thousand connections, each sending a body just under the limit and stalling,
+held 64 GB. Responses (a FAB, model weights) are streamed back as they come.
 
 The calls that store a node's reply (``push-messages``, ``push-object``) reach the SuperLink one
 at a time, and one the SuperLink answers 500 is sent again (``WRITE_RETRIES``). flwr 1.42's
@@ -57,6 +60,9 @@ FLEET_CALLS = frozenset(
 )
 # Flower sends model weights in chunks of 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
 MAX_BODY_MB = 64
+# the bytes of every request body held at once (the most bodies of MAX_BODY_MB: 16; of Flower's
+# chunks: 200)
+MAX_BUFFERED_MB = 1024
 # headers of one connection, not of the message (RFC 9110 section 7.6.1)
 HOP_BY_HOP = frozenset(
     {
@@ -79,6 +85,10 @@ WRITE_RETRIES = (1.0, 3.0, 9.0)
 log = logging.getLogger("fedrec.gateway")
 
 
+class GatewayBusy(Exception):
+    """The request bodies held at once would pass the gateway's ``max_buffered``."""
+
+
 class FleetGateway:
     """An ASGI application forwarding the Fleet API to ``superlink`` (``https://host:port``,
     its certificate verified with ``ca``) and refusing everything else."""
@@ -91,8 +101,10 @@ class FleetGateway:
         body_timeout: float = 60.0,
         timeout: float = 120.0,
         write_retries: tuple[float, ...] = WRITE_RETRIES,
+        max_buffered: int = MAX_BUFFERED_MB << 20,
     ):
-        self.max_body = max_body
+        self.max_body, self.max_buffered = max_body, max_buffered
+        self.buffered = 0  # the bytes of the request bodies held now
         self.write_retries = write_retries
         self.body_timeout = body_timeout
         self.forwarded = self.refused = self.retried = 0  # logged at shutdown
@@ -147,27 +159,43 @@ class FleetGateway:
         except OverflowError:
             await self._refuse(send, 413, f"request body over {self.max_body} bytes")
             return
+        except GatewayBusy:
+            await self._refuse(send, 503, "the gateway holds too many request bodies; retry")
+            return
         except EOFError:  # the client left mid-body: nothing to forward, no one to answer
             return
-        await self._forward(path.decode(), headers, body, send, write=path in WRITES)
+        try:
+            await self._forward(path.decode(), headers, body, send, write=path in WRITES)
+        finally:
+            self.buffered -= len(body)
 
     async def _refuse(self, send: Send, status: int, text: str) -> None:
         self.refused += 1
         await _answer(send, status, text)
 
     async def _body(self, receive: Receive) -> bytes:
-        """The request body; OverflowError when it is larger than allowed, EOFError when the
-        client disconnects first."""
+        """The request body, counted in :attr:`buffered` (the caller takes it off once the body
+        is let go); OverflowError when it is larger than allowed, :class:`GatewayBusy` when the
+        bodies held at once would pass ``max_buffered``, EOFError when the client disconnects
+        first (each counted off)."""
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise EOFError
-            body += message.get("body", b"")
-            if len(body) > self.max_body:
-                raise OverflowError
-            if not message.get("more_body", False):
-                return bytes(body)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise EOFError
+                chunk = message.get("body", b"")
+                body += chunk
+                self.buffered += len(chunk)
+                if len(body) > self.max_body:
+                    raise OverflowError
+                if self.buffered > self.max_buffered:
+                    raise GatewayBusy
+                if not message.get("more_body", False):
+                    return bytes(body)
+        except BaseException:  # a refusal, a disconnection, the body timeout's cancellation
+            self.buffered -= len(body)
+            raise
 
     async def _forward(
         self,
@@ -251,6 +279,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-body-mb", type=int, default=MAX_BODY_MB, help="largest request body, in MiB"
     )
     parser.add_argument(
+        "--max-buffered-mb",
+        type=int,
+        default=MAX_BUFFERED_MB,
+        help="the most MiB of request bodies held at once (then 503)",
+    )
+    parser.add_argument(
         "--body-timeout",
         type=float,
         default=60.0,
@@ -275,13 +309,20 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.ca, args.certfile, args.keyfile):
         if not path.is_file():
             raise SystemExit(f"fedrec: {path}: no such file")
-    if args.max_body_mb < 1 or args.body_timeout <= 0 or args.max_connections < 1:
-        raise SystemExit("fedrec: --max-body-mb, --body-timeout and --max-connections must be > 0")
+    limits = (args.max_body_mb, args.max_buffered_mb, args.body_timeout, args.max_connections)
+    if min(limits) <= 0:
+        raise SystemExit(
+            "fedrec: --max-body-mb, --max-buffered-mb, --body-timeout and --max-connections "
+            "must be > 0"
+        )
+    if args.max_buffered_mb < args.max_body_mb:  # a body of the largest size could never pass
+        raise SystemExit("fedrec: --max-buffered-mb must be at least --max-body-mb")
     gateway = FleetGateway(
         f"https://{link_host}:{link_port}",
         args.ca,
         max_body=args.max_body_mb << 20,
         body_timeout=args.body_timeout,
+        max_buffered=args.max_buffered_mb << 20,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded call

@@ -30,7 +30,12 @@ from server.federation.budget import (
     node_customers,
 )
 from server.federation.denoising import AUTO_BELOW_EPSILON, injected_bias_variance
-from server.federation.encoder_rounds import ENCODER_ROUND, tune_encoder
+from server.federation.encoder_rounds import (
+    ENCODER_FILE,
+    ENCODER_ROUND,
+    encoder_pin,
+    tune_encoder,
+)
 from server.federation.guard import guard_start
 from server.federation.progress import plot_rounds, report_round
 from server.federation.registry import Registry
@@ -315,18 +320,23 @@ def run_federation(
 
 
 def require_ledger(out: Path) -> None:
-    """Refuse (SystemExit) to resume the checkpoint in ``out`` when the ledger no longer holds
-    the last entry written before it (removed, cut or replaced since): the rounds before it
-    would be resumed with their spending gone from the ledger, and node-level DP would spend
-    it again."""
+    """Refuse (SystemExit) to resume the checkpoint or the encoder rounds' file in ``out``
+    when the ledger no longer holds the last entry written before it (removed, cut or
+    replaced since): the rounds before it would be resumed with their spending gone from the
+    ledger, and node-level DP would spend it again."""
     out = Path(out)
-    progress = Checkpoint(out / "checkpoint.safetensors").progress()
-    if progress is not None and (problem := unpinned(out / "ledger.jsonl", progress.get("ledger"))):
-        raise SystemExit(
-            f"fedrec: {out} holds a checkpoint after round {progress['round']} but not its "
-            f"privacy ledger ({problem}): resuming would under-report what was spent; restore "
-            "the ledger, or start over with another --out"
-        )
+    saved = []
+    if (encoder := encoder_pin(out)) is not None:
+        saved.append((f"{ENCODER_FILE} after encoder round {encoder[0]}", encoder[1]))
+    if (progress := Checkpoint(out / "checkpoint.safetensors").progress()) is not None:
+        saved.append((f"a checkpoint after round {progress['round']}", progress.get("ledger")))
+    for what, pin in saved:
+        if problem := unpinned(out / "ledger.jsonl", pin):
+            raise SystemExit(
+                f"fedrec: {out} holds {what} but not its privacy ledger ({problem}): "
+                "resuming would under-report what was spent; restore the ledger, or start "
+                "over with another --out"
+            )
 
 
 def resume_problem(state: dict, progress: dict, expected: dict, num_items: int) -> str | None:

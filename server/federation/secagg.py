@@ -11,10 +11,17 @@ coordinate is within +-C): the workflow quantises each coordinate over ``clippin
 2**22 levels (stochastic rounding, unbiased, error <= 2C / 2**22 per coordinate and node) and
 never clips one. Every node weighs 1 (``max_weight = 1``): the workflow returns the uniform mean
 over the nodes that completed the protocol, which is turned back into their sum.
+
+A reply the workflow cannot read (one node's masked vector missing, of another shape, not an
+array) raised out of it and ended the run before any of the round's reports reached the
+ledger. The round now halts as the protocol does when too few nodes complete it: no sum, no
+report, and under customer-level DP every sampled node is ledgered as unanswered (its
+spending stated until a later release of the node shows it: server/privacy/ledger_gaps.py).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -42,6 +49,7 @@ from flwr.serverapp import Grid
 
 from shared.runs.config import RunConfig
 
+log = logging.getLogger("fedrec.server")
 # Every node shares its keys with every other (full graph: plain SecAgg security; fedrec's
 # federations are cross-silo, a few merchants or regions, so the quadratic cost is small), and
 # any half of the shares reconstruct a dropped node's mask.
@@ -121,7 +129,8 @@ class SecureAggregation:
         self, server_round: int, state: dict[str, torch.Tensor]
     ) -> tuple[dict[str, np.ndarray] | None, list[tuple[int, dict]], list[int]]:
         """(sum of the nodes' clipped updates or None if the protocol halted, the nodes' plain
-        reports with the Flower node id of each sender, the Flower node ids sampled)."""
+        reports with the Flower node id of each sender, the Flower node ids sampled). A reply
+        the workflow cannot read halts the protocol (no sum, no report), never the run."""
         self._connected_nodes()
         self.sampler.settings[STATE_NAMES] = ",".join(state)
         self.context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
@@ -130,14 +139,23 @@ class SecureAggregation:
         self.context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: server_round, Key.START_TIME: time.time()}
         )
-        self.workflow(self.grid, self.context)
-        sampler = self.sampler
-        reports = [(node_id, dict(fit_res.metrics)) for node_id, fit_res in sampler.results]
-        if sampler.mean is None:
-            return None, reports, sampler.sampled
-        completed = len(sampler.results)
-        total = {
+        self.sampler.sampled = []  # this round's once the workflow samples (none asked before)
+        try:
+            self.workflow(self.grid, self.context)
+            total = self._sum(state)
+        except Exception:  # a hostile or broken reply: logged, the round halted
+            log.exception("round %d: SecAgg+ failed on a reply; the round halts", server_round)
+            return None, [], self.sampler.sampled
+        reports = [(node_id, dict(fit_res.metrics)) for node_id, fit_res in self.sampler.results]
+        return total, reports, self.sampler.sampled
+
+    def _sum(self, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray] | None:
+        """The completed nodes' summed updates, shaped as ``state`` (SecAgg+'s mean times the
+        nodes that completed it); None when the protocol halted."""
+        if self.sampler.mean is None:
+            return None
+        completed = len(self.sampler.results)
+        return {
             name: (np.asarray(mean) * completed).astype(np.float32).reshape(value.shape)
-            for (name, value), mean in zip(state.items(), sampler.mean, strict=True)
+            for (name, value), mean in zip(state.items(), self.sampler.mean, strict=True)
         }
-        return total, reports, sampler.sampled

@@ -254,14 +254,14 @@ def unpinned(path: Path, head: dict | None) -> str | None:
         return None
     seq = head.get("seq") if isinstance(head, dict) else None
     if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(head.get("hash"), str):
-        return f"the checkpoint's ledger pin {reprlib.repr(head)} is no entry's seq and hash"
+        return f"its ledger pin {reprlib.repr(head)} is no entry's seq and hash"
     if not path.exists():
         return f"{path} is missing"
     entries = read_ledger(path)
     if not 0 <= seq < len(entries):
         return f"{path} ends at entry {len(entries) - 1}, before entry {seq}"
     if entries[seq].get("hash") != head.get("hash"):
-        return f"{path}: entry {seq} is not the one the checkpoint recorded"
+        return f"{path}: entry {seq} is not the one pinned"
     return None
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -257,8 +258,22 @@ def host_allowed(name: str, hosts: Sequence[str]) -> bool:
 # --- the app -------------------------------------------------------------------------------
 
 
+def declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    """The request's ``Content-Length`` (None without one). ValueError unless each of its
+    ``Content-Length`` headers holds the same decimal number (RFC 9110 section 8.6); a number
+    of more digits than any body has is returned as ``sys.maxsize``."""
+    values = {value.strip() for name, value in headers if name.lower() == b"content-length"}
+    if not values:
+        return None
+    if len(values) > 1 or not all(value.isdigit() for value in values):
+        raise ValueError("Content-Length must be one decimal number")
+    digits = values.pop().lstrip(b"0") or b"0"
+    return int(digits) if len(digits) < 19 else sys.maxsize
+
+
 class BodySizeLimit:
-    """ASGI middleware: 413 for a request body over ``max_bytes`` (declared or streamed)."""
+    """ASGI middleware: 413 for a request body over ``max_bytes`` (declared or streamed),
+    400 for a ``Content-Length`` that is not one decimal number."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -266,9 +281,12 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        try:
+            declared = declared_length(scope["headers"])
+        except ValueError as error:
+            return await JSONResponse({"detail": str(error)}, 400)(scope, receive, send)
         too_large = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, 413)
-        if declared is not None and int(declared) > self.max_bytes:
+        if declared is not None and declared > self.max_bytes:
             return await too_large(scope, receive, send)
         seen = 0
 

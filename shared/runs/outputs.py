@@ -3,7 +3,11 @@ does instead of starting over: a finished run with the same settings is left as 
 unfinished one resumes, and a run with other settings is refused before anything is written.
 
 A finished run has ``metrics.json``; an unfinished federation has the checkpoint that
-``shared.runs.checkpoint.Checkpoint`` writes (its settings in the safetensors metadata).
+``shared.runs.checkpoint.Checkpoint`` writes (its settings in the safetensors metadata), or,
+stopped before its first checkpoint (in its encoder rounds, say), the privacy ledger its start
+wrote (its settings in the first entry). Without that last, a run started again there with other
+settings went on: it continued the ledger of the first start, and asked the nodes for the
+first start's budget (``--target-epsilon 2`` over a start of 8 asked for 8's).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 CHECKPOINT = "checkpoint.safetensors"
+LEDGER = "ledger.jsonl"
 PATHS = ("data", "out")  # settings that name a place: compared as resolved paths
 
 
@@ -41,7 +46,33 @@ def stored_settings(out: Path) -> tuple[dict[str, Any], bool] | None:
         progress = Checkpoint(out / CHECKPOINT).progress()
     except CheckpointError as error:
         raise OtherSettings(f"refused: {error}") from None
-    return None if progress is None else (progress["config"], False)
+    if progress is not None:
+        return progress["config"], False
+    started = _ledger_settings(out)
+    return None if started is None else (started, False)
+
+
+def _ledger_settings(out: Path) -> dict[str, Any] | None:
+    """The settings of the run that started ``out``'s privacy ledger (its first entry's
+    ``config``, less the ``num_nodes`` it adds), None without a ledger or an entry; raises
+    :class:`OtherSettings` when the first entry holds no settings."""
+    path = out / LEDGER
+    if not path.exists():
+        return None
+    with path.open("rb") as ledger:
+        first = ledger.readline()
+    if not first.strip():
+        return None
+    try:
+        settings = json.loads(first).get("config")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise OtherSettings(
+            f"refused: {out} holds a privacy ledger whose first entry has no settings "
+            f"({LEDGER}); use another --out"
+        )
+    return {key: value for key, value in settings.items() if key != "num_nodes"}
 
 
 def differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:

@@ -475,6 +475,18 @@ def _setting(key: str, value: object):
 GARBAGE = ArrayRecord({"x": Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"x")})
 
 
+def _npy(data: bytes) -> ArrayRecord:
+    """One array of ``data`` as its bytes on the wire."""
+    return ArrayRecord({"x": Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=data)})
+
+
+def _declaring(shape: tuple[int, ...]) -> bytes:
+    """A .npy header declaring ``shape`` of float32, followed by 8 bytes."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header += b" " * (63 - len(header) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x00" * 8
+
+
 @pytest.mark.parametrize(
     "kind, change, words",
     [
@@ -490,6 +502,14 @@ GARBAGE = ArrayRecord({"x": Array(dtype="float32", shape=(3,), stype="numpy.ndar
         ("train", lambda records: records.pop("config"), "server-round must be a whole number"),
         ("train", lambda records: records.pop("arrays"), "the server's message holds no arrays"),
         ("evaluate", lambda records: records.update(arrays=GARBAGE), "arrays are not tensors"),
+        # no bytes at all (numpy's EOFError), and 10**12 values declared (a MemoryError): both
+        # escaped as the node's own failure
+        ("train", lambda records: records.update(arrays=_npy(b"")), "arrays are not tensors"),
+        (
+            "evaluate.guard",
+            lambda records: records.update(start=_npy(_declaring((10**12,)))),
+            "start are not tensors",
+        ),
         ("evaluate.guard", lambda records: records.pop("start"), "message holds no start"),
         (
             "train",  # tuned encoder layers that are not the text model's top layer

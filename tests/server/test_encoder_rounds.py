@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, cli_settings
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from server.federation.aggregation import NodeUpdate
 from server.federation.encoder_rounds import tune_encoder
-from server.federation.rounds import RoundResult
+from server.federation.rounds import RoundResult, require_ledger
 from server.federation.strategy import FedRecStrategy
 from server.privacy.audit import audit
-from server.privacy.ledger import entry_hash, read_ledger
+from server.privacy.ledger import PrivacyLedger, entry_hash, read_ledger
 from shared.data.dataset import load_dataset
 from shared.data.partition import cold_item_indices
 from shared.recommender.artifacts import read_text_model
@@ -145,19 +145,24 @@ def test_private_encoder_rounds_are_signed_ledgered_and_audited(
 
 class ScriptedNodes:
     """A federation whose nodes answer every encoder round with ``answer(layers)``: the
-    updates, and why other nodes gave none."""
+    updates, and why other nodes gave none; each round leaves an entry in ``out``'s ledger,
+    as the nodes' replies do."""
 
-    def __init__(self, config: RunConfig, answer):
+    def __init__(self, config: RunConfig, answer, out: Path):
         self.config, self.strategy, self.answer, self.rounds = (
             config,
             FedRecStrategy(config),
             answer,
             [],
         )
+        self.ledger = PrivacyLedger(out / "ledger.jsonl")
+        if not self.ledger.entries:
+            self.ledger.append("run_start", config={"dp": False}, unit="customer")
 
     def train(self, server_round: int, state: dict, message_type: str) -> RoundResult:
         self.rounds.append((server_round, message_type))
         updates, rejected = self.answer(state)
+        self.ledger.append("declined", round=server_round, node="n", reason="scripted")
         return RoundResult(updates, None, 4, len(updates), rejected, [])
 
 
@@ -168,7 +173,7 @@ def test_when_no_node_tunes_the_encoder_stays_public_and_the_stage_ends(
     tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     config = RunConfig(text_model=str(tiny_bert_dir), text_finetune_layers=1, clients=2)
-    federation = ScriptedNodes(config, lambda layers: ([], REFUSED))
+    federation = ScriptedNodes(config, lambda layers: ([], REFUSED), tmp_path)
     weights, history = tune_encoder(federation, tmp_path, show_progress=False)
     assert federation.rounds == [(1, "train.encoder")]  # no second round is asked for
     assert history == [{"round": 1, "nodes": 0, "rejected": REFUSED}]
@@ -196,16 +201,63 @@ def test_a_run_stopped_between_encoder_rounds_goes_on_from_the_next(
             return super().train(server_round, state, message_type)
 
     with pytest.raises(KeyboardInterrupt):
-        tune_encoder(Stopping(config, moved), tmp_path, show_progress=False)
+        tune_encoder(Stopping(config, moved, tmp_path), tmp_path, show_progress=False)
     after_two = load_file(str(tmp_path / "text-encoder.safetensors"))
-    resumed = ScriptedNodes(config, moved)
+    resumed = ScriptedNodes(config, moved, tmp_path)
     weights, history = tune_encoder(resumed, tmp_path, show_progress=False)
     assert resumed.rounds == [(3, "train.encoder")]
     assert [h["round"] for h in history] == [1, 2, 3]
     assert all(torch.allclose(weights[k], after_two[k] + 0.01, atol=1e-4) for k in weights)
-    again = ScriptedNodes(config, moved)  # complete: read back, nothing asked
+    again = ScriptedNodes(config, moved, tmp_path)  # complete: read back, nothing asked
     assert tune_encoder(again, tmp_path, show_progress=False)[1] == history
     assert again.rounds == []
+
+
+@pytest.mark.parametrize("cut", ["removed", "cut", "replaced"])
+def test_encoder_layers_whose_ledger_was_removed_or_cut_are_not_resumed(
+    tiny_bert_dir: Path, tmp_path: Path, cut: str
+) -> None:
+    """The encoder rounds' file pins the ledger's last entry like the checkpoint: resumed
+    after the ledger lost the rounds' entries, the run would reuse the tuned layers with
+    their spending gone from the ledger (the checkpoint's pin alone missed it: there is no
+    checkpoint before the model's first round)."""
+    config = RunConfig(
+        text_model=str(tiny_bert_dir), text_finetune_layers=1, text_finetune_rounds=2
+    )
+
+    def moved(layers: dict) -> tuple[list[NodeUpdate], list[str]]:
+        return [NodeUpdate("n", 10.0, {k: v + 0.01 for k, v in layers.items()})], []
+
+    tune_encoder(ScriptedNodes(config, moved, tmp_path), tmp_path, show_progress=False)
+    require_ledger(tmp_path)  # the ledger as the rounds left it: resumed
+    ledger = tmp_path / "ledger.jsonl"
+    run_start = ledger.read_text().splitlines(keepends=True)[0]
+    if cut == "removed":
+        ledger.unlink()
+    elif cut == "cut":  # only the run_start left: the chain alone cannot tell
+        ledger.write_text(run_start)
+    else:  # another run's ledger, as long
+        ledger.unlink()
+        other = ScriptedNodes(config, moved, tmp_path)
+        other.train(1, {}, "train.encoder")
+        other.train(2, {}, "train.encoder")
+    with pytest.raises(SystemExit, match="text-encoder.safetensors after encoder round 2"):
+        require_ledger(tmp_path)
+
+
+def test_an_edited_encoder_ledger_pin_is_named_not_a_crash(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    config = RunConfig(
+        text_model=str(tiny_bert_dir), text_finetune_layers=1, text_finetune_rounds=1
+    )
+    tune_encoder(ScriptedNodes(config, lambda layers: ([], REFUSED), tmp_path), tmp_path, False)
+    path = tmp_path / "text-encoder.safetensors"
+    for pin in ("{not json", "[0, 1]", '{"seq": 0, "hash": "forged"}'):
+        metadata = {"history": "[]", "complete": "true", "ledger": pin}
+        save_file(load_file(str(path)), str(path), metadata=metadata)
+        with pytest.raises(SystemExit, match="under-report"):
+            require_ledger(tmp_path)
 
 
 def test_the_encoder_rounds_file_is_fsynced_before_it_replaces_the_old(
@@ -228,7 +280,7 @@ def test_the_encoder_rounds_file_is_fsynced_before_it_replaces_the_old(
     def moved(layers: dict) -> tuple[list[NodeUpdate], list[str]]:
         return [NodeUpdate("n", 10.0, {k: v + 0.01 for k, v in layers.items()})], []
 
-    tune_encoder(ScriptedNodes(config, moved), tmp_path, show_progress=False)
+    tune_encoder(ScriptedNodes(config, moved, tmp_path), tmp_path, show_progress=False)
     assert any(Path(p).name.startswith("text-encoder.safetensors") for p in synced), synced
     assert str(tmp_path) in synced  # the rename itself: the directory
 
@@ -252,7 +304,9 @@ def test_a_malicious_node_moves_the_encoder_no_more_than_the_row_bound_allows(
         return [*honest, wrecker], []
 
     public = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
-    weights, history = tune_encoder(ScriptedNodes(config, answer), tmp_path, show_progress=False)
+    weights, history = tune_encoder(
+        ScriptedNodes(config, answer, tmp_path), tmp_path, show_progress=False
+    )
     assert history[0]["clipped"] == {"regional-3": len(public)}  # every tensor it sent
     assert history[0]["loss"] is None  # no reply said: the round goes on all the same
     for name, value in public.items():
@@ -274,7 +328,9 @@ def test_an_encoder_aggregate_that_is_not_finite_is_never_applied_or_saved(
         return [NodeUpdate("n", 10.0, {k: v + math.inf for k, v in layers.items()})], []
 
     public = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
-    weights, history = tune_encoder(ScriptedNodes(config, answer), tmp_path, show_progress=False)
+    weights, history = tune_encoder(
+        ScriptedNodes(config, answer, tmp_path), tmp_path, show_progress=False
+    )
     assert all(torch.equal(weights[k], public[k]) for k in public)
     assert "not finite" in history[0]["rejected"][-1]
     saved = load_file(str(tmp_path / "text-encoder.safetensors"))

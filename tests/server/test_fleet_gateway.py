@@ -7,6 +7,7 @@ gateway complete a run (``fedrec deploy local``, 2 nodes, 1 round)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import socket
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from helpers import TEST_DEVICE, TINY_SETTINGS
 
 from server.federation.credentials import write_node_key, write_tls
-from server.federation.fleet_gateway import FleetGateway
+from server.federation.fleet_gateway import FleetGateway, add_arguments, run
 from shared.runs.config import RunConfig
 from simulations.local_federation import HOST, LocalFederation, binary
 
@@ -232,6 +233,51 @@ def test_the_body_is_bounded_in_size_and_time_and_forwarded_whole(tmp_path: Path
     assert call(gateway, [b"a" * 600], disconnect=True) is None  # the client left mid-body
     assert len(upstream.requests) == 1  # none of the others reached the SuperLink
     assert (gateway.forwarded, gateway.refused) == (1, 2)
+
+
+def test_the_bodies_held_at_once_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """A body is held whole until the SuperLink answers: a thousand connections, each sending
+    a body just under --max-body-mb and stalling, held 64 GB (an outsider needs no key for
+    that). Past --max-buffered-mb a request is answered 503 (a SuperNode retries it), and a
+    body let go, answered or refused, is counted off."""
+    ca = write_tls(tmp_path).ca
+    gateway = FleetGateway("https://link", ca, max_body=1000, body_timeout=2.0, max_buffered=1500)
+    upstream = FakeSuperLink()
+    gateway.client = httpx.AsyncClient(base_url="https://link", transport=upstream)
+
+    async def one_stalling_one_not() -> list[tuple[int, bytes] | None]:
+        async def later() -> tuple[int, bytes] | None:
+            await asyncio.sleep(0.45)  # the first holds its 900 bytes from 0.3 s to 0.9 s
+            return await push_object(gateway, [b"b" * 700])
+
+        return await asyncio.gather(push_object(gateway, [b"a" * 900, b"a"], 0.3), later())
+
+    first, second = asyncio.run(one_stalling_one_not())
+    assert first == (200, b"a" * 901) and second is not None and second[0] == 503
+    assert gateway.buffered == 0
+    assert call(gateway, [b"b" * 700]) == (200, b"b" * 700)  # room again
+    assert call(gateway, [b"c" * 1001])[0] == 413 and gateway.buffered == 0
+    assert call(gateway, [b"d" * 600], disconnect=True) is None and gateway.buffered == 0
+    assert call(gateway, [b"e"] * 3, delay=0.8)[0] == 408  # 2.4 s: past the body timeout
+    assert gateway.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("limits", "words"),
+    [
+        (["--max-buffered-mb", "0"], "must be > 0"),
+        (["--max-buffered-mb", "8", "--max-body-mb", "64"], "at least --max-body-mb"),
+    ],
+)
+def test_gateway_limits_that_no_body_could_pass_are_refused(
+    tmp_path: Path, limits: list[str], words: str
+) -> None:
+    tls = write_tls(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    files = ["--ca", str(tls.ca), "--certfile", str(tls.certificate), "--keyfile", str(tls.key)]
+    with pytest.raises(SystemExit, match=words):
+        run(parser.parse_args([*files, *limits]))
 
 
 @pytest.mark.e2e

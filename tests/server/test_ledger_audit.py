@@ -203,7 +203,7 @@ def test_a_ledger_removed_cut_or_replaced_since_the_checkpoint_is_named(tmp_path
     other = PrivacyLedger(path)  # a new ledger of the same length
     other.append("run_start", config={"dp": True, "delta": DELTA}, unit="u")
     other.append("declined", round=1, node="b", reason="budget")
-    assert "not the one the checkpoint recorded" in unpinned(path, head)
+    assert "not the one pinned" in unpinned(path, head)
 
 
 @pytest.mark.parametrize("pin", [[0, "hash"], "entry 1", 1, {"seq": True, "hash": "x"}])

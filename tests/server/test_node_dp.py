@@ -237,7 +237,8 @@ class FixedUpdate:
         return clipped_update(moved, base, RunConfig(node_dp=True, node_clip_norm=3.0))
 
     @staticmethod
-    def app():  # noqa: ANN205
+    def app(mods: list | None = None):  # noqa: ANN205
+        """The nodes, each answering through ``mods`` (default: SecAgg+'s own)."""
         from flwr.client import NumPyClient
         from flwr.client.mod import secaggplus_mod
         from flwr.clientapp import ClientApp
@@ -252,12 +253,13 @@ class FixedUpdate:
 
         return ClientApp(
             client_fn=lambda context: Node(int(context.node_config["partition-id"])).to_client(),
-            mods=[secaggplus_mod],
+            mods=[secaggplus_mod] if mods is None else mods,
         )
 
 
-@pytest.mark.e2e
-def test_secagg_sum_equals_the_plain_sum(tmp_path: Path) -> None:
+def secure_round(client_app) -> dict:  # noqa: ANN001
+    """One SecAgg+ round (``SecureAggregation.train_round``) of 3 simulated nodes answering
+    with ``client_app``: ``{"round": what it returned}``, or ``{"raised": what it raised}``."""
     import ray.cloudpickle
     from flwr.app import ConfigRecord
     from flwr.serverapp import ServerApp
@@ -266,26 +268,79 @@ def test_secagg_sum_equals_the_plain_sum(tmp_path: Path) -> None:
     from server.federation.secagg import SecureAggregation
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers lack tests/
-    nodes, found = 3, {}
-    config = RunConfig(
-        node_dp=True, secagg=True, node_clip_norm=3.0, clients=nodes, min_nodes=nodes
-    )
-    server = ServerApp()
+    config = RunConfig(node_dp=True, secagg=True, node_clip_norm=3.0, clients=3, min_nodes=3)
+    server, found = ServerApp(), {}
 
     @server.main()
     def _(grid, context) -> None:  # noqa: ANN001
         secure = SecureAggregation(grid, config, ConfigRecord({}))
-        found["total"], found["reports"], found["sampled"] = secure.train_round(1, state(0))
+        try:
+            found["round"] = secure.train_round(1, state(0))
+        except Exception as error:  # noqa: BLE001 (what the tests look for)
+            found["raised"] = repr(error)
 
     run_simulation(
         server_app=server,
-        client_app=FixedUpdate.app(),
-        num_supernodes=nodes,
+        client_app=client_app,
+        num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
-    assert len(found["sampled"]) == nodes and len(found["reports"]) == nodes
-    assert sorted(found["sampled"]) == sorted(node_id for node_id, _ in found["reports"])
+    return found
+
+
+@pytest.mark.e2e
+def test_secagg_sum_equals_the_plain_sum() -> None:
+    found = secure_round(FixedUpdate.app())
+    assert "raised" not in found, found["raised"]
+    total, reports, sampled = found["round"]
+    nodes = 3
+    assert len(sampled) == nodes and len(reports) == nodes
+    assert sorted(sampled) == sorted(node_id for node_id, _ in reports)
     expected = {k: sum(FixedUpdate.update(p)[k] for p in range(nodes)) for k in state(0)}
     step = 2 * 3.0 / 2**22  # one quantisation level over [-C, C]
     for name, value in expected.items():
-        assert np.abs(found["total"][name] - value).max() <= nodes * step
+        assert np.abs(total[name] - value).max() <= nodes * step
+
+
+def hostile_masked_vector(kind: str):  # noqa: ANN201
+    """A SecAgg+ mod for a node that breaks its masked vector (partition 0; the others
+    follow the protocol): ``no configs`` leaves out the record that carries it, ``another
+    shape`` sends one of 3 values where the model has hundreds."""
+    import io
+
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS,
+        Key,
+        Stage,
+    )
+
+    def mod(msg, context, call_next):  # noqa: ANN001, ANN202
+        asked = dict(msg.content.config_records.get(RECORD_KEY_CONFIGS, {}))
+        reply = secaggplus_mod(msg, context, call_next)
+        hostile = int(context.node_config["partition-id"]) == 0
+        if hostile and asked.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
+            if kind == "no configs":
+                del reply.content.config_records[RECORD_KEY_CONFIGS]
+            else:
+                buffer = io.BytesIO()
+                np.save(buffer, np.zeros(3, np.int64))
+                configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+                configs[Key.MASKED_PARAMETERS] = [buffer.getvalue()] * len(state(0))
+        return reply
+
+    return mod
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["no configs", "another shape"])
+def test_a_malformed_masked_vector_halts_the_secagg_round_not_the_run(kind: str) -> None:
+    """One node's masked vector that SecAgg+ cannot read (no record, another shape) raised
+    out of Flower's workflow (a KeyError, a ValueError) and ended the run before the round's
+    reports reached the ledger: the honest nodes' spending was missing from it. The round now
+    halts as the protocol does when too few nodes complete it: no sum, no report, every
+    sampled node named (the round loop ledgers each as unanswered under customer-level DP)."""
+    found = secure_round(FixedUpdate.app(mods=[hostile_masked_vector(kind)]))
+    assert "raised" not in found, found["raised"]
+    total, reports, sampled = found["round"]
+    assert total is None and reports == [] and len(sampled) == 3

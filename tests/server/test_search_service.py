@@ -663,6 +663,28 @@ def test_body_over_the_limit_is_413(client: TestClient):
     assert response.status_code == 413
 
 
+@pytest.mark.parametrize(
+    "lengths",
+    [["abc"], ["-1"], ["1e9"], [" +5"], ["1_0"], ["5", "6"], ["5, 5"], ["٣".encode()]],
+)
+def test_a_content_length_that_is_not_one_decimal_number_is_400(
+    client: TestClient, lengths: list[str | bytes]
+):
+    headers = [("content-type", "application/json"), *(("content-length", v) for v in lengths)]
+    response = client.post("/search", content=b'{"query": "tent"}', headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == "Content-Length must be one decimal number"
+
+
+def test_a_declared_length_of_thousands_of_digits_is_413(client: TestClient):
+    for digits in ("9" * 5000, "0" * 5000 + "3000"):
+        response = client.post("/search", content=b"{}", headers={"content-length": digits})
+        assert response.status_code == 413, response.text
+    repeated = [("content-type", "application/json"), *[("content-length", "17")] * 2]
+    response = client.post("/search", content=b'{"query": "tent"}', headers=repeated)
+    assert response.status_code == 200, response.text
+
+
 # --- the ANN index ------------------------------------------------------------------------
 
 

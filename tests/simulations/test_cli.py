@@ -11,7 +11,9 @@ import torch
 from helpers import TEST_DEVICE
 from safetensors.torch import save_file
 
+from server.privacy.ledger import PrivacyLedger
 from shared import __version__
+from shared.runs.outputs import OtherSettings, check_rerun
 from simulations.cli import build_parser, main
 from simulations.simulate import config_from_args
 from simulations.verdict import verdict
@@ -68,6 +70,30 @@ def test_unfinished_run_with_other_settings_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit, match=r"other settings \(clients: 5 -> 3\)"):
         main([*simulate_args(out), "--clients", "3"])
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_continued_with_other_settings(
+    tmp_path: Path,
+) -> None:
+    """Stopped before its first checkpoint (in its encoder rounds, say), a run left its ledger
+    alone, and a start with other settings went on: it continued that ledger and asked the
+    nodes for the first start's budget (``--target-epsilon 2`` over a start of 8 asked for
+    8's). The ledger's first entry holds the settings it started with: another start with
+    other settings is refused before anything is touched; one with the same resumes."""
+    out = tmp_path / "run"
+    argv = simulate_args(out, "--dp", "--target-epsilon", "8")
+    config = config_from_args(build_parser(argv).parse_args(argv))
+    ledger = PrivacyLedger(out / "ledger.jsonl")
+    ledger.append("run_start", config={**config.to_dict(), "num_nodes": config.clients}, unit="u")
+    before = (out / "ledger.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match=r"other settings \(target_epsilon: 8.0 -> 2.0\)"):
+        main(simulate_args(out, "--dp", "--target-epsilon", "2"))
+    assert (out / "ledger.jsonl").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["ledger.jsonl"]  # nothing started
+    assert check_rerun(out, config.to_dict()) is False  # the same settings: resumed
+    (out / "ledger.jsonl").write_text('{"seq": 0, "kind": "run_start"}\n')
+    with pytest.raises(OtherSettings, match="first entry has no settings"):
+        check_rerun(out, config.to_dict())
 
 
 def test_verdict_states_the_privacy_guarantee_and_the_audit(tmp_path: Path) -> None:
