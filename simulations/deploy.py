@@ -266,7 +266,9 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = run_config_from_args(args)  # checked before anything is written
+    # checked before anything is written, with as many nodes as it will have (min-nodes)
+    nodes_given = len(args.node_data) if args.node_data else max(args.nodes, 1)
+    settings = run_config_from_args(args, clients=nodes_given)
     if settings.malicious_nodes or settings.attack != "none" or settings.canaries:
         raise SystemExit("fedrec: malicious-nodes, attack and canaries are for simulations only")
     try:

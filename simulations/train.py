@@ -95,7 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"DP budget (default: {RunConfig.target_epsilon})",
     )
     parser.add_argument(
-        "--delta", type=float, default=None, help="DP delta (default: 1/(10 x customers))"
+        "--delta",
+        type=float,
+        default=None,
+        help="DP delta, used only if smaller than the default, as at every federation node "
+        "(default: 1/(10 x customers))",
     )
     add_run_config_arguments(parser)
 
@@ -199,7 +203,7 @@ def _train_private(experiment: Experiment, show_progress: bool) -> dict:
     inputs, targets = training_tensors(
         experiment.train_histories(config.refit), model.config.max_len
     )
-    delta = config.delta or 1.0 / (10 * len(inputs))
+    delta = config.customer_delta(len(inputs))  # as every federation node takes its delta
     steps, sample_rate = steps_per_epoch(len(inputs), config.dp_batch_size)
     sigma = calibrate_noise(config.target_epsilon, delta, sample_rate, steps * config.dp_epochs)
     spent = train_private(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.runs.config import RunConfig, _coerce
+from shared.runs.config import CHOICES, RANGES, RunConfig, _coerce
 from simulations.cli import COMMANDS as COMMAND_PATHS
 from simulations.cli import build_parser, main
 
@@ -217,8 +217,13 @@ def test_documented_commands_parse() -> None:
             args = build_parser(argv).parse_args(argv)
         except SystemExit:
             pytest.fail(f"does not parse: {command}")
-        for item in getattr(args, "overrides", None) or []:
-            assert item.partition("=")[0] in settings, f"{command}: no setting {item}"
+        overrides = [item.partition("=") for item in getattr(args, "overrides", None) or []]
+        for key, _, _ in overrides:
+            assert key in settings, f"{command}: no setting {key}"
+        try:  # and each value is in its setting's range
+            RunConfig.from_flat({k: v for k, _, v in overrides if k not in ("k", "key")})
+        except ValueError as error:
+            pytest.fail(f"{command}: {error}")
 
 
 def test_readme_lists_every_command() -> None:
@@ -249,22 +254,23 @@ def documented_meanings() -> dict[str, str]:
 
 def test_configuration_doc_lists_every_allowed_value() -> None:
     """Each setting that takes one of a few names lists every name the code accepts."""
-    from server.federation.settings import WIRE_DTYPES
     from server.federation.strategy import STRATEGIES
     from shared.data.partition import SCHEMES
-    from shared.recommender.model import FUSIONS, VARIANTS
-    from shared.recommender.training import DP_TRAINABLE
     from simulations.attacks import ATTACKS
 
     meanings = documented_meanings()
     for setting, allowed in {
-        "fusion": FUSIONS,
-        "variant": VARIANTS,
-        "dp-train": tuple(DP_TRAINABLE),
+        **{kebab(name): names for name, names in CHOICES.items()},
         "strategy": tuple(STRATEGIES),
         "partition": SCHEMES,
-        "wire-dtype": WIRE_DTYPES,
         "attack": ATTACKS,
     }.items():
         named = set(re.findall(r"`([a-z0-9-]+)`", meanings[setting]))
         assert set(allowed) <= named, f"{setting}: {set(allowed) - named} undocumented"
+
+
+def test_configuration_doc_states_every_range() -> None:
+    """Each number setting's row states the range RunConfig refuses values outside of."""
+    meanings = documented_meanings()
+    for name, allowed in RANGES.items():
+        assert str(allowed) in meanings[kebab(name)], f"{kebab(name)}: no {allowed!s}"

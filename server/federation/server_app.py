@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import Context
@@ -104,7 +105,7 @@ def main(grid: Grid, context: Context) -> None:
         nodes = gathered_nodes(grid, config.clients)
         if nodes != config.clients:
             log.info("the federation has %d nodes: using %d partitions", nodes, nodes)
-            config.clients = nodes
+            config = replace(config, clients=nodes)  # checked again: min-nodes may be above
     main_with(ReplyProgress(grid, show_progress=True), config, show_progress=True)
 
 

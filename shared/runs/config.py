@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from shared.recommender.model import ModelConfig, architecture_problem
+from shared.recommender.model import FUSIONS, VARIANTS, ModelConfig, architecture_problem
+from shared.recommender.training import DP_TRAINABLE
 
 # the largest budget a run may ask per customer (and per node under node-level DP): far above
 # any guarantee worth the name; at 1,000 the PRV accountant's calibration ran for over 15
@@ -32,6 +33,128 @@ MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-3, 1e6
 # to shares of 0 and its sampling fails
 MAX_DIRICHLET_ALPHA = 1e6
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # the devices a run may name
+WIRE_DTYPES = ("float32", "float16")  # what the nodes' weights may travel as
+# the names a setting may take, checked wherever a run's settings are read, a node reading the
+# server's request included (a fusion it had no layers for failed the node deep in its round,
+# a wire-dtype of int8 rounded its reply to whole numbers); strategy, partition and attack,
+# which only the server and the simulations read, where they are read
+CHOICES: dict[str, tuple[str, ...]] = {
+    "reverse_histories": ("auto", "on", "off"),
+    "fusion": FUSIONS,
+    "variant": VARIANTS,
+    "dp_train": tuple(DP_TRAINABLE),
+    "dp_denoise": ("auto", "on", "off"),
+    "regions": ("auto", "off"),
+    "wire_dtype": WIRE_DTYPES,
+}
+# numpy's generators take no negative seed (one crashed the partition), and Flower's messages
+# carry whole numbers as 64-bit signed integers
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a setting may take: ``low`` to ``high``, each end included unless
+    ``open_low``/``open_high``, or exactly ``off`` (the value that turns it off); ``note``
+    says what a value means or why the range is what it is."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    off: float | None = None
+    note: str = ""
+
+    def holds(self, value: float) -> bool:
+        """Whether ``value`` is in the range (NaN never is)."""
+        if value == self.off:
+            return True
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf:
+            text = f"above {low}" if self.open_low else f"at least {low}"
+        else:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            text = f"in {left}{low}, {high}{right}"
+        return text if self.off is None else f"{_number(self.off)} (off) or {text}"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+_FRACTION = Range(0.0, 1.0, open_high=True)
+_COUNT = Range(1)  # a whole number of things: at least one
+_POSITIVE = Range(0.0, open_low=True)
+_EPSILON = Range(
+    0.0,
+    MAX_TARGET_EPSILON,
+    open_low=True,
+    note=f"beyond {MAX_TARGET_EPSILON:g} a guarantee means nothing and the accountant's "
+    "calibration stops converging; for a run without DP, leave --dp out",
+)
+# every number setting's allowed values, checked by RunConfig wherever a run's settings are read
+# (a command line, Flower's run config, a node reading the server's request); dim, max-len,
+# layers and heads by ``architecture_problem``; the noise of private answers and node-level
+# DP's settings where they are used (server/federation/settings.py, shared/federation/node_dp.py)
+RANGES: dict[str, Range] = {
+    "text_finetune_layers": Range(0, note="0: the encoder stays frozen"),
+    "text_finetune_steps": _COUNT,
+    "text_finetune_rounds": _COUNT,
+    "dp_encoder_batch": _COUNT,
+    "cold_items": _FRACTION,
+    "fragment_nodes": Range(0, note="0: off"),
+    "dropout": _FRACTION,  # at 1 every activation is dropped, above it torch fails
+    "recency": Range(0.0, 1.0, note="the history weights are (1 - recency)^age"),
+    "logit_scale": _POSITIVE,  # at 0 or below the text score says nothing, or the reverse
+    "catalog_epochs": Range(1, off=0),
+    "epochs": _COUNT,
+    "batch_size": _COUNT,
+    "lr": _POSITIVE,
+    "weight_decay": Range(0.0),
+    "patience": Range(0),
+    "seed": Range(0, MAX_SEED),
+    "target_epsilon": _EPSILON,
+    "delta": Range(0.0, 1.0, open_high=True, note="0: each node's own"),
+    "max_grad_norm": _POSITIVE,
+    "dp_batch_size": _COUNT,
+    "dp_lr": _POSITIVE,
+    "dp_local_epochs": _COUNT,
+    "dp_epochs": _COUNT,
+    "dp_id_scale": _POSITIVE,
+    "node_target_epsilon": _EPSILON,
+    "clients": _COUNT,
+    "rounds": _COUNT,
+    "round_patience": Range(0),
+    "valid_customers": Range(0, note="0: the rounds are fixed"),
+    "dp_rounds": _COUNT,
+    "local_epochs": _COUNT,
+    "local_steps": Range(0),
+    "max_local_epochs": _COUNT,
+    "local_batch_size": _COUNT,
+    "dirichlet_alpha": Range(
+        0.0,
+        MAX_DIRICHLET_ALPHA,
+        open_low=True,
+        off=0.0,
+        note="at 1e6 every share is already equal; near 1e308 numpy's Dirichlet fails",
+    ),
+    "server_lr": _POSITIVE,  # at 0 the model never moves, below it moves away from the nodes
+    "proximal_mu": Range(0.0),  # below 0 it pushes each node away from the global model
+    # at 0.5 or more the trimmed mean keeps no node: every aggregate would be zero
+    "trim_fraction": Range(0.0, 0.5, open_high=True),
+    # a multiple of the round's median movement: below 1 the median node itself is cut
+    "row_clip": Range(1.0, off=0.0),
+    # above 1 (or min-nodes above clients) Flower waits forever for nodes that do not exist
+    "fraction_train": Range(0.0, 1.0, open_low=True),
+    "min_nodes": _COUNT,
+    "canaries": Range(0),
+    "round_timeout": Range(0.0, note="0: no limit"),
+}
 
 
 def positive(kind: type) -> Callable[[str], int | float]:
@@ -141,55 +264,45 @@ class RunConfig:
     attack_scale: float = 10.0  # the attack's factor on the node's own update
 
     def __post_init__(self) -> None:
-        for name, epsilon in (
-            ("target-epsilon", self.target_epsilon),
-            ("node-target-epsilon", self.node_target_epsilon),
-        ):
-            if not 0 < epsilon <= MAX_TARGET_EPSILON:
-                raise ValueError(
-                    f"{name} must be in (0, {MAX_TARGET_EPSILON:g}], got {epsilon:g}: beyond "
-                    f"{MAX_TARGET_EPSILON:g} a guarantee means nothing and the accountant's "
-                    "calibration stops converging (for a run without DP, leave --dp out)"
-                )
+        if problem := self.value_problem():
+            raise ValueError(problem)
+        if self.min_nodes > self.clients:
+            raise ValueError(
+                f"min-nodes must be at most clients ({self.clients}), got {self.min_nodes}: a "
+                "round waits until that many nodes are connected"
+            )
         for prefix, dim, max_len in (
             ("", self.dim, self.max_len),
             ("dp-", self.dp_dim, self.dp_max_len),
         ):
             if problem := architecture_problem(dim, self.layers, self.heads, max_len, prefix):
                 raise ValueError(problem)
-        if not 0 <= self.delta < 1:
-            raise ValueError(f"delta must be in [0, 1) (0: each node's own), got {self.delta:g}")
-        if self.catalog_epochs < 0:
-            raise ValueError(f"catalog-epochs must be 0 (off) or more, got {self.catalog_epochs}")
-        if not 0 <= self.dirichlet_alpha <= MAX_DIRICHLET_ALPHA:  # NaN fails too
-            raise ValueError(
-                f"dirichlet-alpha must be 0 (off) or up to {MAX_DIRICHLET_ALPHA:g}, got "
-                f"{self.dirichlet_alpha:g}"
-            )
-        if not 0 <= self.cold_items < 1:
-            raise ValueError(f"cold-items must be a fraction in [0, 1), got {self.cold_items:g}")
-        if self.reverse_histories not in ("auto", "on", "off"):
-            raise ValueError(
-                f"reverse-histories must be auto, on or off, got {self.reverse_histories!r}"
-            )
-        if not 0 < self.dp_id_scale < math.inf:  # NaN fails too
-            raise ValueError(f"dp-id-scale must be a positive number, got {self.dp_id_scale:g}")
-        if self.dp_denoise not in ("auto", "on", "off"):
-            raise ValueError(f"dp-denoise must be auto, on or off, got {self.dp_denoise!r}")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.regions not in ("auto", "off"):
-            raise ValueError(f"regions must be auto or off, got {self.regions!r}")
         if self.reverse_histories == "on" and (self.dp or self.node_dp):
             raise ValueError(
                 "reverse-histories=on makes each customer two training sequences, which DP "
                 "accounts as one sample (one customer): set it to auto (off under DP) or off"
             )
+
+    def value_problem(self) -> str | None:
+        """Why a setting's value, on its own, is not one it may take (NaN or an infinity,
+        outside its :data:`RANGES`, not among its :data:`CHOICES`), naming the setting, the
+        value and what it may be; None when every value is."""
         for setting in fields(self):  # no setting means anything at NaN or infinity
             value = getattr(self, setting.name)
             if isinstance(value, float) and not math.isfinite(value):
-                name = setting.name.replace("_", "-")
-                raise ValueError(f"{name} must be a finite number, got {value:g}")
+                return f"{kebab(setting.name)} must be a finite number, got {value:g}"
+        for name, allowed in RANGES.items():
+            if not allowed.holds(value := getattr(self, name)):
+                note = f" ({allowed.note})" if allowed.note else ""
+                shown = f"{value:g}" if isinstance(value, float) else repr(value)
+                return f"{kebab(name)} must be {allowed}{note}, got {shown}"
+        for name, names in CHOICES.items():
+            if (value := getattr(self, name)) not in names:
+                allowed = " or ".join([", ".join(names[:-1]), names[-1]])
+                return f"{kebab(name)} must be {allowed}, got {value!r}"
+        return None
 
     def model_config(self, num_items: int, text_dim: int) -> ModelConfig:
         """The architecture of this run's model: under ``dp`` its width, history length and
@@ -286,6 +399,11 @@ class RunConfig:
                 raise ValueError(f"unknown setting {key!r}; known: {sorted(known)}")
             kwargs[name] = _coerce(value, type(getattr(cls, name)), key)
         return cls(**kwargs)
+
+
+def kebab(name: str) -> str:
+    """A setting's name as the command line and Flower's run config spell it."""
+    return name.replace("_", "-")
 
 
 def _coerce(value: Any, kind: type, key: str) -> Any:

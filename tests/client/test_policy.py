@@ -78,10 +78,10 @@ def test_a_request_weaker_than_the_policy_is_refused_naming_the_policy(
     assert policy.refusal(RunConfig(dp=True, target_epsilon=2.0, delta=1e-6), CUSTOMERS) is None
     for name in ("dp_batch_size", "dp_encoder_batch"):  # no sample rate to account
         for batch in (0, -5):
-            request = RunConfig(dp=True, target_epsilon=4.0, **{name: batch})
+            request = unchecked(RunConfig(dp=True, target_epsilon=4.0), **{name: batch})
             assert name.replace("_", "-") in policy.refusal(request, CUSTOMERS)
     for batch in (0, -5):  # no batch to step on: a zero divided the node's epochs, a crash
-        plain = RunConfig(local_batch_size=batch)
+        plain = unchecked(RunConfig(), local_batch_size=batch)
         assert "local-batch-size" in NodePolicy().refusal(plain, CUSTOMERS)
         assert NodePolicy().refusal(plain, CUSTOMERS, training=False) is None
 

@@ -516,11 +516,13 @@ def _declaring(shape: tuple[int, ...]) -> bytes:
             lambda records: records.update({"text-encoder": ArrayRecord({"x": Array(np.ones(2))})}),
             "the server's text-encoder: encoder weights: expected the top 1 layers'",
         ),
-        (
-            "train.encoder",
-            _setting("text_finetune_rounds", 0),
-            "text-finetune-rounds (0) and clients (2) must be at least 1",
-        ),
+        ("train.encoder", _setting("text_finetune_rounds", 0), "text-finetune-rounds must be"),
+        # out of range: a zero batch divided by zero deep in training, a trim of 0.5 kept no node
+        ("train", _setting("local_batch_size", 0), "local-batch-size must be at least 1, got 0"),
+        ("evaluate", _setting("trim_fraction", 0.5), "trim-fraction must be in [0, 0.5)"),
+        ("train", _setting("seed", -1), "seed must be in [0, "),
+        ("train", _setting("fusion", "xor"), "fusion must be gated, sum or concat"),
+        ("train", _setting("dp_train", "all_of_it"), "dp-train must be text, bias, id or all"),
     ],
 )
 def test_a_malformed_message_is_refused_never_raised(

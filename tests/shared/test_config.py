@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.runs.config import RunConfig, _coerce
+from shared.runs.config import CHOICES, RANGES, RunConfig, _coerce
 from simulations.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +98,106 @@ def test_no_setting_takes_nan_or_infinity(key: str, value) -> None:
     to NaN weights; these were accepted): refused, naming the setting."""
     with pytest.raises(ValueError, match=f"{key}.*(finite|must|expects)"):
         RunConfig.from_flat({key: value})
+
+
+# (setting, a value it refuses): each was taken, and then failed deep in a run, gave a wrong
+# result without a word or waited forever
+OUT_OF_RANGE = [
+    ("trim-fraction", 0.5),  # the trimmed mean kept no node: every aggregate was zero
+    ("trim-fraction", -0.1),  # absent nodes were averaged in as zeros
+    ("fraction-train", 1.5),  # Flower waited forever for nodes that did not exist
+    ("fraction-train", 0.0),
+    ("min-nodes", 6),  # above clients (5): the same wait
+    ("min-nodes", 0),
+    ("server-lr", 0.0),  # the model never moved
+    ("server-lr", -1.0),  # it moved away from what the nodes learnt
+    ("row-clip", 0.5),  # the median node itself was cut
+    ("row-clip", -1.0),  # taken as off
+    ("proximal-mu", -0.01),  # pushed each node away from the global model
+    ("dropout", 1.0),  # every activation dropped (above 1 torch failed)
+    ("recency", 1.5),  # history weights (1 - recency)^age of alternating sign
+    ("recency", -1.0),  # weights growing with age, past float32 in long histories
+    ("logit-scale", 0.0),
+    ("lr", 0.0),
+    ("lr", -0.001),
+    ("weight-decay", -0.1),
+    ("dp-lr", -2.0),
+    ("max-grad-norm", 0.0),
+    ("dp-id-scale", 0.0),
+    ("seed", -1),  # numpy's generator failed in the partition
+    ("seed", 2**63),  # above what Flower's messages carry
+    ("epochs", 0),
+    ("batch-size", 0),
+    ("patience", -1),
+    ("dp-batch-size", 0),
+    ("dp-epochs", 0),
+    ("dp-local-epochs", 0),
+    ("dp-encoder-batch", 0),
+    ("local-batch-size", 0),  # a division by zero at every node
+    ("local-epochs", 0),
+    ("max-local-epochs", 0),
+    ("local-steps", -1),
+    ("clients", 0),
+    ("rounds", 0),
+    ("dp-rounds", 0),
+    ("round-patience", -1),
+    ("valid-customers", -1),
+    ("text-finetune-layers", -1),
+    ("text-finetune-steps", 0),
+    ("text-finetune-rounds", 0),
+    ("fragment-nodes", -2),
+    ("canaries", -1),
+    ("round-timeout", -5.0),
+    ("catalog-epochs", -1),
+    ("cold-items", 1.0),
+    ("delta", 1.0),
+    ("dirichlet-alpha", -1.0),
+    ("target-epsilon", 0.0),
+    ("node-target-epsilon", 101.0),
+    ("fusion", "xor"),  # a node failed building its model
+    ("variant", "both"),
+    ("dp-train", "everything"),
+    ("wire-dtype", "int8"),  # a node's reply rounded to whole numbers
+    ("reverse-histories", "2"),
+    ("dp-denoise", "yes"),
+    ("regions", "north"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), OUT_OF_RANGE)
+def test_a_setting_outside_its_range_is_refused_naming_it_its_value_and_the_range(
+    key: str, value: object
+) -> None:
+    """Range checks live in RunConfig alone: every command, Flower's run config and a node
+    reading the server's request refuse the value before anything runs."""
+    name = key.replace("-", "_")
+    allowed = str(RANGES[name]) if name in RANGES else " or ".join(CHOICES[name][-2:])
+    shown = f"{value:g}" if isinstance(value, float) else repr(value)
+    with pytest.raises(ValueError) as refused:
+        RunConfig.from_flat({key: value})
+    message = str(refused.value)
+    assert message.startswith(f"{key} must be"), message
+    assert allowed in message and message.endswith(f"got {shown}") or "clients (5)" in message
+
+
+def test_every_range_is_tested_and_its_ends_are_taken() -> None:
+    tested = {key for key, _ in OUT_OF_RANGE}
+    assert {kebab(name) for name in [*RANGES, *CHOICES]} <= tested
+    ends = {
+        "trim_fraction": 0.0,
+        "row_clip": 1.0,
+        "fraction_train": 1.0,
+        "min_nodes": 5,
+        "seed": 2**63 - 1,
+        "recency": 1.0,
+        "dropout": 0.0,
+        "proximal_mu": 0.0,
+        "local_steps": 0,
+    }
+    for name, value in ends.items():
+        assert getattr(RunConfig(**{name: value}), name) == value
+    assert RunConfig(row_clip=0.0).row_clip == 0.0  # off
+    assert RunConfig(clients=1, min_nodes=1).min_nodes == 1
 
 
 def test_from_flat_takes_each_kind_as_text_or_as_itself() -> None:
@@ -205,16 +305,16 @@ def test_bad_set_is_refused_with_the_key(capsys, tmp_path: Path) -> None:
 
 def test_a_cold_items_fraction_outside_0_1_is_refused_by_every_command(tmp_path: Path) -> None:
     out = str(tmp_path / "o")
-    with pytest.raises(SystemExit, match=r"cold-items must be a fraction in \[0, 1\), got 1.5"):
+    with pytest.raises(SystemExit, match=r"cold-items must be in \[0, 1\), got 1.5"):
         main(["train", "--data", str(tmp_path), "--out", out, "--set", "cold-items=1.5"])
-    with pytest.raises(SystemExit, match=r"--cold-items must be a fraction .* got -0.1"):
+    with pytest.raises(SystemExit, match=r"--cold-items must be in \[0, 1\), got -0.1"):
         main(["bench", "quality", "--data", str(tmp_path), "--out", out, "--cold-items", "-0.1"])
     assert not (tmp_path / "o").exists()
 
 
 def test_negative_catalog_epochs_are_refused_before_anything_runs(tmp_path: Path) -> None:
     out = tmp_path / "o"
-    with pytest.raises(SystemExit, match=r"catalog-epochs must be 0 \(off\) or more, got -1"):
+    with pytest.raises(SystemExit, match=r"catalog-epochs must be 0 \(off\) or at least 1, got -1"):
         main(["train", "--data", str(tmp_path), "--out", str(out), "--set", "catalog-epochs=-1"])
     assert not out.exists()
 
@@ -298,11 +398,11 @@ def test_a_budget_outside_0_100_or_a_delta_outside_0_1_is_refused_before_anythin
     that large, or none at all, is refused by name before any output exists."""
     out = tmp_path / "o"
     base = ["simulate", "--clients", "2", "--data", str(tmp_path), "--out", str(out), "--dp"]
-    with pytest.raises(SystemExit, match=r"target-epsilon must be in \(0, 100\], got 1000"):
+    with pytest.raises(SystemExit, match=r"target-epsilon must be in \(0, 100\] .*, got 1000"):
         main([*base, "--target-epsilon", "1000"])
-    with pytest.raises(SystemExit, match=r"target-epsilon must be in \(0, 100\], got 0"):
+    with pytest.raises(SystemExit, match=r"target-epsilon must be in \(0, 100\] .*, got 0"):
         main([*base, "--target-epsilon", "0"])
-    with pytest.raises(SystemExit, match=r"node-target-epsilon must be in \(0, 100\], got -1"):
+    with pytest.raises(SystemExit, match=r"node-target-epsilon must be in \(0, 100\] .*, got -1"):
         main([*base, "--set", "node-target-epsilon=-1"])
     with pytest.raises(SystemExit, match=r"delta must be in \[0, 1\) .* got 1"):
         main([*base, "--set", "delta=1"])
@@ -310,7 +410,7 @@ def test_a_budget_outside_0_100_or_a_delta_outside_0_1_is_refused_before_anythin
     assert RunConfig(target_epsilon=100.0).target_epsilon == 100.0  # the bound itself is allowed
     # what a node builds from the server's settings: an operator asking more is refused there too
     for hostile in (1000.0, float("nan"), float("inf"), "nan"):
-        with pytest.raises(ValueError, match="target-epsilon must be in"):
+        with pytest.raises(ValueError, match="target-epsilon must be (in|a finite)"):
             RunConfig.from_flat({"dp": True, "target-epsilon": hostile})
-    with pytest.raises(ValueError, match="delta must be in"):
+    with pytest.raises(ValueError, match="delta must be a finite number"):
         RunConfig.from_flat({"dp": True, "delta": float("nan")})

@@ -342,5 +342,5 @@ def test_the_regions_setting_is_checked() -> None:
         RunConfig(regions="yes")
     with pytest.raises(ValueError, match="dirichlet-alpha must be 0"):
         RunConfig(dirichlet_alpha=-1.0)  # was taken as 0 (off) without a word
-    with pytest.raises(ValueError, match="dirichlet-alpha must be 0 .off. or up to 1e"):
+    with pytest.raises(ValueError, match=r"dirichlet-alpha must be 0 .off. or in \(0, 1e\+06\]"):
         RunConfig(dirichlet_alpha=1e308)  # numpy's shares overflowed to 0: a traceback

@@ -113,8 +113,8 @@ CONFIG_CASES = [
     ("no value", ["--set", "dim"], "KEY=VALUE"),
     ("unknown strategy", ["--set", "strategy=krum"], "strategy must be one of"),
     ("unknown partition", ["--set", "partition=zip"], "partition must be one of"),
-    ("unknown fusion", ["--set", "fusion=xor"], "fusion must be one of"),
-    ("unknown wire dtype", ["--set", "wire_dtype=int8"], "wire-dtype must be one of"),
+    ("unknown fusion", ["--set", "fusion=xor"], "fusion must be gated, sum or concat"),
+    ("unknown wire dtype", ["--set", "wire_dtype=int8"], "wire-dtype must be float32 or float16"),
     ("zero rounds", ["--set", "rounds=0"], "rounds must be at least 1"),
     ("negative round timeout", ["--set", "round_timeout=-5"], "round-timeout"),
     (
@@ -124,7 +124,11 @@ CONFIG_CASES = [
     ),
     ("no encoder rounds", ["--set", "text_finetune_rounds=0"], "text-finetune-rounds"),
     ("unknown attack", ["--set", "attack=flood"], "attack"),
-    ("cold items out of range", ["--set", "cold-items=1.5"], "cold-items must be a fraction"),
+    ("cold items out of range", ["--set", "cold-items=1.5"], "cold-items must be in [0, 1)"),
+    # a trimmed mean that keeps no node (every aggregate zero), rounds waiting forever
+    ("trimming every node", ["--set", "trim-fraction=0.5"], "trim-fraction must be in [0, 0.5)"),
+    ("more nodes than exist", ["--set", "fraction-train=1.5"], "fraction-train must be in (0, 1]"),
+    ("min-nodes above the nodes", ["--set", "min-nodes=3"], "min-nodes must be at most clients"),
     ("a device nobody has", ["--device", "cuda:99"], "this machine has"),
     (  # every node would refuse such answers (or the server would discard them, charged)
         "evaluation noise the server does not account",
@@ -245,4 +249,4 @@ def test_a_refused_run_leaves_an_earlier_output_as_it_was(
 def test_the_cases_are_counted() -> None:
     data = len(DATA_CASES) * len(DATA_COMMANDS)
     config = len(CONFIG_CASES) * len(CONFIG_COMMANDS)
-    assert (len(DATA_CASES), len(CONFIG_CASES), data + config + 1) == (13, 18, 76)
+    assert (len(DATA_CASES), len(CONFIG_CASES), data + config + 1) == (13, 21, 82)
