@@ -33,16 +33,13 @@ from server.serving import service
 from server.serving.index import VectorIndex, recall_at_k, top_k
 from server.serving.lexical import Lexical, tokenize
 from server.serving.search import load_engine
+from server.serving.middleware import LOCAL_HOSTS, allowed_hosts, host_allowed, log_access
 from server.serving.service import (
-    LOCAL_HOSTS,
     Limits,
     admin_token,
-    allowed_hosts,
     build_app,
     create_app,
     default_token_file,
-    host_allowed,
-    log_access,
 )
 from shared.data.dataset import DataError
 from shared.recommender.artifacts import save_model
