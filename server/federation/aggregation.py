@@ -119,6 +119,8 @@ def clip_updates(
         deltas = [_delta(u, name, reference) for u in updates]
         if name in ITEM_TABLES:
             norms = [_row_norms(d) for d in deltas]
+            if not any(len(n) for n in norms):  # no node sent a row of it: nothing to bound
+                continue
             sent = [_row_index(u, name) for u in updates]
             rows = [torch.arange(len(reference)) if r is None else r for r in sent]
             bounds = multiple * _row_bounds(norms, rows, len(reference))

@@ -8,6 +8,7 @@ recoverable issues (exact duplicate rows, untouched items) are counted in :class
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,8 @@ def read_table(path: Path) -> pd.DataFrame:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise DataError(path, "the file is empty") from None
+    except UnicodeDecodeError:  # its position is within one of the parser's chunks
+        raise not_utf8(path) from None
     except DataError:
         raise
     except Exception as error:  # parser errors carry their own line numbers
@@ -106,6 +109,21 @@ def read_table(path: Path) -> pd.DataFrame:
     if frame.empty:
         raise DataError(path, "the table has a header but no rows")
     return frame
+
+
+def not_utf8(path: Path) -> DataError:
+    """The error for a text table that is not UTF-8, naming its first line that is not."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = line[error.start : error.start + 1].hex()
+                return DataError(
+                    path, f"line {number} is not UTF-8 text (byte 0x{byte}): save it as UTF-8"
+                )
+    return DataError(path, "is not UTF-8 text: save it as UTF-8")
 
 
 def usual_event(directory: Path) -> str:

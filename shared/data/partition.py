@@ -37,8 +37,13 @@ def item_merchants(
 ) -> np.ndarray:
     """Node index of each item, by its merchant: the item's ``merchant_id``, else the one its
     events name most often (``interactions``), else (no merchant known) its category path's
-    first two levels (deeper, up to five, until there is a group per node)."""
+    first two levels (deeper, up to five, until there is a group with events per node).
+    Groups without an event (known from ``interactions``) are placed after the others: a
+    node of unsold products alone would hold nothing to train on."""
     merchant = _column(items, "merchant_id")
+    sold = np.ones(len(items), dtype=bool)
+    if interactions is not None:
+        sold = np.isin(np.arange(len(items)), interactions["item_idx"].to_numpy())
     if interactions is not None and "merchant_id" in interactions:
         named = interactions.assign(merchant_id=_column(interactions, "merchant_id"))
         named = named[named["merchant_id"] != ""]
@@ -49,9 +54,12 @@ def item_merchants(
     for depth in range(2, 6):
         category = "category:" + path.str[:depth].str.join("|")
         keys = ("merchant:" + merchant).where(merchant != "", category)
-        if keys.nunique() >= num_nodes or (merchant != "").all():
+        if keys[sold].nunique() >= num_nodes or (merchant != "").all():
             break
-    return keys.map(balanced_owner(keys.value_counts(), num_nodes)).to_numpy()
+    sizes = keys.value_counts()
+    selling = sizes.index.isin(keys[sold].unique())
+    owner = balanced_owner(pd.concat([sizes[selling], sizes[~selling]]), num_nodes)
+    return keys.map(owner).to_numpy()
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -73,8 +81,9 @@ def fragment_histories(histories: list[np.ndarray], owner: np.ndarray) -> list[n
 
 
 def balanced_owner(sizes: pd.Series, num_nodes: int) -> dict:
-    """Node of each group (``sizes``: its size by key, largest first, as ``value_counts``
-    gives them): each group to the currently smallest node; balanced and deterministic."""
+    """Node of each group (``sizes``: its size by key, in the order they are placed: largest
+    first, as ``value_counts`` gives them): each group to the currently smallest node;
+    balanced and deterministic."""
     load, owner = np.zeros(num_nodes), {}
     for key, size in sizes.items():
         node = int(np.argmin(load))

@@ -117,7 +117,8 @@ def write_recs(
 
 def metrics_from_recs(recs_path: Path, split: Split, item_ids: np.ndarray) -> dict[str, float]:
     """Recompute the test metrics from ``recs.csv`` and the dataset alone (an independent check)."""
-    recs = pd.read_csv(recs_path, dtype={"user_id": str, "item_id": str})
+    # ids are text, as the loader reads them: "NA" or "null" is an id, not a missing value
+    recs = pd.read_csv(recs_path, dtype={"user_id": str, "item_id": str}, keep_default_na=False)
     target_of = dict(
         zip(
             split.user_ids[split.test_users],

@@ -102,6 +102,17 @@ def test_a_node_cannot_shrink_the_tables_scale_by_sending_every_row_unmoved() ->
     torch.testing.assert_close(merchants[0].arrays["id_scores.bias"], torch.tensor([0.2]))
 
 
+def test_a_round_where_no_node_moved_a_product_is_aggregated() -> None:
+    """Nodes whose customers have nothing left to learn from (every customer's last events held
+    out for evaluation: 3 events each) send no item rows: the row bound crashed the run
+    (torch.stack of no tables' medians); now such a round aggregates the rest."""
+    updates = [sparse_update(f"n{i}", 1.0, [], value=0.0, dense=1.0 + i) for i in range(3)]
+    assert clip_updates(global_state(), updates, 3.0) == {}
+    new = apply_mean(updates)
+    torch.testing.assert_close(new["id_scores.bias"], torch.zeros(ITEMS))
+    torch.testing.assert_close(new["norm.weight"], torch.full((3,), 2.0))
+
+
 def test_the_row_bound_can_be_turned_off() -> None:
     updates = [sparse_update("a", 1.0, [0], 0.1, 1.0), sparse_update("b", 1.0, [0], 90.0, 1.0)]
     assert clip_updates(global_state(), updates, 0.0) == {}

@@ -125,6 +125,20 @@ def test_a_parquet_column_of_lists_is_named_not_a_crash(tmp_path: Path, column: 
     assert f"{table}.parquet" in str(error) and f"['{column}'] hold lists or structs" in str(error)
 
 
+@pytest.mark.parametrize("name", ["items.csv", "items.csv.gz"])
+def test_a_table_not_in_utf8_names_the_line(tmp_path: Path, name: str) -> None:
+    """A catalog saved as Latin-1 (a spreadsheet's export): the message named a position in
+    one of the parser's chunks ("position 2"), nowhere near the product; it names the line."""
+    path = write_dir(tmp_path)
+    (path / "items.csv").unlink()
+    text = ITEMS + "d,Crème brûlée Lip Balm,Beauty\n"
+    data = text.encode("latin-1")
+    (path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    message = str(load_error(path))
+    assert name in message and "line 5 is not UTF-8 text" in message, message
+    assert "position" not in message
+
+
 def test_missing_table_and_missing_directory(tmp_path: Path) -> None:
     (tmp_path / "items.csv").write_text(ITEMS)
     assert "no interactions table" in str(load_error(tmp_path))

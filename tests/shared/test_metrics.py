@@ -204,3 +204,24 @@ def test_recs_metrics_detect_a_changed_recommendation(synth_split, tmp_path: Pat
     moved = metrics_from_recs(tmp_path / "recs.csv", split.subset(users), item_ids)
     assert moved["ndcg@10"] == pytest.approx(0.5)
     assert moved["mrr@20"] == pytest.approx(1 / 3)
+
+
+def test_recs_csv_keeps_ids_that_read_like_missing_values(tmp_path: Path) -> None:
+    """Ids such as "NA", "null" or "nan" are ids (the loader reads them as text): recomputing
+    from recs.csv counts their hits too, instead of reading them as missing values."""
+    split = Split(
+        user_ids=np.array(["NA", "null"]),
+        train=[np.array([2]), np.array([2])],
+        valid_target=np.array([1, 1]),
+        test_target=np.array([0, 0]),
+        num_items=3,
+    )
+    item_ids = np.array(["nan", "None", "p2"])
+
+    def first_item(users: np.ndarray, histories: list[np.ndarray]) -> torch.Tensor:
+        return -torch.arange(3, dtype=torch.float32).repeat(len(users), 1)
+
+    result, top = evaluate(first_item, split, "test")
+    assert result["ndcg@10"] == 1.0
+    write_recs(tmp_path / "recs.csv", split, item_ids, top)
+    assert metrics_from_recs(tmp_path / "recs.csv", split, item_ids)["ndcg@10"] == 1.0

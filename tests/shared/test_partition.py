@@ -183,6 +183,23 @@ def test_more_nodes_than_merchants_is_refused_before_any_node_is_written(
     assert len(write_partitions(dataset, tmp_path / "fits", merchants, "merchant")) == merchants
 
 
+def test_unsold_products_never_take_a_merchant_node_of_their_own(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """A catalog's largest group may be products nobody bought (no merchant_id, no category:
+    one group): balanced by products, it took a node alone, which held no event, and every
+    merchant partition into 2 nodes or more was refused. The groups that hold events are placed
+    first; unsold ones join them."""
+    merchants = dataset.items["merchant_id"].nunique()
+    unsold = pd.DataFrame({"item_id": [f"unsold-{k}" for k in range(3 * len(dataset.items))]})
+    items = pd.concat([dataset.items, unsold], ignore_index=True).fillna("")
+    catalog = Dataset(dataset.interactions, items, dataset.report)
+    directories = write_partitions(catalog, tmp_path / "parts", merchants, "merchant")
+    assert all(len(node.interactions) for node in load_nodes(directories))
+    with pytest.raises(DataError, match=f"ask for at most {merchants} nodes"):
+        write_partitions(catalog, tmp_path / "more", merchants + 1, "merchant")
+
+
 @pytest.mark.parametrize("scheme", ["regional", "merchant"])
 def test_an_absurd_node_count_is_refused_at_once(
     dataset: Dataset, tmp_path: Path, scheme: str
