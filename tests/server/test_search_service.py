@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from server.serving import service
 from server.serving.index import VectorIndex, recall_at_k, top_k
 from server.serving.lexical import Lexical, tokenize
-from server.serving.search import load_engine
 from server.serving.middleware import LOCAL_HOSTS, allowed_hosts, host_allowed, log_access
+from server.serving.search import load_engine
 from server.serving.service import (
     Limits,
     admin_token,
