@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from server.privacy.ledger import PrivacyLedger
 from shared import __version__
 from shared.runs.outputs import OtherSettings, check_rerun
+from simulations import simulate
 from simulations.cli import build_parser, main
 from simulations.simulate import config_from_args
 from simulations.verdict import verdict
@@ -143,3 +144,14 @@ def test_data_split_refuses_a_dirichlet_alpha_that_is_no_skew(
     with pytest.raises(SystemExit, match="--dirichlet-alpha must be 0 or a positive number"):
         main([*argv, "--dirichlet-alpha", alpha])
     assert not out.exists()
+
+
+def test_ray_object_store_fits_a_virtual_memory_limit(monkeypatch):
+    """Under ``ulimit -v`` (10 GB here) Ray's default store, 30% of the machine's memory, was
+    mapped into every Ray process beside its own memory: "mmap failed", a C++ abort."""
+    limit = 10_000_000 * 1024
+    monkeypatch.setattr(simulate.resource, "getrlimit", lambda _: (limit, limit))
+    assert simulate.backend_config(5, "cpu")["init_args"]["object_store_memory"] == limit // 4
+    unlimited = (simulate.resource.RLIM_INFINITY,) * 2
+    monkeypatch.setattr(simulate.resource, "getrlimit", lambda _: unlimited)
+    assert "object_store_memory" not in simulate.backend_config(5, "cpu")["init_args"]
