@@ -106,8 +106,17 @@ def test_verdict_states_the_privacy_guarantee_and_the_audit(tmp_path: Path) -> N
     }
     lines = verdict(metrics, tmp_path)
     assert not any(line.startswith("below") for line in lines)
-    assert lines[-1].startswith("privacy: (8.00, 1.0e-05)-differential privacy for one customer")
+    assert lines[-1].startswith("privacy: (8.000, 1e-05)-differential privacy for one customer")
     assert f"fedrec audit {tmp_path}" in lines[-1]
+
+
+def test_verdict_rounds_the_guarantee_up(tmp_path: Path) -> None:
+    """A DP run's ε 7.99489 at δ 3.33e-4 was printed '(7.99, 3.3e-04)': below what was spent."""
+    metrics = {
+        "test": {"ndcg@10": 0.2, "hr@10": 0.3},
+        "privacy": {"epsilon": 7.99489, "delta": 1 / 3000, "unit": "one customer"},
+    }
+    assert verdict(metrics, tmp_path)[-1].startswith("privacy: (7.995, 0.00034)-differential")
 
 
 def test_verdict_never_calls_a_model_level_with_a_reference_above_it(tmp_path: Path) -> None:
