@@ -28,7 +28,7 @@ from client.policy import NodePolicy
 from server.federation.credentials import VALID_DAYS
 from server.federation.registry import write_registry
 from server.federation.settings import check_settings
-from shared.federation.node_directory import NodeInfo
+from shared.federation.node_directory import NODE_FILE, NodeInfo
 from shared.runs.checkpoint import Checkpoint, CheckpointError
 from shared.runs.config import RunConfig
 from shared.runs.durable import OutputInUse, RunLock
@@ -145,6 +145,28 @@ def node_directories(args: argparse.Namespace) -> tuple[Path, list[Path]]:
     data = args.data if args.data is not None else embedded_dataset(out)
     settings = run_config_from_args(args)
     return split_dataset(data, split, args.nodes, settings.partition, settings.seed)
+
+
+def with_nodes_partition(overrides: list[str], settings: RunConfig, nodes: list[Path]) -> list[str]:
+    """``overrides`` with ``partition=merchant`` first when the node directories were split by
+    merchant (their ``node.json``) and no partition was set: a customer may shop at several of
+    those nodes, and only a merchant federation shares the budget among them and states that
+    customer's total ε. A regional partition set for them is refused: it would state one
+    node's ε (the audit passing it) for a customer who spent it at every node."""
+    try:
+        split = {NodeInfo.read(d).partition for d in nodes if (d / NODE_FILE).is_file()}
+    except ValueError as error:
+        raise SystemExit(f"fedrec: {error}") from None
+    if "merchant" not in split or settings.partition == "merchant":
+        return overrides
+    if any(o.partition("=")[0].strip() == "partition" for o in overrides):
+        raise SystemExit(
+            f"fedrec: the node directories were split by merchant (their {NODE_FILE}) but the "
+            f"run is set to partition={settings.partition}: a customer shopping at several of "
+            "them would be stated one node's epsilon; drop that --set or set partition=merchant"
+        )
+    print("deploy: the nodes were split by merchant (node.json): a merchant federation")
+    return ["partition=merchant", *overrides]
 
 
 def completed_round(out: Path) -> int:
@@ -278,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
     if problem := unloadable_text_model(settings, args.node_config):
         raise SystemExit(f"fedrec: {problem}")
     catalog, nodes = node_directories(args)
+    args.overrides = with_nodes_partition(args.overrides, settings, nodes)
     config = config_from_args(args, catalog, len(nodes))
     previous = signal.signal(signal.SIGTERM, _stop)
     try:

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,14 +161,24 @@ def backend_config(clients: int, device: str) -> dict:
     gpus = 0.0
     if device in ("auto", "cuda") and torch.cuda.is_available():
         gpus = 1.0 / min(clients, cpus)
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,  # Ray's own start-up messages
-        },
+    init_args = {
+        "num_cpus": cpus,
+        "include_dashboard": False,
+        "logging_level": logging.ERROR,  # Ray's own start-up messages
     }
+    store = object_store_bytes()
+    if store is not None:
+        init_args["object_store_memory"] = store
+    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init_args}
+
+
+def object_store_bytes() -> int | None:
+    """Ray's object store under a virtual-memory limit (``ulimit -v``): a quarter of it, as
+    every Ray process maps the whole store beside its own memory (Ray's default, 30% of the
+    machine's memory, ended the run in Ray's "mmap failed" abort); None (Ray's default)
+    without a limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft // 4
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

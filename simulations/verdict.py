@@ -22,6 +22,7 @@ from shared.recommender.catalog_pretraining import brand_groups
 from shared.recommender.experiment import Experiment
 from shared.recommender.metrics import evaluate
 from shared.recommender.text import embed_items
+from shared.runs.rounding import up, up_significant
 from simulations.baselines import popularity, text_only
 
 REFERENCES = {
@@ -113,8 +114,8 @@ def privacy_line(privacy: dict, out: Path) -> str:
     line = "privacy: "
     if "epsilon" in guarantee:
         line += (
-            f"({guarantee['epsilon']:.2f}, {guarantee['delta']:.1e})-differential privacy "
-            f"for {guarantee['unit']}"
+            f"({up(guarantee['epsilon'], 3)}, {up_significant(guarantee['delta'], 2)})-"
+            f"differential privacy for {guarantee['unit']}"
         )
     if (out / "ledger.jsonl").exists():
         line += f"; ledger {out / 'ledger.jsonl'}; check it with: fedrec audit {out}"

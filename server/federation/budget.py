@@ -22,6 +22,7 @@ from server.privacy.ledger import PrivacyLedger
 from server.privacy.ledger_gaps import outstanding_releases
 from shared.federation.node_directory import NodeInfo
 from shared.runs.config import RunConfig
+from shared.runs.rounding import up, up_significant
 
 if TYPE_CHECKING:
     from server.federation.registry import Registry
@@ -124,7 +125,8 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     epsilon = max([epsilon, *claims.values(), *([config.target_epsilon] if unbounded else [])])
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
-        f"({epsilon:.3f}, {delta:.3g})-differential privacy for each customer, the unit "
+        f"({up(epsilon, 3)}, {up_significant(delta, 3)})-differential privacy for each customer, "
+        "the unit "
         f"being {federation['unit']}; each node's own guarantee is in 'per_node'."
     )
     if claims:

@@ -27,6 +27,7 @@ from server.privacy.audit_checks import by_node, check, entry_problem, is_number
 from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import planned_answer, request_purpose
 from shared.runs.config import MAX_TARGET_EPSILON
+from shared.runs.rounding import up, up_significant
 
 DP_SGD = ("training", "encoder")
 # a node whose indices jump further than this is not composed: its epsilon is unbounded
@@ -213,7 +214,8 @@ def audit_federation(
             report["notes"] += [said] if said and not problem else []
         report["checks"].append(check("federation_budget", title, over, f"{ok} ({applies['how']})"))
     report["guarantee"] = (
-        f"({fed['epsilon']:.3f}, {applies['delta']:.3g})-DP for {fed['unit']} ({applies['how']})"
+        f"({up(fed['epsilon'], 3)}, {up_significant(applies['delta'], 3)})-DP for {fed['unit']} "
+        f"({applies['how']})"
     )
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.privacy.audit_checks import is_number
 from server.privacy.canary_audit import read_canaries
+from shared.runs.console import console as log_console
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -78,10 +79,9 @@ NODE_COLUMNS = [
 def print_summary(report: dict) -> None:
     """The audit on the terminal: a rich table per node, the checks and the guarantee."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = log_console()
     console.print(f"[bold]privacy audit[/bold] of {report['ledger']} ({report['entries']} entries)")
     if report["nodes"]:
         table = Table(

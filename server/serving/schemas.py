@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from shared.data.dataset import EVENTS
 
@@ -31,7 +31,14 @@ def text_field(name: str, min_length: int = 0) -> Any:
 ItemId = Annotated[text_field("item_id", 1), BeforeValidator(_number_as_text)]
 
 
-class HistoryEvent(BaseModel):
+class Request(BaseModel):
+    """A request body: a field it does not know (a typo such as ``histroy``) is a 422 naming
+    it, never silently dropped (which would answer as if the field had not been sent)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HistoryEvent(Request):
     """One history item with what the customer did with it."""
 
     item_id: ItemId
@@ -48,12 +55,12 @@ History = Field(
 )
 
 
-class RecommendRequest(BaseModel):
+class RecommendRequest(Request):
     history: list[ItemId | HistoryEvent] = History
     k: int = Field(10, description="how many results (1 to the server's max_k)")
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(Request):
     query: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] = Field(
         description="free text, e.g. 'red nail polish'", examples=["red nail polish"]
     )
@@ -71,7 +78,7 @@ class Product(BaseModel):
     description: text_field("description") = ""
 
 
-class ProductUpdate(BaseModel):
+class ProductUpdate(Request):
     """A new product (``title`` required), or the fields to change of an existing one."""
 
     item_id: ItemId

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from shared.data.dataset import EVENTS, Dataset, load_dataset
+from shared.runs.console import console
 
 
 def _date(seconds: int) -> str:
@@ -122,5 +122,5 @@ def run(args: argparse.Namespace) -> int:
     table.add_column(overflow="fold")
     for label, value in _rows(summary):
         table.add_row(label, value)
-    Console().print(table)
+    console().print(table)
     return 0

@@ -24,6 +24,7 @@ from shared.recommender.artifacts import write_json
 from shared.recommender.catalog import fill_cold_items
 from shared.recommender.experiment import Experiment
 from shared.recommender.metrics import METRICS, ScoreFn, evaluate
+from shared.runs.console import console as log_console
 from simulations.baselines import BASELINES, baselines
 from simulations.train import (
     add_run_config_arguments,
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, cold_items=args.cold_items)
         except ValueError as error:
             raise SystemExit(f"fedrec: --{error}") from None
-    console = Console()
+    console = log_console()
     experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
     variants = tuple(v for v in args.variants.split(",") if v)
     names = tuple(b for b in args.baselines.split(",") if b)

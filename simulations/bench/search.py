@@ -23,7 +23,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from server.serving.lexical import tokenize
@@ -42,6 +41,7 @@ from shared.recommender.experiment import Experiment
 from shared.recommender.metrics import metrics_from_ranks
 from shared.recommender.text import TextEncoder
 from shared.runs.config import RunConfig
+from shared.runs.console import console
 from shared.runs.progress import progress_bar
 
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -230,4 +230,4 @@ def print_table(result: dict) -> None:
             f"{result['test'][n][method][m]:.4f}" for n in QUERY_SETS for m in ("ndcg@10", "hr@10")
         ]
         table.add_row(method, *cells)
-    Console().print(table)
+    console().print(table)

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from server.serving.index import ANN_THRESHOLD, NPROBE, TEXT_NPROBE, recall_at_k
@@ -44,6 +43,7 @@ from server.serving.service import (
 from shared.data.dataset import leave_one_out, load_dataset
 from shared.recommender.artifacts import write_json
 from shared.recommender.catalog import grow, set_items
+from shared.runs.console import console
 from simulations.bench.search import build_engine, title_query
 
 COLOURS = ("red", "black", "white", "pink", "blue", "nude", "coral", "gold", "silver", "green")
@@ -362,4 +362,4 @@ def print_table(result: dict) -> None:
                 f"{http['p50_ms']:.1f} / {http['p99_ms']:.1f}" if http else "",
                 f"{recall[endpoint]:.3f}" if endpoint in recall else "",
             )
-    Console().print(table)
+    console().print(table)

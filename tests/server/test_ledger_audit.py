@@ -311,6 +311,18 @@ def test_audit_passes_an_honest_run_and_writes_reports(tmp_path, honest, capsys)
     assert "http://" not in page and "https://" not in page and "<script" not in page
 
 
+def test_audit_printed_to_a_file_cuts_nothing(tmp_path, capsys):
+    """Piped or logged (not a terminal), the table kept node names and figures whole and no
+    line was wrapped: at 80 columns both nodes printed as ``regional…``, the hash split."""
+    nodes = ("regional-north-0", "regional-north-1")
+    out = write_run(tmp_path, nodes=nodes, rounds=2)
+    assert main(["audit", str(out)]) == 0
+    printed = capsys.readouterr().out
+    head = json.loads((out / "audit.json").read_text())["head_hash"]
+    assert "…" not in printed and all(f" {node} " in printed for node in nodes)
+    assert any(line.startswith("PASS hash chain") and head in line for line in printed.splitlines())
+
+
 def test_audit_flags_a_node_reporting_epsilon_20_percent_too_low(tmp_path, capsys):
     out = write_run(tmp_path, nodes=("north", "south"), rounds=2, scale={"south": 0.8})
     assert main(["audit", str(out)]) == 1

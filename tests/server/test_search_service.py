@@ -599,6 +599,9 @@ def test_api_docs_load_their_assets_from_the_service(client: TestClient, path: s
         ("/search", {"query": "tent", "k": 21}, "k", "k must be between 1 and 20"),
         ("/recommend", {"history": ["tent1"] * 6}, "history", "the limit is 5"),
         ("/search", {"query": "tent " * 13}, "query", "longer than 60 characters"),
+        # a misspelt field is named, not dropped (which answered the popular products)
+        ("/recommend", {"histroy": ["tent1"]}, "histroy", "Extra inputs are not permitted"),
+        ("/search", {"query": "tent", "K": 3}, "K", "Extra inputs are not permitted"),
     ],
 )
 def test_bad_requests_get_422_naming_the_problem(client: TestClient, path, body, field, message):
@@ -606,6 +609,14 @@ def test_bad_requests_get_422_naming_the_problem(client: TestClient, path, body,
     assert response.status_code == 422
     error = response.json()["detail"][0]
     assert error["loc"] == ["body", field] and message in error["msg"]
+
+
+def test_a_misspelt_product_field_is_422_and_nothing_changes(client: TestClient):
+    sent = {"item_id": "tent1", "descripton": "new words"}
+    response = client.post("/items", headers=ADMIN, json=sent)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "descripton"]
+    assert "new words" not in client.get("/items/tent1").text
 
 
 def test_empty_query_and_missing_fields_are_422(client: TestClient):

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from server.privacy.ledger import PrivacyLedger
 from shared import __version__
 from shared.runs.outputs import OtherSettings, check_rerun
+from simulations import simulate
 from simulations.cli import build_parser, main
 from simulations.simulate import config_from_args
 from simulations.verdict import verdict
@@ -105,8 +106,17 @@ def test_verdict_states_the_privacy_guarantee_and_the_audit(tmp_path: Path) -> N
     }
     lines = verdict(metrics, tmp_path)
     assert not any(line.startswith("below") for line in lines)
-    assert lines[-1].startswith("privacy: (8.00, 1.0e-05)-differential privacy for one customer")
+    assert lines[-1].startswith("privacy: (8.000, 1e-05)-differential privacy for one customer")
     assert f"fedrec audit {tmp_path}" in lines[-1]
+
+
+def test_verdict_rounds_the_guarantee_up(tmp_path: Path) -> None:
+    """A DP run's ε 7.99489 at δ 3.33e-4 was printed '(7.99, 3.3e-04)': below what was spent."""
+    metrics = {
+        "test": {"ndcg@10": 0.2, "hr@10": 0.3},
+        "privacy": {"epsilon": 7.99489, "delta": 1 / 3000, "unit": "one customer"},
+    }
+    assert verdict(metrics, tmp_path)[-1].startswith("privacy: (7.995, 0.00034)-differential")
 
 
 def test_verdict_never_calls_a_model_level_with_a_reference_above_it(tmp_path: Path) -> None:
@@ -143,3 +153,14 @@ def test_data_split_refuses_a_dirichlet_alpha_that_is_no_skew(
     with pytest.raises(SystemExit, match="--dirichlet-alpha must be 0 or a positive number"):
         main([*argv, "--dirichlet-alpha", alpha])
     assert not out.exists()
+
+
+def test_ray_object_store_fits_a_virtual_memory_limit(monkeypatch):
+    """Under ``ulimit -v`` (10 GB here) Ray's default store, 30% of the machine's memory, was
+    mapped into every Ray process beside its own memory: "mmap failed", a C++ abort."""
+    limit = 10_000_000 * 1024
+    monkeypatch.setattr(simulate.resource, "getrlimit", lambda _: (limit, limit))
+    assert simulate.backend_config(5, "cpu")["init_args"]["object_store_memory"] == limit // 4
+    unlimited = (simulate.resource.RLIM_INFINITY,) * 2
+    monkeypatch.setattr(simulate.resource, "getrlimit", lambda _: unlimited)
+    assert "object_store_memory" not in simulate.backend_config(5, "cpu")["init_args"]

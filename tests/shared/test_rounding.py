@@ -1,0 +1,17 @@
+"""Stated privacy figures are rounded up, never to the nearest (which can be below)."""
+
+from __future__ import annotations
+
+from shared.runs.rounding import up, up_significant
+
+
+def test_epsilon_is_rounded_up_and_exact_decimals_stay() -> None:
+    assert up(7.99489, 2) == "8.00" and up(7.99489, 3) == "7.995"
+    assert up(7.9972941520714835, 3) == "7.998"  # ".3f" printed 7.997
+    assert up(1.1, 2) == "1.10" and up(8.0, 3) == "8.000"  # no float residue pushed up
+
+
+def test_delta_is_rounded_up_in_significant_digits() -> None:
+    assert up_significant(1 / 3000, 2) == "0.00034" and up_significant(1 / 3000, 3) == "0.000334"
+    assert up_significant(0.00018867924528301886, 3) == "0.000189"
+    assert up_significant(1e-5, 3) == "1e-05" and up_significant(0.0, 3) == "0"
