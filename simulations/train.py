@@ -17,6 +17,7 @@ from shared.recommender.experiment import Experiment
 from shared.recommender.training import (
     calibrate_noise,
     learns_reversed,
+    passes_per_epoch,
     planned_epsilon,
     steps_per_epoch,
     targets_within,
@@ -125,14 +126,16 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     if config.refit:  # validation has chosen the epochs; now learn from those events too
         result["valid"], _ = experiment.evaluate(model, "valid")
         result["valid_test"], _ = experiment.evaluate(model, "test")
-        if show_progress:
+        if show_progress and best_epoch:
             print(f"refit on training + validation events for {best_epoch} epoch(s)", flush=True)
+        elif show_progress:
+            print("no epoch beat the public start on validation: it is the model", flush=True)
         refit = experiment.train_histories(refit=True)
         result["model"], _ = _fit(experiment, refit, best_epoch, False, show_progress, backwards)
     result["timing"] = {
         "train_s": round(time.time() - started, 1),
         "best_epoch": best_epoch,
-        "epoch_s": round(float(np.mean([h["epoch_s"] for h in history])), 1),
+        "epoch_s": round(float(np.mean([h["epoch_s"] for h in history if h["epoch"]])), 1),
     }
     result["reversed_histories"] = backwards
     return result
@@ -146,8 +149,9 @@ def _fit(
     show_progress: bool,
     backwards: bool = False,
 ) -> tuple:
-    """Adam over full-catalog softmax; with ``select``, early stopping on validation NDCG@10;
-    with ``backwards``, every history is learnt reversed too (:func:`learns_reversed`)."""
+    """Adam over full-catalog softmax; with ``select``, early stopping on validation NDCG@10,
+    the untrained public start (epoch 0) being the first candidate; with ``backwards``, every
+    history is learnt reversed too (:func:`learns_reversed`)."""
     config = experiment.config
     model = experiment.new_model()
     sequences = with_reversed(histories) if backwards else histories
@@ -161,6 +165,11 @@ def _fit(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     best, best_state, stale, history = -1.0, None, 0, []
+    if select:  # the public start is a candidate too: an epoch must beat it on validation
+        start, _ = experiment.evaluate(model, "valid")
+        history.append({"epoch": 0, "valid_ndcg@10": start["ndcg@10"]})
+        best, best_state = start["ndcg@10"], copy.deepcopy(model.state_dict())
+    passes = passes_per_epoch(len(inputs), config.batch_size, config.epoch_steps)
     for epoch in range(1, epochs + 1):
         epoch_start = time.time()
         loss = train_epoch(
@@ -172,6 +181,7 @@ def _fit(
             experiment.device,
             show_progress=show_progress,
             columns=columns,
+            passes=passes,
         )
         record = {"epoch": epoch, "loss": loss, "epoch_s": round(time.time() - epoch_start, 1)}
         history.append(record)

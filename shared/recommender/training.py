@@ -111,18 +111,23 @@ def train_epoch(
     proximal: Callable[[], torch.Tensor] | None = None,
     show_progress: bool = False,
     columns: torch.Tensor | None = None,
+    passes: int = 1,
 ) -> float:
-    """One non-private epoch (fast fused scoring); returns the mean loss per position.
+    """One non-private epoch (fast fused scoring) of ``passes`` shuffled passes over the
+    data (:func:`passes_per_epoch`); returns the mean loss per position.
 
     ``columns`` restricts the softmax to part of the catalog (a merchant's own products);
     ``targets`` are then positions in ``columns``.
     """
     model.train()
-    order = torch.randperm(len(inputs))
+    orders = [torch.randperm(len(inputs)) for _ in range(passes)]
+    batches = [
+        order[start : start + batch_size]
+        for order in orders
+        for start in range(0, len(inputs), batch_size)
+    ]
     total, count = 0.0, 0
-    batches = range(0, len(inputs), batch_size)
-    for start in progress_bar(batches, "training", disable=not show_progress):
-        batch = order[start : start + batch_size]
+    for batch in progress_bar(batches, "training", disable=not show_progress):
         x, y = trim(inputs[batch], targets[batch])
         x, y = x.to(device), y.to(device)
         valid = y >= 0
@@ -138,6 +143,15 @@ def train_epoch(
         positions = int(valid.sum())
         total, count = total + loss.item() * positions, count + positions
     return total / max(count, 1)
+
+
+def passes_per_epoch(sequences: int, batch_size: int, epoch_steps: int) -> int:
+    """Passes over ``sequences`` training sequences that make one epoch of ``fedrec train``:
+    one, or on a small dataset as many as reach ``epoch_steps`` optimiser steps. An epoch of
+    300 customers in batches of 128 is 3 steps: the epoch cap and the validation patience,
+    counted in epochs, would stop the model after a few dozen steps, before it has learnt."""
+    steps = max(1, math.ceil(sequences / batch_size))
+    return max(1, math.ceil(epoch_steps / steps))
 
 
 @dataclass

@@ -113,6 +113,7 @@ RANGES: dict[str, Range] = {
     "logit_scale": _POSITIVE,  # at 0 or below the text score says nothing, or the reverse
     "catalog_epochs": Range(1, off=0),
     "epochs": _COUNT,
+    "epoch_steps": Range(0, note="0: one pass an epoch"),
     "batch_size": _COUNT,
     "lr": _POSITIVE,
     "weight_decay": Range(0.0),
@@ -201,6 +202,7 @@ class RunConfig:
     catalog_epochs: int = 3  # the public start's passes over same-brand product pairs (0: off)
     # training
     epochs: int = 10
+    epoch_steps: int = 0  # an epoch: as many passes as reach these steps (0: one pass)
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0

@@ -149,6 +149,7 @@ OUT_OF_RANGE = [
     ("canaries", -1),
     ("round-timeout", -5.0),
     ("catalog-epochs", -1),
+    ("epoch-steps", -1),
     ("cold-items", 1.0),
     ("delta", 1.0),
     ("dirichlet-alpha", -1.0),

@@ -11,7 +11,14 @@ import torch
 
 from shared.recommender.catalog import fill_cold_items, full_table
 from shared.recommender.model import FusionRecommender, ModelConfig, pad_histories
-from shared.recommender.training import learns_reversed, training_tensors, trim, with_reversed
+from shared.recommender.training import (
+    learns_reversed,
+    passes_per_epoch,
+    train_epoch,
+    training_tensors,
+    trim,
+    with_reversed,
+)
 from shared.runs.config import RunConfig
 
 TEXT_MODULES = ("text_in", "query_to_text")
@@ -502,3 +509,18 @@ def test_short_histories_are_also_learnt_backwards() -> None:
     # never under DP, customer- or node-level: a customer would be two samples
     assert not learns_reversed(RunConfig(dp=True), short)
     assert not learns_reversed(RunConfig(node_dp=True), short)
+
+
+def test_a_small_datasets_epoch_takes_as_many_passes_as_reach_its_steps() -> None:
+    """``fedrec train``'s epoch on 300 sequences in batches of 128 is 3 steps; with
+    ``epoch-steps`` 20 it is 7 passes (21 steps), and a large dataset keeps one pass."""
+    assert passes_per_epoch(300, 128, 20) == 7
+    assert passes_per_epoch(300, 128, 0) == 1
+    assert passes_per_epoch(22_363, 128, 20) == 1
+    model = small_model()
+    inputs, targets = training_tensors(random_histories(60, [6] * 10), model.config.max_len)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    train_epoch(model, optimizer, inputs, targets, 4, "cpu", passes=3)
+    assert len(steps) == 3 * 3  # 10 sequences in batches of 4: 3 steps a pass

@@ -49,7 +49,8 @@ def test_train_writes_the_outputs(trained: Path, tiny_synth_dataset_dir: Path) -
         assert set(METRICS) <= set(metrics[stage])
     assert metrics["config"]["epochs"] == 2 and metrics["config"]["dim"] == 16
     assert "privacy" not in metrics
-    assert 1 <= len(metrics["history"]) <= 2
+    assert metrics["history"][0]["epoch"] == 0  # the public start, a candidate too
+    assert 2 <= len(metrics["history"]) <= 3
     dataset = load_dataset(tiny_synth_dataset_dir)
     split = leave_one_out(dataset)
     recs = pd.read_csv(trained / "recs.csv", dtype={"user_id": str, "item_id": str})
@@ -180,16 +181,17 @@ def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir:
     from helpers import TINY_SETTINGS
 
     from shared.recommender.experiment import Experiment
-    from simulations.train import train_centralized
+    from simulations.train import _fit
 
     config = RunConfig(**TINY_SETTINGS, epochs=1, device=TEST_DEVICE, cold_items=0.2)
     experiment = Experiment.prepare(tiny_synth_dataset_dir, config, show_progress=False)
-    model = train_centralized(experiment, show_progress=False)["model"]
+    histories = experiment.train_histories(refit=True)
+    model, _ = _fit(experiment, histories, 1, False, False)
     held_out = torch.as_tensor(experiment.cold_items)
     assert len(held_out) > 0
     assert torch.all(model.id_scores.bias[held_out] == 0)
     assert torch.all(model.id_scores.weight[held_out] == 0)
-    trained = experiment.trained_items(experiment.train_histories(refit=True))
+    trained = experiment.trained_items(histories)
     assert (model.id_scores.bias[trained] != 0).all()
 
 
@@ -231,3 +233,22 @@ def test_model_card_names_the_dataset(tiny_synth_dataset_dir: Path, tmp_path: Pa
     assert Experiment(named, None, None, default).dataset_name == tiny_synth_dataset_dir.name
     given = RunConfig(out=str(out), data=str(out / "data"))
     assert Experiment(embedded, None, None, given).dataset_name == "data"
+
+
+def test_no_epoch_that_fails_to_beat_the_public_start_is_kept(
+    tiny_synth_dataset_dir: Path,
+) -> None:
+    """Validation compares every epoch with the untrained public start (epoch 0): training
+    that only harms (a step size that wrecks the weights) ships the start, refit or not."""
+    from helpers import TINY_SETTINGS
+
+    from simulations.train import train_centralized
+
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, epochs=2, lr=1e4, patience=2)
+    experiment = Experiment.prepare(tiny_synth_dataset_dir, config, show_progress=False)
+    result = train_centralized(experiment, show_progress=False)
+    assert result["timing"]["best_epoch"] == 0
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+    start = experiment.new_model().state_dict()
+    kept = result["model"].state_dict()
+    assert all(torch.equal(kept[name].cpu(), start[name].cpu()) for name in start)
