@@ -122,6 +122,15 @@ def config_from_args(args: argparse.Namespace, catalog: Path, nodes: int) -> Run
     return config.with_rounds(args.rounds)
 
 
+def planned_nodes(args: argparse.Namespace) -> int:
+    """How many nodes the run will have: ``--node-data``'s, else those of the split in OUT (a
+    resumed run reuses it, whatever ``--nodes`` says), else ``--nodes``."""
+    if args.node_data:
+        return len(args.node_data)
+    split = args.out.resolve() / "split"
+    return len(list(split.glob("node-*"))) if split.is_dir() else max(args.nodes, 1)
+
+
 def node_directories(args: argparse.Namespace) -> tuple[Path, list[Path]]:
     """The catalog and the nodes' data: given (``--catalog``, ``--node-data``), or split from
     ``--data`` (or the embedded default) into OUT/split once (a resumed run reuses it)."""
@@ -289,8 +298,7 @@ def _stop(signum: int, frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # checked before anything is written, with as many nodes as it will have (min-nodes)
-    nodes_given = len(args.node_data) if args.node_data else max(args.nodes, 1)
-    settings = run_config_from_args(args, clients=nodes_given)
+    settings = run_config_from_args(args, clients=planned_nodes(args))
     if settings.malicious_nodes or settings.attack != "none" or settings.canaries:
         raise SystemExit("fedrec: malicious-nodes, attack and canaries are for simulations only")
     try:

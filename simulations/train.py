@@ -30,6 +30,7 @@ from shared.runs.config import RunConfig, resolve_device
 from shared.runs.durable import OutputInUse, RunLock
 from shared.runs.outputs import OtherSettings, check_rerun
 from shared.runs.quiet import quiet_third_party
+from shared.runs.rounding import up, up_significant
 from simulations.verdict import print_verdict, run_context
 
 
@@ -241,7 +242,8 @@ def _train_private(experiment: Experiment, show_progress: bool) -> dict:
         "max_grad_norm": config.max_grad_norm,
         "sampling": "poisson",
         "statement": (
-            f"Trained with DP-SGD: ({epsilon:.3f}, {delta:.2e})-differential privacy "
+            f"Trained with DP-SGD: ({up(epsilon, 3)}, {up_significant(delta, 3)})-differential "
+            "privacy "
             "for each customer, covering everything that customer did in the training data. "
             "No decision was taken on validation data (fixed epochs)."
         ),

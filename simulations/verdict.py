@@ -112,11 +112,13 @@ def privacy_line(privacy: dict, out: Path) -> str:
     """The guarantee (epsilon, delta, unit) and where to check it."""
     guarantee = privacy if "epsilon" in privacy else privacy.get("node_level", {})
     line = "privacy: "
-    if "epsilon" in guarantee:
+    if "delta" in guarantee:
         line += (
             f"({up(guarantee['epsilon'], 3)}, {up_significant(guarantee['delta'], 2)})-"
             f"differential privacy for {guarantee['unit']}"
         )
+    elif "epsilon" in guarantee:  # no node contributed: claims or unanswered requests only
+        line += f"no node contributed; epsilon stated {up(guarantee['epsilon'], 3)} (metrics.json)"
     if (out / "ledger.jsonl").exists():
         line += f"; ledger {out / 'ledger.jsonl'}; check it with: fedrec audit {out}"
     return line

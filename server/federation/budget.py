@@ -106,7 +106,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     if not contributions:
         claim = max(claims.values(), default=None)
         statement = "No node contributed." + (
-            f" Refused reports claim up to epsilon {claim:.3f} ('unverified')." if claims else ""
+            f" Refused reports claim up to epsilon {up(claim, 3)} ('unverified')." if claims else ""
         )
         # nothing recorded bounds an unanswered node's spending but the run's target
         floor = [*claims.values(), *([config.target_epsilon] if unbounded else [])]

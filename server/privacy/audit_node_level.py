@@ -14,6 +14,7 @@ import math
 
 from server.privacy import accounting
 from server.privacy.audit_checks import check, entry_problem, is_number, is_round
+from shared.runs.rounding import up, up_significant
 
 # the server calibrates to 0.1% with the same RDP accountant: 1% allows for that and nothing more
 NODE_SIGMA_TOLERANCE = 0.01
@@ -131,7 +132,9 @@ def audit_node_level(
             "rounds": len(entries),
             "unit": last["unit"],
             "rdp_epsilon": accounting.rdp_epsilon(entries, last["delta"]),
-            "statement": f"({curve[-1]:.3f}, {last['delta']:.3g})-DP for {last['unit']}",
+            "statement": (
+                f"({up(curve[-1], 3)}, {up_significant(last['delta'], 3)})-DP for {last['unit']}"
+            ),
         }
         statement = f"node level: {report['node_level']['statement']}"
         report["guarantee"] = (

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from server.privacy.audit_checks import is_number
 from server.privacy.canary_audit import read_canaries
 from shared.runs.console import console as log_console
+from shared.runs.rounding import up, up_significant
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,9 +34,15 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return format(x, spec) if is_number(x) else ("inf" if x == math.inf else "-")
 
 
+def _epsilon(x: Any) -> str:
+    """A spent or guaranteed epsilon to 3 decimals, rounded up (never below what was spent)."""
+    return up(x, 3) if is_number(x) else _fmt(x)
+
+
 def _delta(x: Any) -> str:
-    """A delta to 3 significant digits (a node's own delta, 1 / (10 x customers), has 17)."""
-    return _fmt(x, ".3g")
+    """A delta to 3 significant digits, rounded up (a node's own delta, 1 / (10 x customers),
+    has 17)."""
+    return up_significant(x, 3) if is_number(x) else _fmt(x)
 
 
 def _other_statement(fed: dict) -> dict:
@@ -52,9 +59,9 @@ def _node_row(n: dict) -> list[str]:
         n["node"],
         str(n["contributions"]),
         _rounds(n.get("rounds", [])),
-        _fmt(n.get("reported_epsilon")),
-        _fmt(n.get("pld_epsilon")),
-        _fmt(n.get("rdp_epsilon")),
+        _epsilon(n.get("reported_epsilon")),
+        _epsilon(n.get("pld_epsilon")),
+        _epsilon(n.get("rdp_epsilon")),
         _fmt(n.get("rel_diff"), "+.2%"),
         _delta(n.get("delta")),
         _fmt(n.get("target_epsilon"), "g"),
@@ -113,7 +120,7 @@ def print_summary(report: dict) -> None:
     if report["federation"]:
         g = _other_statement(report["federation"])
         console.print(
-            f"  (not this partition's: {g['unit']}: ε = {_fmt(g['epsilon'])} at "
+            f"  (not this partition's: {g['unit']}: ε = {_epsilon(g['epsilon'])} at "
             f"δ = {_delta(g['delta'])}, {g['how']})",
             highlight=False,
         )
@@ -257,10 +264,10 @@ def write_html(report: dict, path: Path) -> None:
                 b = g["basic_composition"]
                 extra = (
                     f"; basic composition of the node statements: ε = "
-                    f"{_fmt(b['epsilon'])}, δ = {_delta(b['delta'])}"
+                    f"{_epsilon(b['epsilon'])}, δ = {_delta(b['delta'])}"
                 )
             parts.append(
-                f"<li>{e(g['unit'])}{here}: ε = {_fmt(g['epsilon'])} at δ = "
+                f"<li>{e(g['unit'])}{here}: ε = {_epsilon(g['epsilon'])} at δ = "
                 f"{_delta(g['delta'])} ({e(g['how'])}{extra})</li>"
             )
         parts.append("</ul>")
@@ -268,7 +275,7 @@ def write_html(report: dict, path: Path) -> None:
         nl = report["node_level"]
         parts.append(
             f"<h2>Node level</h2><p>{e(nl['statement'])} (reported "
-            f"{_fmt(nl['reported_epsilon'])}, RDP {_fmt(nl['rdp_epsilon'])}, "
+            f"{_epsilon(nl['reported_epsilon'])}, RDP {_epsilon(nl['rdp_epsilon'])}, "
             f"{nl['rounds']} rounds)</p>"
         )
     parts.append("<h2>Checks</h2><table><tr><th>check</th><th>status</th><th>details</th></tr>")
@@ -331,7 +338,7 @@ def _empirical_html(emp: dict, out: Path) -> str:
     e = html.escape
     against = (
         f" The formal guarantee it is compared with ({e(emp['compared_with'])}) is "
-        f"ε = {_fmt(emp['formal_epsilon'])}."
+        f"ε = {_epsilon(emp['formal_epsilon'])}."
         if emp["formal_epsilon"] is not None
         else ""
     )

@@ -34,6 +34,7 @@ from server.privacy.ledger import PrivacyLedger
 from shared.federation.node_dp import check_node_dp, clipped_update, learning_weights
 from shared.recommender.secure_random import SecureRandom
 from shared.runs.config import RunConfig
+from shared.runs.rounding import up, up_significant
 
 NODE_LEVEL_UNIT = (
     "one node's whole participation: everything any one merchant or region contributes to "
@@ -160,7 +161,8 @@ def node_level_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         "releases": len(releases),
         "secure_aggregation": config.secagg,
         "statement": (
-            f"Node level: the released model is ({epsilon:.3f}, {config.node_delta:g})-"
+            f"Node level: the released model is ({up(epsilon, 3)}, "
+            f"{up_significant(config.node_delta, 3)})-"
             f"differentially private for {NODE_LEVEL_UNIT} ({len(releases)} rounds). The "
             f"server itself sees {where} before the noise."
         ),

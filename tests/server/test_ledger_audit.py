@@ -25,7 +25,7 @@ from server.privacy.accounting import (
 )
 from server.privacy.audit import audit
 from server.privacy.audit_checks import node_share
-from server.privacy.audit_report import epsilon_figure
+from server.privacy.audit_report import epsilon_figure, write_html
 from server.privacy.canary_audit import (
     canaries_needed,
     epsilon_lower_bound,
@@ -309,6 +309,19 @@ def test_audit_passes_an_honest_run_and_writes_reports(tmp_path, honest, capsys)
     assert "data:image/png;base64," in page
     assert all(f"<td>{node}</td>" in page for node in ("0", "1", "2"))
     assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+def test_audit_reports_state_epsilon_and_delta_rounded_up(tmp_path, honest) -> None:
+    """audit.html's federation statements and node table, (the terminal's too) printed a
+    spent epsilon of 7.99729 as 7.997 and a delta of 1/3000 as 0.000333: below what was spent."""
+    report = audit(copy_run(honest, tmp_path))
+    for key in ("one_node", "all_nodes"):
+        report["federation"][key].update(epsilon=7.99729, delta=1 / 3000)
+    report["nodes"][0].update(reported_epsilon=7.99729, pld_epsilon=7.99729, delta=1 / 3000)
+    write_html(report, tmp_path / "audit.html")
+    page = (tmp_path / "audit.html").read_text()
+    assert "ε = 7.998 at δ = 0.000334" in page and "<td>7.998</td><td>7.998</td>" in page
+    assert "7.997" not in page and "0.000333" not in page
 
 
 def test_audit_printed_to_a_file_cuts_nothing(tmp_path, capsys):

@@ -18,7 +18,7 @@ from helpers import TINY, node_reply
 from server.federation.strategy import FedRecStrategy
 from server.privacy.audit import audit
 from server.privacy.ledger import PrivacyLedger, entry_hash, read_ledger
-from server.privacy.node_privacy import NodeLevelDP
+from server.privacy.node_privacy import NodeLevelDP, node_level_privacy
 from shared.federation.node_dp import check_node_dp, clipped_update
 from shared.runs.config import RunConfig
 from simulations.cli import main
@@ -121,6 +121,20 @@ def test_node_level_ledger_is_recomputed_by_the_audit(tmp_path: Path) -> None:
     report = audit(tmp_path)
     failed = [c["name"] for c in report["checks"] if not c["passed"]]
     assert failed == ["node_level"], report["checks"]
+
+
+def test_node_level_statements_round_epsilon_up(tmp_path: Path, monkeypatch) -> None:
+    """metrics.json's and the audit's node-level statements: epsilon 3.99949 was stated 3.999
+    by ".3f", below what was spent; it is 4.000."""
+    config = RunConfig(node_dp=True, node_target_epsilon=4.0, dp_rounds=2, clients=2)
+    release_rounds(tmp_path, config, 2)
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.entries[-1]["epsilon"] = 3.99949  # in memory only: what metrics.json would state
+    assert node_level_privacy(ledger, config)["statement"].startswith(
+        "Node level: the released model is (4.000, 1e-05)-"
+    )
+    monkeypatch.setattr("server.privacy.accounting.epsilon_curve", lambda e: [1.0, 3.99949])
+    assert audit(tmp_path)["node_level"]["statement"].startswith("(4.000, 1e-05)-DP")
 
 
 def test_spending_past_the_node_level_budget_fails_the_audit(tmp_path: Path) -> None:

@@ -107,6 +107,20 @@ def test_a_release_outside_the_plan_is_refused_and_its_claim_recorded_as_sent(
     assert privacy["unverified"] == {"evil": 1.0} and "No node contributed" in privacy["statement"]
 
 
+def test_a_refused_claim_is_stated_rounded_up(tmp_path: Path) -> None:
+    """With no contribution, metrics.json's statement named the largest refused claim by
+    ".3f": 0.99949 claimed was stated 0.999, below it."""
+    sent = planned(node="evil", sample_rate=1.0, epsilon=0.99949)
+    reply = node_reply("evil", None, privacy=sent)
+    received = privacy_reports(
+        [reply], NodeKeys(tmp_path / "keys"), "r", 1, FedRecStrategy(CONFIG), sent={}
+    )
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    record_privacy(ledger, 1, received.reports, unverified=received.unverified)
+    statement = federation_privacy(ledger, CONFIG)["statement"]
+    assert "claim up to epsilon 1.000 ('unverified')" in statement
+
+
 @pytest.mark.parametrize("field", ["noise_multiplier", "sample_rate", "delta", "epsilon"])
 def test_a_negative_figure_is_refused_when_parsed(field: str) -> None:
     with pytest.raises(ReportError, match=field):

@@ -175,6 +175,20 @@ def test_dp_training_states_its_guarantee(tiny_synth_dataset_dir: Path, tmp_path
     assert "WITHOUT differential privacy" not in card and f"{privacy['epsilon']:.3f}" in card
 
 
+def test_dp_training_states_its_epsilon_rounded_up(
+    tiny_synth_dataset_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The statement in metrics.json and the model card: epsilon 1.99949 spent was stated
+    (1.999, ...) by ".3f", below it; it is 2.000, and the delta is not below the one used."""
+    monkeypatch.setattr("simulations.train.planned_epsilon", lambda *args: 1.99949)
+    out = tmp_path / "dp"
+    data = ["--data", str(tiny_synth_dataset_dir), "--out", str(out), "--epochs", "1", "--dp"]
+    assert main(["train", *data, *TINY, "--set", "dp_batch_size=70"]) == 0
+    privacy = json.loads((out / "metrics.json").read_text())["privacy"]
+    stated = privacy["statement"].split("(", 1)[1].split(")", 1)[0].split(", ")
+    assert stated[0] == "2.000" and float(stated[1]) >= privacy["delta"]
+
+
 def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir: Path) -> None:
     """Products with no training events did not exist for training: the softmax leaves them
     out, so their ID rows keep their zero start (the full softmax would push them down)."""

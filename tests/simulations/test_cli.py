@@ -119,6 +119,14 @@ def test_verdict_rounds_the_guarantee_up(tmp_path: Path) -> None:
     assert verdict(metrics, tmp_path)[-1].startswith("privacy: (7.995, 0.00034)-differential")
 
 
+def test_verdict_of_a_run_no_node_contributed_to(tmp_path: Path) -> None:
+    """metrics.json of a private run with no contribution states an epsilon (the refused
+    claims, the target for unanswered requests) and no delta: the verdict raised KeyError."""
+    privacy = {"unit": "u", "per_node": {}, "epsilon": 7.99489, "statement": "No node..."}
+    line = verdict({"test": {"ndcg@10": 0.2, "hr@10": 0.3}, "privacy": privacy}, tmp_path)[-1]
+    assert line == "privacy: no node contributed; epsilon stated 7.995 (metrics.json)"
+
+
 def test_verdict_never_calls_a_model_level_with_a_reference_above_it(tmp_path: Path) -> None:
     """A federation whose every node refused ships the public text model: level, not above."""
     context = {

@@ -48,3 +48,17 @@ def test_regional_set_for_merchant_split_nodes_is_refused_before_anything_starts
         main([*argv, "--node-data", *map(str, nodes), "--set", "partition=regional"])
     assert "split by merchant" in str(refused.value) and "partition=regional" in str(refused.value)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_resumed_deploy_checks_min_nodes_against_its_split(tmp_path, capsys) -> None:
+    """A run resumed over its OUT/split of 4 nodes, without --nodes (3 by default): min-nodes
+    was checked against 3 nodes, so min-nodes=4, which the run had started with, was refused."""
+    out = tmp_path / "o"
+    for k in (1, 2, 3, 4):
+        (out / "split" / f"node-{k}").mkdir(parents=True)
+    try:
+        status = main(["deploy", "local", "--out", str(out), "--set", "min-nodes=5"])
+    except SystemExit as refused:
+        status = str(refused)
+    said = f"{status} {capsys.readouterr().err}"
+    assert "min-nodes must be at most clients (4), got 5" in said
