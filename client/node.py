@@ -10,7 +10,6 @@ a file lock) BEFORE anything computed under it is handed back, so no crash can f
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from shared.recommender.text import embed_items
 from shared.recommender.training import (
     calibrate_noise,
     learns_reversed,
+    passes_per_epoch,
     steps_per_epoch,
     targets_within,
     train_epoch,
@@ -242,9 +242,8 @@ def local_epochs(customers: int, config: RunConfig) -> int:
     ``max-local-epochs`` (a merchant with 30 customers would otherwise take 20 passes over
     them a round: its update overfits them, and a federation of many small merchants does
     several times the work of one of a few large ones on the same data)."""
-    steps = max(1, math.ceil(customers / config.local_batch_size))
-    wanted = min(math.ceil(config.local_steps / steps), config.max_local_epochs)
-    return max(config.local_epochs, wanted)
+    wanted = passes_per_epoch(customers, config.local_batch_size, config.local_steps)
+    return max(config.local_epochs, min(wanted, config.max_local_epochs))
 
 
 def _rows_to_send(trained: dict, before: dict, catalog: np.ndarray, changed_only: bool) -> dict:
