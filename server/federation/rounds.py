@@ -31,7 +31,6 @@ from server.federation.budget import (
 )
 from server.federation.denoising import AUTO_BELOW_EPSILON, injected_bias_variance
 from server.federation.encoder_rounds import (
-    ENCODER_FILE,
     ENCODER_ROUND,
     encoder_pin,
     tune_encoder,
@@ -325,9 +324,11 @@ def require_ledger(out: Path) -> None:
     replaced since): the rounds before it would be resumed with their spending gone from the
     ledger, and node-level DP would spend it again."""
     out = Path(out)
-    saved = []
-    if (encoder := encoder_pin(out)) is not None:
-        saved.append((f"{ENCODER_FILE} after encoder round {encoder[0]}", encoder[1]))
+    try:
+        encoder = encoder_pin(out)
+    except ValueError as error:  # unreadable, or no pin: the rounds' spending cannot be checked
+        raise SystemExit(f"fedrec: {error}; restore it, or start over with another --out") from None
+    saved = [] if encoder is None else [encoder]
     if (progress := Checkpoint(out / "checkpoint.safetensors").progress()) is not None:
         saved.append((f"a checkpoint after round {progress['round']}", progress.get("ledger")))
     for what, pin in saved:
