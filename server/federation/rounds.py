@@ -49,7 +49,7 @@ from server.federation.selection import MONITOR, RoundSelection, round_validatio
 from server.federation.settings import check_settings, settings_record
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, ledger_head, unpinned
-from server.privacy.ledger_gaps import NO_REPLY, record_unanswered
+from server.privacy.ledger_gaps import NO_REPLY, none_trained, record_unanswered
 from server.privacy.node_keys import NodeKeys
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
 from shared.federation.wire import encode, nbytes, trainable_state
@@ -464,7 +464,7 @@ def _federate(
                 f"{result.contributed} valid update(s) in round {server_round}, fewer than "
                 f"min-nodes {config.min_nodes} (nodes lost, budgets spent or updates rejected)"
                 if result.contributed
-                else "no node could train (refused by policy, budgets spent or no valid update)"
+                else none_trained(ledger.entries, server_round)
             )
             log.warning("round %d: %s", server_round, reason)
             break
