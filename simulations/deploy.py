@@ -37,6 +37,7 @@ from simulations.local_federation import CONNECTION, DeployError, LocalFederatio
 from simulations.simulate import add_node_config_argument
 from simulations.split import CATALOG, split_dataset
 from simulations.train import add_run_config_arguments, run_config_from_args
+from simulations.verdict import privacy_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,12 +248,25 @@ def deploy(
     if status != "finished:completed":
         print(f"fedrec: the run ended {status}; see {log} and {out / 'logs'}", file=sys.stderr)
         return 1
+    for line in finished(out):
+        print(line)
+    return 0
+
+
+def finished(out: Path) -> list[str]:
+    """What a finished run says last: the nodes' NDCG@10 and what was written, then, for a
+    private run, its guarantee (epsilon rounded up, delta, the unit) and the audit command, as
+    ``fedrec simulate``'s verdict states them."""
     metrics = json.loads((out / "metrics.json").read_text())
     evaluations = metrics.get("federated_evaluation") or [{}]
     quality = evaluations[-1].get("ndcg@10")
     figure = f"federated ndcg@10 {quality:.4f}; " if quality is not None else ""
-    print(f"deploy: {figure}wrote {out}/metrics.json, model/, ledger.jsonl; logs in {out / 'logs'}")
-    return 0
+    lines = [
+        f"deploy: {figure}wrote {out}/metrics.json, model/, ledger.jsonl; logs in {out / 'logs'}"
+    ]
+    if privacy := metrics.get("privacy"):
+        lines.append(privacy_line(privacy, out))
+    return lines
 
 
 def register_nodes(federation: LocalFederation, nodes: list[Path]) -> Path:
