@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -33,6 +32,7 @@ from shared.runs.checkpoint import Checkpoint, CheckpointError
 from shared.runs.config import RunConfig
 from shared.runs.durable import OutputInUse, RunLock
 from shared.runs.outputs import CHECKPOINT
+from simulations.interrupt import interrupted, raise_interrupt, stop_signals
 from simulations.local_federation import CONNECTION, DeployError, LocalFederation
 from simulations.simulate import add_node_config_argument
 from simulations.split import CATALOG, split_dataset
@@ -306,10 +306,6 @@ def unloadable_text_model(settings: RunConfig, node_config: dict) -> str | None:
     )
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through the teardown
-
-
 def run(args: argparse.Namespace) -> int:
     # checked before anything is written, with as many nodes as it will have (min-nodes)
     settings = run_config_from_args(args, clients=planned_nodes(args))
@@ -324,22 +320,19 @@ def run(args: argparse.Namespace) -> int:
     catalog, nodes = node_directories(args)
     args.overrides = with_nodes_partition(args.overrides, settings, nodes)
     config = config_from_args(args, catalog, len(nodes))
-    previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        return deploy(
-            config,
-            nodes,
-            secure=not args.insecure,
-            port=args.port,
-            timeout=args.timeout,
-            node_config=args.node_config,
-            cert_days=args.cert_days,
-        )
+        with stop_signals(raise_interrupt):  # SIGTERM as Ctrl-C: through the teardown
+            return deploy(
+                config,
+                nodes,
+                secure=not args.insecure,
+                port=args.port,
+                timeout=args.timeout,
+                node_config=args.node_config,
+                cert_days=args.cert_days,
+            )
     except (DeployError, OutputInUse) as error:
         print(f"fedrec: deploy failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("fedrec: interrupted; every process was stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return interrupted(Path(config.out), "every process was stopped")
