@@ -12,6 +12,7 @@ kept in the node's own receipt log (``<data dir>/privacy/receipts.jsonl``) befor
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import re
@@ -306,6 +307,40 @@ def answering_refusals(handler: ClientAppCallable) -> ClientAppCallable:
     return answer
 
 
+def refusing_node(context: Context) -> str:
+    """This node's name in a refusal of a message that names no data directory of its own: its
+    ``data-dir``'s (deployment), else its partition's (simulation)."""
+    try:
+        return node_name(Path(context.node_config["data-dir"]))
+    except (KeyError, OSError, ValueError):
+        return f"node-{context.node_config.get('partition-id', '?')}"
+
+
+def rehearsed(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """``secaggplus_mod``, with a SecAgg+ message it cannot take refused
+    (:class:`RequestRefused`) before the node trains or spends: each step of the protocol is
+    first taken on copies of the message and of the node's SecAgg+ state, an empty update in
+    place of the node's (Flower's own checks of the stage, the keys, the shares and the
+    ciphertexts), and only a message that passes is answered for real."""
+    try:
+        secaggplus_mod(copy.deepcopy(msg), copy.deepcopy(context), _no_update)
+    except Exception as error:  # noqa: BLE001 (whatever the server's message makes it raise)
+        shown = str(error)[:MAX_REASON] + ("..." if len(str(error)) > MAX_REASON else "")
+        reason = f"the server's SecAgg+ message: {shown}"
+        raise RequestRefused(refusing_node(context), reason) from None
+    return secaggplus_mod(msg, context, call_next)
+
+
+class _NoUpdate(NumPyClient):
+    """A node that sends no weights: what :func:`rehearsed` masks."""
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list, int, dict]:
+        return [], 1, {}
+
+
+_no_update = ClientApp(client_fn=lambda context: _NoUpdate().to_client())
+
+
 def make_client_app(node_config: dict | None = None) -> ClientApp:
     """The ClientApp; ``node_config`` is added to each node's own config (how ``fedrec
     simulate`` gives its simulated nodes the policy of ``--node-config``)."""
@@ -324,11 +359,21 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         def __init__(self, context: Context):
             self.node_context = context
 
+        def sent_state(self, parameters: list[np.ndarray], config: dict) -> dict:
+            """The weights sent, named by the message's ``state-names``; refused (before
+            anything is spent) when they are not that many arrays of numbers."""
+            names = config.get("state-names")
+            names = names.split(",") if isinstance(names, str) else []
+            try:
+                if len(set(names)) != len(parameters):  # one distinct name an array
+                    raise ValueError
+                return dict(zip(names, map(torch.tensor, parameters), strict=True))
+            except (TypeError, ValueError, RuntimeError):
+                reason = "the server's SecAgg+ message: its weights are not its state-names'"
+                raise RequestRefused(refusing_node(self.node_context), reason) from None
+
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list, int, dict]:
-            names = str(config["state-names"]).split(",")
-            state = {
-                name: torch.tensor(value) for name, value in zip(names, parameters, strict=True)
-            }
+            state = self.sent_state(parameters, config)
             try:
                 asked = request(dict(config), self.node_context)
             except RequestRefused as refusal:  # a zero update, still in the protocol
@@ -342,10 +387,10 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             else:
                 update = clipped_update(result["state"], state, asked.config)
             metrics = asked.report(result, update).to_record()
-            return [update[name] for name in names], 1, metrics  # every node weighs 1
+            return [update[name] for name in state], 1, metrics  # every node weighs 1
 
     secure_app = answering_refusals(
-        ClientApp(client_fn=lambda context: SecureNode(context).to_client(), mods=[secaggplus_mod])
+        ClientApp(client_fn=lambda context: SecureNode(context).to_client(), mods=[rehearsed])
     )
 
     def secure_rounds(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

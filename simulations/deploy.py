@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -33,10 +32,12 @@ from shared.runs.checkpoint import Checkpoint, CheckpointError
 from shared.runs.config import RunConfig
 from shared.runs.durable import OutputInUse, RunLock
 from shared.runs.outputs import CHECKPOINT
+from simulations.interrupt import interrupted, raise_interrupt, stop_signals
 from simulations.local_federation import CONNECTION, DeployError, LocalFederation
 from simulations.simulate import add_node_config_argument
 from simulations.split import CATALOG, split_dataset
 from simulations.train import add_run_config_arguments, run_config_from_args
+from simulations.verdict import privacy_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,12 +248,25 @@ def deploy(
     if status != "finished:completed":
         print(f"fedrec: the run ended {status}; see {log} and {out / 'logs'}", file=sys.stderr)
         return 1
+    for line in finished(out):
+        print(line)
+    return 0
+
+
+def finished(out: Path) -> list[str]:
+    """What a finished run says last: the nodes' NDCG@10 and what was written, then, for a
+    private run, its guarantee (epsilon rounded up, delta, the unit) and the audit command, as
+    ``fedrec simulate``'s verdict states them."""
     metrics = json.loads((out / "metrics.json").read_text())
     evaluations = metrics.get("federated_evaluation") or [{}]
     quality = evaluations[-1].get("ndcg@10")
     figure = f"federated ndcg@10 {quality:.4f}; " if quality is not None else ""
-    print(f"deploy: {figure}wrote {out}/metrics.json, model/, ledger.jsonl; logs in {out / 'logs'}")
-    return 0
+    lines = [
+        f"deploy: {figure}wrote {out}/metrics.json, model/, ledger.jsonl; logs in {out / 'logs'}"
+    ]
+    if privacy := metrics.get("privacy"):
+        lines.append(privacy_line(privacy, out))
+    return lines
 
 
 def register_nodes(federation: LocalFederation, nodes: list[Path]) -> Path:
@@ -292,10 +306,6 @@ def unloadable_text_model(settings: RunConfig, node_config: dict) -> str | None:
     )
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through the teardown
-
-
 def run(args: argparse.Namespace) -> int:
     # checked before anything is written, with as many nodes as it will have (min-nodes)
     settings = run_config_from_args(args, clients=planned_nodes(args))
@@ -310,22 +320,19 @@ def run(args: argparse.Namespace) -> int:
     catalog, nodes = node_directories(args)
     args.overrides = with_nodes_partition(args.overrides, settings, nodes)
     config = config_from_args(args, catalog, len(nodes))
-    previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        return deploy(
-            config,
-            nodes,
-            secure=not args.insecure,
-            port=args.port,
-            timeout=args.timeout,
-            node_config=args.node_config,
-            cert_days=args.cert_days,
-        )
+        with stop_signals(raise_interrupt):  # SIGTERM as Ctrl-C: through the teardown
+            return deploy(
+                config,
+                nodes,
+                secure=not args.insecure,
+                port=args.port,
+                timeout=args.timeout,
+                node_config=args.node_config,
+                cert_days=args.cert_days,
+            )
     except (DeployError, OutputInUse) as error:
         print(f"fedrec: deploy failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("fedrec: interrupted; every process was stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return interrupted(Path(config.out), "every process was stopped")

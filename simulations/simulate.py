@@ -10,7 +10,9 @@ import logging
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from shared.runs.config import RunConfig, resolve_device
 from shared.runs.quiet import quiet_third_party, worker_environment
 from simulations.attacks import AttackGrid, check_attack
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
+from simulations.interrupt import Handler, interrupted, stop_descendants, stop_signals
 from simulations.train import (
     add_run_config_arguments,
     already_done,
@@ -36,6 +39,7 @@ from simulations.train import (
 from simulations.verdict import add_context, print_verdict, run_context
 
 log = logging.getLogger("fedrec.simulate")
+RAY_WORKER = b"ray::ClientAppActor"  # the simulated nodes: the title of their Ray workers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,14 +237,25 @@ def run(args: argparse.Namespace) -> int:
     # SuperLink process and reads settings only from pyproject/--run-config; it is the only
     # in-process engine that takes an explicit ServerApp and ClientApp, which this command needs.
     errors: list[BaseException] = []
+    stop = threading.Event()  # Ctrl-C or SIGTERM: the run stops at its next exchange
     # the lock: another run on OUT is refused at once; Ray's workers inherit the environment
-    with locked(args.out), patched_environment(worker_environment()):
-        run_simulation(
-            server_app=make_server_app(config, show_progress=not args.quiet, errors=errors),
-            client_app=make_client_app(args.node_config),
-            num_supernodes=config.clients,
-            backend_config=backend_config(config.clients, config.device),
-        )
+    with (
+        locked(args.out),
+        patched_environment(worker_environment()),
+        stop_signals(stopping(stop), (signal.SIGINT, signal.SIGTERM)),
+    ):
+        try:
+            run_simulation(
+                server_app=make_server_app(config, not args.quiet, errors, stop),
+                client_app=make_client_app(args.node_config),
+                num_supernodes=config.clients,
+                backend_config=backend_config(config.clients, config.device),
+            )
+        except Exception:  # the engine's teardown, its nodes stopped under it
+            if not stop.is_set():
+                raise
+    if any(isinstance(error, Interrupted) for error in errors):  # not one that had finished
+        raise SystemExit(interrupted(args.out, "the federation was stopped"))
     if errors:
         print(f"fedrec: the federation failed: {errors[0]}", file=sys.stderr)
         return 1
@@ -251,12 +266,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped (Ctrl-C, SIGTERM): raised in the ServerApp at its next exchange with
+    the nodes, so between two ledger writes, never during one. A KeyboardInterrupt, not an
+    Exception: no handler of a failed round takes it for one (SecAgg+'s halts the round)."""
+
+
+class StoppableGrid:
+    """A Grid that raises :class:`Interrupted` at any use once ``stop`` is set."""
+
+    def __init__(self, grid: Grid, stop: threading.Event):
+        self.grid, self.stop = grid, stop
+
+    def __getattr__(self, name: str):
+        if self.stop.is_set():
+            raise Interrupted
+        return getattr(self.grid, name)
+
+
+def stopping(stop: threading.Event) -> Handler:
+    """The signal handler of a run: the first signal sets ``stop`` (the ServerApp stops at its
+    next exchange, the engine's nodes are stopped under it, and the engine's errors as they go
+    are not shown); a second one stops at once (KeyboardInterrupt)."""
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        logging.getLogger("flwr").setLevel(logging.CRITICAL + 1)
+        print("fedrec: stopping the federation...", file=sys.stderr, flush=True)
+
+    return handler
+
+
 def make_server_app(
-    config: RunConfig, show_progress: bool = True, errors: list[BaseException] | None = None
+    config: RunConfig,
+    show_progress: bool = True,
+    errors: list[BaseException] | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """The simulation's ServerApp: the federation's own (server/federation/server_app.py), behind
     the simulation's attackers if any, and with its canaries in the partitions first; an
-    exception in it is also appended to ``errors`` (the simulation engine only logs it)."""
+    exception in it is also appended to ``errors`` (the simulation engine only logs it). Once
+    ``stop`` is set it ends at its next exchange with the nodes and stops the engine's nodes."""
     from server.federation.progress import ReplyProgress
     from server.federation.server_app import gathered_nodes, main_with
 
@@ -264,6 +316,8 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if stop is not None:
+            grid = StoppableGrid(grid, stop)
         try:  # every simulated node is started: wait for all (rounds sample who is there)
             gathered_nodes(grid, config.clients, settle_s=math.inf)
             if config.canaries:
@@ -272,6 +326,10 @@ def make_server_app(
             if config.malicious_nodes or config.attack != "none":  # robustness measurement
                 grid = AttackGrid(grid, config)
             main_with(grid, config, show_progress)
+        except Interrupted as stopped:  # the ledger holds every reply received: stop the nodes
+            if errors is not None:
+                errors.append(stopped)
+            stop_descendants(RAY_WORKER)  # a training in progress ends now: the engine winds down
         except BaseException as error:
             if errors is not None:
                 errors.append(error)

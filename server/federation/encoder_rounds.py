@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from server.federation.aggregation import aggregate, clip_updates
@@ -56,8 +56,7 @@ def tune_encoder(
     config = federation.config
     history: list[dict] = []
     if path.exists():
-        metadata = _metadata(path)
-        history = json.loads(metadata["history"])
+        metadata, history = _read(path)
         weights = load_file(str(path))
         if metadata.get("complete", "true") == "true":
             return weights, history
@@ -111,24 +110,40 @@ def tune_encoder(
     return weights, history
 
 
-def encoder_pin(out: Path) -> tuple[int, object] | None:
-    """The encoder rounds ``OUT/text-encoder.safetensors`` holds and the ledger entry it
-    pinned (:func:`~server.privacy.ledger.ledger_head`; None from a file without one, what
-    is not JSON as its text); None when there is no such file."""
+def encoder_pin(out: Path) -> tuple[str, object] | None:
+    """Which encoder rounds ``OUT/text-encoder.safetensors`` holds, said, and the ledger entry it
+    pinned (:func:`~server.privacy.ledger.ledger_head`; what is not JSON as its text); None
+    when there is no such file. ValueError, naming the file and what is wrong, when it is not
+    the rounds' file (not safetensors, cut short, no rounds) or pins no ledger entry: every
+    file the rounds write pins one, and without it the rounds' spending could be gone from
+    the ledger unseen."""
     path = Path(out) / ENCODER_FILE
     if not path.exists():
         return None
-    metadata = _metadata(path)
-    pin = metadata.get("ledger")
-    with contextlib.suppress(ValueError):
-        pin = None if pin is None else json.loads(pin)
-    return len(json.loads(metadata["history"])), pin
+    metadata, history = _read(path)
+    pin: object = metadata.get("ledger")
+    if isinstance(pin, str):
+        with contextlib.suppress(ValueError):
+            pin = json.loads(pin)
+    if pin is None:
+        raise ValueError(f"{path} pins no ledger entry (every encoder rounds' file does)")
+    return f"{ENCODER_FILE} after encoder round {len(history)}", pin
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    """The saved file's metadata (its rounds, whether complete, the ledger pin)."""
-    with safe_open(str(path), framework="pt") as saved:
-        return saved.metadata()
+def _read(path: Path) -> tuple[dict[str, str], list]:
+    """The saved file's metadata (its rounds, whether complete, the ledger pin) and its rounds'
+    history; ValueError naming the file when it is no encoder rounds' file."""
+    try:
+        with safe_open(str(path), framework="pt") as saved:
+            metadata = saved.metadata() or {}
+        history = json.loads(metadata["history"])
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not an encoder rounds' file: {error}") from None
+    except KeyError:
+        raise ValueError(f"{path} is not an encoder rounds' file: it holds no rounds") from None
+    if not isinstance(history, list):
+        raise ValueError(f"{path} is not an encoder rounds' file: its rounds are not a list")
+    return metadata, history
 
 
 def _save(

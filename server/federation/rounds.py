@@ -31,7 +31,6 @@ from server.federation.budget import (
 )
 from server.federation.denoising import AUTO_BELOW_EPSILON, injected_bias_variance
 from server.federation.encoder_rounds import (
-    ENCODER_FILE,
     ENCODER_ROUND,
     encoder_pin,
     tune_encoder,
@@ -50,7 +49,7 @@ from server.federation.selection import MONITOR, RoundSelection, round_validatio
 from server.federation.settings import check_settings, settings_record
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, ledger_head, unpinned
-from server.privacy.ledger_gaps import NO_REPLY, record_unanswered
+from server.privacy.ledger_gaps import NO_REPLY, none_trained, record_unanswered
 from server.privacy.node_keys import NodeKeys
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
 from shared.federation.wire import encode, nbytes, trainable_state
@@ -325,9 +324,11 @@ def require_ledger(out: Path) -> None:
     replaced since): the rounds before it would be resumed with their spending gone from the
     ledger, and node-level DP would spend it again."""
     out = Path(out)
-    saved = []
-    if (encoder := encoder_pin(out)) is not None:
-        saved.append((f"{ENCODER_FILE} after encoder round {encoder[0]}", encoder[1]))
+    try:
+        encoder = encoder_pin(out)
+    except ValueError as error:  # unreadable, or no pin: the rounds' spending cannot be checked
+        raise SystemExit(f"fedrec: {error}; restore it, or start over with another --out") from None
+    saved = [] if encoder is None else [encoder]
     if (progress := Checkpoint(out / "checkpoint.safetensors").progress()) is not None:
         saved.append((f"a checkpoint after round {progress['round']}", progress.get("ledger")))
     for what, pin in saved:
@@ -463,7 +464,7 @@ def _federate(
                 f"{result.contributed} valid update(s) in round {server_round}, fewer than "
                 f"min-nodes {config.min_nodes} (nodes lost, budgets spent or updates rejected)"
                 if result.contributed
-                else "no node could train (refused by policy, budgets spent or no valid update)"
+                else none_trained(ledger.entries, server_round)
             )
             log.warning("round %d: %s", server_round, reason)
             break

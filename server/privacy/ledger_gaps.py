@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from server.privacy.accounting import epsilon_curve, recompute_epsilon
 from server.privacy.ledger import PrivacyLedger
+from shared.runs.rounding import up
 
 log = logging.getLogger("fedrec.server")
 DP_SGD = ("training", "encoder")  # the purposes of DP-SGD releases (the others: one answer)
@@ -130,6 +131,36 @@ def record_unanswered(
     for node, reason in sorted(unanswered.items()):
         log.warning("round %d, node %s: no answer to %s (%s)", server_round, node, stage, reason)
         ledger.append("unanswered", round=server_round, node=node, reason=reason, **named)
+
+
+def none_trained(entries: list[dict], server_round: int) -> str:
+    """Why no node trained in ``server_round``, said plainly when its nodes declined it for
+    their budget: the round, the epsilon they had spent (rounded up) and the first node's
+    reason; and, when the ledger holds releases recovered from replies an interrupted start
+    never received (:data:`RECOVERED`), that those rounds were spent twice, which is where the
+    budget went."""
+    declined = [
+        e
+        for e in entries
+        if e.get("kind") == "declined" and e.get("round") == server_round and "stage" not in e
+    ]
+    if not declined:
+        return "no node could train (refused by policy, budgets spent or no valid update)"
+    spent = max((e["epsilon"] for e in declined if e.get("epsilon") is not None), default=None)
+    said = f", having spent epsilon {up(spent, 3)} per customer" if spent is not None else ""
+    why = (
+        f"round {server_round} was declined by {len(declined)} node(s) for their budget{said} "
+        f"({declined[0].get('node')}: {declined[0].get('reason')})"
+    )
+    lost = [e for e in entries if e.get("kind") == "contribution" and e.get("recovered")]
+    if lost:
+        rounds = ", ".join(str(r) for r in sorted({e.get("round") for e in lost}, key=str))
+        why += (
+            f"; {len(lost)} release(s) were spent in a round the run was interrupted in, "
+            f"before their replies reached the ledger (recovered in round {rounds}): the "
+            "rounds asked again spent the budget a second time, and none was left for this one"
+        )
+    return why
 
 
 def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:

@@ -11,6 +11,7 @@ it is measured on Linux only. Writes ``OUT/scale.json`` and ``OUT/scale.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from shared.recommender.artifacts import write_json
 from simulations import simulate
+from simulations.interrupt import descendants
 from simulations.train import add_run_config_arguments
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -61,24 +63,10 @@ def _counts(text: str) -> list[int]:
 
 def tree_rss(root: int) -> int:
     """Bytes resident in ``root`` and every process descended from it (0 without /proc)."""
-    parents: dict[int, int] = {}
-    resident: dict[int, int] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-            pages = int((entry / "statm").read_text().split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # a process that ended while we looked
-        pid = int(entry.name)
-        parents[pid] = int(stat[stat.rindex(")") + 2 :].split()[1])
-        resident[pid] = pages * PAGE
     total = 0
-    for pid, pages in resident.items():
-        ancestor = pid
-        while ancestor not in (root, 0, 1) and ancestor in parents:
-            ancestor = parents[ancestor]
-        if ancestor == root:
-            total += pages
+    for pid in (root, *descendants(root)):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # ended while we looked
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
     return total
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, cli_settings
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from transformers import AutoModel
 
 from server.federation.aggregation import NodeUpdate
@@ -335,3 +335,31 @@ def test_an_encoder_aggregate_that_is_not_finite_is_never_applied_or_saved(
     assert "not finite" in history[0]["rejected"][-1]
     saved = load_file(str(tmp_path / "text-encoder.safetensors"))
     assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_an_encoder_rounds_file_without_its_pin_or_unreadable_is_refused(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """A file without its ledger pin was resumed unchecked (its rounds' spending could be gone
+    from the ledger), and one that is not the rounds' file raised out of safetensors or json
+    (a traceback): each is refused, naming the file and what is wrong, and nothing is touched."""
+    config = RunConfig(
+        text_model=str(tiny_bert_dir), text_finetune_layers=1, text_finetune_rounds=1
+    )
+    tune_encoder(ScriptedNodes(config, lambda layers: ([], REFUSED), tmp_path), tmp_path, False)
+    path, ledger = tmp_path / "text-encoder.safetensors", tmp_path / "ledger.jsonl"
+    layers, kept = load_file(str(path)), ledger.read_bytes()
+    files = {
+        "pins no ledger entry": save(layers, metadata={"history": "[]", "complete": "true"}),
+        "pins no ledger entry ": save(layers, metadata={"history": "[]", "ledger": "null"}),
+        "it holds no rounds": save(layers),
+        "its rounds are not a list": save(layers, metadata={"history": "{}", "ledger": "{}"}),
+        "is not an encoder rounds' file: Error while deserializing": b"garbage" * 9,
+        "is not an encoder rounds' file: ": save(layers)[:100],  # cut short
+    }
+    for problem, content in files.items():
+        path.write_bytes(content)
+        with pytest.raises(SystemExit, match=f"fedrec: {path} .*{problem.strip()}") as refused:
+            require_ledger(tmp_path)
+        assert "start over with another --out" in str(refused.value)
+        assert path.read_bytes() == content and ledger.read_bytes() == kept

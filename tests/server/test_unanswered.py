@@ -21,6 +21,8 @@ from server.privacy.audit import audit
 from server.privacy.ledger import RESERVED, PrivacyLedger, read_ledger
 from server.privacy.ledger_gaps import (
     NO_REPLY,
+    RECOVERED,
+    none_trained,
     outstanding_requests,
     record_lost_contributions,
     request_purpose,
@@ -369,3 +371,25 @@ def test_a_tampered_unanswered_entry_fails_the_fields_check_and_crashes_nothing(
         report = audit(copy_run(rechain([dict(e) for e in entries]), tmp_path / name))
         (problem,) = failed(report)["fields"]
         assert f"unanswered entry's {field}" in problem
+
+
+def test_a_round_declined_for_budget_after_an_interruption_says_why() -> None:
+    """A run interrupted mid-round and resumed spends that round twice, and its nodes decline
+    the last round for their budget: the run ended saying only 'no node could train (refused
+    by policy, budgets spent or no valid update)'."""
+    reason = "the next release would bring epsilon to 9.120, over the budget 8.0"
+    entries = [
+        {"kind": "contribution", "round": 2, "node": "n1", "epsilon": 5.1, "recovered": RECOVERED},
+        {"kind": "contribution", "round": 2, "node": "n1", "epsilon": 7.0},
+        {"kind": "declined", "round": 3, "node": "n1", "epsilon": 7.99481, "reason": reason},
+        {"kind": "declined", "round": 3, "node": "n2", "epsilon": 7.9, "reason": reason},
+    ]
+    said = none_trained(entries, 3)
+    assert said.startswith(
+        "round 3 was declined by 2 node(s) for their budget, having spent epsilon 7.995 per "
+        f"customer (n1: {reason})"
+    )
+    assert "1 release(s) were spent in a round the run was interrupted in" in said
+    assert "recovered in round 2" in said
+    assert "interrupted" not in none_trained(entries[1:], 3)  # no release lost: no such story
+    assert none_trained(entries, 4).startswith("no node could train")

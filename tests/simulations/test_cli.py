@@ -172,3 +172,22 @@ def test_ray_object_store_fits_a_virtual_memory_limit(monkeypatch):
     unlimited = (simulate.resource.RLIM_INFINITY,) * 2
     monkeypatch.setattr(simulate.resource, "getrlimit", lambda _: unlimited)
     assert "object_store_memory" not in simulate.backend_config(5, "cpu")["init_args"]
+
+
+def test_deploy_states_the_guarantee_and_the_audit_last(tmp_path: Path) -> None:
+    """`fedrec deploy local`'s last line stated the nodes' NDCG@10 only: no epsilon, no audit."""
+    from simulations.deploy import finished
+
+    (tmp_path / "ledger.jsonl").write_text("")
+    privacy = {"epsilon": 7.99489, "delta": 1 / 3000, "unit": "one customer's history at a node"}
+    metrics = {"federated_evaluation": [{"ndcg@10": 0.05}], "privacy": privacy}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    lines = finished(tmp_path)
+    assert lines[0].startswith("deploy: federated ndcg@10 0.0500; wrote")
+    assert lines[-1].startswith(
+        "privacy: (7.995, 0.00034)-differential privacy for one customer's history at a node"
+    )
+    assert lines[-1].endswith(f"check it with: fedrec audit {tmp_path}")
+    del metrics["privacy"]  # a run without DP states no guarantee
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert len(finished(tmp_path)) == 1
