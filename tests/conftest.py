@@ -55,6 +55,23 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_ray_per_worker():
+    """Flower's simulation engine starts Ray for every run and shuts it down after it, about
+    20 s on 2 cores each time; the suite's in-process runs share one Ray per test worker
+    instead. The first run starts it with its own settings (simulations/simulate.py:
+    backend_config; those of the suite's runs are all alike), later runs find it running
+    (Flower's RayBackend.init_ray), and it stops when the worker's session ends. Every run
+    still creates and terminates its own node actors."""
+    import ray
+
+    shutdown = ray.shutdown
+    ray.shutdown = lambda *args, **kwargs: None  # Flower's RayBackend.terminate calls it
+    yield
+    ray.shutdown = shutdown
+    shutdown()
+
+
 # The files that take longest, longest first (per-file sums of two 2-core runs beside other
 # work, 2026-12-07: the first seven 300 to 590 s each with 3 workers, the last ones about 100 s).
 # With ``--dist loadfile`` each file runs on one worker, in the order the files are handed out:

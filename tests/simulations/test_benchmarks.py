@@ -247,9 +247,10 @@ def test_a_sample_is_reused_only_for_the_dataset_it_was_drawn_from(
 
 
 @pytest.mark.e2e
-def test_bench_privacy_by_customers_runs_a_curve_per_sample(tiny_synth_dataset_dir, tmp_path):
+def test_bench_privacy_runs_a_curve_per_sample_and_reuses_runs(tiny_synth_dataset_dir, tmp_path):
     """``--customers 80,all``: a seeded sample of 80 customers and the whole dataset, each with
-    its own curve, and the gain over each one's own public start in one JSON and PNG."""
+    its own curve, and the gain over each one's own public start in one JSON and PNG; a second
+    invocation reuses both finished runs, but not for other settings or another dataset."""
     args = [*tiny_curve(tiny_synth_dataset_dir, tmp_path), "--customers", "80,all"]
     assert main(args) == 0
     sample = tmp_path / "customers-80" / "data"
@@ -258,35 +259,27 @@ def test_bench_privacy_by_customers_runs_a_curve_per_sample(tiny_synth_dataset_d
     small, whole = result["rows"]
     assert (small["customers"], small["per_node"]) == (80, 40)
     assert (whole["customers"], whole["per_node"]) == (160, 80)
-    for row, out in ((small, tmp_path / "customers-80"), (whole, tmp_path / "customers-all")):
+    curves = {"80": tmp_path / "customers-80", "all": tmp_path / "customers-all"}
+    for row, out in zip((small, whole), curves.values(), strict=True):
         curve = json.loads((out / "privacy_curve.json").read_text())
         (point,) = row["points"]
+        (run,) = curve["points"]
+        assert run["variant"] == "text" and run["target_epsilon"] == 4.0
+        assert set(METRICS) <= set(run["test"]) and not run["reused"]
         assert row["public_start"] == curve["untrained_text"]["ndcg@10"] > 0
-        assert point["ndcg@10"] == curve["points"][0]["test"]["ndcg@10"]
+        assert point["ndcg@10"] == run["test"]["ndcg@10"]
         assert point["gain"] == pytest.approx(point["ndcg@10"] / row["public_start"] - 1)
         assert 0 < point["epsilon"] <= 4.0 + 1e-6
+        assert (out / "privacy_curve.png").stat().st_size > 1000
     assert (tmp_path / "privacy_by_customers.png").stat().st_size > 1000
-
-
-@pytest.mark.e2e
-def test_bench_privacy_writes_the_curve_and_reuses_runs(
-    synth_dataset_dir, tiny_synth_dataset_dir, tmp_path
-):
-    args = tiny_curve(synth_dataset_dir, tmp_path)
-    assert main(args) == 0
-    curve = json.loads((tmp_path / "privacy_curve.json").read_text())
-    (point,) = curve["points"]
-    assert point["variant"] == "text" and point["target_epsilon"] == 4.0
-    assert 0 < point["epsilon"] <= 4.0 + 1e-6
-    assert set(METRICS) <= set(point["test"]) and not point["reused"]
-    assert 0 < curve["untrained_text"]["ndcg@10"] < 1
-    assert (tmp_path / "privacy_curve.png").stat().st_size > 1000
-    assert main(args) == 0  # a second invocation reuses the finished run
-    assert json.loads((tmp_path / "privacy_curve.json").read_text())["points"][0]["reused"]
+    assert main(args) == 0  # a second invocation reuses the finished runs
+    for out in curves.values():
+        assert json.loads((out / "privacy_curve.json").read_text())["points"][0]["reused"]
     with pytest.raises(SystemExit, match="other settings"):  # but not one made differently
         main([*args, "--set", "dp_lr=0.01"])
-    other = [*args[:3], str(tiny_synth_dataset_dir), *args[4:]]  # nor one of another dataset
-    with pytest.raises(SystemExit, match=r"other settings \(data: .*synth.*tiny-synth"):
+    whole_args = tiny_curve(tiny_synth_dataset_dir, curves["all"])
+    other = [*whole_args[:3], str(sample), *whole_args[4:]]  # nor one of another dataset
+    with pytest.raises(SystemExit, match=r"other settings \(data: .*customers-80"):
         main(other)
 
 

@@ -1,5 +1,5 @@
 """Faults of a federation on Flower's deployment engine (simulations/local_federation.py,
-simulations/deploy.py, server/privacy/ledger_gaps.py), in one DP run of 4 rounds, 3 nodes, TLS
+simulations/deploy.py, server/privacy/ledger_gaps.py), in one DP run of 3 rounds, 3 nodes, TLS
 and SuperNode authentication on: a node killed mid-round 1 (the round completes with the
 other two, the run goes on), then the whole server side (SuperLink and ServerApp) killed once
 the nodes have spent for round 2, restarted, and the run submitted again: it resumes after its
@@ -53,7 +53,7 @@ def faulted(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory)
         data=str(tiny_synth_dataset_dir),
         out=str(out),
         clients=3,
-        dp_rounds=4,
+        dp_rounds=3,
         dp=True,
         text_model=str(tiny_bert_dir),
         **TINY,
@@ -102,7 +102,7 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(faulted: dict) -
     assert faulted["status"] == "finished:completed"
     metrics = json.loads((faulted["out"] / "metrics.json").read_text())
     rounds = metrics["rounds"]
-    assert [h["round"] for h in rounds][:3] == [1, 2, 3]
+    assert [h["round"] for h in rounds][:2] == [1, 2]
     assert {h["nodes"] for h in rounds} == {2}  # round 1 completed without node 2
     assert set(metrics["privacy"]["per_node"]) == {"regional-0", "regional-1"}
 
@@ -113,8 +113,8 @@ def test_a_restarted_server_resumes_with_the_ledger_intact(faulted: dict) -> Non
     stopped_after = faulted["before_restart"]
     assert stopped_after in (1, 2)  # it was stopped mid-run
     metrics = json.loads((out / "metrics.json").read_text())
-    rerun = stopped_after == 1  # round 2 was trained twice: the nodes decline round 4
-    assert [h["round"] for h in metrics["rounds"]] == ([1, 2, 3] if rerun else [1, 2, 3, 4])
+    rerun = stopped_after == 1  # round 2 was trained twice: the nodes decline round 3
+    assert [h["round"] for h in metrics["rounds"]] == ([1, 2] if rerun else [1, 2, 3])
     ledger = read_ledger(out / "ledger.jsonl")
     assert verify_chain(ledger) == []
     kinds = [e["kind"] for e in ledger]
@@ -126,13 +126,13 @@ def test_a_restarted_server_resumes_with_the_ledger_intact(faulted: dict) -> Non
         ]
         # every spending of the node's accountant is in the ledger, once
         spent = accountant_contributions(faulted["partitions"] / f"node-{node}")
-        # four trainings and the start guard's answer (its plan: four rounds, then the guard)
-        assert [e["contribution_index"] for e in mine] == list(range(spent)) and spent == 5
+        # three trainings and the start guard's answer (its plan: three rounds, then the guard)
+        assert [e["contribution_index"] for e in mine] == list(range(spent)) and spent == 4
         assert mine[-1]["purpose"] == "guard"
         declined = [
             e["round"]
             for e in ledger
             if e["kind"] == "declined" and e["node"] == f"regional-{node}"
         ]
-        assert declined == ([4] if rerun else [])
+        assert declined == ([3] if rerun else [])
     assert main(["audit", str(out)]) == 0

@@ -2,7 +2,7 @@
 client/node.py, client/client_app.py), its outputs, resuming after a crash, the
 privacy ledger of a DP run, and a node that declines once its budget is spent.
 
-The expensive file: three small simulations (2 nodes, tiny model), each run once per session.
+The expensive file: five small simulations (2 nodes, tiny model), each run once per session.
 """
 
 from __future__ import annotations
@@ -56,11 +56,16 @@ def simulate(data: Path, out: Path, *extra: str) -> None:
     )
 
 
+# the run the tests of outputs, resuming and federated evaluation share (one simulation)
+RESUMED = ("--rounds", "2", "--set", "federated-eval=true", "--set", "valid-customers=40")
+
+
 @pytest.fixture(scope="module")
 def resumed_run(tiny_synth_dataset_dir: Path, tmp_path_factory) -> dict:
-    """A 2-round run, a copy of its outputs, then a crash after round 1 and the resumed run."""
+    """A 2-round run evaluated at the nodes too, a copy of its outputs, then a crash after
+    round 1 and the resumed run."""
     out = tmp_path_factory.mktemp("federated") / "run"
-    simulate(tiny_synth_dataset_dir, out, "--rounds", "2")
+    simulate(tiny_synth_dataset_dir, out, *RESUMED)
     first = tmp_path_factory.mktemp("first") / "run"
     shutil.copytree(out, first, ignore=shutil.ignore_patterns("partitions"))
     # a crash during round 2: no metrics.json yet, and the last checkpoint is round 1's
@@ -68,7 +73,7 @@ def resumed_run(tiny_synth_dataset_dir: Path, tmp_path_factory) -> dict:
     checkpoint = Checkpoint(out / "checkpoint.safetensors")
     state, optimizer, progress = checkpoint.load()
     checkpoint.save(state, optimizer, {**progress, "round": 1, "history": progress["history"][:1]})
-    simulate(tiny_synth_dataset_dir, out, "--rounds", "2")
+    simulate(tiny_synth_dataset_dir, out, *RESUMED)
     return {"first": first, "resumed": out, "data": tiny_synth_dataset_dir}
 
 
@@ -168,8 +173,7 @@ def test_a_changed_config_is_refused_in_the_same_out(resumed_run: dict, capsys) 
                 str(out),
                 "--clients",
                 "2",
-                "--rounds",
-                "2",
+                *RESUMED,
                 *TINY,
                 "--set",
                 "lr=0.01",
@@ -202,7 +206,7 @@ def test_a_checkpoint_whose_ledger_was_removed_or_cut_is_not_resumed(resumed_run
             try:
                 code = main(
                     ["simulate", "--data", str(resumed_run["data"]), "--out", str(out)]
-                    + ["--clients", "2", "--rounds", "2", *TINY]
+                    + ["--clients", "2", *RESUMED, *TINY]
                 )
             except SystemExit as stopped:
                 code = stopped.code
@@ -406,16 +410,11 @@ def test_a_node_whose_budget_is_spent_declines(
 
 
 @pytest.mark.e2e
-def test_nodes_evaluate_on_events_they_held_out(tiny_synth_dataset_dir: Path, tmp_path: Path):
+def test_nodes_evaluate_on_events_they_held_out(resumed_run: dict) -> None:
     """With federated evaluation, each node holds out its customers' last events from its own
     training; on a regional partition (whole customers per node) those are exactly the server's
     test events, so the nodes' aggregate equals the server's evaluation of the same model."""
-    out = tmp_path / "run"
-    simulate(
-        tiny_synth_dataset_dir,
-        out,
-        *("--rounds", "1", "--set", "federated-eval=true", "--set", "valid-customers=40"),
-    )
+    out = resumed_run["first"]
     metrics = json.loads((out / "metrics.json").read_text())
     server, nodes = metrics["rounds"][0]["test"], metrics["federated_evaluation"][0]
     assert nodes["customers"] == metrics["test"]["users"] and not nodes["dp"]
@@ -428,7 +427,8 @@ def test_nodes_evaluate_on_events_they_held_out(tiny_synth_dataset_dir: Path, tm
     for name in ("hr@10", "ndcg@10"):
         assert nodes["valid"][name] == pytest.approx(server_valid[name], abs=1e-9), name
     # and no node trained on its held-out events: the partitions hold them, the nodes skip them
-    node = load_node(str(out / "partitions" / "node-0"), RunConfig().text_model)
+    partition = resumed_run["resumed"] / "partitions" / "node-0"  # (the copy leaves them out)
+    node = load_node(str(partition), RunConfig().text_model)
     config = RunConfig(federated_eval=True)
     trained = training_histories(node, config)
     for user in np.flatnonzero(node.split.test_target >= 0)[:50]:
