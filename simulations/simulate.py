@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.federation.rounds import require_ledger
+    from server.federation.resume import require_ledger
     from server.federation.settings import check_settings
 
     config = config_from_args(args)

@@ -12,7 +12,7 @@ marked complete after the last: a run resumed after the last does not tune again
 resumed after round r goes on from round r + 1 with round r's layers (asking round 1 again
 would ask the nodes for a round they already charged, which they refuse: client/accountant.py).
 The file pins the ledger's last entry like the checkpoint: a run is not resumed from it when
-the ledger no longer holds that entry (server/federation/rounds.py:require_ledger).
+the ledger no longer holds that entry (server/federation/resume.py:require_ledger).
 Under ``dp`` each node's layers are already private (DP-SGD with a per-customer objective,
 client/encoder.py) and recorded in the ledger as it replies, like its training releases;
 averaging them is post-processing. Not under node-level DP (``check_settings`` refuses the

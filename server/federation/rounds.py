@@ -30,11 +30,7 @@ from server.federation.budget import (
     node_customers,
 )
 from server.federation.denoising import AUTO_BELOW_EPSILON, injected_bias_variance
-from server.federation.encoder_rounds import (
-    ENCODER_ROUND,
-    encoder_pin,
-    tune_encoder,
-)
+from server.federation.encoder_rounds import ENCODER_ROUND, tune_encoder
 from server.federation.guard import guard_start
 from server.federation.progress import plot_rounds, report_round
 from server.federation.registry import Registry
@@ -45,10 +41,11 @@ from server.federation.releases import (
     privacy_reports,
     record_privacy,
 )
+from server.federation.resume import require_ledger, resume_problem
 from server.federation.selection import MONITOR, RoundSelection, round_validation
 from server.federation.settings import check_settings, settings_record
 from server.federation.strategy import FedRecStrategy
-from server.privacy.ledger import PrivacyLedger, ledger_head, unpinned
+from server.privacy.ledger import PrivacyLedger, ledger_head
 from server.privacy.ledger_gaps import NO_REPLY, none_trained, record_unanswered
 from server.privacy.node_keys import NodeKeys
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
@@ -56,7 +53,7 @@ from shared.federation.wire import encode, nbytes, trainable_state
 from shared.recommender.experiment import Catalog, Experiment
 from shared.recommender.finetune import tuned_checkpoint
 from shared.recommender.training import learns_reversed
-from shared.runs.checkpoint import Checkpoint, non_finite
+from shared.runs.checkpoint import Checkpoint
 from shared.runs.config import RunConfig
 from shared.runs.durable import RunLock
 from shared.runs.outputs import differences
@@ -200,6 +197,18 @@ class Federation:
                 unanswered[name] = (errors or {}).get(node_id, NO_REPLY)
         record_unanswered(self.ledger, server_round, unanswered, stage)
 
+    def exchange(self, server_round: int, messages: list[Message], stage: str) -> list[Message]:
+        """Send ``messages`` and wait for the replies. A run stopped meanwhile (Ctrl-C: a
+        KeyboardInterrupt) first ledgers every node asked as unanswered, counted as spent
+        until a resumed run recovers what it released: a run never resumed under-reports
+        nothing."""
+        try:
+            timeout = self.config.round_timeout or None
+            return list(self.grid.send_and_receive(messages, timeout=timeout))
+        except KeyboardInterrupt:
+            self.record_unanswered(server_round, _destinations(messages), {}, stage=stage)
+            raise
+
     def train(
         self, server_round: int, state: dict[str, torch.Tensor], message_type: str = "train"
     ) -> RoundResult:
@@ -207,7 +216,11 @@ class Federation:
         ``train.encoder``), record every node's privacy report once the replies are in, and keep
         the updates that pass validation."""
         if self.secure is not None:  # the server sees the sum of the clipped updates only
-            total, records, sampled = self.secure.train_round(server_round, state)
+            try:
+                total, records, sampled = self.secure.train_round(server_round, state)
+            except KeyboardInterrupt:  # stopped mid-protocol: as exchange() does
+                self.record_unanswered(server_round, self.secure.sampler.sampled, {})
+                raise
             received = Reports()  # the masked updates themselves cannot be checked here
             check = (self.keys, self.run_id, server_round, self.strategy)
             heard: dict[int, str] = {}
@@ -229,8 +242,7 @@ class Federation:
             list(self.strategy.configure_train(server_round, arrays, self.settings, self.grid)),
             message_type,
         )
-        timeout = self.config.round_timeout or None
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = self.exchange(server_round, messages, message_type)
         received = privacy_reports(
             replies, self.keys, self.run_id, server_round, self.strategy, self.config.dp, sent=state
         )
@@ -269,9 +281,7 @@ class Federation:
             starting = ArrayRecord({k: Array(v) for k, v in encode(start).items()})
             for message in messages:  # the same record for each (their content may be shared)
                 message.content["start"] = starting
-        replies = list(
-            self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None)
-        )
+        replies = self.exchange(server_round, messages, message_type)
         received = privacy_reports(
             replies, self.keys, self.run_id, server_round, self.strategy, sent=state
         )
@@ -316,49 +326,6 @@ def run_federation(
         )
     with RunLock(out):  # one run at a time writes to OUT
         return _federate(grid, config, out, catalog, evaluation, partitions, show_progress)
-
-
-def require_ledger(out: Path) -> None:
-    """Refuse (SystemExit) to resume the checkpoint or the encoder rounds' file in ``out``
-    when the ledger no longer holds the last entry written before it (removed, cut or
-    replaced since): the rounds before it would be resumed with their spending gone from the
-    ledger, and node-level DP would spend it again."""
-    out = Path(out)
-    try:
-        encoder = encoder_pin(out)
-    except ValueError as error:  # unreadable, or no pin: the rounds' spending cannot be checked
-        raise SystemExit(f"fedrec: {error}; restore it, or start over with another --out") from None
-    saved = [] if encoder is None else [encoder]
-    if (progress := Checkpoint(out / "checkpoint.safetensors").progress()) is not None:
-        saved.append((f"a checkpoint after round {progress['round']}", progress.get("ledger")))
-    for what, pin in saved:
-        if problem := unpinned(out / "ledger.jsonl", pin):
-            raise SystemExit(
-                f"fedrec: {out} holds {what} but not its privacy ledger ({problem}): "
-                "resuming would under-report what was spent; restore the ledger, or start "
-                "over with another --out"
-            )
-
-
-def resume_problem(state: dict, progress: dict, expected: dict, num_items: int) -> str | None:
-    """Why a checkpoint's weights or progress cannot be resumed by this run's model (edited or
-    another model's: ``expected`` is its trainable state), None when they can."""
-    if state.keys() != expected.keys():
-        return f"its weights are not this model's ({sorted(state.keys() ^ expected.keys())[:3]})"
-    if shapes := [k for k in expected if state[k].shape != expected[k].shape]:
-        return f"its weights have other shapes than this model's ({shapes[:3]})"
-    if bad := non_finite(state):
-        return f"its weights hold NaN or infinity ({bad[:3]})"
-    rows, done = progress.get("trained_rows"), progress.get("round")
-    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
-        return f"its round is {str(done)[:20]!r}"
-    if not isinstance(progress.get("history"), list):
-        return "its history is not a list"
-    if not isinstance(rows, list) or not all(
-        isinstance(r, int) and not isinstance(r, bool) and 0 <= r < num_items for r in rows
-    ):
-        return f"its trained_rows are not rows of the catalog's {num_items} products"
-    return None
 
 
 def _federate(

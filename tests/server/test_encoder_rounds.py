@@ -16,7 +16,8 @@ from transformers import AutoModel
 
 from server.federation.aggregation import NodeUpdate
 from server.federation.encoder_rounds import tune_encoder
-from server.federation.rounds import RoundResult, require_ledger
+from server.federation.resume import require_ledger
+from server.federation.rounds import RoundResult
 from server.federation.strategy import FedRecStrategy
 from server.privacy.audit import audit
 from server.privacy.ledger import PrivacyLedger, entry_hash, read_ledger

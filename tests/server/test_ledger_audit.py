@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.federation.rounds import resume_problem
+from server.federation.resume import resume_problem
 from server.privacy.accounting import (
     NodePlan,
     calibrate_noise,
