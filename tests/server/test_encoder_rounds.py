@@ -6,100 +6,66 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, cli_settings
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from helpers import TEST_DEVICE, TINY, TINY_SETTINGS, cli_settings
 from safetensors.torch import load_file, save, save_file
 from transformers import AutoModel
 
+from client import client_app
+from client.node import load_node
 from server.federation.aggregation import NodeUpdate
 from server.federation.encoder_rounds import tune_encoder
 from server.federation.resume import require_ledger
 from server.federation.rounds import RoundResult
+from server.federation.settings import settings_record
 from server.federation.strategy import FedRecStrategy
 from server.privacy.audit import audit
 from server.privacy.ledger import PrivacyLedger, entry_hash, read_ledger
 from shared.data.dataset import load_dataset
-from shared.data.partition import cold_item_indices
+from shared.data.partition import cold_item_indices, write_partitions
 from shared.recommender.artifacts import read_text_model
 from shared.recommender.finetune import top_layers
 from shared.recommender.text import TextEncoder
 from shared.runs.config import RunConfig
 from simulations.cli import main
 
-
-@pytest.mark.e2e
-def test_the_nodes_tune_the_encoder_and_the_model_ships_it(
-    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "run"
-    settings = {
-        "text_model": tiny_bert_dir,
-        "text_finetune_layers": 1,
-        "text_finetune_steps": 8,
-        "text_finetune_rounds": 2,
-        "cold_items": 0.2,  # products new to every node: scored from the tuned text alone
-    }
-    command = [
-        "simulate",
-        "--data",
-        str(tiny_synth_dataset_dir),
-        "--out",
-        str(out),
-        "--clients",
-        "2",
-        "--rounds",
-        "1",
-        *TINY,
-        *cli_settings(settings),
-    ]
-    assert main(command) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    encoder_rounds = metrics["encoder_rounds"]
-    assert [(r["round"], r["nodes"]) for r in encoder_rounds] == [(1, 2), (2, 2)]
-    assert all(r["loss"] > 0 and not r["rejected"] for r in encoder_rounds)
-    # the released model carries the federation's encoder: base weights but the top layer
-    encoder = Path(read_text_model(out / "model"))
-    assert encoder == out / "model" / "text-encoder"
-    assert json.loads((encoder / "finetune.json").read_text())["federated"] is True
-    base = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
-    tuned = AutoModel.from_pretrained(encoder).state_dict()
-    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
-    averaged = load_file(str(out / "text-encoder.safetensors"))
-    assert changed and changed <= set(averaged)
-    assert all(torch.equal(tuned[k], averaged[k]) for k in averaged)
-    # a fifth of the products were at no node, and the test reports those customers apart
-    test = metrics["test"]
-    assert test["cold"]["users"] > 0 and test["warm"]["users"] > 0
-    assert test["cold"]["users"] + test["warm"]["users"] == test["users"]
-    for node in (out / "partitions").glob("node-*"):
-        held = load_dataset(node).interactions["item_idx"]
-        assert not held.isin(cold_item_indices(300, 0.2, seed=0)).any()
-    # a second run over the same OUT finds it complete: nothing is tuned again
-    assert main(command) == 0
-    assert json.loads((out / "metrics.json").read_text())["encoder_rounds"] == encoder_rounds
+COLD = 0.2  # products new to every node: scored from the tuned text alone
 
 
-@pytest.mark.e2e
-def test_private_encoder_rounds_are_signed_ledgered_and_audited(
-    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
-) -> None:
-    """Under --dp each node tunes the encoder with DP-SGD, every round's release is in the
-    ledger (purpose encoder) before its layers are used, no loss leaves a node, and the
-    independent audit recomputes the whole plan: encoder rounds, training and evaluations."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def private_run(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory):
+    """One federation (2 nodes, tiny model) that tunes the encoder in 2 private rounds first,
+    a fifth of the products at no node: ``(its OUT, the command that ran it)``. Every check
+    of a whole run below reads it (one Ray start-up for them all)."""
+    out = tmp_path_factory.mktemp("encoder") / "run"
     settings = {
         "text_model": tiny_bert_dir,
         "text_finetune_layers": 1,
         "text_finetune_rounds": 2,
         "dp_encoder_batch": 20,
         "dp_rounds": 1,
+        "cold_items": COLD,
     }
     command = ["simulate", "--data", str(tiny_synth_dataset_dir), "--out", str(out)]
     command += ["--clients", "2", "--dp", *TINY, *cli_settings(settings)]
     assert main(command) == 0
+    return out, command
+
+
+@pytest.mark.e2e
+def test_private_encoder_rounds_are_signed_ledgered_and_audited(
+    private_run, tmp_path: Path
+) -> None:
+    """Under --dp each node tunes the encoder with DP-SGD, every round's release is in the
+    ledger (purpose encoder) before its layers are used, no loss leaves a node, and the
+    independent audit recomputes the whole plan: encoder rounds, training and evaluations."""
+    out, _ = private_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert [(r["round"], r["nodes"]) for r in metrics["encoder_rounds"]] == [(1, 2), (2, 2)]
     assert all(r["loss"] is None for r in metrics["encoder_rounds"])  # not sent under DP
@@ -144,6 +110,39 @@ def test_private_encoder_rounds_are_signed_ledgered_and_audited(
         assert any(wanted in problem for problem in calibration["problems"])
 
 
+@pytest.mark.e2e
+def test_the_nodes_tune_the_encoder_and_the_model_ships_it(
+    private_run, tiny_bert_dir: Path
+) -> None:
+    """Runs after test_private_encoder_rounds_are_signed_ledgered_and_audited (file order):
+    its second run goes over the fixture's OUT."""
+    out, command = private_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    encoder_rounds = metrics["encoder_rounds"]
+    assert [(r["round"], r["nodes"]) for r in encoder_rounds] == [(1, 2), (2, 2)]
+    assert all(not r["rejected"] for r in encoder_rounds)
+    # the released model carries the federation's encoder: base weights but the top layer
+    encoder = Path(read_text_model(out / "model"))
+    assert encoder == out / "model" / "text-encoder"
+    assert json.loads((encoder / "finetune.json").read_text())["federated"] is True
+    base = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+    tuned = AutoModel.from_pretrained(encoder).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    averaged = load_file(str(out / "text-encoder.safetensors"))
+    assert changed and changed <= set(averaged)
+    assert all(torch.equal(tuned[k], averaged[k]) for k in averaged)
+    # a fifth of the products were at no node, and the test reports those customers apart
+    test = metrics["test"]
+    assert test["cold"]["users"] > 0 and test["warm"]["users"] > 0
+    assert test["cold"]["users"] + test["warm"]["users"] == test["users"]
+    for node in (out / "partitions").glob("node-*"):
+        held = load_dataset(node).interactions["item_idx"]
+        assert not held.isin(cold_item_indices(300, COLD, seed=0)).any()
+    # a second run over the same OUT finds it complete: nothing is tuned again
+    assert main(command) == 0
+    assert json.loads((out / "metrics.json").read_text())["encoder_rounds"] == encoder_rounds
+
+
 class ScriptedNodes:
     """A federation whose nodes answer every encoder round with ``answer(layers)``: the
     updates, and why other nodes gave none; each round leaves an entry in ``out``'s ledger,
@@ -165,6 +164,51 @@ class ScriptedNodes:
         updates, rejected = self.answer(state)
         self.ledger.append("declined", round=server_round, node="n", reason="scripted")
         return RoundResult(updates, None, 4, len(updates), rejected, [])
+
+
+def test_a_plain_encoder_round_keeps_the_loss_the_nodes_reply(
+    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Without DP a node's encoder reply (client/client_app.py) says its contrastive loss,
+    and the round's history keeps the mean of what the replies said (under DP no loss leaves
+    a node: test_private_encoder_rounds_are_signed_ledgered_and_audited)."""
+    for field in ("_run_id", "_node_id", "_task_id"):  # as in the process Flower starts
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    node_dir = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path / "parts", 2)[0]
+    config = RunConfig(
+        **TINY_SETTINGS,
+        device=TEST_DEVICE,
+        text_model=str(tiny_bert_dir),
+        text_finetune_layers=1,
+        text_finetune_steps=8,
+        text_finetune_rounds=1,
+        clients=2,
+    )
+    digest = load_node(str(node_dir), config.text_model).catalog_digest
+    settings = settings_record(config, config.target_epsilon, digest, node_dir.parent)
+    settings["run-id"], settings["server-round"] = "0" * 64, 1
+    public = top_layers(TextEncoder(str(tiny_bert_dir)), 1)
+    layers = ArrayRecord({k: Array(v.numpy()) for k, v in public.items()})
+    node_config = {"data-dir": str(node_dir), "min-exact-customers": 1, "require-dp": False}
+    context = Context(1, 1, {**node_config, "text-models": str(tiny_bert_dir)}, RecordDict(), {})
+    records = RecordDict({"arrays": layers, "config": settings})
+    message = Message(records, dst_node_id=1, message_type="train.encoder")
+    reply = client_app.app(message, context)
+    assert not reply.has_error(), reply.error
+    assert "loss" in reply.content["metrics"], dict(reply.content["privacy"])
+    loss = reply.content["metrics"]["loss"]
+    assert loss > 0
+
+    def answer(layers: dict) -> tuple[list[NodeUpdate], list[str]]:
+        return FedRecStrategy(config).node_updates([reply], layers)
+
+    class Replying(ScriptedNodes):
+        def train(self, server_round: int, state: dict, message_type: str) -> RoundResult:
+            result = super().train(server_round, state, message_type)
+            return replace(result, replies=[reply])
+
+    _, history = tune_encoder(Replying(config, answer, tmp_path), tmp_path, False)
+    assert history[0]["nodes"] == 1 and history[0]["loss"] == pytest.approx(loss)
 
 
 REFUSED = ["regional-0: this node's policy requires customer-level DP (require-dp=true)"]

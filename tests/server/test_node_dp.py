@@ -271,9 +271,13 @@ class FixedUpdate:
         )
 
 
-def secure_round(client_app) -> dict:  # noqa: ANN001
-    """One SecAgg+ round (``SecureAggregation.train_round``) of 3 simulated nodes answering
-    with ``client_app``: ``{"round": what it returned}``, or ``{"raised": what it raised}``."""
+HOSTILE_ROUNDS = {2: "no configs", 3: "another shape"}  # rounds 1 and 4 are honest
+
+
+def secure_rounds(client_app) -> dict[int, dict]:  # noqa: ANN001
+    """Four SecAgg+ rounds (``SecureAggregation.train_round``) of 3 simulated nodes answering
+    with ``client_app``, in one simulation: ``{round: {"round": what it returned}}``, or
+    ``{round: {"raised": what it raised}}``."""
     import ray.cloudpickle
     from flwr.app import ConfigRecord
     from flwr.serverapp import ServerApp
@@ -288,10 +292,12 @@ def secure_round(client_app) -> dict:  # noqa: ANN001
     @server.main()
     def _(grid, context) -> None:  # noqa: ANN001
         secure = SecureAggregation(grid, config, ConfigRecord({}))
-        try:
-            found["round"] = secure.train_round(1, state(0))
-        except Exception as error:  # noqa: BLE001 (what the tests look for)
-            found["raised"] = repr(error)
+        for server_round in (1, 2, 3, 4):
+            found[server_round] = {}
+            try:
+                found[server_round]["round"] = secure.train_round(server_round, state(0))
+            except Exception as error:  # noqa: BLE001 (what the tests look for)
+                found[server_round]["raised"] = repr(error)
 
     run_simulation(
         server_app=server,
@@ -302,24 +308,11 @@ def secure_round(client_app) -> dict:  # noqa: ANN001
     return found
 
 
-@pytest.mark.e2e
-def test_secagg_sum_equals_the_plain_sum() -> None:
-    found = secure_round(FixedUpdate.app())
-    assert "raised" not in found, found["raised"]
-    total, reports, sampled = found["round"]
-    nodes = 3
-    assert len(sampled) == nodes and len(reports) == nodes
-    assert sorted(sampled) == sorted(node_id for node_id, _ in reports)
-    expected = {k: sum(FixedUpdate.update(p)[k] for p in range(nodes)) for k in state(0)}
-    step = 2 * 3.0 / 2**22  # one quantisation level over [-C, C]
-    for name, value in expected.items():
-        assert np.abs(total[name] - value).max() <= nodes * step
-
-
-def hostile_masked_vector(kind: str):  # noqa: ANN201
+def hostile_masked_vector():  # noqa: ANN201
     """A SecAgg+ mod for a node that breaks its masked vector (partition 0; the others
-    follow the protocol): ``no configs`` leaves out the record that carries it, ``another
-    shape`` sends one of 3 values where the model has hundreds."""
+    follow the protocol) in the rounds of ``HOSTILE_ROUNDS``: ``no configs`` leaves out the
+    record that carries it, ``another shape`` sends one of 3 values where the model has
+    hundreds."""
     import io
 
     from flwr.client.mod import secaggplus_mod
@@ -332,7 +325,8 @@ def hostile_masked_vector(kind: str):  # noqa: ANN201
     def mod(msg, context, call_next):  # noqa: ANN001, ANN202
         asked = dict(msg.content.config_records.get(RECORD_KEY_CONFIGS, {}))
         reply = secaggplus_mod(msg, context, call_next)
-        hostile = int(context.node_config["partition-id"]) == 0
+        kind = HOSTILE_ROUNDS.get(int(msg.metadata.group_id))
+        hostile = kind and int(context.node_config["partition-id"]) == 0
         if hostile and asked.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
             if kind == "no configs":
                 del reply.content.config_records[RECORD_KEY_CONFIGS]
@@ -346,15 +340,40 @@ def hostile_masked_vector(kind: str):  # noqa: ANN201
     return mod
 
 
+@pytest.fixture(scope="module")
+def secure() -> dict[int, dict]:
+    """One simulation for every SecAgg+ check: honest, the two hostile rounds, honest."""
+    return secure_rounds(FixedUpdate.app(mods=[hostile_masked_vector()]))
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("kind", ["no configs", "another shape"])
-def test_a_malformed_masked_vector_halts_the_secagg_round_not_the_run(kind: str) -> None:
+@pytest.mark.parametrize("server_round", [1, 4], ids=["first", "after halted rounds"])
+def test_secagg_sum_equals_the_plain_sum(secure: dict, server_round: int) -> None:
+    found = secure[server_round]
+    assert "raised" not in found, found["raised"]
+    total, reports, sampled = found["round"]
+    nodes = 3
+    assert len(sampled) == nodes and len(reports) == nodes
+    assert sorted(sampled) == sorted(node_id for node_id, _ in reports)
+    expected = {k: sum(FixedUpdate.update(p)[k] for p in range(nodes)) for k in state(0)}
+    step = 2 * 3.0 / 2**22  # one quantisation level over [-C, C]
+    for name, value in expected.items():
+        assert np.abs(total[name] - value).max() <= nodes * step
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", list(HOSTILE_ROUNDS.values()))
+def test_a_malformed_masked_vector_halts_the_secagg_round_not_the_run(
+    secure: dict, kind: str
+) -> None:
     """One node's masked vector that SecAgg+ cannot read (no record, another shape) raised
     out of Flower's workflow (a KeyError, a ValueError) and ended the run before the round's
     reports reached the ledger: the honest nodes' spending was missing from it. The round now
     halts as the protocol does when too few nodes complete it: no sum, no report, every
-    sampled node named (the round loop ledgers each as unanswered under customer-level DP)."""
-    found = secure_round(FixedUpdate.app(mods=[hostile_masked_vector(kind)]))
+    sampled node named (the round loop ledgers each as unanswered under customer-level DP);
+    the next round sums again (test_secagg_sum_equals_the_plain_sum[after halted rounds])."""
+    (server_round,) = [r for r, k in HOSTILE_ROUNDS.items() if k == kind]
+    found = secure[server_round]
     assert "raised" not in found, found["raised"]
     total, reports, sampled = found["round"]
     assert total is None and reports == [] and len(sampled) == 3
