@@ -78,8 +78,9 @@ def node_customers(partitions: Path | None, registry: Registry | None) -> list[i
 
 def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     """The guarantee per node and for the federation, from the ledger's releases. The headline
-    ``epsilon`` is the federation's guarantee that applies to the partition (the worst node
-    when a customer is at one node only, the composition over every node otherwise), and
+    ``epsilon`` is the federation's guarantee that applies (the worst node when the run is
+    regional and every node vouched in its signed releases that its customers are its own
+    alone, the composition over every node otherwise: ``federation.why`` says which), and
     never below what a refused report claims spent (``unverified``: the largest epsilon each
     such node claimed, never recomputed). A private request a node left unanswered counts as
     spent until a later release settles it (``outstanding``, server/privacy/ledger_gaps.py);
@@ -129,6 +130,8 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         "the unit "
         f"being {federation['unit']}; each node's own guarantee is in 'per_node'."
     )
+    if config.partition == "regional" and federation["unvouched"]:
+        statement += f" Not the worst node's: {federation['why']}."
     if claims:
         statement += (
             f" Refused reports of {len(claims)} node(s) claim spending the server could not "
