@@ -123,7 +123,11 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         contributions + copies, config.delta or None, config.partition
     )
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
-    epsilon = max([epsilon, *claims.values(), *([config.target_epsilon] if unbounded else [])])
+    # an unbounded node kept its plan at most: the target, or, where every node was asked the
+    # whole target (regional) but the composition applies, the target at each node
+    whole = config.partition == "regional" and federation["applies"] == "all_nodes"
+    floor = config.target_epsilon * (len(set(nodes) | set(unbounded)) if whole else 1)
+    epsilon = max([epsilon, *claims.values(), *([floor] if unbounded else [])])
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
         f"({up(epsilon, 3)}, {up_significant(delta, 3)})-differential privacy for each customer, "

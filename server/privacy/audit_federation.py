@@ -196,12 +196,19 @@ def audit_federation(
     applies = fed[fed["applies"]]
     target = config.get("target_epsilon")
     if fed["unbounded"] and is_number(target):
-        fed["epsilon"] = max(fed["epsilon"], float(target))
+        # what their plans keep: the target where each node's budget was a share of it; where
+        # every node was asked the whole target (regional) but the composition applies (a node
+        # did not vouch), the target at each node, composed basically
+        whole = partition == "regional" and fed["applies"] == "all_nodes"
+        floor = float(target) * (len(set(fed["per_node"]) | set(fed["unbounded"])) if whole else 1)
+        fed["epsilon"] = max(fed["epsilon"], floor)
         report["notes"].append(
             f"node(s) {', '.join(fed['unbounded'])} left private requests unanswered that no "
             "release of theirs here bounds (never contributed, or never released one of that "
             "purpose): what they spent is not in this ledger; the guarantee is stated at least "
-            f"at the run's target {target:g}, what their plans keep if they followed them"
+            f"at {floor:g} (the run's target {target:g}"
+            + (" at each node" if whole else "")
+            + "), what their plans keep if they followed them"
         )
     elif fed["unbounded"]:  # and no target to state it at: nothing here bounds it
         fed["epsilon"] = math.inf
