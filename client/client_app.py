@@ -238,8 +238,9 @@ class NodeRequest:
 
     def report(self, result: dict, arrays: dict[str, np.ndarray] | None) -> NodeReport:
         """The privacy report for ``result``: a refusal or a decline as it is; a DP release
-        signed with the node key over its fields and the digest of ``arrays``, and kept in
-        the node's receipt log before it leaves."""
+        signed with the node key over its fields, the digest of ``arrays`` and whether the
+        node vouches that its customers are its own alone (client/policy.py,
+        ``exclusive-customers``), and kept in the node's receipt log before it leaves."""
         name = self.name
         if result.get("refused") or result.get("declined"):
             return NodeReport(
@@ -259,6 +260,7 @@ class NodeRequest:
                 "node": name,
                 "num_customers": int(result["customers"]),
                 "update_digest": digest_arrays(arrays) if arrays is not None else "",
+                "exclusive_customers": self.policy.exclusive(self.node.partition),
             }
         )
         key = NodeKey.load_or_create(self.key_path)

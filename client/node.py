@@ -57,6 +57,7 @@ class NodeData:
     declared_customers: int | None  # the public figure in node.json, if any
     catalog_digest: str  # of the items table it holds (experiment.catalog_digest)
     items: pd.DataFrame  # the items table it holds (the public catalog)
+    partition: str = ""  # how its node.json says the data was split (regional, merchant)
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,6 +87,7 @@ def load_node(directory: str, text_model: str) -> NodeData:
         info.customers,
         digest,
         dataset.items,
+        info.partition,
     )
 
 

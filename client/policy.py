@@ -62,6 +62,14 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
   it, or a request whose planned answers alone pass it, is refused, nothing charged. Default
   0.25 for a deployed node (a default plan's six evaluations and one comparison spend about 1
   of the default 8), no cap in a simulation or without ``max-epsilon``.
+- ``exclusive-customers`` (true/false): whether this node's customers are its own alone (a
+  region: no customer of it has data at another node of any federation it joins) rather than
+  customers who may also shop at other nodes (merchants). The node signs it into every release
+  (``exclusive_customers``), and the federation's headline is the worst node's epsilon only
+  when every node vouched true (docs/privacy.md, "The headline"). Default false for a deployed
+  node (the safe side: a customer's spending at every node composes); a simulated node, whose
+  data is the simulation's own split, takes it from its ``node.json``'s ``partition``
+  (``regional``: true).
 
 A request weaker than the policy is refused with a reason naming the policy
 (:meth:`NodePolicy.refusal`); the server records it as a ``refused`` ledger entry.
@@ -114,6 +122,7 @@ POLICY_KEYS = (
     "text-models",
     "max-step-activations",
     "max-answer-share",
+    "exclusive-customers",
 )
 
 
@@ -181,13 +190,14 @@ class NodePolicy:
     text_models: tuple[str, ...] | None = None
     max_step_activations: int | None = None
     max_answer_share: float | None = None
+    exclusive_customers: bool | None = None  # None: a simulated node's split decides
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
         ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10 max-rounds=20
         max-steps=10000 max-model-weights=500000000 max-step-activations=500000000
-        text-models=minilm max-answer-share=0.25``."""
+        text-models=minilm max-answer-share=0.25 exclusive-customers=false``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
         max_epsilon = node_config.get("max-epsilon", DEPLOYED_MAX_EPSILON if deployed else None)
@@ -207,6 +217,7 @@ class NodePolicy:
             "max-step-activations", DEPLOYED_MAX_STEP_ACTIVATIONS if deployed else None
         )
         share = node_config.get("max-answer-share", DEPLOYED_MAX_ANSWER_SHARE if deployed else None)
+        exclusive = node_config.get("exclusive-customers", False if deployed else None)
         return cls(
             require_dp=_flag(require, "require-dp"),
             max_epsilon=None if max_epsilon is None else _positive(max_epsilon, "max-epsilon"),
@@ -226,6 +237,9 @@ class NodePolicy:
             if max_activations is None
             else _at_least_one(max_activations, "max-step-activations"),
             max_answer_share=None if share is None else _positive(share, "max-answer-share", 1.0),
+            exclusive_customers=None
+            if exclusive is None
+            else _flag(exclusive, "exclusive-customers"),
         )
 
     def refusal(self, request: RunConfig, customers: int, training: bool = True) -> str | None:
@@ -398,6 +412,14 @@ class NodePolicy:
         if smaller."""
         own = request.customer_delta(customers)
         return min(own, self.max_delta) if self.max_delta else own
+
+    def exclusive(self, split: str) -> bool:
+        """Whether this node vouches that its customers are its own alone: its
+        ``exclusive-customers``, else (a simulated node) whether ``split``, its ``node.json``'s
+        ``partition``, is regional."""
+        if self.exclusive_customers is not None:
+            return self.exclusive_customers
+        return split == "regional"
 
     def customers(self, exact: int, in_node_json: int | None) -> int:
         """The public customer figure: declared in the node config, else in ``node.json``,

@@ -179,6 +179,14 @@ def with_nodes_partition(overrides: list[str], settings: RunConfig, nodes: list[
     return ["partition=merchant", *overrides]
 
 
+def vouching_policy(directory: Path, node_config: dict | None) -> dict:
+    """``node_config`` for the node in ``directory``, vouching that its customers are its own
+    alone (``exclusive-customers``, client/policy.py) where its ``node.json`` says it was split
+    by region: here the split is this command's own. A node config that sets it wins."""
+    split = NodeInfo.read(directory).partition if (directory / NODE_FILE).is_file() else ""
+    return {"exclusive-customers": split == "regional", **(node_config or {})}
+
+
 def completed_round(out: Path) -> int:
     """The last round the server checkpointed in ``out`` (0: none yet)."""
     try:
@@ -237,7 +245,8 @@ def deploy(
             print(f"deploy: SuperLink on 127.0.0.1:{federation.port} (INSECURE: no TLS, no auth)")
         for directory in nodes:
             key = federation.node_key(directory.name) if secure else None
-            federation.start_node(directory.name, directory, key, policy=node_config)
+            policy = vouching_policy(directory, node_config)
+            federation.start_node(directory.name, directory, key, policy=policy)
         if secure:  # the operator registers what it knows of each node: its public node.json
             config = replace(config, registry=str(register_nodes(federation, nodes)))
         federation.wait_for_nodes(len(nodes))

@@ -78,8 +78,9 @@ def node_customers(partitions: Path | None, registry: Registry | None) -> list[i
 
 def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     """The guarantee per node and for the federation, from the ledger's releases. The headline
-    ``epsilon`` is the federation's guarantee that applies to the partition (the worst node
-    when a customer is at one node only, the composition over every node otherwise), and
+    ``epsilon`` is the federation's guarantee that applies (the worst node when the run is
+    regional and every node vouched in its signed releases that its customers are its own
+    alone, the composition over every node otherwise: ``federation.why`` says which), and
     never below what a refused report claims spent (``unverified``: the largest epsilon each
     such node claimed, never recomputed). A private request a node left unanswered counts as
     spent until a later release settles it (``outstanding``, server/privacy/ledger_gaps.py);
@@ -122,13 +123,19 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         contributions + copies, config.delta or None, config.partition
     )
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
-    epsilon = max([epsilon, *claims.values(), *([config.target_epsilon] if unbounded else [])])
+    # an unbounded node kept its plan at most: the target, or, where every node was asked the
+    # whole target (regional) but the composition applies, the target at each node
+    whole = config.partition == "regional" and federation["applies"] == "all_nodes"
+    floor = config.target_epsilon * (len(set(nodes) | set(unbounded)) if whole else 1)
+    epsilon = max([epsilon, *claims.values(), *([floor] if unbounded else [])])
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
         f"({up(epsilon, 3)}, {up_significant(delta, 3)})-differential privacy for each customer, "
         "the unit "
         f"being {federation['unit']}; each node's own guarantee is in 'per_node'."
     )
+    if config.partition == "regional" and federation["unvouched"]:
+        statement += f" Not the worst node's: {federation['why']}."
     if claims:
         statement += (
             f" Refused reports of {len(claims)} node(s) claim spending the server could not "

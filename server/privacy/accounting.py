@@ -13,7 +13,10 @@ steps)`` for ``mechanism == "gaussian"``: no amplification by sampling is claime
 Federation level, for a customer, at the configured delta (or, when each node chose its own
 delta, at the largest node delta for one node and at their sum for all nodes):
 - one node (regional partition): the customer's data lives at one node, the other nodes never see
-  it, so the guarantee is that node's; over all customers, the max over nodes;
+  it, so the guarantee is that node's; over all customers, the max over nodes. It applies only
+  when the run declares a regional partition and every node vouched for it in its signed
+  releases (``exclusive_customers``: :func:`unvouched_nodes`): the declaration alone is the
+  operator's word;
 - all nodes (merchant partition): adding or removing the customer adds or removes one record at
   every node, so every contribution of every node composes (one PLD over all events). With one
   configured delta it is not multiplied: the composed PLD gives epsilon at the same delta.
@@ -30,6 +33,7 @@ import functools
 import logging
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from server.privacy.ledger import is_number
@@ -394,7 +398,54 @@ def federation_guarantee(contributions: list[dict], delta: float | None, partiti
     # every node together is never below what one node reported itself (each at its own delta)
     reported = (float(c.get("epsilon") or 0.0) for c in contributions)
     all_nodes = max(_epsilon(composed, all_delta), *reported)
-    return guarantee_statement(per_node, all_nodes, delta, one_delta, all_delta, partition)
+    unvouched = unvouched_nodes(contributions)  # the server verified each on arrival
+    return guarantee_statement(
+        per_node, all_nodes, delta, one_delta, all_delta, partition, unvouched
+    )
+
+
+def unvouched_nodes(
+    contributions: list[dict], believed: Callable[[dict], bool] = lambda c: True
+) -> list[str]:
+    """The nodes of ``contributions`` that did not vouch, in every release they signed, that
+    their customers are their own alone (``exclusive_customers`` true: client/policy.py,
+    ``exclusive-customers``), sorted. A release without the field (a node of before
+    2026-12-07) vouches for nothing, nor does a copy the server made (``recovered``,
+    ``outstanding``: the node signed none); ``believed`` says whose statement counts (the
+    audit's: a release whose signature verified against its node's key)."""
+    nodes = {str(c["node"]) for c in contributions}
+    signed: dict[str, list[dict]] = defaultdict(list)
+    for c in contributions:
+        if not (c.get("recovered") or c.get("outstanding")):
+            signed[str(c["node"])].append(c)
+    return sorted(
+        node
+        for node in nodes
+        if not signed[node]
+        or not all(c.get("exclusive_customers") is True and believed(c) for c in signed[node])
+    )
+
+
+def _applies_why(partition: str, unvouched: list[str], nodes: int) -> str:
+    """Why the statement that applies does, in plain words."""
+    if partition != "regional":
+        return (
+            f"the run declares a {partition or 'unnamed'} partition: a customer may have data "
+            "at every node, so every node's spending composes"
+        )
+    if not unvouched:
+        return (
+            "the run declares a regional partition and every node vouched in its signed "
+            "releases that its customers are its own alone: each customer's data is at one "
+            "node, so the worst node's guarantee holds (parallel composition)"
+        )
+    named = ", ".join(unvouched[:5]) + (", ..." if len(unvouched) > 5 else "")
+    return (
+        f"the run declares a regional partition, but {len(unvouched)} of its {nodes} nodes "
+        f"({named}) did not vouch in their signed releases that their customers are their "
+        "own alone (the node's exclusive-customers): the declaration is the operator's word, "
+        "a customer may have data at several nodes, so every node's spending composes"
+    )
 
 
 def guarantee_statement(
@@ -404,18 +455,22 @@ def guarantee_statement(
     one_delta: float,
     all_delta: float,
     partition: str,
+    unvouched: list[str],
     how: str = "",
 ) -> dict:
     """The federation's guarantee both ways, from figures computed elsewhere: ``per_node``
     (each node's epsilon at ``one_delta``) and ``composed`` (all nodes' contributions composed,
-    at ``all_delta``); ``applies`` names the one for ``partition`` (``one_node`` for
-    "regional", ``all_nodes`` for anything else); ``how`` is added to both explanations.
-    Only the statement: the writer (:func:`federation_guarantee`) and the audit
-    (server/privacy/audit_federation.py) each compute its figures their own way."""
+    at ``all_delta``); ``applies`` names the one that holds: ``one_node`` for a "regional"
+    ``partition`` whose every node vouched for it (no ``unvouched`` node:
+    :func:`unvouched_nodes`), else ``all_nodes`` (the safe side), and ``why`` says why in
+    words; ``how`` is added to both explanations. Only the statement: the writer
+    (:func:`federation_guarantee`) and the audit (server/privacy/audit_federation.py) each
+    compute its figures their own way."""
     worst = max(per_node, key=per_node.get, default=None)
-    applies = "one_node" if partition == "regional" else "all_nodes"
+    applies = "one_node" if partition == "regional" and not unvouched else "all_nodes"
     result = {
         "partition": partition,
+        "unvouched": unvouched,
         "delta": delta,
         "per_node": per_node,
         "one_node": {
@@ -437,6 +492,7 @@ def guarantee_statement(
             },
         },
         "applies": applies,
+        "why": _applies_why(partition, unvouched, len(per_node)),
     }
     result["epsilon"] = result[applies]["epsilon"]
     result["unit"] = result[applies]["unit"]

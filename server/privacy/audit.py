@@ -39,7 +39,12 @@ from server.privacy.audit_checks import (
 from server.privacy.audit_federation import audit_federation, audit_metrics
 from server.privacy.audit_node_level import audit_node_level
 from server.privacy.audit_report import jsonable, print_summary, write_html
-from server.privacy.audit_signatures import audit_receipts, audit_signatures, ledger_run_id
+from server.privacy.audit_signatures import (
+    audit_receipts,
+    audit_signatures,
+    ledger_run_id,
+    read_signatures,
+)
 from server.privacy.ledger import (
     REQUIRED,
     LedgerError,
@@ -243,13 +248,21 @@ def audit(
                 f"and no later release settled them ({', '.join(sorted(outstanding))}): "
                 "each is counted as spent (an 'unanswered' entry)"
             )
-        audit_federation(report, contributions, config, tolerance, outstanding)
+        keys_dir = node_keys or out / "node-keys"
+        signatures = read_signatures(contributions, keys_dir)
+        # a node's vouch for its partition counts only where its signature verified
+        audit_federation(
+            report,
+            contributions,
+            config,
+            tolerance,
+            outstanding,
+            lambda c: id(c) in signatures.verified,
+        )
         audit_rounds(report, complete, config)
         audit_delta(report, contributions, config, lines)
         audit_calibration(report, contributions, config, lines, tolerance)
-        audit_signatures(
-            report, contributions, report["run_id"], lines, node_keys or out / "node-keys"
-        )
+        audit_signatures(report, contributions, report["run_id"], lines, keys_dir, signatures)
         if receipts:
             audit_receipts(report, contributions, report["run_id"], lines, receipts, outstanding)
         if any(e.get("kind") == "contribution" and missing_fields(e) for e in entries):

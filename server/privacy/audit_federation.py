@@ -9,8 +9,9 @@ node reported itself. A private request a node left unanswered and no later rele
 (server/privacy/ledger_gaps.py, ``outstanding_requests``) is composed as its node's costliest
 release of that purpose (an answer it never gave: its plan's one, :func:`counted_release`);
 while one of a node's is bounded by none of its releases, the guarantee is at least the run's
-target. The budget each node was asked to keep is re-derived with ``accounting.split_budget``
-from the nodes' plans."""
+target. The worst node's guarantee applies only to a regional run whose every node vouched for
+it in releases whose signature verified (``accounting.unvouched_nodes``). The budget each node
+was asked to keep is re-derived with ``accounting.split_budget`` from the nodes' plans."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import functools
 import math
 import reprlib
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +117,15 @@ def federation_statement(
     partition: str,
     outstanding: dict[str, list[dict]] | None = None,
     config: dict | None = None,
+    believed: Callable[[dict], bool] = lambda c: False,
 ) -> dict:
     """The customer-level guarantee both ways, as ``accounting.federation_guarantee`` states it
     (same keys), but composed here: ``one_node`` the worst node, ``all_nodes`` one PLD over
     every node's events; missing indices accounted (:func:`missing_releases`), each
     ``outstanding`` request (node -> its unanswered entries) at :func:`counted_release` (the run's
-    ``config`` gives the plan), and neither below the largest epsilon a node reported."""
+    ``config`` gives the plan), and neither below the largest epsilon a node reported. A
+    node's statement that its customers are its own alone counts where ``believed`` (by
+    default nowhere: the safe side)."""
     nodes = by_node(contributions)
     deltas = accounting.node_deltas(contributions)
     one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
@@ -148,8 +153,9 @@ def federation_statement(
     extra = f", {accounted} missing contribution(s) at their node's costliest" if accounted else ""
     if unanswered:
         extra += f", {unanswered} unanswered request(s) counted as spent"
+    unvouched = accounting.unvouched_nodes(contributions, believed)
     statement = accounting.guarantee_statement(
-        per_node, composed, delta, one_delta, all_delta, partition, extra
+        per_node, composed, delta, one_delta, all_delta, partition, unvouched, extra
     )
     return {
         **statement,
@@ -165,9 +171,11 @@ def audit_federation(
     config: dict,
     tolerance: float,
     outstanding: dict[str, list[dict]] | None = None,
+    believed: Callable[[dict], bool] = lambda c: False,
 ) -> None:
     """The federation guarantee (at the configured delta, or, configured 0, at the nodes'
-    own), counting ``outstanding`` requests (node -> unanswered entries) as spent; the
+    own), counting ``outstanding`` requests (node -> unanswered entries) as spent, each node's
+    vouch for its partition counted where ``believed`` (its signature verified); the
     ``federation_budget`` check: it within the run's target, and the stated
     ``budget_per_node`` not above what ``split_budget`` gives for the nodes' plans."""
     # without a run_start (report["dp"] None) each node's own delta, as a configured 0
@@ -179,17 +187,28 @@ def audit_federation(
         report["guarantee"] = "no federation guarantee: the configured delta is unusable"
         return
     partition = str(config.get("partition", ""))
-    fed = federation_statement(contributions, config_delta or None, partition, outstanding, config)
+    fed = federation_statement(
+        contributions, config_delta or None, partition, outstanding, config, believed
+    )
     report["federation"] = fed
+    if partition == "regional" and fed["unvouched"]:
+        report["notes"].append(_unvouched_note(fed, contributions))
     applies = fed[fed["applies"]]
     target = config.get("target_epsilon")
     if fed["unbounded"] and is_number(target):
-        fed["epsilon"] = max(fed["epsilon"], float(target))
+        # what their plans keep: the target where each node's budget was a share of it; where
+        # every node was asked the whole target (regional) but the composition applies (a node
+        # did not vouch), the target at each node, composed basically
+        whole = partition == "regional" and fed["applies"] == "all_nodes"
+        floor = float(target) * (len(set(fed["per_node"]) | set(fed["unbounded"])) if whole else 1)
+        fed["epsilon"] = max(fed["epsilon"], floor)
         report["notes"].append(
             f"node(s) {', '.join(fed['unbounded'])} left private requests unanswered that no "
             "release of theirs here bounds (never contributed, or never released one of that "
             "purpose): what they spent is not in this ledger; the guarantee is stated at least "
-            f"at the run's target {target:g}, what their plans keep if they followed them"
+            f"at {floor:g} (the run's target {target:g}"
+            + (" at each node" if whole else "")
+            + "), what their plans keep if they followed them"
         )
     elif fed["unbounded"]:  # and no target to state it at: nothing here bounds it
         fed["epsilon"] = math.inf
@@ -216,6 +235,23 @@ def audit_federation(
     report["guarantee"] = (
         f"({up(fed['epsilon'], 3)}, {up_significant(applies['delta'], 3)})-DP for {fed['unit']} "
         f"({applies['how']})"
+    )
+
+
+def _unvouched_note(fed: dict, contributions: list[dict]) -> str:
+    """Why a regional run is stated at the composition over all nodes, in plain words, with
+    what the ledger shows of the nodes' statements."""
+    stated = [c for c in contributions if "exclusive_customers" in c]
+    if not stated:
+        return (
+            f"{fed['why']}. No release here states it: a ledger from before nodes vouched for "
+            "their partition (2026-12-07) is taken as not vouched, the safe side; its target "
+            "and metrics.json meant the worst node, so the federation_budget and metrics "
+            "checks may fail for that alone"
+        )
+    return (
+        f"{fed['why']}. A node's statement counts only in releases whose signature verifies "
+        "against its key (node-keys, --node-keys DIR) and where it says true in every one"
     )
 
 
@@ -266,9 +302,10 @@ def _budget_problem(
 
 def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
     """metrics.json's privacy statement must not claim less than the audit recomputes: its
-    epsilon not below the guarantee that applies to the partition (for any partition but
-    "regional", all nodes composed), its delta not above that guarantee's; under DP it states
-    every contributing node's final epsilon (``per_node``), each equal to the ledger's."""
+    epsilon not below the guarantee that applies (all nodes composed unless the run is
+    regional and every node vouched for it in signed releases), its delta not above that
+    guarantee's; under DP it states every contributing node's final epsilon (``per_node``),
+    each equal to the ledger's."""
     try:
         privacy = _object_at(json_object(path.read_bytes()), "privacy")
         claimed_node = _object_at(privacy, "node_level")
@@ -285,8 +322,8 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
         if claimed < fed["epsilon"] * (1 - tolerance):
             problems.append(
                 f"metrics.json claims epsilon {claimed:.4f}, below the recomputed guarantee "
-                f"{fed['epsilon']:.4f} for {applies['unit']} ({applies['how']}), which applies "
-                f"to the {fed['partition'] or 'unnamed'} partition"
+                f"{fed['epsilon']:.4f} for {applies['unit']} ({applies['how']}), which applies: "
+                f"{fed['why']}"
             )
         if is_number(claimed_delta) and claimed_delta > applies["delta"] * (1 + tolerance):
             problems.append(

@@ -46,7 +46,7 @@ def _delta(x: Any) -> str:
 
 
 def _other_statement(fed: dict) -> dict:
-    """The federation statement that does not apply to the run's partition."""
+    """The federation statement that does not apply."""
     return fed["all_nodes" if fed["applies"] == "one_node" else "one_node"]
 
 
@@ -120,7 +120,7 @@ def print_summary(report: dict) -> None:
     if report["federation"]:
         g = _other_statement(report["federation"])
         console.print(
-            f"  (not this partition's: {g['unit']}: ε = {_epsilon(g['epsilon'])} at "
+            f"  (not the one that applies: {g['unit']}: ε = {_epsilon(g['epsilon'])} at "
             f"δ = {_delta(g['delta'])}, {g['how']})",
             highlight=False,
         )
@@ -258,7 +258,7 @@ def write_html(report: dict, path: Path) -> None:
         parts.append("<h2>Federation level</h2><ul>")
         for key in ("one_node", "all_nodes"):
             g = fed[key]
-            here = " <b>(this run's partition)</b>" if fed["applies"] == key else ""
+            here = f" <b>(applies: {e(fed['why'])})</b>" if fed["applies"] == key else ""
             extra = ""
             if key == "all_nodes":
                 b = g["basic_composition"]

@@ -5,13 +5,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from server.privacy.accounting import recompute_epsilon
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
 from server.privacy.audit_federation import counted_release
 from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import request_purpose
-from shared.federation.signing import SIGNED_FIELDS, public_key_id, signed_payload, verify
+from shared.federation.signing import (
+    SIGNED_FIELDS,
+    VOUCHED_FIELDS,
+    public_key_id,
+    signed_payload,
+    verify,
+)
 
 
 def ledger_run_id(entries: list[dict]) -> str | None:
@@ -101,18 +108,53 @@ def _recovered_problem(
     return None
 
 
+class Signatures(NamedTuple):
+    """What the node keys say of the contributions: ``have_keys`` (any to verify with),
+    ``key_errors`` (node -> why its key cannot be read), ``status`` (id of each contribution
+    but a server-recovered one -> why its signature does not verify; None: it does, or there
+    is no key to tell) and ``verified`` (the ids verified against their node's key)."""
+
+    have_keys: bool
+    key_errors: dict[str, str]
+    status: dict[int, str | None]
+    verified: set[int]
+
+
+def read_signatures(contributions: list[dict], keys_dir: Path) -> Signatures:
+    """Every contribution's signature checked against its node's key in ``keys_dir``."""
+    have_keys = keys_dir.is_dir() and any(keys_dir.glob("*.pem"))
+    key_errors: dict[str, str] = {}
+    status: dict[int, str | None] = {}
+    verified: set[int] = set()
+    for node, cs in by_node(contributions).items():
+        pem = key_id = None
+        if have_keys:
+            try:
+                pem, key_id = _node_key(keys_dir, node)
+            except ValueError as error:
+                key_errors[node] = str(error)
+        for c in cs:
+            if c.get("recovered"):
+                continue
+            status[id(c)] = _signature_problem(c, pem, key_id)
+            if status[id(c)] is None and pem is not None:
+                verified.add(id(c))
+    return Signatures(have_keys, key_errors, status, verified)
+
+
 def audit_signatures(
     report: dict,
     contributions: list[dict],
     run_id: str | None,
     lines: dict[int, int],
     keys_dir: Path,
+    signatures: Signatures,
 ) -> None:
     """A contribution's run id, where it has one, is this ledger's; with node keys, every
     contribution but a server-recovered one carries its node's valid signature over
-    :func:`signed_payload` and that key's id. Without keys, an unsigned (older) ledger gets a
-    note, not a failure."""
-    have_keys = keys_dir.is_dir() and any(keys_dir.glob("*.pem"))
+    :func:`signed_payload` and that key's id (``signatures``: :func:`read_signatures` of
+    ``keys_dir``). Without keys, an unsigned (older) ledger gets a note, not a failure."""
+    have_keys, status = signatures.have_keys, signatures.status
     if not have_keys and not any("run_id" in c for c in contributions):
         if contributions:
             report["notes"].append(
@@ -120,14 +162,14 @@ def audit_signatures(
                 f"signed contributions) and there are no node keys in {keys_dir}"
             )
         return
-    problems, recovered, verified = [], [], 0
+    problems, recovered = [], []
     for node, cs in by_node(contributions).items():
-        try:
-            pem, key_id = _node_key(keys_dir, node) if have_keys else (None, None)
-        except ValueError as error:
-            problems.append(f"node {node}: {error}: its {len(cs)} contribution(s) unverified")
-            pem = key_id = None
-        status: dict[int, str | None] = {}  # id -> why it does not verify (None: it does)
+        if node in signatures.key_errors:
+            problems.append(
+                f"node {node}: {signatures.key_errors[node]}: its {len(cs)} contribution(s) "
+                "unverified"
+            )
+        keyed = have_keys and node not in signatures.key_errors
         for c in cs:
             where = f"node {node}, line {lines[id(c)]} (round {c['round']})"
             if "run_id" in c and c["run_id"] != run_id:
@@ -137,11 +179,7 @@ def audit_signatures(
                 )
             if c.get("recovered"):
                 recovered.append(c)
-                continue
-            status[id(c)] = _signature_problem(c, pem, key_id)
-            if status[id(c)] is None:
-                verified += pem is not None
-            elif pem is not None:
+            elif keyed and status[id(c)] is not None:
                 problems.append(f"{where}: {status[id(c)]}")
         problems += [
             f"node {node}, line {lines[id(c)]} (round {c['round']}): recovered by the server, "
@@ -168,7 +206,7 @@ def audit_signatures(
             if have_keys
             else "contributions carry this run's id (no node keys: signatures not verified)",
             problems,
-            f"{verified} signature(s) verified against {keys_dir}"
+            f"{len(signatures.verified)} signature(s) verified against {keys_dir}"
             if have_keys
             else "every contribution carries this ledger's run id (signatures not verified)",
         )
@@ -243,7 +281,7 @@ def audit_receipts(
                     )
                 continue
             compared += 1
-            for field in SIGNED_FIELDS:
+            for field in SIGNED_FIELDS + VOUCHED_FIELDS:
                 if r.get(field, missing) != c.get(field, missing):
                     problems.append(
                         f"node {node}, round {c['round']} (line {lines[id(c)]}): {field}: "

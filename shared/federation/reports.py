@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from shared.federation.signing import SIGNED_FIELDS
+from shared.federation.signing import SIGNED_FIELDS, VOUCHED_FIELDS
 from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 
 PURPOSES = ("training", "encoder", "evaluation", "guard")
@@ -34,7 +34,9 @@ class ReportError(ValueError):
 @dataclass(frozen=True)
 class Release:
     """One DP release of a node (a training update or a private evaluation), exactly the
-    fields the node signs (:data:`shared.federation.signing.SIGNED_FIELDS`)."""
+    fields the node signs (:data:`shared.federation.signing.SIGNED_FIELDS`, and
+    ``exclusive_customers``, what the node vouches for its customers: None from a node that
+    states nothing, one of before 2026-12-07)."""
 
     run_id: str
     round: int
@@ -53,9 +55,11 @@ class Release:
     target_epsilon: float
     num_customers: int
     update_digest: str
+    exclusive_customers: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The signed fields, as the node signs them (a statement it did not make left out)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,10 @@ class NodeReport:
 
 _DECISION = {"node", "refused", "declined", "reason", "epsilon"}
 _SIGNATURE = {"signature", "key_id", "public_key"}
-_TYPES = {f.name: f.type for f in fields(Release)}
-assert tuple(_TYPES) == SIGNED_FIELDS, "Release must carry exactly the signed fields"
+_TYPES = {f.name: f.type for f in fields(Release) if f.name in SIGNED_FIELDS}
+assert tuple(f.name for f in fields(Release)) == SIGNED_FIELDS + VOUCHED_FIELDS, (
+    "Release must carry exactly the signed fields"
+)
 
 
 def _text(record: dict, key: str) -> str:
@@ -170,7 +176,7 @@ def claimed_epsilon(record: dict[str, Any]) -> float | None:
 
 def parse_report(record: dict[str, Any]) -> NodeReport:
     """The report in a reply's ``privacy`` record, every field whitelisted and type-checked."""
-    unknown = set(record) - _DECISION - _SIGNATURE - set(SIGNED_FIELDS)
+    unknown = set(record) - _DECISION - _SIGNATURE - set(SIGNED_FIELDS) - set(VOUCHED_FIELDS)
     if unknown:
         raise ReportError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     node = _text(record, "node")
@@ -186,7 +192,10 @@ def parse_report(record: dict[str, Any]) -> NodeReport:
         key: _text(record, key) if kind == "str" else _number(record, key, kind)
         for key, kind in _TYPES.items()
     }
-    release = Release(**values)
+    exclusive = record.get("exclusive_customers")
+    if exclusive is not None and not isinstance(exclusive, bool):
+        raise ReportError("exclusive_customers must be true or false")
+    release = Release(**values, exclusive_customers=exclusive)
     if release.purpose not in PURPOSES:
         raise ReportError(f"purpose: expected one of {PURPOSES}, got {release.purpose!r}")
     if release.mechanism not in MECHANISMS:

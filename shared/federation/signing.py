@@ -11,6 +11,9 @@ an entry the node wrote from one altered or made up later, with or without the h
 - ``key_id`` is the first 16 hex digits of the sha256 of the public key's DER
   SubjectPublicKeyInfo.
 - :func:`digest_arrays` fingerprints the update a node sent (``update_digest``).
+- :data:`VOUCHED_FIELDS` are signed too where the entry carries them (a node of before
+  2026-12-07 sends none): a server that adds one to an entry, or strips one, breaks its
+  signature.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ SIGNED_FIELDS: tuple[str, ...] = (
     "num_customers",
     "update_digest",
 )
+# what a node states about its own customers, signed with its release where it states it:
+# ``exclusive_customers``, whether they are customers of this node alone (client/policy.py)
+VOUCHED_FIELDS: tuple[str, ...] = ("exclusive_customers",)
 
 
 def canonical_json(obj: Any) -> str:
@@ -56,11 +62,12 @@ def canonical_json(obj: Any) -> str:
 
 
 def signed_payload(entry: Mapping[str, Any]) -> dict:
-    """The fields of ``entry`` a node signs; KeyError names any it lacks."""
+    """The fields of ``entry`` a node signs: every one of :data:`SIGNED_FIELDS` (KeyError names
+    any it lacks) and those of :data:`VOUCHED_FIELDS` it carries."""
     lacking = [f for f in SIGNED_FIELDS if f not in entry]
     if lacking:
         raise KeyError(f"not signable: lacks {', '.join(lacking)}")
-    return {f: entry[f] for f in SIGNED_FIELDS}
+    return {f: entry[f] for f in SIGNED_FIELDS + VOUCHED_FIELDS if f in entry}
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -135,6 +135,8 @@ def test_a_node_sends_weights_and_aggregates_only(
                 "public_key",
             }, key
         assert content["privacy"]["node"] == "regional-0"
+        if "mechanism" in content["privacy"]:  # a deployed node that says nothing: no vouch
+            assert content["privacy"]["exclusive_customers"] is False
     if kind == "evaluate.guard":  # one noisy number under DP; refused without
         assert "arrays" not in content
         assert set(content["metrics"]) == ({"noisy_gain"} if dp else set())

@@ -289,13 +289,21 @@ def test_recompute_equals_dp_accounting_pld_accountant():
 
 
 def test_federation_guarantee_one_node_is_max_all_nodes_composes(honest):
-    cs = [e for e in honest if e["kind"] == "contribution"]
-    regional = federation_guarantee(cs, DELTA, "regional")
+    cs = [{**e, "exclusive_customers": True} for e in honest if e["kind"] == "contribution"]
+    regional = federation_guarantee(cs, DELTA, "regional")  # every node vouched
     merchant = federation_guarantee(cs, DELTA, "merchant")
     per_node = regional["per_node"]
-    assert regional["epsilon"] == max(per_node.values())
+    assert regional["epsilon"] == max(per_node.values()) and regional["unvouched"] == []
     assert max(per_node.values()) < merchant["epsilon"] < sum(per_node.values())
     assert merchant["all_nodes"]["basic_composition"]["delta"] == pytest.approx(3 * DELTA)
+    # one node's releases say nothing of its customers (a ledger of before nodes vouched):
+    # the composition, whatever the operator declared
+    cs = [{**c, "exclusive_customers": c["node"] != "1"} for c in cs]
+    cs = [{k: v for k, v in c.items() if k != "exclusive_customers" or v} for c in cs]
+    unvouched = federation_guarantee(cs, DELTA, "regional")
+    assert unvouched["applies"] == "all_nodes" and unvouched["unvouched"] == ["1"]
+    assert unvouched["epsilon"] == merchant["epsilon"]
+    assert "1 of its 3 nodes (1) did not vouch" in unvouched["why"]
 
 
 # --- fedrec audit ----------------------------------------------------------------------------
@@ -509,6 +517,7 @@ def write_planned_run(
     cap: int | None = None,
     asked: float | None = None,
     guard_scale: float | None = None,
+    vouch: bool | None = None,
 ) -> Path:
     """An honest run in the new ledger format: each node's sigma calibrated for its plan
     (``dp_epochs``: the config's dp_local_epochs; None: a config from before it, local_epochs 1;
@@ -518,7 +527,10 @@ def write_planned_run(
     under ``receipts/<node>.jsonl``); ``asked``: the budget the run's start states it asked
     each node to keep (None: none stated, the equal share); ``guard_scale``: the run guards
     its start (``dp-guard``), each node answering one comparison after the last round at that
-    scale x sqrt(its customers) (None: a run without the guard, or from before it)."""
+    scale x sqrt(its customers) (None: a run without the guard, or from before it);
+    ``vouch``: what each node states in every release of its customers being its own alone
+    (``exclusive_customers``; None: a signed node as the run's partition says, an unsigned
+    ledger, one of before nodes vouched, nothing)."""
     ledger = PrivacyLedger(out / "ledger.jsonl")
     config = {
         "target_epsilon": target,
@@ -576,6 +588,9 @@ def write_planned_run(
                     if training
                     else "",
                 }
+                exclusive = partition == "regional" if vouch is None and keys else vouch
+                if exclusive is not None:
+                    fields["exclusive_customers"] = exclusive
                 history[node].append(fields)
                 fields["epsilon"] = recompute_epsilon(history[node], delta)
                 if keys and receipts:
@@ -604,7 +619,9 @@ def node_keys(tmp_path_factory) -> dict[str, NodeKey]:
 
 @pytest.fixture(scope="module")
 def unsigned(tmp_path_factory) -> list[dict]:
-    out = write_planned_run(tmp_path_factory.mktemp("unsigned"), CUSTOMERS)
+    # a merchant run: an unsigned ledger vouches for no node's customers (the regional headline
+    # needs the nodes' signed word, tests/server/test_partition_vouch.py)
+    out = write_planned_run(tmp_path_factory.mktemp("unsigned"), CUSTOMERS, partition="merchant")
     return read_ledger(out / "ledger.jsonl")
 
 
@@ -661,7 +678,7 @@ def test_an_honest_planned_run_passes_every_check(tmp_path, unsigned, signed, ca
     assert any("signatures not verified" in n for n in report["notes"])
     printed = capsys.readouterr().out
     assert printed.count("guarantee:") == 1 and f"wrote {out / 'audit.json'}" in printed
-    assert "0.000125)-DP" in printed and "0.0001250000" not in printed  # 3 significant digits
+    assert "0.00035)-DP" in printed and "0.0003500000" not in printed  # 3 significant digits
 
     receipts = [f"{node}={signed / 'receipts' / f'{node}.jsonl'}" for node in CUSTOMERS]
     assert main(["audit", str(signed), *(f"--receipts={r}" for r in receipts)]) == 0
@@ -693,7 +710,9 @@ def test_forged_sigma_fails_signatures_and_calibration_signed(tmp_path, signed):
         (out / "node-keys" / pem.name).write_text(pem.read_text())
     write_agreeing_metrics(out)
     failed = failed_checks(out)
-    assert sorted(failed) == ["calibration", "signatures"]
+    # and node 1's vouch for its customers, under signatures that no longer verify, is not
+    # believed: the headline is the composition, above the target and metrics.json's claim
+    assert sorted(failed) == ["calibration", "federation_budget", "metrics", "signatures"]
     assert all(p.startswith("node 1, line ") for p in failed["signatures"])
     assert len(failed["signatures"]) == 6 and "does not verify" in failed["signatures"][0]
 
@@ -703,12 +722,11 @@ def test_an_altered_signed_field_names_node_and_line(tmp_path, signed):
     entries[3]["update_digest"] = "0" * 64  # the server swapped node 1's update
     out = copy_run(rechain(entries), tmp_path)
     failed = failed_checks(out, "--node-keys", str(signed / "node-keys"))
-    assert failed == {
-        "signatures": [
-            f"node {entries[3]['node']}, line 4 (round 1): the signature does not verify: the "
-            "entry was altered after the node signed it, or forged"
-        ]
-    }
+    assert failed.pop("signatures") == [
+        f"node {entries[3]['node']}, line 4 (round 1): the signature does not verify: the "
+        "entry was altered after the node signed it, or forged"
+    ]
+    assert list(failed) == ["federation_budget"]  # its vouch no longer believed: composed
     # an entry of another run, and a key that is not the node's
     entries[3] = read_ledger(signed / "ledger.jsonl")[3]
     entries[5]["run_id"] = "f" * 64
@@ -852,7 +870,7 @@ def test_a_merchant_metrics_json_stating_the_worst_node_fails(tmp_path):
     assert fed["all_nodes"]["delta"] == pytest.approx(1 / 8000 + 1 / 10000 + 1 / 8000)
     assert fed["epsilon"] > worst * 1.2
     assert problem.startswith(f"metrics.json claims epsilon {worst:.4f}, below the recomputed")
-    assert "which applies to the merchant partition" in problem
+    assert "which applies: the run declares a merchant partition" in problem
     privacy["epsilon"] = fed["epsilon"]
     (out / "metrics.json").write_text(json.dumps({"privacy": privacy}))
     assert main(["audit", str(out)]) == 0
@@ -917,13 +935,15 @@ def forge(tmp_path: Path, name: str, entries: list[dict], **config) -> dict:
     return json.loads((forged / "audit.json").read_text())
 
 
-def test_the_plan_counts_dp_rounds_and_dp_local_epochs(tmp_path):
+def test_the_plan_counts_dp_rounds_and_dp_local_epochs(tmp_path, node_keys):
     """A private run's plan is ``dp_rounds`` rounds of ``dp_local_epochs`` epochs (``rounds``
     and ``local_epochs`` are the non-private run's): 2 rounds of 3 epochs under a config whose
     rounds is 10 pass; the same contributions under a config claiming 1 epoch fail the steps
     check, and one claiming 4 rounds, a plan whose noise the nodes did not add, fail the
     calibration check."""
-    out = write_planned_run(tmp_path / "planned", CUSTOMERS, rounds=2, dp_epochs=3, cap=10)
+    out = write_planned_run(
+        tmp_path / "planned", CUSTOMERS, rounds=2, dp_epochs=3, cap=10, keys=node_keys
+    )
     assert main(["audit", str(out)]) == 0
     entries = read_ledger(out / "ledger.jsonl")
     report = forge(tmp_path, "one-epoch", entries, dp_local_epochs=1)
@@ -983,14 +1003,16 @@ def test_a_merchant_run_is_audited_against_the_budget_it_asked_and_the_compositi
     assert status["budget"] == "pass" and status["federation_budget"] == "fail"
 
 
-def test_the_start_guard_is_audited_as_part_of_each_node_plan(tmp_path):
+def test_the_start_guard_is_audited_as_part_of_each_node_plan(tmp_path, node_keys):
     """A guarded run's nodes calibrate for the guard's comparison too: audited against its
     run_start (dp_guard, dp_guard_noise_scale: each node's noise the scale x sqrt(its
     customers)), it passes; the same ledger under a start without the guard fails the
     calibration (the guard releases belong to no plan), and under one stating another guard
     noise fails it too (the releases are not at the plan's noise), as under the first guard's
     key (dp_guard_noise: one std for every node), which the audit reads for older ledgers."""
-    out = write_planned_run(tmp_path / "guarded", CUSTOMERS, rounds=2, guard_scale=0.4)
+    out = write_planned_run(
+        tmp_path / "guarded", CUSTOMERS, rounds=2, guard_scale=0.4, keys=node_keys
+    )
     entries = read_ledger(out / "ledger.jsonl")
     assert [e["purpose"] for e in entries if e.get("node") == "0"][-1] == "guard"
     assert main(["audit", str(out)]) == 0

@@ -35,6 +35,13 @@ from tests.server.test_ledger_audit import copy_run, write_planned_run
 CUSTOMERS = {"0": 1000, "1": 1000}  # one delta: every figure at the same delta
 
 
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict[str, NodeKey]:
+    """The nodes' keys: a regional run's headline needs their signed vouch."""
+    where = tmp_path_factory.mktemp("keys")
+    return {node: NodeKey.load_or_create(where / f"{node}.pem") for node in CUSTOMERS}
+
+
 def error_reply(node_id: int, reason: str) -> Message:
     """What Flower returns in place of a node's reply when the node is gone."""
     return Message(error=Error(code=0, reason=reason), metadata=metadata(node_id, 0))
@@ -139,13 +146,16 @@ def _config(entries: list[dict]) -> RunConfig:
 
 
 @pytest.mark.parametrize("partition", ["regional", "merchant"])
-def test_replies_lost_at_the_end_count_as_spent_in_the_statement_and_the_audit(tmp_path, partition):
+def test_replies_lost_at_the_end_count_as_spent_in_the_statement_and_the_audit(
+    tmp_path, partition, keys
+):
     """Node 1 spent its last round's training and evaluation releases and stopped: without the
     unanswered entries the run would state less than was spent; with them, what was spent."""
     honest = read_ledger(
-        write_planned_run(tmp_path / "honest", CUSTOMERS, rounds=2, partition=partition)
+        write_planned_run(tmp_path / "honest", CUSTOMERS, rounds=2, partition=partition, keys=keys)
         / "ledger.jsonl"
     )
+    node_keys = tmp_path / "honest" / "node-keys"
     config = _config(honest)
     spent = federation_privacy(SimpleNamespace(entries=honest), config)
     dropped, recorded = _lose_last_round(honest, "1")
@@ -164,7 +174,7 @@ def test_replies_lost_at_the_end_count_as_spent_in_the_statement_and_the_audit(t
     # the audit composes the same figure its own way, and the run's rounds stay covered
     out = copy_run(recorded, tmp_path / "recorded")
     (out / "metrics.json").write_text(json.dumps({"privacy": stated}))
-    report = audit(out)
+    report = audit(out, node_keys=node_keys)
     assert report["passed"], failed(report)
     assert report["federation"]["epsilon"] == pytest.approx(spent["epsilon"], rel=1e-3)
     assert report["federation"]["outstanding_accounted"] == 2
@@ -174,14 +184,15 @@ def test_replies_lost_at_the_end_count_as_spent_in_the_statement_and_the_audit(t
         # a metrics.json that leaves the lost replies out claims too little
         assert without["epsilon"] < spent["epsilon"]
         (out / "metrics.json").write_text(json.dumps({"privacy": without}))
-        assert "metrics" in failed(audit(out))
+        assert "metrics" in failed(audit(out, node_keys=node_keys))
 
 
-def test_a_lost_guard_answer_counts_as_the_one_its_plan_gives(tmp_path):
+def test_a_lost_guard_answer_counts_as_the_one_its_plan_gives(tmp_path, keys):
     """The start guard's comparison is asked once, last: a node whose answer is lost has no
     guard release to copy, and its plan's one answer is what it spent, not a training round."""
     honest = read_ledger(
-        write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2, guard_scale=0.4) / "ledger.jsonl"
+        write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2, guard_scale=0.4, keys=keys)
+        / "ledger.jsonl"
     )
     (guard,) = [e for e in honest if e.get("purpose") == "guard" and e["node"] == "1"]
     lost = rechain([dict(e) for e in honest if e is not guard])
@@ -192,7 +203,7 @@ def test_a_lost_guard_answer_counts_as_the_one_its_plan_gives(tmp_path):
     assert stated["federation"]["per_node"]["1"] == pytest.approx(
         spent["federation"]["per_node"]["1"], rel=1e-6
     )
-    report = audit(copy_run(lost, tmp_path / "lost"))
+    report = audit(copy_run(lost, tmp_path / "lost"), node_keys=tmp_path / "run" / "node-keys")
     assert report["passed"], failed(report)
     assert report["federation"]["per_node"]["1"] == pytest.approx(
         spent["federation"]["per_node"]["1"], rel=1e-3
