@@ -109,8 +109,10 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         statement = "No node contributed." + (
             f" Refused reports claim up to epsilon {up(claim, 3)} ('unverified')." if claims else ""
         )
-        # nothing recorded bounds an unanswered node's spending but the run's target
-        floor = [*claims.values(), *([config.target_epsilon] if unbounded else [])]
+        # nothing recorded bounds an unanswered node's spending but its plan: the target, or
+        # in a regional run (each node asked the whole target, none vouched) the target at each
+        whole = len(unbounded) if config.partition == "regional" else 1
+        floor = [*claims.values(), *([config.target_epsilon * whole] if unbounded else [])]
         return {
             "unit": NODE_UNIT,
             "per_node": {},
@@ -120,7 +122,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             "statement": statement + unanswered,
         }
     federation = accounting.federation_guarantee(
-        contributions + copies, config.delta or None, config.partition
+        contributions + copies, config.delta or None, config.partition, unbounded
     )
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
     # an unbounded node kept its plan at most: the target, or, where every node was asked the

@@ -131,6 +131,7 @@ class SecureAggregation:
         """(sum of the nodes' clipped updates or None if the protocol halted, the nodes' plain
         reports with the Flower node id of each sender, the Flower node ids sampled). A reply
         the workflow cannot read halts the protocol (no sum, no report), never the run."""
+        self.sampler.sampled = []  # this round's once the workflow samples (none asked before)
         self._connected_nodes()
         self.sampler.settings[STATE_NAMES] = ",".join(state)
         self.context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
@@ -139,7 +140,6 @@ class SecureAggregation:
         self.context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: server_round, Key.START_TIME: time.time()}
         )
-        self.sampler.sampled = []  # this round's once the workflow samples (none asked before)
         try:
             self.workflow(self.grid, self.context)
             total = self._sum(state)

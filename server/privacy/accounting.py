@@ -33,7 +33,7 @@ import functools
 import logging
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from server.privacy.ledger import is_number
@@ -370,8 +370,11 @@ def node_deltas(contributions: list[dict]) -> dict[str, float]:
     return deltas
 
 
-def federation_guarantee(contributions: list[dict], delta: float | None, partition: str) -> dict:
-    """The customer-level guarantee of the whole federation, both ways.
+def federation_guarantee(
+    contributions: list[dict], delta: float | None, partition: str, silent: Iterable[str] = ()
+) -> dict:
+    """The customer-level guarantee of the whole federation, both ways; ``silent``: nodes
+    whose spending counts although they signed no release (:func:`unvouched_nodes`).
 
     ``one_node``: max over nodes (a customer at one node only), each node's epsilon the larger
     of its reported and its recomputed one; ``all_nodes``: every node's contributions composed
@@ -398,22 +401,26 @@ def federation_guarantee(contributions: list[dict], delta: float | None, partiti
     # every node together is never below what one node reported itself (each at its own delta)
     reported = (float(c.get("epsilon") or 0.0) for c in contributions)
     all_nodes = max(_epsilon(composed, all_delta), *reported)
-    unvouched = unvouched_nodes(contributions)  # the server verified each on arrival
+    unvouched = unvouched_nodes(contributions, silent=silent)  # verified each on arrival
     return guarantee_statement(
         per_node, all_nodes, delta, one_delta, all_delta, partition, unvouched
     )
 
 
 def unvouched_nodes(
-    contributions: list[dict], believed: Callable[[dict], bool] = lambda c: True
+    contributions: list[dict],
+    believed: Callable[[dict], bool] = lambda c: True,
+    silent: Iterable[str] = (),
 ) -> list[str]:
-    """The nodes of ``contributions`` that did not vouch, in every release they signed, that
-    their customers are their own alone (``exclusive_customers`` true: client/policy.py,
-    ``exclusive-customers``), sorted. A release without the field (a node of before
-    2026-12-07) vouches for nothing, nor does a copy the server made (``recovered``,
-    ``outstanding``: the node signed none); ``believed`` says whose statement counts (the
-    audit's: a release whose signature verified against its node's key)."""
-    nodes = {str(c["node"]) for c in contributions}
+    """The nodes of ``contributions`` and ``silent`` that did not vouch, in every release they
+    signed, that their customers are their own alone (``exclusive_customers`` true:
+    client/policy.py, ``exclusive-customers``), sorted. A release without the field (a node of
+    before 2026-12-07) vouches for nothing, nor does a copy the server made (``recovered``,
+    ``outstanding``: the node signed none), nor a ``silent`` node (one whose unanswered
+    requests count as spent although it signed no release: ``unbounded``); ``believed`` says
+    whose statement counts (the audit's: a release whose signature verified against its
+    node's key)."""
+    nodes = {str(c["node"]) for c in contributions} | set(map(str, silent))
     signed: dict[str, list[dict]] = defaultdict(list)
     for c in contributions:
         if not (c.get("recovered") or c.get("outstanding")):
@@ -492,7 +499,7 @@ def guarantee_statement(
             },
         },
         "applies": applies,
-        "why": _applies_why(partition, unvouched, len(per_node)),
+        "why": _applies_why(partition, unvouched, len(set(per_node) | set(unvouched))),
     }
     result["epsilon"] = result[applies]["epsilon"]
     result["unit"] = result[applies]["unit"]

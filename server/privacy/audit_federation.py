@@ -153,7 +153,7 @@ def federation_statement(
     extra = f", {accounted} missing contribution(s) at their node's costliest" if accounted else ""
     if unanswered:
         extra += f", {unanswered} unanswered request(s) counted as spent"
-    unvouched = accounting.unvouched_nodes(contributions, believed)
+    unvouched = accounting.unvouched_nodes(contributions, believed, unbounded - set(nodes))
     statement = accounting.guarantee_statement(
         per_node, composed, delta, one_delta, all_delta, partition, unvouched, extra
     )
@@ -249,9 +249,15 @@ def _unvouched_note(fed: dict, contributions: list[dict]) -> str:
             "and metrics.json meant the worst node, so the federation_budget and metrics "
             "checks may fail for that alone"
         )
+    silent = sorted(set(fed["unvouched"]) - {str(c["node"]) for c in contributions})
     return (
         f"{fed['why']}. A node's statement counts only in releases whose signature verifies "
         "against its key (node-keys, --node-keys DIR) and where it says true in every one"
+        + (
+            f"; {', '.join(silent)} left requests unanswered and signed no release here"
+            if silent
+            else ""
+        )
     )
 
 

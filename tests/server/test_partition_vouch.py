@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from client.policy import NodePolicy, PolicyError, parse_node_config
+from server.federation.budget import federation_privacy
 from server.privacy.audit import audit
 from server.privacy.ledger import read_ledger
 from shared.federation.reports import NodeReport, Release, ReportError, parse_report
@@ -19,6 +21,7 @@ from shared.federation.signing import NodeKey, signed_payload, verify
 from simulations.deploy import vouching_policy
 from tests.server.test_audit_tampering import failed, rechain
 from tests.server.test_ledger_audit import CUSTOMERS, copy_run, write_planned_run
+from tests.server.test_unanswered import _config, _with_unanswered
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,29 @@ def test_a_vouch_the_node_did_not_sign_is_not_believed(tmp_path, keys) -> None:
     stripped = copy_run(rechain(entries), tmp_path / "stripped")
     report = audit(stripped, node_keys=regions / "node-keys")
     assert report["federation"]["applies"] == "all_nodes" and "signatures" in failed(report)
+
+
+def test_a_node_that_never_answered_has_not_vouched(tmp_path, keys) -> None:
+    """A node a regional run asked that answered nothing ('unbounded': counted at the run's
+    target, the whole of it, as a regional run asks) signed no vouch: were it left out of
+    "every node", a merchant whose replies were lost would be stated at max(worst node,
+    target) while a customer shopping there and at another node spent both."""
+    run = write_planned_run(tmp_path / "run", CUSTOMERS, keys=keys)
+    honest = read_ledger(run / "ledger.jsonl")
+    silent = _with_unanswered(honest, "merchant-9")
+    stated = federation_privacy(SimpleNamespace(entries=silent), _config(honest))
+    assert stated["federation"]["unvouched"] == ["merchant-9"]
+    assert stated["federation"]["applies"] == "all_nodes"
+    assert stated["epsilon"] >= 4.0 * (len(CUSTOMERS) + 1)  # the target at each node
+    report = audit(copy_run(silent, tmp_path / "silent"), node_keys=run / "node-keys")
+    assert report["federation"]["unvouched"] == ["merchant-9"]
+    assert report["federation"]["epsilon"] == pytest.approx(stated["epsilon"])
+    assert any("merchant-9 left requests unanswered and signed no" in n for n in report["notes"])
+    # nothing contributed at all: each silent node kept the whole target at most
+    nothing = _with_unanswered([e for e in silent if e["kind"] != "contribution"], "other-9")
+    stated = federation_privacy(SimpleNamespace(entries=nothing), _config(honest))
+    assert stated["epsilon"] == 4.0 * 2
+    assert audit(copy_run(nothing, tmp_path / "nothing"))["federation"]["epsilon"] == 8.0
 
 
 def test_a_ledger_from_before_nodes_vouched_is_audited_as_not_vouched(tmp_path) -> None:
