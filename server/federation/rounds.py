@@ -197,17 +197,9 @@ class Federation:
                 unanswered[name] = (errors or {}).get(node_id, NO_REPLY)
         record_unanswered(self.ledger, server_round, unanswered, stage)
 
-    def exchange(self, server_round: int, messages: list[Message], stage: str) -> list[Message]:
-        """Send ``messages`` and wait for the replies. A run stopped meanwhile (Ctrl-C: a
-        KeyboardInterrupt) first ledgers every node asked as unanswered, counted as spent
-        until a resumed run recovers what it released: a run never resumed under-reports
-        nothing."""
-        try:
-            timeout = self.config.round_timeout or None
-            return list(self.grid.send_and_receive(messages, timeout=timeout))
-        except KeyboardInterrupt:
-            self.record_unanswered(server_round, _destinations(messages), {}, stage=stage)
-            raise
+    def exchange(self, messages: list[Message]) -> list[Message]:
+        """Send ``messages`` and wait for the replies (at most ``round-timeout`` seconds)."""
+        return list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout or None))
 
     def train(
         self, server_round: int, state: dict[str, torch.Tensor], message_type: str = "train"
@@ -216,11 +208,7 @@ class Federation:
         ``train.encoder``), record every node's privacy report once the replies are in, and keep
         the updates that pass validation."""
         if self.secure is not None:  # the server sees the sum of the clipped updates only
-            try:
-                total, records, sampled = self.secure.train_round(server_round, state)
-            except KeyboardInterrupt:  # stopped mid-protocol: as exchange() does
-                self.record_unanswered(server_round, self.secure.sampler.sampled, {})
-                raise
+            total, records, sampled = self.secure.train_round(server_round, state)
             received = Reports()  # the masked updates themselves cannot be checked here
             check = (self.keys, self.run_id, server_round, self.strategy)
             heard: dict[int, str] = {}
@@ -242,7 +230,7 @@ class Federation:
             list(self.strategy.configure_train(server_round, arrays, self.settings, self.grid)),
             message_type,
         )
-        replies = self.exchange(server_round, messages, message_type)
+        replies = self.exchange(messages)
         received = privacy_reports(
             replies, self.keys, self.run_id, server_round, self.strategy, self.config.dp, sent=state
         )
@@ -281,7 +269,7 @@ class Federation:
             starting = ArrayRecord({k: Array(v) for k, v in encode(start).items()})
             for message in messages:  # the same record for each (their content may be shared)
                 message.content["start"] = starting
-        replies = self.exchange(server_round, messages, message_type)
+        replies = self.exchange(messages)
         received = privacy_reports(
             replies, self.keys, self.run_id, server_round, self.strategy, sent=state
         )

@@ -72,35 +72,6 @@ def test_each_node_a_private_request_reached_without_a_reply_is_ledgered(tmp_pat
     assert federation.names[1] == "merchant-1"  # learnt from its reply
 
 
-@pytest.mark.parametrize("dp", [True, False])
-def test_a_run_stopped_while_waiting_ledgers_every_node_it_asked(tmp_path, dp):
-    """Ctrl-C while a round waits for replies (the simulation's stop raises a
-    KeyboardInterrupt there): every node asked is ledgered as unanswered before the stop goes
-    on, so a run that is never resumed still counts what they may have spent."""
-
-    class StoppedGrid:
-        def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201
-            raise KeyboardInterrupt
-
-    config = RunConfig(dp=dp)
-    federation = SimpleNamespace(
-        config=config,
-        grid=StoppedGrid(),
-        ledger=PrivacyLedger(tmp_path / "ledger.jsonl"),
-        strategy=FedRecStrategy(config),
-        names={4: "regional-4"},
-    )
-    federation.record_unanswered = lambda *args, **kwargs: Federation.record_unanswered(
-        federation, *args, **kwargs
-    )
-    messages = [SimpleNamespace(metadata=metadata(0, node)) for node in (4, 5)]  # to 4 and 5
-    with pytest.raises(KeyboardInterrupt):
-        Federation.exchange(federation, 2, messages, "train")
-    entries = [(e["kind"], e["round"], e["node"]) for e in federation.ledger.entries]
-    expected = [("unanswered", 2, "flower node 5"), ("unanswered", 2, "regional-4")]
-    assert entries == (expected if dp else [])
-
-
 def _with_unanswered(entries: list[dict], node: str, stage: str = "train") -> list[dict]:
     """``entries`` with a request of ``stage`` to ``node`` left unanswered after the last round
     (before run_end), as the server records it."""

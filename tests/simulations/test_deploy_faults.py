@@ -64,7 +64,8 @@ def faulted(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory)
         federation.start_superlink()
         for node in range(3):
             name = f"node-{node}"
-            policy = {"text-models": str(tiny_bert_dir)}  # else only the packaged MiniLM
+            # else only the packaged MiniLM; the split is regional: each node vouches for it
+            policy = {"text-models": str(tiny_bert_dir), "exclusive-customers": True}
             federation.start_node(name, partitions / name, federation.node_key(name), policy=policy)
         federation.wait_for_nodes(3)
         first = federation.submit(config)
@@ -135,4 +136,10 @@ def test_a_restarted_server_resumes_with_the_ledger_intact(faulted: dict) -> Non
             if e["kind"] == "declined" and e["node"] == f"regional-{node}"
         ]
         assert declined == ([3] if rerun else [])
-    assert main(["audit", str(out)]) == 0
+    # node 2 died before its first signed release: nothing vouches that its customers are its
+    # own, so the guarantee that applies composes every node's spending, at its plan (the
+    # target) for node 2 (docs/privacy.md, "Who vouches for the partition"): above the target
+    assert main(["audit", str(out)]) == 1
+    report = json.loads((out / "audit.json").read_text())
+    assert [c["name"] for c in report["checks"] if not c["passed"]] == ["federation_budget"]
+    assert report["federation"]["applies"] == "all_nodes"
