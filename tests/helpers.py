@@ -29,6 +29,9 @@ TINY_SETTINGS = {
     # a tiny node's epoch is a few steps: one epoch a round keeps the end-to-end tests quick
     # (the local-steps rule has its own test, tests/client/test_node.py)
     "local_steps": 0,
+    # likewise a tiny dataset's centralized epoch is one pass, not the default's 50 steps (the
+    # epoch-steps rule has its own test, tests/shared/test_model.py)
+    "epoch_steps": 0,
 }
 
 

@@ -202,7 +202,7 @@ class RunConfig:
     catalog_epochs: int = 3  # the public start's passes over same-brand product pairs (0: off)
     # training
     epochs: int = 10
-    epoch_steps: int = 0  # an epoch: as many passes as reach these steps (0: one pass)
+    epoch_steps: int = 50  # an epoch: as many passes as reach these steps (0: one pass)
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0

@@ -513,8 +513,11 @@ def test_short_histories_are_also_learnt_backwards() -> None:
 
 def test_a_small_datasets_epoch_takes_as_many_passes_as_reach_its_steps() -> None:
     """``fedrec train``'s epoch on 300 sequences in batches of 128 is 3 steps; with
-    ``epoch-steps`` 20 it is 7 passes (21 steps), and a large dataset keeps one pass."""
+    ``epoch-steps`` 20 it is 7 passes (21 steps), with the default 50 it is 17, and a large
+    dataset keeps one pass."""
     assert passes_per_epoch(300, 128, 20) == 7
+    assert passes_per_epoch(300, 128, RunConfig.epoch_steps) == 17
+    assert passes_per_epoch(6_400, 128, RunConfig.epoch_steps) == 1
     assert passes_per_epoch(300, 128, 0) == 1
     assert passes_per_epoch(22_363, 128, 20) == 1
     model = small_model()
