@@ -450,6 +450,7 @@ def ledger_kinds(out: Path) -> list[str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group(name="test_policy-simulate")
 def test_nodes_refuse_what_their_policy_forbids_and_train_within_it(
     tiny_synth_dataset_dir: Path, tmp_path: Path
 ) -> None:

@@ -36,6 +36,8 @@ from shared.runs.config import RunConfig
 from simulations.cli import main
 
 COLD = 0.2  # products new to every node: scored from the tuned text alone
+# the tests of the one federation below: one xdist group (its run, apart from the unit tests)
+RUN = pytest.mark.xdist_group(name="test_encoder_rounds-private_run")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,7 @@ def private_run(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_fact
 
 
 @pytest.mark.e2e
+@RUN
 def test_private_encoder_rounds_are_signed_ledgered_and_audited(
     private_run, tmp_path: Path
 ) -> None:
@@ -111,6 +114,7 @@ def test_private_encoder_rounds_are_signed_ledgered_and_audited(
 
 
 @pytest.mark.e2e
+@RUN
 def test_the_nodes_tune_the_encoder_and_the_model_ships_it(
     private_run, tiny_bert_dir: Path
 ) -> None:

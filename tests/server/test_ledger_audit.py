@@ -19,8 +19,10 @@ from server.privacy.accounting import (
     NodePlan,
     calibrate_noise,
     contributions_to_dp_event,
+    epsilon_curve,
     federation_guarantee,
     plan_steps,
+    rdp_epsilon,
     recompute_epsilon,
     split_budget,
 )
@@ -273,6 +275,7 @@ def test_pld_recomputation_agrees_with_opacus_prv(sigma, rate, steps):
 
 def test_recompute_equals_dp_accounting_pld_accountant():
     from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
 
     cs = [
         {
@@ -286,6 +289,18 @@ def test_recompute_equals_dp_accounting_pld_accountant():
     accountant = PLDAccountant(value_discretization_interval=1e-4)
     accountant.compose(contributions_to_dp_event(cs))
     assert recompute_epsilon(cs, DELTA) == pytest.approx(accountant.get_epsilon(DELTA), rel=1e-9)
+    # RDP composes by adding: the equal releases composed once, their steps added, are the same
+    rdp = RdpAccountant()
+    rdp.compose(contributions_to_dp_event(cs))
+    with_gaussian = [*cs, {**cs[0], "mechanism": "gaussian", "noise_multiplier": 20.0, "steps": 1}]
+    assert rdp_epsilon(cs, DELTA) == pytest.approx(rdp.get_epsilon(DELTA), rel=1e-9)
+    rdp = RdpAccountant()
+    rdp.compose(contributions_to_dp_event(with_gaussian))
+    assert rdp_epsilon(with_gaussian, DELTA) == pytest.approx(rdp.get_epsilon(DELTA), rel=1e-9)
+    # each point of a curve is the composition up to it, and the curve is the same asked again
+    curve = epsilon_curve([{**c, "delta": DELTA} for c in cs])
+    assert curve == [recompute_epsilon(cs[: i + 1], DELTA) for i in range(len(cs))]
+    assert epsilon_curve([{**c, "delta": DELTA} for c in cs]) == curve
 
 
 def test_federation_guarantee_one_node_is_max_all_nodes_composes(honest):
@@ -592,18 +607,21 @@ def write_planned_run(
                 if exclusive is not None:
                     fields["exclusive_customers"] = exclusive
                 history[node].append(fields)
-                fields["epsilon"] = recompute_epsilon(history[node], delta)
-                if keys and receipts:
-                    receipt = append_receipt(receipts / f"{node}.jsonl", fields, keys[node])
-                    fields.update(signature=receipt["signature"], key_id=receipt["key_id"])
-                elif keys:
-                    fields.update(
-                        signature=keys[node].sign(signed_payload(fields)),
-                        key_id=keys[node].key_id,
-                    )
-                else:
-                    fields.update(signature="", key_id="")
-                ledger.append("contribution", **fields)
+    for cs in history.values():  # each release's epsilon: its node's PLD composition up to it
+        for fields, epsilon in zip(cs, epsilon_curve(cs), strict=True):
+            fields["epsilon"] = epsilon
+    for fields in sorted((f for cs in history.values() for f in cs), key=lambda f: f["round"]):
+        node = fields["node"]
+        if keys and receipts:
+            receipt = append_receipt(receipts / f"{node}.jsonl", fields, keys[node])
+            fields.update(signature=receipt["signature"], key_id=receipt["key_id"])
+        elif keys:
+            fields.update(
+                signature=keys[node].sign(signed_payload(fields)), key_id=keys[node].key_id
+            )
+        else:
+            fields.update(signature="", key_id="")
+        ledger.append("contribution", **fields)
     ledger.append("run_end", rounds_completed=rounds, reason="done")
     return out
 
@@ -642,13 +660,12 @@ def rechain(entries: list[dict]) -> list[dict]:
 def forge_sigma(entries: list[dict], node: str) -> list[dict]:
     """``node``'s training noise multiplier doubled and its epsilons lowered to match."""
     entries = [dict(e) for e in entries]
-    history = []
-    for e in entries:
-        if e["kind"] == "contribution" and e["node"] == node:
-            if e["purpose"] == "training":
-                e["noise_multiplier"] *= 2
-            history.append(e)
-            e["epsilon"] = recompute_epsilon(history, e["delta"])
+    mine = [e for e in entries if e["kind"] == "contribution" and e["node"] == node]
+    for e in mine:
+        if e["purpose"] == "training":
+            e["noise_multiplier"] *= 2
+    for e, epsilon in zip(mine, epsilon_curve(mine), strict=True):
+        e["epsilon"] = epsilon
     return rechain(entries)
 
 

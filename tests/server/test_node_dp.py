@@ -207,7 +207,13 @@ def simulate(data: Path, out: Path, *extra: str) -> dict:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("secagg", [False, True], ids=["plain", "secagg"])
+@pytest.mark.parametrize(
+    "secagg",
+    [
+        pytest.param(False, id="plain", marks=pytest.mark.xdist_group(name="test_node_dp-plain")),
+        pytest.param(True, id="secagg", marks=pytest.mark.xdist_group(name="test_node_dp-secagg")),
+    ],
+)
 def test_a_federation_states_both_guarantees(
     tiny_synth_dataset_dir: Path, tmp_path: Path, secagg: bool
 ) -> None:
@@ -347,6 +353,7 @@ def secure() -> dict[int, dict]:
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group(name="test_node_dp-secure")
 @pytest.mark.parametrize("server_round", [1, 4], ids=["first", "after halted rounds"])
 def test_secagg_sum_equals_the_plain_sum(secure: dict, server_round: int) -> None:
     found = secure[server_round]
@@ -362,6 +369,7 @@ def test_secagg_sum_equals_the_plain_sum(secure: dict, server_round: int) -> Non
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group(name="test_node_dp-secure")
 @pytest.mark.parametrize("kind", list(HOSTILE_ROUNDS.values()))
 def test_a_malformed_masked_vector_halts_the_secagg_round_not_the_run(
     secure: dict, kind: str

@@ -16,7 +16,7 @@ from server.federation.budget import federation_privacy
 from server.federation.releases import heard_from
 from server.federation.rounds import Federation
 from server.federation.strategy import FedRecStrategy
-from server.privacy.accounting import recompute_epsilon
+from server.privacy.accounting import epsilon_curve
 from server.privacy.audit import audit
 from server.privacy.ledger import RESERVED, PrivacyLedger, read_ledger
 from server.privacy.ledger_gaps import (
@@ -284,8 +284,9 @@ def _reindexed(entries: list[dict], node: str, keep) -> list[dict]:
                 continue
             e["contribution_index"] = len(mine)
             mine.append(e)
-            e["epsilon"] = recompute_epsilon(mine, e["delta"])
         out.append(e)
+    for e, epsilon in zip(mine, epsilon_curve(mine), strict=True):
+        e["epsilon"] = epsilon
     return out
 
 
