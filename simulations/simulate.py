@@ -122,7 +122,7 @@ def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) ->
     """``--node-config``: every node's own privacy policy (client/policy.py)."""
     empty = (
         "a deployed node's policy is require-dp=true max-epsilon=8 min-exact-customers=50 "
-        "max-epochs=10 max-rounds=20 max-steps=10000 max-secagg-shares=1000 "
+        "max-epochs=10 max-rounds=20 max-steps=10000 max-secagg-shares=200 "
         "max-model-weights=500000000 "
         "max-step-activations=500000000 text-models=minilm max-answer-share=0.25 "
         "exclusive-customers=false (true for a node.json split by region: fedrec deploy local "

@@ -114,7 +114,7 @@ def test_a_setup_above_the_nodes_share_cap_is_refused_before_any_work(
     calls = []
     monkeypatch.setattr(client_app, "secaggplus_mod", lambda *args: calls.append(args))
     reason = refused(app(secagg_message({**SETUP, **asked}), context))
-    assert "max-secagg-shares=1000" in reason and f"{asked[Key.SHARE_NUMBER]} shares" in reason
+    assert "max-secagg-shares=200" in reason and f"{asked[Key.SHARE_NUMBER]} shares" in reason
     assert calls == [] and not (directory / "privacy").exists()
 
 
@@ -122,11 +122,11 @@ def test_an_honest_setup_within_the_cap_is_answered(node) -> None:
     """The cap's own value is accepted (fedrec's server asks for one share a sampled node, half
     of them to reconstruct); a node's max-secagg-shares lowers it, a simulated node has none."""
     context, _ = node
-    at_cap = {**SETUP, Key.SHARE_NUMBER: 1_000, Key.THRESHOLD: 500}
+    at_cap = {**SETUP, Key.SHARE_NUMBER: 200, Key.THRESHOLD: 100}
     reply = make_client_app()(secagg_message(at_cap), context)
     assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
-    strict = make_client_app({"max-secagg-shares": 999})
-    assert "max-secagg-shares=999" in refused(strict(secagg_message(at_cap), context))
+    strict = make_client_app({"max-secagg-shares": 199})
+    assert "max-secagg-shares=199" in refused(strict(secagg_message(at_cap), context))
     simulated = Context(
         run_id=1, node_id=NODE_ID, node_config={}, state=RecordDict(), run_config={}
     )
@@ -137,8 +137,8 @@ def test_an_honest_setup_within_the_cap_is_answered(node) -> None:
 def test_max_secagg_shares_bounds_a_secagg_setup() -> None:
     """Shares and threshold alike, from the node's own config; a simulated node has no cap."""
     deployed = NodePolicy.from_node_config({"data-dir": "/d"})
-    assert deployed.secagg_refusal(1_000, 500) is None
-    assert "max-secagg-shares=1000" in str(deployed.secagg_refusal(1_001, 2))
+    assert deployed.secagg_refusal(200, 100) is None
+    assert "max-secagg-shares=200" in str(deployed.secagg_refusal(201, 2))
     tight = NodePolicy.from_node_config({"data-dir": "/d", "max-secagg-shares": "10"})
     assert "threshold 11" in str(tight.secagg_refusal(5, 11))
     assert NodePolicy().secagg_refusal(10**6, 10**6) is None
