@@ -29,10 +29,10 @@ from flwr.client import NumPyClient
 # deprecated path; SecAgg+ exists nowhere else in flwr 1.42
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 # deprecated path; SecAgg+ exists nowhere else in flwr 1.42
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client.accountant import NodePrivacy, RequestPosition
 from client.encoder import tune_encoder_at_node
@@ -318,19 +318,41 @@ def refusing_node(context: Context) -> str:
         return f"node-{context.node_config.get('partition-id', '?')}"
 
 
-def rehearsed(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+def secagg_setup_refusal(msg: Message, policy: NodePolicy) -> str | None:
+    """Why the node refuses ``msg`` when it is a SecAgg+ setup asking for more shares, or a
+    higher threshold, than the node's ``max-secagg-shares`` (None otherwise): read before
+    Flower's ``secaggplus_mod`` makes a key, its work growing with both."""
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
+    if configs.get(Key.STAGE) != Stage.SETUP or not (
+        isinstance(shares, int) and isinstance(threshold, int)
+    ):
+        return None  # no setup, or one Flower's own checks refuse
+    return policy.secagg_refusal(shares, threshold)
+
+
+def rehearsed(node_config: dict) -> Mod:
     """``secaggplus_mod``, with a SecAgg+ message it cannot take refused
-    (:class:`RequestRefused`) before the node trains or spends: each step of the protocol is
-    first taken on copies of the message and of the node's SecAgg+ state, an empty update in
-    place of the node's (Flower's own checks of the stage, the keys, the shares and the
-    ciphertexts), and only a message that passes is answered for real."""
-    try:
-        secaggplus_mod(copy.deepcopy(msg), copy.deepcopy(context), _no_update)
-    except Exception as error:  # noqa: BLE001 (whatever the server's message makes it raise)
-        shown = str(error)[:MAX_REASON] + ("..." if len(str(error)) > MAX_REASON else "")
-        reason = f"the server's SecAgg+ message: {shown}"
-        raise RequestRefused(refusing_node(context), reason) from None
-    return secaggplus_mod(msg, context, call_next)
+    (:class:`RequestRefused`) before the node trains or spends: a setup above the node's
+    ``max-secagg-shares`` (its policy, ``node_config`` added to its own config) at once; each
+    step of the protocol is then first taken on copies of the message and of the node's
+    SecAgg+ state, an empty update in place of the node's (Flower's own checks of the stage,
+    the keys, the shares and the ciphertexts), and only a message that passes is answered for
+    real."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        policy = NodePolicy.from_node_config({**context.node_config, **node_config})
+        if reason := secagg_setup_refusal(msg, policy):
+            raise RequestRefused(refusing_node(context), reason)
+        try:
+            secaggplus_mod(copy.deepcopy(msg), copy.deepcopy(context), _no_update)
+        except Exception as error:  # noqa: BLE001 (whatever the server's message makes it raise)
+            shown = str(error)[:MAX_REASON] + ("..." if len(str(error)) > MAX_REASON else "")
+            reason = f"the server's SecAgg+ message: {shown}"
+            raise RequestRefused(refusing_node(context), reason) from None
+        return secaggplus_mod(msg, context, call_next)
+
+    return mod
 
 
 class _NoUpdate(NumPyClient):
@@ -392,7 +414,9 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
             return [update[name] for name in state], 1, metrics  # every node weighs 1
 
     secure_app = answering_refusals(
-        ClientApp(client_fn=lambda context: SecureNode(context).to_client(), mods=[rehearsed])
+        ClientApp(
+            client_fn=lambda context: SecureNode(context).to_client(), mods=[rehearsed(extra)]
+        )
     )
 
     def secure_rounds(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

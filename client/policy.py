@@ -93,6 +93,10 @@ DEPLOYED_MIN_EXACT_CUSTOMERS = 50
 DEPLOYED_MAX_EPOCHS = 10
 DEPLOYED_MAX_ROUNDS = 20
 DEPLOYED_MAX_STEPS = 10_000
+# SecAgg+ shares: fedrec's server asks for one a sampled node (server/federation/secagg.py),
+# so 200 covers twice the 100 nodes the docs promise; the work a setup asks grows with shares x
+# threshold (100 / 50: 5 s on 2 cores, 1,000 / 500: over 5 minutes), done twice (the rehearsal)
+DEPLOYED_MAX_SECAGG_SHARES = 200
 # 500 M weights, 2 GB in float32: 37 times Amazon Beauty's default model (13.5 M), room for a
 # catalog of a million products at dim 128 (256 M)
 DEPLOYED_MAX_MODEL_WEIGHTS = 500_000_000
@@ -118,6 +122,7 @@ POLICY_KEYS = (
     "max-epochs",
     "max-rounds",
     "max-steps",
+    "max-secagg-shares",
     "max-model-weights",
     "text-models",
     "max-step-activations",
@@ -186,6 +191,7 @@ class NodePolicy:
     max_epochs: int | None = None
     max_rounds: int | None = None
     max_steps: int | None = None
+    max_secagg_shares: int | None = None
     max_model_weights: int | None = None
     text_models: tuple[str, ...] | None = None
     max_step_activations: int | None = None
@@ -196,7 +202,8 @@ class NodePolicy:
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy in a node config; a deployed node (``data-dir`` set) defaults to
         ``require-dp=true max-epsilon=8 min-exact-customers=50 max-epochs=10 max-rounds=20
-        max-steps=10000 max-model-weights=500000000 max-step-activations=500000000
+        max-steps=10000 max-secagg-shares=200 max-model-weights=500000000
+        max-step-activations=500000000
         text-models=minilm max-answer-share=0.25 exclusive-customers=false``."""
         deployed = "data-dir" in node_config
         require = node_config.get("require-dp", deployed)
@@ -209,6 +216,9 @@ class NodePolicy:
         max_epochs = node_config.get("max-epochs", DEPLOYED_MAX_EPOCHS if deployed else None)
         max_rounds = node_config.get("max-rounds", DEPLOYED_MAX_ROUNDS if deployed else None)
         max_steps = node_config.get("max-steps", DEPLOYED_MAX_STEPS if deployed else None)
+        max_shares = node_config.get(
+            "max-secagg-shares", DEPLOYED_MAX_SECAGG_SHARES if deployed else None
+        )
         max_weights = node_config.get(
             "max-model-weights", DEPLOYED_MAX_MODEL_WEIGHTS if deployed else None
         )
@@ -229,6 +239,9 @@ class NodePolicy:
             max_epochs=None if max_epochs is None else _at_least_one(max_epochs, "max-epochs"),
             max_rounds=None if max_rounds is None else _at_least_one(max_rounds, "max-rounds"),
             max_steps=None if max_steps is None else _at_least_one(max_steps, "max-steps"),
+            max_secagg_shares=None
+            if max_shares is None
+            else _at_least_one(max_shares, "max-secagg-shares"),
             max_model_weights=None
             if max_weights is None
             else _at_least_one(max_weights, "max-model-weights"),
@@ -241,6 +254,18 @@ class NodePolicy:
             if exclusive is None
             else _flag(exclusive, "exclusive-customers"),
         )
+
+    def secagg_refusal(self, share_num: int, threshold: int) -> str | None:
+        """Why this node refuses a SecAgg+ setup asking for ``share_num`` shares of its
+        secrets at reconstruction ``threshold`` (None: it accepts)."""
+        if self.max_secagg_shares is not None and max(share_num, threshold) > (
+            self.max_secagg_shares
+        ):
+            return (
+                f"the SecAgg+ setup asks for {share_num} shares at threshold {threshold}, "
+                f"above this node's max-secagg-shares={self.max_secagg_shares}"
+            )
+        return None
 
     def refusal(self, request: RunConfig, customers: int, training: bool = True) -> str | None:
         """Why this node, of ``customers`` (its public figure), refuses to train (or,

@@ -122,7 +122,8 @@ def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) ->
     """``--node-config``: every node's own privacy policy (client/policy.py)."""
     empty = (
         "a deployed node's policy is require-dp=true max-epsilon=8 min-exact-customers=50 "
-        "max-epochs=10 max-rounds=20 max-steps=10000 max-model-weights=500000000 "
+        "max-epochs=10 max-rounds=20 max-steps=10000 max-secagg-shares=200 "
+        "max-model-weights=500000000 "
         "max-step-activations=500000000 text-models=minilm max-answer-share=0.25 "
         "exclusive-customers=false (true for a node.json split by region: fedrec deploy local "
         "made the split)"
@@ -137,7 +138,8 @@ def add_node_config_argument(parser: argparse.ArgumentParser, deployed: bool) ->
         metavar='"KEY=VALUE ..."',
         help="each node's own privacy policy, set on the node's side and never by the server: "
         "require-dp (true/false), max-epsilon, max-delta, declared-customers, "
-        "min-exact-customers, max-epochs, max-rounds, max-steps, max-model-weights, "
+        "min-exact-customers, max-epochs, max-rounds, max-steps, max-secagg-shares, "
+        "max-model-weights, "
         "max-step-activations, text-models (comma-separated), max-answer-share, "
         "exclusive-customers (true/false: its customers are its own alone, what a regional "
         "headline needs); a node refuses a request weaker than its policy; "

@@ -50,9 +50,11 @@ from flwr.serverapp import Grid
 from shared.runs.config import RunConfig
 
 log = logging.getLogger("fedrec.server")
-# Every node shares its keys with every other (full graph: plain SecAgg security; fedrec's
-# federations are cross-silo, a few merchants or regions, so the quadratic cost is small), and
-# any half of the shares reconstruct a dropped node's mask.
+# Every node shares its keys with every other (full graph: plain SecAgg security), and any half
+# of the shares reconstruct a dropped node's mask. The cost grows with shares x threshold: at
+# 100 sampled nodes each node spends about 5 s a round splitting its secrets (twice: its
+# rehearsal, client/client_app.py). A node refuses a setup of more shares than its
+# max-secagg-shares (200 by default, client/policy.py): 200 sampled nodes a round.
 NUM_SHARES = 1.0
 RECONSTRUCTION_THRESHOLD = 0.5
 STATE_NAMES = "state-names"  # the weights' names, in the order of the arrays sent

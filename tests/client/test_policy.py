@@ -49,6 +49,7 @@ def test_a_deployed_node_requires_dp_by_default_and_a_simulated_one_does_not() -
     assert deployed.require_dp and deployed.max_epsilon == 8.0
     assert deployed.min_exact_customers == 50 and deployed.max_epochs == 10
     assert deployed.max_rounds == 20 and deployed.max_steps == 10_000
+    assert deployed.max_secagg_shares == 200
     assert deployed.max_model_weights == 500_000_000 and deployed.text_models == ("minilm",)
     assert deployed.max_step_activations == 500_000_000 and deployed.max_answer_share == 0.25
     assert NodePolicy.from_node_config({"partition-id": 0}) == NodePolicy()
@@ -238,6 +239,7 @@ def test_the_public_customer_figure_never_is_the_exact_count() -> None:
         ("max-epochs=2.5", "whole number"),
         ("max-rounds=0", "max-rounds=.0.: expected a whole number >= 1"),
         ("max-steps=-3", "max-steps=.-3.: expected a whole number >= 0"),
+        ("max-secagg-shares=0", "max-secagg-shares=.0.: expected a whole number >= 1"),
         ("text-models=,", "text-models=.,.: expected names or paths"),
     ],
 )

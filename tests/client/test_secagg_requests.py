@@ -16,7 +16,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from helpers import metadata
 
+from client import client_app
 from client.client_app import make_client_app
+from client.policy import NodePolicy
 from shared.federation.node_directory import NodeInfo
 
 NODE_ID = 5
@@ -94,3 +96,49 @@ def test_hostile_keys_after_a_setup_are_refused_and_leave_the_protocol_state(nod
     hostile = {Key.STAGE: Stage.SHARE_KEYS, str(NODE_ID): own, "7": [b"not a key", b"nor this"]}
     assert "SecAgg+" in refused(app(secagg_message(hostile), context))
     assert dict(context.state.config_records[RECORD_KEY_STATE]) == state
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [{Key.SHARE_NUMBER: 10**6}, {Key.SHARE_NUMBER: 10**6, Key.THRESHOLD: 10**6}],
+    ids=["shares", "threshold"],
+)
+def test_a_setup_above_the_nodes_share_cap_is_refused_before_any_work(
+    node, monkeypatch: pytest.MonkeyPatch, asked: dict
+) -> None:
+    """A setup of a million shares passed Flower's checks: the node split its secrets a
+    million ways at the next step (twice, with its rehearsal). It is refused by the node's
+    max-secagg-shares before Flower's mod is called at all, nothing spent."""
+    context, directory = node
+    app = make_client_app()
+    calls = []
+    monkeypatch.setattr(client_app, "secaggplus_mod", lambda *args: calls.append(args))
+    reason = refused(app(secagg_message({**SETUP, **asked}), context))
+    assert "max-secagg-shares=200" in reason and f"{asked[Key.SHARE_NUMBER]} shares" in reason
+    assert calls == [] and not (directory / "privacy").exists()
+
+
+def test_an_honest_setup_within_the_cap_is_answered(node) -> None:
+    """The cap's own value is accepted (fedrec's server asks for one share a sampled node, half
+    of them to reconstruct); a node's max-secagg-shares lowers it, a simulated node has none."""
+    context, _ = node
+    at_cap = {**SETUP, Key.SHARE_NUMBER: 200, Key.THRESHOLD: 100}
+    reply = make_client_app()(secagg_message(at_cap), context)
+    assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
+    strict = make_client_app({"max-secagg-shares": 199})
+    assert "max-secagg-shares=199" in refused(strict(secagg_message(at_cap), context))
+    simulated = Context(
+        run_id=1, node_id=NODE_ID, node_config={}, state=RecordDict(), run_config={}
+    )
+    reply = make_client_app()(secagg_message({**SETUP, Key.SHARE_NUMBER: 10**6}), simulated)
+    assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
+
+
+def test_max_secagg_shares_bounds_a_secagg_setup() -> None:
+    """Shares and threshold alike, from the node's own config; a simulated node has no cap."""
+    deployed = NodePolicy.from_node_config({"data-dir": "/d"})
+    assert deployed.secagg_refusal(200, 100) is None
+    assert "max-secagg-shares=200" in str(deployed.secagg_refusal(201, 2))
+    tight = NodePolicy.from_node_config({"data-dir": "/d", "max-secagg-shares": "10"})
+    assert "threshold 11" in str(tight.secagg_refusal(5, 11))
+    assert NodePolicy().secagg_refusal(10**6, 10**6) is None
