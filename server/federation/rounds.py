@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,13 @@ from server.federation.selection import MONITOR, RoundSelection, round_validatio
 from server.federation.settings import check_settings, settings_record
 from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, ledger_head
-from server.privacy.ledger_gaps import NO_REPLY, none_trained, record_unanswered
+from server.privacy.ledger_gaps import (
+    NO_REPLY,
+    none_trained,
+    record_answered,
+    record_requested,
+    record_unanswered,
+)
 from server.privacy.node_keys import NodeKeys
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
 from shared.federation.wire import encode, nbytes, trainable_state
@@ -196,6 +203,18 @@ class Federation:
                 )
                 unanswered[name] = (errors or {}).get(node_id, NO_REPLY)
         record_unanswered(self.ledger, server_round, unanswered, stage)
+        record_answered(self.ledger, server_round, stage)
+
+    def request(self, server_round: int, sent: list[int], stage: str = "train") -> None:
+        """Under DP, ledger a private request of ``stage`` to ``sent`` (Flower node ids) before
+        it leaves: a stop or crash before :meth:`record_unanswered` closes it leaves it counted
+        as spent (server/privacy/ledger_gaps.py). A node is named as its replies named it."""
+        if self.config.dp:
+            names = {i: self.names.get(i) or self.strategy.node_name(i, "") for i in sent}
+            unnamed = [i for i, name in names.items() if not name]
+            record_requested(
+                self.ledger, server_round, list(filter(None, names.values())), unnamed, stage
+            )
 
     def exchange(self, messages: list[Message]) -> list[Message]:
         """Send ``messages`` and wait for the replies (at most ``round-timeout`` seconds)."""
@@ -208,6 +227,7 @@ class Federation:
         ``train.encoder``), record every node's privacy report once the replies are in, and keep
         the updates that pass validation."""
         if self.secure is not None:  # the server sees the sum of the clipped updates only
+            self.secure.sampler.on_sample = partial(self.request, server_round)
             total, records, sampled = self.secure.train_round(server_round, state)
             received = Reports()  # the masked updates themselves cannot be checked here
             check = (self.keys, self.run_id, server_round, self.strategy)
@@ -230,6 +250,7 @@ class Federation:
             list(self.strategy.configure_train(server_round, arrays, self.settings, self.grid)),
             message_type,
         )
+        self.request(server_round, _destinations(messages), message_type)
         replies = self.exchange(messages)
         received = privacy_reports(
             replies, self.keys, self.run_id, server_round, self.strategy, self.config.dp, sent=state
@@ -269,6 +290,7 @@ class Federation:
             starting = ArrayRecord({k: Array(v) for k, v in encode(start).items()})
             for message in messages:  # the same record for each (their content may be shared)
                 message.content["start"] = starting
+        self.request(server_round, _destinations(messages), message_type)
         replies = self.exchange(messages)
         received = privacy_reports(
             replies, self.keys, self.run_id, server_round, self.strategy, sent=state

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -74,6 +75,8 @@ class _Sampler(LegacyFedAvg):
         )
         self.settings = settings
         self.sampled: list[int] = []  # the Flower node ids sampled this round
+        # told the sampled ids before any request leaves (the server ledgers the request)
+        self.on_sample: Callable[[list[int]], None] | None = None
         self.results = []  # (Flower node id, FitRes) of each completed node
         self.mean: list[np.ndarray] | None = None
 
@@ -81,6 +84,8 @@ class _Sampler(LegacyFedAvg):
         """FedAvg's sampling; starts the round's bookkeeping afresh."""
         chosen = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = [proxy.node_id for proxy, _ in chosen]
+        if self.on_sample is not None:
+            self.on_sample(self.sampled)
         self.results, self.mean = [], None
         return chosen
 

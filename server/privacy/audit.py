@@ -246,7 +246,8 @@ def audit(
             report["notes"].append(
                 f"{sum(map(len, outstanding.values()))} private request(s) went unanswered "
                 f"and no later release settled them ({', '.join(sorted(outstanding))}): "
-                "each is counted as spent (an 'unanswered' entry)"
+                "each is counted as spent (an 'unanswered' entry, or a 'requested' one the "
+                "server stopped before closing)"
             )
         keys_dir = node_keys or out / "node-keys"
         signatures = read_signatures(contributions, keys_dir)
@@ -296,6 +297,8 @@ def shape_problem(entry: dict) -> str | None:
     node_level entry's values fail the checks that recompute them (``entry_problem``)."""
     if entry["kind"] in NODE_ENTRIES:
         return node_entry_problem(entry)
+    if entry["kind"] in ("requested", "answered"):
+        return request_problem(entry)
     if entry["kind"] == "run_start" and not isinstance(entry["config"], dict):
         return f"config {reprlib.repr(entry['config'])} is not a JSON object"
     if entry["kind"] == "run_end" and not is_round(entry["rounds_completed"]):
@@ -315,6 +318,25 @@ def node_entry_problem(entry: dict) -> str | None:
     if not (isinstance(stage, str) and (stage == "train" or stage in STAGE_PURPOSE)):
         return f"stage {reprlib.repr(stage)} is none of {', '.join(STAGE_PURPOSE)}"
     return None
+
+
+def request_problem(entry: dict) -> str | None:
+    """What is wrong with a requested or answered entry (None: nothing): its round and stage
+    as a node's entry's, a requested one's nodes not a list of names, or its unnamed ones not
+    a list of Flower node ids."""
+    if problem := node_entry_problem({**entry, "node": ""}):
+        return problem
+    nodes, unnamed = entry.get("nodes", []), entry.get("unnamed", [])
+    if not (isinstance(nodes, list) and all(isinstance(n, str) for n in nodes)):
+        return f"nodes {reprlib.repr(nodes)} is not a list of node names"
+    if not (isinstance(unnamed, list) and all(_node_id(n) for n in unnamed)):
+        return f"unnamed {reprlib.repr(unnamed)} is not a list of Flower node ids"
+    return None
+
+
+def _node_id(x: Any) -> bool:
+    """Whether ``x`` is a Flower node id (a non-negative integer)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _read_config(report: dict, complete: list[dict], lines: dict[int, int]) -> dict:

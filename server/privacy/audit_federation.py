@@ -212,6 +212,7 @@ def audit_federation(
         )
     elif fed["unbounded"]:  # and no target to state it at: nothing here bounds it
         fed["epsilon"] = math.inf
+    _claims_floor(report, fed)
     title = "the guarantee that applies within the run's target epsilon"
     if not (is_number(target) and 0 < target <= MAX_TARGET_EPSILON):
         # nothing to hold it to (splitting 1e308 over a merchant run's nodes took hours: fuzzed)
@@ -236,6 +237,20 @@ def audit_federation(
         f"({up(fed['epsilon'], 3)}, {up_significant(applies['delta'], 3)})-DP for {fed['unit']} "
         f"({applies['how']})"
     )
+
+
+def _claims_floor(report: dict, fed: dict) -> None:
+    """Never below what a refused report claims spent (``unverified``, as the server's
+    statement: server/federation/budget.py): the largest claim that is a number >= 0 raises the
+    federation's epsilon, and a note says so."""
+    claims = [u["epsilon"] for u in report.get("unverified", []) if is_number(u.get("epsilon"))]
+    claim = max([float(c) for c in claims if c >= 0], default=0.0)
+    if claim > fed["epsilon"]:
+        fed["epsilon"] = claim
+        report["notes"].append(
+            f"a report the server refused claims epsilon {claim:g} spent ('unverified'), more "
+            "than the ledger's releases compose to: the guarantee is stated at no less"
+        )
 
 
 def _unvouched_note(fed: dict, contributions: list[dict]) -> str:

@@ -60,6 +60,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     # it counts as spent until the node's next contribution shows whether it did
     # (server/privacy/ledger_gaps.py)
     "unanswered": ("round", "node", "reason"),
+    # written before a private request leaves (the nodes it goes to: their names, and the
+    # Flower ids of those not yet heard from), and closed by ``answered`` once its replies are
+    # recorded: one never closed counts as spent (server/privacy/ledger_gaps.py)
+    "requested": ("round", "nodes", "unnamed"),
+    "answered": ("round",),
     "node_level": (
         "round",
         "mechanism",

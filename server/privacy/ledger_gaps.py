@@ -15,6 +15,17 @@ answer as ``unanswered``; until a recovered contribution or one of a later round
 at the node's costliest release of its purpose, or where no release of the node bounds it, at
 no less than the run's target (:func:`outstanding_releases`). A run that ends with a reply
 lost therefore states at least what was spent.
+
+A run stopped (Ctrl-C, SIGTERM) or killed mid-exchange records no ``unanswered`` entry: the
+server writes ahead instead. Before a private request leaves, a ``requested`` entry names the
+nodes it goes to; once the exchange's replies (and unanswered requests) are recorded, an
+``answered`` entry closes it. A ``requested`` entry never closed was in flight when the server
+stopped: each of its nodes counts as spent, as an unanswered request does, until the node's
+next signed contribution whose index shows no gap settles it, whatever its round (its index
+says the node charged nothing more, and the rerun asks the same round again), or a recovered
+contribution does (the node had charged it). A node the server had not yet heard from has no
+name to be settled by: such requests are settled once as many nodes as the run has
+(``num_nodes``) have each released so, after it (:func:`in_flight`).
 """
 
 from __future__ import annotations
@@ -133,6 +144,29 @@ def record_unanswered(
         ledger.append("unanswered", round=server_round, node=node, reason=reason, **named)
 
 
+def record_requested(
+    ledger: PrivacyLedger,
+    server_round: int,
+    nodes: list[str],
+    unnamed: list[int],
+    stage: str = "train",
+) -> None:
+    """Before a private request of ``stage`` leaves: a ``requested`` entry naming the nodes it
+    goes to (``nodes``, as the ledger names them; ``unnamed``: the Flower ids of nodes not yet
+    heard from), counted as spent until :func:`record_answered` closes it."""
+    named = {} if stage == "train" else {"stage": stage}
+    ledger.append(
+        "requested", round=server_round, nodes=sorted(nodes), unnamed=sorted(unnamed), **named
+    )
+
+
+def record_answered(ledger: PrivacyLedger, server_round: int, stage: str = "train") -> None:
+    """Close the last ``requested`` entry: every reply of the exchange, and every request left
+    unanswered, is recorded above."""
+    named = {} if stage == "train" else {"stage": stage}
+    ledger.append("answered", round=server_round, **named)
+
+
 def none_trained(entries: list[dict], server_round: int) -> str:
     """Why no node trained in ``server_round``, said plainly when its nodes declined it for
     their budget: the round, the epsilon they had spent (rounded up) and the first node's
@@ -164,31 +198,132 @@ def none_trained(entries: list[dict], server_round: int) -> str:
 
 
 def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:
-    """Per node, the ``unanswered`` entries still counted as spent. One is settled by a
-    recovered contribution of the node (it records a lost release: the oldest pending one),
-    or by any contribution of the node from a later round (the model's rounds follow the
-    encoder's, numbered from 1 again): its index shows whether the lost request was charged,
-    since a node charges a run's requests in the order of their rounds (client/accountant.py
-    refuses a late one). A contribution of the same round settles nothing: a node handling two
-    requests at once may charge them in either order."""
+    """Per node, the requests still counted as spent: its ``unanswered`` entries and the
+    requests in flight at a stop (:func:`in_flight`). One is settled by a recovered
+    contribution of the node (it records a lost release: the oldest pending one). An
+    unanswered one is also settled by any contribution of the node from a later round (the
+    model's rounds follow the encoder's, numbered from 1 again): its index shows whether the
+    lost request was charged, since a node charges a run's requests in the order of their
+    rounds (client/accountant.py refuses a late one). A contribution of the same round settles
+    none: a node handling two requests at once may charge them in either order. One in flight
+    is settled by the node's next contribution whose index follows its previous one, whatever
+    its round: the server that asked is gone, and the node charged nothing the ledger lacks."""
+    stopped = in_flight(entries)
+    size = _federation_size(entries)
     pending: dict[str, list[dict]] = {}
+    last: dict[str, object] = {}  # node -> the index of its last contribution
     for entry in entries:
         node = str(entry.get("node"))
         if entry.get("kind") == "unanswered":
             pending.setdefault(node, []).append(entry)
-        elif entry.get("kind") == "contribution" and node in pending:
-            if entry.get("recovered"):
-                pending[node].pop(0)
-            else:
-                pending[node] = [e for e in pending[node] if not _settles(entry, e)]
+        elif id(entry) in stopped:
+            for request in stopped[id(entry)]:
+                pending.setdefault(str(request["node"]), []).append(request)
+        elif entry.get("kind") == "contribution":
+            index = entry.get("contribution_index")
+            follows = _follows(last.get(node), index) and not entry.get("recovered")
+            last[node] = index
+            if follows:
+                _seen_by_unnamed(pending, node, size)
+            if node not in pending:
+                continue
+            named = [e for e in pending[node] if not e.get("unnamed")]  # by count alone
+            if entry.get("recovered") and named:
+                pending[node].remove(named[0])
+            elif not entry.get("recovered"):
+                settled = [e for e in named if _settles(entry, e, follows)]
+                pending[node] = [e for e in pending[node] if not any(e is x for x in settled)]
             if not pending[node]:
                 del pending[node]
-    return pending
+    return {
+        node: [{k: v for k, v in r.items() if k != "seen"} for r in requests]
+        for node, requests in pending.items()
+    }
 
 
-def _settles(contribution: dict, request: dict) -> bool:
-    """Whether ``contribution`` comes from a later round than the unanswered ``request`` (a
-    round that is not a number, in a tampered ledger, settles nothing)."""
+def in_flight(entries: list[dict]) -> dict[int, list[dict]]:
+    """For each ``requested`` entry no ``answered`` entry of its round and stage closed before
+    the next request (the server stopped or crashed meanwhile; by ``id``), one request per node
+    it names, marked ``in_flight`` (a node not yet heard from: ``flower node <id>``, marked
+    ``unnamed`` too, with the set ``seen`` of the nodes that released after it, each whose
+    index followed its previous one)."""
+    stopped: list[dict] = []
+    current = None
+    for entry in entries:
+        if entry.get("kind") == "requested":
+            stopped += [current] if current is not None else []
+            current = entry
+        elif (
+            entry.get("kind") == "answered" and current is not None and _same_stage(current, entry)
+        ):
+            current = None
+    stopped += [current] if current is not None else []
+    requests: dict[int, list[dict]] = {}
+    for request in stopped:
+        asked = {k: request[k] for k in ("round", "stage") if k in request}
+        seen: set[str] = set()  # shared by the request's unnamed nodes
+        requests[id(request)] = [
+            {**asked, "kind": "requested", "node": str(n), "in_flight": True}
+            for n in request["nodes"]
+        ] + [
+            {
+                **asked,
+                "kind": "requested",
+                "node": f"flower node {n}",
+                "in_flight": True,
+                "unnamed": True,
+                "seen": seen,
+            }
+            for n in request["unnamed"]
+        ]
+    return requests
+
+
+def _same_stage(request: dict, answered: dict) -> bool:
+    """Whether ``answered`` closes ``request``: the same round and stage."""
+    return (request.get("round"), request.get("stage", "train")) == (
+        answered.get("round"),
+        answered.get("stage", "train"),
+    )
+
+
+def _follows(previous: object, index: object) -> bool:
+    """Whether contribution ``index`` follows ``previous`` (the node's last here; None: it has
+    none, and its first is 0) with no gap."""
+    if not isinstance(index, int) or isinstance(index, bool):
+        return False
+    return index == (previous + 1 if isinstance(previous, int) else 0)
+
+
+def _seen_by_unnamed(pending: dict[str, list[dict]], node: str, size: int | None) -> None:
+    """``node`` released after each pending unnamed request, its index following its previous
+    one; those released after by as many nodes as the run has are settled: none of its nodes
+    charged a release the ledger lacks."""
+    for name in list(pending):
+        for request in [r for r in pending[name] if r.get("unnamed")]:
+            request["seen"].add(node)
+            if size is not None and len(request["seen"]) >= size:
+                pending[name].remove(request)
+        if not pending[name]:
+            del pending[name]
+
+
+def _federation_size(entries: list[dict]) -> int | None:
+    """The number of nodes the run's first start declares (None: none that is a count)."""
+    start = next((e for e in entries if e.get("kind") == "run_start"), {})
+    size = (
+        start.get("config", {}).get("num_nodes") if isinstance(start.get("config"), dict) else None
+    )
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _settles(contribution: dict, request: dict, follows: bool) -> bool:
+    """Whether ``contribution`` (``follows``: its index follows the node's previous one)
+    settles the pending ``request``: one in flight when it follows, an unanswered one when it
+    comes from a later round (a round that is not a number, in a tampered ledger, settles
+    nothing)."""
+    if request.get("in_flight"):
+        return follows
     model_round = contribution.get("purpose") != "encoder"
     if str(request.get("stage", "train")) == "train.encoder" and model_round:
         return True

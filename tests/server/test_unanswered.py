@@ -63,12 +63,16 @@ def test_each_node_a_private_request_reached_without_a_reply_is_ledgered(tmp_pat
     entries = [
         (e["kind"], e["round"], e["node"], e["reason"], e["stage"])
         for e in federation.ledger.entries
+        if e["kind"] == "unanswered"
     ]
     expected = [
         ("unanswered", 3, "flower node 2", "error: node unavailable", "evaluate.guard"),
         ("unanswered", 3, "merchant-9", NO_REPLY, "evaluate.guard"),
     ]
     assert entries == (expected if dp else [])
+    # then the exchange is closed: its request is no longer in flight (ledger_gaps.in_flight)
+    closed = [(e["kind"], e["round"], e["stage"]) for e in federation.ledger.entries[2:]]
+    assert closed == ([("answered", 3, "evaluate.guard")] if dp else [])
     assert federation.names[1] == "merchant-1"  # learnt from its reply
 
 
