@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+# One torch (OpenMP) thread per test process: the suite runs 3 or 4 workers on 2 cores
+# (pytest_xdist_auto_num_workers), and a thread per core in each of them made them wait on one
+# another's spinning threads (tests/shared/test_catalog_pretraining.py: 92 s with 2 threads,
+# 22 s with 1, beside other work; a 300 x 384 SVD 5 s against 0.1 s). Set before any test
+# imports torch; the workers and the processes the tests start inherit it. The federations'
+# nodes already train on one thread each (client/client_app.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def synth_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -72,23 +80,33 @@ def one_ray_per_worker():
     shutdown()
 
 
-# The files that take longest, longest first (per-file sums of two 2-core runs beside other
-# work, 2026-12-07: the first seven 300 to 590 s each with 3 workers, the last ones about 100 s).
-# With ``--dist loadfile`` each file runs on one worker, in the order the files are handed out:
-# these go first, so that no worker is left with a long file at the end while the others have
-# finished (longest processing time first). A file not listed keeps its place after them.
-SLOW_FILES = (
-    "tests/simulations/test_federation.py",
-    "tests/simulations/test_benchmarks.py",
-    "tests/server/test_encoder_rounds.py",
-    "tests/server/test_ledger_audit.py",
-    "tests/client/test_policy.py",
+# The test groups that take longest, longest first. A group is what xdist hands to one worker
+# (``--dist loadscope``, pyproject.toml): a test file's module-level tests, or one test class,
+# so that a file's independent federations (a class each, with the module fixture its tests
+# share) run on different workers while each fixture is still built once (checked:
+# :func:`check_module_fixtures`; ``--dist loadgroup`` and ``xdist_group`` marks would not do: xdist
+# 3.8 names a test's group through an attribute pytest 9 no longer reads, so every test went
+# to whichever worker was free). These go first, so that no worker is left with a long group
+# at the end while the others have finished (longest processing time first); a group not
+# listed keeps its place after them.
+SLOW_GROUPS = (
     "tests/simulations/test_deploy_faults.py",
+    "tests/server/test_encoder_rounds.py",
+    "tests/client/test_policy.py",
     "tests/server/test_node_dp.py",
+    "tests/simulations/test_federation.py::TestHarmfulPrivateRounds",
+    "tests/server/test_ledger_audit.py",
+    "tests/simulations/test_federation.py::TestMerchantRun",
+    "tests/simulations/test_federation.py::TestPrivateRun",
+    "tests/simulations/test_benchmarks.py::TestPrivacyCurves",
+    "tests/simulations/test_federation.py::TestResumedRun",
+    "tests/simulations/test_deploy.py",
+    "tests/simulations/test_interrupt.py",
+    "tests/simulations/test_benchmarks.py::TestScale",
     "tests/server/test_robust.py",
     "tests/server/test_unanswered.py",
     "tests/server/test_audit_tampering.py",
-    "tests/simulations/test_deploy.py",
+    "tests/simulations/test_benchmarks.py",
     "tests/shared/test_catalog_pretraining.py",
 )
 
@@ -105,8 +123,32 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     return max(3, per_core(config))
 
 
+def group_of(item: pytest.Item) -> str:
+    """The xdist group of a test (``--dist loadscope``): its class, or else its file."""
+    return item.parent.nodeid if item.cls else item.nodeid.split("::")[0]
+
+
+def check_module_fixtures(items: list[pytest.Item]) -> None:
+    """A module fixture serves one group: the groups of a file run on different workers, and
+    a fixture two of them shared would be built on each (a class-scoped one is built per
+    class anyway)."""
+    groups: dict[tuple[str, str], str] = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)  # a test function's (pytest's own record)
+        for name, definitions in (info.name2fixturedefs if info else {}).items():
+            if definitions[-1].scope != "module":
+                continue
+            key, group = (item.nodeid.split("::")[0], name), group_of(item)
+            if groups.setdefault(key, group) != group:
+                raise pytest.UsageError(
+                    f"module fixture {name!r} of {key[0]} serves {groups[key]} and {group}: "
+                    "make it serve one test class"
+                )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slowest files first (:data:`SLOW_FILES`); xdist keeps this order with
-    ``--no-loadscope-reorder`` (pyproject.toml), instead of handing out files by test count."""
-    rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FILES)))
+    """The slowest groups first (:data:`SLOW_GROUPS`); xdist hands the groups out in this
+    order with ``--no-loadscope-reorder`` (pyproject.toml), instead of by test count."""
+    check_module_fixtures(items)
+    rank = {name: i for i, name in enumerate(SLOW_GROUPS)}
+    items.sort(key=lambda item: rank.get(group_of(item), len(SLOW_GROUPS)))
