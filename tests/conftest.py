@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+# One torch (OpenMP) thread per test process: the suite runs 3 or 4 workers on 2 cores
+# (pytest_xdist_auto_num_workers), and a thread per core in each of them made them wait on one
+# another's spinning threads (tests/shared/test_catalog_pretraining.py: 92 s with 2 threads,
+# 22 s with 1, beside other work; a 300 x 384 SVD 5 s against 0.1 s). Set before any test
+# imports torch; the workers and the processes the tests start inherit it. The federations'
+# nodes already train on one thread each (client/client_app.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -56,40 +69,67 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_ray_per_worker():
+def one_ray_per_worker(tmp_path_factory: pytest.TempPathFactory):
     """Flower's simulation engine starts Ray for every run and shuts it down after it, about
     20 s on 2 cores each time; the suite's in-process runs share one Ray per test worker
     instead. The first run starts it with its own settings (simulations/simulate.py:
     backend_config; those of the suite's runs are all alike), later runs find it running
     (Flower's RayBackend.init_ray), and it stops when the worker's session ends. Every run
-    still creates and terminates its own node actors."""
+    still creates and terminates its own node actors.
+
+    The workers start their Rays one at a time (:func:`one_at_a_time`): a Ray whose raylet has
+    not registered within 30 s fails to start (ray/_private/node.py), and three starting
+    together on a busy 2-core machine missed it (the groups of one file start together)."""
     import ray
 
-    shutdown = ray.shutdown
+    shutdown, init = ray.shutdown, ray.init
     ray.shutdown = lambda *args, **kwargs: None  # Flower's RayBackend.terminate calls it
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' base folders share a parent
+        ray.init = one_at_a_time(init, tmp_path_factory.getbasetemp().parent / "ray-start.lock")
     yield
-    ray.shutdown = shutdown
+    ray.shutdown, ray.init = shutdown, init
     shutdown()
 
 
-# The files that take longest, longest first (per-file sums of two 2-core runs beside other
-# work, 2026-12-07: the first seven 300 to 590 s each with 3 workers, the last ones about 100 s).
-# With ``--dist loadfile`` each file runs on one worker, in the order the files are handed out:
-# these go first, so that no worker is left with a long file at the end while the others have
-# finished (longest processing time first). A file not listed keeps its place after them.
-SLOW_FILES = (
-    "tests/simulations/test_federation.py",
-    "tests/simulations/test_benchmarks.py",
-    "tests/server/test_encoder_rounds.py",
-    "tests/server/test_ledger_audit.py",
-    "tests/client/test_policy.py",
+def one_at_a_time(start: Callable[..., T], lock: Path) -> Callable[..., T]:
+    """``start``, called by one process at a time: the others wait on ``lock``."""
+
+    def alone(*args, **kwargs) -> T:
+        with lock.open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes
+            return start(*args, **kwargs)
+
+    return alone
+
+
+# The test groups that take longest, longest first (those of tests/simulations measured with
+# -n 0 beside other work on 2026-12-07, 80 to 580 s each; the others by the last full run). A
+# group is what xdist hands to one worker (``--dist loadscope``, pyproject.toml): a test file's
+# module-level tests, or one test class, so that a file's independent federations (a class
+# each, with the module fixture its tests share) run on different workers while each fixture is
+# still built once (checked: :func:`check_module_fixtures`). ``--dist loadgroup`` and
+# ``xdist_group`` marks would not do: xdist 3.8 names a test's group through an attribute
+# pytest 9 no longer reads, so every test went to whichever worker was free. These go first,
+# so that no worker is left with a long group at the end while the others have finished
+# (longest processing time first); a group not listed keeps its place after them.
+SLOW_GROUPS = (
     "tests/simulations/test_deploy_faults.py",
     "tests/server/test_node_dp.py",
+    "tests/server/test_encoder_rounds.py",
+    "tests/client/test_policy.py",
+    "tests/simulations/test_deploy.py",
+    "tests/simulations/test_interrupt.py",
+    "tests/server/test_ledger_audit.py",
+    "tests/simulations/test_federation.py::TestHarmfulPrivateRounds",
+    "tests/simulations/test_benchmarks.py::TestPrivacyCurves",
+    "tests/simulations/test_federation.py::TestMerchantRun",
+    "tests/simulations/test_federation.py::TestPrivateRun",
+    "tests/simulations/test_federation.py::TestResumedRun",
     "tests/server/test_robust.py",
     "tests/server/test_unanswered.py",
     "tests/server/test_audit_tampering.py",
-    "tests/simulations/test_deploy.py",
-    "tests/shared/test_catalog_pretraining.py",
+    "tests/simulations/test_benchmarks.py",
+    "tests/simulations/test_benchmarks.py::TestScale",
 )
 
 
@@ -105,8 +145,32 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     return max(3, per_core(config))
 
 
+def group_of(item: pytest.Item) -> str:
+    """The xdist group of a test (``--dist loadscope``): its class, or else its file."""
+    return item.parent.nodeid if item.cls else item.nodeid.split("::")[0]
+
+
+def check_module_fixtures(items: list[pytest.Item]) -> None:
+    """A module fixture serves one group: the groups of a file run on different workers, and
+    a fixture two of them shared would be built on each (a class-scoped one is built per
+    class anyway)."""
+    groups: dict[tuple[str, str], str] = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)  # a test function's (pytest's own record)
+        for name, definitions in (info.name2fixturedefs if info else {}).items():
+            if definitions[-1].scope != "module":
+                continue
+            key, group = (item.nodeid.split("::")[0], name), group_of(item)
+            if groups.setdefault(key, group) != group:
+                raise pytest.UsageError(
+                    f"module fixture {name!r} of {key[0]} serves {groups[key]} and {group}: "
+                    "make it serve one test class"
+                )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slowest files first (:data:`SLOW_FILES`); xdist keeps this order with
-    ``--no-loadscope-reorder`` (pyproject.toml), instead of handing out files by test count."""
-    rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FILES)))
+    """The slowest groups first (:data:`SLOW_GROUPS`); xdist hands the groups out in this
+    order with ``--no-loadscope-reorder`` (pyproject.toml), instead of by test count."""
+    check_module_fixtures(items)
+    rank = {name: i for i, name in enumerate(SLOW_GROUPS)}
+    items.sort(key=lambda item: rank.get(group_of(item), len(SLOW_GROUPS)))

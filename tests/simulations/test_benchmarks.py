@@ -246,41 +246,46 @@ def test_a_sample_is_reused_only_for_the_dataset_it_was_drawn_from(
         sample_for(drawn, 50)
 
 
-@pytest.mark.e2e
-def test_bench_privacy_runs_a_curve_per_sample_and_reuses_runs(tiny_synth_dataset_dir, tmp_path):
-    """``--customers 80,all``: a seeded sample of 80 customers and the whole dataset, each with
-    its own curve, and the gain over each one's own public start in one JSON and PNG; a second
-    invocation reuses both finished runs, but not for other settings or another dataset."""
-    args = [*tiny_curve(tiny_synth_dataset_dir, tmp_path), "--customers", "80,all"]
-    assert main(args) == 0
-    sample = tmp_path / "customers-80" / "data"
-    assert load_dataset(sample).num_users == 80
-    result = json.loads((tmp_path / "privacy_by_customers.json").read_text())
-    small, whole = result["rows"]
-    assert (small["customers"], small["per_node"]) == (80, 40)
-    assert (whole["customers"], whole["per_node"]) == (160, 80)
-    curves = {"80": tmp_path / "customers-80", "all": tmp_path / "customers-all"}
-    for row, out in zip((small, whole), curves.values(), strict=True):
-        curve = json.loads((out / "privacy_curve.json").read_text())
-        (point,) = row["points"]
-        (run,) = curve["points"]
-        assert run["variant"] == "text" and run["target_epsilon"] == 4.0
-        assert set(METRICS) <= set(run["test"]) and not run["reused"]
-        assert row["public_start"] == curve["untrained_text"]["ndcg@10"] > 0
-        assert point["ndcg@10"] == run["test"]["ndcg@10"]
-        assert point["gain"] == pytest.approx(point["ndcg@10"] / row["public_start"] - 1)
-        assert 0 < point["epsilon"] <= 4.0 + 1e-6
-        assert (out / "privacy_curve.png").stat().st_size > 1000
-    assert (tmp_path / "privacy_by_customers.png").stat().st_size > 1000
-    assert main(args) == 0  # a second invocation reuses the finished runs
-    for out in curves.values():
-        assert json.loads((out / "privacy_curve.json").read_text())["points"][0]["reused"]
-    with pytest.raises(SystemExit, match="other settings"):  # but not one made differently
-        main([*args, "--set", "dp_lr=0.01"])
-    whole_args = tiny_curve(tiny_synth_dataset_dir, curves["all"])
-    other = [*whole_args[:3], str(sample), *whole_args[4:]]  # nor one of another dataset
-    with pytest.raises(SystemExit, match=r"other settings \(data: .*customers-80"):
-        main(other)
+class TestPrivacyCurves:
+    """The privacy benchmark's curves (a class: a worker of its own, tests/conftest.py)."""
+
+    @pytest.mark.e2e
+    def test_bench_privacy_runs_a_curve_per_sample_and_reuses_runs(
+        self, tiny_synth_dataset_dir, tmp_path
+    ):
+        """``--customers 80,all``: a seeded sample of 80 customers and the whole dataset, each with
+        its own curve, and the gain over each one's own public start in one JSON and PNG; a second
+        invocation reuses both finished runs, but not for other settings or another dataset."""
+        args = [*tiny_curve(tiny_synth_dataset_dir, tmp_path), "--customers", "80,all"]
+        assert main(args) == 0
+        sample = tmp_path / "customers-80" / "data"
+        assert load_dataset(sample).num_users == 80
+        result = json.loads((tmp_path / "privacy_by_customers.json").read_text())
+        small, whole = result["rows"]
+        assert (small["customers"], small["per_node"]) == (80, 40)
+        assert (whole["customers"], whole["per_node"]) == (160, 80)
+        curves = {"80": tmp_path / "customers-80", "all": tmp_path / "customers-all"}
+        for row, out in zip((small, whole), curves.values(), strict=True):
+            curve = json.loads((out / "privacy_curve.json").read_text())
+            (point,) = row["points"]
+            (run,) = curve["points"]
+            assert run["variant"] == "text" and run["target_epsilon"] == 4.0
+            assert set(METRICS) <= set(run["test"]) and not run["reused"]
+            assert row["public_start"] == curve["untrained_text"]["ndcg@10"] > 0
+            assert point["ndcg@10"] == run["test"]["ndcg@10"]
+            assert point["gain"] == pytest.approx(point["ndcg@10"] / row["public_start"] - 1)
+            assert 0 < point["epsilon"] <= 4.0 + 1e-6
+            assert (out / "privacy_curve.png").stat().st_size > 1000
+        assert (tmp_path / "privacy_by_customers.png").stat().st_size > 1000
+        assert main(args) == 0  # a second invocation reuses the finished runs
+        for out in curves.values():
+            assert json.loads((out / "privacy_curve.json").read_text())["points"][0]["reused"]
+        with pytest.raises(SystemExit, match="other settings"):  # but not one made differently
+            main([*args, "--set", "dp_lr=0.01"])
+        whole_args = tiny_curve(tiny_synth_dataset_dir, curves["all"])
+        other = [*whole_args[:3], str(sample), *whole_args[4:]]  # nor one of another dataset
+        with pytest.raises(SystemExit, match=r"other settings \(data: .*customers-80"):
+            main(other)
 
 
 def test_the_memory_of_a_process_tree_counts_its_children() -> None:
@@ -315,23 +320,28 @@ def test_the_memory_of_a_process_tree_counts_its_children() -> None:
         child.wait()
 
 
-@pytest.mark.e2e
-def test_bench_scale_times_one_round_per_federation_size(tiny_synth_dataset_dir, tmp_path):
-    args = ["bench", "scale", "--data", str(tiny_synth_dataset_dir), "--out", str(tmp_path)]
-    args += ["--nodes", "1,2", "--partition", "regional", *TINY]
-    assert main(args) == 0
-    report = json.loads((tmp_path / "scale.json").read_text())
-    assert [p["nodes"] for p in report["points"]] == [1, 2]
-    for point in report["points"]:
-        assert point["round_s"] > 0 and point["contributed"] == point["nodes"]
-        assert point["peak_rss_mb"] > 100  # the driver and its Ray workers
-        assert 0 < point["test_ndcg@10"] < 1
-    assert report["points"][0]["round_s_vs_first"] == 1.0
-    assert (tmp_path / "scale.png").stat().st_size > 1000
-    assert main(args) == 0  # a second invocation reuses both runs
-    again = json.loads((tmp_path / "scale.json").read_text())["points"]
-    assert all(p["reused"] for p in again)
-    assert [p["peak_rss_mb"] for p in again] == [p["peak_rss_mb"] for p in report["points"]]
+class TestScale:
+    """The scale benchmark (a class: a worker of its own, tests/conftest.py)."""
+
+    @pytest.mark.e2e
+    def test_bench_scale_times_one_round_per_federation_size(
+        self, tiny_synth_dataset_dir, tmp_path
+    ):
+        args = ["bench", "scale", "--data", str(tiny_synth_dataset_dir), "--out", str(tmp_path)]
+        args += ["--nodes", "1,2", "--partition", "regional", *TINY]
+        assert main(args) == 0
+        report = json.loads((tmp_path / "scale.json").read_text())
+        assert [p["nodes"] for p in report["points"]] == [1, 2]
+        for point in report["points"]:
+            assert point["round_s"] > 0 and point["contributed"] == point["nodes"]
+            assert point["peak_rss_mb"] > 100  # the driver and its Ray workers
+            assert 0 < point["test_ndcg@10"] < 1
+        assert report["points"][0]["round_s_vs_first"] == 1.0
+        assert (tmp_path / "scale.png").stat().st_size > 1000
+        assert main(args) == 0  # a second invocation reuses both runs
+        again = json.loads((tmp_path / "scale.json").read_text())["points"]
+        assert all(p["reused"] for p in again)
+        assert [p["peak_rss_mb"] for p in again] == [p["peak_rss_mb"] for p in report["points"]]
 
 
 @pytest.mark.e2e
