@@ -114,10 +114,12 @@ def one_at_a_time(start: Callable[..., T], lock: Path) -> Callable[..., T]:
 # (longest processing time first); a group not listed keeps its place after them.
 SLOW_GROUPS = (
     "tests/simulations/test_deploy_faults.py",
-    "tests/server/test_node_dp.py",
-    "tests/server/test_encoder_rounds.py",
-    "tests/client/test_policy.py",
+    "tests/server/test_encoder_rounds.py::TestPrivateEncoderRun",
+    "tests/server/test_node_dp.py::TestPlainFederation",
     "tests/simulations/test_deploy.py",
+    "tests/server/test_node_dp.py::TestSecAggFederation",
+    "tests/client/test_policy.py::TestRunWithinPolicy",
+    "tests/client/test_policy.py::TestRefusedRun",
     "tests/simulations/test_interrupt.py",
     "tests/server/test_ledger_audit.py",
     "tests/simulations/test_federation.py::TestHarmfulPrivateRounds",
@@ -130,6 +132,10 @@ SLOW_GROUPS = (
     "tests/server/test_audit_tampering.py",
     "tests/simulations/test_benchmarks.py",
     "tests/simulations/test_benchmarks.py::TestScale",
+    "tests/server/test_node_dp.py::TestSecureRounds",
+    "tests/server/test_encoder_rounds.py",
+    "tests/server/test_node_dp.py",
+    "tests/client/test_policy.py",
 )
 
 

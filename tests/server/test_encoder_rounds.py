@@ -36,8 +36,6 @@ from shared.runs.config import RunConfig
 from simulations.cli import main
 
 COLD = 0.2  # products new to every node: scored from the tuned text alone
-# the tests of the one federation below: one xdist group (its run, apart from the unit tests)
-RUN = pytest.mark.xdist_group(name="test_encoder_rounds-private_run")
 
 
 @pytest.fixture(scope="module")
@@ -61,90 +59,92 @@ def private_run(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_fact
 
 
 @pytest.mark.e2e
-@RUN
-def test_private_encoder_rounds_are_signed_ledgered_and_audited(
-    private_run, tmp_path: Path
-) -> None:
-    """Under --dp each node tunes the encoder with DP-SGD, every round's release is in the
-    ledger (purpose encoder) before its layers are used, no loss leaves a node, and the
-    independent audit recomputes the whole plan: encoder rounds, training and evaluations."""
-    out, _ = private_run
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert [(r["round"], r["nodes"]) for r in metrics["encoder_rounds"]] == [(1, 2), (2, 2)]
-    assert all(r["loss"] is None for r in metrics["encoder_rounds"])  # not sent under DP
-    entries = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
-    contributions = [e for e in entries if e["kind"] == "contribution"]
-    encoder = [e for e in contributions if e["purpose"] == "encoder"]
-    assert sorted((e["round"], e["node"]) for e in encoder) == [
-        (1, "regional-0"),
-        (1, "regional-1"),
-        (2, "regional-0"),
-        (2, "regional-1"),
-    ]
-    for node in ("regional-0", "regional-1"):
-        mine = [e for e in contributions if e["node"] == node]
-        assert [e["contribution_index"] for e in mine] == list(range(len(mine)))
-        assert [e["purpose"] for e in mine][:2] == ["encoder", "encoder"]
-        dp_sgd = [e for e in mine if e["purpose"] in ("training", "encoder")]
-        assert len({e["noise_multiplier"] for e in dp_sgd}) == 1  # one sigma for the whole plan
-    assert main(["audit", str(out)]) == 0
-    # the audit's own calibration check covers encoder releases: one that took more steps
-    # than its plan, or one in a run whose plan tunes no encoder, is named
-    for name, edit in {
-        "steps": lambda e: e.update(steps=e["steps"] + 1) if e.get("purpose") == "encoder" else 0,
-        "no plan": lambda e: (
-            e["config"].update(text_finetune_layers=0) if e["kind"] == "run_start" else 0
-        ),
-    }.items():
-        forged = tmp_path / name
-        forged.mkdir()
-        edited = read_ledger(out / "ledger.jsonl")
-        for entry in edited:
-            edit(entry)
-        for i, entry in enumerate(edited):  # a forger with write access re-chains the hashes
-            entry["prev_hash"] = edited[i - 1]["hash"] if i else "0" * 64
-            entry["hash"] = entry_hash(entry)
-        lines = [json.dumps(e) for e in edited]
-        (forged / "ledger.jsonl").write_text("\n".join(lines) + "\n")
-        report = audit(forged)
-        (calibration,) = [c for c in report["checks"] if c["name"] == "calibration"]
-        assert calibration["status"] == "fail"
-        wanted = "steps" if name == "steps" else "tunes no encoder"
-        assert any(wanted in problem for problem in calibration["problems"])
+class TestPrivateEncoderRun:
+    """The checks of one private federation (``private_run``): one test group, run apart from
+    the unit tests below."""
 
+    def test_private_encoder_rounds_are_signed_ledgered_and_audited(
+        self, private_run, tmp_path: Path
+    ) -> None:
+        """Under --dp each node tunes the encoder with DP-SGD, every round's release is in the
+        ledger (purpose encoder) before its layers are used, no loss leaves a node, and the
+        independent audit recomputes the whole plan: encoder rounds, training and evaluations."""
+        out, _ = private_run
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert [(r["round"], r["nodes"]) for r in metrics["encoder_rounds"]] == [(1, 2), (2, 2)]
+        assert all(r["loss"] is None for r in metrics["encoder_rounds"])  # not sent under DP
+        entries = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+        contributions = [e for e in entries if e["kind"] == "contribution"]
+        encoder = [e for e in contributions if e["purpose"] == "encoder"]
+        assert sorted((e["round"], e["node"]) for e in encoder) == [
+            (1, "regional-0"),
+            (1, "regional-1"),
+            (2, "regional-0"),
+            (2, "regional-1"),
+        ]
+        for node in ("regional-0", "regional-1"):
+            mine = [e for e in contributions if e["node"] == node]
+            assert [e["contribution_index"] for e in mine] == list(range(len(mine)))
+            assert [e["purpose"] for e in mine][:2] == ["encoder", "encoder"]
+            dp_sgd = [e for e in mine if e["purpose"] in ("training", "encoder")]
+            assert len({e["noise_multiplier"] for e in dp_sgd}) == 1  # one sigma for the whole plan
+        assert main(["audit", str(out)]) == 0
+        # the audit's own calibration check covers encoder releases: one that took more steps
+        # than its plan, or one in a run whose plan tunes no encoder, is named
+        for name, edit in {
+            "steps": lambda e: (
+                e.update(steps=e["steps"] + 1) if e.get("purpose") == "encoder" else 0
+            ),
+            "no plan": lambda e: (
+                e["config"].update(text_finetune_layers=0) if e["kind"] == "run_start" else 0
+            ),
+        }.items():
+            forged = tmp_path / name
+            forged.mkdir()
+            edited = read_ledger(out / "ledger.jsonl")
+            for entry in edited:
+                edit(entry)
+            for i, entry in enumerate(edited):  # a forger with write access re-chains the hashes
+                entry["prev_hash"] = edited[i - 1]["hash"] if i else "0" * 64
+                entry["hash"] = entry_hash(entry)
+            lines = [json.dumps(e) for e in edited]
+            (forged / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+            report = audit(forged)
+            (calibration,) = [c for c in report["checks"] if c["name"] == "calibration"]
+            assert calibration["status"] == "fail"
+            wanted = "steps" if name == "steps" else "tunes no encoder"
+            assert any(wanted in problem for problem in calibration["problems"])
 
-@pytest.mark.e2e
-@RUN
-def test_the_nodes_tune_the_encoder_and_the_model_ships_it(
-    private_run, tiny_bert_dir: Path
-) -> None:
-    """Runs after test_private_encoder_rounds_are_signed_ledgered_and_audited (file order):
-    its second run goes over the fixture's OUT."""
-    out, command = private_run
-    metrics = json.loads((out / "metrics.json").read_text())
-    encoder_rounds = metrics["encoder_rounds"]
-    assert [(r["round"], r["nodes"]) for r in encoder_rounds] == [(1, 2), (2, 2)]
-    assert all(not r["rejected"] for r in encoder_rounds)
-    # the released model carries the federation's encoder: base weights but the top layer
-    encoder = Path(read_text_model(out / "model"))
-    assert encoder == out / "model" / "text-encoder"
-    assert json.loads((encoder / "finetune.json").read_text())["federated"] is True
-    base = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
-    tuned = AutoModel.from_pretrained(encoder).state_dict()
-    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
-    averaged = load_file(str(out / "text-encoder.safetensors"))
-    assert changed and changed <= set(averaged)
-    assert all(torch.equal(tuned[k], averaged[k]) for k in averaged)
-    # a fifth of the products were at no node, and the test reports those customers apart
-    test = metrics["test"]
-    assert test["cold"]["users"] > 0 and test["warm"]["users"] > 0
-    assert test["cold"]["users"] + test["warm"]["users"] == test["users"]
-    for node in (out / "partitions").glob("node-*"):
-        held = load_dataset(node).interactions["item_idx"]
-        assert not held.isin(cold_item_indices(300, COLD, seed=0)).any()
-    # a second run over the same OUT finds it complete: nothing is tuned again
-    assert main(command) == 0
-    assert json.loads((out / "metrics.json").read_text())["encoder_rounds"] == encoder_rounds
+    def test_the_nodes_tune_the_encoder_and_the_model_ships_it(
+        self, private_run, tiny_bert_dir: Path
+    ) -> None:
+        """Runs after test_private_encoder_rounds_are_signed_ledgered_and_audited (file order):
+        its second run goes over the fixture's OUT."""
+        out, command = private_run
+        metrics = json.loads((out / "metrics.json").read_text())
+        encoder_rounds = metrics["encoder_rounds"]
+        assert [(r["round"], r["nodes"]) for r in encoder_rounds] == [(1, 2), (2, 2)]
+        assert all(not r["rejected"] for r in encoder_rounds)
+        # the released model carries the federation's encoder: base weights but the top layer
+        encoder = Path(read_text_model(out / "model"))
+        assert encoder == out / "model" / "text-encoder"
+        assert json.loads((encoder / "finetune.json").read_text())["federated"] is True
+        base = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+        tuned = AutoModel.from_pretrained(encoder).state_dict()
+        changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+        averaged = load_file(str(out / "text-encoder.safetensors"))
+        assert changed and changed <= set(averaged)
+        assert all(torch.equal(tuned[k], averaged[k]) for k in averaged)
+        # a fifth of the products were at no node, and the test reports those customers apart
+        test = metrics["test"]
+        assert test["cold"]["users"] > 0 and test["warm"]["users"] > 0
+        assert test["cold"]["users"] + test["warm"]["users"] == test["users"]
+        for node in (out / "partitions").glob("node-*"):
+            held = load_dataset(node).interactions["item_idx"]
+            assert not held.isin(cold_item_indices(300, COLD, seed=0)).any()
+        # a second run over the same OUT finds it complete: nothing is tuned again
+        assert main(command) == 0
+        assert json.loads((out / "metrics.json").read_text())["encoder_rounds"] == encoder_rounds
 
 
 class ScriptedNodes:

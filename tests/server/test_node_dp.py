@@ -207,16 +207,28 @@ def simulate(data: Path, out: Path, *extra: str) -> dict:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(
-    "secagg",
-    [
-        pytest.param(False, id="plain", marks=pytest.mark.xdist_group(name="test_node_dp-plain")),
-        pytest.param(True, id="secagg", marks=pytest.mark.xdist_group(name="test_node_dp-secagg")),
-    ],
-)
-def test_a_federation_states_both_guarantees(
-    tiny_synth_dataset_dir: Path, tmp_path: Path, secagg: bool
-) -> None:
+class TestPlainFederation:
+    """A federation under both kinds of DP, updates averaged in plain: a test group of its own
+    (its run takes minutes; the SecAgg+ one runs on another worker)."""
+
+    def test_a_federation_states_both_guarantees(
+        self, tiny_synth_dataset_dir: Path, tmp_path: Path
+    ) -> None:
+        states_both_guarantees(tiny_synth_dataset_dir, tmp_path, secagg=False)
+
+
+@pytest.mark.e2e
+class TestSecAggFederation:
+    """The same federation, updates summed by SecAgg+: a test group of its own."""
+
+    def test_a_federation_states_both_guarantees(
+        self, tiny_synth_dataset_dir: Path, tmp_path: Path
+    ) -> None:
+        states_both_guarantees(tiny_synth_dataset_dir, tmp_path, secagg=True)
+
+
+def states_both_guarantees(tiny_synth_dataset_dir: Path, tmp_path: Path, secagg: bool) -> None:
+    """Both guarantees stated, both kinds of release ledgered in order, and audited."""
     out = tmp_path / "run"
     metrics = simulate(tiny_synth_dataset_dir, out, "--set", f"secagg={str(secagg).lower()}")
     privacy = metrics["privacy"]
@@ -229,8 +241,11 @@ def test_a_federation_states_both_guarantees(
     entries = read_ledger(out / "ledger.jsonl")
     kinds = [e["kind"] for e in entries]
     assert kinds.count("contribution") == 4 and kinds.count("node_level") == 2
+    # every private request was ledgered before it left and closed once its replies were in
+    assert kinds.count("requested") == kinds.count("answered") >= 2
+    releases = [kind for kind in kinds if kind not in ("requested", "answered")]
     # each round's node-level release comes after that round's customer-level contributions
-    assert kinds == [
+    assert releases == [
         "run_start",
         "contribution",
         "contribution",
@@ -353,35 +368,34 @@ def secure() -> dict[int, dict]:
 
 
 @pytest.mark.e2e
-@pytest.mark.xdist_group(name="test_node_dp-secure")
-@pytest.mark.parametrize("server_round", [1, 4], ids=["first", "after halted rounds"])
-def test_secagg_sum_equals_the_plain_sum(secure: dict, server_round: int) -> None:
-    found = secure[server_round]
-    assert "raised" not in found, found["raised"]
-    total, reports, sampled = found["round"]
-    nodes = 3
-    assert len(sampled) == nodes and len(reports) == nodes
-    assert sorted(sampled) == sorted(node_id for node_id, _ in reports)
-    expected = {k: sum(FixedUpdate.update(p)[k] for p in range(nodes)) for k in state(0)}
-    step = 2 * 3.0 / 2**22  # one quantisation level over [-C, C]
-    for name, value in expected.items():
-        assert np.abs(total[name] - value).max() <= nodes * step
+class TestSecureRounds:
+    """The checks of one SecAgg+ simulation (``secure``): one test group."""
 
+    @pytest.mark.parametrize("server_round", [1, 4], ids=["first", "after halted rounds"])
+    def test_secagg_sum_equals_the_plain_sum(self, secure: dict, server_round: int) -> None:
+        found = secure[server_round]
+        assert "raised" not in found, found["raised"]
+        total, reports, sampled = found["round"]
+        nodes = 3
+        assert len(sampled) == nodes and len(reports) == nodes
+        assert sorted(sampled) == sorted(node_id for node_id, _ in reports)
+        expected = {k: sum(FixedUpdate.update(p)[k] for p in range(nodes)) for k in state(0)}
+        step = 2 * 3.0 / 2**22  # one quantisation level over [-C, C]
+        for name, value in expected.items():
+            assert np.abs(total[name] - value).max() <= nodes * step
 
-@pytest.mark.e2e
-@pytest.mark.xdist_group(name="test_node_dp-secure")
-@pytest.mark.parametrize("kind", list(HOSTILE_ROUNDS.values()))
-def test_a_malformed_masked_vector_halts_the_secagg_round_not_the_run(
-    secure: dict, kind: str
-) -> None:
-    """One node's masked vector that SecAgg+ cannot read (no record, another shape) raised
-    out of Flower's workflow (a KeyError, a ValueError) and ended the run before the round's
-    reports reached the ledger: the honest nodes' spending was missing from it. The round now
-    halts as the protocol does when too few nodes complete it: no sum, no report, every
-    sampled node named (the round loop ledgers each as unanswered under customer-level DP);
-    the next round sums again (test_secagg_sum_equals_the_plain_sum[after halted rounds])."""
-    (server_round,) = [r for r, k in HOSTILE_ROUNDS.items() if k == kind]
-    found = secure[server_round]
-    assert "raised" not in found, found["raised"]
-    total, reports, sampled = found["round"]
-    assert total is None and reports == [] and len(sampled) == 3
+    @pytest.mark.parametrize("kind", list(HOSTILE_ROUNDS.values()))
+    def test_a_malformed_masked_vector_halts_the_secagg_round_not_the_run(
+        self, secure: dict, kind: str
+    ) -> None:
+        """One node's masked vector that SecAgg+ cannot read (no record, another shape) raised
+        out of Flower's workflow (a KeyError, a ValueError) and ended the run before the round's
+        reports reached the ledger: the honest nodes' spending was missing from it. The round now
+        halts as the protocol does when too few nodes complete it: no sum, no report, every
+        sampled node named (the round loop ledgers each as unanswered under customer-level DP);
+        the next round sums again (test_secagg_sum_equals_the_plain_sum[after halted rounds])."""
+        (server_round,) = [r for r, k in HOSTILE_ROUNDS.items() if k == kind]
+        found = secure[server_round]
+        assert "raised" not in found, found["raised"]
+        total, reports, sampled = found["round"]
+        assert total is None and reports == [] and len(sampled) == 3

@@ -16,6 +16,7 @@ import pytest
 from helpers import TINY
 
 from server.privacy.ledger import read_ledger, verify_chain
+from server.privacy.ledger_gaps import outstanding_requests
 from simulations.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,4 +84,7 @@ def test_one_ctrl_c_stops_simulate_and_the_same_command_resumes(
     assert not (out / "metrics.json").exists()  # stopped, not finished
     assert main(argv) == 0  # the same command resumes
     assert json.loads((out / "metrics.json").read_text())["privacy"]
+    # the request in flight at the stop (ledgered before it left) is settled by the nodes'
+    # releases after the resume: nothing is left counted as spent beyond what was spent
+    assert outstanding_requests(read_ledger(out / "ledger.jsonl")) == {}
     assert main(["audit", str(out)]) == 0
