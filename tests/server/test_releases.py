@@ -170,15 +170,21 @@ def test_an_unparseable_report_is_recorded_with_what_it_claims(tmp_path: Path) -
 
 def _secure_round(
     tmp_path: Path, records: list[tuple[int, dict]], silent: tuple[int, ...] = ()
-) -> tuple[int, PrivacyLedger]:
+) -> tuple[int, list[dict]]:
     """A SecAgg+ training round whose nodes sent ``records`` (Flower node id, report); the
-    nodes ``silent`` were sampled too but sent nothing."""
+    nodes ``silent`` were sampled too but sent nothing: the nodes that contributed, and the
+    ledger entries of the replies."""
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     total = {"w": np.zeros(2, np.float32)}
+    sampled = [*(i for i, _ in records), *silent]
+    sampler = SimpleNamespace(on_sample=None)
+
+    def train_round(*_) -> tuple:  # noqa: ANN002
+        sampler.on_sample(sampled)  # the request is ledgered before the setup leaves
+        return total, records, sampled
+
     federation = SimpleNamespace(
-        secure=SimpleNamespace(
-            train_round=lambda *_: (total, records, [*(i for i, _ in records), *silent])
-        ),
+        secure=SimpleNamespace(sampler=sampler, train_round=train_round),
         keys=NodeKeys(tmp_path / "keys"),
         run_id="this-run",
         ledger=ledger,
@@ -187,16 +193,21 @@ def _secure_round(
         names={},
     )
     federation.record_unanswered = partial(Federation.record_unanswered, federation)
-    return Federation.train(federation, 1, {}).contributed, ledger
+    federation.request = partial(Federation.request, federation)
+    contributed = Federation.train(federation, 1, {}).contributed
+    first, *_, last = ledger.entries  # the request written ahead, closed once recorded
+    assert (first["kind"], last["kind"]) == ("requested", "answered")
+    assert first["unnamed"] == sorted(sampled)
+    return contributed, ledger.entries[1:-1]
 
 
 def test_a_forged_secagg_report_is_recorded_as_a_claim_not_a_contribution(tmp_path: Path) -> None:
     """Under SecAgg+ the server checks each plain report as in any round: a report for
     another node, another run and round, under a junk signature, is no contribution."""
     forged = release(node="merchant-b", run_id="another-run", round=7, epsilon=50.0)
-    contributed, ledger = _secure_round(tmp_path / "forged", [(5, forged)])
+    contributed, entries = _secure_round(tmp_path / "forged", [(5, forged)])
     assert contributed == 0
-    (entry,) = ledger.entries
+    (entry,) = entries
     assert (entry["kind"], entry["node"], entry["round"], entry["epsilon"]) == (
         "unverified",
         "merchant-b",
@@ -209,9 +220,9 @@ def test_a_forged_secagg_report_is_recorded_as_a_claim_not_a_contribution(tmp_pa
     fields = {k: v for k, v in fields.items() if k not in ("refused", "declined")}
     signed = {**honest, "signature": key.sign(fields), "key_id": key.key_id}
     signed["public_key"] = key.public_pem
-    contributed, ledger = _secure_round(tmp_path / "honest", [(6, signed), (5, forged)], (7,))
+    contributed, entries = _secure_round(tmp_path / "honest", [(6, signed), (5, forged)], (7,))
     assert contributed == 1
-    assert [(e["kind"], e["node"]) for e in ledger.entries] == [
+    assert [(e["kind"], e["node"]) for e in entries] == [
         ("contribution", "merchant-a"),
         ("unverified", "merchant-b"),
         ("unanswered", "flower node 7"),  # sampled, silent: it may have spent
