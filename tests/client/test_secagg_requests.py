@@ -142,3 +142,33 @@ def test_max_secagg_shares_bounds_a_secagg_setup() -> None:
     tight = NodePolicy.from_node_config({"data-dir": "/d", "max-secagg-shares": "10"})
     assert "threshold 11" in str(tight.secagg_refusal(5, 11))
     assert NodePolicy().secagg_refusal(10**6, 10**6) is None
+
+
+LISTS = {
+    "a source twice": {
+        Key.STAGE: Stage.COLLECT_MASKED_VECTORS,
+        Key.CIPHERTEXT_LIST: [b"c"] * 3,
+        Key.SOURCE_LIST: [7, 7, 8],
+    },
+    "a node active and dropped": {
+        Key.STAGE: Stage.UNMASK,
+        Key.ACTIVE_NODE_ID_LIST: [NODE_ID, 7, 8],
+        Key.DEAD_NODE_ID_LIST: [8],
+    },
+}
+
+
+@pytest.mark.parametrize("configs", LISTS.values(), ids=LISTS.keys())
+def test_node_lists_no_honest_server_sends_are_refused_before_any_work(
+    node, monkeypatch: pytest.MonkeyPatch, configs: dict
+) -> None:
+    """Flower's mod took both: a source named n times cost n pairwise masks over the whole
+    model (after training; a node's copies of its ciphertext, forwarded, suffice), and a node
+    both active and dropped had its mask-seed share and its key share revealed together (with
+    enough of both, the server unmasks its own update). Refused before Flower's mod runs."""
+    context, directory = node
+    calls = []
+    monkeypatch.setattr(client_app, "secaggplus_mod", lambda *args: calls.append(args))
+    reason = refused(make_client_app()(secagg_message(configs), context))
+    assert "more than once" in reason or "[8] both active and dropped" in reason
+    assert calls == [] and not (directory / "privacy").exists()
