@@ -320,15 +320,25 @@ def refusing_node(context: Context) -> str:
 
 def secagg_setup_refusal(msg: Message, policy: NodePolicy) -> str | None:
     """Why the node refuses ``msg`` when it is a SecAgg+ setup asking for more shares, or a
-    higher threshold, than the node's ``max-secagg-shares`` (None otherwise): read before
-    Flower's ``secaggplus_mod`` makes a key, its work growing with both."""
+    higher threshold, than the node's ``max-secagg-shares``, or a threshold of at most half
+    its shares (None otherwise): read before Flower's ``secaggplus_mod`` makes a key, its work
+    growing with both. At half or less, a server telling two disjoint groups of nodes different
+    stories (to one that a node dropped, to the other that it is active) gathers enough shares
+    of both of that node's secrets to unmask its own update; above half, two disjoint groups
+    cannot both reach the threshold (server/federation/secagg.py asks for two thirds)."""
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
     if configs.get(Key.STAGE) != Stage.SETUP or not (
         isinstance(shares, int) and isinstance(threshold, int)
     ):
         return None  # no setup, or one Flower's own checks refuse
-    return policy.secagg_refusal(shares, threshold)
+    refusal = policy.secagg_refusal(shares, threshold)
+    if refusal is None and 2 * threshold <= shares:
+        refusal = (
+            f"a SecAgg+ threshold of {threshold} of {shares} shares (at most half) would let "
+            "a server reconstruct both secrets of one node from two disjoint groups"
+        )
+    return refusal
 
 
 def secagg_list_refusal(msg: Message) -> str | None:
