@@ -320,21 +320,55 @@ def refusing_node(context: Context) -> str:
 
 def secagg_setup_refusal(msg: Message, policy: NodePolicy) -> str | None:
     """Why the node refuses ``msg`` when it is a SecAgg+ setup asking for more shares, or a
-    higher threshold, than the node's ``max-secagg-shares`` (None otherwise): read before
-    Flower's ``secaggplus_mod`` makes a key, its work growing with both."""
+    higher threshold, than the node's ``max-secagg-shares``, or a threshold of at most half
+    its shares (None otherwise): read before Flower's ``secaggplus_mod`` makes a key, its work
+    growing with both. At half or less, a server telling two disjoint groups of nodes different
+    stories (to one that a node dropped, to the other that it is active) gathers enough shares
+    of both of that node's secrets to unmask its own update; above half, two disjoint groups
+    cannot both reach the threshold (server/federation/secagg.py asks for two thirds)."""
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
     if configs.get(Key.STAGE) != Stage.SETUP or not (
         isinstance(shares, int) and isinstance(threshold, int)
     ):
         return None  # no setup, or one Flower's own checks refuse
-    return policy.secagg_refusal(shares, threshold)
+    refusal = policy.secagg_refusal(shares, threshold)
+    if refusal is None and 2 * threshold <= shares:
+        refusal = (
+            f"a SecAgg+ threshold of {threshold} of {shares} shares (at most half) would let "
+            "a server reconstruct both secrets of one node from two disjoint groups"
+        )
+    return refusal
+
+
+def secagg_list_refusal(msg: Message) -> str | None:
+    """Why the node refuses ``msg`` when its node lists are ones no honest SecAgg+ server
+    sends (None otherwise): a source twice in the masking step (Flower's mod adds a pairwise
+    mask over the whole model for each entry: a node's copies of one ciphertext, forwarded,
+    made that work unbounded), or a node both active and dropped in the unmasking step (the
+    node would reveal its share of both of that node's secrets: with enough such shares the
+    server unmasks that node's own update)."""
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage, sources = configs.get(Key.STAGE), configs.get(Key.SOURCE_LIST)
+    twice = isinstance(sources, list) and len(set(sources)) < len(sources)
+    if stage == Stage.COLLECT_MASKED_VECTORS and twice:
+        return "the SecAgg+ masking step names a source node more than once"
+    active, dead = configs.get(Key.ACTIVE_NODE_ID_LIST), configs.get(Key.DEAD_NODE_ID_LIST)
+    dropped = set(dead) if isinstance(dead, list) else set()
+    if (
+        stage == Stage.UNMASK
+        and isinstance(active, list)
+        and (both := sorted(dropped.intersection(active), key=str))
+    ):
+        return f"the SecAgg+ unmasking step names node(s) {both[:5]} both active and dropped"
+    return None
 
 
 def rehearsed(node_config: dict) -> Mod:
     """``secaggplus_mod``, with a SecAgg+ message it cannot take refused
     (:class:`RequestRefused`) before the node trains or spends: a setup above the node's
-    ``max-secagg-shares`` (its policy, ``node_config`` added to its own config) at once; each
+    ``max-secagg-shares`` (its policy, ``node_config`` added to its own config), or node lists
+    no honest server sends (:func:`secagg_list_refusal`), at once; each
     step of the protocol is then first taken on copies of the message and of the node's
     SecAgg+ state, an empty update in place of the node's (Flower's own checks of the stage,
     the keys, the shares and the ciphertexts), and only a message that passes is answered for
@@ -342,7 +376,7 @@ def rehearsed(node_config: dict) -> Mod:
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         policy = NodePolicy.from_node_config({**context.node_config, **node_config})
-        if reason := secagg_setup_refusal(msg, policy):
+        if reason := secagg_setup_refusal(msg, policy) or secagg_list_refusal(msg):
             raise RequestRefused(refusing_node(context), reason)
         try:
             secaggplus_mod(copy.deepcopy(msg), copy.deepcopy(context), _no_update)

@@ -51,13 +51,15 @@ from flwr.serverapp import Grid
 from shared.runs.config import RunConfig
 
 log = logging.getLogger("fedrec.server")
-# Every node shares its keys with every other (full graph: plain SecAgg security), and any half
-# of the shares reconstruct a dropped node's mask. The cost grows with shares x threshold: at
-# 100 sampled nodes each node spends about 5 s a round splitting its secrets (twice: its
+# Every node shares its keys with every other (full graph: plain SecAgg security), and any two
+# thirds of the shares reconstruct a dropped node's mask (the round survives a third dropping;
+# at half or less a node refuses the setup: two disjoint groups could each reach it, which
+# lets a server unmask one node's update). The cost grows with shares x threshold: at 100
+# sampled nodes each node spends about 5 s a round splitting its secrets (twice: its
 # rehearsal, client/client_app.py). A node refuses a setup of more shares than its
 # max-secagg-shares (200 by default, client/policy.py): 200 sampled nodes a round.
 NUM_SHARES = 1.0
-RECONSTRUCTION_THRESHOLD = 0.5
+RECONSTRUCTION_THRESHOLD = 2 / 3  # above half: nodes refuse less (client/client_app.py)
 STATE_NAMES = "state-names"  # the weights' names, in the order of the arrays sent
 
 

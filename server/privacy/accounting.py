@@ -351,9 +351,10 @@ def _next_noise(
     slope = math.log(e2 / e1) / math.log(s2 / s1)
     if slope >= 0:
         return middle
-    aim = s2 * (target / e2) ** (1 / slope) * (1 + precision / 2)
+    # in logs, capped before the power is taken: a near-flat line overflowed it (a float power)
+    aim = math.log(s2 * (1 + precision / 2)) + math.log(target / e2) / slope
     under = high / (1 + precision * (1 - 1e-6))  # the bracket closes if it does not fit
-    return min(max(aim, low * (high / low) ** 0.02), under)
+    return min(max(math.exp(min(aim, math.log(under))), low * (high / low) ** 0.02), under)
 
 
 def split_budget(

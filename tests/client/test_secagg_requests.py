@@ -19,6 +19,7 @@ from helpers import metadata
 from client import client_app
 from client.client_app import make_client_app
 from client.policy import NodePolicy
+from server.federation.secagg import RECONSTRUCTION_THRESHOLD
 from shared.federation.node_directory import NodeInfo
 
 NODE_ID = 5
@@ -26,7 +27,7 @@ SETUP = {
     Key.STAGE: Stage.SETUP,
     Key.SAMPLE_NUMBER: 2,
     Key.SHARE_NUMBER: 2,
-    Key.THRESHOLD: 1,
+    Key.THRESHOLD: 2,
     Key.CLIPPING_RANGE: 3.0,
     Key.TARGET_RANGE: 2**22,
     Key.MOD_RANGE: 2**32,
@@ -118,11 +119,29 @@ def test_a_setup_above_the_nodes_share_cap_is_refused_before_any_work(
     assert calls == [] and not (directory / "privacy").exists()
 
 
+@pytest.mark.parametrize(("shares", "threshold"), [(4, 2), (100, 50), (3, 1)])
+def test_a_setup_whose_threshold_is_at_most_half_its_shares_is_refused(
+    node, monkeypatch: pytest.MonkeyPatch, shares: int, threshold: int
+) -> None:
+    """At a threshold of half the shares or less, a server telling one group of nodes that a
+    node dropped and a disjoint group that it is active gathers enough shares of both of its
+    secrets (the pairwise key and the mask seed) to unmask that node's own update: refused
+    before Flower's mod is called, nothing spent. fedrec's own server asks for two thirds."""
+    context, directory = node
+    calls = []
+    monkeypatch.setattr(client_app, "secaggplus_mod", lambda *args: calls.append(args))
+    asked = {**SETUP, Key.SHARE_NUMBER: shares, Key.THRESHOLD: threshold}
+    reason = refused(make_client_app()(secagg_message(asked), context))
+    assert f"threshold of {threshold} of {shares} shares" in reason
+    assert calls == [] and not (directory / "privacy").exists()
+    assert 2 * round(RECONSTRUCTION_THRESHOLD * shares) > shares  # what fedrec's server asks
+
+
 def test_an_honest_setup_within_the_cap_is_answered(node) -> None:
     """The cap's own value is accepted (fedrec's server asks for one share a sampled node, half
     of them to reconstruct); a node's max-secagg-shares lowers it, a simulated node has none."""
     context, _ = node
-    at_cap = {**SETUP, Key.SHARE_NUMBER: 200, Key.THRESHOLD: 100}
+    at_cap = {**SETUP, Key.SHARE_NUMBER: 200, Key.THRESHOLD: 133}
     reply = make_client_app()(secagg_message(at_cap), context)
     assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
     strict = make_client_app({"max-secagg-shares": 199})
@@ -130,7 +149,8 @@ def test_an_honest_setup_within_the_cap_is_answered(node) -> None:
     simulated = Context(
         run_id=1, node_id=NODE_ID, node_config={}, state=RecordDict(), run_config={}
     )
-    reply = make_client_app()(secagg_message({**SETUP, Key.SHARE_NUMBER: 10**6}), simulated)
+    million = {**SETUP, Key.SHARE_NUMBER: 10**6, Key.THRESHOLD: 10**6 // 2 + 1}
+    reply = make_client_app()(secagg_message(million), simulated)
     assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
 
 
@@ -142,3 +162,33 @@ def test_max_secagg_shares_bounds_a_secagg_setup() -> None:
     tight = NodePolicy.from_node_config({"data-dir": "/d", "max-secagg-shares": "10"})
     assert "threshold 11" in str(tight.secagg_refusal(5, 11))
     assert NodePolicy().secagg_refusal(10**6, 10**6) is None
+
+
+LISTS = {
+    "a source twice": {
+        Key.STAGE: Stage.COLLECT_MASKED_VECTORS,
+        Key.CIPHERTEXT_LIST: [b"c"] * 3,
+        Key.SOURCE_LIST: [7, 7, 8],
+    },
+    "a node active and dropped": {
+        Key.STAGE: Stage.UNMASK,
+        Key.ACTIVE_NODE_ID_LIST: [NODE_ID, 7, 8],
+        Key.DEAD_NODE_ID_LIST: [8],
+    },
+}
+
+
+@pytest.mark.parametrize("configs", LISTS.values(), ids=LISTS.keys())
+def test_node_lists_no_honest_server_sends_are_refused_before_any_work(
+    node, monkeypatch: pytest.MonkeyPatch, configs: dict
+) -> None:
+    """Flower's mod took both: a source named n times cost n pairwise masks over the whole
+    model (after training; a node's copies of its ciphertext, forwarded, suffice), and a node
+    both active and dropped had its mask-seed share and its key share revealed together (with
+    enough of both, the server unmasks its own update). Refused before Flower's mod runs."""
+    context, directory = node
+    calls = []
+    monkeypatch.setattr(client_app, "secaggplus_mod", lambda *args: calls.append(args))
+    reason = refused(make_client_app()(secagg_message(configs), context))
+    assert "more than once" in reason or "[8] both active and dropped" in reason
+    assert calls == [] and not (directory / "privacy").exists()

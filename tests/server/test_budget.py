@@ -166,3 +166,16 @@ def test_the_audits_calibration_finds_the_smallest_noise_in_a_few_plds(monkeypat
     assert len(set(asked)) <= 7
     monkeypatch.undo()
     assert is_calibrated(sigma, *plan)
+
+
+def test_the_audits_calibration_survives_a_nearly_flat_line_through_its_last_tries(
+    monkeypatch,
+) -> None:
+    """Two tries above the target whose epsilons differ in the 13th digit (a PLD's
+    discretization can flatten the curve so) drew a line whose power overflowed: an
+    OverflowError out of the calibration. The next try is capped to the bracket first."""
+    monkeypatch.setattr(
+        accounting, "plan_epsilon", lambda s, *a, **k: 3.0 - 1e-13 * s if s < 2.0 else 1.0
+    )
+    sigma = accounting.calibrate_noise(2.0, 1e-5, 0.01, 10, 1, ())
+    assert 2.0 <= sigma <= 2.0 * (1 + accounting.CALIBRATION_PRECISION)
