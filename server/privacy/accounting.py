@@ -213,10 +213,9 @@ def _rdp_epsilon(steps: tuple[tuple[tuple[str, float, float], int], ...], delta:
         absl.setLevel(level)
 
 
-@functools.lru_cache(maxsize=1024)
 def release_rdp_epsilon(mechanism: str, sigma: float, q: float, steps: int, delta: float) -> float:
-    """:func:`rdp_epsilon` of one release's parameters, cached: the audit bounds every entry
-    by it before any PLD, and a run repeats the same few."""
+    """:func:`rdp_epsilon` of one release's parameters (cached there): the audit bounds every
+    entry by it before any PLD, and a run repeats the same few."""
     release = {"mechanism": mechanism, "noise_multiplier": sigma, "sample_rate": q}
     return rdp_epsilon([{**release, "steps": steps}], delta)
 
