@@ -4,6 +4,7 @@ checkpoint's weights and progress must be this model's."""
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 
 from server.federation.encoder_rounds import encoder_pin
@@ -23,7 +24,13 @@ def require_ledger(out: Path) -> None:
         raise SystemExit(f"fedrec: {error}; restore it, or start over with another --out") from None
     saved = [] if encoder is None else [encoder]
     if (progress := Checkpoint(out / "checkpoint.safetensors").progress()) is not None:
-        saved.append((f"a checkpoint after round {progress['round']}", progress.get("ledger")))
+        if not isinstance(progress, dict):
+            raise SystemExit(
+                f"fedrec: {out / 'checkpoint.safetensors'}: its progress is not a JSON object; "
+                "restore it, or start over with another --out"
+            )
+        done = reprlib.repr(progress.get("round"))
+        saved.append((f"a checkpoint after round {done}", progress.get("ledger")))
     for what, pin in saved:
         if problem := unpinned(out / "ledger.jsonl", pin):
             raise SystemExit(

@@ -252,11 +252,12 @@ def ledger_head(entries: list[dict]) -> dict:
 
 def unpinned(path: Path, head: dict | None) -> str | None:
     """Why the ledger at ``path`` does not hold the entry a checkpoint pinned (``head``, from
-    :func:`ledger_head`), None when it does or nothing was pinned: a ledger removed, replaced
-    or cut since that round would under-report what the rounds before it spent. A pin that
-    is no entry's ``seq`` and ``hash`` (the checkpoint edited) is named too, never a crash."""
+    :func:`ledger_head`), None when it does: a ledger removed, replaced or cut since that
+    round would under-report what the rounds before it spent. No pin at all (every saved
+    round writes one, so the file was edited) and a pin that is no entry's ``seq`` and
+    ``hash`` are named too, never a crash."""
     if head is None:
-        return None
+        return "it pins no ledger entry"
     seq = head.get("seq") if isinstance(head, dict) else None
     if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(head.get("hash"), str):
         return f"its ledger pin {reprlib.repr(head)} is no entry's seq and hash"

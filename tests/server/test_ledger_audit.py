@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save as safetensors_bytes
 
-from server.federation.resume import resume_problem
+from server.federation.resume import require_ledger, resume_problem
 from server.privacy.accounting import (
     NodePlan,
     calibrate_noise,
@@ -198,7 +200,7 @@ def test_a_ledger_removed_cut_or_replaced_since_the_checkpoint_is_named(tmp_path
     ledger.append("declined", round=1, node="a", reason="budget")
     head = ledger_head(ledger.entries)
     ledger.append("declined", round=2, node="a", reason="budget")  # after the checkpoint: fine
-    assert unpinned(path, head) is None and unpinned(path, None) is None
+    assert unpinned(path, head) is None
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[0])  # the tail cut: the chain alone cannot tell
     assert "ends at entry 0, before entry 1" in unpinned(path, head)
@@ -219,6 +221,27 @@ def test_a_checkpoints_edited_ledger_pin_is_named_not_a_crash(tmp_path, pin):
     ledger.append("run_start", config={"dp": True, "delta": DELTA}, unit="u")
     ledger.append("declined", round=1, node="a", reason="budget")
     assert "pin" in unpinned(path, pin)
+
+
+@pytest.mark.parametrize(
+    ("progress", "words"),
+    [
+        ({"round": 2, "history": []}, "(it pins no ledger entry)"),
+        ({"round": 2, "ledger": None}, "(it pins no ledger entry)"),
+        ({"ledger": {"seq": 0, "hash": "forged"}}, "after round None"),
+        ([2, "rounds"], "its progress is not a JSON object"),
+    ],
+)
+def test_a_checkpoint_without_its_ledger_pin_is_not_resumed(tmp_path, progress, words):
+    """Every saved round pins the ledger's last entry; a checkpoint without a pin (edited)
+    was resumed unchecked, so a ledger removed beside it went unnoticed and the resumed run
+    under-reported the rounds before it; an edited progress without its round crashed."""
+    PrivacyLedger(tmp_path / "ledger.jsonl").append("run_start", config={"dp": True}, unit="u")
+    (tmp_path / "checkpoint.safetensors").write_bytes(
+        safetensors_bytes({"model/a": torch.zeros(2)}, {"progress": json.dumps(progress)})
+    )
+    with pytest.raises(SystemExit, match=re.escape(words)):
+        require_ledger(tmp_path)
 
 
 @pytest.mark.parametrize(
