@@ -166,10 +166,11 @@ class PrivateRound:
 
 
 def new_accountant(state: dict | None = None):
-    """Opacus's PRV accountant, restored from a saved ``state_dict`` (the node's whole history)."""
-    from opacus.accountants import PRVAccountant
+    """Opacus's PRV accountant (its domain sizing cached: shared/recommender/prv_domain.py),
+    restored from a saved ``state_dict`` (the node's whole history)."""
+    from shared.recommender.prv_domain import prv_accountant_class
 
-    accountant = PRVAccountant()
+    accountant = prv_accountant_class()()
     if state:  # a deep copy: the caller's saved state must never change behind its back
         accountant.load_state_dict(copy.deepcopy(state))
         accountant.history = [tuple(entry) for entry in accountant.history]

@@ -1,0 +1,89 @@
+"""Opacus's PRV accountant with its domain sizing cached (the same epsilons, computed faster).
+
+Before it discretizes, Opacus's ``PRVAccountant`` bounds its domain with RDP
+(``compute_safe_domain_size``, remark 5.6 of Gopi et al.): the RDP of every entry of the history
+at 151 orders, 99 of them fractional, each a slowly converging series in Python. A node asks for
+the same entries again and again (a calibration tries 7 to 9 noise multipliers, each of them
+twice when the finer error is needed; the charge and the budget checks repeat the chosen one),
+and that sizing was most of a private node's time: 62 of the 73 s a tiny node's first private
+round took on a busy 2-core machine. The RDP of one step of one (sample rate, noise multiplier)
+is a pure function, cached here per process; the rest is Opacus's own arithmetic in Opacus's
+order, so every epsilon is the one Opacus computes, to the bit
+(tests/shared/test_prv_domain.py compares them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps): a history entry
+
+
+@functools.lru_cache(maxsize=4096)
+def rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Opacus's RDP of one Poisson subsampled Gaussian step at every order its
+    ``RDPAccountant`` searches (``DEFAULT_ALPHAS``); the result is shared: never change it."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = compute_rdp(
+        q=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )
+    rdp.flags.writeable = False
+    return rdp
+
+
+def rdp_epsilon(history: list[Entry], delta: float) -> float:
+    """``RDPAccountant(history).get_epsilon(delta)``, from the cached per-step RDP (Opacus
+    multiplies the per-order RDP by the steps, then sums the entries, as here)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    rdp = sum([rdp_of_one_step(sigma, q) * steps for sigma, q, steps in history])
+    epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(epsilon)
+
+
+def safe_domain_size(history: list[Entry], eps_error: float, delta_error: float) -> float:
+    """Opacus's ``compute_safe_domain_size`` for the PRVs of ``history``: the RDP epsilon of
+    the whole history at ``delta_error / 4`` and of one step of each entry at ``delta_error``
+    over 8 times the steps, the largest of them (at least ``eps_error``) plus 3."""
+    total = sum(steps for _, _, steps in history)
+    largest = rdp_epsilon(history, delta_error / 4)
+    for sigma, q, _ in history:
+        largest = max(largest, rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total)))
+    return max(largest, eps_error) + 3
+
+
+@functools.cache
+def prv_accountant_class() -> type:
+    """Opacus's ``PRVAccountant`` whose domain comes from :func:`safe_domain_size` (Opacus
+    imported on first use: it takes seconds)."""
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import Domain
+
+    class CachedDomainPRVAccountant(PRVAccountant):
+        """Opacus's ``PRVAccountant``; its ``_get_domain`` is Opacus's, with the RDP cached."""
+
+        def _get_domain(
+            self,
+            prvs: list,
+            num_self_compositions: list[int],
+            eps_error: float,
+            delta_error: float,
+        ) -> Domain:
+            history = [
+                (prv.noise_multiplier, prv.sample_rate, steps)
+                for prv, steps in zip(prvs, num_self_compositions, strict=True)
+            ]
+            size = safe_domain_size(history, eps_error, delta_error)
+            total = sum(num_self_compositions)
+            mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+            return Domain.create_aligned(-size, size, mesh_size)
+
+    return CachedDomainPRVAccountant

@@ -1,0 +1,45 @@
+"""The nodes' PRV accountant (shared/recommender/prv_domain.py): Opacus's, its domain sizing
+cached, and every number the same as Opacus's own to the bit."""
+
+from __future__ import annotations
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+from shared.recommender.prv_domain import prv_accountant_class, rdp_epsilon, rdp_of_one_step
+from shared.recommender.training import new_accountant
+
+# a tiny node's two training rounds and its guard's answer (sample rate 1), and a merchant's
+# small sample rate over many steps
+HISTORIES = (
+    [(2.2188891347698516, 0.449438202247191, 9), (3.7735924528226414, 1.0, 1)],
+    [(0.9, 0.01, 400), (1.3, 0.02, 50)],
+)
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_the_domain_and_the_epsilon_are_opacus_own(history: list) -> None:
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    steps = [n for _, _, n in history]
+    for eps_error, delta_error in ((0.01, 1e-6), (2.5e-4, 1e-7)):
+        ours = prv_accountant_class()()._get_domain(prvs, steps, eps_error, delta_error)
+        theirs = PRVAccountant()._get_domain(prvs, steps, eps_error, delta_error)
+        assert (ours.t_min, ours.t_max, ours.size) == (theirs.t_min, theirs.t_max, theirs.size)
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert rdp_epsilon(history, 1e-5) == rdp.get_epsilon(1e-5)
+    plain = PRVAccountant()
+    plain.history = list(history)
+    cached = new_accountant(plain.state_dict())
+    assert isinstance(cached, PRVAccountant) and cached.mechanism() == "prv"
+    assert cached.get_epsilon(1e-5) == plain.get_epsilon(1e-5)
+
+
+def test_the_rdp_of_a_step_is_computed_once_and_cannot_be_changed() -> None:
+    rdp_of_one_step.cache_clear()
+    first = rdp_of_one_step(1.1, 0.05)
+    assert rdp_of_one_step(1.1, 0.05) is first
+    assert rdp_of_one_step.cache_info().hits == 1
+    with pytest.raises(ValueError, match="read-only"):
+        first *= 2
