@@ -13,11 +13,13 @@ computed under it leaves the node, so a crash can over-count spending, never for
 state that counts fewer releases than the node's receipt log (deleted, or an older copy put
 back) is refused.
 
-Within a run a node charges its requests in the order of their rounds (:class:`RequestPosition`):
-it refuses, before spending anything, a request of a round earlier than one it has already
-charged for the same run. The ledger's rule for a reply that never arrived depends on that
-order (server/privacy/ledger_gaps.py: a later round's release shows whether the earlier request
-was charged); a delayed or replayed message cannot break it.
+Within a run a node charges its requests in the order of their server starts and rounds
+(:class:`RequestPosition`): it refuses, before spending anything, a request of an earlier
+server start, or of the same start and an earlier round, than one it has already charged for
+the same run. The ledger's rules for a reply that never arrived depend on that order
+(server/privacy/ledger_gaps.py: a later round's release shows whether the earlier request was
+charged, and a release to a restarted server whether a killed one's request was); a delayed or
+replayed message, or a killed server's request still in the node's hands, cannot break it.
 """
 
 from __future__ import annotations
@@ -41,17 +43,25 @@ Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps) of on
 class RequestPosition:
     """Where a private request stands in its run: the run's id, its phase (0: the encoder's
     rounds, which come first; 1: the model's rounds, whose training, evaluation and start guard
-    share their round's number) and its round. A node charges requests of one run in this
-    order, requests of the same position in any."""
+    share their round's number), its round and the server start that asked (1 at the run's
+    first, one more at each resume; 0: a server that numbers none). A node charges requests of
+    one run in this order, the start first, requests of the same position in any."""
 
     run_id: str
     phase: int
     round: int
+    start: int = 0
 
     @property
     def order(self) -> list[int]:
-        """(phase, round): what is compared within a run."""
-        return [self.phase, self.round]
+        """(start, phase, round): what is compared within a run."""
+        return [self.start, self.phase, self.round]
+
+
+def charged_order(saved: list[int]) -> list[int]:
+    """The position a node's state says it charged last, as :attr:`RequestPosition.order`
+    (a state written before server starts were numbered holds (phase, round): start 0)."""
+    return [0, *saved] if len(saved) == 2 else list(saved)
 
 
 class NodePrivacy:
@@ -144,19 +154,25 @@ class NodePrivacy:
 
     def order_refusal(self) -> str | None:
         """Why this request comes too late to be charged: this node already charged a later
-        round of the same run (a delayed or replayed message); None when it may be, or when no
-        position was given. Checked under :meth:`locked`, with the budget."""
+        round of the same run (a delayed or replayed message), or a request of a later server
+        start (a killed server's request, charged after its restarted server's); None when it
+        may be, or when no position was given. Checked under :meth:`locked`, with the budget."""
         if self.position is None:
             return None
-        charged = self.state.get("charged_up_to", {}).get(self.position.run_id)
-        if charged is None or self.position.order >= charged:
+        saved = self.state.get("charged_up_to", {}).get(self.position.run_id)
+        if saved is None or self.position.order >= charged_order(saved):
             return None
-        phase, server_round = charged
+        start, phase, server_round = charged_order(saved)
         reached = f"round {server_round} of its {'model' if phase else 'encoder'} rounds"
+        if start > self.position.start:
+            reached += f" asked by server start {start}"
+            late = f"a request of server start {self.position.start}, round {self.position.round}"
+        else:
+            late = f"a request of round {self.position.round}"
         return (
-            f"a request of round {self.position.round} comes after this node charged {reached} "
-            "for the same run: requests are charged in the order of their rounds (the ledger "
-            "counts unanswered requests by that order), so this one is refused, nothing spent"
+            f"{late} comes after this node charged {reached} for the same run: requests are "
+            "charged in the order of their server starts and rounds (the ledger counts "
+            "unanswered requests by that order), so this one is refused, nothing spent"
         )
 
     def answers(self, extra: float | None = None) -> tuple[tuple[float, int], ...]:

@@ -47,7 +47,7 @@ from client.node import (
 from client.policy import NodePolicy
 from shared.federation.node_directory import node_name
 from shared.federation.node_dp import clipped_update
-from shared.federation.reports import NodeReport, Release
+from shared.federation.reports import NodeReport, Release, server_start_problem
 from shared.federation.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
 from shared.federation.wire import encode, nbytes, weights_problem
 from shared.recommender.finetune import tuned_checkpoint
@@ -63,6 +63,7 @@ NOT_SETTINGS = (
     "partitions-dir",
     "state-names",
     "run-id",
+    "server-start",
     "catalog-digest",
     "valid-fraction",
 )
@@ -105,6 +106,17 @@ def server_round(settings: dict) -> int:
     return value
 
 
+def server_start(settings: dict) -> int | None:
+    """The server start that sends the request (``server-start``: 1 at the run's first, one
+    more at each resume; the node charges a run's requests in the order of their starts, then
+    rounds); None from a server that numbers none. Anything else than a server start
+    (``server_start_problem``, shared/federation/reports.py) is refused with what it was."""
+    value = settings.get("server-start")
+    if value is not None and (problem := server_start_problem(value)):
+        raise ValueError(f"server-start: {problem}"[:MAX_REASON])
+    return value
+
+
 class NodeRequest:
     """One message from the server, read on the node's side: the run's settings, this node's
     data, its own policy and key, and the round. A malformed message, or one naming a text
@@ -125,6 +137,7 @@ class NodeRequest:
                 {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
             )
             self.round = server_round(settings)
+            self.start = server_start(settings)
             self.valid_fraction = valid_fraction(settings)
             resolve_device(self.config.device)  # a device this node has
         except ValueError as error:
@@ -172,9 +185,10 @@ class NodeRequest:
         return self.tensors(record, name)
 
     def position(self, phase: int = 1) -> RequestPosition:
-        """This request's place in its run (phase 0: an encoder round; 1: the model's rounds),
-        in which order the node charges private requests (client/accountant.py)."""
-        return RequestPosition(self.run_id, phase, self.round)
+        """This request's place in its run (its server start; phase 0: an encoder round, 1:
+        the model's rounds; its round), in which order the node charges private requests
+        (client/accountant.py)."""
+        return RequestPosition(self.run_id, phase, self.round, self.start or 0)
 
     def weights_refusal(self, *states: dict[str, torch.Tensor]) -> dict | None:
         """A refusal when a model the server sent (its weights, the start's, the tuned encoder
@@ -240,7 +254,8 @@ class NodeRequest:
         """The privacy report for ``result``: a refusal or a decline as it is; a DP release
         signed with the node key over its fields, the digest of ``arrays`` and whether the
         node vouches that its customers are its own alone (client/policy.py,
-        ``exclusive-customers``), and kept in the node's receipt log before it leaves."""
+        ``exclusive-customers``) and the server start that asked (where the server numbers
+        its starts), and kept in the node's receipt log before it leaves."""
         name = self.name
         if result.get("refused") or result.get("declined"):
             return NodeReport(
@@ -261,6 +276,7 @@ class NodeRequest:
                 "num_customers": int(result["customers"]),
                 "update_digest": digest_arrays(arrays) if arrays is not None else "",
                 "exclusive_customers": self.policy.exclusive(self.node.partition),
+                "server_start": self.start,
             }
         )
         key = NodeKey.load_or_create(self.key_path)

@@ -51,15 +51,16 @@ class Reports:
         sender: str,
         record: dict,
         identity: str | None,
-        check: tuple[NodeKeys, str, int, FedRecStrategy],
+        check: tuple[NodeKeys, str, int | None, int, FedRecStrategy],
         arrays: dict[str, np.ndarray] | None = None,
         unreleased: bool = False,
     ) -> None:
         """Take ``sender``'s privacy ``record``: parsed, refused for its ``identity`` problem
         (if any), its release bounded by the run's plan and verified (``check``: the node keys,
-        run id, round and strategy; ``arrays``: the update it signs, when the server sees it).
+        run id, server start, round and strategy; ``arrays``: the update it signs, when the
+        server sees it).
         ``unreleased``: an update under customer-level DP, refused without a signed release."""
-        keys, run_id, server_round, strategy = check
+        keys, run_id, start, server_round, strategy = check
         try:
             if identity:
                 raise ReportError(identity)
@@ -80,7 +81,7 @@ class Reports:
         if problem is not None:
             problem = f"release refused as malformed: {problem}"
         else:
-            problem = verify_release(report, keys, arrays, run_id, server_round)
+            problem = verify_release(report, keys, arrays, (run_id, start, server_round))
         if problem:
             self.refuse(sender, problem, server_round, release.epsilon, report.signed())
         else:
@@ -117,14 +118,16 @@ def privacy_reports(
     private: bool = False,
     *,
     sent: Mapping[str, torch.Tensor],
+    start: int | None = None,
 ) -> Reports:
     """Each reply's privacy report, parsed; the sender checked against the registry (if any)
-    and a DP release against the run's plan, the node's key, this run and round, and the
-    digest of the update it came with, read against ``sent`` (the weights sent: an update
-    where none were sent is malformed). ``private`` (customer-level DP): an update without a
-    signed release is refused, since its spending would be missing from the ledger. A second
-    reply for a node already heard from in this exchange leaves every reply of that node out
-    (which is the node's cannot be told; the first one's report is recorded as it is)."""
+    and a DP release against the run's plan, the node's key, this run, server ``start`` and
+    round, and the digest of the update it came with, read against ``sent`` (the weights
+    sent: an update where none were sent is malformed). ``private`` (customer-level DP): an
+    update without a signed release is refused, since its spending would be missing from the
+    ledger. A second reply for a node already heard from in this exchange leaves every reply
+    of that node out (which is the node's cannot be told; the first one's report is recorded
+    as it is)."""
     received = Reports()
     heard: dict[str, int] = {}  # node -> the Flower node id of its first reply
     for reply in replies:
@@ -156,7 +159,7 @@ def privacy_reports(
             sender,
             record,
             strategy.identity_problem(reply),
-            (keys, run_id, server_round, strategy),
+            (keys, run_id, start, server_round, strategy),
             arrays,
             unreleased,
         )
@@ -167,14 +170,18 @@ def verify_release(
     report: NodeReport,
     keys: NodeKeys,
     arrays: dict[str, np.ndarray] | None,
-    run_id: str,
-    server_round: int,
+    asked: tuple[str, int | None, int],
 ) -> str | None:
-    """Why a signed release must not be trusted (None: it verifies)."""
+    """Why a signed release must not be trusted (None: it verifies): among others, one signed
+    for another run or round than ``asked`` (run id, server start, round), or for another
+    server start (one that states none is a node's of before starts were numbered)."""
     release = report.release
     assert release is not None
+    run_id, start, server_round = asked
     if release.run_id != run_id or release.round != server_round:
         return f"signed for run {release.run_id[:12]}, round {release.round}: not this one"
+    if release.server_start is not None and release.server_start != start:
+        return f"signed for server start {release.server_start}: this server's start is {start}"
     return keys.check(report, arrays)
 
 

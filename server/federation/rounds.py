@@ -49,6 +49,7 @@ from server.federation.strategy import FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, ledger_head
 from server.privacy.ledger_gaps import (
     NO_REPLY,
+    current_start,
     none_trained,
     record_answered,
     record_requested,
@@ -122,6 +123,10 @@ class Federation:
         # what each node is asked to keep, per customer: the run's first start states it (a
         # ledger from before it did asked the equal share)
         budget = None
+        # a later start of the run's server (a resume) is numbered one more than the last; its
+        # ``resumed`` entry is written before its first private request (:meth:`request`)
+        self.resuming = bool(self.ledger.entries)
+        self.start = current_start(self.ledger.entries) + int(self.resuming)
         if self.ledger.entries:
             budget = self.ledger.entries[0].get(BUDGET_KEY) or node_budget(config)
         elif config.dp:
@@ -153,7 +158,9 @@ class Federation:
         settings = settings_record(
             config, self.budget, catalog.digest, partitions, self.valid_fraction, reversed_histories
         )
-        self.settings = ConfigRecord({**dict(settings), "run-id": self.run_id})
+        self.settings = ConfigRecord(
+            {**dict(settings), "run-id": self.run_id, "server-start": self.start}
+        )
         self.keys = NodeKeys(out / "node-keys")
         self.names: dict[int, str] = {}  # Flower node id -> the name its replies gave
         # the encoder's tuned top layers (server/federation/encoder_rounds.py), sent with every
@@ -208,13 +215,28 @@ class Federation:
     def request(self, server_round: int, sent: list[int], stage: str = "train") -> None:
         """Under DP, ledger a private request of ``stage`` to ``sent`` (Flower node ids) before
         it leaves: a stop or crash before :meth:`record_unanswered` closes it leaves it counted
-        as spent (server/privacy/ledger_gaps.py). A node is named as its replies named it."""
+        as spent (server/privacy/ledger_gaps.py). A node is named as its replies named it. A
+        resumed server's first request is preceded by its ``resumed`` entry: the releases after
+        it are signed for this start."""
         if self.config.dp:
+            if self.resuming:
+                self.ledger.append("resumed")
+                self.resuming = False
             names = {i: self.names.get(i) or self.strategy.node_name(i, "") for i in sent}
             unnamed = [i for i, name in names.items() if not name]
             record_requested(
                 self.ledger, server_round, list(filter(None, names.values())), unnamed, stage
             )
+
+    def reports(
+        self, replies: list[Message], server_round: int, state: dict, private: bool = False
+    ) -> Reports:
+        """The replies' privacy reports, checked for this run, server start and round
+        (:func:`privacy_reports`, ``private`` and ``sent=state`` as there)."""
+        keys, run_id, strategy = self.keys, self.run_id, self.strategy
+        return privacy_reports(
+            replies, keys, run_id, server_round, strategy, private, sent=state, start=self.start
+        )
 
     def exchange(self, messages: list[Message]) -> list[Message]:
         """Send ``messages`` and wait for the replies (at most ``round-timeout`` seconds)."""
@@ -230,7 +252,7 @@ class Federation:
             self.secure.sampler.on_sample = partial(self.request, server_round)
             total, records, sampled = self.secure.train_round(server_round, state)
             received = Reports()  # the masked updates themselves cannot be checked here
-            check = (self.keys, self.run_id, server_round, self.strategy)
+            check = (self.keys, self.run_id, self.start, server_round, self.strategy)
             heard: dict[int, str] = {}
             for node_id, record in records:  # checked as privacy_reports checks a reply's
                 named = record.get("node")
@@ -252,9 +274,7 @@ class Federation:
         )
         self.request(server_round, _destinations(messages), message_type)
         replies = self.exchange(messages)
-        received = privacy_reports(
-            replies, self.keys, self.run_id, server_round, self.strategy, self.config.dp, sent=state
-        )
+        received = self.reports(replies, server_round, state, self.config.dp)
         record_privacy(
             self.ledger, server_round, received.reports, message_type, received.unverified
         )
@@ -292,9 +312,7 @@ class Federation:
                 message.content["start"] = starting
         self.request(server_round, _destinations(messages), message_type)
         replies = self.exchange(messages)
-        received = privacy_reports(
-            replies, self.keys, self.run_id, server_round, self.strategy, sent=state
-        )
+        received = self.reports(replies, server_round, state)
         record_privacy(
             self.ledger, server_round, received.reports, message_type, received.unverified
         )

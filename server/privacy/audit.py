@@ -52,7 +52,7 @@ from server.privacy.ledger import (
     read_ledger,
     verify_chain,
 )
-from server.privacy.ledger_gaps import STAGE_PURPOSE, outstanding_requests
+from server.privacy.ledger_gaps import STAGE_PURPOSE, outstanding_requests, server_starts
 
 DEFAULT_TOLERANCE = 0.01
 
@@ -263,7 +263,10 @@ def audit(
         audit_rounds(report, complete, config)
         audit_delta(report, contributions, config, lines)
         audit_calibration(report, contributions, config, lines, tolerance)
-        audit_signatures(report, contributions, report["run_id"], lines, keys_dir, signatures)
+        starts = server_starts(complete)
+        audit_signatures(
+            report, contributions, report["run_id"], lines, keys_dir, signatures, starts
+        )
         if receipts:
             audit_receipts(report, contributions, report["run_id"], lines, receipts, outstanding)
         if any(e.get("kind") == "contribution" and missing_fields(e) for e in entries):

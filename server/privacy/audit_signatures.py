@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,8 +14,9 @@ from server.privacy.audit_federation import counted_release
 from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import request_purpose
 from shared.federation.signing import (
+    OPTIONAL_FIELDS,
+    SERVER_START,
     SIGNED_FIELDS,
-    VOUCHED_FIELDS,
     public_key_id,
     signed_payload,
     verify,
@@ -108,6 +110,20 @@ def _recovered_problem(
     return None
 
 
+def _start_problem(c: dict, start: int | None) -> str | None:
+    """Why the server start ``c`` is signed for is not ``start``, the one it sits under in the
+    ledger (None: it is, or ``c`` states none, as a node of before starts were numbered)."""
+    if SERVER_START not in c:
+        return None
+    signed = c[SERVER_START]
+    if isinstance(signed, int) and not isinstance(signed, bool) and signed == start:
+        return None
+    return (
+        f"signed for server start {reprlib.repr(signed)}, but it sits under the ledger's start "
+        f"{start} (the run_start, and one more at each 'resumed' entry before it)"
+    )
+
+
 class Signatures(NamedTuple):
     """What the node keys say of the contributions: ``have_keys`` (any to verify with),
     ``key_errors`` (node -> why its key cannot be read), ``status`` (id of each contribution
@@ -149,8 +165,12 @@ def audit_signatures(
     lines: dict[int, int],
     keys_dir: Path,
     signatures: Signatures,
+    starts: dict[int, int],
 ) -> None:
-    """A contribution's run id, where it has one, is this ledger's; with node keys, every
+    """A contribution's run id, where it has one, is this ledger's, and the server start it is
+    signed for, where it states one, the one it sits under (``starts``: ledger_gaps's
+    ``server_starts``; the ledger's rule for a request a stopped server left in flight relies
+    on it); with node keys, every
     contribution but a server-recovered one carries its node's valid signature over
     :func:`signed_payload` and that key's id (``signatures``: :func:`read_signatures` of
     ``keys_dir``). Without keys, an unsigned (older) ledger gets a note, not a failure."""
@@ -177,6 +197,8 @@ def audit_signatures(
                     f"{where}: run_id {c['run_id']!r} is not this ledger's {run_id!r}: an "
                     "entry of another run"
                 )
+            if problem := _start_problem(c, starts.get(id(c))):
+                problems.append(f"{where}: {problem}")
             if c.get("recovered"):
                 recovered.append(c)
             elif keyed and status[id(c)] is not None:
@@ -281,7 +303,7 @@ def audit_receipts(
                     )
                 continue
             compared += 1
-            for field in SIGNED_FIELDS + VOUCHED_FIELDS:
+            for field in SIGNED_FIELDS + OPTIONAL_FIELDS:
                 if r.get(field, missing) != c.get(field, missing):
                     problems.append(
                         f"node {node}, round {c['round']} (line {lines[id(c)]}): {field}: "

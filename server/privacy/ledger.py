@@ -65,6 +65,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     # recorded: one never closed counts as spent (server/privacy/ledger_gaps.py)
     "requested": ("round", "nodes", "unnamed"),
     "answered": ("round",),
+    # written by each later start of the run's server (a resume) before its first private
+    # request: the entries after it are of the next server start, which the nodes sign
+    # (``server_start``; server/privacy/ledger_gaps.py, :func:`server_starts`)
+    "resumed": (),
     "node_level": (
         "round",
         "mechanism",

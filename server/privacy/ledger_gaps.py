@@ -26,6 +26,16 @@ says the node charged nothing more, and the rerun asks the same round again), or
 contribution does (the node had charged it). A node the server had not yet heard from has no
 name to be settled by: such requests are settled once as many nodes as the run has
 (``num_nodes``) have each released so, after it (:func:`in_flight`).
+
+A killed server's request can still be in a deployed node's hands when the restarted server
+asks the same round again. So each server start is numbered (1 at the run's first, one more
+at each resume: a ``resumed`` entry before its first private request, :func:`server_starts`),
+the number goes with every request and the node signs it into its release
+(``server_start``), and the node charges a run's requests in the order of their starts, then
+rounds (client/accountant.py): once it charged a later start's request it refuses an earlier
+start's, spending nothing. A release settles a request in flight only when it is signed for a
+later start than the one that asked (a release that states no start, from a node of before,
+settles it as before).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from collections.abc import Callable
 
 from server.privacy.accounting import epsilon_curve, recompute_epsilon
 from server.privacy.ledger import PrivacyLedger
+from shared.federation.signing import SERVER_START
 from shared.runs.rounding import up
 
 log = logging.getLogger("fedrec.server")
@@ -123,7 +134,9 @@ def _lost(mine: list[dict], release: dict, server_round: int, node: str, expecte
     """The entries of the contributions between ``mine`` (the node's recorded ones) and
     ``release``, with the parameters of the costliest and their cumulative epsilon."""
     template = {k: v for k, v in costliest([*mine, release]).items() if k in release}
-    template = {k: v for k, v in template.items() if k not in ("signature", "key_id")}
+    # the server's record, unsigned: no signature, nor the start another release was asked by
+    unsigned = ("signature", "key_id", SERVER_START)
+    template = {k: v for k, v in template.items() if k not in unsigned}
     entries: list[dict] = []
     for index in range(expected, int(release["contribution_index"])):
         entry = {**template, "round": server_round, "node": node, "contribution_index": index}
@@ -207,7 +220,9 @@ def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:
     rounds (client/accountant.py refuses a late one). A contribution of the same round settles
     none: a node handling two requests at once may charge them in either order. One in flight
     is settled by the node's next contribution whose index follows its previous one, whatever
-    its round: the server that asked is gone, and the node charged nothing the ledger lacks."""
+    its round, signed for a later server start (:func:`_restarted`): the server that asked is
+    gone, the node charged nothing the ledger lacks, and it refuses that server's requests
+    from then on."""
     stopped = in_flight(entries)
     size = _federation_size(entries)
     pending: dict[str, list[dict]] = {}
@@ -224,7 +239,7 @@ def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:
             follows = _follows(last.get(node), index) and not entry.get("recovered")
             last[node] = index
             if follows:
-                _seen_by_unnamed(pending, node, size)
+                _seen_by_unnamed(pending, node, entry, size)
             if node not in pending:
                 continue
             named = [e for e in pending[node] if not e.get("unnamed")]  # by count alone
@@ -236,7 +251,7 @@ def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:
             if not pending[node]:
                 del pending[node]
     return {
-        node: [{k: v for k, v in r.items() if k != "seen"} for r in requests]
+        node: [{k: v for k, v in r.items() if k not in ("seen", "start")} for r in requests]
         for node, requests in pending.items()
     }
 
@@ -244,9 +259,10 @@ def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:
 def in_flight(entries: list[dict]) -> dict[int, list[dict]]:
     """For each ``requested`` entry no ``answered`` entry of its round and stage closed before
     the next request (the server stopped or crashed meanwhile; by ``id``), one request per node
-    it names, marked ``in_flight`` (a node not yet heard from: ``flower node <id>``, marked
-    ``unnamed`` too, with the set ``seen`` of the nodes that released after it, each whose
-    index followed its previous one)."""
+    it names, marked ``in_flight``, with the server ``start`` that asked (a node not yet heard
+    from: ``flower node <id>``, marked ``unnamed`` too, with the set ``seen`` of the nodes that
+    released after it, each whose index followed its previous one)."""
+    starts = server_starts(entries)
     stopped: list[dict] = []
     current = None
     for entry in entries:
@@ -261,6 +277,7 @@ def in_flight(entries: list[dict]) -> dict[int, list[dict]]:
     requests: dict[int, list[dict]] = {}
     for request in stopped:
         asked = {k: request[k] for k in ("round", "stage") if k in request}
+        asked["start"] = starts[id(request)]
         seen: set[str] = set()  # shared by the request's unnamed nodes
         requests[id(request)] = [
             {**asked, "kind": "requested", "node": str(n), "in_flight": True}
@@ -295,12 +312,44 @@ def _follows(previous: object, index: object) -> bool:
     return index == (previous + 1 if isinstance(previous, int) else 0)
 
 
-def _seen_by_unnamed(pending: dict[str, list[dict]], node: str, size: int | None) -> None:
-    """``node`` released after each pending unnamed request, its index following its previous
-    one; those released after by as many nodes as the run has are settled: none of its nodes
-    charged a release the ledger lacks."""
+def server_starts(entries: list[dict]) -> dict[int, int]:
+    """For each entry (by ``id``), the server start it was written under: 1 up to the first
+    ``resumed`` entry (a ledger from before starts were numbered has none), one more from each."""
+    start, starts = 1, {}
+    for entry in entries:
+        start += entry.get("kind") == "resumed"
+        starts[id(entry)] = start
+    return starts
+
+
+def current_start(entries: list[dict]) -> int:
+    """The server start the ledger's last entry was written under (:func:`server_starts`)."""
+    return 1 + sum(e.get("kind") == "resumed" for e in entries)
+
+
+def _restarted(contribution: dict, request: dict) -> bool:
+    """Whether the node signed ``contribution`` for a later server start than the one that
+    asked ``request`` (in flight): the node charges a run's requests in the order of their
+    starts, so it refuses that request from then on. A release that states no start (a node of
+    before starts were numbered) is taken as later, the rule before; one whose start is not a
+    whole number (a tampered ledger) as not."""
+    if SERVER_START not in contribution:
+        return True
+    start = contribution[SERVER_START]
+    return isinstance(start, int) and not isinstance(start, bool) and start > request["start"]
+
+
+def _seen_by_unnamed(
+    pending: dict[str, list[dict]], node: str, contribution: dict, size: int | None
+) -> None:
+    """``node`` released ``contribution`` after each pending unnamed request, its index
+    following its previous one, for a later server start (:func:`_restarted`); those released
+    after so by as many nodes as the run has are settled: none of its nodes charged a release
+    the ledger lacks, nor will."""
     for name in list(pending):
         for request in [r for r in pending[name] if r.get("unnamed")]:
+            if not _restarted(contribution, request):
+                continue
             request["seen"].add(node)
             if size is not None and len(request["seen"]) >= size:
                 pending[name].remove(request)
@@ -319,11 +368,11 @@ def _federation_size(entries: list[dict]) -> int | None:
 
 def _settles(contribution: dict, request: dict, follows: bool) -> bool:
     """Whether ``contribution`` (``follows``: its index follows the node's previous one)
-    settles the pending ``request``: one in flight when it follows, an unanswered one when it
-    comes from a later round (a round that is not a number, in a tampered ledger, settles
-    nothing)."""
+    settles the pending ``request``: one in flight when it follows and was asked by a later
+    server start (:func:`_restarted`), an unanswered one when it comes from a later round (a
+    round that is not a number, in a tampered ledger, settles nothing)."""
     if request.get("in_flight"):
-        return follows
+        return follows and _restarted(contribution, request)
     model_round = contribution.get("purpose") != "encoder"
     if str(request.get("stage", "train")) == "train.encoder" and model_round:
         return True

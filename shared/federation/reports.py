@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from shared.federation.signing import SIGNED_FIELDS, VOUCHED_FIELDS
+from shared.federation.signing import OPTIONAL_FIELDS, SERVER_START, SIGNED_FIELDS
 from shared.runs.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 
 PURPOSES = ("training", "encoder", "evaluation", "guard")
@@ -25,6 +25,7 @@ MAX_TEXT = 4096  # characters in any text field of a report
 PRIVACY_UNIT = "one customer's entire history at this node (every event of one customer)"
 # the accountants a release may state: Opacus PRV (fedrec's nodes), PLD (the audit's own)
 RELEASE_ACCOUNTANTS = ("prv", "pld")
+MAX_SERVER_START = 100_000  # the most starts (the first, and resumes) a run's server numbers
 
 
 class ReportError(ValueError):
@@ -35,8 +36,9 @@ class ReportError(ValueError):
 class Release:
     """One DP release of a node (a training update or a private evaluation), exactly the
     fields the node signs (:data:`shared.federation.signing.SIGNED_FIELDS`, and
-    ``exclusive_customers``, what the node vouches for its customers: None from a node that
-    states nothing, one of before 2026-12-07)."""
+    ``exclusive_customers``, what the node vouches for its customers, and ``server_start``,
+    the server start that asked for it: None from a node that states nothing, one of before
+    2026-12-07, or from a server that numbers no starts)."""
 
     run_id: str
     round: int
@@ -56,6 +58,7 @@ class Release:
     num_customers: int
     update_digest: str
     exclusive_customers: bool | None = None
+    server_start: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The signed fields, as the node signs them (a statement it did not make left out)."""
@@ -98,7 +101,7 @@ class NodeReport:
 _DECISION = {"node", "refused", "declined", "reason", "epsilon"}
 _SIGNATURE = {"signature", "key_id", "public_key"}
 _TYPES = {f.name: f.type for f in fields(Release) if f.name in SIGNED_FIELDS}
-assert tuple(f.name for f in fields(Release)) == SIGNED_FIELDS + VOUCHED_FIELDS, (
+assert tuple(f.name for f in fields(Release)) == SIGNED_FIELDS + OPTIONAL_FIELDS, (
     "Release must carry exactly the signed fields"
 )
 
@@ -168,6 +171,14 @@ def release_value_problem(values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def server_start_problem(value: Any) -> str | None:
+    """Why ``value`` is not a server start (None: it is one): a whole number from 1 to
+    :data:`MAX_SERVER_START` (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SERVER_START:
+        return f"expected a whole number from 1 to {MAX_SERVER_START}, got {reprlib.repr(value)}"
+    return None
+
+
 def claimed_epsilon(record: dict[str, Any]) -> float | None:
     """The epsilon a report states, if it is one finite number >= 0, however malformed the
     rest (what a refused report claims spent is still recorded)."""
@@ -176,7 +187,7 @@ def claimed_epsilon(record: dict[str, Any]) -> float | None:
 
 def parse_report(record: dict[str, Any]) -> NodeReport:
     """The report in a reply's ``privacy`` record, every field whitelisted and type-checked."""
-    unknown = set(record) - _DECISION - _SIGNATURE - set(SIGNED_FIELDS) - set(VOUCHED_FIELDS)
+    unknown = set(record) - _DECISION - _SIGNATURE - set(SIGNED_FIELDS) - set(OPTIONAL_FIELDS)
     if unknown:
         raise ReportError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     node = _text(record, "node")
@@ -195,7 +206,10 @@ def parse_report(record: dict[str, Any]) -> NodeReport:
     exclusive = record.get("exclusive_customers")
     if exclusive is not None and not isinstance(exclusive, bool):
         raise ReportError("exclusive_customers must be true or false")
-    release = Release(**values, exclusive_customers=exclusive)
+    start = record.get(SERVER_START)
+    if start is not None and server_start_problem(start):
+        raise ReportError(f"{SERVER_START}: {server_start_problem(start)}")
+    release = Release(**values, exclusive_customers=exclusive, server_start=start)
     if release.purpose not in PURPOSES:
         raise ReportError(f"purpose: expected one of {PURPOSES}, got {release.purpose!r}")
     if release.mechanism not in MECHANISMS:

@@ -11,9 +11,9 @@ an entry the node wrote from one altered or made up later, with or without the h
 - ``key_id`` is the first 16 hex digits of the sha256 of the public key's DER
   SubjectPublicKeyInfo.
 - :func:`digest_arrays` fingerprints the update a node sent (``update_digest``).
-- :data:`VOUCHED_FIELDS` are signed too where the entry carries them (a node of before
-  2026-12-07 sends none): a server that adds one to an entry, or strips one, breaks its
-  signature.
+- :data:`OPTIONAL_FIELDS` (:data:`VOUCHED_FIELDS`, and ``server_start``) are signed too
+  where the entry carries them (a node of before 2026-12-07 sends none): a server that adds
+  one to an entry, or strips one, breaks its signature.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ SIGNED_FIELDS: tuple[str, ...] = (
 # what a node states about its own customers, signed with its release where it states it:
 # ``exclusive_customers``, whether they are customers of this node alone (client/policy.py)
 VOUCHED_FIELDS: tuple[str, ...] = ("exclusive_customers",)
+# the server start that asked for the release (1 at the run's first, one more at each resume),
+# signed where the server numbered it: the node charges a run's requests in the order (start,
+# phase, round), so the ledger can tell a release after a restart from one before it
+SERVER_START = "server_start"
+OPTIONAL_FIELDS: tuple[str, ...] = (*VOUCHED_FIELDS, SERVER_START)
 
 
 def canonical_json(obj: Any) -> str:
@@ -63,11 +68,11 @@ def canonical_json(obj: Any) -> str:
 
 def signed_payload(entry: Mapping[str, Any]) -> dict:
     """The fields of ``entry`` a node signs: every one of :data:`SIGNED_FIELDS` (KeyError names
-    any it lacks) and those of :data:`VOUCHED_FIELDS` it carries."""
+    any it lacks) and those of :data:`OPTIONAL_FIELDS` it carries."""
     lacking = [f for f in SIGNED_FIELDS if f not in entry]
     if lacking:
         raise KeyError(f"not signable: lacks {', '.join(lacking)}")
-    return {f: entry[f] for f in SIGNED_FIELDS + VOUCHED_FIELDS if f in entry}
+    return {f: entry[f] for f in SIGNED_FIELDS + OPTIONAL_FIELDS if f in entry}
 
 
 def write_private(path: Path, data: bytes) -> None:

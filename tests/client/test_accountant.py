@@ -120,6 +120,49 @@ def test_a_request_is_not_charged_after_a_later_round_of_its_run(tmp_path: Path)
     assert NodePrivacy(tmp_path).order_refusal() is None  # no position: not checked
 
 
+def test_a_killed_servers_request_is_not_charged_after_its_restarted_servers(
+    tmp_path: Path,
+) -> None:
+    """A deployed node may still hold a killed server's request when the restarted server
+    (the run's next server start) asks the same round again. Charged after the restarted
+    server's release, the ledger, which that release settled, showed it only at the node's
+    next release. The node charges a run's requests in the order of their server starts, then
+    rounds: an earlier start's request is refused once a later start's is charged, nothing
+    spent; a later start may ask an earlier round (it resumes from its checkpoint)."""
+    run = "a" * 64
+
+    def charge(start: int, server_round: int) -> str | None:
+        privacy = NodePrivacy(tmp_path, RequestPosition(run, 1, server_round, start))
+        with privacy.locked():
+            if reason := privacy.order_refusal():
+                return reason
+            privacy.charge(EVENT, DELTA)
+        return None
+
+    assert charge(1, 1) is None
+    assert charge(2, 2) is None  # the restarted server asks round 2 again
+    spent = NodePrivacy(tmp_path).state
+    for late in [(1, 2), (1, 3), (2, 1)]:
+        reason = charge(*late)
+        assert reason is not None and "refused, nothing spent" in reason
+        assert ("server start 1" in reason) is (late[0] == 1)
+        assert NodePrivacy(tmp_path).state == spent
+    assert charge(3, 1) is None  # a later start may resume from an earlier round
+    assert NodePrivacy(tmp_path).state["charged_up_to"][run] == [3, 1, 1]
+
+
+def test_a_state_from_before_server_starts_orders_as_start_0(tmp_path: Path) -> None:
+    """A state written before starts were numbered keeps (phase, round) per run: read as of
+    start 0, so a numbered start goes on and an unnumbered request of an earlier round is
+    still refused."""
+    run = "a" * 64
+    privacy = NodePrivacy(tmp_path)
+    privacy.state["charged_up_to"] = {run: [1, 5]}
+    privacy.save()
+    assert NodePrivacy(tmp_path, RequestPosition(run, 1, 4)).order_refusal() is not None
+    assert NodePrivacy(tmp_path, RequestPosition(run, 1, 1, start=1)).order_refusal() is None
+
+
 def test_an_accountant_deleted_or_put_back_older_than_its_receipts_is_refused(
     tmp_path: Path,
 ) -> None:

@@ -21,10 +21,9 @@ from client import client_app
 from client.client_app import app
 from client.node import load_node
 from server.federation.settings import settings_record
-from shared.data.convert import write_dataset
-from shared.data.dataset import load_dataset
+from server.privacy.node_keys import NodeKeys
 from shared.data.errors import DataError
-from shared.data.partition import write_partitions
+from shared.federation.reports import parse_report
 from shared.federation.wire import ITEM_TABLES, ROWS, encode, trainable_state
 from shared.recommender.finetune import top_layers
 from shared.recommender.metrics import METRICS
@@ -46,18 +45,6 @@ ALLOWED_METRICS = {
     "valid-customers",
     *(f"valid-{m}" for m in METRICS),
 }
-
-
-@pytest.fixture(scope="module")
-def node_dir(tiny_synth_dataset_dir: Path, tmp_path_factory) -> Path:
-    """A node's partition whose customer ids are long and distinctive, so that any copy of one
-    in a message would be found."""
-    source = load_dataset(tiny_synth_dataset_dir)
-    interactions = pd.read_csv(source.report.interactions_file, dtype=str)
-    interactions["user_id"] = "customer-" + interactions["user_id"] + "-private"
-    items = pd.read_csv(next(tiny_synth_dataset_dir.glob("items.*")), dtype=str)
-    data = write_dataset(tmp_path_factory.mktemp("wire") / "data", interactions, items)
-    return write_partitions(load_dataset(data), tmp_path_factory.mktemp("parts"), 2)[0]
 
 
 def sent_bytes(record: object) -> list[bytes]:
@@ -232,9 +219,10 @@ def test_a_node_charges_a_runs_requests_in_the_order_of_their_rounds(
     model = FusionRecommender(config.model_config(len(data.text), data.text.shape[1]), data.text)
     arrays = ArrayRecord({k: Array(v) for k, v in encode(trainable_state(model)).items()})
 
-    def ask(kind: str, server_round: int, run_id: str = "c" * 64) -> dict:
+    def ask(kind: str, server_round: int, run_id: str = "c" * 64, start: int = 0) -> dict:
         settings = settings_record(config, config.target_epsilon, data.catalog_digest, node.parent)
         settings["run-id"], settings["server-round"] = run_id, server_round
+        settings.update({"server-start": start} if start else {})  # a server that numbers it
         content = RecordDict({"arrays": arrays, "config": settings})
         message = Message(content, dst_node_id=1, message_type=kind)
         return dict(app(message, deployed_context(node, tiny_bert_dir)).content["privacy"])
@@ -247,6 +235,15 @@ def test_a_node_charges_a_runs_requests_in_the_order_of_their_rounds(
         assert accountant_state(node) == before  # nothing spent
     assert "signature" in ask("evaluate", 2)  # the same round
     assert "signature" in ask("train", 1, run_id="d" * 64)  # another run
+    # a killed server's request the node still held when the restarted one (its next start)
+    # asked the same round: once the later start's is charged, refused (the ledger settled it)
+    restarted = parse_report(ask("train", 2, start=2))
+    assert restarted.release.server_start == 2  # signed into the release, and verifies
+    assert NodeKeys(tmp_path / "keys").check(restarted, None) is None
+    before = accountant_state(node)
+    late = ask("train", 2, start=1)
+    assert late["refused"] is True and "a request of server start 1, round 2" in late["reason"]
+    assert accountant_state(node) == before
 
 
 def test_a_node_refuses_a_model_larger_than_its_policy_allows(
@@ -498,6 +495,7 @@ def _declaring(shape: tuple[int, ...]) -> bytes:
         ("evaluate.guard", _setting("server-round", "x"), "server-round must be a whole number"),
         ("train", _setting("server-round", 1.5), "got 1.5"),
         ("train.encoder", _setting("valid-fraction", 2.0), "valid-fraction must be a number"),
+        ("evaluate", _setting("server-start", 0), "server-start: expected a whole number from 1"),
         ("train", _setting("target_epsilon", 0.0), "target-epsilon must be in (0, 100]"),
         ("train", _setting("device", "cuda:99"), "this machine has"),  # a device it lacks
         ("evaluate", _setting("device", "tpu"), "device must be auto, cpu, cuda or cuda:N"),

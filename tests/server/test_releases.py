@@ -133,6 +133,18 @@ def test_a_number_beyond_any_float_is_refused_naming_the_field(value) -> None:
         parse_report(release(steps=value))
 
 
+@pytest.mark.parametrize("start", [0, -1, "1", True, 1.0, 10**400, None])
+def test_a_server_start_that_is_no_start_is_refused_naming_the_field(start) -> None:
+    """A release's server start orders the node's charges and settles requests in flight
+    (server/privacy/ledger_gaps.py): anything but a whole number from 1 is refused (None, a
+    node that states none, is not)."""
+    if start is None:
+        assert parse_report(release(server_start=None)).release.server_start is None
+        return
+    with pytest.raises(ReportError, match="server_start: expected a whole number from 1"):
+        parse_report(release(server_start=start))
+
+
 def test_zero_noise_and_an_index_gap_write_no_infinite_epsilon(tmp_path: Path) -> None:
     """The ledger holds finite numbers only: a gap whose parameters compose to no finite
     epsilon is not recovered (the audit reports it), and the release itself is recorded."""
@@ -191,6 +203,8 @@ def _secure_round(
         strategy=FedRecStrategy(CONFIG),
         config=CONFIG,
         names={},
+        start=1,
+        resuming=False,
     )
     federation.record_unanswered = partial(Federation.record_unanswered, federation)
     federation.request = partial(Federation.request, federation)

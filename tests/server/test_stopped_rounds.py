@@ -8,22 +8,29 @@ once either way."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import metadata
+from helpers import metadata, node_reply
 
+from client.accountant import NodePrivacy, RequestPosition
 from server.federation.budget import federation_privacy
 from server.federation.rounds import Federation
 from server.federation.strategy import FedRecStrategy
 from server.privacy.accounting import recompute_epsilon
 from server.privacy.audit import audit
 from server.privacy.ledger import PrivacyLedger, read_ledger
-from server.privacy.ledger_gaps import outstanding_requests, record_lost_contributions
+from server.privacy.ledger_gaps import (
+    current_start,
+    outstanding_requests,
+    record_lost_contributions,
+)
 from shared.runs.config import RunConfig
-from tests.server.test_audit_tampering import failed
+from tests.server.test_audit_tampering import failed, rechain
 from tests.server.test_ledger_audit import write_planned_run
+from tests.server.test_releases import planned as planned_release
 from tests.server.test_unanswered import _config
 
 CUSTOMERS = {"0": 1000, "1": 1000}
@@ -191,6 +198,7 @@ def test_the_server_writes_each_private_request_before_it_leaves(tmp_path):
         ledger=PrivacyLedger(tmp_path / "ledger.jsonl"),
         strategy=FedRecStrategy(config),
         names={4: "regional-4"},
+        resuming=False,
     )
     federation.request = lambda *a, **k: Federation.request(federation, *a, **k)
     federation.exchange = lambda *a, **k: Federation.exchange(federation, *a, **k)
@@ -223,3 +231,141 @@ def test_a_node_named_as_an_unnamed_requests_placeholder_crashes_nothing():
     honest = {"kind": "contribution", "node": "0", "round": 2, "contribution_index": 0}
     assert outstanding_requests([start, _requested(2, [], (11,)), honest]) == {}
     assert list(outstanding_requests([start, _requested(2, [], (11,))])) == ["flower node 11"]
+
+
+def _charger(directory: Path, run_id: str):  # noqa: ANN202
+    """Charge a release at a node's accountant as a deployed node does: under its lock, after
+    the order check (the request's server start, phase and round); whether it was charged."""
+
+    def charge(start: int, release: dict) -> bool:
+        position = RequestPosition(run_id, 1, release["round"], start)
+        privacy = NodePrivacy(directory, position)
+        event = (release["noise_multiplier"], release["sample_rate"], release["steps"])
+        with privacy.locked():
+            if privacy.order_refusal():
+                return False
+            privacy.charge(event, release["delta"], answer=release["mechanism"] == "gaussian")
+        return True
+
+    return charge
+
+
+def _restarted_run(out: Path, planned: list[dict], nodes: Path) -> tuple[list[dict], dict]:
+    """Round 1 under the server's first start; its request of round 2 in flight when it was
+    killed (each node still holding it, not charged yet); the restarted server (start 2) asks
+    round 2 again and the nodes answer it; only then does each node reach the killed server's
+    request. Returns the ledger's entries and, per node, whether that late request was
+    charged."""
+    run_id = PrivacyLedger(out / "ledger.jsonl").append("run_start", **_start(planned))["hash"]
+    charge = {node: _charger(nodes / node, run_id) for node in CUSTOMERS}
+    first = [e for e in planned if e.get("round") == 1]
+    for release in first:
+        assert charge[release["node"]](1, release)
+    rerun: list[dict] = [{"kind": "resumed"}, _requested(2, list(CUSTOMERS))]
+    for purpose in ("training", "evaluation"):
+        for release in _round(planned, 2, purpose):
+            assert charge[release["node"]](2, release)
+            rerun.append({**release, "server_start": 2})
+        if purpose == "training":
+            rerun.append({"kind": "answered", "round": 2})
+    timeline = [*first, _requested(2, list(CUSTOMERS)), *rerun, planned[-1]]
+    entries = _replay(out, timeline)
+    late = {r["node"]: charge[r["node"]](1, r) for r in _round(planned, 2, "training")}
+    return entries, late
+
+
+def _start(planned: list[dict]) -> dict:
+    return {k: planned[0][k] for k in ("config", "unit") if k in planned[0]}
+
+
+def test_a_killed_servers_request_a_node_still_holds_is_never_charged_after_the_restart(
+    tmp_path, planned
+):
+    """The restarted server's release of round 2 follows each node's last index and settles
+    the request the killed server left in flight. A node that then charged the killed
+    server's request (the same round, so the order of rounds let it through) spent a release
+    the ledger never showed: a run ending there stated one release too few per node. The node
+    now charges a run's requests in the order of their server starts: it refuses it, nothing
+    spent, and the ledger states every release each node charged."""
+    entries, late = _restarted_run(tmp_path / "run", planned, tmp_path / "nodes")
+    assert outstanding_requests(entries) == {}
+    for node in CUSTOMERS:  # without the order of starts: 5 charged, 4 recorded, none pending
+        charged = NodePrivacy(tmp_path / "nodes" / node).state["contributions"]
+        recorded = [e for e in entries if e["kind"] == "contribution" and e["node"] == node]
+        assert len(recorded) == charged == 4
+    assert late == {node: False for node in CUSTOMERS}  # refused, nothing spent
+    report = audit(tmp_path / "run")
+    assert report["passed"], failed(report)
+    stated = federation_privacy(SimpleNamespace(entries=entries), _config(planned))
+    honest = federation_privacy(SimpleNamespace(entries=planned), _config(planned))
+    assert stated["epsilon"] == pytest.approx(honest["epsilon"], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("signed", "resumed", "settled"),
+    [
+        (2, True, True),  # asked by the restarted server: the node refuses the killed one's
+        (1, False, False),  # the same start: the node could still charge it
+        (None, False, True),  # a node of before starts were numbered: the rule before
+        ("2", True, False),  # a tampered start settles nothing, and crashes nothing
+        (True, True, False),
+    ],
+)
+def test_a_request_in_flight_is_settled_by_a_release_signed_for_a_later_start(
+    signed, resumed, settled
+):
+    start = {"kind": "run_start", "config": {"num_nodes": 1}}
+    release = {"kind": "contribution", "node": "0", "round": 2, "contribution_index": 0}
+    if signed is not None:
+        release["server_start"] = signed
+    for request in (_requested(2, ["0"]), _requested(2, [], (11,))):
+        entries = [start, request, *([{"kind": "resumed"}] if resumed else []), release]
+        assert (outstanding_requests(entries) == {}) is settled
+
+
+@pytest.mark.parametrize("tampered", [1, 3, "2", True, 10**30, None])
+def test_a_release_signed_for_another_start_than_it_sits_under_fails_the_audit(
+    tmp_path, planned, tampered
+):
+    """The ledger's rule for a request in flight relies on each release's signed server start
+    being the start it sits under (the run_start's, one more at each ``resumed`` entry): a
+    release moved, a start edited or a ``resumed`` entry removed fails ``signatures``, and
+    crashes nothing."""
+    entries, _ = _restarted_run(tmp_path / "run", planned, tmp_path / "nodes")
+    edited = [dict(e) for e in entries]
+    release = next(e for e in edited if e.get("server_start") == 2)
+    if tampered is None:  # the resume's entry removed
+        edited = [e for e in edited if e["kind"] != "resumed"]
+    else:
+        release["server_start"] = tampered
+    path = tmp_path / "run" / "ledger.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in rechain(edited)))
+    report = audit(tmp_path / "run")
+    problems = failed(report)["signatures"]
+    assert any("signed for server start" in p and "sits under" in p for p in problems)
+
+
+def test_the_server_numbers_its_starts_and_refuses_a_release_of_another(tmp_path):
+    """Each start of the run's server is numbered (1, then one more at each resume, its
+    ``resumed`` entry written before its first private request) and sends the number with
+    every request; a release signed for another start is no contribution, its claim kept."""
+    catalog = SimpleNamespace(digest="d" * 64, items=None)
+    config = RunConfig(dp=True)
+    first = Federation(None, config, tmp_path, catalog, None, None)
+    assert (first.start, first.settings["server-start"]) == (1, 1)
+    first.request(1, [4])
+    assert [e["kind"] for e in first.ledger.entries] == ["run_start", "requested"]
+    for start in (2, 3):
+        again = Federation(None, config, tmp_path, catalog, None, None)
+        assert (again.start, again.settings["server-start"]) == (start, start)
+        kinds = [e["kind"] for e in again.ledger.entries]
+        again.request(1, [4])
+        again.request(2, [4])  # one resumed entry a start, before its first request
+        added = [e["kind"] for e in again.ledger.entries][len(kinds) :]
+        assert added == ["resumed", "requested", "requested"]
+    assert current_start(again.ledger.entries) == 3
+    sent = planned_release(node="n1", run_id=again.run_id, server_start=2)
+    stale = node_reply("n1", None, privacy=sent)
+    received = again.reports([stale], 1, {})
+    assert "server start 2: this server's start is 3" in received.rejected["n1"]
+    assert received.unverified[0]["epsilon"] == 1.0
