@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -75,7 +76,9 @@ def one_ray_per_worker(tmp_path_factory: pytest.TempPathFactory):
     instead. The first run starts it with its own settings (simulations/simulate.py:
     backend_config; those of the suite's runs are all alike), later runs find it running
     (Flower's RayBackend.init_ray), and it stops when the worker's session ends. Every run
-    still creates and terminates its own node actors.
+    still creates and terminates its own node actors, one at a time: Ray is given one CPU per
+    worker (the workers already outnumber the cores, so a second actor would only add its start
+    and its imports, about 12 s of CPU a private run).
 
     The workers start their Rays one at a time (:func:`one_at_a_time`): a Ray whose raylet has
     not registered within 30 s fails to start (ray/_private/node.py), and three starting
@@ -85,10 +88,16 @@ def one_ray_per_worker(tmp_path_factory: pytest.TempPathFactory):
     shutdown, init = ray.shutdown, ray.init
     ray.shutdown = lambda *args, **kwargs: None  # Flower's RayBackend.terminate calls it
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' base folders share a parent
-        ray.init = one_at_a_time(init, tmp_path_factory.getbasetemp().parent / "ray-start.lock")
+        lock = tmp_path_factory.getbasetemp().parent / "ray-start.lock"
+        ray.init = one_at_a_time(functools.partial(one_cpu, init), lock)
     yield
     ray.shutdown, ray.init = shutdown, init
     shutdown()
+
+
+def one_cpu(start: Callable[..., T], *args, **kwargs) -> T:
+    """``ray.init`` with one CPU, whatever the run asked (one node actor at a time)."""
+    return start(*args, **{**kwargs, "num_cpus": 1})
 
 
 def one_at_a_time(start: Callable[..., T], lock: Path) -> Callable[..., T]:
