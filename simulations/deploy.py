@@ -39,6 +39,8 @@ from simulations.split import CATALOG, split_dataset
 from simulations.train import add_run_config_arguments, run_config_from_args
 from simulations.verdict import privacy_line
 
+STATUS_EVERY_S = 20.0  # how often the run's status is asked before its metrics are written
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -197,25 +199,39 @@ def completed_round(out: Path) -> int:
 
 
 def follow(federation: LocalFederation, run_id: int, config: RunConfig, timeout: float = 0) -> str:
-    """Wait for the run to finish, printing each completed round; returns its final status."""
+    """Wait for the run to finish, printing each completed round (its checkpoint, every 2 s);
+    returns its final status. The SuperLink is asked (``flwr ls``: a process, about 2 s of CPU)
+    as soon as the ServerApp has written the run's metrics.json, and every
+    :data:`STATUS_EVERY_S` seconds before (a run that fails writes none)."""
     out, started, shown = Path(config.out), time.time(), -1
+    asked = started
     while True:
-        for _ in range(5):  # the checkpoint every 2 s, the SuperLink every 10 s
-            done = completed_round(out)
-            if done != shown:
-                print(f"deploy: run {run_id}: {done}/{config.max_rounds} rounds done", flush=True)
-                shown = done
-            if timeout and time.time() - started > timeout:
-                federation.flwr("stop", str(run_id), CONNECTION)
-                raise DeployError(f"the run took longer than {timeout:g} s and was stopped")
-            time.sleep(2)
-        status = federation.status(run_id)
-        if status.startswith("finished"):
-            if completed_round(out) != shown:
-                print(
-                    f"deploy: run {run_id}: {completed_round(out)}/{config.max_rounds} rounds done"
-                )
-            return status
+        done = completed_round(out)
+        if done != shown:
+            print(f"deploy: run {run_id}: {done}/{config.max_rounds} rounds done", flush=True)
+            shown = done
+        if timeout and time.time() - started > timeout:
+            federation.flwr("stop", str(run_id), CONNECTION)
+            raise DeployError(f"the run took longer than {timeout:g} s and was stopped")
+        if written_since(out / "metrics.json", started) or time.time() - asked >= STATUS_EVERY_S:
+            asked = time.time()
+            status = federation.status(run_id)
+            if status.startswith("finished"):
+                if completed_round(out) != shown:
+                    print(
+                        f"deploy: run {run_id}: {completed_round(out)}/{config.max_rounds} "
+                        "rounds done"
+                    )
+                return status
+        time.sleep(2)
+
+
+def written_since(path: Path, moment: float) -> bool:
+    """Whether ``path`` was written at or after ``moment`` (a time.time())."""
+    try:
+        return path.stat().st_mtime >= moment
+    except FileNotFoundError:
+        return False
 
 
 def deploy(

@@ -26,7 +26,7 @@ from shared.federation.node_directory import node_catalog
 from shared.recommender.artifacts import load_model, read_text_model
 from shared.recommender.experiment import Experiment
 from shared.runs.config import RunConfig, resolve_device
-from shared.runs.quiet import quiet_third_party, worker_environment
+from shared.runs.quiet import quiet_third_party, show_worker_output, worker_environment
 from simulations.attacks import AttackGrid, check_attack
 from simulations.canaries import audit_canaries, insert_canaries, load_canaries, make_canaries
 from simulations.interrupt import Handler, interrupted, stop_descendants, stop_signals
@@ -175,6 +175,10 @@ def backend_config(clients: int, device: str) -> dict:
         "num_cpus": cpus,
         "include_dashboard": False,
         "logging_level": logging.ERROR,  # Ray's own start-up messages
+        # no workers started ahead for the driver: the nodes' actors run in workers of their
+        # own (Flower gives them a runtime environment), so Ray only stopped those as idle a
+        # few seconds later, their start a waste of CPU and their exit at times a crash report
+        "_system_config": {"prestart_worker_first_driver": False},
     }
     store = object_store_bytes()
     if store is not None:
@@ -260,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
         except Exception:  # the engine's teardown, its nodes stopped under it
             if not stop.is_set():
                 raise
+        finally:
+            show_worker_output(True)  # off since the ServerApp ended (the engine's teardown)
     if any(isinstance(error, Interrupted) for error in errors):  # not one that had finished
         raise SystemExit(interrupted(args.out, "the federation was stopped"))
     if errors:
@@ -299,6 +305,7 @@ def stopping(stop: threading.Event) -> Handler:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
+        show_worker_output(False)  # the nodes' workers are stopped next
         logging.getLogger("flwr").setLevel(logging.CRITICAL + 1)
         print("fedrec: stopping the federation...", file=sys.stderr, flush=True)
 
@@ -340,6 +347,8 @@ def make_server_app(
             if errors is not None:
                 errors.append(error)
             raise
+        finally:  # the engine stops the nodes' workers next: what they print then is no news
+            show_worker_output(False)
 
     return server_app
 

@@ -3,7 +3,8 @@ package and the message, so the project's own warnings and anything unexpected s
 
 :func:`quiet_third_party` installs the filters in this process; Ray's workers are separate
 processes that inherit the environment, so :func:`worker_environment` carries the same warning
-filters (``PYTHONWARNINGS``) and Flower's log level to them.
+filters (``PYTHONWARNINGS``) and Flower's log level to them. :func:`show_worker_output` stops
+Ray forwarding its workers' output to this process while a run's engine is torn down.
 """
 
 from __future__ import annotations
@@ -77,3 +78,13 @@ def worker_environment() -> dict[str, str]:
         "PYTHONWARNINGS": ",".join([*filters, *([inherited] if inherited else [])]),
         "FLWR_LOG_LEVEL": "ERROR",
     }
+
+
+def show_worker_output(shown: bool) -> None:
+    """Whether Ray's workers' stdout and stderr, which Ray forwards to this process's, are
+    shown (Ray's own switch, the one its debugger uses). Off while a run's engine is torn
+    down: a Ray worker can abort as it exits, in Ray's own lock check ("Mutex corrupt ...
+    SIGABRT", about 17 lines), after the run's last round or its stop message."""
+    from ray._private import worker
+
+    worker._worker_logs_enabled = shown

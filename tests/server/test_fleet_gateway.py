@@ -13,7 +13,6 @@ import json
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from helpers import TEST_DEVICE, TINY_SETTINGS
 from server.federation.credentials import write_node_key, write_tls
 from server.federation.fleet_gateway import FleetGateway, add_arguments, run
 from shared.runs.config import RunConfig
+from simulations.deploy import follow
 from simulations.local_federation import HOST, LocalFederation, binary
 
 PROTOBUF = {"content-type": "application/protobuf", "accept": "application/protobuf"}
@@ -300,11 +300,7 @@ def test_a_node_that_trusts_only_signed_apps_refuses_a_locally_built_one(
     config = RunConfig(
         data=str(tiny_synth_dataset_dir), out=str(out), clients=1, rounds=1, **settings
     )
-    run = link.submit(config)
-    deadline = time.time() + 300
-    while not link.status(run).startswith("finished"):
-        assert time.time() < deadline, "the run did not finish"
-        time.sleep(3)
+    assert follow(link, link.submit(config), config, timeout=300).startswith("finished")
     assert "The FAB could not be verified" in node.log.read_text()
     assert json.loads((out / "metrics.json").read_text())["rounds"] == []
 

@@ -2,26 +2,28 @@
 simulations/local_federation.py, server/federation/credentials.py): a SuperLink and
 SuperNodes as real processes on loopback, TLS and SuperNode authentication on.
 
-- ``fedrec deploy local``: 3 nodes, 1 round, and every process gone afterwards;
-- a node without a registered key (or with no key, or without TLS) is refused.
+``fedrec deploy local``: 2 nodes, 1 round, and every process gone afterwards.
 
-The faults of a deployment (a node killed mid-round, the server side killed and restarted)
-are tests/simulations/test_deploy_faults.py: its own file, so that the two expensive runs
-(minutes each on 2 cores) can go to different test workers.
+The faults of a deployment (a node killed mid-round, the server side killed and restarted, and
+nodes without a registered key, with no key or without TLS refused) are
+tests/simulations/test_deploy_faults.py: its own file, so that the two expensive runs (minutes
+each on 2 cores) can go to different test workers.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import TEST_DEVICE, TINY_SETTINGS, cli_settings
 
 from server.privacy.ledger import read_ledger, verify_chain
+from shared.runs.config import RunConfig
+from simulations import deploy
 from simulations.cli import main
-from simulations.local_federation import LocalFederation
 
 TINY = {**TINY_SETTINGS, "device": TEST_DEVICE}
 
@@ -51,7 +53,7 @@ def deployed(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory
             "--out",
             str(out),
             "--nodes",
-            "3",
+            "2",
             "--rounds",
             "1",  # the rounds after the first, and resuming: test_deploy_faults.py
             "--timeout",
@@ -72,11 +74,11 @@ def deployed(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory
 @pytest.mark.e2e
 def test_deploy_local_runs_the_federation_over_tls_with_authenticated_nodes(deployed: Path) -> None:
     metrics = json.loads((deployed / "metrics.json").read_text())
-    assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 3)]
+    assert [(h["round"], h["nodes"]) for h in metrics["rounds"]] == [(1, 2)]
     # the server held the catalog only: the quality comes from the nodes, every round
     assert metrics["config"]["data"] == "" and metrics["config"]["catalog"].endswith("catalog")
     evaluations = metrics["federated_evaluation"]
-    assert [e["round"] for e in evaluations] == [1] and all(e["nodes"] == 3 for e in evaluations)
+    assert [e["round"] for e in evaluations] == [1] and all(e["nodes"] == 2 for e in evaluations)
     assert all(0 <= e["ndcg@10"] <= 1 and e["customers"] > 0 for e in evaluations)
     assert verify_chain(read_ledger(deployed / "ledger.jsonl")) == []
     link = (deployed / "logs" / "superlink.log").read_text()
@@ -84,7 +86,7 @@ def test_deploy_local_runs_the_federation_over_tls_with_authenticated_nodes(depl
     assert "SuperNode authentication is disabled" not in link
     assert (deployed / "deploy" / "certs" / "ca.crt").exists()
     assert (deployed / "deploy" / "certs" / "server.key").stat().st_mode & 0o077 == 0
-    for node in range(1, 4):  # each node was given its own data directory, and only that
+    for node in range(1, 3):  # each node was given its own data directory, and only that
         log = (deployed / "logs" / f"node-{node}.log").read_text()
         assert "Start `flwr-clientapp` process" in log
     assert processes_mentioning(str(deployed)) == []  # everything was shut down
@@ -104,27 +106,6 @@ def test_the_nodes_reach_the_superlink_only_through_the_fleet_gateway(deployed: 
     assert int(forwarded) > 10 and int(refused) == 0
 
 
-@pytest.mark.e2e
-def test_nodes_without_a_registered_key_or_tls_are_refused(
-    tiny_synth_dataset_dir: Path, tmp_path: Path
-) -> None:
-    data = tiny_synth_dataset_dir
-    with LocalFederation(tmp_path) as federation:
-        federation.start_superlink()
-        intruders = {
-            "unregistered": federation.start_node(
-                "unregistered", data, federation.node_key("x", register=False)
-            ),
-            "no-key": federation.start_node("no-key", data),
-        }
-        intruders["plain"] = federation.start_node("plain", data, tls=False)
-        for name, intruder in intruders.items():
-            assert intruder.process.wait(timeout=60) != 0, name
-        assert federation.online_nodes() == 0
-        link = (tmp_path / "logs" / "superlink.log").read_text()
-        assert "No SuperNode found with the given public key" in link
-
-
 def test_secrets_are_owner_only_even_over_a_world_readable_file(tmp_path: Path) -> None:
     from server.federation.credentials import write_node_key, write_tls
 
@@ -137,3 +118,47 @@ def test_secrets_are_owner_only_even_over_a_world_readable_file(tmp_path: Path) 
     assert files.key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
     assert private.stat().st_mode & 0o777 == 0o600
     assert public.read_bytes().startswith(b"ecdsa-sha2-nistp384 ")
+
+
+class Clock:
+    """Stands in for ``time`` in simulations/deploy.py: a sleep moves it on, at once."""
+
+    def __init__(self, at_nap: dict[int, Callable[[], None]]):
+        self.now, self.naps, self.at_nap = 1000.0, 0, at_nap
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.naps += 1
+        self.at_nap.get(self.naps, lambda: None)()
+
+
+class Link:
+    """A SuperLink whose run finishes with ``final`` once ``done`` exists; counts the asks."""
+
+    def __init__(self, done: Path, final: str):
+        self.done, self.final, self.asked = done, final, 0
+
+    def status(self, run_id: int) -> str:
+        self.asked += 1
+        return self.final if self.done.exists() else "running"
+
+
+def test_a_run_is_followed_to_its_end_without_asking_the_superlink_every_few_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flwr ls`` was run every 10 s (a process, about 2 s of CPU each), and a run was seen
+    finished up to 10 s late."""
+    metrics = tmp_path / "metrics.json"
+    clock = Clock({3: lambda: metrics.write_text("{}")})  # the ServerApp's last write
+    monkeypatch.setattr(deploy, "time", clock)
+    link = Link(metrics, "finished:completed")
+    assert deploy.follow(link, 1, RunConfig(out=str(tmp_path))) == "finished:completed"
+    assert (clock.naps, link.asked) == (3, 1)
+    # a run that fails writes no metrics: it is still seen, by asking every STATUS_EVERY_S
+    clock, link = Clock({}), Link(tmp_path, "finished:failed")
+    monkeypatch.setattr(deploy, "time", clock)
+    assert deploy.follow(link, 2, RunConfig(out=str(tmp_path / "other"))) == "finished:failed"
+    assert clock.now - 1000.0 == deploy.STATUS_EVERY_S and link.asked == 1

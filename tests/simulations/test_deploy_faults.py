@@ -5,7 +5,8 @@ other two, the run goes on), then the whole server side (SuperLink and ServerApp
 the nodes have spent for round 2, restarted, and the run submitted again: it resumes after its
 last completed round with every node's spending in the ledger exactly once. The re-run round
 costs the nodes a contribution more than planned, so they decline the last round: the budget
-holds across the restart.
+holds across the restart. While the SuperLink waits out the killed node, nodes it must refuse
+try to join: one with a key nobody registered, one with no key, one without TLS.
 
 The expensive file (about 3 minutes on 2 cores): a killed node is reported by Flower only after
 its heartbeat lapses (30 s interval, patience 2). ``fedrec deploy local`` itself is
@@ -28,17 +29,27 @@ from shared.data.dataset import leave_one_out, load_dataset
 from shared.data.partition import ensure_partitions
 from shared.runs.config import RunConfig
 from simulations.cli import main
-from simulations.deploy import completed_round
-from simulations.local_federation import LocalFederation
+from simulations.deploy import completed_round, follow
+from simulations.local_federation import CONNECTION, LocalFederation, Service
 
 TINY = {**TINY_SETTINGS, "device": TEST_DEVICE}
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while not condition():
         assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
+        time.sleep(0.5)
+
+
+def start_intruders(federation: LocalFederation, data: Path) -> dict[str, Service]:
+    """Nodes the SuperLink must refuse: a key it never registered, no key, no TLS."""
+    unregistered = federation.node_key("unregistered", register=False)
+    return {
+        "unregistered": federation.start_node("unregistered", data, unregistered),
+        "no-key": federation.start_node("no-key", data),
+        "plain": federation.start_node("plain", data, tls=False),
+    }
 
 
 def accountant_contributions(partition: Path) -> int:
@@ -73,21 +84,20 @@ def faulted(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory)
         log = out / "logs" / "node-2.log"
         wait_for(lambda: "Start `flwr-clientapp`" in log.read_text(), 120, "round 1 at node 2")
         federation.kill("node-2", signal.SIGKILL)
+        intruders = start_intruders(federation, partitions / "node-0")  # meanwhile
         # the server side dies once node 0 has spent its round-2 budget
         node0 = partitions / "node-0"
         wait_for(lambda: accountant_contributions(node0) >= 2, 240, "round 2 at node 0")
+        refused = {name: node.process.wait(timeout=60) for name, node in intruders.items()}
+        for name in intruders:
+            federation.kill(name)  # gone: no longer the federation's
+        nodes = federation.flwr("supernode", "list", CONNECTION)["nodes"]
         federation.kill("superlink", signal.SIGKILL)
         before_restart = completed_round(out)
         federation.start_superlink()
         federation.wait_for_nodes(2)
         second = federation.submit(config)
-        wait_for(
-            lambda: federation.status(second).startswith("finished"),
-            300,
-            "the resumed run",
-            every=5,
-        )
-        status = federation.status(second)
+        status = follow(federation, second, config, timeout=300)
         federation.save_run_log(second)
     return {
         "out": out,
@@ -95,6 +105,9 @@ def faulted(tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path_factory)
         "status": status,
         "first": first,
         "before_restart": before_restart,
+        "intruders": refused,
+        "nodes": nodes,
+        "registered": set(federation.node_ids.values()),
     }
 
 
@@ -143,3 +156,14 @@ def test_a_restarted_server_resumes_with_the_ledger_intact(faulted: dict) -> Non
     report = json.loads((out / "audit.json").read_text())
     assert [c["name"] for c in report["checks"] if not c["passed"]] == ["federation_budget"]
     assert report["federation"]["applies"] == "all_nodes"
+
+
+@pytest.mark.e2e
+def test_nodes_without_a_registered_key_or_tls_are_refused(faulted: dict) -> None:
+    assert all(code != 0 for code in faulted["intruders"].values()), faulted["intruders"]
+    # the SuperLink knows the registered nodes only, and none of the intruders got online
+    assert {int(node["node-id"]) for node in faulted["nodes"]} == faulted["registered"]
+    online = [node for node in faulted["nodes"] if node["status"] == "online"]
+    assert 2 <= len(online) <= 3  # nodes 0 and 1 (node 2 until its heartbeat lapses)
+    link = (faulted["out"] / "logs" / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in link
