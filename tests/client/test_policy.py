@@ -457,7 +457,8 @@ POLICY = ["--node-config", "require-dp=true max-epsilon=4", "--rounds", "1"]
 @pytest.mark.e2e
 class TestRefusedRun:
     """One refused request end to end (each policy's reasons are the unit tests' above): a
-    test group of its own, the run within the policy runs on another worker."""
+    test group of its own. A request within the same policy trains in the private federation
+    of tests/simulations/test_federation.py::TestPrivateRun."""
 
     def test_nodes_refuse_what_their_policy_forbids(
         self, tiny_synth_dataset_dir: Path, tmp_path: Path
@@ -470,23 +471,6 @@ class TestRefusedRun:
         assert all("max-epsilon=4" in e["reason"] for e in refused)
         assert "no node could train" in ledger[-1]["reason"]
         assert not (out / "partitions" / "node-0" / "privacy" / "accountant.json").exists()
-
-
-@pytest.mark.e2e
-class TestRunWithinPolicy:
-    """The same policy, a request within it: trained and audited (a test group of its own)."""
-
-    def test_nodes_train_within_their_policy(
-        self, tiny_synth_dataset_dir: Path, tmp_path: Path
-    ) -> None:
-        out = tmp_path / "eps4"
-        assert simulate(tiny_synth_dataset_dir, out, *POLICY, "--dp", "--target-epsilon", "4") == 0
-        ledger = read_ledger(out / "ledger.jsonl")
-        contributions = [e for e in ledger if e["kind"] == "contribution"]
-        # each node: its round's training, then the start guard's comparison, within its budget
-        assert [e["purpose"] for e in contributions] == ["training"] * 2 + ["guard"] * 2
-        assert all(0 < e["epsilon"] <= 4 for e in contributions)
-        assert main(["audit", str(out)]) == 0
 
 
 def test_max_rounds_bounds_the_private_plan_a_node_calibrates_for() -> None:

@@ -2,7 +2,8 @@
 client/node.py, client/client_app.py), its outputs, resuming after a crash, the
 privacy ledger of a DP run, and a node that declines once its budget is spent.
 
-The expensive file: five small simulations (2 nodes, tiny model), each run once per session.
+The expensive file: three small federations (2 nodes, tiny model), each run once per session
+(a test class each, on a worker each).
 """
 
 from __future__ import annotations
@@ -251,15 +252,34 @@ class TestResumedRun:
 # --- differential privacy -------------------------------------------------------------------
 
 
+# the private run the tests of DP share (one simulation, started twice): 2 regional rounds under
+# DP, asked within the nodes' own policy, whose private step is far too large (dp-lr 200) so that
+# the rounds walk the model below its public start
+POLICY = ("--node-config", "require-dp=true max-epsilon=4")
+PRIVATE = (
+    *("--rounds", "2", "--dp", "--target-epsilon", str(TARGET), *POLICY),
+    # each tiny node's std 0.25 x sqrt(80) = 2.2: a loss of about 12 against a std of 3.2
+    *("--set", "dp-guard-noise-scale=0.25", "--set", "dp-lr=200"),
+)
+
+
 @pytest.fixture(scope="module")
 def private_run(tiny_synth_dataset_dir: Path, tmp_path_factory) -> Path:
+    """The private run, then the same run started again (it asks nothing more); what each start
+    left (metrics and the guard's ledger entries) is kept beside the run as ``starts.json``."""
     out = tmp_path_factory.mktemp("private") / "run"
-    simulate(tiny_synth_dataset_dir, out, "--rounds", "2", "--dp", "--target-epsilon", str(TARGET))
+    starts = []
+    for _ in range(2):
+        simulate(tiny_synth_dataset_dir, out, *PRIVATE)
+        guards = [e for e in read_ledger(out / "ledger.jsonl") if e.get("purpose") == "guard"]
+        starts.append({"metrics": json.loads((out / "metrics.json").read_text()), "guards": guards})
+    (out.parent / "starts.json").write_text(json.dumps(starts))
     return out
 
 
 class TestPrivateRun:
-    """A regional federation under DP: its ledger, accountants and guarantee."""
+    """A regional federation under DP, within its nodes' policy, whose private rounds did harm:
+    its ledger, accountants and guarantee, and the public start it ships."""
 
     @pytest.mark.e2e
     def test_dp_run_ledger_records_every_contribution(self, private_run: Path) -> None:
@@ -320,6 +340,37 @@ class TestPrivateRun:
         assert (
             "WITHOUT differential privacy" not in (private_run / "model" / "README.md").read_text()
         )
+        assert main(["audit", str(private_run)]) == 0
+
+    @pytest.mark.e2e
+    def test_a_private_run_whose_rounds_did_harm_ships_its_public_start(
+        self, private_run: Path
+    ) -> None:
+        """A private step far too large (dp-lr 200) walks the model below its public start: the
+        nodes' guard answers say so, the run ships the start (its test NDCG@10 is the start's),
+        each answer is in the ledger at the guard's noise, and the audit passes. Started again, the
+        run keeps its verdict and asks nothing more."""
+        starts = json.loads((private_run.parent / "starts.json").read_text())
+        for start in starts:
+            metrics, guards = start["metrics"], start["guards"]
+            assert metrics["start_guard"]["shipped"] == "start"
+            assert metrics["start_guard"]["nodes"] == 2
+            assert metrics["test"]["ndcg@10"] == metrics["context"]["public_start"]["ndcg@10"]
+            assert len(guards) == 2
+            assert all(
+                e["noise_multiplier"] == 0.25 * math.sqrt(e["num_customers"]) for e in guards
+            )
+        assert main(["audit", str(private_run)]) == 0
+
+    @pytest.mark.e2e
+    def test_nodes_train_within_their_policy(self, private_run: Path) -> None:
+        """The nodes' policy (require-dp=true max-epsilon=4) admits a request within it: trained
+        and audited (the refused request: tests/client/test_policy.py::TestRefusedRun)."""
+        ledger = read_ledger(private_run / "ledger.jsonl")
+        contributions = [e for e in ledger if e["kind"] == "contribution"]
+        # each node: its rounds' training, then the start guard's comparison, within its budget
+        assert [e["purpose"] for e in contributions] == ["training"] * 4 + ["guard"] * 2
+        assert all(0 < e["epsilon"] <= 4 for e in contributions)
         assert main(["audit", str(private_run)]) == 0
 
 
@@ -384,44 +435,6 @@ class TestMerchantRun:
         assert privacy["epsilon"] >= composed * (1 - 1e-3)
         assert privacy["epsilon"] > max(e["epsilon"] for e in contributions)  # not the worst node
         assert privacy["epsilon"] <= TARGET + 1e-6  # the federation's budget holds
-
-
-class TestHarmfulPrivateRounds:
-    """Private rounds that did harm: the run ships its public start."""
-
-    @pytest.mark.e2e
-    def test_a_private_run_whose_rounds_did_harm_ships_its_public_start(
-        self, tiny_synth_dataset_dir: Path, tmp_path: Path
-    ) -> None:
-        """A private step far too large (dp-lr 200) walks the model below its public start: the
-        nodes' guard answers say so, the run ships the start (its test NDCG@10 is the start's),
-        each answer is in the ledger at the guard's noise, and the audit passes. Started again, the
-        run keeps its verdict and asks nothing more."""
-        out = tmp_path / "run"
-        run = (
-            "--rounds",
-            "1",
-            "--dp",
-            "--target-epsilon",
-            str(TARGET),
-            "--set",
-            # each tiny node's std 0.25 x sqrt(80) = 2.2: a loss of about 12 against a std of 3.2
-            "dp-guard-noise-scale=0.25",
-            "--set",
-            "dp-lr=200",
-        )
-        for _ in range(2):
-            simulate(tiny_synth_dataset_dir, out, *run)
-            metrics = json.loads((out / "metrics.json").read_text())
-            assert metrics["start_guard"]["shipped"] == "start"
-            assert metrics["start_guard"]["nodes"] == 2
-            assert metrics["test"]["ndcg@10"] == metrics["context"]["public_start"]["ndcg@10"]
-            guards = [e for e in read_ledger(out / "ledger.jsonl") if e.get("purpose") == "guard"]
-            assert len(guards) == 2
-            assert all(
-                e["noise_multiplier"] == 0.25 * math.sqrt(e["num_customers"]) for e in guards
-            )
-        assert main(["audit", str(out)]) == 0
 
 
 def test_a_node_whose_budget_is_spent_declines(
