@@ -45,9 +45,14 @@ def interaction_matrix(
     return matrix
 
 
+def item_counts(histories: list[np.ndarray], num_items: int) -> torch.Tensor:
+    """(1, num_items): how many of ``histories`` hold each item (popularity's scores)."""
+    return torch.from_numpy(np.asarray(interaction_matrix(histories, num_items).sum(0)))
+
+
 def popularity(histories: list[np.ndarray], num_items: int) -> ScoreFn:
     """Every customer gets the same ranking: items by how many training histories hold them."""
-    counts = torch.from_numpy(np.asarray(interaction_matrix(histories, num_items).sum(0)))
+    counts = item_counts(histories, num_items)
 
     def score(users: np.ndarray, batch: list[np.ndarray]) -> torch.Tensor:
         return counts.expand(len(batch), -1)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from shared.recommender.experiment import Experiment
+from shared.recommender.model import FusionRecommender
 from shared.recommender.training import (
     calibrate_noise,
     learns_reversed,
@@ -31,7 +32,11 @@ from shared.runs.durable import OutputInUse, RunLock
 from shared.runs.outputs import OtherSettings, check_rerun
 from shared.runs.quiet import quiet_third_party
 from shared.runs.rounding import up, up_significant
+from simulations.baselines import item_counts
 from simulations.verdict import print_verdict, run_context
+
+# the popularity prior's weights validation tries after the model's (0): docs/evaluation.md
+POPULARITY_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,9 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_centralized(experiment: Experiment, show_progress: bool = True) -> dict:
-    """Train on all customers. Returns the model, timing, privacy (or None), per-epoch history
-    and, when the model was refit on the validation targets, the validation metrics measured
-    before that refit."""
+    """Train on all customers. Returns the model, timing, privacy (or None), per-epoch history,
+    the popularity prior validation kept (``popularity-prior``, not under DP) and, when the
+    model was refit on the validation targets, the validation metrics measured before that
+    refit."""
     config = experiment.config
     started = time.time()
     if config.dp:
@@ -122,8 +128,17 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     if backwards and show_progress:
         print("also learning every history backwards (reverse-histories)", flush=True)
     model, history = _fit(experiment, histories, config.epochs, True, show_progress, backwards)
+    best = max(history, key=lambda h: h["valid_ndcg@10"])
+    best_epoch = best["epoch"]
+    weight, tried = 0.0, []
+    if config.popularity_prior and model.config.use_id:
+        logits = popularity_logits(histories, model)
+        weight, tried = _popularity_weight(experiment, model, logits, best["valid_ndcg@10"])
+        add_popularity(model, logits, weight)
+        if show_progress and weight:
+            print(f"validation keeps the popularity prior at weight {weight:g}", flush=True)
     result = {"model": model, "history": history, "privacy": None, "valid": None}
-    best_epoch = max(history, key=lambda h: h["valid_ndcg@10"])["epoch"]
+    result["popularity_prior"] = {"weight": weight, "tried": tried}
     if config.refit:  # validation has chosen the epochs; now learn from those events too
         result["valid"], _ = experiment.evaluate(model, "valid")
         result["valid_test"], _ = experiment.evaluate(model, "test")
@@ -133,6 +148,7 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
             print("no epoch beat the public start on validation: it is the model", flush=True)
         refit = experiment.train_histories(refit=True)
         result["model"], _ = _fit(experiment, refit, best_epoch, False, show_progress, backwards)
+        add_popularity(result["model"], popularity_logits(refit, result["model"]), weight)
     result["timing"] = {
         "train_s": round(time.time() - started, 1),
         "best_epoch": best_epoch,
@@ -140,6 +156,39 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     }
     result["reversed_histories"] = backwards
     return result
+
+
+def popularity_logits(histories: list, model: FusionRecommender) -> torch.Tensor:
+    """log(1 + n_i), n_i how many of ``histories`` hold item i: popularity as a logit, on the
+    model's device (popularity's ranking; a weight w multiplies the model's odds by n_i^w)."""
+    counts = item_counts(histories, model.config.num_items).squeeze(0)
+    return torch.log1p(counts.float()).to(model.text.device)
+
+
+@torch.no_grad()
+def add_popularity(model: FusionRecommender, logits: torch.Tensor, weight: float) -> None:
+    """Add ``weight`` x ``logits`` to the model's item scores, through its item biases."""
+    if weight:
+        model.id_scores.bias += weight * logits / model.config.id_scale
+
+
+def _popularity_weight(
+    experiment: Experiment, model: FusionRecommender, logits: torch.Tensor, start: float
+) -> tuple[float, list[dict]]:
+    """The weight of the popularity prior ``logits`` (:func:`popularity_logits`) validation
+    chooses among 0 (the model as it is, scoring ``start``) and :data:`POPULARITY_WEIGHTS`:
+    the one of the highest validation NDCG@10, a larger one only if strictly higher. Leaves
+    the model as it was; returns the weight and every candidate's score."""
+    bias = model.id_scores.bias.detach().clone()
+    tried, best, best_weight = [{"weight": 0.0, "valid_ndcg@10": start}], start, 0.0
+    for weight in POPULARITY_WEIGHTS:
+        add_popularity(model, logits, weight)
+        score = experiment.evaluate(model, "valid")[0]["ndcg@10"]
+        model.id_scores.bias.data.copy_(bias)
+        tried.append({"weight": weight, "valid_ndcg@10": score})
+        if score > best:
+            best, best_weight = score, weight
+    return best_weight, tried
 
 
 def _fit(
@@ -278,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
         experiment = Experiment.prepare(args.data, config, show_progress=not args.quiet)
         result = train_centralized(experiment, not args.quiet)
         extra = {"history": result["history"], "context": run_context(experiment)}
+        if "popularity_prior" in result:
+            extra["popularity_prior"] = result["popularity_prior"]
         if "reversed_histories" in result:
             extra["reversed_histories"] = result["reversed_histories"]
         if result.get("valid_test"):

@@ -208,6 +208,8 @@ class RunConfig:
     weight_decay: float = 0.0
     patience: int = 2
     refit: bool = True  # the final model also trains on the validation targets (see docs)
+    # centralized, without DP: validation may add w x log(1 + training count) to the item scores
+    popularity_prior: bool = True
     seed: int = 0
     device: str = "auto"
     # differential privacy (one sample = one customer's history at a node)

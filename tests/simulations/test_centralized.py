@@ -266,3 +266,40 @@ def test_no_epoch_that_fails_to_beat_the_public_start_is_kept(
     start = experiment.new_model().state_dict()
     kept = result["model"].state_dict()
     assert all(torch.equal(kept[name].cpu(), start[name].cpu()) for name in start)
+
+
+def test_where_popularity_is_all_there_is_the_model_matches_it(tmp_path: Path) -> None:
+    """Customers who draw products by popularity alone, in random order (issue 16): neither the
+    text nor the order says anything, and a few steps from the text start do not learn the
+    counts. Validation also tries the popularity prior, so the run is at least popularity on
+    validation and, the refit adding the same prior, close to it on test."""
+    from helpers import TINY_SETTINGS
+
+    from shared.data.convert import write_dataset
+    from shared.data.synth import SynthConfig, generate
+    from simulations.baselines import popularity
+    from simulations.train import train_centralized
+
+    _, items = generate(SynthConfig(users=160, items=300, seed=0))  # the cached catalog
+    rng = np.random.default_rng(0)
+    odds = 1.0 / np.arange(1, 61)  # 60 products, Zipf-skewed, in no relation to their text
+    chosen = rng.permutation(items["item_id"].to_numpy())[:60]
+    events = pd.DataFrame(
+        {
+            "user_id": np.repeat([f"u{n:03d}" for n in range(200)], 12),
+            "item_id": rng.choice(chosen, size=2400, p=odds / odds.sum()),
+            "timestamp": rng.permutation(2400) + 1_700_000_000,
+        }
+    )
+    data = write_dataset(tmp_path / "data", events, items)
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, epochs=1)
+    experiment = Experiment.prepare(data, config, show_progress=False)
+    result = train_centralized(experiment, show_progress=False)
+    valid = result["valid"]["ndcg@10"]  # the kept model's, before the refit
+    assert valid == max(t["valid_ndcg@10"] for t in result["popularity_prior"]["tried"])
+    for stage, model, refit in (("valid", valid, False), ("test", None, True)):
+        popular = popularity(experiment.train_histories(refit), experiment.dataset.num_items)
+        baseline, _ = evaluate(popular, experiment.split, stage)
+        model = model or experiment.evaluate(result["model"], stage)[0]["ndcg@10"]
+        assert model >= baseline["ndcg@10"] - 0.01, stage
+    assert result["popularity_prior"]["weight"] > 0
