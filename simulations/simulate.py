@@ -255,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         stop_signals(stopping(stop), (signal.SIGINT, signal.SIGTERM)),
     ):
         try:
+            # on, whatever an earlier run's ServerApp thread, ending after its engine, left
+            show_worker_output(True)
             run_simulation(
                 server_app=make_server_app(config, not args.quiet, errors, stop),
                 client_app=make_client_app(args.node_config),

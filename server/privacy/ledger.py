@@ -261,7 +261,7 @@ def unpinned(path: Path, head: dict | None) -> str | None:
     round writes one, so the file was edited) and a pin that is no entry's ``seq`` and
     ``hash`` are named too, never a crash."""
     if head is None:
-        return "it pins no ledger entry"
+        return "it pins no ledger entry: written before checkpoints pinned one, or edited"
     seq = head.get("seq") if isinstance(head, dict) else None
     if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(head.get("hash"), str):
         return f"its ledger pin {reprlib.repr(head)} is no entry's seq and hash"

@@ -79,12 +79,20 @@ def differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     """The settings in which ``requested`` differs from ``stored``, as ``key: old -> new``.
 
     A requested ``delta`` of 0 means "derived from the data" and matches the stored one;
-    paths compare resolved.
+    paths compare resolved. A setting the stored run predates (absent from it) matches when
+    it is requested at its default: a run stopped before an upgrade that added a setting
+    resumes with the new version (a federation reads few of the settings; a private one
+    started again elsewhere would spend its nodes' budgets twice).
     """
+    from shared.runs.config import RunConfig  # torch, through the model's settings
+
+    defaults = RunConfig().to_dict()
     changed = []
     for key in sorted(stored.keys() | requested.keys()):
         old, new = stored.get(key), requested.get(key)
         if key == "delta" and new == 0:
+            continue
+        if key not in stored and key in defaults and new == defaults[key]:
             continue
         if key in PATHS and old and new and Path(old).resolve() == Path(new).resolve():
             continue

@@ -226,8 +226,8 @@ def test_a_checkpoints_edited_ledger_pin_is_named_not_a_crash(tmp_path, pin):
 @pytest.mark.parametrize(
     ("progress", "words"),
     [
-        ({"round": 2, "history": []}, "(it pins no ledger entry)"),
-        ({"round": 2, "ledger": None}, "(it pins no ledger entry)"),
+        ({"round": 2, "history": []}, "(it pins no ledger entry: written before checkpoints"),
+        ({"round": 2, "ledger": None}, "(it pins no ledger entry: written before checkpoints"),
         ({"ledger": {"seq": 0, "hash": "forged"}}, "after round None"),
         ([2, "rounds"], "its progress is not a JSON object"),
     ],

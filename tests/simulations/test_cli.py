@@ -97,6 +97,23 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_continued_with_other_s
         check_rerun(out, config.to_dict())
 
 
+def test_a_run_stored_before_a_setting_existed_resumes_at_its_default(tmp_path: Path) -> None:
+    """A federation stopped before an upgrade added a setting (``popularity_prior``, which no
+    federation reads) was refused over its OUT: started again elsewhere, a private run would
+    spend its nodes' budgets twice. Absent from the stored run, a setting at its default now
+    matches; at another value, or any setting the run stored, it is still compared."""
+    out = tmp_path / "run"
+    argv = simulate_args(out, "--dp", "--target-epsilon", "8")
+    config = config_from_args(build_parser(argv).parse_args(argv))
+    stored = {k: v for k, v in config.to_dict().items() if k != "popularity_prior"}
+    PrivacyLedger(out / "ledger.jsonl").append("run_start", config=stored, unit="u")
+    assert check_rerun(out, config.to_dict()) is False  # resumed
+    with pytest.raises(OtherSettings, match=r"popularity_prior: None -> False"):
+        check_rerun(out, {**config.to_dict(), "popularity_prior": False})
+    with pytest.raises(OtherSettings, match=r"target_epsilon: 8.0 -> 2.0"):
+        check_rerun(out, {**config.to_dict(), "target_epsilon": 2.0})
+
+
 def test_verdict_states_the_privacy_guarantee_and_the_audit(tmp_path: Path) -> None:
     (tmp_path / "ledger.jsonl").write_text("")
     metrics = {

@@ -139,3 +139,25 @@ def test_what_rays_workers_print_is_not_shown_once_the_stop_begins(
     err = capfd.readouterr().err
     assert "an error before the stop" in err and "fedrec: stopping the federation" in err
     assert "Mutex corrupt" not in err
+
+
+def test_a_run_shows_its_workers_whatever_an_earlier_runs_server_left(
+    tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower does not wait for the ServerApp's thread: one that ended after its engine turned
+    Ray's worker output off for the next run in the same process, whose nodes' errors then
+    went unseen."""
+    import flwr.simulation
+
+    def engine(**kwargs) -> None:
+        forward("a node's error in this run")
+        raise RuntimeError("the engine failed")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", engine)
+    show_worker_output(False)  # what an earlier run's late ServerApp thread left
+    try:
+        with pytest.raises(RuntimeError, match="the engine failed"):
+            main(["simulate", "--out", str(tmp_path / "run"), "--clients", "2", "--quiet"])
+    finally:
+        show_worker_output(True)
+    assert "a node's error in this run" in capfd.readouterr().err
