@@ -174,13 +174,14 @@ def verify_release(
 ) -> str | None:
     """Why a signed release must not be trusted (None: it verifies): among others, one signed
     for another run or round than ``asked`` (run id, server start, round), or for another
-    server start (one that states none is a node's of before starts were numbered)."""
+    server start, or for none where this server numbers its starts (a node of today signs the
+    start it was asked; one leaving it out would settle requests in flight by the old rule)."""
     release = report.release
     assert release is not None
     run_id, start, server_round = asked
     if release.run_id != run_id or release.round != server_round:
         return f"signed for run {release.run_id[:12]}, round {release.round}: not this one"
-    if release.server_start is not None and release.server_start != start:
+    if start is not None and release.server_start != start:
         return f"signed for server start {release.server_start}: this server's start is {start}"
     return keys.check(report, arrays)
 

@@ -34,8 +34,8 @@ the number goes with every request and the node signs it into its release
 (``server_start``), and the node charges a run's requests in the order of their starts, then
 rounds (client/accountant.py): once it charged a later start's request it refuses an earlier
 start's, spending nothing. A release settles a request in flight only when it is signed for a
-later start than the one that asked (a release that states no start, from a node of before,
-settles it as before).
+later start than the one that asked (a release that states no start, in a ledger of before
+starts were numbered, settles it as before; a numbered server accepts none).
 """
 
 from __future__ import annotations

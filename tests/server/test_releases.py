@@ -229,7 +229,7 @@ def test_a_forged_secagg_report_is_recorded_as_a_claim_not_a_contribution(tmp_pa
         50.0,
     )
     key = NodeKey.load_or_create(tmp_path / "a.key")
-    honest = planned(node="merchant-a", run_id="this-run", round=1)
+    honest = planned(node="merchant-a", run_id="this-run", round=1, server_start=1)
     fields = {k: v for k, v in honest.items() if k not in ("signature", "key_id", "public_key")}
     fields = {k: v for k, v in fields.items() if k not in ("refused", "declined")}
     signed = {**honest, "signature": key.sign(fields), "key_id": key.key_id}

@@ -369,3 +369,9 @@ def test_the_server_numbers_its_starts_and_refuses_a_release_of_another(tmp_path
     received = again.reports([stale], 1, {})
     assert "server start 2: this server's start is 3" in received.rejected["n1"]
     assert received.unverified[0]["epsilon"] == 1.0
+    # a release that states no start either: every node of today signs the one it was asked
+    # (a node of before refuses the setting), and one left out would settle by the old rule
+    unnumbered = planned_release(node="n1", run_id=again.run_id)
+    assert "server_start" not in unnumbered
+    received = again.reports([node_reply("n1", None, privacy=unnumbered)], 1, {})
+    assert "server start None: this server's start is 3" in received.rejected["n1"]
