@@ -7,7 +7,7 @@ import contextlib
 import copy
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,9 @@ from simulations.verdict import print_verdict, run_context
 
 # the popularity prior's weights validation tries after the model's (0): docs/evaluation.md
 POPULARITY_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# where the grid's largest is kept, it doubles while validation strictly improves, up to this
+# (the prior in the item biases stays within what a node accepts: shared/federation/wire.py)
+POPULARITY_CAP = 64.0
 
 
 def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,19 +179,35 @@ def _popularity_weight(
     experiment: Experiment, model: FusionRecommender, logits: torch.Tensor, start: float
 ) -> tuple[float, list[dict]]:
     """The weight of the popularity prior ``logits`` (:func:`popularity_logits`) validation
-    chooses among 0 (the model as it is, scoring ``start``) and :data:`POPULARITY_WEIGHTS`:
-    the one of the highest validation NDCG@10, a larger one only if strictly higher. Leaves
-    the model as it was; returns the weight and every candidate's score."""
+    chooses (:func:`choose_weight`; the model as it is scores ``start``). Leaves the model as
+    it was; returns the weight and every candidate's score."""
     bias = model.id_scores.bias.detach().clone()
-    tried, best, best_weight = [{"weight": 0.0, "valid_ndcg@10": start}], start, 0.0
-    for weight in POPULARITY_WEIGHTS:
+
+    def score(weight: float) -> float:
         add_popularity(model, logits, weight)
-        score = experiment.evaluate(model, "valid")[0]["ndcg@10"]
+        valid = experiment.evaluate(model, "valid")[0]["ndcg@10"]
         model.id_scores.bias.data.copy_(bias)
-        tried.append({"weight": weight, "valid_ndcg@10": score})
-        if score > best:
-            best, best_weight = score, weight
-    return best_weight, tried
+        return valid
+
+    return choose_weight(score, start)
+
+
+def choose_weight(score: Callable[[float], float], start: float) -> tuple[float, list[dict]]:
+    """The popularity prior's weight among 0 (scoring ``start``) and :data:`POPULARITY_WEIGHTS`
+    by ``score`` (validation NDCG@10): the highest, a larger weight only if strictly higher.
+    Where that is the grid's largest, its edge is no answer: the weight doubles while the score
+    strictly improves, up to :data:`POPULARITY_CAP`. Returns it and every candidate's score."""
+    tried = [(0.0, start)] + [(weight, score(weight)) for weight in POPULARITY_WEIGHTS]
+    weight = POPULARITY_WEIGHTS[-1]
+    while _best(tried) == weight and weight < POPULARITY_CAP:
+        weight *= 2
+        tried.append((weight, score(weight)))
+    return _best(tried), [{"weight": w, "valid_ndcg@10": s} for w, s in tried]
+
+
+def _best(tried: list[tuple[float, float]]) -> float:
+    """The weight of the highest score in ``tried`` (ascending weights): the first on ties."""
+    return max(tried, key=lambda candidate: candidate[1])[0]
 
 
 def _fit(

@@ -303,3 +303,36 @@ def test_where_popularity_is_all_there_is_the_model_matches_it(tmp_path: Path) -
         model = model or experiment.evaluate(result["model"], stage)[0]["ndcg@10"]
         assert model >= baseline["ndcg@10"] - 0.01, stage
     assert result["popularity_prior"]["weight"] > 0
+
+
+def _kept_weight(peak: float) -> tuple[float, list[float], torch.Tensor]:
+    """The popularity weight validation keeps when its NDCG@10 peaks at weight ``peak`` (a
+    stand-in model whose first item bias is the weight added), the weights tried and the
+    bias left behind."""
+    from types import SimpleNamespace
+
+    from simulations.train import _popularity_weight
+
+    model = SimpleNamespace(id_scores=torch.nn.Linear(1, 3), config=SimpleNamespace(id_scale=1.0))
+    torch.nn.init.zeros_(model.id_scores.bias)
+
+    def evaluate(model, stage: str) -> tuple[dict, None]:
+        return {"ndcg@10": -abs(float(model.id_scores.bias[0]) - peak)}, None
+
+    experiment = SimpleNamespace(evaluate=evaluate)
+    logits = torch.tensor([1.0, 0.0, 0.0])
+    weight, tried = _popularity_weight(experiment, model, logits, -peak)
+    return weight, [t["weight"] for t in tried], model.id_scores.bias.detach()
+
+
+def test_the_popularity_grid_grows_past_its_edge_while_validation_improves() -> None:
+    """Issue 16: on the dense random ratings validation kept w 8, the grid's largest, and test
+    stayed below popularity. A kept edge is no answer: the weight doubles while validation
+    strictly improves (here up to its peak at 30: 16, then 32, then 64 no better), and stops
+    at the cap (64) where it always improves; inside the grid nothing is added."""
+    weight, tried, bias = _kept_weight(30.0)
+    assert (weight, tried) == (32.0, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+    assert not bias.any()  # the model is left as it was
+    weight, tried = _kept_weight(1e6)[:2]
+    assert weight == tried[-1] == 64.0
+    assert _kept_weight(3.5)[:2] == (4.0, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
