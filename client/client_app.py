@@ -49,7 +49,7 @@ from shared.federation.node_directory import node_name
 from shared.federation.node_dp import clipped_update
 from shared.federation.reports import NodeReport, Release, server_start_problem
 from shared.federation.signing import SIGNED_FIELDS, NodeKey, append_receipt, digest_arrays
-from shared.federation.wire import encode, nbytes, weights_problem
+from shared.federation.wire import COUNTS, counts_record, encode, nbytes, weights_problem
 from shared.recommender.finetune import tuned_checkpoint
 from shared.runs.config import RunConfig, resolve_device
 from shared.runs.quiet import quiet_third_party
@@ -504,6 +504,8 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
         )
         if arrays is not None:
             content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        if COUNTS in result:  # without DP, for the server's popularity prior
+            content[COUNTS] = counts_record(result[COUNTS])
         return Message(content=content, reply_to=msg)
 
     @app.train("encoder")

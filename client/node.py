@@ -23,10 +23,11 @@ from shared.data.dataset import DataError, Split, leave_one_out, load_dataset
 from shared.data.partition import cold_item_indices
 from shared.federation.node_directory import NODE_FILE, NodeInfo
 from shared.federation.reports import PRIVACY_UNIT
-from shared.federation.wire import ITEM_TABLES
+from shared.federation.wire import COUNTS, ITEM_TABLES
 from shared.recommender.experiment import catalog_digest
 from shared.recommender.metrics import EVALUATED, ScoreFn, per_customer_metrics, rank_users
 from shared.recommender.model import FusionRecommender
+from shared.recommender.popularity import history_counts
 from shared.recommender.secure_random import SecureRandom
 from shared.recommender.text import embed_items
 from shared.recommender.training import (
@@ -220,6 +221,8 @@ def train_node(
             for _ in range(local_epochs(len(inputs), config))
         ]
         report["loss"] = float(np.mean(losses))
+        if config.counts_popularity and model.config.use_id:  # the server's prior, not under DP
+            report[COUNTS] = history_counts(histories, model.config.num_items)
     trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     report["state"] = trained
     report["rows"] = _rows_to_send(trained, state, catalog, changed_only=not config.dp)

@@ -18,6 +18,7 @@ import torch
 from shared.data.dataset import Split
 from shared.recommender.experiment import Experiment
 from shared.recommender.metrics import ScoreFn, evaluate
+from shared.recommender.popularity import history_counts
 
 ALS_FACTORS = 128
 ALS_GRID = tuple((reg, alpha) for reg in (0.01, 0.1, 1.0) for alpha in (1.0, 10.0, 40.0))
@@ -47,7 +48,7 @@ def interaction_matrix(
 
 def item_counts(histories: list[np.ndarray], num_items: int) -> torch.Tensor:
     """(1, num_items): how many of ``histories`` hold each item (popularity's scores)."""
-    return torch.from_numpy(np.asarray(interaction_matrix(histories, num_items).sum(0)))
+    return torch.from_numpy(history_counts(histories, num_items)).float().unsqueeze(0)
 
 
 def popularity(histories: list[np.ndarray], num_items: int) -> ScoreFn:

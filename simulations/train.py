@@ -7,7 +7,8 @@ import contextlib
 import copy
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,12 @@ import torch
 
 from shared.recommender.experiment import Experiment
 from shared.recommender.model import FusionRecommender
+from shared.recommender.popularity import (
+    add_popularity,
+    history_counts,
+    popularity_logits,
+    popularity_weight,
+)
 from shared.recommender.training import (
     calibrate_noise,
     learns_reversed,
@@ -32,14 +39,7 @@ from shared.runs.durable import OutputInUse, RunLock
 from shared.runs.outputs import OtherSettings, check_rerun
 from shared.runs.quiet import quiet_third_party
 from shared.runs.rounding import up, up_significant
-from simulations.baselines import item_counts
 from simulations.verdict import print_verdict, run_context
-
-# the popularity prior's weights validation tries after the model's (0): docs/evaluation.md
-POPULARITY_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
-# where the grid's largest is kept, it doubles while validation strictly improves, up to this
-# (the prior in the item biases stays within what a node accepts: shared/federation/wire.py)
-POPULARITY_CAP = 64.0
 
 
 def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,8 +135,9 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     best_epoch = best["epoch"]
     weight, tried = 0.0, []
     if config.popularity_prior and model.config.use_id:
-        logits = popularity_logits(histories, model)
-        weight, tried = _popularity_weight(experiment, model, logits, best["valid_ndcg@10"])
+        logits = popularity_logits(history_counts(histories, model.config.num_items), model)
+        validate = partial(_valid_ndcg, experiment)
+        weight, tried = popularity_weight(model, logits, validate, best["valid_ndcg@10"])
         add_popularity(model, logits, weight)
         if show_progress and weight:
             print(f"validation keeps the popularity prior at weight {weight:g}", flush=True)
@@ -151,7 +152,8 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
             print("no epoch beat the public start on validation: it is the model", flush=True)
         refit = experiment.train_histories(refit=True)
         result["model"], _ = _fit(experiment, refit, best_epoch, False, show_progress, backwards)
-        add_popularity(result["model"], popularity_logits(refit, result["model"]), weight)
+        counts = history_counts(refit, model.config.num_items)
+        add_popularity(result["model"], popularity_logits(counts, result["model"]), weight)
     result["timing"] = {
         "train_s": round(time.time() - started, 1),
         "best_epoch": best_epoch,
@@ -161,53 +163,9 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     return result
 
 
-def popularity_logits(histories: list, model: FusionRecommender) -> torch.Tensor:
-    """log(1 + n_i), n_i how many of ``histories`` hold item i: popularity as a logit, on the
-    model's device (popularity's ranking; a weight w multiplies the model's odds by n_i^w)."""
-    counts = item_counts(histories, model.config.num_items).squeeze(0)
-    return torch.log1p(counts.float()).to(model.text.device)
-
-
-@torch.no_grad()
-def add_popularity(model: FusionRecommender, logits: torch.Tensor, weight: float) -> None:
-    """Add ``weight`` x ``logits`` to the model's item scores, through its item biases."""
-    if weight:
-        model.id_scores.bias += weight * logits / model.config.id_scale
-
-
-def _popularity_weight(
-    experiment: Experiment, model: FusionRecommender, logits: torch.Tensor, start: float
-) -> tuple[float, list[dict]]:
-    """The weight of the popularity prior ``logits`` (:func:`popularity_logits`) validation
-    chooses (:func:`choose_weight`; the model as it is scores ``start``). Leaves the model as
-    it was; returns the weight and every candidate's score."""
-    bias = model.id_scores.bias.detach().clone()
-
-    def score(weight: float) -> float:
-        add_popularity(model, logits, weight)
-        valid = experiment.evaluate(model, "valid")[0]["ndcg@10"]
-        model.id_scores.bias.data.copy_(bias)
-        return valid
-
-    return choose_weight(score, start)
-
-
-def choose_weight(score: Callable[[float], float], start: float) -> tuple[float, list[dict]]:
-    """The popularity prior's weight among 0 (scoring ``start``) and :data:`POPULARITY_WEIGHTS`
-    by ``score`` (validation NDCG@10): the highest, a larger weight only if strictly higher.
-    Where that is the grid's largest, its edge is no answer: the weight doubles while the score
-    strictly improves, up to :data:`POPULARITY_CAP`. Returns it and every candidate's score."""
-    tried = [(0.0, start)] + [(weight, score(weight)) for weight in POPULARITY_WEIGHTS]
-    weight = POPULARITY_WEIGHTS[-1]
-    while _best(tried) == weight and weight < POPULARITY_CAP:
-        weight *= 2
-        tried.append((weight, score(weight)))
-    return _best(tried), [{"weight": w, "valid_ndcg@10": s} for w, s in tried]
-
-
-def _best(tried: list[tuple[float, float]]) -> float:
-    """The weight of the highest score in ``tried`` (ascending weights): the first on ties."""
-    return max(tried, key=lambda candidate: candidate[1])[0]
+def _valid_ndcg(experiment: Experiment, model: FusionRecommender) -> float:
+    """The model's validation NDCG@10 (what chooses the popularity prior's weight)."""
+    return experiment.evaluate(model, "valid")[0]["ndcg@10"]
 
 
 def _fit(

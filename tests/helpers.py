@@ -1,16 +1,21 @@
 """What several test files build the same way: the tiny model the end-to-end tests train
-(seconds per round on 2 CPU cores), a node's reply to a training round, and the tiny model and
-customers the private-step tests train one customer at a time."""
+(seconds per round on 2 CPU cores), a node's reply to a training round, the tiny model and
+customers the private-step tests train one customer at a time, and data where popularity is
+all there is."""
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
+from shared.data.convert import write_dataset
+from shared.data.synth import SynthConfig, generate
 from shared.federation.reports import PRIVACY_UNIT
 from shared.recommender.model import FusionRecommender, ModelConfig
 from shared.recommender.training import training_tensors, trim
@@ -148,3 +153,21 @@ def customers() -> tuple[torch.Tensor, torch.Tensor]:
     histories = [rng.integers(0, 40, size=n) for n in (2, 3, 5, 7, 9, 4)]
     histories.append(np.array([3, 3, 3]))  # repeated items: the same table rows twice
     return trim(*training_tensors(histories, max_len=6))
+
+
+def popularity_only_dataset(directory: Path) -> Path:
+    """200 customers who draw 12 products each by popularity alone (60 products, Zipf-skewed, in
+    no relation to their text), in random order: neither the text nor the order says anything
+    (issue 16). Written to ``directory``, returned."""
+    _, items = generate(SynthConfig(users=160, items=300, seed=0))  # the cached catalog
+    rng = np.random.default_rng(0)
+    odds = 1.0 / np.arange(1, 61)
+    chosen = rng.permutation(items["item_id"].to_numpy())[:60]
+    events = pd.DataFrame(
+        {
+            "user_id": np.repeat([f"u{n:03d}" for n in range(200)], 12),
+            "item_id": rng.choice(chosen, size=2400, p=odds / odds.sum()),
+            "timestamp": rng.permutation(2400) + 1_700_000_000,
+        }
+    )
+    return write_dataset(directory, events, items)

@@ -25,12 +25,14 @@ METHODS = ("mean", "median", "trimmed")
 
 @dataclass
 class NodeUpdate:
-    """One node's reply: its weights (item tables possibly row-sparse) and its weight."""
+    """One node's reply: its weights (item tables possibly row-sparse), its weight and, where
+    the run adds the popularity prior, its item counts."""
 
     node: str
     weight: float
     arrays: dict[str, torch.Tensor]
     rows: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: np.ndarray | None = None  # without DP: its histories' item counts (popularity)
 
 
 def _row_index(update: NodeUpdate, name: str) -> torch.Tensor | None:

@@ -58,4 +58,24 @@ def resume_problem(state: dict, progress: dict, expected: dict, num_items: int) 
         isinstance(r, int) and not isinstance(r, bool) and 0 <= r < num_items for r in rows
     ):
         return f"its trained_rows are not rows of the catalog's {num_items} products"
+    if not _counts_fit(progress.get("counts", {}), num_items):
+        return f"its counts are not item counts of the catalog's {num_items} products"
     return None
+
+
+def _counts_fit(stored: object, num_items: int) -> bool:
+    """Whether a checkpoint's ``counts`` (server/federation/popularity.py) are, per node,
+    products of the catalog and as many counts, none negative."""
+
+    def whole(value: object, below: float) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < below
+
+    return isinstance(stored, dict) and all(
+        isinstance(held, list)
+        and len(held) == 2
+        and all(isinstance(part, list) for part in held)
+        and len(held[0]) == len(held[1])
+        and all(whole(item, num_items) for item in held[0])
+        and all(whole(count, float("inf")) for count in held[1])
+        for held in stored.values()
+    )

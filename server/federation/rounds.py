@@ -33,6 +33,7 @@ from server.federation.budget import (
 from server.federation.denoising import AUTO_BELOW_EPSILON, injected_bias_variance
 from server.federation.encoder_rounds import ENCODER_ROUND, tune_encoder
 from server.federation.guard import guard_start
+from server.federation.popularity import NodeCounts, add_prior
 from server.federation.progress import plot_rounds, report_round
 from server.federation.registry import Registry
 from server.federation.releases import (
@@ -393,6 +394,7 @@ def _federate(
     strategy, ledger = federation.strategy, federation.ledger
     checkpoint = Checkpoint(out / "checkpoint.safetensors")
     history, trained_rows, done = [], np.zeros(catalog.num_items, dtype=bool), 0
+    counts = NodeCounts(catalog.num_items)  # the nodes' item counts (popularity-prior)
     start = None  # the starting model's validation metrics (a candidate when rounds are chosen)
     guard = None  # the start guard's verdict, once asked (a resumed run never asks twice)
     saved = checkpoint.load()
@@ -408,7 +410,7 @@ def _federate(
                 f"{out} holds a run with other settings ({'; '.join(changed)}); use another --out"
             )
         history, done, start = progress["history"], progress["round"], progress.get("start")
-        guard = progress.get("guard")
+        guard, counts = progress.get("guard"), NodeCounts(counts.num_items, progress.get("counts"))
         trained_rows[progress["trained_rows"]] = True
         log.info("resuming after round %d of at most %d", done, config.max_rounds)
     selection = None
@@ -437,6 +439,7 @@ def _federate(
             "config": config.to_dict(),
             "trained_rows": np.flatnonzero(trained_rows).tolist(),
             "start": start,
+            "counts": counts.stored(),
             "ledger": ledger_head(ledger.entries),  # a resumed run must find this entry
         }
 
@@ -454,6 +457,7 @@ def _federate(
             break
         asked = server_round
         result = federation.train(server_round, state)
+        counts.record(result.updates)
         if result.contributed < max(1, config.min_nodes):
             reason = (
                 f"{result.contributed} valid update(s) in round {server_round}, fewer than "
@@ -553,6 +557,9 @@ def _federate(
     extra = {"rounds": history, **({"federated_evaluation": federated} if federated else {})}
     if encoder_rounds:
         extra["encoder_rounds"] = encoder_rounds
+    if selection is not None and evaluation is not None and config.counts_popularity:
+        validate = partial(round_validation, {}, evaluation, validating=validating)
+        chosen, extra["popularity_prior"] = add_prior(model, counts, validate, chosen)
     if guard is not None:
         extra["start_guard"] = guard
     if selection is not None:

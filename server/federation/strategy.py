@@ -22,7 +22,7 @@ from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate
 from server.federation.denoising import CumulativeDenoiser, denoises
 from server.federation.guard import ANSWER_SPREAD
 from server.federation.registry import Registry
-from shared.federation.wire import ITEM_TABLES, decode, load_arrays
+from shared.federation.wire import COUNTS, ITEM_TABLES, decode, load_arrays, load_counts
 from shared.recommender.metrics import EVALUATED
 from shared.runs.config import RunConfig
 
@@ -133,12 +133,24 @@ class FedRecStrategy(FedAvg):
                 norm = _update_norm(tensors, rows, global_state)
                 if norm > self.max_update_norm:
                     raise ValueError(f"update norm {norm:.3g} exceeds {self.max_update_norm:g}")
+                counts = self._counts(reply, weight, global_state)
             except ValueError as error:
                 log.warning("rejected the update of node %s: %s", node, error)
                 rejected.append(f"{node}: {error}")
                 continue
-            updates.append(NodeUpdate(node, weight, tensors, rows))
+            updates.append(NodeUpdate(node, weight, tensors, rows, counts))
         return updates, rejected
+
+    def _counts(
+        self, reply: Message, customers: float, global_state: dict[str, torch.Tensor]
+    ) -> np.ndarray | None:
+        """The item counts ``reply`` carries (:func:`load_counts`: at most its ``customers``
+        each), where the run adds the popularity prior to the item biases (None: elsewhere,
+        an exchange without them, or none sent)."""
+        biases = global_state.get("id_scores.bias")
+        if not self.config.counts_popularity or biases is None or COUNTS not in reply.content:
+            return None
+        return load_counts(reply.content[COUNTS], biases.shape[0], customers)
 
     def _check_registered(
         self,

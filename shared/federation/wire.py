@@ -1,4 +1,5 @@
-"""What travels between server and nodes: the trainable weights, and nothing else.
+"""What travels between server and nodes: the trainable weights and, only without DP where the
+server adds the popularity prior, each node's item counts (:func:`load_counts`).
 
 The frozen text encoder and the text embeddings never travel (every party derives them from the
 public catalog). Item tables travel row-sparse: a node sends only the rows it is responsible for
@@ -59,6 +60,31 @@ def load_arrays(record: object, reference: Mapping[str, torch.Tensor]) -> dict[s
             raise ValueError(f"unexpected array {name[:80]!r}")
         arrays[name] = _read_npy(name, array, limits[name])
     return arrays
+
+
+COUNTS = "item-counts"  # a node's reply without DP: popularity's counts of its histories
+
+
+def counts_record(counts: np.ndarray) -> ArrayRecord:
+    """A node's item ``counts`` (shared/recommender/popularity.py) as its reply carries them."""
+    return ArrayRecord({COUNTS: Array(np.asarray(counts, dtype=np.int64))})
+
+
+def load_counts(record: object, num_items: int, customers: float) -> np.ndarray:
+    """A node's item counts, read as :func:`load_arrays` reads weights: one vector of
+    ``num_items`` integers in [0, ``customers``] (how many of its customers' histories hold
+    each item cannot exceed how many it has). Raises ValueError naming what is wrong."""
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [COUNTS]:
+        raise ValueError(f"{COUNTS}: expected an ArrayRecord holding {COUNTS!r} alone")
+    counts = _read_npy(COUNTS, record[COUNTS], num_items)
+    if counts.shape != (num_items,) or counts.dtype.kind not in "iu":
+        raise ValueError(
+            f"{COUNTS}: {counts.dtype} of shape {counts.shape}, expected ({num_items},) integers"
+        )
+    # compared as Python ints: no unsigned wrap-around, no narrow-type overflow
+    if len(counts) and (int(counts.min()) < 0 or int(counts.max()) > customers):
+        raise ValueError(f"{COUNTS}: a count outside [0, {customers:g}], its customers")
+    return counts.astype(np.int64)
 
 
 def _read_npy(name: str, array: object, limit: int) -> np.ndarray:

@@ -208,7 +208,7 @@ class RunConfig:
     weight_decay: float = 0.0
     patience: int = 2
     refit: bool = True  # the final model also trains on the validation targets (see docs)
-    # centralized, without DP: validation may add w x log(1 + training count) to the item scores
+    # without DP: validation may add w x log(1 + training count) to the item scores
     popularity_prior: bool = True
     seed: int = 0
     device: str = "auto"
@@ -364,6 +364,14 @@ class RunConfig:
         """Whether validation chooses the rounds (never under DP: choosing on private data
         would spend budget nobody accounted)."""
         return not self.private and self.valid_customers > 0
+
+    @property
+    def counts_popularity(self) -> bool:
+        """Whether a federation's nodes send the item counts of their training histories and
+        its server adds the popularity prior they give (``popularity-prior``): never under DP
+        (the counts would be private and unaccounted), and only where the server validates the
+        rounds (a simulation; a deployment's validation is the nodes')."""
+        return self.popularity_prior and self.selects_rounds and not self.catalog
 
     def with_rounds(self, rounds: int | None) -> RunConfig:
         """The command lines' ``--rounds``: ``dp-rounds`` of a private run, else ``rounds``

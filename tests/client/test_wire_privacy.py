@@ -24,7 +24,7 @@ from server.federation.settings import settings_record
 from server.privacy.node_keys import NodeKeys
 from shared.data.errors import DataError
 from shared.federation.reports import parse_report
-from shared.federation.wire import ITEM_TABLES, ROWS, encode, trainable_state
+from shared.federation.wire import COUNTS, ITEM_TABLES, ROWS, encode, trainable_state
 from shared.recommender.finetune import top_layers
 from shared.recommender.metrics import METRICS
 from shared.recommender.model import FusionRecommender
@@ -101,7 +101,14 @@ def test_a_node_sends_weights_and_aggregates_only(
     assert leaked == [] and b"customer-" not in wire and b"private" not in wire
 
     content = reply.content
-    assert set(content) <= {"arrays", "metrics", "privacy"}
+    assert set(content) <= {"arrays", "metrics", "privacy", COUNTS}
+    # without DP a training reply also carries popularity's counts: per product, how many
+    # of the node's customers hold it (an aggregate, at most its customers); never under DP
+    assert (COUNTS in content) == (kind == "train" and not dp)
+    if COUNTS in content:
+        counts = content[COUNTS][COUNTS].numpy()
+        assert counts.shape == (len(node.text),) and counts.dtype.kind == "i"
+        assert counts.min() >= 0 and counts.max() <= content["metrics"]["num-examples"]
     assert set(content["metrics"]) <= ALLOWED_METRICS  # aggregates: one number each
     assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
     if dp:  # under DP only the weights and the counts leave: no loss, no training choices

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from helpers import node_reply, release
 
 from server.federation.registry import RegisteredNode, Registry, RegistryError, write_registry
@@ -27,7 +27,7 @@ from server.privacy.ledger_gaps import record_lost_contributions
 from server.privacy.node_keys import NodeKeys
 from shared.federation.reports import ReportError, parse_report, release_value_problem
 from shared.federation.signing import SIGNED_FIELDS, NodeKey, digest_arrays
-from shared.federation.wire import ITEM_TABLES, encode, trainable_state
+from shared.federation.wire import COUNTS, ITEM_TABLES, counts_record, encode, trainable_state
 from shared.recommender.model import FusionRecommender, ModelConfig
 from shared.runs.config import RunConfig
 
@@ -424,3 +424,54 @@ def test_a_second_reply_for_a_node_leaves_the_nodes_replies_out(
     kinds = [(e["kind"], e["node"]) for e in ledger.entries]
     expected = [("contribution", "n1"), ("contribution", "n2")] if private else []
     assert kinds == [*expected, ("unverified", "n1")] and verify_chain(ledger.entries) == []
+
+
+def _with_counts(state, record: object, customers: float = 10) -> Message:
+    """A node's honest update whose reply also carries ``record`` as its item counts."""
+    reply = node_reply("counter", moved(state, 0.01), customers)
+    reply.content[COUNTS] = record
+    return reply
+
+
+@pytest.mark.parametrize(
+    "record, words",
+    [
+        (counts_record(np.array([1, 0, 2, 0, 0, 0, 0, 10])), None),  # honest: kept
+        (ArrayRecord({COUNTS: Array(np.full(8, np.nan))}), "expected (8,) integers"),
+        (ArrayRecord({COUNTS: Array(np.full(8, 1.0))}), "expected (8,) integers"),
+        (counts_record(np.ones(7)), "expected (8,) integers"),
+        (counts_record(np.ones((2, 4))), "expected (8,) integers"),
+        (counts_record(np.ones(9)), "at most 8 expected"),
+        (counts_record(np.array([1, -1, 0, 0, 0, 0, 0, 0])), "outside [0, 10]"),
+        (counts_record(np.array([11, 0, 0, 0, 0, 0, 0, 0])), "outside [0, 10]"),
+        (ArrayRecord({COUNTS: Array(np.full(8, 2**64 - 1, dtype=np.uint64))}), "outside"),
+        (ConfigRecord({COUNTS: 1}), "expected an ArrayRecord"),
+        (ArrayRecord({COUNTS: Array(np.ones(8, dtype=np.int64)), "x": Array(np.ones(1))}), "alone"),
+    ],
+)
+def test_item_counts_that_no_honest_node_sends_are_rejected(state, record, words) -> None:
+    """A node's item counts (the popularity prior's, without DP) are hostile input: a vector of
+    the catalog's length of integers from 0 to its customers, else its reply is rejected
+    (never a crash); under DP they are never read."""
+    updates, rejected = FedRecStrategy(RunConfig()).node_updates(
+        [_with_counts(state, record)], state
+    )
+    if words is None:
+        assert rejected == [] and updates[0].counts.tolist() == [1, 0, 2, 0, 0, 0, 0, 10]
+    else:
+        assert updates == [] and words in rejected[0]
+    private = FedRecStrategy(RunConfig(dp=True)).node_updates([_with_counts(state, record)], state)
+    assert all(u.counts is None for u in private[0])
+
+
+def test_a_huge_declared_counts_vector_is_refused_before_it_is_read(state) -> None:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<i8", "fortran_order": False, "shape": (10**12,)}
+    )
+    huge = Array(dtype="int64", shape=(10**12,), stype="numpy.ndarray", data=buffer.getvalue())
+    record = ArrayRecord({COUNTS: huge})
+    updates, rejected = FedRecStrategy(RunConfig()).node_updates(
+        [_with_counts(state, record)], state
+    )
+    assert updates == [] and "at most 8 expected" in rejected[0]

@@ -255,6 +255,11 @@ def test_a_checkpoint_without_its_ledger_pin_is_not_resumed(tmp_path, progress, 
         (lambda s, p: p.update(trained_rows=[0, 5]), "rows of the catalog's 5 products"),
         (lambda s, p: p.update(trained_rows=[-1]), "rows of the catalog's 5 products"),
         (lambda s, p: p.update(trained_rows=[True]), "rows of the catalog's 5 products"),
+        (lambda s, p: p.update(counts={"a": [[5], [1]]}), "item counts of the catalog's 5"),
+        (lambda s, p: p.update(counts={"a": [[0], [-1]]}), "item counts of the catalog's 5"),
+        (lambda s, p: p.update(counts={"a": [[0, 1], [1]]}), "item counts of the catalog's 5"),
+        (lambda s, p: p.update(counts={"a": 3}), "item counts of the catalog's 5"),
+        (lambda s, p: p.update(counts=[]), "item counts of the catalog's 5"),
     ],
 )
 def test_a_checkpoint_edited_or_of_another_model_is_named_not_resumed(edit, words):
@@ -262,7 +267,7 @@ def test_a_checkpoint_edited_or_of_another_model_is_named_not_resumed(edit, word
     resumed run with an IndexError deep in its first round."""
     model = {"a": torch.zeros(5, 2), "b": torch.zeros(2)}
     state = {name: value.clone() for name, value in model.items()}
-    progress = {"round": 1, "history": [{}], "trained_rows": [0, 4]}
+    progress = {"round": 1, "history": [{}], "trained_rows": [0, 4], "counts": {"a": [[4], [2]]}}
     assert resume_problem(state, progress, model, num_items=5) is None
     edit(state, progress)
     assert words in resume_problem(state, progress, model, num_items=5)

@@ -347,6 +347,16 @@ def test_reversed_histories_are_refused_under_dp_by_every_command(tmp_path: Path
     assert not (tmp_path / "o").exists()
 
 
+def test_a_federations_nodes_send_counts_only_where_the_server_validates_without_dp() -> None:
+    """The popularity prior's counts leave a node only without DP (under DP they would be
+    private and unaccounted) and only in a simulation, whose server validates the candidates
+    (a deployment's validation is the nodes'), and not when the prior is off."""
+    assert RunConfig().counts_popularity
+    for off in ({"dp": True}, {"node_dp": True}, {"catalog": "items"}, {"valid_customers": 0}):
+        assert not RunConfig(**off).counts_popularity, off
+    assert not RunConfig(popularity_prior=False).counts_popularity
+
+
 def test_rounds_are_a_cap_without_dp_and_exact_under_dp() -> None:
     open_run, private = RunConfig(), RunConfig(dp=True)
     assert open_run.max_rounds == open_run.rounds and open_run.selects_rounds

@@ -273,25 +273,12 @@ def test_where_popularity_is_all_there_is_the_model_matches_it(tmp_path: Path) -
     text nor the order says anything, and a few steps from the text start do not learn the
     counts. Validation also tries the popularity prior, so the run is at least popularity on
     validation and, the refit adding the same prior, close to it on test."""
-    from helpers import TINY_SETTINGS
+    from helpers import TINY_SETTINGS, popularity_only_dataset
 
-    from shared.data.convert import write_dataset
-    from shared.data.synth import SynthConfig, generate
     from simulations.baselines import popularity
     from simulations.train import train_centralized
 
-    _, items = generate(SynthConfig(users=160, items=300, seed=0))  # the cached catalog
-    rng = np.random.default_rng(0)
-    odds = 1.0 / np.arange(1, 61)  # 60 products, Zipf-skewed, in no relation to their text
-    chosen = rng.permutation(items["item_id"].to_numpy())[:60]
-    events = pd.DataFrame(
-        {
-            "user_id": np.repeat([f"u{n:03d}" for n in range(200)], 12),
-            "item_id": rng.choice(chosen, size=2400, p=odds / odds.sum()),
-            "timestamp": rng.permutation(2400) + 1_700_000_000,
-        }
-    )
-    data = write_dataset(tmp_path / "data", events, items)
+    data = popularity_only_dataset(tmp_path / "data")
     config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, epochs=1)
     experiment = Experiment.prepare(data, config, show_progress=False)
     result = train_centralized(experiment, show_progress=False)
@@ -311,17 +298,16 @@ def _kept_weight(peak: float) -> tuple[float, list[float], torch.Tensor]:
     bias left behind."""
     from types import SimpleNamespace
 
-    from simulations.train import _popularity_weight
+    from shared.recommender.popularity import popularity_weight
 
     model = SimpleNamespace(id_scores=torch.nn.Linear(1, 3), config=SimpleNamespace(id_scale=1.0))
     torch.nn.init.zeros_(model.id_scores.bias)
 
-    def evaluate(model, stage: str) -> tuple[dict, None]:
-        return {"ndcg@10": -abs(float(model.id_scores.bias[0]) - peak)}, None
+    def validate(model) -> float:
+        return -abs(float(model.id_scores.bias[0]) - peak)
 
-    experiment = SimpleNamespace(evaluate=evaluate)
     logits = torch.tensor([1.0, 0.0, 0.0])
-    weight, tried = _popularity_weight(experiment, model, logits, -peak)
+    weight, tried = popularity_weight(model, logits, validate, -peak)
     return weight, [t["weight"] for t in tried], model.id_scores.bias.detach()
 
 

@@ -32,6 +32,7 @@ from shared.recommender.metrics import METRICS, TOP_K, evaluate, metrics_from_re
 from shared.recommender.model import FusionRecommender
 from shared.recommender.text import embed_items
 from shared.runs.config import RunConfig
+from simulations.baselines import popularity
 from simulations.cli import main
 
 CONTRIBUTION_FIELDS = (
@@ -134,7 +135,8 @@ class TestResumedRun:
             h["selection"]["ndcg@10"] for h in metrics["rounds"]
         ]
         assert chosen["best_round"] == int(np.argmax(scores)) and chosen["rounds_run"] == 2
-        assert metrics["valid"]["ndcg@10"] == max(scores)
+        # then the popularity prior's weights (0: the best round as it is)
+        assert metrics["popularity_prior"]["tried"][0]["valid_ndcg@10"] == max(scores)
         best, _, _ = Checkpoint(out / "best.safetensors").load()
         saved = {k: v for k, v in model.state_dict().items() if k in best}
         for name in best.keys() - ITEM_TABLES.keys():  # item rows nobody trained get text vectors
@@ -147,6 +149,26 @@ class TestResumedRun:
         ledger = read_ledger(out / "ledger.jsonl")
         assert verify_chain(ledger) == []
         assert [e["kind"] for e in ledger] == ["run_start", "run_end"]
+
+    @pytest.mark.e2e
+    def test_validation_adds_the_nodes_popularity_to_the_kept_model(
+        self, resumed_run: dict
+    ) -> None:
+        """Issue 16: a federation's server holds no counts, and its model stayed far below
+        popularity where popularity is the signal. Without DP each node now sends how many of
+        its training histories hold each product, the server sums them, and the validation
+        that chose the round chooses the prior's weight: the kept model validates at least as
+        well as popularity on the same customers, less its tie-breaking."""
+        out, data = resumed_run["first"], resumed_run["data"]
+        metrics = json.loads((out / "metrics.json").read_text())
+        prior = metrics["popularity_prior"]
+        assert prior["nodes"] == 2 and len(prior["tried"]) >= 6
+        assert metrics["valid"]["ndcg@10"] == max(t["valid_ndcg@10"] for t in prior["tried"])
+        split = leave_one_out(load_dataset(data))
+        validating = split.validation_users(metrics["selection"]["valid_fraction"])
+        popular = popularity(split.training_histories(), split.num_items)
+        baseline, _ = evaluate(popular, split, "valid", users=validating)
+        assert metrics["valid"]["ndcg@10"] >= baseline["ndcg@10"] - 0.01
 
     @pytest.mark.e2e
     def test_a_crashed_run_resumes_after_its_last_checkpoint(self, resumed_run: dict) -> None:
