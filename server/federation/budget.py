@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.privacy import accounting
+from server.privacy.claims import refused_claims, with_claims
 from server.privacy.ledger import PrivacyLedger
 from server.privacy.ledger_gaps import outstanding_releases
 from shared.federation.node_directory import NodeInfo
@@ -82,15 +83,14 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     regional and every node vouched in its signed releases that its customers are its own
     alone, the composition over every node otherwise: ``federation.why`` says which), and
     never below what a refused report claims spent (``unverified``: the largest epsilon each
-    such node claimed, never recomputed). A private request a node left unanswered counts as
+    such node claimed, never recomputed; where every node composes, each node's claim added:
+    server/privacy/claims.py). A private request a node left unanswered counts as
     spent until a later release settles it (``outstanding``, server/privacy/ledger_gaps.py);
     while a node's spending is bounded by none of its releases (``unbounded``), the headline is
     at least the run's target (what the node's plan keeps, if it followed it)."""
     contributions = [e for e in ledger.entries if e["kind"] == "contribution"]
-    claims: dict[str, float] = {}
-    for entry in ledger.entries:
-        if entry["kind"] == "unverified" and "epsilon" in entry:
-            claims[entry["node"]] = max(claims.get(entry["node"], 0.0), entry["epsilon"])
+    refused = refused_claims(e for e in ledger.entries if e["kind"] == "unverified")
+    claims = {node: epsilon for node, (epsilon, _) in refused.items()}
     unverified = {"unverified": claims} if claims else {}
     nodes: dict[str, dict] = {}
     for entry in contributions:
@@ -110,9 +110,13 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             f" Refused reports claim up to epsilon {up(claim, 3)} ('unverified')." if claims else ""
         )
         # nothing recorded bounds an unanswered node's spending but its plan: the target, or
-        # in a regional run (each node asked the whole target, none vouched) the target at each
+        # in a regional run (each node asked the whole target, none vouched) the target at each;
+        # no node vouched, so the claims add up (server/privacy/claims.py)
         whole = len(unbounded) if config.partition == "regional" else 1
-        floor = [*claims.values(), *([config.target_epsilon * whole] if unbounded else [])]
+        floor = [
+            *([sum(claims.values())] if claims else []),
+            *([config.target_epsilon * whole] if unbounded else []),
+        ]
         return {
             "unit": NODE_UNIT,
             "per_node": {},
@@ -121,15 +125,17 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             **never,
             "statement": statement + unanswered,
         }
+    # a node whose reports were refused vouched for nothing it signed (server/privacy/claims.py)
     federation = accounting.federation_guarantee(
-        contributions + copies, config.delta or None, config.partition, unbounded
+        contributions + copies, config.delta or None, config.partition, [*unbounded, *claims]
     )
+    federation = with_claims(federation, refused)
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
     # an unbounded node kept its plan at most: the target, or, where every node was asked the
     # whole target (regional) but the composition applies, the target at each node
     whole = config.partition == "regional" and federation["applies"] == "all_nodes"
     floor = config.target_epsilon * (len(set(nodes) | set(unbounded)) if whole else 1)
-    epsilon = max([epsilon, *claims.values(), *([floor] if unbounded else [])])
+    epsilon = max([epsilon, *([floor] if unbounded else [])])
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
         f"({up(epsilon, 3)}, {up_significant(delta, 3)})-differential privacy for each customer, "
@@ -141,7 +147,8 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     if claims:
         statement += (
             f" Refused reports of {len(claims)} node(s) claim spending the server could not "
-            "verify ('unverified'); epsilon is never below what they claim."
+            "verify ('unverified'); epsilon is never below what they claim, and where every "
+            "node's spending composes their claims are added to it."
         )
     statement += unanswered
     return {

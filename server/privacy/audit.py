@@ -224,6 +224,7 @@ def audit(
     report["unverified"] = [
         {"line": lines[id(e)], "round": e["round"], "node": str(e["node"]), "reason": e["reason"]}
         | ({"epsilon": e["epsilon"]} if "epsilon" in e else {})
+        | _stated_delta(e.get("release"))
         for e in complete
         if e["kind"] == "unverified"
     ]
@@ -231,7 +232,9 @@ def audit(
         report["notes"].append(
             f"line(s) {', '.join(str(u['line']) for u in report['unverified'])}: privacy reports "
             "the server refused (malformed, outside the run's plan or not verifying); what they "
-            "claim spent is recorded there, not recomputed nor composed here"
+            "claim spent is recorded there, not recomputed: it is added to the guarantee where "
+            "every node's spending composes, the guarantee is never below it where one node's "
+            "applies"
         )
     if report["dp"] is False and not contributions:
         report["guarantee"] = (
@@ -289,6 +292,11 @@ def audit(
 
 
 # the entries a node's answer (or its absence) leaves besides its releases
+def _stated_delta(release: object) -> dict:
+    """``{"delta": ...}`` of a refused report's release as sent, where it states one."""
+    return {"delta": release["delta"]} if isinstance(release, dict) and "delta" in release else {}
+
+
 NODE_ENTRIES = ("refused", "declined", "unverified", "unanswered")
 
 

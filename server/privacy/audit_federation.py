@@ -19,13 +19,14 @@ import functools
 import math
 import reprlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from server.privacy import accounting
 from server.privacy.audit_calibration import GUARD_KEYS, _guard_sigma, _plan, _releases
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
+from server.privacy.claims import Claim, refused_claims, with_claims
 from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import planned_answer, request_purpose
 from shared.runs.config import MAX_TARGET_EPSILON
@@ -118,6 +119,7 @@ def federation_statement(
     outstanding: dict[str, list[dict]] | None = None,
     config: dict | None = None,
     believed: Callable[[dict], bool] = lambda c: False,
+    claimants: Iterable[str] = (),
 ) -> dict:
     """The customer-level guarantee both ways, as ``accounting.federation_guarantee`` states it
     (same keys), but composed here: ``one_node`` the worst node, ``all_nodes`` one PLD over
@@ -125,7 +127,8 @@ def federation_statement(
     ``outstanding`` request (node -> its unanswered entries) at :func:`counted_release` (the run's
     ``config`` gives the plan), and neither below the largest epsilon a node reported. A
     node's statement that its customers are its own alone counts where ``believed`` (by
-    default nowhere: the safe side)."""
+    default nowhere: the safe side); ``claimants``, the nodes whose reports the server
+    refused, vouched for nothing where they signed no release here."""
     nodes = by_node(contributions)
     deltas = accounting.node_deltas(contributions)
     one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
@@ -153,7 +156,8 @@ def federation_statement(
     extra = f", {accounted} missing contribution(s) at their node's costliest" if accounted else ""
     if unanswered:
         extra += f", {unanswered} unanswered request(s) counted as spent"
-    unvouched = accounting.unvouched_nodes(contributions, believed, unbounded - set(nodes))
+    silent = (unbounded | set(claimants)) - set(nodes)
+    unvouched = accounting.unvouched_nodes(contributions, believed, silent)
     statement = accounting.guarantee_statement(
         per_node, composed, delta, one_delta, all_delta, partition, unvouched, extra
     )
@@ -187,9 +191,11 @@ def audit_federation(
         report["guarantee"] = "no federation guarantee: the configured delta is unusable"
         return
     partition = str(config.get("partition", ""))
+    claims = refused_claims(report.get("unverified", []))
     fed = federation_statement(
-        contributions, config_delta or None, partition, outstanding, config, believed
+        contributions, config_delta or None, partition, outstanding, config, believed, claims
     )
+    fed = with_claims(fed, claims)
     report["federation"] = fed
     if partition == "regional" and fed["unvouched"]:
         report["notes"].append(_unvouched_note(fed, contributions))
@@ -212,7 +218,7 @@ def audit_federation(
         )
     elif fed["unbounded"]:  # and no target to state it at: nothing here bounds it
         fed["epsilon"] = math.inf
-    _claims_floor(report, fed)
+    _claims_note(report, claims, fed)
     title = "the guarantee that applies within the run's target epsilon"
     if not (is_number(target) and 0 < target <= MAX_TARGET_EPSILON):
         # nothing to hold it to (splitting 1e308 over a merchant run's nodes took hours: fuzzed)
@@ -239,18 +245,21 @@ def audit_federation(
     )
 
 
-def _claims_floor(report: dict, fed: dict) -> None:
-    """Never below what a refused report claims spent (``unverified``, as the server's
-    statement: server/federation/budget.py): the largest claim that is a number >= 0 raises the
-    federation's epsilon, and a note says so."""
-    claims = [u["epsilon"] for u in report.get("unverified", []) if is_number(u.get("epsilon"))]
-    claim = max([float(c) for c in claims if c >= 0], default=0.0)
-    if claim > fed["epsilon"]:
-        fed["epsilon"] = claim
-        report["notes"].append(
-            f"a report the server refused claims epsilon {claim:g} spent ('unverified'), more "
-            "than the ledger's releases compose to: the guarantee is stated at no less"
-        )
+def _claims_note(report: dict, claims: dict[str, Claim], fed: dict) -> None:
+    """Say how what refused reports claim spent (``unverified``) was counted (as the server's
+    statement counts it: server/privacy/claims.py)."""
+    if not claims:
+        return
+    largest = max(epsilon for epsilon, _ in claims.values())
+    how = (
+        "added to every node's composed spending"
+        if fed["applies"] == "all_nodes"
+        else "the worst node's guarantee is stated at no less"
+    )
+    report["notes"].append(
+        f"refused reports of {len(claims)} node(s) claim epsilon up to {largest:g} spent "
+        f"('unverified'), never recomputed: {how}"
+    )
 
 
 def _unvouched_note(fed: dict, contributions: list[dict]) -> str:

@@ -187,7 +187,14 @@ def prv_epsilon(accountant, delta: float) -> float:
     is recomputed with that relative error (finer grid, slower; never below
     :data:`PRV_SMALLEST_ERROR`). Opacus takes log(1 - q), log(0) for the releases that are not
     subsampled (q = 1, a private evaluation): numpy warns about the infinity, which the
-    formula then handles correctly, so the warning is silenced here."""
+    formula then handles correctly, so the warning is silenced here. It is computed over the
+    history merged (:func:`shared.recommender.prv_domain.merged`): one entry per noise
+    multiplier and sample rate, whatever the number of releases."""
+    from shared.recommender.prv_domain import merged, prv_accountant_class
+
+    history = merged(accountant.history)
+    accountant = prv_accountant_class()()
+    accountant.history = history
     with np.errstate(divide="ignore"):
         epsilon = float(accountant.get_epsilon(delta))
         finer = max(PRV_RELATIVE_ERROR * epsilon, PRV_SMALLEST_ERROR)

@@ -13,7 +13,7 @@ import torch
 from helpers import TEST_DEVICE, TINY_SETTINGS
 
 from client.client_app import valid_fraction
-from client.node import load_node, local_epochs, scored_catalog, train_node
+from client.node import load_node, local_epochs, private_sums, scored_catalog, train_node
 from shared.data.dataset import DataError, load_dataset
 from shared.data.partition import cold_item_indices, write_partitions
 from shared.federation.wire import ITEM_TABLES, trainable_state
@@ -141,3 +141,14 @@ def test_a_node_learns_its_histories_backwards_only_without_dp(
     forced = train_node(node, replace(config, reverse_histories="on"), state, server_round=1)
     assert forced["reversed"] is True and forced["customers"] == auto["customers"]
     assert forced["loss"] != auto["loss"]  # it trained on the reversed sequences too
+
+
+def test_a_private_answer_leaves_the_node_rounded_to_the_float32_grid() -> None:
+    """A private evaluation's or start guard's answer was the float64 sum of its customers'
+    values plus a float64 Gaussian, sent as it was: its low bits, finer than any float32
+    weight's, are what floating-point attacks on the Gaussian mechanism read (docs/privacy.md,
+    "Randomness"). It is rounded to float32 before it leaves, as a DP-SGD release is."""
+    values = np.random.default_rng(0).random((50, 3))
+    answers = np.concatenate([private_sums(values, 10.0) for _ in range(50)])
+    assert all(float(np.float32(answer)) == float(answer) for answer in answers)
+    assert abs(answers.mean() - values.sum(0).mean()) < 10.0  # still the noisy sums

@@ -1,14 +1,20 @@
-"""A node whose only report the server refused (``unverified``) claims spending the ledger's
-releases do not show: the run's statement is never below that claim
-(server/federation/budget.py), and the audit, composing the ledger itself, never states less
-than the server did (server/privacy/audit_federation.py)."""
+"""A node whose report the server refused (``unverified``) claims spending the ledger's releases
+do not show. Where the worst node's guarantee applies the run's statement is never below that
+claim; where every node's spending composes (a merchant run, or a regional one a node did not
+vouch for) the claim is added to the composition, since the node spent it on top of the others
+(server/privacy/claims.py). The audit, composing the ledger itself, never states less than the
+server did (server/privacy/audit_federation.py)."""
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
+
+import pytest
 
 from server.federation.budget import federation_privacy
 from server.privacy.audit import audit
+from server.privacy.claims import refused_claims
 from server.privacy.ledger import read_ledger
 from tests.server.test_audit_tampering import rechain
 from tests.server.test_ledger_audit import copy_run, write_planned_run
@@ -17,23 +23,79 @@ from tests.server.test_unanswered import _config
 CUSTOMERS = {"0": 1000, "1": 1000}
 
 
-def test_the_audit_never_states_less_than_a_refused_report_claims(tmp_path):
-    planned = read_ledger(
-        write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2, target=4.0, partition="merchant")
-        / "ledger.jsonl"
+def refused(node: str, claim: float, **release) -> dict:
+    """An ``unverified`` entry of ``node`` claiming ``claim`` (``release``: its release as sent)."""
+    entry = {"kind": "unverified", "round": 1, "node": node, "reason": "signature"}
+    return entry | {"epsilon": claim} | ({"release": release} if release else {})
+
+
+def planned(tmp_path, partition: str, vouch: bool | None = None) -> list[dict]:
+    out = tmp_path / f"run-{partition}"
+    run = write_planned_run(out, CUSTOMERS, rounds=2, target=4.0, partition=partition, vouch=vouch)
+    return read_ledger(run / "ledger.jsonl")
+
+
+def stated(entries: list[dict]) -> dict:
+    return federation_privacy(SimpleNamespace(entries=entries), _config(entries))
+
+
+def with_refused(entries: list[dict], *claims: dict, drop: str | None = None) -> list[dict]:
+    """``entries`` without ``drop``'s, the refused ``claims`` before the run's end, chained."""
+    kept = [copy.deepcopy(e) for e in entries if drop is None or e.get("node") != drop]
+    return rechain([*kept[:-1], *claims, kept[-1]])
+
+
+def test_a_merchant_runs_statement_adds_a_refused_nodes_claim_to_the_others(tmp_path):
+    """Node 1's every report was refused; it spent what it claims on top of node 0's releases:
+    the statement used to be the larger of the two (3.9), below their composition."""
+    entries = planned(tmp_path, "merchant")
+    claim = 3.9
+    alone = stated(with_refused(entries, drop="1"))
+    both = stated(with_refused(entries, refused("1", claim), drop="1"))
+    assert both["federation"]["applies"] == "all_nodes"
+    assert both["epsilon"] == pytest.approx(alone["epsilon"] + claim)
+    assert both["epsilon"] > claim  # the old statement: max(node 0's, the claim) = 3.9
+    # the claim states no delta: it counts at the largest a node states, 1 / (10 x 1000)
+    assert both["delta"] == pytest.approx(alone["delta"] + 1e-4)
+    report = audit(copy_run(with_refused(entries, refused("1", claim), drop="1"), tmp_path / "a"))
+    assert report["federation"]["epsilon"] >= both["epsilon"] * (1 - 1e-9)
+    assert report["federation"]["all_nodes"]["delta"] == pytest.approx(both["delta"])
+    assert any("claim epsilon up to 3.9" in note for note in report["notes"])
+
+
+def test_a_regional_node_whose_every_report_was_refused_vouched_for_nothing(tmp_path):
+    """Node 1 signed no release the server verified, so nothing says its customers are not
+    node 0's: every node's spending composes, the claim added (it was the worst node's)."""
+    entries = planned(tmp_path, "regional", vouch=True)
+    alone = stated(with_refused(entries, drop="1"))
+    assert alone["federation"]["applies"] == "one_node"
+    both = stated(with_refused(entries, refused("1", 0.5, delta=1e-6), drop="1"))
+    assert both["federation"]["applies"] == "all_nodes" and "1" in both["federation"]["unvouched"]
+    assert both["epsilon"] >= alone["epsilon"] + 0.5
+    report = audit(
+        copy_run(with_refused(entries, refused("1", 0.5, delta=1e-6), drop="1"), tmp_path / "a")
     )
-    claim = 3.9  # node 1's only report, refused: more than node 0's releases compose to
-    refused = {
-        "kind": "unverified",
-        "round": 1,
-        "node": "1",
-        "reason": "signature",
-        "epsilon": claim,
-    }
-    kept = [dict(e) for e in planned if e.get("node") != "1"]
-    entries = rechain([*kept[:-1], refused, kept[-1]])
-    stated = federation_privacy(SimpleNamespace(entries=entries), _config(entries))
-    assert stated["epsilon"] == claim
-    report = audit(copy_run(entries, tmp_path / "audited"))
-    assert report["federation"]["epsilon"] >= stated["epsilon"]
-    assert any("claims epsilon 3.9" in note for note in report["notes"])
+    assert report["federation"]["applies"] == "all_nodes"
+    assert report["federation"]["epsilon"] >= both["epsilon"] * (1 - 1e-9)
+
+
+def test_a_regional_node_that_vouched_keeps_the_worst_nodes_guarantee_at_its_claim(tmp_path):
+    """Node 1 vouched in releases the server verified; a later report refused claims more:
+    the worst node's guarantee still applies, never below the claim."""
+    entries = planned(tmp_path, "regional", vouch=True)
+    both = stated(with_refused(entries, refused("1", 9.5)))
+    assert both["federation"]["applies"] == "one_node"
+    assert both["epsilon"] == 9.5
+
+
+def test_claims_keep_each_nodes_largest_and_skip_what_is_no_spending():
+    claims = refused_claims(
+        [
+            refused("a", 0.2, delta=1e-5),
+            refused("a", 0.7),
+            refused("b", -1.0),
+            {**refused("c", 1.0), "release": "not a release"},
+            {"node": "d", "reason": "unparseable"},
+        ]
+    )
+    assert claims == {"a": (0.7, 1e-5), "c": (1.0, None)}

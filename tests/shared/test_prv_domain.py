@@ -8,7 +8,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
 from shared.recommender.prv_domain import prv_accountant_class, rdp_epsilon, rdp_of_one_step
-from shared.recommender.training import new_accountant
+from shared.recommender.training import new_accountant, prv_epsilon
 
 # a tiny node's two training rounds and its guard's answer (sample rate 1), and a merchant's
 # small sample rate over many steps
@@ -43,3 +43,27 @@ def test_the_rdp_of_a_step_is_computed_once_and_cannot_be_changed() -> None:
     assert rdp_of_one_step.cache_info().hits == 1
     with pytest.raises(ValueError, match="read-only"):
         first *= 2
+
+
+def test_a_nodes_epsilon_composes_one_prv_per_noise_and_rate_not_per_release(monkeypatch):
+    """A node's history holds an entry per release, and every cheap answer a server asked for
+    (noise 1e6) added a PRV to each of its epsilons: 200 made each take 80 s instead of 3.
+    Entries of one (noise, sample rate) are composed as one, their steps added: the same
+    epsilon as the merged history's."""
+    domains: list[int] = []
+    accountant_class = prv_accountant_class()
+    sized = accountant_class._get_domain
+
+    def counting(self, prvs, **sizing):  # noqa: ANN001, ANN003, ANN202
+        domains.append(len(prvs))
+        return sized(self, prvs=prvs, **sizing)
+
+    monkeypatch.setattr(accountant_class, "_get_domain", counting)
+    rounds, answers = [(2.0, 0.05, 120)] * 3, [(1e6, 1.0, 1)] * 40
+    releases = new_accountant()
+    releases.history = [*rounds, *answers, *rounds]
+    epsilon = prv_epsilon(releases, 1e-5)
+    assert domains and set(domains) == {2}
+    merged = new_accountant()
+    merged.history = [(2.0, 0.05, 720), (1e6, 1.0, 40)]
+    assert epsilon == prv_epsilon(merged, 1e-5)
