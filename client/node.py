@@ -34,6 +34,7 @@ from shared.recommender.training import (
     calibrate_noise,
     learns_reversed,
     passes_per_epoch,
+    select_trainable,
     steps_per_epoch,
     targets_within,
     train_epoch,
@@ -343,7 +344,12 @@ def _train_private(
 ) -> dict:
     """One private training round: checked against the budget and the order of the run's
     requests and charged (the accountant written to disk) under the accountant's lock, then
-    trained; a crash during training over-counts, never forgets."""
+    trained; a crash during training over-counts, never forgets. A request whose ``dp-train``
+    leaves nothing of this model to train is refused before any charge."""
+    try:
+        select_trainable(model, config.dp_train)
+    except ValueError as error:
+        return {"refused": True, "reason": str(error)}
     privacy = NodePrivacy(node.directory, position)
     delta, sample_rate, round_steps, budget = privacy_plan(config, policy, customers)
     with privacy.locked():  # no other release of this node between the check and the charge

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import TEST_DEVICE, TINY_SETTINGS
 
+from client.accountant import NodePrivacy
 from client.client_app import valid_fraction
 from client.node import load_node, local_epochs, private_sums, scored_catalog, train_node
 from shared.data.dataset import DataError, load_dataset
@@ -152,3 +153,23 @@ def test_a_private_answer_leaves_the_node_rounded_to_the_float32_grid() -> None:
     answers = np.concatenate([private_sums(values, 10.0) for _ in range(50)])
     assert all(float(np.float32(answer)) == float(answer) for answer in answers)
     assert abs(answers.mean() - values.sum(0).mean()) < 10.0  # still the noisy sums
+
+
+def test_a_private_request_that_trains_nothing_is_refused_before_any_charge(
+    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """``dp-train=bias`` asks a text-only model (no item biases) to train nothing: the node
+    refuses the request before its accountant charges anything (it charged, then failed)."""
+    directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
+    config = RunConfig(
+        **TINY_SETTINGS | {"variant": "text"},
+        device=TEST_DEVICE,
+        dp=True,
+        dp_train="bias",
+        text_model=str(tiny_bert_dir),
+    )
+    node = load_node(str(directory), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    result = train_node(node, config, trainable_state(model), server_round=1)
+    assert result["refused"] is True and "leaves nothing to train" in result["reason"]
+    assert NodePrivacy(directory).state["contributions"] == 0  # nothing charged
