@@ -133,6 +133,11 @@ def node_actors_per_worker(one_ray_per_worker):
     BasicActorPool.add_actors_to_pool, BasicActorPool.terminate_all_actors = add, terminate
 
 
+# what a node keeps per process besides functools caches: the encoder's frozen layers, the
+# catalog's text embeddings
+NODE_STORES = (("client.encoder", "_prefixes"), ("client.node", "_catalog_texts"))
+
+
 def made_fresh(actor) -> bool:  # noqa: ANN001
     """Whether ``actor`` answered :func:`fresh_process` (False: it is gone, or hangs)."""
     import ray
@@ -148,9 +153,14 @@ def made_fresh(actor) -> bool:  # noqa: ANN001
 
 def fresh_process(actor) -> int:  # noqa: ANN001
     """In a kept node actor: empty the ``functools`` cache of each fedrec module-level function
-    (a node's data, a model's fingerprint, its accountants' arithmetic), as in a new process.
-    Returns how many it emptied."""
+    (a node's data, a model's fingerprint, its accountants' arithmetic) and the node's own
+    per-process stores (:data:`NODE_STORES`), as in a new process. Returns how many it
+    emptied."""
     emptied = 0
+    for name, store in NODE_STORES:
+        if name in sys.modules:
+            getattr(sys.modules[name], store).clear()
+            emptied += 1
     for name, module in list(sys.modules.items()):
         if name.split(".")[0] not in ("client", "server", "shared", "simulations"):
             continue

@@ -3,9 +3,10 @@ as a new process would, but for their imports."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from conftest import fresh_process
+from conftest import NODE_STORES, fresh_process
 
 from shared.recommender import training
 from shared.recommender.text import model_fingerprint
@@ -21,6 +22,10 @@ def test_a_kept_actor_starts_its_next_run_with_fedrecs_caches_emptied(tmp_path: 
     assert training._planned_epsilon.cache_info().currsize > 0
     (tmp_path / "weights.bin").write_bytes(b"two")
     assert model_fingerprint(tmp_path) == before  # cached, as in a kept actor's process
-    assert fresh_process(None) >= 2
+    stores = [getattr(importlib.import_module(name), store) for name, store in NODE_STORES]
+    for store in stores:
+        store["a run's"] = "value"
+    assert fresh_process(None) >= 2 + len(stores)
     assert training._planned_epsilon.cache_info().currsize == 0
+    assert not any(stores)
     assert model_fingerprint(tmp_path) != before
