@@ -1,11 +1,12 @@
 """The audit's federation statement, its budget checks and metrics.json's claims.
 
-The audit composes the federation's guarantee itself, with dp-accounting's ``PLDAccountant``
-over the ledger's events, not with the function the server wrote metrics.json with
-(``accounting.federation_guarantee``). A contribution missing from a node's indices (before
-its first one here, or in a gap) is accounted at the node's costliest release, as the server
-records a lost one (server/privacy/ledger_gaps.py), and no statement is below an epsilon a
-node reported itself. A private request a node left unanswered and no later release settled
+The audit composes the federation's guarantee itself, the ledger's events composed as
+dp-accounting's ``PLDAccountant`` composes them (the same epsilon to the bit), not with the
+function the server wrote metrics.json with (``accounting.federation_guarantee``). A
+contribution missing from a node's indices (before its first one here, or in a gap) is accounted
+at the node's costliest release, as the server records a lost one
+(server/privacy/ledger_gaps.py), and no statement is below an epsilon a node reported itself. A
+private request a node left unanswered and no later release settled
 (server/privacy/ledger_gaps.py, ``outstanding_requests``) is composed as its node's costliest
 release of that purpose (an answer it never gave: its plan's one, :func:`counted_release`);
 while one of a node's is bounded by none of its releases, the guarantee is at least the run's
