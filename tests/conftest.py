@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -75,10 +76,10 @@ def one_ray_per_worker(tmp_path_factory: pytest.TempPathFactory):
     20 s on 2 cores each time; the suite's in-process runs share one Ray per test worker
     instead. The first run starts it with its own settings (simulations/simulate.py:
     backend_config; those of the suite's runs are all alike), later runs find it running
-    (Flower's RayBackend.init_ray), and it stops when the worker's session ends. Every run
-    still creates and terminates its own node actors, one at a time: Ray is given one CPU per
-    worker (the workers already outnumber the cores, so a second actor would only add its start
-    and its imports, about 12 s of CPU a private run).
+    (Flower's RayBackend.init_ray), and it stops when the worker's session ends. A run's node
+    actors run one at a time (kept for the next run: :func:`node_actors_per_worker`): Ray is
+    given one CPU per worker (the workers already outnumber the cores, so a second actor would
+    only add its start and its imports, about 12 s of CPU a private run).
 
     The workers start their Rays one at a time (:func:`one_at_a_time`): a Ray whose raylet has
     not registered within 30 s fails to start (ray/_private/node.py), and three starting
@@ -93,6 +94,81 @@ def one_ray_per_worker(tmp_path_factory: pytest.TempPathFactory):
     yield
     ray.shutdown, ray.init = shutdown, init
     shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def node_actors_per_worker(one_ray_per_worker):
+    """Flower's simulation engine creates its node actors (Ray worker processes) for every run
+    and terminates them after it: each new one imports torch, Opacus, transformers and Flower
+    again, about 5 s of CPU, in every run of the suite. Here the actors a run leaves idle are
+    kept for the test worker's next run and handed to it instead of new ones (Flower's
+    ``BasicActorPool``), each first made a fresh process but for its imports
+    (:func:`fresh_process`: the caches of fedrec's module-level functions emptied, so no run
+    sees another's data) and dropped if it no longer answers. Kept actors of other resources
+    are terminated first: they would hold the worker's one CPU."""
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    kept: list[tuple[tuple, object]] = []
+    add, terminate = BasicActorPool.add_actors_to_pool, BasicActorPool.terminate_all_actors
+
+    def add_kept(pool: BasicActorPool, num_actors: int) -> None:
+        wanted = tuple(sorted(pool.client_resources.items()))
+        mine = [actor for key, actor in kept if key == wanted]
+        for key, actor in kept:
+            if key != wanted:
+                actor.terminate.remote()
+        kept.clear()
+        reused = [actor for actor in mine[:num_actors] if made_fresh(actor)]
+        pool.pool.extend(reused)
+        pool.num_actors += len(reused)
+        add(pool, num_actors - len(reused))
+
+    def keep(pool: BasicActorPool) -> None:
+        key = tuple(sorted(pool.client_resources.items()))
+        kept.extend((key, actor) for actor in pool.pool)
+        pool.pool.clear()
+
+    BasicActorPool.add_actors_to_pool, BasicActorPool.terminate_all_actors = add_kept, keep
+    yield
+    BasicActorPool.add_actors_to_pool, BasicActorPool.terminate_all_actors = add, terminate
+
+
+# what a node keeps per process besides functools caches: the encoder's frozen layers, the
+# catalog's text embeddings
+NODE_STORES = (("client.encoder", "_prefixes"), ("client.node", "_catalog_texts"))
+
+
+def made_fresh(actor) -> bool:  # noqa: ANN001
+    """Whether ``actor`` answered :func:`fresh_process` (False: it is gone, or hangs)."""
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors lack tests/
+    try:
+        ray.get(actor.__ray_call__.remote(fresh_process), timeout=60)
+    except Exception:  # noqa: BLE001 - dead, hung or unreachable: a new actor replaces it
+        return False
+    return True
+
+
+def fresh_process(actor) -> int:  # noqa: ANN001
+    """In a kept node actor: empty the ``functools`` cache of each fedrec module-level function
+    (a node's data, a model's fingerprint, its accountants' arithmetic) and the node's own
+    per-process stores (:data:`NODE_STORES`), as in a new process. Returns how many it
+    emptied."""
+    emptied = 0
+    for name, store in NODE_STORES:
+        if name in sys.modules:
+            getattr(sys.modules[name], store).clear()
+            emptied += 1
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] not in ("client", "server", "shared", "simulations"):
+            continue
+        for value in list(vars(module).values()):
+            if callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
+                emptied += 1
+    return emptied
 
 
 def one_cpu(start: Callable[..., T], *args, **kwargs) -> T:
@@ -125,8 +201,8 @@ SLOW_GROUPS = (
     "tests/simulations/test_deploy_faults.py",
     "tests/simulations/test_federation.py::TestPrivateRun",
     "tests/simulations/test_federation.py::TestMerchantRun",
-    "tests/server/test_encoder_rounds.py::TestPrivateEncoderRun",
     "tests/simulations/test_interrupt.py",
+    "tests/server/test_encoder_rounds.py::TestPrivateEncoderRun",
     "tests/simulations/test_benchmarks.py::TestScale",
     "tests/server/test_node_dp.py::TestSecAggFederation",
     "tests/server/test_node_dp.py::TestPlainFederation",

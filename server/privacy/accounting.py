@@ -101,7 +101,7 @@ def contributions_to_dp_event(contributions: list[dict]) -> Any:
 
 
 @functools.lru_cache(maxsize=512)
-def _pld(
+def event_pld(
     mechanism: str,
     sigma: float,
     q: float,
@@ -121,11 +121,20 @@ def _pld(
             standard_deviation=sigma / math.sqrt(steps),
             value_discretization_interval=discretization,
         )
+    return _subsampled_step(sigma, q, discretization).self_compose(steps)
+
+
+@functools.lru_cache(maxsize=32)
+def _subsampled_step(sigma: float, q: float, discretization: float) -> Any:
+    """The PLD of one Poisson subsampled Gaussian step, cached apart from its self-compositions:
+    building it is most of a PLD's time (seconds, a Python loop over its grid), and a run's
+    statement and its audit compose the same step many times over (each release alone, a
+    node's rounds together, every node's together)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
     return pld.from_gaussian_mechanism(
-        standard_deviation=sigma,
-        sampling_prob=q,
-        value_discretization_interval=discretization,
-    ).self_compose(steps)
+        standard_deviation=sigma, sampling_prob=q, value_discretization_interval=discretization
+    )
 
 
 def _compose(a: Any, b: Any) -> Any:
@@ -145,7 +154,7 @@ def _epsilon(composed: Any, delta: float) -> float:
 
 
 def _composed_pld(contributions: list[dict]) -> Any:
-    return functools.reduce(_compose, (_pld(*_params(c)) for c in contributions), None)
+    return functools.reduce(_compose, (event_pld(*_params(c)) for c in contributions), None)
 
 
 def recompute_epsilon(contributions: list[dict], delta: float) -> float:
@@ -161,7 +170,7 @@ def recompute_epsilon(contributions: list[dict], delta: float) -> float:
 
 @functools.lru_cache(maxsize=1024)
 def _recomputed(releases: tuple[tuple[str, float, float, int], ...], delta: float) -> float:
-    return _epsilon(functools.reduce(_compose, (_pld(*r) for r in releases), None), delta)
+    return _epsilon(functools.reduce(_compose, (event_pld(*r) for r in releases), None), delta)
 
 
 def epsilon_curve(contributions: list[dict]) -> list[float]:
@@ -176,7 +185,7 @@ def _curve(releases: tuple[tuple[tuple[str, float, float, int], float], ...]) ->
     compose the same ones (seconds a node: a composition and an epsilon per release)."""
     composed, curve = None, []
     for params, delta in releases:
-        composed = _compose(composed, _pld(*params))
+        composed = _compose(composed, event_pld(*params))
         curve.append(_epsilon(composed, delta))
     return tuple(curve)
 
@@ -253,11 +262,11 @@ def _plan_pld(
     encoder: tuple[float, int] | None,
 ) -> Any:
     grid = PLAN_DISCRETIZATION
-    plan = _pld("poisson_subsampled_gaussian", sigma, q, steps * rounds, grid)
+    plan = event_pld("poisson_subsampled_gaussian", sigma, q, steps * rounds, grid)
     if encoder is not None:
-        plan = _compose(plan, _pld("poisson_subsampled_gaussian", sigma, *encoder, grid))
+        plan = _compose(plan, event_pld("poisson_subsampled_gaussian", sigma, *encoder, grid))
     for release_sigma, count in releases:
-        plan = _compose(plan, _pld("gaussian", release_sigma, 1.0, count, grid))
+        plan = _compose(plan, event_pld("gaussian", release_sigma, 1.0, count, grid))
     return plan
 
 

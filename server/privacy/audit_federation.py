@@ -1,11 +1,12 @@
 """The audit's federation statement, its budget checks and metrics.json's claims.
 
-The audit composes the federation's guarantee itself, with dp-accounting's ``PLDAccountant``
-over the ledger's events, not with the function the server wrote metrics.json with
-(``accounting.federation_guarantee``). A contribution missing from a node's indices (before
-its first one here, or in a gap) is accounted at the node's costliest release, as the server
-records a lost one (server/privacy/ledger_gaps.py), and no statement is below an epsilon a
-node reported itself. A private request a node left unanswered and no later release settled
+The audit composes the federation's guarantee itself, the ledger's events composed as
+dp-accounting's ``PLDAccountant`` composes them (the same epsilon to the bit), not with the
+function the server wrote metrics.json with (``accounting.federation_guarantee``). A
+contribution missing from a node's indices (before its first one here, or in a gap) is accounted
+at the node's costliest release, as the server records a lost one
+(server/privacy/ledger_gaps.py), and no statement is below an epsilon a node reported itself. A
+private request a node left unanswered and no later release settled
 (server/privacy/ledger_gaps.py, ``outstanding_requests``) is composed as its node's costliest
 release of that purpose (an answer it never gave: its plan's one, :func:`counted_release`);
 while one of a node's is bounded by none of its releases, the guarantee is at least the run's
@@ -55,8 +56,8 @@ def missing_releases(cs: list[dict]) -> tuple[int, dict | None]:
 
 
 def _pld_epsilon(events: list[tuple[dict, int]], delta: float) -> float:
-    """Epsilon at ``delta`` of ``events`` ((release, times) each) composed by dp-accounting's
-    own ``PLDAccountant``, equal releases self-composed."""
+    """Epsilon at ``delta`` of ``events`` ((release, times) each) composed as dp-accounting's
+    own ``PLDAccountant`` composes them, equal releases self-composed."""
     if any(times > MAX_MISSING for _, times in events):
         return math.inf
     steps: Counter = Counter()
@@ -73,21 +74,21 @@ def _composed_epsilon(
     steps: tuple[tuple[tuple[str, float, float], int], ...], delta: float
 ) -> float:
     """:func:`_pld_epsilon` of the self-composed ``steps`` ((mechanism, sigma, q), n), in
-    order. Cached per process: a pure function, seconds a call, and the audit composes the same
-    events per node and for all nodes, run after run of the same plan."""
-    import dp_accounting as dpa
-    from dp_accounting.pld import PLDAccountant
+    order: what ``PLDAccountant`` (grid ``VALUE_DISCRETIZATION``) gives for them, to the bit
+    (tests/server/test_ledger_audit.py), its steps' PLDs built as it builds them but shared with the
+    run's statement and the audit's other checks (``accounting.event_pld``: building them was
+    most of an audit's time). Cached per process: a pure function, seconds a call, and the
+    audit composes the same events per node and for all nodes, run after run of the same
+    plan."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
 
-    accountant = PLDAccountant(value_discretization_interval=accounting.VALUE_DISCRETIZATION)
+    composed = pld.identity(accounting.VALUE_DISCRETIZATION)  # the accountant's start
     for (mechanism, sigma, q), n in steps:
-        if n == 0 or (mechanism != "gaussian" and q == 0):
-            continue
-        if sigma == 0:
+        event = accounting.event_pld(mechanism, sigma, q, n)
+        if event is math.inf:
             return math.inf
-        gaussian = dpa.GaussianDpEvent(sigma)
-        event = gaussian if mechanism == "gaussian" else dpa.PoissonSampledDpEvent(q, gaussian)
-        accountant.compose(dpa.SelfComposedDpEvent(event, n))
-    return float(accountant.get_epsilon(delta))
+        composed = composed if event is None else composed.compose(event)
+    return float(composed.get_epsilon_for_delta(delta))
 
 
 def counted_release(cs: list[dict], purpose: str, config: dict) -> dict | None:

@@ -377,13 +377,13 @@ def test_a_release_no_run_spends_fails_before_any_pld_is_built(tmp_path, receipt
     microseconds, is above what any release of any run spends: it fails without a PLD."""
     entries = read_ledger(receipted / "ledger.jsonl")
     entries[1]["noise_multiplier"] = 1e-3
-    pld = accounting._pld
+    pld = accounting.event_pld
 
     def bounded_pld(mechanism, sigma, *args):
         assert sigma > 0.01, f"PLD asked for noise {sigma}"
         return pld(mechanism, sigma, *args)
 
-    monkeypatch.setattr(accounting, "_pld", bounded_pld)
+    monkeypatch.setattr(accounting, "event_pld", bounded_pld)
     report = audit(copy_run(rechain(entries), tmp_path / "tampered"))
     (problem,) = failed(report)["recomputed"]
     assert problem.startswith("node 0, line 2: spends epsilon") and "RDP bound" in problem

@@ -331,6 +331,32 @@ def test_recompute_equals_dp_accounting_pld_accountant():
     assert epsilon_curve([{**c, "delta": DELTA} for c in cs]) == curve
 
 
+@pytest.mark.parametrize("delta", [DELTA, 1e-7])
+def test_the_audits_composition_equals_dp_accountings_pld_accountant_to_the_bit(delta):
+    """The audit composes a federation's events itself (``_composed_epsilon``), from PLDs the
+    run's statement and its other checks share (one subsampled step built once for all its
+    self-compositions): exactly what dp-accounting's own ``PLDAccountant`` gives for them."""
+    import dp_accounting as dpa
+    from dp_accounting.pld import PLDAccountant
+
+    from server.privacy.audit_federation import _composed_epsilon
+
+    def accountant_epsilon(steps: tuple) -> float:
+        accountant = PLDAccountant(value_discretization_interval=1e-4)
+        for (mechanism, sigma, q), n in ((event, n) for event, n in steps if n):  # as before
+            gaussian = dpa.GaussianDpEvent(sigma)
+            event = gaussian if mechanism == "gaussian" else dpa.PoissonSampledDpEvent(q, gaussian)
+            accountant.compose(dpa.SelfComposedDpEvent(event, n))
+        return accountant.get_epsilon(delta)
+
+    subsampled = "poisson_subsampled_gaussian"
+    node = (((subsampled, 0.9, 0.25), 8), (("gaussian", 10.0, 1.0), 2), ((subsampled, 1.1, 0), 5))
+    both = (((subsampled, 0.9, 0.25), 16), ((subsampled, 0.9, 0.5), 4), node[1])  # same step
+    for steps in (node, both, (node[0], (("gaussian", 3.0, 1.0), 0))):
+        assert _composed_epsilon(steps, delta) == accountant_epsilon(steps), steps
+    assert _composed_epsilon((node[0], ((subsampled, 0.0, 0.25), 1)), delta) == math.inf
+
+
 def test_federation_guarantee_one_node_is_max_all_nodes_composes(honest):
     cs = [{**e, "exclusive_customers": True} for e in honest if e["kind"] == "contribution"]
     regional = federation_guarantee(cs, DELTA, "regional")  # every node vouched
