@@ -99,3 +99,30 @@ def test_claims_keep_each_nodes_largest_and_skip_what_is_no_spending():
         ]
     )
     assert claims == {"a": (0.7, 1e-5), "c": (1.0, None)}
+
+
+def unanswered(node: str) -> dict:
+    """A private request to ``node`` that went unanswered, no release of it bounding it."""
+    return {"kind": "unanswered", "round": 2, "node": node, "reason": "no reply"}
+
+
+@pytest.mark.parametrize("contributed", [True, False])
+def test_a_regional_claim_and_an_unbounded_node_both_count_at_their_plans(tmp_path, contributed):
+    """From the review: where no node vouched, each regional node was asked the whole target
+    (4) and every node's spending composes. Node 1's reports were refused (it claims 3.9) and
+    node 9 never answered (its plan: up to 4): a customer of both spent up to 7.9, on top of
+    node 0's releases. The statement took node 9's plan at the target times the nodes that
+    contributed or were unbounded, leaving node 1 out: 4 (none contributed) or 8, where the
+    nodes' plans keep 4 + 4 + 4."""
+    entries = planned(tmp_path, "regional")
+    if not contributed:
+        entries = [e for e in entries if e["kind"] != "contribution"]
+    ledger = with_refused(entries, refused("1", 3.9), unanswered("9"), drop="1")
+    statement = stated(ledger)
+    plans = 4.0 * (3 if contributed else 2)
+    assert statement["unbounded"] == ["9"]
+    assert statement["epsilon"] >= plans
+    if contributed:
+        report = audit(copy_run(ledger, tmp_path / "a"))
+        assert report["federation"]["applies"] == "all_nodes"
+        assert report["federation"]["epsilon"] >= plans
