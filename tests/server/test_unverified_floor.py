@@ -126,3 +126,23 @@ def test_a_regional_claim_and_an_unbounded_node_both_count_at_their_plans(tmp_pa
         report = audit(copy_run(ledger, tmp_path / "a"))
         assert report["federation"]["applies"] == "all_nodes"
         assert report["federation"]["epsilon"] >= plans
+
+
+def test_a_claim_stating_no_delta_is_never_stated_as_pure_dp(tmp_path):
+    """From the review: where no release states a delta (none verified) and the claim states
+    none, the audit stated the claim as (3.9, 0)-DP. It now counts at the largest delta a node
+    takes, 1 / (10 x one customer)."""
+    entries = [e for e in planned(tmp_path, "merchant") if e["kind"] != "contribution"]
+    report = audit(copy_run(with_refused(entries, refused("1", 3.9)), tmp_path / "a"))
+    assert report["federation"]["epsilon"] == 3.9
+    assert report["federation"]["all_nodes"]["delta"] == 0.1
+    assert report["guarantee"].startswith("(3.900, 0.1)-DP")
+
+
+def test_the_worst_nodes_delta_is_never_below_a_claims(tmp_path):
+    """From the review: the worst node's guarantee took a refused report's epsilon, not its
+    delta: a claim at delta 1e-3 was stated at the nodes' 1e-4."""
+    entries = planned(tmp_path, "regional", vouch=True)
+    both = stated(with_refused(entries, refused("1", 9.5, delta=1e-3)))
+    assert both["federation"]["applies"] == "one_node"
+    assert both["epsilon"] == 9.5 and both["delta"] == 1e-3
