@@ -222,7 +222,9 @@ def train_node(
             for _ in range(local_epochs(len(inputs), config))
         ]
         report["loss"] = float(np.mean(losses))
-        if config.counts_popularity and model.config.use_id:  # the server's prior, not under DP
+        # the server's prior: not under DP, and never from a deployed node, whose server the
+        # settings cannot vouch for (a server asking for counts there is no simulation's)
+        if config.counts_popularity and model.config.use_id and not policy.deployed:
             report[COUNTS] = history_counts(histories, model.config.num_items)
     trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     report["state"] = trained

@@ -197,6 +197,9 @@ class NodePolicy:
     max_step_activations: int | None = None
     max_answer_share: float | None = None
     exclusive_customers: bool | None = None  # None: a simulated node's split decides
+    # started with a ``data-dir``: a deployment's node, which sends no item counts whatever a
+    # request's settings say (client/node.py; only a simulation's server adds the prior)
+    deployed: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> NodePolicy:
@@ -253,6 +256,7 @@ class NodePolicy:
             exclusive_customers=None
             if exclusive is None
             else _flag(exclusive, "exclusive-customers"),
+            deployed=deployed,
         )
 
     def secagg_refusal(self, share_num: int, threshold: int) -> str | None:

@@ -110,9 +110,10 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             f" Refused reports claim up to epsilon {up(claim, 3)} ('unverified')." if claims else ""
         )
         # nothing recorded bounds an unanswered node's spending but its plan: the target, or
-        # in a regional run (each node asked the whole target, none vouched) the target at each;
-        # no node vouched, so the claims add up (server/privacy/claims.py)
-        whole = len(unbounded) if config.partition == "regional" else 1
+        # in a regional run (each node asked the whole target, none vouched) the target at each
+        # node that spent, a refused one's too; no node vouched, so the claims add up
+        # (server/privacy/claims.py)
+        whole = len(set(unbounded) | set(claims)) if config.partition == "regional" else 1
         floor = [
             *([sum(claims.values())] if claims else []),
             *([config.target_epsilon * whole] if unbounded else []),
@@ -132,9 +133,11 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     federation = with_claims(federation, refused)
     epsilon, delta = federation["epsilon"], federation[federation["applies"]]["delta"]
     # an unbounded node kept its plan at most: the target, or, where every node was asked the
-    # whole target (regional) but the composition applies, the target at each node
+    # whole target (regional) but the composition applies, the target at each node (a node
+    # whose reports were refused spent too)
     whole = config.partition == "regional" and federation["applies"] == "all_nodes"
-    floor = config.target_epsilon * (len(set(nodes) | set(unbounded)) if whole else 1)
+    spent = set(nodes) | set(unbounded) | set(claims)
+    floor = config.target_epsilon * (len(spent) if whole else 1)
     epsilon = max([epsilon, *([floor] if unbounded else [])])
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "

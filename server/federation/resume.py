@@ -8,6 +8,7 @@ import reprlib
 from pathlib import Path
 
 from server.federation.encoder_rounds import encoder_pin
+from server.federation.strategy import MAX_CUSTOMERS
 from server.privacy.ledger import unpinned
 from shared.runs.checkpoint import Checkpoint, non_finite
 
@@ -65,7 +66,8 @@ def resume_problem(state: dict, progress: dict, expected: dict, num_items: int) 
 
 def _counts_fit(stored: object, num_items: int) -> bool:
     """Whether a checkpoint's ``counts`` (server/federation/popularity.py) are, per node,
-    products of the catalog and as many counts, none negative."""
+    products of the catalog and as many counts, each in [0, :data:`MAX_CUSTOMERS`] as a
+    node's reply is held to (larger ones overflowed the counts' int64, or their sum)."""
 
     def whole(value: object, below: float) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < below
@@ -76,6 +78,6 @@ def _counts_fit(stored: object, num_items: int) -> bool:
         and all(isinstance(part, list) for part in held)
         and len(held[0]) == len(held[1])
         and all(whole(item, num_items) for item in held[0])
-        and all(whole(count, float("inf")) for count in held[1])
+        and all(whole(count, MAX_CUSTOMERS + 1) for count in held[1])
         for held in stored.values()
     )

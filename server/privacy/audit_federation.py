@@ -205,9 +205,11 @@ def audit_federation(
     if fed["unbounded"] and is_number(target):
         # what their plans keep: the target where each node's budget was a share of it; where
         # every node was asked the whole target (regional) but the composition applies (a node
-        # did not vouch), the target at each node, composed basically
+        # did not vouch), the target at each node that spent (a refused one's too), composed
+        # basically
         whole = partition == "regional" and fed["applies"] == "all_nodes"
-        floor = float(target) * (len(set(fed["per_node"]) | set(fed["unbounded"])) if whole else 1)
+        spent = set(fed["per_node"]) | set(fed["unbounded"]) | set(claims)
+        floor = float(target) * (len(spent) if whole else 1)
         fed["epsilon"] = max(fed["epsilon"], floor)
         report["notes"].append(
             f"node(s) {', '.join(fed['unbounded'])} left private requests unanswered that no "

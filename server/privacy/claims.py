@@ -3,15 +3,16 @@
 A report the server refused (malformed, outside the run's plan, another node's, or not
 verifying: an ``unverified`` ledger entry) is never recomputed, but its node may have spent what
 it claims: its accountant charged before the reply left. Where the worst node's guarantee
-applies (a regional run, every node vouching), no statement is below the largest claim. Where
-every node's spending composes (a customer may have data at every node), a claim is spending on
-top of the composed releases: the claiming node's largest claim is added by basic composition,
-epsilons and deltas adding (a claim whose release states no delta counts at the largest delta
-a node states), since the claim is a figure, not a release the PLD could compose. Taking only
-the largest claim there stated a merchant federation in which one node's every release was
-refused at what the other nodes composed to, below what they spent together. A node that
-claims spending but signed no verified release vouched for nothing: its customers may be
-anyone's (``silent`` in server/privacy/accounting.py, ``unvouched_nodes``). The run's statement
+applies (a regional run, every node vouching), no statement is below the largest claim, nor its
+delta below a claim's. Where every node's spending composes (a customer may have data at every
+node), a claim is spending on top of the composed releases: the claiming node's largest claim is
+added by basic composition, epsilons and deltas adding (a claim whose release states no delta
+counts at the largest delta a node states, or at the largest a node takes where none states
+one), since the claim is a figure, not a release the PLD could compose. Taking only the largest
+claim there stated a merchant federation in which one node's every release was refused at what
+the other nodes composed to, below what they spent together. A node that claims spending but
+signed no verified release vouched for nothing: its customers may be anyone's (``silent`` in
+server/privacy/accounting.py, ``unvouched_nodes``). The run's statement
 (server/federation/budget.py) and the audit (server/privacy/audit_federation.py) both count
 claims here.
 """
@@ -21,8 +22,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from server.privacy.ledger import is_number
+from shared.runs.config import RunConfig
 
 Claim = tuple[float, float | None]  # (largest epsilon claimed, largest delta stated or None)
+# the largest delta a node takes (1 / (10 x its declared customers), at least one customer): a
+# claim's where neither it nor any release of the run states one
+LARGEST_NODE_DELTA = RunConfig().customer_delta(1)
 
 
 def refused_claims(entries: Iterable[dict]) -> dict[str, Claim]:
@@ -47,18 +52,22 @@ def refused_claims(entries: Iterable[dict]) -> dict[str, Claim]:
 
 def with_claims(statement: dict, claims: dict[str, Claim]) -> dict:
     """``statement`` (``accounting.guarantee_statement``'s keys) counting ``claims``: the
-    worst node's guarantee (``one_node``) never below the largest claim; every node's
+    worst node's guarantee (``one_node``) never below the largest claim, nor its delta below
+    a claim's; every node's
     composed (``all_nodes``, and its ``basic_composition``) plus each claim, its delta added
-    (the largest delta a node states where the claim states none); ``epsilon`` is the one
+    (the largest delta a node states where the claim states none, :data:`LARGEST_NODE_DELTA`
+    where none does: a claim alone was stated as pure DP, delta 0); ``epsilon`` is the one
     that applies. A new dict; ``statement`` is left as it was."""
     if not claims:
         return statement
     largest = max(epsilon for epsilon, _ in claims.values())
     added = sum(epsilon for epsilon, _ in claims.values())
-    fallback = max([statement["one_node"]["delta"], *(d for _, d in claims.values() if d)])
+    stated = [statement["one_node"]["delta"], *(d for _, d in claims.values() if d)]
+    fallback = max(stated) or LARGEST_NODE_DELTA
     deltas = sum(fallback if delta is None else delta for _, delta in claims.values())
     one, every = dict(statement["one_node"]), dict(statement["all_nodes"])
     one["epsilon"] = max(one["epsilon"], largest)
+    one["delta"] = max([one["delta"], *(fallback if d is None else d for _, d in claims.values())])
     basic = every["basic_composition"]
     every |= {
         "epsilon": every["epsilon"] + added,

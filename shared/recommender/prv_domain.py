@@ -15,6 +15,7 @@ order, so every epsilon is the one Opacus computes, to the bit
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -28,11 +29,30 @@ def merged(history: list[Entry]) -> list[Entry]:
     entries, not with the releases. A node's history holds an entry per release, and each cheap
     private answer a server asks for (noise 1e6, a spend of about 1e-5) added one: 200 of them
     made every epsilon of a node of six training rounds take 80 s instead of 3 (merged: 0.6 s;
-    2-core CPU), and its answer share allows billions."""
+    2-core CPU), and its answer share allows billions. The releases that are not subsampled
+    (sample rate 1: private answers) are one Gaussian together, whatever their noise
+    multipliers, where they are of more than one (:func:`_gaussians`): a server that asked
+    each answer at another noise (1e6, 1e6 + 1, ...) made as many entries again (60 took
+    each epsilon from 0.3 s to 7.9 s; review)."""
     steps: dict[tuple[float, float], int] = {}
-    for sigma, q, n in history:
+    for sigma, q, n in _gaussians(history):
         steps[(sigma, q)] = steps.get((sigma, q), 0) + n
     return [(sigma, q, n) for (sigma, q), n in steps.items()]
+
+
+def _gaussians(history: list[Entry]) -> list[Entry]:
+    """``history`` with its Gaussian releases (sample rate 1, noise > 0) of more than one noise
+    multiplier made one, where the first of them is: n_i releases at noise multipliers sigma_i
+    compose exactly into one Gaussian of noise 1 / sqrt(sum n_i / sigma_i^2) (their privacy
+    losses are Gaussian, and add; Dong, Roth and Su 2022, Corollary 3.3)."""
+    gaussian = [i for i, (sigma, q, n) in enumerate(history) if q == 1 and sigma > 0 and n > 0]
+    if len({history[i][0] for i in gaussian}) < 2:
+        return history
+    noise = 1 / math.sqrt(sum(history[i][2] / history[i][0] ** 2 for i in gaussian))
+    folded = set(gaussian)
+    kept = [entry for i, entry in enumerate(history) if i not in folded]
+    at = gaussian[0]  # entries before the first Gaussian are all kept
+    return [*kept[:at], (noise, 1.0, 1), *kept[at:]]
 
 
 @functools.lru_cache(maxsize=4096)

@@ -15,9 +15,10 @@ from helpers import TEST_DEVICE, TINY_SETTINGS
 from client.accountant import NodePrivacy
 from client.client_app import valid_fraction
 from client.node import load_node, local_epochs, private_sums, scored_catalog, train_node
+from client.policy import NodePolicy
 from shared.data.dataset import DataError, load_dataset
 from shared.data.partition import cold_item_indices, write_partitions
-from shared.federation.wire import ITEM_TABLES, trainable_state
+from shared.federation.wire import COUNTS, ITEM_TABLES, trainable_state
 from shared.recommender.model import FusionRecommender
 from shared.recommender.text import embed_items
 from shared.runs.config import RunConfig
@@ -173,3 +174,29 @@ def test_a_private_request_that_trains_nothing_is_refused_before_any_charge(
     result = train_node(node, config, trainable_state(model), server_round=1)
     assert result["refused"] is True and "leaves nothing to train" in result["reason"]
     assert NodePrivacy(directory).state["contributions"] == 0  # nothing charged
+
+
+def test_popularity_counts_leave_a_simulated_node_without_dp_and_never_a_deployed_one(
+    tiny_synth_dataset_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """From the review: the counts (the server's popularity prior) left any node whose request
+    asked for them without DP, a deployed one too, though a deployment adds no prior: the
+    request's settings are the server's to write. Now a simulated node sends them (per
+    product, how many of its histories hold it, at most its customers) and a deployed one
+    (``data-dir`` in its node config) never does."""
+    directory = write_partitions(load_dataset(tiny_synth_dataset_dir), tmp_path, 2)[0]
+    config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, text_model=str(tiny_bert_dir))
+    assert config.counts_popularity
+    node = load_node(str(directory), config.text_model)
+    model = FusionRecommender(config.model_config(len(node.text), node.text.shape[1]), node.text)
+    state = trainable_state(model)
+    simulated = train_node(node, config, state, server_round=1)
+    counts = simulated[COUNTS]
+    assert counts.shape == (len(node.text),) and counts.dtype.kind == "i"
+    assert counts.min() >= 0 and 0 < counts.max() <= simulated["customers"]
+    deployed = NodePolicy.from_node_config(
+        {"data-dir": str(directory), "require-dp": False, "min-exact-customers": 0}
+    )
+    assert deployed.deployed
+    sent = train_node(node, config, state, server_round=1, policy=deployed)
+    assert "state" in sent and COUNTS not in sent

@@ -260,6 +260,10 @@ def test_a_checkpoint_without_its_ledger_pin_is_not_resumed(tmp_path, progress, 
         (lambda s, p: p.update(counts={"a": [[0, 1], [1]]}), "item counts of the catalog's 5"),
         (lambda s, p: p.update(counts={"a": 3}), "item counts of the catalog's 5"),
         (lambda s, p: p.update(counts=[]), "item counts of the catalog's 5"),
+        # from the review: past int64 it crashed the resume; past a node's most customers
+        # (MAX_CUSTOMERS, as a reply is held to) the nodes' sum wrapped round to negative
+        (lambda s, p: p.update(counts={"a": [[0], [10**30]]}), "item counts of the catalog's 5"),
+        (lambda s, p: p.update(counts={"a": [[0], [2**62]]}), "item counts of the catalog's 5"),
     ],
 )
 def test_a_checkpoint_edited_or_of_another_model_is_named_not_resumed(edit, words):

@@ -99,3 +99,50 @@ def test_claims_keep_each_nodes_largest_and_skip_what_is_no_spending():
         ]
     )
     assert claims == {"a": (0.7, 1e-5), "c": (1.0, None)}
+
+
+def unanswered(node: str) -> dict:
+    """A private request to ``node`` that went unanswered, no release of it bounding it."""
+    return {"kind": "unanswered", "round": 2, "node": node, "reason": "no reply"}
+
+
+@pytest.mark.parametrize("contributed", [True, False])
+def test_a_regional_claim_and_an_unbounded_node_both_count_at_their_plans(tmp_path, contributed):
+    """From the review: where no node vouched, each regional node was asked the whole target
+    (4) and every node's spending composes. Node 1's reports were refused (it claims 3.9) and
+    node 9 never answered (its plan: up to 4): a customer of both spent up to 7.9, on top of
+    node 0's releases. The statement took node 9's plan at the target times the nodes that
+    contributed or were unbounded, leaving node 1 out: 4 (none contributed) or 8, where the
+    nodes' plans keep 4 + 4 + 4."""
+    entries = planned(tmp_path, "regional")
+    if not contributed:
+        entries = [e for e in entries if e["kind"] != "contribution"]
+    ledger = with_refused(entries, refused("1", 3.9), unanswered("9"), drop="1")
+    statement = stated(ledger)
+    plans = 4.0 * (3 if contributed else 2)
+    assert statement["unbounded"] == ["9"]
+    assert statement["epsilon"] >= plans
+    if contributed:
+        report = audit(copy_run(ledger, tmp_path / "a"))
+        assert report["federation"]["applies"] == "all_nodes"
+        assert report["federation"]["epsilon"] >= plans
+
+
+def test_a_claim_stating_no_delta_is_never_stated_as_pure_dp(tmp_path):
+    """From the review: where no release states a delta (none verified) and the claim states
+    none, the audit stated the claim as (3.9, 0)-DP. It now counts at the largest delta a node
+    takes, 1 / (10 x one customer)."""
+    entries = [e for e in planned(tmp_path, "merchant") if e["kind"] != "contribution"]
+    report = audit(copy_run(with_refused(entries, refused("1", 3.9)), tmp_path / "a"))
+    assert report["federation"]["epsilon"] == 3.9
+    assert report["federation"]["all_nodes"]["delta"] == 0.1
+    assert report["guarantee"].startswith("(3.900, 0.1)-DP")
+
+
+def test_the_worst_nodes_delta_is_never_below_a_claims(tmp_path):
+    """From the review: the worst node's guarantee took a refused report's epsilon, not its
+    delta: a claim at delta 1e-3 was stated at the nodes' 1e-4."""
+    entries = planned(tmp_path, "regional", vouch=True)
+    both = stated(with_refused(entries, refused("1", 9.5, delta=1e-3)))
+    assert both["federation"]["applies"] == "one_node"
+    assert both["epsilon"] == 9.5 and both["delta"] == 1e-3
