@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.privacy import accounting
-from server.privacy.claims import refused_claims, with_claims
+from server.privacy.claims import planned_floor, refused_claims, with_claims
 from server.privacy.ledger import PrivacyLedger
 from server.privacy.ledger_gaps import outstanding_releases
 from shared.federation.node_directory import NodeInfo
@@ -114,14 +114,11 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         # node that spent, a refused one's too; no node vouched, so the claims add up
         # (server/privacy/claims.py)
         whole = len(set(unbounded) | set(claims)) if config.partition == "regional" else 1
-        floor = [
-            *([sum(claims.values())] if claims else []),
-            *([config.target_epsilon * whole] if unbounded else []),
-        ]
+        floor = planned_floor(config.target_epsilon, whole if unbounded else 0, refused)
         return {
             "unit": NODE_UNIT,
             "per_node": {},
-            **({"epsilon": max(floor)} if floor else {}),
+            **({"epsilon": floor} if claims or unbounded else {}),
             **unverified,
             **never,
             "statement": statement + unanswered,
@@ -137,7 +134,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     # whose reports were refused spent too)
     whole = config.partition == "regional" and federation["applies"] == "all_nodes"
     spent = set(nodes) | set(unbounded) | set(claims)
-    floor = config.target_epsilon * (len(spent) if whole else 1)
+    floor = planned_floor(config.target_epsilon, len(spent) if whole else 1, refused)
     epsilon = max([epsilon, *([floor] if unbounded else [])])
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "

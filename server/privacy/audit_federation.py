@@ -27,7 +27,7 @@ from typing import Any
 from server.privacy import accounting
 from server.privacy.audit_calibration import GUARD_KEYS, _guard_sigma, _plan, _releases
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
-from server.privacy.claims import Claim, refused_claims, with_claims
+from server.privacy.claims import Claim, planned_floor, refused_claims, with_claims
 from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import planned_answer, request_purpose
 from shared.runs.config import MAX_TARGET_EPSILON
@@ -209,7 +209,7 @@ def audit_federation(
         # basically
         whole = partition == "regional" and fed["applies"] == "all_nodes"
         spent = set(fed["per_node"]) | set(fed["unbounded"]) | set(claims)
-        floor = float(target) * (len(spent) if whole else 1)
+        floor = planned_floor(float(target), len(spent) if whole else 1, claims)
         fed["epsilon"] = max(fed["epsilon"], floor)
         report["notes"].append(
             f"node(s) {', '.join(fed['unbounded'])} left private requests unanswered that no "
@@ -218,6 +218,7 @@ def audit_federation(
             f"at {floor:g} (the run's target {target:g}"
             + (" at each node" if whole else "")
             + "), what their plans keep if they followed them"
+            + (", plus every refused report's claim" if claims else "")
         )
     elif fed["unbounded"]:  # and no target to state it at: nothing here bounds it
         fed["epsilon"] = math.inf

@@ -81,3 +81,11 @@ def with_claims(statement: dict, claims: dict[str, Claim]) -> dict:
     counted = {**statement, "one_node": one, "all_nodes": every}
     counted["epsilon"] = counted[counted["applies"]]["epsilon"]
     return counted
+
+
+def planned_floor(target: float, nodes: int, claims: dict[str, Claim]) -> float:
+    """The least a run states while a node's spending is bounded by none of its releases: the
+    ``target`` at ``nodes`` (what their plans keep, if they followed them) plus every refused
+    report's claim, which is all that is known of a node that may have left its plan (the
+    larger of the two alone was below both spent together)."""
+    return target * nodes + sum(epsilon for epsilon, _ in claims.values())

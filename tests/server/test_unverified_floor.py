@@ -107,6 +107,24 @@ def unanswered(node: str) -> dict:
 
 
 @pytest.mark.parametrize("contributed", [True, False])
+def test_a_merchant_claim_past_its_plan_and_an_unbounded_node_add_up(tmp_path, contributed):
+    """A merchant run's plans keep the target (4) over every node together, node 9 never
+    answered (bounded only by its plan), node 1's refused reports claim 5, past its plan: a
+    customer of both spent up to its claim plus what node 9's plan keeps. The statement took
+    the larger of the two alone (5, or the target)."""
+    entries = planned(tmp_path, "merchant")
+    if not contributed:
+        entries = [e for e in entries if e["kind"] != "contribution"]
+    ledger = with_refused(entries, refused("1", 5.0), unanswered("9"), drop="1")
+    statement = stated(ledger)
+    assert statement["unbounded"] == ["9"]
+    assert statement["epsilon"] >= 4.0 + 5.0
+    if contributed:
+        report = audit(copy_run(ledger, tmp_path / "a"))
+        assert report["federation"]["epsilon"] >= 4.0 + 5.0
+
+
+@pytest.mark.parametrize("contributed", [True, False])
 def test_a_regional_claim_and_an_unbounded_node_both_count_at_their_plans(tmp_path, contributed):
     """From the review: where no node vouched, each regional node was asked the whole target
     (4) and every node's spending composes. Node 1's reports were refused (it claims 3.9) and
