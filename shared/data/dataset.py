@@ -186,7 +186,12 @@ def parse_timestamps(values: pd.Series, path: Path) -> np.ndarray:
     bad = seconds.isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(path, f"unparseable timestamp {values.iloc[row]!r}", row=row + 1)
+        raise DataError(
+            path,
+            f"unparseable timestamp {values.iloc[row]!r}: expected unix seconds or ISO 8601 "
+            "(2019-10-01T00:00:00Z; a zone written as ' UTC' is not ISO 8601)",
+            row=row + 1,
+        )
     outside = ~seconds.between(EARLIEST_SECONDS, LATEST_SECONDS)
     if outside.any():
         row = int(np.flatnonzero(outside.to_numpy())[0])

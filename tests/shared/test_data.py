@@ -61,6 +61,13 @@ def load_error(path: Path) -> DataError:
             2,
             "unparseable timestamp 'yesterday'",
         ),
+        (  # a shop tracker's export (REES46): the error says what would be read
+            "interactions",
+            INTERACTIONS.replace("200", "2019-10-01 00:00:00 UTC"),
+            "interactions.csv",
+            2,
+            "'2019-10-01 00:00:00 UTC': expected unix seconds or ISO 8601 (2019-10-01T00:00:00Z",
+        ),
         (
             "interactions",
             INTERACTIONS.replace("u2,a", "u2,zz"),
