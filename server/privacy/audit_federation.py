@@ -132,6 +132,7 @@ def federation_statement(
     refused, vouched for nothing where they signed no release here."""
     nodes = by_node(contributions)
     deltas = accounting.node_deltas(contributions)
+    delta = accounting.used_delta(delta, deltas.values())
     one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
     all_delta = delta if delta is not None else sum(deltas.values())
     events: dict[str, list[tuple[dict, int]]] = {}

@@ -443,3 +443,21 @@ def test_a_malformed_canaries_json_fails_the_empirical_check(tmp_path, receipted
     (out / "canaries.json").write_bytes(text)
     (problem,) = failed(audit(out))["empirical"]
     assert problem.startswith(f"{out / 'canaries.json'}: {words}")
+
+
+def test_a_run_delta_no_node_used_does_not_lower_the_audits_statement(tmp_path, signed):
+    """A run's start stating delta 0.5, above every node's own (which each node took, the
+    smaller): every contribution is within it, and the audit stated the composition over the
+    nodes at 0.5, 3.99 against 4.93 at their own deltas, and passed the target 4 the honest
+    ledger fails. A delta no node used is not used: the statement is the one at the nodes'
+    own."""
+    entries = [dict(e) for e in read_ledger(signed / "ledger.jsonl")]
+    entries[0]["config"] = {**entries[0]["config"], "partition": "merchant"}
+    honest = audit(copy_run(rechain(entries), tmp_path / "honest"), node_keys=signed / "node-keys")
+    entries[0]["config"] = {**entries[0]["config"], "delta": 0.5}
+    raised = audit(copy_run(rechain(entries), tmp_path / "raised"), node_keys=signed / "node-keys")
+    fed, own = raised["federation"], honest["federation"]
+    assert fed["applies"] == own["applies"] == "all_nodes"
+    assert fed["epsilon"] == own["epsilon"]
+    assert fed["all_nodes"]["delta"] == own["all_nodes"]["delta"] < 1 / sum(CUSTOMERS.values())
+    assert "federation_budget" in failed(honest) and "federation_budget" in failed(raised)
