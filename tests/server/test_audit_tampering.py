@@ -461,3 +461,29 @@ def test_a_run_delta_no_node_used_does_not_lower_the_audits_statement(tmp_path, 
     assert fed["epsilon"] == own["epsilon"]
     assert fed["all_nodes"]["delta"] == own["all_nodes"]["delta"] < 1 / sum(CUSTOMERS.values())
     assert "federation_budget" in failed(honest) and "federation_budget" in failed(raised)
+
+
+def test_metrics_json_stating_a_smaller_delta_or_no_number_fails(tmp_path, receipted):
+    """metrics.json's statement at the recomputed epsilon but a delta far below the
+    guarantee's (1e-12: at it the epsilon is far larger) passed, as did an epsilon written as
+    text; only a delta above the guarantee's failed."""
+    out = copy_run(read_ledger(receipted / "ledger.jsonl"), tmp_path / "run")
+    report = audit(out)
+    fed = report["federation"]
+    per_node = {n["node"]: n["reported_epsilon"] for n in report["nodes"]}
+    established = fed[fed["applies"]]["delta"]
+
+    def problems(**privacy) -> list[str]:
+        statement = {"privacy": {**privacy, "per_node": per_node}}
+        (out / "metrics.json").write_text(json.dumps(statement))
+        return failed(audit(out)).get("metrics", [])
+
+    assert problems(epsilon=fed["epsilon"], delta=established) == []
+    (small,) = problems(epsilon=fed["epsilon"], delta=1e-12)
+    assert small.startswith("metrics.json states delta 1e-12, below the guarantee's")
+    assert problems(epsilon=str(fed["epsilon"] / 10), delta=established) == [
+        f"metrics.json's epsilon '{fed['epsilon'] / 10}' is not a number"
+    ]
+    assert problems(epsilon=fed["epsilon"], delta="1e-12") == [
+        "metrics.json's delta '1e-12' is not a number"
+    ]
