@@ -16,6 +16,7 @@ from server.privacy import accounting
 from server.privacy.accounting import epsilon_curve, federation_guarantee
 from server.privacy.audit import audit
 from server.privacy.audit_federation import federation_statement
+from server.privacy.audit_node_level import calibrate_node_sigma
 from server.privacy.ledger import GENESIS, PrivacyLedger, entry_hash, read_ledger
 from server.privacy.node_privacy import NodeLevelDP
 from shared.federation.signing import NodeKey
@@ -486,4 +487,21 @@ def test_metrics_json_stating_a_smaller_delta_or_no_number_fails(tmp_path, recei
     ]
     assert problems(epsilon=fed["epsilon"], delta="1e-12") == [
         "metrics.json's delta '1e-12' is not a number"
+    ]
+
+
+def test_a_node_delta_not_below_one_over_the_nodes_fails_the_node_level_check(tmp_path):
+    """A node-dp run's start stating node_delta 0.5 over 2 nodes, each release at that delta
+    and at the noise it calibrates to: every entry agreed with the plan and the check passed,
+    for a guarantee that publishing one node's update outright meets."""
+    sigma = calibrate_node_sigma(1.0, 0.5, 3)
+    out = node_level_ledger(
+        tmp_path / "run", 3, lambda e: e.update(delta=0.5, noise_multiplier=sigma)
+    )
+    entries = read_ledger(out / "ledger.jsonl")
+    entries[0]["config"] = {**entries[0]["config"], "node_delta": 0.5}
+    report = audit(copy_run(rechain(entries), tmp_path / "loose"))
+    assert failed(report)["node_level"] == [
+        "the configured node_delta 0.5 is not below 1/2 nodes: at it, publishing one node's "
+        "update outright meets the node-level guarantee"
     ]
