@@ -11,8 +11,9 @@ max-epsilon=4"``; in ``fedrec simulate`` and ``fedrec deploy local`` from ``--no
 - ``max-delta``: the largest delta the node accepts. The node picks its own delta in any case:
   ``1 / (10 x declared customers)`` or smaller (see :meth:`NodePolicy.delta`).
 - ``declared-customers``: the node's customer figure made public in place of its exact count
-  (it sets the DP sample rate and is sent as the node's weight). Default: ``customers`` in the
-  node's ``node.json``, else the exact count rounded down to two significant figures.
+  (it sets the DP sample rate and delta and is sent as the node's weight), a whole number
+  >= 1. Default: ``customers`` in the node's ``node.json``, else the exact count rounded down
+  to two significant figures.
 - ``min-exact-customers``: the fewest customers an exact (non-DP) evaluation figure may
   describe; a test or validation figure over fewer is left out of the node's answer, so that
   an operator cannot read one customer's hit by shrinking ``valid-fraction``. Default 50 for a
@@ -237,7 +238,7 @@ class NodePolicy:
             max_delta=None if max_delta is None else _positive(max_delta, "max-delta", 1.0),
             declared_customers=None
             if declared is None
-            else int(_positive(declared, "declared-customers")),
+            else _at_least_one(declared, "declared-customers"),
             min_exact_customers=_count(minimum, "min-exact-customers"),
             max_epochs=None if max_epochs is None else _at_least_one(max_epochs, "max-epochs"),
             max_rounds=None if max_rounds is None else _at_least_one(max_rounds, "max-rounds"),

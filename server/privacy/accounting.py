@@ -10,8 +10,9 @@ reports dp-accounting's RDP bound as a looser reference. A ledger contribution i
 steps)`` for ``mechanism == "gaussian"``: no amplification by sampling is claimed for it, so its
 ``sample_rate`` is informational (Flower samples a fixed number of nodes, not Poisson).
 
-Federation level, for a customer, at the configured delta (or, when each node chose its own
-delta, at the largest node delta for one node and at their sum for all nodes):
+Federation level, for a customer, at the configured delta where a node used it (or, when each
+node chose its own delta, at the largest node delta for one node and at their sum for all
+nodes; :func:`used_delta`):
 - one node (regional partition): the customer's data lives at one node, the other nodes never see
   it, so the guarantee is that node's; over all customers, the max over nodes. It applies only
   when the run declares a regional partition and every node vouched for it in its signed
@@ -372,7 +373,8 @@ def split_budget(
     be asked to keep such that all their plans, each calibrated to it at the node's own delta
     (:func:`calibrate_noise`), composed (one PLD, as :func:`federation_guarantee` composes a
     customer's data at every node) spend at most ``target_epsilon`` less
-    :data:`SPLIT_MARGIN` at ``delta`` (None: the sum of the nodes' deltas).
+    :data:`SPLIT_MARGIN` at ``delta`` (None, or one above every node's, :func:`used_delta`:
+    the sum of the nodes' deltas).
 
     The composed epsilon is close to a power of the budget, so the search interpolates in
     log-log between the budgets that fit and do not (from the equal share, which basic
@@ -381,6 +383,7 @@ def split_budget(
     multiplier is composed at the low end of its calibration's bracket, a little below the
     node's own: the composition is never understated."""
     counts = Counter(plans)
+    delta = used_delta(delta, (plan.delta for plan in plans))
     at = delta if delta is not None else sum(plan.delta for plan in plans)
     goal = target_epsilon * (1 - SPLIT_MARGIN)
     tried: dict[NodePlan, tuple[float, float]] = {}  # plan -> (budget, sigma) last calibrated
@@ -440,6 +443,17 @@ def split_budget(
     return low
 
 
+def used_delta(delta: float | None, deltas: Iterable[float]) -> float | None:
+    """The run's ``delta`` for the federation's statements and budget split where a node used
+    it (each takes the smaller of it and its own), else None: the nodes' own ``deltas``. At a
+    delta no node used (0.5, say) a merchant run was split and stated far looser than at the
+    nodes' own (docs/privacy.md, "δ is each node's own"); ``delta`` when no node states one."""
+    deltas = list(deltas)
+    if delta is None or not deltas or delta <= max(deltas):
+        return delta
+    return None
+
+
 def node_deltas(contributions: list[dict]) -> dict[str, float]:
     """Each node's delta: the largest its contributions state."""
     deltas: dict[str, float] = {}
@@ -460,13 +474,15 @@ def federation_guarantee(
     ``one_node`` for "regional", ``all_nodes`` for anything else (the safe side).
 
     ``delta``: one delta for the whole federation, or None when each node chose its own
-    (:func:`node_deltas`): then ``one_node`` is stated at the largest node delta and
+    (:func:`node_deltas`; also a delta above every node's, which no node used:
+    :func:`used_delta`): then ``one_node`` is stated at the largest node delta and
     ``all_nodes`` at the sum of the node deltas (docs/privacy-audit.md says why).
     """
     by_node: dict[str, list[dict]] = defaultdict(list)
     for c in contributions:
         by_node[str(c["node"])].append(c)
     deltas = node_deltas(contributions)
+    delta = used_delta(delta, deltas.values())
     one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
     all_delta = delta if delta is not None else sum(deltas.values())
     node_plds = {node: _composed_pld(cs) for node, cs in by_node.items()}

@@ -132,6 +132,7 @@ def federation_statement(
     refused, vouched for nothing where they signed no release here."""
     nodes = by_node(contributions)
     deltas = accounting.node_deltas(contributions)
+    delta = accounting.used_delta(delta, deltas.values())
     one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
     all_delta = delta if delta is not None else sum(deltas.values())
     events: dict[str, list[tuple[dict, int]]] = {}
@@ -337,9 +338,9 @@ def _budget_problem(
 def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
     """metrics.json's privacy statement must not claim less than the audit recomputes: its
     epsilon not below the guarantee that applies (all nodes composed unless the run is
-    regional and every node vouched for it in signed releases), its delta not above that
-    guarantee's; under DP it states every contributing node's final epsilon (``per_node``),
-    each equal to the ledger's."""
+    regional and every node vouched for it in signed releases), its delta that guarantee's
+    (:func:`_delta_problems`); under DP it states every contributing node's final epsilon
+    (``per_node``), each equal to the ledger's."""
     try:
         privacy = _object_at(json_object(path.read_bytes()), "privacy")
         claimed_node = _object_at(privacy, "node_level")
@@ -359,11 +360,9 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
                 f"{fed['epsilon']:.4f} for {applies['unit']} ({applies['how']}), which applies: "
                 f"{fed['why']}"
             )
-        if is_number(claimed_delta) and claimed_delta > applies["delta"] * (1 + tolerance):
-            problems.append(
-                f"metrics.json states delta {claimed_delta:.3g}, above the guarantee's "
-                f"{applies['delta']:.3g}"
-            )
+        problems += _delta_problems(claimed_delta, applies["delta"], tolerance)
+    elif fed and claimed is not None:
+        problems.append(f"metrics.json's epsilon {str(claimed)[:40]!r} is not a number")
     elif report["dp"] is not False and is_number(claimed):
         problems.append(
             f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
@@ -390,6 +389,25 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
                 "the privacy statement in metrics.json holds",
             )
         )
+
+
+def _delta_problems(claimed: Any, established: float, tolerance: float) -> list[str]:
+    """metrics.json's stated delta against the guarantee's (``established``): above it the
+    statement is not the one established, below it (or not a number) it claims more than the
+    ledger shows: epsilon grows as delta shrinks, so (epsilon, a smaller delta) may be false.
+    None when it states none."""
+    if claimed is None:
+        return []
+    if not is_number(claimed):
+        return [f"metrics.json's delta {str(claimed)[:40]!r} is not a number"]
+    if claimed > established * (1 + tolerance):
+        return [f"metrics.json states delta {claimed:.3g}, above the guarantee's {established:.3g}"]
+    if claimed < established * (1 - tolerance):
+        return [
+            f"metrics.json states delta {claimed:.3g}, below the guarantee's {established:.3g}: "
+            "at a smaller delta the recomputed epsilon is larger than the one it states"
+        ]
+    return []
 
 
 def _object_at(block: dict, key: str) -> dict:

@@ -54,6 +54,12 @@ def _plan_problems(entries: list[dict], config: dict, lines: dict[int, int]) -> 
     target, delta = float(config["node_target_epsilon"]), float(config["node_delta"])
     sigma = calibrate_node_sigma(target, delta, rounds)
     problems = []
+    nodes = config.get("num_nodes", config.get("clients"))
+    if is_number(nodes) and nodes >= 1 and delta >= 1 / nodes:
+        problems.append(
+            f"the configured node_delta {delta:g} is not below 1/{nodes:g} nodes: at it, "
+            "publishing one node's update outright meets the node-level guarantee"
+        )
     for e in entries:
         where = f"round {e['round']} (line {lines[id(e)]})"
         if e["mechanism"] != "gaussian":

@@ -41,7 +41,7 @@ class NodeInfo:
                 node=str(info["node"]),
                 partition=str(info.get("partition", "")),
                 catalog=None if info.get("catalog") is None else [str(i) for i in info["catalog"]],
-                customers=None if info.get("customers") is None else int(info["customers"]),
+                customers=None if info.get("customers") is None else _figure(info["customers"]),
             )
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: missing (a node's data directory needs it)") from None
@@ -67,6 +67,16 @@ class NodeInfo:
                 f"{unknown[:5]}: is it this catalog's node?",
             )
         return np.flatnonzero(items["item_id"].astype(str).isin(set(self.catalog)).to_numpy())
+
+
+def _figure(value: object) -> int:
+    """A declared customer figure: a whole number >= 1 (ValueError otherwise; -5 read as -5
+    customers gave the node delta 1 / (10 x 1) = 0.1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ValueError(f"customers {value!r} is not a whole number")
+    if value < 1:
+        raise ValueError(f"customers {value!r} is below 1")
+    return int(value)
 
 
 def round_down_2sf(count: int) -> int:

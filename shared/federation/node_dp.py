@@ -49,8 +49,12 @@ def check_node_dp(config: RunConfig) -> None:
         )
     if not config.node_clip_norm > 0:
         raise ValueError(f"node-clip-norm must be > 0, got {config.node_clip_norm}")
-    if not 0 < config.node_delta < 1:
-        raise ValueError(f"node-delta must be in (0, 1), got {config.node_delta}")
+    if not 0 < config.node_delta < 1 / config.clients:
+        raise ValueError(
+            f"node-delta must be in (0, 1/clients = {1 / config.clients:g}), got "
+            f"{config.node_delta:g}: at 1/nodes or above, publishing one node's update outright "
+            "meets the node-level guarantee"
+        )
     if config.wire_dtype != "float32":
         raise ValueError(
             "node-dp needs wire-dtype=float32: rounding the sent weights to float16 would add "

@@ -5,6 +5,7 @@ from its public customer figure, and its federated evaluation is noisy and charg
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -225,6 +226,16 @@ def test_the_public_customer_figure_never_is_the_exact_count() -> None:
     assert NodePolicy().customers(2_236, None) == 2_200
 
 
+@pytest.mark.parametrize("figure", [-5, 0, 2500.5, True, "2500"])
+def test_a_node_json_figure_below_one_customer_is_refused(tmp_path, figure) -> None:
+    """node.json's customers -5 was read as -5 customers: delta 1 / (10 x 1) = 0.1."""
+    (tmp_path / "node.json").write_text(f'{{"node": "n", "customers": {json.dumps(figure)}}}')
+    with pytest.raises(ValueError, match="not a valid node description .customers"):
+        NodeInfo.read(tmp_path)
+    (tmp_path / "node.json").write_text('{"node": "n", "customers": 2500.0}')
+    assert NodeInfo.read(tmp_path).customers == 2500
+
+
 @pytest.mark.parametrize(
     "text, words",
     [
@@ -241,6 +252,9 @@ def test_the_public_customer_figure_never_is_the_exact_count() -> None:
         ("max-steps=-3", "max-steps=.-3.: expected a whole number >= 0"),
         ("max-secagg-shares=0", "max-secagg-shares=.0.: expected a whole number >= 1"),
         ("text-models=,", "text-models=.,.: expected names or paths"),
+        # read as 0 customers: delta 1 / (10 x 1) = 0.1, at which a history may be published
+        ("declared-customers=0.5", "declared-customers=.0.5.: expected a whole number"),
+        ("declared-customers=2500.7", "declared-customers=.2500.7.: expected a whole number"),
     ],
 )
 def test_a_bad_node_config_is_refused_with_the_key_and_value(text: str, words: str) -> None:

@@ -16,6 +16,7 @@ from server.privacy import accounting
 from server.privacy.accounting import epsilon_curve, federation_guarantee
 from server.privacy.audit import audit
 from server.privacy.audit_federation import federation_statement
+from server.privacy.audit_node_level import calibrate_node_sigma
 from server.privacy.ledger import GENESIS, PrivacyLedger, entry_hash, read_ledger
 from server.privacy.node_privacy import NodeLevelDP
 from shared.federation.signing import NodeKey
@@ -443,3 +444,64 @@ def test_a_malformed_canaries_json_fails_the_empirical_check(tmp_path, receipted
     (out / "canaries.json").write_bytes(text)
     (problem,) = failed(audit(out))["empirical"]
     assert problem.startswith(f"{out / 'canaries.json'}: {words}")
+
+
+def test_a_run_delta_no_node_used_does_not_lower_the_audits_statement(tmp_path, signed):
+    """A run's start stating delta 0.5, above every node's own (which each node took, the
+    smaller): every contribution is within it, and the audit stated the composition over the
+    nodes at 0.5, 3.99 against 4.93 at their own deltas, and passed the target 4 the honest
+    ledger fails. A delta no node used is not used: the statement is the one at the nodes'
+    own."""
+    entries = [dict(e) for e in read_ledger(signed / "ledger.jsonl")]
+    entries[0]["config"] = {**entries[0]["config"], "partition": "merchant"}
+    honest = audit(copy_run(rechain(entries), tmp_path / "honest"), node_keys=signed / "node-keys")
+    entries[0]["config"] = {**entries[0]["config"], "delta": 0.5}
+    raised = audit(copy_run(rechain(entries), tmp_path / "raised"), node_keys=signed / "node-keys")
+    fed, own = raised["federation"], honest["federation"]
+    assert fed["applies"] == own["applies"] == "all_nodes"
+    assert fed["epsilon"] == own["epsilon"]
+    assert fed["all_nodes"]["delta"] == own["all_nodes"]["delta"] < 1 / sum(CUSTOMERS.values())
+    assert "federation_budget" in failed(honest) and "federation_budget" in failed(raised)
+
+
+def test_metrics_json_stating_a_smaller_delta_or_no_number_fails(tmp_path, receipted):
+    """metrics.json's statement at the recomputed epsilon but a delta far below the
+    guarantee's (1e-12: at it the epsilon is far larger) passed, as did an epsilon written as
+    text; only a delta above the guarantee's failed."""
+    out = copy_run(read_ledger(receipted / "ledger.jsonl"), tmp_path / "run")
+    report = audit(out)
+    fed = report["federation"]
+    per_node = {n["node"]: n["reported_epsilon"] for n in report["nodes"]}
+    established = fed[fed["applies"]]["delta"]
+
+    def problems(**privacy) -> list[str]:
+        statement = {"privacy": {**privacy, "per_node": per_node}}
+        (out / "metrics.json").write_text(json.dumps(statement))
+        return failed(audit(out)).get("metrics", [])
+
+    assert problems(epsilon=fed["epsilon"], delta=established) == []
+    (small,) = problems(epsilon=fed["epsilon"], delta=1e-12)
+    assert small.startswith("metrics.json states delta 1e-12, below the guarantee's")
+    assert problems(epsilon=str(fed["epsilon"] / 10), delta=established) == [
+        f"metrics.json's epsilon '{fed['epsilon'] / 10}' is not a number"
+    ]
+    assert problems(epsilon=fed["epsilon"], delta="1e-12") == [
+        "metrics.json's delta '1e-12' is not a number"
+    ]
+
+
+def test_a_node_delta_not_below_one_over_the_nodes_fails_the_node_level_check(tmp_path):
+    """A node-dp run's start stating node_delta 0.5 over 2 nodes, each release at that delta
+    and at the noise it calibrates to: every entry agreed with the plan and the check passed,
+    for a guarantee that publishing one node's update outright meets."""
+    sigma = calibrate_node_sigma(1.0, 0.5, 3)
+    out = node_level_ledger(
+        tmp_path / "run", 3, lambda e: e.update(delta=0.5, noise_multiplier=sigma)
+    )
+    entries = read_ledger(out / "ledger.jsonl")
+    entries[0]["config"] = {**entries[0]["config"], "node_delta": 0.5}
+    report = audit(copy_run(rechain(entries), tmp_path / "loose"))
+    assert failed(report)["node_level"] == [
+        "the configured node_delta 0.5 is not below 1/2 nodes: at it, publishing one node's "
+        "update outright meets the node-level guarantee"
+    ]

@@ -11,6 +11,7 @@ from server.federation.budget import node_budget, node_plan
 from server.privacy import accounting
 from shared.recommender.training import calibrate_noise, noise_floor, planned_epsilon
 from shared.runs.config import RunConfig
+from tests.helpers import release
 
 MERCHANTS = RunConfig(
     dp=True,
@@ -179,3 +180,26 @@ def test_the_audits_calibration_survives_a_nearly_flat_line_through_its_last_tri
     )
     sigma = accounting.calibrate_noise(2.0, 1e-5, 0.01, 10, 1, ())
     assert 2.0 <= sigma <= 2.0 * (1 + accounting.CALIBRATION_PRECISION)
+
+
+def test_a_run_delta_no_node_used_neither_splits_the_budget_nor_states_the_run() -> None:
+    """Each node takes the smaller of the run's delta and its own (1 / (10 x customers)): at a
+    run's delta of 0.5 no node used it, and asking merchants' budgets or stating the run at it
+    gave each merchant the whole target and a composition of ten nodes (5.39 at the nodes'
+    own deltas) stated at the largest node's own epsilon."""
+    loose = RunConfig(**{**MERCHANTS.to_dict(), "delta": 0.5})
+    assert all(node_plan(loose, c).delta == 1 / (10 * c) for c in CUSTOMERS)
+    assert node_budget(loose, CUSTOMERS) == node_budget(MERCHANTS, CUSTOMERS) < 2.0
+    contributions = [
+        release(node=str(n), noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=1e-5)
+        for n in range(10)
+    ]
+    own = accounting.federation_guarantee(contributions, None, "merchant")
+    assert own["epsilon"] > 5
+    for delta in (0.5, 0.01, 1e-4):
+        stated = accounting.federation_guarantee(contributions, delta, "merchant")
+        assert stated["epsilon"] == own["epsilon"]
+        assert stated["all_nodes"]["delta"] == own["all_nodes"]["delta"] == 1e-4
+    # a run's delta a node used (at or below its own) is the statements' one delta
+    used = accounting.federation_guarantee(contributions, 1e-5, "merchant")
+    assert used["all_nodes"]["delta"] == 1e-5 and used["epsilon"] > own["epsilon"]

@@ -157,6 +157,7 @@ def test_spending_past_the_node_level_budget_fails_the_audit(tmp_path: Path) -> 
         ({"node_dp": True, "wire_dtype": "float16"}, "float32"),
         ({"node_dp": True, "node_clip_norm": 0.0}, "node-clip-norm"),
         ({"node_dp": True, "node_delta": 1.0}, "node-delta"),
+        ({"node_dp": True, "node_delta": 0.5, "clients": 3}, r"must be in \(0, 1/clients"),
     ],
 )
 def test_incompatible_combinations_are_refused(settings: dict, words: str) -> None:
