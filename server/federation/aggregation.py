@@ -8,11 +8,13 @@ their global value. The aggregate delta is applied by a server optimiser: plain 
 
 Before any of that, :func:`clip_updates` bounds what one node can move: each item-table row and
 each other weight tensor of a node's delta is scaled down to at most ``row-clip`` times what the
-round's nodes typically move there (docs/deployment.md, "What one node can move").
+round's nodes typically move there, and :func:`cap_weights` bounds how much one node weighs in
+the mean (docs/deployment.md, "What one node can move").
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,6 +140,29 @@ def clip_updates(
                 base = update.arrays[name].float() - delta
                 update.arrays[name] = base + delta * factor.reshape(shape)
     return {node: count for node, count in clipped.items() if count}
+
+
+def weight_bound(weights: list[float], multiple: float) -> float:
+    """The most one node may weigh: ``multiple`` times the round's lower median weight
+    (infinite when ``multiple`` is 0, the bound off, or there are no weights)."""
+    if multiple <= 0 or not weights:
+        return math.inf
+    return multiple * float(torch.tensor(weights, dtype=torch.float64).median())
+
+
+def cap_weights(updates: list[NodeUpdate], multiple: float) -> dict[str, float]:
+    """Lower, in place, each node's weight (its stated customers) to at most ``multiple``
+    times the round's median weight (:func:`weight_bound`): a node that claims a thousand times
+    the others' customers would otherwise be the whole mean, its bounded movement applied
+    undiluted; its item counts (the popularity prior's) are held to the same figure. Returns,
+    per node lowered, the weight it claimed."""
+    bound = weight_bound([u.weight for u in updates], multiple)
+    claimed = {u.node: u.weight for u in updates if u.weight > bound}
+    for update in (u for u in updates if u.node in claimed):
+        update.weight = bound
+        if update.counts is not None:
+            update.counts = np.minimum(update.counts, math.floor(bound))
+    return claimed
 
 
 def aggregate(

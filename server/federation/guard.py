@@ -24,8 +24,9 @@ noisy answers is post-processing: it costs nothing beyond the releases.
 
 A node's answer can be a lie (a malicious node). Each is bounded by what its customers could
 move it (its declared customers, as the registry holds them where there is one, plus four
-noise standard deviations), so one node can tip a close comparison but not overturn a clear
-one beyond its share, and the worst it can force is the public start.
+noise standard deviations). Real gains are about a hundredth of the customers, so a node
+larger than the honest sum decides the verdict either way: it can force the public start, or
+keep rounds its customers would have ranked worse; never a third model (docs/privacy.md).
 
 What it cannot see (docs/privacy.md, "The start guard"): each node ranks its own part of its
 customers' histories, so a loss that only whole histories show passes (measured on Amazon

@@ -18,7 +18,14 @@ import torch
 from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg
 
-from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate, clip_updates
+from server.federation.aggregation import (
+    NodeUpdate,
+    ServerOptimizer,
+    aggregate,
+    cap_weights,
+    clip_updates,
+    weight_bound,
+)
 from server.federation.denoising import CumulativeDenoiser, denoises
 from server.federation.guard import ANSWER_SPREAD
 from server.federation.registry import Registry
@@ -139,6 +146,15 @@ class FedRecStrategy(FedAvg):
                 rejected.append(f"{node}: {error}")
                 continue
             updates.append(NodeUpdate(node, weight, tensors, rows, counts))
+        claimed = cap_weights(updates, self.row_clip)
+        for update in (u for u in updates if u.node in claimed):
+            log.warning(
+                "node %s weighs %g customers in the mean, not the %g it states (row-clip x the "
+                "round's median)",
+                update.node,
+                update.weight,
+                claimed[update.node],
+            )
         return updates, rejected
 
     def _counts(
@@ -215,7 +231,7 @@ class FedRecStrategy(FedAvg):
         keys = [count_key, *(f"noisy_sum_{k}" if private else k for k in EVALUATED)]
         # each noisy column's std: the noise multiplier, scaled back by sqrt(columns)
         spread = ANSWER_SPREAD * self.eval_noise * math.sqrt(len(keys))
-        customers, sums, nodes = 0.0, dict.fromkeys(EVALUATED, 0.0), 0
+        answers = []
         for reply in replies:
             if "metrics" not in reply.content:
                 continue
@@ -235,16 +251,25 @@ class FedRecStrategy(FedAvg):
             if not in_range:
                 log.warning("round %d: an evaluation reply out of range", server_round)
                 continue
-            count = count if private else min(count, limit)
+            answers.append((count if private else min(count, limit), rest))
+        # exact answers are means: each weighs at most row-clip x the median node's customers
+        bound = math.inf if private else weight_bound([c for c, _ in answers], self.row_clip)
+        customers, sums = 0.0, dict.fromkeys(EVALUATED, 0.0)
+        for count, rest in answers:
+            count = min(count, bound)
             customers += count
             for name, value in zip(EVALUATED, rest, strict=True):
                 sums[name] += value if private else value * count
-            nodes += 1
+        nodes = len(answers)
         if customers <= 0:
             return None
         means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
         summary = {"round": server_round, "nodes": nodes, "customers": round(customers)}
-        valid = {} if private else _validation(server_round, replies, self.declared_customers)
+        valid = (
+            {}
+            if private
+            else _validation(server_round, replies, self.declared_customers, self.row_clip)
+        )
         return {**summary, "dp": private, **means, **valid}
 
     def declared_customers(self, reply: Message) -> float:
@@ -257,12 +282,16 @@ class FedRecStrategy(FedAvg):
 
 
 def _validation(
-    server_round: int, replies: Iterable[Message], limit: Callable[[Message], float]
+    server_round: int,
+    replies: Iterable[Message],
+    limit: Callable[[Message], float],
+    multiple: float,
 ) -> dict:
     """``{"valid": {"customers", "hr@10", "ndcg@10"}}``: the nodes' exact validation metrics
-    over their validation customers, weighted by them, each at most ``limit(reply)`` ({} when
-    no node sent any)."""
-    customers, sums = 0, dict.fromkeys(EVALUATED, 0.0)
+    over their validation customers, weighted by them, each at most ``limit(reply)`` and at
+    most ``multiple`` times the median node's (:func:`weight_bound`: one node cannot outvote
+    the others on which round is kept) ({} when no node sent any)."""
+    answers = []
     for reply in replies:
         if reply.has_error() or "metrics" not in reply.content:
             continue
@@ -278,7 +307,11 @@ def _validation(
         ):
             log.warning("round %d: a validation reply out of range", server_round)
             continue
-        count = min(count, limit(reply))
+        answers.append((min(count, limit(reply)), rest))
+    bound = weight_bound([count for count, _ in answers], multiple)
+    customers, sums = 0, dict.fromkeys(EVALUATED, 0.0)
+    for count, rest in answers:
+        count = min(count, bound)
         customers += int(count)
         for name, value in zip(EVALUATED, rest, strict=True):
             sums[name] += value * count

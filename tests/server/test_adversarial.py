@@ -315,11 +315,31 @@ def test_a_weight_of_1e300_is_capped_and_the_mean_stays_finite(state) -> None:
         node_reply("huge", moved(state, -0.03), 1e300),
         node_reply("honest", moved(state, 0.01), 100),
     ]
-    strategy = FedRecStrategy(RunConfig())
+    strategy = FedRecStrategy(RunConfig(row_clip=0))  # the row bound off: the claim counts
     updates, rejected = strategy.node_updates(replies, state)
     assert rejected == [] and max(u.weight for u in updates) == MAX_CUSTOMERS
     new, _ = strategy.apply(state, updates)
     assert all(torch.isfinite(v).all() for v in new.values())
+
+
+def test_a_node_claiming_many_customers_weighs_at_most_row_clip_median_nodes(state, caplog) -> None:
+    """A node stating 10^9 customers beside four of 100 was the whole mean: its update,
+    bounded by row-clip, applied undiluted (one sign-flipping node of five took the synthetic
+    marketplace's test NDCG@10 from 0.0815 to 0.0220 in one round). It now weighs at most
+    row-clip x the round's median node (its popularity counts too), so the four honest
+    nodes' direction wins."""
+    replies = [node_reply("h" * (i + 1), moved(state, 0.01), 100) for i in range(4)]
+    replies.append(node_reply("evil", moved(state, -0.01), 1e9))
+    replies[-1].content[COUNTS] = counts_record(np.full(8, 10**9))  # its popularity claim
+    strategy = FedRecStrategy(RunConfig(row_clip=3.0))
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        updates, rejected = strategy.node_updates(replies, state)
+    evil = next(u for u in updates if u.node == "evil")
+    assert rejected == [] and evil.weight == 300 and evil.counts.tolist() == [300] * 8
+    assert "node evil weighs 300 customers in the mean, not the 1e+09" in caplog.text
+    new, _ = strategy.apply(state, updates)
+    moved_by = new["id_scores.bias"] - state["id_scores.bias"]
+    assert torch.allclose(moved_by, torch.tensor((4 * 100 - 300) * 0.01 / 700))
 
 
 def test_a_registry_must_state_each_nodes_customers(tmp_path: Path) -> None:
@@ -348,6 +368,21 @@ def test_customer_counts_too_large_to_add_are_bounded(key) -> None:
     summary = FedRecStrategy(RunConfig()).aggregate_evaluate(1, [honest, *liars])
     assert summary["customers"] <= 2 * MAX_CUSTOMERS + 100
     assert summary["valid"]["users"] <= 2 * MAX_CUSTOMERS + 50
+
+
+def test_a_liar_claiming_many_validation_customers_does_not_choose_the_round() -> None:
+    """A node answering validation NDCG@10 1.0 for 10^9 customers was the validation mean
+    (without a registry), so it chose which round is kept; each answer now weighs at most
+    row-clip x the median node's customers (3 x 50 here)."""
+    honest = [_evaluation("h" * (i + 1), **HONEST) for i in range(4)]
+    liar = _evaluation("liar", **(HONEST | {"valid-customers": 1e9, "valid-ndcg@10": 1.0}))
+    liar.content["metrics"]["customers"] = 1e9
+    liar.content["metrics"]["ndcg@10"] = 1.0
+    summary = FedRecStrategy(RunConfig(row_clip=3.0)).aggregate_evaluate(1, [*honest, liar])
+    assert summary["valid"]["users"] == 350
+    assert summary["valid"]["ndcg@10"] == pytest.approx((4 * 50 * 0.1 + 150) / 350)
+    assert summary["customers"] == 700
+    assert summary["ndcg@10"] == pytest.approx((4 * 100 * 0.1 + 300) / 700)
 
 
 def test_the_runs_setting_not_the_reply_says_whether_an_evaluation_is_private() -> None:
