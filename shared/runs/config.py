@@ -254,7 +254,7 @@ class RunConfig:
     server_lr: float = 1.0
     proximal_mu: float = 0.0
     trim_fraction: float = 0.2
-    row_clip: float = 3.0  # no node moves an item row or a weight, or weighs, > this x the median
+    row_clip: float = 1.5  # no node moves an item row or a weight, or weighs, > this x the median
     fraction_train: float = 1.0
     min_nodes: int = 1
     wire_dtype: str = "float32"  # float16 halves what travels

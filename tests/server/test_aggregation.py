@@ -428,7 +428,7 @@ def test_node_updates_reject_an_absurd_norm_and_keep_the_others(model_state) -> 
     ]
     updates, rejected = strategy.node_updates(replies, model_state)
     assert [u.node for u in updates] == ["good-dense", "good-sparse"]
-    assert [u.weight for u in updates] == [30.0, 10.0]  # within row-clip x the median
+    assert [u.weight for u in updates] == [15.0, 10.0]  # row-clip (1.5) x the lower median, 10
     assert {k: v.tolist() for k, v in updates[1].rows.items()} == dict.fromkeys(ITEM_TABLES, [1, 3])
     assert len(rejected) == 2
     assert rejected[0].startswith("absurd:") and "norm" in rejected[0]
@@ -439,7 +439,7 @@ def test_node_updates_reject_an_absurd_norm_and_keep_the_others(model_state) -> 
     assert torch.all(torch.isfinite(new["position.weight"]))
     torch.testing.assert_close(
         new["position.weight"] - model_state["position.weight"],
-        torch.full_like(model_state["position.weight"], (30 * 0.01 - 10 * 0.01) / 40),
+        torch.full_like(model_state["position.weight"], (15 * 0.01 - 10 * 0.01) / 25),
         rtol=0,
         atol=1e-3,
     )  # the second node sent float16
