@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from server.privacy.audit_calibration import audit_calibration
+from server.privacy.audit_card import audit_model_card
 from server.privacy.audit_checks import (
     audit_canaries,
     audit_contributions,
@@ -287,6 +288,8 @@ def audit(
         audit_canaries(report, out / "canaries.json")
     if (out / "metrics.json").is_file():
         audit_metrics(report, out / "metrics.json", tolerance)
+        if (out / "model" / "README.md").is_file():
+            audit_model_card(report, out / "model" / "README.md", out / "metrics.json")
     report["passed"] = all(c["status"] != "fail" for c in checks)
     return report
 
