@@ -143,8 +143,10 @@ def clip_updates(
 
 
 def weight_bound(weights: list[float], multiple: float) -> float:
-    """The most one node may weigh: ``multiple`` times the round's lower median weight
-    (infinite when ``multiple`` is 0, the bound off, or there are no weights)."""
+    """The most one node may weigh: ``multiple`` times the round's lower median positive
+    weight (a node with no customers to answer for weighs nothing and sets no bound; infinite
+    when ``multiple`` is 0, the bound off, or no weight is positive)."""
+    weights = [w for w in weights if w > 0]
     if multiple <= 0 or not weights:
         return math.inf
     return multiple * float(torch.tensor(weights, dtype=torch.float64).median())

@@ -10,7 +10,13 @@ import pytest
 import torch
 from helpers import node_reply
 
-from server.federation.aggregation import NodeUpdate, ServerOptimizer, aggregate, clip_updates
+from server.federation.aggregation import (
+    NodeUpdate,
+    ServerOptimizer,
+    aggregate,
+    clip_updates,
+    weight_bound,
+)
 from server.federation.strategy import FedRecStrategy
 from shared.federation.wire import ITEM_TABLES, decode, encode, trainable_state
 from shared.recommender.model import FusionRecommender, ModelConfig
@@ -456,3 +462,11 @@ def test_node_updates_survive_rows_for_a_dense_array(model_state) -> None:
     )
     assert [u.node for u in updates] == ["good"]
     assert len(rejected) == 1 and rejected[0].startswith("crafted:")
+
+
+def test_weight_bound_ignores_nodes_with_nothing_to_answer() -> None:
+    """Two nodes, one with no validation customers: the lower median was 0, every answer was
+    cut to 0 customers and the round's evaluation vanished."""
+    assert weight_bound([0, 100], 1.5) == 150
+    assert weight_bound([0, 0, 40, 100], 2.0) == 80
+    assert weight_bound([0, 0], 1.5) == float("inf")
