@@ -9,6 +9,7 @@ client/policy.py). ``fedrec data split`` and the simulations write it; the node 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,7 +73,12 @@ class NodeInfo:
 def _figure(value: object) -> int:
     """A declared customer figure: a whole number >= 1 (ValueError otherwise; -5 read as -5
     customers gave the node delta 1 / (10 x 1) = 0.1)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
         raise ValueError(f"customers {value!r} is not a whole number")
     if value < 1:
         raise ValueError(f"customers {value!r} is below 1")

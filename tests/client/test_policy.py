@@ -226,7 +226,7 @@ def test_the_public_customer_figure_never_is_the_exact_count() -> None:
     assert NodePolicy().customers(2_236, None) == 2_200
 
 
-@pytest.mark.parametrize("figure", [-5, 0, 2500.5, True, "2500"])
+@pytest.mark.parametrize("figure", [-5, 0, 2500.5, True, "2500", float("inf"), float("nan")])
 def test_a_node_json_figure_below_one_customer_is_refused(tmp_path, figure) -> None:
     """node.json's customers -5 was read as -5 customers: delta 1 / (10 x 1) = 0.1."""
     (tmp_path / "node.json").write_text(f'{{"node": "n", "customers": {json.dumps(figure)}}}')
