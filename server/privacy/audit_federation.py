@@ -349,7 +349,7 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
             check("metrics", "metrics.json privacy statement", [f"{path}: {error}"], "")
         )
         return
-    problems = []
+    problems, delta_problems = [], []
     fed = report["federation"]
     claimed, claimed_delta = privacy.get("epsilon"), privacy.get("delta")
     if fed and is_number(claimed):
@@ -360,14 +360,14 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
                 f"{fed['epsilon']:.4f} for {applies['unit']} ({applies['how']}), which applies: "
                 f"{fed['why']}"
             )
-        problems += _delta_problems(claimed_delta, applies["delta"], tolerance)
+        delta_problems = _delta_problems(claimed_delta, applies["delta"], tolerance)
     elif fed and claimed is not None:
         problems.append(f"metrics.json's epsilon {str(claimed)[:40]!r} is not a number")
     elif report["dp"] is not False and is_number(claimed):
         problems.append(
             f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
         )
-    problems += _per_node_problems(report, privacy.get("per_node"), tolerance)
+    problems += _per_node_problems(report, privacy.get("per_node"), tolerance) + delta_problems
     node_level = report["node_level"]
     if is_number(claimed_node.get("epsilon")):
         if not node_level and report["config"].get("node_dp") is True:
@@ -395,9 +395,12 @@ def _delta_problems(claimed: Any, established: float, tolerance: float) -> list[
     """metrics.json's stated delta against the guarantee's (``established``): above it the
     statement is not the one established, below it (or not a number) it claims more than the
     ledger shows: epsilon grows as delta shrinks, so (epsilon, a smaller delta) may be false.
-    None when it states none."""
+    An epsilon stated without its delta reads as pure DP, which no Gaussian release meets."""
     if claimed is None:
-        return []
+        return [
+            f"metrics.json states an epsilon without its delta (the guarantee's is "
+            f"{established:.3g}): read alone it claims pure DP"
+        ]
     if not is_number(claimed):
         return [f"metrics.json's delta {str(claimed)[:40]!r} is not a number"]
     if claimed > established * (1 + tolerance):

@@ -488,6 +488,8 @@ def test_metrics_json_stating_a_smaller_delta_or_no_number_fails(tmp_path, recei
     assert problems(epsilon=fed["epsilon"], delta="1e-12") == [
         "metrics.json's delta '1e-12' is not a number"
     ]
+    (bare,) = problems(epsilon=fed["epsilon"])  # an epsilon alone reads as pure DP
+    assert bare.startswith("metrics.json states an epsilon without its delta")
 
 
 def test_a_node_delta_not_below_one_over_the_nodes_fails_the_node_level_check(tmp_path):
