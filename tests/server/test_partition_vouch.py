@@ -31,10 +31,13 @@ def keys(tmp_path_factory) -> dict[str, NodeKey]:
 
 
 def claim(out: Path, epsilon: float) -> None:
-    """The operator's metrics.json: ``epsilon`` as the headline, each node's last epsilon."""
+    """The operator's metrics.json: ``epsilon`` as the headline at the delta of the guarantee
+    that applies, each node's last epsilon."""
     cs = [e for e in read_ledger(out / "ledger.jsonl") if e["kind"] == "contribution"]
     per_node = {c["node"]: {"epsilon": c["epsilon"], "delta": c["delta"]} for c in cs}
-    privacy = {"epsilon": epsilon, "per_node": per_node}
+    (out / "metrics.json").unlink(missing_ok=True)
+    fed = audit(out)["federation"]
+    privacy = {"epsilon": epsilon, "delta": fed[fed["applies"]]["delta"], "per_node": per_node}
     (out / "metrics.json").write_text(json.dumps({"privacy": privacy}))
 
 
