@@ -39,7 +39,7 @@ from shared.recommender.text import TextEncoder, resolve_model_path
 from shared.runs.durable import atomic_write
 
 if TYPE_CHECKING:
-    from server.federation.rounds import Federation
+    from server.federation.exchange import Federation
 
 log = logging.getLogger("fedrec.server")
 ENCODER_ROUND = "train.encoder"  # the nodes' handler: client/client_app.py

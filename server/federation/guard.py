@@ -46,8 +46,8 @@ from flwr.app import Message
 
 from shared.federation.reports import ReportError, parse_report, release_value_problem
 
-if TYPE_CHECKING:  # the round loop passes its Federation; it imports this module
-    from server.federation.rounds import Federation
+if TYPE_CHECKING:  # the round loop passes its Federation; exchange imports this module
+    from server.federation.exchange import Federation
     from shared.runs.config import RunConfig
 
 log = logging.getLogger("fedrec.server")

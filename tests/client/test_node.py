@@ -13,9 +13,9 @@ import torch
 from helpers import TEST_DEVICE, TINY_SETTINGS
 
 from client.accountant import NodePrivacy
-from client.client_app import valid_fraction
 from client.node import load_node, local_epochs, private_sums, scored_catalog, train_node
 from client.policy import NodePolicy
+from client.request import valid_fraction
 from shared.data.dataset import DataError, load_dataset
 from shared.data.partition import cold_item_indices, write_partitions
 from shared.federation.wire import COUNTS, ITEM_TABLES, trainable_state

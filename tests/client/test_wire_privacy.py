@@ -439,8 +439,8 @@ def test_a_node_refuses_a_text_model_its_policy_does_not_list_before_reading_it(
     def never(*_: object, **__: object) -> None:
         raise AssertionError("read from disk before the text model was checked")
 
-    monkeypatch.setattr("client.client_app.load_node", never)
-    monkeypatch.setattr("client.client_app.tuned_checkpoint", never)
+    monkeypatch.setattr("client.request.load_node", never)
+    monkeypatch.setattr("client.request.tuned_checkpoint", never)
     text_model = str(tmp_path / "missing") if listed else str(tiny_bert_dir)
     config = RunConfig(**TINY_SETTINGS, dp=True, text_model=text_model, text_finetune_layers=1)
     settings = settings_record(config, config.target_epsilon, "digest", node_dir.parent)
@@ -579,7 +579,7 @@ def test_what_a_node_ran_into_stays_in_its_log(
     def broken_data(directory: str, text_model: str):
         raise DataError(Path(directory) / "events.csv", secret, row=7)
 
-    monkeypatch.setattr(client_app, "load_node", broken_data)
+    monkeypatch.setattr("client.request.load_node", broken_data)
     config = RunConfig(**TINY_SETTINGS, device=TEST_DEVICE, dp=True, text_model=str(tiny_bert_dir))
     settings = settings_record(config, config.target_epsilon, "0" * 64, node_dir.parent)
     settings["run-id"], settings["server-round"] = "0" * 64, 1

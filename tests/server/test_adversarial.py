@@ -18,9 +18,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from helpers import node_reply, release
 
+from server.federation.exchange import RoundResult
 from server.federation.registry import RegisteredNode, Registry, RegistryError, write_registry
 from server.federation.releases import note_unamplified, privacy_reports, record_privacy
-from server.federation.rounds import RoundResult
 from server.federation.strategy import MAX_CUSTOMERS, FedRecStrategy
 from server.privacy.ledger import PrivacyLedger, verify_chain
 from server.privacy.ledger_gaps import record_lost_contributions

@@ -21,8 +21,8 @@ from client import client_app
 from client.node import load_node
 from server.federation.aggregation import NodeUpdate
 from server.federation.encoder_rounds import tune_encoder
+from server.federation.exchange import RoundResult
 from server.federation.resume import require_ledger
-from server.federation.rounds import RoundResult
 from server.federation.settings import settings_record
 from server.federation.strategy import FedRecStrategy
 from server.privacy.audit import audit

@@ -18,9 +18,9 @@ from helpers import node_reply, release
 from server.federation.aggregation import NodeUpdate
 from server.federation.budget import federation_privacy
 from server.federation.denoising import injected_bias_variance
+from server.federation.exchange import Federation
 from server.federation.release_bounds import release_problem
 from server.federation.releases import privacy_reports, record_privacy
-from server.federation.rounds import Federation
 from server.federation.strategy import FedRecStrategy
 from server.privacy.audit import audit
 from server.privacy.ledger import PrivacyLedger, verify_chain

@@ -17,7 +17,7 @@ from helpers import metadata, node_reply
 
 from client.accountant import NodePrivacy, RequestPosition
 from server.federation.budget import federation_privacy
-from server.federation.rounds import Federation
+from server.federation.exchange import Federation
 from server.federation.strategy import FedRecStrategy
 from server.privacy.accounting import recompute_epsilon
 from server.privacy.audit import audit

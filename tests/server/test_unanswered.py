@@ -13,8 +13,8 @@ from flwr.app import Error, Message
 from helpers import metadata, node_reply
 
 from server.federation.budget import federation_privacy
+from server.federation.exchange import Federation
 from server.federation.releases import heard_from
-from server.federation.rounds import Federation
 from server.federation.strategy import FedRecStrategy
 from server.privacy.accounting import epsilon_curve
 from server.privacy.audit import audit
