@@ -41,11 +41,12 @@ Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps) of on
 
 @dataclass(frozen=True)
 class RequestPosition:
-    """Where a private request stands in its run: the run's id, its phase (0: the encoder's
-    rounds, which come first; 1: the model's rounds, whose training, evaluation and start guard
-    share their round's number), its round and the server start that asked (1 at the run's
-    first, one more at each resume; 0: a server that numbers none). A node charges requests of
-    one run in this order, the start first, requests of the same position in any."""
+    """Where a private request stands in its run: the run's id, its phase (0: the encoder's rounds,
+    which come first; 1: the model's rounds, whose training, evaluation and start guard share
+    their round's number, round 0 being the public start's evaluation), its round and the server
+    start that asked (1 at the run's first, one more at each resume; 0: a server that numbers
+    none). A node charges requests of one run in this order, the start first, requests of the
+    same position in any."""
 
     run_id: str
     phase: int

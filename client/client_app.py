@@ -170,9 +170,11 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
     extra = dict(node_config or {})
     app = ClientApp()
 
-    def request(settings: dict, context: Context, msg: Message | None = None) -> NodeRequest:
+    def request(
+        settings: dict, context: Context, msg: Message | None = None, first_round: int = 1
+    ) -> NodeRequest:
         encoder = None if msg is None else msg.content.array_records.get("text-encoder")
-        return NodeRequest(settings, {**context.node_config, **extra}, encoder)
+        return NodeRequest(settings, {**context.node_config, **extra}, encoder, first_round)
 
     class SecureNode(NumPyClient):
         """A node's side of a SecAgg+ round (server/federation/secagg.py): it sends its clipped
@@ -298,8 +300,10 @@ def make_client_app(node_config: dict | None = None) -> ClientApp:
     @answering_refusals
     def evaluate(msg: Message, context: Context) -> Message:
         """Federated evaluation of the global model on the node's local holdout: exact without
-        DP, noisy and charged to the node's accountant under DP."""
-        asked = request(sent_settings(msg), context, msg)
+        DP, noisy and charged to the node's accountant under DP. Round 0 is the public start's
+        (a deployment's nodes validate it as a candidate: server/federation/rounds.py),
+        answered and charged exactly as any other round's."""
+        asked = request(sent_settings(msg), context, msg, first_round=0)
         state = asked.received(msg)
         result = (
             asked.request_refusal(training=False)

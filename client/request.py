@@ -63,13 +63,14 @@ class RequestRefused(Exception):
         self.report = NodeReport(node, refused=True, reason=reason)
 
 
-def server_round(settings: dict) -> int:
-    """The round the server names (``server-round``, a whole number >= 1: the order in which
-    the node charges a run's requests); anything else is refused with what it was."""
+def server_round(settings: dict, first: int = 1) -> int:
+    """The round the server names (``server-round``, a whole number >= ``first``: the order in
+    which the node charges a run's requests; 0 only for an evaluation, round 0 being the public
+    start's); anything else is refused with what it was."""
     value = settings.get("server-round")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < first:
         shown = repr(value)[:40]
-        raise ValueError(f"server-round must be a whole number >= 1, got {shown}")
+        raise ValueError(f"server-round must be a whole number >= {first}, got {shown}")
     return value
 
 
@@ -86,7 +87,8 @@ def server_start(settings: dict) -> int | None:
 
 class NodeRequest:
     """One message from the server, read on the node's side: the run's settings, this node's
-    data, its own policy and key, and the round. A malformed message, or one naming a text
+    data, its own policy and key, and the round (at least ``first_round``: 0 for an
+    evaluation, whose round 0 is the public start's). A malformed message, or one naming a text
     model the node's policy does not allow, raises :class:`RequestRefused` before anything is
     loaded from disk."""
 
@@ -95,6 +97,7 @@ class NodeRequest:
         settings: dict,
         node_config: dict,
         text_encoder: ArrayRecord | None = None,
+        first_round: int = 1,
     ):
         directory = node_directory(settings, node_config)
         self.name = node_name(Path(directory))
@@ -103,7 +106,7 @@ class NodeRequest:
             self.config = RunConfig.from_flat(
                 {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
             )
-            self.round = server_round(settings)
+            self.round = server_round(settings, first_round)
             self.start = server_start(settings)
             self.valid_fraction = valid_fraction(settings)
             resolve_device(self.config.device)  # a device this node has

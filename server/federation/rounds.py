@@ -134,10 +134,13 @@ def _federate(
         if selection is not None and evaluation is not None
         else None
     )
-    if selection is not None and validating is not None and not done:
-        # the start is a candidate too: no round that validates below it is shipped
-        start = round_validation({}, evaluation, model, validating)
-        selection.observe(0, start, state, [])
+    if selection is not None and not done:
+        # the start is a candidate too (round 0): no round that validates below it is shipped;
+        # where the nodes validate (a deployment) they evaluate it as they do every round
+        entry = {"federated": federation.evaluate(0, state)} if validating is None else {}
+        start = round_validation(entry, evaluation, model, validating)
+        if start is not None:
+            selection.observe(0, start, state, [])
     reason = "all rounds completed"
     asked = done  # the last round the nodes were asked to train in (the guard is numbered after it)
     monitor = "test" if config.refit else "valid"

@@ -4,11 +4,11 @@
 Each round the global model is scored on the validation events of the validation customers,
 events no node trains on; the best round's model is kept (``best.safetensors`` beside the
 checkpoint) and the run stops once ``round-patience`` rounds have passed without a better one,
-or at ``rounds``. In a simulation the starting model ("round 0": the text baseline in the
-model's ``dim`` dimensions) is a candidate too: a federation whose rounds all validate below it
-ships the start, never a model its nodes made worse. It does not count for the patience, so
-the rounds run as they would without it. Under DP the rounds are fixed (``dp-rounds``): a
-choice made on private data would be a release nobody accounted.
+or at ``rounds``. The starting model ("round 0": the public start) is a candidate too, scored
+by the server in a simulation and by the nodes in a deployment: a federation whose rounds all
+validate below it ships the start, never a model its nodes made worse. It does not count for
+the patience, so the rounds run as they would without it. Under DP the rounds are fixed
+(``dp-rounds``): a choice made on private data would be a release nobody accounted.
 """
 
 from __future__ import annotations

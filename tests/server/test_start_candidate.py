@@ -1,0 +1,101 @@
+"""A deployment's safety net (server/federation/rounds.py): where the nodes validate the rounds,
+they evaluate the public start too, as round 0, and a run whose rounds were all wrecked ships
+the start (issue 15: no node may be able to wreck the model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from flwr.app import Message
+from flwr.supercore.task_identity import TaskIdentity
+from helpers import node_reply
+from safetensors.torch import load_file
+
+from server.federation.rounds import run_federation
+from shared.federation.wire import encode, trainable_state
+from shared.recommender.experiment import Catalog
+from shared.runs.config import RunConfig
+
+ITEMS = pd.DataFrame({"item_id": [f"p{i}" for i in range(8)], "title": [f"t{i}" for i in range(8)]})
+for column in ("categories", "brand", "description"):  # what the catalog's text reads
+    ITEMS[column] = ""
+NODES = {1: "a", 2: "bb", 3: "ccc"}  # Flower node id -> name (node_reply's id: its length)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch) -> None:  # noqa: ANN001
+    """Flower's message identity, which a ServerApp's process is given."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+
+
+class DeployedNodes:
+    """Three nodes as a deployment's grid reaches them: each trains (an update the server
+    accepts) and answers every evaluation with ``valid(round, node)`` as its validation (and
+    test) NDCG@10 and HR@10 over its 50 customers; the rounds asked are kept."""
+
+    def __init__(self, start: dict[str, torch.Tensor], valid) -> None:  # noqa: ANN001
+        self.update = encode({k: v + 0.01 for k, v in start.items()})
+        self.valid = valid
+        self.asked: list[tuple[str, int]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(NODES)
+
+    def send_and_receive(self, messages: list[Message], timeout=None) -> list[Message]:  # noqa: ANN001
+        replies = []
+        for message in messages:
+            kind, name = message.metadata.message_type, NODES[message.metadata.dst_node_id]
+            server_round = message.content["config"]["server-round"]
+            self.asked.append((kind, server_round))
+            if kind == "train":
+                replies.append(node_reply(name, self.update, 50))
+                continue
+            score = self.valid(server_round, name)
+            metrics = {"customers": 50, "hr@10": score, "ndcg@10": score}
+            metrics |= {"valid-customers": 50, "valid-hr@10": score, "valid-ndcg@10": score}
+            replies.append(node_reply(name, None, metrics=metrics))
+        return replies
+
+
+def deploy(out: Path, valid) -> tuple[dict, DeployedNodes, dict[str, torch.Tensor]]:  # noqa: ANN001
+    """A deployment's run (the server holds the catalog alone; the nodes validate) of 3 rounds
+    over :class:`DeployedNodes`; returns its metrics, the grid and the public start."""
+    config = RunConfig(
+        dim=8, layers=1, max_len=5, catalog_epochs=0, federated_eval=True, rounds=3,
+        round_patience=0, device="cpu",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    catalog = Catalog(ITEMS, torch.randn(len(ITEMS), 8), config, "minilm", "tiny")
+    start = trainable_state(catalog.new_model())
+    grid = DeployedNodes(start, valid)
+    metrics = run_federation(grid, config, out, catalog, show_progress=False)
+    return metrics, grid, start
+
+
+def test_a_deployment_whose_rounds_are_all_wrecked_ships_the_start(tmp_path: Path) -> None:
+    """Every node validates the start at 0.10 and every round below it (0.02, 0.03, 0.01): the
+    nodes were asked to evaluate round 0, it is the best round, and the model shipped holds
+    the start's weights. Before, a deployment's nodes never evaluated the start (its nodes
+    refused a round below 1) and the best of the wrecked rounds was shipped."""
+    wrecked = {0: 0.10, 1: 0.02, 2: 0.03, 3: 0.01}
+    metrics, grid, start = deploy(tmp_path / "run", lambda r, node: wrecked[r])
+    selection = metrics["selection"]
+    assert selection["best_round"] == 0 and selection["rounds_run"] == 3
+    assert grid.asked.index(("evaluate", 0)) == 0  # before the first round
+    assert selection["start"]["ndcg@10"] == pytest.approx(0.10)
+    shipped = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    for name, value in start.items():
+        assert torch.equal(shipped[name], value), name
+
+
+def test_a_deployment_keeps_its_best_round_over_the_start(tmp_path: Path) -> None:
+    """Where a round beats the start, that round is kept, as before."""
+    improving = {0: 0.05, 1: 0.06, 2: 0.08, 3: 0.07}
+    metrics, _, start = deploy(tmp_path / "run", lambda r, node: improving[r])
+    assert metrics["selection"]["best_round"] == 2
+    shipped = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert not torch.equal(shipped["id_scores.bias"], start["id_scores.bias"])
