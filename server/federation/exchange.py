@@ -31,6 +31,7 @@ from server.federation.releases import (
 )
 from server.federation.settings import settings_record
 from server.federation.strategy import FedRecStrategy
+from server.federation.validation import Answers
 from server.privacy.ledger import PrivacyLedger
 from server.privacy.ledger_gaps import (
     NO_REPLY,
@@ -299,9 +300,15 @@ class Federation:
         )
         return received.trusted(replies, self.strategy)
 
-    def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict | None:
-        """The nodes evaluate the global model on their own customers (:meth:`ask`)."""
-        return self.strategy.aggregate_evaluate(server_round, self.ask(server_round, state))
+    def evaluate(
+        self, server_round: int, state: dict[str, torch.Tensor]
+    ) -> tuple[dict | None, Answers]:
+        """The nodes evaluate the global model on their own customers (:meth:`ask`): the
+        summary of their answers, and each node's validation answer (without DP), which
+        chooses the rounds where the nodes validate."""
+        replies = self.ask(server_round, state)
+        summary = self.strategy.aggregate_evaluate(server_round, replies)
+        return summary, self.strategy.validation(server_round, replies)
 
 
 def _destinations(messages: list[Message]) -> list[int]:

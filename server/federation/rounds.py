@@ -29,6 +29,7 @@ from server.federation.progress import plot_rounds, report_round
 from server.federation.resume import require_ledger, resume_problem
 from server.federation.selection import MONITOR, RoundSelection, round_validation
 from server.federation.settings import check_settings
+from server.federation.validation import Answers
 from server.privacy.ledger import ledger_head
 from server.privacy.ledger_gaps import none_trained
 from server.privacy.node_privacy import NodeLevelDP, add_node_level
@@ -108,6 +109,7 @@ def _federate(
     history, trained_rows, done = [], np.zeros(catalog.num_items, dtype=bool), 0
     counts = NodeCounts(catalog.num_items)  # the nodes' item counts (popularity-prior)
     start = None  # the starting model's validation metrics (a candidate when rounds are chosen)
+    start_nodes: Answers = {}  # each node's validation answer for it, where the nodes validate
     guard = None  # the start guard's verdict, once asked (a resumed run never asks twice)
     saved = checkpoint.load()
     if saved is not None:
@@ -122,6 +124,7 @@ def _federate(
                 f"{out} holds a run with other settings ({'; '.join(changed)}); use another --out"
             )
         history, done, start = progress["history"], progress["round"], progress.get("start")
+        start_nodes = progress.get("start_nodes", {})
         guard, counts = progress.get("guard"), NodeCounts(counts.num_items, progress.get("counts"))
         trained_rows[progress["trained_rows"]] = True
         log.info("resuming after round %d of at most %d", done, config.max_rounds)
@@ -137,8 +140,9 @@ def _federate(
     if selection is not None and not done:
         # the start is a candidate too (round 0): no round that validates below it is shipped;
         # where the nodes validate (a deployment) they evaluate it as they do every round
-        entry = {"federated": federation.evaluate(0, state)} if validating is None else {}
-        start = round_validation(entry, evaluation, model, validating)
+        if validating is None:
+            _, start_nodes = federation.evaluate(0, state)
+        start = round_validation(evaluation, model, validating, start_nodes)
         if start is not None:
             selection.observe(0, start, state, [])
     reason = "all rounds completed"
@@ -154,6 +158,7 @@ def _federate(
             "config": config.to_dict(),
             "trained_rows": np.flatnonzero(trained_rows).tolist(),
             "start": start,
+            "start_nodes": start_nodes,
             "counts": counts.stored(),
             "ledger": ledger_head(ledger.entries),  # a resumed run must find this entry
         }
@@ -221,10 +226,13 @@ def _federate(
             # train on the validation targets, so the held-out test events show progress
             valid, _ = evaluation.evaluate(model, monitor)
             entry[monitor] = {k: v for k, v in valid.items() if "@" in k}
+        answers: Answers = {}  # each node's validation answer (where the nodes validate)
         if config.federated_eval:
-            entry["federated"] = federation.evaluate(server_round, state)
+            entry["federated"], answers = federation.evaluate(server_round, state)
         if selection is not None:
-            entry["selection"] = round_validation(entry, evaluation, model, validating)
+            entry["selection"] = round_validation(
+                evaluation, model, validating, answers, start_nodes
+            )
         history.append(
             {
                 **entry,
@@ -273,7 +281,7 @@ def _federate(
     if encoder_rounds:
         extra["encoder_rounds"] = encoder_rounds
     if selection is not None and evaluation is not None and config.counts_popularity:
-        validate = partial(round_validation, {}, evaluation, validating=validating)
+        validate = partial(round_validation, evaluation, validating=validating)
         chosen, extra["popularity_prior"] = add_prior(model, counts, validate, chosen)
     if guard is not None:
         extra["start_guard"] = guard

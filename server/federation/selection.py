@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from server.federation.validation import Answers, robust_validation
 from shared.recommender.experiment import Experiment
 from shared.runs.checkpoint import Checkpoint
 
@@ -91,16 +92,17 @@ class RoundSelection:
 
 
 def round_validation(
-    entry: dict,
     evaluation: Experiment | None,
     model: torch.nn.Module,
     validating: np.ndarray | None,
+    answers: Answers | None = None,
+    start: Answers | None = None,
 ) -> dict | None:
     """The round's validation metrics that choose the rounds: the server's, on the validation
-    customers' held-out validation events, in a simulation; the nodes' (federated) on theirs
-    in a deployment. None when there are none."""
+    customers' held-out validation events, in a simulation; in a deployment, from the nodes'
+    ``answers`` (node -> its answer) and theirs for the start (``start``; none: this is the
+    start's), robust to a liar (:func:`robust_validation`). None when there are none."""
     if evaluation is not None and validating is not None and len(validating):
         valid, _ = evaluation.evaluate(model, "valid", users=validating)
         return {k: v for k, v in valid.items() if "@" in k or k == "users"}
-    federated = entry.get("federated") or {}
-    return federated.get("valid")
+    return robust_validation(answers or {}, start or {})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from server.federation.aggregation import (
 from server.federation.denoising import CumulativeDenoiser, denoises
 from server.federation.guard import ANSWER_SPREAD
 from server.federation.registry import Registry
+from server.federation.validation import Answers, node_validation, validation_mean
 from shared.federation.wire import COUNTS, ITEM_TABLES, decode, load_arrays, load_counts
 from shared.recommender.metrics import EVALUATED
 from shared.runs.config import RunConfig
@@ -224,7 +225,9 @@ class FedRecStrategy(FedAvg):
         of the nodes' noisy sums over the sum of their noisy counts; each reply speaks for at
         most its declared customers (:meth:`declared_customers`; under DP plus
         :data:`ANSWER_SPREAD` of its noise's stds). A reply that is not a well-formed
-        evaluation is left out."""
+        evaluation is left out. Without DP ``valid`` is the customer-weighted mean of the
+        nodes' validation answers (:meth:`validation`), reported; the round is chosen on
+        their robust summary (server/federation/validation.py)."""
         replies = [r for r in replies if not r.has_error() and self.identity_problem(r) is None]
         private = self.private
         count_key = "noisy_customers" if private else "customers"
@@ -265,12 +268,20 @@ class FedRecStrategy(FedAvg):
             return None
         means = {k: min(1.0, max(0.0, v / customers)) for k, v in sums.items()}
         summary = {"round": server_round, "nodes": nodes, "customers": round(customers)}
-        valid = (
-            {}
-            if private
-            else _validation(server_round, replies, self.declared_customers, self.row_clip)
+        valid = validation_mean(self.validation(server_round, replies))
+        return {**summary, "dp": private, **means, **({"valid": valid} if valid else {})}
+
+    def validation(self, server_round: int, replies: Iterable[Message]) -> Answers:
+        """Each node's exact validation answer, which chooses the rounds where the nodes
+        validate (:func:`node_validation`: at most its declared customers and ``row-clip``
+        times the median node's; one node cannot outvote the others on which round is kept);
+        none under DP."""
+        if self.private:
+            return {}
+        replies = [r for r in replies if not r.has_error() and self.identity_problem(r) is None]
+        return node_validation(
+            server_round, replies, self.sender, self.declared_customers, self.row_clip
         )
-        return {**summary, "dp": private, **means, **valid}
 
     def declared_customers(self, reply: Message) -> float:
         """The most customers a reply may speak for: its registered node's declared figure
@@ -279,45 +290,6 @@ class FedRecStrategy(FedAvg):
             None if self.registry is None else self.registry.lookup(reply.metadata.src_node_id)
         )
         return MAX_CUSTOMERS if registered is None else float(registered.customers)
-
-
-def _validation(
-    server_round: int,
-    replies: Iterable[Message],
-    limit: Callable[[Message], float],
-    multiple: float,
-) -> dict:
-    """``{"valid": {"customers", "hr@10", "ndcg@10"}}``: the nodes' exact validation metrics
-    over their validation customers, weighted by them, each at most ``limit(reply)`` and at
-    most ``multiple`` times the median node's (:func:`weight_bound`: one node cannot outvote
-    the others on which round is kept) ({} when no node sent any)."""
-    answers = []
-    for reply in replies:
-        if reply.has_error() or "metrics" not in reply.content:
-            continue
-        metrics = dict(reply.content["metrics"])
-        values = [metrics.get(f"valid-{k}") for k in ("customers", *EVALUATED)]
-        count, *rest = values
-        if count is None:
-            continue
-        if not (
-            all(isinstance(v, int | float) and math.isfinite(v) for v in values)
-            and count >= 0
-            and all(0 <= v <= 1 for v in rest)
-        ):
-            log.warning("round %d: a validation reply out of range", server_round)
-            continue
-        answers.append((min(count, limit(reply)), rest))
-    bound = weight_bound([count for count, _ in answers], multiple)
-    customers, sums = 0, dict.fromkeys(EVALUATED, 0.0)
-    for count, rest in answers:
-        count = min(count, bound)
-        customers += int(count)
-        for name, value in zip(EVALUATED, rest, strict=True):
-            sums[name] += value * count
-    if customers <= 0:
-        return {}
-    return {"valid": {"users": customers, **{k: v / customers for k, v in sums.items()}}}
 
 
 def reply_sender(reply: Message) -> str:

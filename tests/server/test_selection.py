@@ -189,7 +189,7 @@ def test_where_popularity_is_all_there_is_the_federations_model_matches_it(tmp_p
     for node, held in (("a", histories[:90]), ("b", histories[90:])):  # two nodes' customers
         counts.record([NodeUpdate(node, 1.0, {}, counts=history_counts(held, items))])
     validating = experiment.split.validation_users(1.0)
-    validate = partial(round_validation, {}, experiment, validating=validating)
+    validate = partial(round_validation, experiment, validating=validating)
     start = validate(model)
     valid, prior = add_prior(model, counts, validate, start)
     popular = popularity(histories, items)

@@ -1,6 +1,7 @@
 """A deployment's safety net (server/federation/rounds.py): where the nodes validate the rounds,
 they evaluate the public start too, as round 0, and a run whose rounds were all wrecked ships
-the start (issue 15: no node may be able to wreck the model)."""
+the start; a liar's validation answers cannot choose the round (server/federation/validation.py;
+issue 15: no node may be able to wreck the model)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,12 @@ def _task_identity(monkeypatch) -> None:  # noqa: ANN001
 class DeployedNodes:
     """Three nodes as a deployment's grid reaches them: each trains (an update the server
     accepts) and answers every evaluation with ``valid(round, node)`` as its validation (and
-    test) NDCG@10 and HR@10 over its 50 customers; the rounds asked are kept."""
+    test) NDCG@10 and HR@10 over its 50 customers (or the number ``claims`` names for it); the
+    rounds asked are kept."""
 
-    def __init__(self, start: dict[str, torch.Tensor], valid) -> None:  # noqa: ANN001
+    def __init__(self, start: dict[str, torch.Tensor], valid, claims: dict) -> None:  # noqa: ANN001
         self.update = encode({k: v + 0.01 for k, v in start.items()})
-        self.valid = valid
+        self.valid, self.claims = valid, claims
         self.asked: list[tuple[str, int]] = []
 
     def get_node_ids(self) -> list[int]:
@@ -56,12 +58,17 @@ class DeployedNodes:
                 continue
             score = self.valid(server_round, name)
             metrics = {"customers": 50, "hr@10": score, "ndcg@10": score}
-            metrics |= {"valid-customers": 50, "valid-hr@10": score, "valid-ndcg@10": score}
+            customers = self.claims.get(name, 50)
+            metrics |= {"valid-customers": customers, "valid-hr@10": score, "valid-ndcg@10": score}
             replies.append(node_reply(name, None, metrics=metrics))
         return replies
 
 
-def deploy(out: Path, valid) -> tuple[dict, DeployedNodes, dict[str, torch.Tensor]]:  # noqa: ANN001
+def deploy(
+    out: Path,
+    valid,  # noqa: ANN001
+    claims: dict | None = None,
+) -> tuple[dict, DeployedNodes, dict[str, torch.Tensor]]:
     """A deployment's run (the server holds the catalog alone; the nodes validate) of 3 rounds
     over :class:`DeployedNodes`; returns its metrics, the grid and the public start."""
     config = RunConfig(
@@ -71,7 +78,7 @@ def deploy(out: Path, valid) -> tuple[dict, DeployedNodes, dict[str, torch.Tenso
     torch.manual_seed(0)
     catalog = Catalog(ITEMS, torch.randn(len(ITEMS), 8), config, "minilm", "tiny")
     start = trainable_state(catalog.new_model())
-    grid = DeployedNodes(start, valid)
+    grid = DeployedNodes(start, valid, claims or {})
     metrics = run_federation(grid, config, out, catalog, show_progress=False)
     return metrics, grid, start
 
@@ -99,3 +106,24 @@ def test_a_deployment_keeps_its_best_round_over_the_start(tmp_path: Path) -> Non
     assert metrics["selection"]["best_round"] == 2
     shipped = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert not torch.equal(shipped["id_scores.bias"], start["id_scores.bias"])
+
+
+def test_a_liar_at_the_weight_cap_cannot_choose_a_deployments_round(tmp_path: Path) -> None:
+    """Two honest nodes see round 1 gain 0.02 over the start and rounds 2 and 3 lose; the third
+    claims 10^9 validation customers (held to row-clip 1.5 x the median node's: 75 of 175) and
+    answers 1.0 for round 3 alone. The customer-weighted mean kept round 3 (0.46 against
+    0.12); the median of the nodes' gains over the start keeps round 1."""
+    honest = {0: 0.10, 1: 0.12, 2: 0.07, 3: 0.05}
+    liar = {0: 0.10, 1: 0.0, 2: 0.0, 3: 1.0}
+
+    def valid(server_round: int, node: str) -> float:
+        return (liar if node == "ccc" else honest)[server_round]
+
+    metrics, _, _ = deploy(tmp_path / "run", valid, {"ccc": 1e9})
+    assert metrics["selection"]["best_round"] == 1
+    rounds = {h["round"]: h for h in metrics["rounds"]}
+    mean = {r: h["federated"]["valid"]["ndcg@10"] for r, h in rounds.items()}
+    assert max(mean, key=mean.get) == 3  # what the mean would have kept
+    assert rounds[1]["selection"]["ndcg@10"] == pytest.approx(0.10 + 0.02)
+    assert rounds[3]["selection"]["ndcg@10"] == pytest.approx(0.10 - 0.05)
+    assert rounds[3]["selection"]["users"] == 175
