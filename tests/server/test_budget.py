@@ -83,7 +83,7 @@ def test_the_run_states_the_budget_it_asked_and_a_resumed_run_reads_it_back(
     takes it from there (the search takes minutes at a hundred nodes) and asks the same."""
     from types import SimpleNamespace
 
-    from server.federation import rounds
+    from server.federation import exchange
     from shared.federation.node_directory import NodeInfo
 
     partitions = tmp_path / "partitions"
@@ -93,7 +93,7 @@ def test_the_run_states_the_budget_it_asked_and_a_resumed_run_reads_it_back(
             partitions / f"node-{k}"
         )
     catalog = SimpleNamespace(digest="d" * 64, items=None)
-    first = rounds.Federation(None, MERCHANTS, tmp_path, catalog, partitions, None)
+    first = exchange.Federation(None, MERCHANTS, tmp_path, catalog, partitions, None)
     asked = node_budget(MERCHANTS, CUSTOMERS)
     assert first.budget == pytest.approx(asked)
     assert first.ledger.entries[0]["budget_per_node"] == first.budget
@@ -102,8 +102,8 @@ def test_the_run_states_the_budget_it_asked_and_a_resumed_run_reads_it_back(
     def not_again(*args, **kwargs):
         raise AssertionError("a resumed run computes the budget again")
 
-    monkeypatch.setattr(rounds, "node_budget", not_again)
-    resumed = rounds.Federation(None, MERCHANTS, tmp_path, catalog, partitions, None)
+    monkeypatch.setattr(exchange, "node_budget", not_again)
+    resumed = exchange.Federation(None, MERCHANTS, tmp_path, catalog, partitions, None)
     assert resumed.budget == first.budget and len(resumed.ledger.entries) == 1
 
 
