@@ -237,6 +237,7 @@ def audit(
             "every node's spending composes, the guarantee is never below it where one node's "
             "applies"
         )
+    epsilon_at = None  # the guarantee's epsilon at another delta, once established
     if report["dp"] is False and not contributions:
         report["guarantee"] = (
             "no formal guarantee: differential privacy was off for this run "
@@ -256,7 +257,7 @@ def audit(
         keys_dir = node_keys or out / "node-keys"
         signatures = read_signatures(contributions, keys_dir)
         # a node's vouch for its partition counts only where its signature verified
-        audit_federation(
+        epsilon_at = audit_federation(
             report,
             contributions,
             config,
@@ -287,7 +288,7 @@ def audit(
     if (out / "canaries.json").is_file():
         audit_canaries(report, out / "canaries.json")
     if (out / "metrics.json").is_file():
-        audit_metrics(report, out / "metrics.json", tolerance)
+        audit_metrics(report, out / "metrics.json", tolerance, epsilon_at)
         if (out / "model" / "README.md").is_file():
             audit_model_card(report, out / "model" / "README.md", out / "metrics.json")
     report["passed"] = all(c["status"] != "fail" for c in checks)

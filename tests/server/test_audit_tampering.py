@@ -166,7 +166,7 @@ def test_rounds_missing_before_run_end_fail(tmp_path):
     (out / "metrics.json").write_text(json.dumps({"privacy": {"epsilon": 8.0}}))
     report = failed(audit(out))
     assert len(report["rounds"]) == 3 and "round(s) 3 of the 3" in report["rounds"][0]
-    assert "no per_node epsilons" in report["metrics"][0]
+    assert any("no per_node epsilons" in p for p in report["metrics"])
 
     # a declined round is an entry: the node is accounted for
     declined = [dict(e) for e in kept]
