@@ -35,6 +35,11 @@ def audit_model_card(report: dict, card: Path, metrics: Path) -> None:
     try:
         text = card.read_text(encoding="utf-8")
         written = json_object(metrics.read_bytes())
+    except FileNotFoundError:
+        problems = [
+            f"{card}: no {metrics.name} beside it (a run writes it before the card): what the "
+            "card states is held to nothing"
+        ]
     except (OSError, ValueError) as error:
         problems = [f"{card}: {error}"]
     else:

@@ -460,8 +460,10 @@ def _statement_problems(
     applies. (epsilon, delta)-DP implies (epsilon', delta') for every epsilon' >= epsilon and
     delta' >= delta, and the recomputed epsilon falls as delta grows: a statement holds when
     its epsilon is at least the one recomputed at its own delta, whichever side of the
-    guarantee's that delta is (a run of before 2026-12-08 stating a loose run delta no node
-    used passes where its epsilon still holds at it). Below it the statement under-reports:
+    guarantee's that delta is, except that it may not be restated at a looser delta of at
+    least 1 / the customers covered (:func:`delta_warning`: there epsilon near 0 holds, and
+    the card would show it; a run of before 2026-12-08 that stated a loose run delta no node
+    used, 0.5, fails for that). Below it the statement under-reports:
     at a smaller delta the recomputed epsilon is larger (a statement at the recomputed
     epsilon and delta 1e-12 passed until 2026-12-08). An epsilon stated without its delta
     reads as pure DP, which no Gaussian release meets; a delta outside (0, 1) states
@@ -485,6 +487,12 @@ def _statement_problems(
         return []
     if not 0 < delta < 1:
         return [f"metrics.json states delta {delta:.3g}, not a probability in (0, 1)"]
+    if delta > established and (warning := _stated_warning(report, delta)):
+        return [
+            f"metrics.json states delta {delta:.3g}, above the guarantee's {established:.3g} "
+            f"and at least 1/{fed['customers']}: restated there, any epsilon (its "
+            f"{claimed:.4g}) protects no customer for certain ({warning})"
+        ]
     side = "below" if delta < established else "above"
     recomputed = epsilon_at(delta) if epsilon_at is not None else math.inf
     if claimed < recomputed * (1 - tolerance):
@@ -497,7 +505,6 @@ def _statement_problems(
         f"metrics.json states ({claimed:.4g}, {delta:.3g})-DP, at another delta than the "
         f"guarantee's {established:.3g}: it holds (epsilon recomputed at {delta:.3g}: "
         f"{recomputed:.4g})"
-        + (f"; {warning}" if (warning := _stated_warning(report, delta)) else "")
     )
     return []
 
@@ -521,8 +528,10 @@ def _object_at(block: dict, key: str) -> dict:
 
 def _per_node_problems(report: dict, per_node: Any, tolerance: float) -> list[str]:
     """metrics.json's ``per_node`` against the ledger: under DP it must be there and name
-    exactly the contributing nodes, each at its last contribution's epsilon."""
+    exactly the contributing nodes, each at its last contribution's epsilon and, where it
+    states one, at no smaller a delta than that contribution's (:func:`_node_delta_problem`)."""
     ledger_final = {n["node"]: n.get("reported_epsilon") for n in report["nodes"]}
+    ledger_delta = {n["node"]: n.get("delta") for n in report["nodes"]}
     contributed = {n["node"] for n in report["nodes"] if n["contributions"]}
     if not isinstance(per_node, dict):
         if report["dp"] is not False:
@@ -548,4 +557,24 @@ def _per_node_problems(report: dict, per_node: Any, tolerance: float) -> list[st
                 f"node {node}: metrics.json states epsilon {value:.4f}, the ledger's "
                 f"last contribution {final:.4f} (a cut-off ledger?)"
             )
+        elif problem := _node_delta_problem(per_node.get(node), ledger_delta.get(node), tolerance):
+            problems.append(f"node {node}: {problem}")
     return problems
+
+
+def _node_delta_problem(value: Any, delta: Any, tolerance: float) -> str | None:
+    """What a node's statement in metrics.json's ``per_node`` (``value``: its epsilon, or an
+    object of its epsilon and delta) claims beyond its last contribution's ``delta``: a delta
+    that is not a number, or one below it, where the same epsilon claims more (its epsilon at
+    1e-12 on the card passed until 2026-12-08); a bare epsilon is at the ledger's delta."""
+    if not isinstance(value, dict) or "delta" not in value or not is_number(delta):
+        return None
+    stated = value["delta"]
+    if not is_number(stated):
+        return f"metrics.json's delta {str(stated)[:40]!r} for it is not a number"
+    if stated < delta * (1 - tolerance):
+        return (
+            f"metrics.json states delta {stated:.3g} for it, below its releases' {delta:.3g}: "
+            "at a smaller delta its epsilon is larger than the one stated"
+        )
+    return None

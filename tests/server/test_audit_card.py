@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from server.privacy.audit import audit
 from server.privacy.audit_card import audit_model_card
 from shared.recommender.artifacts import model_card
 from shared.runs.config import RunConfig
+from tests.server.test_ledger_audit import write_planned_run
 
 PRIVACY = {
     "statement": "(8.000, 4.5e-05)-DP for one customer's whole history",
@@ -129,3 +131,19 @@ def test_the_ledgers_settings_pass_with_its_node_count_and_an_older_runs_missing
     del started["wire_dtype"]
     card, metrics = write_run(tmp_path, PRIVACY, {**CONFIG, "out": str(Path("run").resolve())})
     assert card_check(card, metrics, started)["status"] == "pass"
+
+
+def test_a_card_without_its_metrics_json_fails_the_audit(tmp_path) -> None:
+    """The audit checked the card only when metrics.json was there: an operator who removed
+    metrics.json could edit the card at will (epsilon 8 shown as 2) and pass."""
+    out = write_planned_run(tmp_path / "run", {"0": 800, "1": 1000})
+    (out / "model").mkdir()
+    card, metrics = write_run(out / "model", PRIVACY)
+    metrics.unlink()
+    card.write_text(card.read_text().replace('"epsilon": 7.9999', '"epsilon": 1.9999'))
+    (found,) = [c for c in audit(out)["checks"] if c["name"] == "model_card"]
+    assert found["status"] == "fail"
+    assert found["problems"] == [
+        f"{card}: no metrics.json beside it (a run writes it before the card): what the card "
+        "states is held to nothing"
+    ]

@@ -96,7 +96,8 @@ def test_the_audit_warns_of_a_meaningless_delta_and_still_passes(tmp_path: Path)
 @pytest.fixture(scope="module")
 def loose(tmp_path_factory) -> Path:
     """A merchant run whose start states delta 0.5, which no node used (each took its own,
-    smaller): a ledger written before 2026-12-08 stated its composition at 0.5."""
+    smaller): a ledger written before 2026-12-08 stated its composition at 0.5; the audit
+    states it at the nodes' own."""
     out = write_planned_run(tmp_path_factory.mktemp("loose"), MERCHANTS, partition="merchant")
     entries = [dict(e) for e in read_ledger(out / "ledger.jsonl")]
     entries[0]["config"] = {**entries[0]["config"], "delta": 0.5}
@@ -113,18 +114,26 @@ def _metrics_problems(out: Path, epsilon: float, delta: float) -> list[str]:
 
 
 def test_a_statement_at_a_looser_delta_passes_where_its_epsilon_holds_there(loose) -> None:
-    """(epsilon, delta)-DP implies (epsilon, delta') for delta' > delta: an old run's
-    statement at 0.5, whose epsilon the ledger recomputed at 0.5 still holds, failed as
-    "above the guarantee's"; an epsilon below the one recomputed at 0.5 under-reports."""
+    """(epsilon, delta)-DP implies (epsilon, delta') for delta' > delta: a statement at a
+    looser delta whose epsilon the ledger recomputes there failed as "above the guarantee's";
+    an epsilon below the one recomputed there under-reports. Restated at a delta of at least
+    1 / the customers (the old runs' 0.5), where an epsilon near 0 holds, it protects no one
+    and fails."""
     cs = [e for e in read_ledger(loose / "ledger.jsonl") if e["kind"] == "contribution"]
-    at_half = federation_statement(cs, None, "merchant", at=0.5)["epsilon"]
     guarantee = audit(loose)["federation"]
-    assert at_half < guarantee["epsilon"]  # looser delta, smaller epsilon
-    assert _metrics_problems(loose, at_half, 0.5) == []
-    assert any("it holds (epsilon recomputed at 0.5" in n for n in audit(loose)["notes"])
-    (under,) = _metrics_problems(loose, at_half * 0.9, 0.5)
-    assert under.startswith("metrics.json states delta 0.5, above the guarantee's")
-    assert f"below the {at_half:.4f} recomputed at that delta" in under
+    looser = 3.8e-4  # above the nodes' sum 3.5e-4, below 1 / 2,600 customers
+    at_looser = federation_statement(cs, None, "merchant", at=looser)["epsilon"]
+    assert guarantee["all_nodes"]["delta"] < looser < 1 / sum(MERCHANTS.values())
+    assert at_looser < guarantee["epsilon"]  # looser delta, smaller epsilon
+    assert _metrics_problems(loose, at_looser, looser) == []
+    assert any("it holds (epsilon recomputed at 0.00038" in n for n in audit(loose)["notes"])
+    (under,) = _metrics_problems(loose, at_looser * 0.9, looser)
+    assert under.startswith("metrics.json states delta 0.00038, above the guarantee's")
+    assert f"below the {at_looser:.4f} recomputed at that delta" in under
+    at_half = federation_statement(cs, None, "merchant", at=0.5)["epsilon"]
+    (vacuous,) = _metrics_problems(loose, at_half, 0.5)
+    assert vacuous.startswith("metrics.json states delta 0.5, above the guarantee's")
+    assert "and at least 1/2600: restated there, any epsilon" in vacuous
 
 
 def test_a_statement_at_a_tighter_delta_passes_only_at_the_epsilon_recomputed_there(
@@ -139,3 +148,28 @@ def test_a_statement_at_a_tighter_delta_passes_only_at_the_epsilon_recomputed_th
     assert under.startswith("metrics.json states delta 1e-09, below the guarantee's")
     (nothing,) = _metrics_problems(loose, guarantee, 1.0)
     assert nothing == "metrics.json states delta 1, not a probability in (0, 1)"
+
+
+def test_a_nodes_epsilon_stated_at_a_smaller_delta_fails(loose) -> None:
+    """metrics.json's per_node (printed on the card) held each node's epsilon to the ledger's
+    but not its delta: the node's epsilon at delta 1e-12 passed."""
+    cs = [e for e in read_ledger(loose / "ledger.jsonl") if e["kind"] == "contribution"]
+    fed = audit(loose)["federation"]
+    last = {c["node"]: c for c in cs}
+
+    def problems(delta_of) -> list[str]:
+        per_node = {n: {"epsilon": c["epsilon"], "delta": delta_of(c)} for n, c in last.items()}
+        headline = {"epsilon": fed["epsilon"], "delta": fed[fed["applies"]]["delta"]}
+        (loose / "metrics.json").write_text(
+            json.dumps({"privacy": headline | {"per_node": per_node}})
+        )
+        return _check(audit(loose), "metrics")["problems"]
+
+    assert problems(lambda c: c["delta"]) == []
+    assert problems(lambda c: 2 * c["delta"]) == []  # a looser delta claims less
+    tight = problems(lambda c: 1e-12)
+    assert len(tight) == len(last)
+    assert tight[0] == (
+        f"node 0: metrics.json states delta 1e-12 for it, below its releases' "
+        f"{last['0']['delta']:.3g}: at a smaller delta its epsilon is larger than the one stated"
+    )
