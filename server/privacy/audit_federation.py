@@ -426,6 +426,7 @@ def audit_metrics(
             f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
         )
     problems += _per_node_problems(report, privacy.get("per_node"), tolerance)
+    _unwarned(report, privacy)
     node_level = report["node_level"]
     if is_number(claimed_node.get("epsilon")):
         if not node_level and report["config"].get("node_dp") is True:
@@ -507,6 +508,22 @@ def _statement_problems(
         f"{recomputed:.4g})"
     )
     return []
+
+
+def _unwarned(report: dict, privacy: dict) -> None:
+    """Add to the ``delta_meaning`` warning that metrics.json (and so the model card, which
+    prints its statement) does not carry it (``privacy.warning``), where the guarantee's
+    delta protects no one: a reader of the card is not told (removed, or a run of before
+    2026-12-08)."""
+    fed = report["federation"]
+    if not (fed and fed.get("warning")) or privacy.get("warning"):
+        return
+    (found,) = [c for c in report["checks"] if c["name"] == "delta_meaning"]
+    found["problems"].append(
+        "metrics.json states no such warning (privacy.warning), so neither does the model "
+        "card: its reader is not told"
+    )
+    found["message"] = f"{len(found['problems'])} warning(s)"
 
 
 def _stated_warning(report: dict, delta: float) -> str | None:

@@ -91,6 +91,18 @@ def test_the_audit_warns_of_a_meaningless_delta_and_still_passes(tmp_path: Path)
     fewer = audit(write_planned_run(tmp_path / "fewer", MERCHANTS, partition="merchant"))
     assert _check(fewer, "delta_meaning")["status"] == "pass"
     assert "WARNING" not in fewer["guarantee"]
+    # a metrics.json (and so a card) that does not carry the warning: its reader is not told
+    fed = report["federation"]
+    privacy = {"epsilon": fed["epsilon"], "delta": fed["all_nodes"]["delta"]}
+    privacy["per_node"] = {n["node"]: n["reported_epsilon"] for n in report["nodes"]}
+    (small / "metrics.json").write_text(json.dumps({"privacy": privacy}))
+    unwarned = _check(audit(small), "delta_meaning")
+    assert unwarned["status"] == "warn" and unwarned["problems"][1].startswith(
+        "metrics.json states no such warning (privacy.warning), so neither does the model card"
+    )
+    privacy["warning"] = found["problems"][0]
+    (small / "metrics.json").write_text(json.dumps({"privacy": privacy}))
+    assert _check(audit(small), "delta_meaning")["problems"] == found["problems"]
 
 
 @pytest.fixture(scope="module")
