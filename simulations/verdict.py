@@ -109,7 +109,9 @@ def verdict(metrics: dict, out: Path) -> list[str]:
 
 
 def privacy_line(privacy: dict, out: Path) -> str:
-    """The guarantee (epsilon, delta, unit) and where to check it."""
+    """The guarantee (epsilon, delta, unit) and where to check it, and on a line of its own
+    the statement's warning where its delta protects no one for certain
+    (server/privacy/deltas.py)."""
     guarantee = privacy if "epsilon" in privacy else privacy.get("node_level", {})
     line = "privacy: "
     if "delta" in guarantee:
@@ -121,6 +123,8 @@ def privacy_line(privacy: dict, out: Path) -> str:
         line += f"no node contributed; epsilon stated {up(guarantee['epsilon'], 3)} (metrics.json)"
     if (out / "ledger.jsonl").exists():
         line += f"; ledger {out / 'ledger.jsonl'}; check it with: fedrec audit {out}"
+    if privacy.get("warning"):
+        line += f"\n{privacy['warning']}"
     return line
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from server.privacy import accounting
 from server.privacy.claims import planned_floor, refused_claims, with_claims
+from server.privacy.deltas import declared_customers, delta_warning
 from server.privacy.ledger import PrivacyLedger
 from server.privacy.ledger_gaps import outstanding_releases
 from shared.federation.node_directory import NodeInfo
@@ -87,7 +88,10 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     server/privacy/claims.py). A private request a node left unanswered counts as
     spent until a later release settles it (``outstanding``, server/privacy/ledger_gaps.py);
     while a node's spending is bounded by none of its releases (``unbounded``), the headline is
-    at least the run's target (what the node's plan keeps, if it followed it)."""
+    at least the run's target (what the node's plan keeps, if it followed it). A delta that
+    protects no one for certain (at least 1 / the customers the nodes declared:
+    server/privacy/deltas.py) is warned of in the statement and in ``warning``, which the
+    model card prints and the command's summary repeats."""
     contributions = [e for e in ledger.entries if e["kind"] == "contribution"]
     refused = refused_claims(e for e in ledger.entries if e["kind"] == "unverified")
     claims = {node: epsilon for node, (epsilon, _) in refused.items()}
@@ -136,6 +140,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
     spent = set(nodes) | set(unbounded) | set(claims)
     floor = planned_floor(config.target_epsilon, len(spent) if whole else 1, refused)
     epsilon = max([epsilon, *([floor] if unbounded else [])])
+    warning = delta_warning(delta, declared_customers(contributions))
     statement = (
         f"Every node trained with DP-SGD ({len(nodes)} nodes, {config.partition} partition): "
         f"({up(epsilon, 3)}, {up_significant(delta, 3)})-differential privacy for each customer, "
@@ -150,7 +155,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
             "verify ('unverified'); epsilon is never below what they claim, and where every "
             "node's spending composes their claims are added to it."
         )
-    statement += unanswered
+    statement += unanswered + (f" {warning}" if warning else "")
     return {
         "unit": federation["unit"],
         "accountant": "prv (opacus) at each node; the federation by dp-accounting PLD",
@@ -161,6 +166,7 @@ def federation_privacy(ledger: PrivacyLedger, config: RunConfig) -> dict:
         "federation": federation,
         **unverified,
         **never,
+        **({"warning": warning} if warning else {}),
         "statement": statement,
     }
 

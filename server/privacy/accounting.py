@@ -12,7 +12,9 @@ steps)`` for ``mechanism == "gaussian"``: no amplification by sampling is claime
 
 Federation level, for a customer, at the configured delta where a node used it (or, when each
 node chose its own delta, at the largest node delta for one node and at their sum for all
-nodes; :func:`used_delta`):
+nodes; server/privacy/deltas.py, ``used_delta``; the sum of many small merchants' deltas can
+reach 1 / customers, where the statement protects no one: ``deltas.delta_warning`` says so
+wherever the statement is made, the server's metrics.json and the audit):
 - one node (regional partition): the customer's data lives at one node, the other nodes never see
   it, so the guarantee is that node's; over all customers, the max over nodes. It applies only
   when the run declares a regional partition and every node vouched for it in its signed
@@ -37,6 +39,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+from server.privacy.deltas import node_deltas, used_delta
 from server.privacy.ledger import is_number
 from shared.recommender.training import noise_floor
 
@@ -441,25 +444,6 @@ def split_budget(
             low, spent_low = budget, spent
             budget = low * (1 + precision)
     return low
-
-
-def used_delta(delta: float | None, deltas: Iterable[float]) -> float | None:
-    """The run's ``delta`` for the federation's statements and budget split where a node used
-    it (each takes the smaller of it and its own), else None: the nodes' own ``deltas``. At a
-    delta no node used (0.5, say) a merchant run was split and stated far looser than at the
-    nodes' own (docs/privacy.md, "δ is each node's own"); ``delta`` when no node states one."""
-    deltas = list(deltas)
-    if delta is None or not deltas or delta <= max(deltas):
-        return delta
-    return None
-
-
-def node_deltas(contributions: list[dict]) -> dict[str, float]:
-    """Each node's delta: the largest its contributions state."""
-    deltas: dict[str, float] = {}
-    for c in contributions:
-        deltas[str(c["node"])] = max(deltas.get(str(c["node"]), 0.0), float(c["delta"]))
-    return deltas
 
 
 def federation_guarantee(

@@ -41,6 +41,7 @@ from server.privacy.audit_federation import audit_federation, audit_metrics
 from server.privacy.audit_node_level import audit_node_level
 from server.privacy.audit_report import jsonable, print_summary, write_html
 from server.privacy.audit_signatures import (
+    audit_absent_keys,
     audit_receipts,
     audit_signatures,
     ledger_run_id,
@@ -237,6 +238,7 @@ def audit(
             "every node's spending composes, the guarantee is never below it where one node's "
             "applies"
         )
+    epsilon_at = None  # the guarantee's epsilon at another delta, once established
     if report["dp"] is False and not contributions:
         report["guarantee"] = (
             "no formal guarantee: differential privacy was off for this run "
@@ -256,7 +258,7 @@ def audit(
         keys_dir = node_keys or out / "node-keys"
         signatures = read_signatures(contributions, keys_dir)
         # a node's vouch for its partition counts only where its signature verified
-        audit_federation(
+        epsilon_at = audit_federation(
             report,
             contributions,
             config,
@@ -271,6 +273,7 @@ def audit(
         audit_signatures(
             report, contributions, report["run_id"], lines, keys_dir, signatures, starts
         )
+        audit_absent_keys(report, complete, keys_dir)
         if receipts:
             audit_receipts(report, contributions, report["run_id"], lines, receipts, outstanding)
         if any(e.get("kind") == "contribution" and missing_fields(e) for e in entries):
@@ -287,9 +290,9 @@ def audit(
     if (out / "canaries.json").is_file():
         audit_canaries(report, out / "canaries.json")
     if (out / "metrics.json").is_file():
-        audit_metrics(report, out / "metrics.json", tolerance)
-        if (out / "model" / "README.md").is_file():
-            audit_model_card(report, out / "model" / "README.md", out / "metrics.json")
+        audit_metrics(report, out / "metrics.json", tolerance, epsilon_at)
+    if (out / "model" / "README.md").is_file():  # without metrics.json beside it, it fails
+        audit_model_card(report, out / "model" / "README.md", out / "metrics.json")
     report["passed"] = all(c["status"] != "fail" for c in checks)
     return report
 

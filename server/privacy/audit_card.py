@@ -1,58 +1,76 @@
-"""The audit's check of the model card (``OUT/model/README.md``) against metrics.json.
+"""The audit's check of the model card (``OUT/model/README.md``) against metrics.json, and of
+metrics.json's settings against the ledger's.
 
 The card is what a reader of the served model sees: it prints the run's privacy statement and,
-under it, metrics.json's ``privacy`` block as JSON (``shared.recommender.artifacts.model_card``,
-written from the same dict in the same step). The metrics check holds metrics.json to the
-ledger; this one holds the card to metrics.json, so an edited card (a smaller epsilon, another
-delta, a guarantee a run without DP never had) fails the audit."""
+under it, metrics.json's ``privacy`` block as JSON, then the run's settings under ``## Training
+configuration`` (``shared.recommender.artifacts.model_card``, written from the same dicts in the
+same step). The metrics check holds metrics.json's statement to the ledger; this one holds the
+card to metrics.json (an edited card, a smaller epsilon, another delta, a guarantee a run
+without DP never had, ``dp: true`` or another noise, clip or target in its settings, fails),
+and metrics.json's ``config`` to the settings the run's start wrote into the ledger
+(``run_start``), which the nodes' signed releases name by its hash: the card's settings were
+not checked until 2026-12-08, so editing them, in the card and metrics.json alike, passed."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from server.privacy.audit_checks import check
 from server.privacy.ledger import json_object
+from shared.runs.outputs import PATHS, differences
 
 PRIVACY_HEADING = "\n## Privacy\n"
+SETTINGS_HEADING = "\n## Training configuration\n"
 JSON_BLOCK = re.compile(r"```json\n(.*?)\n```", re.S)
 
 
 def audit_model_card(report: dict, card: Path, metrics: Path) -> None:
     """Add the ``model_card`` check: the card's privacy section states metrics.json's
-    ``privacy`` exactly, its sentence and its JSON block (none when metrics.json has none)."""
+    ``privacy`` exactly, its sentence and its JSON block (none when metrics.json has none),
+    its training configuration is metrics.json's ``config``, and that is the settings of the
+    ledger's run_start (``report["config"]``, where the audit read one)."""
     try:
         text = card.read_text(encoding="utf-8")
-        privacy = json_object(metrics.read_bytes()).get("privacy")
+        written = json_object(metrics.read_bytes())
+    except FileNotFoundError:
+        problems = [
+            f"{card}: no {metrics.name} beside it (a run writes it before the card): what the "
+            "card states is held to nothing"
+        ]
     except (OSError, ValueError) as error:
         problems = [f"{card}: {error}"]
     else:
-        problems = [f"{card}: {p}" for p in card_problems(text, privacy)]
+        config = written.get("config")
+        problems = [
+            *(f"{card}: {p}" for p in card_problems(text, written.get("privacy"))),
+            *(f"{card}: {p}" for p in settings_problems(text, config)),
+            *(f"{metrics}: {p}" for p in ledger_settings_problems(config, report)),
+        ]
     report["checks"].append(
         check(
             "model_card",
-            "the model card states metrics.json's privacy",
+            "the model card states metrics.json's privacy and the ledger's settings",
             problems,
-            "the model card's privacy section is metrics.json's, word for word",
+            "the model card's privacy section and training configuration are metrics.json's, "
+            "word for word, and its settings the ledger's run_start",
         )
     )
 
 
 def card_problems(text: str, privacy: object) -> list[str]:
     """What the card's privacy section says that metrics.json's ``privacy`` does not."""
-    if PRIVACY_HEADING not in text:
+    section = _section(text, PRIVACY_HEADING)
+    if section is None:
         return ["no '## Privacy' section"]
-    section = text.split(PRIVACY_HEADING, 1)[1].split("\n## ", 1)[0]
-    blocks = JSON_BLOCK.findall(section)
     if privacy is None:
-        return ["it states a privacy guarantee metrics.json does not"] if blocks else []
-    if len(blocks) != 1:
-        return [f"its privacy section holds {len(blocks)} JSON blocks, not metrics.json's one"]
-    try:
-        stated = json.loads(blocks[0])
-    except ValueError as error:
-        return [f"its privacy JSON does not parse ({error})"]
+        claims = JSON_BLOCK.search(section)
+        return ["it states a privacy guarantee metrics.json does not"] if claims else []
+    stated, problem = _one_block(section, "its privacy section")
+    if problem:
+        return [problem]
     if stated != privacy:
         return [
             "its privacy JSON differs from metrics.json's (epsilon "
@@ -65,6 +83,83 @@ def card_problems(text: str, privacy: object) -> list[str]:
     return []
 
 
+def _section(text: str, heading: str) -> str | None:
+    """The card's section under ``heading``, up to the next one (None: no such section)."""
+    if heading not in text:
+        return None
+    return text.split(heading, 1)[1].split("\n## ", 1)[0]
+
+
+def _one_block(section: str, what: str) -> tuple[Any, str | None]:
+    """(the value of ``section``'s one JSON block, None), or (None, the problem) where it
+    holds none, several or one that does not parse (``what`` names the section)."""
+    blocks = JSON_BLOCK.findall(section)
+    if len(blocks) != 1:
+        return None, f"{what} holds {len(blocks)} JSON blocks, not one"
+    try:
+        return json.loads(blocks[0]), None
+    except ValueError as error:
+        return None, f"{what} does not parse as JSON ({error})"
+
+
 def _field(block: object, key: str) -> str:
     """``block[key]`` shortened for a message."""
     return str(block.get(key) if isinstance(block, dict) else None)[:40]
+
+
+def settings_problems(text: str, config: Any) -> list[str]:
+    """What the card's ``## Training configuration`` JSON says that metrics.json's ``config``
+    does not (the run writes both from the same settings)."""
+    section = _section(text, SETTINGS_HEADING)
+    if section is None:
+        return ["no '## Training configuration' section"]
+    stated, problem = _one_block(section, "its training configuration")
+    if problem:
+        return [problem]
+    if not isinstance(config, dict):
+        return [f"metrics.json states no settings to hold it to (config {str(config)[:40]!r})"]
+    if not isinstance(stated, dict):
+        return [f"its training configuration is not a JSON object but {str(stated)[:40]!r}"]
+    changed = [_change(key, stated, config) for key in sorted(stated.keys() | config.keys())]
+    changed = [c for c in changed if c]
+    if changed:
+        return [f"its training configuration differs from metrics.json's ({_listed(changed)})"]
+    return []
+
+
+def ledger_settings_problems(config: Any, report: dict) -> list[str]:
+    """What metrics.json's ``config`` says that the settings of the ledger's run_start
+    (``report["config"]``, less the ``num_nodes`` it adds) do not, as a run started again
+    over OUT is held to them (``shared.runs.outputs.differences``: a setting the run's start
+    predates matches at its default), a place (data, out) aside: where the run was is no
+    claim of its privacy. Nothing where the audit read no run_start (``report["dp"]`` None)."""
+    if report.get("dp") is None:
+        return []
+    if not isinstance(config, dict):
+        return [f"it states no settings (config {str(config)[:40]!r}), the ledger's run_start does"]
+    started = {key: value for key, value in report["config"].items() if key != "num_nodes"}
+    changed = [
+        change for change in differences(started, config) if change.split(":", 1)[0] not in PATHS
+    ]
+    if "delta" in started and started["delta"] != config.get("delta") and config.get("delta") == 0:
+        changed.append(f"delta: {started['delta']!r} -> 0")  # differences reads 0 as "derived"
+    if changed:
+        return [
+            f"its config differs from the settings the ledger's run_start recorded "
+            f"({_listed(changed)}): not the run the ledger accounts"
+        ]
+    return []
+
+
+def _change(key: str, stated: dict, config: dict) -> str | None:
+    """``key: metrics.json's -> the card's`` where they differ (None where they agree)."""
+    if key in stated and key in config and stated[key] == config[key]:
+        return None
+    ours, theirs = (str(d.get(key, "(absent)"))[:40] for d in (config, stated))
+    return f"{key}: {ours} in metrics.json, {theirs} on the card"
+
+
+def _listed(changes: list[str]) -> str:
+    """The first few ``changes``, and how many more."""
+    more = f"; {len(changes) - 5} more" if len(changes) > 5 else ""
+    return "; ".join(changes[:5]) + more

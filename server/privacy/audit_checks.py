@@ -18,16 +18,18 @@ from shared.runs.config import MAX_NOISE_MULTIPLIER, MAX_TARGET_EPSILON, MIN_NOI
 
 
 def check(name: str, title: str, problems: list[str], ok: str, status: str | None = None) -> dict:
-    """One check of the report. ``status``: "pass", "fail" or "inconclusive" (neither: it does
-    not fail the audit, and ``passed`` is None); by default "fail" exactly when there are
-    problems."""
+    """One check of the report. ``status``: "pass", "fail", "warn" (``problems`` are warnings:
+    the figures hold but say less than they seem to; it does not fail the audit) or
+    "inconclusive" (neither: it does not fail the audit, and ``passed`` is None); by default
+    "fail" exactly when there are problems."""
     status = status or ("fail" if problems else "pass")
+    counted = {"fail": f"{len(problems)} problem(s)", "warn": f"{len(problems)} warning(s)"}
     return {
         "name": name,
         "title": title,
         "status": status,
-        "passed": None if status == "inconclusive" else status == "pass",
-        "message": ok if status != "fail" else f"{len(problems)} problem(s)",
+        "passed": None if status == "inconclusive" else status in ("pass", "warn"),
+        "message": counted.get(status, ok),
         "problems": problems,
     }
 

@@ -28,6 +28,7 @@ from server.privacy import accounting
 from server.privacy.audit_calibration import GUARD_KEYS, _guard_sigma, _plan, _releases
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
 from server.privacy.claims import Claim, planned_floor, refused_claims, with_claims
+from server.privacy.deltas import declared_customers, delta_warning, node_deltas, used_delta
 from server.privacy.ledger import json_object
 from server.privacy.ledger_gaps import planned_answer, request_purpose
 from shared.runs.config import MAX_TARGET_EPSILON
@@ -121,6 +122,7 @@ def federation_statement(
     config: dict | None = None,
     believed: Callable[[dict], bool] = lambda c: False,
     claimants: Iterable[str] = (),
+    at: float | None = None,
 ) -> dict:
     """The customer-level guarantee both ways, as ``accounting.federation_guarantee`` states it
     (same keys), but composed here: ``one_node`` the worst node, ``all_nodes`` one PLD over
@@ -129,10 +131,11 @@ def federation_statement(
     ``config`` gives the plan), and neither below the largest epsilon a node reported. A
     node's statement that its customers are its own alone counts where ``believed`` (by
     default nowhere: the safe side); ``claimants``, the nodes whose reports the server
-    refused, vouched for nothing where they signed no release here."""
+    refused, vouched for nothing where they signed no release here. ``at``: both ways at this
+    delta instead (what the metrics check reads a statement at another delta against)."""
     nodes = by_node(contributions)
-    deltas = accounting.node_deltas(contributions)
-    delta = accounting.used_delta(delta, deltas.values())
+    deltas = node_deltas(contributions)
+    delta = used_delta(delta, deltas.values()) if at is None else at
     one_delta = delta if delta is not None else max(deltas.values(), default=0.0)
     all_delta = delta if delta is not None else sum(deltas.values())
     events: dict[str, list[tuple[dict, int]]] = {}
@@ -178,31 +181,43 @@ def audit_federation(
     tolerance: float,
     outstanding: dict[str, list[dict]] | None = None,
     believed: Callable[[dict], bool] = lambda c: False,
-) -> None:
+) -> Callable[[float], float] | None:
     """The federation guarantee (at the configured delta, or, configured 0, at the nodes'
     own), counting ``outstanding`` requests (node -> unanswered entries) as spent, each node's
     vouch for its partition counted where ``believed`` (its signature verified); the
     ``federation_budget`` check: it within the run's target, and the stated
-    ``budget_per_node`` not above what ``split_budget`` gives for the nodes' plans."""
+    ``budget_per_node`` not above what ``split_budget`` gives for the nodes' plans; the
+    ``delta_meaning`` warning. Returns the guarantee's epsilon at any other delta, established
+    the same way (:func:`audit_metrics` reads a statement at another delta against it), None
+    where no guarantee is established."""
     # without a run_start (report["dp"] None) each node's own delta, as a configured 0
     config_delta = config.get("delta") if report["dp"] is not None else 0.0
     if any(entry_problem(c) for c in contributions):
         report["guarantee"] = "not established: some contributions cannot be recomputed"
-        return
+        return None
     if not (is_number(config_delta) and 0 <= config_delta < 1):
         report["guarantee"] = "no federation guarantee: the configured delta is unusable"
-        return
+        return None
     partition = str(config.get("partition", ""))
     claims = refused_claims(report.get("unverified", []))
-    fed = federation_statement(
-        contributions, config_delta or None, partition, outstanding, config, believed, claims
+    restate = functools.partial(
+        federation_statement,
+        contributions,
+        config_delta or None,
+        partition,
+        outstanding,
+        config,
+        believed,
+        claims,
     )
-    fed = with_claims(fed, claims)
+    plain = restate()
+    fed = with_claims(plain, claims)
     report["federation"] = fed
     if partition == "regional" and fed["unvouched"]:
         report["notes"].append(_unvouched_note(fed, contributions))
     applies = fed[fed["applies"]]
     target = config.get("target_epsilon")
+    floors = [0.0]  # what the statement is at least, at any delta
     if fed["unbounded"] and is_number(target):
         # what their plans keep: the target where each node's budget was a share of it; where
         # every node was asked the whole target (regional) but the composition applies (a node
@@ -212,6 +227,7 @@ def audit_federation(
         spent = set(fed["per_node"]) | set(fed["unbounded"]) | set(claims)
         floor = planned_floor(float(target), len(spent) if whole else 1, claims)
         fed["epsilon"] = max(fed["epsilon"], floor)
+        floors.append(floor)
         report["notes"].append(
             f"node(s) {', '.join(fed['unbounded'])} left private requests unanswered that no "
             "release of theirs here bounds (never contributed, or never released one of that "
@@ -223,6 +239,7 @@ def audit_federation(
         )
     elif fed["unbounded"]:  # and no target to state it at: nothing here bounds it
         fed["epsilon"] = math.inf
+        floors.append(math.inf)
     _claims_note(report, claims, fed)
     title = "the guarantee that applies within the run's target epsilon"
     if not (is_number(target) and 0 < target <= MAX_TARGET_EPSILON):
@@ -247,6 +264,48 @@ def audit_federation(
     report["guarantee"] = (
         f"({up(fed['epsilon'], 3)}, {up_significant(applies['delta'], 3)})-DP for {fed['unit']} "
         f"({applies['how']})"
+    )
+    _delta_meaning(report, applies["delta"], declared_customers(contributions))
+    return functools.partial(_epsilon_at, restate, claims, plain, max(floors))
+
+
+def _epsilon_at(
+    restate: Callable[..., dict], claims: dict[str, Claim], plain: dict, floor: float, delta: float
+) -> float:
+    """The epsilon of the guarantee that applies, stated at ``delta`` (math.inf where none
+    reaches it): ``restate(at=...)`` composes the ledger at another delta, ``claims`` are
+    counted as :func:`audit_federation` counts them (their deltas add to the composition's,
+    so it is read at ``delta`` less theirs; the worst node's is never below a claim's), and
+    the statement is never below ``floor``. ``plain``: the statement before the claims."""
+    key = plain["applies"]
+    added = with_claims(plain, claims)[key]["delta"] - plain[key]["delta"]
+    at = delta - added if key == "all_nodes" else delta
+    if not 0 < at < 1:
+        return math.inf
+    counted = with_claims(restate(at=at), claims)
+    if counted[key]["delta"] > delta * (1 + 1e-9):
+        return math.inf
+    return max(counted["epsilon"], floor)
+
+
+def _delta_meaning(report: dict, delta: float, customers: int) -> None:
+    """The ``delta_meaning`` check, a warning and never a failure: the guarantee's ``delta``
+    below 1 / the ``customers`` it covers at most (server/privacy/deltas.py); the guarantee
+    line says so where it is not."""
+    warning = delta_warning(delta, customers)
+    report["federation"] |= {"warning": warning, "customers": customers}
+    if warning:
+        report["guarantee"] += f" (WARNING: delta at least 1/{customers}: see delta_meaning)"
+    report["checks"].append(
+        check(
+            "delta_meaning",
+            "the guarantee's delta is below 1 / the customers it covers",
+            [warning] if warning else [],
+            f"delta {delta:.3g} < 1/{customers} (the customers the nodes declared)"
+            if customers
+            else "no node declared its customers: not judged",
+            "warn" if warning else None,
+        )
     )
 
 
@@ -335,11 +394,17 @@ def _budget_problem(
     return None, None
 
 
-def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
+def audit_metrics(
+    report: dict,
+    path: Path,
+    tolerance: float,
+    epsilon_at: Callable[[float], float] | None = None,
+) -> None:
     """metrics.json's privacy statement must not claim less than the audit recomputes: its
-    epsilon not below the guarantee that applies (all nodes composed unless the run is
-    regional and every node vouched for it in signed releases), its delta that guarantee's
-    (:func:`_delta_problems`); under DP it states every contributing node's final epsilon
+    (epsilon, delta) implied by the guarantee that applies (all nodes composed unless the run
+    is regional and every node vouched for it in signed releases), at the guarantee's delta
+    or, by ``epsilon_at`` (:func:`audit_federation`'s), at the one it states
+    (:func:`_statement_problems`); under DP it states every contributing node's final epsilon
     (``per_node``), each equal to the ledger's."""
     try:
         privacy = _object_at(json_object(path.read_bytes()), "privacy")
@@ -349,25 +414,19 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
             check("metrics", "metrics.json privacy statement", [f"{path}: {error}"], "")
         )
         return
-    problems, delta_problems = [], []
+    problems: list[str] = []
     fed = report["federation"]
     claimed, claimed_delta = privacy.get("epsilon"), privacy.get("delta")
     if fed and is_number(claimed):
-        applies = fed[fed["applies"]]
-        if claimed < fed["epsilon"] * (1 - tolerance):
-            problems.append(
-                f"metrics.json claims epsilon {claimed:.4f}, below the recomputed guarantee "
-                f"{fed['epsilon']:.4f} for {applies['unit']} ({applies['how']}), which applies: "
-                f"{fed['why']}"
-            )
-        delta_problems = _delta_problems(claimed_delta, applies["delta"], tolerance)
+        problems = _statement_problems(report, claimed, claimed_delta, tolerance, epsilon_at)
     elif fed and claimed is not None:
         problems.append(f"metrics.json's epsilon {str(claimed)[:40]!r} is not a number")
     elif report["dp"] is not False and is_number(claimed):
         problems.append(
             f"metrics.json claims epsilon {claimed:.4f}, but the audit established no guarantee"
         )
-    problems += _per_node_problems(report, privacy.get("per_node"), tolerance) + delta_problems
+    problems += _per_node_problems(report, privacy.get("per_node"), tolerance)
+    _unwarned(report, privacy)
     node_level = report["node_level"]
     if is_number(claimed_node.get("epsilon")):
         if not node_level and report["config"].get("node_dp") is True:
@@ -391,26 +450,86 @@ def audit_metrics(report: dict, path: Path, tolerance: float) -> None:
         )
 
 
-def _delta_problems(claimed: Any, established: float, tolerance: float) -> list[str]:
-    """metrics.json's stated delta against the guarantee's (``established``): above it the
-    statement is not the one established, below it (or not a number) it claims more than the
-    ledger shows: epsilon grows as delta shrinks, so (epsilon, a smaller delta) may be false.
-    An epsilon stated without its delta reads as pure DP, which no Gaussian release meets."""
-    if claimed is None:
+def _statement_problems(
+    report: dict,
+    claimed: float,
+    delta: Any,
+    tolerance: float,
+    epsilon_at: Callable[[float], float] | None,
+) -> list[str]:
+    """metrics.json's stated (``claimed`` epsilon, ``delta``) against the guarantee that
+    applies. (epsilon, delta)-DP implies (epsilon', delta') for every epsilon' >= epsilon and
+    delta' >= delta, and the recomputed epsilon falls as delta grows: a statement holds when
+    its epsilon is at least the one recomputed at its own delta, whichever side of the
+    guarantee's that delta is, except that it may not be restated at a looser delta of at
+    least 1 / the customers covered (:func:`delta_warning`: there epsilon near 0 holds, and
+    the card would show it; a run of before 2026-12-08 that stated a loose run delta no node
+    used, 0.5, fails for that). Below it the statement under-reports:
+    at a smaller delta the recomputed epsilon is larger (a statement at the recomputed
+    epsilon and delta 1e-12 passed until 2026-12-08). An epsilon stated without its delta
+    reads as pure DP, which no Gaussian release meets; a delta outside (0, 1) states
+    nothing."""
+    fed = report["federation"]
+    applies = fed[fed["applies"]]
+    established, unit = applies["delta"], f"for {applies['unit']} ({applies['how']})"
+    if delta is None:
         return [
             f"metrics.json states an epsilon without its delta (the guarantee's is "
             f"{established:.3g}): read alone it claims pure DP"
         ]
-    if not is_number(claimed):
-        return [f"metrics.json's delta {str(claimed)[:40]!r} is not a number"]
-    if claimed > established * (1 + tolerance):
-        return [f"metrics.json states delta {claimed:.3g}, above the guarantee's {established:.3g}"]
-    if claimed < established * (1 - tolerance):
+    if not is_number(delta):
+        return [f"metrics.json's delta {str(delta)[:40]!r} is not a number"]
+    if abs(delta - established) <= tolerance * established:
+        if claimed < fed["epsilon"] * (1 - tolerance):
+            return [
+                f"metrics.json claims epsilon {claimed:.4f}, below the recomputed guarantee "
+                f"{fed['epsilon']:.4f} {unit}, which applies: {fed['why']}"
+            ]
+        return []
+    if not 0 < delta < 1:
+        return [f"metrics.json states delta {delta:.3g}, not a probability in (0, 1)"]
+    if delta > established and (warning := _stated_warning(report, delta)):
         return [
-            f"metrics.json states delta {claimed:.3g}, below the guarantee's {established:.3g}: "
-            "at a smaller delta the recomputed epsilon is larger than the one it states"
+            f"metrics.json states delta {delta:.3g}, above the guarantee's {established:.3g} "
+            f"and at least 1/{fed['customers']}: restated there, any epsilon (its "
+            f"{claimed:.4g}) protects no customer for certain ({warning})"
         ]
+    side = "below" if delta < established else "above"
+    recomputed = epsilon_at(delta) if epsilon_at is not None else math.inf
+    if claimed < recomputed * (1 - tolerance):
+        return [
+            f"metrics.json states delta {delta:.3g}, {side} the guarantee's {established:.3g}, "
+            f"and epsilon {claimed:.4f}, below the {recomputed:.4f} recomputed at that delta "
+            f"{unit}, which applies: {fed['why']}"
+        ]
+    report["notes"].append(
+        f"metrics.json states ({claimed:.4g}, {delta:.3g})-DP, at another delta than the "
+        f"guarantee's {established:.3g}: it holds (epsilon recomputed at {delta:.3g}: "
+        f"{recomputed:.4g})"
+    )
     return []
+
+
+def _unwarned(report: dict, privacy: dict) -> None:
+    """Add to the ``delta_meaning`` warning that metrics.json (and so the model card, which
+    prints its statement) does not carry it (``privacy.warning``), where the guarantee's
+    delta protects no one: a reader of the card is not told (removed, or a run of before
+    2026-12-08)."""
+    fed = report["federation"]
+    if not (fed and fed.get("warning")) or privacy.get("warning"):
+        return
+    (found,) = [c for c in report["checks"] if c["name"] == "delta_meaning"]
+    found["problems"].append(
+        "metrics.json states no such warning (privacy.warning), so neither does the model "
+        "card: its reader is not told"
+    )
+    found["message"] = f"{len(found['problems'])} warning(s)"
+
+
+def _stated_warning(report: dict, delta: float) -> str | None:
+    """:func:`delta_warning` of a delta metrics.json states, against the customers the
+    audit's own statement covers."""
+    return delta_warning(delta, report["federation"].get("customers", 0))
 
 
 def _object_at(block: dict, key: str) -> dict:
@@ -426,8 +545,10 @@ def _object_at(block: dict, key: str) -> dict:
 
 def _per_node_problems(report: dict, per_node: Any, tolerance: float) -> list[str]:
     """metrics.json's ``per_node`` against the ledger: under DP it must be there and name
-    exactly the contributing nodes, each at its last contribution's epsilon."""
+    exactly the contributing nodes, each at its last contribution's epsilon and, where it
+    states one, at no smaller a delta than that contribution's (:func:`_node_delta_problem`)."""
     ledger_final = {n["node"]: n.get("reported_epsilon") for n in report["nodes"]}
+    ledger_delta = {n["node"]: n.get("delta") for n in report["nodes"]}
     contributed = {n["node"] for n in report["nodes"] if n["contributions"]}
     if not isinstance(per_node, dict):
         if report["dp"] is not False:
@@ -453,4 +574,24 @@ def _per_node_problems(report: dict, per_node: Any, tolerance: float) -> list[st
                 f"node {node}: metrics.json states epsilon {value:.4f}, the ledger's "
                 f"last contribution {final:.4f} (a cut-off ledger?)"
             )
+        elif problem := _node_delta_problem(per_node.get(node), ledger_delta.get(node), tolerance):
+            problems.append(f"node {node}: {problem}")
     return problems
+
+
+def _node_delta_problem(value: Any, delta: Any, tolerance: float) -> str | None:
+    """What a node's statement in metrics.json's ``per_node`` (``value``: its epsilon, or an
+    object of its epsilon and delta) claims beyond its last contribution's ``delta``: a delta
+    that is not a number, or one below it, where the same epsilon claims more (its epsilon at
+    1e-12 on the card passed until 2026-12-08); a bare epsilon is at the ledger's delta."""
+    if not isinstance(value, dict) or "delta" not in value or not is_number(delta):
+        return None
+    stated = value["delta"]
+    if not is_number(stated):
+        return f"metrics.json's delta {str(stated)[:40]!r} for it is not a number"
+    if stated < delta * (1 - tolerance):
+        return (
+            f"metrics.json states delta {stated:.3g} for it, below its releases' {delta:.3g}: "
+            "at a smaller delta its epsilon is larger than the one stated"
+        )
+    return None

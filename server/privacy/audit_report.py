@@ -103,7 +103,11 @@ def print_summary(report: dict) -> None:
             style = "" if n["status"] == "ok" else "red"
             table.add_row(*_node_row(n), style=style)
         console.print(table)
-    marks = {"pass": "[green]PASS[/green]", "fail": "[red]FAIL[/red]"}
+    marks = {
+        "pass": "[green]PASS[/green]",
+        "fail": "[red]FAIL[/red]",
+        "warn": "[yellow]WARNING[/yellow]",
+    }
     for c in report["checks"]:
         mark = marks.get(c["status"], "[yellow]INCONCLUSIVE[/yellow]")
         console.print(f"{mark} {c['title']}: {c['message']}", highlight=False)
@@ -148,7 +152,14 @@ def print_summary(report: dict) -> None:
             "[green bold]audit passed[/green bold]: "
             + (f"no check fails ({', '.join(open_checks)} inconclusive)" if open_checks else "")
             + ("" if open_checks else "every check holds")
+            + _warned(report)
         )
+
+
+def _warned(report: dict) -> str:
+    """What the passed verdict adds for the checks that warn (nothing when none does)."""
+    warned = [c["name"] for c in report["checks"] if c["status"] == "warn"]
+    return f"; WARNING from {', '.join(warned)}: read it above" if warned else ""
 
 
 def _png(fig: Figure) -> str:
@@ -240,6 +251,7 @@ def write_html(report: dict, path: Path) -> None:
             if open_checks
             else "every check holds."
         )
+        + e(_warned(report))
         + "</div>"
         if report["passed"]
         else "<div class='banner bad'>Audit FAILED: "
@@ -283,6 +295,7 @@ def write_html(report: dict, path: Path) -> None:
         status = {
             "pass": "<span class='pass'>pass</span>",
             "fail": "<span class='fail'>FAIL</span>",
+            "warn": "<span class='open'>WARNING</span>",
         }.get(c["status"], "<span class='open'>inconclusive</span>")
         details = e(c["message"]) + "".join(f"<br>{e(p)}" for p in c["problems"])
         parts.append(

@@ -360,3 +360,33 @@ def _unrecorded_problem(
         return " (its release may cost more than the audit counted for the unanswered request)"
     lost[node].remove(match)
     return ""
+
+
+def audit_absent_keys(report: dict, entries: list[dict], keys_dir: Path) -> None:
+    """The ``absent_nodes`` check, a warning and never a failure: a node key in ``keys_dir``
+    (keys an auditor obtained from the merchants, ``--node-keys``) whose node no entry of the
+    ledger names. Whoever writes the ledger can remove every entry of one node and chain the
+    rest again: the run's first entry keeps its hash, so the other nodes' signatures, which
+    name it, still verify, and the composition over all nodes leaves that node's spending out.
+    Only its receipts (``--receipts``) show what it spent; a node that never took part (never
+    sampled, never connected) is absent too, hence a warning."""
+    keys = sorted(path.stem for path in keys_dir.glob("*.pem")) if keys_dir.is_dir() else []
+    if not keys:
+        return
+    named = {str(e["node"]) for e in entries if "node" in e}
+    named |= {str(n) for e in entries if e.get("kind") == "requested" for n in e.get("nodes", [])}
+    absent = [node for node in keys if node not in named]
+    report["checks"].append(
+        check(
+            "absent_nodes",
+            "every node with a key is in the ledger",
+            [
+                f"node {node}: its key is in {keys_dir}, but no ledger entry names it: it never "
+                "took part, or its entries were removed (its spending is then in no statement "
+                f"here): check its receipts (--receipts {node}=PATH)"
+                for node in absent
+            ],
+            f"all {len(keys)} node(s) with a key are named in the ledger",
+            "warn" if absent else None,
+        )
+    )

@@ -1,5 +1,6 @@
-"""The audit holds the model card (OUT/model/README.md) to metrics.json's privacy statement
-(server/privacy/audit_card.py): an operator who edits the card alone fails it."""
+"""The audit holds the model card (OUT/model/README.md) to metrics.json's privacy statement and
+settings, and metrics.json's settings to the ledger's run_start (server/privacy/audit_card.py):
+an operator who edits the card alone, or the card and metrics.json together, fails it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from server.privacy.audit import audit
 from server.privacy.audit_card import audit_model_card
 from shared.recommender.artifacts import model_card
+from shared.runs.config import RunConfig
+from tests.server.test_ledger_audit import write_planned_run
 
 PRIVACY = {
     "statement": "(8.000, 4.5e-05)-DP for one customer's whole history",
@@ -19,17 +23,25 @@ PRIVACY = {
 }
 
 
-def write_run(out: Path, privacy: dict | None) -> tuple[Path, Path]:
-    """A run's metrics.json and the card the run writes beside it, from the same dict."""
-    metrics = {"test": {"ndcg@10": 0.05}, **({"privacy": privacy} if privacy else {})}
+CONFIG = RunConfig(dp=True, target_epsilon=8.0, partition="merchant").to_dict()
+
+
+def write_run(out: Path, privacy: dict | None, config: dict = CONFIG) -> tuple[Path, Path]:
+    """A run's metrics.json and the card the run writes beside it, from the same dicts."""
+    metrics = {"test": {"ndcg@10": 0.05}, "config": config}
+    metrics |= {"privacy": privacy} if privacy else {}
     (out / "metrics.json").write_text(json.dumps(metrics))
     card = out / "README.md"
-    card.write_text(model_card(title="t", data={}, metrics=metrics, config={}, privacy=privacy))
+    card.write_text(model_card(title="t", data={}, metrics=metrics, config=config, privacy=privacy))
     return card, out / "metrics.json"
 
 
-def card_check(card: Path, metrics: Path) -> dict:
-    report: dict = {"checks": []}
+def card_check(card: Path, metrics: Path, started: dict | None = None) -> dict:
+    """The model_card check, with ``started`` the ledger's run_start settings (None: the
+    audit read no run_start)."""
+    report: dict = {"checks": [], "dp": None, "config": {}}
+    if started is not None:
+        report |= {"dp": bool(started.get("dp")), "config": started}
     audit_model_card(report, card, metrics)
     [found] = report["checks"]
     return found
@@ -65,3 +77,73 @@ def test_a_card_claiming_a_guarantee_a_run_without_dp_never_had_fails(tmp_path) 
     card.write_text(private_card.read_text())
     found = card_check(card, metrics)
     assert found["status"] == "fail" and "metrics.json does not" in found["problems"][0]
+
+
+def _set(text: str, key: str, old: object, new: object) -> str:
+    """``text`` with the JSON line of ``key`` set from ``old`` to ``new`` (once, exactly)."""
+    line = f'"{key}": {json.dumps(old)}'
+    assert text.count(line) == 1
+    return text.replace(line, f'"{key}": {json.dumps(new)}')
+
+
+@pytest.mark.parametrize(
+    ("key", "new"),
+    [("dp", False), ("target_epsilon", 2.0), ("max_grad_norm", 0.1), ("delta", 1e-9)],
+)
+def test_a_cards_training_configuration_edited_alone_fails(tmp_path, key, new) -> None:
+    """The card's settings were never read: an operator could show another target, clip,
+    delta or no DP at all under an audited privacy section, and pass."""
+    card, metrics = write_run(tmp_path, PRIVACY)
+    card.write_text(_set(card.read_text(), key, CONFIG[key], new))
+    found = card_check(card, metrics)
+    assert found["status"] == "fail"
+    assert found["problems"] == [
+        f"{card}: its training configuration differs from metrics.json's ({key}: "
+        f"{CONFIG[key]} in metrics.json, {new} on the card)"
+    ]
+
+
+def test_settings_edited_in_metrics_json_and_the_card_alike_fail_against_the_ledger(
+    tmp_path,
+) -> None:
+    """Edited in both (a run without DP shown as one, a target of 8 shown as 2), the card
+    agrees with metrics.json; the ledger's run_start, which the nodes' signatures name by its
+    hash, does not."""
+    started = {**CONFIG, "dp": False, "target_epsilon": 8.0, "num_nodes": 5}
+    claimed = {**CONFIG, "dp": True, "target_epsilon": 2.0}
+    card, metrics = write_run(tmp_path, None, claimed)
+    found = card_check(card, metrics, started)
+    assert found["status"] == "fail"
+    (problem,) = found["problems"]
+    assert problem.startswith(f"{metrics}: its config differs from the settings the ledger's")
+    assert "dp: False -> True" in problem and "target_epsilon: 8.0 -> 2.0" in problem
+    assert card_check(*write_run(tmp_path, None, {**claimed, "delta": 0.0}), started)["problems"], (
+        "a delta of 0 in metrics.json, read elsewhere as derived, is a change here"
+    )
+
+
+def test_the_ledgers_settings_pass_with_its_node_count_and_an_older_runs_missing_setting(
+    tmp_path,
+) -> None:
+    """The run_start adds ``num_nodes``; a run started before a setting existed and resumed
+    after states it at its default in metrics.json; a place (out) may be spelled otherwise."""
+    started = {**CONFIG, "num_nodes": 5, "out": "./run"}
+    del started["wire_dtype"]
+    card, metrics = write_run(tmp_path, PRIVACY, {**CONFIG, "out": str(Path("run").resolve())})
+    assert card_check(card, metrics, started)["status"] == "pass"
+
+
+def test_a_card_without_its_metrics_json_fails_the_audit(tmp_path) -> None:
+    """The audit checked the card only when metrics.json was there: an operator who removed
+    metrics.json could edit the card at will (epsilon 8 shown as 2) and pass."""
+    out = write_planned_run(tmp_path / "run", {"0": 800, "1": 1000})
+    (out / "model").mkdir()
+    card, metrics = write_run(out / "model", PRIVACY)
+    metrics.unlink()
+    card.write_text(card.read_text().replace('"epsilon": 7.9999', '"epsilon": 1.9999'))
+    (found,) = [c for c in audit(out)["checks"] if c["name"] == "model_card"]
+    assert found["status"] == "fail"
+    assert found["problems"] == [
+        f"{card}: no metrics.json beside it (a run writes it before the card): what the card "
+        "states is held to nothing"
+    ]
