@@ -41,7 +41,7 @@ from server.privacy.audit_federation import audit_federation, audit_metrics
 from server.privacy.audit_node_level import audit_node_level
 from server.privacy.audit_report import jsonable, print_summary, write_html
 from server.privacy.audit_signatures import (
-    audit_absent_keys,
+    audit_absent_nodes,
     audit_receipts,
     audit_signatures,
     ledger_run_id,
@@ -273,7 +273,7 @@ def audit(
         audit_signatures(
             report, contributions, report["run_id"], lines, keys_dir, signatures, starts
         )
-        audit_absent_keys(report, complete, keys_dir)
+        audit_absent_nodes(report, complete, keys_dir)
         if receipts:
             audit_receipts(report, contributions, report["run_id"], lines, receipts, outstanding)
         if any(e.get("kind") == "contribution" and missing_fields(e) for e in entries):

@@ -12,7 +12,7 @@ from server.privacy.accounting import recompute_epsilon
 from server.privacy.audit_checks import by_node, check, entry_problem, is_number
 from server.privacy.audit_federation import counted_release
 from server.privacy.ledger import json_object
-from server.privacy.ledger_gaps import request_purpose
+from server.privacy.ledger_gaps import federation_size, request_purpose
 from shared.federation.signing import (
     OPTIONAL_FIELDS,
     SERVER_START,
@@ -362,31 +362,41 @@ def _unrecorded_problem(
     return ""
 
 
-def audit_absent_keys(report: dict, entries: list[dict], keys_dir: Path) -> None:
-    """The ``absent_nodes`` check, a warning and never a failure: a node key in ``keys_dir``
-    (keys an auditor obtained from the merchants, ``--node-keys``) whose node no entry of the
-    ledger names. Whoever writes the ledger can remove every entry of one node and chain the
-    rest again: the run's first entry keeps its hash, so the other nodes' signatures, which
-    name it, still verify, and the composition over all nodes leaves that node's spending out.
-    Only its receipts (``--receipts``) show what it spent; a node that never took part (never
-    sampled, never connected) is absent too, hence a warning."""
+def audit_absent_nodes(report: dict, entries: list[dict], keys_dir: Path) -> None:
+    """The ``absent_nodes`` check, a warning and never a failure: nodes the ledger never
+    names, though the run's start declares them (``num_nodes``, which every node's signature
+    binds through the first entry's hash) or an auditor holds their key (``keys_dir``, keys
+    obtained from the merchants, ``--node-keys``). Whoever writes the ledger can remove every
+    entry of one node and chain the rest again: the first entry keeps its hash, so the other
+    nodes' signatures still verify, and the composition over all nodes leaves that node's
+    spending out. Only its receipts (``--receipts``) show what it spent; a node that never
+    took part (never sampled under ``fraction-train``, never connected) is absent too, hence a
+    warning."""
     keys = sorted(path.stem for path in keys_dir.glob("*.pem")) if keys_dir.is_dir() else []
-    if not keys:
-        return
     named = {str(e["node"]) for e in entries if "node" in e}
     named |= {str(n) for e in entries if e.get("kind") == "requested" for n in e.get("nodes", [])}
-    absent = [node for node in keys if node not in named]
+    problems = [
+        f"node {node}: its key is in {keys_dir}, but no ledger entry names it: it never "
+        "took part, or its entries were removed (its spending is then in no statement "
+        f"here): check its receipts (--receipts {node}=PATH)"
+        for node in keys
+        if node not in named
+    ]
+    declared = federation_size(entries)
+    if declared is not None and len(named) < declared:
+        problems.append(
+            f"the run's start declares {declared} node(s), the ledger names {len(named)}: the "
+            f"other {declared - len(named)} never took part (never sampled, never connected), "
+            "or their entries were removed, their spending then in no statement here; ask "
+            "each merchant of the federation for its receipts (--receipts NODE=PATH)"
+        )
     report["checks"].append(
         check(
             "absent_nodes",
-            "every node with a key is in the ledger",
-            [
-                f"node {node}: its key is in {keys_dir}, but no ledger entry names it: it never "
-                "took part, or its entries were removed (its spending is then in no statement "
-                f"here): check its receipts (--receipts {node}=PATH)"
-                for node in absent
-            ],
-            f"all {len(keys)} node(s) with a key are named in the ledger",
-            "warn" if absent else None,
+            "every node the run declares or an auditor holds a key of is in the ledger",
+            problems,
+            f"the ledger names all {max(declared or 0, len(named))} node(s) the run declares"
+            + (f" and all {len(keys)} with a key" if keys else ""),
+            "warn" if problems else None,
         )
     )

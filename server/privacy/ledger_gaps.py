@@ -224,7 +224,7 @@ def outstanding_requests(entries: list[dict]) -> dict[str, list[dict]]:
     gone, the node charged nothing the ledger lacks, and it refuses that server's requests
     from then on."""
     stopped = in_flight(entries)
-    size = _federation_size(entries)
+    size = federation_size(entries)
     pending: dict[str, list[dict]] = {}
     last: dict[str, object] = {}  # node -> the index of its last contribution
     for entry in entries:
@@ -357,7 +357,7 @@ def _seen_by_unnamed(
             del pending[name]
 
 
-def _federation_size(entries: list[dict]) -> int | None:
+def federation_size(entries: list[dict]) -> int | None:
     """The number of nodes the run's first start declares (None: none that is a count)."""
     start = next((e for e in entries if e.get("kind") == "run_start"), {})
     size = (

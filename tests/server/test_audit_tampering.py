@@ -523,9 +523,19 @@ def test_a_node_erased_from_the_ledger_is_warned_of_where_its_key_is_given(tmp_p
     assert "signatures" not in failed(erased)
     checks = {c["name"]: c for c in erased["checks"]}
     assert checks["absent_nodes"]["status"] == "warn"
-    assert checks["absent_nodes"]["problems"] == [
+    assert checks["absent_nodes"]["problems"][0] == (
         f"node 1: its key is in {signed / 'node-keys'}, but no ledger entry names it: it never "
         "took part, or its entries were removed (its spending is then in no statement here): "
         "check its receipts (--receipts 1=PATH)"
-    ]
+    )
     assert [c["status"] for c in honest["checks"] if c["name"] == "absent_nodes"] == ["pass"]
+    # without the node's key: the run's start declares the nodes the ledger must name
+    unkeyed = audit(copy_run(rechain(kept), tmp_path / "unkeyed"), node_keys=tmp_path / "none")
+    assert [c["problems"] for c in unkeyed["checks"] if c["name"] == "absent_nodes"] == [
+        [
+            f"the run's start declares {len(CUSTOMERS)} node(s), the ledger names "
+            f"{len(CUSTOMERS) - 1}: the other 1 never took part (never sampled, never "
+            "connected), or their entries were removed, their spending then in no statement "
+            "here; ask each merchant of the federation for its receipts (--receipts NODE=PATH)"
+        ]
+    ]
