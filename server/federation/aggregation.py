@@ -8,9 +8,10 @@ their global value. The aggregate delta is applied by a server optimiser: plain 
 
 Before any of that, :func:`clip_updates` bounds what one node can move: each item-table row and
 each other weight tensor of a node's delta is scaled down to at most ``row-clip`` times what the
-round's nodes typically move there, :func:`bound_shifts` bounds how far a node shifts the rows
-it sends all together (its products against everyone else's), and :func:`cap_weights` bounds how
-much one node weighs in the mean (docs/deployment.md, "What one node can move").
+round's nodes typically move there, :func:`bound_shifts` (opt-in, ``shift-clip``) bounds how
+far a node shifts the rows it sends all together (its products against everyone else's), and
+:func:`cap_weights` bounds how much one node weighs in the mean (docs/deployment.md, "What one
+node can move").
 """
 
 from __future__ import annotations

@@ -311,9 +311,9 @@ class FixedUpdate:
         )
 
 
-# rounds 1 and 5 are honest
-HOSTILE_ROUNDS = {2: "no configs", 3: "another shape", 4: "unclipped"}
-LAST_ROUND = 5
+# rounds 1 and 6 are honest
+HOSTILE_ROUNDS = {2: "no configs", 3: "another shape", 4: "unclipped", 5: "forged shares"}
+LAST_ROUND = 6
 
 
 def secure_rounds(client_app) -> dict[int, dict]:  # noqa: ANN001
@@ -354,7 +354,7 @@ def hostile_masked_vector():  # noqa: ANN201
     """A SecAgg+ mod for a node that breaks its masked vector (partition 0; the others
     follow the protocol) in the rounds of ``HOSTILE_ROUNDS``: ``no configs`` leaves out the
     record that carries it, ``another shape`` sends one of 3 values where the model has
-    hundreds."""
+    hundreds; ``forged shares`` answers the unmasking with zeroed secret shares."""
     import io
 
     from flwr.client.mod import secaggplus_mod
@@ -369,8 +369,11 @@ def hostile_masked_vector():  # noqa: ANN201
         reply = secaggplus_mod(msg, context, call_next)
         kind = HOSTILE_ROUNDS.get(int(msg.metadata.group_id))
         breaks = kind in ("no configs", "another shape")  # "unclipped" masks a valid vector
-        hostile = breaks and int(context.node_config["partition-id"]) == 0
-        if hostile and asked.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
+        hostile = int(context.node_config["partition-id"]) == 0
+        if hostile and kind == "forged shares" and asked.get(Key.STAGE) == Stage.UNMASK:
+            configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+            configs[Key.SHARE_LIST] = [bytes(len(b)) for b in configs[Key.SHARE_LIST]]
+        if hostile and breaks and asked.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
             if kind == "no configs":
                 del reply.content.config_records[RECORD_KEY_CONFIGS]
             else:
@@ -385,7 +388,7 @@ def hostile_masked_vector():  # noqa: ANN201
 
 @pytest.fixture(scope="module")
 def secure() -> dict[int, dict]:
-    """One simulation for every SecAgg+ check: honest, the three hostile rounds, honest."""
+    """One simulation for every SecAgg+ check: honest, the hostile rounds, honest."""
     return secure_rounds(FixedUpdate.app(mods=[hostile_masked_vector()]))
 
 
@@ -418,7 +421,8 @@ class TestSecureRounds:
         the next round sums again (test_secagg_sum_equals_the_plain_sum[after halted rounds]).
         A node that skips its clipping (``unclipped``: the workflow bounds each coordinate to
         +-C, not the update's norm) was summed in, an update of norm C x sqrt(weights); such a
-        sum, longer than C per node, now halts the round the same way."""
+        sum, longer than C per node, now halts the round the same way. Secret shares forged in
+        the unmasking (``forged shares``) halt it too (never a crash, never a sum)."""
         (server_round,) = [r for r, k in HOSTILE_ROUNDS.items() if k == kind]
         found = secure[server_round]
         assert "raised" not in found, found["raised"]
