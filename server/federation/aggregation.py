@@ -8,8 +8,10 @@ their global value. The aggregate delta is applied by a server optimiser: plain 
 
 Before any of that, :func:`clip_updates` bounds what one node can move: each item-table row and
 each other weight tensor of a node's delta is scaled down to at most ``row-clip`` times what the
-round's nodes typically move there, and :func:`cap_weights` bounds how much one node weighs in
-the mean (docs/deployment.md, "What one node can move").
+round's nodes typically move there, :func:`bound_shifts` (opt-in, ``shift-clip``) bounds how
+far a node shifts the rows it sends all together (its products against everyone else's), and
+:func:`cap_weights` bounds how much one node weighs in the mean (docs/deployment.md, "What one
+node can move").
 """
 
 from __future__ import annotations
@@ -140,6 +142,46 @@ def clip_updates(
                 base = update.arrays[name].float() - delta
                 update.arrays[name] = base + delta * factor.reshape(shape)
     return {node: count for node, count in clipped.items() if count}
+
+
+def bound_shifts(
+    global_state: dict[str, torch.Tensor], updates: list[NodeUpdate], multiple: float
+) -> list[tuple[str, str, float, float]]:
+    """Hold, in place, each node's common shift of an item table (the mean of the row deltas
+    it sends: a merchant lifting all its products' scores together, against every other
+    merchant's) to ``multiple`` times the round's median node's shift. Only the part of each
+    row's delta along the shift, in the rows moving with it, is shrunk, so the rows keep their
+    order among themselves and none moves more than before (the row bound still holds).
+    Returns (node, table, its shift, the bound) for each shift held; ``multiple`` 0: off."""
+    held = []
+    if multiple <= 0 or not updates:
+        return held
+    for name in (n for n in ITEM_TABLES if n in global_state):
+        reference = global_state[name].float()
+        deltas = [_delta(u, name, reference) for u in updates]
+        shifts = [d.mean(0).norm() if len(d) else None for d in deltas]
+        sizes = [s for s in shifts if s is not None]
+        if not sizes:  # no node sent a row of it
+            continue
+        bound = multiple * torch.stack(sizes).median()
+        for update, delta, shift in zip(updates, deltas, shifts, strict=True):
+            if shift is not None and shift > bound:
+                base = update.arrays[name].float() - delta
+                update.arrays[name] = base + _shrink_shift(delta, float(bound))
+                held.append((update.node, name, float(shift), float(bound)))
+    return held
+
+
+def _shrink_shift(delta: torch.Tensor, bound: float) -> torch.Tensor:
+    """``delta`` (rows, ...) with its mean brought down to norm ``bound`` by shrinking each
+    row's positive component along the mean (no row's norm grows, none changes direction
+    against it)."""
+    mean = delta.mean(0)
+    direction = mean / mean.norm()
+    along = (delta.reshape(len(delta), -1) @ direction.reshape(-1)).clamp(min=0)
+    cut = (float(mean.norm()) - bound) / float(along.mean())  # in (0, 1): mean(along) >= |mean|
+    shape = (-1, *[1] * (delta.ndim - 1))
+    return delta - cut * along.reshape(shape) * direction
 
 
 def weight_bound(weights: list[float], multiple: float) -> float:

@@ -17,11 +17,18 @@ array) raised out of it and ended the run before any of the round's reports reac
 ledger. The round now halts as the protocol does when too few nodes complete it: no sum, no
 report, and under customer-level DP every sampled node is ledgered as unanswered (its
 spending stated until a later release of the node shows it: server/privacy/ledger_gaps.py).
+
+The server cannot re-clip an update it never sees, and the workflow bounds each coordinate
+only (to +-C): a node that skips its clipping added up to C to every coordinate, an update
+of norm C x sqrt(weights), hundreds of honest updates in one. No sum of nodes that clip can
+be longer than C per node (plus the quantisation's error): a longer one halts the round the
+same way (:func:`sum_problem`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -49,6 +56,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from shared.runs.config import RunConfig
+
+QUANTIZATION_LEVELS = 2**22  # the workflow's default quantization_range
 
 log = logging.getLogger("fedrec.server")
 # Every node shares its keys with every other (full graph: plain SecAgg security), and any two
@@ -114,11 +123,13 @@ class SecureAggregation:
         )
         # round-timeout bounds each of the protocol's four exchanges (0: wait for every reply
         # or for Flower to report the node unavailable, as a plain round does)
+        self.clip = config.node_clip_norm
         self.workflow = SecAggPlusWorkflow(
             num_shares=NUM_SHARES,
             reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
             max_weight=1.0,
             clipping_range=config.node_clip_norm,
+            quantization_range=QUANTIZATION_LEVELS,
             timeout=config.round_timeout or None,
         )
 
@@ -155,6 +166,12 @@ class SecureAggregation:
         except Exception:  # a hostile or broken reply: logged, the round halted
             log.exception("round %d: SecAgg+ failed on a reply; the round halts", server_round)
             return None, [], self.sampler.sampled
+        completed = len(self.sampler.results)
+        if total is not None and (problem := sum_problem(total, completed, self.clip)):
+            log.error(
+                "round %d: the SecAgg+ sum is refused (%s); the round halts", server_round, problem
+            )
+            return None, [], self.sampler.sampled
         reports = [(node_id, dict(fit_res.metrics)) for node_id, fit_res in self.sampler.results]
         return total, reports, self.sampler.sampled
 
@@ -168,3 +185,19 @@ class SecureAggregation:
             name: (np.asarray(mean) * completed).astype(np.float32).reshape(value.shape)
             for (name, value), mean in zip(state.items(), self.sampler.mean, strict=True)
         }
+
+
+def sum_problem(total: dict[str, np.ndarray], nodes: int, clip: float) -> str | None:
+    """Why ``total`` cannot be the sum of ``nodes`` updates each clipped to L2 norm ``clip``
+    (None: it can be): longer than ``nodes`` x ``clip`` plus the quantisation's error (under a
+    level, 2 ``clip`` / :data:`QUANTIZATION_LEVELS`, per coordinate and node), or not finite."""
+    squares = sum(float(np.square(value, dtype=np.float64).sum()) for value in total.values())
+    size = sum(value.size for value in total.values())
+    step = 2 * clip / QUANTIZATION_LEVELS
+    bound = nodes * (clip + step * math.sqrt(size)) * (1 + 1e-6)
+    norm = math.sqrt(squares)
+    if not math.isfinite(norm):
+        return "not finite"
+    if norm > bound:
+        return f"norm {norm:.4g} from {nodes} node(s) clipped to {clip:g}: at most {bound:.4g}"
+    return None

@@ -22,6 +22,7 @@ from server.federation.aggregation import (
     NodeUpdate,
     ServerOptimizer,
     aggregate,
+    bound_shifts,
     cap_weights,
     clip_updates,
     weight_bound,
@@ -69,6 +70,7 @@ class FedRecStrategy(FedAvg):
         self.config = config
         self.method, kind = STRATEGIES[config.strategy]
         self.trim, self.row_clip = config.trim_fraction, config.row_clip
+        self.shift_clip = config.shift_clip
         self.optimizer = ServerOptimizer(kind, config.server_lr)
         self.max_update_norm = max_update_norm
         self.dense = config.node_dp  # node-level DP: the set of rows sent would itself leak
@@ -204,6 +206,15 @@ class FedRecStrategy(FedAvg):
         sum of the private rounds (``dp-denoise``, :class:`CumulativeDenoiser`; ``bias_noise``:
         the variance the nodes' noise added to each item bias, :func:`injected_bias_variance`)."""
         clipped = clip_updates(global_state, updates, self.row_clip)
+        for node, name, shift, bound in bound_shifts(global_state, updates, self.shift_clip):
+            log.warning(
+                "node %s shifted its %s rows together by %.3g, held to %.3g (shift-clip x the "
+                "round's median node)",
+                node,
+                name,
+                shift,
+                bound,
+            )
         delta = aggregate(global_state, updates, self.method, self.trim)
         if self.denoiser is not None:
             delta, shrunk = self.denoiser(global_state, delta, bias_noise)

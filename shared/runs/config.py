@@ -150,6 +150,7 @@ RANGES: dict[str, Range] = {
     "trim_fraction": Range(0.0, 0.5, open_high=True),
     # a multiple of the round's median movement: below 1 the median node itself is cut
     "row_clip": Range(1.0, off=0.0),
+    "shift_clip": Range(1.0, off=0.0),  # likewise a multiple of the round's median node
     # above 1 (or min-nodes above clients) Flower waits forever for nodes that do not exist
     "fraction_train": Range(0.0, 1.0, open_low=True),
     "min_nodes": _COUNT,
@@ -255,6 +256,7 @@ class RunConfig:
     proximal_mu: float = 0.0
     trim_fraction: float = 0.2
     row_clip: float = 1.5  # no node moves an item row or a weight, or weighs, > this x the median
+    shift_clip: float = 0.0  # opt-in: no node shifts its item rows together > this x the median
     fraction_train: float = 1.0
     min_nodes: int = 1
     wire_dtype: str = "float32"  # float16 halves what travels

@@ -260,6 +260,21 @@ def states_both_guarantees(tiny_synth_dataset_dir: Path, tmp_path: Path, secagg:
     assert main(["audit", str(out)]) == 0
 
 
+def test_a_sum_longer_than_the_nodes_clipping_allows_is_named() -> None:
+    """What a node that skips its clipping under SecAgg+ adds (C on every coordinate) makes
+    a sum no clipped nodes can: refused; a sum of clipped updates, with the quantisation's
+    error, passes."""
+    from server.federation.secagg import QUANTIZATION_LEVELS, sum_problem
+
+    clip, shape = 3.0, (400, 50)
+    honest = [np.full(shape, clip / np.sqrt(np.prod(shape))) for _ in range(3)]
+    error = 2 * clip / QUANTIZATION_LEVELS
+    assert sum_problem({"w": sum(honest) + error}, 3, clip) is None
+    hostile = sum(honest[:2]) + np.full(shape, clip)
+    assert "norm" in sum_problem({"w": hostile}, 3, clip)
+    assert sum_problem({"w": np.full(shape, np.nan)}, 3, clip) == "not finite"
+
+
 class FixedUpdate:
     """A stand-in node for the SecAgg+ check: a known update per node, clipped as fedrec's."""
 
@@ -285,6 +300,9 @@ class FixedUpdate:
 
             def fit(self, parameters, config):  # noqa: ANN001, ANN201
                 update = FixedUpdate.update(self.partition)
+                skips = HOSTILE_ROUNDS.get(int(config["server-round"])) == "unclipped"
+                if skips and self.partition == 0:  # every coordinate at the workflow's +-C
+                    update = {k: np.full_like(v, 100.0) for k, v in update.items()}
                 return [update[n] for n in str(config["state-names"]).split(",")], 1, {}
 
         return ClientApp(
@@ -293,11 +311,13 @@ class FixedUpdate:
         )
 
 
-HOSTILE_ROUNDS = {2: "no configs", 3: "another shape"}  # rounds 1 and 4 are honest
+# rounds 1 and 6 are honest
+HOSTILE_ROUNDS = {2: "no configs", 3: "another shape", 4: "unclipped", 5: "forged shares"}
+LAST_ROUND = 6
 
 
 def secure_rounds(client_app) -> dict[int, dict]:  # noqa: ANN001
-    """Four SecAgg+ rounds (``SecureAggregation.train_round``) of 3 simulated nodes answering
+    """Five SecAgg+ rounds (``SecureAggregation.train_round``) of 3 simulated nodes answering
     with ``client_app``, in one simulation: ``{round: {"round": what it returned}}``, or
     ``{round: {"raised": what it raised}}``."""
     import ray.cloudpickle
@@ -314,7 +334,7 @@ def secure_rounds(client_app) -> dict[int, dict]:  # noqa: ANN001
     @server.main()
     def _(grid, context) -> None:  # noqa: ANN001
         secure = SecureAggregation(grid, config, ConfigRecord({}))
-        for server_round in (1, 2, 3, 4):
+        for server_round in range(1, LAST_ROUND + 1):
             found[server_round] = {}
             try:
                 found[server_round]["round"] = secure.train_round(server_round, state(0))
@@ -334,7 +354,7 @@ def hostile_masked_vector():  # noqa: ANN201
     """A SecAgg+ mod for a node that breaks its masked vector (partition 0; the others
     follow the protocol) in the rounds of ``HOSTILE_ROUNDS``: ``no configs`` leaves out the
     record that carries it, ``another shape`` sends one of 3 values where the model has
-    hundreds."""
+    hundreds; ``forged shares`` answers the unmasking with zeroed secret shares."""
     import io
 
     from flwr.client.mod import secaggplus_mod
@@ -348,8 +368,12 @@ def hostile_masked_vector():  # noqa: ANN201
         asked = dict(msg.content.config_records.get(RECORD_KEY_CONFIGS, {}))
         reply = secaggplus_mod(msg, context, call_next)
         kind = HOSTILE_ROUNDS.get(int(msg.metadata.group_id))
-        hostile = kind and int(context.node_config["partition-id"]) == 0
-        if hostile and asked.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
+        breaks = kind in ("no configs", "another shape")  # "unclipped" masks a valid vector
+        hostile = int(context.node_config["partition-id"]) == 0
+        if hostile and kind == "forged shares" and asked.get(Key.STAGE) == Stage.UNMASK:
+            configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+            configs[Key.SHARE_LIST] = [bytes(len(b)) for b in configs[Key.SHARE_LIST]]
+        if hostile and breaks and asked.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
             if kind == "no configs":
                 del reply.content.config_records[RECORD_KEY_CONFIGS]
             else:
@@ -364,7 +388,7 @@ def hostile_masked_vector():  # noqa: ANN201
 
 @pytest.fixture(scope="module")
 def secure() -> dict[int, dict]:
-    """One simulation for every SecAgg+ check: honest, the two hostile rounds, honest."""
+    """One simulation for every SecAgg+ check: honest, the hostile rounds, honest."""
     return secure_rounds(FixedUpdate.app(mods=[hostile_masked_vector()]))
 
 
@@ -372,7 +396,7 @@ def secure() -> dict[int, dict]:
 class TestSecureRounds:
     """The checks of one SecAgg+ simulation (``secure``): one test group."""
 
-    @pytest.mark.parametrize("server_round", [1, 4], ids=["first", "after halted rounds"])
+    @pytest.mark.parametrize("server_round", [1, LAST_ROUND], ids=["first", "after halted rounds"])
     def test_secagg_sum_equals_the_plain_sum(self, secure: dict, server_round: int) -> None:
         found = secure[server_round]
         assert "raised" not in found, found["raised"]
@@ -394,7 +418,11 @@ class TestSecureRounds:
         reports reached the ledger: the honest nodes' spending was missing from it. The round now
         halts as the protocol does when too few nodes complete it: no sum, no report, every
         sampled node named (the round loop ledgers each as unanswered under customer-level DP);
-        the next round sums again (test_secagg_sum_equals_the_plain_sum[after halted rounds])."""
+        the next round sums again (test_secagg_sum_equals_the_plain_sum[after halted rounds]).
+        A node that skips its clipping (``unclipped``: the workflow bounds each coordinate to
+        +-C, not the update's norm) was summed in, an update of norm C x sqrt(weights); such a
+        sum, longer than C per node, now halts the round the same way. Secret shares forged in
+        the unmasking (``forged shares``) halt it too (never a crash, never a sum)."""
         (server_round,) = [r for r, k in HOSTILE_ROUNDS.items() if k == kind]
         found = secure[server_round]
         assert "raised" not in found, found["raised"]

@@ -113,6 +113,8 @@ OUT_OF_RANGE = [
     ("server-lr", -1.0),  # it moved away from what the nodes learnt
     ("row-clip", 0.5),  # the median node itself was cut
     ("row-clip", -1.0),  # taken as off
+    ("shift-clip", 0.5),  # the median node's own shift was cut
+    ("shift-clip", -1.0),
     ("proximal-mu", -0.01),  # pushed each node away from the global model
     ("dropout", 1.0),  # every activation dropped (above 1 torch failed)
     ("recency", 1.5),  # history weights (1 - recency)^age of alternating sign
@@ -187,6 +189,7 @@ def test_every_range_is_tested_and_its_ends_are_taken() -> None:
     ends = {
         "trim_fraction": 0.0,
         "row_clip": 1.0,
+        "shift_clip": 1.0,
         "fraction_train": 1.0,
         "min_nodes": 5,
         "seed": 2**63 - 1,
@@ -198,6 +201,7 @@ def test_every_range_is_tested_and_its_ends_are_taken() -> None:
     for name, value in ends.items():
         assert getattr(RunConfig(**{name: value}), name) == value
     assert RunConfig(row_clip=0.0).row_clip == 0.0  # off
+    assert RunConfig(shift_clip=0.0).shift_clip == 0.0
     assert RunConfig(clients=1, min_nodes=1).min_nodes == 1
 
 
