@@ -133,6 +133,7 @@ class Federation:
             customers = registry.customers
         # unknown customers (no registry figures): every validation event chooses the rounds
         self.valid_fraction = config.valid_fraction(customers or 0)
+        self.strategy.valid_fraction = self.valid_fraction  # what each node's answer weighs
         self.run_id = self.ledger.entries[0]["hash"]  # what every node's signed report names
         settings = settings_record(
             config, self.budget, catalog.digest, partitions, self.valid_fraction, reversed_histories

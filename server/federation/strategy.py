@@ -78,6 +78,8 @@ class FedRecStrategy(FedAvg):
         self.private, self.eval_noise = config.dp, config.eval_noise_multiplier
         self.denoiser = CumulativeDenoiser() if denoises(config, node_budget) else None
         self.registry: Registry | None = None  # set by the round loop in a deployment
+        # the share of each node's customers that validate (client/node.py: chosen by hash)
+        self.valid_fraction = 1.0  # set by the round loop in a deployment
 
     @property
     def server_state(self) -> dict[str, torch.Tensor]:
@@ -284,15 +286,22 @@ class FedRecStrategy(FedAvg):
 
     def validation(self, server_round: int, replies: Iterable[Message]) -> Answers:
         """Each node's exact validation answer, which chooses the rounds where the nodes
-        validate (:func:`node_validation`: at most its declared customers and ``row-clip``
-        times the median node's; one node cannot outvote the others on which round is kept);
-        none under DP."""
+        validate (:func:`node_validation`: at most :meth:`validation_customers` and
+        ``row-clip`` times the median node's; one node cannot outvote the others on which round
+        is kept); none under DP."""
         if self.private:
             return {}
         replies = [r for r in replies if not r.has_error() and self.identity_problem(r) is None]
         return node_validation(
-            server_round, replies, self.sender, self.declared_customers, self.row_clip
+            server_round, replies, self.sender, self.validation_customers, self.row_clip
         )
+
+    def validation_customers(self, reply: Message) -> float:
+        """The most validation customers a reply may speak for: what the server expects of its
+        node, its declared customers (:meth:`declared_customers`) times ``valid_fraction``, so
+        a node claiming its whole registered figure weighs what an honest node of its size
+        answers for (an honest node's luck of the draw above that weighs no more either)."""
+        return self.declared_customers(reply) * self.valid_fraction
 
     def declared_customers(self, reply: Message) -> float:
         """The most customers a reply may speak for: its registered node's declared figure

@@ -3,19 +3,21 @@ docs/evaluation.md).
 
 Each node answers every round's evaluation, the public start's (round 0) too, with the exact
 mean NDCG@10 and HR@10 over its validation customers and how many they are
-(:func:`node_validation`: each speaks for at most its declared customers and ``row-clip``
-times the median node's). Their customer-weighted mean (:func:`validation_mean`) is reported;
-what chooses the round is robust to a liar (:func:`robust_validation`): the start's mean plus
-the customer-weighted median over nodes of each node's gain over its own answer for the start.
+(:func:`node_validation`: each speaks for at most the validation customers the server expects
+of its node and ``row-clip`` times the median node's; a name given by two replies of a round
+speaks for none). Their customer-weighted mean (:func:`validation_mean`) is reported; what
+chooses the round is robust to a liar (:func:`robust_validation`): the start's mean plus the
+customer-weighted median over nodes of each node's gain over its own answer for the start.
 Nodes holding less than half the weight cannot move that median beyond what the honest nodes'
-gains span, whatever they answer; where the nodes rank the rounds alike it keeps the round
-the mean keeps.
+gains span, whatever they answer (exactly half moves it half-way to theirs); where the nodes
+rank the rounds alike it keeps the round the mean keeps.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -36,51 +38,67 @@ def node_validation(
     limit: Callable[[Message], float],
     multiple: float,
 ) -> Answers:
-    """Each node's (``sender(reply)``) exact validation answer: ``users``, its validation
-    customers, at most ``limit(reply)`` and at most ``multiple`` times the median node's
-    (:func:`weight_bound`, as the aggregation bounds a node's weight), and its mean of each
-    evaluated metric. A reply without one, or with one out of range, is left out."""
-    answers = {}
-    for reply in replies:
-        if reply.has_error() or "metrics" not in reply.content:
-            continue
-        metrics = dict(reply.content["metrics"])
-        values = [metrics.get(f"valid-{k}") for k in ("customers", *EVALUATED)]
-        count, *rest = values
-        if count is None:
-            continue
-        if not (
-            all(isinstance(v, int | float) and math.isfinite(v) for v in values)
-            and count >= 0
-            and all(0 <= v <= 1 for v in rest)
-        ):
-            log.warning("round %d: a validation reply out of range", server_round)
-            continue
-        means = dict(zip(EVALUATED, rest, strict=True))
-        answers[sender(reply)] = {"users": min(count, limit(reply)), **means}
+    """Each node's (``sender(reply)``) exact validation answer (:func:`validation_answer`):
+    ``users``, its validation customers, at most ``limit(reply)`` and at most ``multiple``
+    times the median node's (:func:`weight_bound`, as the aggregation bounds a node's weight),
+    and its mean of each evaluated metric. A reply without one, or with one out of range, is
+    left out, and so is every answer of a node named by more than one reply (without a registry
+    the name is the report's own: a reply naming another node would replace its answer)."""
+    given = [(sender(r), a) for r in replies if (a := validation_answer(server_round, r, limit))]
+    named = Counter(node for node, _ in given)
+    if twice := sorted(node for node, times in named.items() if times > 1):
+        log.warning(
+            "round %d: validation answers left out: %s each named by more than one reply",
+            server_round,
+            ", ".join(twice),
+        )
+    answers = {node: answer for node, answer in given if named[node] == 1}
     bound = weight_bound([a["users"] for a in answers.values()], multiple)
     for answer in answers.values():
         answer["users"] = min(answer["users"], bound)
     return answers
 
 
+def validation_answer(
+    server_round: int, reply: Message, limit: Callable[[Message], float]
+) -> dict | None:
+    """``reply``'s validation answer, ``{"users", "hr@10", "ndcg@10"}``, its customers held to
+    ``limit(reply)``; None when it carries none or one out of range."""
+    if reply.has_error() or "metrics" not in reply.content:
+        return None
+    metrics = dict(reply.content["metrics"])
+    values = [metrics.get(f"valid-{k}") for k in ("customers", *EVALUATED)]
+    count, *rest = values
+    if count is None:
+        return None
+    if not (
+        all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+        and count >= 0
+        and all(0 <= v <= 1 for v in rest)
+    ):
+        log.warning("round %d: a validation reply out of range", server_round)
+        return None
+    return {"users": min(count, limit(reply)), **dict(zip(EVALUATED, rest, strict=True))}
+
+
 def validation_mean(answers: Answers) -> dict:
     """``{"users", "hr@10", "ndcg@10"}``: the answers' means weighted by their customers
     ({} when they speak for none)."""
-    customers, sums = 0, dict.fromkeys(EVALUATED, 0.0)
+    customers, sums = 0.0, dict.fromkeys(EVALUATED, 0.0)
     for answer in answers.values():
-        customers += int(answer["users"])
+        customers += answer["users"]
         for name in EVALUATED:
             sums[name] += answer[name] * answer["users"]
     if customers <= 0:
         return {}
-    return {"users": customers, **{k: v / customers for k, v in sums.items()}}
+    return {"users": round(customers), **{k: v / customers for k, v in sums.items()}}
 
 
 def weighted_median(values: list[float], weights: list[float]) -> float:
     """The median of ``values`` weighted by ``weights`` (positive): the value where half the
     weight lies on either side, the midpoint of two values where the halves meet between them
-    (two nodes of equal weight: their mean; one node: its value)."""
+    (two nodes of equal weight: their mean; one node: its value; nodes holding exactly half the
+    weight move it half-way from the others' nearest value to theirs)."""
     order = np.argsort(values, kind="stable")
     ordered = np.asarray(values, dtype=np.float64)[order]
     cumulative = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
@@ -108,4 +126,4 @@ def robust_validation(answers: Answers, start: Answers) -> dict | None:
         k: weighted_median([answers[n][k] - start[n][k] for n in compared], weights)
         for k in EVALUATED
     }
-    return {"users": int(sum(weights)), **{k: level[k] + gains[k] for k in EVALUATED}}
+    return {"users": round(sum(weights)), **{k: level[k] + gains[k] for k in EVALUATED}}

@@ -15,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from helpers import node_reply
 from safetensors.torch import load_file
 
+from server.federation.registry import write_registry
 from server.federation.rounds import run_federation
 from shared.federation.wire import encode, trainable_state
 from shared.recommender.experiment import Catalog
@@ -68,12 +69,20 @@ def deploy(
     out: Path,
     valid,  # noqa: ANN001
     claims: dict | None = None,
+    registered: int | None = None,
 ) -> tuple[dict, DeployedNodes, dict[str, torch.Tensor]]:
     """A deployment's run (the server holds the catalog alone; the nodes validate) of 3 rounds
-    over :class:`DeployedNodes`; returns its metrics, the grid and the public start."""
+    over :class:`DeployedNodes` (with a registry declaring ``registered`` customers for each,
+    a tenth of which validate, where given); returns its metrics, the grid and the start."""
+    settings = {}
+    if registered is not None:
+        out.mkdir(parents=True)
+        nodes = {i: {"name": n, "catalog": None, "customers": registered} for i, n in NODES.items()}
+        write_registry(out / "registry.json", nodes)
+        settings = {"registry": str(out / "registry.json"), "valid_customers": registered * 3 // 10}
     config = RunConfig(
         dim=8, layers=1, max_len=5, catalog_epochs=0, federated_eval=True, rounds=3,
-        round_patience=0, device="cpu",
+        round_patience=0, device="cpu", **settings,
     )  # fmt: skip
     torch.manual_seed(0)
     catalog = Catalog(ITEMS, torch.randn(len(ITEMS), 8), config, "minilm", "tiny")
@@ -127,3 +136,17 @@ def test_a_liar_at_the_weight_cap_cannot_choose_a_deployments_round(tmp_path: Pa
     assert rounds[1]["selection"]["ndcg@10"] == pytest.approx(0.10 + 0.02)
     assert rounds[3]["selection"]["ndcg@10"] == pytest.approx(0.10 - 0.05)
     assert rounds[3]["selection"]["users"] == 175
+
+
+def test_a_registered_nodes_validation_answer_weighs_what_the_server_expects_of_it(
+    tmp_path: Path,
+) -> None:
+    """Three nodes registered with 500 customers each, a tenth of which validate: an honest
+    node answers for about 50. The third claims its whole registered 500: it is held to the 50
+    the server expects of it (before: to 1.5 x the median, 75, of the 500 the registry lets it
+    claim), so the round's answers speak for 150."""
+    honest = {0: 0.10, 1: 0.12, 2: 0.07, 3: 0.05}
+    metrics, _, _ = deploy(tmp_path / "run", lambda r, node: honest[r], {"ccc": 500}, 500)
+    rounds = {h["round"]: h for h in metrics["rounds"]}
+    assert rounds[1]["selection"]["users"] == rounds[1]["federated"]["valid"]["users"] == 150
+    assert metrics["selection"]["best_round"] == 1

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import node_reply
 
+from server.federation.registry import RegisteredNode, Registry
 from server.federation.selection import RoundSelection, round_validation
 from server.federation.strategy import FedRecStrategy
 from server.federation.validation import robust_validation, validation_mean, weighted_median
@@ -47,6 +48,16 @@ def test_the_weighted_median() -> None:
     assert weighted_median([0.1, 0.3], [4, 6]) == 0.3  # more than half the weight decides
     assert weighted_median([0.5, 0.1, 0.2], [1, 1, 1]) == 0.2  # in any order
     assert weighted_median([0.0, 0.1, 0.2, 9.0], [1, 1, 1, 2.9]) == 0.2
+    # exactly half the weight on either side: half-way between the two halves
+    assert weighted_median([-0.02, -0.02, 0.9, 0.9], [1, 1, 1, 1]) == pytest.approx(0.44)
+
+
+def test_the_mean_of_answers_of_fractional_weight_is_a_mean() -> None:
+    """Weights held to a cap are fractional (1.5 x the median, declared x valid-fraction): the
+    mean divides by their sum, not by their whole parts (before: 1.5 and 1.5 summed as 2,
+    so two answers of 1.0 meant 1.5, and one of weight 0.5 none at all)."""
+    assert validation_mean({"a": answer(1.5, 1.0), "b": answer(1.5, 1.0)})["ndcg@10"] == 1.0
+    assert validation_mean({"a": answer(0.5, 0.2)}) == pytest.approx(answer(0, 0.2))
 
 
 def test_fewer_than_half_the_weight_cannot_move_the_gain_beyond_the_honest_ones() -> None:
@@ -116,3 +127,60 @@ def test_nodes_without_an_answer_for_the_start_are_left_out_of_the_comparison() 
     assert by_robust({"c": answer(10, 1.0)}, start) is None  # nobody to compare
     # a run whose start no node answered (a checkpoint from before): the mean, as before
     assert robust_validation(answers, {}) == validation_mean(answers)
+
+
+def merchants(fraction: float, names: list[str]) -> FedRecStrategy:
+    """A deployment's strategy (``row-clip`` 1.5) whose registry declares 1,000 customers for
+    each of ``names`` (Flower node ids 1, 2, ...), of which ``fraction`` validate."""
+    strategy = FedRecStrategy(RunConfig(row_clip=1.5))
+    strategy.registry = Registry(
+        {i + 1: RegisteredNode(name, None, 1000) for i, name in enumerate(names)}
+    )
+    strategy.valid_fraction = fraction
+    return strategy
+
+
+def validation_replies(answers: dict[str, tuple[float, float]]) -> list:
+    """Each node's reply (Flower node ids 1, 2, ... in order) answering (customers, NDCG@10 and
+    HR@10) for its validation customers."""
+    return [
+        node_reply(name, None, node_id=i + 1, metrics=validating(customers, value))
+        for i, (name, (customers, value)) in enumerate(answers.items())
+    ]
+
+
+def validating(customers: float, value: float) -> dict:
+    """A validation answer as a node's metrics carry it."""
+    return {"valid-customers": customers, "valid-hr@10": value, "valid-ndcg@10": value}
+
+
+def test_a_liar_claiming_its_registered_customers_weighs_an_honest_nodes_answer() -> None:
+    """Five merchants of 1,000 registered customers, a tenth of which validate: an honest
+    node answers for about 100. Two liars answer 1.0 for the round and claim their 1,000. Held
+    only to the registered figure and 1.5 x the median (150), they held 300 of 600, half the
+    weight, and moved the round's gain half-way to theirs (+0.44, every honest node lost 0.02):
+    two of five nodes chose the round. Each answer is now held to what the server expects of
+    its node, its registered customers x valid-fraction: 100, as an honest node of its size."""
+    names = ["h0", "h1", "h2", "l1", "l2"]
+    strategy = merchants(0.1, names)
+    start = strategy.validation(0, validation_replies(dict.fromkeys(names, (100, 0.1))))
+    lying = {"l1": (1000, 1.0), "l2": (1000, 1.0)}
+    answers = strategy.validation(
+        1, validation_replies({n: (100, 0.08) for n in names[:3]} | lying)
+    )
+    assert answers["l1"]["users"] == answers["h0"]["users"] == 100
+    gain = by_robust(answers, start)["ndcg@10"] - validation_mean(start)["ndcg@10"]
+    assert gain == pytest.approx(-0.02)
+
+
+def test_a_reply_naming_another_node_leaves_out_both_answers_without_a_registry() -> None:
+    """Without a registry a node is known by the name its report gives: a reply naming
+    another node (b) replaced b's answer (one liar of three moved the gain to +0.90); every
+    answer of a name given by more than one reply in a round is now left out."""
+    strategy = FedRecStrategy(RunConfig(row_clip=1.5))
+    start = strategy.validation(0, validation_replies(dict.fromkeys("abc", (100, 0.1))))
+    sent = validation_replies({"a": (100, 0.08), "b": (100, 0.08), "c": (150, 1.0)})
+    sent[2].content["privacy"]["node"] = "b"  # c speaks as b
+    answers = strategy.validation(1, sent)
+    assert list(answers) == ["a"]
+    assert by_robust(answers, start)["ndcg@10"] == pytest.approx(0.1 - 0.02)
