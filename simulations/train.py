@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from shared.recommender.experiment import Experiment
+from shared.recommender.metrics import per_customer_metrics, target_ranks
 from shared.recommender.model import FusionRecommender
 from shared.recommender.popularity import (
     add_popularity,
@@ -22,6 +23,7 @@ from shared.recommender.popularity import (
     popularity_logits,
     popularity_weight,
 )
+from shared.recommender.selection import EpochChoice
 from shared.recommender.training import (
     calibrate_noise,
     learns_reversed,
@@ -130,14 +132,15 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
     backwards = learns_reversed(config, whole)
     if backwards and show_progress:
         print("also learning every history backwards (reverse-histories)", flush=True)
-    model, history = _fit(experiment, histories, config.epochs, True, show_progress, backwards)
-    best = max(history, key=lambda h: h["valid_ndcg@10"])
-    best_epoch = best["epoch"]
+    model, history, best_epoch = _fit(
+        experiment, histories, config.epochs, True, show_progress, backwards
+    )
+    kept = next(h for h in history if h["epoch"] == best_epoch)
     weight, tried = 0.0, []
     if config.popularity_prior and model.config.use_id:
         logits = popularity_logits(history_counts(histories, model.config.num_items), model)
         validate = partial(_valid_ndcg, experiment)
-        weight, tried = popularity_weight(model, logits, validate, best["valid_ndcg@10"])
+        weight, tried = popularity_weight(model, logits, validate, kept["valid_ndcg@10"])
         add_popularity(model, logits, weight)
         if show_progress and weight:
             print(f"validation keeps the popularity prior at weight {weight:g}", flush=True)
@@ -151,12 +154,20 @@ def train_centralized(experiment: Experiment, show_progress: bool = True) -> dic
         elif show_progress:
             print("no epoch beat the public start on validation: it is the model", flush=True)
         refit = experiment.train_histories(refit=True)
-        result["model"], _ = _fit(experiment, refit, best_epoch, False, show_progress, backwards)
+        result["model"] = _fit(experiment, refit, best_epoch, False, show_progress, backwards)[0]
         counts = history_counts(refit, model.config.num_items)
         add_popularity(result["model"], popularity_logits(counts, result["model"]), weight)
+    best = max(history, key=lambda h: h["valid_ndcg@10"])
+    if show_progress and best["epoch"] != best_epoch:
+        print(
+            f"validation cannot tell epoch {best_epoch} from epoch {best['epoch']} "
+            f"(epoch-tolerance): epoch {best_epoch}, the earlier, is kept",
+            flush=True,
+        )
     result["timing"] = {
         "train_s": round(time.time() - started, 1),
         "best_epoch": best_epoch,
+        "best_valid_epoch": best["epoch"],
         "epoch_s": round(float(np.mean([h["epoch_s"] for h in history if h["epoch"]])), 1),
     }
     result["reversed_histories"] = backwards
@@ -175,10 +186,12 @@ def _fit(
     select: bool,
     show_progress: bool,
     backwards: bool = False,
-) -> tuple:
+) -> tuple[FusionRecommender, list[dict], int]:
     """Adam over full-catalog softmax; with ``select``, early stopping on validation NDCG@10,
-    the untrained public start (epoch 0) being the first candidate; with ``backwards``, every
-    history is learnt reversed too (:func:`learns_reversed`)."""
+    the untrained public start (epoch 0) being the first candidate, and of the epochs that
+    beat it the earliest within ``epoch-tolerance`` standard errors of the best is kept
+    (:class:`EpochChoice`); with ``backwards``, every history is learnt reversed too
+    (:func:`learns_reversed`). Returns the model, the history and the kept epoch."""
     config = experiment.config
     model = experiment.new_model()
     sequences = with_reversed(histories) if backwards else histories
@@ -191,11 +204,11 @@ def _fit(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    best, best_state, stale, history = -1.0, None, 0, []
+    choice, start, history = EpochChoice(config.epoch_tolerance), None, []
     if select:  # the public start is a candidate too: an epoch must beat it on validation
-        start, _ = experiment.evaluate(model, "valid")
-        history.append({"epoch": 0, "valid_ndcg@10": start["ndcg@10"]})
-        best, best_state = start["ndcg@10"], copy.deepcopy(model.state_dict())
+        start = copy.deepcopy(model.state_dict())
+        history.append({"epoch": 0, "valid_ndcg@10": _valid_ndcg(experiment, model)})
+    floor, stale = history[0]["valid_ndcg@10"] if select else 0.0, 0
     passes = passes_per_epoch(len(inputs), config.batch_size, config.epoch_steps)
     for epoch in range(1, epochs + 1):
         epoch_start = time.time()
@@ -214,23 +227,34 @@ def _fit(
         history.append(record)
         if not select:
             continue
-        valid, _ = experiment.evaluate(model, "valid")
-        record["valid_ndcg@10"] = valid["ndcg@10"]
+        values = _valid_values(experiment, model)
+        record["valid_ndcg@10"] = float(values.mean())
         if show_progress:
             print(
-                f"epoch {epoch}: loss {loss:.4f}  valid ndcg@10 {valid['ndcg@10']:.4f}  "
+                f"epoch {epoch}: loss {loss:.4f}  valid ndcg@10 {record['valid_ndcg@10']:.4f}  "
                 f"({record['epoch_s']} s)",
                 flush=True,
             )
-        if valid["ndcg@10"] > best:
-            best, best_state, stale = valid["ndcg@10"], copy.deepcopy(model.state_dict()), 0
+        snapshot = partial(copy.deepcopy, model.state_dict())
+        if record["valid_ndcg@10"] > floor and choice.offer(epoch, values, snapshot):
+            stale = 0
         else:
             stale += 1
             if stale >= config.patience:
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return model, history
+    if not select:
+        return model, history, epochs
+    kept = choice.kept
+    model.load_state_dict(kept.state if kept else start)
+    return model, history, kept.epoch if kept else 0
+
+
+def _valid_values(experiment: Experiment, model: FusionRecommender) -> np.ndarray:
+    """Each validation customer's NDCG@10 (their mean is the model's validation NDCG@10)."""
+    split = experiment.split
+    _, top = experiment.evaluate(model, "valid")
+    ranks = target_ranks(top, split.target("valid")[split.test_users])
+    return per_customer_metrics(ranks)["ndcg@10"]
 
 
 def _train_private(experiment: Experiment, show_progress: bool) -> dict:

@@ -73,9 +73,13 @@ def rank_users(
         top[start : start + len(batch)] = (
             best.indices.masked_fill(best.values == -torch.inf, -1).cpu().numpy()
         )
-    hits = top == targets[users][:, None]
-    ranks = np.where(hits.any(1), hits.argmax(1) + 1, 0)
-    return top, ranks
+    return top, target_ranks(top, targets[users])
+
+
+def target_ranks(top: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The 1-based rank of each row's target in its ``top`` (0 = not there)."""
+    hits = top == np.asarray(targets)[:, None]
+    return np.where(hits.any(1), hits.argmax(1) + 1, 0)
 
 
 def evaluate(

@@ -118,6 +118,7 @@ RANGES: dict[str, Range] = {
     "lr": _POSITIVE,
     "weight_decay": Range(0.0),
     "patience": Range(0),
+    "epoch_tolerance": Range(0.0, note="0: the best epoch on validation, however slight its lead"),
     "seed": Range(0, MAX_SEED),
     "target_epsilon": _EPSILON,
     "delta": Range(0.0, 1.0, open_high=True, note="0: each node's own"),
@@ -208,6 +209,9 @@ class RunConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     patience: int = 2
+    # the earliest epoch within this many standard errors of the best one on validation is
+    # kept (a tie on validation goes to the less-fitted model; docs/evaluation.md)
+    epoch_tolerance: float = 1.0
     refit: bool = True  # the final model also trains on the validation targets (see docs)
     # without DP: validation may add w x log(1 + training count) to the item scores
     popularity_prior: bool = True

@@ -152,6 +152,7 @@ OUT_OF_RANGE = [
     ("round-timeout", -5.0),
     ("catalog-epochs", -1),
     ("epoch-steps", -1),
+    ("epoch-tolerance", -0.5),
     ("cold-items", 1.0),
     ("delta", 1.0),
     ("dirichlet-alpha", -1.0),
@@ -197,6 +198,7 @@ def test_every_range_is_tested_and_its_ends_are_taken() -> None:
         "dropout": 0.0,
         "proximal_mu": 0.0,
         "local_steps": 0,
+        "epoch_tolerance": 0.0,
     }
     for name, value in ends.items():
         assert getattr(RunConfig(**{name: value}), name) == value

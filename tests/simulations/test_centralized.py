@@ -200,7 +200,7 @@ def test_held_out_products_are_not_negatives_in_training(tiny_synth_dataset_dir:
     config = RunConfig(**TINY_SETTINGS, epochs=1, device=TEST_DEVICE, cold_items=0.2)
     experiment = Experiment.prepare(tiny_synth_dataset_dir, config, show_progress=False)
     histories = experiment.train_histories(refit=True)
-    model, _ = _fit(experiment, histories, 1, False, False)
+    model = _fit(experiment, histories, 1, False, False)[0]
     held_out = torch.as_tensor(experiment.cold_items)
     assert len(held_out) > 0
     assert torch.all(model.id_scores.bias[held_out] == 0)
@@ -224,7 +224,7 @@ def test_a_reversed_history_is_learnt_like_any_other(tiny_synth_dataset_dir: Pat
         )
         experiment = Experiment.prepare(tiny_synth_dataset_dir, config, show_progress=False)
         histories = [np.array([3, 7])] * 64
-        model, _ = _fit(experiment, histories, 5, False, False, setting == "on")
+        model = _fit(experiment, histories, 5, False, False, setting == "on")[0]
         model.eval()
         with torch.no_grad():
             scores = model.scores(model.user_states([np.array([7])]))[0]
@@ -322,3 +322,46 @@ def test_the_popularity_grid_grows_past_its_edge_while_validation_improves() -> 
     weight, tried = _kept_weight(1e6)[:2]
     assert weight == tried[-1] == 64.0
     assert _kept_weight(3.5)[:2] == (4.0, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
+
+
+def test_an_epoch_validation_cannot_tell_from_an_earlier_one_is_not_kept(
+    tiny_synth_dataset_dir: Path, monkeypatch
+) -> None:
+    """Issue 16: on 4,000 Beauty customers epochs 1 and 2 validated at 0.0597 and 0.0600 (a
+    tenth of a standard error apart) and the argmax kept epoch 2, which tested far below epoch
+    1. A lead within ``epoch-tolerance`` standard errors is a tie, and a tie keeps the earlier
+    epoch: its weights, not only its number; at tolerance 0 the argmax is kept as before."""
+    import simulations.train as train
+
+    def fake_validation(experiment, model) -> np.ndarray:
+        """Epoch 1's customers, then epoch 2's: ahead by a tenth of a standard error."""
+        n, epoch = len(experiment.split.test_users), len(calls)
+        calls.append(epoch)
+        base = np.random.default_rng(0).uniform(0.8, 1.0, n)
+        noise = np.random.default_rng(1).normal(0.0, 0.1, n)
+        lead = 0.1 * noise.std() / np.sqrt(n)
+        return base if epoch == 0 else base + noise - noise.mean() + lead
+
+    def run(epochs: int, tolerance: float) -> tuple[dict, dict]:
+        calls.clear()
+        config = RunConfig(
+            **TINY_SETTINGS,
+            device=TEST_DEVICE,
+            epochs=epochs,
+            patience=2,
+            refit=False,
+            popularity_prior=False,
+            epoch_tolerance=tolerance,
+        )
+        experiment = Experiment.prepare(tiny_synth_dataset_dir, config, show_progress=False)
+        result = train.train_centralized(experiment, show_progress=False)
+        return result["timing"], result["model"].state_dict()
+
+    calls: list[int] = []
+    monkeypatch.setattr(train, "_valid_values", fake_validation)
+    (timing, kept), (_, one_epoch) = run(2, 1.0), run(1, 1.0)
+    assert (timing["best_epoch"], timing["best_valid_epoch"]) == (1, 2)
+    assert all(torch.equal(kept[name], one_epoch[name]) for name in kept)
+    timing, argmax = run(2, 0.0)
+    assert (timing["best_epoch"], timing["best_valid_epoch"]) == (2, 2)
+    assert not all(torch.equal(argmax[name], one_epoch[name]) for name in argmax)
