@@ -40,9 +40,12 @@ class Candidate:
 
 
 class EpochChoice:
-    """The trained epochs in the running: the best so far (by mean) and every earlier one
-    within ``tolerance`` standard errors of it. :attr:`kept` is the earliest of them; an epoch
-    that falls out of the noise of a better one stays out (so few weights are held)."""
+    """The trained epochs in the running: the best so far (by mean) and every other one
+    within ``tolerance`` standard errors of it, whether it led when it ran or not.
+    :attr:`kept` is the earliest of them. An epoch outside the noise of the best of its time,
+    or of a later best, stays out even if a still later best would take it back (so few
+    weights are held): the rule "the earliest epoch within noise of the final best" is met
+    except for such an epoch."""
 
     def __init__(self, tolerance: float) -> None:
         self.tolerance = tolerance
@@ -63,6 +66,8 @@ class EpochChoice:
         values = np.asarray(values, dtype=np.float64)
         best = self.best
         if best is not None and values.mean() <= best.mean:
+            if within_noise(best.values, values, self.tolerance):
+                self.running.append(Candidate(epoch, values, snapshot()))
             return False
         self.running = [c for c in self.running if within_noise(values, c.values, self.tolerance)]
         self.running.append(Candidate(epoch, values, snapshot()))
