@@ -464,12 +464,12 @@ def _statement_problems(
     its epsilon is at least the one recomputed at its own delta, at or above the guarantee's
     (there the floors :func:`_epsilon_at` keeps, the plan's epsilon and the nodes' own, still
     hold), but not at a looser delta of at least 1 / the customers covered
-    (:func:`delta_warning`: there epsilon near 0 holds, and the card would show it). Any
-    smaller delta fails: those floors are epsilons at the guarantee's delta, and at a smaller
-    one the spending they stand for costs more (a statement at the ledger's composition at
-    1e-7, below a node's plan there, passed until 2026-12-08). An epsilon stated without its
-    delta reads as pure DP, which no Gaussian release meets; a delta outside (0, 1) states
-    nothing."""
+    (:func:`delta_warning`: there epsilon near 0 holds, and the card would show it), nor
+    where the nodes declared no customers to judge it by. Any smaller delta fails: those
+    floors are epsilons at the guarantee's delta, and at a smaller one the spending they
+    stand for costs more (a statement at the ledger's composition at 1e-7, below a node's
+    plan there, passed until 2026-12-08). An epsilon stated without its delta reads as pure
+    DP, which no Gaussian release meets; a delta outside (0, 1) states nothing."""
     fed = report["federation"]
     applies = fed[fed["applies"]]
     established, unit = applies["delta"], f"for {applies['unit']} ({applies['how']})"
@@ -489,11 +489,12 @@ def _statement_problems(
         return []
     if not 0 < delta < 1:
         return [f"metrics.json states delta {delta:.3g}, not a probability in (0, 1)"]
-    if delta > established and (warning := delta_warning(delta, fed.get("customers", 0))):
+    customers = fed.get("customers", 0)
+    if delta > established and not (customers >= 1 and delta * customers < 1):
         return [
             f"metrics.json states delta {delta:.3g}, above the guarantee's {established:.3g} "
-            f"and at least 1/{fed['customers']}: restated there, any epsilon (its "
-            f"{claimed:.4g}) protects no customer for certain ({warning})"
+            f"and not below 1 / the {customers} customers declared: restated there, any epsilon "
+            f"(its {claimed:.4g}) may protect no one ({delta_warning(delta, customers) or '-'})"
         ]
     if delta < established:
         return [

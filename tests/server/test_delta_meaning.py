@@ -13,7 +13,7 @@ import pytest
 
 from server.federation.budget import federation_privacy
 from server.privacy.audit import audit
-from server.privacy.audit_federation import federation_statement
+from server.privacy.audit_federation import _statement_problems, federation_statement
 from server.privacy.deltas import declared_customers, delta_warning
 from server.privacy.ledger import read_ledger
 from shared.runs.config import RunConfig
@@ -147,7 +147,18 @@ def test_a_statement_at_a_looser_delta_passes_where_its_epsilon_holds_there(loos
     at_half = federation_statement(cs, None, "merchant", at=0.5)["epsilon"]
     (vacuous,) = _metrics_problems(loose, at_half, 0.5)
     assert vacuous.startswith("metrics.json states delta 0.5, above the guarantee's")
-    assert "and at least 1/2600: restated there, any epsilon" in vacuous
+    assert "and not below 1 / the 2600 customers declared: restated there" in vacuous
+
+
+def test_a_looser_delta_fails_where_the_nodes_declared_no_customers(loose) -> None:
+    """Nothing to judge a looser delta by (every node's num_customers below 1, on a ledger
+    whose releases are not signed): restated at 0.4 with the epsilon recomputed there, it
+    passed with a note (reviewer R, session 43)."""
+    report = audit(loose)
+    report["federation"]["customers"] = 0
+    (vacuous,) = _statement_problems(report, 0.0, 0.4, 1e-6, lambda delta: 0.0)
+    assert vacuous.startswith("metrics.json states delta 0.4, above the guarantee's")
+    assert "not below 1 / the 0 customers declared" in vacuous
 
 
 TIGHTER = "below the guarantee's {:.3g} for "
