@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 from server.privacy.audit_checks import check
 from server.privacy.ledger import json_object
+from shared.recommender.artifacts import model_card
 from shared.runs.outputs import PATHS, differences
 
 PRIVACY_HEADING = "\n## Privacy\n"
 SETTINGS_HEADING = "\n## Training configuration\n"
 JSON_BLOCK = re.compile(r"```json\n(.*?)\n```", re.S)
+DATA_HEADING, QUALITY_HEADING = "\n## Data\n", "\n## Quality"
+# in the card's free text (title, data lines): HTML (a comment hides what follows), code, a heading
+UNSAFE = re.compile(r"[<>`#]")
 
 
 def audit_model_card(report: dict, card: Path, metrics: Path) -> None:
@@ -44,9 +49,9 @@ def audit_model_card(report: dict, card: Path, metrics: Path) -> None:
         problems = [f"{card}: {error}"]
     else:
         config = written.get("config")
+        shown = card_problems(text, written.get("privacy")) + settings_problems(text, config)
         problems = [
-            *(f"{card}: {p}" for p in card_problems(text, written.get("privacy"))),
-            *(f"{card}: {p}" for p in settings_problems(text, config)),
+            *(f"{card}: {p}" for p in shown or whole_card_problems(text, written)),
             *(f"{metrics}: {p}" for p in ledger_settings_problems(config, report)),
         ]
     report["checks"].append(
@@ -81,6 +86,46 @@ def card_problems(text: str, privacy: object) -> list[str]:
     if isinstance(statement, str) and statement not in JSON_BLOCK.sub("", section):
         return ["its privacy sentence is not metrics.json's statement"]
     return []
+
+
+def whole_card_problems(text: str, written: dict) -> list[str]:
+    """What the card holds beyond the card its run writes from metrics.json (``written``):
+    ``model_card`` of metrics.json, with the card's own title and data lines (metrics.json
+    does not hold them), must be the card, character for character. The sections alone were
+    read until 2026-12-08, the first of each name: the genuine ones hidden in an HTML comment
+    (which renders as nothing) and edited ones after them passed."""
+    title, lines = _free_text(text)
+    if unsafe := next((x for x in (title, *lines) if UNSAFE.search(x) or not x.isprintable()), ""):
+        return [
+            f"its title or data line {unsafe[:60]!r} holds markup (<, >, `, #) or a control "
+            "character, which can hide or fake what follows"
+        ]
+    data = dict(line[2:].split(": ", 1) for line in lines if ": " in line)
+    try:
+        expected = model_card(
+            title=title,
+            data=data,
+            metrics=written,
+            config=written["config"],
+            privacy=written.get("privacy"),
+        )
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        return [f"metrics.json makes no card (a run's would: {str(error)[:60]}), yet one is here"]
+    if text == expected:
+        return []
+    ours, theirs = text.split("\n"), expected.split("\n")
+    line = next(n for n, (a, b) in enumerate(zip_longest(ours, theirs)) if a != b)
+    shown = ours[line][:60] if line < len(ours) else "(the end)"
+    return [
+        f"it is not the card its run writes from metrics.json: line {line + 1} is {shown!r}, "
+        "text no run writes (hidden or edited sections, or anything added)"
+    ]
+
+
+def _free_text(text: str) -> tuple[str, list[str]]:
+    """The card's title and data lines (``- key: value``), which metrics.json does not hold."""
+    lines = text.partition(DATA_HEADING)[2].partition(QUALITY_HEADING)[0].strip("\n")
+    return text.split("\n", 1)[0].removeprefix("# "), lines.split("\n")
 
 
 def _section(text: str, heading: str) -> str | None:

@@ -187,7 +187,7 @@ def audit_federation(
     vouch for its partition counted where ``believed`` (its signature verified); the
     ``federation_budget`` check: it within the run's target, and the stated
     ``budget_per_node`` not above what ``split_budget`` gives for the nodes' plans; the
-    ``delta_meaning`` warning. Returns the guarantee's epsilon at any other delta, established
+    ``delta_meaning`` warning. Returns the guarantee's epsilon at any looser delta, established
     the same way (:func:`audit_metrics` reads a statement at another delta against it), None
     where no guarantee is established."""
     # without a run_start (report["dp"] None) each node's own delta, as a configured 0
@@ -276,7 +276,8 @@ def _epsilon_at(
     reaches it): ``restate(at=...)`` composes the ledger at another delta, ``claims`` are
     counted as :func:`audit_federation` counts them (their deltas add to the composition's,
     so it is read at ``delta`` less theirs; the worst node's is never below a claim's), and
-    the statement is never below ``floor``. ``plain``: the statement before the claims."""
+    the statement is never below ``floor``, an epsilon at the guarantee's delta: sound only
+    at a ``delta`` at least that. ``plain``: the statement before the claims."""
     key = plain["applies"]
     added = with_claims(plain, claims)[key]["delta"] - plain[key]["delta"]
     at = delta - added if key == "all_nodes" else delta
@@ -460,15 +461,15 @@ def _statement_problems(
     """metrics.json's stated (``claimed`` epsilon, ``delta``) against the guarantee that
     applies. (epsilon, delta)-DP implies (epsilon', delta') for every epsilon' >= epsilon and
     delta' >= delta, and the recomputed epsilon falls as delta grows: a statement holds when
-    its epsilon is at least the one recomputed at its own delta, whichever side of the
-    guarantee's that delta is, except that it may not be restated at a looser delta of at
-    least 1 / the customers covered (:func:`delta_warning`: there epsilon near 0 holds, and
-    the card would show it; a run of before 2026-12-08 that stated a loose run delta no node
-    used, 0.5, fails for that). Below it the statement under-reports:
-    at a smaller delta the recomputed epsilon is larger (a statement at the recomputed
-    epsilon and delta 1e-12 passed until 2026-12-08). An epsilon stated without its delta
-    reads as pure DP, which no Gaussian release meets; a delta outside (0, 1) states
-    nothing."""
+    its epsilon is at least the one recomputed at its own delta, at or above the guarantee's
+    (there the floors :func:`_epsilon_at` keeps, the plan's epsilon and the nodes' own, still
+    hold), but not at a looser delta of at least 1 / the customers covered
+    (:func:`delta_warning`: there epsilon near 0 holds, and the card would show it), nor
+    where the nodes declared no customers to judge it by. Any smaller delta fails: those
+    floors are epsilons at the guarantee's delta, and at a smaller one the spending they
+    stand for costs more (a statement at the ledger's composition at 1e-7, below a node's
+    plan there, passed until 2026-12-08). An epsilon stated without its delta reads as pure
+    DP, which no Gaussian release meets; a delta outside (0, 1) states nothing."""
     fed = report["federation"]
     applies = fed[fed["applies"]]
     established, unit = applies["delta"], f"for {applies['unit']} ({applies['how']})"
@@ -488,17 +489,24 @@ def _statement_problems(
         return []
     if not 0 < delta < 1:
         return [f"metrics.json states delta {delta:.3g}, not a probability in (0, 1)"]
-    if delta > established and (warning := _stated_warning(report, delta)):
+    customers = fed.get("customers", 0)
+    if delta > established and not (customers >= 1 and delta * customers < 1):
         return [
             f"metrics.json states delta {delta:.3g}, above the guarantee's {established:.3g} "
-            f"and at least 1/{fed['customers']}: restated there, any epsilon (its "
-            f"{claimed:.4g}) protects no customer for certain ({warning})"
+            f"and not below 1 / the {customers} customers declared: restated there, any epsilon "
+            f"(its {claimed:.4g}) may protect no one ({delta_warning(delta, customers) or '-'})"
         ]
-    side = "below" if delta < established else "above"
+    if delta < established:
+        return [
+            f"metrics.json states delta {delta:.3g}, below the guarantee's {established:.3g} "
+            f"{unit}, which applies: {fed['why']}; at a smaller delta the epsilon is larger, and "
+            "what bounds it here (a node's own epsilon, a plan's) holds only at the guarantee's "
+            "delta or above"
+        ]
     recomputed = epsilon_at(delta) if epsilon_at is not None else math.inf
     if claimed < recomputed * (1 - tolerance):
         return [
-            f"metrics.json states delta {delta:.3g}, {side} the guarantee's {established:.3g}, "
+            f"metrics.json states delta {delta:.3g}, above the guarantee's {established:.3g}, "
             f"and epsilon {claimed:.4f}, below the {recomputed:.4f} recomputed at that delta "
             f"{unit}, which applies: {fed['why']}"
         ]
@@ -524,12 +532,6 @@ def _unwarned(report: dict, privacy: dict) -> None:
         "card: its reader is not told"
     )
     found["message"] = f"{len(found['problems'])} warning(s)"
-
-
-def _stated_warning(report: dict, delta: float) -> str | None:
-    """:func:`delta_warning` of a delta metrics.json states, against the customers the
-    audit's own statement covers."""
-    return delta_warning(delta, report["federation"].get("customers", 0))
 
 
 def _object_at(block: dict, key: str) -> dict:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from server.privacy.audit import audit
 from server.privacy.audit_card import audit_model_card
-from shared.recommender.artifacts import model_card
+from shared.recommender.artifacts import model_card, write_json
+from shared.recommender.experiment import EMBEDDED_NAME
 from shared.runs.config import RunConfig
 from tests.server.test_ledger_audit import write_planned_run
 
@@ -77,6 +79,58 @@ def test_a_card_claiming_a_guarantee_a_run_without_dp_never_had_fails(tmp_path) 
     card.write_text(private_card.read_text())
     found = card_check(card, metrics)
     assert found["status"] == "fail" and "metrics.json does not" in found["problems"][0]
+
+
+def _hide_and_edit(text: str) -> str:
+    """The genuine sections inside an HTML comment, which renders as nothing, and edited ones
+    after it (epsilon 0.5, target 0.5): the reader sees those (reviewer R, session 43)."""
+    head, rest = text.split("\n## Privacy\n", 1)
+    shown = "\n## Privacy\n" + rest.replace("7.9999", "0.5").replace("(8.000,", "(0.500,")
+    shown = shown.replace('"target_epsilon": 8.0', '"target_epsilon": 0.5')
+    return head + "\n<!--\n## Privacy\n" + rest + "\n-->\n" + shown
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (_hide_and_edit, "line 14 is '<!--', text no run writes"),
+        (lambda t: t + "\n## Privacy\n\n(0.500, 4.5e-05)-DP\n", "line 114 is '## Privacy'"),
+        (lambda t: t.replace("# t", "# t <!--", 1) + "-->", "line 't <!--' holds markup"),
+        (
+            lambda t: t.replace("## Data\n", "## Data\n\n- a: ## Privacy: (0.5, 1e-5)-DP", 1),
+            "markup",
+        ),
+        (lambda t: t.replace("## Data\n", "## Data\n\n- a: <details>", 1), "line '- a: <d"),
+    ],
+    ids=["hidden-sections", "appended", "title-comment", "data-heading", "data-html"],
+)
+def test_a_card_whose_audited_sections_are_genuine_but_not_all_it_shows_fails(
+    tmp_path, edit, words
+) -> None:
+    """Only the first '## Privacy' and '## Training configuration' sections were read: the
+    whole card is now the one ``model_card`` writes from metrics.json, with the card's own
+    title and data lines, which may hold no markup."""
+    card, metrics = write_run(tmp_path, PRIVACY)
+    card.write_text(edit(card.read_text()))
+    (problem,) = card_check(card, metrics, {**CONFIG, "num_nodes": 3})["problems"]
+    assert problem.startswith(f"{card}: ") and words in problem, problem
+
+
+def test_a_card_as_the_run_writes_it_passes_whole(tmp_path) -> None:
+    """metrics.json by the run's own writer (numpy figures, nested views, no privacy) and
+    the card by ``model_card`` from the same dicts: the card regenerated from metrics.json and
+    its own title and data lines is the card."""
+    test = {"ndcg@10": np.float64(0.05), "users": 7, "cold": {"ndcg@10": 0.0, "users": 0}}
+    data = {"dataset": EMBEDDED_NAME, "customers": 5, "products": np.int64(9), "events": 40}
+    for privacy in (PRIVACY, None):
+        metrics = {"test": test, "config": CONFIG} | ({"privacy": privacy} if privacy else {})
+        write_json(tmp_path / "metrics.json", metrics)
+        card = tmp_path / "README.md"
+        title = "fedrec centralized reference model"
+        card.write_text(
+            model_card(title=title, data=data, metrics=metrics, config=CONFIG, privacy=privacy)
+        )
+        assert card_check(card, tmp_path / "metrics.json", CONFIG)["status"] == "pass"
 
 
 def _set(text: str, key: str, old: object, new: object) -> str:

@@ -1,6 +1,7 @@
 """Statements whose delta means nothing are warned of (server/privacy/deltas.py), and a
-metrics.json statement at another delta than the audit's is held to the epsilon recomputed at
-its own delta (server/privacy/audit_federation.py, ``_statement_problems``)."""
+metrics.json statement at a looser delta than the audit's is held to the epsilon recomputed at
+its own delta, one at a tighter delta fails (server/privacy/audit_federation.py,
+``_statement_problems``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from server.federation.budget import federation_privacy
 from server.privacy.audit import audit
-from server.privacy.audit_federation import federation_statement
+from server.privacy.audit_federation import _statement_problems, federation_statement
 from server.privacy.deltas import declared_customers, delta_warning
 from server.privacy.ledger import read_ledger
 from shared.runs.config import RunConfig
@@ -22,6 +23,7 @@ from simulations.verdict import verdict
 from tests.helpers import release
 from tests.server.test_audit_tampering import rechain
 from tests.server.test_ledger_audit import copy_run, write_planned_run
+from tests.server.test_unanswered import CUSTOMERS, _with_unanswered
 
 SMALL_MERCHANTS = {str(n): 800 for n in range(4)}  # their own deltas sum to 5e-4, 1.6 / 3,200
 MERCHANTS = {"0": 800, "1": 1000, "2": 800}  # 3.5e-4: 0.91 / 2,600
@@ -145,21 +147,57 @@ def test_a_statement_at_a_looser_delta_passes_where_its_epsilon_holds_there(loos
     at_half = federation_statement(cs, None, "merchant", at=0.5)["epsilon"]
     (vacuous,) = _metrics_problems(loose, at_half, 0.5)
     assert vacuous.startswith("metrics.json states delta 0.5, above the guarantee's")
-    assert "and at least 1/2600: restated there, any epsilon" in vacuous
+    assert "and not below 1 / the 2600 customers declared: restated there" in vacuous
 
 
-def test_a_statement_at_a_tighter_delta_passes_only_at_the_epsilon_recomputed_there(
+def test_a_looser_delta_fails_where_the_nodes_declared_no_customers(loose) -> None:
+    """Nothing to judge a looser delta by (every node's num_customers below 1, on a ledger
+    whose releases are not signed): restated at 0.4 with the epsilon recomputed there, it
+    passed with a note (reviewer R, session 43)."""
+    report = audit(loose)
+    report["federation"]["customers"] = 0
+    (vacuous,) = _statement_problems(report, 0.0, 0.4, 1e-6, lambda delta: 0.0)
+    assert vacuous.startswith("metrics.json states delta 0.4, above the guarantee's")
+    assert "not below 1 / the 0 customers declared" in vacuous
+
+
+TIGHTER = "below the guarantee's {:.3g} for "
+LARGER = "; at a smaller delta the epsilon is larger, and what bounds it here"
+
+
+def test_a_statement_at_a_tighter_delta_fails_even_at_the_ledgers_composition_there(
     loose,
 ) -> None:
+    """The audit's floors (a node's own epsilon, a plan's) are epsilons at the guarantee's
+    delta and do not grow at a smaller one: a tighter delta fails, whatever its epsilon."""
     cs = [e for e in read_ledger(loose / "ledger.jsonl") if e["kind"] == "contribution"]
     at_tight = federation_statement(cs, None, "merchant", at=1e-9)["epsilon"]
-    guarantee = audit(loose)["federation"]["epsilon"]
-    assert at_tight > guarantee
-    assert _metrics_problems(loose, at_tight, 1e-9) == []
-    (under,) = _metrics_problems(loose, guarantee, 1e-9)
-    assert under.startswith("metrics.json states delta 1e-09, below the guarantee's")
-    (nothing,) = _metrics_problems(loose, guarantee, 1.0)
+    guarantee = audit(loose)["federation"]
+    assert at_tight > guarantee["epsilon"]
+    for epsilon in (at_tight, 10 * at_tight, guarantee["epsilon"]):
+        (under,) = _metrics_problems(loose, epsilon, 1e-9)
+        assert under.startswith("metrics.json states delta 1e-09, ")
+        assert TIGHTER.format(guarantee["all_nodes"]["delta"]) in under and LARGER in under
+    (nothing,) = _metrics_problems(loose, guarantee["epsilon"], 1.0)
     assert nothing == "metrics.json states delta 1, not a probability in (0, 1)"
+
+
+def test_a_plans_floor_is_not_restated_at_a_tighter_delta(tmp_path: Path) -> None:
+    """A node left a request unanswered that none of its releases bounds: the guarantee is at
+    least the run's target at each node, what its plan keeps at the run's delta, (24, 2e-4).
+    metrics.json stating (24, 1e-7) passed (the ledger composed at 1e-7 is below 24), though
+    that plan alone spends more at 1e-7 (reviewer R, session 43)."""
+    honest = write_planned_run(tmp_path / "run", CUSTOMERS, rounds=2, target=8.0)
+    out = copy_run(
+        _with_unanswered(read_ledger(honest / "ledger.jsonl"), "flower node 77"),
+        tmp_path / "silent",
+    )
+    fed = audit(out)["federation"]
+    cs = [e for e in read_ledger(out / "ledger.jsonl") if e["kind"] == "contribution"]
+    assert federation_statement(cs, None, "regional", at=1e-7)["epsilon"] < fed["epsilon"] == 24
+    (under,) = _metrics_problems(out, fed["epsilon"], 1e-7)
+    assert TIGHTER.format(fed[fed["applies"]]["delta"]) in under and LARGER in under
+    assert _metrics_problems(out, fed["epsilon"], fed[fed["applies"]]["delta"]) == []
 
 
 def test_a_nodes_epsilon_stated_at_a_smaller_delta_fails(loose) -> None:
