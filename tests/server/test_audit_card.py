@@ -94,7 +94,10 @@ def _hide_and_edit(text: str) -> str:
     ("edit", "words"),
     [
         (_hide_and_edit, "line 14 is '<!--', text no run writes"),
-        (lambda t: t + "\n## Privacy\n\n(0.500, 4.5e-05)-DP\n", "line 114 is '## Privacy'"),
+        (
+            lambda t: t + "\n## Privacy\n\n(0.500, 4.5e-05)-DP\n",
+            "is '## Privacy', text no run writes",
+        ),
         (lambda t: t.replace("# t", "# t <!--", 1) + "-->", "line 't <!--' holds markup"),
         (
             lambda t: t.replace("## Data\n", "## Data\n\n- a: ## Privacy: (0.5, 1e-5)-DP", 1),
